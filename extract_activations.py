@@ -1,0 +1,39 @@
+"""Step 1 — texts → activation store.
+
+Runs every example through the model on its own (the FAST way), batched by
+length for speed, and writes the activations at the chosen layers to
+`OUTPUT_DIR/<model>/<hook>/`. Edit the constants below or override any of
+them on the command line (`python extract_activations.py --layers 6 12`);
+`--help` lists them all. A rerun with the same settings resumes.
+"""
+
+# --- What to read -----------------------------------------------------------
+MODEL_NAME = "embedded:smollm2-135m-instruct"  # embedded default, a folder, a .gguf file, or a hub id
+DATASET = "data/cognitive_actions.jsonl"  # JSONL / CSV / Parquet, or a saved HF dataset folder
+TEXT_FIELD = "auto"  # auto: text, content, prompt or messages
+RESPONSE_FIELD = ""  # optional assistant response field
+LABEL_FIELD = "auto"  # kept per example for the interpretation step
+CHAT_TEMPLATE = "auto"  # auto: apply the instruct model's chat template; none: plain text
+
+# --- Where in the model -----------------------------------------------------
+LAYERS = [12]  # layer L = output of decoder block L (HF hidden_states[L + 1])
+HOOK_POINT = "resid_post"  # resid_post, mlp_out or attn_out
+MAX_LENGTH = 512  # longer examples are truncated and counted
+
+# --- How ---------------------------------------------------------------------
+PACKING = "sequential"  # sequential: one example per sequence (FAST); block: the block-training baseline
+BLOCK_SIZE = 128  # tokens per block for PACKING = "block"
+BATCH_TOKENS = 8192  # padded tokens per forward batch
+STORAGE_DTYPE = "float16"  # float16, bfloat16 or float32 on disk
+COMPUTE_DTYPE = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+DEVICE = "auto"
+OUTPUT_DIR = "activations"
+SHARD_MB = 256.0  # size of one activation shard file
+MAX_EXAMPLES = 0  # 0: all
+OVERWRITE = False  # replace a store made with different settings
+
+if __name__ == "__main__":
+    from fastsae.config import run_step
+    from fastsae.extract import ExtractConfig, extract_activations
+
+    run_step(ExtractConfig, globals(), extract_activations, description=__doc__)

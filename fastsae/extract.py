@@ -1,0 +1,311 @@
+"""Step 1: run each example through the model on its own and store the activations at chosen hooks.
+
+FAST extraction: every example is its own sequence (never packed with
+another), so its activations are what the model computes for that example
+alone. For speed, examples are grouped by length into right-padded batches
+under a token budget (padding never reaches the store), one forward pass
+feeds every requested layer, and the pass stops after the deepest one: no
+later blocks, no final norm, no LM head.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastsae.config import setting
+from fastsae.data import Dataset, load_dataset
+from fastsae.errors import UserError
+from fastsae.hook_points import HOOK_POINTS, check_layers, hook_name, hooked_module, output_tensor
+from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from fastsae.store import STORAGE_DTYPES, ActivationStoreWriter, check_free_disk, plan_shards
+from fastsae.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
+
+logger = logging.getLogger(__name__)
+
+PACKING_CHOICES = ("sequential", "block")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ExtractConfig:
+    model_name: str = setting(EMBEDDED_MODEL, "model: the embedded default, a local folder, a .gguf file, or a hub id")
+    dataset: str = setting("data/cognitive_actions.jsonl", "JSONL, CSV or Parquet file, or a folder saved with datasets' save_to_disk")
+    text_field: str = setting("auto", "field holding the text; auto picks text, content, prompt or messages (chat)")
+    response_field: str = setting("", "optional field with an assistant response (becomes the assistant turn)")
+    label_field: str = setting("auto", "field with a label kept per example for later steps; auto picks label; empty for none")
+    chat_template: str = setting("auto", "auto: use the model's chat template when it has one; none: plain text")
+    layers: list[int] = setting([12], "decoder blocks to read (0-based); layer L is the output of block L")
+    hook_point: str = setting("resid_post", "resid_post (block output), mlp_out or attn_out")
+    max_length: int = setting(512, "examples longer than this many tokens are truncated (and counted)")
+    packing: str = setting("sequential", "sequential: each example alone (FAST); block: concatenate and cut into BLOCK_SIZE blocks (the baseline)")
+    block_size: int = setting(128, "tokens per block when PACKING = block")
+    batch_tokens: int = setting(8192, "padded tokens per forward batch; lower it if memory runs out")
+    storage_dtype: str = setting("float16", "dtype on disk: float16, bfloat16 or float32")
+    compute_dtype: str = setting("auto", "model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    output_dir: str = setting("activations", "stores go to OUTPUT_DIR/<model>/<hook>/")
+    shard_mb: float = setting(256.0, "size of one shard file of activations, in MiB")
+    max_examples: int = setting(0, "use only the first N usable examples (0: all)")
+    overwrite: bool = setting(False, "replace an existing store made with different settings")
+
+    def __post_init__(self) -> None:
+        choices = {
+            "chat_template": CHAT_TEMPLATE_CHOICES,
+            "hook_point": HOOK_POINTS,
+            "packing": PACKING_CHOICES,
+            "storage_dtype": tuple(STORAGE_DTYPES),
+            "compute_dtype": COMPUTE_DTYPES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name.upper()} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
+        if not self.layers:
+            raise UserError("LAYERS is empty: name at least one layer, e.g. --layers 12.")
+        positive = {"max_length": self.max_length, "block_size": self.block_size, "batch_tokens": self.batch_tokens, "shard_mb": self.shard_mb}
+        for name, value in positive.items():
+            if value <= 0:
+                raise UserError(f"{name.upper()} must be positive; got {value}.")
+        if self.batch_tokens < self.max_length:
+            raise UserError(f"BATCH_TOKENS ({self.batch_tokens}) must be at least MAX_LENGTH ({self.max_length}) so the longest example fits a batch.")
+        self.layers = sorted(set(self.layers))
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"DEVICE is {self.device!r} but no CUDA GPU is available. Use --device cpu or auto.")
+        return self.device
+
+    def resolved_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+        return STORAGE_DTYPES[self.compute_dtype]
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest needed module to end the forward pass there."""
+
+
+def capture_activations(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int], hook_point: str) -> dict[int, torch.Tensor]:
+    """(B, T, d) activations at each layer's hook, from one forward pass cut short after the deepest."""
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(module, inputs, output):
+            captured[layer] = output_tensor(output)
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    for layer in layers:
+        handles.append(hooked_module(model, layer, hook_point).register_forward_hook(make_hook(layer)))
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group indices, longest first, so each padded batch (n × its longest) stays within `batch_tokens`."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted longest first, so the batch's padded width is its first member's length.
+        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def iter_example_activations(
+    model: torch.nn.Module,
+    sequences: list[np.ndarray],
+    layers: list[int],
+    hook_point: str,
+    batch_tokens: int,
+    pad_token_id: int,
+) -> Iterator[tuple[list[int], dict[int, list[torch.Tensor]]]]:
+    """Per length-batch: the indices of its sequences and, per layer, each sequence's (len, d) activations."""
+    device = next(model.parameters()).device
+    for batch in length_batches([len(sequence) for sequence in sequences], batch_tokens):
+        width = len(sequences[batch[0]])
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            length = len(sequences[index])
+            input_ids[row, :length] = torch.from_numpy(sequences[index].astype(np.int64))
+            attention_mask[row, :length] = 1
+        captured = capture_activations(model, input_ids.to(device), attention_mask.to(device), layers, hook_point)
+        per_layer = {layer: [captured[layer][row, : len(sequences[index])] for row, index in enumerate(batch)] for layer in layers}
+        yield batch, per_layer
+
+
+@dataclass
+class PackedSequences:
+    """What goes through the model: FAST examples one by one, or fixed-size blocks of concatenated examples."""
+
+    sequences: list[np.ndarray]
+    special_masks: list[np.ndarray]
+    records: list[dict]
+
+
+def pack_sequences(tokenized: list[TokenizedExample], dataset: Dataset, packing: str, block_size: int) -> PackedSequences:
+    """Sequential keeps each example whole; block concatenates all and cuts every `block_size` tokens."""
+    sources = [{"row": example.row, "source": example.source, "label": example.label} for example in dataset.examples]
+    if packing == "sequential":
+        return PackedSequences([item.token_ids for item in tokenized], [item.special_mask for item in tokenized], sources)
+    stream = np.concatenate([item.token_ids for item in tokenized])
+    special = np.concatenate([item.special_mask for item in tokenized])
+    owner = np.repeat(np.arange(len(tokenized)), [len(item.token_ids) for item in tokenized])
+    starts = range(0, len(stream), block_size)
+    records = [{"block": index, "rows": [sources[i]["row"] for i in np.unique(owner[start : start + block_size])]} for index, start in enumerate(starts)]
+    return PackedSequences([stream[start : start + block_size] for start in starts], [special[start : start + block_size] for start in starts], records)
+
+
+def store_folder(config: ExtractConfig, model_slug: str, layer: int) -> Path:
+    suffix = "" if config.packing == "sequential" else f"-block{config.block_size}"
+    return Path(config.output_dir) / model_slug / (hook_name(layer, config.hook_point) + suffix)
+
+
+def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None = None) -> list[Path]:
+    """Extract `dataset` through an already loaded `model` into one store per layer; resumes where stores exist."""
+    check_layers(model, config.layers)
+    tokenized = tokenize_examples(tokenizer, dataset.examples, config.chat_template, config.max_length)
+    packed = pack_sequences(tokenized, dataset, config.packing, config.block_size)
+    lengths = [len(sequence) for sequence in packed.sequences]
+    doc_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    d = model.config.hidden_size
+    storage_dtype = STORAGE_DTYPES[config.storage_dtype]
+    itemsize = torch.zeros(1, dtype=storage_dtype).element_size()
+    shards = plan_shards(lengths, max(1, int(config.shard_mb * 2**20 / (d * itemsize))))
+    compute_dtype = next(model.parameters()).dtype
+
+    common_settings = {
+        "model": model_slug,
+        **(model_fields or {}),
+        "dataset_fingerprint": dataset.fingerprint(),
+        "text_field": dataset.text_field,
+        "response_field": config.response_field,
+        "chat_template": config.chat_template,
+        "hook_point": config.hook_point,
+        "max_length": config.max_length,
+        "packing": config.packing,
+        "block_size": config.block_size if config.packing == "block" else None,
+        "storage_dtype": config.storage_dtype,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "shard_mb": config.shard_mb,
+        "max_examples": config.max_examples,
+    }
+    n_truncated = sum(item.truncated for item in tokenized)
+    folders = {layer: store_folder(config, model_slug, layer) for layer in config.layers}
+    bytes_per_token = d * itemsize + 4 + 1  # activations + int32 token id + bool mask
+    missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
+    check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token)
+    writers = {}
+    for layer in config.layers:
+        writers[layer] = ActivationStoreWriter(
+            folders[layer],
+            settings={**common_settings, "layer": layer},
+            manifest_fields={
+                "model": model_slug,
+                **(model_fields or {}),
+                "hook_name": hook_name(layer, config.hook_point),
+                "hook_point": config.hook_point,
+                "layer": layer,
+                "d": d,
+                "dtype": config.storage_dtype,
+                "packing": config.packing,
+                "dataset": {
+                    "path": dataset.path,
+                    "fingerprint": dataset.fingerprint(),
+                    "text_field": dataset.text_field,
+                    "label_field": dataset.label_field,
+                    "n_rows": dataset.n_rows,
+                    "n_examples": len(dataset.examples),
+                    "n_skipped": dataset.skipped.total,
+                    "skipped": dict(dataset.skipped.counts),
+                    "n_truncated": n_truncated,
+                },
+                "extraction": asdict(config),
+                "n_special_tokens": int(sum(mask.sum() for mask in packed.special_masks)),
+            },
+            shards=shards,
+            doc_offsets=doc_offsets,
+            example_records=packed.records,
+            overwrite=config.overwrite,
+        )
+    pending = sorted(set().union(*(writer.pending_shards() for writer in writers.values())))
+    if not pending:
+        logger.info("All %d shards already extracted; nothing to do.", len(shards))
+    else:
+        _extract_shards(model, tokenizer, packed, shards, pending, writers, config, storage_dtype)
+    for writer in writers.values():
+        if not writer.is_complete:
+            writer.finish({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    skipped = f", skipped {dataset.skipped.total} rows ({dataset.skipped.describe()})" if dataset.skipped.total else ""
+    logger.info(
+        "Stored %d examples, %d tokens (d=%d, %s) per layer%s%s:\n  %s",
+        len(packed.sequences), int(doc_offsets[-1]), d, config.storage_dtype, skipped,
+        f", truncated {n_truncated}" if n_truncated else "",
+        "\n  ".join(str(folder) for folder in folders.values()),
+    )
+    return list(folders.values())
+
+
+def _extract_shards(model, tokenizer, packed: PackedSequences, shards, pending: list[int], writers: dict, config: ExtractConfig, storage_dtype: torch.dtype) -> None:
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    d = model.config.hidden_size
+    total_examples = sum(shards[index].n_examples for index in pending)
+    started = time.perf_counter()
+    tokens_done = 0
+    with tqdm(total=total_examples, desc="extracting", unit="ex") as progress:
+        for shard_index in pending:
+            shard = shards[shard_index]
+            members = range(shard.first_example, shard.first_example + shard.n_examples)
+            sequences = [packed.sequences[index] for index in members]
+            local_offsets = np.concatenate([[0], np.cumsum([len(sequence) for sequence in sequences])])
+            buffers = {layer: torch.empty((shard.n_tokens, d), dtype=storage_dtype) for layer in config.layers}
+            for batch, per_layer in iter_example_activations(model, sequences, config.layers, config.hook_point, config.batch_tokens, pad_token_id):
+                for layer, pieces in per_layer.items():
+                    for local_index, piece in zip(batch, pieces):
+                        buffers[layer][local_offsets[local_index] : local_offsets[local_index + 1]] = piece.to(device="cpu", dtype=storage_dtype)
+                tokens_done += sum(len(sequences[index]) for index in batch)
+                progress.update(len(batch))
+                progress.set_postfix(tok_per_s=f"{tokens_done / (time.perf_counter() - started):.0f}")
+            token_ids = np.concatenate(sequences)
+            special_mask = np.concatenate([packed.special_masks[index] for index in members])
+            for layer, writer in writers.items():
+                if shard_index in writer.pending_shards():
+                    writer.write_shard(shard_index, buffers[layer], token_ids, special_mask)
+
+
+def extract_activations(config: ExtractConfig) -> list[Path]:
+    """Load the model, tokenizer and dataset named by `config` and write the stores."""
+    source = resolve_model(config.model_name)
+    dataset = load_dataset(config.dataset, config.text_field, config.response_field, config.label_field, config.max_examples)
+    logger.info("Loaded %d examples from %s (text field %r)", len(dataset.examples), dataset.path, dataset.text_field)
+    tokenizer = load_tokenizer(source)
+    device = config.resolved_device()
+    model = load_model(source, config.resolved_compute_dtype(), device)
+    model_fields = {"model_name": config.model_name, "model_source": source.kind, "revision": getattr(model.config, "_commit_hash", None)}
+    return write_activation_stores(model, tokenizer, dataset, config, source.slug, model_fields)

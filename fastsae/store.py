@@ -1,0 +1,318 @@
+"""The activation store: fixed-size shards of a flat (tokens, d) array, memory-mapped on read.
+
+Layout of one store folder (`activations/<model>/<hook>/`):
+
+    manifest.json          what, how and how much; `status` is "complete" when done
+    doc_offsets.npy        (n_examples + 1,) int64: example i is tokens [off[i], off[i+1])
+    examples.jsonl         per example: source row of the dataset and its label, if any
+    shard_00000/           one folder per shard, renamed from `.partial` when complete
+        activations.npy    (n, d) float16 / float32, or bfloat16 bits stored as uint16
+        token_ids.npy      (n,) int32
+        special_mask.npy   (n,) bool: special and chat-template tokens
+
+Shards hold whole examples and are planned before extraction starts, so a
+rerun knows exactly which shards are missing and an interrupted run resumes
+into the same store as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from fastsae.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STORE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DOC_OFFSETS = "doc_offsets.npy"
+EXAMPLES = "examples.jsonl"
+SHARD_ARRAYS = ("activations", "token_ids", "special_mask")
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DISK_MARGIN_BYTES = 256 * 2**20
+
+
+class StoreError(UserError):
+    """The store is missing, incomplete, or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which examples and tokens one shard holds."""
+
+    name: str
+    first_example: int
+    n_examples: int
+    first_token: int
+    n_tokens: int
+
+
+class StoreChunk(NamedTuple):
+    """A contiguous run of tokens read from the store."""
+
+    start: int  # index of the first token in the store
+    activations: torch.Tensor  # (n, d) in the storage dtype
+    token_ids: np.ndarray  # (n,) int32
+    special_mask: np.ndarray  # (n,) bool
+
+
+def plan_shards(lengths: list[int], shard_tokens: int) -> list[ShardPlan]:
+    """Cut consecutive examples into shards of at most `shard_tokens` tokens (at least one example each)."""
+    shards: list[ShardPlan] = []
+    first_example = first_token = tokens = 0
+    for index, length in enumerate(lengths):
+        if tokens and tokens + length > shard_tokens:
+            shards.append(ShardPlan(f"shard_{len(shards):05d}", first_example, index - first_example, first_token, tokens))
+            first_example, first_token, tokens = index, first_token + tokens, 0
+        tokens += length
+    if tokens:
+        shards.append(ShardPlan(f"shard_{len(shards):05d}", first_example, len(lengths) - first_example, first_token, tokens))
+    return shards
+
+
+def to_storage_array(values: torch.Tensor) -> np.ndarray:
+    """numpy has no bfloat16: such tensors are saved as their raw uint16 bits."""
+    if values.dtype == torch.bfloat16:
+        return values.view(torch.int16).numpy().view(np.uint16)
+    return values.numpy()
+
+
+def from_storage_array(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
+def _write_json_atomically(path: Path, payload: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(partial, path)
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free space on the disk that holds `folder` (or its nearest existing parent)."""
+    probe = folder.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_free_disk(folder: Path, needed_bytes: int) -> None:
+    free = free_disk_bytes(folder)
+    if needed_bytes + DISK_MARGIN_BYTES > free:
+        raise UserError(
+            f"not enough disk space at {folder}: the store needs about {needed_bytes / 2**30:.2f} GiB "
+            f"(plus {DISK_MARGIN_BYTES / 2**20:.0f} MiB margin) and {free / 2**30:.2f} GiB is free. "
+            "Free some space, set OUTPUT_DIR to another disk, or lower MAX_EXAMPLES / MAX_LENGTH."
+        )
+
+
+def _settings_differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in keys if old.get(key) != new.get(key))
+
+
+class ActivationStoreWriter:
+    """Writes one store; resumes an interrupted one made with the same settings.
+
+    `settings` holds everything that determines the store's contents; a store
+    in the folder made with other settings is refused unless `overwrite`.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        settings: dict[str, Any],
+        manifest_fields: dict[str, Any],
+        shards: list[ShardPlan],
+        doc_offsets: np.ndarray,
+        example_records: list[dict[str, Any]],
+        overwrite: bool = False,
+    ) -> None:
+        self.folder = Path(folder)
+        self.shards = shards
+        self.manifest = {
+            "format_version": STORE_FORMAT_VERSION,
+            "status": "in_progress",
+            **manifest_fields,
+            "n_examples": len(doc_offsets) - 1,
+            "n_tokens": int(doc_offsets[-1]),
+            "shards": [asdict(shard) for shard in shards],
+            "settings": settings,
+        }
+        self._prepare_folder(settings, overwrite)
+        if not (self.folder / MANIFEST).exists():
+            np.save(self.folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
+            with (self.folder / (EXAMPLES + ".partial")).open("w") as handle:
+                for record in example_records:
+                    handle.write(json.dumps(record) + "\n")
+            os.replace(self.folder / (EXAMPLES + ".partial"), self.folder / EXAMPLES)
+            _write_json_atomically(self.folder / MANIFEST, self.manifest)
+
+    def _prepare_folder(self, settings: dict[str, Any], overwrite: bool) -> None:
+        manifest_path = self.folder / MANIFEST
+        if manifest_path.exists():
+            existing = json.loads(manifest_path.read_text())
+            if existing.get("settings") == settings and not overwrite:
+                self.manifest["status"] = existing["status"]
+                for leftover in self.folder.glob("*.partial"):
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                return
+            if not overwrite:
+                raise UserError(
+                    f"{self.folder} already holds a store made with different settings "
+                    f"({_settings_differences(existing.get('settings', {}), settings)}). "
+                    "Pass --overwrite to replace it, or set OUTPUT_DIR to another folder."
+                )
+        elif self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
+            raise UserError(f"{self.folder} is not empty and holds no store manifest. Pass --overwrite to replace it, or choose another OUTPUT_DIR.")
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+
+    @property
+    def is_complete(self) -> bool:
+        return self.manifest["status"] == "complete"
+
+    def pending_shards(self) -> list[int]:
+        return [index for index, shard in enumerate(self.shards) if not (self.folder / shard.name).is_dir()]
+
+    def write_shard(self, index: int, activations: torch.Tensor, token_ids: np.ndarray, special_mask: np.ndarray) -> None:
+        """Write all of a shard's arrays into a `.partial` folder, then rename it: all or nothing."""
+        shard = self.shards[index]
+        if activations.shape[0] != shard.n_tokens:
+            raise ValueError(f"{shard.name} expects {shard.n_tokens} tokens, got {activations.shape[0]}")
+        partial = self.folder / (shard.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        np.save(partial / "activations.npy", to_storage_array(activations))
+        np.save(partial / "token_ids.npy", token_ids.astype(np.int32))
+        np.save(partial / "special_mask.npy", special_mask.astype(bool))
+        os.replace(partial, self.folder / shard.name)
+
+    def finish(self, extra_fields: dict[str, Any]) -> None:
+        missing = self.pending_shards()
+        if missing:
+            raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} shards are missing")
+        self.manifest.update(extra_fields, status="complete")
+        _write_json_atomically(self.folder / MANIFEST, self.manifest)
+
+
+class ActivationStore:
+    """Read-only, memory-mapped view of a complete store. Nothing loads the whole store into RAM."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        manifest_path = self.folder / MANIFEST
+        if not manifest_path.exists():
+            raise StoreError(f"no activation store at {self.folder} (no {MANIFEST}). Run extract_activations.py first.")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format_version") != STORE_FORMAT_VERSION:
+            raise StoreError(f"{self.folder} has store format {self.manifest.get('format_version')}, this fastsae reads {STORE_FORMAT_VERSION}. Re-extract it.")
+        if self.manifest["status"] != "complete":
+            raise StoreError(f"the store at {self.folder} is incomplete (an interrupted extraction). Rerun extract_activations.py with the same settings to resume it.")
+        self.shards = [ShardPlan(**shard) for shard in self.manifest["shards"]]
+        self.dtype = STORAGE_DTYPES[self.manifest["dtype"]]
+        self.d = int(self.manifest["d"])
+        self.doc_offsets = np.load(self.folder / DOC_OFFSETS)
+        self._shard_starts = np.array([shard.first_token for shard in self.shards] + [self.n_tokens], dtype=np.int64)
+        self._arrays = [self._open_shard(shard) for shard in self.shards]
+        self.verify()
+
+    def _open_shard(self, shard: ShardPlan) -> dict[str, np.ndarray]:
+        folder = self.folder / shard.name
+        if not folder.is_dir():
+            raise StoreError(f"{self.folder} is missing {shard.name}. Rerun extract_activations.py with the same settings to rebuild it.")
+        try:
+            return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in SHARD_ARRAYS}
+        except (OSError, ValueError) as error:
+            raise StoreError(f"{folder} is damaged ({error}). Delete that folder and rerun extract_activations.py to rewrite it.") from None
+
+    def verify(self) -> None:
+        """Check every shard's arrays against the manifest: counts, shapes, and dtypes."""
+        expected_numpy = to_storage_array(torch.zeros(1, dtype=self.dtype)).dtype
+        if len(self.doc_offsets) != self.n_examples + 1 or int(self.doc_offsets[-1]) != self.n_tokens:
+            raise StoreError(f"{self.folder}: doc_offsets.npy does not match the manifest's counts. Re-extract with --overwrite.")
+        for shard, arrays in zip(self.shards, self._arrays):
+            problems = []
+            if arrays["activations"].shape != (shard.n_tokens, self.d):
+                problems.append(f"activations shape {arrays['activations'].shape} != {(shard.n_tokens, self.d)}")
+            if arrays["activations"].dtype != expected_numpy:
+                problems.append(f"activations dtype {arrays['activations'].dtype} != {expected_numpy}")
+            for name in ("token_ids", "special_mask"):
+                if arrays[name].shape != (shard.n_tokens,):
+                    problems.append(f"{name} shape {arrays[name].shape} != {(shard.n_tokens,)}")
+            if problems:
+                raise StoreError(f"{self.folder / shard.name} does not match the manifest: {'; '.join(problems)}. Delete it and rerun extraction.")
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.manifest["n_examples"])
+
+    @property
+    def hook_name(self) -> str:
+        return self.manifest["hook_name"]
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"token range [{start}, {stop}) is outside the store's {self.n_tokens} tokens")
+        first = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        pieces = []
+        position = start
+        shard_index = max(first, 0)
+        while position < stop:
+            shard_start = int(self._shard_starts[shard_index])
+            shard_stop = int(self._shard_starts[shard_index + 1])
+            take_stop = min(stop, shard_stop)
+            pieces.append(self._arrays[shard_index][name][position - shard_start : take_stop - shard_start])
+            position = take_stop
+            shard_index += 1
+        if not pieces:
+            return np.asarray(self._arrays[0][name][:0]) if self._arrays else np.empty((0,))
+        return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
+
+    def activations(self, start: int, stop: int) -> torch.Tensor:
+        """Tokens [start, stop) as an (n, d) tensor in the storage dtype."""
+        return from_storage_array(self._read("activations", start, stop), self.dtype)
+
+    def token_ids(self, start: int, stop: int) -> np.ndarray:
+        return self._read("token_ids", start, stop)
+
+    def special_mask(self, start: int, stop: int) -> np.ndarray:
+        return self._read("special_mask", start, stop)
+
+    def chunk(self, start: int, stop: int) -> StoreChunk:
+        return StoreChunk(start, self.activations(start, stop), self.token_ids(start, stop), self.special_mask(start, stop))
+
+    def example(self, index: int) -> StoreChunk:
+        """All tokens of example `index` (its activations, token ids and special mask)."""
+        if not 0 <= index < self.n_examples:
+            raise IndexError(f"example {index} is outside the store's {self.n_examples} examples")
+        return self.chunk(int(self.doc_offsets[index]), int(self.doc_offsets[index + 1]))
+
+    def iter_chunks(self, chunk_tokens: int, start: int = 0, stop: int | None = None) -> Iterator[StoreChunk]:
+        """Consecutive chunks of at most `chunk_tokens` tokens, in store order."""
+        stop = self.n_tokens if stop is None else stop
+        for chunk_start in range(start, stop, chunk_tokens):
+            yield self.chunk(chunk_start, min(chunk_start + chunk_tokens, stop))
+
+    def example_records(self) -> list[dict[str, Any]]:
+        """Per example: where it came from in the dataset, and its label if the dataset had one."""
+        with (self.folder / EXAMPLES).open() as handle:
+            return [json.loads(line) for line in handle]
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.folder)!r}: {self.n_examples} examples, {self.n_tokens} tokens, d={self.d}, {self.manifest['dtype']})"

@@ -1,0 +1,75 @@
+"""Shared fixtures: the real SmolLM2 tokenizer, a tiny random Llama, and dataset files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastsae.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
+
+TINY_LAYERS = 4
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's own tokenizer (with its chat template), from the dequantised cache."""
+    return load_tokenizer(resolve_model(EMBEDDED_MODEL))
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm2_tokenizer):
+    """A randomly initialised 4-block Llama (d=64) that shares SmolLM2's vocabulary."""
+    return make_tiny_llama(len(smollm2_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> Path:
+    """The tiny Llama and SmolLM2's tokenizer saved as a normal Hugging Face model folder."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_llama.save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+TEXTS = [
+    "I had planned to take the train, but the bus is cheaper.",
+    "Maybe I was wrong about her.",
+    "Looking back, I should have checked the numbers twice before sending the report to my manager.",
+    "Ok.",
+    "Before I commit to this, let me compare the two offers side by side: salary, commute, and the team.",
+    "I doubt the forecast; it said sun yesterday too.",
+    "Tomorrow I will start with the hardest task.",
+    "Why do I assume the meeting has to be an hour long?",
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def texts_file(tmp_path) -> Path:
+    labels = ["planning", "reconsidering", "recalling", "committing", "comparing_options", "doubting", "planning", "questioning_assumption"]
+    return write_jsonl(tmp_path / "texts.jsonl", [{"text": text, "label": label} for text, label in zip(TEXTS, labels)])

@@ -1,0 +1,220 @@
+"""Extraction on a tiny random Llama: equal to running each example alone, resumable, and strict about bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_LAYERS, write_jsonl
+from fastsae.data import load_dataset
+from fastsae.errors import UserError
+from fastsae.extract import ExtractConfig, length_batches, write_activation_stores
+from fastsae.hook_points import hooked_module, output_tensor
+from fastsae.store import ActivationStore, StoreError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def extract(model, tokenizer, texts_file: Path, output_dir: Path, **overrides) -> list[Path]:
+    settings = dict(dataset=str(texts_file), output_dir=str(output_dir), storage_dtype="float32", batch_tokens=600, shard_mb=0.02)
+    settings.update(overrides)
+    config = ExtractConfig(**settings)
+    dataset = load_dataset(config.dataset, max_examples=config.max_examples)
+    return write_activation_stores(model, tokenizer, dataset, config, "tiny")
+
+
+def alone(model, token_ids: np.ndarray, layer: int, hook_point: str) -> torch.Tensor:
+    """The reference: one example, full forward, no padding, no early stop."""
+    input_ids = torch.from_numpy(token_ids.astype(np.int64))[None]
+    if hook_point == "resid_post":
+        with torch.no_grad():
+            return model(input_ids, output_hidden_states=True).hidden_states[layer + 1][0]
+    seen = {}
+
+    def record(module, inputs, output) -> None:
+        seen["x"] = output_tensor(output)
+
+    handle = hooked_module(model, layer, hook_point).register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        handle.remove()
+    return seen["x"][0]
+
+
+def max_relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest per-token relative error ||a_t - e_t|| / ||e_t||: strict for small tokens and huge ones alike."""
+    actual, expected = actual.float(), expected.float()
+    return float(((actual - expected).norm(dim=-1) / expected.norm(dim=-1)).max())
+
+
+def store_arrays(folder: Path) -> dict[str, np.ndarray]:
+    store = ActivationStore(folder)
+    chunk = store.chunk(0, store.n_tokens)
+    return {"activations": chunk.activations.numpy(), "token_ids": chunk.token_ids, "special_mask": chunk.special_mask, "offsets": store.doc_offsets}
+
+
+@pytest.mark.parametrize("hook_point", ["resid_post", "mlp_out", "attn_out"])
+def test_batched_extraction_equals_each_example_alone(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, hook_point):
+    folders = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[0, 2], hook_point=hook_point)
+    assert [folder.name for folder in folders] == [f"blocks.0.hook_{hook_point}", f"blocks.2.hook_{hook_point}"]
+    for layer, folder in zip([0, 2], folders):
+        store = ActivationStore(folder)
+        assert store.n_examples == 8 and len(store.shards) > 1  # several shards and batches are exercised
+        lengths = np.diff(store.doc_offsets)
+        assert len(set(lengths.tolist())) > 4  # examples of different lengths share batches
+        for index in range(store.n_examples):
+            example = store.example(index)
+            expected = alone(tiny_llama, example.token_ids, layer, hook_point)
+            assert example.activations.shape == expected.shape
+            assert max_relative_difference(example.activations, expected) < 1e-4
+
+
+def test_store_records_tokens_labels_and_template_mask(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    store = ActivationStore(folder)
+    records = store.example_records()
+    assert [record["label"] for record in records][:2] == ["planning", "reconsidering"]
+    example = store.example(1)
+    content = example.token_ids[~example.special_mask]
+    assert smollm2_tokenizer.decode(content) == "Maybe I was wrong about her."
+    assert example.special_mask[0]  # <|im_start|> is kept in the store, marked special
+    assert store.manifest["hook_name"] == "blocks.1.hook_resid_post" and store.manifest["d"] == 64
+    assert store.manifest["n_special_tokens"] == int(sum(store.example(i).special_mask.sum() for i in range(store.n_examples)))
+
+
+def test_store_reads_across_shards_and_in_chunks(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    store = ActivationStore(folder)
+    boundary = store.shards[1].first_token
+    spanning = store.activations(boundary - 3, boundary + 3)
+    expected = torch.cat([store.activations(boundary - 3, boundary), store.activations(boundary, boundary + 3)])
+    assert torch.equal(spanning, expected)
+    every_example = torch.cat([store.example(i).activations for i in range(store.n_examples)])
+    chunks = list(store.iter_chunks(37))
+    assert [chunk.start for chunk in chunks] == list(range(0, store.n_tokens, 37))
+    assert torch.equal(torch.cat([chunk.activations for chunk in chunks]), every_example)
+    with pytest.raises(IndexError):
+        store.activations(0, store.n_tokens + 1)
+
+
+def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    (reference,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "uninterrupted", layers=[1])
+
+    calls = {"n": 0}
+
+    def crash_after_three_batches(module, inputs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("simulated crash")
+
+    handle = tiny_llama.model.layers[0].register_forward_pre_hook(crash_after_three_batches)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1])
+    finally:
+        handle.remove()
+    folder = tmp_path / "interrupted" / "tiny" / "blocks.1.hook_resid_post"
+    written = sorted(path.name for path in folder.glob("shard_*"))
+    assert written and len(written) < len(ActivationStore(reference).shards)
+    assert not list(folder.glob("*.partial"))
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(folder)
+
+    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1])
+    resumed, uninterrupted = store_arrays(folder), store_arrays(reference)
+    for name in uninterrupted:
+        assert np.array_equal(resumed[name], uninterrupted[name]), name
+
+
+def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    with pytest.raises(UserError, match=r"different settings.*max_length.*--overwrite"):
+        extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1], max_length=16)
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1], max_length=16, overwrite=True)
+    store = ActivationStore(folder)
+    assert np.diff(store.doc_offsets).max() == 16
+    assert store.manifest["dataset"]["n_truncated"] == int((np.diff(store.doc_offsets) == 16).sum())
+
+
+def test_disk_check_refuses_before_writing(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, monkeypatch):
+    monkeypatch.setattr("fastsae.store.free_disk_bytes", lambda folder: 10 * 2**20)
+    with pytest.raises(UserError, match="not enough disk space"):
+        extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    assert not any(tmp_path.rglob("*.npy"))
+
+
+def test_layer_out_of_range_names_the_valid_range(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    with pytest.raises(UserError, match=rf"0\.\.{TINY_LAYERS - 1}"):
+        extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[TINY_LAYERS])
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_block_packing_concatenates_and_cuts(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    (sequential,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    (blocks,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1], packing="block", block_size=32)
+    assert blocks.name == "blocks.1.hook_resid_post-block32"
+    fast, packed = ActivationStore(sequential), ActivationStore(blocks)
+    assert packed.n_tokens == fast.n_tokens
+    assert np.array_equal(packed.token_ids(0, packed.n_tokens), fast.token_ids(0, fast.n_tokens))
+    assert set(np.diff(packed.doc_offsets)[:-1].tolist()) == {32}
+    block = packed.example(1)
+    assert max_relative_difference(block.activations, alone(tiny_llama, block.token_ids, 1, "resid_post")) < 1e-4
+    # Across a document boundary inside a block, the activations differ from FAST ones: that is the point.
+    assert not torch.allclose(packed.activations(32, 64), fast.activations(32, 64), atol=1e-3)
+
+
+def test_length_batches_stay_within_budget():
+    lengths = [5, 50, 17, 17, 3, 49, 1, 30, 30, 30]
+    batches = length_batches(lengths, batch_tokens=100)
+    assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) * max(lengths[index] for index in batch) <= 100
+    assert len(batches) <= 5
+
+
+def test_damaged_store_gets_a_clear_error(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    np.save(folder / "shard_00001" / "token_ids.npy", np.zeros(3, dtype=np.int32))
+    with pytest.raises(StoreError, match="shard_00001.*token_ids shape"):
+        ActivationStore(folder)
+    for path in (folder / "shard_00001").iterdir():
+        path.unlink()
+    (folder / "shard_00001").rmdir()
+    with pytest.raises(StoreError, match="missing shard_00001"):
+        ActivationStore(folder)
+
+
+def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "extract_activations.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_script_runs_on_a_model_folder_and_reports_bad_input(tiny_model_folder, texts_file, tmp_path):
+    common = ["--dataset", str(texts_file), "--output-dir", str(tmp_path / "out")]
+    done = run_script("--model-name", str(tiny_model_folder), "--layers", "1", "3", *common)
+    assert done.returncode == 0, done.stderr
+    for layer in (1, 3):
+        assert ActivationStore(tmp_path / "out" / "tiny-llama" / f"blocks.{layer}.hook_resid_post").n_examples == 8
+
+    not_gguf = tmp_path / "fake.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
+    missing_dataset = tmp_path / "nowhere.jsonl"
+    all_bad = write_jsonl(tmp_path / "bad.jsonl", ["{not json", {"text": ""}, {"text": 3}])
+    cases = [
+        (["--model-name", str(tiny_model_folder), "--layers", "4", *common], "layer 4 is out of range"),
+        (["--model-name", str(tmp_path / "no" / "such" / "model"), *common], "model not found"),
+        (["--model-name", str(not_gguf), *common], "is not a GGUF file"),
+        (["--model-name", str(tiny_model_folder), "--dataset", str(missing_dataset)], "dataset not found"),
+        (["--model-name", str(tiny_model_folder), "--dataset", str(all_bad)], "no usable rows"),
+        (["--model-name", str(tiny_model_folder), "--packing", "packed", *common], "PACKING must be one of"),
+    ]
+    for args, message in cases:
+        failed = run_script(*args)
+        assert failed.returncode == 2, (args, failed.stderr)
+        assert message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
