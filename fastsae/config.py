@@ -62,6 +62,17 @@ def _comma_list(item_type: type) -> Callable[[str], list]:
     return parse
 
 
+def _constant_value(constant: str, value: Any, annotation: Any) -> Any:
+    """A script constant for a list field may be written `12` or `"6,12"`; anything else must be a list."""
+    if typing.get_origin(annotation) is not list or isinstance(value, list):
+        return value
+    (item_type,) = typing.get_args(annotation)
+    try:
+        return _comma_list(item_type)(value) if isinstance(value, str) else [item_type(value)]
+    except (TypeError, ValueError):
+        raise UserError(f"{constant} must be a list of {item_type.__name__}, e.g. {constant} = [12]; got {value!r}.") from None
+
+
 def _flatten(values: list) -> list:
     return [item for group in values for item in group]
 
@@ -78,7 +89,7 @@ def parse_step_config(
     for field in dataclasses.fields(config_class):
         constant = field.name.upper()
         if constant in script_constants:
-            defaults[field.name] = script_constants[constant]
+            defaults[field.name] = _constant_value(constant, script_constants[constant], hints[field.name])
         elif field.default is not dataclasses.MISSING:
             defaults[field.name] = field.default
         else:
@@ -95,13 +106,14 @@ def parse_step_config(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
             default=defaults[field.name],
-            help=field.metadata.get("help", ""),
+            help=field.metadata.get("help", "").replace("%", "%%"),  # argparse %-formats help texts
             **options,
         )
     args = vars(parser.parse_args(argv))
     for field in dataclasses.fields(config_class):
-        if typing.get_origin(hints[field.name]) is list and args[field.name] is not defaults[field.name]:
-            args[field.name] = _flatten(args[field.name])
+        value = args[field.name]
+        if typing.get_origin(hints[field.name]) is list and value and isinstance(value[0], list):
+            args[field.name] = _flatten(value)  # from the command line: one list per argument
     return config_class(**args)
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fastsae.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class Dataset:
 
 def _read_jsonl(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: files saved on Windows often start with a BOM
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -102,8 +104,11 @@ def _read_table(path: Path) -> list[tuple[str, Any]]:
 
     frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
     records = frame.to_dict(orient="records")
-    # pandas turns missing cells into NaN floats; give them back as "missing".
-    cleaned = [{key: value for key, value in record.items() if not _is_missing(value)} for record in records]
+    # pandas turns missing cells into NaN floats (dropped: "missing") and list cells into arrays (back to lists).
+    cleaned = [
+        {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in record.items() if not _is_missing(value)}
+        for record in records
+    ]
     first_line = 2 if path.suffix.lower() == ".csv" else 0
     label = "line" if path.suffix.lower() == ".csv" else "row"
     return [(f"{label} {index + first_line}", record) for index, record in enumerate(cleaned)]

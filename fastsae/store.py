@@ -164,8 +164,11 @@ class ActivationStoreWriter:
             existing = json.loads(manifest_path.read_text())
             if existing.get("settings") == settings and not overwrite:
                 self.manifest["status"] = existing["status"]
-                for leftover in self.folder.glob("*.partial"):
-                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                for leftover in self.folder.glob("*.partial"):  # what a crash left half-written
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover)
+                    else:
+                        leftover.unlink()
                 return
             if not overwrite:
                 raise UserError(
@@ -269,10 +272,9 @@ class ActivationStore:
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         if not 0 <= start <= stop <= self.n_tokens:
             raise IndexError(f"token range [{start}, {stop}) is outside the store's {self.n_tokens} tokens")
-        first = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        shard_index = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
         pieces = []
         position = start
-        shard_index = max(first, 0)
         while position < stop:
             shard_start = int(self._shard_starts[shard_index])
             shard_stop = int(self._shard_starts[shard_index + 1])
@@ -281,7 +283,7 @@ class ActivationStore:
             position = take_stop
             shard_index += 1
         if not pieces:
-            return np.asarray(self._arrays[0][name][:0]) if self._arrays else np.empty((0,))
+            return np.array(self._arrays[0][name][:0])
         return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
 
     def activations(self, start: int, stop: int) -> torch.Tensor:

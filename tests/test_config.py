@@ -1,0 +1,326 @@
+"""Tests for fastsae.config: script constants as defaults, command-line overrides, --help, run_step, fingerprints."""
+
+from __future__ import annotations
+
+import dataclasses
+import runpy
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fastsae.config import config_fingerprint, parse_step_config, run_step, setting
+from fastsae.errors import UserError
+from fastsae.extract import ExtractConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "extract_activations.py"
+
+
+@dataclass
+class DemoConfig:
+    count: int = setting(3, "how many things")
+    rate: float = setting(0.5, "learning rate")
+    name: str = setting("demo", "a name for the run")
+    verbose: bool = setting(False, "print more")
+    layers: list[int] = setting([1, 2], "layers to read")
+    tags: list[str] = setting(["alpha"], "free-form tags")
+
+
+DEMO_CONSTANTS = {
+    "COUNT": 7,
+    "RATE": 0.25,
+    "NAME": "from-script",
+    "VERBOSE": True,
+    "LAYERS": [4, 5],
+    "TAGS": ["x", "y"],
+}
+
+
+def script_constants() -> dict:
+    """The UPPER_CASE constants of extract_activations.py, read without running its main block."""
+    namespace = runpy.run_path(str(SCRIPT), run_name="extract_activations_under_test")
+    return {name: value for name, value in namespace.items() if name.isupper()}
+
+
+def parse_demo(constants: dict, *argv: str) -> DemoConfig:
+    return parse_step_config(DemoConfig, constants, "demo step", list(argv))
+
+
+def help_text(capsys, monkeypatch, config_class, constants) -> str:
+    """The --help output with whitespace normalised (argparse wraps long lines)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_step_config(config_class, constants, "A test step.", ["--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+# --- defaults from the script's constants -----------------------------------------------------
+
+
+def test_script_constants_become_defaults():
+    config = parse_demo(DEMO_CONSTANTS)
+    assert config == DemoConfig(count=7, rate=0.25, name="from-script", verbose=True, layers=[4, 5], tags=["x", "y"])
+    assert isinstance(config.count, int) and isinstance(config.rate, float) and isinstance(config.verbose, bool)
+
+
+def test_constant_absent_from_script_falls_back_to_dataclass_default():
+    config = parse_demo({"COUNT": 9})
+    assert config.count == 9
+    assert (config.rate, config.name, config.verbose, config.layers, config.tags) == (0.5, "demo", False, [1, 2], ["alpha"])
+
+
+def test_only_upper_case_constants_named_like_a_field_are_used():
+    config = parse_demo({"count": 100, "Count": 101, "UNRELATED": "ignored", "__doc__": "docstring"})
+    assert config == DemoConfig()
+
+
+def test_list_defaults_are_fresh_copies_per_instance():
+    first, second = parse_demo({}), parse_demo({})
+    assert first.layers == second.layers == [1, 2]
+    first.layers.append(99)
+    assert second.layers == [1, 2]
+    assert DemoConfig().layers == [1, 2]
+
+
+def test_extract_script_sets_a_constant_for_every_extract_config_field():
+    constants = script_constants()
+    fields = {field.name.upper() for field in dataclasses.fields(ExtractConfig)}
+    assert fields == set(constants)
+
+
+def test_extract_script_constants_become_extract_config_defaults():
+    constants = script_constants()
+    config = parse_step_config(ExtractConfig, constants, "extract", [])
+    for field in dataclasses.fields(ExtractConfig):
+        assert getattr(config, field.name) == constants[field.name.upper()], field.name
+    assert config.max_length == 512 and config.layers == [12] and config.overwrite is False
+
+
+def test_extract_constant_absent_uses_extract_config_default():
+    constants = script_constants()
+    del constants["MAX_LENGTH"], constants["PACKING"]
+    constants["BLOCK_SIZE"] = 64
+    config = parse_step_config(ExtractConfig, constants, "extract", [])
+    assert config.max_length == 512 and config.packing == "sequential"
+    assert config.block_size == 64
+
+
+# --- command-line overrides -------------------------------------------------------------------
+
+
+def test_max_length_override_is_an_int():
+    config = parse_step_config(ExtractConfig, script_constants(), "extract", ["--max-length", "256"])
+    assert config.max_length == 256
+    assert isinstance(config.max_length, int)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--layers", "6", "12"], [6, 12]),
+        (["--layers", "6,12"], [6, 12]),
+        (["--layers", "6,", "12"], [6, 12]),
+        (["--layers", "12", "6", "6"], [6, 12]),  # ExtractConfig sorts and removes duplicates
+        (["--layers", "3"], [3]),
+    ],
+)
+def test_layers_override_space_or_comma_separated(argv, expected):
+    config = parse_step_config(ExtractConfig, script_constants(), "extract", argv)
+    assert config.layers == expected
+
+
+@pytest.mark.parametrize(("word", "expected"), [("true", True), ("True", True), ("yes", True), ("1", True), ("on", True), ("false", False), ("no", False), ("0", False), ("OFF", False)])
+def test_bool_override_words(word, expected):
+    constants = {**script_constants(), "OVERWRITE": not expected}
+    config = parse_step_config(ExtractConfig, constants, "extract", ["--overwrite", word])
+    assert config.overwrite is expected
+
+
+def test_overwrite_true_override():
+    config = parse_step_config(ExtractConfig, script_constants(), "extract", ["--overwrite", "true"])
+    assert config.overwrite is True
+
+
+def test_overrides_of_every_field_type():
+    config = parse_demo(
+        DEMO_CONSTANTS,
+        "--count", "11", "--rate", "1e-3", "--name", "cli", "--verbose", "false", "--layers", "8,9", "10", "--tags", "p,q", "r",
+    )
+    assert config == DemoConfig(count=11, rate=0.001, name="cli", verbose=False, layers=[8, 9, 10], tags=["p", "q", "r"])
+
+
+def test_override_leaves_other_constants_and_the_constants_dict_alone():
+    constants = {name: (list(value) if isinstance(value, list) else value) for name, value in DEMO_CONSTANTS.items()}
+    config = parse_demo(constants, "--layers", "1")
+    assert config.layers == [1]
+    assert config.tags == ["x", "y"] and config.count == 7
+    assert constants == DEMO_CONSTANTS
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--verbose", "maybe"], "expected true or false"),
+        (["--count", "many"], "invalid int value"),
+        (["--rate", "fast"], "invalid float value"),
+        (["--layers", "1,x"], "--layers"),
+        (["--no-such-option", "1"], "unrecognized arguments"),
+    ],
+)
+def test_malformed_override_is_an_argparse_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_demo({}, *argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# --- --help -----------------------------------------------------------------------------------
+
+
+def test_help_lists_every_option_with_its_default_from_the_constants(capsys, monkeypatch):
+    text = help_text(capsys, monkeypatch, DemoConfig, {"COUNT": 7, "LAYERS": [4, 5], "NAME": "from-script"})
+    assert "A test step." in text
+    expected = {
+        "--count": "7",
+        "--rate": "0.5",
+        "--name": "from-script",
+        "--verbose": "False",
+        "--layers": "[4, 5]",
+        "--tags": "['alpha']",
+    }
+    for field in dataclasses.fields(DemoConfig):
+        option = "--" + field.name.replace("_", "-")
+        assert option in text
+        assert f"{field.metadata['help']} (default: {expected[option]})" in text, option
+
+
+def test_extract_help_shows_every_option_and_current_constant_values(capsys, monkeypatch):
+    constants = {**script_constants(), "MAX_LENGTH": 1024, "LAYERS": [3, 7], "PACKING": "block", "OVERWRITE": True}
+    text = help_text(capsys, monkeypatch, ExtractConfig, constants)
+    for field in dataclasses.fields(ExtractConfig):
+        option = "--" + field.name.replace("_", "-")
+        assert f"{option} " in text, option
+        assert f"(default: {constants[field.name.upper()]})" in text, option
+    assert "(default: 1024)" in text and "(default: [3, 7])" in text and "(default: block)" in text
+    assert "(default: 512)" not in text
+    assert "overrides the UPPER_CASE constant" in text
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def test_invalid_choice_on_command_line_raises_user_error_naming_the_constant():
+    with pytest.raises(UserError, match=r"PACKING must be one of sequential, block; got 'foo'"):
+        parse_step_config(ExtractConfig, script_constants(), "extract", ["--packing", "foo"])
+
+
+def test_invalid_choice_in_script_constant_gives_the_same_error():
+    constants = {**script_constants(), "PACKING": "foo"}
+    with pytest.raises(UserError, match=r"PACKING must be one of sequential, block; got 'foo'"):
+        parse_step_config(ExtractConfig, constants, "extract", [])
+
+
+@pytest.mark.parametrize(
+    ("argv", "constant"),
+    [
+        (["--hook-point", "mlp_in"], "HOOK_POINT"),
+        (["--storage-dtype", "int8"], "STORAGE_DTYPE"),
+        (["--max-length", "0"], "MAX_LENGTH"),
+        (["--batch-tokens", "100"], "BATCH_TOKENS"),
+        (["--layers", ","], "LAYERS"),
+    ],
+)
+def test_other_invalid_values_name_their_constant(argv, constant):
+    with pytest.raises(UserError) as error:
+        parse_step_config(ExtractConfig, script_constants(), "extract", argv)
+    assert str(error.value).startswith(constant)
+
+
+# --- run_step ---------------------------------------------------------------------------------
+
+
+def test_run_step_passes_the_parsed_config_to_the_step(capsys):
+    seen = []
+    run_step(DemoConfig, DEMO_CONSTANTS, seen.append, "demo", ["--count", "2"])
+    assert seen == [DemoConfig(count=2, rate=0.25, name="from-script", verbose=True, layers=[4, 5], tags=["x", "y"])]
+    assert capsys.readouterr().err == ""
+
+
+def test_run_step_turns_a_user_error_from_the_step_into_exit_code_2(capsys):
+    def step(config: DemoConfig) -> None:
+        raise UserError(f"dataset not found: {config.name}.jsonl. Set DATASET to a JSONL file.")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_step(DemoConfig, DEMO_CONSTANTS, step, "demo", [])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: dataset not found: from-script.jsonl. Set DATASET to a JSONL file.\n"
+    assert "Traceback" not in captured.err + captured.out
+    assert captured.out == ""
+
+
+def test_run_step_turns_an_invalid_setting_into_exit_code_2_without_running_the_step(capsys):
+    calls = []
+    with pytest.raises(SystemExit) as exit_info:
+        run_step(ExtractConfig, script_constants(), calls.append, "extract", ["--packing", "foo"])
+    assert exit_info.value.code == 2
+    assert calls == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: PACKING must be one of")
+    assert err.count("\n") == 1 and err.endswith("\n")
+    assert "Traceback" not in err
+
+
+def test_run_step_lets_unexpected_errors_propagate():
+    def step(config: DemoConfig) -> None:
+        raise ValueError("a bug, not a user mistake")
+
+    with pytest.raises(ValueError, match="a bug"):
+        run_step(DemoConfig, {}, step, "demo", [])
+
+
+def test_run_step_keyboard_interrupt_exits_130(capsys):
+    def step(config: DemoConfig) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_step(DemoConfig, {}, step, "demo", [])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.startswith("interrupted:")
+
+
+# --- config_fingerprint -----------------------------------------------------------------------
+
+
+def test_config_fingerprint_is_stable_under_key_order():
+    first = config_fingerprint({"layers": [6, 12], "max_length": 512, "packing": "sequential"})
+    second = config_fingerprint({"packing": "sequential", "max_length": 512, "layers": [6, 12]})
+    assert first == second
+    assert len(first) == 16 and all(character in "0123456789abcdef" for character in first)
+    assert config_fingerprint({"layers": [6, 12], "max_length": 512, "packing": "sequential"}) == first
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"layers": [6, 12], "max_length": 256, "packing": "sequential"},
+        {"layers": [12, 6], "max_length": 512, "packing": "sequential"},
+        {"layers": [6, 12], "max_length": 512, "packing": "block"},
+        {"layers": [6, 12], "max_length": 512},
+        {"layers": [6, 12], "max_length": "512", "packing": "sequential"},
+    ],
+)
+def test_config_fingerprint_changes_when_a_value_changes(changed):
+    assert config_fingerprint(changed) != config_fingerprint({"layers": [6, 12], "max_length": 512, "packing": "sequential"})
+
+
+def test_config_fingerprint_of_extract_configs():
+    constants = script_constants()
+    base = dataclasses.asdict(parse_step_config(ExtractConfig, constants, "extract", []))
+    same = dataclasses.asdict(parse_step_config(ExtractConfig, dict(reversed(list(constants.items()))), "extract", []))
+    other = dataclasses.asdict(parse_step_config(ExtractConfig, constants, "extract", ["--layers", "6"]))
+    assert config_fingerprint(base) == config_fingerprint(same)
+    assert config_fingerprint(base) != config_fingerprint(other)
+    # values JSON cannot encode (a Path) still hash, by their string form
+    assert config_fingerprint({"out": Path("a/b")}) == config_fingerprint({"out": "a/b"})

@@ -1,0 +1,405 @@
+"""Tests for fastsae.data.load_dataset: formats, field detection, skipped rows and fingerprints."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fastsae.data import MAX_REASON_EXAMPLES, load_dataset
+from fastsae.errors import UserError
+
+ROWS = [
+    {"text": "I had planned to take the train, but the bus is cheaper.", "label": "planning"},
+    {"text": "Maybe I was wrong about her.", "label": "reconsidering"},
+    {"text": "Ok.", "label": "committing"},
+    {"text": "Why do I assume the meeting has to be an hour long?", "label": "questioning_assumption"},
+]
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Plan my day."},
+    {"role": "assistant", "content": "Hardest task first."},
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """One row per line; a str row is written as-is (for malformed or blank lines)."""
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def texts(dataset) -> list:
+    return [example.text for example in dataset.examples]
+
+
+def summary(dataset) -> list[tuple]:
+    """What a store keeps of each example, independent of the file format."""
+    return [(example.row, example.text, example.response, example.messages, example.label) for example in dataset.examples]
+
+
+@pytest.fixture
+def rows_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "rows.jsonl", ROWS)
+
+
+# --- JSONL basics -----------------------------------------------------------------------------
+
+
+def test_jsonl_with_text_and_label(rows_file):
+    dataset = load_dataset(rows_file)
+    assert dataset.path == str(rows_file)
+    assert dataset.text_field == "text" and dataset.label_field == "label"
+    assert dataset.n_rows == 4 and dataset.skipped.total == 0
+    assert texts(dataset) == [row["text"] for row in ROWS]
+    assert [example.label for example in dataset.examples] == [row["label"] for row in ROWS]
+    assert [example.source for example in dataset.examples] == ["line 1", "line 2", "line 3", "line 4"]
+    assert [example.row for example in dataset.examples] == [0, 1, 2, 3]
+    assert all(example.messages is None and example.response is None for example in dataset.examples)
+
+
+def test_blank_lines_are_ignored_but_keep_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "gaps.jsonl", [ROWS[0], "", "   ", ROWS[1]])
+    dataset = load_dataset(path)
+    assert texts(dataset) == [ROWS[0]["text"], ROWS[1]["text"]]
+    assert [example.source for example in dataset.examples] == ["line 1", "line 4"]
+    assert dataset.skipped.total == 0 and dataset.n_rows == 2
+
+
+@pytest.mark.parametrize("suffix", [".json", ".ndjson", ".JSONL"])
+def test_other_jsonl_suffixes(tmp_path, suffix):
+    dataset = load_dataset(write_jsonl(tmp_path / f"rows{suffix}", ROWS))
+    assert texts(dataset) == [row["text"] for row in ROWS]
+
+
+def test_non_string_labels_become_strings_and_missing_labels_none(tmp_path):
+    path = write_jsonl(tmp_path / "labels.jsonl", [{"text": "a", "label": 3}, {"text": "b"}, {"text": "c", "label": None}])
+    dataset = load_dataset(path)
+    assert [example.label for example in dataset.examples] == ["3", None, None]
+
+
+def test_label_field_auto_picks_category_and_empty_means_none(tmp_path):
+    path = write_jsonl(tmp_path / "category.jsonl", [{"text": "a", "category": "x"}, {"text": "b", "category": "y"}])
+    assert [example.label for example in load_dataset(path).examples] == ["x", "y"]
+    assert load_dataset(path).label_field == "category"
+    no_labels = load_dataset(path, label_field="")
+    assert no_labels.label_field is None
+    assert [example.label for example in no_labels.examples] == [None, None]
+
+
+# --- text field detection ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["text", "content", "prompt"])
+def test_auto_detects_plain_text_fields(tmp_path, field):
+    path = write_jsonl(tmp_path / "data.jsonl", [{field: "first text", "id": 1}, {field: "second text", "id": 2}])
+    dataset = load_dataset(path)
+    assert dataset.text_field == field
+    assert texts(dataset) == ["first text", "second text"]
+    assert dataset.label_field is None
+
+
+def test_auto_detection_prefers_text_over_content_and_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "content": "c", "text": "t"}])
+    dataset = load_dataset(path)
+    assert dataset.text_field == "text"
+    assert texts(dataset) == ["t"]
+
+
+def test_auto_detects_chat_messages(tmp_path):
+    with_extra_key = [{**CHAT[0], "name": "ignored"}, *CHAT[1:]]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": with_extra_key, "label": "planning"}, {"messages": CHAT[1:2]}])
+    dataset = load_dataset(path)
+    assert dataset.text_field == "messages"
+    assert [example.messages for example in dataset.examples] == [CHAT, CHAT[1:2]]
+    assert all(example.text is None for example in dataset.examples)
+    assert [example.label for example in dataset.examples] == ["planning", None]
+    assert [example.source for example in dataset.examples] == ["line 1", "line 2"]
+
+
+def test_explicit_text_field_that_is_not_a_candidate(tmp_path):
+    path = write_jsonl(tmp_path / "body.jsonl", [{"body": "hello", "text": "not this one"}])
+    dataset = load_dataset(path, text_field="body")
+    assert dataset.text_field == "body"
+    assert texts(dataset) == ["hello"]
+
+
+def test_explicit_text_field_in_no_row_lists_available_fields(rows_file):
+    with pytest.raises(UserError) as error:
+        load_dataset(rows_file, text_field="body")
+    message = str(error.value)
+    assert "'body'" in message
+    assert "the rows have: label, text" in message
+
+
+def test_no_candidate_text_field_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "body.jsonl", [{"body": "hello"}])
+    with pytest.raises(UserError, match=r"no text field found .*looked for text, content, prompt, messages.*TEXT_FIELD"):
+        load_dataset(path)
+
+
+# --- file-level errors ------------------------------------------------------------------------
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "nowhere" / "missing.jsonl"
+    with pytest.raises(UserError, match="dataset not found") as error:
+        load_dataset(path)
+    assert str(path) in str(error.value)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(UserError, match="empty") as error:
+        load_dataset(path)
+    assert str(path) in str(error.value)
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("some text\n")
+    with pytest.raises(UserError, match=r"unsupported dataset format '\.txt'"):
+        load_dataset(path)
+
+
+def test_folder_that_is_not_a_saved_dataset(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    write_jsonl(folder / "rows.jsonl", ROWS)
+    with pytest.raises(UserError, match="not a dataset saved with datasets' save_to_disk") as error:
+        load_dataset(folder)
+    assert str(folder) in str(error.value)
+
+
+# --- skipped rows -----------------------------------------------------------------------------
+
+
+def test_malformed_json_line_is_skipped_and_reported_with_its_line(tmp_path):
+    path = write_jsonl(tmp_path / "broken.jsonl", [ROWS[0], '{"text": "unterminated', ROWS[1]])
+    dataset = load_dataset(path)
+    assert texts(dataset) == [ROWS[0]["text"], ROWS[1]["text"]]
+    assert [example.source for example in dataset.examples] == ["line 1", "line 3"]
+    assert dataset.skipped.counts == Counter({"malformed JSON": 1})
+    assert dataset.skipped.total == 1
+    assert dataset.skipped.where["malformed JSON"][0].startswith("line 2: ")
+    assert dataset.skipped.describe().startswith("1 × malformed JSON (line 2: ")
+    assert dataset.n_rows == 3
+
+
+def test_bad_rows_are_skipped_with_their_reasons(tmp_path):
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"text": "good one"},
+            {"body": "no text field"},
+            {"text": 5},
+            {"text": ["a", "list"]},
+            {"text": "   \n\t"},
+            {"text": ""},
+            [1, 2, 3],
+            {"text": "good two"},
+        ],
+    )
+    dataset = load_dataset(path)
+    assert texts(dataset) == ["good one", "good two"]
+    assert [example.row for example in dataset.examples] == [0, 7]
+    assert dataset.skipped.counts == Counter(
+        {
+            "missing field 'text'": 1,
+            "'text' is not a string": 2,
+            "empty text": 2,
+            "row is not an object": 1,
+        }
+    )
+    assert dataset.skipped.where == {
+        "missing field 'text'": ["line 2"],
+        "'text' is not a string": ["line 3", "line 4"],
+        "empty text": ["line 5", "line 6"],
+        "row is not an object": ["line 7"],
+    }
+    description = dataset.skipped.describe()
+    assert "2 × empty text (line 5, line 6)" in description
+    assert "1 × missing field 'text' (line 2)" in description
+    assert dataset.n_rows == 8
+
+
+def test_bad_messages_are_skipped(tmp_path):
+    reason = "messages is not a list of {role, content} strings"
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": CHAT},
+            {"messages": "just a string"},
+            {"messages": []},
+            {"messages": [{"role": "user"}]},
+            {"messages": [{"role": "user", "content": 5}]},
+            {"messages": [{"role": None, "content": "hi"}]},
+            {"messages": [CHAT[0], "not a dict"]},
+        ],
+    )
+    dataset = load_dataset(path)
+    assert [example.messages for example in dataset.examples] == [CHAT]
+    assert dataset.skipped.counts == Counter({reason: 6})
+    assert dataset.skipped.where[reason] == [f"line {number}" for number in range(2, 2 + MAX_REASON_EXAMPLES)]
+    assert dataset.skipped.describe() == f"6 × {reason} (line 2, line 3, line 4, line 5, line 6, ...)"
+
+
+def test_all_rows_bad_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": ""}, {"text": 3}, {"text": "  "}])
+    with pytest.raises(UserError, match="no usable rows") as error:
+        load_dataset(path)
+    assert "2 × empty text (line 1, line 3)" in str(error.value)
+    assert "'text' is not a string (line 2)" in str(error.value)
+
+
+def test_all_lines_malformed_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "not json"])
+    with pytest.raises(UserError, match=r"2 × malformed JSON \(line 1: .*line 2: "):
+        load_dataset(path)
+
+
+# --- response field and max_examples ----------------------------------------------------------
+
+
+def test_response_field(tmp_path):
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "q1", "answer": "a1"},
+            {"prompt": "q2"},
+            {"prompt": "q3", "answer": "   "},
+            {"prompt": "q4", "answer": 4},
+            {"prompt": "q5", "answer": "a5"},
+        ],
+    )
+    dataset = load_dataset(path, response_field="answer")
+    assert [(example.text, example.response) for example in dataset.examples] == [("q1", "a1"), ("q5", "a5")]
+    assert dataset.skipped.counts == Counter({"missing or empty response field 'answer'": 3})
+    assert dataset.skipped.where["missing or empty response field 'answer'"] == ["line 2", "line 3", "line 4"]
+
+
+def test_response_field_in_no_row_is_an_error(rows_file):
+    with pytest.raises(UserError, match=r"response field 'answer' is in no row; the rows have: label, text"):
+        load_dataset(rows_file, response_field="answer")
+
+
+def test_max_examples_counts_usable_examples(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [ROWS[0], {"text": ""}, ROWS[1], ROWS[2], ROWS[3]])
+    dataset = load_dataset(path, max_examples=2)
+    assert texts(dataset) == [ROWS[0]["text"], ROWS[1]["text"]]
+    assert [example.row for example in dataset.examples] == [0, 2]
+    assert dataset.skipped.counts == Counter({"empty text": 1})
+    assert len(load_dataset(path, max_examples=0).examples) == 4
+    assert len(load_dataset(path, max_examples=100).examples) == 4
+
+
+# --- CSV, Parquet and saved HF datasets -------------------------------------------------------
+
+
+def test_csv_loads_the_same_examples_as_jsonl(tmp_path, rows_file):
+    path = tmp_path / "rows.csv"
+    pd.DataFrame(ROWS).to_csv(path, index=False)
+    from_csv, from_jsonl = load_dataset(path), load_dataset(rows_file)
+    assert summary(from_csv) == summary(from_jsonl)
+    assert from_csv.fingerprint() == from_jsonl.fingerprint()
+    assert (from_csv.text_field, from_csv.label_field) == ("text", "label")
+    assert [example.source for example in from_csv.examples] == ["line 2", "line 3", "line 4", "line 5"]
+
+
+def test_parquet_loads_the_same_examples_as_jsonl(tmp_path, rows_file):
+    path = tmp_path / "rows.parquet"
+    pd.DataFrame(ROWS).to_parquet(path, index=False)
+    from_parquet, from_jsonl = load_dataset(path), load_dataset(rows_file)
+    assert summary(from_parquet) == summary(from_jsonl)
+    assert from_parquet.fingerprint() == from_jsonl.fingerprint()
+    assert [example.source for example in from_parquet.examples] == ["row 0", "row 1", "row 2", "row 3"]
+
+
+def test_csv_empty_cell_is_a_missing_field(tmp_path):
+    path = tmp_path / "gaps.csv"
+    pd.DataFrame([{"text": "first", "label": "a"}, {"text": None, "label": "b"}, {"text": "third", "label": None}]).to_csv(path, index=False)
+    dataset = load_dataset(path)
+    assert texts(dataset) == ["first", "third"]
+    assert [example.label for example in dataset.examples] == ["a", None]
+    assert dataset.skipped.counts == Counter({"missing field 'text'": 1})
+    assert dataset.skipped.where["missing field 'text'"] == ["line 3"]
+
+
+def test_saved_hf_dataset_folder(tmp_path, rows_file):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(folder))
+    dataset = load_dataset(folder)
+    assert summary(dataset) == summary(load_dataset(rows_file))
+    assert [example.source for example in dataset.examples] == ["row 0", "row 1", "row 2", "row 3"]
+
+
+def test_saved_hf_chat_dataset_folder(tmp_path):
+    import datasets
+
+    folder = tmp_path / "chat"
+    datasets.Dataset.from_list([{"messages": CHAT}, {"messages": CHAT[1:]}]).save_to_disk(str(folder))
+    dataset = load_dataset(folder)
+    assert dataset.text_field == "messages"
+    assert [example.messages for example in dataset.examples] == [CHAT, CHAT[1:]]
+
+
+def test_saved_dataset_dict_uses_the_train_split(tmp_path):
+    import datasets
+
+    folder = tmp_path / "dict"
+    splits = datasets.DatasetDict(
+        {
+            "test": datasets.Dataset.from_list([{"text": "held out", "label": "t"}]),
+            "train": datasets.Dataset.from_list(ROWS[:2]),
+        }
+    )
+    splits.save_to_disk(str(folder))
+    dataset = load_dataset(folder)
+    assert texts(dataset) == [ROWS[0]["text"], ROWS[1]["text"]]
+    assert [example.label for example in dataset.examples] == ["planning", "reconsidering"]
+
+
+def test_saved_dataset_dict_without_train_uses_its_first_split(tmp_path):
+    import datasets
+
+    folder = tmp_path / "dict"
+    splits = datasets.DatasetDict(
+        {
+            "validation": datasets.Dataset.from_list([{"text": "first split"}]),
+            "test": datasets.Dataset.from_list([{"text": "second split"}]),
+        }
+    )
+    splits.save_to_disk(str(folder))
+    assert texts(load_dataset(folder)) == ["first split"]
+
+
+# --- fingerprint ------------------------------------------------------------------------------
+
+
+def test_fingerprint_equal_for_identical_content_in_different_files(tmp_path, rows_file):
+    copy = write_jsonl(tmp_path / "copy.jsonl", ROWS)
+    first, second = load_dataset(rows_file), load_dataset(copy)
+    assert first.path != second.path
+    assert first.fingerprint() == second.fingerprint()
+    assert len(first.fingerprint()) == 16
+
+
+def test_fingerprint_changes_when_one_text_changes(tmp_path, rows_file):
+    edited = [dict(row) for row in ROWS]
+    edited[2]["text"] = "Ok!"
+    changed = write_jsonl(tmp_path / "edited.jsonl", edited)
+    assert load_dataset(rows_file).fingerprint() != load_dataset(changed).fingerprint()
+
+
+def test_fingerprint_changes_when_a_label_or_the_order_changes(tmp_path, rows_file):
+    relabelled = [dict(row) for row in ROWS]
+    relabelled[0]["label"] = "doubting"
+    reordered = [ROWS[1], ROWS[0], *ROWS[2:]]
+    base = load_dataset(rows_file).fingerprint()
+    assert load_dataset(write_jsonl(tmp_path / "relabelled.jsonl", relabelled)).fingerprint() != base
+    assert load_dataset(write_jsonl(tmp_path / "reordered.jsonl", reordered)).fingerprint() != base
