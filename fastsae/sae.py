@@ -1,0 +1,306 @@
+"""The sparse autoencoder: Top-K, BatchTopK, ReLU (L1) and JumpReLU, with Matryoshka prefixes and aux-K.
+
+Weights are kept in the layout the fast paths want: `W_enc` and `W_dec` are
+both (M, d), so feature m's encoder row and decoder row are each contiguous.
+The checkpoint module translates to HypotheSAEs' and SAELens' layouts.
+
+Where the code is sparse (Top-K and BatchTopK), only the encoder's forward
+matmul is dense. Features are chosen without autograd; their values get a
+gradient through `_SparseEncoderGradient`, whose backward touches only the
+chosen rows of `W_enc` (`index_add_`). The decoder is an `embedding_bag` over
+the active rows. Nothing of size B × M is kept for the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastsae.errors import UserError
+
+ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+SPARSE_ARCHITECTURES = ("topk", "batchtopk")
+BATCHTOPK_THRESHOLD_RATE = 1e-2  # EMA rate of the inference threshold, as HypotheSAEs
+JUMPRELU_BANDWIDTH = 1e-3  # width of the straight-through rectangle around each threshold
+JUMPRELU_INITIAL_THRESHOLD = 1e-3
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """What one SAE is: its architecture and sizes. Everything in it is plain Python (checkpoint-safe)."""
+
+    architecture: str
+    d: int
+    m: int
+    k: int
+    prefixes: tuple[int, ...] = ()  # Matryoshka prefix lengths, ending at m; empty for none
+    aux_k: int = 0  # dead features used for the auxiliary loss; 0 turns it off
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise UserError(f"unknown architecture {self.architecture!r}: choose one of {', '.join(ARCHITECTURES)}.")
+        if self.m <= 0 or self.d <= 0:
+            raise UserError(f"M and d must be positive; got M={self.m}, d={self.d}.")
+        if self.architecture in SPARSE_ARCHITECTURES and not 0 < self.k <= self.m:
+            raise UserError(f"K must be between 1 and M for {self.architecture}; got K={self.k}, M={self.m}. Lower K or raise M.")
+        if self.prefixes:
+            increasing = all(later > earlier for earlier, later in zip(self.prefixes, self.prefixes[1:]))
+            if not increasing or self.prefixes[-1] != self.m or self.prefixes[0] <= 0:
+                raise UserError(f"Matryoshka prefixes must increase and end at M={self.m}; got {list(self.prefixes)}. Example: [64, 256] for M=256.")
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.architecture in SPARSE_ARCHITECTURES
+
+    @property
+    def name(self) -> str:
+        """HypotheSAEs' checkpoint name, with the architecture for the ones it does not have."""
+        prefix = "" if self.architecture in SPARSE_ARCHITECTURES else f"{self.architecture}_"
+        if self.prefixes:
+            return f"SAE_{prefix}matryoshka_M={self.m}_K={self.k}_prefixes={'-'.join(map(str, self.prefixes))}"
+        return f"SAE_{prefix}M={self.m}_K={self.k}"
+
+
+class SparseCode(NamedTuple):
+    """Active features of each token: `values[b, j]` is the activation of feature `indices[b, j]` (0 where inactive)."""
+
+    values: torch.Tensor  # (B, k)
+    indices: torch.Tensor  # (B, k) int64
+
+
+class StepOutput(NamedTuple):
+    """What one training forward gives the trainer; all tensors stay on the device (no host syncs)."""
+
+    loss: torch.Tensor  # scalar to minimise
+    fvu: torch.Tensor  # fraction of variance unexplained by the full reconstruction, this batch
+    aux_loss: torch.Tensor  # aux-K term before its coefficient (0 when off)
+    l0: torch.Tensor  # mean number of active features per token
+    fire_counts: torch.Tensor  # (M,) tokens on which each feature fired
+
+
+class _SparseEncoderGradient(torch.autograd.Function):
+    """Identity on `selected` (pre-activations at chosen features); backward reaches only those rows.
+
+    For pre = centered @ W_enc.T + b_enc gathered at `indices`, the gradient
+    of the loss wrt W_enc is nonzero only in the chosen rows: it is built with
+    `index_add_`, one (B, d) update per chosen slot, instead of a B × M matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, selected, centered, weight, bias, indices):
+        ctx.save_for_backward(centered, weight, indices)
+        ctx.bias_shape = bias.shape
+        return selected.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        centered, weight, indices = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_centered = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum").to(centered.dtype)
+        grad_weight = torch.zeros_like(weight)
+        for slot in range(indices.shape[1]):
+            grad_weight.index_add_(0, indices[:, slot], grad[:, slot, None] * centered.to(weight.dtype))
+        grad_bias = torch.zeros(ctx.bias_shape, dtype=weight.dtype, device=weight.device).index_add_(0, indices.flatten(), grad.flatten())
+        return None, grad_centered, grad_weight, grad_bias, None
+
+
+class _JumpReLU(torch.autograd.Function):
+    """x · 1[x > θ]; the threshold's gradient uses a rectangle kernel of width ε (Rajamanoharan et al., 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        grad_threshold = -(threshold / ctx.bandwidth) * near * grad
+        return grad * (pre > threshold), grad_threshold.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """1[x > θ], for the L0 penalty; gradient only to the threshold, through the same rectangle kernel."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        return None, (-(1.0 / ctx.bandwidth) * near * grad).sum(0), None
+
+
+def fraction_of_variance_unexplained(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the batch (HypotheSAEs' normalised MSE)."""
+    error = (reconstruction.float() - target.float()).pow(2).sum()
+    variance = (target.float() - target.float().mean(0)).pow(2).sum()
+    return error / variance.clamp_min(1e-12)
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, spec: SAESpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.W_enc = nn.Parameter(torch.empty(spec.m, spec.d))
+        self.b_enc = nn.Parameter(torch.zeros(spec.m))
+        self.W_dec = nn.Parameter(torch.empty(spec.m, spec.d))
+        self.b_dec = nn.Parameter(torch.zeros(spec.d))
+        if spec.architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((spec.m,), math.log(JUMPRELU_INITIAL_THRESHOLD)))
+        # BatchTopK's inference threshold: learned as a running average, not by gradient.
+        self.register_buffer("threshold", torch.tensor(0.0))
+        nn.init.xavier_uniform_(self.W_dec)
+        self.normalize_decoder_()
+        with torch.no_grad():
+            self.W_enc.copy_(self.W_dec)
+
+    # --- initialisation and constraints -------------------------------------------------
+
+    @torch.no_grad()
+    def initialize_input_bias_(self, sample: torch.Tensor, statistic: str = "median") -> None:
+        """Start b_dec at the data's centre: with a large mean offset, a zero bias kills most latents."""
+        centre = sample.float().median(0).values if statistic == "median" else sample.float().mean(0)
+        self.b_dec.copy_(centre)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_gradient_(self) -> None:
+        """Keep the decoder's rows on the unit sphere: drop the gradient's component along each row."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    # --- encoding -------------------------------------------------------------------------
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+
+    def jump_thresholds(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def _gathered(self, x: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Pre-activations at `indices`, differentiable wrt the encoder through the sparse backward."""
+        centered = x - self.b_dec
+        return _SparseEncoderGradient.apply(pre.gather(1, indices), centered, self.W_enc, self.b_enc, indices)
+
+    def _batch_topk_code(self, x: torch.Tensor, pre: torch.Tensor) -> SparseCode:
+        """The K·B largest activations of the whole batch, as a per-token code padded to the busiest token."""
+        positive = pre.clamp_min(0)
+        n_active = min(self.spec.k * x.shape[0], positive.numel())
+        cutoff = positive.flatten().topk(n_active, sorted=False).values.min()
+        widest = int((positive >= cutoff).sum(1).max())  # one host sync per step: BatchTopK needs it
+        top = positive.topk(max(widest, 1), dim=1, sorted=False)
+        keep = top.values >= cutoff
+        values = self._gathered(x, pre, top.indices).relu() * keep
+        if self.training:
+            with torch.no_grad():
+                smallest = torch.where(keep & (top.values > 0), top.values, torch.full_like(top.values, float("inf"))).min()
+                if torch.isfinite(smallest):
+                    self.threshold.lerp_(smallest.to(self.threshold.dtype), BATCHTOPK_THRESHOLD_RATE)
+        return SparseCode(values, top.indices)
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """The active features of each token (Top-K, or BatchTopK while training)."""
+        if not self.spec.is_sparse:
+            raise ValueError("encode_sparse is for topk and batchtopk SAEs; use encode")
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+        if self.spec.architecture == "batchtopk" and self.training:
+            return self._batch_topk_code(x, pre)
+        if self.spec.architecture == "batchtopk":
+            active = (pre > self.threshold) & (pre > 0)
+            widest = max(int(active.sum(1).max()), 1)
+            top = pre.topk(widest, dim=1, sorted=False)
+            keep = (top.values > self.threshold) & (top.values > 0)
+            return SparseCode(self._gathered(x, pre, top.indices).relu() * keep, top.indices)
+        top = pre.topk(self.spec.k, dim=1, sorted=False)
+        return SparseCode(self._gathered(x, pre, top.indices).relu(), top.indices)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense (B, M) feature activations, as used at inference."""
+        if self.spec.is_sparse:
+            code = self.encode_sparse(x)
+            return torch.zeros(x.shape[0], self.spec.m, dtype=code.values.dtype, device=x.device).scatter_(1, code.indices, code.values)
+        pre = self.pre_activations(x)
+        if self.spec.architecture == "jumprelu":
+            return _JumpReLU.apply(pre, self.jump_thresholds(), JUMPRELU_BANDWIDTH)
+        return pre.relu()
+
+    # --- decoding -------------------------------------------------------------------------
+
+    def decode_sparse(self, code: SparseCode, prefix: int | None = None) -> torch.Tensor:
+        """x̂ = Σ_j values[j] · W_dec[indices[j]] + b_dec, gathering only the active rows; `prefix` keeps features < prefix."""
+        weights = code.values if prefix is None else code.values * (code.indices < prefix)
+        return F.embedding_bag(code.indices, self.W_dec, per_sample_weights=weights.to(self.W_dec.dtype), mode="sum") + self.b_dec
+
+    def decode(self, activations: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
+        if prefix is not None:
+            return activations[:, :prefix] @ self.W_dec[:prefix] + self.b_dec
+        return activations @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction x̂ of x."""
+        if self.spec.is_sparse:
+            return self.decode_sparse(self.encode_sparse(x))
+        return self.decode(self.encode(x))
+
+    # --- training -------------------------------------------------------------------------
+
+    def training_step(self, x: torch.Tensor, dead_features: torch.Tensor | None, aux_coefficient: float, sparsity_coefficient: float) -> StepOutput:
+        """Loss and statistics for one batch. `dead_features` (M,) bool turns on aux-K for those features."""
+        zero = x.new_zeros((), dtype=torch.float32)
+        if self.spec.is_sparse:
+            code = self.encode_sparse(x)
+            reconstruction = self.decode_sparse(code)
+            active = code.values > 0
+            fire_counts = torch.zeros(self.spec.m, device=x.device).index_add_(0, code.indices.flatten(), active.flatten().float())
+            l0 = active.sum(1).float().mean()
+            prefix_fvus = [fraction_of_variance_unexplained(self.decode_sparse(code, prefix), x) for prefix in self.spec.prefixes[:-1]]
+            sparsity = zero
+        else:
+            pre = self.pre_activations(x)
+            if self.spec.architecture == "jumprelu":
+                thresholds = self.jump_thresholds()
+                activations = _JumpReLU.apply(pre, thresholds, JUMPRELU_BANDWIDTH)
+                sparsity = _Step.apply(pre, thresholds, JUMPRELU_BANDWIDTH).sum(1).mean()
+            else:
+                activations = pre.relu()
+                sparsity = activations.sum(1).mean()
+            reconstruction = self.decode(activations)
+            active = activations > 0
+            fire_counts = active.sum(0).float()
+            l0 = active.sum(1).float().mean()
+            prefix_fvus = [fraction_of_variance_unexplained(self.decode(activations, prefix), x) for prefix in self.spec.prefixes[:-1]]
+        fvu = fraction_of_variance_unexplained(reconstruction, x)
+        # Matryoshka: every prefix's reconstruction counts equally, the full one being the last prefix.
+        main = torch.stack([*prefix_fvus, fvu]).mean()
+        aux_loss = zero
+        if self.spec.aux_k and dead_features is not None:
+            aux_loss = self._aux_loss(x, reconstruction, dead_features)
+        loss = main + aux_coefficient * aux_loss + sparsity_coefficient * sparsity
+        return StepOutput(loss, fvu.detach(), aux_loss.detach(), l0.detach(), fire_counts)
+
+    def _aux_loss(self, x: torch.Tensor, reconstruction: torch.Tensor, dead_features: torch.Tensor) -> torch.Tensor:
+        """How well the top aux_k dead features predict what the live ones left unexplained (Gao et al., 2024)."""
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+            candidates = pre.masked_fill(~dead_features, float("-inf")).topk(min(self.spec.aux_k, self.spec.m), dim=1, sorted=False).indices
+        values = self._gathered(x, pre, candidates).relu() * dead_features[candidates]
+        residual = (x - reconstruction).detach()
+        predicted = F.embedding_bag(candidates, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        return fraction_of_variance_unexplained(predicted, residual)

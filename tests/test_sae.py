@@ -1,0 +1,131 @@
+"""The SAE module: the sparse step equals the dense computation, and each architecture behaves as defined."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastsae.errors import UserError
+from fastsae.sae import SAESpec, SparseAutoencoder, fraction_of_variance_unexplained
+
+D, M, K, B = 37, 101, 7, 53  # odd sizes on purpose
+
+
+def make_sae(architecture: str = "topk", prefixes: tuple[int, ...] = (), aux_k: int = 0, seed: int = 0) -> SparseAutoencoder:
+    torch.manual_seed(seed)
+    sae = SparseAutoencoder(SAESpec(architecture, D, M, K, prefixes, aux_k)).double()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def dense_topk_loss(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None, aux_coefficient: float) -> torch.Tensor:
+    """The textbook computation: a dense (B, M) code and dense matmuls everywhere."""
+    pre = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc)
+    chosen = pre.topk(K, dim=1).indices
+    mask = torch.zeros_like(pre).scatter_(1, chosen, 1.0)
+    codes = pre.relu() * mask
+    reconstruction = codes @ sae.W_dec + sae.b_dec
+    terms = [fraction_of_variance_unexplained(codes[:, :p] @ sae.W_dec[:p] + sae.b_dec, x) for p in sae.spec.prefixes[:-1]]
+    loss = torch.stack([*terms, fraction_of_variance_unexplained(reconstruction, x)]).mean()
+    if dead is not None:
+        aux_chosen = pre.masked_fill(~dead, float("-inf")).topk(sae.spec.aux_k, dim=1).indices
+        aux_mask = torch.zeros_like(pre).scatter_(1, aux_chosen, 1.0) * dead
+        predicted = (pre.relu() * aux_mask) @ sae.W_dec
+        loss = loss + aux_coefficient * fraction_of_variance_unexplained(predicted, (x - reconstruction).detach())
+    return loss
+
+
+@pytest.mark.parametrize("prefixes, aux_k", [((), 0), ((20, 64, M), 0), ((), 2 * K)])
+def test_sparse_step_equals_dense_loss_and_gradients(prefixes, aux_k):
+    torch.manual_seed(1)
+    x = torch.randn(B, D, dtype=torch.float64) * 3 + 1
+    dead = (torch.arange(M) % 3 == 0) if aux_k else None
+    sparse, dense = make_sae(prefixes=prefixes, aux_k=aux_k), make_sae(prefixes=prefixes, aux_k=aux_k)
+    sparse_loss = sparse.training_step(x, dead, 1 / 32, 0.0).loss
+    dense_loss = dense_topk_loss(dense, x, dead, 1 / 32)
+    sparse_loss.backward()
+    dense_loss.backward()
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    for (name, parameter), reference in zip(sparse.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(parameter.grad, reference.grad, msg=lambda text, name=name: f"{name}: {text}")
+
+
+def test_topk_code_has_exactly_k_features_and_encode_matches_forward():
+    sae = make_sae()
+    x = torch.randn(B, D, dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_enc.fill_(5.0)  # every pre-activation positive, so all K survive the ReLU
+        codes = sae.encode(x)
+        assert ((codes > 0).sum(1) == K).all()
+        torch.testing.assert_close(sae(x), sae.decode(codes))
+
+
+def test_batchtopk_keeps_k_times_b_in_training_and_its_threshold_at_inference():
+    sae = make_sae("batchtopk")
+    x = torch.randn(512, D, dtype=torch.float64)
+    with torch.no_grad():
+        sae.train()
+        for _ in range(800):
+            code = sae.encode_sparse(x)
+        assert int((code.values > 0).sum()) == K * 512
+        assert int((code.values > 0).sum(1).max()) > K  # tokens share the batch's budget unevenly
+        sae.eval()
+        inference_l0 = (sae.encode(x) > 0).sum(1).double().mean()
+    assert abs(float(inference_l0) - K) / K < 0.2
+
+
+def test_jumprelu_thresholds_learn_from_the_sparsity_penalty():
+    sae = make_sae("jumprelu")
+    x = torch.randn(4096, D, dtype=torch.float64)  # enough pre-activations land within the kernel's width of θ
+    with torch.no_grad():
+        sae.log_threshold.fill_(-0.7)
+    before = sae.jump_thresholds().detach().clone()
+    output = sae.training_step(x, None, 0.0, 1.0)
+    output.loss.backward()
+    assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
+    with torch.no_grad():
+        sae.log_threshold -= 10 * sae.log_threshold.grad
+    assert (sae.jump_thresholds() >= before).all() and (sae.jump_thresholds() > before).any()
+    codes = sae.encode(x)
+    assert ((codes == 0) | (codes > sae.jump_thresholds())).all()
+
+
+def test_relu_l1_penalty_reduces_activity():
+    x = torch.randn(B, D, dtype=torch.float64)
+    l0s = []
+    for coefficient in (0.0, 0.5):
+        sae = make_sae("relu")
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        for _ in range(60):
+            optimizer.zero_grad()
+            sae.training_step(x, None, 0.0, coefficient).loss.backward()
+            optimizer.step()
+        l0s.append(float(sae.training_step(x, None, 0.0, coefficient).l0))
+    assert l0s[1] < 0.5 * l0s[0]
+
+
+def test_decoder_constraint_keeps_unit_rows():
+    sae = make_sae()
+    x = torch.randn(B, D, dtype=torch.float64)
+    sae.training_step(x, None, 0.0, 0.0).loss.backward()
+    sae.remove_parallel_gradient_()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-6 * sae.W_dec.grad.abs().max()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(M, dtype=torch.float64))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec)  # the encoder starts as the decoder's transpose
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (("topk", D, 8, 9), "K must be between 1 and M"),
+        (("topk", D, 256, 8, (64, 128)), "end at M=256"),
+        (("topk", D, 256, 8, (128, 64, 256)), "must increase"),
+        (("sparse", D, 256, 8), "unknown architecture"),
+    ],
+)
+def test_bad_specs_get_clear_messages(spec, message):
+    with pytest.raises(UserError, match=message):
+        SAESpec(*spec)
