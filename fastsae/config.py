@@ -44,7 +44,7 @@ def _parse_bool(text: str) -> bool:
 def _argument_options(annotation: Any) -> dict[str, Any]:
     """argparse options for one field type: scalars, bools, and lists (space- or comma-separated)."""
     if annotation is bool:
-        return {"type": _parse_bool, "metavar": "{true,false}"}
+        return {"type": _parse_bool, "metavar": "{true,false}", "nargs": "?", "const": True}  # a bare --flag means true
     origin = typing.get_origin(annotation)
     if origin is list:
         (item_type,) = typing.get_args(annotation)

@@ -25,7 +25,7 @@ from fastsae.errors import UserError
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 SPARSE_ARCHITECTURES = ("topk", "batchtopk")
-BATCHTOPK_THRESHOLD_RATE = 1e-2  # EMA rate of the inference threshold, as HypotheSAEs
+BATCHTOPK_THRESHOLD_RATE = 1e-2  # EMA rate of the inference threshold, as in HypotheSAEs
 JUMPRELU_BANDWIDTH = 1e-3  # width of the straight-through rectangle around each threshold
 JUMPRELU_INITIAL_THRESHOLD = 1e-3
 
@@ -159,8 +159,9 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(spec.d))
         if spec.architecture == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((spec.m,), math.log(JUMPRELU_INITIAL_THRESHOLD)))
-        # BatchTopK's inference threshold: learned as a running average, not by gradient.
+        # BatchTopK's inference threshold: a running average of each batch's cutoff, not learned by gradient.
         self.register_buffer("threshold", torch.tensor(0.0))
+        self.register_buffer("threshold_updates", torch.tensor(0))
         nn.init.xavier_uniform_(self.W_dec)
         self.normalize_decoder_()
         with torch.no_grad():
@@ -170,9 +171,9 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def initialize_input_bias_(self, sample: torch.Tensor, statistic: str = "median") -> None:
-        """Start b_dec at the data's centre: with a large mean offset, a zero bias kills most latents."""
-        centre = sample.float().median(0).values if statistic == "median" else sample.float().mean(0)
-        self.b_dec.copy_(centre)
+        """Start b_dec at the data's centre: with a large mean offset, a zero bias (SAELens' start) kills most latents."""
+        centres = {"median": lambda: sample.float().median(0).values, "mean": lambda: sample.float().mean(0), "zero": lambda: torch.zeros(self.spec.d)}
+        self.b_dec.copy_(centres[statistic]())
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -209,9 +210,10 @@ class SparseAutoencoder(nn.Module):
         values = self._gathered(x, pre, top.indices).relu() * keep
         if self.training:
             with torch.no_grad():
-                smallest = torch.where(keep & (top.values > 0), top.values, torch.full_like(top.values, float("inf"))).min()
-                if torch.isfinite(smallest):
-                    self.threshold.lerp_(smallest.to(self.threshold.dtype), BATCHTOPK_THRESHOLD_RATE)
+                # A plain mean of the first 1/rate cutoffs, then an exponential average: no pull towards the initial 0.
+                self.threshold_updates += 1
+                rate = torch.clamp(1.0 / self.threshold_updates, min=BATCHTOPK_THRESHOLD_RATE)
+                self.threshold.lerp_(cutoff.to(self.threshold.dtype), rate.to(self.threshold.dtype))
         return SparseCode(values, top.indices)
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:

@@ -73,3 +73,27 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def texts_file(tmp_path) -> Path:
     labels = ["planning", "reconsidering", "recalling", "committing", "comparing_options", "doubting", "planning", "questioning_assumption"]
     return write_jsonl(tmp_path / "texts.jsonl", [{"text": text, "label": label} for text, label in zip(TEXTS, labels)])
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> Path:
+    """The default dataset (330 examples, ~15.7k tokens) through the tiny Llama's block 2, d=64."""
+    from fastsae.data import load_dataset
+    from fastsae.extract import ExtractConfig, write_activation_stores
+
+    config = ExtractConfig(layers=[2], output_dir=str(tmp_path_factory.mktemp("stores")))
+    (folder,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """The default dataset through the real SmolLM2 at layer 12 (15.7k tokens, d=576), as the pipeline does by default."""
+    from fastsae.data import load_dataset
+    from fastsae.extract import ExtractConfig, write_activation_stores
+    from fastsae.models import load_model
+
+    model = load_model(resolve_model(EMBEDDED_MODEL), torch.float32, "cpu")
+    config = ExtractConfig(layers=[12], output_dir=str(tmp_path_factory.mktemp("smollm2-stores")))
+    (folder,) = write_activation_stores(model, smollm2_tokenizer, load_dataset(config.dataset), config, "SmolLM2-135M-Instruct")
+    return folder

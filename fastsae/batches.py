@@ -1,0 +1,123 @@
+"""Training batches from the activation store: split by example, special tokens out, shuffled through a mixing buffer.
+
+The store is read in large sequential chunks (in a shuffled chunk order each
+epoch), tokens of validation examples and — by default — special/template
+tokens are dropped, and the rest pass through a fixed-size mixing buffer as
+the FAST paper describes: fill it with many examples' tokens, shuffle, hand
+out half as batches, refill that half, repeat. Memory is bounded by the
+buffer, never by the store. Everything is seeded, so the batch sequence is a
+pure function of the settings: a resumed run replays it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastsae.errors import UserError
+from fastsae.store import ActivationStore
+
+READ_CHUNK_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class ExampleSplit:
+    """Which examples train and which validate; never the same text in both."""
+
+    is_validation: np.ndarray  # (n_examples,) bool
+
+    @classmethod
+    def by_example(cls, n_examples: int, validation_fraction: float, seed: int) -> ExampleSplit:
+        if n_examples < 2 and validation_fraction > 0:
+            raise UserError("the store has fewer than 2 examples: it cannot be split into training and validation. Extract more examples.")
+        n_validation = int(round(n_examples * validation_fraction))
+        n_validation = min(max(n_validation, 1 if validation_fraction > 0 else 0), n_examples - 1)
+        chosen = np.random.default_rng(seed).permutation(n_examples)[:n_validation]
+        is_validation = np.zeros(n_examples, dtype=bool)
+        is_validation[chosen] = True
+        return cls(is_validation)
+
+    def token_mask(self, store: ActivationStore, start: int, stop: int, validation: bool) -> np.ndarray:
+        """For tokens [start, stop): whether each belongs to the requested side of the split."""
+        examples = np.searchsorted(store.doc_offsets, np.arange(start, stop), side="right") - 1
+        return self.is_validation[examples] == validation
+
+
+class TokenSource:
+    """Raw store activations of one side of the split, in (seeded) chunk order, as float32 tensors."""
+
+    def __init__(self, store: ActivationStore, split: ExampleSplit, validation: bool, include_special: bool) -> None:
+        self.store = store
+        self.split = split
+        self.validation = validation
+        self.include_special = include_special
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor:
+        chunk = self.store.chunk(start, stop)
+        keep = self.split.token_mask(self.store, start, stop, self.validation)
+        if not self.include_special:
+            keep &= ~chunk.special_mask
+        return chunk.activations[torch.from_numpy(keep)].float()
+
+    def count_tokens(self) -> int:
+        total = 0
+        for start in range(0, self.store.n_tokens, READ_CHUNK_TOKENS):
+            stop = min(start + READ_CHUNK_TOKENS, self.store.n_tokens)
+            keep = self.split.token_mask(self.store, start, stop, self.validation)
+            if not self.include_special:
+                keep &= ~self.store.special_mask(start, stop)
+            total += int(keep.sum())
+        return total
+
+    def epoch(self, generator: np.random.Generator) -> Iterator[torch.Tensor]:
+        starts = np.arange(0, self.store.n_tokens, READ_CHUNK_TOKENS)
+        for start in generator.permutation(starts):
+            tokens = self.chunk(int(start), min(int(start) + READ_CHUNK_TOKENS, self.store.n_tokens))
+            if len(tokens):
+                yield tokens
+
+    def all_tokens(self, limit: int) -> torch.Tensor:
+        """The first `limit` tokens in store order (for validation and for statistics)."""
+        pieces, total = [], 0
+        for start in range(0, self.store.n_tokens, READ_CHUNK_TOKENS):
+            if total >= limit:
+                break
+            piece = self.chunk(start, min(start + READ_CHUNK_TOKENS, self.store.n_tokens))
+            pieces.append(piece[: limit - total])
+            total += len(pieces[-1])
+        return torch.cat(pieces) if pieces else torch.empty(0, self.store.d)
+
+
+def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless (B, d) float32 batches: epochs of the source shuffled through a buffer of `buffer_tokens` rows."""
+    if buffer_tokens < 2 * batch_size:
+        raise UserError(f"BUFFER_TOKENS ({buffer_tokens}) must be at least twice BATCH_SIZE ({batch_size}).")
+    chunk_order = np.random.default_rng(seed)
+    shuffle = torch.Generator().manual_seed(seed)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        while True:
+            produced = False
+            for tokens in source.epoch(chunk_order):
+                produced = True
+                yield tokens
+            if not produced:
+                raise UserError("no training tokens left after the split and the special-token filter. Extract more examples.")
+
+    incoming = chunks()
+    pending = torch.empty(0, source.store.d)
+    buffer = torch.empty(0, source.store.d)
+    while True:
+        while len(buffer) < buffer_tokens:  # refill the half that was handed out
+            if not len(pending):
+                pending = next(incoming)
+            take = min(buffer_tokens - len(buffer), len(pending))
+            buffer, pending = torch.cat([buffer, pending[:take]]), pending[take:]
+        buffer = buffer[torch.randperm(len(buffer), generator=shuffle)]
+        n_out = (len(buffer) // 2) // batch_size * batch_size
+        for offset in range(0, n_out, batch_size):
+            yield buffer[offset : offset + batch_size]
+        buffer = buffer[n_out:]

@@ -1,0 +1,122 @@
+"""SAE checkpoints in HypotheSAEs' format, readable by its `load_model`, plus our metadata.
+
+A checkpoint is `torch.save({"config", "state_dict", "fastsae"})`:
+- `config` holds only HypotheSAEs' constructor keys, because its loader calls
+  `SparseAutoencoder(**config)`;
+- `state_dict` uses its key names (encoder.weight (M, d), decoder.weight (d, M),
+  input_bias, neuron_bias, threshold);
+- `fastsae` holds ours: architecture, the activation scale, hook, model, the
+  store's manifest and the training settings — plain Python values only, as
+  `torch.load(weights_only=True)` requires.
+
+Training runs on activations multiplied by a scale s; the saved weights have
+s folded in (W_enc·s, W_dec/s, b_dec/s), so the checkpoint applies to raw
+activations from the store, in HypotheSAEs or here, with no extra step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from fastsae.errors import UserError
+from fastsae.sae import SAESpec, SparseAutoencoder
+
+CHECKPOINT_FORMAT_VERSION = 1
+HYPOTHESAES_STATE_KEYS = {"encoder.weight", "decoder.weight", "input_bias", "neuron_bias", "threshold"}
+
+
+class LoadedSAE(NamedTuple):
+    sae: SparseAutoencoder  # applies to raw (unscaled) activations
+    metadata: dict[str, Any]  # our `fastsae` block; empty for a HypotheSAEs checkpoint
+
+
+def hypothesaes_config(spec: SAESpec, dead_after_steps: int) -> dict[str, Any]:
+    return {
+        "input_dim": spec.d,
+        "m_total_neurons": spec.m,
+        "k_active_neurons": spec.k,
+        "aux_k": spec.aux_k or None,
+        "multi_k": None,
+        "dead_neuron_threshold_steps": dead_after_steps,
+        "prefix_lengths": list(spec.prefixes) or None,
+        "use_batch_topk": spec.architecture == "batchtopk",
+    }
+
+
+@torch.no_grad()
+def raw_space_state(sae: SparseAutoencoder, scale: float) -> dict[str, torch.Tensor]:
+    """HypotheSAEs-named weights with the activation scale folded in, on the CPU in float32."""
+    state = {
+        "encoder.weight": sae.W_enc.float() * scale,
+        "decoder.weight": (sae.W_dec.float() / scale).T.contiguous(),
+        "input_bias": sae.b_dec.float() / scale,
+        "neuron_bias": sae.b_enc.float(),
+        "threshold": sae.jump_thresholds().float() if sae.spec.architecture == "jumprelu" else sae.threshold.float(),
+    }
+    return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
+
+
+def save_checkpoint(path: Path, sae: SparseAutoencoder, scale: float, dead_after_steps: int, metadata: dict[str, Any]) -> Path:
+    """Write atomically (temp file, then rename): a crash never leaves a half checkpoint."""
+    payload = {
+        "config": hypothesaes_config(sae.spec, dead_after_steps),
+        "state_dict": raw_space_state(sae, scale),
+        "fastsae": {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "spec": {**asdict(sae.spec), "prefixes": list(sae.spec.prefixes)},
+            "activation_scale": float(scale),
+            **metadata,
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+    return path
+
+
+def _spec_from_hypothesaes(config: dict[str, Any]) -> SAESpec:
+    return SAESpec(
+        architecture="batchtopk" if config.get("use_batch_topk") else "topk",
+        d=int(config["input_dim"]),
+        m=int(config["m_total_neurons"]),
+        k=int(config["k_active_neurons"]),
+        prefixes=tuple(config.get("prefix_lengths") or ()),
+        aux_k=int(config.get("aux_k") or 0),
+    )
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
+    """Open one of our checkpoints or a HypotheSAEs one; the SAE it returns works on raw activations."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}. Train one with train_sae.py or check the path.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or unsafe files
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}).") from None
+    if not isinstance(payload, dict) or "config" not in payload or not HYPOTHESAES_STATE_KEYS <= set(payload.get("state_dict", {})):
+        raise UserError(f"{path} is not a fastsae or HypotheSAEs SAE checkpoint (it needs 'config' and a state_dict with {sorted(HYPOTHESAES_STATE_KEYS)}).")
+    metadata = payload.get("fastsae", {})
+    if metadata:
+        spec_fields = dict(metadata["spec"])
+        spec = SAESpec(**{**spec_fields, "prefixes": tuple(spec_fields["prefixes"])})
+    else:
+        spec = _spec_from_hypothesaes(payload["config"])
+    state = payload["state_dict"]
+    sae = SparseAutoencoder(spec)
+    with torch.no_grad():
+        sae.W_enc.copy_(state["encoder.weight"])
+        sae.W_dec.copy_(state["decoder.weight"].T)
+        sae.b_dec.copy_(state["input_bias"])
+        sae.b_enc.copy_(state["neuron_bias"])
+        if spec.architecture == "jumprelu":
+            sae.log_threshold.copy_(state["threshold"].log())
+        else:
+            sae.threshold.copy_(state["threshold"])
+    return LoadedSAE(sae.to(device).eval(), metadata)

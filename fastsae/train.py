@@ -1,0 +1,432 @@
+"""Step 2: train one SAE, or a sweep of them on the same batches, streamed from the activation store.
+
+One pass over the data serves a whole sweep: each batch is read and mixed
+once and every SAE takes a step on it. Activations are multiplied by a scale
+that makes their mean squared norm d (SAELens' `expected_average_only_in`);
+the checkpoint folds it back in. Each SAE gets its own folder with its
+checkpoint, `metrics.json`, `training_curves.png` and `training_state.pt`
+(everything a resumed run needs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
+from fastsae.checkpoint import save_checkpoint
+from fastsae.config import config_fingerprint, setting
+from fastsae.errors import UserError
+from fastsae.sae import ARCHITECTURES, SAESpec, SparseAutoencoder
+from fastsae.store import ActivationStore
+from fastsae.training_report import comparison_table, plot_training_curves, write_metrics
+
+logger = logging.getLogger(__name__)
+
+SCALE_SAMPLE_TOKENS = 65536
+VALIDATION_MAX_TOKENS = 131072
+DENSE_FEATURE_FREQUENCY = 0.1
+MAX_DEAD_AFTER_TOKENS = 10_000_000
+TRAINING_STATE = "training_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    store: str = setting("activations/SmolLM2-135M-Instruct/blocks.12.hook_resid_post", "activation store folder written by extract_activations.py")
+    architecture: str = setting("topk", "topk, batchtopk, relu (L1 penalty) or jumprelu")
+    m: int = setting(256, "number of features (dictionary size)")
+    k: int = setting(8, "active features per token (topk, batchtopk)")
+    matryoshka_prefixes: list[int] = setting([], "Matryoshka prefix lengths ending at M, e.g. 64 256; empty for none")
+    sweep: list[str] = setting([], "several SAEs trained on the same batches: ARCH:M:K or ARCH:M:K:P1-P2 (Matryoshka); replaces ARCHITECTURE, M, K")
+    aux_k: int = setting(-1, "dead features in the aux-K loss; -1: 2K; 0: off")
+    aux_coefficient: float = setting(1 / 32, "weight of the aux-K loss")
+    dead_after_tokens: int = setting(0, "a feature is dead after this many training tokens without firing; 0: a tenth of the run (at most 10M)")
+    l1_coefficient: float = setting(1e-3, "L1 penalty on activations for relu SAEs")
+    l0_coefficient: float = setting(1e-3, "L0 penalty for jumprelu SAEs")
+    batch_size: int = setting(1024, "tokens per training batch")
+    learning_rate: float = setting(5e-4, "Adam learning rate after warm-up")
+    warmup_fraction: float = setting(0.05, "fraction of the steps spent warming the learning rate up from 0")
+    decay_fraction: float = setting(0.2, "fraction of the steps, at the end, over which the learning rate decays to 0")
+    gradient_clip: float = setting(1.0, "maximum gradient norm; 0: no clipping")
+    epochs: float = setting(50.0, "passes over the training tokens (ignored when MAX_TOKENS is set)")
+    max_tokens: int = setting(0, "training budget in tokens; 0: use EPOCHS")
+    validation_fraction: float = setting(0.1, "fraction of examples held out for validation (split by example)")
+    include_special_tokens: bool = setting(False, "also train on special/template tokens (BOS, chat markers)")
+    input_bias_init: str = setting("median", "start the decoder bias at the data's median or mean, or at zero (as SAELens does)")
+    eval_every: int = setting(50, "validate every N steps")
+    patience: int = setting(10, "stop an SAE after this many validations without a better FVU; 0: never")
+    checkpoint_every: int = setting(1000, "save checkpoints and training state every N steps")
+    log_every: int = setting(20, "update the progress bar and history every N steps")
+    buffer_tokens: int = setting(131072, "mixing-buffer size in tokens (memory is bounded by this, not the store)")
+    seed: int = setting(0, "seed for the split, initialisation and batch order")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    output_dir: str = setting("checkpoints", "runs go to OUTPUT_DIR/RUN_NAME/<SAE name>/")
+    run_name: str = setting("", "run folder name; empty: <model>_<hook>")
+    overwrite: bool = setting(False, "start over even if a run with other settings exists in the folder")
+
+    def __post_init__(self) -> None:
+        if self.input_bias_init not in ("median", "mean", "zero"):
+            raise UserError(f"INPUT_BIAS_INIT must be median, mean or zero; got {self.input_bias_init!r}.")
+        if not 0 <= self.validation_fraction < 1:
+            raise UserError(f"VALIDATION_FRACTION must be in [0, 1); got {self.validation_fraction}.")
+        for name in ("batch_size", "eval_every", "checkpoint_every", "log_every", "buffer_tokens"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name.upper()} must be positive; got {getattr(self, name)}.")
+        if self.max_tokens <= 0 and self.epochs <= 0:
+            raise UserError("set a budget: EPOCHS > 0 or MAX_TOKENS > 0.")
+        if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
+            raise UserError("WARMUP_FRACTION + DECAY_FRACTION must be between 0 and 1.")
+
+    def specs(self, d: int) -> list[SAESpec]:
+        """The SAEs this run trains: the sweep's, or the one given by ARCHITECTURE, M, K."""
+        entries = self.sweep or [f"{self.architecture}:{self.m}:{self.k}" + (":" + "-".join(map(str, self.matryoshka_prefixes)) if self.matryoshka_prefixes else "")]
+        specs = [self._parse_sweep_entry(entry, d) for entry in entries]
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise UserError(f"the sweep names the same SAE twice: {names}.")
+        return specs
+
+    def _parse_sweep_entry(self, entry: str, d: int) -> SAESpec:
+        parts = entry.split(":")
+        if len(parts) not in (3, 4) or parts[0] not in ARCHITECTURES:
+            raise UserError(f"sweep entry {entry!r} should look like topk:256:8 or topk:256:8:64-256 (architectures: {', '.join(ARCHITECTURES)}).")
+        try:
+            m, k = int(parts[1]), int(parts[2])
+            prefixes = tuple(int(p) for p in parts[3].split("-")) if len(parts) == 4 else ()
+        except ValueError:
+            raise UserError(f"sweep entry {entry!r}: M, K and prefixes must be integers.") from None
+        aux_k = (2 * k if self.aux_k < 0 else self.aux_k) if parts[0] in ("topk", "batchtopk") else 0
+        return SAESpec(parts[0], d, m, k, prefixes, min(aux_k, m))
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"DEVICE is {self.device!r} but no CUDA GPU is available. Use --device cpu or auto.")
+        return self.device
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float, decay_fraction: float) -> float:
+    """Linear warm-up from 0, flat, then linear decay to 0 over the last `decay_fraction` of the steps."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+    decay_start = total_steps - int(total_steps * decay_fraction)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_start:
+        return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
+    return 1.0
+
+
+@torch.no_grad()
+def validation_metrics(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """FVU, explained variance, L0 and dead/dense fractions of `sae` on (already scaled) tokens."""
+    sae.eval()
+    squared_error = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64, device=tokens.device)
+    active_total = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        codes = sae.encode(batch)
+        squared_error += (sae.decode(codes) - batch).double().pow(2).sum()
+        active = codes > 0
+        fire_counts += active.sum(0)
+        active_total += active.sum()
+    sae.train()
+    variance = (tokens.double() - tokens.double().mean(0)).pow(2).sum()
+    fvu = float(squared_error / variance)
+    frequency = fire_counts / len(tokens)
+    return {
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "l0": float(active_total / len(tokens)),
+        "dead_fraction": float((fire_counts == 0).double().mean()),
+        "dense_fraction": float((frequency > DENSE_FEATURE_FREQUENCY).double().mean()),
+        "n_tokens": len(tokens),
+    }
+
+
+@dataclass
+class SAETrainer:
+    """One SAE of the run with its optimiser, counters and history."""
+
+    spec: SAESpec
+    folder: Path
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+    tokens_since_fired: torch.Tensor  # (M,) on the device
+    history: list[dict[str, float]] = field(default_factory=list)
+    validation: list[dict[str, float]] = field(default_factory=list)
+    best_fvu: float = math.inf
+    validations_without_improvement: int = 0
+    stopped: str = ""  # why it stopped early, or "" while training
+    any_dead: bool = False  # refreshed at log steps, so the hot loop needs no host sync
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # device-side running sums between log steps
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.folder / f"{self.spec.name}.pt"
+
+    def state(self, step: int, settings: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "step": step,
+            "settings": settings,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "history": self.history,
+            "validation": self.validation,
+            "best_fvu": self.best_fvu,
+            "validations_without_improvement": self.validations_without_improvement,
+            "stopped": self.stopped,
+            "any_dead": self.any_dead,
+            "sums": dict(self.sums),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.history = list(state["history"])
+        self.validation = list(state["validation"])
+        self.best_fvu = float(state["best_fvu"])
+        self.validations_without_improvement = int(state["validations_without_improvement"])
+        self.stopped = state["stopped"]
+        self.any_dead = bool(state["any_dead"])
+        self.sums = dict(state["sums"])
+
+
+class TrainingRun:
+    """Everything one `train_sae.py` run does, in the order it happens."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.store = ActivationStore(config.store)
+        self.d = self.store.d
+        self.specs = config.specs(self.d)
+        self.device = config.resolved_device()
+        split = ExampleSplit.by_example(self.store.n_examples, config.validation_fraction, config.seed)
+        self.train_source = TokenSource(self.store, split, validation=False, include_special=config.include_special_tokens)
+        validation_source = TokenSource(self.store, split, validation=True, include_special=config.include_special_tokens)
+        self.n_train_tokens = self.train_source.count_tokens()
+        if self.n_train_tokens < config.batch_size:
+            raise UserError(
+                f"the store has {self.n_train_tokens} training tokens, fewer than one batch of {config.batch_size}. "
+                "Lower BATCH_SIZE or extract more examples."
+            )
+        budget = config.max_tokens or int(config.epochs * self.n_train_tokens)
+        self.total_steps = max(1, budget // config.batch_size)
+        self.dead_after_tokens = config.dead_after_tokens or min(MAX_DEAD_AFTER_TOKENS, max(config.batch_size, budget // 10))
+        self.buffer_tokens = max(2 * config.batch_size, min(config.buffer_tokens, self.n_train_tokens))
+        sample = self.train_source.all_tokens(SCALE_SAMPLE_TOKENS)
+        # Scale so that E‖x‖² = d: one learning rate and one set of coefficients fit every model and layer.
+        self.scale = math.sqrt(self.d / float(sample.double().pow(2).sum(1).mean()))
+        self.bias_sample = sample * self.scale
+        self.validation_tokens = (validation_source.all_tokens(VALIDATION_MAX_TOKENS) * self.scale).to(self.device)
+        run_name = config.run_name or f"{self.store.manifest['model']}_{self.store.hook_name}"
+        self.run_folder = Path(config.output_dir) / run_name
+        self.settings_by_name = {spec.name: self._settings(spec) for spec in self.specs}
+        self.stop_requested = False
+
+    def _settings(self, spec: SAESpec) -> dict[str, Any]:
+        """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
+        varying = {"device", "overwrite", "checkpoint_every", "log_every", "output_dir", "run_name", "sweep", "architecture", "m", "k", "matryoshka_prefixes"}
+        fixed = {key: value for key, value in asdict(self.config).items() if key not in varying}
+        return {"spec": {**asdict(spec), "prefixes": list(spec.prefixes)}, "store": str(self.store.folder), "store_settings": config_fingerprint(self.store.manifest["settings"]), **fixed}
+
+    def _new_trainer(self, spec: SAESpec) -> SAETrainer:
+        torch.manual_seed(self.config.seed)
+        sae = SparseAutoencoder(spec)
+        sae.initialize_input_bias_(self.bias_sample, self.config.input_bias_init)
+        sae = sae.to(self.device).train()
+        optimizer = torch.optim.Adam(sae.parameters(), lr=self.config.learning_rate)
+        since_fired = torch.zeros(spec.m, dtype=torch.long, device=self.device)
+        return SAETrainer(spec, self.run_folder / spec.name, sae, optimizer, since_fired)
+
+    def _resume_or_start(self, trainer: SAETrainer) -> int:
+        """Load a matching training state, refuse a different one (unless --overwrite), or start at step 0."""
+        path = trainer.folder / TRAINING_STATE
+        if not path.exists() or self.config.overwrite:
+            return 0
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as error:
+            raise UserError(f"{path} is damaged ({type(error).__name__}). Delete it, or pass --overwrite to start over.") from None
+        expected = self.settings_by_name[trainer.spec.name]
+        if state.get("settings") != expected:
+            old, new = state.get("settings", {}), expected
+            differences = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            raise UserError(
+                f"{trainer.folder} holds a run with other settings (different: {', '.join(differences)}). "
+                "Pass --overwrite to start over, or set RUN_NAME to train beside it."
+            )
+        trainer.restore(state)
+        return int(state["step"])
+
+    def run(self) -> list[dict[str, Any]]:
+        config = self.config
+        trainers = [self._new_trainer(spec) for spec in self.specs]
+        start_steps = {self._resume_or_start(trainer) for trainer in trainers}
+        if len(start_steps) != 1:
+            raise UserError(f"the SAEs in {self.run_folder} were saved at different steps; pass --overwrite to start the sweep over.")
+        start_step = start_steps.pop()
+        logger.info(
+            "Training %d SAE(s) on %s: %d training tokens, %d steps of %d (%s), validation %d tokens%s",
+            len(trainers), self.store.folder, self.n_train_tokens, self.total_steps, config.batch_size, self.device,
+            len(self.validation_tokens), f", resuming at step {start_step}" if start_step else "",
+        )
+        batches = mixed_batches(self.train_source, self.buffer_tokens, config.batch_size, config.seed)
+        for _ in range(start_step):  # replay the seeded batch order up to where the run stopped
+            next(batches)
+        previous_handlers = {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+        started, completed = time.perf_counter(), start_step
+        try:
+            with tqdm(total=self.total_steps, initial=start_step, desc="training", unit="step") as progress:
+                for step in range(start_step, self.total_steps):
+                    if self.stop_requested:  # checked between steps, so what is saved is a whole step
+                        raise KeyboardInterrupt
+                    active = [trainer for trainer in trainers if not trainer.stopped]
+                    if not active:
+                        break
+                    x = next(batches).to(self.device, non_blocking=True) * self.scale
+                    factor = learning_rate_factor(step, self.total_steps, config.warmup_fraction, config.decay_fraction)
+                    for trainer in active:
+                        self._step(trainer, x, factor)
+                    if (step + 1) % config.log_every == 0 or step + 1 == self.total_steps:
+                        for trainer in active:
+                            self._log(trainer, step + 1, factor * config.learning_rate)
+                        progress.set_postfix(self._postfix(active[0], step + 1 - start_step, started))
+                    if (step + 1) % config.eval_every == 0:
+                        for trainer in active:
+                            self._validate(trainer, step + 1)
+                    if (step + 1) % config.checkpoint_every == 0:
+                        self._save_all(trainers, step + 1)
+                    progress.update(1)
+                    completed = step + 1
+        except KeyboardInterrupt:
+            self._save_all(trainers, completed)
+            logger.warning("Interrupted after step %d: checkpoints and training state saved in %s", completed, self.run_folder)
+            raise
+        finally:
+            for number, handler in previous_handlers.items():
+                signal.signal(number, handler)
+        seconds = time.perf_counter() - started
+        results = [self._finish(trainer, completed, seconds, start_step) for trainer in trainers]
+        print("\n" + comparison_table(results))
+        return results
+
+    def _request_stop(self, signum, frame) -> None:
+        """Ctrl-C or SIGTERM: finish the current step, save, then exit."""
+        self.stop_requested = True
+
+    def _step(self, trainer: SAETrainer, x: torch.Tensor, factor: float) -> None:
+        config = self.config
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = config.learning_rate * factor
+        dead = trainer.tokens_since_fired > self.dead_after_tokens if trainer.any_dead else None
+        sparsity = {"relu": config.l1_coefficient, "jumprelu": config.l0_coefficient}.get(trainer.spec.architecture, 0.0)
+        output = trainer.sae.training_step(x, dead, config.aux_coefficient, sparsity)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        trainer.sae.remove_parallel_gradient_()
+        if config.gradient_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainer.sae.parameters(), config.gradient_clip)
+        trainer.optimizer.step()
+        trainer.sae.normalize_decoder_()
+        trainer.tokens_since_fired = torch.where(output.fire_counts > 0, 0, trainer.tokens_since_fired + len(x))
+        for name, value in (("loss", output.loss.detach()), ("fvu", output.fvu), ("l0", output.l0), ("aux_loss", output.aux_loss)):
+            trainer.sums[name] = trainer.sums.get(name, 0) + value
+        trainer.sums["steps"] = trainer.sums.get("steps", 0) + 1
+
+    def _log(self, trainer: SAETrainer, step: int, learning_rate: float) -> None:
+        """The only host sync of the loop: averages since the last log step go to the history."""
+        steps = trainer.sums.pop("steps")
+        row = {name: float(total) / steps for name, total in trainer.sums.items()}
+        trainer.sums.clear()
+        dead = trainer.tokens_since_fired > self.dead_after_tokens
+        row.update(step=step, tokens=step * self.config.batch_size, dead_fraction=float(dead.float().mean()), learning_rate=learning_rate)
+        trainer.any_dead = bool(dead.any())
+        if not math.isfinite(row["loss"]):
+            kept = f"the last good checkpoint is {trainer.checkpoint_path}" if trainer.checkpoint_path.exists() else "no checkpoint was saved yet"
+            raise UserError(
+                f"{trainer.spec.name}: the loss became {row['loss']} by step {step}; {kept}. "
+                "Lower LEARNING_RATE, or check the store for inf/NaN activations."
+            )
+        trainer.history.append(row)
+
+    def _validate(self, trainer: SAETrainer, step: int) -> None:
+        if not len(self.validation_tokens):
+            return
+        metrics = validation_metrics(trainer.sae, self.validation_tokens, self.config.batch_size)
+        trainer.validation.append({"step": step, "tokens": step * self.config.batch_size, "fvu": metrics["fvu"], "l0": metrics["l0"]})
+        if metrics["fvu"] < trainer.best_fvu - 1e-6:
+            trainer.best_fvu, trainer.validations_without_improvement = metrics["fvu"], 0
+        else:
+            trainer.validations_without_improvement += 1
+            if self.config.patience and trainer.validations_without_improvement >= self.config.patience:
+                trainer.stopped = f"early stop at step {step}"
+                logger.info("%s: validation FVU has not improved for %d validations; stopping it", trainer.spec.name, self.config.patience)
+
+    def _postfix(self, trainer: SAETrainer, steps_this_session: int, started: float) -> dict[str, str]:
+        last = trainer.history[-1]
+        tokens_per_second = steps_this_session * self.config.batch_size / max(time.perf_counter() - started, 1e-9)
+        return {"tok/s": f"{tokens_per_second:.0f}", "loss": f"{last['loss']:.4f}", "fvu": f"{last['fvu']:.4f}", "L0": f"{last['l0']:.1f}", "dead": f"{last['dead_fraction']:.1%}"}
+
+    def _metadata(self, trainer: SAETrainer, step: int) -> dict[str, Any]:
+        manifest = self.store.manifest
+        return {
+            "model": manifest["model"],
+            "model_name": manifest.get("model_name"),
+            "hook_name": manifest["hook_name"],
+            "hook_point": manifest["hook_point"],
+            "layer": manifest["layer"],
+            "store": str(self.store.folder),
+            "store_manifest": {key: manifest[key] for key in ("model", "hook_name", "d", "dtype", "n_tokens", "n_examples", "packing", "dataset", "extraction")},
+            "training": asdict(self.config),
+            "step": step,
+            "tokens_trained": step * self.config.batch_size,
+        }
+
+    def _save_all(self, trainers: list[SAETrainer], step: int) -> None:
+        for trainer in trainers:
+            save_checkpoint(trainer.checkpoint_path, trainer.sae, self.scale, self._dead_after_steps(), self._metadata(trainer, step))
+            partial = trainer.folder / (TRAINING_STATE + ".partial")
+            torch.save(trainer.state(step, self.settings_by_name[trainer.spec.name]), partial)
+            partial.replace(trainer.folder / TRAINING_STATE)
+
+    def _dead_after_steps(self) -> int:
+        return max(1, self.dead_after_tokens // self.config.batch_size)
+
+    def _finish(self, trainer: SAETrainer, step: int, seconds: float, start_step: int) -> dict[str, Any]:
+        self._save_all([trainer], step)
+        final = validation_metrics(trainer.sae, self.validation_tokens, self.config.batch_size) if len(self.validation_tokens) else {}
+        result = {
+            "name": trainer.spec.name,
+            "spec": {**asdict(trainer.spec), "prefixes": list(trainer.spec.prefixes)},
+            "checkpoint": str(trainer.checkpoint_path),
+            "final": final,
+            "tokens_trained": step * self.config.batch_size,
+            "steps": step,
+            "stopped": trainer.stopped or "budget reached",
+            "activation_scale": self.scale,
+            "dead_after_tokens": self.dead_after_tokens,
+            "seconds_this_session": seconds,
+            "tokens_per_second_this_session": (step - start_step) * self.config.batch_size / max(seconds, 1e-9),
+            "history": trainer.history,
+            "validation": trainer.validation,
+        }
+        write_metrics(trainer.folder / "metrics.json", result)
+        plot_training_curves(trainer.folder / "training_curves.png", f"{trainer.spec.name} — {self.store.hook_name}", trainer.history, trainer.validation)
+        return result
+
+
+def train_saes(config: TrainConfig) -> list[dict[str, Any]]:
+    """Train every SAE of `config` and return each one's final metrics (also in its metrics.json)."""
+    return TrainingRun(config).run()

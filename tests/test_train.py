@@ -1,0 +1,248 @@
+"""Training from a real (tiny-model) store: it learns, its checkpoints open in HypotheSAEs, and runs resume exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
+from fastsae.checkpoint import load_sae
+from fastsae.errors import UserError
+from fastsae.store import ActivationStore
+from fastsae.train import TrainConfig, TrainingRun, train_saes
+
+M, K = 128, 4
+
+
+def config_for(store: Path, output: Path, **overrides) -> TrainConfig:
+    settings = dict(store=str(store), output_dir=str(output), m=M, k=K, batch_size=256, epochs=20.0, learning_rate=1e-3, eval_every=20, log_every=5, buffer_tokens=4096)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def hypothesaes_module():
+    """HypotheSAEs' own sae.py, loaded by path (its package __init__ imports heavy extras)."""
+    folder = importlib.util.find_spec("hypothesaes").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("hypothesaes_sae", Path(folder) / "sae.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def raw_validation_activations(store_folder: Path, limit: int = 2000) -> torch.Tensor:
+    store = ActivationStore(store_folder)
+    split = ExampleSplit.by_example(store.n_examples, 0.1, 0)
+    return TokenSource(store, split, validation=True, include_special=False).all_tokens(limit)
+
+
+@pytest.fixture(scope="module")
+def topk_run(tiny_store, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs")
+    (result,) = train_saes(config_for(tiny_store, output))
+    return result
+
+
+def test_topk_training_learns_with_exactly_k_active(topk_run):
+    history = topk_run["history"]
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert all(row["l0"] == K for row in history)
+    assert topk_run["final"]["fvu"] < 0.7 and 0 < topk_run["final"]["l0"] <= K
+    folder = Path(topk_run["checkpoint"]).parent
+    assert json.loads((folder / "metrics.json").read_text())["final"] == topk_run["final"]
+    assert (folder / "training_curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_hypothesaes_load_model_gives_our_feature_activations(topk_run, tiny_store):
+    hypothesaes = hypothesaes_module()
+    theirs = hypothesaes.load_model(topk_run["checkpoint"], device="cpu")
+    ours = load_sae(topk_run["checkpoint"]).sae
+    raw = raw_validation_activations(tiny_store)
+    with torch.no_grad():
+        their_reconstruction, info = theirs(raw)
+        torch.testing.assert_close(info["activations"], ours.encode(raw), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(their_reconstruction, ours(raw), rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_applies_to_raw_activations_like_the_scaled_training_sae(topk_run, tiny_store):
+    loaded = load_sae(topk_run["checkpoint"])
+    state = torch.load(Path(topk_run["checkpoint"]).parent / "training_state.pt", weights_only=True)
+    from fastsae.sae import SAESpec, SparseAutoencoder
+
+    spec = loaded.sae.spec
+    assert spec == SAESpec(**{**loaded.metadata["spec"], "prefixes": tuple(loaded.metadata["spec"]["prefixes"])})
+    training_sae = SparseAutoencoder(spec)
+    training_sae.load_state_dict(state["sae"])
+    scale = loaded.metadata["activation_scale"]
+    raw = raw_validation_activations(tiny_store)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sae.encode(raw), training_sae.encode(raw * scale), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded.sae(raw), training_sae(raw * scale) / scale, rtol=1e-4, atol=1e-4)
+    assert loaded.metadata["hook_name"] == "blocks.2.hook_resid_post" and loaded.metadata["store_manifest"]["d"] == 64
+
+
+def test_batchtopk_keeps_the_expected_sparsity_at_inference_in_both_implementations(tiny_store, tmp_path):
+    (result,) = train_saes(config_for(tiny_store, tmp_path, architecture="batchtopk", epochs=10.0))
+    assert abs(result["final"]["l0"] - K) / K < 0.2
+    theirs = hypothesaes_module().load_model(result["checkpoint"], device="cpu").eval()
+    raw = raw_validation_activations(tiny_store)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(raw)[1]["activations"], load_sae(result["checkpoint"]).sae.encode(raw), rtol=1e-4, atol=1e-5)
+
+
+def test_aux_k_revives_dead_features(smollm2_store, tmp_path):
+    """SmolLM2's layer 12 carries a large mean offset: started from a zero bias, as SAELens does, most latents die."""
+    dead = {}
+    for aux_k in (0, 16):
+        config = config_for(smollm2_store, tmp_path / str(aux_k), m=512, k=8, epochs=8.0, aux_k=aux_k, dead_after_tokens=4096, input_bias_init="zero")
+        (result,) = train_saes(config)
+        dead[aux_k] = result["history"][-1]["dead_fraction"]
+    assert dead[0] > 0.3
+    assert dead[16] < 0.5 * dead[0]
+
+
+def test_matryoshka_prefixes_reconstruct_better_as_they_grow(tiny_store, tmp_path):
+    (result,) = train_saes(config_for(tiny_store, tmp_path, matryoshka_prefixes=[16, 48, M]))
+    assert Path(result["checkpoint"]).name == f"SAE_matryoshka_M={M}_K={K}_prefixes=16-48-{M}.pt"
+    sae = load_sae(result["checkpoint"]).sae
+    raw = raw_validation_activations(tiny_store)
+    with torch.no_grad():
+        codes = sae.encode(raw)
+        errors = [float((sae.decode(codes, prefix) - raw).pow(2).sum()) for prefix in (16, 48, M)]
+    assert errors[0] > errors[1] > errors[2]
+    theirs = hypothesaes_module().load_model(result["checkpoint"], device="cpu")
+    assert theirs.prefix_lengths == [16, 48, M]
+
+
+def test_a_sweep_trains_every_sae_on_one_pass(tiny_store, tmp_path, capsys):
+    results = train_saes(config_for(tiny_store, tmp_path, sweep=["topk:64:4", "relu:64:0", "jumprelu:64:0", "topk:128:8:32-128"], epochs=3.0))
+    names = [result["name"] for result in results]
+    assert names == ["SAE_M=64_K=4", "SAE_relu_M=64_K=0", "SAE_jumprelu_M=64_K=0", "SAE_matryoshka_M=128_K=8_prefixes=32-128"]
+    assert len({result["tokens_trained"] for result in results}) == 1
+    printed = capsys.readouterr().out
+    assert all(f"| {name} |" in printed for name in names)
+    for result in results:
+        assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+        assert load_sae(result["checkpoint"]).sae.spec.architecture in ("topk", "relu", "jumprelu")
+
+
+class InterruptedRun(TrainingRun):
+    """A run that receives a stop request (as from Ctrl-C or SIGTERM) after `stop_after` steps."""
+
+    def __init__(self, config: TrainConfig, stop_after: int) -> None:
+        super().__init__(config)
+        self.steps_taken, self.stop_after = 0, stop_after
+
+    def _step(self, trainer, x, factor) -> None:
+        super()._step(trainer, x, factor)
+        self.steps_taken += 1
+        if self.steps_taken == self.stop_after:
+            self.stop_requested = True
+
+
+def test_a_stopped_run_resumes_to_the_same_sae(tiny_store, tmp_path):
+    (uninterrupted,) = train_saes(config_for(tiny_store, tmp_path / "a"))
+    with pytest.raises(KeyboardInterrupt):
+        InterruptedRun(config_for(tiny_store, tmp_path / "b"), stop_after=33).run()
+    stopped_state = torch.load(next((tmp_path / "b").rglob("training_state.pt")), weights_only=True)
+    assert stopped_state["step"] == 33
+    (resumed,) = train_saes(config_for(tiny_store, tmp_path / "b"))
+    first, second = load_sae(uninterrupted["checkpoint"]).sae, load_sae(resumed["checkpoint"]).sae
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed["final"] == uninterrupted["final"]
+    assert resumed["history"] == uninterrupted["history"]
+
+
+def test_rerun_with_other_settings_is_refused_unless_overwrite(topk_run, tiny_store):
+    output = Path(topk_run["checkpoint"]).parents[2]
+    with pytest.raises(UserError, match=r"other settings \(different: learning_rate\).*--overwrite"):
+        train_saes(config_for(tiny_store, output, learning_rate=2e-3))
+
+
+class DivergingRun(TrainingRun):
+    """Weights turn to NaN after 5 logged stretches (25 steps), as they would if training diverged."""
+
+    def _step(self, trainer, x, factor) -> None:
+        super()._step(trainer, x, factor)
+        if len(trainer.history) >= 5:
+            with torch.no_grad():
+                trainer.sae.W_enc.fill_(float("nan"))
+
+
+def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_store, tmp_path):
+    with pytest.raises(UserError, match=r"loss became nan.*last good checkpoint.*LEARNING_RATE"):
+        DivergingRun(config_for(tiny_store, tmp_path, checkpoint_every=10)).run()
+    good = load_sae(next(tmp_path.rglob("SAE_M=*.pt"))).sae
+    assert torch.isfinite(good.W_enc).all()
+
+
+def test_early_stopping_on_validation_fvu(tiny_store, tmp_path):
+    (result,) = train_saes(config_for(tiny_store, tmp_path, epochs=60.0, eval_every=2, patience=1, learning_rate=3e-3))
+    assert result["stopped"].startswith("early stop")
+    assert result["steps"] < 60 * 5800 // 256
+
+
+def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
+    store = ActivationStore(tiny_store)
+    split = ExampleSplit.by_example(store.n_examples, 0.1, seed=3)
+    assert split.is_validation.sum() == 33
+    validation_mask = split.token_mask(store, 0, store.n_tokens, validation=True)
+    for index in range(store.n_examples):  # an example's tokens all fall on one side
+        tokens = validation_mask[store.doc_offsets[index] : store.doc_offsets[index + 1]]
+        assert (tokens == split.is_validation[index]).all()
+    train = TokenSource(store, split, validation=False, include_special=False)
+    validation = TokenSource(store, split, validation=True, include_special=False)
+    content_tokens = int((~store.special_mask(0, store.n_tokens)).sum())
+    assert train.count_tokens() + validation.count_tokens() == content_tokens
+
+    all_train = train.all_tokens(store.n_tokens)
+    buffer_tokens, batch_size = 1024, 128  # the store holds ~6x the buffer
+    batches = mixed_batches(train, buffer_tokens, batch_size, seed=0)
+    n_batches = (len(all_train) - buffer_tokens) // batch_size
+    emitted = Counter(row.numpy().tobytes() for _ in range(n_batches) for row in next(batches))
+    available = Counter(row.numpy().tobytes() for row in all_train)
+    assert not emitted - available  # within one pass no token comes out twice, and only training tokens come out
+    assert emitted.total() == n_batches * batch_size
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(k=200), "K must be between 1 and M"),
+        (dict(matryoshka_prefixes=[64, 32, M]), "must increase and end at M"),
+        (dict(batch_size=100_000, buffer_tokens=200_000), "fewer than one batch"),
+        (dict(sweep=["topk:64"]), "should look like topk:256:8"),
+    ],
+)
+def test_bad_settings_get_clear_messages(tiny_store, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train_saes(config_for(tiny_store, tmp_path, **overrides))
+
+
+def test_missing_or_incomplete_store_points_to_step_one(tiny_store, tmp_path):
+    with pytest.raises(UserError, match="extract_activations.py"):
+        train_saes(config_for(tmp_path / "nowhere", tmp_path))
+    manifest = json.loads((tiny_store / "manifest.json").read_text())
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "manifest.json").write_text(json.dumps({**manifest, "status": "in_progress"}))
+    with pytest.raises(UserError, match="incomplete.*resume"):
+        train_saes(config_for(incomplete, tmp_path))
+
+
+def test_foreign_or_corrupt_checkpoints_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(UserError, match="not a fastsae or HypotheSAEs SAE checkpoint"):
+        load_sae(foreign)
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_sae(corrupt)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_sae(tmp_path / "missing.pt")
