@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,7 @@ from fastsae.checkpoint import save_checkpoint
 from fastsae.config import config_fingerprint, setting
 from fastsae.errors import UserError
 from fastsae.sae import ARCHITECTURES, SAESpec, SparseAutoencoder
+from fastsae.saelens_export import export_saelens
 from fastsae.store import ActivationStore
 from fastsae.training_report import comparison_table, plot_training_curves, write_metrics
 
@@ -70,6 +71,7 @@ class TrainConfig:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     output_dir: str = setting("checkpoints", "runs go to OUTPUT_DIR/RUN_NAME/<SAE name>/")
     run_name: str = setting("", "run folder name; empty: <model>_<hook>")
+    export_saelens: bool = setting(True, "also write the SAE in SAELens' layout (cfg.json, safetensors) to <SAE folder>/saelens/")
     overwrite: bool = setting(False, "start over even if a run with other settings exists in the folder")
 
     def __post_init__(self) -> None:
@@ -125,8 +127,13 @@ def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float, de
     return 1.0
 
 
+class Validation(NamedTuple):
+    metrics: dict[str, float]  # fvu, explained_variance, l0, dead_fraction, dense_fraction, n_tokens
+    feature_frequency: torch.Tensor  # (M,) fraction of tokens each feature fires on
+
+
 @torch.no_grad()
-def validation_metrics(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> dict[str, float]:
+def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> Validation:
     """FVU, explained variance, L0 and dead/dense fractions of `sae` on (already scaled) tokens."""
     sae.eval()
     squared_error = torch.zeros((), dtype=torch.float64, device=tokens.device)
@@ -143,7 +150,7 @@ def validation_metrics(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size:
     variance = (tokens.double() - tokens.double().mean(0)).pow(2).sum()
     fvu = float(squared_error / variance)
     frequency = fire_counts / len(tokens)
-    return {
+    metrics = {
         "fvu": fvu,
         "explained_variance": 1 - fvu,
         "l0": float(active_total / len(tokens)),
@@ -151,6 +158,7 @@ def validation_metrics(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size:
         "dense_fraction": float((frequency > DENSE_FEATURE_FREQUENCY).double().mean()),
         "n_tokens": len(tokens),
     }
+    return Validation(metrics, frequency.float().cpu())
 
 
 @dataclass
@@ -237,7 +245,7 @@ class TrainingRun:
 
     def _settings(self, spec: SAESpec) -> dict[str, Any]:
         """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
-        varying = {"device", "overwrite", "checkpoint_every", "log_every", "output_dir", "run_name", "sweep", "architecture", "m", "k", "matryoshka_prefixes"}
+        varying = {"device", "overwrite", "checkpoint_every", "log_every", "output_dir", "run_name", "export_saelens", "sweep", "architecture", "m", "k", "matryoshka_prefixes"}
         fixed = {key: value for key, value in asdict(self.config).items() if key not in varying}
         return {"spec": {**asdict(spec), "prefixes": list(spec.prefixes)}, "store": str(self.store.folder), "store_settings": config_fingerprint(self.store.manifest["settings"]), **fixed}
 
@@ -364,7 +372,7 @@ class TrainingRun:
     def _validate(self, trainer: SAETrainer, step: int) -> None:
         if not len(self.validation_tokens):
             return
-        metrics = validation_metrics(trainer.sae, self.validation_tokens, self.config.batch_size)
+        metrics = validate(trainer.sae, self.validation_tokens, self.config.batch_size).metrics
         trainer.validation.append({"step": step, "tokens": step * self.config.batch_size, "fvu": metrics["fvu"], "l0": metrics["l0"]})
         if metrics["fvu"] < trainer.best_fvu - 1e-6:
             trainer.best_fvu, trainer.validations_without_improvement = metrics["fvu"], 0
@@ -406,7 +414,11 @@ class TrainingRun:
 
     def _finish(self, trainer: SAETrainer, step: int, seconds: float, start_step: int) -> dict[str, Any]:
         self._save_all([trainer], step)
-        final = validation_metrics(trainer.sae, self.validation_tokens, self.config.batch_size) if len(self.validation_tokens) else {}
+        final, frequency = {}, None
+        if len(self.validation_tokens):
+            final, frequency = validate(trainer.sae, self.validation_tokens, self.config.batch_size)
+        if self.config.export_saelens:
+            export_saelens(trainer.checkpoint_path, trainer.folder / "saelens", frequency)
         result = {
             "name": trainer.spec.name,
             "spec": {**asdict(trainer.spec), "prefixes": list(trainer.spec.prefixes)},

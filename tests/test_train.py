@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
 from fastsae.checkpoint import load_sae
@@ -32,6 +33,20 @@ def hypothesaes_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_saelens_export_matches(result: dict, raw: torch.Tensor) -> None:
+    """SAELens' own loader reads our export and computes the same features and reconstruction as we do."""
+    from sae_lens import SAE
+
+    folder = Path(result["checkpoint"]).parent / "saelens"
+    theirs = SAE.load_from_disk(folder)
+    ours = load_sae(result["checkpoint"]).sae
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(raw), ours.encode(raw), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(theirs.encode(raw)), ours(raw), rtol=1e-4, atol=1e-4)
+    sparsity = load_file(folder / "sparsity.safetensors")["sparsity"]
+    assert sparsity.shape == (ours.spec.m,) and float(sparsity.max()) <= 0
 
 
 def raw_validation_activations(store_folder: Path, limit: int = 2000) -> torch.Tensor:
@@ -68,6 +83,12 @@ def test_hypothesaes_load_model_gives_our_feature_activations(topk_run, tiny_sto
         torch.testing.assert_close(their_reconstruction, ours(raw), rtol=1e-4, atol=1e-4)
 
 
+def test_saelens_loads_the_topk_export(topk_run, tiny_store):
+    assert_saelens_export_matches(topk_run, raw_validation_activations(tiny_store))
+    cfg = json.loads((Path(topk_run["checkpoint"]).parent / "saelens" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == K and cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
+
+
 def test_checkpoint_applies_to_raw_activations_like_the_scaled_training_sae(topk_run, tiny_store):
     loaded = load_sae(topk_run["checkpoint"])
     state = torch.load(Path(topk_run["checkpoint"]).parent / "training_state.pt", weights_only=True)
@@ -92,6 +113,7 @@ def test_batchtopk_keeps_the_expected_sparsity_at_inference_in_both_implementati
     raw = raw_validation_activations(tiny_store)
     with torch.no_grad():
         torch.testing.assert_close(theirs(raw)[1]["activations"], load_sae(result["checkpoint"]).sae.encode(raw), rtol=1e-4, atol=1e-5)
+    assert_saelens_export_matches(result, raw)  # exported as JumpReLU with one constant threshold
 
 
 def test_aux_k_revives_dead_features(smollm2_store, tmp_path):
@@ -125,9 +147,10 @@ def test_a_sweep_trains_every_sae_on_one_pass(tiny_store, tmp_path, capsys):
     assert len({result["tokens_trained"] for result in results}) == 1
     printed = capsys.readouterr().out
     assert all(f"| {name} |" in printed for name in names)
+    raw = raw_validation_activations(tiny_store)
     for result in results:
         assert result["history"][-1]["loss"] < result["history"][0]["loss"]
-        assert load_sae(result["checkpoint"]).sae.spec.architecture in ("topk", "relu", "jumprelu")
+        assert_saelens_export_matches(result, raw)
 
 
 class InterruptedRun(TrainingRun):

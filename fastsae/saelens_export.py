@@ -1,0 +1,90 @@
+"""Write an SAE in SAELens' v6 on-disk layout, for `sae_lens.SAE.load_from_disk`.
+
+    cfg.json                  architecture, sizes, and a nested `metadata` (model, hook, dataset, ...)
+    sae_weights.safetensors   W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec (+ threshold for jumprelu)
+    sparsity.safetensors      sparsity = log10(feature frequency + 1e-10)
+
+SAELens does not apply our activation scale at run time, so the weights are
+written with it folded in (they take raw activations). Architectures map as
+topk → topk, relu → standard, jumprelu → jumprelu, and batchtopk → jumprelu
+with every threshold equal to the learned batch threshold: the same function
+at inference. Matryoshka SAEs export as their base architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from fastsae import __version__
+from fastsae.checkpoint import load_sae
+
+SAELENS_FORMAT_VERSION = "6.0.0"  # cfg.json layout we write; below 6.0 SAELens reads a legacy flat config
+SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
+
+
+def _metadata(fastsae_metadata: dict[str, Any]) -> dict[str, Any]:
+    manifest = fastsae_metadata.get("store_manifest", {})
+    extraction = manifest.get("extraction", {})
+    return {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
+        "exported_by": f"fastsae {__version__}",
+        "model_name": fastsae_metadata.get("model_name") or fastsae_metadata.get("model"),
+        "hook_name": fastsae_metadata.get("hook_name"),
+        "hook_head_index": None,
+        "context_size": extraction.get("max_length"),
+        "prepend_bos": False,  # tokens come from the chat template or the tokenizer as in extraction
+        "dataset_path": manifest.get("dataset", {}).get("path"),
+        "packing": manifest.get("packing"),
+        "chat_template": extraction.get("chat_template"),
+        "exclude_special_tokens": not fastsae_metadata.get("training", {}).get("include_special_tokens", False),
+    }
+
+
+def export_saelens(checkpoint: str | Path, folder: str | Path, feature_frequency: torch.Tensor | None = None) -> Path:
+    """Export the checkpoint to `folder` (replaced whole, via a temp folder); returns the folder."""
+    loaded = load_sae(checkpoint)
+    sae, spec = loaded.sae, loaded.sae.spec
+    architecture = SAELENS_ARCHITECTURE[spec.architecture]
+    with torch.no_grad():
+        weights = {
+            "W_enc": sae.W_enc.T.contiguous().float(),
+            "b_enc": sae.b_enc.float().clone(),
+            "W_dec": sae.W_dec.float().clone(),
+            "b_dec": sae.b_dec.float().clone(),
+        }
+        if spec.architecture == "jumprelu":
+            weights["threshold"] = sae.jump_thresholds().float().clone()
+        elif spec.architecture == "batchtopk":
+            weights["threshold"] = sae.threshold.clamp_min(0).float().expand(spec.m).clone()
+    cfg: dict[str, Any] = {
+        "architecture": architecture,
+        "d_in": spec.d,
+        "d_sae": spec.m,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": _metadata(loaded.metadata),
+    }
+    if architecture == "topk":
+        cfg.update(k=spec.k, rescale_acts_by_decoder_norm=False)
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    save_file(weights, partial / "sae_weights.safetensors")
+    if feature_frequency is not None:
+        save_file({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, partial / "sparsity.safetensors")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder
