@@ -87,8 +87,10 @@ class _SparseEncoderGradient(torch.autograd.Function):
     """Identity on `selected` (pre-activations at chosen features); backward reaches only those rows.
 
     For pre = centered @ W_enc.T + b_enc gathered at `indices`, the gradient
-    of the loss wrt W_enc is nonzero only in the chosen rows: it is built with
-    `index_add_`, one (B, d) update per chosen slot, instead of a B × M matmul.
+    wrt W_enc is nonzero only in the chosen rows: it is S @ centered for the
+    sparse (M, B) matrix S holding grad[b, j] at (idx[b, j], b), a sparse
+    matmul of B·K·d work. The gradient wrt the input is the `embedding_bag`
+    Σ_j grad[b, j] · W_enc[idx[b, j]]. No B × M matrix is ever formed.
     """
 
     @staticmethod
@@ -102,9 +104,11 @@ class _SparseEncoderGradient(torch.autograd.Function):
         centered, weight, indices = ctx.saved_tensors
         grad = grad.to(weight.dtype)
         grad_centered = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum").to(centered.dtype)
-        grad_weight = torch.zeros_like(weight)
-        for slot in range(indices.shape[1]):
-            grad_weight.index_add_(0, indices[:, slot], grad[:, slot, None] * centered.to(weight.dtype))
+        batch_rows = torch.arange(indices.shape[0], device=indices.device).repeat_interleave(indices.shape[1])
+        scatter = torch.sparse_coo_tensor(
+            torch.stack([indices.flatten(), batch_rows]), grad.flatten(), (weight.shape[0], indices.shape[0]), check_invariants=False
+        )
+        grad_weight = torch.sparse.mm(scatter, centered.to(weight.dtype))
         grad_bias = torch.zeros(ctx.bias_shape, dtype=weight.dtype, device=weight.device).index_add_(0, indices.flatten(), grad.flatten())
         return None, grad_centered, grad_weight, grad_bias, None
 
@@ -301,8 +305,11 @@ class SparseAutoencoder(nn.Module):
         """How well the top aux_k dead features predict what the live ones left unexplained (Gao et al., 2024)."""
         with torch.no_grad():
             pre = self.pre_activations(x)
-            candidates = pre.masked_fill(~dead_features, float("-inf")).topk(min(self.spec.aux_k, self.spec.m), dim=1, sorted=False).indices
-        values = self._gathered(x, pre, candidates).relu() * dead_features[candidates]
+            # Top-k among the dead columns only: far cheaper than a second top-k over all M when few are dead.
+            dead_ids = dead_features.nonzero().squeeze(1)
+            chosen = pre.index_select(1, dead_ids).topk(min(self.spec.aux_k, len(dead_ids)), dim=1, sorted=False).indices
+            candidates = dead_ids[chosen]
+        values = self._gathered(x, pre, candidates).relu()
         residual = (x - reconstruction).detach()
         predicted = F.embedding_bag(candidates, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
         return fraction_of_variance_unexplained(predicted, residual)

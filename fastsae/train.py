@@ -254,7 +254,7 @@ class TrainingRun:
         sae = SparseAutoencoder(spec)
         sae.initialize_input_bias_(self.bias_sample, self.config.input_bias_init)
         sae = sae.to(self.device).train()
-        optimizer = torch.optim.Adam(sae.parameters(), lr=self.config.learning_rate)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=self.config.learning_rate, fused=True)  # one kernel for all parameters
         since_fired = torch.zeros(spec.m, dtype=torch.long, device=self.device)
         return SAETrainer(spec, self.run_folder / spec.name, sae, optimizer, since_fired)
 

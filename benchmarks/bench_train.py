@@ -1,0 +1,333 @@
+"""SAE training: fastsae vs four peers, each trained by its own code on the same activations.
+
+    pip install --no-deps -r benchmarks/requirements.txt   # once, after the project's requirements
+    python benchmarks/bench_train.py [--tokens 324000] [--m 4608] [--k 32] [--batch-size 1024] [--lr 5e-4]
+
+Every method trains a Top-K SAE (d = 576, M features, K active) in float32 on the CPU for the
+same number of training tokens, in batches of the same size, on the training split of the
+activation store (scaled so that E||x||^2 = d, as fastsae does). fastsae streams from the store
+through its mixing buffer; the peers get the same tokens from memory, reshuffled every epoch
+with a fixed seed. Each peer keeps its own optimiser, learning rate and schedule unless its
+default cannot run at this budget (the notes say what was changed). Only the training loop is
+timed. All SAEs are then evaluated the same way on the same validation tokens: FVU over all
+tokens, L0 (active features per token) and the fraction of features that never fire.
+
+The last column compares tokens/s with a dense ceiling: the measured float32 throughput of one
+(B x d) @ (d x M) matmul, i.e. the encoder's forward pass alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastsae.checkpoint import load_sae  # noqa: E402
+from fastsae.train import TrainConfig, TrainingRun  # noqa: E402
+
+STORE = "activations/SmolLM2-135M-Instruct/blocks.12.hook_resid_post"
+SEED = 0
+LAYER = 12
+
+# x -> (reconstruction, (B, M) bool mask of the features that fired)
+Reconstruct = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Result:
+    method: str
+    tokens: int  # training tokens actually seen
+    seconds: float  # training loop only
+    learning_rate: str
+    reconstruct: Reconstruct
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+def quiet():
+    """Send the peers' prints (import banners, progress bars) to stderr: stdout is for the table."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def version(package: str) -> str:
+    return importlib.metadata.version(package)
+
+
+def batches(x: torch.Tensor, steps: int, batch_size: int, seed: int = SEED) -> Iterator[torch.Tensor]:
+    """`steps` batches of rows of x: one seeded permutation per epoch, batches running across epoch ends."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(x), generator=generator)])
+        yield x[order[:batch_size]]
+        order = order[batch_size:]
+
+
+@torch.no_grad()
+def evaluate(reconstruct: Reconstruct, val_x: torch.Tensor, m: int, batch_size: int) -> dict[str, float]:
+    """FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens; L0; fraction never firing."""
+    squared_error = torch.zeros((), dtype=torch.float64)
+    fired = torch.zeros(m, dtype=torch.bool)
+    active = 0
+    for start in range(0, len(val_x), batch_size):
+        x = val_x[start : start + batch_size]
+        x_hat, mask = reconstruct(x)
+        squared_error += (x_hat.double() - x.double()).pow(2).sum()
+        fired |= mask.any(0)
+        active += int(mask.sum())
+    variance = (val_x.double() - val_x.double().mean(0)).pow(2).sum()
+    return {"fvu": float(squared_error / variance), "l0": active / len(val_x), "dead": float((~fired).double().mean())}
+
+
+def encoder_ceiling_flops(batch_size: int, d: int, m: int, rounds: int = 5, repeats: int = 20) -> float:
+    """Best float32 FLOP/s of torch.mm((B x d), (d x M)) over a few timed rounds, after a warm-up."""
+    a, b = torch.randn(batch_size, d), torch.randn(d, m)
+    for _ in range(5):
+        torch.mm(a, b)
+    best = math.inf
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        best = min(best, (time.perf_counter() - started) / repeats)
+    return 2 * batch_size * d * m / best
+
+
+# --- the methods -------------------------------------------------------------------------
+
+
+def train_fastsae(run: TrainingRun) -> Result:
+    """Ours, exactly as train_sae.py runs it: streamed from the store, timed by TrainingRun itself."""
+    with quiet():
+        result = run.run()[0]
+    sae = load_sae(result["checkpoint"]).sae  # the checkpoint works on raw activations: undo the scale
+    scale = run.scale
+
+    def reconstruct(x):
+        codes = sae.encode(x / scale)
+        return sae.decode(codes) * scale, codes > 0
+
+    return Result("fastsae (ours)", result["tokens_trained"], result["seconds_this_session"], f"{run.config.learning_rate:.2e}", reconstruct)
+
+
+def train_hypothesaes(train_x: torch.Tensor, args) -> Result:
+    """HypotheSAEs' own `fit`: whole epochs of a shuffling DataLoader, Adam at its default lr."""
+    path = Path(importlib.util.find_spec("hypothesaes").submodule_search_locations[0]) / "sae.py"
+    spec = importlib.util.spec_from_file_location("hypothesaes_sae", path)  # its __init__ imports heavy things
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(SEED)
+    sae = module.SparseAutoencoder(train_x.shape[1], args.m, args.k, device="cpu")
+    epochs = max(1, round(args.tokens / len(train_x)))
+    learning_rate = 5e-4  # fit()'s default
+    started = time.perf_counter()
+    with quiet():
+        sae.fit(train_x, X_val=None, batch_size=args.batch_size, learning_rate=learning_rate, n_epochs=epochs, show_progress=False)
+    seconds = time.perf_counter() - started
+    sae.eval()
+
+    def reconstruct(x):
+        x_hat, info = sae(x)
+        return x_hat, info["activations"] > 0
+
+    return Result(f"HypotheSAEs {version('hypothesaes')}", epochs * len(train_x), seconds, f"{learning_rate:.2e}", reconstruct)
+
+
+def train_dictionary_learning(train_x: torch.Tensor, args) -> Result:
+    """dictionary_learning's TopKTrainer, stepped as its trainSAE loop does (`trainer.update(step, x)`)."""
+    with quiet():
+        from dictionary_learning.trainers.top_k import TopKTrainer
+    steps = args.tokens // args.batch_size
+    trainer = TopKTrainer(
+        steps=steps, activation_dim=train_x.shape[1], dict_size=args.m, k=args.k, layer=LAYER, lm_name="SmolLM2-135M-Instruct",
+        warmup_steps=max(1, steps // 20),  # its default of 1000 must be < steps
+        seed=SEED, device="cpu",
+    )
+    started = time.perf_counter()
+    for step, x in enumerate(batches(train_x, steps, args.batch_size)):
+        trainer.update(step, x)
+    seconds = time.perf_counter() - started
+    ae = trainer.ae.eval()
+
+    def reconstruct(x):
+        x_hat, codes = ae(x, output_features=True)
+        return x_hat, codes > 0
+
+    return Result(f"dictionary_learning {version('dictionary-learning')}", steps * args.batch_size, seconds, f"{trainer.lr:.2e}", reconstruct)
+
+
+def train_saelens(train_x: torch.Tensor, args) -> Result:
+    """SAELens' SAETrainer.fit() on a TopKTrainingSAE, fed by a plain iterator as its data provider."""
+    with quiet():
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+    steps = args.tokens // args.batch_size
+    torch.manual_seed(SEED)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=train_x.shape[1], d_sae=args.m, k=args.k, dtype="float32", device="cpu"))
+    config = SAETrainerConfig(total_training_samples=steps * args.batch_size, train_batch_size_samples=args.batch_size, device="cpu")
+    config.lr_end = config.lr / 10  # what LanguageModelSAERunnerConfig's post-init sets (only cosine schedules use it)
+    trainer = SAETrainer(cfg=config, sae=sae, data_provider=batches(train_x, steps, args.batch_size))
+    started = time.perf_counter()
+    with quiet():
+        trainer.fit()
+    seconds = time.perf_counter() - started
+    sae.eval()
+
+    def reconstruct(x):
+        codes = sae.encode(x)
+        return sae.decode(codes), codes > 0
+
+    return Result(f"SAELens {version('sae-lens')}", trainer.n_training_samples, seconds, f"{config.lr:.2e}", reconstruct)
+
+
+def train_sparsify(train_x: torch.Tensor, args) -> Result:
+    """sparsify's SparseCoder, stepped exactly as sparsify.Trainer's fvu hook and step do (it only runs on model hooks)."""
+    with quiet():
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.config import TrainConfig as SparsifyConfig
+        from sparsify.sign_sgd import SignSGD
+    cfg = SparsifyConfig(SparseCoderConfig(num_latents=args.m, k=args.k))  # defaults: signum, auxk_alpha 0
+    torch.manual_seed(SEED)
+    sae = SparseCoder(train_x.shape[1], cfg.sae, "cpu", dtype=torch.float32)
+    learning_rate = cfg.lr or 5e-3 / (sae.num_latents / 2**14) ** 0.5  # its default for "signum"
+    optimizer = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=learning_rate)]), momentum=0.95)
+    optimizer.train()
+    since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
+    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
+    steps = args.tokens // args.batch_size
+    started = time.perf_counter()
+    for step, x in enumerate(batches(train_x, steps, args.batch_size)):
+        if step == 0:
+            sae.b_dec.data = x.mean(0)  # centre the pre-activations at initialisation
+        sae.set_decoder_norm_to_unit_norm()
+        dead_mask = since_fired > cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+        did_fire[out.latent_indices.flatten()] = True
+        loss = out.fvu + cfg.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            since_fired += len(x)
+            since_fired[did_fire] = 0
+            did_fire.zero_()
+    seconds = time.perf_counter() - started
+    optimizer.eval()  # schedule-free: its checkpoints hold the averaged (eval) weights
+
+    def reconstruct(x):
+        top_acts, top_indices, _ = sae.encode(x)
+        mask = torch.zeros(len(x), sae.num_latents, dtype=torch.bool).scatter_(1, top_indices, top_acts > 0)
+        return sae.decode(top_acts, top_indices), mask
+
+    return Result(f"sparsify {version('eai-sparsify')}", steps * args.batch_size, seconds, f"{learning_rate:.2e}", reconstruct)
+
+
+# --- the table -----------------------------------------------------------------------------
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    align = ["<"] + [">"] * (len(header) - 1)
+    line = lambda cells: "| " + " | ".join(f"{cell:{a}{w}}" for cell, a, w in zip(cells, align, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join(("-" * (w + 1) + ":" if a == ">" else "-" * (w + 2)) for a, w in zip(align, widths)) + "|"
+    return "\n".join([line(header), rule, *map(line, rows)])
+
+
+def notes(config: TrainConfig) -> str:
+    return f"""\
+Notes:
+- fastsae: `TrainingRun.run()` with its defaults (Adam, linear warm-up over {config.warmup_fraction:.0%} of the steps, linear decay
+  to 0 over the last {config.decay_fraction:.0%}, grad-norm clip {config.gradient_clip:g}, b_dec at the data's {config.input_bias_init}, aux-K on
+  features dead for a tenth of the run). It streams float16 activations from the store through its mixing buffer, and its
+  tokens/s (measured by the run itself) includes that reading; the peers get the same tokens from memory.
+- HypotheSAEs: `SparseAutoencoder.fit(X_val=None, batch_size, n_epochs=round(tokens / training tokens))`, lr 5e-4 (its
+  default); whole epochs, so its token count can differ slightly; the timing includes fit's own setup (median b_dec, Adam).
+- dictionary_learning: `TopKTrainer(...)` + `trainer.update(step, x)`, its lr default 2e-4 / sqrt(M / 2^14); its default
+  warm-up of 1000 steps is longer than the run (it asserts warmup < steps), so warm-up is 5% of the steps; no decay (default).
+- SAELens: `SAETrainer(SAETrainerConfig(...), TopKTrainingSAE, data_provider=iterator).fit()`, i.e. its own training loop;
+  SAETrainerConfig defaults: Adam 3e-4, constant schedule, no warm-up, dead window 1000 steps; lr_end = lr / 10 as the LM
+  runner sets it. TopKTrainingSAEConfig defaults (rescale_acts_by_decoder_norm, decoder_init_norm 0.1, zero b_dec).
+- sparsify: its Trainer needs a model to hook, so this drives `SparseCoder.forward` with the Trainer's step logic: b_dec = batch
+  mean at step 0, decoder renormalised before each forward, loss fvu + auxk_alpha * auxk (dead_mask only if auxk_alpha > 0),
+  parallel decoder gradient removed, its default optimizer (signum: ScheduleFreeWrapper(SignSGD, momentum 0.95),
+  lr 5e-3 / sqrt(M / 2^14)), evaluated in the optimizer's eval mode as its checkpoints are. It is not wrapped in
+  `torch.set_float32_matmul_precision("high")` as `Trainer.fit` is, so that every method computes in float32.
+- Aux-K at this budget: sparsify's is off by default (auxk_alpha 0); dictionary_learning's needs 10M tokens without firing and
+  SAELens' 1000 steps, so neither switches on; HypotheSAEs' (256 steps) and ours (a tenth of the run) can.
+- Encoder ceiling: best of 5 rounds of 20 `torch.mm` (B x d) @ (d x M) in float32 after a warm-up; last column =
+  tokens/s x 2dM / that FLOP/s (a dense SAE needs about 6x these FLOPs per token for its forward and backward)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=324_000, help="training tokens for every method")
+    parser.add_argument("--m", type=int, default=4608, help="features")
+    parser.add_argument("--k", type=int, default=32, help="active features per token")
+    parser.add_argument("--batch-size", type=int, default=1024, help="tokens per batch")
+    parser.add_argument("--lr", type=float, default=TrainConfig.__dataclass_fields__["learning_rate"].default, help="fastsae's learning rate")
+    args = parser.parse_args()
+
+    if not (ROOT / STORE / "manifest.json").exists():
+        sys.exit(f"no activation store at {STORE}: run `python extract_activations.py` first.")
+    torch.manual_seed(SEED)
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = TrainConfig(
+            store=str(ROOT / STORE), m=args.m, k=args.k, batch_size=args.batch_size, max_tokens=args.tokens,
+            eval_every=10**9, checkpoint_every=10**9, output_dir=output_dir, learning_rate=args.lr, seed=SEED, device="cpu", overwrite=True,
+        )
+        run = TrainingRun(config)
+        train_x = (run.train_source.all_tokens(10**9) * run.scale).contiguous()
+        val_x = run.validation_tokens
+        d = train_x.shape[1]
+        print(f"encoder ceiling: timing {args.batch_size}x{d} @ {d}x{args.m} matmuls", file=sys.stderr)
+        flops = encoder_ceiling_flops(args.batch_size, d, args.m)
+
+        trainers = [
+            lambda: train_fastsae(run),
+            lambda: train_hypothesaes(train_x, args),
+            lambda: train_dictionary_learning(train_x, args),
+            lambda: train_saelens(train_x, args),
+            lambda: train_sparsify(train_x, args),
+        ]
+        rows = []
+        for train in trainers:
+            result = train()
+            metrics = evaluate(result.reconstruct, val_x, args.m, args.batch_size)
+            print(f"{result.method}: {result.tokens_per_second:.0f} tokens/s, {metrics}", file=sys.stderr)
+            rows.append([
+                result.method, f"{result.tokens_per_second:,.0f}", f"{metrics['fvu']:.4f}", f"{metrics['l0']:.1f}",
+                f"{metrics['dead']:.1%}", result.learning_rate, f"{result.tokens_per_second * 2 * d * args.m / flops:.1%}",
+            ])
+
+    header = ["method", "tokens/s", "val FVU", "L0", "dead", "learning rate", "fraction of encoder ceiling"]
+    print(markdown_table(header, rows))
+    print()
+    print(f"d={d}, M={args.m}, K={args.k}, batch {args.batch_size} tokens, float32, CPU, {torch.get_num_threads()} threads (torch {torch.__version__})")
+    print(f"training tokens: {args.tokens} per method (training split: {len(train_x)} tokens, so {args.tokens / len(train_x):.1f} epochs); validation tokens: {len(val_x)}")
+    print(f"encoder ceiling: {flops / 1e9:.1f} GFLOP/s = {flops / (2 * d * args.m):,.0f} tokens/s for the encoder forward alone")
+    print()
+    print(notes(config))
+
+
+if __name__ == "__main__":
+    main()
