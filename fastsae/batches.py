@@ -11,8 +11,10 @@ pure function of the settings: a resumed run replays it exactly.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from queue import Queue
 
 import numpy as np
 import torch
@@ -121,3 +123,27 @@ def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed
         for offset in range(0, n_out, batch_size):
             yield buffer[offset : offset + batch_size]
         buffer = buffer[n_out:]
+
+
+def prefetched_to_pinned_memory(batches: Iterator[torch.Tensor], depth: int = 2) -> Iterator[torch.Tensor]:
+    """Read and mix the next batches on a background thread into pinned memory, while the GPU trains.
+
+    Pinned host memory lets the trainer's `.to(device, non_blocking=True)` overlap the copy with compute.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    finished = object()
+    pin = torch.cuda.is_available()  # pinning needs a GPU; without one this is a plain read-ahead
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                queue.put(batch.pin_memory() if pin else batch)
+        except BaseException as error:  # hand the error to the consumer instead of dying silently
+            queue.put(error)
+        queue.put(finished)
+
+    threading.Thread(target=produce, daemon=True, name="fastsae-prefetch").start()
+    while (item := queue.get()) is not finished:
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
+from fastsae.batches import ExampleSplit, TokenSource, mixed_batches, prefetched_to_pinned_memory
 from fastsae.checkpoint import save_checkpoint
 from fastsae.config import config_fingerprint, setting
 from fastsae.errors import UserError
@@ -69,12 +69,16 @@ class TrainConfig:
     buffer_tokens: int = setting(131072, "mixing-buffer size in tokens (memory is bounded by this, not the store)")
     seed: int = setting(0, "seed for the split, initialisation and batch order")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = setting("auto", "auto (bfloat16 autocast on GPU, float32 on CPU), float32 or bfloat16; weights stay float32")
+    compile: bool = setting(False, "torch.compile the SAE's training step (for GPUs; slower on CPU)")
     output_dir: str = setting("checkpoints", "runs go to OUTPUT_DIR/RUN_NAME/<SAE name>/")
     run_name: str = setting("", "run folder name; empty: <model>_<hook>")
     export_saelens: bool = setting(True, "also write the SAE in SAELens' layout (cfg.json, safetensors) to <SAE folder>/saelens/")
     overwrite: bool = setting(False, "start over even if a run with other settings exists in the folder")
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"PRECISION must be auto, float32 or bfloat16; got {self.precision!r}.")
         if self.input_bias_init not in ("median", "mean", "zero"):
             raise UserError(f"INPUT_BIAS_INIT must be median, mean or zero; got {self.input_bias_init!r}.")
         if not 0 <= self.validation_fraction < 1:
@@ -114,6 +118,9 @@ class TrainConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"DEVICE is {self.device!r} but no CUDA GPU is available. Use --device cpu or auto.")
         return self.device
+
+    def uses_bfloat16(self) -> bool:
+        return self.precision == "bfloat16" or (self.precision == "auto" and self.resolved_device().startswith("cuda"))
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float, decay_fraction: float) -> float:
@@ -177,6 +184,7 @@ class SAETrainer:
     stopped: str = ""  # why it stopped early, or "" while training
     any_dead: bool = False  # refreshed at log steps, so the hot loop needs no host sync
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # device-side running sums between log steps
+    training_step: Any = None  # sae.training_step, or its torch.compile'd version
 
     @property
     def checkpoint_path(self) -> Path:
@@ -245,7 +253,7 @@ class TrainingRun:
 
     def _settings(self, spec: SAESpec) -> dict[str, Any]:
         """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
-        varying = {"device", "overwrite", "checkpoint_every", "log_every", "output_dir", "run_name", "export_saelens", "sweep", "architecture", "m", "k", "matryoshka_prefixes"}
+        varying = {"device", "overwrite", "checkpoint_every", "log_every", "output_dir", "run_name", "export_saelens", "compile", "sweep", "architecture", "m", "k", "matryoshka_prefixes"}
         fixed = {key: value for key, value in asdict(self.config).items() if key not in varying}
         return {"spec": {**asdict(spec), "prefixes": list(spec.prefixes)}, "store": str(self.store.folder), "store_settings": config_fingerprint(self.store.manifest["settings"]), **fixed}
 
@@ -256,7 +264,8 @@ class TrainingRun:
         sae = sae.to(self.device).train()
         optimizer = torch.optim.Adam(sae.parameters(), lr=self.config.learning_rate, fused=True)  # one kernel for all parameters
         since_fired = torch.zeros(spec.m, dtype=torch.long, device=self.device)
-        return SAETrainer(spec, self.run_folder / spec.name, sae, optimizer, since_fired)
+        step = torch.compile(sae.training_step) if self.config.compile else sae.training_step
+        return SAETrainer(spec, self.run_folder / spec.name, sae, optimizer, since_fired, training_step=step)
 
     def _resume_or_start(self, trainer: SAETrainer) -> int:
         """Load a matching training state, refuse a different one (unless --overwrite), or start at step 0."""
@@ -293,6 +302,8 @@ class TrainingRun:
         batches = mixed_batches(self.train_source, self.buffer_tokens, config.batch_size, config.seed)
         for _ in range(start_step):  # replay the seeded batch order up to where the run stopped
             next(batches)
+        if self.device.startswith("cuda"):
+            batches = prefetched_to_pinned_memory(batches)
         previous_handlers = {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
         started, completed = time.perf_counter(), start_step
         try:
@@ -340,7 +351,8 @@ class TrainingRun:
             group["lr"] = config.learning_rate * factor
         dead = trainer.tokens_since_fired > self.dead_after_tokens if trainer.any_dead else None
         sparsity = {"relu": config.l1_coefficient, "jumprelu": config.l0_coefficient}.get(trainer.spec.architecture, 0.0)
-        output = trainer.sae.training_step(x, dead, config.aux_coefficient, sparsity)
+        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=config.uses_bfloat16()):
+            output = trainer.training_step(x, dead, config.aux_coefficient, sparsity)
         trainer.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         trainer.sae.remove_parallel_gradient_()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
+from fastsae.batches import ExampleSplit, TokenSource, mixed_batches, prefetched_to_pinned_memory
 from fastsae.checkpoint import load_sae
 from fastsae.errors import UserError
 from fastsae.store import ActivationStore
@@ -269,3 +269,22 @@ def test_foreign_or_corrupt_checkpoints_are_refused(tmp_path):
         load_sae(corrupt)
     with pytest.raises(UserError, match="checkpoint not found"):
         load_sae(tmp_path / "missing.pt")
+
+
+def test_prefetching_keeps_the_order_and_passes_errors_on():
+    def source():
+        for index in range(5):
+            yield torch.full((2, 3), float(index))
+        raise UserError("store went away")
+
+    prefetched = prefetched_to_pinned_memory(source())
+    assert [float(next(prefetched)[0, 0]) for _ in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(UserError, match="store went away"):
+        next(prefetched)
+
+
+def test_bfloat16_autocast_trains_close_to_float32(tiny_store, tmp_path):
+    (float32,) = train_saes(config_for(tiny_store, tmp_path / "fp32", epochs=5.0))
+    (bfloat16,) = train_saes(config_for(tiny_store, tmp_path / "bf16", epochs=5.0, precision="bfloat16"))
+    assert bfloat16["final"]["l0"] == pytest.approx(K, abs=0.5)
+    assert bfloat16["final"]["fvu"] == pytest.approx(float32["final"]["fvu"], rel=0.1)
