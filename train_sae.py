@@ -25,7 +25,7 @@ DEAD_AFTER_TOKENS = 0  # 0: a tenth of the run
 
 # --- Optimisation --------------------------------------------------------------
 BATCH_SIZE = 1024
-LEARNING_RATE = 5e-4
+LEARNING_RATE = 2e-3
 EPOCHS = 50.0
 MAX_TOKENS = 0  # set to override EPOCHS
 PATIENCE = 10  # validations without improvement before an SAE stops

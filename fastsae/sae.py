@@ -203,39 +203,39 @@ class SparseAutoencoder(nn.Module):
         centered = x - self.b_dec
         return _SparseEncoderGradient.apply(pre.gather(1, indices), centered, self.W_enc, self.b_enc, indices)
 
-    def _batch_topk_code(self, x: torch.Tensor, pre: torch.Tensor) -> SparseCode:
-        """The K·B largest activations of the whole batch, as a per-token code padded to the busiest token."""
+    def _select_features(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Which features each token uses (no gradient): (B, k) indices, and a (B, k) mask of those kept, if any are padding."""
+        if self.spec.architecture == "topk":
+            return pre.topk(self.spec.k, dim=1, sorted=False).indices, None
         positive = pre.clamp_min(0)
-        n_active = min(self.spec.k * x.shape[0], positive.numel())
-        cutoff = positive.flatten().topk(n_active, sorted=False).values.min()
-        widest = int((positive >= cutoff).sum(1).max())  # one host sync per step: BatchTopK needs it
-        top = positive.topk(max(widest, 1), dim=1, sorted=False)
-        keep = top.values >= cutoff
-        values = self._gathered(x, pre, top.indices).relu() * keep
-        if self.training:
-            with torch.no_grad():
-                # A plain mean of the first 1/rate cutoffs, then an exponential average: no pull towards the initial 0.
-                self.threshold_updates += 1
-                rate = torch.clamp(1.0 / self.threshold_updates, min=BATCHTOPK_THRESHOLD_RATE)
-                self.threshold.lerp_(cutoff.to(self.threshold.dtype), rate.to(self.threshold.dtype))
-        return SparseCode(values, top.indices)
+        if self.training:  # BatchTopK: the K·B largest activations of the whole batch
+            cutoff = positive.flatten().topk(min(self.spec.k * len(pre), positive.numel()), sorted=False).values.min()
+            self._update_threshold_(cutoff)
+            selected = (positive >= cutoff) & (positive > 0)
+        else:  # at inference, the threshold learned in training keeps the expected sparsity
+            cutoff = self.threshold
+            selected = positive > cutoff
+        widest = max(int(selected.sum(1).max()), 1)  # one host sync per step: the code is padded to the busiest token
+        top = positive.topk(widest, dim=1, sorted=False)
+        keep = top.values >= cutoff if self.training else top.values > cutoff
+        return top.indices, keep & (top.values > 0)
+
+    @torch.no_grad()
+    def _update_threshold_(self, cutoff: torch.Tensor) -> None:
+        """A plain mean of the first 1/rate batch cutoffs, then an exponential average: no pull towards the initial 0."""
+        self.threshold_updates += 1
+        rate = torch.clamp(1.0 / self.threshold_updates, min=BATCHTOPK_THRESHOLD_RATE)
+        self.threshold.lerp_(cutoff.to(self.threshold.dtype), rate.to(self.threshold.dtype))
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
-        """The active features of each token (Top-K, or BatchTopK while training)."""
+        """The active features of each token (Top-K, or BatchTopK)."""
         if not self.spec.is_sparse:
             raise ValueError("encode_sparse is for topk and batchtopk SAEs; use encode")
         with torch.no_grad():
             pre = self.pre_activations(x)
-        if self.spec.architecture == "batchtopk" and self.training:
-            return self._batch_topk_code(x, pre)
-        if self.spec.architecture == "batchtopk":
-            active = (pre > self.threshold) & (pre > 0)
-            widest = max(int(active.sum(1).max()), 1)
-            top = pre.topk(widest, dim=1, sorted=False)
-            keep = (top.values > self.threshold) & (top.values > 0)
-            return SparseCode(self._gathered(x, pre, top.indices).relu() * keep, top.indices)
-        top = pre.topk(self.spec.k, dim=1, sorted=False)
-        return SparseCode(self._gathered(x, pre, top.indices).relu(), top.indices)
+        indices, keep = self._select_features(pre)
+        values = self._gathered(x, pre, indices).relu()
+        return SparseCode(values if keep is None else values * keep, indices)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense (B, M) feature activations, as used at inference."""
@@ -270,8 +270,19 @@ class SparseAutoencoder(nn.Module):
     def training_step(self, x: torch.Tensor, dead_features: torch.Tensor | None, aux_coefficient: float, sparsity_coefficient: float) -> StepOutput:
         """Loss and statistics for one batch. `dead_features` (M,) bool turns on aux-K for those features."""
         zero = x.new_zeros((), dtype=torch.float32)
+        aux_code = None
         if self.spec.is_sparse:
-            code = self.encode_sparse(x)
+            with torch.no_grad():  # the one dense matmul of the step, shared by the code and aux-K
+                pre = self.pre_activations(x)
+                indices, keep = self._select_features(pre)
+                aux_indices = self._aux_candidates(pre, dead_features) if self.spec.aux_k and dead_features is not None else None
+            # One sparse encoder gradient for the code and the aux-K candidates together.
+            width = indices.shape[1]
+            every = indices if aux_indices is None else torch.cat([indices, aux_indices], 1)
+            values = self._gathered(x, pre, every).relu()
+            code = SparseCode(values[:, :width] if keep is None else values[:, :width] * keep, indices)
+            if aux_indices is not None:
+                aux_code = SparseCode(values[:, width:], aux_indices)
             reconstruction = self.decode_sparse(code)
             active = code.values > 0
             fire_counts = torch.zeros(self.spec.m, device=x.device).index_add_(0, code.indices.flatten(), active.flatten().float())
@@ -295,21 +306,21 @@ class SparseAutoencoder(nn.Module):
         fvu = fraction_of_variance_unexplained(reconstruction, x)
         # Matryoshka: every prefix's reconstruction counts equally, the full one being the last prefix.
         main = torch.stack([*prefix_fvus, fvu]).mean()
-        aux_loss = zero
-        if self.spec.aux_k and dead_features is not None:
-            aux_loss = self._aux_loss(x, reconstruction, dead_features)
+        aux_loss = zero if aux_code is None else self._aux_loss(x, reconstruction, aux_code)
         loss = main + aux_coefficient * aux_loss + sparsity_coefficient * sparsity
         return StepOutput(loss, fvu.detach(), aux_loss.detach(), l0.detach(), fire_counts)
 
-    def _aux_loss(self, x: torch.Tensor, reconstruction: torch.Tensor, dead_features: torch.Tensor) -> torch.Tensor:
+    def _aux_candidates(self, pre: torch.Tensor, dead_features: torch.Tensor) -> torch.Tensor | None:
+        """Per token, the aux_k dead features with the largest pre-activations (None when none is dead)."""
+        dead_ids = dead_features.nonzero().squeeze(1)
+        if not len(dead_ids):  # all revived since the trainer last looked
+            return None
+        # Top-k among the dead columns only: far cheaper than a second top-k over all M when few are dead.
+        chosen = pre.index_select(1, dead_ids).topk(min(self.spec.aux_k, len(dead_ids)), dim=1, sorted=False).indices
+        return dead_ids[chosen]
+
+    def _aux_loss(self, x: torch.Tensor, reconstruction: torch.Tensor, aux_code: SparseCode) -> torch.Tensor:
         """How well the top aux_k dead features predict what the live ones left unexplained (Gao et al., 2024)."""
-        with torch.no_grad():
-            pre = self.pre_activations(x)
-            # Top-k among the dead columns only: far cheaper than a second top-k over all M when few are dead.
-            dead_ids = dead_features.nonzero().squeeze(1)
-            chosen = pre.index_select(1, dead_ids).topk(min(self.spec.aux_k, len(dead_ids)), dim=1, sorted=False).indices
-            candidates = dead_ids[chosen]
-        values = self._gathered(x, pre, candidates).relu()
         residual = (x - reconstruction).detach()
-        predicted = F.embedding_bag(candidates, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        predicted = F.embedding_bag(aux_code.indices, self.W_dec, per_sample_weights=aux_code.values.to(self.W_dec.dtype), mode="sum")
         return fraction_of_variance_unexplained(predicted, residual)

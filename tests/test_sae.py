@@ -129,3 +129,12 @@ def test_decoder_constraint_keeps_unit_rows():
 def test_bad_specs_get_clear_messages(spec, message):
     with pytest.raises(UserError, match=message):
         SAESpec(*spec)
+
+
+def test_aux_k_with_no_dead_feature_left_adds_nothing():
+    sae = make_sae(aux_k=2 * K)
+    x = torch.randn(B, D, dtype=torch.float64)
+    without = sae.training_step(x, None, 1 / 32, 0.0)
+    revived = sae.training_step(x, torch.zeros(M, dtype=torch.bool), 1 / 32, 0.0)
+    assert float(revived.aux_loss) == 0.0
+    torch.testing.assert_close(revived.loss, without.loss)
