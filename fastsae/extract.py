@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fastsae.config import setting
 from fastsae.data import Dataset, load_dataset
+from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.hook_points import HOOK_POINTS, check_layers, hook_name, hooked_module, output_tensor
 from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
@@ -78,11 +79,7 @@ class ExtractConfig:
         self.layers = sorted(set(self.layers))
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"DEVICE is {self.device!r} but no CUDA GPU is available. Use --device cpu or auto.")
-        return self.device
+        return resolve_device(self.device)
 
     def resolved_compute_dtype(self) -> torch.dtype:
         if self.compute_dtype == "auto":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from fastsae.batches import ExampleSplit, TokenSource, mixed_batches, prefetched_to_pinned_memory
 from fastsae.checkpoint import save_checkpoint
 from fastsae.config import config_fingerprint, setting
+from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.sae import ARCHITECTURES, SAESpec, SparseAutoencoder
 from fastsae.saelens_export import export_saelens
@@ -113,11 +115,7 @@ class TrainConfig:
         return SAESpec(parts[0], d, m, k, prefixes, min(aux_k, m))
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"DEVICE is {self.device!r} but no CUDA GPU is available. Use --device cpu or auto.")
-        return self.device
+        return resolve_device(self.device)
 
     def uses_bfloat16(self) -> bool:
         return self.precision == "bfloat16" or (self.precision == "auto" and self.resolved_device().startswith("cuda"))
@@ -304,7 +302,8 @@ class TrainingRun:
             next(batches)
         if self.device.startswith("cuda"):
             batches = prefetched_to_pinned_memory(batches)
-        previous_handlers = {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+        in_main_thread = threading.current_thread() is threading.main_thread()  # only there can signal handlers be set
+        previous_handlers = {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
         started, completed = time.perf_counter(), start_step
         try:
             with tqdm(total=self.total_steps, initial=start_step, desc="training", unit="step") as progress:

@@ -1,0 +1,16 @@
+"""Which torch device a step runs on: `auto` takes the GPU when there is one."""
+
+from __future__ import annotations
+
+import torch
+
+from fastsae.errors import UserError
+
+
+def resolve_device(name: str) -> str:
+    """`auto` → cuda if available, else cpu; asking for cuda without a GPU is a user error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"DEVICE is {name!r} but no CUDA GPU is available. Use --device cpu or auto.")
+    return name
