@@ -75,7 +75,7 @@ class EvalConfig:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
 
 
-class _Sums:
+class ReconstructionSums:
     """Running sums for reconstruction metrics over one kind of token."""
 
     def __init__(self, d: int) -> None:
@@ -122,7 +122,7 @@ def validation_examples(store: ActivationStore, fraction: float, seed: int, max_
 @torch.no_grad()
 def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoencoder, include_special: bool) -> dict[str, Any]:
     """Reconstruction, FAST MSE and sparsity metrics from one pass over the held-out examples in the store."""
-    sums = {"all": _Sums(store.d), "content": _Sums(store.d), "special": _Sums(store.d)}
+    sums = {"all": ReconstructionSums(store.d), "content": ReconstructionSums(store.d), "special": ReconstructionSums(store.d)}
     fast_all, fast_special = [], []
     fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64)
     l0_per_token, l1_total, sparsity_tokens = [], 0.0, 0

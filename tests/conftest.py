@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -97,3 +98,12 @@ def smollm2_store(tmp_path_factory, smollm2_tokenizer) -> Path:
     config = ExtractConfig(layers=[12], output_dir=str(tmp_path_factory.mktemp("smollm2-stores")))
     (folder,) = write_activation_stores(model, smollm2_tokenizer, load_dataset(config.dataset), config, "SmolLM2-135M-Instruct")
     return folder
+
+
+def hypothesaes_module():
+    """HypotheSAEs' own sae.py, loaded by path (its package __init__ imports heavy extras)."""
+    folder = importlib.util.find_spec("hypothesaes").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("hypothesaes_sae", Path(folder) / "sae.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

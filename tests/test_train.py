@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import hypothesaes_module
 from fastsae.batches import ExampleSplit, TokenSource, mixed_batches, prefetched_to_pinned_memory
 from fastsae.checkpoint import load_sae
 from fastsae.errors import UserError
@@ -24,15 +24,6 @@ def config_for(store: Path, output: Path, **overrides) -> TrainConfig:
     settings = dict(store=str(store), output_dir=str(output), m=M, k=K, batch_size=256, epochs=20.0, learning_rate=1e-3, eval_every=20, log_every=5, buffer_tokens=4096)
     settings.update(overrides)
     return TrainConfig(**settings)
-
-
-def hypothesaes_module():
-    """HypotheSAEs' own sae.py, loaded by path (its package __init__ imports heavy extras)."""
-    folder = importlib.util.find_spec("hypothesaes").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("hypothesaes_sae", Path(folder) / "sae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def assert_saelens_export_matches(result: dict, raw: torch.Tensor) -> None:
