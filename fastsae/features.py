@@ -1,0 +1,139 @@
+"""Per-feature statistics from one streaming pass over the store: what each SAE feature fires on.
+
+For every feature: firing frequency, mean (over firing tokens) and max activation, a histogram
+of its activations, its top-N activating tokens (kept with a chunked top-k merge, so memory is
+bounded by M × N, not by the store), and each example's max activation (the text-level view
+HypotheSAEs uses). With labels per example: the label each feature fires on most, by AUROC of
+the example-level activation. Logit lens: the tokens a decoder direction most promotes and
+suppresses through the unembedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from fastsae.sae import SparseAutoencoder
+from fastsae.store import ActivationStore
+
+HISTOGRAM_EDGES = torch.logspace(-3, 4, 57)  # activations from 0.001 to 10,000, 8 bins a decade
+
+
+@dataclass
+class FeatureStatistics:
+    """Everything the interpretation step reads about the features; arrays are indexed by feature."""
+
+    n_tokens: int
+    frequency: np.ndarray  # (M,) fraction of tokens the feature fires on
+    mean_activation: np.ndarray  # (M,) over the tokens it fires on (0 if it never fires)
+    max_activation: np.ndarray  # (M,)
+    histogram: np.ndarray  # (M, len(HISTOGRAM_EDGES) - 1) counts of firing activations per log bin
+    top_values: np.ndarray  # (M, N) largest activations, descending (0 where fewer than N tokens fired)
+    top_tokens: np.ndarray  # (M, N) store index of the token of each top value (-1 where none)
+    example_max: np.ndarray  # (n_examples, M) each example's max activation of each feature
+
+    def top_examples_and_positions(self, store: ActivationStore, feature: int) -> list[tuple[int, int, float]]:
+        """(example, position in the example, activation) of a feature's top tokens."""
+        rows = []
+        for value, token in zip(self.top_values[feature], self.top_tokens[feature]):
+            if token < 0 or value <= 0:
+                break
+            example = int(np.searchsorted(store.doc_offsets, token, side="right")) - 1
+            rows.append((example, int(token - store.doc_offsets[example]), float(value)))
+        return rows
+
+
+@torch.no_grad()
+def collect_feature_statistics(
+    store: ActivationStore, sae: SparseAutoencoder, top_n: int = 20, chunk_tokens: int = 4096, include_special: bool = False
+) -> FeatureStatistics:
+    """One pass over the store; `sae` applies to raw store activations (as `load_sae` returns it)."""
+    device = next(sae.parameters()).device
+    m = sae.spec.m
+    fire_counts = torch.zeros(m, dtype=torch.float64, device=device)
+    activation_sums = torch.zeros(m, dtype=torch.float64, device=device)
+    maxima = torch.zeros(m, device=device)
+    histogram = torch.zeros(m, len(HISTOGRAM_EDGES) - 1, dtype=torch.long, device=device)
+    edges = HISTOGRAM_EDGES.to(device)
+    top_values = torch.zeros(m, top_n, device=device)
+    top_tokens = torch.full((m, top_n), -1, dtype=torch.long, device=device)
+    example_max = torch.zeros(store.n_examples, m)
+    counted = 0
+    for chunk in tqdm(store.iter_chunks(chunk_tokens), total=-(-store.n_tokens // chunk_tokens), desc="feature statistics", unit="chunk"):
+        codes = sae.encode(chunk.activations.float().to(device))
+        if not include_special:
+            codes[torch.from_numpy(chunk.special_mask).to(device)] = 0
+            counted += int((~chunk.special_mask).sum())
+        else:
+            counted += len(codes)
+        active = codes > 0
+        fire_counts += active.sum(0)
+        activation_sums += codes.sum(0)
+        maxima = torch.maximum(maxima, codes.max(0).values)
+        bins = torch.bucketize(codes, edges) - 1  # bin of each activation; below the first edge → -1
+        in_range = active & (bins >= 0) & (bins < histogram.shape[1])
+        feature_ids = torch.arange(m, device=device).expand_as(codes)
+        histogram.view(-1).index_add_(0, (feature_ids * histogram.shape[1] + bins)[in_range], torch.ones_like(bins[in_range]))
+        # Chunked top-k merge: the kept N and this chunk's tokens compete, per feature.
+        positions = torch.arange(chunk.start, chunk.start + len(codes), device=device).expand(m, -1)
+        candidates = torch.cat([top_values, codes.T], 1)
+        merged = candidates.topk(top_n, dim=1)
+        top_values = merged.values
+        top_tokens = torch.cat([top_tokens, positions], 1).gather(1, merged.indices)
+        token_example = np.searchsorted(store.doc_offsets, np.arange(chunk.start, chunk.start + len(codes)), side="right") - 1
+        example_ids = torch.from_numpy(token_example)
+        example_max.index_reduce_(0, example_ids, codes.cpu(), "amax")
+    top_tokens[top_values <= 0] = -1
+    frequency = fire_counts / max(counted, 1)
+    return FeatureStatistics(
+        n_tokens=counted,
+        frequency=frequency.cpu().numpy(),
+        mean_activation=(activation_sums / fire_counts.clamp_min(1)).cpu().numpy(),
+        max_activation=maxima.cpu().numpy(),
+        histogram=histogram.cpu().numpy(),
+        top_values=top_values.cpu().numpy(),
+        top_tokens=top_tokens.cpu().numpy(),
+        example_max=example_max.numpy(),
+    )
+
+
+def label_association(example_max: np.ndarray, labels: list[str | None]) -> pd.DataFrame:
+    """Per feature: the label whose examples it fires on most, by AUROC of the example-level max activation.
+
+    AUROC of a label = P(a random example with the label activates the feature more than one without),
+    ties counting half; computed from average ranks (the Mann-Whitney statistic).
+    """
+    labelled = np.array([label is not None for label in labels])
+    if labelled.sum() < 2:
+        return pd.DataFrame({"top_label": [None] * example_max.shape[1], "top_label_auroc": [np.nan] * example_max.shape[1]})
+    activations = example_max[labelled]
+    names = np.array([label for label in labels if label is not None])
+    ranks = pd.DataFrame(activations).rank(axis=0, method="average").to_numpy()
+    best_label = np.full(activations.shape[1], None, dtype=object)
+    best_auroc = np.full(activations.shape[1], -np.inf)
+    for label in sorted(set(names)):
+        positive = names == label
+        n_positive, n_negative = int(positive.sum()), int((~positive).sum())
+        if not n_positive or not n_negative:
+            continue
+        auroc = (ranks[positive].sum(0) - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)
+        better = auroc > best_auroc
+        best_label[better], best_auroc[better] = label, auroc[better]
+    return pd.DataFrame({"top_label": best_label, "top_label_auroc": best_auroc})
+
+
+@torch.no_grad()
+def logit_lens(decoder_directions: torch.Tensor, unembedding: torch.Tensor, k: int = 10, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(M, k) token ids each feature's decoder direction most promotes, and most suppresses, through W_U."""
+    promoted, suppressed = [], []
+    directions = decoder_directions.float()
+    weights = unembedding.float()
+    for start in range(0, len(directions), chunk):
+        logits = directions[start : start + chunk] @ weights.T
+        promoted.append(logits.topk(k, dim=1).indices)
+        suppressed.append((-logits).topk(k, dim=1).indices)
+    return torch.cat(promoted).numpy(), torch.cat(suppressed).numpy()

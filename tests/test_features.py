@@ -1,0 +1,86 @@
+"""Feature statistics from the streaming pass equal a brute-force computation over the whole store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastsae.features import collect_feature_statistics, label_association, logit_lens
+from fastsae.sae import SAESpec, SparseAutoencoder
+from fastsae.store import ActivationStore
+
+M, K, N = 96, 6, 7
+
+
+@pytest.fixture(scope="module")
+def store_and_sae(tiny_store):
+    store = ActivationStore(tiny_store)
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec("topk", store.d, M, K)).eval()
+    sae.initialize_input_bias_(store.activations(0, 2000).float(), "median")
+    return store, sae
+
+
+def brute_force_codes(store: ActivationStore, sae: SparseAutoencoder) -> torch.Tensor:
+    with torch.no_grad():
+        codes = sae.encode(store.activations(0, store.n_tokens).float())
+    codes[torch.from_numpy(store.special_mask(0, store.n_tokens))] = 0
+    return codes
+
+
+def test_streaming_statistics_equal_brute_force(store_and_sae):
+    store, sae = store_and_sae
+    stats = collect_feature_statistics(store, sae, top_n=N, chunk_tokens=1000)  # odd chunks: merges cross shard and chunk ends
+    codes = brute_force_codes(store, sae)
+    content = int((~store.special_mask(0, store.n_tokens)).sum())
+    assert stats.n_tokens == content
+    np.testing.assert_allclose(stats.frequency, ((codes > 0).sum(0) / content).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(stats.max_activation, codes.max(0).values.numpy(), rtol=1e-6)
+    expected_top = codes.T.topk(N, dim=1)
+    np.testing.assert_allclose(stats.top_values, expected_top.values.numpy(), rtol=1e-6)
+    for feature in range(M):  # identical contexts give tied activations, so check the tokens by their values
+        fired = stats.top_values[feature] > 0
+        tokens = stats.top_tokens[feature][fired]
+        assert len(set(tokens.tolist())) == len(tokens) and (stats.top_tokens[feature][~fired] == -1).all()
+        np.testing.assert_allclose(codes[tokens, feature].numpy(), stats.top_values[feature][fired], rtol=1e-6)
+    assert stats.histogram.sum() == int((codes > 1e-3).sum())  # every firing activation above the first edge is binned once
+    for example in (0, 5, store.n_examples - 1):
+        start, stop = store.doc_offsets[example], store.doc_offsets[example + 1]
+        np.testing.assert_allclose(stats.example_max[example], codes[start:stop].max(0).values.numpy(), rtol=1e-6)
+
+
+def test_top_tokens_map_back_to_examples_and_positions(store_and_sae):
+    store, sae = store_and_sae
+    stats = collect_feature_statistics(store, sae, top_n=N, chunk_tokens=4096)
+    feature = int(np.argmax(stats.frequency))
+    for example, position, value in stats.top_examples_and_positions(store, feature):
+        with torch.no_grad():
+            recomputed = sae.encode(store.example(example).activations.float())[position, feature]
+        assert float(recomputed) == pytest.approx(value, rel=1e-5)
+
+
+def test_label_auroc_equals_pairwise_comparison():
+    rng = np.random.default_rng(0)
+    labels = ["a"] * 30 + ["b"] * 20 + [None] * 5
+    example_max = rng.random((55, 4))
+    example_max[:30, 2] += 0.8  # feature 2 fires more on label a
+    example_max[:10, 3] = 0.0  # ties at zero
+    table = label_association(example_max, labels)
+    assert table.loc[2, "top_label"] == "a" and table.loc[2, "top_label_auroc"] > 0.9
+    values = example_max[:50]
+    names = np.array(labels[:50])
+    for feature in range(4):
+        label = table.loc[feature, "top_label"]
+        positive, negative = values[names == label, feature], values[names != label, feature]
+        pairwise = ((positive[:, None] > negative[None, :]) + 0.5 * (positive[:, None] == negative[None, :])).mean()
+        assert table.loc[feature, "top_label_auroc"] == pytest.approx(pairwise)
+
+
+def test_logit_lens_equals_the_full_product():
+    torch.manual_seed(0)
+    directions, unembedding = torch.randn(50, 16), torch.randn(300, 16)
+    promoted, suppressed = logit_lens(directions, unembedding, k=5, chunk=7)
+    logits = directions @ unembedding.T
+    np.testing.assert_array_equal(promoted, logits.topk(5, dim=1).indices.numpy())
+    np.testing.assert_array_equal(suppressed, (-logits).topk(5, dim=1).indices.numpy())
