@@ -85,8 +85,9 @@ def collect_feature_statistics(
         top_values = merged.values
         top_tokens = torch.cat([top_tokens, positions], 1).gather(1, merged.indices)
         token_example = np.searchsorted(store.doc_offsets, np.arange(chunk.start, chunk.start + len(codes)), side="right") - 1
-        example_ids = torch.from_numpy(token_example)
-        example_max.index_reduce_(0, example_ids, codes.cpu(), "amax")
+        codes_cpu = codes.cpu()
+        example_ids = torch.from_numpy(token_example)[:, None].expand_as(codes_cpu)
+        example_max.scatter_reduce_(0, example_ids, codes_cpu, reduce="amax")
     top_tokens[top_values <= 0] = -1
     frequency = fire_counts / max(counted, 1)
     return FeatureStatistics(
