@@ -27,7 +27,7 @@ ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 SPARSE_ARCHITECTURES = ("topk", "batchtopk")
 BATCHTOPK_THRESHOLD_RATE = 1e-2  # EMA rate of the inference threshold, as in HypotheSAEs
 JUMPRELU_BANDWIDTH = 1e-3  # width of the straight-through rectangle around each threshold
-JUMPRELU_INITIAL_THRESHOLD = 1e-3
+JUMPRELU_INITIAL_THRESHOLD = 0.1  # in the trainer's scaled units (E‖x‖² = d); see TrainConfig.jumprelu_initial_threshold
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def fraction_of_variance_unexplained(reconstruction: torch.Tensor, target: torch
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, spec: SAESpec) -> None:
+    def __init__(self, spec: SAESpec, jumprelu_initial_threshold: float = JUMPRELU_INITIAL_THRESHOLD) -> None:
         super().__init__()
         self.spec = spec
         self.W_enc = nn.Parameter(torch.empty(spec.m, spec.d))
@@ -162,7 +162,7 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(spec.m, spec.d))
         self.b_dec = nn.Parameter(torch.zeros(spec.d))
         if spec.architecture == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((spec.m,), math.log(JUMPRELU_INITIAL_THRESHOLD)))
+            self.log_threshold = nn.Parameter(torch.full((spec.m,), math.log(jumprelu_initial_threshold)))
         # BatchTopK's inference threshold: a running average of each batch's cutoff, not learned by gradient.
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("threshold_updates", torch.tensor(0))

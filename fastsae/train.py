@@ -54,6 +54,9 @@ class TrainConfig:
     dead_after_tokens: int = setting(0, "a feature is dead after this many training tokens without firing; 0: a tenth of the run (at most 10M)")
     l1_coefficient: float = setting(1e-3, "L1 penalty on activations for relu SAEs")
     l0_coefficient: float = setting(1e-3, "L0 penalty for jumprelu SAEs")
+    jumprelu_initial_threshold: float = setting(
+        0.1, "where jumprelu thresholds start (scaled units); in short runs this, more than L0_COEFFICIENT, sets the L0"
+    )
     batch_size: int = setting(1024, "tokens per training batch")
     learning_rate: float = setting(2e-3, "Adam learning rate after warm-up (best of 5e-4..4e-3 on the default data; try lower for long runs)")
     warmup_fraction: float = setting(0.05, "fraction of the steps spent warming the learning rate up from 0")
@@ -79,6 +82,8 @@ class TrainConfig:
     overwrite: bool = setting(False, "start over even if a run with other settings exists in the folder")
 
     def __post_init__(self) -> None:
+        if self.jumprelu_initial_threshold <= 0:
+            raise UserError(f"JUMPRELU_INITIAL_THRESHOLD must be positive; got {self.jumprelu_initial_threshold}.")
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise UserError(f"PRECISION must be auto, float32 or bfloat16; got {self.precision!r}.")
         if self.input_bias_init not in ("median", "mean", "zero"):
@@ -257,7 +262,7 @@ class TrainingRun:
 
     def _new_trainer(self, spec: SAESpec) -> SAETrainer:
         torch.manual_seed(self.config.seed)
-        sae = SparseAutoencoder(spec)
+        sae = SparseAutoencoder(spec, self.config.jumprelu_initial_threshold)
         sae.initialize_input_bias_(self.bias_sample, self.config.input_bias_init)
         sae = sae.to(self.device).train()
         optimizer = torch.optim.Adam(sae.parameters(), lr=self.config.learning_rate, fused=True)  # one kernel for all parameters
