@@ -138,3 +138,34 @@ def logit_lens(decoder_directions: torch.Tensor, unembedding: torch.Tensor, k: i
         promoted.append(logits.topk(k, dim=1).indices)
         suppressed.append((-logits).topk(k, dim=1).indices)
     return torch.cat(promoted).numpy(), torch.cat(suppressed).numpy()
+
+
+@dataclass
+class TokenContext:
+    """A window of tokens around one activation of a feature, with the feature's activation on each token."""
+
+    example: int
+    position: int  # of the firing token, within the example
+    activation: float
+    tokens: list[str]  # decoded tokens of the window
+    activations: list[float]  # the feature's activation on each token of the window
+    focus: int  # index of the firing token within `tokens`
+
+    def marked_text(self) -> str:
+        """The window as text with the firing token in «guillemets» (prompts and the CSV)."""
+        return "".join(f"«{token}»" if index == self.focus else token for index, token in enumerate(self.tokens))
+
+
+@torch.no_grad()
+def top_contexts(
+    store: ActivationStore, sae: SparseAutoencoder, statistics: FeatureStatistics, feature: int, tokenizer, window: int = 12, limit: int = 5
+) -> list[TokenContext]:
+    """Up to `limit` of a feature's top activations, each with ±`window` tokens (from the store; no model run)."""
+    contexts = []
+    for example, position, value in statistics.top_examples_and_positions(store, feature)[:limit]:
+        stored = store.example(example)
+        start, stop = max(0, position - window), min(len(stored.token_ids), position + window + 1)
+        codes = sae.encode(stored.activations[start:stop].float().to(next(sae.parameters()).device))[:, feature]
+        tokens = [tokenizer.decode([int(token)]) for token in stored.token_ids[start:stop]]
+        contexts.append(TokenContext(example, position, value, tokens, codes.cpu().tolist(), position - start))
+    return contexts

@@ -84,3 +84,19 @@ def test_logit_lens_equals_the_full_product():
     logits = directions @ unembedding.T
     np.testing.assert_array_equal(promoted, logits.topk(5, dim=1).indices.numpy())
     np.testing.assert_array_equal(suppressed, (-logits).topk(5, dim=1).indices.numpy())
+
+
+def test_contexts_window_the_firing_token_with_each_tokens_activation(store_and_sae, smollm2_tokenizer):
+    from fastsae.features import top_contexts
+
+    store, sae = store_and_sae
+    stats = collect_feature_statistics(store, sae, top_n=N)
+    feature = int(np.argmax(stats.frequency))
+    contexts = top_contexts(store, sae, stats, feature, smollm2_tokenizer, window=3, limit=4)
+    assert len(contexts) == 4
+    for context in contexts:
+        assert context.activations[context.focus] == pytest.approx(context.activation, rel=1e-5)
+        assert len(context.tokens) == len(context.activations) <= 7
+        stored = store.example(context.example).token_ids
+        assert context.tokens[context.focus] == smollm2_tokenizer.decode([int(stored[context.position])])
+        assert f"«{context.tokens[context.focus]}»" in context.marked_text()

@@ -1,0 +1,53 @@
+"""interpret_sae: the no-LLM part of the CSV, on a tiny trained SAE and its store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fastsae.errors import UserError
+from fastsae.features import FeatureStatistics
+from fastsae.interpret import InterpretConfig, interpret_sae, select_features
+from fastsae.train import TrainConfig, train_saes
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_store, tmp_path_factory):
+    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("interpret-runs")), m=64, k=4, batch_size=256, epochs=10.0)
+    (result,) = train_saes(config)
+    return result["checkpoint"]
+
+
+def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_model_folder, tmp_path):
+    path = interpret_sae(
+        InterpretConfig(checkpoint=checkpoint, model_name=str(tiny_model_folder), features="frequency:10", interpretations_path=str(tmp_path / "interpretations.csv"), device="cpu")
+    )
+    table = pd.read_csv(path, keep_default_na=False)
+    assert len(table) == 10
+    assert list(table["frequency"]) == sorted(table["frequency"], reverse=True) and (table["frequency"] > 0).all()
+    labels = {"reconsidering", "doubting", "planning", "comparing_options", "recalling", "justifying", "predicting", "noticing_bias", "committing", "questioning_assumption"}
+    assert set(table["top_label"]) <= labels
+    assert ((table["top_label_auroc"] >= 0.5) & (table["top_label_auroc"] <= 1)).all()  # the best label is at least chance
+    assert all("«" in contexts and "»" in contexts for contexts in table["top_contexts"])
+    assert (table["explanation"] == "").all() and (table["score"] == "").all()
+    assert all(len(tokens.split(" | ")) == 8 for tokens in table["logit_lens_promoted"])
+
+
+def statistics_with(frequency: list[float]) -> FeatureStatistics:
+    m = len(frequency)
+    zeros = np.zeros(m)
+    return FeatureStatistics(10, np.array(frequency), zeros, zeros, np.zeros((m, 2)), np.zeros((m, 1)), np.zeros((m, 1), dtype=int), np.zeros((3, m)))
+
+
+def test_feature_selection():
+    statistics = statistics_with([0.1, 0.0, 0.5, 0.3])
+    labels = pd.DataFrame({"top_label": ["a", None, "b", "a"], "top_label_auroc": [0.9, np.nan, 0.6, 0.95]})
+    assert select_features("frequency:2", statistics, labels) == [2, 3]
+    assert select_features("label:2", statistics, labels) == [3, 0]
+    assert select_features("all", statistics, labels) == [0, 1, 2, 3]
+    assert select_features("3, 1", statistics, labels) == [3, 1]
+    with pytest.raises(UserError, match="feature 7 does not exist"):
+        select_features("7", statistics, labels)
+    with pytest.raises(UserError, match="not understood"):
+        select_features("most:3", statistics, labels)
