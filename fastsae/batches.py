@@ -111,19 +111,22 @@ def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed
 
     incoming = chunks()
     pending = torch.empty(0, source.store.d)
-    buffer = torch.empty(0, source.store.d)
+    buffer = torch.empty(buffer_tokens, source.store.d)  # filled in place: no copies of the whole buffer
+    filled = 0
     while True:
-        while len(buffer) < buffer_tokens:  # refill the half that was handed out
+        while filled < buffer_tokens:  # refill the half that was handed out
             if not len(pending):
                 pending = next(incoming)
-            take = min(buffer_tokens - len(buffer), len(pending))
-            buffer, pending = torch.cat([buffer, pending[:take]]), pending[take:]
-        buffer = buffer[torch.randperm(len(buffer), generator=shuffle)]
-        n_out = (len(buffer) // 2) // batch_size * batch_size
+            take = min(buffer_tokens - filled, len(pending))
+            buffer[filled : filled + take] = pending[:take]
+            pending, filled = pending[take:], filled + take
+        order = torch.randperm(filled, generator=shuffle)
+        n_out = (filled // 2) // batch_size * batch_size
         for offset in range(0, n_out, batch_size):
-            yield buffer[offset : offset + batch_size]
-        buffer = buffer[n_out:]
-
+            yield buffer[order[offset : offset + batch_size]]  # indexing copies: later refills cannot touch it
+        kept = order[n_out:]
+        buffer[: len(kept)] = buffer[kept]
+        filled = len(kept)
 
 def prefetched_to_pinned_memory(batches: Iterator[torch.Tensor], depth: int = 2) -> Iterator[torch.Tensor]:
     """Read and mix the next batches on a background thread into pinned memory, while the GPU trains.

@@ -220,13 +220,16 @@ def model_metrics(
     layer, hook_point = int(store.manifest["layer"]), store.manifest["hook_point"]
     check_layers(model, [layer])
     device = next(model.parameters()).device
-    sequences = [store.example(index) for index in examples]
+    # Only token ids and masks are needed here (not activations): memory stays small for large splits.
+    spans = [(int(store.doc_offsets[index]), int(store.doc_offsets[index + 1])) for index in examples]
+    token_ids = [store.token_ids(start, stop) for start, stop in spans]
+    special_masks = [store.special_mask(start, stop) for start, stop in spans]
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
     counted = 0
     splice = _Splice(reconstruct)
     zero = _Splice(torch.zeros_like)
     module = hooked_module(model, layer, hook_point)
-    lengths = [len(example.token_ids) for example in sequences]
+    lengths = [len(ids) for ids in token_ids]
     for batch in tqdm(length_batches(lengths, batch_tokens), desc="evaluating (model)", unit="batch"):
         width = lengths[batch[0]]
         input_ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -234,9 +237,9 @@ def model_metrics(
         special = torch.ones((len(batch), width), dtype=torch.bool)
         for row, index in enumerate(batch):
             length = lengths[index]
-            input_ids[row, :length] = torch.from_numpy(sequences[index].token_ids.astype(np.int64))
+            input_ids[row, :length] = torch.from_numpy(token_ids[index].astype(np.int64))
             attention[row, :length] = 1
-            special[row, :length] = torch.from_numpy(sequences[index].special_mask)
+            special[row, :length] = torch.from_numpy(special_masks[index])
         input_ids, attention, special = input_ids.to(device), attention.to(device), special.to(device)
         splice_positions = attention.bool() & (torch.ones_like(special) if include_special else ~special)
         target_counts = attention[:, 1:].bool() & ~special[:, 1:]  # predict content tokens only

@@ -49,6 +49,9 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     lines = [header, "|" + "|".join("---" for _ in header.split("|")[1:-1]) + "|"]
     for row in rows:
         final = row["final"]
+        if not final:  # VALIDATION_FRACTION = 0: nothing held out to measure on
+            lines.append(f"| {row['name']} | n/a | n/a | n/a | n/a | n/a | {row['tokens_trained']:,} | {row['stopped']} |")
+            continue
         lines.append(
             f"| {row['name']} | {final['fvu']:.4f} | {final['explained_variance']:.4f} | {final['l0']:.1f} "
             f"| {final['dead_fraction']:.1%} | {final['dense_fraction']:.1%} | {row['tokens_trained']:,} | {row['stopped']} |"

@@ -279,3 +279,10 @@ def test_bfloat16_autocast_trains_close_to_float32(tiny_store, tmp_path):
     (bfloat16,) = train_saes(config_for(tiny_store, tmp_path / "bf16", epochs=5.0, precision="bfloat16"))
     assert bfloat16["final"]["l0"] == pytest.approx(K, abs=0.5)
     assert bfloat16["final"]["fvu"] == pytest.approx(float32["final"]["fvu"], rel=0.1)
+
+
+def test_training_without_a_validation_split_still_finishes(tiny_store, tmp_path, capsys):
+    (result,) = train_saes(config_for(tiny_store, tmp_path, validation_fraction=0.0, epochs=2.0))
+    assert result["final"] == {} and result["validation"] == []
+    assert f"| {result['name']} | n/a |" in capsys.readouterr().out
+    assert load_sae(result["checkpoint"]).sae.spec.m == M
