@@ -2,9 +2,11 @@
 
 One streaming pass over the store gives each feature's frequency, activation statistics and
 top-activating tokens; the CSV gets, per chosen feature, its top contexts (firing token in
-«guillemets»), the tokens its decoder direction promotes and suppresses (logit lens), and the
-label it fires on most with that label's AUROC. LLM explanations, their scores and the HTML
-dashboard are not part of this version yet (their columns are empty).
+«guillemets»), the tokens its decoder direction promotes and suppresses (logit lens), the label
+it fires on most with that label's AUROC, and — with an API key — an LLM's explanation and its
+detection score. Key: OPENAI_API_KEY (or OPENAI_KEY_SAE); OPENAI_BASE_URL for vLLM, Ollama or
+another OpenAI-compatible server. Answers are cached, so reruns cost nothing. The HTML
+dashboard is not part of this version yet.
 """
 
 CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"
@@ -12,6 +14,11 @@ FEATURES = "frequency:100"  # all, frequency:N, label:N, or "3,17,42"
 TOP_CONTEXTS = 5
 CONTEXT_WINDOW = 12
 INTERPRETATIONS_PATH = "interpretations.csv"
+EXPLAIN = True  # ask the LLM when a key is set; without one the two columns stay empty
+EXPLANATION_MODEL = "gpt-4.1"
+EXPLAIN_CONTEXTS = 10  # top contexts shown to the LLM
+SCORE_CONTEXTS = 5  # held-out activating contexts (and as many silent ones) for the score
+LLM_CONCURRENCY = 4
 DEVICE = "auto"
 
 if __name__ == "__main__":

@@ -169,3 +169,19 @@ def top_contexts(
         tokens = [tokenizer.decode([int(token)]) for token in stored.token_ids[start:stop]]
         contexts.append(TokenContext(example, position, value, tokens, codes.cpu().tolist(), position - start))
     return contexts
+
+
+def non_activating_contexts(
+    store: ActivationStore, statistics: FeatureStatistics, feature: int, tokenizer, window: int, count: int, seed: int
+) -> list[str]:
+    """Text windows from examples where the feature never fires (a seeded sample), for contrast."""
+    silent = np.flatnonzero(statistics.example_max[:, feature] == 0)
+    rng = np.random.default_rng([seed, feature])
+    texts = []
+    for example in rng.permutation(silent)[:count]:
+        stored = store.example(int(example))
+        content = np.flatnonzero(~stored.special_mask)
+        centre = int(rng.choice(content)) if len(content) else len(stored.token_ids) // 2
+        start, stop = max(0, centre - window), min(len(stored.token_ids), centre + window + 1)
+        texts.append(tokenizer.decode([int(token) for token in stored.token_ids[start:stop]]))
+    return texts

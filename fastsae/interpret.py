@@ -1,8 +1,9 @@
-"""Step 3: explain the features — statistics, top contexts, labels and logit lens into interpretations.csv.
+"""Step 3: explain the features — statistics, top contexts, labels, logit lens and LLM explanations.
 
-This first version writes everything that needs no LLM. The explanation and score columns are
-present and empty; LLM explanations (any OpenAI-compatible API), their scoring and the HTML
-dashboard are the next slice of this step.
+Everything but the explanations needs no LLM. With an API key, each chosen feature gets one
+request for its explanation and one for its detection score (see fastsae/explanations.py); with
+none, those two columns stay empty and the run says why. The HTML dashboard is not part of this
+version yet.
 """
 
 from __future__ import annotations
@@ -21,8 +22,18 @@ from fastsae.config import setting
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.evaluate import DEFAULT_CHECKPOINT
-from fastsae.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens, top_contexts
-from fastsae.models import load_model, load_tokenizer, resolve_model
+from fastsae.explanations import balanced_accuracy, explanation_messages, parse_labels, scoring_messages
+from fastsae.features import (
+    FeatureStatistics,
+    TokenContext,
+    collect_feature_statistics,
+    label_association,
+    logit_lens,
+    non_activating_contexts,
+    top_contexts,
+)
+from fastsae.llm import API_KEY_VARIABLES, CachedChatClient, api_key
+from fastsae.models import cache_dir, load_model, load_tokenizer, resolve_model
 from fastsae.store import ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -38,6 +49,13 @@ class InterpretConfig:
     context_window: int = setting(12, "tokens shown on each side of the firing token")
     logit_lens_tokens: int = setting(8, "tokens listed as most promoted / suppressed by each feature's decoder direction")
     interpretations_path: str = setting("interpretations.csv", "where the CSV goes")
+    explain: bool = setting(True, "ask an LLM (OpenAI-compatible API; key from OPENAI_API_KEY) to explain and score each feature")
+    explanation_model: str = setting("gpt-4.1", "chat model for explanations and scoring")
+    explain_contexts: int = setting(10, "top-activating contexts shown to the LLM to explain a feature")
+    score_contexts: int = setting(5, "held-out activating contexts (and as many non-activating) the explanation is scored on")
+    llm_concurrency: int = setting(4, "requests in flight at once")
+    llm_cache_dir: str = setting("", "where LLM answers are cached; empty: <FASTSAE_CACHE>/llm")
+    seed: int = setting(0, "seed for sampling non-activating contexts and shuffling the scoring excerpts")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
 
 
@@ -73,13 +91,17 @@ def _unembedding(model: torch.nn.Module) -> torch.Tensor:
 
 
 def interpretation_rows(
-    store: ActivationStore, sae, statistics: FeatureStatistics, labels: pd.DataFrame, features: list[int], tokenizer, unembedding, config: InterpretConfig
+    statistics: FeatureStatistics,
+    labels: pd.DataFrame,
+    contexts_by_feature: dict[int, list[TokenContext]],
+    promoted: np.ndarray,
+    suppressed: np.ndarray,
+    tokenizer,
+    config: InterpretConfig,
 ) -> list[dict[str, Any]]:
-    directions = sae.W_dec.detach()[features]
-    promoted, suppressed = logit_lens(directions, unembedding, k=config.logit_lens_tokens)
     rows = []
-    for row_index, feature in enumerate(features):
-        contexts = top_contexts(store, sae, statistics, feature, tokenizer, config.context_window, config.top_contexts)
+    for row_index, (feature, all_contexts) in enumerate(contexts_by_feature.items()):
+        contexts = all_contexts[: config.top_contexts]
         firing_tokens = list(dict.fromkeys(context.tokens[context.focus] for context in contexts))
         rows.append(
             {
@@ -100,6 +122,38 @@ def interpretation_rows(
     return rows
 
 
+def explain_features(
+    rows: list[dict[str, Any]], contexts_by_feature: dict[int, list[TokenContext]], store: ActivationStore, statistics: FeatureStatistics, tokenizer, config: InterpretConfig
+) -> None:
+    """Fill each row's explanation and score: one explaining request per feature, then one scoring request."""
+    client = CachedChatClient(config.explanation_model, Path(config.llm_cache_dir or cache_dir() / "llm"), config.llm_concurrency)
+    features = list(contexts_by_feature)
+    explain_requests, scoring_sets = [], []
+    for feature in features:
+        shown = contexts_by_feature[feature][: config.explain_contexts]
+        held_out = contexts_by_feature[feature][config.explain_contexts : config.explain_contexts + config.score_contexts]
+        silent = non_activating_contexts(store, statistics, feature, tokenizer, config.context_window, config.explain_contexts // 2 + len(held_out), config.seed)
+        explain_requests.append(explanation_messages(shown, silent[: config.explain_contexts // 2]))
+        excerpts = [("".join(context.tokens), 1) for context in held_out] + [(text, 0) for text in silent[config.explain_contexts // 2 :]]
+        order = np.random.default_rng([config.seed, feature]).permutation(len(excerpts))
+        scoring_sets.append([excerpts[index] for index in order])
+    uncached = sum(client.cached(messages, 300) is None for messages in explain_requests)
+    characters = sum(len(message["content"]) for messages in explain_requests for message in messages)
+    logger.info(
+        "LLM: %d explaining + %d scoring requests to %s (about %d prompt tokens; %d explanations already cached)",
+        len(features), len(features), config.explanation_model, 2 * characters // 4, len(features) - uncached,
+    )
+    explanations = [answer.strip().strip('"') for answer in client.complete_all(explain_requests)]
+    scoring_requests = [scoring_messages(explanation, [text for text, _ in excerpts]) for explanation, excerpts in zip(explanations, scoring_sets)]
+    answers = client.complete_all(scoring_requests)
+    for row, explanation, excerpts, answer in zip(rows, explanations, scoring_sets, answers):
+        row["explanation"] = explanation
+        labels = parse_labels(answer, len(excerpts))
+        truth = [is_activating for _, is_activating in excerpts]
+        row["score"] = balanced_accuracy(labels, truth) if labels is not None and 1 in truth else np.nan
+    logger.info("LLM: %d requests sent, the rest served from the cache", client.requests_sent)
+
+
 def interpret_sae(config: InterpretConfig) -> Path:
     """Statistics over the whole store, then one CSV row per chosen feature."""
     loaded = load_sae(config.checkpoint)
@@ -118,16 +172,22 @@ def interpret_sae(config: InterpretConfig) -> Path:
     unembedding = _unembedding(load_model(source, torch.float32, "cpu"))
     sae = loaded.sae.to(device)
     include_special = bool(loaded.metadata.get("training", {}).get("include_special_tokens", False))
-    statistics = collect_feature_statistics(store, sae, top_n=max(config.top_contexts, 20), include_special=include_special)
+    contexts_needed = max(config.top_contexts, config.explain_contexts + config.score_contexts)
+    statistics = collect_feature_statistics(store, sae, top_n=contexts_needed, include_special=include_special)
     labels = label_association(statistics.example_max, [record.get("label") for record in store.example_records()])
     features = select_features(config.features, statistics, labels)
-    rows = interpretation_rows(store, sae, statistics, labels, features, tokenizer, unembedding.to(device), config)
+    contexts_by_feature = {f: top_contexts(store, sae, statistics, f, tokenizer, config.context_window, contexts_needed) for f in features}
+    promoted, suppressed = logit_lens(sae.W_dec.detach()[features], unembedding.to(device), k=config.logit_lens_tokens)
+    rows = interpretation_rows(statistics, labels, contexts_by_feature, promoted, suppressed, tokenizer, config)
+    if not config.explain:
+        logger.info("EXPLAIN is off: the explanation and score columns are left empty.")
+    elif api_key() is None:
+        logger.warning("No API key (%s): the explanation and score columns are left empty.", " / ".join(API_KEY_VARIABLES))
+    else:
+        explain_features(rows, contexts_by_feature, store, statistics, tokenizer, config)
     path = Path(config.interpretations_path)
     partial = path.with_name(path.name + ".partial")
     pd.DataFrame(rows).to_csv(partial, index=False)
     partial.replace(path)
-    logger.info(
-        "Wrote %d features to %s. The explanation and score columns are empty: LLM explanations are not part of this version yet.",
-        len(rows), path,
-    )
+    logger.info("Wrote %d features to %s", len(rows), path)
     return path
