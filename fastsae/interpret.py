@@ -2,8 +2,7 @@
 
 Everything but the explanations needs no LLM. With an API key, each chosen feature gets one
 request for its explanation and one for its detection score (see fastsae/explanations.py); with
-none, those two columns stay empty and the run says why. The HTML dashboard is not part of this
-version yet.
+none, those two columns stay empty and the run says why. dashboard.html is written beside the CSV.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import torch
 
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
+from fastsae.dashboard import dashboard_data, write_dashboard
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.evaluate import DEFAULT_CHECKPOINT
@@ -189,5 +189,7 @@ def interpret_sae(config: InterpretConfig) -> Path:
     partial = path.with_name(path.name + ".partial")
     pd.DataFrame(rows).to_csv(partial, index=False)
     partial.replace(path)
-    logger.info("Wrote %d features to %s", len(rows), path)
+    title = f"{sae.spec.name} on {store.manifest['model']} {store.hook_name}"
+    dashboard = write_dashboard(path.with_name("dashboard.html"), dashboard_data(title, rows, contexts_by_feature, statistics))
+    logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
     return path

@@ -1,0 +1,151 @@
+"""One self-contained dashboard.html: a sortable, filterable feature list and, per feature, its
+explanation, score, density, activation histogram, logit-lens tokens and top contexts as a token
+heatmap (hover shows each activation). No network; opens from file://.
+
+All data travels as one JSON document inside <script type="application/json">, with <, > and &
+escaped as \\u003c, \\u003e and \\u0026, so no text can close the script element. The page puts
+every piece of text into the DOM with textContent, never as HTML.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from fastsae.features import HISTOGRAM_EDGES, FeatureStatistics, TokenContext
+
+
+def _json_for_script(payload: Any) -> str:
+    return json.dumps(payload, allow_nan=False).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def dashboard_data(title: str, rows: list[dict[str, Any]], contexts_by_feature: dict[int, list[TokenContext]], statistics: FeatureStatistics) -> dict[str, Any]:
+    features = []
+    for row in rows:
+        feature = int(row["feature"])
+        features.append(
+            {
+                **{key: _finite(value) for key, value in row.items() if key != "top_contexts"},
+                "histogram": statistics.histogram[feature].tolist(),
+                "contexts": [
+                    {"tokens": context.tokens, "activations": [round(a, 4) for a in context.activations], "focus": context.focus, "activation": round(context.activation, 4)}
+                    for context in contexts_by_feature[feature]
+                ],
+            }
+        )
+    return {"title": title, "histogram_edges": HISTOGRAM_EDGES.tolist(), "features": features}
+
+
+def write_dashboard(path: Path, data: dict[str, Any]) -> Path:
+    page = _PAGE.replace("__DATA__", _json_for_script(data))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(page, encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>fastsae dashboard</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:0;display:flex;height:100vh;color:#222}
+#side{width:420px;border-right:1px solid #ddd;display:flex;flex-direction:column}
+#controls{padding:8px;display:flex;gap:6px;flex-wrap:wrap;border-bottom:1px solid #ddd}
+#list{overflow:auto;flex:1}
+table{border-collapse:collapse;width:100%}
+td,th{padding:4px 6px;border-bottom:1px solid #eee;text-align:left}
+tr.feature{cursor:pointer} tr.feature:hover{background:#f3f6ff} tr.selected{background:#dde6ff}
+#detail{flex:1;overflow:auto;padding:12px 20px}
+.context{font-family:ui-monospace,monospace;white-space:pre-wrap;margin:6px 0;padding:6px;border:1px solid #eee;border-radius:4px}
+.token{border-radius:2px} .focus{outline:1px solid #c00}
+.muted{color:#777} h1{font-size:18px;margin:12px 0} .bar{fill:#4c72b0}
+</style></head><body>
+<div id="side">
+  <div id="controls">
+    <input id="filter" placeholder="filter: explanation, label, tokens" size="28">
+    <select id="label"><option value="">all labels</option></select>
+    <select id="sort">
+      <option value="frequency">sort: frequency</option><option value="score">sort: score</option>
+      <option value="top_label_auroc">sort: label AUROC</option><option value="feature">sort: feature id</option>
+    </select>
+  </div>
+  <div id="list"><table><thead><tr><th>feature</th><th>freq.</th><th>score</th><th>label (AUROC)</th></tr></thead><tbody id="rows"></tbody></table></div>
+</div>
+<div id="detail"><p class="muted">Choose a feature on the left.</p></div>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+"use strict";
+const data = JSON.parse(document.getElementById("data").textContent);
+document.title = "fastsae: " + data.title;
+const $ = (id) => document.getElementById(id);
+function element(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+const fmt = (value, digits) => (value === null || value === undefined || value === "") ? "–" : Number(value).toFixed(digits);
+for (const label of [...new Set(data.features.map((f) => f.top_label).filter(Boolean))].sort()) {
+  const option = element("option", label); option.value = label; $("label").appendChild(option);
+}
+let selected = null;
+function renderList() {
+  const query = $("filter").value.toLowerCase(), label = $("label").value, key = $("sort").value;
+  const shown = data.features.filter((f) => (!label || f.top_label === label) &&
+    (!query || [f.explanation, f.top_label, f.top_tokens].join(" ").toLowerCase().includes(query)));
+  shown.sort((a, b) => key === "feature" ? a.feature - b.feature : (b[key] ?? -1) - (a[key] ?? -1));
+  const body = $("rows"); body.replaceChildren();
+  for (const f of shown) {
+    const row = element("tr", null, "feature" + (f.feature === selected ? " selected" : ""));
+    row.dataset.feature = f.feature;
+    row.append(element("td", f.feature), element("td", (100 * f.frequency).toFixed(2) + "%"), element("td", fmt(f.score, 2)),
+               element("td", f.top_label ? f.top_label + " (" + fmt(f.top_label_auroc, 2) + ")" : "–"));
+    row.addEventListener("click", () => { selected = f.feature; renderList(); renderDetail(f); });
+    body.appendChild(row);
+  }
+}
+function histogram(f) {
+  const ns = "http://www.w3.org/2000/svg", svg = document.createElementNS(ns, "svg");
+  const width = 420, height = 90, counts = f.histogram, top = Math.max(1, ...counts), w = width / counts.length;
+  svg.setAttribute("width", width); svg.setAttribute("height", height);
+  counts.forEach((count, i) => {
+    const bar = document.createElementNS(ns, "rect"), h = (height - 4) * count / top;
+    bar.setAttribute("x", i * w); bar.setAttribute("y", height - h); bar.setAttribute("width", Math.max(1, w - 1)); bar.setAttribute("height", h);
+    bar.setAttribute("class", "bar");
+    const tip = document.createElementNS(ns, "title");
+    tip.textContent = count + " activations in [" + data.histogram_edges[i].toPrecision(2) + ", " + data.histogram_edges[i + 1].toPrecision(2) + ")";
+    bar.appendChild(tip); svg.appendChild(bar);
+  });
+  return svg;
+}
+function renderDetail(f) {
+  const detail = $("detail"); detail.replaceChildren();
+  detail.append(element("h1", "Feature " + f.feature), element("p", f.explanation || "No explanation (no LLM key was set)."));
+  detail.append(element("p", "score " + fmt(f.score, 2) + " · frequency " + (100 * f.frequency).toFixed(3) + "% · max activation " +
+    fmt(f.max_activation, 2) + " · label " + (f.top_label || "–") + " (AUROC " + fmt(f.top_label_auroc, 2) + ")", "muted"));
+  detail.append(element("h3", "Activation histogram (log bins)"), histogram(f));
+  detail.append(element("h3", "Logit lens"), element("p", "promotes: " + f.logit_lens_promoted), element("p", "suppresses: " + f.logit_lens_suppressed));
+  detail.append(element("h3", "Top contexts"));
+  const peak = Math.max(1e-9, ...f.contexts.map((c) => c.activation));
+  for (const context of f.contexts) {
+    const line = element("div", null, "context");
+    context.tokens.forEach((token, i) => {
+      const span = element("span", token, "token" + (i === context.focus ? " focus" : ""));
+      const a = context.activations[i];
+      span.style.background = "rgba(255,120,0," + Math.min(1, a / peak).toFixed(3) + ")";
+      span.title = "activation " + a.toFixed(3);
+      line.appendChild(span);
+    });
+    detail.appendChild(line);
+  }
+}
+for (const id of ["filter", "label", "sort"]) $(id).addEventListener("input", renderList);
+renderList();
+</script></body></html>
+"""

@@ -1,0 +1,82 @@
+"""The dashboard in real headless Chromium: no console errors, a click shows a feature, and hostile text stays text."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import write_jsonl
+from fastsae.data import load_dataset
+from fastsae.extract import ExtractConfig, write_activation_stores
+from fastsae.interpret import InterpretConfig, interpret_sae
+from fastsae.train import TrainConfig, train_saes
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+HOSTILE = [
+    "I planned to write <script>window.hacked = 1</script> in the report, then reconsidered.",
+    'Maybe the title "><img src=x onerror="window.hacked = 2"> was a bad idea after all.',
+]
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory, tiny_llama, smollm2_tokenizer, tiny_model_folder):
+    """A dashboard built from a small dataset whose texts try to inject HTML and script."""
+    folder = tmp_path_factory.mktemp("dashboard")
+    texts = [f"Entry {n}: I keep thinking about option {n % 3} and whether it holds up." for n in range(60)] + HOSTILE * 10
+    dataset_file = write_jsonl(folder / "texts.jsonl", [{"text": text, "label": "hostile" if "<" in text else "plain"} for text in texts])
+    config = ExtractConfig(dataset=str(dataset_file), layers=[1], output_dir=str(folder / "activations"))
+    (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
+    (result,) = train_saes(TrainConfig(store=str(store), output_dir=str(folder / "checkpoints"), m=32, k=4, batch_size=128, epochs=5.0, buffer_tokens=1024))
+    csv = interpret_sae(
+        InterpretConfig(checkpoint=result["checkpoint"], model_name=str(tiny_model_folder), features="all", interpretations_path=str(folder / "interpretations.csv"), explain=False, device="cpu")
+    )
+    return csv.with_name("dashboard.html")
+
+
+@pytest.fixture
+def page(dashboard):
+    if CHROMIUM is None:
+        pytest.fail("Chromium is not installed: apt-get install chromium (.ci/run does).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.errors = []
+        page.on("console", lambda message: page.errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.goto(dashboard.resolve().as_uri())
+        yield page
+        browser.close()
+
+
+def test_clicking_a_feature_shows_its_contexts_with_activations(page, tmp_path):
+    rows = page.locator("tr.feature")
+    assert rows.count() > 5
+    rows.nth(1).click()
+    assert page.locator("#detail h1").inner_text().startswith("Feature ")
+    tokens = page.locator("#detail .context .token")
+    assert tokens.count() > 0
+    assert page.locator("#detail .context .focus").first.get_attribute("title").startswith("activation ")
+    page.select_option("#sort", "feature")
+    first_ids = [int(text) for text in page.locator("tr.feature td:first-child").all_inner_texts()[:3]]
+    assert first_ids == sorted(first_ids)
+    page.screenshot(path=str(tmp_path / "dashboard.png"))
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    assert page.errors == []
+
+
+def test_hostile_text_is_shown_as_text(page):
+    page.select_option("#label", "hostile")
+    hostile_rows = page.locator("tr.feature")
+    assert hostile_rows.count() > 0
+    shown = []
+    for index in range(hostile_rows.count()):
+        hostile_rows.nth(index).click()
+        shown += page.locator("#detail .context").all_inner_texts()
+    assert any("<script>" in text or "<img" in text for text in shown)  # the markup is there, as visible text
+    assert page.evaluate("window.hacked") is None
+    assert page.locator("#detail img").count() == 0 and page.locator("#detail script").count() == 0
+    assert page.errors == []
