@@ -2,7 +2,8 @@
 
 For every feature: firing frequency, mean (over firing tokens) and max activation, a histogram
 of its activations, its top-N activating tokens (kept with a chunked top-k merge, so memory is
-bounded by M × N, not by the store), and each example's max activation (the text-level view
+bounded by M × N, not by the store), one random token per histogram bin (weaker activations, for
+scoring explanations), and each example's max activation (the text-level view
 HypotheSAEs uses). With labels per example: the label each feature fires on most, by AUROC of
 the example-level activation. Logit lens: the tokens a decoder direction most promotes and
 suppresses through the unembedding.
@@ -35,6 +36,18 @@ class FeatureStatistics:
     top_values: np.ndarray  # (M, N) largest activations, descending (0 where fewer than N tokens fired)
     top_tokens: np.ndarray  # (M, N) store index of the token of each top value (-1 where none)
     example_max: np.ndarray  # (n_examples, M) each example's max activation of each feature
+    bin_samples: np.ndarray  # (M, bins) one token drawn at random from each histogram bin (-1 where the bin is empty)
+
+    def samples_across_quantiles(self, feature: int, count: int, exclude: set[int]) -> list[int]:
+        """Up to `count` store tokens spread over the feature's activation range, weak to strong, not in `exclude`.
+
+        Scoring on these, not only on the top activations, tests whether the explanation covers the whole feature.
+        """
+        candidates = [int(token) for token in self.bin_samples[feature] if token >= 0 and int(token) not in exclude]
+        if len(candidates) <= count:
+            return candidates
+        picks = np.linspace(0, len(candidates) - 1, count).round().astype(int)
+        return [candidates[index] for index in picks]
 
     def top_examples_and_positions(self, store: ActivationStore, feature: int) -> list[tuple[int, int, float]]:
         """(example, position in the example, activation) of a feature's top tokens."""
@@ -62,6 +75,10 @@ def collect_feature_statistics(
     top_values = torch.zeros(m, top_n, device=device)
     top_tokens = torch.full((m, top_n), -1, dtype=torch.long, device=device)
     example_max = torch.zeros(store.n_examples, m)
+    # Reservoir of one per (feature, bin): keep the entry with the highest random priority; the
+    # priority's low 32 bits carry the token index, so one scatter_reduce(amax) does the draw.
+    bin_priority = torch.full((m * histogram.shape[1],), -1, dtype=torch.long, device=device)
+    draw = torch.Generator(device=device).manual_seed(0)
     counted = 0
     for chunk in tqdm(store.iter_chunks(chunk_tokens), total=-(-store.n_tokens // chunk_tokens), desc="feature statistics", unit="chunk"):
         codes = sae.encode(chunk.activations.float().to(device))
@@ -77,7 +94,11 @@ def collect_feature_statistics(
         bins = torch.bucketize(codes, edges) - 1  # bin of each activation; below the first edge → -1
         in_range = active & (bins >= 0) & (bins < histogram.shape[1])
         feature_ids = torch.arange(m, device=device).expand_as(codes)
-        histogram.view(-1).index_add_(0, (feature_ids * histogram.shape[1] + bins)[in_range], torch.ones_like(bins[in_range]))
+        cells = (feature_ids * histogram.shape[1] + bins)[in_range]
+        histogram.view(-1).index_add_(0, cells, torch.ones_like(cells))
+        tokens = torch.arange(chunk.start, chunk.start + len(codes), device=device)[:, None].expand_as(codes)[in_range]
+        keys = torch.randint(0, 2**30, (len(cells),), generator=draw, device=device)
+        bin_priority.scatter_reduce_(0, cells, (keys << 32) | tokens, reduce="amax")
         # Chunked top-k merge: the kept N and this chunk's tokens compete, per feature.
         positions = torch.arange(chunk.start, chunk.start + len(codes), device=device).expand(m, -1)
         candidates = torch.cat([top_values, codes.T], 1)
@@ -99,6 +120,7 @@ def collect_feature_statistics(
         top_values=top_values.cpu().numpy(),
         top_tokens=top_tokens.cpu().numpy(),
         example_max=example_max.numpy(),
+        bin_samples=torch.where(bin_priority >= 0, bin_priority & (2**32 - 1), -1).view(m, -1).cpu().numpy(),
     )
 
 
@@ -157,18 +179,27 @@ class TokenContext:
 
 
 @torch.no_grad()
+def contexts_at(store: ActivationStore, sae: SparseAutoencoder, feature: int, tokenizer, tokens: list[int], window: int = 12) -> list[TokenContext]:
+    """Each store token in `tokens` with ±`window` tokens of its example (from the store; no model run)."""
+    device = next(sae.parameters()).device
+    contexts = []
+    for token in tokens:
+        example = int(np.searchsorted(store.doc_offsets, token, side="right")) - 1
+        position = int(token - store.doc_offsets[example])
+        stored = store.example(example)
+        start, stop = max(0, position - window), min(len(stored.token_ids), position + window + 1)
+        codes = sae.encode(stored.activations[start:stop].float().to(device))[:, feature].cpu()
+        texts = [tokenizer.decode([int(token_id)]) for token_id in stored.token_ids[start:stop]]
+        contexts.append(TokenContext(example, position, float(codes[position - start]), texts, codes.tolist(), position - start))
+    return contexts
+
+
 def top_contexts(
     store: ActivationStore, sae: SparseAutoencoder, statistics: FeatureStatistics, feature: int, tokenizer, window: int = 12, limit: int = 5
 ) -> list[TokenContext]:
-    """Up to `limit` of a feature's top activations, each with ±`window` tokens (from the store; no model run)."""
-    contexts = []
-    for example, position, value in statistics.top_examples_and_positions(store, feature)[:limit]:
-        stored = store.example(example)
-        start, stop = max(0, position - window), min(len(stored.token_ids), position + window + 1)
-        codes = sae.encode(stored.activations[start:stop].float().to(next(sae.parameters()).device))[:, feature]
-        tokens = [tokenizer.decode([int(token)]) for token in stored.token_ids[start:stop]]
-        contexts.append(TokenContext(example, position, value, tokens, codes.cpu().tolist(), position - start))
-    return contexts
+    """Up to `limit` of a feature's top activations, strongest first, each in its window of tokens."""
+    tokens = [int(token) for token, value in zip(statistics.top_tokens[feature], statistics.top_values[feature]) if token >= 0 and value > 0]
+    return contexts_at(store, sae, feature, tokenizer, tokens[:limit], window)
 
 
 def non_activating_contexts(

@@ -27,6 +27,7 @@ from fastsae.features import (
     FeatureStatistics,
     TokenContext,
     collect_feature_statistics,
+    contexts_at,
     label_association,
     logit_lens,
     non_activating_contexts,
@@ -52,7 +53,7 @@ class InterpretConfig:
     explain: bool = setting(True, "ask an LLM (OpenAI-compatible API; key from OPENAI_API_KEY) to explain and score each feature")
     explanation_model: str = setting("gpt-4.1", "chat model for explanations and scoring")
     explain_contexts: int = setting(10, "top-activating contexts shown to the LLM to explain a feature")
-    score_contexts: int = setting(5, "held-out activating contexts (and as many non-activating) the explanation is scored on")
+    score_contexts: int = setting(5, "held-out activating contexts, sampled across the activation range (and as many non-activating), to score on")
     llm_concurrency: int = setting(4, "requests in flight at once")
     llm_cache_dir: str = setting("", "where LLM answers are cached; empty: <FASTSAE_CACHE>/llm")
     seed: int = setting(0, "seed for sampling non-activating contexts and shuffling the scoring excerpts")
@@ -123,7 +124,13 @@ def interpretation_rows(
 
 
 def explain_features(
-    rows: list[dict[str, Any]], contexts_by_feature: dict[int, list[TokenContext]], store: ActivationStore, statistics: FeatureStatistics, tokenizer, config: InterpretConfig
+    rows: list[dict[str, Any]],
+    contexts_by_feature: dict[int, list[TokenContext]],
+    store: ActivationStore,
+    sae,
+    statistics: FeatureStatistics,
+    tokenizer,
+    config: InterpretConfig,
 ) -> None:
     """Fill each row's explanation and score: one explaining request per feature, then one scoring request."""
     client = CachedChatClient(config.explanation_model, Path(config.llm_cache_dir or cache_dir() / "llm"), config.llm_concurrency)
@@ -131,7 +138,10 @@ def explain_features(
     explain_requests, scoring_sets = [], []
     for feature in features:
         shown = contexts_by_feature[feature][: config.explain_contexts]
-        held_out = contexts_by_feature[feature][config.explain_contexts : config.explain_contexts + config.score_contexts]
+        # Held out for scoring: activations spread over the feature's range (weak ones too), never the ones shown.
+        shown_tokens = {int(store.doc_offsets[context.example]) + context.position for context in shown}
+        sampled = statistics.samples_across_quantiles(feature, config.score_contexts, shown_tokens)
+        held_out = contexts_at(store, sae, feature, tokenizer, sampled, config.context_window)
         silent = non_activating_contexts(store, statistics, feature, tokenizer, config.context_window, config.explain_contexts // 2 + len(held_out), config.seed)
         explain_requests.append(explanation_messages(shown, silent[: config.explain_contexts // 2]))
         excerpts = [("".join(context.tokens), 1) for context in held_out] + [(text, 0) for text in silent[config.explain_contexts // 2 :]]
@@ -172,7 +182,7 @@ def interpret_sae(config: InterpretConfig) -> Path:
     unembedding = _unembedding(load_model(source, torch.float32, "cpu"))
     sae = loaded.sae.to(device)
     include_special = bool(loaded.metadata.get("training", {}).get("include_special_tokens", False))
-    contexts_needed = max(config.top_contexts, config.explain_contexts + config.score_contexts)
+    contexts_needed = max(config.top_contexts, config.explain_contexts)
     statistics = collect_feature_statistics(store, sae, top_n=contexts_needed, include_special=include_special)
     labels = label_association(statistics.example_max, [record.get("label") for record in store.example_records()])
     features = select_features(config.features, statistics, labels)
@@ -184,7 +194,7 @@ def interpret_sae(config: InterpretConfig) -> Path:
     elif api_key() is None:
         logger.warning("No API key (%s): the explanation and score columns are left empty.", " / ".join(API_KEY_VARIABLES))
     else:
-        explain_features(rows, contexts_by_feature, store, statistics, tokenizer, config)
+        explain_features(rows, contexts_by_feature, store, sae, statistics, tokenizer, config)
     path = Path(config.interpretations_path)
     partial = path.with_name(path.name + ".partial")
     pd.DataFrame(rows).to_csv(partial, index=False)

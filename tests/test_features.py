@@ -100,3 +100,22 @@ def test_contexts_window_the_firing_token_with_each_tokens_activation(store_and_
         stored = store.example(context.example).token_ids
         assert context.tokens[context.focus] == smollm2_tokenizer.decode([int(stored[context.position])])
         assert f"«{context.tokens[context.focus]}»" in context.marked_text()
+
+
+def test_bin_samples_are_real_activations_from_their_bins(store_and_sae):
+    from fastsae.features import HISTOGRAM_EDGES
+
+    store, sae = store_and_sae
+    stats = collect_feature_statistics(store, sae, top_n=N, chunk_tokens=1000)
+    codes = brute_force_codes(store, sae)
+    assert ((stats.bin_samples >= 0) == (stats.histogram > 0)).all()  # a sample exactly where the bin has activations
+    for feature in range(0, M, 7):
+        for bin_index in np.flatnonzero(stats.bin_samples[feature] >= 0):
+            value = float(codes[stats.bin_samples[feature, bin_index], feature])
+            assert HISTOGRAM_EDGES[bin_index] < value <= HISTOGRAM_EDGES[bin_index + 1]
+    feature = int(np.argmax(stats.frequency))
+    top = set(stats.top_tokens[feature].tolist())
+    spread = stats.samples_across_quantiles(feature, 4, exclude=top)
+    assert len(spread) == min(4, len(set(stats.bin_samples[feature][stats.bin_samples[feature] >= 0].tolist()) - top))
+    values = [float(codes[token, feature]) for token in spread]
+    assert values == sorted(values) and not set(spread) & top  # weak to strong, none of the shown ones

@@ -37,7 +37,7 @@ def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_mod
 def statistics_with(frequency: list[float]) -> FeatureStatistics:
     m = len(frequency)
     zeros = np.zeros(m)
-    return FeatureStatistics(10, np.array(frequency), zeros, zeros, np.zeros((m, 2)), np.zeros((m, 1)), np.zeros((m, 1), dtype=int), np.zeros((3, m)))
+    return FeatureStatistics(10, np.array(frequency), zeros, zeros, np.zeros((m, 2)), np.zeros((m, 1)), np.zeros((m, 1), dtype=int), np.zeros((3, m)), np.full((m, 2), -1))
 
 
 def test_feature_selection():
