@@ -12,6 +12,7 @@ suppresses through the unembedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,7 @@ class FeatureStatistics:
     histogram: np.ndarray  # (M, len(HISTOGRAM_EDGES) - 1) counts of firing activations per log bin
     top_values: np.ndarray  # (M, N) largest activations, descending (0 where fewer than N tokens fired)
     top_tokens: np.ndarray  # (M, N) store index of the token of each top value (-1 where none)
-    example_max: np.ndarray  # (n_examples, M) each example's max activation of each feature
+    example_max: np.ndarray  # (n_examples, M) each example's max activation of each feature (may be memory-mapped)
     bin_samples: np.ndarray  # (M, bins) one token drawn at random from each histogram bin (-1 where the bin is empty)
 
     def samples_across_quantiles(self, feature: int, count: int, exclude: set[int]) -> list[int]:
@@ -62,9 +63,18 @@ class FeatureStatistics:
 
 @torch.no_grad()
 def collect_feature_statistics(
-    store: ActivationStore, sae: SparseAutoencoder, top_n: int = 20, chunk_tokens: int = 4096, include_special: bool = False
+    store: ActivationStore,
+    sae: SparseAutoencoder,
+    top_n: int = 20,
+    chunk_tokens: int = 4096,
+    include_special: bool = False,
+    example_max_file: Path | None = None,
 ) -> FeatureStatistics:
-    """One pass over the store; `sae` applies to raw store activations (as `load_sae` returns it)."""
+    """One pass over the store; `sae` applies to raw store activations (as `load_sae` returns it).
+
+    The (examples × M) example-level maxima grow with the store: give `example_max_file` to keep
+    them memory-mapped on disk instead of in RAM. Everything else is bounded by M × (N + bins).
+    """
     device = next(sae.parameters()).device
     m = sae.spec.m
     fire_counts = torch.zeros(m, dtype=torch.float64, device=device)
@@ -74,7 +84,11 @@ def collect_feature_statistics(
     edges = HISTOGRAM_EDGES.to(device)
     top_values = torch.zeros(m, top_n, device=device)
     top_tokens = torch.full((m, top_n), -1, dtype=torch.long, device=device)
-    example_max = torch.zeros(store.n_examples, m)
+    shape = (store.n_examples, m)
+    if example_max_file is None:
+        example_max = np.zeros(shape, dtype=np.float32)
+    else:
+        example_max = np.lib.format.open_memmap(example_max_file, mode="w+", dtype=np.float32, shape=shape)
     # Reservoir of one per (feature, bin): keep the entry with the highest random priority; the
     # priority's low 32 bits carry the token index, so one scatter_reduce(amax) does the draw.
     bin_priority = torch.full((m * histogram.shape[1],), -1, dtype=torch.long, device=device)
@@ -106,9 +120,11 @@ def collect_feature_statistics(
         top_values = merged.values
         top_tokens = torch.cat([top_tokens, positions], 1).gather(1, merged.indices)
         token_example = np.searchsorted(store.doc_offsets, np.arange(chunk.start, chunk.start + len(codes)), side="right") - 1
-        codes_cpu = codes.cpu()
-        example_ids = torch.from_numpy(token_example)[:, None].expand_as(codes_cpu)
-        example_max.scatter_reduce_(0, example_ids, codes_cpu, reduce="amax")
+        # The chunk's examples are consecutive: reduce into a small block, then merge it into their rows.
+        first, last = int(token_example[0]), int(token_example[-1])
+        local_ids = torch.from_numpy(token_example - first).to(device)[:, None].expand_as(codes)
+        block = torch.zeros(last - first + 1, m, device=device).scatter_reduce_(0, local_ids, codes, reduce="amax")
+        example_max[first : last + 1] = np.maximum(example_max[first : last + 1], block.cpu().numpy())
     top_tokens[top_values <= 0] = -1
     frequency = fire_counts / max(counted, 1)
     return FeatureStatistics(
@@ -119,33 +135,35 @@ def collect_feature_statistics(
         histogram=histogram.cpu().numpy(),
         top_values=top_values.cpu().numpy(),
         top_tokens=top_tokens.cpu().numpy(),
-        example_max=example_max.numpy(),
+        example_max=example_max,
         bin_samples=torch.where(bin_priority >= 0, bin_priority & (2**32 - 1), -1).view(m, -1).cpu().numpy(),
     )
 
 
-def label_association(example_max: np.ndarray, labels: list[str | None]) -> pd.DataFrame:
+def label_association(example_max: np.ndarray, labels: list[str | None], feature_chunk: int = 512) -> pd.DataFrame:
     """Per feature: the label whose examples it fires on most, by AUROC of the example-level max activation.
 
     AUROC of a label = P(a random example with the label activates the feature more than one without),
     ties counting half; computed from average ranks (the Mann-Whitney statistic).
     """
-    labelled = np.array([label is not None for label in labels])
-    if labelled.sum() < 2:
-        return pd.DataFrame({"top_label": [None] * example_max.shape[1], "top_label_auroc": [np.nan] * example_max.shape[1]})
-    activations = example_max[labelled]
-    names = np.array([label for label in labels if label is not None])
-    ranks = pd.DataFrame(activations).rank(axis=0, method="average").to_numpy()
-    best_label = np.full(activations.shape[1], None, dtype=object)
-    best_auroc = np.full(activations.shape[1], -np.inf)
-    for label in sorted(set(names)):
-        positive = names == label
-        n_positive, n_negative = int(positive.sum()), int((~positive).sum())
-        if not n_positive or not n_negative:
-            continue
-        auroc = (ranks[positive].sum(0) - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)
-        better = auroc > best_auroc
-        best_label[better], best_auroc[better] = label, auroc[better]
+    m = example_max.shape[1]
+    labelled = np.flatnonzero([label is not None for label in labels])
+    best_label = np.full(m, None, dtype=object)
+    best_auroc = np.full(m, np.nan if len(labelled) < 2 else -np.inf)
+    if len(labelled) < 2:
+        return pd.DataFrame({"top_label": best_label, "top_label_auroc": best_auroc})
+    names = np.array([labels[index] for index in labelled])
+    for start in range(0, m, feature_chunk):  # a block of features at a time: memory-mapped maxima stay on disk
+        columns = slice(start, min(start + feature_chunk, m))
+        ranks = pd.DataFrame(np.asarray(example_max[labelled, columns])).rank(axis=0, method="average").to_numpy()
+        for label in sorted(set(names)):
+            positive = names == label
+            n_positive, n_negative = int(positive.sum()), int((~positive).sum())
+            if not n_positive or not n_negative:
+                continue
+            auroc = (ranks[positive].sum(0) - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)
+            better = auroc > best_auroc[columns]
+            best_label[columns][better], best_auroc[columns][better] = label, auroc[better]
     return pd.DataFrame({"top_label": best_label, "top_label_auroc": best_auroc})
 
 

@@ -8,6 +8,7 @@ none, those two columns stay empty and the run says why. dashboard.html is writt
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,11 +184,19 @@ def interpret_sae(config: InterpretConfig) -> Path:
     sae = loaded.sae.to(device)
     include_special = bool(loaded.metadata.get("training", {}).get("include_special_tokens", False))
     contexts_needed = max(config.top_contexts, config.explain_contexts)
-    statistics = collect_feature_statistics(store, sae, top_n=contexts_needed, include_special=include_special)
+    with tempfile.TemporaryDirectory(prefix="fastsae-interpret-") as scratch:  # example-level maxima live on disk
+        statistics = collect_feature_statistics(
+            store, sae, top_n=contexts_needed, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy"
+        )
+        return _interpret_with(statistics, store, sae, tokenizer, unembedding.to(device), config)
+
+
+def _interpret_with(statistics: FeatureStatistics, store: ActivationStore, sae, tokenizer, unembedding: torch.Tensor, config: InterpretConfig) -> Path:
+    """Everything after the pass over the store: labels, chosen features, contexts, logit lens, LLM, CSV and dashboard."""
     labels = label_association(statistics.example_max, [record.get("label") for record in store.example_records()])
     features = select_features(config.features, statistics, labels)
-    contexts_by_feature = {f: top_contexts(store, sae, statistics, f, tokenizer, config.context_window, contexts_needed) for f in features}
-    promoted, suppressed = logit_lens(sae.W_dec.detach()[features], unembedding.to(device), k=config.logit_lens_tokens)
+    contexts_by_feature = {f: top_contexts(store, sae, statistics, f, tokenizer, config.context_window, statistics.top_values.shape[1]) for f in features}
+    promoted, suppressed = logit_lens(sae.W_dec.detach()[features], unembedding, k=config.logit_lens_tokens)
     rows = interpretation_rows(statistics, labels, contexts_by_feature, promoted, suppressed, tokenizer, config)
     if not config.explain:
         logger.info("EXPLAIN is off: the explanation and score columns are left empty.")

@@ -119,3 +119,15 @@ def test_bin_samples_are_real_activations_from_their_bins(store_and_sae):
     assert len(spread) == min(4, len(set(stats.bin_samples[feature][stats.bin_samples[feature] >= 0].tolist()) - top))
     values = [float(codes[token, feature]) for token in spread]
     assert values == sorted(values) and not set(spread) & top  # weak to strong, none of the shown ones
+
+
+def test_example_maxima_can_live_on_disk(store_and_sae, tmp_path):
+    store, sae = store_and_sae
+    in_memory = collect_feature_statistics(store, sae, top_n=N)
+    on_disk = collect_feature_statistics(store, sae, top_n=N, example_max_file=tmp_path / "example_max.npy")
+    assert isinstance(on_disk.example_max, np.memmap)
+    np.testing.assert_array_equal(np.asarray(on_disk.example_max), in_memory.example_max)
+    labels = ["a" if index % 3 else "b" for index in range(store.n_examples)]
+    chunked = label_association(on_disk.example_max, labels, feature_chunk=10)
+    whole = label_association(in_memory.example_max, labels)
+    assert chunked.equals(whole)
