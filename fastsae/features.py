@@ -50,15 +50,6 @@ class FeatureStatistics:
         picks = np.linspace(0, len(candidates) - 1, count).round().astype(int)
         return [candidates[index] for index in picks]
 
-    def top_examples_and_positions(self, store: ActivationStore, feature: int) -> list[tuple[int, int, float]]:
-        """(example, position in the example, activation) of a feature's top tokens."""
-        rows = []
-        for value, token in zip(self.top_values[feature], self.top_tokens[feature]):
-            if token < 0 or value <= 0:
-                break
-            example = int(np.searchsorted(store.doc_offsets, token, side="right")) - 1
-            rows.append((example, int(token - store.doc_offsets[example]), float(value)))
-        return rows
 
 
 @torch.no_grad()

@@ -50,14 +50,16 @@ def test_streaming_statistics_equal_brute_force(store_and_sae):
         np.testing.assert_allclose(stats.example_max[example], codes[start:stop].max(0).values.numpy(), rtol=1e-6)
 
 
-def test_top_tokens_map_back_to_examples_and_positions(store_and_sae):
+def test_top_tokens_map_back_to_examples_and_positions(store_and_sae, smollm2_tokenizer):
+    from fastsae.features import top_contexts
+
     store, sae = store_and_sae
     stats = collect_feature_statistics(store, sae, top_n=N, chunk_tokens=4096)
     feature = int(np.argmax(stats.frequency))
-    for example, position, value in stats.top_examples_and_positions(store, feature):
-        with torch.no_grad():
-            recomputed = sae.encode(store.example(example).activations.float())[position, feature]
-        assert float(recomputed) == pytest.approx(value, rel=1e-5)
+    contexts = top_contexts(store, sae, stats, feature, smollm2_tokenizer, window=2, limit=N)
+    assert len(contexts) == N
+    for context, value in zip(contexts, stats.top_values[feature]):  # re-encoding the mapped example finds the same value
+        assert context.activation == pytest.approx(float(value), rel=1e-5)
 
 
 def test_label_auroc_equals_pairwise_comparison():
