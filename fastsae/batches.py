@@ -58,11 +58,12 @@ class TokenSource:
         self.include_special = include_special
 
     def chunk(self, start: int, stop: int) -> torch.Tensor:
+        """The kept tokens of store rows [start, stop), in the store's dtype (half the bytes of float32 to move)."""
         chunk = self.store.chunk(start, stop)
         keep = self.split.token_mask(self.store, start, stop, self.validation)
         if not self.include_special:
             keep &= ~chunk.special_mask
-        return chunk.activations[torch.from_numpy(keep)].float()
+        return chunk.activations[torch.from_numpy(keep)]
 
     def count_tokens(self) -> int:
         total = 0
@@ -82,7 +83,7 @@ class TokenSource:
                 yield tokens
 
     def all_tokens(self, limit: int) -> torch.Tensor:
-        """The first `limit` tokens in store order (for validation and for statistics)."""
+        """The first `limit` tokens in store order, as float32 (for validation and for statistics)."""
         pieces, total = [], 0
         for start in range(0, self.store.n_tokens, READ_CHUNK_TOKENS):
             if total >= limit:
@@ -90,11 +91,17 @@ class TokenSource:
             piece = self.chunk(start, min(start + READ_CHUNK_TOKENS, self.store.n_tokens))
             pieces.append(piece[: limit - total])
             total += len(pieces[-1])
-        return torch.cat(pieces) if pieces else torch.empty(0, self.store.d)
+        return torch.cat(pieces).float() if pieces else torch.empty(0, self.store.d)
 
 
-def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless (B, d) float32 batches: epochs of the source shuffled through a buffer of `buffer_tokens` rows."""
+def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed: int, device: str = "cpu") -> Iterator[torch.Tensor]:
+    """Endless (B, d) batches on `device`, in the store's dtype: epochs of the source shuffled through a buffer.
+
+    The buffer lives on `device`, so shuffling, handing out batches and compacting the kept half are
+    device copies; only the store's own bytes cross from the host, once each. On a GPU a background
+    thread reads the next chunks into pinned memory meanwhile. The shuffle is drawn on the CPU from a
+    seeded generator, so the batches are the same on every device.
+    """
     if buffer_tokens < 2 * batch_size:
         raise UserError(f"BUFFER_TOKENS ({buffer_tokens}) must be at least twice BATCH_SIZE ({batch_size}).")
     chunk_order = np.random.default_rng(seed)
@@ -109,18 +116,18 @@ def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed
             if not produced:
                 raise UserError("no training tokens left after the split and the special-token filter. Extract more examples.")
 
-    incoming = chunks()
-    pending = torch.empty(0, source.store.d)
-    buffer = torch.empty(buffer_tokens, source.store.d)  # filled in place: no copies of the whole buffer
+    incoming = prefetched_to_pinned_memory(chunks()) if device.startswith("cuda") else chunks()
+    pending = torch.empty(0, source.store.d, dtype=source.store.dtype)
+    buffer = torch.empty(buffer_tokens, source.store.d, dtype=source.store.dtype, device=device)  # filled in place: no copies of the whole buffer
     filled = 0
     while True:
         while filled < buffer_tokens:  # refill the half that was handed out
             if not len(pending):
                 pending = next(incoming)
             take = min(buffer_tokens - filled, len(pending))
-            buffer[filled : filled + take] = pending[:take]
+            buffer[filled : filled + take].copy_(pending[:take], non_blocking=True)
             pending, filled = pending[take:], filled + take
-        order = torch.randperm(filled, generator=shuffle)
+        order = torch.randperm(filled, generator=shuffle).to(device)
         n_out = (filled // 2) // batch_size * batch_size
         for offset in range(0, n_out, batch_size):
             yield buffer[order[offset : offset + batch_size]]  # indexing copies: later refills cannot touch it
@@ -128,10 +135,11 @@ def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed
         buffer[: len(kept)] = buffer[kept]
         filled = len(kept)
 
-def prefetched_to_pinned_memory(batches: Iterator[torch.Tensor], depth: int = 2) -> Iterator[torch.Tensor]:
-    """Read and mix the next batches on a background thread into pinned memory, while the GPU trains.
 
-    Pinned host memory lets the trainer's `.to(device, non_blocking=True)` overlap the copy with compute.
+def prefetched_to_pinned_memory(tensors: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:
+    """Read the next tensors on a background thread into pinned memory, while the GPU works.
+
+    Pinned host memory lets `copy_(..., non_blocking=True)` overlap the host-to-device copy with compute.
     """
     queue: Queue = Queue(maxsize=depth)
     finished = object()
@@ -139,8 +147,8 @@ def prefetched_to_pinned_memory(batches: Iterator[torch.Tensor], depth: int = 2)
 
     def produce() -> None:
         try:
-            for batch in batches:
-                queue.put(batch.pin_memory() if pin else batch)
+            for tensor in tensors:
+                queue.put(tensor.pin_memory() if pin else tensor)
         except BaseException as error:  # hand the error to the consumer instead of dying silently
             queue.put(error)
         queue.put(finished)

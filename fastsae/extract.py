@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class ExtractConfig:
     max_length: int = setting(512, "examples longer than this many tokens are truncated (and counted)")
     packing: str = setting("sequential", "sequential: each example alone (FAST); block: concatenate and cut into BLOCK_SIZE blocks (the baseline)")
     block_size: int = setting(128, "tokens per block when PACKING = block")
-    batch_tokens: int = setting(8192, "padded tokens per forward batch; lower it if memory runs out")
+    batch_tokens: int = setting(32768, "padded tokens per forward batch; lower it if memory runs out")
     storage_dtype: str = setting("float16", "dtype on disk: float16, bfloat16 or float32")
     compute_dtype: str = setting("auto", "model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
@@ -270,12 +271,14 @@ def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset,
 
 
 def _extract_shards(model, tokenizer, packed: PackedSequences, shards, pending: list[int], writers: dict, config: ExtractConfig, storage_dtype: torch.dtype) -> None:
+    """Run the pending shards' examples through the model; a shard is written to disk while the next one computes."""
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     d = model.config.hidden_size
     total_examples = sum(shards[index].n_examples for index in pending)
     started = time.perf_counter()
     tokens_done = 0
-    with tqdm(total=total_examples, desc="extracting", unit="ex") as progress:
+    with tqdm(total=total_examples, desc="extracting", unit="ex") as progress, ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsae-shard-writer") as disk:
+        writing = None
         for shard_index in pending:
             shard = shards[shard_index]
             members = range(shard.first_example, shard.first_example + shard.n_examples)
@@ -284,16 +287,25 @@ def _extract_shards(model, tokenizer, packed: PackedSequences, shards, pending: 
             buffers = {layer: torch.empty((shard.n_tokens, d), dtype=storage_dtype) for layer in config.layers}
             for batch, per_layer in iter_example_activations(model, sequences, config.layers, config.hook_point, config.batch_tokens, pad_token_id):
                 for layer, pieces in per_layer.items():
-                    for local_index, piece in zip(batch, pieces):
-                        buffers[layer][local_offsets[local_index] : local_offsets[local_index + 1]] = piece.to(device="cpu", dtype=storage_dtype)
+                    on_host = torch.cat(pieces).to(storage_dtype).cpu()  # one device-to-host copy per batch, not one per example
+                    for local_index, piece in zip(batch, on_host.split([len(piece) for piece in pieces])):
+                        buffers[layer][local_offsets[local_index] : local_offsets[local_index + 1]] = piece
                 tokens_done += sum(len(sequences[index]) for index in batch)
                 progress.update(len(batch))
                 progress.set_postfix(tok_per_s=f"{tokens_done / (time.perf_counter() - started):.0f}")
+            if writing is not None:
+                writing.result()  # at most one shard waits for the disk, and its errors surface here
             token_ids = np.concatenate(sequences)
             special_mask = np.concatenate([packed.special_masks[index] for index in members])
-            for layer, writer in writers.items():
-                if shard_index in writer.pending_shards():
-                    writer.write_shard(shard_index, buffers[layer], token_ids, special_mask)
+            writing = disk.submit(_write_shard, writers, shard_index, buffers, token_ids, special_mask)
+        if writing is not None:
+            writing.result()
+
+
+def _write_shard(writers: dict, shard_index: int, buffers: dict[int, torch.Tensor], token_ids: np.ndarray, special_mask: np.ndarray) -> None:
+    for layer, writer in writers.items():
+        if shard_index in writer.pending_shards():
+            writer.write_shard(shard_index, buffers[layer], token_ids, special_mask)
 
 
 def extract_activations(config: ExtractConfig) -> list[Path]:

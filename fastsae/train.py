@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from fastsae.batches import ExampleSplit, TokenSource, mixed_batches, prefetched_to_pinned_memory
+from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
 from fastsae.checkpoint import save_checkpoint
 from fastsae.config import config_fingerprint, setting
 from fastsae.devices import resolve_device
@@ -302,11 +302,9 @@ class TrainingRun:
             len(trainers), self.store.folder, self.n_train_tokens, self.total_steps, config.batch_size, self.device,
             len(self.validation_tokens), f", resuming at step {start_step}" if start_step else "",
         )
-        batches = mixed_batches(self.train_source, self.buffer_tokens, config.batch_size, config.seed)
+        batches = mixed_batches(self.train_source, self.buffer_tokens, config.batch_size, config.seed, self.device)
         for _ in range(start_step):  # replay the seeded batch order up to where the run stopped
             next(batches)
-        if self.device.startswith("cuda"):
-            batches = prefetched_to_pinned_memory(batches)
         in_main_thread = threading.current_thread() is threading.main_thread()  # only there can signal handlers be set
         previous_handlers = {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
         started, completed = time.perf_counter(), start_step
@@ -318,7 +316,7 @@ class TrainingRun:
                     active = [trainer for trainer in trainers if not trainer.stopped]
                     if not active:
                         break
-                    x = next(batches).to(self.device, non_blocking=True) * self.scale
+                    x = next(batches).float() * self.scale
                     factor = learning_rate_factor(step, self.total_steps, config.warmup_fraction, config.decay_fraction)
                     for trainer in active:
                         self._step(trainer, x, factor)

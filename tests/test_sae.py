@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastsae import sae as sae_module
 from fastsae.errors import UserError
 from fastsae.sae import SAESpec, SparseAutoencoder, fraction_of_variance_unexplained
 
@@ -38,19 +39,26 @@ def dense_topk_loss(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor 
     return loss
 
 
+@pytest.mark.parametrize("gpu_kernels", [False, True], ids=["cpu-kernels", "gpu-kernels"])
+@pytest.mark.parametrize("input_needs_grad", [False, True], ids=["data", "input-grad"])
 @pytest.mark.parametrize("prefixes, aux_k", [((), 0), ((20, 64, M), 0), ((), 2 * K)])
-def test_sparse_step_equals_dense_loss_and_gradients(prefixes, aux_k):
+def test_sparse_step_equals_dense_loss_and_gradients(prefixes, aux_k, input_needs_grad, gpu_kernels, monkeypatch):
+    """Both kernel paths (gathers on the CPU, dense products on a GPU) give the textbook loss and every gradient."""
+    monkeypatch.setattr(sae_module, "DENSE_KERNELS", gpu_kernels)
     torch.manual_seed(1)
     x = torch.randn(B, D, dtype=torch.float64) * 3 + 1
     dead = (torch.arange(M) % 3 == 0) if aux_k else None
     sparse, dense = make_sae(prefixes=prefixes, aux_k=aux_k), make_sae(prefixes=prefixes, aux_k=aux_k)
-    sparse_loss = sparse.training_step(x, dead, 1 / 32, 0.0).loss
-    dense_loss = dense_topk_loss(dense, x, dead, 1 / 32)
+    x_sparse, x_dense = x.clone().requires_grad_(input_needs_grad), x.clone().requires_grad_(input_needs_grad)
+    sparse_loss = sparse.training_step(x_sparse, dead, 1 / 32, 0.0).loss
+    dense_loss = dense_topk_loss(dense, x_dense, dead, 1 / 32)
     sparse_loss.backward()
     dense_loss.backward()
     torch.testing.assert_close(sparse_loss, dense_loss)
     for (name, parameter), reference in zip(sparse.named_parameters(), dense.parameters()):
         torch.testing.assert_close(parameter.grad, reference.grad, msg=lambda text, name=name: f"{name}: {text}")
+    if input_needs_grad:
+        torch.testing.assert_close(x_sparse.grad, x_dense.grad)
 
 
 def test_topk_code_has_exactly_k_features_and_encode_matches_forward():

@@ -218,7 +218,7 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
     buffer_tokens, batch_size = 1024, 128  # the store holds ~6x the buffer
     batches = mixed_batches(train, buffer_tokens, batch_size, seed=0)
     n_batches = (len(all_train) - buffer_tokens) // batch_size
-    emitted = Counter(row.numpy().tobytes() for _ in range(n_batches) for row in next(batches))
+    emitted = Counter(row.float().numpy().tobytes() for _ in range(n_batches) for row in next(batches))
     available = Counter(row.numpy().tobytes() for row in all_train)
     assert not emitted - available  # within one pass no token comes out twice, and only training tokens come out
     assert emitted.total() == n_batches * batch_size
