@@ -5,7 +5,9 @@ another), so its activations are what the model computes for that example
 alone. For speed, examples are grouped by length into right-padded batches
 under a token budget (padding never reaches the store), one forward pass
 feeds every requested layer, and the pass stops after the deepest one: no
-later blocks, no final norm, no LM head.
+later blocks, no final norm, no LM head. What a pass reads is a "capture": the
+hooks at LAYERS (one store each), or a LoRA adapter's bottlenecks
+(fastsae/lora.py, one store); batching, storing and resuming are shared.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 `layer=L` always means decoder block L (0-based), as in SAELens'
 `blocks.L.hook_resid_post`; in Hugging Face terms the residual stream after
 block L is `hidden_states[L + 1]` (entry 0 is the embeddings).
+`ResidualCapture` reads several layers in one forward pass, which
+`forward_until` cuts short after the last module needed.
 """
 
 from __future__ import annotations

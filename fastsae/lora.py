@@ -85,7 +85,7 @@ def check_adapter_fits(model: nn.Module, folder: str | Path) -> None:
     """Refuse an adapter made for another base model before peft changes `model` (a failed load would leave it half-adapted)."""
     _, weights_path = adapter_files(folder)
     for key, shape in _saved_lora_shapes(weights_path).items():
-        module_path, kind = key.removeprefix(SAVED_KEY_PREFIX).rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        module_path, kind, _ = key.removeprefix(SAVED_KEY_PREFIX).rsplit(".", 2)  # model.layers.0.self_attn.q_proj, lora_A, weight
         try:
             module = model.get_submodule(module_path)
         except AttributeError:

@@ -151,14 +151,20 @@ def test_bad_adapters_and_module_types_get_clear_errors(base_model, smollm2_toke
             lora_adapter=str(only_attention),
             lora_modules=["q_proj", "gate_proj", "up_proj"],
         )
-    narrower = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-        )
-    ).eval()
-    with pytest.raises(UserError, match="does not fit this model.*another base model"):
-        extract_lora(narrower, smollm2_tokenizer, tmp_path / "out", lora_adapter=str(adapter))
-    assert not has_lora_layers(narrower) and not has_lora_layers(base_model)
+    # Other base models: a narrower one (shapes differ) and a shallower one (the adapter's deeper layers are missing).
+    other_bases = [
+        (
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=TINY_LAYERS),
+            r"does not fit this model: model\.layers\.0\.\S+ is \[2, 128\] in the adapter but .* needs \[2, 64\]",
+        ),
+        (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2), r"adapts model\.layers\.2\.\S+, which this model does not have"),
+    ]
+    for shape, message in other_bases:
+        other = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, num_attention_heads=4, num_key_value_heads=2, **shape)).eval()
+        with pytest.raises(UserError, match=message):
+            extract_lora(other, smollm2_tokenizer, tmp_path / "out", lora_adapter=str(adapter))
+        assert not has_lora_layers(other)
+    assert not has_lora_layers(base_model)
     assert not list((tmp_path / "out").rglob("manifest.json"))
 
 
