@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,7 +191,9 @@ def lora_capture(model: nn.Module, adapter_folder: str | Path, module_types: lis
     from peft import PeftModel
 
     check_adapter_fits(model, adapter_folder)
-    peft_model = PeftModel.from_pretrained(model, str(Path(adapter_folder).expanduser()), adapter_name=ADAPTER_NAME, is_trainable=False)
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; the notice is not the user's to act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, str(Path(adapter_folder).expanduser()), adapter_name=ADAPTER_NAME, is_trainable=False)
     try:
         peft_model.eval()  # LoRA dropout off: the hooked outputs are exactly x @ A.T
         capture = LoraBottleneckCapture(model, module_types, adapter_folder)
