@@ -16,8 +16,10 @@ LABEL_FIELD = "auto"  # kept per example for the interpretation step
 CHAT_TEMPLATE = "auto"  # auto: apply the instruct model's chat template; none: plain text
 
 # --- Where in the model -----------------------------------------------------
-LAYERS = [12]  # layer L = output of decoder block L (HF hidden_states[L + 1])
-HOOK_POINT = "resid_post"  # resid_post, mlp_out or attn_out
+LAYERS = [12]  # layer L = output of decoder block L (HF hidden_states[L + 1]); ignored for HOOK_POINT = "lora"
+HOOK_POINT = "resid_post"  # resid_post, mlp_out, attn_out, or lora (a LoRA adapter's rank-r bottlenecks, all its layers)
+LORA_ADAPTER = ""  # for HOOK_POINT = "lora": a PEFT LoRA adapter folder made for MODEL_NAME
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # adapted types stored, in this order
 MAX_LENGTH = 512  # longer examples are truncated and counted
 
 # --- How ---------------------------------------------------------------------

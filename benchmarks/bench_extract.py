@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastsae.data import load_dataset  # noqa: E402
 from fastsae.extract import iter_example_activations  # noqa: E402
+from fastsae.hook_points import ResidualCapture  # noqa: E402
 from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model  # noqa: E402
 from fastsae.tokenization import tokenize_examples  # noqa: E402
 
@@ -39,7 +40,8 @@ def one_at_a_time(model, sequences: list[np.ndarray], layer: int) -> list[torch.
 
 def batched(model, sequences: list[np.ndarray], layer: int, batch_tokens: int, pad_token_id: int) -> list[torch.Tensor]:
     outputs: list[torch.Tensor | None] = [None] * len(sequences)
-    for batch, per_layer in iter_example_activations(model, sequences, [layer], "resid_post", batch_tokens, pad_token_id):
+    capture = ResidualCapture(model, [layer], "resid_post")
+    for batch, per_layer in iter_example_activations(capture, sequences, batch_tokens, pad_token_id, model.device):
         for index, activations in zip(batch, per_layer[layer]):
             outputs[index] = activations.float()
     return outputs

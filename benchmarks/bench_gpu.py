@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastsae.data import load_dataset  # noqa: E402
 from fastsae.extract import ExtractConfig, iter_example_activations, write_activation_stores  # noqa: E402
+from fastsae.hook_points import ResidualCapture  # noqa: E402
 from fastsae.tokenization import tokenize_examples  # noqa: E402
 from fastsae.train import TrainConfig, TrainingRun  # noqa: E402
 
@@ -112,7 +113,7 @@ def one_at_a_time(model, sequences: list[np.ndarray]) -> None:
 
 
 def capture_only(model, sequences: list[np.ndarray], batch_tokens: int, pad_token_id: int) -> None:
-    for _ in iter_example_activations(model, sequences, [LAYER], "resid_post", batch_tokens, pad_token_id):
+    for _ in iter_example_activations(ResidualCapture(model, [LAYER], "resid_post"), sequences, batch_tokens, pad_token_id, model.device):
         pass
 
 

@@ -130,7 +130,12 @@ function renderDetail(f) {
   detail.append(element("p", "score " + fmt(f.score, 2) + " · frequency " + (100 * f.frequency).toFixed(3) + "% · max activation " +
     fmt(f.max_activation, 2) + " · label " + (f.top_label || "–") + " (AUROC " + fmt(f.top_label_auroc, 2) + ")", "muted"));
   detail.append(element("h3", "Activation histogram (log bins)"), histogram(f));
-  detail.append(element("h3", "Logit lens"), element("p", "promotes: " + f.logit_lens_promoted), element("p", "suppresses: " + f.logit_lens_suppressed));
+  detail.append(element("h3", "Logit lens"));
+  if (f.logit_lens_promoted || f.logit_lens_suppressed) {
+    detail.append(element("p", "promotes: " + f.logit_lens_promoted), element("p", "suppresses: " + f.logit_lens_suppressed));
+  } else {
+    detail.append(element("p", "Does not apply: this store's activations are not in the model's hidden space (e.g. LoRA bottlenecks).", "muted"));
+  }
   detail.append(element("h3", "Top contexts"));
   const peak = Math.max(1e-9, ...f.contexts.map((c) => c.activation));
   for (const context of f.contexts) {

@@ -43,6 +43,7 @@ from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.extract import length_batches
 from fastsae.hook_points import check_layers, hooked_module, output_tensor
+from fastsae.lora import LORA_HOOK_POINT
 from fastsae.models import load_model, resolve_model
 from fastsae.sae import SparseAutoencoder
 from fastsae.store import ActivationStore
@@ -360,7 +361,13 @@ def evaluate_sae(config: EvalConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"checkpoint": str(checkpoint), "store": str(store.folder), "hook_name": store.hook_name, "examples": len(examples), "settings": asdict(config)}
     results.update(store_metrics(store, examples, sae, include_special))
     results["decoder_max_cosine"] = decoder_max_cosine(sae)
-    if config.model_metrics:
+    if config.model_metrics and store.manifest.get("hook_point") == LORA_HOOK_POINT:
+        results["model_metrics_skipped"] = (
+            "a LoRA store concatenates the adapter's bottlenecks across all its layers, so there is no single hook to splice "
+            "the reconstruction into: loss recovered, relative loss increase and KL do not apply"
+        )
+        logger.info("Model metrics skipped: %s. The store metrics above still apply.", results["model_metrics_skipped"])
+    elif config.model_metrics:
         model_name = config.model_name or store.manifest.get("model_name")
         if not model_name:
             raise UserError(f"the store at {store.folder} does not name its model. Pass --model-name, or --model-metrics false.")

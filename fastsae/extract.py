@@ -5,17 +5,21 @@ another), so its activations are what the model computes for that example
 alone. For speed, examples are grouped by length into right-padded batches
 under a token budget (padding never reaches the store), one forward pass
 feeds every requested layer, and the pass stops after the deepest one: no
-later blocks, no final norm, no LM head.
+later blocks, no final norm, no LM head. What a pass reads is a "capture": the
+hooks at LAYERS (one store each), or a LoRA adapter's bottlenecks
+(fastsae/lora.py, one store); batching, storing and resuming are shared.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,7 +29,8 @@ from fastsae.config import setting
 from fastsae.data import Dataset, load_dataset
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
-from fastsae.hook_points import HOOK_POINTS, check_layers, hook_name, hooked_module, output_tensor
+from fastsae.hook_points import HOOK_POINTS, HookTarget, ResidualCapture
+from fastsae.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture
 from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
 from fastsae.store import STORAGE_DTYPES, ActivationStoreWriter, check_free_disk, plan_shards
 from fastsae.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
@@ -44,8 +49,10 @@ class ExtractConfig:
     response_field: str = setting("", "optional field with an assistant response (becomes the assistant turn)")
     label_field: str = setting("auto", "field with a label kept per example for later steps; auto picks label; empty for none")
     chat_template: str = setting("auto", "auto: use the model's chat template when it has one; none: plain text")
-    layers: list[int] = setting([12], "decoder blocks to read (0-based); layer L is the output of block L")
-    hook_point: str = setting("resid_post", "resid_post (block output), mlp_out or attn_out")
+    layers: list[int] = setting([12], "decoder blocks to read (0-based); layer L is the output of block L (ignored for HOOK_POINT = lora)")
+    hook_point: str = setting("resid_post", "resid_post (block output), mlp_out, attn_out, or lora (a LoRA adapter's rank-r bottlenecks)")
+    lora_adapter: str = setting("", "PEFT LoRA adapter folder (adapter_config.json + weights) for HOOK_POINT = lora")
+    lora_modules: list[str] = setting(list(LORA_MODULE_TYPES), "adapted module types whose lora_A outputs are stored, over all adapted layers, in this order")
     max_length: int = setting(512, "examples longer than this many tokens are truncated (and counted)")
     packing: str = setting("sequential", "sequential: each example alone (FAST); block: concatenate and cut into BLOCK_SIZE blocks (the baseline)")
     block_size: int = setting(128, "tokens per block when PACKING = block")
@@ -61,7 +68,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         choices = {
             "chat_template": CHAT_TEMPLATE_CHOICES,
-            "hook_point": HOOK_POINTS,
+            "hook_point": (*HOOK_POINTS, LORA_HOOK_POINT),
             "packing": PACKING_CHOICES,
             "storage_dtype": tuple(STORAGE_DTYPES),
             "compute_dtype": COMPUTE_DTYPES,
@@ -71,6 +78,11 @@ class ExtractConfig:
                 raise UserError(f"{name.upper()} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
         if not self.layers:
             raise UserError("LAYERS is empty: name at least one layer, e.g. --layers 12.")
+        if self.hook_point == LORA_HOOK_POINT:
+            if not self.lora_adapter:
+                raise UserError("HOOK_POINT = lora needs LORA_ADAPTER: a PEFT adapter folder, e.g. --lora-adapter path/to/adapter.")
+            if not self.lora_modules or len(set(self.lora_modules)) < len(self.lora_modules):
+                raise UserError(f"LORA_MODULES must name each module type once, e.g. --lora-modules q_proj v_proj; got {self.lora_modules!r}.")
         positive = {"max_length": self.max_length, "block_size": self.block_size, "batch_tokens": self.batch_tokens, "shard_mb": self.shard_mb}
         for name, value in positive.items():
             if value <= 0:
@@ -88,35 +100,20 @@ class ExtractConfig:
         return STORAGE_DTYPES[self.compute_dtype]
 
 
-class _StopForward(Exception):
-    """Raised by the hook on the deepest needed module to end the forward pass there."""
+class Capture(Protocol):
+    """What one forward pass reads: (B, T, d) activations for each store in `targets`, under the same keys."""
+
+    d: int
+    targets: dict[Hashable, HookTarget]
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[Hashable, torch.Tensor]: ...
 
 
-def capture_activations(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int], hook_point: str) -> dict[int, torch.Tensor]:
-    """(B, T, d) activations at each layer's hook, from one forward pass cut short after the deepest."""
-    captured: dict[int, torch.Tensor] = {}
-    deepest = max(layers)
-    handles = []
-
-    def make_hook(layer: int):
-        def hook(module, inputs, output):
-            captured[layer] = output_tensor(output)
-            if layer == deepest:
-                raise _StopForward
-
-        return hook
-
-    for layer in layers:
-        handles.append(hooked_module(model, layer, hook_point).register_forward_hook(make_hook(layer)))
-    try:
-        with torch.inference_mode():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+def open_capture(model: torch.nn.Module, config: ExtractConfig) -> AbstractContextManager[Capture]:
+    """The hooks at LAYERS (one store each), or a LoRA adapter's bottlenecks (one store; the adapter is attached meanwhile)."""
+    if config.hook_point == LORA_HOOK_POINT:
+        return lora_capture(model, config.lora_adapter, config.lora_modules)
+    return nullcontext(ResidualCapture(model, config.layers, config.hook_point))
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -136,15 +133,13 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 
 def iter_example_activations(
-    model: torch.nn.Module,
+    capture: Capture,
     sequences: list[np.ndarray],
-    layers: list[int],
-    hook_point: str,
     batch_tokens: int,
     pad_token_id: int,
-) -> Iterator[tuple[list[int], dict[int, list[torch.Tensor]]]]:
-    """Per length-batch: the indices of its sequences and, per layer, each sequence's (len, d) activations."""
-    device = next(model.parameters()).device
+    device: torch.device,
+) -> Iterator[tuple[list[int], dict[Hashable, list[torch.Tensor]]]]:
+    """Per length-batch: the indices of its sequences and, per store, each sequence's (len, d) activations."""
     for batch in length_batches([len(sequence) for sequence in sequences], batch_tokens):
         width = len(sequences[batch[0]])
         input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
@@ -153,9 +148,8 @@ def iter_example_activations(
             length = len(sequences[index])
             input_ids[row, :length] = torch.from_numpy(sequences[index].astype(np.int64))
             attention_mask[row, :length] = 1
-        captured = capture_activations(model, input_ids.to(device), attention_mask.to(device), layers, hook_point)
-        per_layer = {layer: [captured[layer][row, : len(sequences[index])] for row, index in enumerate(batch)] for layer in layers}
-        yield batch, per_layer
+        captured = capture(input_ids.to(device), attention_mask.to(device))
+        yield batch, {key: [values[row, : len(sequences[index])] for row, index in enumerate(batch)] for key, values in captured.items()}
 
 
 @dataclass
@@ -180,19 +174,23 @@ def pack_sequences(tokenized: list[TokenizedExample], dataset: Dataset, packing:
     return PackedSequences([stream[start : start + block_size] for start in starts], [special[start : start + block_size] for start in starts], records)
 
 
-def store_folder(config: ExtractConfig, model_slug: str, layer: int) -> Path:
+def store_folder(config: ExtractConfig, model_slug: str, target: HookTarget) -> Path:
     suffix = "" if config.packing == "sequential" else f"-block{config.block_size}"
-    return Path(config.output_dir) / model_slug / (hook_name(layer, config.hook_point) + suffix)
+    return Path(config.output_dir) / model_slug / (target.name + suffix)
 
 
 def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None = None) -> list[Path]:
-    """Extract `dataset` through an already loaded `model` into one store per layer; resumes where stores exist."""
-    check_layers(model, config.layers)
+    """Extract `dataset` through an already loaded `model` into one store per layer (or one LoRA store); resumes where stores exist."""
+    with open_capture(model, config) as capture:
+        return _write_stores(capture, model, tokenizer, dataset, config, model_slug, model_fields)
+
+
+def _write_stores(capture: Capture, model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None) -> list[Path]:
     tokenized = tokenize_examples(tokenizer, dataset.examples, config.chat_template, config.max_length)
     packed = pack_sequences(tokenized, dataset, config.packing, config.block_size)
     lengths = [len(sequence) for sequence in packed.sequences]
     doc_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    d = model.config.hidden_size
+    d = capture.d
     storage_dtype = STORAGE_DTYPES[config.storage_dtype]
     itemsize = torch.zeros(1, dtype=storage_dtype).element_size()
     shards = plan_shards(lengths, max(1, int(config.shard_mb * 2**20 / (d * itemsize))))
@@ -205,7 +203,6 @@ def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset,
         "text_field": dataset.text_field,
         "response_field": config.response_field,
         "chat_template": config.chat_template,
-        "hook_point": config.hook_point,
         "max_length": config.max_length,
         "packing": config.packing,
         "block_size": config.block_size if config.packing == "block" else None,
@@ -215,21 +212,20 @@ def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset,
         "max_examples": config.max_examples,
     }
     n_truncated = sum(item.truncated for item in tokenized)
-    folders = {layer: store_folder(config, model_slug, layer) for layer in config.layers}
+    folders = {key: store_folder(config, model_slug, target) for key, target in capture.targets.items()}
     bytes_per_token = d * itemsize + 4 + 1  # activations + int32 token id + bool mask
     missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
     check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token)
     writers = {}
-    for layer in config.layers:
-        writers[layer] = ActivationStoreWriter(
-            folders[layer],
-            settings={**common_settings, "layer": layer},
+    for key, target in capture.targets.items():
+        writers[key] = ActivationStoreWriter(
+            folders[key],
+            settings={**common_settings, **target.identity},
             manifest_fields={
                 "model": model_slug,
                 **(model_fields or {}),
-                "hook_name": hook_name(layer, config.hook_point),
-                "hook_point": config.hook_point,
-                "layer": layer,
+                "hook_name": target.name,
+                **target.fields,
                 "d": d,
                 "dtype": config.storage_dtype,
                 "packing": config.packing,
@@ -256,13 +252,13 @@ def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset,
     if not pending:
         logger.info("All %d shards already extracted; nothing to do.", len(shards))
     else:
-        _extract_shards(model, tokenizer, packed, shards, pending, writers, config, storage_dtype)
+        _extract_shards(capture, next(model.parameters()).device, tokenizer, packed, shards, pending, writers, config, storage_dtype)
     for writer in writers.values():
         if not writer.is_complete:
             writer.finish({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     skipped = f", skipped {dataset.skipped.total} rows ({dataset.skipped.describe()})" if dataset.skipped.total else ""
     logger.info(
-        "Stored %d examples, %d tokens (d=%d, %s) per layer%s%s:\n  %s",
+        "Stored %d examples, %d tokens (d=%d, %s) per store%s%s:\n  %s",
         len(packed.sequences), int(doc_offsets[-1]), d, config.storage_dtype, skipped,
         f", truncated {n_truncated}" if n_truncated else "",
         "\n  ".join(str(folder) for folder in folders.values()),
@@ -270,10 +266,11 @@ def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset,
     return list(folders.values())
 
 
-def _extract_shards(model, tokenizer, packed: PackedSequences, shards, pending: list[int], writers: dict, config: ExtractConfig, storage_dtype: torch.dtype) -> None:
+def _extract_shards(
+    capture: Capture, device: torch.device, tokenizer, packed: PackedSequences, shards, pending: list[int], writers: dict, config: ExtractConfig, storage_dtype: torch.dtype
+) -> None:
     """Run the pending shards' examples through the model; a shard is written to disk while the next one computes."""
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    d = model.config.hidden_size
     total_examples = sum(shards[index].n_examples for index in pending)
     started = time.perf_counter()
     tokens_done = 0
@@ -284,12 +281,12 @@ def _extract_shards(model, tokenizer, packed: PackedSequences, shards, pending: 
             members = range(shard.first_example, shard.first_example + shard.n_examples)
             sequences = [packed.sequences[index] for index in members]
             local_offsets = np.concatenate([[0], np.cumsum([len(sequence) for sequence in sequences])])
-            buffers = {layer: torch.empty((shard.n_tokens, d), dtype=storage_dtype) for layer in config.layers}
-            for batch, per_layer in iter_example_activations(model, sequences, config.layers, config.hook_point, config.batch_tokens, pad_token_id):
-                for layer, pieces in per_layer.items():
+            buffers = {key: torch.empty((shard.n_tokens, capture.d), dtype=storage_dtype) for key in writers}
+            for batch, per_store in iter_example_activations(capture, sequences, config.batch_tokens, pad_token_id, device):
+                for key, pieces in per_store.items():
                     on_host = torch.cat(pieces).to(storage_dtype).cpu()  # one device-to-host copy per batch, not one per example
                     for local_index, piece in zip(batch, on_host.split([len(piece) for piece in pieces])):
-                        buffers[layer][local_offsets[local_index] : local_offsets[local_index + 1]] = piece
+                        buffers[key][local_offsets[local_index] : local_offsets[local_index + 1]] = piece
                 tokens_done += sum(len(sequences[index]) for index in batch)
                 progress.update(len(batch))
                 progress.set_postfix(tok_per_s=f"{tokens_done / (time.perf_counter() - started):.0f}")
@@ -302,10 +299,10 @@ def _extract_shards(model, tokenizer, packed: PackedSequences, shards, pending: 
             writing.result()
 
 
-def _write_shard(writers: dict, shard_index: int, buffers: dict[int, torch.Tensor], token_ids: np.ndarray, special_mask: np.ndarray) -> None:
-    for layer, writer in writers.items():
+def _write_shard(writers: dict, shard_index: int, buffers: dict[Hashable, torch.Tensor], token_ids: np.ndarray, special_mask: np.ndarray) -> None:
+    for key, writer in writers.items():
         if shard_index in writer.pending_shards():
-            writer.write_shard(shard_index, buffers[layer], token_ids, special_mask)
+            writer.write_shard(shard_index, buffers[key], token_ids, special_mask)
 
 
 def extract_activations(config: ExtractConfig) -> list[Path]:

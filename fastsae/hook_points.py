@@ -3,9 +3,15 @@
 `layer=L` always means decoder block L (0-based), as in SAELens'
 `blocks.L.hook_resid_post`; in Hugging Face terms the residual stream after
 block L is `hidden_states[L + 1]` (entry 0 is the embeddings).
+`ResidualCapture` reads several layers in one forward pass, which
+`forward_until` cuts short after the last module needed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +56,71 @@ def hooked_module(model: nn.Module, layer: int, hook_point: str) -> nn.Module:
     raise UserError(f"block {layer} of {type(model).__name__} has no {hook_point} submodule; use HOOK_POINT = 'resid_post'.")
 
 
+class _StopForward(Exception):
+    """Raised by the hook on the last needed module to end the forward pass there."""
+
+
+def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_module: nn.Module) -> None:
+    """Run the model on a batch but stop once `last_module` has run: no later blocks, no final norm, no LM head.
+
+    Hooks that read activations must be registered before calling this, so they run before the stop.
+    """
+
+    def stop(module, inputs, output):
+        raise _StopForward
+
+    handle = last_module.register_forward_hook(stop)
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
 def output_tensor(output) -> torch.Tensor:
     """Modules return a tensor or a tuple whose first item is the hidden state."""
     return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass(frozen=True)
+class HookTarget:
+    """One place a capture reads, which becomes one store.
+
+    `fields` go into the store's manifest; `identity` joins its settings, so a rerun resumes
+    only a store read from the same place.
+    """
+
+    name: str  # e.g. blocks.12.hook_resid_post
+    fields: dict[str, Any]
+    identity: dict[str, Any]
+
+
+class ResidualCapture:
+    """The hooked module's output at each requested layer, from one forward pass cut short after the deepest."""
+
+    def __init__(self, model: nn.Module, layers: list[int], hook_point: str) -> None:
+        check_layers(model, layers)
+        self.model, self.layers = model, layers
+        self.modules = {layer: hooked_module(model, layer, hook_point) for layer in layers}
+        self.d = model.config.hidden_size
+        self.targets = {layer: HookTarget(hook_name(layer, hook_point), {"hook_point": hook_point, "layer": layer}, {"hook_point": hook_point, "layer": layer}) for layer in layers}
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[Hashable, torch.Tensor]:
+        """(B, T, d) activations per layer."""
+        captured: dict[Hashable, torch.Tensor] = {}
+
+        def make_hook(layer: int):
+            def hook(module, inputs, output) -> None:
+                captured[layer] = output_tensor(output)
+
+            return hook
+
+        handles = [module.register_forward_hook(make_hook(layer)) for layer, module in self.modules.items()]
+        try:
+            forward_until(self.model, input_ids, attention_mask, self.modules[max(self.layers)])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured

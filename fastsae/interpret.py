@@ -35,6 +35,7 @@ from fastsae.features import (
     top_contexts,
 )
 from fastsae.llm import API_KEY_VARIABLES, CachedChatClient, api_key
+from fastsae.lora import LORA_HOOK_POINT
 from fastsae.models import cache_dir, load_model, load_tokenizer, resolve_model
 from fastsae.store import ActivationStore
 
@@ -96,11 +97,16 @@ def interpretation_rows(
     statistics: FeatureStatistics,
     labels: pd.DataFrame,
     contexts_by_feature: dict[int, list[TokenContext]],
-    promoted: np.ndarray,
-    suppressed: np.ndarray,
+    promoted: np.ndarray | None,
+    suppressed: np.ndarray | None,
     tokenizer,
     config: InterpretConfig,
 ) -> list[dict[str, Any]]:
+    """One CSV row per feature; the logit-lens columns stay empty where the logit lens does not apply (`promoted` is None)."""
+
+    def decoded(token_ids: np.ndarray | None, row_index: int) -> str:
+        return "" if token_ids is None else " | ".join(tokenizer.decode([int(t)]) for t in token_ids[row_index])
+
     rows = []
     for row_index, (feature, all_contexts) in enumerate(contexts_by_feature.items()):
         contexts = all_contexts[: config.top_contexts]
@@ -112,8 +118,8 @@ def interpretation_rows(
                 "mean_activation": float(statistics.mean_activation[feature]),
                 "max_activation": float(statistics.max_activation[feature]),
                 "top_tokens": " | ".join(firing_tokens),
-                "logit_lens_promoted": " | ".join(tokenizer.decode([int(t)]) for t in promoted[row_index]),
-                "logit_lens_suppressed": " | ".join(tokenizer.decode([int(t)]) for t in suppressed[row_index]),
+                "logit_lens_promoted": decoded(promoted, row_index),
+                "logit_lens_suppressed": decoded(suppressed, row_index),
                 "top_label": labels.loc[feature, "top_label"],
                 "top_label_auroc": float(labels.loc[feature, "top_label_auroc"]),
                 "explanation": "",
@@ -180,7 +186,12 @@ def interpret_sae(config: InterpretConfig) -> Path:
     device = resolve_device(config.device)
     source = resolve_model(model_name)
     tokenizer = load_tokenizer(source)
-    unembedding = _unembedding(load_model(source, torch.float32, "cpu"))
+    if store.manifest.get("hook_point") == LORA_HOOK_POINT:
+        # Decoder directions live in the adapter's concatenated bottleneck space (d is not the hidden size), not the residual stream.
+        logger.info("Logit lens skipped: this is a LoRA-bottleneck store, whose directions do not meet the unembedding; its columns stay empty.")
+        unembedding = None
+    else:
+        unembedding = _unembedding(load_model(source, torch.float32, "cpu")).to(device)
     sae = loaded.sae.to(device)
     include_special = bool(loaded.metadata.get("training", {}).get("include_special_tokens", False))
     contexts_needed = max(config.top_contexts, config.explain_contexts)
@@ -188,15 +199,15 @@ def interpret_sae(config: InterpretConfig) -> Path:
         statistics = collect_feature_statistics(
             store, sae, top_n=contexts_needed, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy"
         )
-        return _interpret_with(statistics, store, sae, tokenizer, unembedding.to(device), config)
+        return _interpret_with(statistics, store, sae, tokenizer, unembedding, config)
 
 
-def _interpret_with(statistics: FeatureStatistics, store: ActivationStore, sae, tokenizer, unembedding: torch.Tensor, config: InterpretConfig) -> Path:
+def _interpret_with(statistics: FeatureStatistics, store: ActivationStore, sae, tokenizer, unembedding: torch.Tensor | None, config: InterpretConfig) -> Path:
     """Everything after the pass over the store: labels, chosen features, contexts, logit lens, LLM, CSV and dashboard."""
     labels = label_association(statistics.example_max, [record.get("label") for record in store.example_records()])
     features = select_features(config.features, statistics, labels)
     contexts_by_feature = {f: top_contexts(store, sae, statistics, f, tokenizer, config.context_window, statistics.top_values.shape[1]) for f in features}
-    promoted, suppressed = logit_lens(sae.W_dec.detach()[features], unembedding, k=config.logit_lens_tokens)
+    promoted, suppressed = logit_lens(sae.W_dec.detach()[features], unembedding, k=config.logit_lens_tokens) if unembedding is not None else (None, None)
     rows = interpretation_rows(statistics, labels, contexts_by_feature, promoted, suppressed, tokenizer, config)
     if not config.explain:
         logger.info("EXPLAIN is off: the explanation and score columns are left empty.")

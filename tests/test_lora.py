@@ -1,0 +1,219 @@
+"""LoRA-adapter activations: stored lora_A outputs equal x @ A.T by hand, are named per dimension, and train, evaluate and interpret."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import TINY_LAYERS, make_tiny_llama
+from fastsae.data import load_dataset
+from fastsae.errors import UserError
+from fastsae.evaluate import EvalConfig, evaluate_sae
+from fastsae.extract import ExtractConfig, write_activation_stores
+from fastsae.interpret import InterpretConfig, interpret_sae
+from fastsae.lora import LORA_MODULE_TYPES, adapter_fingerprint
+from fastsae.store import ActivationStore
+from fastsae.train import TrainConfig, train_saes
+from test_extract import max_relative_difference
+
+REPO = Path(__file__).resolve().parents[1]
+# peft's get_peft_model (used here only to make an adapter) calls an API transformers has deprecated.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+R = 2
+ALPHA = 4
+CHOSEN = ["v_proj", "q_proj", "down_proj"]  # a subset, not in the usual order: the store follows this order
+
+
+def save_random_adapter(folder: Path, vocab_size: int, target_modules: list[str]) -> Path:
+    """A LoRA adapter on the tiny Llama with random nonzero A and B (peft starts B at zero, which would hide mistakes)."""
+    model = get_peft_model(make_tiny_llama(vocab_size), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.5, target_modules=target_modules))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def has_lora_layers(model: nn.Module) -> bool:
+    return any(hasattr(module, "lora_A") for module in model.modules())
+
+
+@pytest.fixture(scope="module")
+def vocab_size(smollm2_tokenizer) -> int:
+    return len(smollm2_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, vocab_size) -> Path:
+    return save_random_adapter(tmp_path_factory.mktemp("adapters") / "random-lora", vocab_size, list(LORA_MODULE_TYPES))
+
+
+@pytest.fixture(scope="module")
+def base_model(vocab_size) -> LlamaForCausalLM:
+    """A fresh copy of the tiny Llama (the session one stays untouched)."""
+    return make_tiny_llama(vocab_size)
+
+
+def extract_lora(model, tokenizer, output_dir: Path, **overrides) -> Path:
+    settings = dict(
+        hook_point="lora", output_dir=str(output_dir), storage_dtype="float32", batch_tokens=1024, shard_mb=0.05, max_examples=120
+    )
+    settings.update(overrides)
+    config = ExtractConfig(**settings)
+    (folder,) = write_activation_stores(model, tokenizer, load_dataset(config.dataset, max_examples=config.max_examples), config, "tiny")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_store(tmp_path_factory, base_model, smollm2_tokenizer, adapter) -> Path:
+    return extract_lora(
+        base_model, smollm2_tokenizer, tmp_path_factory.mktemp("lora-stores"), lora_adapter=str(adapter), lora_modules=CHOSEN
+    )
+
+
+def bottlenecks_by_hand(vocab_size: int, adapter: Path, token_ids: np.ndarray) -> torch.Tensor:
+    """The reference without peft: merge W + (alpha/r)·B·A into a fresh tiny Llama, run the example alone, and apply A to each module's input."""
+    model = make_tiny_llama(vocab_size)
+    weights = {key.removeprefix("base_model.model."): value for key, value in load_file(adapter / "adapter_model.safetensors").items()}
+    inputs = {}
+    with torch.no_grad():
+        for key, a in weights.items():
+            if key.endswith(".lora_A.weight"):
+                path = key.removesuffix(".lora_A.weight")
+                model.get_submodule(path).weight += ALPHA / R * weights[path + ".lora_B.weight"] @ a
+                model.get_submodule(path).register_forward_pre_hook(lambda module, args, path=path: inputs.__setitem__(path, args[0][0]))
+        model(torch.from_numpy(token_ids.astype(np.int64))[None])
+    parts = []
+    for layer in range(TINY_LAYERS):
+        for module_type in CHOSEN:
+            (path,) = [p for p in inputs if p.startswith(f"model.layers.{layer}.") and p.endswith("." + module_type)]
+            parts.append(inputs[path] @ weights[path + ".lora_A.weight"].T)
+    return torch.cat(parts, dim=-1)
+
+
+def test_batched_lora_store_equals_x_times_a_by_hand_for_each_example_alone(lora_store, adapter, vocab_size):
+    store = ActivationStore(lora_store)
+    assert store.d == TINY_LAYERS * len(CHOSEN) * R
+    assert len(store.shards) > 1 and len(set(np.diff(store.doc_offsets).tolist())) > 10  # several shards, mixed lengths per batch
+    for index in np.linspace(0, store.n_examples - 1, 8).round().astype(int):
+        example = store.example(int(index))
+        expected = bottlenecks_by_hand(vocab_size, adapter, example.token_ids)
+        assert example.activations.shape == expected.shape
+        assert max_relative_difference(example.activations, expected) < 1e-4
+
+
+def test_lora_manifest_names_every_dimension(lora_store, adapter, base_model):
+    store = ActivationStore(lora_store)
+    assert lora_store.name == "lora.v_proj-q_proj-down_proj" and store.hook_name == lora_store.name
+    lora = store.manifest["lora"]
+    assert lora["fingerprint"] == adapter_fingerprint(adapter) and lora["r"] == R and lora["modules"] == CHOSEN
+    assert lora["layers"] == list(range(TINY_LAYERS))
+    expected = [{"layer": layer, "module": module, "rank_index": i} for layer in range(TINY_LAYERS) for module in CHOSEN for i in range(R)]
+    assert lora["dimensions"] == expected and len(expected) == store.d
+    assert store.manifest["hook_point"] == "lora" and store.manifest["layer"] is None
+    assert not has_lora_layers(base_model)  # the adapter is taken off the model again after extraction
+
+
+def test_bad_adapters_and_module_types_get_clear_errors(base_model, smollm2_tokenizer, adapter, tmp_path, vocab_size):
+    with pytest.raises(UserError, match="needs LORA_ADAPTER"):
+        ExtractConfig(hook_point="lora")
+    cases = [
+        ({"lora_adapter": str(tmp_path / "nowhere")}, "LoRA adapter folder not found"),
+        ({"lora_adapter": str(tmp_path)}, "not a PEFT adapter folder"),
+        (
+            {"lora_adapter": str(adapter), "lora_modules": ["q_proj", "qkv_proj"]},
+            "does not adapt qkv_proj; it adapts q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+        ),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(UserError, match=message):
+            extract_lora(base_model, smollm2_tokenizer, tmp_path / "out", **overrides)
+    only_attention = save_random_adapter(tmp_path / "qv", vocab_size, ["q_proj", "v_proj"])
+    with pytest.raises(UserError, match="does not adapt gate_proj, up_proj; it adapts q_proj, v_proj"):
+        extract_lora(
+            base_model,
+            smollm2_tokenizer,
+            tmp_path / "out",
+            lora_adapter=str(only_attention),
+            lora_modules=["q_proj", "gate_proj", "up_proj"],
+        )
+    # Other base models: a narrower one (shapes differ) and a shallower one (the adapter's deeper layers are missing).
+    other_bases = [
+        (
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=TINY_LAYERS),
+            r"does not fit this model: model\.layers\.0\.\S+ is \[2, 128\] in the adapter but .* needs \[2, 64\]",
+        ),
+        (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2), r"adapts model\.layers\.2\.\S+, which this model does not have"),
+    ]
+    for shape, message in other_bases:
+        other = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, num_attention_heads=4, num_key_value_heads=2, **shape)).eval()
+        with pytest.raises(UserError, match=message):
+            extract_lora(other, smollm2_tokenizer, tmp_path / "out", lora_adapter=str(adapter))
+        assert not has_lora_layers(other)
+    assert not has_lora_layers(base_model)
+    assert not list((tmp_path / "out").rglob("manifest.json"))
+
+
+def test_sae_trains_evaluates_and_interprets_on_a_lora_store(lora_store, tiny_model_folder, tmp_path, caplog):
+    config = TrainConfig(store=str(lora_store), output_dir=str(tmp_path / "runs"), m=32, k=4, batch_size=256, epochs=4.0)
+    (result,) = train_saes(config)
+    checkpoint = Path(result["checkpoint"])
+    with caplog.at_level(logging.INFO):
+        results = evaluate_sae(EvalConfig(checkpoint=str(checkpoint), device="cpu"))
+    assert "model" not in results and "LoRA store" in results["model_metrics_skipped"]
+    assert any("Model metrics skipped" in record.message for record in caplog.records)
+    saved = json.loads((checkpoint.parent / "eval.json").read_text())
+    assert 0 < saved["reconstruction"]["all"]["fvu"] < 1 and saved["sparsity"]["l0_mean"] == pytest.approx(4, abs=0.5)
+
+    with caplog.at_level(logging.INFO):
+        path = interpret_sae(
+            InterpretConfig(
+                checkpoint=str(checkpoint),
+                model_name=str(tiny_model_folder),
+                features="frequency:5",
+                interpretations_path=str(tmp_path / "interpretations.csv"),
+                device="cpu",
+                explain=False,
+            )
+        )
+    assert any("Logit lens skipped" in record.message for record in caplog.records)
+    table = pd.read_csv(path, keep_default_na=False)
+    assert len(table) == 5
+    assert (table["logit_lens_promoted"] == "").all() and (table["logit_lens_suppressed"] == "").all()
+    assert all("«" in contexts for contexts in table["top_contexts"]) and (table["top_label"] != "").all()
+    assert (tmp_path / "dashboard.html").exists()
+
+
+def test_script_extracts_all_adapter_types_by_default(tiny_model_folder, adapter, texts_file, tmp_path):
+    args = [
+        "--model-name",
+        str(tiny_model_folder),
+        "--dataset",
+        str(texts_file),
+        "--output-dir",
+        str(tmp_path),
+        "--hook-point",
+        "lora",
+        "--lora-adapter",
+        str(adapter),
+    ]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "extract_activations.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    store = ActivationStore(tmp_path / "tiny-llama" / "lora.all")
+    assert store.d == TINY_LAYERS * len(LORA_MODULE_TYPES) * R and store.n_examples == 8
