@@ -26,7 +26,7 @@ from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.hook_points import HOOK_POINTS, check_layers, hook_name, hooked_module, output_tensor
 from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
-from fastsae.store import STORAGE_DTYPES, ActivationStoreWriter, check_free_disk, plan_shards
+from fastsae.store import STORAGE_DTYPES, ActivationStoreWriter, bytes_per_token, check_free_disk, plan_shards
 from fastsae.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,17 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def padded_batch(sequences: list[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) right-padded input ids and attention mask, T the longest sequence."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.from_numpy(sequence.astype(np.int64))
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids, attention_mask
+
+
 def iter_example_activations(
     model: torch.nn.Module,
     sequences: list[np.ndarray],
@@ -145,13 +156,7 @@ def iter_example_activations(
     """Per length-batch: the indices of its sequences and, per layer, each sequence's (len, d) activations."""
     device = next(model.parameters()).device
     for batch in length_batches([len(sequence) for sequence in sequences], batch_tokens):
-        width = len(sequences[batch[0]])
-        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            length = len(sequences[index])
-            input_ids[row, :length] = torch.from_numpy(sequences[index].astype(np.int64))
-            attention_mask[row, :length] = 1
+        input_ids, attention_mask = padded_batch([sequences[index] for index in batch], pad_token_id)
         captured = capture_activations(model, input_ids.to(device), attention_mask.to(device), layers, hook_point)
         per_layer = {layer: [captured[layer][row, : len(sequences[index])] for row, index in enumerate(batch)] for layer in layers}
         yield batch, per_layer
@@ -215,9 +220,8 @@ def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset,
     }
     n_truncated = sum(item.truncated for item in tokenized)
     folders = {layer: store_folder(config, model_slug, layer) for layer in config.layers}
-    bytes_per_token = d * itemsize + 4 + 1  # activations + int32 token id + bool mask
     missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
-    check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token)
+    check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token(d, config.storage_dtype))
     writers = {}
     for layer in config.layers:
         writers[layer] = ActivationStoreWriter(
