@@ -268,7 +268,7 @@ class Pipeline:
             self.check("disk", "extraction does not run: nothing new to store")
         interpret = self.plans["interpret"]
         if interpret.selected:
-            self.check("API key", preflight.describe_api_key(interpret.config.explain, self._llm_requests()))
+            self.check("API key", preflight.describe_api_key(interpret.config.explain, self._explained_features()))
 
     def _store_manifest(self, folder: Path) -> dict | None:
         manifest = folder / "manifest.json"
@@ -357,8 +357,8 @@ class Pipeline:
         interpret = self.plans["interpret"]
         interpret.examples, interpret.tokens = len(corpus.lengths), corpus.n_tokens
         interpret.seconds = _seconds(calibration.load_seconds, corpus.n_tokens, calibration.encode_tokens_per_second)
-        requests = self._llm_requests()
-        interpret.note = f"+ {requests} LLM requests" if requests else "explanations skipped"
+        features = self._explained_features()
+        interpret.note = f"+ {features} features × (explain + score) = {2 * features} LLM requests" if features else "explanations skipped"
 
     def _estimate_training(self, corpus) -> None:
         from fastsae.batches import ExampleSplit
@@ -436,8 +436,8 @@ class Pipeline:
         calibration.seconds = time.perf_counter() - started
         return calibration
 
-    def _llm_requests(self) -> int:
-        """Explaining + scoring requests interpretation will make; 0 when explanations are skipped."""
+    def _explained_features(self) -> int:
+        """How many features interpretation will ask the LLM about (two requests each); 0 when explanations are skipped."""
         from fastsae.llm import api_key
 
         interpret = self.plans["interpret"]
@@ -455,7 +455,7 @@ class Pipeline:
             raise UserError(
                 f"FEATURES in interpret_sae.py is {features!r}: use all, frequency:N, label:N or a list like 3,17,42."
             ) from None
-        return 2 * count
+        return count
 
     # --- plan, confirmation, running -----------------------------------------------------------------
 

@@ -113,13 +113,10 @@ def check_model(name: str, layers: list[int]) -> ModelCheck:
 
 
 def describe_device(device: str, compute_dtype: torch.dtype, training_bfloat16: bool) -> str:
-    where = (
-        f"{device} ({torch.cuda.get_device_name(device)})"
-        if device.startswith("cuda")
-        else "cpu (no CUDA GPU found)"
-        if not torch.cuda.is_available()
-        else "cpu"
-    )
+    if device.startswith("cuda"):
+        where = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        where = "cpu" if torch.cuda.is_available() else "cpu (no CUDA GPU found)"
     training = "bfloat16 autocast, float32 weights" if training_bfloat16 else "float32"
     return f"{where}; model in {str(compute_dtype).removeprefix('torch.')}, SAE training in {training}"
 
@@ -130,22 +127,21 @@ def check_disk(folder: Path, needed_bytes: int) -> str:
     return f"the store needs about {format_bytes(needed_bytes)} (+{DISK_MARGIN_BYTES // 2**20} MiB margin); {format_bytes(free_disk_bytes(folder))} free at {folder}"
 
 
-def describe_api_key(explain: bool, n_requests: int | None) -> str:
+def describe_api_key(explain: bool, n_features: int) -> str:
     if not explain:
         return "EXPLAIN is off in interpret_sae.py: explanations are skipped"
     if api_key() is None:
         return f"no key ({' / '.join(API_KEY_VARIABLES)}): explanations and scores are skipped; set one to get them"
     base = os.environ.get("OPENAI_BASE_URL") or "the OpenAI API"
-    requests = f"{n_requests} requests" if n_requests is not None else "2 requests per feature"
-    return f"key set; explanations go to {base} ({requests})"
+    return f"key set; {n_features} features × (explain + score) = {2 * n_features} requests to {base}"
 
 
 def format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
+    units = ("B", "KiB", "MiB", "GiB")
+    power = 0
+    while count >= 1024 and power < len(units) - 1:
+        count, power = count / 1024, power + 1
+    return f"{count:.0f} B" if power == 0 else f"{count:.1f} {units[power]}"
 
 
 @dataclass
