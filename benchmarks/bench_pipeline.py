@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,20 +33,15 @@ from fastsae.pipeline import STATE_FILE, STEP_NAMES  # noqa: E402
 SCRIPTS = ("extract_activations.py", "train_sae.py", "evaluate_sae.py", "interpret_sae.py", "run_pipeline.py")
 
 
-def timed_run(folder: Path, *argv: str) -> float:
-    """Wall seconds of `python run_pipeline.py ARGV` in `folder`, Python's start-up and imports included."""
+def timed_run(folder: Path, *argv: str) -> tuple[float, str]:
+    """Wall seconds of `python run_pipeline.py ARGV` in `folder` (Python's start-up and imports included), and what it printed."""
     environment = {key: value for key, value in os.environ.items() if key not in API_KEY_VARIABLES}
     environment["PYTHONPATH"] = str(REPO)
     started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "run_pipeline.py", *argv],
-        cwd=folder,
-        env=environment,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    finished = subprocess.run(
+        [sys.executable, "run_pipeline.py", *argv], cwd=folder, env=environment, check=True, capture_output=True, text=True
     )
-    return time.perf_counter() - started
+    return time.perf_counter() - started, finished.stdout
 
 
 def main() -> None:
@@ -55,9 +51,9 @@ def main() -> None:
         for script in SCRIPTS:
             shutil.copy(REPO / script, folder / script)
         shutil.copytree(REPO / "data", folder / "data")
-        plan_seconds = timed_run(folder, "--plan-only")
-        run_seconds = timed_run(folder, "--yes")
-        rerun_seconds = timed_run(folder, "--yes")
+        plan_seconds, plan = timed_run(folder, "--plan-only")
+        run_seconds, _ = timed_run(folder, "--yes")
+        rerun_seconds, _ = timed_run(folder, "--yes")
         steps = json.loads((folder / STATE_FILE).read_text())["steps"]
 
     print(
@@ -67,6 +63,7 @@ def main() -> None:
     print(f"|{'-' * 60}|{'-' * 9}|")
     for name, seconds in (
         ("checks, calibration and plan (`--plan-only`)", plan_seconds),
+        ("  of which the calibration", float(re.search(r"calibration took ([0-9.]+) s", plan).group(1))),
         ("default run, fresh directory (`--yes`)", run_seconds),
         ("rerun, every step current (`--yes`)", rerun_seconds),
     ):
