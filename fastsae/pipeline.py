@@ -339,6 +339,8 @@ class Pipeline:
         from fastsae.store import ActivationStore, bytes_per_token
 
         extract, train = self.plans["extract"], self.plans["train"]
+        if not any(plan.runs for plan in self.plans.values()):
+            return
         if extract.runs:
             tokenizer = load_tokenizer(self.model.source)
             corpus = preflight.corpus_from_dataset(tokenizer, self.dataset, extract.config)
