@@ -24,10 +24,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastsae.config import config_fingerprint, parse_step_config, setting
 from fastsae.errors import UserError
+
+if TYPE_CHECKING:
+    from fastsae.preflight import Calibration, Corpus
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +187,7 @@ class Pipeline:
         self.config = config
         self.state = PipelineState(Path(STATE_FILE))
         self.plans: dict[str, StepPlan] = {}
-        self.calibration = None
+        self.calibration: Calibration | None = None
 
     def check(self, name: str, result: str) -> None:
         logger.info("check %-9s %s", name, result)
@@ -362,7 +365,7 @@ class Pipeline:
         features = self._explained_features()
         interpret.note = f"+ {features} features × (explain + score) = {2 * features} LLM requests" if features else "explanations skipped"
 
-    def _estimate_training(self, corpus) -> None:
+    def _estimate_training(self, corpus: Corpus) -> None:
         from fastsae.batches import ExampleSplit
         from fastsae.train import training_steps
 
@@ -375,7 +378,7 @@ class Pipeline:
         train.seconds = steps * self.calibration.sae_step_seconds if self.calibration.sae_step_seconds is not None else None
         train.note = f"{steps} steps; an upper bound (early stopping may end sooner)"
 
-    def _estimate_evaluation(self, corpus) -> None:
+    def _estimate_evaluation(self, corpus: Corpus) -> None:
         from fastsae.evaluate import validation_examples
 
         evaluate, train = self.plans["evaluate"], self.plans["train"]
@@ -395,7 +398,7 @@ class Pipeline:
         evaluate.seconds = None if encode is None or model is None else encode + model
         evaluate.note = f"{EVALUATION_FORWARDS} model forwards" if config.model_metrics else "store metrics only"
 
-    def _calibrate(self, preflight, corpus, pad_token_id: int):
+    def _calibrate(self, preflight, corpus: Corpus, pad_token_id: int) -> Calibration:
         """Time only what will run: the model when extraction, evaluation or interpretation runs, the SAE when any later step does."""
         calibration = preflight.Calibration()
         extract, train = self.plans["extract"], self.plans["train"]
