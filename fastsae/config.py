@@ -25,11 +25,21 @@ from fastsae.errors import UserError
 Config = TypeVar("Config")
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with its help text (lists get a fresh copy per instance)."""
+def setting(default: Any, help: str, name: str = "") -> Any:
+    """A config field with its help text (lists get a fresh copy per instance).
+
+    `name` replaces the field's own name in the script constant and the flag, for a
+    setting whose natural name is a Python keyword (`name="from"`: FROM and --from).
+    """
+    metadata = {"help": help, "name": name}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _public_name(field: dataclasses.Field) -> str:
+    """What the user writes: the constant is its upper case, the flag `--` plus its dashed form."""
+    return field.metadata.get("name") or field.name
 
 
 def _parse_bool(text: str) -> bool:
@@ -87,7 +97,7 @@ def parse_step_config(
     hints = typing.get_type_hints(config_class)
     defaults: dict[str, Any] = {}
     for field in dataclasses.fields(config_class):
-        constant = field.name.upper()
+        constant = _public_name(field).upper()
         if constant in script_constants:
             defaults[field.name] = _constant_value(constant, script_constants[constant], hints[field.name])
         elif field.default is not dataclasses.MISSING:
@@ -103,7 +113,7 @@ def parse_step_config(
     for field in dataclasses.fields(config_class):
         options = _argument_options(hints[field.name])
         parser.add_argument(
-            "--" + field.name.replace("_", "-"),
+            "--" + _public_name(field).replace("_", "-"),
             dest=field.name,
             default=defaults[field.name],
             help=field.metadata.get("help", "").replace("%", "%%"),  # argparse %-formats help texts

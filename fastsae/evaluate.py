@@ -113,10 +113,10 @@ def _fast_mse(per_example: list[float], d: int) -> dict[str, float | None]:
     return {"raw": raw, "log2": math.log2(raw) if raw > 0 else float("-inf")}
 
 
-def validation_examples(store: ActivationStore, fraction: float, seed: int, max_examples: int) -> list[int]:
+def validation_examples(n_examples: int, fraction: float, seed: int, max_examples: int) -> list[int]:
     if fraction <= 0:
         raise UserError("no validation examples: the split has VALIDATION_FRACTION = 0. Pass --validation-fraction 0.1 (examples the SAE may have seen count then).")
-    examples = np.flatnonzero(ExampleSplit.by_example(store.n_examples, fraction, seed).is_validation).tolist()
+    examples = np.flatnonzero(ExampleSplit.by_example(n_examples, fraction, seed).is_validation).tolist()
     return examples[:max_examples] if max_examples else examples
 
 
@@ -356,7 +356,7 @@ def evaluate_sae(config: EvalConfig) -> dict[str, Any]:
     fraction = config.validation_fraction if config.validation_fraction >= 0 else training.get("validation_fraction", 0.1)
     seed = config.seed if config.seed >= 0 else training.get("seed", 0)
     include_special = bool(training.get("include_special_tokens", False))
-    examples = validation_examples(store, fraction, seed, config.max_examples)
+    examples = validation_examples(store.n_examples, fraction, seed, config.max_examples)
     logger.info("Evaluating %s on %d held-out examples of %s", checkpoint.name, len(examples), store.folder)
     results: dict[str, Any] = {"checkpoint": str(checkpoint), "store": str(store.folder), "hook_name": store.hook_name, "examples": len(examples), "settings": asdict(config)}
     results.update(store_metrics(store, examples, sae, include_special))

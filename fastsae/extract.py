@@ -29,10 +29,10 @@ from fastsae.config import setting
 from fastsae.data import Dataset, load_dataset
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
-from fastsae.hook_points import HOOK_POINTS, HookTarget, ResidualCapture
-from fastsae.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture
+from fastsae.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
+from fastsae.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
 from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
-from fastsae.store import STORAGE_DTYPES, ActivationStoreWriter, check_free_disk, plan_shards
+from fastsae.store import STORAGE_DTYPES, ActivationStoreWriter, bytes_per_token, check_free_disk, plan_shards
 from fastsae.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,17 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def padded_batch(sequences: list[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) right-padded input ids and attention mask, T the longest sequence."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.from_numpy(sequence.astype(np.int64))
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids, attention_mask
+
+
 def iter_example_activations(
     capture: Capture,
     sequences: list[np.ndarray],
@@ -141,13 +152,7 @@ def iter_example_activations(
 ) -> Iterator[tuple[list[int], dict[Hashable, list[torch.Tensor]]]]:
     """Per length-batch: the indices of its sequences and, per store, each sequence's (len, d) activations."""
     for batch in length_batches([len(sequence) for sequence in sequences], batch_tokens):
-        width = len(sequences[batch[0]])
-        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            length = len(sequences[index])
-            input_ids[row, :length] = torch.from_numpy(sequences[index].astype(np.int64))
-            attention_mask[row, :length] = 1
+        input_ids, attention_mask = padded_batch([sequences[index] for index in batch], pad_token_id)
         captured = capture(input_ids.to(device), attention_mask.to(device))
         yield batch, {key: [values[row, : len(sequences[index])] for row, index in enumerate(batch)] for key, values in captured.items()}
 
@@ -174,9 +179,16 @@ def pack_sequences(tokenized: list[TokenizedExample], dataset: Dataset, packing:
     return PackedSequences([stream[start : start + block_size] for start in starts], [special[start : start + block_size] for start in starts], records)
 
 
-def store_folder(config: ExtractConfig, model_slug: str, target: HookTarget) -> Path:
+def store_names(config: ExtractConfig) -> list[str]:
+    """The hook names of the stores `config` writes, in LAYERS order (one for a LoRA adapter), known before a model loads."""
+    if config.hook_point == LORA_HOOK_POINT:
+        return [lora_hook_name(config.lora_modules)]
+    return [hook_name(layer, config.hook_point) for layer in config.layers]
+
+
+def store_folder(config: ExtractConfig, model_slug: str, hook: str) -> Path:
     suffix = "" if config.packing == "sequential" else f"-block{config.block_size}"
-    return Path(config.output_dir) / model_slug / (target.name + suffix)
+    return Path(config.output_dir) / model_slug / (hook + suffix)
 
 
 def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None = None) -> list[Path]:
@@ -212,10 +224,9 @@ def _write_stores(capture: Capture, model: torch.nn.Module, tokenizer, dataset: 
         "max_examples": config.max_examples,
     }
     n_truncated = sum(item.truncated for item in tokenized)
-    folders = {key: store_folder(config, model_slug, target) for key, target in capture.targets.items()}
-    bytes_per_token = d * itemsize + 4 + 1  # activations + int32 token id + bool mask
+    folders = {key: store_folder(config, model_slug, target.name) for key, target in capture.targets.items()}
     missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
-    check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token)
+    check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token(d, config.storage_dtype))
     writers = {}
     for key, target in capture.targets.items():
         writers[key] = ActivationStoreWriter(

@@ -129,6 +129,18 @@ def model_folder(source: ModelSource) -> str:
     return source.location
 
 
+def model_availability(source: ModelSource) -> str:
+    """How a load would get the model: `local`, `dequantise` (a GGUF not in the cache yet) or `download` (a hub id not cached)."""
+    if source.kind in ("embedded", "gguf"):
+        return "local" if (_gguf_cache_folder(Path(source.location)) / "config.json").exists() else "dequantise"
+    if source.kind == "folder":
+        return "local"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = [try_to_load_from_cache(source.location, name) for name in ("config.json", "model.safetensors", "model.safetensors.index.json")]
+    return "local" if isinstance(cached[0], str) and any(isinstance(path, str) for path in cached[1:]) else "download"
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 

@@ -98,6 +98,11 @@ def _write_json_atomically(path: Path, payload: Any) -> None:
     os.replace(partial, path)
 
 
+def bytes_per_token(d: int, storage_dtype: str) -> int:
+    """Disk bytes one token takes in one store: its activations, an int32 token id and a bool mask."""
+    return d * torch.zeros(1, dtype=STORAGE_DTYPES[storage_dtype]).element_size() + 4 + 1
+
+
 def free_disk_bytes(folder: Path) -> int:
     """Free space on the disk that holds `folder` (or its nearest existing parent)."""
     probe = folder.resolve()

@@ -137,6 +137,22 @@ def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float, de
     return 1.0
 
 
+def training_steps(config: TrainConfig, n_train_tokens: int) -> int:
+    """Steps of BATCH_SIZE tokens in the budget: MAX_TOKENS, or EPOCHS passes over the training tokens."""
+    budget = config.max_tokens or int(config.epochs * n_train_tokens)
+    return max(1, budget // config.batch_size)
+
+
+def run_folder(config: TrainConfig, model: str, hook_name: str) -> Path:
+    """Where a run's SAE folders go: OUTPUT_DIR/RUN_NAME, by default OUTPUT_DIR/<model>_<hook>."""
+    return Path(config.output_dir) / (config.run_name or f"{model}_{hook_name}")
+
+
+def checkpoint_path(folder: Path, spec: SAESpec) -> Path:
+    """An SAE's checkpoint inside its run folder: <run>/<SAE name>/<SAE name>.pt."""
+    return folder / spec.name / f"{spec.name}.pt"
+
+
 class Validation(NamedTuple):
     metrics: dict[str, float]  # fvu, explained_variance, l0, dead_fraction, dense_fraction, n_tokens
     feature_frequency: torch.Tensor  # (M,) fraction of tokens each feature fires on
@@ -191,7 +207,7 @@ class SAETrainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.folder / f"{self.spec.name}.pt"
+        return checkpoint_path(self.folder.parent, self.spec)
 
     def state(self, step: int, settings: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -240,8 +256,8 @@ class TrainingRun:
                 f"the store has {self.n_train_tokens} training tokens, fewer than one batch of {config.batch_size}. "
                 "Lower BATCH_SIZE or extract more examples."
             )
-        budget = config.max_tokens or int(config.epochs * self.n_train_tokens)
-        self.total_steps = max(1, budget // config.batch_size)
+        self.total_steps = training_steps(config, self.n_train_tokens)
+        budget = self.total_steps * config.batch_size
         self.dead_after_tokens = config.dead_after_tokens or min(MAX_DEAD_AFTER_TOKENS, max(config.batch_size, budget // 10))
         self.buffer_tokens = max(2 * config.batch_size, min(config.buffer_tokens, self.n_train_tokens))
         sample = self.train_source.all_tokens(SCALE_SAMPLE_TOKENS)
@@ -249,8 +265,7 @@ class TrainingRun:
         self.scale = math.sqrt(self.d / float(sample.double().pow(2).sum(1).mean()))
         self.bias_sample = sample * self.scale
         self.validation_tokens = (validation_source.all_tokens(VALIDATION_MAX_TOKENS) * self.scale).to(self.device)
-        run_name = config.run_name or f"{self.store.manifest['model']}_{self.store.hook_name}"
-        self.run_folder = Path(config.output_dir) / run_name
+        self.run_folder = run_folder(config, self.store.manifest["model"], self.store.hook_name)
         self.settings_by_name = {spec.name: self._settings(spec) for spec in self.specs}
         self.stop_requested = False
 

@@ -178,6 +178,18 @@ def test_malformed_override_is_an_argparse_error(capsys, argv, message):
 # --- --help -----------------------------------------------------------------------------------
 
 
+@dataclass
+class KeywordConfig:
+    from_step: str = setting("", "where to start", name="from")
+
+
+def test_a_field_named_like_a_keyword_takes_its_public_name_for_the_constant_and_the_flag(capsys, monkeypatch):
+    assert parse_step_config(KeywordConfig, {"FROM": "train"}, "demo", []).from_step == "train"
+    assert parse_step_config(KeywordConfig, {"FROM": "train"}, "demo", ["--from", "evaluate"]).from_step == "evaluate"
+    assert parse_step_config(KeywordConfig, {"FROM_STEP": "ignored"}, "demo", []).from_step == ""
+    assert "--from STR where to start (default: train)" in help_text(capsys, monkeypatch, KeywordConfig, {"FROM": "train"})
+
+
 def test_help_lists_every_option_with_its_default_from_the_constants(capsys, monkeypatch):
     text = help_text(capsys, monkeypatch, DemoConfig, {"COUNT": 7, "LAYERS": [4, 5], "NAME": "from-script"})
     assert "A test step." in text

@@ -33,7 +33,7 @@ def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
 
 def test_loss_recovered_oracles(tiny_llama, tiny_store, trained_checkpoint):
     store = ActivationStore(tiny_store)
-    examples = validation_examples(store, 0.1, 0, 12)
+    examples = validation_examples(store.n_examples, 0.1, 0, 12)
     identity = model_metrics(tiny_llama, store, examples, lambda x: x, include_special=False, batch_tokens=2048)
     assert identity["loss_recovered"] == pytest.approx(1.0, abs=1e-6)
     assert identity["kl_divergence"] == pytest.approx(0.0, abs=1e-6)

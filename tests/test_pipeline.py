@@ -1,0 +1,230 @@
+"""run_pipeline.py end to end on the tiny Llama: outputs, skipping, re-runs, --force / --from, confirmation, failures, disk.
+
+Each test works in its own directory holding copies of the scripts, whose constants are edited by
+text replacement (small settings), and runs run_pipeline.py the way a user does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fastsae.checkpoint import load_sae
+from fastsae.errors import UserError
+from fastsae.llm import API_KEY_VARIABLES
+from fastsae.pipeline import PipelineConfig
+from fastsae.store import ActivationStore
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("extract_activations.py", "train_sae.py", "evaluate_sae.py", "interpret_sae.py", "run_pipeline.py")
+STORE = "activations/tiny-llama/blocks.2.hook_resid_post"
+CHECKPOINT = "checkpoints/tiny-llama_blocks.2.hook_resid_post/SAE_M=32_K=4/SAE_M=32_K=4.pt"
+# The file each step (re)writes whenever it runs.
+MARKERS = {
+    "extract": f"{STORE}/manifest.json",
+    "train": CHECKPOINT,
+    "evaluate": str(Path(CHECKPOINT).parent / "eval.json"),
+    "interpret": "interpretations.csv",
+}
+
+
+def set_constants(script: Path, **values) -> None:
+    """Edit UPPER_CASE constants in a copied script, as a user would."""
+    text = script.read_text()
+    for name, value in values.items():
+        text, count = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", text, count=1, flags=re.MULTILINE)
+        assert count == 1, f"{name} not found in {script.name}"
+    script.write_text(text)
+
+
+def write_project(folder: Path, model_folder: Path) -> None:
+    """The scripts, set to 60 examples through the tiny Llama's block 2 and a 32-feature SAE."""
+    for script in SCRIPTS:
+        shutil.copy(REPO / script, folder / script)
+    set_constants(
+        folder / "extract_activations.py",
+        MODEL_NAME=str(model_folder),
+        DATASET=str(REPO / "data/cognitive_actions.jsonl"),
+        LAYERS=[2],
+        MAX_EXAMPLES=60,
+    )
+    set_constants(folder / "train_sae.py", STORE=STORE, M=32, K=4, BATCH_SIZE=128, EPOCHS=2.0)
+    set_constants(folder / "evaluate_sae.py", CHECKPOINT=CHECKPOINT)
+    set_constants(folder / "interpret_sae.py", CHECKPOINT=CHECKPOINT, FEATURES="frequency:5")
+
+
+def run_pipeline(monkeypatch, *argv: str) -> None:
+    """`python run_pipeline.py ARGV` in the current directory."""
+    monkeypatch.setattr(sys, "argv", ["run_pipeline.py", *argv])
+    runpy.run_path("run_pipeline.py", run_name="__main__")
+
+
+def failing_run(monkeypatch, capsys, *argv: str) -> str:
+    """Run, expect the one-line `error:` exit (code 2), and return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline(monkeypatch, *argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ")
+    return lines[-1]
+
+
+def marker_times() -> dict[str, int]:
+    return {step: Path(path).stat().st_mtime_ns for step, path in MARKERS.items() if Path(path).exists()}
+
+
+def steps_run(monkeypatch, *argv: str) -> set[str]:
+    """Which steps rewrote their outputs during one run."""
+    before = marker_times()
+    run_pipeline(monkeypatch, *argv)
+    after = marker_times()
+    return {step for step in after if before.get(step) != after[step]}
+
+
+@pytest.fixture(autouse=True)
+def no_api_key(monkeypatch):
+    for name in API_KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_model_folder) -> Path:
+    write_project(tmp_path, tiny_model_folder)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def completed_project(tmp_path_factory, tiny_model_folder) -> Path:
+    """A project after one full run (shared; tests copy it)."""
+    folder = tmp_path_factory.mktemp("completed")
+    write_project(folder, tiny_model_folder)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(folder)
+        for name in API_KEY_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        run_pipeline(monkeypatch, "--yes")
+    return folder
+
+
+@pytest.fixture
+def completed(completed_project, tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "project"
+    shutil.copytree(completed_project, folder)
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def test_every_output_exists_and_parses_and_a_second_run_skips_every_step(project, monkeypatch, capsys):
+    run_pipeline(monkeypatch, "--yes")
+    printed = capsys.readouterr().out
+    store = ActivationStore(STORE)
+    assert store.n_examples == 60 and store.d == 64
+    assert load_sae(CHECKPOINT).sae.spec.m == 32
+    metrics = json.loads((Path(CHECKPOINT).parent / "metrics.json").read_text())
+    evaluation = json.loads(Path(MARKERS["evaluate"]).read_text())
+    interpretations = pd.read_csv("interpretations.csv")
+    assert 0 < metrics["final"]["fvu"] < 1.5
+    assert evaluation["examples"] == 6 and "loss_recovered" in evaluation["model"]
+    assert len(interpretations) == 5 and interpretations["explanation"].isna().all()
+    assert "<script" in Path("dashboard.html").read_text()
+    state = json.loads(Path("pipeline_state.json").read_text())["steps"]
+    assert all(state[step]["status"] == "complete" for step in MARKERS)
+    # The plan and the summary, with figures read off the outputs.
+    assert "| extract | run (new) |" in printed and "explanations skipped" in printed
+    assert f"{store.n_tokens:,} in 60 examples" in printed
+    assert f"{metrics['final']['fvu']:.4f}" in printed and f"{evaluation['model']['loss_recovered']:.4f}" in printed
+    assert "0 of 5 (explanations skipped)" in printed
+
+    # Everything is current: no confirmation is needed, nothing is rewritten.
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert steps_run(monkeypatch) == set()
+    printed = capsys.readouterr().out
+    assert printed.count("skip (current)") == 4 and "nothing to run" in printed
+
+
+def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(completed, monkeypatch):
+    set_constants(completed / "train_sae.py", LEARNING_RATE=1e-3)
+    assert steps_run(monkeypatch, "--yes") == {"train", "evaluate", "interpret"}
+    set_constants(completed / "evaluate_sae.py", MAX_EXAMPLES=3)
+    assert steps_run(monkeypatch, "--yes") == {"evaluate"}
+    assert json.loads(Path(MARKERS["evaluate"]).read_text())["examples"] == 3
+
+
+def test_force_reruns_and_steps_and_from_choose(completed, monkeypatch):
+    assert steps_run(monkeypatch, "--yes", "--force", "--from", "evaluate") == {"evaluate", "interpret"}
+    assert steps_run(monkeypatch, "--yes", "--force", "--steps", "train") == {"train"}
+    assert steps_run(monkeypatch, "--yes", "--force") == set(MARKERS)
+
+
+def test_without_a_terminal_it_asks_for_yes_and_at_a_terminal_no_means_no(project, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert "pass --yes" in failing_run(monkeypatch, capsys)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
+    run_pipeline(monkeypatch)
+    assert "Nothing was run." in capsys.readouterr().out
+    assert not Path("activations").exists() and not Path("pipeline_state.json").exists()
+
+
+def test_a_failing_step_keeps_the_earlier_outputs_and_the_rerun_resumes(project, monkeypatch, capsys):
+    set_constants(project / "train_sae.py", BATCH_SIZE=100_000)
+    message = failing_run(monkeypatch, capsys, "--yes")
+    assert message.startswith("error: train_sae.py: the store has") and "BATCH_SIZE" in message
+    assert ActivationStore(STORE).n_examples == 60
+    state = json.loads(Path("pipeline_state.json").read_text())["steps"]
+    assert state["extract"]["status"] == "complete" and state["train"]["status"] == "running"
+
+    set_constants(project / "train_sae.py", BATCH_SIZE=128)
+    assert steps_run(monkeypatch, "--yes") == {"train", "evaluate", "interpret"}
+
+
+def test_the_disk_check_refuses_a_store_larger_than_the_free_space(project, monkeypatch, capsys):
+    monkeypatch.setattr("fastsae.store.free_disk_bytes", lambda folder: 100 * 2**20)  # the store is small, the margin is not
+    assert "not enough disk space" in failing_run(monkeypatch, capsys, "--yes")
+    assert not Path("activations").exists()
+
+
+def test_inputs_must_chain_before_anything_runs(project, monkeypatch, capsys):
+    set_constants(project / "evaluate_sae.py", CHECKPOINT="checkpoints/elsewhere/SAE.pt")
+    message = failing_run(monkeypatch, capsys, "--yes")
+    assert "CHECKPOINT in evaluate_sae.py" in message and CHECKPOINT in message
+    assert "Include the extract step" in failing_run(monkeypatch, capsys, "--yes", "--steps", "train")
+    assert not Path("activations").exists()
+
+
+def test_steps_and_from_are_validated():
+    assert PipelineConfig(from_step="train").selected() == {"train", "evaluate", "interpret"}
+    assert PipelineConfig(steps="extract,train").selected() == {"extract", "train"}
+    with pytest.raises(UserError, match="FROM is 'evaluate'"):
+        PipelineConfig(steps="extract,train", from_step="evaluate")
+    with pytest.raises(UserError, match="unknown step 'trian'"):
+        PipelineConfig(steps="extract,trian")
+
+
+def test_the_plan_of_the_default_run_on_smollm2(tmp_path, monkeypatch, capsys):
+    """The repository's own scripts chain, and the plan counts the default data's tokens with SmolLM2's tokenizer."""
+    for script in SCRIPTS:
+        shutil.copy(REPO / script, tmp_path / script)
+    shutil.copytree(REPO / "data", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    run_pipeline(monkeypatch, "--plan-only")
+    printed = capsys.readouterr().out
+    assert (
+        "| extract | run (new) | data/cognitive_actions.jsonl | activations/SmolLM2-135M-Instruct/blocks.12.hook_resid_post | 330 | 15,752 | 17.4 MiB |"
+        in printed
+    )
+    assert "SAE_M=256_K=8.pt" in printed and "Estimated time" in printed
+    assert not Path("activations").exists()
