@@ -5,8 +5,8 @@ top-activating tokens; the CSV gets, per chosen feature, its top contexts (firin
 «guillemets»), the tokens its decoder direction promotes and suppresses (logit lens), the label
 it fires on most with that label's AUROC, and — with an API key — an LLM's explanation and its
 detection score. Key: OPENAI_API_KEY (or OPENAI_KEY_SAE); OPENAI_BASE_URL for vLLM, Ollama or
-another OpenAI-compatible server. Answers are cached, so reruns cost nothing. The HTML
-dashboard is not part of this version yet.
+another OpenAI-compatible server. Answers are cached, so reruns cost nothing. Beside the CSV
+goes `dashboard.html`, one self-contained page to sort, filter and read the features.
 """
 
 CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"

@@ -154,7 +154,7 @@ def bench_extraction(args, work: Path, tokenizer) -> tuple[Path, list[list[str]]
         ]
 
     rows.append(row(f"one at a time, full model, output_hidden_states ({len(baseline)} examples)", baseline_rate))
-    for batch_tokens in sorted({args.batch_tokens, 16384, 32768}):
+    for batch_tokens in sorted({8192, 16384, args.batch_tokens}):
         _, seconds = timed(capture_only, model, sequences, batch_tokens, pad)
         rows.append(row(f"fastsae capture loop, BATCH_TOKENS={batch_tokens} (activations stay on GPU)", n_tokens / seconds))
         results[f"capture_{batch_tokens}"] = n_tokens / seconds
@@ -288,7 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--baseline-examples", type=int, default=150)
-    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--batch-tokens", type=int, default=32768, help="BATCH_TOKENS of the store row (extract_activations.py's default)")
     parser.add_argument("--m", type=int, default=32768)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 16384], help="SAE training batch sizes to compare")
