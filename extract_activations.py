@@ -25,7 +25,7 @@ MAX_LENGTH = 512  # longer examples are truncated and counted
 # --- How ---------------------------------------------------------------------
 PACKING = "sequential"  # sequential: one example per sequence (FAST); block: the block-training baseline
 BLOCK_SIZE = 128  # tokens per block for PACKING = "block"
-BATCH_TOKENS = 32768  # padded tokens per forward batch
+BATCH_TOKENS = 0  # padded tokens per forward batch; 0: 32768 on a GPU, 8192 on the CPU
 STORAGE_DTYPE = "float16"  # float16, bfloat16 or float32 on disk
 COMPUTE_DTYPE = "auto"  # auto: bfloat16 on GPU, float32 on CPU
 DEVICE = "auto"

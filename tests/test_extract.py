@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_LAYERS, write_jsonl
 from fastsae.data import load_dataset
 from fastsae.errors import UserError
-from fastsae.extract import ExtractConfig, length_batches, write_activation_stores
+from fastsae.extract import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, ExtractConfig, length_batches, write_activation_stores
 from fastsae.hook_points import hooked_module, output_tensor
 from fastsae.store import ActivationStore, StoreError
 
@@ -177,6 +177,19 @@ def test_length_batches_stay_within_budget():
     for batch in batches:
         assert len(batch) * max(lengths[index] for index in batch) <= 100
     assert len(batches) <= 5
+
+
+def test_batch_budget_defaults_by_device_and_always_fits_the_longest_example(monkeypatch):
+    assert ExtractConfig(device="cpu").resolved_batch_tokens() == CPU_BATCH_TOKENS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the device's name is read here
+    assert ExtractConfig(device="cuda").resolved_batch_tokens() == GPU_BATCH_TOKENS
+    monkeypatch.undo()
+    assert ExtractConfig(device="cpu", max_length=20000).resolved_batch_tokens() == 20000
+    assert ExtractConfig(device="cpu", batch_tokens=1000).resolved_batch_tokens() == 1000
+    with pytest.raises(UserError, match="at least MAX_LENGTH"):
+        ExtractConfig(batch_tokens=100, max_length=512)
+    with pytest.raises(UserError, match="BATCH_TOKENS must be positive, or 0"):
+        ExtractConfig(batch_tokens=-1)
 
 
 def test_damaged_store_gets_a_clear_error(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
