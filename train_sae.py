@@ -24,7 +24,7 @@ AUX_K = -1  # dead features used by the aux-K loss; -1: 2K
 DEAD_AFTER_TOKENS = 0  # 0: a tenth of the run
 
 # --- Optimisation --------------------------------------------------------------
-BATCH_SIZE = 1024
+BATCH_SIZE = 1024  # under torchrun: all ranks together
 LEARNING_RATE = 2e-3
 EPOCHS = 50.0
 MAX_TOKENS = 0  # set to override EPOCHS

@@ -49,13 +49,19 @@ class ExampleSplit:
 
 
 class TokenSource:
-    """Raw store activations of one side of the split, in (seeded) chunk order, as float32 tensors."""
+    """Raw store activations of one side of the split, in (seeded) chunk order.
 
-    def __init__(self, store: ActivationStore, split: ExampleSplit, validation: bool, include_special: bool) -> None:
+    Under torchrun each rank streams its own part of the store: `part` = (rank, ranks) takes
+    the rank-th of `ranks` equal, contiguous token ranges, so the parts are disjoint and cover it.
+    """
+
+    def __init__(self, store: ActivationStore, split: ExampleSplit, validation: bool, include_special: bool, part: tuple[int, int] = (0, 1)) -> None:
         self.store = store
         self.split = split
         self.validation = validation
         self.include_special = include_special
+        rank, ranks = part
+        self.part_range = (store.n_tokens * rank // ranks, store.n_tokens * (rank + 1) // ranks)
 
     def chunk(self, start: int, stop: int) -> torch.Tensor:
         """The kept tokens of store rows [start, stop), in the store's dtype (half the bytes of float32 to move)."""
@@ -66,6 +72,7 @@ class TokenSource:
         return chunk.activations[torch.from_numpy(keep)]
 
     def count_tokens(self) -> int:
+        """Kept tokens in the whole store (every part)."""
         total = 0
         for start in range(0, self.store.n_tokens, READ_CHUNK_TOKENS):
             stop = min(start + READ_CHUNK_TOKENS, self.store.n_tokens)
@@ -76,14 +83,16 @@ class TokenSource:
         return total
 
     def epoch(self, generator: np.random.Generator) -> Iterator[torch.Tensor]:
-        starts = np.arange(0, self.store.n_tokens, READ_CHUNK_TOKENS)
+        """One pass over this source's part of the store, its read chunks in a seeded random order."""
+        part_start, part_stop = self.part_range
+        starts = np.arange(part_start, part_stop, READ_CHUNK_TOKENS)
         for start in generator.permutation(starts):
-            tokens = self.chunk(int(start), min(int(start) + READ_CHUNK_TOKENS, self.store.n_tokens))
+            tokens = self.chunk(int(start), min(int(start) + READ_CHUNK_TOKENS, part_stop))
             if len(tokens):
                 yield tokens
 
     def all_tokens(self, limit: int) -> torch.Tensor:
-        """The first `limit` tokens in store order, as float32 (for validation and for statistics)."""
+        """The first `limit` tokens of the whole store (every part), as float32: for validation and statistics."""
         pieces, total = [], 0
         for start in range(0, self.store.n_tokens, READ_CHUNK_TOKENS):
             if total >= limit:

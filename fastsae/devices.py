@@ -1,16 +1,20 @@
-"""Which torch device a step runs on: `auto` takes the GPU when there is one."""
+"""Which torch device a step runs on: `auto` takes the GPU when there is one (under torchrun, this rank's GPU)."""
 
 from __future__ import annotations
 
 import torch
 
+from fastsae import distributed
 from fastsae.errors import UserError
 
 
 def resolve_device(name: str) -> str:
     """`auto` → cuda if available, else cpu; asking for cuda without a GPU is a user error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"DEVICE is {name!r} but no CUDA GPU is available. Use --device cpu or auto.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    ranks = distributed.current()
+    if name == "cuda" and ranks.is_distributed:
+        return f"cuda:{ranks.local_rank}"  # torchrun starts one process per GPU
     return name

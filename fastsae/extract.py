@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastsae import distributed
 from fastsae.config import setting
 from fastsae.data import Dataset, load_dataset
 from fastsae.devices import resolve_device
@@ -235,48 +236,63 @@ def _write_stores(capture: Capture, model: torch.nn.Module, tokenizer, dataset: 
     }
     n_truncated = sum(item.truncated for item in tokenized)
     folders = {key: store_folder(config, model_slug, target.name) for key, target in capture.targets.items()}
-    missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
-    check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token(d, config.storage_dtype))
-    writers = {}
-    for key, target in capture.targets.items():
-        writers[key] = ActivationStoreWriter(
-            folders[key],
-            settings={**common_settings, **target.identity},
-            manifest_fields={
-                "model": model_slug,
-                **(model_fields or {}),
-                "hook_name": target.name,
-                **target.fields,
-                "d": d,
-                "dtype": config.storage_dtype,
-                "packing": config.packing,
-                "dataset": {
-                    "path": dataset.path,
-                    "fingerprint": dataset.fingerprint(),
-                    "text_field": dataset.text_field,
-                    "label_field": dataset.label_field,
-                    "n_rows": dataset.n_rows,
-                    "n_examples": len(dataset.examples),
-                    "n_skipped": dataset.skipped.total,
-                    "skipped": dict(dataset.skipped.counts),
-                    "n_truncated": n_truncated,
+
+    def open_writers() -> dict[Hashable, ActivationStoreWriter]:
+        missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
+        check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token(d, config.storage_dtype))
+        return {
+            key: ActivationStoreWriter(
+                folders[key],
+                settings={**common_settings, **target.identity},
+                manifest_fields={
+                    "model": model_slug,
+                    **(model_fields or {}),
+                    "hook_name": target.name,
+                    **target.fields,
+                    "d": d,
+                    "dtype": config.storage_dtype,
+                    "packing": config.packing,
+                    "dataset": {
+                        "path": dataset.path,
+                        "fingerprint": dataset.fingerprint(),
+                        "text_field": dataset.text_field,
+                        "label_field": dataset.label_field,
+                        "n_rows": dataset.n_rows,
+                        "n_examples": len(dataset.examples),
+                        "n_skipped": dataset.skipped.total,
+                        "skipped": dict(dataset.skipped.counts),
+                        "n_truncated": n_truncated,
+                    },
+                    "extraction": asdict(config),
+                    "n_special_tokens": int(sum(mask.sum() for mask in packed.special_masks)),
                 },
-                "extraction": asdict(config),
-                "n_special_tokens": int(sum(mask.sum() for mask in packed.special_masks)),
-            },
-            shards=shards,
-            doc_offsets=doc_offsets,
-            example_records=packed.records,
-            overwrite=config.overwrite,
-        )
+                shards=shards,
+                doc_offsets=doc_offsets,
+                example_records=packed.records,
+                overwrite=config.overwrite,
+            )
+            for key, target in capture.targets.items()
+        }
+
+    # Under torchrun, rank 0 prepares the folders (and reports a refusal to every rank); the others
+    # attach once it has, and every rank then sees the same pending shards.
+    ranks = distributed.current()
+    writers = distributed.on_main_then_shared(open_writers)
+    if not ranks.is_main:
+        writers = open_writers()
+    distributed.barrier()
     pending = sorted(set().union(*(writer.pending_shards() for writer in writers.values())))
+    mine = [pending[index] for index in distributed.shares_by_tokens([shards[index].n_tokens for index in pending], ranks.world_size)[ranks.rank]]
     if not pending:
         logger.info("All %d shards already extracted; nothing to do.", len(shards))
-    else:
-        _extract_shards(capture, next(model.parameters()).device, tokenizer, packed, shards, pending, writers, config, storage_dtype)
-    for writer in writers.values():
-        if not writer.is_complete:
-            writer.finish({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    elif mine:
+        _extract_shards(capture, next(model.parameters()).device, tokenizer, packed, shards, mine, writers, config, storage_dtype)
+    distributed.barrier()  # every rank's shards are on disk
+    if ranks.is_main:
+        for writer in writers.values():
+            if not writer.is_complete:
+                writer.finish({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extracted_by_ranks": ranks.world_size})
+    distributed.barrier()  # no rank returns before the manifests say complete
     skipped = f", skipped {dataset.skipped.total} rows ({dataset.skipped.describe()})" if dataset.skipped.total else ""
     logger.info(
         "Stored %d examples, %d tokens (d=%d, %s) per store%s%s:\n  %s",
@@ -295,7 +311,9 @@ def _extract_shards(
     total_examples = sum(shards[index].n_examples for index in pending)
     started = time.perf_counter()
     tokens_done = 0
-    with tqdm(total=total_examples, desc="extracting", unit="ex") as progress, ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsae-shard-writer") as disk:
+    ranks = distributed.current()
+    description = f"extracting (rank 0's share of {ranks.world_size})" if ranks.is_distributed else "extracting"
+    with tqdm(total=total_examples, desc=description, unit="ex", disable=not ranks.is_main) as progress, ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsae-shard-writer") as disk:
         writing = None
         for shard_index in pending:
             shard = shards[shard_index]
@@ -327,7 +345,8 @@ def _write_shard(writers: dict, shard_index: int, buffers: dict[Hashable, torch.
 
 
 def extract_activations(config: ExtractConfig) -> list[Path]:
-    """Load the model, tokenizer and dataset named by `config` and write the stores."""
+    """Load the model, tokenizer and dataset named by `config` and write the stores (under torchrun, each rank a share)."""
+    distributed.init_from_environment()
     source = resolve_model(config.model_name)
     dataset = load_dataset(config.dataset, config.text_field, config.response_field, config.label_field, config.max_examples)
     logger.info("Loaded %d examples from %s (text field %r)", len(dataset.examples), dataset.path, dataset.text_field)

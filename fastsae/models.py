@@ -109,11 +109,16 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
     # stops save_pretrained, so drop it and save a normal checkpoint.
     model.hf_quantizer = None
     del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")  # one per process: torchrun ranks may race here
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial)  # another process finished first; its copy is the same
     logger.info("Dequantised in %.1f s", time.perf_counter() - started)
 
 

@@ -1,7 +1,10 @@
 """Step 2: train one SAE, or a sweep of them on the same batches, streamed from the activation store.
 
 One pass over the data serves a whole sweep: each batch is read and mixed
-once and every SAE takes a step on it. Activations are multiplied by a scale
+once and every SAE takes a step on it. Under `torchrun` each rank streams its
+own part of the store into its own buffer and takes BATCH_SIZE / ranks tokens
+of each step; DistributedDataParallel averages the gradients, the dead-feature
+counts and metrics are summed over ranks, and rank 0 alone writes. Activations are multiplied by a scale
 that makes their mean squared norm d (SAELens' `expected_average_only_in`);
 the checkpoint folds it back in. Each SAE gets its own folder with its
 checkpoint, `metrics.json`, `training_curves.png` and `training_state.pt`
@@ -20,8 +23,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from fastsae import distributed
 from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
 from fastsae.checkpoint import save_checkpoint
 from fastsae.config import config_fingerprint, setting
@@ -57,7 +63,7 @@ class TrainConfig:
     jumprelu_initial_threshold: float = setting(
         0.1, "where jumprelu thresholds start (scaled units); in short runs this, more than L0_COEFFICIENT, sets the L0"
     )
-    batch_size: int = setting(1024, "tokens per training batch")
+    batch_size: int = setting(1024, "tokens per training batch (of all ranks together under torchrun)")
     learning_rate: float = setting(2e-3, "Adam learning rate after warm-up (best of 5e-4..4e-3 on the default data; try lower for long runs)")
     warmup_fraction: float = setting(0.05, "fraction of the steps spent warming the learning rate up from 0")
     decay_fraction: float = setting(0.2, "fraction of the steps, at the end, over which the learning rate decays to 0")
@@ -160,8 +166,13 @@ class Validation(NamedTuple):
 
 @torch.no_grad()
 def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> Validation:
-    """FVU, explained variance, L0 and dead/dense fractions of `sae` on (already scaled) tokens."""
+    """FVU, explained variance, L0 and dead/dense fractions of `sae` on (already scaled) tokens.
+
+    Under torchrun each rank passes its share of the validation tokens and the sums are added
+    over ranks, so every rank gets the metrics of the whole validation set.
+    """
     sae.eval()
+    d = tokens.shape[1]
     squared_error = torch.zeros((), dtype=torch.float64, device=tokens.device)
     fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64, device=tokens.device)
     active_total = torch.zeros((), dtype=torch.float64, device=tokens.device)
@@ -173,18 +184,32 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
         fire_counts += active.sum(0)
         active_total += active.sum()
     sae.train()
-    variance = (tokens.double() - tokens.double().mean(0)).pow(2).sum()
-    fvu = float(squared_error / variance)
-    frequency = fire_counts / len(tokens)
+    counts = torch.stack([squared_error, active_total, tokens.double().pow(2).sum(), torch.tensor(len(tokens), dtype=torch.float64, device=tokens.device)])
+    totals = distributed.all_reduce_sum_(torch.cat([counts, tokens.double().sum(0), fire_counts]))
+    (squared_error, active_total, square_sum, n_tokens), token_sum, fire_counts = totals[:4].tolist(), totals[4 : 4 + d], totals[4 + d :]
+    variance = square_sum - float(token_sum.pow(2).sum()) / n_tokens  # Σ‖x − mean‖², from sums that add over ranks
+    fvu = squared_error / variance
+    frequency = fire_counts / n_tokens
     metrics = {
         "fvu": fvu,
         "explained_variance": 1 - fvu,
-        "l0": float(active_total / len(tokens)),
+        "l0": active_total / n_tokens,
         "dead_fraction": float((fire_counts == 0).double().mean()),
         "dense_fraction": float((frequency > DENSE_FEATURE_FREQUENCY).double().mean()),
-        "n_tokens": len(tokens),
+        "n_tokens": int(n_tokens),
     }
     return Validation(metrics, frequency.float().cpu())
+
+
+class _TrainingStepModule(nn.Module):
+    """The SAE's training step as a module's forward: DistributedDataParallel averages the gradients of what its forward ran."""
+
+    def __init__(self, sae: SparseAutoencoder) -> None:
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, dead_features: torch.Tensor | None, aux_coefficient: float, sparsity_coefficient: float):
+        return self.sae.training_step(x, dead_features, aux_coefficient, sparsity_coefficient)
 
 
 @dataclass
@@ -247,8 +272,14 @@ class TrainingRun:
         self.d = self.store.d
         self.specs = config.specs(self.d)
         self.device = config.resolved_device()
+        self.ranks = distributed.current()
+        if config.batch_size % self.ranks.world_size:
+            raise UserError(f"BATCH_SIZE ({config.batch_size}) is the batch of all {self.ranks.world_size} ranks together and must divide evenly among them.")
+        self.rank_batch_size = config.batch_size // self.ranks.world_size
         split = ExampleSplit.by_example(self.store.n_examples, config.validation_fraction, config.seed)
-        self.train_source = TokenSource(self.store, split, validation=False, include_special=config.include_special_tokens)
+        self.train_source = TokenSource(
+            self.store, split, validation=False, include_special=config.include_special_tokens, part=(self.ranks.rank, self.ranks.world_size)
+        )
         validation_source = TokenSource(self.store, split, validation=True, include_special=config.include_special_tokens)
         self.n_train_tokens = self.train_source.count_tokens()
         if self.n_train_tokens < config.batch_size:
@@ -259,12 +290,15 @@ class TrainingRun:
         self.total_steps = training_steps(config, self.n_train_tokens)
         budget = self.total_steps * config.batch_size
         self.dead_after_tokens = config.dead_after_tokens or min(MAX_DEAD_AFTER_TOKENS, max(config.batch_size, budget // 10))
-        self.buffer_tokens = max(2 * config.batch_size, min(config.buffer_tokens, self.n_train_tokens))
+        self.buffer_tokens = max(2 * self.rank_batch_size, min(config.buffer_tokens, self.n_train_tokens // self.ranks.world_size))
         sample = self.train_source.all_tokens(SCALE_SAMPLE_TOKENS)
         # Scale so that E‖x‖² = d: one learning rate and one set of coefficients fit every model and layer.
         self.scale = math.sqrt(self.d / float(sample.double().pow(2).sum(1).mean()))
         self.bias_sample = sample * self.scale
-        self.validation_tokens = (validation_source.all_tokens(VALIDATION_MAX_TOKENS) * self.scale).to(self.device)
+        validation_tokens = validation_source.all_tokens(VALIDATION_MAX_TOKENS)
+        self.n_validation_tokens = len(validation_tokens)
+        share = slice(self.n_validation_tokens * self.ranks.rank // self.ranks.world_size, self.n_validation_tokens * (self.ranks.rank + 1) // self.ranks.world_size)
+        self.validation_tokens = (validation_tokens[share] * self.scale).to(self.device)  # this rank's share
         self.run_folder = run_folder(config, self.store.manifest["model"], self.store.hook_name)
         self.settings_by_name = {spec.name: self._settings(spec) for spec in self.specs}
         self.stop_requested = False
@@ -273,7 +307,8 @@ class TrainingRun:
         """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
         varying = {"device", "overwrite", "checkpoint_every", "log_every", "output_dir", "run_name", "export_saelens", "compile", "sweep", "architecture", "m", "k", "matryoshka_prefixes"}
         fixed = {key: value for key, value in asdict(self.config).items() if key not in varying}
-        return {"spec": {**asdict(spec), "prefixes": list(spec.prefixes)}, "store": str(self.store.folder), "store_settings": config_fingerprint(self.store.manifest["settings"]), **fixed}
+        ranks = {"ranks": self.ranks.world_size} if self.ranks.is_distributed else {}  # each rank replays its own batches
+        return {"spec": {**asdict(spec), "prefixes": list(spec.prefixes)}, "store": str(self.store.folder), "store_settings": config_fingerprint(self.store.manifest["settings"]), **fixed, **ranks}
 
     def _new_trainer(self, spec: SAESpec) -> SAETrainer:
         torch.manual_seed(self.config.seed)
@@ -282,7 +317,11 @@ class TrainingRun:
         sae = sae.to(self.device).train()
         optimizer = torch.optim.Adam(sae.parameters(), lr=self.config.learning_rate, fused=True)  # one kernel for all parameters
         since_fired = torch.zeros(spec.m, dtype=torch.long, device=self.device)
-        step = torch.compile(sae.training_step) if self.config.compile else sae.training_step
+        step = sae.training_step
+        if self.ranks.is_distributed:
+            device_ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+            step = DistributedDataParallel(_TrainingStepModule(sae), device_ids=device_ids)
+        step = torch.compile(step) if self.config.compile else step
         return SAETrainer(spec, self.run_folder / spec.name, sae, optimizer, since_fired, training_step=step)
 
     def _resume_or_start(self, trainer: SAETrainer) -> int:
@@ -307,26 +346,28 @@ class TrainingRun:
 
     def run(self) -> list[dict[str, Any]]:
         config = self.config
-        trainers = [self._new_trainer(spec) for spec in self.specs]
+        self.trainers = trainers = [self._new_trainer(spec) for spec in self.specs]
         start_steps = {self._resume_or_start(trainer) for trainer in trainers}
         if len(start_steps) != 1:
             raise UserError(f"the SAEs in {self.run_folder} were saved at different steps; pass --overwrite to start the sweep over.")
         start_step = start_steps.pop()
         logger.info(
-            "Training %d SAE(s) on %s: %d training tokens, %d steps of %d (%s), validation %d tokens%s",
+            "Training %d SAE(s) on %s: %d training tokens, %d steps of %d (%s%s), validation %d tokens%s",
             len(trainers), self.store.folder, self.n_train_tokens, self.total_steps, config.batch_size, self.device,
-            len(self.validation_tokens), f", resuming at step {start_step}" if start_step else "",
+            f", {self.rank_batch_size} on each of {self.ranks.world_size} ranks" if self.ranks.is_distributed else "",
+            self.n_validation_tokens, f", resuming at step {start_step}" if start_step else "",
         )
-        batches = mixed_batches(self.train_source, self.buffer_tokens, config.batch_size, config.seed, self.device)
+        stream_seed = config.seed * self.ranks.world_size + self.ranks.rank  # each rank its own batch order; one rank: SEED
+        batches = mixed_batches(self.train_source, self.buffer_tokens, self.rank_batch_size, stream_seed, self.device)
         for _ in range(start_step):  # replay the seeded batch order up to where the run stopped
             next(batches)
         in_main_thread = threading.current_thread() is threading.main_thread()  # only there can signal handlers be set
         previous_handlers = {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
         started, completed = time.perf_counter(), start_step
         try:
-            with tqdm(total=self.total_steps, initial=start_step, desc="training", unit="step") as progress:
+            with tqdm(total=self.total_steps, initial=start_step, desc="training", unit="step", disable=not self.ranks.is_main) as progress:
                 for step in range(start_step, self.total_steps):
-                    if self.stop_requested:  # checked between steps, so what is saved is a whole step
+                    if self._stop_agreed(step):  # checked between steps, so what is saved is a whole step
                         raise KeyboardInterrupt
                     active = [trainer for trainer in trainers if not trainer.stopped]
                     if not active:
@@ -360,6 +401,24 @@ class TrainingRun:
         """Ctrl-C or SIGTERM: finish the current step, save, then exit."""
         self.stop_requested = True
 
+    def _stop_agreed(self, step: int) -> bool:
+        """Whether to stop before `step`. A signal reaches torchrun's ranks at different steps, so they agree at log steps."""
+        if not self.ranks.is_distributed:
+            return self.stop_requested
+        if step % self.config.log_every:
+            return False
+        requested = torch.tensor([float(self.stop_requested)], device=self.device)
+        return bool(distributed.all_reduce_sum_(requested).item() > 0)
+
+    def _average_sums_over_ranks(self, trainer: SAETrainer) -> None:
+        """Make each rank's running sums (loss, FVU, ...) the mean over ranks, before they are logged or saved."""
+        names = [name for name in trainer.sums if name != "steps"]  # every rank took the same steps
+        if not self.ranks.is_distributed or not names:
+            return
+        stacked = torch.stack([torch.as_tensor(trainer.sums[name], dtype=torch.float32, device=self.device) for name in names])
+        distributed.all_reduce_sum_(stacked).div_(self.ranks.world_size)
+        trainer.sums.update(zip(names, stacked.unbind()))
+
     def _step(self, trainer: SAETrainer, x: torch.Tensor, factor: float) -> None:
         config = self.config
         for group in trainer.optimizer.param_groups:
@@ -375,13 +434,15 @@ class TrainingRun:
             torch.nn.utils.clip_grad_norm_(trainer.sae.parameters(), config.gradient_clip)
         trainer.optimizer.step()
         trainer.sae.normalize_decoder_()
-        trainer.tokens_since_fired = torch.where(output.fire_counts > 0, 0, trainer.tokens_since_fired + len(x))
+        fire_counts = distributed.all_reduce_sum_(output.fire_counts)  # a feature is alive if it fired on any rank
+        trainer.tokens_since_fired = torch.where(fire_counts > 0, 0, trainer.tokens_since_fired + config.batch_size)
         for name, value in (("loss", output.loss.detach()), ("fvu", output.fvu), ("l0", output.l0), ("aux_loss", output.aux_loss)):
             trainer.sums[name] = trainer.sums.get(name, 0) + value
         trainer.sums["steps"] = trainer.sums.get("steps", 0) + 1
 
     def _log(self, trainer: SAETrainer, step: int, learning_rate: float) -> None:
         """The only host sync of the loop: averages since the last log step go to the history."""
+        self._average_sums_over_ranks(trainer)
         steps = trainer.sums.pop("steps")
         row = {name: float(total) / steps for name, total in trainer.sums.items()}
         trainer.sums.clear()
@@ -397,7 +458,7 @@ class TrainingRun:
         trainer.history.append(row)
 
     def _validate(self, trainer: SAETrainer, step: int) -> None:
-        if not len(self.validation_tokens):
+        if not self.n_validation_tokens:
             return
         metrics = validate(trainer.sae, self.validation_tokens, self.config.batch_size).metrics
         trainer.validation.append({"step": step, "tokens": step * self.config.batch_size, "fvu": metrics["fvu"], "l0": metrics["l0"]})
@@ -430,11 +491,16 @@ class TrainingRun:
         }
 
     def _save_all(self, trainers: list[SAETrainer], step: int) -> None:
+        """Rank 0 writes; under torchrun every rank calls this, to agree on the running sums first."""
         for trainer in trainers:
+            self._average_sums_over_ranks(trainer)
+            if not self.ranks.is_main:
+                continue
             save_checkpoint(trainer.checkpoint_path, trainer.sae, self.scale, self._dead_after_steps(), self._metadata(trainer, step))
             partial = trainer.folder / (TRAINING_STATE + ".partial")
             torch.save(trainer.state(step, self.settings_by_name[trainer.spec.name]), partial)
             partial.replace(trainer.folder / TRAINING_STATE)
+        distributed.barrier()  # no rank moves on (or exits) before rank 0's files are complete
 
     def _dead_after_steps(self) -> int:
         return max(1, self.dead_after_tokens // self.config.batch_size)
@@ -442,9 +508,9 @@ class TrainingRun:
     def _finish(self, trainer: SAETrainer, step: int, seconds: float, start_step: int) -> dict[str, Any]:
         self._save_all([trainer], step)
         final, frequency = {}, None
-        if len(self.validation_tokens):
+        if self.n_validation_tokens:
             final, frequency = validate(trainer.sae, self.validation_tokens, self.config.batch_size)
-        if self.config.export_saelens:
+        if self.config.export_saelens and self.ranks.is_main:
             export_saelens(trainer.checkpoint_path, trainer.folder / "saelens", frequency)
         result = {
             "name": trainer.spec.name,
@@ -461,13 +527,19 @@ class TrainingRun:
             "history": trainer.history,
             "validation": trainer.validation,
         }
-        write_metrics(trainer.folder / "metrics.json", result)
-        plot_training_curves(trainer.folder / "training_curves.png", f"{trainer.spec.name} — {self.store.hook_name}", trainer.history, trainer.validation)
+        if self.ranks.is_main:
+            write_metrics(trainer.folder / "metrics.json", result)
+            plot_training_curves(trainer.folder / "training_curves.png", f"{trainer.spec.name} — {self.store.hook_name}", trainer.history, trainer.validation)
         return result
 
 
 def train_saes(config: TrainConfig) -> list[dict[str, Any]]:
-    """Train every SAE of `config`, print their comparison, and return each one's final metrics (also in its metrics.json)."""
+    """Train every SAE of `config`, print their comparison, and return each one's final metrics (also in its metrics.json).
+
+    Under torchrun every rank trains its share and returns the same results; rank 0 prints them.
+    """
+    ranks = distributed.init_from_environment()
     results = TrainingRun(config).run()
-    print("\n" + comparison_table(results))
+    if ranks.is_main:
+        print("\n" + comparison_table(results))
     return results

@@ -1,0 +1,181 @@
+"""torchrun across processes (gloo on the CPU): extraction and training give what one process gives, and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastsae.batches import ExampleSplit, TokenSource
+from fastsae.checkpoint import load_sae
+from fastsae.distributed import shares_by_tokens
+from fastsae.extract import ExtractConfig, extract_activations
+from fastsae.store import ActivationStore
+from fastsae.train import TrainConfig, TrainingRun, train_saes
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_MB = 0.25  # the tiny store (15.7k tokens, d=64) in 8 shards, so two ranks share them
+TRAINING = dict(sweep=["topk:128:4"], batch_size=256, epochs=10.0, learning_rate=1e-3, eval_every=20, log_every=5, buffer_tokens=4096)
+
+
+def torchrun(script: str, *arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", "--standalone", str(REPO / script), *arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def extraction_arguments(model_folder: Path, output: Path) -> list[str]:
+    return ["--model-name", str(model_folder), "--layers", "2", "--output-dir", str(output), "--shard-mb", str(SHARD_MB)]
+
+
+@pytest.fixture(scope="module")
+def one_process_store(tiny_model_folder, tmp_path_factory) -> Path:
+    config = ExtractConfig(model_name=str(tiny_model_folder), layers=[2], output_dir=str(tmp_path_factory.mktemp("one")), shard_mb=SHARD_MB)
+    (folder,) = extract_activations(config)
+    return folder
+
+
+def assert_same_store(folder: Path, reference: Path) -> None:
+    """Same examples, tokens, masks and activations, in the same order; the manifests differ only in provenance."""
+    ours, theirs = ActivationStore(folder), ActivationStore(reference)
+    assert len(ours.shards) == len(theirs.shards) == 8
+    np.testing.assert_array_equal(ours.doc_offsets, theirs.doc_offsets)
+    np.testing.assert_array_equal(ours.token_ids(0, ours.n_tokens), theirs.token_ids(0, theirs.n_tokens))
+    np.testing.assert_array_equal(ours.special_mask(0, ours.n_tokens), theirs.special_mask(0, theirs.n_tokens))
+    # float32 compute in other batch compositions, stored as float16: equal up to one float16 step
+    torch.testing.assert_close(ours.activations(0, ours.n_tokens), theirs.activations(0, theirs.n_tokens), rtol=1e-3, atol=1e-3)
+    assert ours.example_records() == theirs.example_records()
+    provenance = {"completed_at", "extracted_by_ranks", "extraction"}
+    assert {key: value for key, value in ours.manifest.items() if key not in provenance} == {key: value for key, value in theirs.manifest.items() if key not in provenance}
+    assert ours.manifest["extraction"] == {**theirs.manifest["extraction"], "output_dir": ours.manifest["extraction"]["output_dir"]}
+
+
+def sorted_rows(tokens: torch.Tensor) -> list[bytes]:
+    return sorted(row.tobytes() for row in tokens.numpy())
+
+
+def test_shares_by_tokens_balance_the_ranks_and_cover_every_item():
+    counts = [100] * 9 + [37, 5]
+    shares = shares_by_tokens(counts, 4)
+    assert sorted(index for share in shares for index in share) == list(range(len(counts)))
+    loads = [sum(counts[index] for index in share) for share in shares]
+    assert max(loads) - min(loads) <= max(counts)
+    assert all(share == sorted(share) for share in shares)
+    assert shares_by_tokens([5, 5], 3)[2] == []  # more ranks than items: the last rank idles
+
+
+def test_training_parts_are_disjoint_and_cover_the_store(tiny_store):
+    store = ActivationStore(tiny_store)
+    split = ExampleSplit.by_example(store.n_examples, 0.1, 0)
+    whole = TokenSource(store, split, validation=False, include_special=False)
+    parts = [TokenSource(store, split, validation=False, include_special=False, part=(rank, 3)) for rank in range(3)]
+    ranges = [part.part_range for part in parts]
+    assert ranges[0][0] == 0 and ranges[-1][1] == store.n_tokens
+    assert all(ranges[rank][1] == ranges[rank + 1][0] for rank in range(2))
+    streamed = [torch.cat(list(part.epoch(np.random.default_rng(rank)))) for rank, part in enumerate(parts)]
+    everything = torch.cat(list(whole.epoch(np.random.default_rng(0))))
+    assert sum(len(tokens) for tokens in streamed) == len(everything) == whole.count_tokens()
+    assert sorted_rows(torch.cat(streamed)) == sorted_rows(everything)
+
+
+def test_torchrun_extraction_equals_one_process_and_resumes_per_rank(tiny_model_folder, one_process_store, tmp_path):
+    torchrun("extract_activations.py", *extraction_arguments(tiny_model_folder, tmp_path))
+    (folder,) = [path.parent for path in tmp_path.rglob("manifest.json")]
+    assert_same_store(folder, one_process_store)
+    assert json.loads((folder / "manifest.json").read_text())["extracted_by_ranks"] == 2
+
+    # What a kill leaves: the manifest in progress, some shards missing, one half-written.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "status": "in_progress"}))
+    for name in ("shard_00001", "shard_00002", "shard_00006"):
+        os.rename(folder / name, folder / f"{name}.partial")
+    for name in ("shard_00001", "shard_00002"):
+        (folder / f"{name}.partial" / "activations.npy").write_bytes(b"half")
+    kept = {path.name: path.stat().st_mtime_ns for path in folder.glob("shard_*") if not path.name.endswith(".partial")}
+    torchrun("extract_activations.py", *extraction_arguments(tiny_model_folder, tmp_path))
+    assert {path.name: path.stat().st_mtime_ns for path in folder.glob("shard_*") if path.name in kept} == kept  # only the missing shards ran
+    assert not list(folder.glob("*.partial"))
+    assert_same_store(folder, one_process_store)
+
+
+def test_torchrun_training_matches_one_process(one_process_store, tmp_path):
+    arguments = ["--store", str(one_process_store), "--output-dir", str(tmp_path / "two")]
+    for name, value in TRAINING.items():
+        arguments += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    torchrun("train_sae.py", *arguments)
+    (two,) = [json.loads(path.read_text()) for path in (tmp_path / "two").rglob("metrics.json")]
+    (one,) = train_saes(TrainConfig(store=str(one_process_store), output_dir=str(tmp_path / "one"), **TRAINING))
+    assert two["steps"] == one["steps"] and two["tokens_trained"] == one["tokens_trained"]
+    assert two["final"]["n_tokens"] == one["final"]["n_tokens"]  # the ranks' validation shares add up to the whole set
+    assert abs(two["final"]["fvu"] - one["final"]["fvu"]) < 0.03, (two["final"], one["final"])
+    assert two["final"]["fvu"] < 0.6 and two["final"]["l0"] == pytest.approx(4.0)
+    sae = load_sae(two["checkpoint"]).sae
+    assert sae.spec.m == 128 and sae.spec.k == 4
+
+
+class _StopsAtStep(TrainingRun):
+    """A run whose rank 0 gets Ctrl-C after `stop_after` steps (the other rank does not: they must agree)."""
+
+    def __init__(self, config: TrainConfig, stop_after: int) -> None:
+        super().__init__(config)
+        self.stop_after, self.steps_taken = stop_after, 0
+
+    def _step(self, trainer, x, factor) -> None:
+        super()._step(trainer, x, factor)
+        self.steps_taken += 1
+        if self.steps_taken == self.stop_after and self.ranks.is_main:
+            self.stop_requested = True
+
+
+def _train_on_two_ranks(rank: int, port: int, store: str, output: str) -> None:
+    """One rank of the in-sync and resume test: an uninterrupted run, and a run stopped and resumed."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        for name in ("whole", "resumed"):
+            config = TrainConfig(store=store, output_dir=f"{output}/{name}", **TRAINING)
+            stopped_at = None
+            if name == "resumed":
+                with pytest.raises(KeyboardInterrupt):
+                    _StopsAtStep(config, stop_after=33).run()
+                stopped_at = torch.load(next(Path(output, name).rglob("training_state.pt")), weights_only=True)["step"]
+            run = TrainingRun(config)
+            run.run()
+            (trainer,) = run.trainers
+            state = {
+                "sae": trainer.sae.state_dict(), "tokens_since_fired": trainer.tokens_since_fired,
+                "history": trainer.history, "validation": trainer.validation, "stopped_at": stopped_at,
+            }
+            torch.save(state, f"{output}/{name}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_stay_in_step_and_a_stopped_run_resumes_to_the_same_sae(one_process_store, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_train_on_two_ranks, args=(port, str(one_process_store), str(tmp_path)), nprocs=2)
+    states = {(name, rank): torch.load(tmp_path / f"{name}-rank{rank}.pt", weights_only=True) for name in ("whole", "resumed") for rank in (0, 1)}
+    for name in ("whole", "resumed"):  # DDP keeps the ranks' SAEs and dead-feature counters identical
+        for key, value in states[name, 0]["sae"].items():
+            assert torch.equal(value, states[name, 1]["sae"][key]), key
+        assert torch.equal(states[name, 0]["tokens_since_fired"], states[name, 1]["tokens_since_fired"])
+    # Rank 1 got no signal: both ranks stopped at the first log step after 33, and saved there.
+    assert states["resumed", 0]["stopped_at"] == states["resumed", 1]["stopped_at"] == 35
+    whole, resumed = states["whole", 0], states["resumed", 0]
+    for key, value in whole["sae"].items():
+        assert torch.equal(value, resumed["sae"][key]), key
+    assert resumed["history"] == whole["history"] and resumed["validation"] == whole["validation"]
