@@ -177,6 +177,7 @@ def page_data(title: str, examples: list[Example], readings: list[TextFeatures],
         texts.append(
             {
                 "text": text_label(example),
+                "truncated": reading.truncated,
                 "tokens": [reading.tokens[position] for position in shown],
                 "features": [
                     {"feature": feature, "pooled": round(float(reading.pooled[feature]), 4), "activations": [round(float(a), 4) for a in dense[:, column]]}
@@ -240,6 +241,7 @@ for (const t of data.texts) for (const f of t.features) peaks[f.feature] = Math.
 function renderText(t, index) {
   const card = element("div", null, "card");
   card.append(element("div", "[" + index + "] " + t.text));
+  if (t.truncated) card.append(element("p", "Truncated at MAX_LENGTH tokens, as in extraction: the shading stops there.", "muted"));
   if (!t.features.length) { card.append(element("p", "No feature fires on this text.", "muted")); return card; }
   const chips = element("div", null, "chips"), about = element("p", null, "about muted");
   let line = element("div");

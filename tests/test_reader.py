@@ -198,3 +198,34 @@ def test_analyze_texts_reads_a_texts_file_and_stops_on_a_bare_checkpoint(analysi
         run_script(analysis["script"], monkeypatch, capsys, "--checkpoint", str(tmp_path / "bare.pt"))
     assert stopped.value.code == 2
     assert "MODEL_NAME, HOOK_POINT" in capsys.readouterr().err
+
+
+def test_reader_page_in_chromium_shows_heatmaps_and_keeps_hostile_text_as_text(analysis, monkeypatch, capsys, tmp_path):
+    from test_dashboard import CHROMIUM, CHROMIUM_FLAGS
+
+    if CHROMIUM is None:
+        pytest.fail("Chromium is not installed: apt-get install chromium (.ci/run does).")
+    from playwright.sync_api import sync_playwright
+
+    run_script(analysis["script"], monkeypatch, capsys, "--html-path", str(tmp_path / "page.html"))
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto((tmp_path / "page.html").resolve().as_uri())
+        cards = page.locator(".card")
+        assert cards.count() == len(analysis["texts"])
+        hostile = cards.nth(1)
+        assert "</script><b>bold</b>" in hostile.inner_text()  # the markup is there, as visible text
+        assert page.locator(".card b").count() == 0 and page.locator(".card img").count() == 0
+        assert page.evaluate("window.hacked") is None
+        chips = hostile.locator("button.chip")
+        assert chips.count() >= 1 and "selected" in chips.first.get_attribute("class")
+        chips.last.click()
+        assert "selected" in chips.last.get_attribute("class")
+        assert hostile.locator(".about").inner_text().startswith(f"feature {chips.last.get_attribute('data-feature')}:")
+        assert hostile.locator(".context .token").first.get_attribute("title").startswith("activation ")
+        browser.close()
+    assert errors == []
