@@ -56,10 +56,14 @@ class TextFeatures:
     truncated: bool
 
 
-def pool(token_features: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(M,) max or mean of dense (T, M) features over the tokens in `mask`; zeros when it selects none."""
+def check_pooling(pooling: str) -> None:
     if pooling not in POOLINGS:
         raise UserError(f"POOLING must be one of {', '.join(POOLINGS)}; got {pooling!r}.")
+
+
+def pool(token_features: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(M,) max or mean of dense (T, M) features over the tokens in `mask`; zeros when it selects none."""
+    check_pooling(pooling)
     chosen = token_features[mask]
     if not len(chosen):
         return token_features.new_zeros(token_features.shape[1])
@@ -138,12 +142,12 @@ class SAEReader:
 
     def read(self, texts: Sequence[str | Example], pooling: str = "max") -> list[TextFeatures]:
         """Per-token and pooled feature activations of each text, in the order given."""
-        pool(torch.zeros(0, 1), torch.zeros(0, dtype=torch.bool), pooling)  # a bad POOLING fails before the model runs
+        check_pooling(pooling)  # before the model runs
         tokenized = self.tokenize(texts)
         result: list[TextFeatures | None] = [None] * len(texts)
         for batch, pieces in self._batches(tokenized):
-            features = self.encode(torch.cat(pieces)).split([len(piece) for piece in pieces])
-            for index, token_features in zip(batch, features):
+            for index, piece in zip(batch, pieces):
+                token_features = self.encode(piece)  # one text at a time: memory stays at T × M, not a whole batch's
                 item = tokenized[index]
                 pooled_mask = np.ones_like(item.special_mask) if self.include_special else ~item.special_mask
                 if not pooled_mask.any():
@@ -166,7 +170,7 @@ def extraction_settings(checkpoint: str, metadata: dict, model_name: str, hook_p
     A checkpoint without our metadata (HypotheSAEs') takes the model, hook point and layer from
     the caller and extraction's defaults for the rest (chat template auto, MAX_LENGTH 512).
     """
-    recorded_model = metadata.get("model_name") or metadata.get("store_manifest", {}).get("extraction", {}).get("model_name")
+    recorded_model = metadata.get("model_name")
     recorded = {"hook_point": metadata.get("hook_point"), "layer": metadata.get("layer")}
     given = {"hook_point": hook_point or None, "layer": layer if layer is not None and layer >= 0 else None}
     if metadata:

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from fastsae.config import setting
 from fastsae.dashboard import write_page
 from fastsae.data import Example, load_dataset
 from fastsae.errors import UserError
 from fastsae.evaluate import DEFAULT_CHECKPOINT
-from fastsae.reader import POOLINGS, SAEReader, TextFeatures
+from fastsae.reader import SAEReader, TextFeatures, check_pooling
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ class AnalyzeConfig:
     layer: int = setting(-1, "layer, only for a checkpoint that does not record it (HypotheSAEs'); -1: the checkpoint's")
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise UserError(f"POOLING must be one of {', '.join(POOLINGS)}; got {self.pooling!r}.")
+        check_pooling(self.pooling)
         if self.top_n <= 0:
             raise UserError(f"TOP_N must be positive; got {self.top_n}.")
         if not self.texts_file and not self.texts:
@@ -128,8 +128,9 @@ def report_text(examples: list[Example], readings: list[TextFeatures], chosen: l
 
 def feature_table(examples: list[Example], readings: list[TextFeatures], chosen: list[list[int]]) -> pd.DataFrame:
     """One row per text: its text, token count, top features, and the pooled activation of every reported feature."""
-    union = sorted({feature for features in chosen for feature in features}, key=lambda f: -max(float(r.pooled[f]) for r in readings))
-    pooled = np.stack([reading.pooled.numpy() for reading in readings])[:, union] if readings else np.zeros((0, 0))
+    pooled = np.stack([reading.pooled.numpy() for reading in readings])
+    union = sorted({feature for features in chosen for feature in features})
+    union = [union[column] for column in np.argsort(-pooled[:, union].max(0, initial=0), kind="stable")]  # strongest first
     table = pd.DataFrame(
         {
             "text": [text_label(example) for example in examples],
@@ -138,7 +139,7 @@ def feature_table(examples: list[Example], readings: list[TextFeatures], chosen:
             "top_features": [" ".join(map(str, features)) for features in chosen],
         }
     )
-    return pd.concat([table, pd.DataFrame(pooled, columns=[f"feature_{feature}" for feature in union])], axis=1)
+    return pd.concat([table, pd.DataFrame(pooled[:, union], columns=[f"feature_{feature}" for feature in union])], axis=1)
 
 
 def plot_text_heatmap(path: Path, table: pd.DataFrame, title: str) -> None:
@@ -173,7 +174,7 @@ def page_data(title: str, examples: list[Example], readings: list[TextFeatures],
     texts = []
     for example, reading, features in zip(examples, readings, chosen):
         shown = np.flatnonzero(reading.pooled_mask)
-        dense = reading.token_features.to_dense()[shown][:, features] if features else None
+        dense = reading.token_features.index_select(1, torch.tensor(features, dtype=torch.long)).to_dense()[shown]
         texts.append(
             {
                 "text": text_label(example),

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_pipeline import set_constants
 
 from fastsae.checkpoint import load_sae
 from fastsae.data import load_dataset
@@ -127,15 +128,6 @@ def test_settings_that_contradict_the_checkpoint_are_refused(run32):
         SAEReader.load(run32["checkpoint"], device="cpu", layer=1)
     with pytest.raises(UserError, match="trained at hook_point 'resid_post', not 'mlp_out'"):
         SAEReader.load(run32["checkpoint"], device="cpu", hook_point="mlp_out")
-
-
-def set_constants(script: Path, **values) -> None:
-    """Edit UPPER_CASE constants in a copied script, as a user would (a constant may span lines, like TEXTS)."""
-    text = script.read_text()
-    for name, value in values.items():
-        text, count = re.subn(rf"^{name} = (\[[^\]]*\]|.*)$", lambda _: f"{name} = {value!r}", text, count=1, flags=re.MULTILINE)
-        assert count == 1, f"{name} not found in {script.name}"
-    script.write_text(text)
 
 
 @pytest.fixture(scope="module")
