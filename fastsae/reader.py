@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fastsae.checkpoint import load_sae
 from fastsae.data import Example
@@ -126,10 +127,11 @@ class SAEReader:
         """Per length-batch: its text indices and each text's (T, d) float32 activations, rounded to the store's dtype."""
         storage_dtype = STORAGE_DTYPES[self.extraction.storage_dtype]
         sequences = [item.token_ids for item in tokenized]
-        with open_capture(self.model, self.extraction) as capture:
+        with open_capture(self.model, self.extraction) as capture, tqdm(total=len(sequences), desc="reading", unit="text", leave=False) as progress:
             batches = iter_example_activations(capture, sequences, self.extraction.resolved_batch_tokens(), pad_token_id(self.tokenizer), self.device)
             for batch, per_store in batches:
                 (pieces,) = per_store.values()
+                progress.update(len(batch))
                 yield batch, [piece.to(storage_dtype).to(torch.float32, copy=True) for piece in pieces]  # a copy: ordinary tensors, not inference-mode ones
 
     def activations(self, texts: Sequence[str | Example]) -> list[torch.Tensor]:
