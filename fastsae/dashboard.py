@@ -4,7 +4,8 @@ heatmap (hover shows each activation). No network; opens from file://.
 
 All data travels as one JSON document inside <script type="application/json">, with <, > and &
 escaped as \\u003c, \\u003e and \\u0026, so no text can close the script element. The page puts
-every piece of text into the DOM with textContent, never as HTML.
+every piece of text into the DOM with textContent, never as HTML. The token heatmap, its styles
+and the JSON-in-script helper are shared with the text reader's page (fastsae/text_analysis.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 from fastsae.features import HISTOGRAM_EDGES, FeatureStatistics, TokenContext
 
 
-def _json_for_script(payload: Any) -> str:
+def json_for_script(payload: Any) -> str:
+    """JSON that cannot close its <script> element: <, > and & become \\u escapes (still valid JSON)."""
     return json.dumps(payload, allow_nan=False).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
@@ -43,12 +45,39 @@ def dashboard_data(title: str, rows: list[dict[str, Any]], contexts_by_feature: 
     return {"title": title, "histogram_edges": HISTOGRAM_EDGES.tolist(), "features": features}
 
 
-def write_dashboard(path: Path, data: dict[str, Any]) -> Path:
-    page = _PAGE.replace("__DATA__", _json_for_script(data))
+def write_page(path: Path, template: str, data: dict[str, Any]) -> Path:
+    """Fill a page's shared heatmap pieces and its data, then write it atomically (temp name, then rename)."""
+    page = template.replace("__HEATMAP_CSS__", TOKEN_HEATMAP_CSS).replace("__HEATMAP_JS__", TOKEN_HEATMAP_JS).replace("__DATA__", json_for_script(data))
     partial = path.with_name(path.name + ".partial")
     partial.write_text(page, encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def write_dashboard(path: Path, data: dict[str, Any]) -> Path:
+    return write_page(path, _PAGE, data)
+
+
+# A line of tokens, each shaded by its activation relative to `peak` (hover: the value); text goes in with textContent.
+TOKEN_HEATMAP_CSS = """.context{font-family:ui-monospace,monospace;white-space:pre-wrap;margin:6px 0;padding:6px;border:1px solid #eee;border-radius:4px}
+.token{border-radius:2px} .focus{outline:1px solid #c00}"""
+TOKEN_HEATMAP_JS = """function element(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+function tokenHeatmap(tokens, activations, peak, focus) {
+  const line = element("div", null, "context");
+  tokens.forEach((token, i) => {
+    const span = element("span", token, "token" + (i === focus ? " focus" : ""));
+    const a = activations[i];
+    span.style.background = "rgba(255,120,0," + Math.min(1, Math.max(0, a) / peak).toFixed(3) + ")";
+    span.title = "activation " + a.toFixed(3);
+    line.appendChild(span);
+  });
+  return line;
+}"""
 
 
 _PAGE = """<!DOCTYPE html>
@@ -62,8 +91,7 @@ table{border-collapse:collapse;width:100%}
 td,th{padding:4px 6px;border-bottom:1px solid #eee;text-align:left}
 tr.feature{cursor:pointer} tr.feature:hover{background:#f3f6ff} tr.selected{background:#dde6ff}
 #detail{flex:1;overflow:auto;padding:12px 20px}
-.context{font-family:ui-monospace,monospace;white-space:pre-wrap;margin:6px 0;padding:6px;border:1px solid #eee;border-radius:4px}
-.token{border-radius:2px} .focus{outline:1px solid #c00}
+__HEATMAP_CSS__
 .muted{color:#777} h1{font-size:18px;margin:12px 0} .bar{fill:#4c72b0}
 </style></head><body>
 <div id="side">
@@ -84,12 +112,7 @@ tr.feature{cursor:pointer} tr.feature:hover{background:#f3f6ff} tr.selected{back
 const data = JSON.parse(document.getElementById("data").textContent);
 document.title = "fastsae: " + data.title;
 const $ = (id) => document.getElementById(id);
-function element(tag, text, className) {
-  const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  if (className) node.className = className;
-  return node;
-}
+__HEATMAP_JS__
 const fmt = (value, digits) => (value === null || value === undefined || value === "") ? "–" : Number(value).toFixed(digits);
 for (const label of [...new Set(data.features.map((f) => f.top_label).filter(Boolean))].sort()) {
   const option = element("option", label); option.value = label; $("label").appendChild(option);
@@ -138,17 +161,7 @@ function renderDetail(f) {
   }
   detail.append(element("h3", "Top contexts"));
   const peak = Math.max(1e-9, ...f.contexts.map((c) => c.activation));
-  for (const context of f.contexts) {
-    const line = element("div", null, "context");
-    context.tokens.forEach((token, i) => {
-      const span = element("span", token, "token" + (i === context.focus ? " focus" : ""));
-      const a = context.activations[i];
-      span.style.background = "rgba(255,120,0," + Math.min(1, a / peak).toFixed(3) + ")";
-      span.title = "activation " + a.toFixed(3);
-      line.appendChild(span);
-    });
-    detail.appendChild(line);
-  }
+  for (const context of f.contexts) detail.appendChild(tokenHeatmap(context.tokens, context.activations, peak, context.focus));
 }
 for (const id of ["filter", "label", "sort"]) $(id).addEventListener("input", renderList);
 renderList();

@@ -154,6 +154,11 @@ def padded_batch(sequences: list[np.ndarray], pad_token_id: int) -> tuple[torch.
     return input_ids, attention_mask
 
 
+def pad_token_id(tokenizer) -> int:
+    """What fills a batch's padding: the tokenizer's pad token, else 0 (the attention mask hides it either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def iter_example_activations(
     capture: Capture,
     sequences: list[np.ndarray],
@@ -307,7 +312,7 @@ def _extract_shards(
     capture: Capture, device: torch.device, tokenizer, packed: PackedSequences, shards, pending: list[int], writers: dict, config: ExtractConfig, storage_dtype: torch.dtype
 ) -> None:
     """Run the pending shards' examples through the model; a shard is written to disk while the next one computes."""
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     total_examples = sum(shards[index].n_examples for index in pending)
     started = time.perf_counter()
     tokens_done = 0
@@ -321,7 +326,7 @@ def _extract_shards(
             sequences = [packed.sequences[index] for index in members]
             local_offsets = np.concatenate([[0], np.cumsum([len(sequence) for sequence in sequences])])
             buffers = {key: torch.empty((shard.n_tokens, capture.d), dtype=storage_dtype) for key in writers}
-            for batch, per_store in iter_example_activations(capture, sequences, config.resolved_batch_tokens(), pad_token_id, device):
+            for batch, per_store in iter_example_activations(capture, sequences, config.resolved_batch_tokens(), pad_id, device):
                 for key, pieces in per_store.items():
                     on_host = torch.cat(pieces).to(storage_dtype).cpu()  # one device-to-host copy per batch, not one per example
                     for local_index, piece in zip(batch, on_host.split([len(piece) for piece in pieces])):

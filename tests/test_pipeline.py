@@ -37,10 +37,11 @@ MARKERS = {
 
 
 def set_constants(script: Path, **values) -> None:
-    """Edit UPPER_CASE constants in a copied script, as a user would."""
+    """Edit UPPER_CASE constants in a copied script, as a user would (a list may span lines)."""
     text = script.read_text()
     for name, value in values.items():
-        text, count = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", text, count=1, flags=re.MULTILINE)
+        line = f"{name} = {value!r}"  # given as a function, so backslashes in it are not read as escapes
+        text, count = re.subn(rf"^{name} = (\[[^\]]*\]|.*)$", lambda _, line=line: line, text, count=1, flags=re.MULTILINE)
         assert count == 1, f"{name} not found in {script.name}"
     script.write_text(text)
 
