@@ -74,7 +74,7 @@ tr.feature{cursor:pointer} tr.feature:hover{background:#f3f6ff} tr.selected{back
 .context{font-family:ui-monospace,monospace;white-space:pre-wrap;margin:6px 0;padding:6px;border:1px solid #eee;border-radius:4px}
 .token{border-radius:2px} .focus{outline:1px solid #c00}
 .muted{color:#777} h1{font-size:18px;margin:12px 0} .bar{fill:#4c72b0}
-#rubric{padding:6px 8px;border-bottom:1px solid #ddd;font-size:12px} #rubric td{padding:1px 4px;border:0}
+#rubric{padding:6px 8px;border-bottom:1px solid #ddd;font-size:12px} #rubric table{width:auto} #rubric td{padding:1px 4px;border:0}
 .rating-bar{background:#4c72b0;height:10px}
 </style></head><body>
 <div id="side">
@@ -136,7 +136,7 @@ function renderRubric(rubric) {
   });
   const share = rubric.high_share === null ? "–" : (100 * rubric.high_share).toFixed(1) + "%";
   box.append(element("b", "FAST rubric"), table, element("div", "rated 4–5: " + share + " of " + rubric.rated + " rated" +
-    (rubric.missing ? " (" + rubric.missing + " unreadable answers)" : ""), "headline"));
+    (rubric.missing ? "; unreadable answers: " + rubric.missing : ""), "headline"));
   box.hidden = false;
 }
 function histogram(f) {
@@ -155,7 +155,7 @@ function histogram(f) {
 }
 function renderDetail(f) {
   const detail = $("detail"); detail.replaceChildren();
-  detail.append(element("h1", "Feature " + f.feature), element("p", f.explanation || "No explanation (no LLM key was set)."));
+  detail.append(element("h1", "Feature " + f.feature), element("p", f.explanation || "No explanation (no LLM key was set, or SCORING has no detection)."));
   if (f.fast_rubric_rating !== null || f.fast_rubric_name) {
     detail.append(element("p", "FAST rubric: " + fmt(f.fast_rubric_rating, 0) + "/5 · " + (f.fast_rubric_name || "(no name)"), "rubric"));
   }

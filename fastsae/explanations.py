@@ -137,7 +137,7 @@ class RubricSummary:
     def describe(self) -> str:
         share = "–" if self.high_share is None else f"{self.high_share:.1%}"
         counts = ", ".join(f"{rating}: {count}" for rating, count in self.counts.items())
-        return f"{share} of {self.rated} rated features rated 4-5 (ratings {counts}; {self.missing} unreadable answers)"
+        return f"{share} of {self.rated} rated features rated 4-5 (ratings {counts}; unreadable answers: {self.missing})"
 
     def as_dict(self) -> dict:
         return {"counts": [self.counts[rating] for rating in RUBRIC], "rated": self.rated, "missing": self.missing, "high_share": self.high_share}

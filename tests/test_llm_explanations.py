@@ -132,7 +132,7 @@ def test_messy_and_unreadable_rubric_answers(server, checkpoint, tiny_model_fold
         ("", ""), ("2", "a loose theme of plans"), ("5", "past tense verbs"),
     ]
     assert re.search(r"no 1-5 rating in the answer for feature \d+, left empty: 'I cannot rate this.'", caplog.text)
-    assert "50.0% of 2 rated features rated 4-5 (ratings 1: 0, 2: 1, 3: 0, 4: 0, 5: 1; 1 unreadable answers)" in caplog.text
+    assert "50.0% of 2 rated features rated 4-5 (ratings 1: 0, 2: 1, 3: 0, 4: 0, 5: 1; unreadable answers: 1)" in caplog.text
 
 
 def test_rubric_parsing_and_summary():
