@@ -181,9 +181,8 @@ def explain_features(
     feature, independent of the explanation, so it goes out with the explaining round.
     """
     client = CachedChatClient(config.explanation_model, Path(config.llm_cache_dir or cache_dir() / "llm"), config.llm_concurrency)
-    features = list(contexts_by_feature)
     explain_requests, scoring_sets = [], []
-    for feature in features if config.detection else []:
+    for feature in list(contexts_by_feature) if config.detection else []:
         shown = contexts_by_feature[feature][: config.explain_contexts]
         # Held out for scoring: activations spread over the feature's range (weak ones too), never the ones shown.
         shown_tokens = {int(store.doc_offsets[context.example]) + context.position for context in shown}

@@ -338,6 +338,7 @@ class Pipeline:
 
     def _estimate(self, preflight) -> None:
         """Counts from the tokenized data (or the store), times from a short calibration on this machine."""
+        from fastsae.interpret import REQUESTS_PER_FEATURE
         from fastsae.models import load_tokenizer
         from fastsae.store import ActivationStore, bytes_per_token
 
@@ -362,8 +363,6 @@ class Pipeline:
         interpret = self.plans["interpret"]
         interpret.examples, interpret.tokens = len(corpus.lengths), corpus.n_tokens
         interpret.seconds = _seconds(calibration.load_seconds, corpus.n_tokens, calibration.encode_tokens_per_second)
-        from fastsae.interpret import REQUESTS_PER_FEATURE
-
         features = self._explained_features()
         per_feature = REQUESTS_PER_FEATURE[interpret.config.scoring]
         interpret.note = f"+ {features} features × {per_feature} ({interpret.config.scoring}) = {per_feature * features} LLM requests" if features else "explanations skipped"
