@@ -275,7 +275,7 @@ def _interpret_with(statistics: FeatureStatistics, store: ActivationStore, sae, 
         rubric = explain_features(rows, contexts_by_feature, store, sae, statistics, tokenizer, config)
     path = Path(config.interpretations_path)
     partial = path.with_name(path.name + ".partial")
-    pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"}).to_csv(partial, index=False)  # whole numbers; empty where missing
+    pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {}).to_csv(partial, index=False)  # whole numbers; empty where missing
     partial.replace(path)
     title = f"{sae.spec.name} on {store.manifest['model']} {store.hook_name}"
     dashboard = write_dashboard(path.with_name("dashboard.html"), dashboard_data(title, rows, contexts_by_feature, statistics, rubric))

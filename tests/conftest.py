@@ -179,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
 def chat_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ChatCompletionsServer]:
     """A real HTTP server on 127.0.0.1, with the API key and base URL pointing the openai client at it."""
     running = ChatCompletionsServer()
-    threading.Thread(target=running.serve_forever, daemon=True).start()
+    threading.Thread(target=running.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()  # a quick shutdown
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     monkeypatch.setenv("OPENAI_BASE_URL", running.base_url)
     try:
