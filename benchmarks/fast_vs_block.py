@@ -2,6 +2,7 @@
 
     python benchmarks/fast_vs_block.py [--tokens 200000] [--block-size 128] [--m 256] [--k 8] [--layer 12]
                                        [--jumprelu-threshold 0.1] [--l0-coefficient 1e-3] [--work-dir DIR]
+                                       [--rubric-features 50] [--llm-model gpt-4.1]
 
 1. Extracts the default dataset through the embedded SmolLM2-135M-Instruct at one layer twice:
    sequentially (FAST) and in BLOCK_SIZE-token blocks of concatenated examples. The block store is
@@ -13,12 +14,17 @@
 3. Evaluates all four SAEs on the same held-out *sequential* examples: FAST token MSE and MSE_st
    (raw and log2), FVU, L0, and loss recovered / relative loss increase with the SAE spliced into
    the model at every token.
+4. With an LLM endpoint (OPENAI_API_KEY, and OPENAI_BASE_URL for a local server), the FAST paper's
+   interpretability score: each SAE's RUBRIC_FEATURES randomly sampled live features, their top-5
+   contexts taken from the sequential store, rated 1-5 by the LLM (fastsae/explanations.py); a
+   second table gives the rating distribution and the share rated 4-5 per SAE. Without a key this
+   part is skipped and the notes say so.
 
 JumpReLU's sparsity: in a run this short its L0 is set by where its thresholds start more than by
 the L0 coefficient (thresholds are learned as log θ by Adam, so they move by at most about a factor
 e^(learning rate × steps)); --jumprelu-threshold sets TrainConfig.jumprelu_initial_threshold.
 
-Progress goes to stderr; stdout gets one Markdown table and notes. Everything is written to a
+Progress goes to stderr; stdout gets the Markdown table(s) and notes. Everything is written to a
 temporary folder (or --work-dir, kept) so ./activations and ./checkpoints are left alone.
 """
 
@@ -32,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,7 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastsae.checkpoint import load_sae  # noqa: E402
 from fastsae.data import Dataset, load_dataset  # noqa: E402
 from fastsae.evaluate import model_metrics, store_metrics, validation_examples  # noqa: E402
+from fastsae.explanations import RUBRIC, RubricSummary, rubric_summary  # noqa: E402
 from fastsae.extract import ExtractConfig, write_activation_stores  # noqa: E402
+from fastsae.interpret import InterpretConfig, interpret_sae  # noqa: E402
+from fastsae.llm import API_KEY_VARIABLES, api_key  # noqa: E402
 from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model  # noqa: E402
 from fastsae.store import ActivationStore  # noqa: E402
 from fastsae.train import TrainConfig, TrainingRun  # noqa: E402
@@ -68,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--l0-coefficient", type=float, default=1e-3, help="L0 penalty of the JumpReLU SAE (fastsae's default)")
     parser.add_argument("--jumprelu-threshold", type=float, default=0.1, help="where JumpReLU thresholds start (scaled units)")
     parser.add_argument("--work-dir", default="", help="keep stores and checkpoints here (default: a temporary folder, deleted)")
+    parser.add_argument("--rubric-features", type=int, default=50, help="live features per SAE, sampled at random, that the LLM rates (needs a key)")
+    parser.add_argument("--llm-model", default=InterpretConfig.explanation_model, help="chat model that rates them")
     return parser.parse_args()
 
 
@@ -136,6 +148,21 @@ def evaluate(checkpoint: str, model, store: ActivationStore, examples: list[int]
     }
 
 
+# --- FAST rubric (needs an LLM endpoint) ----------------------------------------------------------
+
+
+def rubric(checkpoint: str, store: ActivationStore, label: str, args: argparse.Namespace, work: Path) -> RubricSummary:
+    """The FAST rubric's ratings of a random sample of one SAE's live features, contexts read off the sequential store."""
+    folder = work / "interpret" / label.replace(" ", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = InterpretConfig(
+        checkpoint=checkpoint, store=str(store.folder), features=f"random:{args.rubric_features}", interpretations_path=str(folder / "interpretations.csv"),
+        scoring="fast-rubric", explanation_model=args.llm_model, seed=SEED, device="cpu",
+    )
+    ratings = pd.read_csv(interpret_sae(config))["fast_rubric_rating"]
+    return rubric_summary(None if pd.isna(rating) else int(rating) for rating in ratings)  # every sampled feature is live, so was asked
+
+
 # --- report ---------------------------------------------------------------------------------------
 
 
@@ -153,13 +180,22 @@ def markdown_table(rows: dict[tuple[str, str], dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def rubric_table(summaries: dict[tuple[str, str], RubricSummary]) -> str:
+    lines = ["| SAE | rated | " + " | ".join(f"rating {rating}" for rating in RUBRIC) + " | unreadable | rated 4–5 |", "|---|" + "---:|" * (len(RUBRIC) + 3)]
+    for (architecture, packing), summary in summaries.items():
+        counts = " | ".join(str(summary.counts[rating]) for rating in RUBRIC)
+        share = "–" if summary.high_share is None else f"{summary.high_share:.1%}"
+        lines.append(f"| {ARCHITECTURE_LABELS[architecture]} {PACKING_LABELS[packing]} | {summary.rated} | {counts} | {summary.missing} | {share} |")
+    return "\n".join(lines)
+
+
 def first_token_share(store: ActivationStore) -> float:
     """Fraction of the store's Σ‖x‖² that sits on the first token of its sequences (the attention sink)."""
     squared = store.activations(0, store.n_tokens).float().pow(2).sum(1)
     return float(squared[torch.from_numpy(store.doc_offsets[:-1])].sum() / squared.sum())
 
 
-def notes(args, stores: dict[str, ActivationStore], held_out: list[int], train_tokens: dict[str, int], seconds: float) -> str:
+def notes(args, stores: dict[str, ActivationStore], held_out: list[int], train_tokens: dict[str, int], rated: bool, seconds: float) -> str:
     sequential, block = stores["sequential"], stores["block"]
     held_out_tokens = sum(int(sequential.doc_offsets[i + 1] - sequential.doc_offsets[i]) for i in held_out)
     held_out_special = sum(int(sequential.example(i).special_mask.sum()) for i in held_out)
@@ -184,6 +220,10 @@ def notes(args, stores: dict[str, ActivationStore], held_out: list[int], train_t
         f"{first_token_share(sequential):.1%} of Σ‖x‖² in the FAST store (where it is always the chat template's first "
         f"token) and {first_token_share(block):.1%} in the block store (where it is whatever token starts the block). "
         "It dominates FVU over all tokens, the activation scale used in training, and MSE_st; FVU (content) leaves it out.",
+        f"- FAST rubric: {args.llm_model} rated {args.rubric_features} randomly sampled live features of each SAE (seed {SEED}) from "
+        "their top-5 contexts in the sequential store, 1 (no pattern) to 5 (no deviations); the headline is the share rated 4–5."
+        if rated
+        else f"- FAST rubric skipped: no API key ({' / '.join(API_KEY_VARIABLES)}; OPENAI_BASE_URL for a local server).",
         f"- {PAPER_NOTE}",
         f"- Run time: {seconds:.0f} s on {torch.get_num_threads()} CPU threads (torch {torch.__version__}).",
     ]
@@ -217,9 +257,18 @@ def main() -> None:
                 logger.info("Evaluating %s trained on the %s store", architecture, packing)
                 rows[architecture, packing] = evaluate(checkpoints[packing][architecture], model, sequential, held_out)
 
+        summaries = {}
+        for architecture, packing in rows if api_key() is not None else []:
+            label = f"{ARCHITECTURE_LABELS[architecture]} {PACKING_LABELS[packing]}"
+            logger.info("FAST rubric for %s", label)
+            summaries[architecture, packing] = rubric(checkpoints[packing][architecture], sequential, label, args, work)
+
         print(markdown_table(rows))
         print()
-        print(notes(args, stores, held_out, train_tokens, time.perf_counter() - started))
+        if summaries:
+            print(rubric_table(summaries))
+            print()
+        print(notes(args, stores, held_out, train_tokens, bool(summaries), time.perf_counter() - started))
 
 
 if __name__ == "__main__":

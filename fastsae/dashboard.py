@@ -1,6 +1,7 @@
 """One self-contained dashboard.html: a sortable, filterable feature list and, per feature, its
-explanation, score, density, activation histogram, logit-lens tokens and top contexts as a token
-heatmap (hover shows each activation). No network; opens from file://.
+explanation, score, FAST-rubric rating and name, density, activation histogram, logit-lens tokens
+and top contexts as a token heatmap (hover shows each activation); above the list, the rubric's
+rating distribution and 4-5 share when it ran. No network; opens from file://.
 
 All data travels as one JSON document inside <script type="application/json">, with <, > and &
 escaped as \\u003c, \\u003e and \\u0026, so no text can close the script element. The page puts
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fastsae.explanations import RubricSummary
 from fastsae.features import HISTOGRAM_EDGES, FeatureStatistics, TokenContext
 
 
@@ -28,7 +30,14 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def dashboard_data(title: str, rows: list[dict[str, Any]], contexts_by_feature: dict[int, list[TokenContext]], statistics: FeatureStatistics) -> dict[str, Any]:
+def dashboard_data(
+    title: str,
+    rows: list[dict[str, Any]],
+    contexts_by_feature: dict[int, list[TokenContext]],
+    statistics: FeatureStatistics,
+    rubric: RubricSummary | None = None,
+) -> dict[str, Any]:
+    """The page's JSON: one entry per CSV row plus its histogram and contexts; `rubric` is None when the rubric did not run."""
     features = []
     for row in rows:
         feature = int(row["feature"])
@@ -42,7 +51,7 @@ def dashboard_data(title: str, rows: list[dict[str, Any]], contexts_by_feature: 
                 ],
             }
         )
-    return {"title": title, "histogram_edges": HISTOGRAM_EDGES.tolist(), "features": features}
+    return {"title": title, "histogram_edges": HISTOGRAM_EDGES.tolist(), "features": features, "rubric": rubric.as_dict() if rubric else None}
 
 
 def write_page(path: Path, template: str, data: dict[str, Any]) -> Path:
@@ -93,6 +102,8 @@ tr.feature{cursor:pointer} tr.feature:hover{background:#f3f6ff} tr.selected{back
 #detail{flex:1;overflow:auto;padding:12px 20px}
 __HEATMAP_CSS__
 .muted{color:#777} h1{font-size:18px;margin:12px 0} .bar{fill:#4c72b0}
+#rubric{padding:6px 8px;border-bottom:1px solid #ddd;font-size:12px} #rubric table{width:auto} #rubric td{padding:1px 4px;border:0}
+.rating-bar{background:#4c72b0;height:10px}
 </style></head><body>
 <div id="side">
   <div id="controls">
@@ -100,10 +111,12 @@ __HEATMAP_CSS__
     <select id="label"><option value="">all labels</option></select>
     <select id="sort">
       <option value="frequency">sort: frequency</option><option value="score">sort: score</option>
-      <option value="top_label_auroc">sort: label AUROC</option><option value="feature">sort: feature id</option>
+      <option value="top_label_auroc">sort: label AUROC</option><option value="fast_rubric_rating">sort: FAST rating</option>
+      <option value="feature">sort: feature id</option>
     </select>
   </div>
-  <div id="list"><table><thead><tr><th>feature</th><th>freq.</th><th>score</th><th>label (AUROC)</th></tr></thead><tbody id="rows"></tbody></table></div>
+  <div id="rubric" hidden></div>
+  <div id="list"><table><thead><tr><th>feature</th><th>freq.</th><th>score</th><th>rating</th><th>label (AUROC)</th></tr></thead><tbody id="rows"></tbody></table></div>
 </div>
 <div id="detail"><p class="muted">Choose a feature on the left.</p></div>
 <script type="application/json" id="data">__DATA__</script>
@@ -121,17 +134,33 @@ let selected = null;
 function renderList() {
   const query = $("filter").value.toLowerCase(), label = $("label").value, key = $("sort").value;
   const shown = data.features.filter((f) => (!label || f.top_label === label) &&
-    (!query || [f.explanation, f.top_label, f.top_tokens].join(" ").toLowerCase().includes(query)));
+    (!query || [f.explanation, f.fast_rubric_name, f.top_label, f.top_tokens].join(" ").toLowerCase().includes(query)));
   shown.sort((a, b) => key === "feature" ? a.feature - b.feature : (b[key] ?? -1) - (a[key] ?? -1));
   const body = $("rows"); body.replaceChildren();
   for (const f of shown) {
     const row = element("tr", null, "feature" + (f.feature === selected ? " selected" : ""));
     row.dataset.feature = f.feature;
     row.append(element("td", f.feature), element("td", (100 * f.frequency).toFixed(2) + "%"), element("td", fmt(f.score, 2)),
+               element("td", fmt(f.fast_rubric_rating, 0), "rating"),
                element("td", f.top_label ? f.top_label + " (" + fmt(f.top_label_auroc, 2) + ")" : "–"));
     row.addEventListener("click", () => { selected = f.feature; renderList(); renderDetail(f); });
     body.appendChild(row);
   }
+}
+function renderRubric(rubric) {
+  // The FAST rubric's distribution over the rated features: a bar and a count per rating, then the headline.
+  const box = $("rubric"), table = element("table"), top = Math.max(1, ...rubric.counts);
+  rubric.counts.forEach((count, i) => {
+    const bar = element("div", null, "rating-bar"); bar.style.width = (100 * count / top) + "px";
+    const cell = element("td"); cell.appendChild(bar);
+    const row = element("tr"); row.dataset.rating = i + 1;
+    row.append(element("td", "rating " + (i + 1)), cell, element("td", count, "count"));
+    table.appendChild(row);
+  });
+  const share = rubric.high_share === null ? "–" : (100 * rubric.high_share).toFixed(1) + "%";
+  box.append(element("b", "FAST rubric"), table, element("div", "rated 4–5: " + share + " of " + rubric.rated + " rated" +
+    (rubric.missing ? "; unreadable answers: " + rubric.missing : ""), "headline"));
+  box.hidden = false;
 }
 function histogram(f) {
   const ns = "http://www.w3.org/2000/svg", svg = document.createElementNS(ns, "svg");
@@ -149,7 +178,10 @@ function histogram(f) {
 }
 function renderDetail(f) {
   const detail = $("detail"); detail.replaceChildren();
-  detail.append(element("h1", "Feature " + f.feature), element("p", f.explanation || "No explanation (no LLM key was set)."));
+  detail.append(element("h1", "Feature " + f.feature), element("p", f.explanation || "No explanation (no LLM key was set, or SCORING has no detection)."));
+  if (f.fast_rubric_rating !== null || f.fast_rubric_name) {
+    detail.append(element("p", "FAST rubric: " + fmt(f.fast_rubric_rating, 0) + "/5 · " + (f.fast_rubric_name || "(no name)"), "rubric"));
+  }
   detail.append(element("p", "score " + fmt(f.score, 2) + " · frequency " + (100 * f.frequency).toFixed(3) + "% · max activation " +
     fmt(f.max_activation, 2) + " · label " + (f.top_label || "–") + " (AUROC " + fmt(f.top_label_auroc, 2) + ")", "muted"));
   detail.append(element("h3", "Activation histogram (log bins)"), histogram(f));
@@ -164,6 +196,7 @@ function renderDetail(f) {
   for (const context of f.contexts) detail.appendChild(tokenHeatmap(context.tokens, context.activations, peak, context.focus));
 }
 for (const id of ["filter", "label", "sort"]) $(id).addEventListener("input", renderList);
+if (data.rubric) renderRubric(data.rubric);
 renderList();
 </script></body></html>
 """

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,6 +82,20 @@ class CachedChatClient:
         return answer
 
     def complete_all(self, requests: Sequence[Messages], max_tokens: int = 300) -> list[str]:
-        """Answers in request order; the first error (after the client's retries) stops the rest."""
+        """Answers in request order; the first error (after the client's retries) stops the rest.
+
+        Requests not yet sent when one fails are dropped, not sent: a rejected key would refuse them all.
+        """
+        failed = threading.Event()
+
+        def complete_unless_failed(messages: Messages) -> str | None:
+            if failed.is_set():
+                return None  # never returned: the failure that set the flag is raised when its result is read
+            try:
+                return self.complete(messages, max_tokens)
+            except BaseException:
+                failed.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda messages: self.complete(messages, max_tokens), requests))
+            return list(pool.map(complete_unless_failed, requests))

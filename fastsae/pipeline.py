@@ -271,7 +271,7 @@ class Pipeline:
             self.check("disk", "extraction does not run: nothing new to store")
         interpret = self.plans["interpret"]
         if interpret.selected:
-            self.check("API key", preflight.describe_api_key(interpret.config.explain, self._explained_features()))
+            self.check("API key", preflight.describe_api_key(interpret.config.explain, self._explained_features(), interpret.config.scoring))
 
     def _store_manifest(self, folder: Path) -> dict | None:
         manifest = folder / "manifest.json"
@@ -338,6 +338,7 @@ class Pipeline:
 
     def _estimate(self, preflight) -> None:
         """Counts from the tokenized data (or the store), times from a short calibration on this machine."""
+        from fastsae.interpret import REQUESTS_PER_FEATURE
         from fastsae.models import load_tokenizer
         from fastsae.store import ActivationStore, bytes_per_token
 
@@ -363,7 +364,8 @@ class Pipeline:
         interpret.examples, interpret.tokens = len(corpus.lengths), corpus.n_tokens
         interpret.seconds = _seconds(calibration.load_seconds, corpus.n_tokens, calibration.encode_tokens_per_second)
         features = self._explained_features()
-        interpret.note = f"+ {features} features × (explain + score) = {2 * features} LLM requests" if features else "explanations skipped"
+        per_feature = REQUESTS_PER_FEATURE[interpret.config.scoring]
+        interpret.note = f"+ {features} features × {per_feature} ({interpret.config.scoring}) = {per_feature * features} LLM requests" if features else "explanations skipped"
 
     def _estimate_training(self, corpus: Corpus) -> None:
         from fastsae.batches import ExampleSplit
@@ -445,7 +447,7 @@ class Pipeline:
         return calibration
 
     def _explained_features(self) -> int:
-        """How many features interpretation will ask the LLM about (two requests each); 0 when explanations are skipped."""
+        """How many features interpretation will ask the LLM about (REQUESTS_PER_FEATURE each); 0 when explanations are skipped."""
         from fastsae.llm import api_key
 
         interpret = self.plans["interpret"]
@@ -461,7 +463,7 @@ class Pipeline:
                 count = len([int(part) for part in features.split(",") if part.strip()])
         except ValueError:
             raise UserError(
-                f"FEATURES in interpret_sae.py is {features!r}: use all, frequency:N, label:N or a list like 3,17,42."
+                f"FEATURES in interpret_sae.py is {features!r}: use all, frequency:N, label:N, random:N or a list like 3,17,42."
             ) from None
         return count
 
@@ -571,11 +573,14 @@ class Pipeline:
 
             rows = pd.read_csv(csv_path)
             explained, scores = rows["explanation"].dropna(), rows["score"].dropna()
+            ratings = rows["fast_rubric_rating"].dropna().astype(int)
             if len(explained):
                 mean = f", mean score {scores.mean():.3f} ({len(scores)} scored)" if len(scores) else ""
                 figures.append(("explained features", f"{len(explained)} of {len(rows)}{mean}"))
-            else:
+            elif not len(ratings):
                 figures.append(("explained features", f"0 of {len(rows)} (explanations skipped)"))
+            if len(ratings):
+                figures.append(("FAST rubric, rated 4-5", f"{(ratings >= 4).mean():.1%} of {len(ratings)} rated features"))
         return figures
 
 

@@ -1,9 +1,13 @@
-"""Shared fixtures: the real SmolLM2 tokenizer, a tiny random Llama, and dataset files."""
+"""Shared fixtures: the real SmolLM2 tokenizer, a tiny random Llama, dataset files, and a local chat-completions server."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -107,3 +111,79 @@ def hypothesaes_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+EXPLANATION = "the word 'would' in predictions"
+RUBRIC_ANSWER = "RATING: 4\nNAME: modal would"
+
+
+class ChatCompletionsServer(ThreadingHTTPServer):
+    """Answers /v1/chat/completions; `statuses` queues error codes to return before answering normally,
+    `rubric_answers` the answers to FAST-rubric prompts (then RUBRIC_ANSWER)."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.statuses: list[int] = []
+        self.rubric_answers: list[str] = []
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.requests.append(body)
+            status = self.server.statuses.pop(0) if self.server.statuses else 200
+            prompt = body["messages"][-1]["content"]
+            rubric_answer = (self.server.rubric_answers.pop(0) if self.server.rubric_answers else RUBRIC_ANSWER) if "RATING:" in prompt else None
+        if status != 200:
+            self._send(status, {"error": {"message": f"simulated {status}", "type": "simulated", "code": status}}, {"Retry-After": "0"})
+            return
+        if rubric_answer is not None:
+            content = rubric_answer
+        elif "JSON list of" in prompt:
+            count = int(prompt.split("JSON list of ")[1].split(" ")[0])
+            content = "Here you go: " + json.dumps([1] * count)  # says every excerpt fires
+        else:
+            content = f'"{EXPLANATION}"'
+        reply = {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        }
+        self._send(200, reply, {})
+
+    def _send(self, status: int, payload: dict, headers: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextmanager
+def chat_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ChatCompletionsServer]:
+    """A real HTTP server on 127.0.0.1, with the API key and base URL pointing the openai client at it."""
+    running = ChatCompletionsServer()
+    threading.Thread(target=running.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()  # a quick shutdown
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", running.base_url)
+    try:
+        yield running
+    finally:
+        running.shutdown()
+        running.server_close()

@@ -1,12 +1,14 @@
-"""The dashboard in real headless Chromium: no console errors, a click shows a feature, and hostile text stays text."""
+"""The dashboard in real headless Chromium: no console errors, a click shows a feature, the FAST-rubric distribution
+matches the CSV, and hostile text (from the data or the LLM) stays text."""
 
 from __future__ import annotations
 
 import shutil
 
+import pandas as pd
 import pytest
 
-from conftest import write_jsonl
+from conftest import chat_server, write_jsonl
 from fastsae.data import load_dataset
 from fastsae.extract import ExtractConfig, write_activation_stores
 from fastsae.interpret import InterpretConfig, interpret_sae
@@ -18,6 +20,8 @@ HOSTILE = [
     "I planned to write <script>window.hacked = 1</script> in the report, then reconsidered.",
     'Maybe the title "><img src=x onerror="window.hacked = 2"> was a bad idea after all.',
 ]
+# FAST-rubric answers from the local LLM server: an unreadable one, then every rating, with names that try to inject HTML.
+RUBRIC_ANSWERS = ["no idea"] + [f'RATING: {rating}\nNAME: <img src=x onerror="window.hacked = 3"> {rating}' for rating in (1, 2, 3, 4, 5)] * 10
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +33,14 @@ def dashboard(tmp_path_factory, tiny_llama, smollm2_tokenizer, tiny_model_folder
     config = ExtractConfig(dataset=str(dataset_file), layers=[1], output_dir=str(folder / "activations"))
     (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
     (result,) = train_saes(TrainConfig(store=str(store), output_dir=str(folder / "checkpoints"), m=32, k=4, batch_size=128, epochs=5.0, buffer_tokens=1024))
-    csv = interpret_sae(
-        InterpretConfig(checkpoint=result["checkpoint"], model_name=str(tiny_model_folder), features="all", interpretations_path=str(folder / "interpretations.csv"), explain=False, device="cpu")
-    )
+    with pytest.MonkeyPatch.context() as monkeypatch, chat_server(monkeypatch) as server:
+        server.rubric_answers = list(RUBRIC_ANSWERS)
+        csv = interpret_sae(
+            InterpretConfig(
+                checkpoint=result["checkpoint"], model_name=str(tiny_model_folder), features="all", interpretations_path=str(folder / "interpretations.csv"),
+                scoring="fast-rubric", llm_cache_dir=str(folder / "llm-cache"), device="cpu",
+            )
+        )
     return csv.with_name("dashboard.html")
 
 
@@ -79,4 +88,20 @@ def test_hostile_text_is_shown_as_text(page):
     assert any("<script>" in text or "<img" in text for text in shown)  # the markup is there, as visible text
     assert page.evaluate("window.hacked") is None
     assert page.locator("#detail img").count() == 0 and page.locator("#detail script").count() == 0
+    assert page.errors == []
+
+
+def test_the_rubric_distribution_and_ratings_match_the_csv(page, dashboard):
+    table = pd.read_csv(dashboard.with_name("interpretations.csv"))
+    ratings = table["fast_rubric_rating"].dropna().astype(int)
+    counts = [int(text) for text in page.locator("#rubric tr .count").all_inner_texts()]
+    assert counts == [int((ratings == rating).sum()) for rating in range(1, 6)] and sum(counts) == len(ratings) > 5
+    share = (ratings >= 4).mean()
+    assert page.locator("#rubric .headline").inner_text() == f"rated 4–5: {100 * share:.1f}% of {len(ratings)} rated; unreadable answers: 1"
+    page.select_option("#sort", "fast_rubric_rating")
+    listed = page.locator("tr.feature td.rating").all_inner_texts()
+    assert listed[: len(ratings)] == [str(rating) for rating in sorted(ratings, reverse=True)]
+    page.locator("tr.feature").first.click()  # a 5, whose name is markup: shown as text
+    assert page.locator("#detail .rubric").inner_text() == 'FAST rubric: 5/5 · <img src=x onerror="window.hacked = 3"> 5'
+    assert page.locator("img").count() == 0 and page.evaluate("window.hacked") is None
     assert page.errors == []

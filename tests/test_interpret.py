@@ -30,7 +30,7 @@ def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_mod
     assert set(table["top_label"]) <= labels
     assert ((table["top_label_auroc"] >= 0.5) & (table["top_label_auroc"] <= 1)).all()  # the best label is at least chance
     assert all("«" in contexts and "»" in contexts for contexts in table["top_contexts"])
-    assert (table["explanation"] == "").all() and (table["score"] == "").all()  # EXPLAIN off
+    assert all((table[column] == "").all() for column in ("explanation", "score", "fast_rubric_rating", "fast_rubric_name"))  # EXPLAIN off
     assert all(len(tokens.split(" | ")) == 8 for tokens in table["logit_lens_promoted"])
 
 
@@ -47,6 +47,9 @@ def test_feature_selection():
     assert select_features("label:2", statistics, labels) == [3, 0]
     assert select_features("all", statistics, labels) == [0, 1, 2, 3]
     assert select_features("3, 1", statistics, labels) == [3, 1]
+    sample = select_features("random:2", statistics, labels, seed=1)
+    assert len(sample) == 2 and set(sample) <= {0, 2, 3} and sample == sorted(sample) == select_features("random:2", statistics, labels, seed=1)
+    assert select_features("random:10", statistics, labels) == [0, 2, 3]  # live features only
     with pytest.raises(UserError, match="feature 7 does not exist"):
         select_features("7", statistics, labels)
     with pytest.raises(UserError, match="not understood"):

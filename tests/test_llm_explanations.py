@@ -1,85 +1,25 @@
-"""LLM explanations against a real HTTP server on 127.0.0.1 speaking the chat-completions API, through the real openai client."""
+"""LLM explanations, detection scores and FAST-rubric ratings against a real HTTP server on 127.0.0.1 speaking the
+chat-completions API, through the real openai client."""
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import logging
+import re
 
 import pandas as pd
 import pytest
 
+from conftest import EXPLANATION, chat_server
 from fastsae.errors import UserError
-from fastsae.explanations import balanced_accuracy, parse_labels
+from fastsae.explanations import balanced_accuracy, parse_labels, parse_rubric, rubric_summary
 from fastsae.interpret import InterpretConfig, interpret_sae
 from fastsae.train import TrainConfig, train_saes
-
-EXPLANATION = "the word 'would' in predictions"
-
-
-class ChatCompletionsServer(ThreadingHTTPServer):
-    """Answers /v1/chat/completions; `statuses` queues error codes to return before answering normally."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.statuses: list[int] = []
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # keep the test output clean
-        pass
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            self.server.requests.append(body)
-            status = self.server.statuses.pop(0) if self.server.statuses else 200
-        if status != 200:
-            self._send(status, {"error": {"message": f"simulated {status}", "type": "simulated", "code": status}}, {"Retry-After": "0"})
-            return
-        prompt = body["messages"][-1]["content"]
-        if "JSON list of" in prompt:
-            count = int(prompt.split("JSON list of ")[1].split(" ")[0])
-            content = "Here you go: " + json.dumps([1] * count)  # says every excerpt fires
-        else:
-            content = f'"{EXPLANATION}"'
-        reply = {
-            "id": "chatcmpl-test",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-        }
-        self._send(200, reply, {})
-
-    def _send(self, status: int, payload: dict, headers: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
 
 
 @pytest.fixture
 def server(monkeypatch):
-    running = ChatCompletionsServer()
-    thread = threading.Thread(target=running.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
-    monkeypatch.setenv("OPENAI_BASE_URL", running.base_url)
-    yield running
-    running.shutdown()
-    running.server_close()
+    with chat_server(monkeypatch) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +38,7 @@ def config_for(checkpoint, model_folder, tmp_path, **overrides) -> InterpretConf
 
 
 def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_cache(server, checkpoint, tiny_model_folder, tmp_path):
-    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path))
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection"))
     table = pd.read_csv(path)
     assert list(table["explanation"]) == [EXPLANATION] * 3
     assert list(table["score"]) == [0.5] * 3  # "all fire": every activating excerpt found, every other one wrong
@@ -107,7 +47,7 @@ def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_
     assert "«" in explaining and "1. [" in explaining
     assert "sk-test-not-a-real-key" not in path.read_text()
 
-    interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path))
+    interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection"))
     assert len(server.requests) == 6  # nothing new was sent
     for file in (tmp_path / "llm-cache").rglob("*.json"):
         assert "sk-test" not in file.read_text()
@@ -115,7 +55,7 @@ def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_
 
 def test_a_rate_limit_is_retried(server, checkpoint, tiny_model_folder, tmp_path):
     server.statuses = [429, 503]
-    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", llm_concurrency=1))
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", llm_concurrency=1, scoring="detection"))
     assert pd.read_csv(path)["explanation"].tolist() == [EXPLANATION]
     assert len(server.requests) == 4  # two refusals, then the explanation and its score
 
@@ -132,7 +72,7 @@ def test_no_key_leaves_the_columns_empty(monkeypatch, checkpoint, tiny_model_fol
     monkeypatch.delenv("OPENAI_KEY_SAE", raising=False)
     path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path))
     table = pd.read_csv(path, keep_default_na=False)
-    assert (table["explanation"] == "").all() and (table["score"] == "").all()
+    assert all((table[column] == "").all() for column in ("explanation", "score", "fast_rubric_rating", "fast_rubric_name"))
     assert "No API key" in caplog.text
 
 
@@ -142,3 +82,66 @@ def test_label_parsing_and_balanced_accuracy():
     assert parse_labels("no list here", 2) is None
     assert balanced_accuracy([1, 1, 0, 0], [1, 1, 0, 0]) == 1.0
     assert balanced_accuracy([1, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("scoring", "requests_per_feature", "filled", "empty"),
+    [
+        ("detection", 2, ["explanation", "score"], ["fast_rubric_rating", "fast_rubric_name"]),
+        ("fast-rubric", 1, ["fast_rubric_rating", "fast_rubric_name"], ["explanation", "score"]),
+        ("both", 3, ["explanation", "score", "fast_rubric_rating", "fast_rubric_name"], []),
+    ],
+)
+def test_each_scoring_fills_its_columns(server, checkpoint, tiny_model_folder, tmp_path, scoring, requests_per_feature, filled, empty):
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:2", scoring=scoring))
+    table = pd.read_csv(path, keep_default_na=False)
+    assert len(server.requests) == 2 * requests_per_feature
+    assert all((table[column] != "").all() for column in filled) and all((table[column] == "").all() for column in empty)
+    if "fast_rubric_rating" in filled:
+        assert list(table["fast_rubric_rating"]) == [4, 4] and list(table["fast_rubric_name"]) == ["modal would"] * 2
+
+
+def test_the_rubric_prompt_shows_the_top_five_contexts_numbered_and_marked_and_reruns_are_cached(server, checkpoint, tiny_model_folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fastsae.interpret")
+    config = config_for(checkpoint, tiny_model_folder, tmp_path, scoring="fast-rubric", explain_contexts=8)
+    table = pd.read_csv(interpret_sae(config))
+    prompts = [request["messages"][-1]["content"] for request in server.requests]
+    assert len(prompts) == 3 and all("RATING: <a whole number from 1 to 5>" in prompt and "NAME:" in prompt for prompt in prompts)
+    # Each prompt lists one feature's top 5 contexts as the CSV has them (strongest first), numbered, each with its
+    # activation in brackets and the firing token «marked»; not EXPLAIN_CONTEXTS' 8.
+    for contexts in table["top_contexts"]:
+        split = re.split(r"\n(?=\[\d+\.\d\d\] )", contexts)
+        assert len(split) == 5 and all(context.count("«") == 1 for context in split)
+        numbered = "\n".join(f"{number}. {context}" for number, context in enumerate(split, 1))
+        assert sum(numbered in prompt for prompt in prompts) == 1
+    assert not any("\n6. [" in prompt for prompt in prompts)
+    assert "100.0% of 3 rated features rated 4-5" in caplog.text
+
+    interpret_sae(config)
+    assert len(server.requests) == 3  # a rerun is served from the cache
+    interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="both", explain_contexts=8))
+    assert len(server.requests) == 3 + 6  # adding detection asks only for explanations and scores: the ratings are cached
+
+
+def test_messy_and_unreadable_rubric_answers(server, checkpoint, tiny_model_folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fastsae.interpret")
+    server.rubric_answers = ['**Rating:** 5/5\n**Name:** "past tense verbs"', "Sure.\nrating = 2\nname - a loose theme of plans", "I cannot rate this."]
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="fast-rubric"))
+    table = pd.read_csv(path, keep_default_na=False)
+    assert sorted(zip(table["fast_rubric_rating"].astype(str), table["fast_rubric_name"])) == [
+        ("", ""), ("2", "a loose theme of plans"), ("5", "past tense verbs"),
+    ]
+    assert re.search(r"no 1-5 rating in the answer for feature \d+, left empty: 'I cannot rate this.'", caplog.text)
+    assert "50.0% of 2 rated features rated 4-5 (ratings 1: 0, 2: 1, 3: 0, 4: 0, 5: 1; unreadable answers: 1)" in caplog.text
+
+
+def test_rubric_parsing_and_summary():
+    assert parse_rubric("RATING: 4\nNAME: the modal 'would'") == (4, "the modal 'would'")
+    assert parse_rubric("Looking at the excerpts...\n\n**RATING**: 3 out of 5\n**NAME**: `negation`\n\nThanks") == (3, "negation")
+    assert parse_rubric("- rating = 1\n- name: 'none'") == (1, "none")
+    assert parse_rubric("RATING: 5") == (5, "")
+    for unreadable in ("RATING: 7\nNAME: x", "RATING: 3.5", "RATING: <a whole number from 1 to 5>", "It is a 4.", ""):
+        assert parse_rubric(unreadable)[0] is None
+    summary = rubric_summary([5, 4, None, 1, 4])
+    assert summary.counts == {1: 1, 2: 0, 3: 0, 4: 2, 5: 1} and summary.rated == 4 and summary.missing == 1
+    assert summary.high_share == 0.75 and rubric_summary([None]).high_share is None
