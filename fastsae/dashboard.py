@@ -43,12 +43,16 @@ def dashboard_data(title: str, rows: list[dict[str, Any]], contexts_by_feature: 
     return {"title": title, "histogram_edges": HISTOGRAM_EDGES.tolist(), "features": features}
 
 
-def write_dashboard(path: Path, data: dict[str, Any]) -> Path:
-    page = _PAGE.replace("__DATA__", _json_for_script(data))
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write to a temp name, then rename: a crash never leaves a half page."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(page, encoding="utf-8")
+    partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def write_dashboard(path: Path, data: dict[str, Any]) -> Path:
+    return write_text_atomically(path, _PAGE.replace("__DATA__", _json_for_script(data)))
 
 
 _PAGE = """<!DOCTYPE html>
