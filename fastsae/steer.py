@@ -135,6 +135,8 @@ class FeatureSteering:
     @torch.no_grad()
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         hidden = output_tensor(output)
+        if len(self.coefficients) not in (1, len(hidden)):
+            raise ValueError(f"{len(self.coefficients)} coefficients for a batch of {len(hidden)} rows: give one per row, or one for all")
         h_BTd = hidden.float()
         coefficient = self.coefficients[:, None, None]  # one per batch row
         if self.mode == "add":
