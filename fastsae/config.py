@@ -25,13 +25,14 @@ from fastsae.errors import UserError
 Config = TypeVar("Config")
 
 
-def setting(default: Any, help: str, name: str = "") -> Any:
+def setting(default: Any, help: str, name: str = "", split_commas: bool = True) -> Any:
     """A config field with its help text (lists get a fresh copy per instance).
 
     `name` replaces the field's own name in the script constant and the flag, for a
     setting whose natural name is a Python keyword (`name="from"`: FROM and --from).
+    `split_commas=False` keeps commas inside a list item (free text such as prompts).
     """
-    metadata = {"help": help, "name": name}
+    metadata = {"help": help, "name": name, "split_commas": split_commas}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -51,14 +52,14 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _argument_options(annotation: Any) -> dict[str, Any]:
+def _argument_options(annotation: Any, split_commas: bool = True) -> dict[str, Any]:
     """argparse options for one field type: scalars, bools, and lists (space- or comma-separated)."""
     if annotation is bool:
         return {"type": _parse_bool, "metavar": "{true,false}", "nargs": "?", "const": True}  # a bare --flag means true
     origin = typing.get_origin(annotation)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
-        return {"type": _comma_list(item_type), "nargs": "+", "metavar": item_type.__name__.upper()}
+        return {"type": _comma_list(item_type) if split_commas else item_type, "nargs": "+", "metavar": item_type.__name__.upper()}
     if annotation in (int, float, str):
         return {"type": annotation, "metavar": annotation.__name__.upper()}
     raise TypeError(f"unsupported config field type {annotation!r}")
@@ -72,13 +73,13 @@ def _comma_list(item_type: type) -> Callable[[str], list]:
     return parse
 
 
-def _constant_value(constant: str, value: Any, annotation: Any) -> Any:
+def _constant_value(constant: str, value: Any, annotation: Any, split_commas: bool = True) -> Any:
     """A script constant for a list field may be written `12` or `"6,12"`; anything else must be a list."""
     if typing.get_origin(annotation) is not list or isinstance(value, list):
         return value
     (item_type,) = typing.get_args(annotation)
     try:
-        return _comma_list(item_type)(value) if isinstance(value, str) else [item_type(value)]
+        return _comma_list(item_type)(value) if isinstance(value, str) and split_commas else [item_type(value)]
     except (TypeError, ValueError):
         raise UserError(f"{constant} must be a list of {item_type.__name__}, e.g. {constant} = [12]; got {value!r}.") from None
 
@@ -99,7 +100,7 @@ def parse_step_config(
     for field in dataclasses.fields(config_class):
         constant = _public_name(field).upper()
         if constant in script_constants:
-            defaults[field.name] = _constant_value(constant, script_constants[constant], hints[field.name])
+            defaults[field.name] = _constant_value(constant, script_constants[constant], hints[field.name], field.metadata.get("split_commas", True))
         elif field.default is not dataclasses.MISSING:
             defaults[field.name] = field.default
         else:
@@ -111,7 +112,7 @@ def parse_step_config(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for field in dataclasses.fields(config_class):
-        options = _argument_options(hints[field.name])
+        options = _argument_options(hints[field.name], field.metadata.get("split_commas", True))
         parser.add_argument(
             "--" + _public_name(field).replace("_", "-"),
             dest=field.name,

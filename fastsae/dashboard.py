@@ -54,13 +54,18 @@ def dashboard_data(
     return {"title": title, "histogram_edges": HISTOGRAM_EDGES.tolist(), "features": features, "rubric": rubric.as_dict() if rubric else None}
 
 
-def write_page(path: Path, template: str, data: dict[str, Any]) -> Path:
-    """Fill a page's shared heatmap pieces and its data, then write it atomically (temp name, then rename)."""
-    page = template.replace("__HEATMAP_CSS__", TOKEN_HEATMAP_CSS).replace("__HEATMAP_JS__", TOKEN_HEATMAP_JS).replace("__DATA__", json_for_script(data))
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write to a temp name, then rename: a crash never leaves a half page."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(page, encoding="utf-8")
+    partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def write_page(path: Path, template: str, data: dict[str, Any]) -> Path:
+    """Fill a page's shared heatmap pieces and its data, then write it atomically."""
+    page = template.replace("__HEATMAP_CSS__", TOKEN_HEATMAP_CSS).replace("__HEATMAP_JS__", TOKEN_HEATMAP_JS).replace("__DATA__", json_for_script(data))
+    return write_text_atomically(path, page)
 
 
 def write_dashboard(path: Path, data: dict[str, Any]) -> Path:

@@ -42,7 +42,7 @@ from fastsae.config import setting
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.extract import length_batches
-from fastsae.hook_points import check_layers, hooked_module, output_tensor
+from fastsae.hook_points import check_layers, hooked_module, output_tensor, with_output_tensor
 from fastsae.lora import LORA_HOOK_POINT
 from fastsae.models import load_model, resolve_model
 from fastsae.sae import SparseAutoencoder
@@ -188,7 +188,7 @@ class _Splice:
         replaced = hidden.clone()
         chosen = hidden[self.positions]
         replaced[self.positions] = self.replace(chosen.float()).to(hidden.dtype)
-        return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+        return with_output_tensor(output, replaced)
 
 
 def _next_token_log_probs(model, module, hook: _Splice | None, input_ids, attention, positions) -> torch.Tensor:

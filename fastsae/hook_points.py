@@ -84,6 +84,11 @@ def output_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def with_output_tensor(output, hidden: torch.Tensor):
+    """`output` with its hidden state replaced by `hidden`: what a forward hook returns to change it."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
 @dataclass(frozen=True)
 class HookTarget:
     """One place a capture reads, which becomes one store.

@@ -57,9 +57,9 @@ def _content_spans(rendered: str, messages: list[dict[str, str]]) -> list[tuple[
     return spans
 
 
-def _template_tokenization(tokenizer, example: Example) -> tuple[list[int], np.ndarray]:
+def _template_tokenization(tokenizer, example: Example, add_generation_prompt: bool = False) -> tuple[list[int], np.ndarray]:
     messages = example_messages(example)
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     spans = _content_spans(rendered, messages)
     special_ids = set(tokenizer.all_special_ids)
@@ -86,6 +86,13 @@ def tokenize_example(tokenizer, example: Example, use_chat_template: bool, max_l
         special_mask=special[:max_length],
         truncated=truncated,
     )
+
+
+def prompt_token_ids(tokenizer, example: Example, use_chat_template: bool) -> list[int]:
+    """A prompt to generate from, tokenized as extraction tokenized its examples; a chat ends with the assistant's opening, so the model answers."""
+    if use_chat_template:
+        return list(_template_tokenization(tokenizer, example, add_generation_prompt=True)[0])
+    return list(_plain_tokenization(tokenizer, example)[0])
 
 
 def tokenize_examples(tokenizer, examples: list[Example], chat_template: str, max_length: int) -> list[TokenizedExample]:

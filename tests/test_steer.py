@@ -1,0 +1,205 @@
+"""Steering: α = 0 is the unhooked model, a large α changes the answer, clamp and ablate do what they say,
+the hook never outlives its block, and the script writes an escaped Markdown and HTML table."""
+
+from __future__ import annotations
+
+import runpy
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hypothesaes_module, make_tiny_llama, write_jsonl
+from fastsae.checkpoint import load_sae
+from fastsae.config import run_step
+from fastsae.data import Example, load_dataset
+from fastsae.errors import UserError
+from fastsae.extract import ExtractConfig, write_activation_stores
+from fastsae.hook_points import ResidualCapture, hooked_module
+from fastsae.models import EMBEDDED_MODEL, load_model, resolve_model
+from fastsae.steer import FeatureSteering, SteerConfig, generate, steer_model, steering
+from fastsae.store import ActivationStore
+from fastsae.tokenization import prompt_token_ids
+from fastsae.train import TrainConfig, train_saes
+
+SCRIPT = Path(__file__).resolve().parents[1] / "steer_model.py"
+PROMPT = Example(row=0, source="test", text="What should I do this weekend?")
+TINY_LAYER, SMOLLM2_LAYER = 2, 12
+
+
+def train_small_sae(store: Path, output: Path, epochs: float) -> Path:
+    config = TrainConfig(store=str(store), output_dir=str(output), m=64, k=4, batch_size=256, epochs=epochs, eval_every=20, log_every=5, buffer_tokens=4096)
+    (result,) = train_saes(config)
+    return Path(result["checkpoint"])
+
+
+def most_frequent_feature(checkpoint: Path) -> int:
+    """The feature that fires on most content tokens of the store the SAE was trained on."""
+    loaded = load_sae(checkpoint)
+    store = ActivationStore(loaded.metadata["store"])
+    codes = loaded.sae.encode(store.activations(0, store.n_tokens).float()[~torch.from_numpy(store.special_mask(0, store.n_tokens))])
+    return int((codes > 0).sum(0).argmax())
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_store, tmp_path_factory) -> Path:
+    return train_small_sae(tiny_store, tmp_path_factory.mktemp("steer-tiny"), epochs=1.0)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model(resolve_model(EMBEDDED_MODEL), torch.float32, "cpu")
+
+
+@pytest.fixture(scope="module")
+def smollm2_checkpoint(smollm2, smollm2_tokenizer, tmp_path_factory) -> Path:
+    """An SAE on SmolLM2's layer 12 from 24 examples: enough for features that fire, in seconds."""
+    config = ExtractConfig(layers=[SMOLLM2_LAYER], max_examples=24, output_dir=str(tmp_path_factory.mktemp("steer-smollm2-store")))
+    dataset = load_dataset(config.dataset, max_examples=config.max_examples)
+    (store,) = write_activation_stores(smollm2, smollm2_tokenizer, dataset, config, "SmolLM2-135M-Instruct", {"model_name": EMBEDDED_MODEL})
+    return train_small_sae(store, tmp_path_factory.mktemp("steer-smollm2-sae"), epochs=5.0)
+
+
+def test_alpha_zero_is_the_unhooked_model_a_large_alpha_changes_it_and_the_hook_goes_away(smollm2, smollm2_tokenizer, smollm2_checkpoint):
+    sae = load_sae(smollm2_checkpoint).sae
+    module = hooked_module(smollm2, SMOLLM2_LAYER, "resid_post")
+    ids = prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=True)
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        clean_logits = smollm2(input_ids).logits
+    clean = generate(smollm2, ids, 1, 6, 0.0, 0, smollm2_tokenizer.pad_token_id)
+    hook = FeatureSteering(sae, [most_frequent_feature(smollm2_checkpoint)], "add", [0.0, 100.0])
+    with steering(module, hook):
+        steered = generate(smollm2, ids, 2, 6, 0.0, 0, smollm2_tokenizer.pad_token_id)
+    assert torch.equal(steered[0], clean[0])  # token for token
+    assert not torch.equal(steered[1], clean[0])
+    with torch.no_grad():
+        assert torch.equal(smollm2(input_ids).logits, clean_logits)
+    with pytest.raises(RuntimeError, match="in the middle"):
+        with steering(module, FeatureSteering(sae, [0], "add", [100.0])):
+            raise RuntimeError("in the middle")
+    assert not module._forward_hooks
+    with torch.no_grad():
+        assert torch.equal(smollm2(input_ids).logits, clean_logits)
+
+
+def captured_at_hook(model, ids: list[int]) -> torch.Tensor:
+    """The hook's output as the model's next block reads it (after any steering hook), (T, d)."""
+    input_ids = torch.tensor([ids])
+    return ResidualCapture(model, [TINY_LAYER], "resid_post")(input_ids, torch.ones_like(input_ids))[TINY_LAYER][0]
+
+
+def test_add_clamp_and_ablate_move_the_activation_as_they_say(tiny_llama, smollm2_tokenizer, tiny_checkpoint):
+    sae = load_sae(tiny_checkpoint).sae
+    module = hooked_module(tiny_llama, TINY_LAYER, "resid_post")
+    ids = prompt_token_ids(smollm2_tokenizer, Example(row=0, source="test", text="Looking back, I should have checked the numbers twice."), use_chat_template=True)
+    clean = captured_at_hook(tiny_llama, ids)
+    with torch.no_grad():
+        codes = sae.encode(clean)
+    feature = int((codes > 0).sum(0).argmax())  # the feature firing on most of this prompt's tokens
+    before = codes[:, feature]
+    direction = sae.W_dec.detach()[feature]
+    assert (before > 0).sum() >= 3  # the feature fires on this prompt, so ablating it means something
+
+    with steering(module, FeatureSteering(sae, [feature], "add", [7.0])):
+        added = captured_at_hook(tiny_llama, ids)
+    torch.testing.assert_close((added - clean).norm(dim=1), torch.full((len(ids),), 7.0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(added - clean, 7.0 * direction / direction.norm() * torch.ones(len(ids), 1), rtol=1e-4, atol=1e-4)
+
+    with steering(module, FeatureSteering(sae, [feature], "ablate", [1.0])):
+        ablated = captured_at_hook(tiny_llama, ids)
+    torch.testing.assert_close(ablated - clean, -before[:, None] * direction, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        after = sae.encode(ablated)[:, feature]
+    assert float(after.abs().max()) < 0.1 * float(before.max())  # the SAE no longer sees the feature
+
+    clamp_value = 3.0 * float(before.max())
+    with steering(module, FeatureSteering(sae, [feature], "clamp", [1.0], clamp_value)):
+        clamped = captured_at_hook(tiny_llama, ids)
+    torch.testing.assert_close(clamped - clean, (clamp_value - before)[:, None] * direction, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        reads = sae.encode(clamped)[:, feature]
+    # Exact in the SAE's decomposition (above); read back through the encoder, which is not the decoder's
+    # inverse, it lands near the clamp value.
+    relative_error = (reads - clamp_value).abs() / clamp_value
+    assert float(relative_error.median()) < 0.1 and float(relative_error.max()) < 0.35
+    assert not module._forward_hooks
+
+
+def test_bad_features_and_hooks_the_model_lacks_are_clear_errors(tiny_checkpoint, tiny_model_folder, smollm2_tokenizer, tmp_path):
+    with pytest.raises(UserError, match="feature 64 does not exist: this SAE has M=64 features, numbered 0..63"):
+        steer_model(SteerConfig(checkpoint=str(tiny_checkpoint), model_name=str(tiny_model_folder), features=[3, 64], device="cpu"))
+    two_blocks = tmp_path / "two-block-llama"
+    model = make_tiny_llama(len(smollm2_tokenizer))
+    model.config.num_hidden_layers = 2
+    model.model.layers = model.model.layers[:2]
+    model.save_pretrained(two_blocks)
+    smollm2_tokenizer.save_pretrained(two_blocks)
+    with pytest.raises(UserError, match=r"reads blocks\.2\.hook_resid_post, but this model has 2 blocks .* Set MODEL"):
+        steer_model(SteerConfig(checkpoint=str(tiny_checkpoint), model_name=str(two_blocks), features=[3], device="cpu"))
+    theirs = Path(hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu").save(str(tmp_path / "SAE_M=32_K=4.pt")))
+    with pytest.raises(UserError, match="no fastsae metadata"):
+        steer_model(SteerConfig(checkpoint=str(theirs), model_name=str(tiny_model_folder), features=[3]))
+    with pytest.raises(UserError, match="MODE must be one of add, clamp, ablate"):
+        SteerConfig(mode="boost")
+
+
+class _Cells(HTMLParser):
+    """Table cells' text and every tag name of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.cells: list[str] = []
+        self.in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag in ("td", "th"):
+            self.cells.append("")
+            self.in_cell = True
+
+    def handle_endtag(self, tag):
+        self.in_cell = self.in_cell and tag not in ("td", "th")
+
+    def handle_data(self, data):
+        if self.in_cell:
+            self.cells[-1] += data
+
+
+def test_the_script_writes_escaped_markdown_and_html_and_alpha_zero_is_the_plain_answer(tiny_checkpoint, tiny_model_folder, tiny_llama, smollm2_tokenizer, tmp_path, capsys):
+    hostile = "<script>alert(1)</script> a | b, and\nnew line?"
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": hostile}]}, {"messages": [{"role": "user", "content": "Plan my day, please."}]}])
+    markdown, page = tmp_path / "steer.md", tmp_path / "steer.html"
+    constants = runpy.run_path(str(SCRIPT))  # the script's constants, without running it
+    argv = ["--checkpoint", str(tiny_checkpoint), "--model-name", str(tiny_model_folder), "--prompts-file", str(prompts), "--features", "3,5", "--strengths", "0", "40",
+            "--max-new-tokens", "6", "--markdown-path", str(markdown), "--html-path", str(page), "--device", "cpu"]
+    run_step(SteerConfig, constants, steer_model, description=constants["__doc__"], argv=argv)
+
+    written = markdown.read_text()
+    assert "| prompt | α = 0 | α = 40 |" in written and "features 3, 5 (add)" in written
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; a \\| b, and<br>new line?" in written and "<script>" not in written
+    assert len([line for line in written.splitlines() if line.startswith("| ")]) == 3  # header + one row per prompt
+    assert written.split("\n\n", 1)[1].strip() in capsys.readouterr().out
+
+    parsed = _Cells()
+    parsed.feed(page.read_text())
+    assert "script" not in parsed.tags and not any(tag in ("img", "link") for tag in parsed.tags)  # self-contained, nothing injected
+    assert parsed.cells[:3] == ["prompt", "α = 0", "α = 40"] and parsed.cells[3] == hostile
+    assert parsed.cells[6] == "Plan my day, please."
+
+    plain = generate(tiny_llama, prompt_token_ids(smollm2_tokenizer, Example(row=0, source="", text=hostile), True), 1, 6, 0.0, 0, smollm2_tokenizer.pad_token_id)
+    assert parsed.cells[4] == smollm2_tokenizer.decode(plain[0], skip_special_tokens=True).strip()
+
+
+def test_prompts_with_commas_stay_whole_and_chat_prompts_end_at_the_assistant_turn(smollm2_tokenizer):
+    from fastsae.config import parse_step_config
+
+    config = parse_step_config(SteerConfig, {"PROMPTS": "Hello, world"}, "", ["--features", "1,2"])
+    assert config.prompts == ["Hello, world"] and config.features == [1, 2]
+    config = parse_step_config(SteerConfig, {}, "", ["--prompts", "Tell me, briefly, why.", "Second"])
+    assert config.prompts == ["Tell me, briefly, why.", "Second"]
+    chat = smollm2_tokenizer.decode(prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=True))
+    assert chat.endswith("<|im_start|>assistant\n") and PROMPT.text in chat
+    assert smollm2_tokenizer.decode(prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=False), skip_special_tokens=True) == PROMPT.text
