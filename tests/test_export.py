@@ -40,7 +40,7 @@ TRICKY_EXPLANATION = "words like «would» | «could»\nand <script>alert(1)</sc
 @pytest.fixture(scope="module")
 def trained(tiny_store, tmp_path_factory) -> Path:
     """A trained SAE's folder as train_sae.py leaves it (checkpoint, saelens/, metrics.json, curves), not evaluated."""
-    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("export-runs")), m=M, k=K, batch_size=256, epochs=4.0, eval_every=10)
+    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("export-runs")), m=M, k=K, batch_size=256, epochs=2.0)
     (result,) = train_saes(config)
     return Path(result["checkpoint"])
 
@@ -50,7 +50,7 @@ def evaluated(trained, tiny_model_folder, tmp_path_factory) -> Path:
     """A copy of the run, evaluated with the model metrics (eval.json, feature_density.png beside the checkpoint)."""
     folder = shutil.copytree(trained.parent, tmp_path_factory.mktemp("evaluated") / trained.parent.name)
     checkpoint = folder / trained.name
-    evaluate_sae(EvalConfig(checkpoint=str(checkpoint), model_name=str(tiny_model_folder), device="cpu"))
+    evaluate_sae(EvalConfig(checkpoint=str(checkpoint), model_name=str(tiny_model_folder), device="cpu", max_examples=12))
     return checkpoint
 
 
@@ -136,6 +136,25 @@ def test_the_export_loads_in_saelens_hypothesaes_and_fastsae_with_the_same_encod
     density = torch.tensor(json.loads((folder / "eval.json").read_text())["feature_density"])
     torch.testing.assert_close(load_file(folder / HOOK / "sparsity.safetensors")["sparsity"], torch.log10(density.float() + 1e-10))
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_saelens_from_pretrained_finds_the_sae_where_the_repo_keeps_it(evaluated, tiny_store, tmp_path, monkeypatch):
+    """SAE.from_pretrained(repo, sae_id) reads `{sae_id}/cfg.json` from the repo: served here from a Hub cache, offline."""
+    from huggingface_hub import constants
+    from sae_lens import SAE
+
+    folder = export_sae(ExportConfig(checkpoint=str(evaluated), output=str(tmp_path / "export"), interpretations=""))
+    repo_cache, commit = tmp_path / "hub" / "models--me--tiny-sae", "0" * 40
+    shutil.copytree(folder, repo_cache / "snapshots" / commit)  # what `upload_folder` then a download would leave
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no request leaves the machine
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    sae, cfg, log_sparsity = SAE.from_pretrained_with_cfg_and_sparsity("me/tiny-sae", HOOK)
+    raw = ActivationStore(tiny_store).activations(0, 500).float()
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(raw), load_sae(evaluated).sae.encode(raw), rtol=1e-4, atol=1e-5)
+    assert cfg["metadata"]["hook_name"] == HOOK and log_sparsity.shape == (M,)
 
 
 def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scored_csv, tmp_path):
