@@ -17,7 +17,7 @@ import pandas as pd
 from huggingface_hub import ModelCardData
 
 from fastsae.evaluate import report_table
-from fastsae.models import EMBEDDED_MODEL_HUB_ID
+from fastsae.models import hub_model_id
 from fastsae.sae import SAESpec
 
 EXPORT_TAG = "fastsae"  # also how an export folder is recognised as ours when it is replaced
@@ -54,11 +54,8 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def base_model(metadata: dict[str, Any]) -> str | None:
-    """The Hub id of the model whose activations the SAE reads; None when the model came from a local folder or file."""
-    source = metadata.get("model_source")
-    if source == "embedded":
-        return EMBEDDED_MODEL_HUB_ID
-    return metadata.get("model_name") if source == "hub" else None
+    """The Hub id of the model whose activations the SAE reads (the checkpoint's metadata); None when unknown."""
+    return hub_model_id(metadata.get("model_name"), metadata.get("model_source"))
 
 
 def front_matter(inputs: CardInputs) -> str:

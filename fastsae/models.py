@@ -92,6 +92,14 @@ def resolve_model(name: str) -> ModelSource:
     return ModelSource(name, "hub", name)
 
 
+def hub_model_id(model_name: str | None, model_source: str | None) -> str | None:
+    """The Hub id of a model as extraction resolved it (`model_source` is ModelSource.kind): for a Hub model and the
+    embedded one, which quantises a Hub model; None for local folders and GGUF files, whose origin is unknown."""
+    if model_source == "embedded":
+        return EMBEDDED_MODEL_HUB_ID
+    return model_name if model_source == "hub" else None
+
+
 def _gguf_cache_folder(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]

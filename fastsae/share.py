@@ -28,6 +28,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from huggingface_hub import constants, create_repo, upload_folder
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import validate_repo_id
 
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
@@ -54,9 +57,6 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if self.push_to_hub:
-            from huggingface_hub.errors import HFValidationError
-            from huggingface_hub.utils import validate_repo_id
-
             try:
                 validate_repo_id(self.push_to_hub)
             except HFValidationError as error:
@@ -151,9 +151,6 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
     """create_repo + upload_folder; returns the repo's URL. Any failure is one UserError, and `folder` stays."""
-    from huggingface_hub import constants, create_repo, upload_folder
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
-
     keep = f"The export is complete in {folder}: push it later with `hf upload {repo_id} {folder} .`, or rerun with --push-to-hub {repo_id}"
     login = "log in with `hf auth login` (or set HF_TOKEN) with a token that can write to it"
     try:

@@ -208,11 +208,20 @@ def test_missing_evaluation_and_interpretations_are_said_on_the_card(trained, un
     assert all(row[2] == "—" and row[3] == "—" for row in features[1:])
 
 
-def test_base_model_is_named_only_when_the_model_is_on_the_hub():
-    assert base_model({"model_source": "hub", "model_name": "meta-llama/Llama-3.1-8B-Instruct"}) == "meta-llama/Llama-3.1-8B-Instruct"
+def test_base_model_is_named_only_when_the_model_is_on_the_hub(trained, tmp_path):
     assert base_model({"model_source": "embedded", "model_name": "embedded:smollm2-135m-instruct"}) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base_model({"model_source": "folder", "model_name": "/models/mine"}) is None
     assert base_model({}) is None  # a checkpoint from before model_source was recorded
+    # A checkpoint whose store came from a Hub model: the card links it, and SAELens' cfg.json names it.
+    payload = torch.load(trained, weights_only=True)
+    payload["fastsae"].update(model_name="meta-llama/Llama-3.1-8B-Instruct", model_source="hub")
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(payload, run / trained.name)
+    folder = export_sae(ExportConfig(checkpoint=str(run / trained.name), interpretations=""))
+    assert folder == run / "export"
+    assert ModelCard.load(folder / "README.md").data.base_model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert json.loads((folder / HOOK / "cfg.json").read_text())["metadata"]["model_name"] == "meta-llama/Llama-3.1-8B-Instruct"
 
 
 @pytest.mark.parametrize(
