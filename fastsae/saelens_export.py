@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from fastsae import __version__
 from fastsae.checkpoint import load_sae
+from fastsae.models import hub_model_id
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # cfg.json layout we write; below 6.0 SAELens reads a legacy flat config
 SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
@@ -36,7 +37,10 @@ def _metadata(fastsae_metadata: dict[str, Any]) -> dict[str, Any]:
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
         "exported_by": f"fastsae {__version__}",
-        "model_name": fastsae_metadata.get("model_name") or fastsae_metadata.get("model"),
+        # A Hub id where there is one (what SAELens users load the model with), not our "embedded:..." name.
+        "model_name": hub_model_id(fastsae_metadata.get("model_name"), fastsae_metadata.get("model_source"))
+        or fastsae_metadata.get("model_name")
+        or fastsae_metadata.get("model"),
         "hook_name": fastsae_metadata.get("hook_name"),
         "hook_head_index": None,
         "context_size": extraction.get("max_length"),

@@ -480,6 +480,7 @@ class TrainingRun:
         return {
             "model": manifest["model"],
             "model_name": manifest.get("model_name"),
+            "model_source": manifest.get("model_source"),  # embedded, gguf, folder or hub: whether model_name is a Hub id
             "hook_name": manifest["hook_name"],
             "hook_point": manifest["hook_point"],
             "layer": manifest["layer"],

@@ -1,0 +1,21 @@
+"""Share — SAE checkpoint (+ eval.json, interpretations.csv) → one folder for the Hugging Face Hub.
+
+The folder holds the SAE in SAELens' layout (a subfolder named after the hook, as SAELens' Hub
+loader expects), the HypotheSAEs checkpoint, eval.json and the other outputs of training and
+evaluation, interpretations.csv, and a README.md model card: model, hook, layer, data, training
+settings, the evaluation table and the ten best-scored features with their explanations.
+With PUSH_TO_HUB set (`--push-to-hub your-name/sae-name`) it is uploaded with huggingface_hub;
+log in first (`hf auth login` or HF_TOKEN). Without a network the export is kept, to push later.
+"""
+
+CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"
+OUTPUT = ""  # empty: <checkpoint folder>/export
+INTERPRETATIONS = "interpretations.csv"  # written by interpret_sae.py for this checkpoint; empty: none
+PUSH_TO_HUB = ""  # a Hub repo id, e.g. "your-name/smollm2-l12-topk-256"; empty: export only
+PRIVATE = True  # a new repo starts private; make it public on the Hub when you are ready
+
+if __name__ == "__main__":
+    from fastsae.config import run_step
+    from fastsae.share import ExportConfig, export_sae
+
+    run_step(ExportConfig, globals(), export_sae, description=__doc__)
