@@ -42,6 +42,16 @@ def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def save_tiny_llama_with_blocks(folder: Path, tokenizer, n_blocks: int) -> Path:
+    """A tiny Llama cut to its first `n_blocks` blocks, saved with the tokenizer: a model that lacks a deeper hook."""
+    model = make_tiny_llama(len(tokenizer))
+    model.config.num_hidden_layers = n_blocks
+    model.model.layers = model.model.layers[:n_blocks]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(smollm2_tokenizer):
     """A randomly initialised 4-block Llama (d=64) that shares SmolLM2's vocabulary."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hypothesaes_module, make_tiny_llama
+from conftest import hypothesaes_module, save_tiny_llama_with_blocks
 from fastsae.errors import UserError
 from fastsae.evaluate import EvalConfig, ReconstructionSums, evaluate_sae, model_metrics, validation_examples
 from fastsae.store import ActivationStore
@@ -84,10 +84,6 @@ def test_mismatches_and_missing_validation_get_clear_errors(tiny_store, trained_
     with pytest.raises(UserError, match="no validation examples"):
         evaluate_sae(EvalConfig(checkpoint=str(trained_checkpoint), validation_fraction=0.0, model_metrics=False))
     two_blocks = tmp_path / "two-block-llama"
-    model = make_tiny_llama(len(smollm2_tokenizer))
-    model.config.num_hidden_layers = 2
-    model.model.layers = model.model.layers[:2]
-    model.save_pretrained(two_blocks)
-    smollm2_tokenizer.save_pretrained(two_blocks)
+    save_tiny_llama_with_blocks(two_blocks, smollm2_tokenizer, 2)
     with pytest.raises(UserError, match="layer 2 is out of range"):  # the store's hook is in block 2
         evaluate_sae(EvalConfig(checkpoint=str(trained_checkpoint), model_name=str(two_blocks), device="cpu"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hypothesaes_module, make_tiny_llama, write_jsonl
+from conftest import hypothesaes_module, save_tiny_llama_with_blocks, write_jsonl
 from fastsae.checkpoint import load_sae
 from fastsae.config import run_step
 from fastsae.data import Example, load_dataset
@@ -64,6 +64,7 @@ def smollm2_checkpoint(smollm2, smollm2_tokenizer, tmp_path_factory) -> Path:
 def test_alpha_zero_is_the_unhooked_model_a_large_alpha_changes_it_and_the_hook_goes_away(smollm2, smollm2_tokenizer, smollm2_checkpoint):
     sae = load_sae(smollm2_checkpoint).sae
     module = hooked_module(smollm2, SMOLLM2_LAYER, "resid_post")
+    hooks_before = dict(module._forward_hooks)  # transformers may keep its own output-capturing hooks there
     ids = prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=True)
     input_ids = torch.tensor([ids])
     with torch.no_grad():
@@ -79,7 +80,7 @@ def test_alpha_zero_is_the_unhooked_model_a_large_alpha_changes_it_and_the_hook_
     with pytest.raises(RuntimeError, match="in the middle"):
         with steering(module, FeatureSteering(sae, [0], "add", [100.0])):
             raise RuntimeError("in the middle")
-    assert not module._forward_hooks
+    assert dict(module._forward_hooks) == hooks_before
     with torch.no_grad():
         assert torch.equal(smollm2(input_ids).logits, clean_logits)
 
@@ -93,6 +94,7 @@ def captured_at_hook(model, ids: list[int]) -> torch.Tensor:
 def test_add_clamp_and_ablate_move_the_activation_as_they_say(tiny_llama, smollm2_tokenizer, tiny_checkpoint):
     sae = load_sae(tiny_checkpoint).sae
     module = hooked_module(tiny_llama, TINY_LAYER, "resid_post")
+    hooks_before = dict(module._forward_hooks)  # transformers may keep its own output-capturing hooks there
     ids = prompt_token_ids(smollm2_tokenizer, Example(row=0, source="test", text="Looking back, I should have checked the numbers twice."), use_chat_template=True)
     clean = captured_at_hook(tiny_llama, ids)
     with torch.no_grad():
@@ -124,18 +126,14 @@ def test_add_clamp_and_ablate_move_the_activation_as_they_say(tiny_llama, smollm
     # inverse, it lands near the clamp value.
     relative_error = (reads - clamp_value).abs() / clamp_value
     assert float(relative_error.median()) < 0.1 and float(relative_error.max()) < 0.35
-    assert not module._forward_hooks
+    assert dict(module._forward_hooks) == hooks_before
 
 
 def test_bad_features_and_hooks_the_model_lacks_are_clear_errors(tiny_checkpoint, tiny_model_folder, smollm2_tokenizer, tmp_path):
     with pytest.raises(UserError, match="feature 64 does not exist: this SAE has M=64 features, numbered 0..63"):
         steer_model(SteerConfig(checkpoint=str(tiny_checkpoint), model_name=str(tiny_model_folder), features=[3, 64], device="cpu"))
     two_blocks = tmp_path / "two-block-llama"
-    model = make_tiny_llama(len(smollm2_tokenizer))
-    model.config.num_hidden_layers = 2
-    model.model.layers = model.model.layers[:2]
-    model.save_pretrained(two_blocks)
-    smollm2_tokenizer.save_pretrained(two_blocks)
+    save_tiny_llama_with_blocks(two_blocks, smollm2_tokenizer, 2)
     with pytest.raises(UserError, match=r"reads blocks\.2\.hook_resid_post, but this model has 2 blocks .* Set MODEL"):
         steer_model(SteerConfig(checkpoint=str(tiny_checkpoint), model_name=str(two_blocks), features=[3], device="cpu"))
     theirs = Path(hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu").save(str(tmp_path / "SAE_M=32_K=4.pt")))
