@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fastsae import batches  # noqa: E402
 from fastsae.data import load_dataset  # noqa: E402
 from fastsae.extract import ExtractConfig, iter_example_activations, write_activation_stores  # noqa: E402
 from fastsae.hook_points import ResidualCapture  # noqa: E402
@@ -252,6 +253,15 @@ def bench_training(args, store: Path, work: Path) -> tuple[list[list[str]], dict
             [f"fastsae train_sae.py loop, batch {batch_size}, validation off", f"{rate:,.0f}", f"{rate / ceiling:.1%}", f"{fvu:.3f}"]
         )
         results[f"loop_{batch_size}"] = rate
+    default_readers = batches.GPU_STORE_READERS
+    for readers in args.store_readers:  # the same loop with other numbers of store-reader threads
+        batches.GPU_STORE_READERS = readers
+        rate, fvu = train_rate(args, store, work, args.batch_sizes[0], eval_every=10**9)
+        rows.append(
+            [f"fastsae train_sae.py loop, batch {args.batch_sizes[0]}, validation off, {readers} store reader(s)", f"{rate:,.0f}", f"{rate / ceiling:.1%}", f"{fvu:.3f}"]
+        )
+        results[f"loop_{args.batch_sizes[0]}_readers_{readers}"] = rate
+    batches.GPU_STORE_READERS = default_readers
     rate, fvu = train_rate(args, store, work, args.batch_sizes[0])
     rows.append(
         [
@@ -293,6 +303,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 16384], help="SAE training batch sizes to compare")
     parser.add_argument("--train-tokens", type=int, default=10_000_000)
+    parser.add_argument("--store-readers", type=int, nargs="*", default=[1, 2], help="also time the loop with these numbers of store-reader threads (the default is GPU_STORE_READERS)")
     parser.add_argument("--hypothesaes-tokens", type=int, default=2_000_000)
     parser.add_argument("--tokenizer", default="", help="folder with tokenizer.json; default: the fastsae cache of SmolLM2")
     parser.add_argument("--hypothesaes-sae", default="", help="path of HypotheSAEs' sae.py; default: the installed package's")

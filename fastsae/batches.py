@@ -12,7 +12,9 @@ pure function of the settings: a resumed run replays it exactly.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from queue import Queue
 
@@ -23,6 +25,7 @@ from fastsae.errors import UserError
 from fastsae.store import ActivationStore
 
 READ_CHUNK_TOKENS = 16384
+GPU_STORE_READERS = 4  # threads copying store chunks into pinned memory while a GPU trains (one was the loop's bottleneck)
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,12 @@ class TokenSource:
         rank, ranks = part
         self.part_range = (store.n_tokens * rank // ranks, store.n_tokens * (rank + 1) // ranks)
 
-    def chunk(self, start: int, stop: int) -> torch.Tensor:
+    def chunk(self, start: int, stop: int, pin_memory: bool = False) -> torch.Tensor:
         """The kept tokens of store rows [start, stop), in the store's dtype (half the bytes of float32 to move)."""
-        chunk = self.store.chunk(start, stop)
         keep = self.split.token_mask(self.store, start, stop, self.validation)
         if not self.include_special:
-            keep &= ~chunk.special_mask
-        return chunk.activations[torch.from_numpy(keep)]
+            keep &= ~self.store.special_mask(start, stop)
+        return self.store.gather(start + np.flatnonzero(keep), pin_memory)
 
     def count_tokens(self) -> int:
         """Kept tokens in the whole store (every part)."""
@@ -82,14 +84,27 @@ class TokenSource:
             total += int(keep.sum())
         return total
 
-    def epoch(self, generator: np.random.Generator) -> Iterator[torch.Tensor]:
-        """One pass over this source's part of the store, its read chunks in a seeded random order."""
+    def epoch(self, generator: np.random.Generator, pin_memory: bool = False, readers: int = 0) -> Iterator[torch.Tensor]:
+        """One pass over this source's part of the store, its read chunks in a seeded random order.
+
+        With `readers` > 0, that many threads read chunks ahead at once; they still come out in order.
+        """
         part_start, part_stop = self.part_range
-        starts = np.arange(part_start, part_stop, READ_CHUNK_TOKENS)
-        for start in generator.permutation(starts):
-            tokens = self.chunk(int(start), min(int(start) + READ_CHUNK_TOKENS, part_stop))
-            if len(tokens):
-                yield tokens
+        starts = generator.permutation(np.arange(part_start, part_stop, READ_CHUNK_TOKENS))
+        ranges = [(int(start), min(int(start) + READ_CHUNK_TOKENS, part_stop)) for start in starts]
+        if not readers:
+            yield from (tokens for start, stop in ranges if len(tokens := self.chunk(start, stop, pin_memory)))
+            return
+        with ThreadPoolExecutor(readers, thread_name_prefix="fastsae-store-reader") as pool:
+            reads: deque[Future] = deque()
+            for start, stop in ranges:
+                reads.append(pool.submit(self.chunk, start, stop, pin_memory))
+                if len(reads) > 2 * readers:
+                    if len(tokens := reads.popleft().result()):
+                        yield tokens
+            while reads:
+                if len(tokens := reads.popleft().result()):
+                    yield tokens
 
     def all_tokens(self, limit: int) -> torch.Tensor:
         """The first `limit` tokens of the whole store (every part), as float32: for validation and statistics."""
@@ -103,29 +118,32 @@ class TokenSource:
         return torch.cat(pieces).float() if pieces else torch.empty(0, self.store.d)
 
 
-def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed: int, device: str = "cpu") -> Iterator[torch.Tensor]:
+def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed: int, device: str = "cpu", readers: int | None = None) -> Iterator[torch.Tensor]:
     """Endless (B, d) batches on `device`, in the store's dtype: epochs of the source shuffled through a buffer.
 
     The buffer lives on `device`, so shuffling, handing out batches and compacting the kept half are
-    device copies; only the store's own bytes cross from the host, once each. On a GPU a background
-    thread reads the next chunks into pinned memory meanwhile. The shuffle is drawn on the CPU from a
-    seeded generator, so the batches are the same on every device.
+    device copies; only the store's own bytes cross from the host, once each. On a GPU, `readers`
+    threads (default GPU_STORE_READERS) read the next chunks straight into pinned memory meanwhile; on
+    the CPU, which also computes the step, chunks are read when needed. The shuffle is drawn on the CPU
+    from a seeded generator and chunks arrive in order, so the batches are the same on every device.
     """
     if buffer_tokens < 2 * batch_size:
         raise UserError(f"BUFFER_TOKENS ({buffer_tokens}) must be at least twice BATCH_SIZE ({batch_size}).")
     chunk_order = np.random.default_rng(seed)
     shuffle = torch.Generator().manual_seed(seed)
+    on_gpu = device.startswith("cuda")
+    readers = (GPU_STORE_READERS if on_gpu else 0) if readers is None else readers
 
     def chunks() -> Iterator[torch.Tensor]:
         while True:
             produced = False
-            for tokens in source.epoch(chunk_order):
+            for tokens in source.epoch(chunk_order, pin_memory=on_gpu, readers=readers):
                 produced = True
                 yield tokens
             if not produced:
                 raise UserError("no training tokens left after the split and the special-token filter. Extract more examples.")
 
-    incoming = prefetched_to_pinned_memory(chunks()) if device.startswith("cuda") else chunks()
+    incoming = read_ahead(chunks()) if readers else chunks()
     pending = torch.empty(0, source.store.d, dtype=source.store.dtype)
     buffer = torch.empty(buffer_tokens, source.store.d, dtype=source.store.dtype, device=device)  # filled in place: no copies of the whole buffer
     filled = 0
@@ -145,19 +163,15 @@ def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed
         filled = len(kept)
 
 
-def prefetched_to_pinned_memory(tensors: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:
-    """Read the next tensors on a background thread into pinned memory, while the GPU works.
-
-    Pinned host memory lets `copy_(..., non_blocking=True)` overlap the host-to-device copy with compute.
-    """
+def read_ahead(tensors: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:
+    """Run `tensors` on a background thread, up to `depth` items ahead, while the caller (the GPU) works."""
     queue: Queue = Queue(maxsize=depth)
     finished = object()
-    pin = torch.cuda.is_available()  # pinning needs a GPU; without one this is a plain read-ahead
 
     def produce() -> None:
         try:
             for tensor in tensors:
-                queue.put(tensor.pin_memory() if pin else tensor)
+                queue.put(tensor)
         except BaseException as error:  # hand the error to the consumer instead of dying silently
             queue.put(error)
         queue.put(finished)

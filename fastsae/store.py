@@ -295,6 +295,21 @@ class ActivationStore:
         """Tokens [start, stop) as an (n, d) tensor in the storage dtype."""
         return from_storage_array(self._read("activations", start, stop), self.dtype)
 
+    def gather(self, rows: np.ndarray, pin_memory: bool = False) -> torch.Tensor:
+        """The activations of store rows `rows` (ascending) as an (n, d) tensor in the storage dtype.
+
+        One copy, from the memory map straight into the result (pinned, for an asynchronous copy to a
+        GPU, when asked); numpy's `take` releases the GIL, so several threads can read at once.
+        """
+        result = torch.empty((len(rows), self.d), dtype=self.dtype, pin_memory=pin_memory)
+        target = to_storage_array(result)  # a numpy view of the tensor's memory
+        shard_of_row = np.searchsorted(self._shard_starts, rows, side="right") - 1
+        for shard_index in np.unique(shard_of_row):
+            members = np.flatnonzero(shard_of_row == shard_index)
+            local_rows = rows[members] - self._shard_starts[shard_index]
+            np.take(self._arrays[shard_index]["activations"], local_rows, axis=0, out=target[members[0] : members[-1] + 1])
+        return result
+
     def token_ids(self, start: int, stop: int) -> np.ndarray:
         return self._read("token_ids", start, stop)
 

@@ -89,6 +89,13 @@ def test_training_parts_are_disjoint_and_cover_the_store(tiny_store):
     assert sorted_rows(torch.cat(streamed)) == sorted_rows(everything)
 
 
+def test_gathering_rows_across_shards_reads_the_right_ones(one_process_store):
+    store = ActivationStore(one_process_store)
+    rows = np.sort(np.random.default_rng(0).choice(store.n_tokens, 3000, replace=False))
+    assert len(np.unique(np.searchsorted([shard.first_token for shard in store.shards], rows, side="right"))) == 8
+    assert torch.equal(store.gather(rows), store.activations(0, store.n_tokens)[torch.from_numpy(rows)])
+
+
 def test_torchrun_extraction_equals_one_process_and_resumes_per_rank(tiny_model_folder, one_process_store, tmp_path):
     torchrun("extract_activations.py", *extraction_arguments(tiny_model_folder, tmp_path))
     (folder,) = [path.parent for path in tmp_path.rglob("manifest.json")]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import hypothesaes_module
-from fastsae.batches import ExampleSplit, TokenSource, mixed_batches, prefetched_to_pinned_memory
+from fastsae.batches import ExampleSplit, TokenSource, mixed_batches, read_ahead
 from fastsae.checkpoint import load_sae
 from fastsae.errors import UserError
 from fastsae.store import ActivationStore
@@ -262,16 +262,30 @@ def test_foreign_or_corrupt_checkpoints_are_refused(tmp_path):
         load_sae(tmp_path / "missing.pt")
 
 
-def test_prefetching_keeps_the_order_and_passes_errors_on():
+def test_reading_ahead_keeps_the_order_and_passes_errors_on():
     def source():
         for index in range(5):
             yield torch.full((2, 3), float(index))
         raise UserError("store went away")
 
-    prefetched = prefetched_to_pinned_memory(source())
+    prefetched = read_ahead(source())
     assert [float(next(prefetched)[0, 0]) for _ in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
     with pytest.raises(UserError, match="store went away"):
         next(prefetched)
+
+
+def test_parallel_store_readers_give_the_same_batches_as_reading_in_line(tiny_store):
+    """The GPU path reads chunks on several threads: the batch sequence must not depend on it (resume replays it)."""
+    store = ActivationStore(tiny_store)
+    split = ExampleSplit.by_example(store.n_examples, 0.1, seed=0)
+    source = TokenSource(store, split, validation=False, include_special=False)
+    source_chunks = [(start, min(start + 1000, store.n_tokens)) for start in range(0, store.n_tokens, 1000)]
+    gathered = torch.cat([source.chunk(start, stop) for start, stop in source_chunks])  # chunks that cross no shard and several
+    torch.testing.assert_close(gathered, source.all_tokens(store.n_tokens).to(store.dtype), rtol=0, atol=0)
+    in_line = mixed_batches(source, 2048, 256, seed=4, readers=0)
+    threaded = mixed_batches(source, 2048, 256, seed=4, readers=3)
+    for _ in range(3 * store.n_tokens // 256):  # three epochs
+        assert torch.equal(next(in_line), next(threaded))
 
 
 def test_bfloat16_autocast_trains_close_to_float32(tiny_store, tmp_path):
