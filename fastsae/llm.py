@@ -4,7 +4,7 @@ The key comes from OPENAI_API_KEY (or OPENAI_KEY_SAE, the original scripts' name
 URL from OPENAI_BASE_URL, so vLLM, Ollama or a local server work too. The key is never printed,
 logged or written. Retries with backoff on 429, 5xx, timeouts and dropped connections are the
 `openai` client's own (it honours Retry-After); a rejected key (401) stops at once. Every answer
-is cached under a hash of its request, so a rerun or a resumed run never pays twice.
+is cached under a hash of its request and endpoint, so a rerun or a resumed run never pays twice.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class CachedChatClient:
         self._client = OpenAI(api_key=key, base_url=os.environ.get("OPENAI_BASE_URL") or None, max_retries=max_retries, timeout=timeout)
 
     def _cache_path(self, messages: Messages, max_tokens: int) -> Path:
-        request = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}, sort_keys=True)
+        # The endpoint is part of the key: a local server's answers under the name "gpt-4.1" are not gpt-4.1's.
+        request = json.dumps({"endpoint": str(self._client.base_url), "model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}, sort_keys=True)
         digest = hashlib.sha256(request.encode()).hexdigest()
         return self.cache_dir / digest[:2] / f"{digest}.json"
 

@@ -37,7 +37,7 @@ def config_for(checkpoint, model_folder, tmp_path, **overrides) -> InterpretConf
     return InterpretConfig(**settings)
 
 
-def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_cache(server, checkpoint, tiny_model_folder, tmp_path):
+def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_cache(server, checkpoint, tiny_model_folder, tmp_path, monkeypatch):
     path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection"))
     table = pd.read_csv(path)
     assert list(table["explanation"]) == [EXPLANATION] * 3
@@ -51,6 +51,10 @@ def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_
     assert len(server.requests) == 6  # nothing new was sent
     for file in (tmp_path / "llm-cache").rglob("*.json"):
         assert "sk-test" not in file.read_text()
+
+    with chat_server(monkeypatch) as other_endpoint:  # the same model name at another server: not its answers
+        interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection"))
+    assert len(other_endpoint.requests) == 6 and len(server.requests) == 6
 
 
 def test_a_rate_limit_is_retried(server, checkpoint, tiny_model_folder, tmp_path):
