@@ -97,7 +97,7 @@ def rubric_messages(contexts: list[TokenContext]) -> Messages:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
 
 
-_RATING = re.compile(r"^[^A-Za-z\n]*rating\W*?[:=\-]?\W*?(\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE)
+_RATING = re.compile(r"^[^A-Za-z\n]*rating\s*(?:\([^)\n]*\))?\W*?[:=\-]?\W*?(\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE)  # "(1-5)" skipped
 _NAME = re.compile(r"^[^A-Za-z\n]*name\W*?[:=\-]\s*(.+)$", re.IGNORECASE | re.MULTILINE)
 
 

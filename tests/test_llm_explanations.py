@@ -144,6 +144,7 @@ def test_rubric_parsing_and_summary():
     assert parse_rubric("Looking at the excerpts...\n\n**RATING**: 3 out of 5\n**NAME**: `negation`\n\nThanks") == (3, "negation")
     assert parse_rubric("- rating = 1\n- name: 'none'") == (1, "none")
     assert parse_rubric("RATING: 5") == (5, "")
+    assert parse_rubric("Rating (1-5): 4\nName: lists") == (4, "lists")  # the scale in brackets is not the rating
     for unreadable in ("RATING: 7\nNAME: x", "RATING: 3.5", "RATING: <a whole number from 1 to 5>", "It is a 4.", ""):
         assert parse_rubric(unreadable)[0] is None
     summary = rubric_summary([5, 4, None, 1, 4])
