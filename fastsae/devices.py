@@ -15,6 +15,8 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     ranks = distributed.current()
-    if name == "cuda" and ranks.is_distributed:
+    if ranks.is_distributed and name.startswith("cuda"):
+        if name != "cuda":
+            raise UserError(f"DEVICE is {name!r} under torchrun, which would put every rank on one GPU. Use --device auto or cuda: each rank takes its own GPU.")
         return f"cuda:{ranks.local_rank}"  # torchrun starts one process per GPU
     return name

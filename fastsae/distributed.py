@@ -38,11 +38,11 @@ class Ranks(NamedTuple):
 def init_from_environment() -> Ranks:
     """Join the process group torchrun describes in the environment (once); a plain run is a world of one."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("cuda:nccl,cpu:gloo")  # NCCL between GPUs; gloo still serves a --device cpu run
+        else:
+            dist.init_process_group("gloo")
         if dist.get_rank() != 0:  # one progress report, from rank 0; the others speak only to warn
             logging.getLogger().setLevel(logging.WARNING)
     return current()
