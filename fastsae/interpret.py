@@ -93,6 +93,27 @@ class InterpretConfig:
         return self.scoring in ("fast-rubric", "both")
 
 
+INTERPRETATION_COLUMNS = {"feature", "frequency", "top_tokens", "top_label", "top_label_auroc", "explanation", "score"}
+
+
+def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
+    """interpret_sae.py's CSV, checked to describe an SAE of `m` features; None (and a log line) when there is none."""
+    if not path or not Path(path).is_file():
+        logger.info("No interpretations file at %r: features go without explanations (interpret_sae.py writes them).", path)
+        return None
+    table = pd.read_csv(path)
+    missing = INTERPRETATION_COLUMNS - set(table.columns)
+    if missing:
+        raise UserError(f"{path} lacks the columns {sorted(missing)}: it is not an interpretations.csv from interpret_sae.py. Pass --interpretations with one.")
+    out_of_range = table["feature"][(table["feature"] < 0) | (table["feature"] >= m)]
+    if len(out_of_range):
+        raise UserError(
+            f"{path} describes feature {int(out_of_range.iloc[0])}, but this SAE has features 0..{m - 1}: the file belongs to another SAE. "
+            "Pass the --interpretations written for this checkpoint (interpret_sae.py's INTERPRETATIONS_PATH), or --interpretations ''."
+        )
+    return table
+
+
 def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFrame, seed: int = 0) -> list[int]:
     """Parse FEATURES: all, frequency:N, label:N, random:N (seeded by SEED), or an explicit comma-separated list."""
     m = len(statistics.frequency)

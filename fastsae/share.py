@@ -26,7 +26,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 from huggingface_hub import constants, create_repo, upload_folder
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
@@ -36,6 +35,7 @@ from fastsae.checkpoint import load_sae
 from fastsae.config import setting
 from fastsae.errors import UserError
 from fastsae.evaluate import DEFAULT_CHECKPOINT
+from fastsae.interpret import read_interpretations
 from fastsae.model_card import EXPORT_TAG, CardInputs, render_model_card
 from fastsae.saelens_export import export_saelens
 
@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 # Written by the training step and evaluate_sae.py beside the checkpoint; copied when there.
 COMPANION_FILES = ("eval.json", "feature_density.png", "metrics.json", "training_curves.png")
-INTERPRETATION_COLUMNS = {"feature", "frequency", "top_tokens", "top_label", "top_label_auroc", "explanation", "score"}
 TRAINING_SPARSITY = Path("saelens") / "sparsity.safetensors"  # the training step's export, from its validation tokens
 
 
@@ -64,24 +63,6 @@ class ExportConfig:
 
     def output_folder(self) -> Path:
         return Path(self.output) if self.output else Path(self.checkpoint).parent / "export"
-
-
-def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
-    """interpretations.csv, checked to fit this SAE; None (and a log line) when there is none."""
-    if not path or not Path(path).is_file():
-        logger.info("No interpretations (%s): the model card says so.", path or "INTERPRETATIONS is empty")
-        return None
-    table = pd.read_csv(path)
-    missing = INTERPRETATION_COLUMNS - set(table.columns)
-    if missing:
-        raise UserError(f"{path} lacks the columns {sorted(missing)}: it is not an interpretations.csv from interpret_sae.py. Pass --interpretations with one.")
-    out_of_range = table["feature"][(table["feature"] < 0) | (table["feature"] >= m)]
-    if len(out_of_range):
-        raise UserError(
-            f"{path} describes feature {int(out_of_range.iloc[0])}, but this SAE has features 0..{m - 1}: the file belongs to another SAE. "
-            "Pass the --interpretations written for this checkpoint (interpret_sae.py's INTERPRETATIONS_PATH), or --interpretations ''."
-        )
-    return table
 
 
 def _is_previous_export(folder: Path) -> bool:

@@ -24,13 +24,14 @@ from fastsae.dashboard import write_page
 from fastsae.data import Example, load_dataset
 from fastsae.errors import UserError
 from fastsae.evaluate import DEFAULT_CHECKPOINT
+from fastsae.interpret import read_interpretations
 from fastsae.reader import SAEReader, TextFeatures, check_pooling
 
 logger = logging.getLogger(__name__)
 
 HEATMAP_MAX_TEXTS = 60  # rows of the PNG; the CSV and the HTML page hold every text
 HEATMAP_MAX_FEATURES = 40  # columns of the PNG: the features with the largest pooled activation
-INTERPRETATION_COLUMNS = ("explanation", "top_tokens", "top_label", "top_label_auroc")
+REPORTED_COLUMNS = ["explanation", "top_tokens", "top_label", "top_label_auroc"]  # from interpretations.csv
 
 
 @dataclass
@@ -68,18 +69,13 @@ def load_texts(config: AnalyzeConfig) -> list[Example]:
     return [Example(row=index, source=f"text {index}", text=text) for index, text in enumerate(config.texts)]
 
 
-def load_interpretations(path: str, m: int) -> dict[int, dict[str, Any]]:
-    """Per feature, the interpretation columns of interpret_sae.py's CSV; empty when there is no file."""
-    if not path or not Path(path).is_file():
-        logger.info("No interpretations file at %r: features are reported without explanations (run interpret_sae.py for them).", path)
+def interpretations_by_feature(path: str, m: int) -> dict[int, dict[str, Any]]:
+    """Per feature, the columns the report shows from interpret_sae.py's CSV (empty strings where blank); {} without a file."""
+    table = read_interpretations(path, m)
+    if table is None:
         return {}
-    table = pd.read_csv(path, keep_default_na=False)
-    if "feature" not in table:
-        raise UserError(f"{path} has no 'feature' column: INTERPRETATIONS must be a CSV written by interpret_sae.py.")
-    if len(table) and int(table["feature"].max()) >= m:
-        raise UserError(f"{path} describes feature {int(table['feature'].max())}, but this SAE has {m} features: it belongs to another SAE. Set INTERPRETATIONS to this SAE's file, or to empty.")
-    columns = [column for column in INTERPRETATION_COLUMNS if column in table]
-    return {int(row["feature"]): {column: row[column] for column in columns} for _, row in table.iterrows()}
+    shown = table.set_index("feature")[REPORTED_COLUMNS].astype(object)
+    return {int(feature): row.to_dict() for feature, row in shown.where(shown.notna(), "").iterrows()}
 
 
 def text_label(example: Example) -> str:
@@ -198,7 +194,7 @@ def analyze_texts(config: AnalyzeConfig) -> Path:
     """Read the texts, print each one's top features, and write the CSV, PNG and HTML page."""
     examples = load_texts(config)
     reader = SAEReader.load(config.checkpoint, config.device, config.model_name, config.hook_point, config.layer)
-    interpretations = load_interpretations(config.interpretations, reader.sae.spec.m)
+    interpretations = interpretations_by_feature(config.interpretations, reader.sae.spec.m)
     logger.info("Reading %d texts through %s (%s, layer %s)", len(examples), reader.sae.spec.name, reader.extraction.hook_point, reader.extraction.layers)
     readings = reader.read(examples, config.pooling)
     chosen = top_features(readings, config.top_n)
