@@ -9,13 +9,12 @@ escaped so a `|` or a newline cannot break a row, and `<` cannot start HTML.
 
 from __future__ import annotations
 
-import html
-import json
 from typing import Any, NamedTuple
 
 import pandas as pd
 from huggingface_hub import ModelCardData
 
+from fastsae import markdown
 from fastsae.evaluate import report_table
 from fastsae.models import hub_model_id
 from fastsae.sae import SAESpec
@@ -37,20 +36,6 @@ class CardInputs(NamedTuple):
     evaluation: dict[str, Any] | None
     interpretations: pd.DataFrame | None
     repo_id: str  # where it is pushed; empty when not known yet
-
-
-def cell(value: Any) -> str:
-    """One Markdown table cell: no row-breaking `|` or newline, no raw HTML."""
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "—"
-    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return html.escape(" ".join(text.split()), quote=False).replace("|", "\\|")
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def base_model(metadata: dict[str, Any]) -> str | None:
@@ -111,7 +96,7 @@ def _model_and_data(inputs: CardInputs) -> str:
         ["store dtype", manifest.get("dtype")],
         ["special tokens in training", special],
     ]
-    return "## Model and data\n\n" + markdown_table(["", "value"], rows)
+    return "## Model and data\n\n" + markdown.table(["", "value"], rows)
 
 
 def _sae_and_training(inputs: CardInputs) -> str:
@@ -129,10 +114,10 @@ def _sae_and_training(inputs: CardInputs) -> str:
     return "\n\n".join(
         [
             "## The SAE",
-            markdown_table(["", "value"], rows),
+            markdown.table(["", "value"], rows),
             "### Training settings",
             "As in `train_sae.py`; each is that script's constant in lower case.",
-            markdown_table(["setting", "value"], settings),
+            markdown.table(["setting", "value"], settings),
         ]
     )
 
@@ -149,7 +134,7 @@ def _evaluation(inputs: CardInputs) -> str:
         report_table(evaluation),
     ]
     if evaluation.get("model_metrics_skipped"):
-        parts.append(f"Model metrics not measured: {cell(evaluation['model_metrics_skipped'])}.")
+        parts.append(f"Model metrics not measured: {markdown.cell(evaluation['model_metrics_skipped'])}.")
     if "feature_density.png" in inputs.files:
         parts.append("![feature density](feature_density.png)")
     return "\n\n".join(parts)
@@ -190,7 +175,7 @@ def _features(inputs: CardInputs) -> str:
         for rank, row in enumerate(chosen.itertuples(index=False), 1)
     ]
     header = ["rank", "feature", "score", "explanation", "frequency", "top tokens", "top label (AUROC)"]
-    return "\n\n".join(["## Features", intro, markdown_table(header, rows)])
+    return "\n\n".join(["## Features", intro, markdown.table(header, rows)])
 
 
 def _files(inputs: CardInputs) -> str:
@@ -207,7 +192,7 @@ def _files(inputs: CardInputs) -> str:
         "README.md": "this card",
     }
     rows = [[f"`{name}`", meaning[name]] for name in inputs.files]
-    return "## Files\n\n" + markdown_table(["file", "what it is"], rows)
+    return "## Files\n\n" + markdown.table(["file", "what it is"], rows)
 
 
 def render_model_card(inputs: CardInputs) -> str:

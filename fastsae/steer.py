@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastsae import markdown
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
 from fastsae.dashboard import write_text_atomically
@@ -206,18 +207,8 @@ class SteeringTable:
     answers: list[list[str]]  # answers[prompt][column]
 
 
-def _markdown_cell(text: str) -> str:
-    """Escaped for a Markdown table: HTML (Markdown passes it through), pipes and line breaks."""
-    return html.escape(text, quote=False).replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
-
-
 def markdown_table(table: SteeringTable) -> str:
-    lines = [
-        "| prompt | " + " | ".join(_markdown_cell(column) for column in table.columns) + " |",
-        "|---" * (len(table.columns) + 1) + "|",
-        *("| " + " | ".join(_markdown_cell(cell) for cell in [prompt, *answers]) + " |" for prompt, answers in zip(table.prompts, table.answers)),
-    ]
-    return "\n".join(lines)
+    return markdown.table(["prompt", *table.columns], [[prompt, *answers] for prompt, answers in zip(table.prompts, table.answers)], line_breaks=True)
 
 
 _PAGE = """<!DOCTYPE html>
@@ -274,9 +265,9 @@ def steer_model(config: SteerConfig) -> SteeringTable:
     features = ", ".join(map(str, config.features))
     title = f"{sae.spec.name} feature{'s' if len(config.features) > 1 else ''} {features} ({config.mode}) at {metadata['hook_name']} of {metadata.get('model', model_name)}"
     table = SteeringTable(title, columns.labels, [prompt_label(example) for example in examples], answers)
-    markdown = markdown_table(table)
-    print("\n" + markdown)
-    write_text_atomically(Path(config.markdown_path), f"# {_markdown_cell(title)}\n\n{markdown}\n")
+    table_text = markdown_table(table)
+    print("\n" + table_text)
+    write_text_atomically(Path(config.markdown_path), f"# {markdown.cell(title)}\n\n{table_text}\n")
     write_text_atomically(Path(config.html_path), html_page(table))
     logger.info("Wrote %s and %s", config.markdown_path, config.html_path)
     return table
