@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from fastsae import distributed
 from fastsae.data import Example
 from fastsae.errors import UserError
 
@@ -102,7 +103,7 @@ def tokenize_examples(tokenizer, examples: list[Example], chat_template: str, ma
     if use_template and not tokenizer.is_fast:
         raise UserError("marking chat-template tokens needs a fast tokenizer (with offsets); set CHAT_TEMPLATE = 'none' or use a fast tokenizer.")
     logger.info("Tokenizing %d examples (%s)", len(examples), "chat template" if use_template else "plain text")
-    tokenized = [tokenize_example(tokenizer, example, use_template, max_length) for example in tqdm(examples, desc="tokenizing", unit="ex", leave=False)]
+    tokenized = [tokenize_example(tokenizer, example, use_template, max_length) for example in tqdm(examples, desc="tokenizing", unit="ex", leave=False, disable=not distributed.current().is_main)]
     n_truncated = sum(item.truncated for item in tokenized)
     if n_truncated:
         logger.warning("Truncated %d of %d examples to MAX_LENGTH=%d tokens", n_truncated, len(tokenized), max_length)
