@@ -66,22 +66,22 @@ class TokenSource:
         rank, ranks = part
         self.part_range = (store.n_tokens * rank // ranks, store.n_tokens * (rank + 1) // ranks)
 
-    def chunk(self, start: int, stop: int, pin_memory: bool = False) -> torch.Tensor:
-        """The kept tokens of store rows [start, stop), in the store's dtype (half the bytes of float32 to move)."""
+    def _kept(self, start: int, stop: int) -> np.ndarray:
+        """For store rows [start, stop): whether each is on this side of the split and, by default, not special."""
         keep = self.split.token_mask(self.store, start, stop, self.validation)
         if not self.include_special:
             keep &= ~self.store.special_mask(start, stop)
-        return self.store.gather(start + np.flatnonzero(keep), pin_memory)
+        return keep
+
+    def chunk(self, start: int, stop: int, pin_memory: bool = False) -> torch.Tensor:
+        """The kept tokens of store rows [start, stop), in the store's dtype (half the bytes of float32 to move)."""
+        return self.store.gather(start + np.flatnonzero(self._kept(start, stop)), pin_memory)
 
     def count_tokens(self) -> int:
         """Kept tokens in the whole store (every part)."""
         total = 0
         for start in range(0, self.store.n_tokens, READ_CHUNK_TOKENS):
-            stop = min(start + READ_CHUNK_TOKENS, self.store.n_tokens)
-            keep = self.split.token_mask(self.store, start, stop, self.validation)
-            if not self.include_special:
-                keep &= ~self.store.special_mask(start, stop)
-            total += int(keep.sum())
+            total += int(self._kept(start, min(start + READ_CHUNK_TOKENS, self.store.n_tokens)).sum())
         return total
 
     def epoch(self, generator: np.random.Generator, pin_memory: bool = False, readers: int = 0) -> Iterator[torch.Tensor]:
@@ -92,19 +92,19 @@ class TokenSource:
         part_start, part_stop = self.part_range
         starts = generator.permutation(np.arange(part_start, part_stop, READ_CHUNK_TOKENS))
         ranges = [(int(start), min(int(start) + READ_CHUNK_TOKENS, part_stop)) for start in starts]
-        if not readers:
-            yield from (tokens for start, stop in ranges if len(tokens := self.chunk(start, stop, pin_memory)))
-            return
+        chunks = self._threaded_reads(ranges, pin_memory, readers) if readers else (self.chunk(start, stop, pin_memory) for start, stop in ranges)
+        yield from (tokens for tokens in chunks if len(tokens))
+
+    def _threaded_reads(self, ranges: list[tuple[int, int]], pin_memory: bool, readers: int) -> Iterator[torch.Tensor]:
+        """`chunk` of each range, read by `readers` threads up to 2 × readers ahead, handed out in order."""
         with ThreadPoolExecutor(readers, thread_name_prefix="fastsae-store-reader") as pool:
             reads: deque[Future] = deque()
             for start, stop in ranges:
                 reads.append(pool.submit(self.chunk, start, stop, pin_memory))
                 if len(reads) > 2 * readers:
-                    if len(tokens := reads.popleft().result()):
-                        yield tokens
+                    yield reads.popleft().result()
             while reads:
-                if len(tokens := reads.popleft().result()):
-                    yield tokens
+                yield reads.popleft().result()
 
     def all_tokens(self, limit: int) -> torch.Tensor:
         """The first `limit` tokens of the whole store (every part), as float32: for validation and statistics."""
