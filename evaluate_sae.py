@@ -1,18 +1,22 @@
-"""Step 2b — SAE checkpoint + store (+ model) → SAEBench-style metrics.
+"""Step 2b — SAE checkpoints + store (+ model) → metrics, ours and SAEBench's core.
 
-Reconstruction (MSE, FVU, cosine; by token kind), the FAST paper's token MSE and
-MSE_st (raw and log2), sparsity (L0, L1, density, dead and dense features),
-loss recovered / relative loss increase / KL with the SAE spliced into the
-model, and the decoder's geometry, on the training run's held-out examples.
-Writes eval.json and feature_density.png beside the checkpoint. The formulas
-are in fastsae/evaluate.py and the README.
+SAEBench's core metrics exactly as sae-bench 0.6.0 defines them (ce_loss_score,
+kl_div_score, its explained_variance, mse, l2_ratio, relative_reconstruction_bias,
+l0, l1, ...), in its own JSON format, on a budget of held-out tokens with 95%
+intervals; beside them ours on every held-out example: FVU and cosine by token
+kind, the FAST paper's token MSE and MSE_st (raw and log2), sparsity and
+density, the decoder's geometry. Writes eval.json and feature_density.png beside
+each checkpoint. Several checkpoints (a sweep) share one pass of the model, and
+the clean and zero-ablated passes are saved in the store folder for reruns.
+The formulas are in fastsae/evaluate.py, fastsae/saebench_core.py and the README.
 """
 
-CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"
+CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"  # or a list: a sweep
 STORE = ""  # empty: the store the checkpoint was trained on
 MODEL_NAME = ""  # empty: the store's model
-MODEL_METRICS = True  # load the model for loss recovered and KL
-MAX_EXAMPLES = 0  # 0: every held-out example
+MODEL_METRICS = True  # load the model for SAEBench's core metrics
+MODEL_TOKENS = 20_480  # held-out tokens for the model metrics (SAEBench's default); 0: all
+MAX_EXAMPLES = 0  # our store metrics on at most N held-out examples; 0: all
 DEVICE = "auto"
 
 if __name__ == "__main__":

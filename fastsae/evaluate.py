@@ -1,21 +1,25 @@
-"""Step 2b: SAEBench-style metrics of a trained SAE on the held-out examples of its training run.
+"""Step 2b: metrics of trained SAEs on the held-out examples of their training run.
 
-Definitions (x: raw activation of a token, x̂: the SAE's reconstruction, d: width):
+Two families, under different names because they are defined differently:
 
-- MSE = mean over tokens and dimensions of (x − x̂)².
-- FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² (x̄: mean over the evaluated tokens); explained variance = 1 − FVU.
-- cosine = mean over tokens of cos(x, x̂).
-- FAST token MSE (the FAST paper, Eq. 7) = mean over examples of [mean over the example's tokens
-  of ‖x − x̂‖²], divided by d; raw activations, not variance-normalised. MSE_st is the same over
-  special/template tokens only. The paper prints log2 of both, so both are reported raw and log2.
-- L0 = active features per token; L1 = Σ activations per token; density of a feature = the
-  fraction of tokens it fires on; dead = never fires here; dense = fires on more than 10%.
-- With the model: CE_clean, CE_sae (the SAE's reconstruction replaces the hook's output) and
-  CE_zero (the hook's output replaced by zeros), next-token cross-entropy over content tokens.
-  Loss recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean) (SAEBench's ce_loss_score);
-  relative loss increase = (CE_sae − CE_clean) / CE_clean; KL = KL(clean ‖ spliced) per token.
-  The replacement happens at the token kinds the SAE was trained on (content tokens by default).
-- Decoder geometry: for each decoder row, its maximum cosine similarity to any other row.
+- **SAEBench's core metrics** (`saebench_core` in eval.json, in SAEBench's own output format; see
+  `fastsae/saebench_core.py` for the definitions): ce_loss_score, kl_div_score, its explained_variance,
+  mse, cossim, l2_ratio, relative_reconstruction_bias, l0, l1, ... computed from the model's own
+  activations on a budget of held-out tokens (SAEBench's default 20,480), with 95% bootstrap intervals
+  for the numbers derived from the cross-entropy and KL. The model runs up to the hooked block once;
+  clean and zero-ablated passes are computed once per store and reused (`fastsae/model_metrics.py`).
+- **Ours**, from the stored activations of every held-out example (x: raw activation of a token,
+  x̂: the SAE's reconstruction, d: width):
+  - FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² (x̄: mean over the evaluated tokens), by token kind (content tokens
+    are what the SAE trains on by default); mse_per_dimension = mean over tokens and dimensions of
+    (x − x̂)²; cosine = mean over tokens of cos(x, x̂).
+  - FAST token MSE (the FAST paper, Eq. 7) = mean over examples of [mean over the example's tokens
+    of ‖x − x̂‖²], divided by d; raw activations. MSE_st is the same over special/template tokens only.
+    The paper prints log2 of both, so both are reported raw and log2.
+  - L0 = active features per token; L1 = Σ activations per token; density of a feature = the
+    fraction of tokens it fires on; dead = never fires here; dense = fires on more than 10%; all on
+    the token kinds the SAE was trained on.
+  - Decoder geometry: for each decoder row, its maximum cosine similarity to any other row.
 
 Note what these are not: 1 − FVU is explained variance, not loss recovered; a mean decoder
 cosine similarity is not feature absorption.
@@ -26,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,48 +39,76 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastsae import __version__
 from fastsae.batches import ExampleSplit
-from fastsae.checkpoint import load_sae
+from fastsae.checkpoint import LoadedSAE, load_sae
 from fastsae.config import setting
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
-from fastsae.extract import length_batches
-from fastsae.hook_points import check_layers, hooked_module, output_tensor, with_output_tensor
+from fastsae.extract import pad_token_id
+from fastsae.hook_points import check_layers
 from fastsae.lora import LORA_HOOK_POINT
-from fastsae.models import load_model, resolve_model
+from fastsae.model_metrics import ReferencePasses, budgeted_examples, length_grouped, model_fingerprint, store_fingerprint
+from fastsae.models import load_model, load_tokenizer, resolve_model
 from fastsae.sae import SparseAutoencoder
+from fastsae.saebench_core import (
+    BATCH_SIZE_PROMPTS,
+    DEFAULT_TOKEN_BUDGET,
+    SAEBENCH_VERSION,
+    core_output,
+    ignored_token_ids,
+    max_cosine_to_another,
+)
+from fastsae.saelens_export import saelens_config
+from fastsae.split_forward import SplitModel
 from fastsae.store import ActivationStore
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"
 DENSE_FREQUENCY = 0.1
-# (metric, test, threshold, what it means) — the usual sanity bands of SAEBench-style reports.
+RULE_OF_THUMB = "fastsae's rule of thumb (SAEBench reports this number without a pass mark)"
+# (metric, test, threshold, what it means, where the threshold comes from)
 HEALTH_CHECKS = (
-    ("loss_recovered", ">=", 0.9, "the spliced model keeps at least 90% of the loss the SAE could lose"),
-    ("l0_mean", "between", (5.0, 200.0), "sparse, but not trivially so"),
-    ("dead_fraction", "<=", 0.1, "at most 10% of features never fire"),
-    ("dense_fraction", "<=", 0.01, "at most 1% of features fire on more than 10% of tokens"),
+    ("ce_loss_score", ">=", 0.9, "with the SAE spliced in, the model keeps at least 90% of the loss that zero-ablation loses (SAEBench's definition)", RULE_OF_THUMB),
+    ("l0_mean", "between", (5.0, 200.0), "sparse, but not trivially so", RULE_OF_THUMB),
+    ("dead_fraction", "<=", 0.1, "at most 10% of features never fire", RULE_OF_THUMB),
+    ("dense_fraction", "<=", 0.01, "at most 1% of features fire on more than 10% of tokens", RULE_OF_THUMB),
 )
-
-Reconstruct = Callable[[torch.Tensor], torch.Tensor]
+# The SAEBench numbers derived from the cross-entropy and KL, which get a 95% interval.
+INTERVAL_METRICS = ("ce_loss_score", "kl_div_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation")
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint (ours or HypotheSAEs')")
+    checkpoint: list[str] = setting(
+        [DEFAULT_CHECKPOINT], "SAE checkpoints (ours or HypotheSAEs'); several (a sweep on one store) share the model's passes", split_commas=False
+    )
     store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
-    model_name: str = setting("", "model for the loss metrics; empty: the store's model")
+    model_name: str = setting("", "model for the SAEBench metrics; empty: the store's model")
     validation_fraction: float = setting(-1.0, "fraction of examples held out; -1: the training run's")
     seed: int = setting(-1, "seed of the example split; -1: the training run's")
-    max_examples: int = setting(0, "evaluate at most N held-out examples (0: all)")
-    model_metrics: bool = setting(True, "load the model for loss recovered, relative loss increase and KL")
-    batch_tokens: int = setting(4096, "padded tokens per model forward batch")
+    max_examples: int = setting(0, "our store metrics on at most N held-out examples (0: all)")
+    model_metrics: bool = setting(True, "load the model for SAEBench's core metrics (ce_loss_score, KL, variance, shrinkage, ...)")
+    model_tokens: int = setting(DEFAULT_TOKEN_BUDGET, "held-out tokens the model metrics run on, whole examples (SAEBench's default 20,480; 0: all)")
+    batch_size_prompts: int = setting(BATCH_SIZE_PROMPTS, "examples per model batch (SAEBench's batch_size_prompts: its mse, explained_variance and relative_reconstruction_bias depend on it)")
+    exclude_special_tokens_from_reconstruction: str = setting(
+        "auto", "SAEBench's option (its default: false): keep the hook's output at BOS/EOS/pad positions. auto: true for an SAE trained without special tokens"
+    )
+    reuse_model_passes: bool = setting(True, "reuse the clean and zero-ablated passes saved in the store folder when model, store and split match")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise UserError("CHECKPOINT is empty: name at least one SAE checkpoint, e.g. --checkpoint checkpoints/.../SAE_M=256_K=8.pt.")
+        if self.exclude_special_tokens_from_reconstruction not in ("auto", "true", "false"):
+            raise UserError(f"EXCLUDE_SPECIAL_TOKENS_FROM_RECONSTRUCTION must be auto, true or false; got {self.exclude_special_tokens_from_reconstruction!r}.")
+        if self.batch_size_prompts < 1 or self.model_tokens < 0:
+            raise UserError(f"BATCH_SIZE_PROMPTS must be at least 1 and MODEL_TOKENS at least 0; got {self.batch_size_prompts} and {self.model_tokens}.")
 
 
 class ReconstructionSums:
-    """Running sums for reconstruction metrics over one kind of token."""
+    """Running sums for our reconstruction metrics over one kind of token."""
 
     def __init__(self, d: int) -> None:
         self.tokens = 0
@@ -101,8 +132,7 @@ class ReconstructionSums:
             return {"tokens": 0}
         d = len(self.total)
         variance = self.squared_norm - float(self.total.pow(2).sum()) / self.tokens  # Σ‖x − x̄‖²
-        fvu = self.squared_error / variance
-        return {"tokens": self.tokens, "mse": self.squared_error / (self.tokens * d), "fvu": fvu, "explained_variance": 1 - fvu, "cosine": self.cosine / self.tokens}
+        return {"tokens": self.tokens, "fvu": self.squared_error / variance, "mse_per_dimension": self.squared_error / (self.tokens * d), "cosine": self.cosine / self.tokens}
 
 
 def _fast_mse(per_example: list[float], d: int) -> dict[str, float | None]:
@@ -122,7 +152,7 @@ def validation_examples(n_examples: int, fraction: float, seed: int, max_example
 
 @torch.no_grad()
 def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoencoder, include_special: bool) -> dict[str, Any]:
-    """Reconstruction, FAST MSE and sparsity metrics from one pass over the held-out examples in the store."""
+    """Our reconstruction, FAST MSE and sparsity metrics from one pass over the held-out examples in the store."""
     sums = {"all": ReconstructionSums(store.d), "content": ReconstructionSums(store.d), "special": ReconstructionSums(store.d)}
     fast_all, fast_special = [], []
     fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64)
@@ -164,113 +194,15 @@ def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoen
     }
 
 
-def decoder_max_cosine(sae: SparseAutoencoder, chunk: int = 4096) -> dict[str, float]:
-    """Distribution of each decoder row's maximum cosine similarity to any other row (chunked: M×M never whole)."""
-    directions = F.normalize(sae.W_dec.detach().float(), dim=1)
-    maxima = []
-    for start in range(0, len(directions), chunk):
-        similarity = directions[start : start + chunk] @ directions.T
-        similarity[torch.arange(len(similarity)), torch.arange(start, start + len(similarity))] = -1.0
-        maxima.append(similarity.max(1).values)
-    values = torch.cat(maxima).numpy()
+def decoder_max_cosine(sae: SparseAutoencoder) -> dict[str, float]:
+    """Distribution of each decoder row's maximum cosine similarity to any other row."""
+    values = max_cosine_to_another(sae.W_dec.detach().cpu()).numpy()
     return {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90)), "max": float(values.max())}
-
-
-class _Splice:
-    """A forward hook that replaces the hooked module's output at chosen positions."""
-
-    def __init__(self, replace: Reconstruct) -> None:
-        self.replace = replace
-        self.positions: torch.Tensor | None = None  # (B, T) bool, set per batch
-
-    def __call__(self, module, inputs, output):
-        hidden = output_tensor(output)
-        replaced = hidden.clone()
-        chosen = hidden[self.positions]
-        replaced[self.positions] = self.replace(chosen.float()).to(hidden.dtype)
-        return with_output_tensor(output, replaced)
-
-
-def _next_token_log_probs(model, module, hook: _Splice | None, input_ids, attention, positions) -> torch.Tensor:
-    """Log-probabilities of each next token, with `hook` (if any) replacing the module's output at `positions`."""
-    handle = None
-    if hook is not None:
-        hook.positions = positions
-        handle = module.register_forward_hook(hook)
-    try:
-        return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-@torch.no_grad()
-def model_metrics(
-    model: torch.nn.Module,
-    store: ActivationStore,
-    examples: list[int],
-    reconstruct: Reconstruct,
-    include_special: bool,
-    batch_tokens: int,
-) -> dict[str, float]:
-    """CE clean / with `reconstruct` spliced in / zero-ablated, loss recovered, relative loss increase, KL.
-
-    Each example is its own sequence, batched by length with right padding as in extraction. The
-    loss counts next-token predictions whose target is a content token (no padding, no template).
-    """
-    layer, hook_point = int(store.manifest["layer"]), store.manifest["hook_point"]
-    check_layers(model, [layer])
-    device = next(model.parameters()).device
-    # Only token ids and masks are needed here (not activations): memory stays small for large splits.
-    spans = [(int(store.doc_offsets[index]), int(store.doc_offsets[index + 1])) for index in examples]
-    token_ids = [store.token_ids(start, stop) for start, stop in spans]
-    special_masks = [store.special_mask(start, stop) for start, stop in spans]
-    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
-    counted = 0
-    splice = _Splice(reconstruct)
-    zero = _Splice(torch.zeros_like)
-    module = hooked_module(model, layer, hook_point)
-    lengths = [len(ids) for ids in token_ids]
-    for batch in tqdm(length_batches(lengths, batch_tokens), desc="evaluating (model)", unit="batch"):
-        width = lengths[batch[0]]
-        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        special = torch.ones((len(batch), width), dtype=torch.bool)
-        for row, index in enumerate(batch):
-            length = lengths[index]
-            input_ids[row, :length] = torch.from_numpy(token_ids[index].astype(np.int64))
-            attention[row, :length] = 1
-            special[row, :length] = torch.from_numpy(special_masks[index])
-        input_ids, attention, special = input_ids.to(device), attention.to(device), special.to(device)
-        splice_positions = attention.bool() & (torch.ones_like(special) if include_special else ~special)
-        target_counts = attention[:, 1:].bool() & ~special[:, 1:]  # predict content tokens only
-        targets = input_ids[:, 1:]
-
-        clean, spliced, ablated = (
-            _next_token_log_probs(model, module, hook, input_ids, attention, splice_positions) for hook in (None, splice, zero)
-        )
-        chosen = target_counts
-        for name, log_probs in (("clean", clean), ("sae", spliced), ("zero", ablated)):
-            totals[name] += float(-log_probs.gather(-1, targets[..., None])[..., 0][chosen].sum())
-        totals["kl"] += float((clean.exp() * (clean - spliced)).sum(-1)[chosen].sum())
-        counted += int(chosen.sum())
-    if not counted:
-        raise UserError("the held-out examples have no content tokens to score. Extract longer examples.")
-    ce = {name: totals[name] / counted for name in ("clean", "sae", "zero")}
-    return {
-        "tokens": counted,
-        "ce_clean": ce["clean"],
-        "ce_sae": ce["sae"],
-        "ce_zero_ablation": ce["zero"],
-        "loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
-        "relative_loss_increase": (ce["sae"] - ce["clean"]) / ce["clean"],
-        "kl_divergence": totals["kl"] / counted,
-    }
 
 
 def health_table(values: dict[str, float | None]) -> list[dict[str, Any]]:
     rows = []
-    for metric, test, threshold, meaning in HEALTH_CHECKS:
+    for metric, test, threshold, meaning, source in HEALTH_CHECKS:
         value = values.get(metric)
         if value is None:
             verdict = "not measured"
@@ -280,7 +212,7 @@ def health_table(values: dict[str, float | None]) -> list[dict[str, Any]]:
             verdict = "pass" if value <= threshold else "fail"
         else:
             verdict = "pass" if threshold[0] <= value <= threshold[1] else "fail"
-        rows.append({"metric": metric, "value": value, "test": test, "threshold": threshold, "verdict": verdict, "meaning": meaning})
+        rows.append({"metric": metric, "value": value, "test": test, "threshold": threshold, "verdict": verdict, "meaning": meaning, "source": source})
     return rows
 
 
@@ -302,83 +234,210 @@ def plot_feature_density(path: Path, density: list[float], title: str) -> None:
     plt.close(figure)
 
 
+def _number(value, digits=4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def saebench_table(results: dict[str, Any]) -> list[str]:
+    """SAEBench's core metrics, each with its 95% interval where it comes from the cross-entropy or KL."""
+    block, intervals = results["saebench_core"], results.get("saebench_core_intervals_95", {})
+    lines = [f"SAEBench core metrics (sae-bench {SAEBENCH_VERSION} definitions), {results['model_tokens']['tokens']:,} held-out tokens:", "", "| group | metric | value | 95% interval |", "|---|---|---|---|"]
+    for group, metrics in block["eval_result_metrics"].items():
+        for name, value in metrics.items():
+            interval = intervals.get(name)
+            shown = f"{value:,}" if isinstance(value, int) else _number(value)
+            lines.append(f"| {group} | {name} | {shown} | {f'{interval[0]:.4f} – {interval[1]:.4f}' if interval else ''} |")
+    return lines
+
+
 def report_table(results: dict[str, Any]) -> str:
-    """The printed summary: the headline metrics, then the health checks."""
-    rec, fast, sparsity, model = results["reconstruction"], results["fast_token_mse"], results["sparsity"], results.get("model") or {}
+    """The printed summary: our metrics, SAEBench's, then the health checks."""
+    rec, fast, sparsity = results["reconstruction"], results["fast_token_mse"], results["sparsity"]
     fast_special = results["fast_token_mse_special"]
-
-    def number(value, digits=4):
-        return "n/a" if value is None else f"{value:.{digits}f}"
-
     lines = [
-        "| metric | all tokens | content | special |",
+        "| metric (ours) | all tokens | content | special |",
         "|---|---|---|---|",
         *(
-            f"| {label} | " + " | ".join(number(rec[kind].get(key)) for kind in ("all", "content", "special")) + " |"
-            for label, key in (("MSE", "mse"), ("FVU", "fvu"), ("explained variance", "explained_variance"), ("cosine(x, x̂)", "cosine"))
+            f"| {label} | " + " | ".join(_number(rec[kind].get(key)) for kind in ("all", "content", "special")) + " |"
+            for label, key in (("FVU", "fvu"), ("MSE per dimension", "mse_per_dimension"), ("cosine(x, x̂)", "cosine"))
         ),
         "",
-        "| metric | value |",
+        "| metric (ours) | value |",
         "|---|---|",
-        f"| FAST token MSE, raw / log2 | {number(fast['raw'])} / {number(fast['log2'])} |",
-        f"| FAST MSE_st (special tokens), raw / log2 | {number(fast_special['raw'])} / {number(fast_special['log2'])} |",
+        f"| FAST token MSE, raw / log2 | {_number(fast['raw'])} / {_number(fast['log2'])} |",
+        f"| FAST MSE_st (special tokens), raw / log2 | {_number(fast_special['raw'])} / {_number(fast_special['log2'])} |",
         f"| L0 (mean; p10 / p50 / p90) | {sparsity['l0_mean']:.2f}; " + " / ".join(f"{v:.0f}" for v in sparsity["l0_percentiles"].values()) + " |",
         f"| L1 (mean) | {sparsity['l1_mean']:.3f} |",
         f"| dead / dense features | {sparsity['dead_fraction']:.1%} / {sparsity['dense_fraction']:.1%} |",
         f"| decoder rows' max cosine to another row (mean / p90 / max) | {results['decoder_max_cosine']['mean']:.3f} / {results['decoder_max_cosine']['p90']:.3f} / {results['decoder_max_cosine']['max']:.3f} |",
     ]
-    if model:
-        lines += [
-            f"| CE clean / with SAE / zero-ablated | {model['ce_clean']:.4f} / {model['ce_sae']:.4f} / {model['ce_zero_ablation']:.4f} |",
-            f"| loss recovered | {model['loss_recovered']:.4f} |",
-            f"| relative loss increase | {model['relative_loss_increase']:.4f} |",
-            f"| KL(clean ‖ spliced) per token | {model['kl_divergence']:.4f} |",
-        ]
-    lines += ["", "| health check | value | threshold | verdict |", "|---|---|---|---|"]
+    if results.get("saebench_core"):
+        lines += ["", *saebench_table(results)]
+    lines += ["", "| health check | value | threshold | verdict | threshold's source |", "|---|---|---|---|---|"]
     for row in results["health"]:
         threshold = f"{row['threshold'][0]:g}–{row['threshold'][1]:g}" if row["test"] == "between" else f"{row['test']} {row['threshold']:g}"
-        lines.append(f"| {row['metric']} | {number(row['value'], 3)} | {threshold} | {row['verdict']} |")
+        lines.append(f"| {row['metric']} | {_number(row['value'], 3)} | {threshold} | {row['verdict']} | {row['source']} |")
     return "\n".join(lines)
 
 
-def evaluate_sae(config: EvalConfig) -> dict[str, Any]:
-    """Evaluate the checkpoint on its held-out examples; writes eval.json and feature_density.png beside it."""
-    checkpoint = Path(config.checkpoint)
-    loaded = load_sae(checkpoint)
-    sae, metadata = loaded.sae, loaded.metadata
-    training = metadata.get("training", {})
-    store_path = config.store or metadata.get("store")
+@dataclass
+class _Evaluand:
+    """One checkpoint to evaluate, with what its evaluation depends on."""
+
+    path: Path
+    loaded: LoadedSAE
+    store: ActivationStore
+    fraction: float
+    seed: int
+    include_special: bool
+
+    def excludes_special_tokens(self, setting: str) -> bool:
+        """SAEBench's `exclude_special_tokens_from_reconstruction` for this SAE: `auto` follows what it was trained on."""
+        return not self.include_special if setting == "auto" else setting == "true"
+
+    @property
+    def sae(self) -> SparseAutoencoder:
+        return self.loaded.sae
+
+
+def _evaluand(path: Path, config: EvalConfig) -> _Evaluand:
+    loaded = load_sae(path)
+    training = loaded.metadata.get("training", {})
+    store_path = config.store or loaded.metadata.get("store")
     if not store_path:
-        raise UserError(f"{checkpoint} does not say which activation store it was trained on (a HypotheSAEs checkpoint?). Pass --store.")
+        raise UserError(f"{path} does not say which activation store it was trained on (a HypotheSAEs checkpoint?). Pass --store.")
     store = ActivationStore(store_path)
-    if store.d != sae.spec.d:
-        raise UserError(f"the checkpoint's SAE takes d={sae.spec.d} but the store at {store.folder} has d={store.d}: they come from different models or hooks. Pass the matching --store.")
+    if store.d != loaded.sae.spec.d:
+        raise UserError(f"the checkpoint's SAE takes d={loaded.sae.spec.d} but the store at {store.folder} has d={store.d}: they come from different models or hooks. Pass the matching --store.")
     fraction = config.validation_fraction if config.validation_fraction >= 0 else training.get("validation_fraction", 0.1)
     seed = config.seed if config.seed >= 0 else training.get("seed", 0)
-    include_special = bool(training.get("include_special_tokens", False))
-    examples = validation_examples(store.n_examples, fraction, seed, config.max_examples)
-    logger.info("Evaluating %s on %d held-out examples of %s", checkpoint.name, len(examples), store.folder)
-    results: dict[str, Any] = {"checkpoint": str(checkpoint), "store": str(store.folder), "hook_name": store.hook_name, "examples": len(examples), "settings": asdict(config)}
-    results.update(store_metrics(store, examples, sae, include_special))
-    results["decoder_max_cosine"] = decoder_max_cosine(sae)
-    if config.model_metrics and store.manifest.get("hook_point") == LORA_HOOK_POINT:
-        results["model_metrics_skipped"] = (
-            "a LoRA store concatenates the adapter's bottlenecks across all its layers, so there is no single hook to splice "
-            "the reconstruction into: loss recovered, relative loss increase and KL do not apply"
-        )
-        logger.info("Model metrics skipped: %s. The store metrics above still apply.", results["model_metrics_skipped"])
-    elif config.model_metrics:
+    return _Evaluand(path, loaded, store, fraction, seed, bool(training.get("include_special_tokens", False)))
+
+
+class _ModelMetrics:
+    """The model, loaded once, and the reference passes per (store, split), shared by every SAE of a sweep."""
+
+    def __init__(self, config: EvalConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
+        self.models: dict[str, tuple[torch.nn.Module, Any, str]] = {}
+        self.references: dict[tuple, ReferencePasses] = {}
+
+    def _model(self, name: str) -> tuple[torch.nn.Module, Any, str]:
+        if name not in self.models:
+            source = resolve_model(name)
+            model = load_model(source, self.dtype, self.device)
+            self.models[name] = (model, load_tokenizer(source), model_fingerprint(model))
+        return self.models[name]
+
+    def reference(self, evaluand: _Evaluand, examples: list[int]) -> ReferencePasses:
+        store, config = evaluand.store, self.config
         model_name = config.model_name or store.manifest.get("model_name")
         if not model_name:
             raise UserError(f"the store at {store.folder} does not name its model. Pass --model-name, or --model-metrics false.")
-        device = resolve_device(config.device)
-        model = load_model(resolve_model(model_name), torch.float32 if device == "cpu" else torch.bfloat16, device)
-        sae_on_device = sae.to(device)
-        results["model"] = model_metrics(model, store, examples, lambda x: sae_on_device(x), include_special, config.batch_tokens)
-    headline = {**results["sparsity"], **(results.get("model") or {})}
-    results["health"] = health_table(headline)
-    density = results.pop("feature_density")
-    plot_feature_density(checkpoint.parent / "feature_density.png", density, f"{sae.spec.name} — {store.hook_name}")
-    (checkpoint.parent / "eval.json").write_text(json.dumps({**results, "feature_density": density}, indent=2))
-    print("\n" + report_table(results))
-    return results
+        key = (str(store.folder), evaluand.fraction, evaluand.seed, model_name)
+        if key not in self.references:
+            model, tokenizer, fingerprint = self._model(model_name)
+            layer = int(store.manifest["layer"])
+            check_layers(model, [layer])
+            lengths = np.diff(store.doc_offsets)
+            chosen = budgeted_examples(lengths, examples, config.model_tokens, evaluand.seed)
+            batches = length_grouped(chosen, lengths, config.batch_size_prompts)
+            ignored = ignored_token_ids(tokenizer)
+            cache_key = {
+                "format": 1, "model": model_name, "weights": fingerprint, "dtype": str(self.dtype), "device": torch.device(self.device).type,
+                "store": store_fingerprint(store), "batches": batches, "ignored": sorted(ignored),
+                "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+            }  # fmt: skip
+            split = SplitModel(model, layer, store.manifest["hook_point"])
+            reference = ReferencePasses(split, store, batches, ignored, pad_token_id(tokenizer), cache_key)
+            reference.load_or_compute(config.reuse_model_passes)
+            self.references[key] = reference
+        return self.references[key]
+
+    def evaluate(self, evaluand: _Evaluand, examples: list[int]) -> dict[str, Any]:
+        reference = self.reference(evaluand, examples)
+        sae = evaluand.sae.to(self.device)
+        exclude = evaluand.excludes_special_tokens(self.config.exclude_special_tokens_from_reconstruction)
+        losses, sparsity_variance = reference.evaluate(sae, exclude, desc=f"model: {evaluand.path.stem} spliced in")
+        tokens = sum(int(reference.store.doc_offsets[i + 1] - reference.store.doc_offsets[i]) for batch in reference.batches for i in batch)
+        eval_config = {
+            "model_name": self.config.model_name or reference.store.manifest.get("model_name"), "llm_dtype": str(self.dtype).removeprefix("torch."),
+            "batch_size_prompts": self.config.batch_size_prompts, "n_eval_reconstruction_batches": len(reference.batches),
+            "n_eval_sparsity_variance_batches": len(reference.batches), "dataset": reference.store.manifest.get("dataset", {}).get("path", ""),
+            "context_size": max(int(reference.store.doc_offsets[i + 1] - reference.store.doc_offsets[i]) for batch in reference.batches for i in batch),
+            "compute_kl": True, "compute_ce_loss": True, "compute_l2_norms": True, "compute_sparsity_metrics": True, "compute_variance_metrics": True,
+            "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
+            "exclude_special_tokens_from_reconstruction": exclude, "verbose": False,
+        }  # fmt: skip
+        block = core_output(losses, sparsity_variance, sae.cpu(), eval_config, evaluand.path.stem, saelens_config(sae.spec, evaluand.loaded.metadata), __version__)
+        intervals = losses.intervals()
+        return {
+            "saebench_core": block,
+            "saebench_core_intervals_95": {name: intervals[name] for name in INTERVAL_METRICS},
+            "model_tokens": {"examples": sum(map(len, reference.batches)), "tokens": tokens, "reused_reference_passes": reference.reused},
+        }
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _headline(results: dict[str, Any]) -> dict[str, float]:
+    values = dict(results["sparsity"])
+    if results.get("saebench_core"):
+        values["ce_loss_score"] = results["saebench_core"]["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"]
+    return values
+
+
+def sweep_table(all_results: list[dict[str, Any]]) -> str:
+    lines = ["| checkpoint | FVU (content) | L0 | dead | ce_loss_score | kl_div_score |", "|---|---|---|---|---|---|"]
+    for results in all_results:
+        core = (results.get("saebench_core") or {}).get("eval_result_metrics", {})
+        ce, kl = core.get("model_performance_preservation", {}).get("ce_loss_score"), core.get("model_behavior_preservation", {}).get("kl_div_score")
+        lines.append(
+            f"| {Path(results['checkpoint']).stem} | {_number(results['reconstruction']['content'].get('fvu'))} | {results['sparsity']['l0_mean']:.1f} | "
+            f"{results['sparsity']['dead_fraction']:.1%} | {_number(ce)} | {_number(kl)} |"
+        )
+    return "\n".join(lines)
+
+
+def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
+    """Evaluate each checkpoint on its held-out examples; writes eval.json and feature_density.png beside each."""
+    evaluands = [_evaluand(Path(path), config) for path in config.checkpoint]
+    model_metrics = _ModelMetrics(config) if config.model_metrics else None
+    all_results = []
+    for evaluand in evaluands:
+        store, sae = evaluand.store, evaluand.sae
+        examples = validation_examples(store.n_examples, evaluand.fraction, evaluand.seed, 0)
+        store_examples = examples[: config.max_examples] if config.max_examples else examples
+        logger.info("Evaluating %s on %d held-out examples of %s", evaluand.path.name, len(store_examples), store.folder)
+        results: dict[str, Any] = {"checkpoint": str(evaluand.path), "store": str(store.folder), "hook_name": store.hook_name, "examples": len(store_examples), "settings": asdict(config)}
+        results.update(store_metrics(store, store_examples, sae, evaluand.include_special))
+        results["decoder_max_cosine"] = decoder_max_cosine(sae)
+        if model_metrics is not None and store.manifest.get("hook_point") == LORA_HOOK_POINT:
+            results["model_metrics_skipped"] = (
+                "a LoRA store concatenates the adapter's bottlenecks across all its layers, so there is no single hook to splice "
+                "the reconstruction into: SAEBench's model metrics (ce_loss_score, KL, ...) do not apply"
+            )
+            logger.info("Model metrics skipped: %s. The store metrics above still apply.", results["model_metrics_skipped"])
+        elif model_metrics is not None:
+            results.update(model_metrics.evaluate(evaluand, examples))
+        results["health"] = health_table(_headline(results))
+        density = results.pop("feature_density")
+        plot_feature_density(evaluand.path.parent / "feature_density.png", density, f"{sae.spec.name} — {store.hook_name}")
+        _write_json_atomically(evaluand.path.parent / "eval.json", {**results, "feature_density": density})
+        print(f"\n{evaluand.path}\n\n" + report_table(results))
+        all_results.append(results)
+    if len(all_results) > 1:
+        print("\n" + sweep_table(all_results))
+    return all_results
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    partial.replace(path)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from fastsae import __version__
 from fastsae.checkpoint import load_sae
 from fastsae.models import hub_model_id
+from fastsae.sae import SAESpec, SparseAutoencoder
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # cfg.json layout we write; below 6.0 SAELens reads a legacy flat config
 SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
@@ -52,22 +53,26 @@ def _metadata(fastsae_metadata: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_saelens(checkpoint: str | Path, folder: str | Path, feature_frequency: torch.Tensor | None = None) -> Path:
-    """Export the checkpoint to `folder` (replaced whole, via a temp folder); returns the folder."""
-    loaded = load_sae(checkpoint)
-    sae, spec = loaded.sae, loaded.sae.spec
-    architecture = SAELENS_ARCHITECTURE[spec.architecture]
+def saelens_weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
+    """SAELens' tensors for `sae` (which takes raw activations): W_enc [d_in, d_sae], b_enc, W_dec, b_dec, threshold."""
+    spec = sae.spec
     with torch.no_grad():
         weights = {
-            "W_enc": sae.W_enc.T.contiguous().float(),
-            "b_enc": sae.b_enc.float().clone(),
-            "W_dec": sae.W_dec.float().clone(),
-            "b_dec": sae.b_dec.float().clone(),
+            "W_enc": sae.W_enc.T.contiguous().float().cpu(),
+            "b_enc": sae.b_enc.float().cpu().clone(),
+            "W_dec": sae.W_dec.float().cpu().clone(),
+            "b_dec": sae.b_dec.float().cpu().clone(),
         }
         if spec.architecture == "jumprelu":
-            weights["threshold"] = sae.jump_thresholds().float().clone()
+            weights["threshold"] = sae.jump_thresholds().float().cpu().clone()
         elif spec.architecture == "batchtopk":
-            weights["threshold"] = sae.threshold.clamp_min(0).float().expand(spec.m).clone()
+            weights["threshold"] = sae.threshold.clamp_min(0).float().cpu().expand(spec.m).clone()
+    return weights
+
+
+def saelens_config(spec: SAESpec, fastsae_metadata: dict[str, Any]) -> dict[str, Any]:
+    """SAELens' cfg.json for an SAE of `spec` (weights as `saelens_weights` writes them)."""
+    architecture = SAELENS_ARCHITECTURE[spec.architecture]
     cfg: dict[str, Any] = {
         "architecture": architecture,
         "d_in": spec.d,
@@ -77,10 +82,17 @@ def export_saelens(checkpoint: str | Path, folder: str | Path, feature_frequency
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": _metadata(loaded.metadata),
+        "metadata": _metadata(fastsae_metadata),
     }
     if architecture == "topk":
         cfg.update(k=spec.k, rescale_acts_by_decoder_norm=False)
+    return cfg
+
+
+def export_saelens(checkpoint: str | Path, folder: str | Path, feature_frequency: torch.Tensor | None = None) -> Path:
+    """Export the checkpoint to `folder` (replaced whole, via a temp folder); returns the folder."""
+    loaded = load_sae(checkpoint)
+    weights, cfg = saelens_weights(loaded.sae), saelens_config(loaded.sae.spec, loaded.metadata)
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

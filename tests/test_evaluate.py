@@ -1,18 +1,27 @@
-"""Evaluation: oracle reconstructions pin the metrics' ends, and real checkpoints (ours, HypotheSAEs') land between."""
+"""Evaluation: oracle SAEs pin SAEBench's scores at their ends, the shared-prefix passes equal three full forwards,
+the saved clean/zero passes are reused only when model, store and split match, and real checkpoints land between."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import hypothesaes_module, save_tiny_llama_with_blocks
+from conftest import hypothesaes_module, make_tiny_llama, save_tiny_llama_with_blocks
 from fastsae.errors import UserError
-from fastsae.evaluate import EvalConfig, ReconstructionSums, evaluate_sae, model_metrics, validation_examples
+from fastsae.evaluate import EvalConfig, ReconstructionSums, evaluate_sae
+from fastsae.hook_points import hooked_module, output_tensor, with_output_tensor
+from fastsae.model_metrics import CountedPositions, ReferencePasses, length_grouped
+from fastsae.sae import SAESpec, SparseAutoencoder
+from fastsae.saebench_core import ignored_token_ids
+from fastsae.split_forward import ModelBatch, SplitModel
 from fastsae.store import ActivationStore
 from fastsae.train import TrainConfig, train_saes
+
+LAYER = 2
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +29,26 @@ def trained_checkpoint(tiny_store, tmp_path_factory) -> Path:
     config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("eval-runs")), m=128, k=8, batch_size=256, epochs=20.0)
     (result,) = train_saes(config)
     return Path(result["checkpoint"])
+
+
+def oracle_sae(d: int, perfect: bool) -> SparseAutoencoder:
+    """A ReLU SAE with M = 2d that reconstructs exactly (x = relu(x) − relu(−x)), or outputs zeros."""
+    sae = SparseAutoencoder(SAESpec("relu", d, 2 * d, 0)).eval()
+    with torch.no_grad():
+        identity = torch.cat([torch.eye(d), -torch.eye(d)])
+        sae.W_enc.copy_(identity)
+        sae.W_dec.copy_(identity if perfect else torch.zeros_like(identity))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def reference_passes(model, store: ActivationStore, tokenizer, n_examples: int = 24) -> ReferencePasses:
+    examples = list(range(n_examples))
+    batches = length_grouped(examples, np.diff(store.doc_offsets), 8)
+    passes = ReferencePasses(SplitModel(model, LAYER, "resid_post"), store, batches, ignored_token_ids(tokenizer), tokenizer.pad_token_id, {"test": 1})
+    passes.entries = [passes._compute(batch, torch.device("cpu")) for batch in batches]  # noqa: SLF001 (no cache file in tests of the passes)
+    return passes
 
 
 def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
@@ -31,39 +60,128 @@ def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
     assert mean.metrics()["fvu"] == pytest.approx(1.0)
 
 
-def test_loss_recovered_oracles(tiny_llama, tiny_store, trained_checkpoint):
+def test_oracle_saes_score_one_and_zero(tiny_llama, tiny_store, smollm2_tokenizer):
     store = ActivationStore(tiny_store)
-    examples = validation_examples(store.n_examples, 0.1, 0, 12)
-    identity = model_metrics(tiny_llama, store, examples, lambda x: x, include_special=False, batch_tokens=2048)
-    assert identity["loss_recovered"] == pytest.approx(1.0, abs=1e-6)
-    assert identity["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
-    assert identity["ce_sae"] == pytest.approx(identity["ce_clean"], abs=1e-6)
-    zero = model_metrics(tiny_llama, store, examples, torch.zeros_like, include_special=False, batch_tokens=2048)
-    assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    passes = reference_passes(tiny_llama, store, smollm2_tokenizer)
+    perfect_losses, perfect_sv = passes.evaluate(oracle_sae(store.d, perfect=True), False, "perfect")
+    scores = perfect_losses.metrics()
+    assert scores["model_performance_preservation"]["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
+    assert scores["model_behavior_preservation"]["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-5)
+    assert perfect_sv.metrics()["reconstruction_quality"]["cossim"] == pytest.approx(1.0, abs=1e-5)
+    zero_losses, _ = passes.evaluate(oracle_sae(store.d, perfect=False), False, "zero")
+    zero = zero_losses.metrics()  # reconstructing zeros everywhere is the zero-ablation
+    assert zero["model_performance_preservation"]["ce_loss_score"] == pytest.approx(0.0, abs=1e-5)
+    assert zero["model_behavior_preservation"]["kl_div_score"] == pytest.approx(0.0, abs=1e-5)
+
+
+def full_forward_losses(model, batch: ModelBatch, replace, positions: CountedPositions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position CE and log-probs from a plain forward of the whole model, the hook's output replaced by `replace`."""
+    module = hooked_module(model, LAYER, "resid_post")
+    handle = None
+    if replace is not None:
+        handle = module.register_forward_hook(lambda mod, args, out: with_output_tensor(out, replace(output_tensor(out), positions.replaced)))
+    try:
+        with torch.no_grad():
+            log_probs = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits.float().log_softmax(-1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    targets = torch.zeros_like(batch.input_ids)
+    targets[:, :-1] = batch.input_ids[:, 1:]
+    return -log_probs.gather(-1, targets[..., None])[..., 0], log_probs
+
+
+def test_shared_prefix_passes_equal_three_full_forwards(tiny_llama, tiny_store, smollm2_tokenizer, trained_checkpoint):
     from fastsae.checkpoint import load_sae
 
+    store = ActivationStore(tiny_store)
     sae = load_sae(trained_checkpoint).sae
-    trained = model_metrics(tiny_llama, store, examples, lambda x: sae(x), include_special=False, batch_tokens=2048)
-    assert 0.0 < trained["loss_recovered"] < 1.0
-    assert trained["kl_divergence"] > 0
-    assert trained["tokens"] == identity["tokens"] == zero["tokens"]
+    passes = reference_passes(tiny_llama, store, smollm2_tokenizer)
+    losses, _ = passes.evaluate(sae, False, "shared prefix")
+    sums = {name: 0.0 for name in ("clean", "sae", "zero", "kl_sae", "kl_zero")}
+    counts = [0, 0]
+    for entry in passes.entries:
+        batch = ModelBatch(entry["input_ids"], entry["attention"])
+        positions = CountedPositions.of(batch, passes.ignored, False)
+
+        def splice(hidden, where):
+            replaced = hidden.clone()
+            replaced[where] = sae(hidden[where].float()).to(hidden.dtype)
+            return replaced
+
+        ce_clean, clean = full_forward_losses(tiny_llama, batch, None, positions)
+        ce_sae, spliced = full_forward_losses(tiny_llama, batch, splice, positions)
+        ce_zero, ablated = full_forward_losses(tiny_llama, batch, lambda hidden, where: torch.zeros_like(hidden), positions)
+        for name, ce in (("clean", ce_clean), ("sae", ce_sae), ("zero", ce_zero)):
+            sums[name] += float(ce[positions.next_token].double().sum())
+        for name, other in (("kl_sae", spliced), ("kl_zero", ablated)):
+            sums[name] += float((clean.exp() * (clean - other)).sum(-1)[positions.scored].double().sum())
+        counts[0] += int(positions.next_token.sum())
+        counts[1] += int(positions.scored.sum())
+    ours = losses.metrics()
+    performance, behaviour = ours["model_performance_preservation"], ours["model_behavior_preservation"]
+    assert performance["ce_loss_without_sae"] == pytest.approx(sums["clean"] / counts[0], rel=1e-5)
+    assert performance["ce_loss_with_sae"] == pytest.approx(sums["sae"] / counts[0], rel=1e-5)
+    assert performance["ce_loss_with_ablation"] == pytest.approx(sums["zero"] / counts[0], rel=1e-5)
+    assert behaviour["kl_div_with_sae"] == pytest.approx(sums["kl_sae"] / counts[1], rel=1e-4)
+    assert behaviour["kl_div_with_ablation"] == pytest.approx(sums["kl_zero"] / counts[1], rel=1e-4)
+    assert 0 < performance["ce_loss_score"] < 1
 
 
-def test_evaluate_writes_eval_json_and_the_density_plot(trained_checkpoint, tiny_model_folder, capsys):
-    results = evaluate_sae(EvalConfig(checkpoint=str(trained_checkpoint), model_name=str(tiny_model_folder), device="cpu"))
+def test_evaluate_writes_eval_json_with_the_saebench_block(trained_checkpoint, tiny_model_folder, capsys):
+    (results,) = evaluate_sae(EvalConfig(checkpoint=[str(trained_checkpoint)], model_name=str(tiny_model_folder), model_tokens=1000, device="cpu"))
     saved = json.loads((trained_checkpoint.parent / "eval.json").read_text())
     assert saved["examples"] == 33 and len(saved["feature_density"]) == 128
     assert saved["sparsity"]["l0_mean"] == pytest.approx(8, abs=0.5)
-    assert 0 < saved["model"]["loss_recovered"] < 1
     content = saved["reconstruction"]["content"]
     training_metrics = json.loads((trained_checkpoint.parent / "metrics.json").read_text())["final"]
     assert content["fvu"] == pytest.approx(training_metrics["fvu"], rel=1e-3)  # the same held-out tokens as training's validation
-    assert saved["fast_token_mse"]["log2"] == pytest.approx(torch.tensor(saved["fast_token_mse"]["raw"]).log2().item())
-    assert {row["metric"] for row in saved["health"]} == {"loss_recovered", "l0_mean", "dead_fraction", "dense_fraction"}
+    assert saved["fast_token_mse"]["log2"] == pytest.approx(np.log2(saved["fast_token_mse"]["raw"]))
+    core = saved["saebench_core"]
+    metrics = core["eval_result_metrics"]
+    assert core["eval_type_id"] == "core" and len(core["eval_result_details"]) == 128
+    assert core["eval_config"]["exclude_special_tokens_from_reconstruction"] is True  # auto: the SAE was trained without them
+    assert 0 < saved["model_tokens"]["tokens"] <= 1000
+    assert metrics["token_stats"]["total_tokens_eval_sparsity_variance"] <= saved["model_tokens"]["tokens"]
+    score = metrics["model_performance_preservation"]["ce_loss_score"]
+    low, high = saved["saebench_core_intervals_95"]["ce_loss_score"]
+    assert 0 < score < 1 and low <= score <= high and high - low < 0.5
+    assert metrics["sparsity"]["l0"] == pytest.approx(8, abs=0.5)
+    assert {row["metric"] for row in saved["health"]} == {"ce_loss_score", "l0_mean", "dead_fraction", "dense_fraction"}
+    assert all(row["source"] for row in saved["health"])
     assert (trained_checkpoint.parent / "feature_density.png").read_bytes().startswith(b"\x89PNG")
     printed = capsys.readouterr().out
-    assert "| loss recovered |" in printed and "FAST token MSE, raw / log2" in printed
-    assert results["model"] == saved["model"]
+    assert "| model_performance_preservation | ce_loss_score |" in printed and "FAST token MSE, raw / log2" in printed
+    assert results["saebench_core"]["eval_result_metrics"] == metrics
+
+
+def test_a_sweep_shares_the_passes_and_reruns_reuse_them_until_model_store_or_split_change(tiny_store, tiny_model_folder, smollm2_tokenizer, tmp_path, capsys):
+    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path / "runs"), sweep=["topk:64:4", "topk:128:8"], batch_size=256, epochs=2.0)
+    checkpoints = [result["checkpoint"] for result in train_saes(config)]
+    settings = dict(model_name=str(tiny_model_folder), model_tokens=600, device="cpu")
+    first = evaluate_sae(EvalConfig(checkpoint=checkpoints, **settings))
+    assert [r["model_tokens"]["reused_reference_passes"] for r in first] == [False, False]  # computed once, in memory for both
+    assert "| checkpoint | FVU (content) |" in capsys.readouterr().out  # the sweep table
+    cache_files = list((tiny_store / "evaluation_cache").glob("*.pt"))
+    rerun = evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], **settings))[0]
+    assert rerun["model_tokens"]["reused_reference_passes"]
+    assert rerun["saebench_core"]["eval_result_metrics"] == first[0]["saebench_core"]["eval_result_metrics"]
+    other_split = evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], seed=7, **settings))[0]
+    assert not other_split["model_tokens"]["reused_reference_passes"]
+    other_model = tmp_path / "other-tiny-llama"
+    make_tiny_llama(len(smollm2_tokenizer), seed=1).save_pretrained(other_model)
+    smollm2_tokenizer.save_pretrained(other_model)
+    assert not evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], **{**settings, "model_name": str(other_model)}))[0]["model_tokens"]["reused_reference_passes"]
+    manifest_path = tiny_store / "manifest.json"
+    original = manifest_path.read_text()
+    try:  # the same folder re-extracted from other data
+        manifest = json.loads(original)
+        manifest["dataset"]["fingerprint"] = "0000000000000000"
+        manifest_path.write_text(json.dumps(manifest))
+        assert not evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], **settings))[0]["model_tokens"]["reused_reference_passes"]
+    finally:
+        manifest_path.write_text(original)
+    assert len(list((tiny_store / "evaluation_cache").glob("*.pt"))) == len(cache_files) + 3
 
 
 def test_a_hypothesaes_checkpoint_is_evaluated_given_its_store(tiny_store, tiny_model_folder, tmp_path):
@@ -71,19 +189,23 @@ def test_a_hypothesaes_checkpoint_is_evaluated_given_its_store(tiny_store, tiny_
     theirs = hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu")
     path = Path(theirs.save(str(tmp_path / "SAE_M=32_K=4.pt")))
     with pytest.raises(UserError, match="Pass --store"):
-        evaluate_sae(EvalConfig(checkpoint=str(path), model_metrics=False))
-    results = evaluate_sae(EvalConfig(checkpoint=str(path), store=str(tiny_store), model_name=str(tiny_model_folder), validation_fraction=0.1, seed=0))
-    assert results["sparsity"]["l0_mean"] <= 4 and 0 <= results["model"]["loss_recovered"] <= 1.5
+        evaluate_sae(EvalConfig(checkpoint=[str(path)], model_metrics=False))
+    (results,) = evaluate_sae(EvalConfig(checkpoint=[str(path)], store=str(tiny_store), model_name=str(tiny_model_folder), validation_fraction=0.1, seed=0, model_tokens=500))
+    core = results["saebench_core"]["eval_result_metrics"]
+    assert results["sparsity"]["l0_mean"] <= 4 and core["sparsity"]["l0"] <= 4
+    assert results["saebench_core"]["eval_config"]["exclude_special_tokens_from_reconstruction"] is True  # no training record: as ours
 
 
 def test_mismatches_and_missing_validation_get_clear_errors(tiny_store, trained_checkpoint, tmp_path, smollm2_tokenizer):
     small = hypothesaes_module().SparseAutoencoder(32, 16, 2, device="cpu")
     wrong_width = Path(small.save(str(tmp_path / "SAE_M=16_K=2.pt")))
     with pytest.raises(UserError, match="d=32 but the store .* has d=64"):
-        evaluate_sae(EvalConfig(checkpoint=str(wrong_width), store=str(tiny_store), model_metrics=False))
+        evaluate_sae(EvalConfig(checkpoint=[str(wrong_width)], store=str(tiny_store), model_metrics=False))
     with pytest.raises(UserError, match="no validation examples"):
-        evaluate_sae(EvalConfig(checkpoint=str(trained_checkpoint), validation_fraction=0.0, model_metrics=False))
+        evaluate_sae(EvalConfig(checkpoint=[str(trained_checkpoint)], validation_fraction=0.0, model_metrics=False))
+    with pytest.raises(UserError, match="auto, true or false"):
+        EvalConfig(exclude_special_tokens_from_reconstruction="yes")
     two_blocks = tmp_path / "two-block-llama"
     save_tiny_llama_with_blocks(two_blocks, smollm2_tokenizer, 2)
     with pytest.raises(UserError, match="layer 2 is out of range"):  # the store's hook is in block 2
-        evaluate_sae(EvalConfig(checkpoint=str(trained_checkpoint), model_name=str(two_blocks), device="cpu"))
+        evaluate_sae(EvalConfig(checkpoint=[str(trained_checkpoint)], model_name=str(two_blocks), device="cpu"))
