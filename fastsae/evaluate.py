@@ -99,6 +99,8 @@ class EvalConfig:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
+        if isinstance(self.checkpoint, str | Path):  # one checkpoint given from Python
+            self.checkpoint = [str(self.checkpoint)]
         if not self.checkpoint:
             raise UserError("CHECKPOINT is empty: name at least one SAE checkpoint, e.g. --checkpoint checkpoints/.../SAE_M=256_K=8.pt.")
         if self.exclude_special_tokens_from_reconstruction not in ("auto", "true", "false"):
@@ -371,7 +373,7 @@ class _ModelMetrics:
             "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
             "exclude_special_tokens_from_reconstruction": exclude, "verbose": False,
         }  # fmt: skip
-        block = core_output(losses, sparsity_variance, sae.cpu(), eval_config, evaluand.path.stem, saelens_config(sae.spec, evaluand.loaded.metadata), __version__)
+        block = core_output(losses, sparsity_variance, sae.cpu(), eval_config, tokens, evaluand.path.stem, saelens_config(sae.spec, evaluand.loaded.metadata), __version__)
         intervals = losses.intervals()
         return {
             "saebench_core": block,

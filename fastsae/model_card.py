@@ -128,9 +128,11 @@ def _evaluation(inputs: CardInputs) -> str:
     evaluation = inputs.evaluation
     parts = [
         "## Evaluation",
-        f"SAEBench-style metrics from `evaluate_sae.py` on {evaluation['examples']} held-out examples (split from the training "
-        "data by example). FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on raw activations; loss recovered is SAEBench's ce_loss_score, "
-        "(CE_zero − CE_sae) / (CE_zero − CE_clean); every number, with the per-feature density, is in `eval.json`.",
+        f"From `evaluate_sae.py` on {evaluation['examples']} held-out examples (split from the training data by example). "
+        "FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on raw activations. The SAEBench table is SAEBench's core evaluation as sae-bench "
+        "0.6.0 computes it (ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean), the hook's output zero-ablated at "
+        "every position), on a budget of held-out tokens; every number, with the per-feature density and SAEBench's own "
+        "JSON block, is in `eval.json`.",
         report_table(evaluation),
     ]
     if evaluation.get("model_metrics_skipped"):

@@ -47,7 +47,6 @@ REQUIRED_PACKAGES = {
     "matplotlib": "matplotlib",
     "openai": "openai",
 }
-EVALUATION_FORWARDS = 3  # evaluation runs the model clean, with the SAE spliced in, and zero-ablated
 
 
 @dataclass(frozen=True)
@@ -203,9 +202,7 @@ class Pipeline:
         selected = self.config.selected()
         configs = {step.name: load_step_config(step, Path(self.config.scripts_dir)) for step in STEPS}
         self.plans = {
-            step.name: StepPlan(
-                step, configs[step.name], step.name in selected, Path(getattr(configs[step.name], step.input_constant.lower()))
-            )
+            step.name: StepPlan(step, configs[step.name], step.name in selected, _input_path(configs[step.name], step.input_constant))
             for step in STEPS
         }
         extract = self.plans["extract"]
@@ -249,7 +246,9 @@ class Pipeline:
         for name in ("evaluate", "interpret"):
             plan = self.plans[name]
             plan.linked = any(_same_path(plan.input, path) for path in train.outputs)
-        self.plans["evaluate"].outputs = [self.plans["evaluate"].input.parent / name for name in ("eval.json", "feature_density.png")]
+        self.plans["evaluate"].outputs = [
+            Path(checkpoint).parent / name for checkpoint in self.plans["evaluate"].config.checkpoint for name in ("eval.json", "feature_density.png")
+        ]
         interpretations = Path(self.plans["interpret"].config.interpretations_path)
         self.plans["interpret"].outputs = [interpretations, interpretations.with_name("dashboard.html")]
 
@@ -381,24 +380,31 @@ class Pipeline:
         train.note = f"{steps} steps; an upper bound (early stopping may end sooner)"
 
     def _estimate_evaluation(self, corpus: Corpus) -> None:
+        """Our store metrics on every held-out token; the model on a budget of them: one clean forward, then, from the hooked
+        block on, the zero-ablated pass and one pass per checkpoint (a rerun on the same store reuses the first two)."""
         from fastsae.evaluate import validation_examples
+        from fastsae.model_metrics import budgeted_examples
 
-        evaluate, train = self.plans["evaluate"], self.plans["train"]
+        evaluate, train, extract = self.plans["evaluate"], self.plans["train"], self.plans["extract"]
         config = evaluate.config
         fraction = config.validation_fraction if config.validation_fraction >= 0 else train.config.validation_fraction
         seed = config.seed if config.seed >= 0 else train.config.seed
-        examples = validation_examples(len(corpus.lengths), fraction, seed, config.max_examples) if fraction > 0 else []
-        tokens = int(corpus.lengths[examples].sum())
-        evaluate.examples, evaluate.tokens = len(examples), tokens
+        examples = validation_examples(len(corpus.lengths), fraction, seed, 0) if fraction > 0 else []
+        store_examples = examples[: config.max_examples] if config.max_examples else examples
+        tokens = int(corpus.lengths[store_examples].sum())
+        evaluate.examples, evaluate.tokens = len(store_examples), tokens
         calibration = self.calibration
-        encode = _seconds(None, tokens, calibration.encode_tokens_per_second)
-        model = (
-            _seconds(calibration.load_seconds, EVALUATION_FORWARDS * tokens, calibration.full_tokens_per_second)
-            if config.model_metrics
-            else 0.0
-        )
+        encode = _seconds(None, tokens * len(config.checkpoint), calibration.encode_tokens_per_second)
+        model = 0.0
+        if config.model_metrics:
+            model_tokens = int(corpus.lengths[budgeted_examples(corpus.lengths, examples, config.model_tokens, seed)].sum()) if examples else 0
+            from_hook = (self.model.n_layers - max(extract.config.layers)) / self.model.n_layers
+            forwards = 1 + (1 + len(config.checkpoint)) * from_hook
+            model = _seconds(calibration.load_seconds, int(forwards * model_tokens), calibration.full_tokens_per_second)
+            evaluate.note = f"model on {model_tokens:,} tokens: 1 forward + {1 + len(config.checkpoint)} from the hooked block"
+        else:
+            evaluate.note = "store metrics only"
         evaluate.seconds = None if encode is None or model is None else encode + model
-        evaluate.note = f"{EVALUATION_FORWARDS} model forwards" if config.model_metrics else "store metrics only"
 
     def _calibrate(self, preflight, corpus: Corpus, pad_token_id: int) -> Calibration:
         """Time only what will run: the model when extraction, evaluation or interpretation runs, the SAE when any later step does."""
@@ -565,8 +571,9 @@ class Pipeline:
                     )
         eval_path = self.plans["evaluate"].outputs[0]
         if eval_path.exists():
-            model = json.loads(eval_path.read_text()).get("model")
-            figures.append(("loss recovered", f"{model['loss_recovered']:.4f}" if model else "not measured (MODEL_METRICS off)"))
+            core = json.loads(eval_path.read_text()).get("saebench_core")
+            score = core["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"] if core else None
+            figures.append(("SAEBench ce_loss_score (loss recovered)", f"{score:.4f}" if core else "not measured (MODEL_METRICS off)"))
         csv_path = self.plans["interpret"].outputs[0]
         if csv_path.exists():
             import pandas as pd
@@ -582,6 +589,12 @@ class Pipeline:
             if len(ratings):
                 figures.append(("FAST rubric, rated 4-5", f"{(ratings >= 4).mean():.1%} of {len(ratings)} rated features"))
         return figures
+
+
+def _input_path(config, constant: str) -> Path:
+    """The step's input; for a list (evaluation's sweep of checkpoints) the first, which decides the chain."""
+    value = getattr(config, constant.lower())
+    return Path(value[0] if isinstance(value, list) else value)
 
 
 def _seconds(load: float | None, tokens: int, tokens_per_second: float | None) -> float | None:

@@ -16,6 +16,7 @@ is `batch_size_prompts` examples (SAEBench's default 16), so the same batches gi
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any
@@ -31,7 +32,7 @@ BATCH_SIZE_PROMPTS = 16  # CoreEvalConfig.batch_size_prompts
 # SAEBench's default: n_eval_reconstruction_batches (10) × batch_size_prompts (16) × context_size (128).
 DEFAULT_TOKEN_BUDGET = 20_480
 INTERVAL_RESAMPLES = 1000  # bootstrap resamples (over examples) for the 95% intervals
-FLOAT_PRECISION = 5  # SAEBench rounds per-feature metrics to 5 decimals
+FLOAT_PRECISION = 10  # SAEBench rounds per-feature metrics to 10 decimals
 
 
 def ignored_token_ids(tokenizer) -> set[int]:
@@ -135,11 +136,6 @@ class LossSums:
             means["kl_div_score"] = (means["kl_div_with_ablation"] - means["kl_div_with_sae"]) / means["kl_div_with_ablation"]
         return means
 
-    @property
-    def positions(self) -> tuple[int, int]:
-        table = np.asarray(self.rows)
-        return int(table[:, 5].sum()), int(table[:, 6].sum())
-
     def metrics(self) -> dict[str, dict[str, float]]:
         means = self._scores(np.asarray(self.rows).sum(0))
         return {
@@ -200,9 +196,13 @@ def misc_metrics(feature_metrics: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
-def _rounded(value: float) -> float | None:
-    """SAEBench rounds per-feature values to 5 decimals; its JSON writer turns NaN into -1."""
-    return -1.0 if value != value else round(value, FLOAT_PRECISION)
+def _without_nan(value: Any) -> Any:
+    """SAEBench writes every NaN (e.g. a dead feature's consistent_activation_heuristic) as -1."""
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(item) for item in value]
+    return -1 if isinstance(value, float) and math.isnan(value) else value
 
 
 def core_output(
@@ -210,22 +210,22 @@ def core_output(
     sparsity_variance: SparsityVarianceSums,
     sae: SparseAutoencoder,
     eval_config: dict[str, Any],
+    tokens: int,
     sae_name: str,
     sae_cfg: dict[str, Any],
     version: str,
 ) -> dict[str, Any]:
     """The block in SAEBench's `CoreEvalOutput` format (validates against its `eval_output_schema_core.json`)."""
     feature_metrics = sparsity_variance.feature_metrics() | weight_metrics(sae)
-    ce_positions, _ = losses.positions
     metrics = {
         **losses.metrics(),
         **sparsity_variance.metrics(),
-        "token_stats": {"total_tokens_eval_reconstruction": ce_positions, "total_tokens_eval_sparsity_variance": sparsity_variance.tokens},
+        "token_stats": {"total_tokens_eval_reconstruction": tokens, "total_tokens_eval_sparsity_variance": tokens},  # every token the model read
         "misc_metrics": misc_metrics(feature_metrics),
     }
     names = list(feature_metrics)
-    details = [{"index": index, **{name: _rounded(feature_metrics[name][index]) for name in names}} for index in range(sae.spec.m)]
-    return {
+    details = [{"index": index, **{name: round(feature_metrics[name][index], FLOAT_PRECISION) for name in names}} for index in range(sae.spec.m)]
+    block = {
         "eval_type_id": "core",
         "eval_config": eval_config,
         "eval_id": str(uuid.uuid4()),
@@ -239,3 +239,4 @@ def core_output(
         "sae_cfg_dict": sae_cfg,
         "eval_result_unstructured": None,
     }
+    return _without_nan(block)

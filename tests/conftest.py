@@ -102,13 +102,20 @@ def tiny_store(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_store(tmp_path_factory, smollm2_tokenizer) -> Path:
+def smollm2_model():
+    """The real SmolLM2-135M-Instruct in float32 on the CPU, loaded once (tests must leave no hook on it)."""
+    from fastsae.models import load_model
+
+    return load_model(resolve_model(EMBEDDED_MODEL), torch.float32, "cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory, smollm2_tokenizer, smollm2_model) -> Path:
     """The default dataset through the real SmolLM2 at layer 12 (15.7k tokens, d=576), as the pipeline does by default."""
     from fastsae.data import load_dataset
     from fastsae.extract import ExtractConfig, write_activation_stores
-    from fastsae.models import load_model
 
-    model = load_model(resolve_model(EMBEDDED_MODEL), torch.float32, "cpu")
+    model = smollm2_model
     config = ExtractConfig(layers=[12], output_dir=str(tmp_path_factory.mktemp("smollm2-stores")))
     (folder,) = write_activation_stores(model, smollm2_tokenizer, load_dataset(config.dataset), config, "SmolLM2-135M-Instruct")
     return folder

@@ -174,10 +174,10 @@ def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scor
     assert settings["m"] == str(M) and settings["k"] == str(K) and settings["learning_rate"] == str(metadata["training"]["learning_rate"])
 
     evaluation = json.loads((evaluated.parent / "eval.json").read_text())
-    reconstruction = {row[0]: row[1:] for row in table_with_header(tables, "metric", "all tokens", "content", "special")}
+    reconstruction = {row[0]: row[1:] for row in table_with_header(tables, "metric (ours)", "all tokens", "content", "special")}
     assert reconstruction["FVU"] == [f"{evaluation['reconstruction'][kind]['fvu']:.4f}" for kind in ("all", "content", "special")]
-    headline = dict(table_with_header(tables, "metric", "value")[1:])
-    assert headline["loss recovered"] == f"{evaluation['model']['loss_recovered']:.4f}"
+    saebench = {row[1]: row[2] for row in table_with_header(tables, "group", "metric", "value", "95% interval")[1:]}
+    assert saebench["ce_loss_score"] == f"{evaluation['saebench_core']['eval_result_metrics']['model_performance_preservation']['ce_loss_score']:.4f}"
     verdicts = {row[0]: row[3] for row in table_with_header(tables, "health check")[1:]}
     assert verdicts == {row["metric"]: row["verdict"] for row in evaluation["health"]}
 

@@ -173,8 +173,8 @@ def test_sae_trains_evaluates_and_interprets_on_a_lora_store(lora_store, tiny_mo
     (result,) = train_saes(config)
     checkpoint = Path(result["checkpoint"])
     with caplog.at_level(logging.INFO):
-        results = evaluate_sae(EvalConfig(checkpoint=str(checkpoint), device="cpu"))
-    assert "model" not in results and "LoRA store" in results["model_metrics_skipped"]
+        (results,) = evaluate_sae(EvalConfig(checkpoint=str(checkpoint), device="cpu"))
+    assert "saebench_core" not in results and "LoRA store" in results["model_metrics_skipped"]
     assert any("Model metrics skipped" in record.message for record in caplog.records)
     saved = json.loads((checkpoint.parent / "eval.json").read_text())
     assert 0 < saved["reconstruction"]["all"]["fvu"] < 1 and saved["sparsity"]["l0_mean"] == pytest.approx(4, abs=0.5)

@@ -134,7 +134,8 @@ def test_every_output_exists_and_parses_and_a_second_run_skips_every_step(projec
     evaluation = json.loads(Path(MARKERS["evaluate"]).read_text())
     interpretations = pd.read_csv("interpretations.csv")
     assert 0 < metrics["final"]["fvu"] < 1.5
-    assert evaluation["examples"] == 6 and "loss_recovered" in evaluation["model"]
+    score = evaluation["saebench_core"]["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"]
+    assert evaluation["examples"] == 6
     assert len(interpretations) == 5 and interpretations["explanation"].isna().all()
     assert "<script" in Path("dashboard.html").read_text()
     state = json.loads(Path("pipeline_state.json").read_text())["steps"]
@@ -142,7 +143,7 @@ def test_every_output_exists_and_parses_and_a_second_run_skips_every_step(projec
     # The plan and the summary, with figures read off the outputs.
     assert "| extract | run (new) |" in printed and "explanations skipped" in printed
     assert f"{store.n_tokens:,} in 60 examples" in printed
-    assert f"{metrics['final']['fvu']:.4f}" in printed and f"{evaluation['model']['loss_recovered']:.4f}" in printed
+    assert f"{metrics['final']['fvu']:.4f}" in printed and f"| SAEBench ce_loss_score (loss recovered) | {score:.4f} |" in printed
     assert "0 of 5 (explanations skipped)" in printed
 
     # Everything is current: no confirmation is needed, nothing is rewritten.

@@ -17,7 +17,7 @@ from fastsae.data import Example, load_dataset
 from fastsae.errors import UserError
 from fastsae.extract import ExtractConfig, write_activation_stores
 from fastsae.hook_points import ResidualCapture, hooked_module
-from fastsae.models import EMBEDDED_MODEL, load_model, resolve_model
+from fastsae.models import EMBEDDED_MODEL
 from fastsae.steer import FeatureSteering, SteerConfig, generate, steer_model, steering
 from fastsae.store import ActivationStore
 from fastsae.tokenization import prompt_token_ids
@@ -48,8 +48,8 @@ def tiny_checkpoint(tiny_store, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    return load_model(resolve_model(EMBEDDED_MODEL), torch.float32, "cpu")
+def smollm2(smollm2_model):
+    return smollm2_model
 
 
 @pytest.fixture(scope="module")
