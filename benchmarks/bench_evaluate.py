@@ -56,6 +56,7 @@ def evaluate_before():
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("evaluate_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["evaluate_before"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

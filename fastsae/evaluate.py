@@ -152,6 +152,22 @@ def validation_examples(n_examples: int, fraction: float, seed: int, max_example
     return examples[:max_examples] if max_examples else examples
 
 
+STORE_CHUNK_TOKENS = 4096  # held-out tokens encoded together in the store pass
+
+
+def _example_chunks(store: ActivationStore, examples: list[int]) -> list[list[int]]:
+    """Consecutive runs of `examples` of about STORE_CHUNK_TOKENS tokens: one SAE call each, not one per example."""
+    chunks, current, tokens = [], [], 0
+    for index in examples:
+        length = int(store.doc_offsets[index + 1] - store.doc_offsets[index])
+        if current and tokens + length > STORE_CHUNK_TOKENS:
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(index)
+        tokens += length
+    return chunks + [current] if current else chunks
+
+
 @torch.no_grad()
 def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoencoder, include_special: bool) -> dict[str, Any]:
     """Our reconstruction, FAST MSE and sparsity metrics from one pass over the held-out examples in the store."""
@@ -159,19 +175,20 @@ def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoen
     fast_all, fast_special = [], []
     fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64)
     l0_per_token, l1_total, sparsity_tokens = [], 0.0, 0
-    for index in tqdm(examples, desc="evaluating (store)", unit="ex"):
-        example = store.example(index)
-        x = example.activations.float()
+    chunks = _example_chunks(store, examples)
+    for chunk in tqdm(chunks, desc="evaluating (store)", unit="chunk"):
+        parts = [store.example(index) for index in chunk]
+        x = torch.cat([part.activations for part in parts]).float()
+        special = torch.from_numpy(np.concatenate([part.special_mask for part in parts]))
+        example_of_token = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor([len(part.special_mask) for part in parts]))
         codes = sae.encode(x)
         x_hat = sae.decode(codes)
-        special = torch.from_numpy(example.special_mask)
         sums["all"].add(x, x_hat)
         sums["content"].add(x[~special], x_hat[~special])
         sums["special"].add(x[special], x_hat[special])
         token_errors = (x - x_hat).double().pow(2).sum(1)
-        fast_all.append(float(token_errors.mean()))
-        if special.any():
-            fast_special.append(float(token_errors[special].mean()))
+        fast_all += _per_example_means(token_errors, example_of_token, torch.ones_like(special), len(parts))
+        fast_special += _per_example_means(token_errors, example_of_token, special, len(parts))
         trained_on = torch.ones_like(special) if include_special else ~special
         active = codes[trained_on] > 0
         fire_counts += active.sum(0)
@@ -194,6 +211,13 @@ def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoen
         },
         "feature_density": density.tolist(),
     }
+
+
+def _per_example_means(values: torch.Tensor, example_of_token: torch.Tensor, counted: torch.Tensor, n_examples: int) -> list[float]:
+    """Each example's mean of `values` over its `counted` tokens, for the examples that have any."""
+    totals = torch.zeros(n_examples, dtype=torch.float64).index_add_(0, example_of_token[counted], values[counted])
+    counts = torch.zeros(n_examples, dtype=torch.float64).index_add_(0, example_of_token[counted], torch.ones(int(counted.sum()), dtype=torch.float64))
+    return (totals[counts > 0] / counts[counts > 0]).tolist()
 
 
 def decoder_max_cosine(sae: SparseAutoencoder) -> dict[str, float]:
