@@ -124,6 +124,7 @@ class ReferencePasses:
         self.reused = False
 
     def load_or_compute(self, reuse: bool) -> None:
+        """The saved passes when they were made for the same key (and `reuse`), else `compute` and save them."""
         device = next(self.split.model.parameters()).device
         if reuse and self.path.exists():
             payload = torch.load(self.path, map_location=device, weights_only=True)
@@ -131,20 +132,13 @@ class ReferencePasses:
                 self.entries, self.reused = payload["entries"], True
                 logger.info("Reusing the clean and zero-ablated passes saved in %s", self.path)
                 return
-        self.entries = [self._compute(batch, device) for batch in tqdm(self.batches, desc="model: clean and zero-ablated", unit="batch")]
+        self.compute()
         self._save()
 
-    def _compute(self, examples: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-        batch = ModelBatch(*(tensor.to(device) for tensor in _model_batch(self.store, examples, self.pad_id)))
-        positions = CountedPositions.of(batch, self.ignored, exclude_ignored_from_reconstruction=False)  # zero-ablation is everywhere
-        state = self.split.reference(batch)
-        ce_clean, _, clean_rows = _next_token_losses(self.split, batch, positions, state.final_hidden, None)
-        zero_hidden = self.split.variant(batch, state.block_input, lambda hidden, where: torch.zeros_like(hidden), positions.replaced)
-        ce_zero, kl_zero, _ = _next_token_losses(self.split, batch, positions, zero_hidden, clean_rows)
-        return {
-            "input_ids": batch.input_ids, "attention": batch.attention, "block_input": state.block_input,
-            "clean_rows": clean_rows, "ce_clean": ce_clean, "ce_zero": ce_zero, "kl_zero": kl_zero,
-        }  # fmt: skip
+    def compute(self) -> None:
+        """Run the clean and zero-ablated passes over every batch (nothing is saved)."""
+        device = next(self.split.model.parameters()).device
+        self.entries = [self._compute(batch, device) for batch in tqdm(self.batches, desc="model: clean and zero-ablated", unit="batch")]
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def reference_passes(model, store: ActivationStore, tokenizer, n_examples: int =
     examples = list(range(n_examples))
     batches = length_grouped(examples, np.diff(store.doc_offsets), 8)
     passes = ReferencePasses(SplitModel(model, LAYER, "resid_post"), store, batches, ignored_token_ids(tokenizer), tokenizer.pad_token_id, {"test": 1})
-    passes.entries = [passes._compute(batch, torch.device("cpu")) for batch in batches]  # noqa: SLF001 (no cache file in tests of the passes)
+    passes.compute()
     return passes
 
 

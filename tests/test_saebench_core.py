@@ -67,7 +67,7 @@ def ours_and_saebench(model, tokenizer, store: ActivationStore, sae: SparseAutoe
     batches = equal_length_batches(store)
     ignored = ignored_token_ids(tokenizer)
     passes = ReferencePasses(SplitModel(model, layer, "resid_post"), store, batches, ignored, tokenizer.pad_token_id, {})
-    passes.entries = [passes._compute(batch, torch.device("cpu")) for batch in batches]  # noqa: SLF001 (no cache file here)
+    passes.compute()
     losses, sparsity_variance = passes.evaluate(sae, False, "ours")
     tokens = sum(int(entry["attention"].sum()) for entry in passes.entries)
     ours = core_output(losses, sparsity_variance, sae, {}, tokens, "test", saelens_config(sae.spec, {}), "test")
