@@ -30,21 +30,35 @@ RESERVOIR = 10_000  # windows sampled per feature for its quantiles; exact below
 
 
 class WindowGrid:
-    """Where every window of the store starts: each example cut from its first token into `window_tokens`-token pieces."""
+    """Where every window of the store starts: each example cut into `window_tokens`-token pieces from its first token,
+    or from `first_tokens` (a store token per example) when given; tokens before that belong to no window."""
 
-    def __init__(self, doc_offsets: np.ndarray, window_tokens: int) -> None:
+    def __init__(self, doc_offsets: np.ndarray, window_tokens: int, first_tokens: np.ndarray | None = None) -> None:
         offsets = np.asarray(doc_offsets, dtype=np.int64)
-        per_example = -(-np.diff(offsets) // window_tokens)
+        firsts = offsets[:-1] if first_tokens is None else np.asarray(first_tokens, dtype=np.int64)
+        per_example = -(-(offsets[1:] - firsts) // window_tokens)
         within = np.arange(per_example.sum()) - np.repeat(np.cumsum(per_example) - per_example, per_example)
         self.window_tokens = window_tokens
         self.doc_offsets = offsets
-        self.starts = np.repeat(offsets[:-1], per_example) + within * window_tokens  # ascending store token indices
+        self.starts = np.repeat(firsts, per_example) + within * window_tokens  # ascending store token indices
+
+    @classmethod
+    def after_leading_template(cls, store: ActivationStore, window_tokens: int, chunk_tokens: int = 1 << 22) -> WindowGrid:
+        """Windows that start at each example's first content token, so a chat template's opening (system prompt,
+        role markers: special tokens, which no feature is counted on) does not fill the first window of every example."""
+        offsets = np.asarray(store.doc_offsets, dtype=np.int64)
+        firsts = offsets[1:].copy()  # no content token: the example gets no window
+        for start in range(0, store.n_tokens, chunk_tokens):
+            content = start + np.flatnonzero(~store.special_mask(start, min(start + chunk_tokens, store.n_tokens)))
+            examples, first = np.unique(np.searchsorted(offsets, content, side="right") - 1, return_index=True)
+            firsts[examples] = np.minimum(firsts[examples], content[first])
+        return cls(offsets, window_tokens, firsts)
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def index_of(self, tokens: np.ndarray) -> np.ndarray:
-        """The window each store token lies in."""
+        """The window each store token lies in (-1, or the previous example's last window, for a token before any window)."""
         return np.searchsorted(self.starts, tokens, side="right") - 1
 
     def span(self, window: int) -> tuple[int, int, int]:

@@ -39,6 +39,17 @@ def test_windows_cut_each_example_from_its_first_token():
     assert [grid.span(window) for window in range(len(grid))] == [(0, 0, 5), (2, 5, 37), (2, 37, 69), (2, 69, 70), (3, 70, 102)]
 
 
+def test_windows_can_start_after_the_leading_chat_template(store_and_sae):
+    store, _ = store_and_sae
+    grid = WindowGrid.after_leading_template(store, W)
+    mask = store.special_mask(0, store.n_tokens)
+    firsts = [start + int(np.argmin(mask[start:stop])) for start, stop in zip(store.doc_offsets[:-1], store.doc_offsets[1:])]
+    assert mask[: firsts[0]].all() and firsts[0] > 0  # the default data is chat-templated
+    window_examples = np.searchsorted(store.doc_offsets, grid.starts, side="right") - 1
+    first_windows = np.unique(window_examples, return_index=True)[1]
+    assert grid.starts[first_windows].tolist() == firsts
+
+
 def test_streamed_windows_equal_brute_force(store_and_sae):
     store, sae = store_and_sae
     grid = WindowGrid(store.doc_offsets, W)
