@@ -283,6 +283,19 @@ def _fill_scores(row: dict[str, Any], scorer: str, result: ClassifierResult) -> 
         logger.warning("%s: no readable answer for feature %d, its score is left empty.", scorer, row["feature"])
 
 
+def _note_short_classes(rows: list[dict[str, Any]], examples: dict[int, FeatureExamples], wanted: int) -> None:
+    """Say in the CSV where a scorer gets fewer windows of a class than SCORE_EXAMPLES: a feature that fires in nearly every
+    window leaves few non-activating ones, and with none its score is at most 0.5 (a class with no verdicts counts 0)."""
+    for row in rows:
+        scoring = examples.get(row["feature"], FeatureExamples([], [])).scoring
+        activating = sum(example.activating for example in scoring)
+        if row["feature"] in examples and min(activating, len(scoring) - activating) < wanted:
+            row["scoring_note"] = (
+                f"scored on {activating} activating and {len(scoring) - activating} non-activating windows, not {wanted} of each; "
+                "a class with none counts 0"
+            )
+
+
 def explain_features(
     rows: list[dict[str, Any]], top_windows: dict[int, list[Window]], examples: dict[int, FeatureExamples], config: InterpretConfig
 ) -> tuple[RubricSummary | None, dict[int, dict[str, ClassifierResult]]]:
@@ -409,6 +422,7 @@ def _interpret_with(
         examples = {
             f: feature_examples(store, sae, tokenizer, grid, windows[f], f, config, include_special) for f in tqdm(scored, desc="sampling windows", unit="feature")
         }
+        _note_short_classes(rows, examples, config.score_examples)
         rubric, results = explain_features(rows, top_windows, examples, config)
     path = Path(config.interpretations_path)
     partial = path.with_name(path.name + ".partial")

@@ -111,6 +111,10 @@ def test_scoring_names_and_too_rare_features(server, checkpoint, tiny_model_fold
     assert all(note.startswith("too rare to score: ") and note.endswith(" activating windows, MIN_WINDOWS is 10000") for note in table["scoring_note"])
     assert (table["explanation"] == "").all() and (table["detection_score"] == "").all() and (table["fast_rubric_rating"] != "").all()
     assert "2 of 2 features have fewer than MIN_WINDOWS=10000 activating windows" in caplog.text
+    # 150 windows of each class asked for, where the store has fewer: scored all the same, and said so.
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", scoring="detection", score_examples=150, examples_per_prompt=50))
+    (note,) = pd.read_csv(path)["scoring_note"]
+    assert note.startswith("scored on ") and note.endswith(" non-activating windows, not 150 of each; a class with none counts 0")
 
 
 @pytest.mark.parametrize(
