@@ -1,14 +1,18 @@
-"""Step 3: explain the features — statistics, top contexts, labels, logit lens and LLM explanations.
+"""Step 3: explain the features — statistics, top windows, labels, logit lens, LLM explanations and scores.
 
-Everything but the explanations needs no LLM. With an API key, each chosen feature is scored by
-SCORING (see fastsae/explanations.py): detection (one request for its explanation, one for its
-detection score), the FAST paper's rubric (one request for a 1-5 rating and a name), or both; with
-no key, those columns stay empty and the run says why. dashboard.html is written beside the CSV.
+Everything but the explanations needs no LLM. A first pass over the store gives every feature's
+statistics; a second, over the chosen features only, their activating windows (fastsae/windows.py).
+With an API key, SCORING picks any of: detection and fuzzing (delphi's scores, fastsae/scorers.py:
+one request for the explanation, then the held-out examples EXAMPLES_PER_PROMPT to a request) and
+the FAST paper's rubric (one request for a 1-5 rating and a name). With no key those columns stay
+empty and the run says why. dashboard.html is written beside the CSV.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
@@ -24,35 +29,31 @@ from fastsae.dashboard import dashboard_data, write_dashboard
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.evaluate import DEFAULT_CHECKPOINT
-from fastsae.explanations import (
-    RubricSummary,
-    balanced_accuracy,
-    explanation_messages,
-    parse_labels,
-    parse_rubric,
-    rubric_messages,
-    rubric_summary,
-    scoring_messages,
-)
-from fastsae.features import (
-    FeatureStatistics,
-    TokenContext,
-    collect_feature_statistics,
-    contexts_at,
-    label_association,
-    logit_lens,
-    non_activating_contexts,
-    top_contexts,
-)
-from fastsae.llm import API_KEY_VARIABLES, CachedChatClient, api_key
+from fastsae.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
+from fastsae.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens
+from fastsae.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key
 from fastsae.lora import LORA_HOOK_POINT
 from fastsae.models import cache_dir, load_model, load_tokenizer, resolve_model
+from fastsae.sampling import sample_windows
+from fastsae.scorers import (
+    SCORERS,
+    ClassifierResult,
+    ScoringExample,
+    balanced_accuracy,
+    classifier_prompts,
+    example_texts,
+    score_answers,
+    scoring_order,
+)
 from fastsae.store import ActivationStore
+from fastsae.windows import FeatureWindows, Window, WindowGrid, collect_windows, non_activating_windows, read_windows
 
 logger = logging.getLogger(__name__)
 
-# LLM requests per feature for each SCORING: detection explains, then scores; the rubric is one request.
-REQUESTS_PER_FEATURE = {"detection": 2, "fast-rubric": 1, "both": 3}
+SCORINGS = (*SCORERS, "fast-rubric")
+OLD_SCORINGS = {"both": "detection,fast-rubric"}  # SCORING before fuzzing came: still read, with a note
+ANSWER_TOKENS = 300  # the most an answer may take (explanations, verdict lists and ratings are far shorter)
+EXPLANATION_TOKENS = 20  # about how long an explanation runs, for the cost estimate of the scoring prompts
 
 
 @dataclass
@@ -61,39 +62,88 @@ class InterpretConfig:
     store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
     model_name: str = setting("", "model whose tokenizer and unembedding to use; empty: the store's model")
     features: str = setting("frequency:100", "which features: all, frequency:N (most frequent), label:N (highest label AUROC), random:N (a seeded sample of the live ones), or a list like 3,17,42")
-    top_contexts: int = setting(5, "top-activating contexts per feature in the CSV")
-    context_window: int = setting(12, "tokens shown on each side of the firing token")
+    top_contexts: int = setting(5, "strongest activating windows per feature in the CSV (one per window, so never two cuts of one passage)")
+    window_tokens: int = setting(32, "tokens per window: each example is cut into windows this long, as delphi cuts its contexts (example_ctx_len)")
     logit_lens_tokens: int = setting(8, "tokens listed as most promoted / suppressed by each feature's decoder direction")
     interpretations_path: str = setting("interpretations.csv", "where the CSV goes")
     explain: bool = setting(True, "ask an LLM (OpenAI-compatible API; key from OPENAI_API_KEY) to explain and score each feature")
     scoring: str = setting(
-        "both",
-        "detection (explain, then label held-out excerpts: balanced accuracy), fast-rubric (the FAST paper's 1-5 rating of the "
-        "top contexts, and a name), or both",
+        "detection,fuzzing,fast-rubric",
+        "any of detection and fuzzing (delphi's scores of an explanation on held-out windows) and fast-rubric (the FAST paper's "
+        "1-5 rating of the top windows, and a name), comma-separated",
     )
     explanation_model: str = setting("gpt-4.1", "chat model for explanations and scoring")
-    explain_contexts: int = setting(10, "top-activating contexts shown to the LLM to explain a feature")
-    score_contexts: int = setting(5, "held-out activating contexts, sampled across the activation range (and as many non-activating), to score on")
-    rubric_contexts: int = setting(5, "top-activating contexts the LLM rates with the FAST rubric (the paper shows 5)")
+    explain_examples: int = setting(40, "activating windows the LLM sees to explain a feature (delphi: 40)")
+    explain_from: str = setting("quantiles", "where the explainer's windows come from: quantiles (evenly from each activation quantile, delphi's default) or top")
+    score_examples: int = setting(50, "held-out activating windows from the quantiles, never shown to the explainer, and as many non-activating ones, per scorer (delphi: 50)")
+    n_quantiles: int = setting(10, "activation quantiles the windows are sampled from and the accuracy is reported by (delphi: 10)")
+    min_windows: int = setting(200, "activating windows a feature needs to be explained and scored; rarer ones are reported as too rare (delphi: 200)")
+    examples_per_prompt: int = setting(5, "examples per detection / fuzzing request (delphi: 5)")
+    rubric_contexts: int = setting(5, "top windows the LLM rates with the FAST rubric (the paper shows 5)")
     llm_concurrency: int = setting(4, "requests in flight at once")
     llm_cache_dir: str = setting("", "where LLM answers are cached; empty: <FASTSAE_CACHE>/llm")
-    seed: int = setting(0, "seed for sampling non-activating contexts and shuffling the scoring excerpts")
+    seed: int = setting(0, "seed for sampling windows and shuffling the scoring examples")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
-        if self.scoring not in REQUESTS_PER_FEATURE:
-            raise UserError(f"SCORING {self.scoring!r} is not one of {', '.join(REQUESTS_PER_FEATURE)}.")
+        if self.scoring in OLD_SCORINGS:
+            logger.info("SCORING %r is read as %r (write that, or add fuzzing: %r).", self.scoring, OLD_SCORINGS[self.scoring], ",".join(SCORINGS))
+        unknown = [name for name in self.scorings if name not in SCORINGS]
+        if unknown or not self.scorings:
+            raise UserError(f"SCORING {self.scoring!r} is not understood: name any of {', '.join(SCORINGS)}, comma-separated, e.g. {','.join(SCORINGS)!r}.")
+        if self.explain_from not in ("quantiles", "top"):
+            raise UserError(f"EXPLAIN_FROM {self.explain_from!r} is not understood: use quantiles or top.")
+        for name in ("window_tokens", "explain_examples", "score_examples", "n_quantiles", "examples_per_prompt"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.upper()} must be at least 1, not {getattr(self, name)}.")
 
     @property
-    def detection(self) -> bool:
-        return self.scoring in ("detection", "both")
+    def scorings(self) -> list[str]:
+        """The chosen scorings, in SCORINGS' order."""
+        chosen = {part.strip() for part in OLD_SCORINGS.get(self.scoring, self.scoring).split(",") if part.strip()}
+        return [name for name in SCORINGS if name in chosen] + sorted(chosen - set(SCORINGS))
+
+    @property
+    def classifiers(self) -> list[str]:
+        """The chosen delphi scorers (each needs an explanation first)."""
+        return [name for name in self.scorings if name in SCORERS]
 
     @property
     def rubric(self) -> bool:
-        return self.scoring in ("fast-rubric", "both")
+        return "fast-rubric" in self.scorings
 
 
-INTERPRETATION_COLUMNS = {"feature", "frequency", "top_tokens", "top_label", "top_label_auroc", "explanation", "score"}
+@dataclass
+class LLMCost:
+    """Requests and prompt tokens (about 4 characters a token) an LLM round will take."""
+
+    requests: int
+    tokens: int
+
+    def describe(self) -> str:
+        return f"{self.requests:,} requests, about {self.tokens:,} prompt tokens"
+
+
+def _tokens(requests: list[Messages]) -> int:
+    return sum(len(message["content"]) for messages in requests for message in messages) // 4
+
+
+def estimate_llm_cost(config: InterpretConfig, n_features: int) -> LLMCost:
+    """Before any window is read: the most the LLM step can cost for `n_features` (features too rare to score cost less)."""
+    window = Window(0, 0, ["word"] * config.window_tokens, [1.0] * config.window_tokens)  # ~1 token a token
+    per_feature: list[Messages] = []
+    if config.classifiers:
+        per_feature.append(explanation_messages([window] * config.explain_examples))
+        examples = [ScoringExample(window, 0)] * (2 * config.score_examples)
+        for scorer in config.classifiers:
+            texts = example_texts(scorer, examples)
+            per_feature += classifier_prompts(scorer, "word " * EXPLANATION_TOKENS, texts, list(range(len(texts))), config.examples_per_prompt)
+    if config.rubric:
+        per_feature.append(rubric_messages([window] * config.rubric_contexts))
+    return LLMCost(n_features * len(per_feature), n_features * _tokens(per_feature))
+
+
+INTERPRETATION_COLUMNS = {"feature", "frequency", "top_tokens", "top_label", "top_label_auroc", "explanation", "detection_score", "fuzzing_score"}
 
 
 def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
@@ -104,7 +154,11 @@ def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
     table = pd.read_csv(path)
     missing = INTERPRETATION_COLUMNS - set(table.columns)
     if missing:
-        raise UserError(f"{path} lacks the columns {sorted(missing)}: it is not an interpretations.csv from interpret_sae.py. Pass --interpretations with one.")
+        raise UserError(
+            f"{path} lacks the columns {sorted(missing)}: it is not an interpretations.csv from this interpret_sae.py (one from before "
+            "delphi's detection and fuzzing scores has a single `score` column). Rerun interpret_sae.py, "
+            "or pass --interpretations with another file."
+        )
     out_of_range = table["feature"][(table["feature"] < 0) | (table["feature"] >= m)]
     if len(out_of_range):
         raise UserError(
@@ -148,10 +202,33 @@ def _unembedding(model: torch.nn.Module) -> torch.Tensor:
     return weights * gain.detach().float() if gain is not None else weights
 
 
+
+@dataclass
+class FeatureExamples:
+    """What the LLM sees of one feature: the explainer's windows, and the scorers' examples, non-activating first."""
+
+    explain: list[Window]
+    scoring: list[ScoringExample]
+
+
+def feature_examples(
+    store: ActivationStore, sae, tokenizer, grid: WindowGrid, windows: FeatureWindows, feature: int, config: InterpretConfig, include_special: bool
+) -> FeatureExamples:
+    """The explainer's windows and the held-out ones (from the activation quantiles), and random non-activating windows."""
+    rng = np.random.default_rng([config.seed, feature])
+    sample = sample_windows(windows, config.explain_examples, config.score_examples, config.n_quantiles, config.explain_from == "top", rng)
+    explain = read_windows(store, sae, feature, tokenizer, grid, grid.index_of(sample.explain), include_special)
+    held_out = read_windows(store, sae, feature, tokenizer, grid, grid.index_of(sample.score), include_special)
+    silent = non_activating_windows(store, sae, feature, tokenizer, grid, config.score_examples, rng, include_special)
+    activating = [ScoringExample(window, int(quantile)) for window, quantile in zip(held_out, sample.score_quantiles)]
+    return FeatureExamples(explain, [ScoringExample(window, None) for window in silent] + activating)
+
+
 def interpretation_rows(
     statistics: FeatureStatistics,
     labels: pd.DataFrame,
-    contexts_by_feature: dict[int, list[TokenContext]],
+    windows: dict[int, FeatureWindows],
+    top_windows: dict[int, list[Window]],
     promoted: np.ndarray | None,
     suppressed: np.ndarray | None,
     tokenizer,
@@ -163,80 +240,110 @@ def interpretation_rows(
         return "" if token_ids is None else " | ".join(tokenizer.decode([int(t)]) for t in token_ids[row_index])
 
     rows = []
-    for row_index, (feature, all_contexts) in enumerate(contexts_by_feature.items()):
-        contexts = all_contexts[: config.top_contexts]
-        firing_tokens = list(dict.fromkeys(context.tokens[context.focus] for context in contexts))
+    for row_index, (feature, all_top) in enumerate(top_windows.items()):
+        top = all_top[: config.top_contexts]
+        count = windows[feature].count
         rows.append(
             {
                 "feature": feature,
                 "frequency": float(statistics.frequency[feature]),
                 "mean_activation": float(statistics.mean_activation[feature]),
                 "max_activation": float(statistics.max_activation[feature]),
-                "top_tokens": " | ".join(firing_tokens),
+                "activating_windows": count,
+                "top_tokens": " | ".join(dict.fromkeys(window.tokens[window.peak] for window in top)),
                 "logit_lens_promoted": decoded(promoted, row_index),
                 "logit_lens_suppressed": decoded(suppressed, row_index),
                 "top_label": labels.loc[feature, "top_label"],
                 "top_label_auroc": float(labels.loc[feature, "top_label_auroc"]),
                 "explanation": "",
-                "score": np.nan,
+                **{column: "" if column.endswith("_quantile_accuracy") else np.nan for column in classifier_columns()},
                 "fast_rubric_rating": None,
                 "fast_rubric_name": "",
-                "top_contexts": "\n".join(f"[{context.activation:.2f}] {context.marked_text()}" for context in contexts),
+                "scoring_note": "" if count >= config.min_windows else f"too rare to score: {count} activating windows, MIN_WINDOWS is {config.min_windows}",
+                "top_contexts": "\n".join(f"[{window.activation:.2f}] {window.marked_text()}" for window in top),
             }
         )
     return rows
 
 
-def explain_features(
-    rows: list[dict[str, Any]],
-    contexts_by_feature: dict[int, list[TokenContext]],
-    store: ActivationStore,
-    sae,
-    statistics: FeatureStatistics,
-    tokenizer,
-    config: InterpretConfig,
-) -> RubricSummary | None:
-    """Fill each row's LLM columns for SCORING; returns the rubric's rating distribution when it ran.
+def classifier_columns() -> list[str]:
+    """Per delphi scorer: its score, its accuracy per activation quantile (a JSON list, strongest first) and on non-activating windows."""
+    return [f"{scorer}_{column}" for scorer in SCORERS for column in ("score", "quantile_accuracy", "non_activating_accuracy")]
 
-    Detection: one explaining request per feature, then one scoring request. Rubric: one request per
-    feature, independent of the explanation, so it goes out with the explaining round.
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _fill_scores(row: dict[str, Any], scorer: str, result: ClassifierResult) -> None:
+    row[f"{scorer}_score"] = result.score
+    row[f"{scorer}_quantile_accuracy"] = json.dumps([_rounded(accuracy) for accuracy in result.quantile_accuracy])
+    row[f"{scorer}_non_activating_accuracy"] = np.nan if result.non_activating_accuracy is None else result.non_activating_accuracy
+    if math.isnan(result.score):
+        logger.warning("%s: no readable answer for feature %d, its score is left empty.", scorer, row["feature"])
+
+
+def _note_short_classes(rows: list[dict[str, Any]], examples: dict[int, FeatureExamples], wanted: int) -> None:
+    """Say in the CSV where a scorer gets fewer windows of a class than SCORE_EXAMPLES: a feature that fires in nearly every
+    window leaves few non-activating ones, and with none its score is at most 0.5 (a class with no verdicts counts 0)."""
+    for row in rows:
+        scoring = examples.get(row["feature"], FeatureExamples([], [])).scoring
+        activating = sum(example.activating for example in scoring)
+        if row["feature"] in examples and min(activating, len(scoring) - activating) < wanted:
+            row["scoring_note"] = (
+                f"scored on {activating} activating and {len(scoring) - activating} non-activating windows, not {wanted} of each; "
+                "a class with none counts 0"
+            )
+
+
+def explain_features(
+    rows: list[dict[str, Any]], top_windows: dict[int, list[Window]], examples: dict[int, FeatureExamples], config: InterpretConfig
+) -> tuple[RubricSummary | None, dict[int, dict[str, ClassifierResult]]]:
+    """Fill each row's LLM columns for SCORING; returns the rubric's rating distribution (when it ran) and each feature's scorer results.
+
+    First round: one explaining request per feature in `examples` and one rubric request per feature with
+    windows (independent of the explanation). Second round: the detection and fuzzing prompts.
     """
     client = CachedChatClient(config.explanation_model, Path(config.llm_cache_dir or cache_dir() / "llm"), config.llm_concurrency)
-    explain_requests, scoring_sets = [], []
-    for feature in list(contexts_by_feature) if config.detection else []:
-        shown = contexts_by_feature[feature][: config.explain_contexts]
-        # Held out for scoring: activations spread over the feature's range (weak ones too), never the ones shown.
-        shown_tokens = {int(store.doc_offsets[context.example]) + context.position for context in shown}
-        sampled = statistics.samples_across_quantiles(feature, config.score_contexts, shown_tokens)
-        held_out = contexts_at(store, sae, feature, tokenizer, sampled, config.context_window)
-        silent = non_activating_contexts(store, statistics, feature, tokenizer, config.context_window, config.explain_contexts // 2 + len(held_out), config.seed)
-        explain_requests.append(explanation_messages(shown, silent[: config.explain_contexts // 2]))
-        excerpts = [("".join(context.tokens), 1) for context in held_out] + [(text, 0) for text in silent[config.explain_contexts // 2 :]]
-        order = np.random.default_rng([config.seed, feature]).permutation(len(excerpts))
-        scoring_sets.append([excerpts[index] for index in order])
-    # A feature that never fired has no contexts to rate: it is not asked (nor counted as unreadable).
-    rubric_rows = [row for row in rows if contexts_by_feature[row["feature"]]] if config.rubric else []
-    rubric_requests = [rubric_messages(contexts_by_feature[row["feature"]][: config.rubric_contexts]) for row in rubric_rows]
+    explained = list(examples) if config.classifiers else []
+    explain_requests = [explanation_messages(examples[feature].explain) for feature in explained]
+    # A feature that never fired has no windows to rate: it is not asked (nor counted as unreadable).
+    rubric_rows = [row for row in rows if top_windows[row["feature"]]] if config.rubric else []
+    rubric_requests = [rubric_messages(top_windows[row["feature"]][: config.rubric_contexts]) for row in rubric_rows]
+    # Each scorer's texts and order are fixed before the explanation is known; only the explanation goes in later.
+    plans = {}
+    for feature in explained:
+        order = scoring_order(len(examples[feature].scoring), f"{config.seed}:{feature}")
+        for scorer in config.classifiers:
+            plans[feature, scorer] = (example_texts(scorer, examples[feature].scoring), order)
+    estimate = {  # the scoring prompts as they will be, with a stand-in for the explanation
+        scorer: [prompt for (_, kind), (texts, order) in plans.items() if kind == scorer for prompt in classifier_prompts(scorer, "word " * EXPLANATION_TOKENS, texts, order, config.examples_per_prompt)]
+        for scorer in SCORERS
+    }
     first_round = explain_requests + rubric_requests
-    cached = sum(client.cached(messages, 300) is not None for messages in first_round)
-
-    def characters(requests: list) -> int:
-        return sum(len(message["content"]) for messages in requests for message in messages)
-
-    logger.info(  # a scoring prompt is about as long as its explaining one; ~4 characters a token
-        "LLM: %d explaining + %d scoring + %d FAST-rubric requests to %s (about %d prompt tokens; %d explaining/rubric answers already cached)",
-        len(explain_requests), len(scoring_sets), len(rubric_requests), config.explanation_model,
-        (2 * characters(explain_requests) + characters(rubric_requests)) // 4, cached,
+    cached = sum(client.cached(messages, ANSWER_TOKENS) is not None for messages in first_round)
+    logger.info(
+        "LLM: %d explaining + %d detection + %d fuzzing + %d FAST-rubric requests to %s, about %s prompt tokens (%d explaining/rubric answers already cached)",
+        len(explain_requests), len(estimate["detection"]), len(estimate["fuzzing"]), len(rubric_requests), config.explanation_model,
+        f"{_tokens(first_round + estimate['detection'] + estimate['fuzzing']):,}", cached,
     )
-    answers = client.complete_all(first_round)
-    explanations = [answer.strip().strip('"') for answer in answers[: len(explain_requests)]]
-    if config.detection:
-        scoring_requests = [scoring_messages(explanation, [text for text, _ in excerpts]) for explanation, excerpts in zip(explanations, scoring_sets)]
-        for row, explanation, excerpts, answer in zip(rows, explanations, scoring_sets, client.complete_all(scoring_requests)):
-            row["explanation"] = explanation
-            labels = parse_labels(answer, len(excerpts))
-            truth = [is_activating for _, is_activating in excerpts]
-            row["score"] = balanced_accuracy(labels, truth) if labels is not None and 1 in truth else np.nan
+    answers = client.complete_all(first_round, ANSWER_TOKENS)
+    explanations = dict(zip(explained, (answer.strip().strip('"') for answer in answers[: len(explain_requests)])))
+    scoring_requests, spans = [], []
+    for (feature, scorer), (texts, order) in plans.items():
+        prompts = classifier_prompts(scorer, explanations[feature], texts, order, config.examples_per_prompt)
+        spans.append((feature, scorer, order, len(scoring_requests), len(prompts)))
+        scoring_requests += prompts
+    scoring_answers = client.complete_all(scoring_requests, ANSWER_TOKENS)
+    row_of = {row["feature"]: row for row in rows}
+    results: dict[int, dict[str, ClassifierResult]] = {feature: {} for feature in explained}
+    for feature, scorer, order, first, count in spans:
+        result = score_answers(examples[feature].scoring, order, config.examples_per_prompt, scoring_answers[first : first + count], config.n_quantiles)
+        results[feature][scorer] = result
+        row_of[feature]["explanation"] = explanations[feature]
+        _fill_scores(row_of[feature], scorer, result)
+    for scorer in config.classifiers:
+        _log_headline(scorer, [(examples[feature].scoring, result[scorer]) for feature, result in results.items()])
     summary = None
     if config.rubric:
         for row, answer in zip(rubric_rows, answers[len(explain_requests) :]):
@@ -246,11 +353,25 @@ def explain_features(
         summary = rubric_summary(row["fast_rubric_rating"] for row in rubric_rows)
         logger.info("FAST rubric: %s", summary.describe())
     logger.info("LLM: %d requests sent, the rest served from the cache", client.requests_sent)
-    return summary
+    return summary, results
+
+
+def _log_headline(scorer: str, scored: list[tuple[list[ScoringExample], ClassifierResult]]) -> None:
+    """The run's numbers for one scorer: the mean of the features' scores, and delphi's headline (balanced accuracy over all examples pooled)."""
+    scores = [result.score for _, result in scored if not math.isnan(result.score)]
+    if not scores:
+        logger.info("%s: no feature scored", scorer)
+        return
+    verdicts = [verdict for examples, result in scored for verdict in result.verdicts]
+    truth = [example.activating for examples, _ in scored for example in examples]
+    logger.info(
+        "%s: mean score %.3f over %d features; balanced accuracy over all %d examples pooled (delphi's headline) %.3f",
+        scorer, float(np.mean(scores)), len(scores), len(truth), balanced_accuracy(verdicts, truth),
+    )
 
 
 def interpret_sae(config: InterpretConfig) -> Path:
-    """Statistics over the whole store, then one CSV row per chosen feature."""
+    """Statistics over the whole store, windows of the chosen features, then one CSV row per chosen feature."""
     loaded = load_sae(config.checkpoint)
     store_path = config.store or loaded.metadata.get("store")
     if not store_path:
@@ -272,33 +393,43 @@ def interpret_sae(config: InterpretConfig) -> Path:
         unembedding = _unembedding(load_model(source, torch.float32, "cpu")).to(device)
     sae = loaded.sae.to(device)
     include_special = bool(loaded.metadata.get("training", {}).get("include_special_tokens", False))
-    contexts_needed = max(config.top_contexts, config.explain_contexts, config.rubric_contexts)
     with tempfile.TemporaryDirectory(prefix="fastsae-interpret-") as scratch:  # example-level maxima live on disk
-        statistics = collect_feature_statistics(
-            store, sae, top_n=contexts_needed, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy"
-        )
-        return _interpret_with(statistics, store, sae, tokenizer, unembedding, config)
+        statistics = collect_feature_statistics(store, sae, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy")
+        return _interpret_with(statistics, store, sae, tokenizer, unembedding, include_special, config)
 
 
-def _interpret_with(statistics: FeatureStatistics, store: ActivationStore, sae, tokenizer, unembedding: torch.Tensor | None, config: InterpretConfig) -> Path:
-    """Everything after the pass over the store: labels, chosen features, contexts, logit lens, LLM, CSV and dashboard."""
+def _interpret_with(
+    statistics: FeatureStatistics, store: ActivationStore, sae, tokenizer, unembedding: torch.Tensor | None, include_special: bool, config: InterpretConfig
+) -> Path:
+    """Everything after the statistics: labels, chosen features, their windows, logit lens, LLM, CSV and dashboard."""
     labels = label_association(statistics.example_max, [record.get("label") for record in store.example_records()])
     features = select_features(config.features, statistics, labels, config.seed)
-    contexts_by_feature = {f: top_contexts(store, sae, statistics, f, tokenizer, config.context_window, statistics.top_values.shape[1]) for f in features}
+    grid = WindowGrid(store.doc_offsets, config.window_tokens) if include_special else WindowGrid.after_leading_template(store, config.window_tokens)
+    shown = max(config.top_contexts, config.rubric_contexts, config.explain_examples if config.explain_from == "top" else 0)
+    windows = collect_windows(store, sae, features, grid, shown, include_special, seed=config.seed)
+    top_windows = {f: read_windows(store, sae, f, tokenizer, grid, grid.index_of(windows[f].top_peaks), include_special) for f in features}
     promoted, suppressed = logit_lens(sae.W_dec.detach()[features], unembedding, k=config.logit_lens_tokens) if unembedding is not None else (None, None)
-    rows = interpretation_rows(statistics, labels, contexts_by_feature, promoted, suppressed, tokenizer, config)
-    rubric = None
+    rows = interpretation_rows(statistics, labels, windows, top_windows, promoted, suppressed, tokenizer, config)
+    rubric, results, examples = None, {}, {}
     if not config.explain:
         logger.info("EXPLAIN is off: the explanation, score and FAST-rubric columns are left empty.")
     elif api_key() is None:
         logger.warning("No API key (%s): the explanation, score and FAST-rubric columns are left empty.", " / ".join(API_KEY_VARIABLES))
     else:
-        rubric = explain_features(rows, contexts_by_feature, store, sae, statistics, tokenizer, config)
+        scored = [f for f in features if windows[f].count >= config.min_windows] if config.classifiers else []
+        if config.classifiers and len(scored) < len(features):
+            logger.info("%d of %d features have fewer than MIN_WINDOWS=%d activating windows: too rare to explain and score.", len(features) - len(scored), len(features), config.min_windows)
+        examples = {
+            f: feature_examples(store, sae, tokenizer, grid, windows[f], f, config, include_special) for f in tqdm(scored, desc="sampling windows", unit="feature")
+        }
+        _note_short_classes(rows, examples, config.score_examples)
+        rubric, results = explain_features(rows, top_windows, examples, config)
     path = Path(config.interpretations_path)
     partial = path.with_name(path.name + ".partial")
     pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {}).to_csv(partial, index=False)  # whole numbers; empty where missing
     partial.replace(path)
     title = f"{sae.spec.name} on {store.manifest['model']} {store.hook_name}"
-    dashboard = write_dashboard(path.with_name("dashboard.html"), dashboard_data(title, rows, contexts_by_feature, statistics, rubric))
+    page = dashboard_data(title, rows, top_windows, statistics, rubric, {f: (examples[f].scoring, results[f]) for f in results}, config.n_quantiles)
+    dashboard = write_dashboard(path.with_name("dashboard.html"), page)
     logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
     return path

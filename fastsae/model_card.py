@@ -149,13 +149,14 @@ def _features(inputs: CardInputs) -> str:
             "## Features\n\nNo interpretations: run `python interpret_sae.py --checkpoint <the .pt>` "
             "(with OPENAI_API_KEY set for explanations and scores), then export again."
         )
-    scored = table[table["score"].notna()]
+    scored = table[table["detection_score"].notna()]
     if len(scored):
-        chosen = scored.sort_values(["score", "frequency"], ascending=False, kind="stable").head(TOP_FEATURES)
+        chosen = scored.sort_values(["detection_score", "frequency"], ascending=False, kind="stable").head(TOP_FEATURES)
         intro = (
-            f"The {len(chosen)} best-scored of the {len(table)} features in `interpretations.csv`. An LLM explained each "
-            "from its top-activating contexts; the score is the balanced accuracy with which the LLM, given only the "
-            "explanation, told held-out activating contexts from silent ones (0.5 is chance)."
+            f"The {len(chosen)} best-scored of the {len(table)} features in `interpretations.csv`, by delphi's detection score. "
+            "An LLM explained each from windows sampled across its activation quantiles; detection is the balanced accuracy "
+            "with which the LLM, given only the explanation, told held-out activating windows from non-activating ones, and "
+            "fuzzing the same for windows with their firing tokens marked, against windows with random tokens marked (0.5 is chance)."
         )
     else:
         chosen = table.sort_values("frequency", ascending=False, kind="stable").head(TOP_FEATURES)
@@ -168,7 +169,8 @@ def _features(inputs: CardInputs) -> str:
         [
             rank,
             int(row.feature),
-            None if pd.isna(row.score) else f"{row.score:.3f}",
+            None if pd.isna(row.detection_score) else f"{row.detection_score:.3f}",
+            None if pd.isna(row.fuzzing_score) else f"{row.fuzzing_score:.3f}",
             row.explanation,
             f"{row.frequency:.4f}",
             row.top_tokens,
@@ -176,7 +178,7 @@ def _features(inputs: CardInputs) -> str:
         ]
         for rank, row in enumerate(chosen.itertuples(index=False), 1)
     ]
-    header = ["rank", "feature", "score", "explanation", "frequency", "top tokens", "top label (AUROC)"]
+    header = ["rank", "feature", "detection", "fuzzing", "explanation", "frequency", "top tokens", "top label (AUROC)"]
     return "\n\n".join(["## Features", intro, markdown.table(header, rows)])
 
 
@@ -190,7 +192,7 @@ def _files(inputs: CardInputs) -> str:
         "feature_density.png": "histogram of the features' log10 density",
         "metrics.json": "training history and final validation metrics",
         "training_curves.png": "training curves",
-        "interpretations.csv": "per feature: statistics, top tokens and contexts, logit lens, label, explanation, score",
+        "interpretations.csv": "per feature: statistics, top tokens and windows, logit lens, label, explanation, detection and fuzzing scores",
         "README.md": "this card",
     }
     rows = [[f"`{name}`", meaning[name]] for name in inputs.files]

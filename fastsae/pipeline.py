@@ -270,7 +270,7 @@ class Pipeline:
             self.check("disk", "extraction does not run: nothing new to store")
         interpret = self.plans["interpret"]
         if interpret.selected:
-            self.check("API key", preflight.describe_api_key(interpret.config.explain, self._explained_features(), interpret.config.scoring))
+            self.check("API key", preflight.describe_api_key(interpret.config, self._explained_features()))
 
     def _store_manifest(self, folder: Path) -> dict | None:
         manifest = folder / "manifest.json"
@@ -337,7 +337,7 @@ class Pipeline:
 
     def _estimate(self, preflight) -> None:
         """Counts from the tokenized data (or the store), times from a short calibration on this machine."""
-        from fastsae.interpret import REQUESTS_PER_FEATURE
+        from fastsae.interpret import estimate_llm_cost
         from fastsae.models import load_tokenizer
         from fastsae.store import ActivationStore, bytes_per_token
 
@@ -363,8 +363,8 @@ class Pipeline:
         interpret.examples, interpret.tokens = len(corpus.lengths), corpus.n_tokens
         interpret.seconds = _seconds(calibration.load_seconds, corpus.n_tokens, calibration.encode_tokens_per_second)
         features = self._explained_features()
-        per_feature = REQUESTS_PER_FEATURE[interpret.config.scoring]
-        interpret.note = f"+ {features} features × {per_feature} ({interpret.config.scoring}) = {per_feature * features} LLM requests" if features else "explanations skipped"
+        cost = estimate_llm_cost(interpret.config, features)
+        interpret.note = f"+ {features} features ({interpret.config.scoring}): at most {cost.describe()}" if features else "explanations skipped"
 
     def _estimate_training(self, corpus: Corpus) -> None:
         from fastsae.batches import ExampleSplit
@@ -453,7 +453,7 @@ class Pipeline:
         return calibration
 
     def _explained_features(self) -> int:
-        """How many features interpretation will ask the LLM about (REQUESTS_PER_FEATURE each); 0 when explanations are skipped."""
+        """How many features interpretation will ask the LLM about (estimate_llm_cost prices them); 0 when explanations are skipped."""
         from fastsae.llm import api_key
 
         interpret = self.plans["interpret"]
@@ -579,10 +579,11 @@ class Pipeline:
             import pandas as pd
 
             rows = pd.read_csv(csv_path)
-            explained, scores = rows["explanation"].dropna(), rows["score"].dropna()
+            explained = rows["explanation"].dropna()
             ratings = rows["fast_rubric_rating"].dropna().astype(int)
             if len(explained):
-                mean = f", mean score {scores.mean():.3f} ({len(scores)} scored)" if len(scores) else ""
+                means = [(name, rows[f"{name}_score"].dropna()) for name in ("detection", "fuzzing")]
+                mean = "".join(f", mean {name} {scores.mean():.3f} ({len(scores)} scored)" for name, scores in means if len(scores))
                 figures.append(("explained features", f"{len(explained)} of {len(rows)}{mean}"))
             elif not len(ratings):
                 figures.append(("explained features", f"0 of {len(rows)} (explanations skipped)"))

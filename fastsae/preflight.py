@@ -23,7 +23,7 @@ from fastsae.data import Dataset
 from fastsae.errors import UserError
 from fastsae.extract import ExtractConfig, pack_sequences, padded_batch
 from fastsae.hook_points import ResidualCapture
-from fastsae.interpret import REQUESTS_PER_FEATURE
+from fastsae.interpret import InterpretConfig, estimate_llm_cost
 from fastsae.llm import API_KEY_VARIABLES, api_key
 from fastsae.models import ModelSource, load_model, model_availability, model_folder, resolve_model
 from fastsae.sae import SAESpec, SparseAutoencoder
@@ -129,13 +129,13 @@ def check_disk(folder: Path, needed_bytes: int) -> str:
     return f"the store needs about {format_bytes(needed_bytes)} (+{DISK_MARGIN_BYTES // 2**20} MiB margin); {format_bytes(free_disk_bytes(folder))} free at {folder}"
 
 
-def describe_api_key(explain: bool, n_features: int, scoring: str) -> str:
-    if not explain:
+def describe_api_key(config: InterpretConfig, n_features: int) -> str:
+    if not config.explain:
         return "EXPLAIN is off in interpret_sae.py: explanations are skipped"
     if api_key() is None:
         return f"no key ({' / '.join(API_KEY_VARIABLES)}): explanations and scores are skipped; set one to get them"
     base = os.environ.get("OPENAI_BASE_URL") or "the OpenAI API"
-    return f"key set; {n_features} features × {REQUESTS_PER_FEATURE[scoring]} ({scoring}) = {REQUESTS_PER_FEATURE[scoring] * n_features} requests to {base}"
+    return f"key set; {n_features} features ({config.scoring}): at most {estimate_llm_cost(config, n_features).describe()} to {base}"
 
 
 def format_bytes(count: float) -> str:

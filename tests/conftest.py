@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -134,14 +135,24 @@ EXPLANATION = "the word 'would' in predictions"
 RUBRIC_ANSWER = "RATING: 4\nNAME: modal would"
 
 
+def classifier_prompt_content(messages: list[dict]) -> tuple[str, list[str]]:
+    """(explanation, example texts) of a detection or fuzzing prompt, ours or delphi's: its last message reads
+    "<...> explanation: E", a blank line, "Text examples:", a blank line, then "Example i: text" per example."""
+    head, _, body = messages[-1]["content"].partition("\n\nText examples:\n\n")
+    explanation = head.split("explanation: ", 1)[1]
+    return explanation, re.split(r"\nExample \d+: ", "\n" + body.removesuffix("\n"))[1:]
+
+
 class ChatCompletionsServer(ThreadingHTTPServer):
     """Answers /v1/chat/completions; `statuses` queues error codes to return before answering normally,
-    `rubric_answers` the answers to FAST-rubric prompts (then RUBRIC_ANSWER)."""
+    `rubric_answers` the answers to FAST-rubric prompts (then RUBRIC_ANSWER); `answerer`, when set, answers every
+    other request from its messages."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.statuses: list[int] = []
         self.rubric_answers: list[str] = []
+        self.answerer: Callable[[list[dict]], str] | None = None
         self.requests: list[dict] = []
         self.lock = threading.Lock()
 
@@ -166,9 +177,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if rubric_answer is not None:
             content = rubric_answer
-        elif "JSON list of" in prompt:
-            count = int(prompt.split("JSON list of ")[1].split(" ")[0])
-            content = "Here you go: " + json.dumps([1] * count)  # says every excerpt fires
+        elif self.server.answerer is not None:
+            content = self.server.answerer(body["messages"])
+        elif "\n\nText examples:\n\n" in prompt:
+            count = len(classifier_prompt_content(body["messages"])[1])
+            content = "Here you go: " + json.dumps([1] * count)  # says yes to every example
         else:
             content = f'"{EXPLANATION}"'
         reply = {

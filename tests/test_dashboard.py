@@ -1,14 +1,16 @@
-"""The dashboard in real headless Chromium: no console errors, a click shows a feature, the FAST-rubric distribution
-matches the CSV, and hostile text (from the data or the LLM) stays text."""
+"""The dashboard in real headless Chromium: no console errors, a click shows a feature, the FAST-rubric distribution,
+the delphi scores per quantile and the verdicts on the held-out windows match the CSV, and hostile text (from the data or
+the LLM) stays text."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pandas as pd
 import pytest
 
-from conftest import chat_server, write_jsonl
+from conftest import chat_server, classifier_prompt_content, write_jsonl
 from fastsae.data import load_dataset
 from fastsae.extract import ExtractConfig, write_activation_stores
 from fastsae.interpret import InterpretConfig, interpret_sae
@@ -22,6 +24,14 @@ HOSTILE = [
 ]
 # FAST-rubric answers from the local LLM server: an unreadable one, then every rating, with names that try to inject HTML.
 RUBRIC_ANSWERS = ["no idea"] + [f'RATING: {rating}\nNAME: <img src=x onerror="window.hacked = 3"> {rating}' for rating in (1, 2, 3, 4, 5)] * 10
+HOSTILE_EXPLANATION = '<img src=x onerror="window.hacked = 4"> the word option'
+
+
+def answer(messages: list[dict]) -> str:
+    """An explanation that is markup, and detection / fuzzing verdicts that vary with the examples' text."""
+    if "Text examples:" not in messages[-1]["content"]:
+        return HOSTILE_EXPLANATION
+    return str([len(text) % 2 for text in classifier_prompt_content(messages)[1]])
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +44,12 @@ def dashboard(tmp_path_factory, tiny_llama, smollm2_tokenizer, tiny_model_folder
     (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
     (result,) = train_saes(TrainConfig(store=str(store), output_dir=str(folder / "checkpoints"), m=32, k=4, batch_size=128, epochs=5.0, buffer_tokens=1024))
     with pytest.MonkeyPatch.context() as monkeypatch, chat_server(monkeypatch) as server:
-        server.rubric_answers = list(RUBRIC_ANSWERS)
+        server.rubric_answers, server.answerer = list(RUBRIC_ANSWERS), answer
         csv = interpret_sae(
             InterpretConfig(
                 checkpoint=result["checkpoint"], model_name=str(tiny_model_folder), features="all", interpretations_path=str(folder / "interpretations.csv"),
-                scoring="fast-rubric", llm_cache_dir=str(folder / "llm-cache"), device="cpu",
+                scoring="detection,fuzzing,fast-rubric", explain_examples=10, score_examples=10, n_quantiles=5, min_windows=10,
+                llm_cache_dir=str(folder / "llm-cache"), device="cpu",
             )
         )
     return csv.with_name("dashboard.html")
@@ -103,5 +114,31 @@ def test_the_rubric_distribution_and_ratings_match_the_csv(page, dashboard):
     assert listed[: len(ratings)] == [str(rating) for rating in sorted(ratings, reverse=True)]
     page.locator("tr.feature").first.click()  # a 5, whose name is markup: shown as text
     assert page.locator("#detail .rubric").inner_text() == 'FAST rubric: 5/5 · <img src=x onerror="window.hacked = 3"> 5'
+    assert page.locator("img").count() == 0 and page.evaluate("window.hacked") is None
+    assert page.errors == []
+
+
+def test_scores_per_quantile_and_verdicts_on_held_out_windows_match_the_csv(page, dashboard):
+    table = pd.read_csv(dashboard.with_name("interpretations.csv")).set_index("feature")
+    scored = table[table["detection_score"].notna()]
+    assert len(scored) > 3 and (table["scoring_note"].notna() | table["detection_score"].notna()).all()
+    page.select_option("#sort", "detection_score")
+    listed = page.locator("tr.feature td.detection").all_inner_texts()
+    assert listed[: len(scored)] == [f"{score:.2f}" for score in sorted(scored["detection_score"], reverse=True)]
+    page.locator("tr.feature").first.click()
+    feature = int(page.locator("#detail h1").inner_text().removeprefix("Feature "))
+    row = scored.loc[feature]
+    assert page.locator("#detail .explanation").inner_text() == HOSTILE_EXPLANATION  # markup from the LLM, shown as text
+    for scorer in ("detection", "fuzzing"):
+        cells = page.locator(f'#detail table.quantiles tr[data-scorer="{scorer}"] td').all_inner_texts()
+        expected = ["–" if accuracy is None else f"{accuracy:.2f}" for accuracy in json.loads(row[f"{scorer}_quantile_accuracy"])]
+        assert cells == [scorer, *expected, f"{row[f'{scorer}_non_activating_accuracy']:.2f}"]
+        # The balanced accuracy of the verdicts shown on the held-out windows is the CSV's score.
+        activating = page.locator("#detail .held-out[data-activating=true]")
+        silent = page.locator("#detail .held-out[data-activating=false]")
+        assert activating.count() == 10 and silent.count() == 10
+        hits = activating.locator(f".verdict.right:text-is('{scorer}: yes')").count()
+        rejections = silent.locator(f".verdict.right:text-is('{scorer}: no')").count()
+        assert (hits / 10 + rejections / 10) / 2 == pytest.approx(row[f"{scorer}_score"])
     assert page.locator("img").count() == 0 and page.evaluate("window.hacked") is None
     assert page.errors == []

@@ -69,7 +69,7 @@ def scored_csv(unscored_csv) -> Path:
     scores = np.random.default_rng(0).permutation(np.linspace(0.5, 1.0, 14))
     table["explanation"] = table["explanation"].astype(object)
     for row, score in enumerate(scores):
-        table.loc[row, ["explanation", "score"]] = [f"explanation of feature {table.loc[row, 'feature']}", round(float(score), 4)]
+        table.loc[row, ["explanation", "detection_score"]] = [f"explanation of feature {table.loc[row, 'feature']}", round(float(score), 4)]
     best = int(np.argmax(scores))
     table.loc[best, "explanation"] = TRICKY_EXPLANATION
     path = unscored_csv.with_name("scored.csv")
@@ -181,11 +181,11 @@ def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scor
     verdicts = {row[0]: row[3] for row in table_with_header(tables, "health check")[1:]}
     assert verdicts == {row["metric"]: row["verdict"] for row in evaluation["health"]}
 
-    features = table_with_header(tables, "rank", "feature", "score", "explanation")
-    expected = pd.read_csv(scored_csv).dropna(subset=["score"]).sort_values("score", ascending=False).head(10)
+    features = table_with_header(tables, "rank", "feature", "detection", "fuzzing", "explanation")
+    expected = pd.read_csv(scored_csv).dropna(subset=["detection_score"]).sort_values("detection_score", ascending=False).head(10)
     assert [int(row[1]) for row in features[1:]] == expected["feature"].tolist()
-    assert [float(row[2]) for row in features[1:]] == pytest.approx(expected["score"].tolist(), abs=5e-4)
-    assert features[1][3] == " ".join(TRICKY_EXPLANATION.split())  # one cell, the text intact, no HTML
+    assert [float(row[2]) for row in features[1:]] == pytest.approx(expected["detection_score"].tolist(), abs=5e-4)
+    assert features[1][4] == " ".join(TRICKY_EXPLANATION.split())  # one cell, the text intact, no HTML
     assert "best-scored" in card.text and "No LLM scores" not in card.text
     assert "![feature density](feature_density.png)" in card.text
 
@@ -202,10 +202,10 @@ def test_missing_evaluation_and_interpretations_are_said_on_the_card(trained, un
     unscored = export_sae(ExportConfig(checkpoint=str(trained), output=str(tmp_path / "unscored"), interpretations=str(unscored_csv)))
     card, tables = card_body(unscored)
     assert "No LLM scores" in card.text
-    features = table_with_header(tables, "rank", "feature", "score", "explanation")
-    frequencies = [float(row[4]) for row in features[1:]]
+    features = table_with_header(tables, "rank", "feature", "detection", "fuzzing", "explanation")
+    frequencies = [float(row[5]) for row in features[1:]]
     assert len(frequencies) == 10 and frequencies == sorted(frequencies, reverse=True)
-    assert all(row[2] == "—" and row[3] == "—" for row in features[1:])
+    assert all(row[2] == row[3] == row[4] == "—" for row in features[1:])
 
 
 def test_base_model_is_named_only_when_the_model_is_on_the_hub(trained, tmp_path):

@@ -10,7 +10,7 @@ from fastsae.features import collect_feature_statistics, label_association, logi
 from fastsae.sae import SAESpec, SparseAutoencoder
 from fastsae.store import ActivationStore
 
-M, K, N = 96, 6, 7
+M, K = 96, 6
 
 
 @pytest.fixture(scope="module")
@@ -31,35 +31,16 @@ def brute_force_codes(store: ActivationStore, sae: SparseAutoencoder) -> torch.T
 
 def test_streaming_statistics_equal_brute_force(store_and_sae):
     store, sae = store_and_sae
-    stats = collect_feature_statistics(store, sae, top_n=N, chunk_tokens=1000)  # odd chunks: merges cross shard and chunk ends
+    stats = collect_feature_statistics(store, sae, chunk_tokens=1000)  # odd chunks: merges cross shard and chunk ends
     codes = brute_force_codes(store, sae)
     content = int((~store.special_mask(0, store.n_tokens)).sum())
     assert stats.n_tokens == content
     np.testing.assert_allclose(stats.frequency, ((codes > 0).sum(0) / content).numpy(), rtol=1e-6)
     np.testing.assert_allclose(stats.max_activation, codes.max(0).values.numpy(), rtol=1e-6)
-    expected_top = codes.T.topk(N, dim=1)
-    np.testing.assert_allclose(stats.top_values, expected_top.values.numpy(), rtol=1e-6)
-    for feature in range(M):  # identical contexts give tied activations, so check the tokens by their values
-        fired = stats.top_values[feature] > 0
-        tokens = stats.top_tokens[feature][fired]
-        assert len(set(tokens.tolist())) == len(tokens) and (stats.top_tokens[feature][~fired] == -1).all()
-        np.testing.assert_allclose(codes[tokens, feature].numpy(), stats.top_values[feature][fired], rtol=1e-6)
     assert stats.histogram.sum() == int((codes > 1e-3).sum())  # every firing activation above the first edge is binned once
     for example in (0, 5, store.n_examples - 1):
         start, stop = store.doc_offsets[example], store.doc_offsets[example + 1]
         np.testing.assert_allclose(stats.example_max[example], codes[start:stop].max(0).values.numpy(), rtol=1e-6)
-
-
-def test_top_tokens_map_back_to_examples_and_positions(store_and_sae, smollm2_tokenizer):
-    from fastsae.features import top_contexts
-
-    store, sae = store_and_sae
-    stats = collect_feature_statistics(store, sae, top_n=N, chunk_tokens=4096)
-    feature = int(np.argmax(stats.frequency))
-    contexts = top_contexts(store, sae, stats, feature, smollm2_tokenizer, window=2, limit=N)
-    assert len(contexts) == N
-    for context, value in zip(contexts, stats.top_values[feature]):  # re-encoding the mapped example finds the same value
-        assert context.activation == pytest.approx(float(value), rel=1e-5)
 
 
 def test_label_auroc_equals_pairwise_comparison():
@@ -88,45 +69,10 @@ def test_logit_lens_equals_the_full_product():
     np.testing.assert_array_equal(suppressed, (-logits).topk(5, dim=1).indices.numpy())
 
 
-def test_contexts_window_the_firing_token_with_each_tokens_activation(store_and_sae, smollm2_tokenizer):
-    from fastsae.features import top_contexts
-
-    store, sae = store_and_sae
-    stats = collect_feature_statistics(store, sae, top_n=N)
-    feature = int(np.argmax(stats.frequency))
-    contexts = top_contexts(store, sae, stats, feature, smollm2_tokenizer, window=3, limit=4)
-    assert len(contexts) == 4
-    for context in contexts:
-        assert context.activations[context.focus] == pytest.approx(context.activation, rel=1e-5)
-        assert len(context.tokens) == len(context.activations) <= 7
-        stored = store.example(context.example).token_ids
-        assert context.tokens[context.focus] == smollm2_tokenizer.decode([int(stored[context.position])])
-        assert f"«{context.tokens[context.focus]}»" in context.marked_text()
-
-
-def test_bin_samples_are_real_activations_from_their_bins(store_and_sae):
-    from fastsae.features import HISTOGRAM_EDGES
-
-    store, sae = store_and_sae
-    stats = collect_feature_statistics(store, sae, top_n=N, chunk_tokens=1000)
-    codes = brute_force_codes(store, sae)
-    assert ((stats.bin_samples >= 0) == (stats.histogram > 0)).all()  # a sample exactly where the bin has activations
-    for feature in range(0, M, 7):
-        for bin_index in np.flatnonzero(stats.bin_samples[feature] >= 0):
-            value = float(codes[stats.bin_samples[feature, bin_index], feature])
-            assert HISTOGRAM_EDGES[bin_index] < value <= HISTOGRAM_EDGES[bin_index + 1]
-    feature = int(np.argmax(stats.frequency))
-    top = set(stats.top_tokens[feature].tolist())
-    spread = stats.samples_across_quantiles(feature, 4, exclude=top)
-    assert len(spread) == min(4, len(set(stats.bin_samples[feature][stats.bin_samples[feature] >= 0].tolist()) - top))
-    values = [float(codes[token, feature]) for token in spread]
-    assert values == sorted(values) and not set(spread) & top  # weak to strong, none of the shown ones
-
-
 def test_example_maxima_can_live_on_disk(store_and_sae, tmp_path):
     store, sae = store_and_sae
-    in_memory = collect_feature_statistics(store, sae, top_n=N)
-    on_disk = collect_feature_statistics(store, sae, top_n=N, example_max_file=tmp_path / "example_max.npy")
+    in_memory = collect_feature_statistics(store, sae)
+    on_disk = collect_feature_statistics(store, sae, example_max_file=tmp_path / "example_max.npy")
     assert isinstance(on_disk.example_max, np.memmap)
     np.testing.assert_array_equal(np.asarray(on_disk.example_max), in_memory.example_max)
     labels = ["a" if index % 3 else "b" for index in range(store.n_examples)]

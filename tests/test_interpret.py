@@ -30,14 +30,15 @@ def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_mod
     assert set(table["top_label"]) <= labels
     assert ((table["top_label_auroc"] >= 0.5) & (table["top_label_auroc"] <= 1)).all()  # the best label is at least chance
     assert all("«" in contexts and "»" in contexts for contexts in table["top_contexts"])
-    assert all((table[column] == "").all() for column in ("explanation", "score", "fast_rubric_rating", "fast_rubric_name"))  # EXPLAIN off
+    llm_columns = ["explanation", "detection_score", "detection_quantile_accuracy", "fuzzing_score", "fast_rubric_rating", "fast_rubric_name"]
+    assert all((table[column] == "").all() for column in llm_columns)  # EXPLAIN off
     assert all(len(tokens.split(" | ")) == 8 for tokens in table["logit_lens_promoted"])
 
 
 def statistics_with(frequency: list[float]) -> FeatureStatistics:
     m = len(frequency)
     zeros = np.zeros(m)
-    return FeatureStatistics(10, np.array(frequency), zeros, zeros, np.zeros((m, 2)), np.zeros((m, 1)), np.zeros((m, 1), dtype=int), np.zeros((3, m)), np.full((m, 2), -1))
+    return FeatureStatistics(10, np.array(frequency), zeros, zeros, np.zeros((m, 2)), np.zeros((3, m)))
 
 
 def test_feature_selection():

@@ -1,8 +1,9 @@
-"""LLM explanations, detection scores and FAST-rubric ratings against a real HTTP server on 127.0.0.1 speaking the
-chat-completions API, through the real openai client."""
+"""LLM explanations, delphi's detection and fuzzing scores and FAST-rubric ratings against a real HTTP server on 127.0.0.1
+speaking the chat-completions API, through the real openai client."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -11,8 +12,9 @@ import pytest
 
 from conftest import EXPLANATION, chat_server
 from fastsae.errors import UserError
-from fastsae.explanations import balanced_accuracy, parse_labels, parse_rubric, rubric_summary
-from fastsae.interpret import InterpretConfig, interpret_sae
+from fastsae.explanations import parse_rubric, rubric_summary
+from fastsae.interpret import InterpretConfig, estimate_llm_cost, interpret_sae
+from fastsae.scorers import balanced_accuracy, read_verdicts
 from fastsae.train import TrainConfig, train_saes
 
 
@@ -31,37 +33,44 @@ def checkpoint(tiny_store, tmp_path_factory):
 def config_for(checkpoint, model_folder, tmp_path, **overrides) -> InterpretConfig:
     settings = dict(
         checkpoint=checkpoint, model_name=str(model_folder), features="frequency:3", interpretations_path=str(tmp_path / "interpretations.csv"),
-        llm_cache_dir=str(tmp_path / "llm-cache"), explain_contexts=6, score_contexts=3, device="cpu",
+        llm_cache_dir=str(tmp_path / "llm-cache"), explain_examples=10, score_examples=10, n_quantiles=5, min_windows=20, device="cpu",
     )
     settings.update(overrides)
     return InterpretConfig(**settings)
 
 
-def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_cache(server, checkpoint, tiny_model_folder, tmp_path, monkeypatch):
-    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection"))
+def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_cache(server, checkpoint, tiny_model_folder, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="fastsae.interpret")
+    config = config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection")
+    path = interpret_sae(config)
     table = pd.read_csv(path)
     assert list(table["explanation"]) == [EXPLANATION] * 3
-    assert list(table["score"]) == [0.5] * 3  # "all fire": every activating excerpt found, every other one wrong
-    assert len(server.requests) == 6 and all(request["model"] == "gpt-4.1" for request in server.requests)
-    explaining = server.requests[0]["messages"][-1]["content"]
-    assert "«" in explaining and "1. [" in explaining
+    assert list(table["detection_score"]) == [0.5] * 3  # "yes" to all: every activating window found, every other one wrong
+    assert (table["detection_non_activating_accuracy"] == 0).all() and table["fuzzing_score"].isna().all()
+    assert all(json.loads(accuracies) == [1.0] * 5 for accuracies in table["detection_quantile_accuracy"])
+    # Per feature: one explaining request, then its 10 held-out and 10 non-activating windows, 5 to a request.
+    assert len(server.requests) == 3 * (1 + 4) == estimate_llm_cost(config, 3).requests
+    assert all(request["model"] == "gpt-4.1" for request in server.requests)
+    assert "LLM: 3 explaining + 12 detection + 0 fuzzing + 0 FAST-rubric requests to gpt-4.1, about" in caplog.text  # before any answer
+    explaining = [request["messages"][-1]["content"] for request in server.requests if "Text examples:" not in request["messages"][-1]["content"]]
+    assert len(explaining) == 3 and all("«" in prompt and "\n10. [" in prompt and "\n11. [" not in prompt for prompt in explaining)
     assert "sk-test-not-a-real-key" not in path.read_text()
 
-    interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection"))
-    assert len(server.requests) == 6  # nothing new was sent
+    interpret_sae(config)
+    assert len(server.requests) == 15  # nothing new was sent
     for file in (tmp_path / "llm-cache").rglob("*.json"):
         assert "sk-test" not in file.read_text()
 
     with chat_server(monkeypatch) as other_endpoint:  # the same model name at another server: not its answers
-        interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection"))
-    assert len(other_endpoint.requests) == 6 and len(server.requests) == 6
+        interpret_sae(config)
+    assert len(other_endpoint.requests) == 15 and len(server.requests) == 15
 
 
 def test_a_rate_limit_is_retried(server, checkpoint, tiny_model_folder, tmp_path):
     server.statuses = [429, 503]
     path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", llm_concurrency=1, scoring="detection"))
     assert pd.read_csv(path)["explanation"].tolist() == [EXPLANATION]
-    assert len(server.requests) == 4  # two refusals, then the explanation and its score
+    assert len(server.requests) == 2 + 1 + 4  # two refusals, then the explanation and its four scoring requests
 
 
 def test_a_rejected_key_stops_with_a_clear_message(server, checkpoint, tiny_model_folder, tmp_path):
@@ -76,24 +85,44 @@ def test_no_key_leaves_the_columns_empty(monkeypatch, checkpoint, tiny_model_fol
     monkeypatch.delenv("OPENAI_KEY_SAE", raising=False)
     path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path))
     table = pd.read_csv(path, keep_default_na=False)
-    assert all((table[column] == "").all() for column in ("explanation", "score", "fast_rubric_rating", "fast_rubric_name"))
+    assert all((table[column] == "").all() for column in ("explanation", "detection_score", "fuzzing_score", "fast_rubric_rating", "fast_rubric_name"))
     assert "No API key" in caplog.text
 
 
-def test_label_parsing_and_balanced_accuracy():
-    assert parse_labels("Sure! [1, 0, 1]", 3) == [1, 0, 1]
-    assert parse_labels("[2, 0, 1] then [0, 0, 1]", 3) == [0, 0, 1]
-    assert parse_labels("no list here", 2) is None
-    assert balanced_accuracy([1, 1, 0, 0], [1, 1, 0, 0]) == 1.0
-    assert balanced_accuracy([1, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(0.25)
+def test_verdict_reading_and_balanced_accuracy():
+    # delphi's reading: the first [...] on one line, as JSON, one entry per example, each read as true or false.
+    assert read_verdicts("Sure! [1, 0, 1]", 3) == [True, False, True]
+    assert read_verdicts("[2, 0, true] then [0, 0, 1]", 3) == [True, False, True]
+    assert read_verdicts("[1, 0] then [0, 0, 1]", 3) is None  # only the first list counts
+    assert read_verdicts("[1,\n0,\n1]", 3) is None and read_verdicts("no list here", 2) is None and read_verdicts("[1, 0, x]", 3) is None
+    assert balanced_accuracy([True, True, False, False], [True, True, False, False]) == 1.0
+    assert balanced_accuracy([True, False, True, True], [True, True, False, False]) == pytest.approx(0.25)
+    assert balanced_accuracy([True, True], [True, True]) == 0.5  # no non-activating example: its rate counts 0, as in delphi
+
+
+def test_scoring_names_and_too_rare_features(server, checkpoint, tiny_model_folder, tmp_path, caplog):
+    with pytest.raises(UserError, match="SCORING 'detection,rubric' is not understood: name any of detection, fuzzing, fast-rubric"):
+        config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection,rubric")
+    assert config_for(checkpoint, tiny_model_folder, tmp_path, scoring="both").scorings == ["detection", "fast-rubric"]  # the old name
+    caplog.set_level(logging.INFO, logger="fastsae.interpret")
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:2", scoring="detection,fast-rubric", min_windows=10_000))
+    table = pd.read_csv(path, keep_default_na=False)
+    assert len(server.requests) == 2  # the rubric only: no feature has 10,000 activating windows to be explained and scored
+    assert all(note.startswith("too rare to score: ") and note.endswith(" activating windows, MIN_WINDOWS is 10000") for note in table["scoring_note"])
+    assert (table["explanation"] == "").all() and (table["detection_score"] == "").all() and (table["fast_rubric_rating"] != "").all()
+    assert "2 of 2 features have fewer than MIN_WINDOWS=10000 activating windows" in caplog.text
+    # 150 windows of each class asked for, where the store has fewer: scored all the same, and said so.
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", scoring="detection", score_examples=150, examples_per_prompt=50))
+    (note,) = pd.read_csv(path)["scoring_note"]
+    assert note.startswith("scored on ") and note.endswith(" non-activating windows, not 150 of each; a class with none counts 0")
 
 
 @pytest.mark.parametrize(
     ("scoring", "requests_per_feature", "filled", "empty"),
     [
-        ("detection", 2, ["explanation", "score"], ["fast_rubric_rating", "fast_rubric_name"]),
-        ("fast-rubric", 1, ["fast_rubric_rating", "fast_rubric_name"], ["explanation", "score"]),
-        ("both", 3, ["explanation", "score", "fast_rubric_rating", "fast_rubric_name"], []),
+        ("fuzzing", 5, ["explanation", "fuzzing_score"], ["detection_score", "fast_rubric_rating", "fast_rubric_name"]),
+        ("fast-rubric", 1, ["fast_rubric_rating", "fast_rubric_name"], ["explanation", "detection_score", "fuzzing_score"]),
+        ("detection,fuzzing,fast-rubric", 10, ["explanation", "detection_score", "fuzzing_score", "fast_rubric_rating", "fast_rubric_name"], []),
     ],
 )
 def test_each_scoring_fills_its_columns(server, checkpoint, tiny_model_folder, tmp_path, scoring, requests_per_feature, filled, empty):
@@ -107,12 +136,12 @@ def test_each_scoring_fills_its_columns(server, checkpoint, tiny_model_folder, t
 
 def test_the_rubric_prompt_shows_the_top_five_contexts_numbered_and_marked_and_reruns_are_cached(server, checkpoint, tiny_model_folder, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fastsae.interpret")
-    config = config_for(checkpoint, tiny_model_folder, tmp_path, scoring="fast-rubric", explain_contexts=8)
+    config = config_for(checkpoint, tiny_model_folder, tmp_path, scoring="fast-rubric")
     table = pd.read_csv(interpret_sae(config))
     prompts = [request["messages"][-1]["content"] for request in server.requests]
     assert len(prompts) == 3 and all("RATING: <a whole number from 1 to 5>" in prompt and "NAME:" in prompt for prompt in prompts)
     # Each prompt lists one feature's top 5 contexts as the CSV has them (strongest first), numbered, each with its
-    # activation in brackets and the firing token «marked»; not EXPLAIN_CONTEXTS' 8.
+    # activation in brackets and its strongest token «marked»; not the explainer's 10.
     for contexts in table["top_contexts"]:
         split = re.split(r"\n(?=\[\d+\.\d\d\] )", contexts)
         assert len(split) == 5 and all(context.count("«") == 1 for context in split)
@@ -123,8 +152,8 @@ def test_the_rubric_prompt_shows_the_top_five_contexts_numbered_and_marked_and_r
 
     interpret_sae(config)
     assert len(server.requests) == 3  # a rerun is served from the cache
-    interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="both", explain_contexts=8))
-    assert len(server.requests) == 3 + 6  # adding detection asks only for explanations and scores: the ratings are cached
+    interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection,fast-rubric"))
+    assert len(server.requests) == 3 + 3 * (1 + 4)  # adding detection asks only for explanations and scores: the ratings are cached
 
 
 def test_messy_and_unreadable_rubric_answers(server, checkpoint, tiny_model_folder, tmp_path, caplog):

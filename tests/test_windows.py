@@ -1,0 +1,129 @@
+"""Activating windows from the streaming pass equal a brute-force cut of the whole store, and delphi's quantile
+sampling spreads the explainer's and the scorers' windows evenly over a feature's activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastsae.sae import SAESpec, SparseAutoencoder
+from fastsae.sampling import quantile_of_each, sample_windows
+from fastsae.store import ActivationStore
+from fastsae.windows import WindowGrid, WindowReservoir, collect_windows, non_activating_windows, read_windows
+
+M, K, W, TOP = 96, 6, 32, 7
+
+
+@pytest.fixture(scope="module")
+def store_and_sae(tiny_store):
+    store = ActivationStore(tiny_store)
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec("topk", store.d, M, K)).eval()
+    sae.initialize_input_bias_(store.activations(0, 2000).float(), "median")
+    return store, sae
+
+
+def window_maxima(store: ActivationStore, sae: SparseAutoencoder, grid: WindowGrid) -> torch.Tensor:
+    """(windows, M) each window's maximum, from codes of the whole store with special tokens zeroed."""
+    with torch.no_grad():
+        codes = sae.encode(store.activations(0, store.n_tokens).float())
+    codes[torch.from_numpy(store.special_mask(0, store.n_tokens))] = 0
+    ids = torch.from_numpy(grid.index_of(np.arange(store.n_tokens)))[:, None].expand_as(codes)
+    return torch.zeros(len(grid), M).scatter_reduce_(0, ids, codes, reduce="amax"), codes
+
+
+def test_windows_cut_each_example_from_its_first_token():
+    grid = WindowGrid(np.array([0, 5, 5, 70, 102]), W)  # a 5-token example, an empty one, 65 tokens, exactly 32
+    assert grid.starts.tolist() == [0, 5, 37, 69, 70]
+    assert [grid.span(window) for window in range(len(grid))] == [(0, 0, 5), (2, 5, 37), (2, 37, 69), (2, 69, 70), (3, 70, 102)]
+
+
+def test_windows_can_start_after_the_leading_chat_template(store_and_sae):
+    store, _ = store_and_sae
+    grid = WindowGrid.after_leading_template(store, W)
+    mask = store.special_mask(0, store.n_tokens)
+    firsts = [start + int(np.argmin(mask[start:stop])) for start, stop in zip(store.doc_offsets[:-1], store.doc_offsets[1:])]
+    assert mask[: firsts[0]].all() and firsts[0] > 0  # the default data is chat-templated
+    window_examples = np.searchsorted(store.doc_offsets, grid.starts, side="right") - 1
+    first_windows = np.unique(window_examples, return_index=True)[1]
+    assert grid.starts[first_windows].tolist() == firsts
+
+
+def test_streamed_windows_equal_brute_force(store_and_sae):
+    store, sae = store_and_sae
+    grid = WindowGrid(store.doc_offsets, W)
+    maxima, codes = window_maxima(store, sae, grid)
+    features = [int(f) for f in torch.argsort((maxima > 0).sum(0), descending=True)[::9]]
+    exact = collect_windows(store, sae, features, grid, TOP, chunk_tokens=1000)  # odd chunks: they end on window starts
+    sampled = collect_windows(store, sae, features, grid, TOP, chunk_tokens=1000, reservoir=11)
+    for feature in features:
+        column = maxima[:, feature]
+        fired = column[column > 0].numpy()
+        windows = exact[feature]
+        assert windows.count == len(fired) == sampled[feature].count
+        np.testing.assert_array_equal(windows.values, np.sort(fired)[::-1])  # every window once, strongest first
+        np.testing.assert_array_equal(windows.top_values, np.sort(fired)[::-1][:TOP])
+        np.testing.assert_array_equal(sampled[feature].top_values, windows.top_values)  # the top survives the small reservoir
+        assert len(sampled[feature].values) == min(11, len(fired)) and set(sampled[feature].peaks) <= set(windows.peaks)
+        peaks = windows.peaks
+        np.testing.assert_array_equal(codes[peaks, feature].numpy(), windows.values)  # each peak is its window's maximum
+        assert len(set(grid.index_of(peaks).tolist())) == len(peaks)  # one entry per window
+
+
+def test_windows_read_back_with_their_activations(store_and_sae, smollm2_tokenizer):
+    store, sae = store_and_sae
+    grid = WindowGrid(store.doc_offsets, W)
+    feature = 3
+    found = collect_windows(store, sae, [feature], grid, TOP)[feature]
+    top = read_windows(store, sae, feature, smollm2_tokenizer, grid, grid.index_of(found.top_peaks))
+    assert [window.activation for window in top] == pytest.approx(found.top_values.tolist(), rel=1e-5)
+    spans = [(window.example, window.start) for window in top]
+    assert len(set(spans)) == len(top) and all(window.start % W == 0 and len(window.tokens) <= W for window in top)
+    for window, peak in zip(top, found.top_peaks):
+        assert store.doc_offsets[window.example] + window.start + window.peak == peak
+        assert window.marked_text().count("«") == 1 and f"«{window.tokens[window.peak]}»" in window.marked_text()
+    silent = non_activating_windows(store, sae, feature, smollm2_tokenizer, grid, 20, np.random.default_rng(0))
+    assert len(silent) == 20 and all(window.activation == 0 for window in silent)
+    assert len({(window.example, window.start) for window in silent}) == 20
+
+
+def lognormal_windows(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A simulated feature: `count` window activations, log-normal, and a stand-in peak token for each."""
+    values = np.random.default_rng(seed).lognormal(0.0, 1.5, count).astype(np.float32)
+    return values, np.arange(count, dtype=np.int64)
+
+
+def true_quantile(values: np.ndarray, peaks: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Quantile (0 = the strongest tenth) of each chosen window among all of them."""
+    order = np.argsort(-values, kind="stable")
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[order] = np.arange(len(values))
+    return quantile_of_each(len(values), 10)[rank[np.searchsorted(peaks, chosen)]]
+
+
+def test_samples_fall_evenly_across_the_quantiles_of_a_lognormal_feature():
+    values, peaks = lognormal_windows(5_000)
+    reservoir = WindowReservoir(1, size=100_000, top_n=40)
+    reservoir.add(np.zeros(len(values), dtype=np.int64), values, peaks)
+    (windows,) = reservoir.result()
+    rng = np.random.default_rng(0)
+    sample = sample_windows(windows, 40, 50, 10, explain_from_top=False, rng=rng)
+    assert np.bincount(true_quantile(values, peaks, sample.explain), minlength=10).tolist() == [4] * 10
+    assert np.bincount(true_quantile(values, peaks, sample.score), minlength=10).tolist() == [5] * 10
+    assert (true_quantile(values, peaks, sample.score) == sample.score_quantiles).all()
+    assert not set(sample.explain) & set(sample.score)  # never scored on what the explainer saw
+    top = sample_windows(windows, 40, 50, 10, explain_from_top=True, rng=rng)
+    assert set(top.explain) == set(np.argsort(-values)[:40]) and not set(top.explain) & set(top.score)
+
+    # Streamed through a reservoir of 1,000 out of 50,000 (in pieces, so it is compacted along the way), the scored
+    # windows still fall close to evenly across the feature's true quantiles, and the top stays exact.
+    values, peaks = lognormal_windows(50_000, seed=1)
+    reservoir = WindowReservoir(1, size=1_000, top_n=40, flush=3_000)
+    for piece in np.array_split(np.random.default_rng(2).permutation(len(values)), 25):
+        reservoir.add(np.zeros(len(piece), dtype=np.int64), values[piece], peaks[piece])
+    (windows,) = reservoir.result()
+    assert windows.count == 50_000 and len(windows.values) == 1_000
+    np.testing.assert_array_equal(windows.top_values, np.sort(values)[::-1][:40])
+    counts = np.bincount(true_quantile(values, peaks, sample_windows(windows, 40, 50, 10, False, rng).score), minlength=10)
+    assert counts.sum() == 50 and counts.min() >= 3 and counts.max() <= 7, counts
