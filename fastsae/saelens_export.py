@@ -65,7 +65,7 @@ def export_saelens(checkpoint: str | Path, folder: str | Path, feature_frequency
             "b_dec": sae.b_dec.float().clone(),
         }
         if spec.architecture == "jumprelu":
-            weights["threshold"] = sae.jump_thresholds().float().clone()
+            weights["threshold"] = sae.jumprelu_threshold.float().clone()
         elif spec.architecture == "batchtopk":
             weights["threshold"] = sae.threshold.clamp_min(0).float().expand(spec.m).clone()
     cfg: dict[str, Any] = {
