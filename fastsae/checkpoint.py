@@ -12,6 +12,8 @@ A checkpoint is `torch.save({"config", "state_dict", "fastsae"})`:
 Training runs on activations multiplied by a scale s; the saved weights have
 s folded in (W_enc·s, W_dec/s, b_dec/s), so the checkpoint applies to raw
 activations from the store, in HypotheSAEs or here, with no extra step.
+Pre-activations come out the same, so b_enc and the JumpReLU and BatchTopK
+thresholds, which are compared with them, are saved as trained.
 """
 
 from __future__ import annotations
