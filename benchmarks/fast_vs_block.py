@@ -1,7 +1,7 @@
 """FAST (each example its own sequence) vs block packing: the FAST paper's comparison on our default model and data.
 
     python benchmarks/fast_vs_block.py [--tokens 200000] [--block-size 128] [--m 256] [--k 8] [--layer 12]
-                                       [--jumprelu-threshold 0.1] [--l0-coefficient 1e-3] [--work-dir DIR]
+                                       [--jumprelu-threshold 0.001] [--l0-coefficient 1e-3] [--work-dir DIR]
                                        [--rubric-features 50] [--llm-model gpt-4.1]
 
 1. Extracts the default dataset through the embedded SmolLM2-135M-Instruct at one layer twice:
@@ -20,9 +20,10 @@
    second table gives the rating distribution and the share rated 4-5 per SAE. Without a key this
    part is skipped and the notes say so.
 
-JumpReLU's sparsity: in a run this short its L0 is set by where its thresholds start more than by
-the L0 coefficient (thresholds are learned as log θ by Adam, so they move by at most about a factor
-e^(learning rate × steps)); --jumprelu-threshold sets TrainConfig.jumprelu_initial_threshold.
+JumpReLU's sparsity: thresholds start near zero (fastsae's default, the JumpReLU paper's 0.001 on
+activations at unit mean squared norm) and Adam moves each by about the learning rate per step, so
+in a run this short the L0 coefficient acts only as far as ~200 steps let them travel.
+--jumprelu-threshold and --l0-coefficient set TrainConfig.jumprelu_initial_threshold and l0_coefficient.
 
 Progress goes to stderr; stdout gets the Markdown table(s) and notes. Everything is written to a
 temporary folder (or --work-dir, kept) so ./activations and ./checkpoints are left alone.
@@ -76,7 +77,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=8, help="active features per token of the Top-K SAE")
     parser.add_argument("--layer", type=int, default=12, help="decoder block whose output (resid_post) is read")
     parser.add_argument("--l0-coefficient", type=float, default=1e-3, help="L0 penalty of the JumpReLU SAE (fastsae's default)")
-    parser.add_argument("--jumprelu-threshold", type=float, default=0.1, help="where JumpReLU thresholds start (scaled units)")
+    parser.add_argument(
+        "--jumprelu-threshold", type=float, default=TrainConfig.jumprelu_initial_threshold,
+        help="where JumpReLU thresholds start, on activations at unit mean squared norm (fastsae's default)",
+    )
     parser.add_argument("--work-dir", default="", help="keep stores and checkpoints here (default: a temporary folder, deleted)")
     parser.add_argument("--rubric-features", type=int, default=50, help="live features per SAE, sampled at random, that the LLM rates (needs a key)")
     parser.add_argument("--llm-model", default=InterpretConfig.explanation_model, help="chat model that rates them")

@@ -12,6 +12,8 @@ A checkpoint is `torch.save({"config", "state_dict", "fastsae"})`:
 Training runs on activations multiplied by a scale s; the saved weights have
 s folded in (W_enc·s, W_dec/s, b_dec/s), so the checkpoint applies to raw
 activations from the store, in HypotheSAEs or here, with no extra step.
+Pre-activations come out the same, so b_enc and the JumpReLU and BatchTopK
+thresholds, which are compared with them, are saved as trained.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def raw_space_state(sae: SparseAutoencoder, scale: float) -> dict[str, torch.Ten
         "decoder.weight": (sae.W_dec.float() / scale).T.contiguous(),
         "input_bias": sae.b_dec.float() / scale,
         "neuron_bias": sae.b_enc.float(),
-        "threshold": sae.jump_thresholds().float() if sae.spec.architecture == "jumprelu" else sae.threshold.float(),
+        "threshold": sae.jumprelu_threshold.float() if sae.spec.architecture == "jumprelu" else sae.threshold.float(),
     }
     return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
 
@@ -116,7 +118,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
         sae.b_dec.copy_(state["input_bias"])
         sae.b_enc.copy_(state["neuron_bias"])
         if spec.architecture == "jumprelu":
-            sae.log_threshold.copy_(state["threshold"].log())
+            sae.jumprelu_threshold.copy_(state["threshold"])
         else:
             sae.threshold.copy_(state["threshold"])
     return LoadedSAE(sae.to(device).eval(), metadata)

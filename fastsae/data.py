@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 TEXT_FIELD_CANDIDATES = ("text", "content", "prompt", "messages")
 LABEL_FIELD_CANDIDATES = ("label", "labels", "category")
 MAX_REASON_EXAMPLES = 5
+MALFORMED_JSON = "malformed JSON"
+NOT_UTF8 = "not UTF-8"
+UNREAD_LINE_REASONS = (MALFORMED_JSON, NOT_UTF8)  # JSONL lines that never became a row, yet are rows of the file
 
 
 @dataclass
@@ -87,15 +90,23 @@ class Dataset:
 
 
 def _read_jsonl(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
+    """Rows of a JSONL file. Lines are read as bytes and decoded one by one, so a line that is not UTF-8 is
+    skipped and reported like malformed JSON; decoding the file as text would stop at it, or, with a lenient
+    `errors=`, silently change its text."""
     rows: list[tuple[str, Any]] = []
-    with path.open(encoding="utf-8-sig") as handle:  # -sig: files saved on Windows often start with a BOM
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: files saved on Windows often start with a BOM
+            except UnicodeDecodeError as error:
+                skipped.add(NOT_UTF8, f"line {line_number}: {error.reason} 0x{error.object[error.start]:02x} at byte {error.start + 1}")
+                continue
             if not line.strip():
                 continue
             try:
                 rows.append((f"line {line_number}", json.loads(line)))
             except json.JSONDecodeError as error:
-                skipped.add("malformed JSON", f"line {line_number}: {error.msg}")
+                skipped.add(MALFORMED_JSON, f"line {line_number}: {error.msg}")
     return rows
 
 
@@ -211,15 +222,16 @@ def load_dataset(
             break
     if not examples:
         raise UserError(f"no usable rows in {path}: {skipped.describe()}. Fix the rows or choose another TEXT_FIELD.")
+    n_rows = len(rows) + sum(skipped.counts[reason] for reason in UNREAD_LINE_REASONS)
     if skipped.total:
-        logger.warning("Skipped %d of %d rows of %s: %s", skipped.total, len(rows) + skipped.counts["malformed JSON"], path, skipped.describe())
+        logger.warning("Skipped %d of %d rows of %s: %s", skipped.total, n_rows, path, skipped.describe())
     return Dataset(
         path=str(path),
         examples=examples,
         skipped=skipped,
         text_field=chosen_text,
         label_field=chosen_label,
-        n_rows=len(rows) + skipped.counts["malformed JSON"],
+        n_rows=n_rows,
     )
 
 

@@ -215,7 +215,7 @@ def _time_sae(spec: SAESpec, x: torch.Tensor, device: str, bfloat16: bool, aux_c
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             optimizer.step()
-            sae.normalize_decoder_()
+            sae.enforce_constraints_()
 
     def encodes() -> None:
         with torch.no_grad():

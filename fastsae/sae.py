@@ -10,6 +10,20 @@ gradient through `_SparseEncoderGradient`, whose backward touches only the
 chosen rows of `W_enc`. On the CPU the decoder is an `embedding_bag` over the
 active rows and nothing of size B × M is formed; on a GPU both become dense
 products for the matrix units (`DENSE_KERNELS`).
+
+JumpReLU follows Rajamanoharan et al. (2024) and dictionary_learning, which train
+on activations scaled to unit mean squared norm with a straight-through window
+ε = 0.001 and thresholds starting at 0.001. The trainer scales to E‖x‖² = d
+instead, so pre-activations are √d times larger and both lengths are multiplied
+by √d here (ε = 0.024 for SmolLM2's d = 576, where a pre-activation's std
+starts near 0.7; SAELens' 0.05 on raw activations comes to 0.009 there). A window of
+0.001 in these units was √d too narrow: in a 1024-token batch most thresholds
+had no pre-activation inside it, hence no gradient. The threshold path (the
+comparison, the straight-through gradient and their batch sums) runs in float32
+whatever the autocast dtype. Pre-activations still carry the bf16 matmul's
+rounding, spacing θ/256 to θ/128 near θ, which this window exceeds for every
+θ < 0.128·√d (about 4 stds at d = 576); the old window was narrower than the spacing
+above θ = 0.25, and a threshold between two bf16 values got no gradient at all.
 """
 
 from __future__ import annotations
@@ -27,8 +41,9 @@ from fastsae.errors import UserError
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 SPARSE_ARCHITECTURES = ("topk", "batchtopk")
 BATCHTOPK_THRESHOLD_RATE = 1e-2  # EMA rate of the inference threshold, as in HypotheSAEs
-JUMPRELU_BANDWIDTH = 1e-3  # width of the straight-through rectangle around each threshold
-JUMPRELU_INITIAL_THRESHOLD = 0.1  # in the trainer's scaled units (E‖x‖² = d); see TrainConfig.jumprelu_initial_threshold
+# Both in the references' units (activations at unit mean squared norm); the SAE multiplies them by √d.
+JUMPRELU_BANDWIDTH = 1e-3  # width ε of the straight-through rectangle around each threshold
+JUMPRELU_INITIAL_THRESHOLD = 1e-3  # near zero: the L0 penalty, not the start, decides where thresholds settle
 
 
 @dataclass(frozen=True)
@@ -136,7 +151,11 @@ class _SparseEncoderGradient(torch.autograd.Function):
 
 
 class _JumpReLU(torch.autograd.Function):
-    """x · 1[x > θ]; the threshold's gradient uses a rectangle kernel of width ε (Rajamanoharan et al., 2024)."""
+    """x · 1[x > θ]; the threshold's gradient uses a rectangle kernel of width ε (Rajamanoharan et al., 2024).
+
+    Autocast leaves these elementwise ops alone, so float32 inputs keep the whole path, backward
+    included, in float32 (`torch.amp.custom_fwd` would do the same but is tied to one device type).
+    """
 
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth):
@@ -176,7 +195,15 @@ def fraction_of_variance_unexplained(reconstruction: torch.Tensor, target: torch
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, spec: SAESpec, jumprelu_initial_threshold: float = JUMPRELU_INITIAL_THRESHOLD) -> None:
+    """An SAE on inputs scaled to E‖x‖² = d, as the trainer feeds it (a loaded checkpoint has the scale folded in).
+
+    `jumprelu_initial_threshold` and `jumprelu_bandwidth` are given in the JumpReLU paper's units
+    (activations at unit mean squared norm) and stored √d times larger, in the units of the input.
+    """
+
+    def __init__(
+        self, spec: SAESpec, jumprelu_initial_threshold: float = JUMPRELU_INITIAL_THRESHOLD, jumprelu_bandwidth: float = JUMPRELU_BANDWIDTH
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.W_enc = nn.Parameter(torch.empty(spec.m, spec.d))
@@ -184,12 +211,16 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(spec.m, spec.d))
         self.b_dec = nn.Parameter(torch.zeros(spec.d))
         if spec.architecture == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((spec.m,), math.log(jumprelu_initial_threshold)))
+            # θ itself, not log θ (as dictionary_learning and SAELens ≥ 6): Adam then moves it by about the learning
+            # rate per step, like b_enc, whereas log θ moved by a factor e^(learning rate × steps) at most, so in a
+            # short run the thresholds stayed near their start whatever the L0 coefficient.
+            self.jumprelu_threshold = nn.Parameter(torch.full((spec.m,), jumprelu_initial_threshold * math.sqrt(spec.d)))
+            self.jumprelu_bandwidth = jumprelu_bandwidth * math.sqrt(spec.d)
         # BatchTopK's inference threshold: a running average of each batch's cutoff, not learned by gradient.
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("threshold_updates", torch.tensor(0))
         nn.init.xavier_uniform_(self.W_dec)
-        self.normalize_decoder_()
+        self.enforce_constraints_()
         with torch.no_grad():
             self.W_enc.copy_(self.W_dec)
 
@@ -202,8 +233,16 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.copy_(centres[statistic]())
 
     @torch.no_grad()
-    def normalize_decoder_(self) -> None:
+    def enforce_constraints_(self) -> None:
+        """After each optimiser step: decoder rows back to unit norm, JumpReLU thresholds back to ≥ 0.
+
+        A negative threshold would let negative pre-activations through (SAELens' JumpReLU, which applies a
+        ReLU first, would then disagree with ours). Projecting, rather than clamping in the graph, keeps the
+        gradient of a threshold that sits at 0.
+        """
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        if self.spec.architecture == "jumprelu":
+            self.jumprelu_threshold.clamp_(min=0)
 
     @torch.no_grad()
     def remove_parallel_gradient_(self) -> None:
@@ -217,8 +256,12 @@ class SparseAutoencoder(nn.Module):
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
 
-    def jump_thresholds(self) -> torch.Tensor:
-        return self.log_threshold.exp()
+    def _threshold_input(self, pre: torch.Tensor) -> torch.Tensor:
+        """Pre-activations in the thresholds' own precision (float32 master weights), even after a bf16 matmul."""
+        return pre.to(self.jumprelu_threshold.dtype)
+
+    def _jumprelu(self, pre: torch.Tensor) -> torch.Tensor:
+        return _JumpReLU.apply(self._threshold_input(pre), self.jumprelu_threshold, self.jumprelu_bandwidth)
 
     def _gathered(self, x: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Pre-activations at `indices`, differentiable wrt the encoder through the sparse backward."""
@@ -266,7 +309,7 @@ class SparseAutoencoder(nn.Module):
             return torch.zeros(x.shape[0], self.spec.m, dtype=code.values.dtype, device=x.device).scatter_(1, code.indices, code.values)
         pre = self.pre_activations(x)
         if self.spec.architecture == "jumprelu":
-            return _JumpReLU.apply(pre, self.jump_thresholds(), JUMPRELU_BANDWIDTH)
+            return self._jumprelu(pre)
         return pre.relu()
 
     # --- decoding -------------------------------------------------------------------------
@@ -321,9 +364,8 @@ class SparseAutoencoder(nn.Module):
         else:
             pre = self.pre_activations(x)
             if self.spec.architecture == "jumprelu":
-                thresholds = self.jump_thresholds()
-                activations = _JumpReLU.apply(pre, thresholds, JUMPRELU_BANDWIDTH)
-                sparsity = _Step.apply(pre, thresholds, JUMPRELU_BANDWIDTH).sum(1).mean()
+                activations = self._jumprelu(pre)
+                sparsity = _Step.apply(self._threshold_input(pre), self.jumprelu_threshold, self.jumprelu_bandwidth).sum(1).mean()
             else:
                 activations = pre.relu()
                 sparsity = activations.sum(1).mean()

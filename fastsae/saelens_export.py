@@ -64,7 +64,7 @@ def saelens_weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
             "b_dec": sae.b_dec.float().cpu().clone(),
         }
         if spec.architecture == "jumprelu":
-            weights["threshold"] = sae.jump_thresholds().float().cpu().clone()
+            weights["threshold"] = sae.jumprelu_threshold.detach().float().cpu().clone()
         elif spec.architecture == "batchtopk":
             weights["threshold"] = sae.threshold.clamp_min(0).float().cpu().expand(spec.m).clone()
     return weights

@@ -33,7 +33,7 @@ from fastsae.checkpoint import save_checkpoint
 from fastsae.config import config_fingerprint, setting
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
-from fastsae.sae import ARCHITECTURES, SAESpec, SparseAutoencoder
+from fastsae.sae import ARCHITECTURES, JUMPRELU_BANDWIDTH, JUMPRELU_INITIAL_THRESHOLD, SAESpec, SparseAutoencoder
 from fastsae.saelens_export import export_saelens
 from fastsae.store import ActivationStore
 from fastsae.training_report import comparison_table, plot_training_curves, write_metrics
@@ -59,9 +59,14 @@ class TrainConfig:
     aux_coefficient: float = setting(1 / 32, "weight of the aux-K loss")
     dead_after_tokens: int = setting(0, "a feature is dead after this many training tokens without firing; 0: a tenth of the run (at most 10M)")
     l1_coefficient: float = setting(1e-3, "L1 penalty on activations for relu SAEs")
-    l0_coefficient: float = setting(1e-3, "L0 penalty for jumprelu SAEs")
+    l0_coefficient: float = setting(
+        1e-3, "L0 penalty for jumprelu SAEs: loss = FVU + L0_COEFFICIENT × L0, both scale-free; thresholds move about LEARNING_RATE per step"
+    )
     jumprelu_initial_threshold: float = setting(
-        0.1, "where jumprelu thresholds start (scaled units); in short runs this, more than L0_COEFFICIENT, sets the L0"
+        JUMPRELU_INITIAL_THRESHOLD, "where jumprelu thresholds start, in the JumpReLU paper's units (activations at unit mean squared norm; ×√d in training's E‖x‖²=d)"
+    )
+    jumprelu_bandwidth: float = setting(
+        JUMPRELU_BANDWIDTH, "width of the straight-through window around each jumprelu threshold, in the same units (the paper's 0.001)"
     )
     batch_size: int = setting(1024, "tokens per training batch (of all ranks together under torchrun)")
     learning_rate: float = setting(2e-3, "Adam learning rate after warm-up (best of 5e-4..4e-3 on the default data; try lower for long runs)")
@@ -88,8 +93,9 @@ class TrainConfig:
     overwrite: bool = setting(False, "start over even if a run with other settings exists in the folder")
 
     def __post_init__(self) -> None:
-        if self.jumprelu_initial_threshold <= 0:
-            raise UserError(f"JUMPRELU_INITIAL_THRESHOLD must be positive; got {self.jumprelu_initial_threshold}.")
+        for name in ("jumprelu_initial_threshold", "jumprelu_bandwidth"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name.upper()} must be positive; got {getattr(self, name)}.")
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise UserError(f"PRECISION must be auto, float32 or bfloat16; got {self.precision!r}.")
         if self.input_bias_init not in ("median", "mean", "zero"):
@@ -312,7 +318,7 @@ class TrainingRun:
 
     def _new_trainer(self, spec: SAESpec) -> SAETrainer:
         torch.manual_seed(self.config.seed)
-        sae = SparseAutoencoder(spec, self.config.jumprelu_initial_threshold)
+        sae = SparseAutoencoder(spec, self.config.jumprelu_initial_threshold, self.config.jumprelu_bandwidth)
         sae.initialize_input_bias_(self.bias_sample, self.config.input_bias_init)
         sae = sae.to(self.device).train()
         optimizer = torch.optim.Adam(sae.parameters(), lr=self.config.learning_rate, fused=True)  # one kernel for all parameters
@@ -436,7 +442,7 @@ class TrainingRun:
         if config.gradient_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainer.sae.parameters(), config.gradient_clip)
         trainer.optimizer.step()
-        trainer.sae.normalize_decoder_()
+        trainer.sae.enforce_constraints_()
         fire_counts = distributed.all_reduce_sum_(output.fire_counts)  # a feature is alive if it fired on any rank
         trainer.tokens_since_fired = torch.where(fire_counts > 0, 0, trainer.tokens_since_fired + config.batch_size)
         for name, value in (("loss", output.loss.detach()), ("fvu", output.fvu), ("l0", output.l0), ("aux_loss", output.aux_loss)):

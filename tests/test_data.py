@@ -189,6 +189,18 @@ def test_malformed_json_line_is_skipped_and_reported_with_its_line(tmp_path):
     assert dataset.n_rows == 3
 
 
+def test_line_that_is_not_utf8_is_skipped_and_reported_with_its_line(tmp_path):
+    """A Latin-1 'é' on line 2: the line is left out (not decoded into other text), the rest of the file loads."""
+    path = tmp_path / "mixed_encoding.jsonl"
+    lines = [json.dumps(ROWS[0]).encode(), '{"text": "café au lait"}'.encode("latin-1"), json.dumps(ROWS[1]).encode()]
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # with a BOM, as Windows editors save it
+    dataset = load_dataset(path)
+    assert texts(dataset) == [ROWS[0]["text"], ROWS[1]["text"]]
+    assert [example.source for example in dataset.examples] == ["line 1", "line 3"]
+    assert dataset.skipped.counts == Counter({"not UTF-8": 1}) and dataset.n_rows == 3
+    assert dataset.skipped.describe() == "1 × not UTF-8 (line 2: invalid continuation byte 0xe9 at byte 14)"
+
+
 def test_bad_rows_are_skipped_with_their_reasons(tmp_path):
     path = write_jsonl(
         tmp_path / "mixed.jsonl",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import runpy
 import shutil
@@ -204,6 +205,18 @@ def test_inputs_must_chain_before_anything_runs(project, monkeypatch, capsys):
     message = failing_run(monkeypatch, capsys, "--yes")
     assert "CHECKPOINT in evaluate_sae.py" in message and CHECKPOINT in message
     assert "Include the extract step" in failing_run(monkeypatch, capsys, "--yes", "--steps", "train")
+    assert not Path("activations").exists()
+
+
+def test_the_dataset_check_reports_a_line_that_is_not_utf8(project, monkeypatch, caplog):
+    """The check reads the file with the loader extraction uses: the line is counted and named, not a traceback."""
+    lines = (REPO / "data/cognitive_actions.jsonl").read_bytes().splitlines()[:20]
+    lines.insert(2, '{"text": "na\u00efve"}'.encode("latin-1"))
+    (project / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    set_constants(project / "extract_activations.py", DATASET="mixed.jsonl")
+    with caplog.at_level(logging.INFO, logger="fastsae.pipeline"):
+        run_pipeline(monkeypatch, "--plan-only")
+    assert "mixed.jsonl: 21 rows, 20 usable, 1 bad (1 × not UTF-8 (line 3: invalid continuation byte 0xef at byte 13))" in caplog.text
     assert not Path("activations").exists()
 
 

@@ -89,16 +89,59 @@ def test_jumprelu_thresholds_learn_from_the_sparsity_penalty():
     sae = make_sae("jumprelu")
     x = torch.randn(4096, D, dtype=torch.float64)  # enough pre-activations land within the kernel's width of θ
     with torch.no_grad():
-        sae.log_threshold.fill_(-0.7)
-    before = sae.jump_thresholds().detach().clone()
+        sae.jumprelu_threshold.fill_(0.5)
+    before = sae.jumprelu_threshold.detach().clone()
     output = sae.training_step(x, None, 0.0, 1.0)
     output.loss.backward()
-    assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
+    assert sae.jumprelu_threshold.grad is not None and sae.jumprelu_threshold.grad.abs().sum() > 0
     with torch.no_grad():
-        sae.log_threshold -= 10 * sae.log_threshold.grad
-    assert (sae.jump_thresholds() >= before).all() and (sae.jump_thresholds() > before).any()
+        sae.jumprelu_threshold -= 0.01 * sae.jumprelu_threshold.grad
+    assert (sae.jumprelu_threshold >= before).all() and (sae.jumprelu_threshold > before).any()
     codes = sae.encode(x)
-    assert ((codes == 0) | (codes > sae.jump_thresholds())).all()
+    assert ((codes == 0) | (codes > sae.jumprelu_threshold)).all()
+
+
+def smollm2_like_activations(n_tokens: int, d: int = 576, seed: int = 0) -> torch.Tensor:
+    """Tokens shaped like SmolLM2's layer 12 (mean-vector norm ~100, median token norm ~140), scaled as the trainer
+    scales them (E‖x‖² = d): the offset leaves a std of only ~0.7 along a random direction."""
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.randn(d, generator=generator)
+    spread = torch.randn(n_tokens, d, generator=generator) * torch.empty(n_tokens, 1).log_normal_(0, 0.3, generator=generator)
+    raw = 100 * mean / mean.norm() + spread * (140**2 - 100**2) ** 0.5 / d**0.5
+    return raw * (d / raw.pow(2).sum(1).mean()) ** 0.5
+
+
+@pytest.mark.parametrize("bfloat16", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("raised", [False, True], ids=["at-init", "thresholds-at-1-std"])
+def test_most_jumprelu_thresholds_get_a_gradient_from_one_batch(bfloat16, raised):
+    """The window is on the data's scale and the threshold path is float32, so one 1024-token batch reaches most
+    thresholds. With a 0.001 window in these units, 6-35% did in float32; under bf16 a threshold between two bf16
+    values (their spacing is 1/256 to 1/128 between 0.5 and 2) got none."""
+    x = smollm2_like_activations(1024)
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec("jumprelu", 576, 1024, 0))
+    sae.initialize_input_bias_(x)
+    if raised:  # where training takes them: about one pre-activation std, each off the bf16 grid
+        with torch.no_grad():
+            sae.jumprelu_threshold.copy_(sae.pre_activations(x).std(0) + 1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        output = sae.training_step(x, None, 0.0, 1e-3)
+        codes = sae.encode(x)
+    output.loss.backward()
+    assert codes.dtype == torch.float32
+    reached = float((sae.jumprelu_threshold.grad != 0).float().mean())
+    assert reached > 0.8, f"only {reached:.0%} of thresholds got a gradient"
+
+
+def test_jumprelu_window_and_start_scale_with_the_data():
+    """Given in the paper's units (unit mean squared norm), both are √d larger on the trainer's E‖x‖² = d data."""
+    sae = SparseAutoencoder(SAESpec("jumprelu", 576, 8, 0), jumprelu_initial_threshold=2e-3, jumprelu_bandwidth=1e-3)
+    assert sae.jumprelu_bandwidth == pytest.approx(0.024)
+    torch.testing.assert_close(sae.jumprelu_threshold.detach(), torch.full((8,), 0.048))
+    with torch.no_grad():
+        sae.jumprelu_threshold[0] = -0.1  # an optimiser step past zero
+    sae.enforce_constraints_()
+    assert float(sae.jumprelu_threshold.detach().min()) == 0.0
 
 
 def test_relu_l1_penalty_reduces_activity():

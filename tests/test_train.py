@@ -118,6 +118,35 @@ def test_aux_k_revives_dead_features(smollm2_store, tmp_path):
     assert dead[16] < 0.5 * dead[0]
 
 
+@pytest.fixture(scope="module")
+def jumprelu_runs(tiny_store, tmp_path_factory) -> dict[str, dict]:
+    """JumpReLU at L0 coefficients 1e-3 and 1e-2 in float32, and at 1e-2 under bf16 autocast.
+
+    Thresholds move by about the learning rate per Adam step, in units where pre-activations have a std
+    near 1: ~500 steps at 5e-3 let them travel far enough for the coefficient to show.
+    """
+    output = tmp_path_factory.mktemp("jumprelu")
+    runs = {"1e-3": {"l0_coefficient": 1e-3}, "1e-2": {"l0_coefficient": 1e-2}, "1e-2 bf16": {"l0_coefficient": 1e-2, "precision": "bfloat16"}}
+    return {
+        name: train_saes(config_for(tiny_store, output / name.replace(" ", "_"), architecture="jumprelu", learning_rate=5e-3, patience=0, **settings))[0]
+        for name, settings in runs.items()
+    }
+
+
+def test_jumprelu_l0_follows_its_coefficient(jumprelu_runs, tiny_store):
+    """Ten times the L0 coefficient, a much sparser SAE (before the window was on the data's scale: 79 against 60)."""
+    l0 = {name: run["final"]["l0"] for name, run in jumprelu_runs.items()}
+    assert l0["1e-2"] < 0.5 * l0["1e-3"], l0
+    assert jumprelu_runs["1e-2"]["final"]["dead_fraction"] < 0.1
+    assert_saelens_export_matches(jumprelu_runs["1e-2"], raw_validation_activations(tiny_store))  # thresholds apply to raw activations
+
+
+def test_bfloat16_autocast_jumprelu_lands_close_to_float32(jumprelu_runs):
+    float32, bfloat16 = jumprelu_runs["1e-2"]["final"], jumprelu_runs["1e-2 bf16"]["final"]
+    assert bfloat16["l0"] == pytest.approx(float32["l0"], rel=0.15)
+    assert bfloat16["fvu"] == pytest.approx(float32["fvu"], rel=0.1)
+
+
 def test_matryoshka_prefixes_reconstruct_better_as_they_grow(tiny_store, tmp_path):
     (result,) = train_saes(config_for(tiny_store, tmp_path, matryoshka_prefixes=[16, 48, M]))
     assert Path(result["checkpoint"]).name == f"SAE_matryoshka_M={M}_K={K}_prefixes=16-48-{M}.pt"
