@@ -140,6 +140,18 @@ class ReferencePasses:
         device = next(self.split.model.parameters()).device
         self.entries = [self._compute(batch, device) for batch in tqdm(self.batches, desc="model: clean and zero-ablated", unit="batch")]
 
+    def _compute(self, examples: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+        batch = ModelBatch(*(tensor.to(device) for tensor in _model_batch(self.store, examples, self.pad_id)))
+        positions = CountedPositions.of(batch, self.ignored, exclude_ignored_from_reconstruction=False)  # zero-ablation is everywhere
+        state = self.split.reference(batch)
+        ce_clean, _, clean_rows = _next_token_losses(self.split, batch, positions, state.final_hidden, None)
+        zero_hidden = self.split.variant(batch, state.block_input, lambda hidden, where: torch.zeros_like(hidden), positions.replaced)
+        ce_zero, kl_zero, _ = _next_token_losses(self.split, batch, positions, zero_hidden, clean_rows)
+        return {
+            "input_ids": batch.input_ids, "attention": batch.attention, "block_input": state.block_input,
+            "clean_rows": clean_rows, "ce_clean": ce_clean, "ce_zero": ce_zero, "kl_zero": kl_zero,
+        }  # fmt: skip
+
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(self.path.name + ".partial")
