@@ -122,6 +122,19 @@ def smollm2_store(tmp_path_factory, smollm2_tokenizer, smollm2_model) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def store_and_sae(tiny_store):
+    """The tiny store and an untrained Top-K SAE (M=96, K=6) started at the data's median: features to collect statistics of."""
+    from fastsae.sae import SAESpec, SparseAutoencoder
+    from fastsae.store import ActivationStore
+
+    store = ActivationStore(tiny_store)
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec("topk", store.d, 96, 6)).eval()
+    sae.initialize_input_bias_(store.activations(0, 2000).float(), "median")
+    return store, sae
+
+
 def hypothesaes_module():
     """HypotheSAEs' own sae.py, loaded by path (its package __init__ imports heavy extras)."""
     folder = importlib.util.find_spec("hypothesaes").submodule_search_locations[0]

@@ -7,20 +7,8 @@ import pytest
 import torch
 
 from fastsae.features import collect_feature_statistics, label_association, logit_lens
-from fastsae.sae import SAESpec, SparseAutoencoder
+from fastsae.sae import SparseAutoencoder
 from fastsae.store import ActivationStore
-
-M, K = 96, 6
-
-
-@pytest.fixture(scope="module")
-def store_and_sae(tiny_store):
-    store = ActivationStore(tiny_store)
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(SAESpec("topk", store.d, M, K)).eval()
-    sae.initialize_input_bias_(store.activations(0, 2000).float(), "median")
-    return store, sae
-
 
 def brute_force_codes(store: ActivationStore, sae: SparseAutoencoder) -> torch.Tensor:
     with torch.no_grad():

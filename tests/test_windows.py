@@ -7,21 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from fastsae.sae import SAESpec, SparseAutoencoder
+from fastsae.sae import SparseAutoencoder
 from fastsae.sampling import quantile_of_each, sample_windows
 from fastsae.store import ActivationStore
 from fastsae.windows import WindowGrid, WindowReservoir, collect_windows, non_activating_windows, read_windows
 
-M, K, W, TOP = 96, 6, 32, 7
-
-
-@pytest.fixture(scope="module")
-def store_and_sae(tiny_store):
-    store = ActivationStore(tiny_store)
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(SAESpec("topk", store.d, M, K)).eval()
-    sae.initialize_input_bias_(store.activations(0, 2000).float(), "median")
-    return store, sae
+M, W, TOP = 96, 32, 7  # M: the features of conftest's store_and_sae
 
 
 def window_maxima(store: ActivationStore, sae: SparseAutoencoder, grid: WindowGrid) -> torch.Tensor:
