@@ -10,6 +10,7 @@ from fastsae.features import collect_feature_statistics, label_association, logi
 from fastsae.sae import SparseAutoencoder
 from fastsae.store import ActivationStore
 
+
 def brute_force_codes(store: ActivationStore, sae: SparseAutoencoder) -> torch.Tensor:
     with torch.no_grad():
         codes = sae.encode(store.activations(0, store.n_tokens).float())
