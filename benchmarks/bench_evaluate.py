@@ -81,7 +81,9 @@ def default_store() -> Path:
 
 
 def train_sweep(store: Path, folder: Path, sweep: tuple[str, ...], epochs: float, validation_fraction: float = 0.1) -> list[str]:
-    config = TrainConfig(store=str(store), output_dir=str(folder), sweep=list(sweep), epochs=epochs, validation_fraction=validation_fraction)
+    config = TrainConfig(
+        store=str(store), output_dir=str(folder), sweep=list(sweep), epochs=epochs, validation_fraction=validation_fraction
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         return [result["checkpoint"] for result in train_saes(config)]
 
@@ -117,7 +119,16 @@ def main() -> None:
         checkpoints = train_sweep(store, scratch / "runs", SWEEP[: args.sweep], args.epochs)
         per_sae_before = [timed(lambda c=c: before.evaluate_sae(before.EvalConfig(checkpoint=c, device="cpu"))) for c in checkpoints]
         tokens, model_tokens = held_out_tokens(checkpoints[0])
-        rows.append(("before: three whole-model forwards per SAE", tokens, tokens, per_sae_before[0], sum(per_sae_before[1:]) / max(len(per_sae_before) - 1, 1), sum(per_sae_before)))
+        rows.append(
+            (
+                "before: three whole-model forwards per SAE",
+                tokens,
+                tokens,
+                per_sae_before[0],
+                sum(per_sae_before[1:]) / max(len(per_sae_before) - 1, 1),
+                sum(per_sae_before),
+            )
+        )
         forget_saved_passes(store)
         first = timed(lambda: evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], device="cpu")))
         further = [timed(lambda c=c: evaluate_sae(EvalConfig(checkpoint=[c], device="cpu"))) for c in checkpoints[1:]]
@@ -133,19 +144,30 @@ def main() -> None:
         big_store = Path(big_store)
         (big_checkpoint,) = train_sweep(big_store, scratch / "big-runs", SWEEP[:1], 1.0, validation_fraction=0.8)
         budget_rows = []
-        for label, fraction, budget in (("default budget on the 50k-token split", 0.8, 20_480), ("a split of about the budget's size, no budget", 0.33, 0)):
+        for label, fraction, budget in (
+            ("default budget on the 50k-token split", 0.8, 20_480),
+            ("a split of about the budget's size, no budget", 0.33, 0),
+        ):
             forget_saved_passes(big_store)
-            seconds = timed(lambda f=fraction, b=budget: evaluate_sae(EvalConfig(checkpoint=[big_checkpoint], validation_fraction=f, model_tokens=b, device="cpu")))
+            seconds = timed(
+                lambda f=fraction, b=budget: evaluate_sae(
+                    EvalConfig(checkpoint=[big_checkpoint], validation_fraction=f, model_tokens=b, device="cpu")
+                )
+            )
             budget_rows.append((label, *held_out_tokens(big_checkpoint), seconds))
         n_big = ActivationStore(big_store).n_tokens
 
-    print(f"\nSmolLM2-135M-Instruct layer 12, default data, {len(checkpoints)} Top-K SAEs ({', '.join(SWEEP[: args.sweep])}), {os.cpu_count()} CPUs, torch {torch.__version__}\n")
+    print(
+        f"\nSmolLM2-135M-Instruct layer 12, default data, {len(checkpoints)} Top-K SAEs ({', '.join(SWEEP[: args.sweep])}), {os.cpu_count()} CPUs, torch {torch.__version__}\n"
+    )
     print("| method | held-out tokens | model tokens | first SAE (s) | each further SAE (s) | all SAEs (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, tokens, model_tokens, first, further, total in rows:
         print(f"| {label} | {tokens:,} | {model_tokens:,} | {first:.1f} | {further:.1f} | {total:.1f} |")
     (_, _, _, before_first, before_further, _), (_, _, _, now_first, now_further, _) = rows
-    print(f"\nEach further SAE: {now_further / before_further:.0%} of before's per-SAE time; the first SAE: {now_first / before_first:.0%}.")
+    print(
+        f"\nEach further SAE: {now_further / before_further:.0%} of before's per-SAE time; the first SAE: {now_first / before_first:.0%}."
+    )
     print(f"\nThe token budget, on the default texts four times over ({n_big:,} tokens), one SAE, no saved passes:\n")
     print("| run | held-out tokens | model tokens | time (s) |")
     print("|---|---:|---:|---:|")

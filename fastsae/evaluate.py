@@ -70,19 +70,35 @@ DENSE_FREQUENCY = 0.1
 RULE_OF_THUMB = "fastsae's rule of thumb (SAEBench reports this number without a pass mark)"
 # (metric, test, threshold, what it means, where the threshold comes from)
 HEALTH_CHECKS = (
-    ("ce_loss_score", ">=", 0.9, "with the SAE spliced in, the model keeps at least 90% of the loss that zero-ablation loses (SAEBench's definition)", RULE_OF_THUMB),
+    (
+        "ce_loss_score",
+        ">=",
+        0.9,
+        "with the SAE spliced in, the model keeps at least 90% of the loss that zero-ablation loses (SAEBench's definition)",
+        RULE_OF_THUMB,
+    ),
     ("l0_mean", "between", (5.0, 200.0), "sparse, but not trivially so", RULE_OF_THUMB),
     ("dead_fraction", "<=", 0.1, "at most 10% of features never fire", RULE_OF_THUMB),
     ("dense_fraction", "<=", 0.01, "at most 1% of features fire on more than 10% of tokens", RULE_OF_THUMB),
 )
 # The SAEBench numbers derived from the cross-entropy and KL, which get a 95% interval.
-INTERVAL_METRICS = ("ce_loss_score", "kl_div_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation")
+INTERVAL_METRICS = (
+    "ce_loss_score",
+    "kl_div_score",
+    "ce_loss_without_sae",
+    "ce_loss_with_sae",
+    "ce_loss_with_ablation",
+    "kl_div_with_sae",
+    "kl_div_with_ablation",
+)
 
 
 @dataclass
 class EvalConfig:
     checkpoint: list[str] = setting(
-        [DEFAULT_CHECKPOINT], "SAE checkpoints (ours or HypotheSAEs'); several (a sweep on one store) share the model's passes", split_commas=False
+        [DEFAULT_CHECKPOINT],
+        "SAE checkpoints (ours or HypotheSAEs'); several (a sweep on one store) share the model's passes",
+        split_commas=False,
     )
     store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
     model_name: str = setting("", "model for the SAEBench metrics; empty: the store's model")
@@ -90,12 +106,20 @@ class EvalConfig:
     seed: int = setting(-1, "seed of the example split; -1: the training run's")
     max_examples: int = setting(0, "our store metrics on at most N held-out examples (0: all)")
     model_metrics: bool = setting(True, "load the model for SAEBench's core metrics (ce_loss_score, KL, variance, shrinkage, ...)")
-    model_tokens: int = setting(DEFAULT_TOKEN_BUDGET, "held-out tokens the model metrics run on, whole examples (SAEBench's default 20,480; 0: all)")
-    batch_size_prompts: int = setting(BATCH_SIZE_PROMPTS, "examples per model batch (SAEBench's batch_size_prompts: its mse, explained_variance and relative_reconstruction_bias depend on it)")
-    exclude_special_tokens_from_reconstruction: str = setting(
-        "auto", "SAEBench's option (its default: false): keep the hook's output at BOS/EOS/pad positions. auto: true for an SAE trained without special tokens"
+    model_tokens: int = setting(
+        DEFAULT_TOKEN_BUDGET, "held-out tokens the model metrics run on, whole examples (SAEBench's default 20,480; 0: all)"
     )
-    reuse_model_passes: bool = setting(True, "reuse the clean and zero-ablated passes saved in the store folder when model, store and split match")
+    batch_size_prompts: int = setting(
+        BATCH_SIZE_PROMPTS,
+        "examples per model batch (SAEBench's batch_size_prompts: its mse, explained_variance and relative_reconstruction_bias depend on it)",
+    )
+    exclude_special_tokens_from_reconstruction: str = setting(
+        "auto",
+        "SAEBench's option (its default: false): keep the hook's output at BOS/EOS/pad positions. auto: true for an SAE trained without special tokens",
+    )
+    reuse_model_passes: bool = setting(
+        True, "reuse the clean and zero-ablated passes saved in the store folder when model, store and split match"
+    )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
@@ -104,9 +128,13 @@ class EvalConfig:
         if not self.checkpoint:
             raise UserError("CHECKPOINT is empty: name at least one SAE checkpoint, e.g. --checkpoint checkpoints/.../SAE_M=256_K=8.pt.")
         if self.exclude_special_tokens_from_reconstruction not in ("auto", "true", "false"):
-            raise UserError(f"EXCLUDE_SPECIAL_TOKENS_FROM_RECONSTRUCTION must be auto, true or false; got {self.exclude_special_tokens_from_reconstruction!r}.")
+            raise UserError(
+                f"EXCLUDE_SPECIAL_TOKENS_FROM_RECONSTRUCTION must be auto, true or false; got {self.exclude_special_tokens_from_reconstruction!r}."
+            )
         if self.batch_size_prompts < 1 or self.model_tokens < 0:
-            raise UserError(f"BATCH_SIZE_PROMPTS must be at least 1 and MODEL_TOKENS at least 0; got {self.batch_size_prompts} and {self.model_tokens}.")
+            raise UserError(
+                f"BATCH_SIZE_PROMPTS must be at least 1 and MODEL_TOKENS at least 0; got {self.batch_size_prompts} and {self.model_tokens}."
+            )
 
 
 class ReconstructionSums:
@@ -134,7 +162,12 @@ class ReconstructionSums:
             return {"tokens": 0}
         d = len(self.total)
         variance = self.squared_norm - float(self.total.pow(2).sum()) / self.tokens  # Σ‖x − x̄‖²
-        return {"tokens": self.tokens, "fvu": self.squared_error / variance, "mse_per_dimension": self.squared_error / (self.tokens * d), "cosine": self.cosine / self.tokens}
+        return {
+            "tokens": self.tokens,
+            "fvu": self.squared_error / variance,
+            "mse_per_dimension": self.squared_error / (self.tokens * d),
+            "cosine": self.cosine / self.tokens,
+        }
 
 
 def _fast_mse(per_example: list[float], d: int) -> dict[str, float | None]:
@@ -147,7 +180,9 @@ def _fast_mse(per_example: list[float], d: int) -> dict[str, float | None]:
 
 def validation_examples(n_examples: int, fraction: float, seed: int, max_examples: int) -> list[int]:
     if fraction <= 0:
-        raise UserError("no validation examples: the split has VALIDATION_FRACTION = 0. Pass --validation-fraction 0.1 (examples the SAE may have seen count then).")
+        raise UserError(
+            "no validation examples: the split has VALIDATION_FRACTION = 0. Pass --validation-fraction 0.1 (examples the SAE may have seen count then)."
+        )
     examples = np.flatnonzero(ExampleSplit.by_example(n_examples, fraction, seed).is_validation).tolist()
     return examples[:max_examples] if max_examples else examples
 
@@ -216,14 +251,21 @@ def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoen
 def _per_example_means(values: torch.Tensor, example_of_token: torch.Tensor, counted: torch.Tensor, n_examples: int) -> list[float]:
     """Each example's mean of `values` over its `counted` tokens, for the examples that have any."""
     totals = torch.zeros(n_examples, dtype=torch.float64).index_add_(0, example_of_token[counted], values[counted])
-    counts = torch.zeros(n_examples, dtype=torch.float64).index_add_(0, example_of_token[counted], torch.ones(int(counted.sum()), dtype=torch.float64))
+    counts = torch.zeros(n_examples, dtype=torch.float64).index_add_(
+        0, example_of_token[counted], torch.ones(int(counted.sum()), dtype=torch.float64)
+    )
     return (totals[counts > 0] / counts[counts > 0]).tolist()
 
 
 def decoder_max_cosine(sae: SparseAutoencoder) -> dict[str, float]:
     """Distribution of each decoder row's maximum cosine similarity to any other row."""
     values = max_cosine_to_another(sae.W_dec.detach().cpu()).numpy()
-    return {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90)), "max": float(values.max())}
+    return {
+        "mean": float(values.mean()),
+        "p50": float(np.percentile(values, 50)),
+        "p90": float(np.percentile(values, 90)),
+        "max": float(values.max()),
+    }
 
 
 def health_table(values: dict[str, float | None]) -> list[dict[str, Any]]:
@@ -238,7 +280,17 @@ def health_table(values: dict[str, float | None]) -> list[dict[str, Any]]:
             verdict = "pass" if value <= threshold else "fail"
         else:
             verdict = "pass" if threshold[0] <= value <= threshold[1] else "fail"
-        rows.append({"metric": metric, "value": value, "test": test, "threshold": threshold, "verdict": verdict, "meaning": meaning, "source": source})
+        rows.append(
+            {
+                "metric": metric,
+                "value": value,
+                "test": test,
+                "threshold": threshold,
+                "verdict": verdict,
+                "meaning": meaning,
+                "source": source,
+            }
+        )
     return rows
 
 
@@ -267,7 +319,12 @@ def _number(value, digits=4) -> str:
 def saebench_table(results: dict[str, Any]) -> list[str]:
     """SAEBench's core metrics, each with its 95% interval where it comes from the cross-entropy or KL."""
     block, intervals = results["saebench_core"], results.get("saebench_core_intervals_95", {})
-    lines = [f"SAEBench core metrics (sae-bench {SAEBENCH_VERSION} definitions), {results['model_tokens']['tokens']:,} held-out tokens:", "", "| group | metric | value | 95% interval |", "|---|---|---|---|"]
+    lines = [
+        f"SAEBench core metrics (sae-bench {SAEBENCH_VERSION} definitions), {results['model_tokens']['tokens']:,} held-out tokens:",
+        "",
+        "| group | metric | value | 95% interval |",
+        "|---|---|---|---|",
+    ]
     for group, metrics in block["eval_result_metrics"].items():
         for name, value in metrics.items():
             interval = intervals.get(name)
@@ -292,7 +349,9 @@ def report_table(results: dict[str, Any]) -> str:
         "|---|---|",
         f"| FAST token MSE, raw / log2 | {_number(fast['raw'])} / {_number(fast['log2'])} |",
         f"| FAST MSE_st (special tokens), raw / log2 | {_number(fast_special['raw'])} / {_number(fast_special['log2'])} |",
-        f"| L0 (mean; p10 / p50 / p90) | {sparsity['l0_mean']:.2f}; " + " / ".join(f"{v:.0f}" for v in sparsity["l0_percentiles"].values()) + " |",
+        f"| L0 (mean; p10 / p50 / p90) | {sparsity['l0_mean']:.2f}; "
+        + " / ".join(f"{v:.0f}" for v in sparsity["l0_percentiles"].values())
+        + " |",
         f"| L1 (mean) | {sparsity['l1_mean']:.3f} |",
         f"| dead / dense features | {sparsity['dead_fraction']:.1%} / {sparsity['dense_fraction']:.1%} |",
         f"| decoder rows' max cosine to another row (mean / p90 / max) | {results['decoder_max_cosine']['mean']:.3f} / {results['decoder_max_cosine']['p90']:.3f} / {results['decoder_max_cosine']['max']:.3f} |",
@@ -301,7 +360,9 @@ def report_table(results: dict[str, Any]) -> str:
         lines += ["", *saebench_table(results)]
     lines += ["", "| health check | value | threshold | verdict | threshold's source |", "|---|---|---|---|---|"]
     for row in results["health"]:
-        threshold = f"{row['threshold'][0]:g}–{row['threshold'][1]:g}" if row["test"] == "between" else f"{row['test']} {row['threshold']:g}"
+        threshold = (
+            f"{row['threshold'][0]:g}–{row['threshold'][1]:g}" if row["test"] == "between" else f"{row['test']} {row['threshold']:g}"
+        )
         lines.append(f"| {row['metric']} | {_number(row['value'], 3)} | {threshold} | {row['verdict']} | {row['source']} |")
     return "\n".join(lines)
 
@@ -334,7 +395,9 @@ def _evaluand(path: Path, config: EvalConfig) -> _Evaluand:
         raise UserError(f"{path} does not say which activation store it was trained on (a HypotheSAEs checkpoint?). Pass --store.")
     store = ActivationStore(store_path)
     if store.d != loaded.sae.spec.d:
-        raise UserError(f"the checkpoint's SAE takes d={loaded.sae.spec.d} but the store at {store.folder} has d={store.d}: they come from different models or hooks. Pass the matching --store.")
+        raise UserError(
+            f"the checkpoint's SAE takes d={loaded.sae.spec.d} but the store at {store.folder} has d={store.d}: they come from different models or hooks. Pass the matching --store."
+        )
     fraction = config.validation_fraction if config.validation_fraction >= 0 else training.get("validation_fraction", 0.1)
     seed = config.seed if config.seed >= 0 else training.get("seed", 0)
     return _Evaluand(path, loaded, store, fraction, seed, bool(training.get("include_special_tokens", False)))
@@ -397,7 +460,16 @@ class _ModelMetrics:
             "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
             "exclude_special_tokens_from_reconstruction": exclude, "verbose": False,
         }  # fmt: skip
-        block = core_output(losses, sparsity_variance, sae.cpu(), eval_config, tokens, evaluand.path.stem, saelens_config(sae.spec, evaluand.loaded.metadata), __version__)
+        block = core_output(
+            losses,
+            sparsity_variance,
+            sae.cpu(),
+            eval_config,
+            tokens,
+            evaluand.path.stem,
+            saelens_config(sae.spec, evaluand.loaded.metadata),
+            __version__,
+        )
         intervals = losses.intervals()
         return {
             "saebench_core": block,
@@ -423,7 +495,10 @@ def sweep_table(all_results: list[dict[str, Any]]) -> str:
     lines = ["| checkpoint | FVU (content) | L0 | dead | ce_loss_score | kl_div_score |", "|---|---|---|---|---|---|"]
     for results in all_results:
         core = (results.get("saebench_core") or {}).get("eval_result_metrics", {})
-        ce, kl = core.get("model_performance_preservation", {}).get("ce_loss_score"), core.get("model_behavior_preservation", {}).get("kl_div_score")
+        ce, kl = (
+            core.get("model_performance_preservation", {}).get("ce_loss_score"),
+            core.get("model_behavior_preservation", {}).get("kl_div_score"),
+        )
         lines.append(
             f"| {Path(results['checkpoint']).stem} | {_number(results['reconstruction']['content'].get('fvu'))} | {results['sparsity']['l0_mean']:.1f} | "
             f"{results['sparsity']['dead_fraction']:.1%} | {_number(ce)} | {_number(kl)} |"
@@ -441,7 +516,13 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
         examples = validation_examples(store.n_examples, evaluand.fraction, evaluand.seed, 0)
         store_examples = examples[: config.max_examples] if config.max_examples else examples
         logger.info("Evaluating %s on %d held-out examples of %s", evaluand.path.name, len(store_examples), store.folder)
-        results: dict[str, Any] = {"checkpoint": str(evaluand.path), "store": str(store.folder), "hook_name": store.hook_name, "examples": len(store_examples), "settings": asdict(config)}
+        results: dict[str, Any] = {
+            "checkpoint": str(evaluand.path),
+            "store": str(store.folder),
+            "hook_name": store.hook_name,
+            "examples": len(store_examples),
+            "settings": asdict(config),
+        }
         results.update(store_metrics(store, store_examples, sae, evaluand.include_special))
         results["decoder_max_cosine"] = decoder_max_cosine(sae)
         if model_metrics is not None and store.manifest.get("hook_point") == LORA_HOOK_POINT:

@@ -84,7 +84,9 @@ def _model_batch(store: ActivationStore, examples: list[int], pad_id: int) -> Mo
     return ModelBatch(input_ids, attention)
 
 
-def _next_token_losses(split: SplitModel, batch: ModelBatch, positions: CountedPositions, final_hidden: torch.Tensor, clean_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def _next_token_losses(
+    split: SplitModel, batch: ModelBatch, positions: CountedPositions, final_hidden: torch.Tensor, clean_rows: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(B, T) cross-entropy at `next_token` positions, KL(clean ‖ this) at `scored` ones, and this pass's rows at `scored`.
 
     With `clean_rows` None this is the clean pass itself (no KL).
@@ -115,7 +117,9 @@ def _next_token_losses(split: SplitModel, batch: ModelBatch, positions: CountedP
 class ReferencePasses:
     """The clean and zero-ablated passes over the chosen held-out batches, computed once and kept on disk."""
 
-    def __init__(self, split: SplitModel, store: ActivationStore, batches: list[list[int]], ignored: set[int], pad_id: int, cache_key: dict[str, Any]) -> None:
+    def __init__(
+        self, split: SplitModel, store: ActivationStore, batches: list[list[int]], ignored: set[int], pad_id: int, cache_key: dict[str, Any]
+    ) -> None:
         self.split, self.store, self.batches = split, store, batches
         self.ignored, self.pad_id = ignored, pad_id
         self.key = cache_key
@@ -160,7 +164,9 @@ class ReferencePasses:
         os.replace(partial, self.path)
 
     @torch.no_grad()
-    def evaluate(self, sae: SparseAutoencoder, exclude_ignored_from_reconstruction: bool, desc: str) -> tuple[LossSums, SparsityVarianceSums]:
+    def evaluate(
+        self, sae: SparseAutoencoder, exclude_ignored_from_reconstruction: bool, desc: str
+    ) -> tuple[LossSums, SparsityVarianceSums]:
         """The SAE spliced in (where its input token is not ignored, if asked): SAEBench's loss and sparsity/variance sums."""
         losses, sparsity_variance = LossSums(), SparsityVarianceSums(sae.spec.m)
         splice = _SAESplice(sae)
@@ -172,12 +178,19 @@ class ReferencePasses:
             scored_among_replaced = positions.scored[positions.replaced]
             rows_of_batch = torch.arange(len(examples), device=batch.input_ids.device)[:, None].expand_as(positions.scored)
             sparsity_variance.add_batch(
-                splice.x[scored_among_replaced], splice.x_hat[scored_among_replaced], splice.codes[scored_among_replaced], rows_of_batch[positions.scored]
+                splice.x[scored_among_replaced],
+                splice.x_hat[scored_among_replaced],
+                splice.codes[scored_among_replaced],
+                rows_of_batch[positions.scored],
             )
             for row in range(len(examples)):
                 next_token, scored = positions.next_token[row], positions.scored[row]
                 losses.add_example(
-                    {"ce_loss_without_sae": entry["ce_clean"][row][next_token], "ce_loss_with_sae": ce_sae[row][next_token], "ce_loss_with_ablation": entry["ce_zero"][row][next_token]},
+                    {
+                        "ce_loss_without_sae": entry["ce_clean"][row][next_token],
+                        "ce_loss_with_sae": ce_sae[row][next_token],
+                        "ce_loss_with_ablation": entry["ce_zero"][row][next_token],
+                    },
                     {"kl_div_with_sae": kl_sae[row][scored], "kl_div_with_ablation": entry["kl_zero"][row][scored]},
                 )
         return losses, sparsity_variance
@@ -211,4 +224,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def store_fingerprint(store: ActivationStore) -> dict[str, Any]:
     manifest = store.manifest
-    return {"folder": str(Path(store.folder).resolve()), "n_tokens": manifest["n_tokens"], "dataset": manifest.get("dataset", {}).get("fingerprint"), "hook": store.hook_name, "extraction": manifest.get("extraction")}
+    return {
+        "folder": str(Path(store.folder).resolve()),
+        "n_tokens": manifest["n_tokens"],
+        "dataset": manifest.get("dataset", {}).get("fingerprint"),
+        "hook": store.hook_name,
+        "extraction": manifest.get("extraction"),
+    }

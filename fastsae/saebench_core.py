@@ -81,7 +81,9 @@ class SparsityVarianceSums:
         self.mean_sum_of_residual_squares.append(float(residual_squares.mean()))
         active = (codes > 0).double().cpu()
         self.fire_counts += active.sum(0)
-        per_prompt = torch.zeros(int(prompt_of_token.max()) + 1, codes.shape[1], dtype=torch.float64).index_add_(0, prompt_of_token.cpu(), active)
+        per_prompt = torch.zeros(int(prompt_of_token.max()) + 1, codes.shape[1], dtype=torch.float64).index_add_(
+            0, prompt_of_token.cpu(), active
+        )
         self.prompts_fired += (per_prompt > 0).sum(0)
         self.tokens += len(x)
 
@@ -132,14 +134,18 @@ class LossSums:
         means = {name: sums[..., i] / ce_count for i, name in enumerate(LossSums.CE)}
         means |= {name: sums[..., 3 + i] / kl_count for i, name in enumerate(LossSums.KL)}
         with np.errstate(divide="ignore", invalid="ignore"):
-            means["ce_loss_score"] = (means["ce_loss_with_ablation"] - means["ce_loss_with_sae"]) / (means["ce_loss_with_ablation"] - means["ce_loss_without_sae"])
+            means["ce_loss_score"] = (means["ce_loss_with_ablation"] - means["ce_loss_with_sae"]) / (
+                means["ce_loss_with_ablation"] - means["ce_loss_without_sae"]
+            )
             means["kl_div_score"] = (means["kl_div_with_ablation"] - means["kl_div_with_sae"]) / means["kl_div_with_ablation"]
         return means
 
     def metrics(self) -> dict[str, dict[str, float]]:
         means = self._scores(np.asarray(self.rows).sum(0))
         return {
-            "model_behavior_preservation": {name: float(means[name]) for name in ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae")},
+            "model_behavior_preservation": {
+                name: float(means[name]) for name in ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae")
+            },
             "model_performance_preservation": {
                 name: float(means[name]) for name in ("ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae")
             },
@@ -220,11 +226,16 @@ def core_output(
     metrics = {
         **losses.metrics(),
         **sparsity_variance.metrics(),
-        "token_stats": {"total_tokens_eval_reconstruction": tokens, "total_tokens_eval_sparsity_variance": tokens},  # every token the model read
+        "token_stats": {
+            "total_tokens_eval_reconstruction": tokens,
+            "total_tokens_eval_sparsity_variance": tokens,
+        },  # every token the model read
         "misc_metrics": misc_metrics(feature_metrics),
     }
     names = list(feature_metrics)
-    details = [{"index": index, **{name: round(feature_metrics[name][index], FLOAT_PRECISION) for name in names}} for index in range(sae.spec.m)]
+    details = [
+        {"index": index, **{name: round(feature_metrics[name][index], FLOAT_PRECISION) for name in names}} for index in range(sae.spec.m)
+    ]
     block = {
         "eval_type_id": "core",
         "eval_config": eval_config,

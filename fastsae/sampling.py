@@ -36,7 +36,9 @@ def quantile_of_each(count: int, n_quantiles: int) -> np.ndarray:
     return quantiles
 
 
-def sample_windows(windows: FeatureWindows, explain_count: int, score_count: int, n_quantiles: int, explain_from_top: bool, rng: np.random.Generator) -> WindowSample:
+def sample_windows(
+    windows: FeatureWindows, explain_count: int, score_count: int, n_quantiles: int, explain_from_top: bool, rng: np.random.Generator
+) -> WindowSample:
     """The explainer's and the scorers' windows for one feature (see the module docstring); `windows.values` is strongest first."""
     quantiles = quantile_of_each(len(windows.values), n_quantiles)
     explain_each, score_each = explain_count // n_quantiles, score_count // n_quantiles

@@ -215,7 +215,9 @@ def _share_right(pairs: list[tuple[bool | None, bool]]) -> float | None:
     return sum(judged) / len(judged) if judged else None
 
 
-def score_answers(examples: list[ScoringExample], order: list[int], per_prompt: int, answers: list[str], n_quantiles: int) -> ClassifierResult:
+def score_answers(
+    examples: list[ScoringExample], order: list[int], per_prompt: int, answers: list[str], n_quantiles: int
+) -> ClassifierResult:
     """Verdicts from each prompt's answer (see classifier_prompts), and the scores they give."""
     verdicts: list[bool | None] = [None] * len(examples)
     for answer, first in zip(answers, range(0, len(order), per_prompt)):
@@ -224,7 +226,8 @@ def score_answers(examples: list[ScoringExample], order: list[int], per_prompt: 
             verdicts[index] = verdict
     truth = [example.activating for example in examples]
     per_quantile = [
-        _share_right([(verdict, True) for verdict, example in zip(verdicts, examples) if example.quantile == quantile]) for quantile in range(n_quantiles)
+        _share_right([(verdict, True) for verdict, example in zip(verdicts, examples) if example.quantile == quantile])
+        for quantile in range(n_quantiles)
     ]
     silent = _share_right([(verdict, False) for verdict, example in zip(verdicts, examples) if not example.activating])
     return ClassifierResult(verdicts, balanced_accuracy(verdicts, truth), per_quantile, silent)

@@ -111,7 +111,9 @@ class WindowReservoir:
             self._compact()
 
     def _compact(self) -> tuple[np.ndarray, ...]:
-        slots, values, peaks, priority = (np.concatenate(column) for column in zip(*self._parts)) if self._parts else (np.zeros(0, np.int64),) * 4
+        slots, values, peaks, priority = (
+            (np.concatenate(column) for column in zip(*self._parts)) if self._parts else (np.zeros(0, np.int64),) * 4
+        )
         in_sample = _rank_in_slot(slots, -priority) < self.size
         keep = in_sample | (_rank_in_slot(slots, peaks, -values) < self.top_n)
         kept = (slots[keep], values[keep], peaks[keep], priority[keep])
@@ -121,7 +123,12 @@ class WindowReservoir:
     def result(self) -> list[FeatureWindows]:
         slots, values, peaks, _, in_sample = self._compact()
         strongest_first = np.lexsort((peaks, -values, slots))
-        slots, values, peaks, in_sample = slots[strongest_first], values[strongest_first], peaks[strongest_first], in_sample[strongest_first]
+        slots, values, peaks, in_sample = (
+            slots[strongest_first],
+            values[strongest_first],
+            peaks[strongest_first],
+            in_sample[strongest_first],
+        )
         bounds = np.searchsorted(slots, np.arange(len(self.counts) + 1))
         windows = []
         for slot, (first, last) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -204,7 +211,13 @@ class Window:
 
 @torch.no_grad()
 def read_windows(
-    store: ActivationStore, sae: SparseAutoencoder, feature: int, tokenizer, grid: WindowGrid, windows: Sequence[int], include_special: bool = False
+    store: ActivationStore,
+    sae: SparseAutoencoder,
+    feature: int,
+    tokenizer,
+    grid: WindowGrid,
+    windows: Sequence[int],
+    include_special: bool = False,
 ) -> list[Window]:
     """Windows `windows` (indices into `grid`) from the store, with `feature`'s activations, in one encode (no model run)."""
     if not len(windows):
@@ -217,13 +230,22 @@ def read_windows(
         codes[torch.from_numpy(np.concatenate([chunk.special_mask for chunk in chunks])).to(device)] = 0
     per_window = codes.cpu().split([len(chunk.token_ids) for chunk in chunks])
     return [
-        Window(example, start - int(store.doc_offsets[example]), tokenizer.batch_decode([[int(t)] for t in chunk.token_ids]), values.tolist())
+        Window(
+            example, start - int(store.doc_offsets[example]), tokenizer.batch_decode([[int(t)] for t in chunk.token_ids]), values.tolist()
+        )
         for (example, start, _), chunk, values in zip(spans, chunks, per_window)
     ]
 
 
 def non_activating_windows(
-    store: ActivationStore, sae: SparseAutoencoder, feature: int, tokenizer, grid: WindowGrid, count: int, rng: np.random.Generator, include_special: bool = False
+    store: ActivationStore,
+    sae: SparseAutoencoder,
+    feature: int,
+    tokenizer,
+    grid: WindowGrid,
+    count: int,
+    rng: np.random.Generator,
+    include_special: bool = False,
 ) -> list[Window]:
     """`count` windows drawn at random from those where the feature never fires (delphi's random non-activating windows).
 

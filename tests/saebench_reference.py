@@ -132,7 +132,9 @@ class TokenBatches:
         self.store_batch_size_prompts, self.context_size = next(iter(shapes))
         self.next_batch = 0
 
-    def get_batch_tokens(self, batch_size: int | None = None, raise_at_epoch_end: bool = False, move_to_model_device: bool = True) -> torch.Tensor:
+    def get_batch_tokens(
+        self, batch_size: int | None = None, raise_at_epoch_end: bool = False, move_to_model_device: bool = True
+    ) -> torch.Tensor:
         if self.next_batch == len(self.batches):
             raise RuntimeError("SAEBench asked for more token batches than were given")
         batch = self.batches[self.next_batch]

@@ -68,7 +68,10 @@ def examples(tiny_store, smollm2_tokenizer) -> dict[int, list[ScoringExample]]:
     # Three features with delphi's 200 activating windows, that leave 50 non-activating ones of the 334 windows to draw.
     features = [feature for feature in windows if 200 <= windows[feature].count <= len(grid) - 70][:3]
     config = InterpretConfig(checkpoint="unused", device="cpu")
-    examples = {feature: feature_examples(store, sae, smollm2_tokenizer, grid, windows[feature], feature, config, False).scoring for feature in features}
+    examples = {
+        feature: feature_examples(store, sae, smollm2_tokenizer, grid, windows[feature], feature, config, False).scoring
+        for feature in features
+    }
     assert [(len(scoring), sum(example.activating for example in scoring)) for scoring in examples.values()] == [(100, 50)] * 3
     return examples
 
@@ -98,7 +101,9 @@ def delphi_record(delphi, examples: list[ScoringExample], explanation: str):
             activations = torch.tensor(window.activations, dtype=torch.float32)
             test.append(delphi.latents.ActivatingExample(tokens, activations, str_tokens=window.tokens, quantile=example.quantile))
         else:  # delphi's random non-activating windows carry integer zeros as activations
-            not_active.append(delphi.latents.NonActivatingExample(tokens, torch.zeros_like(tokens), str_tokens=window.tokens, distance=-1.0))
+            not_active.append(
+                delphi.latents.NonActivatingExample(tokens, torch.zeros_like(tokens), str_tokens=window.tokens, distance=-1.0)
+            )
     return delphi.latents.LatentRecord(delphi.latents.Latent("layer", 0), test=test, not_active=not_active, explanation=explanation)
 
 
@@ -111,7 +116,10 @@ def test_our_scores_equal_delphis_on_the_same_explanation_and_examples(delphi, e
         client = CachedChatClient("gpt-4.1", tmp_path / "cache", concurrency=4)
         for scoring in examples.values():
             server.requests.clear()
-            theirs = delphi_class(delphi.openrouter.OpenRouter("gpt-4.1", "sk-test", base_url=server.base_url + "/chat/completions"), n_examples_shown=PER_PROMPT)
+            theirs = delphi_class(
+                delphi.openrouter.OpenRouter("gpt-4.1", "sk-test", base_url=server.base_url + "/chat/completions"),
+                n_examples_shown=PER_PROMPT,
+            )
             outputs = asyncio.run(theirs(delphi_record(delphi, scoring, EXPLANATION))).score  # sends its prompts one by one, in order
             their_prompts = [request["messages"] for request in server.requests]
 
@@ -120,11 +128,15 @@ def test_our_scores_equal_delphis_on_the_same_explanation_and_examples(delphi, e
             ours = score_answers(scoring, order, PER_PROMPT, client.complete_all(prompts), n_quantiles=10)
 
             # The same content: the explanation and the example texts (marks included), in the same prompts and order.
-            assert [classifier_prompt_content(prompt) for prompt in their_prompts] == [classifier_prompt_content(prompt) for prompt in prompts]
+            assert [classifier_prompt_content(prompt) for prompt in their_prompts] == [
+                classifier_prompt_content(prompt) for prompt in prompts
+            ]
             # The same verdicts on the same examples, unreadable answers left out alike, and the same score.
             assert [output.prediction for output in outputs] == [ours.verdicts[index] for index in order]
             assert [output.activating for output in outputs] == [scoring[index].activating for index in order]
-            table = pd.DataFrame([{"prediction": o.prediction, "activating": o.activating, "quantile": o.distance, "correct": o.correct} for o in outputs])
+            table = pd.DataFrame(
+                [{"prediction": o.prediction, "activating": o.activating, "quantile": o.distance, "correct": o.correct} for o in outputs]
+            )
             assert table["prediction"].isna().any() and table["prediction"].notna().sum() > 20  # some answers unreadable, most read
             theirs_score = delphi.analysis.compute_classification_metrics(delphi.analysis.compute_confusion(table))["accuracy"]
             assert ours.score == pytest.approx(theirs_score, abs=1e-12)

@@ -26,7 +26,9 @@ LAYER = 2
 
 @pytest.fixture(scope="module")
 def trained_checkpoint(tiny_store, tmp_path_factory) -> Path:
-    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("eval-runs")), m=128, k=8, batch_size=256, epochs=20.0)
+    config = TrainConfig(
+        store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("eval-runs")), m=128, k=8, batch_size=256, epochs=20.0
+    )
     (result,) = train_saes(config)
     return Path(result["checkpoint"])
 
@@ -46,7 +48,9 @@ def oracle_sae(d: int, perfect: bool) -> SparseAutoencoder:
 def reference_passes(model, store: ActivationStore, tokenizer, n_examples: int = 24) -> ReferencePasses:
     examples = list(range(n_examples))
     batches = length_grouped(examples, np.diff(store.doc_offsets), 8)
-    passes = ReferencePasses(SplitModel(model, LAYER, "resid_post"), store, batches, ignored_token_ids(tokenizer), tokenizer.pad_token_id, {"test": 1})
+    passes = ReferencePasses(
+        SplitModel(model, LAYER, "resid_post"), store, batches, ignored_token_ids(tokenizer), tokenizer.pad_token_id, {"test": 1}
+    )
     passes.compute()
     return passes
 
@@ -79,7 +83,9 @@ def full_forward_losses(model, batch: ModelBatch, replace, positions: CountedPos
     module = hooked_module(model, LAYER, "resid_post")
     handle = None
     if replace is not None:
-        handle = module.register_forward_hook(lambda mod, args, out: with_output_tensor(out, replace(output_tensor(out), positions.replaced)))
+        handle = module.register_forward_hook(
+            lambda mod, args, out: with_output_tensor(out, replace(output_tensor(out), positions.replaced))
+        )
     try:
         with torch.no_grad():
             log_probs = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits.float().log_softmax(-1)
@@ -129,7 +135,9 @@ def test_shared_prefix_passes_equal_three_full_forwards(tiny_llama, tiny_store, 
 
 
 def test_evaluate_writes_eval_json_with_the_saebench_block(trained_checkpoint, tiny_model_folder, capsys):
-    (results,) = evaluate_sae(EvalConfig(checkpoint=[str(trained_checkpoint)], model_name=str(tiny_model_folder), model_tokens=1000, device="cpu"))
+    (results,) = evaluate_sae(
+        EvalConfig(checkpoint=[str(trained_checkpoint)], model_name=str(tiny_model_folder), model_tokens=1000, device="cpu")
+    )
     saved = json.loads((trained_checkpoint.parent / "eval.json").read_text())
     assert saved["examples"] == 33 and len(saved["feature_density"]) == 128
     assert saved["sparsity"]["l0_mean"] == pytest.approx(8, abs=0.5)
@@ -155,8 +163,12 @@ def test_evaluate_writes_eval_json_with_the_saebench_block(trained_checkpoint, t
     assert results["saebench_core"]["eval_result_metrics"] == metrics
 
 
-def test_a_sweep_shares_the_passes_and_reruns_reuse_them_until_model_store_or_split_change(tiny_store, tiny_model_folder, smollm2_tokenizer, tmp_path, capsys):
-    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path / "runs"), sweep=["topk:64:4", "topk:128:8"], batch_size=256, epochs=2.0)
+def test_a_sweep_shares_the_passes_and_reruns_reuse_them_until_model_store_or_split_change(
+    tiny_store, tiny_model_folder, smollm2_tokenizer, tmp_path, capsys
+):
+    config = TrainConfig(
+        store=str(tiny_store), output_dir=str(tmp_path / "runs"), sweep=["topk:64:4", "topk:128:8"], batch_size=256, epochs=2.0
+    )
     checkpoints = [result["checkpoint"] for result in train_saes(config)]
     settings = dict(model_name=str(tiny_model_folder), model_tokens=600, device="cpu")
     first = evaluate_sae(EvalConfig(checkpoint=checkpoints, **settings))
@@ -171,7 +183,9 @@ def test_a_sweep_shares_the_passes_and_reruns_reuse_them_until_model_store_or_sp
     other_model = tmp_path / "other-tiny-llama"
     make_tiny_llama(len(smollm2_tokenizer), seed=1).save_pretrained(other_model)
     smollm2_tokenizer.save_pretrained(other_model)
-    assert not evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], **{**settings, "model_name": str(other_model)}))[0]["model_tokens"]["reused_reference_passes"]
+    assert not evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], **{**settings, "model_name": str(other_model)}))[0]["model_tokens"][
+        "reused_reference_passes"
+    ]
     manifest_path = tiny_store / "manifest.json"
     original = manifest_path.read_text()
     try:  # the same folder re-extracted from other data
@@ -190,7 +204,16 @@ def test_a_hypothesaes_checkpoint_is_evaluated_given_its_store(tiny_store, tiny_
     path = Path(theirs.save(str(tmp_path / "SAE_M=32_K=4.pt")))
     with pytest.raises(UserError, match="Pass --store"):
         evaluate_sae(EvalConfig(checkpoint=[str(path)], model_metrics=False))
-    (results,) = evaluate_sae(EvalConfig(checkpoint=[str(path)], store=str(tiny_store), model_name=str(tiny_model_folder), validation_fraction=0.1, seed=0, model_tokens=500))
+    (results,) = evaluate_sae(
+        EvalConfig(
+            checkpoint=[str(path)],
+            store=str(tiny_store),
+            model_name=str(tiny_model_folder),
+            validation_fraction=0.1,
+            seed=0,
+            model_tokens=500,
+        )
+    )
     core = results["saebench_core"]["eval_result_metrics"]
     assert results["sparsity"]["l0_mean"] <= 4 and core["sparsity"]["l0"] <= 4
     assert results["saebench_core"]["eval_config"]["exclude_special_tokens_from_reconstruction"] is True  # no training record: as ours

@@ -73,7 +73,13 @@ def ours_and_saebench(model, tokenizer, store: ActivationStore, sae: SparseAutoe
     ours = core_output(losses, sparsity_variance, sae, {}, tokens, "test", saelens_config(sae.spec, {}), "test")
     architecture = "topk" if sae.spec.architecture == "topk" else "relu"
     theirs = saebench_core_reference(
-        model, layer, saelens_weights(sae), architecture, sae.spec.k if architecture == "topk" else None, [entry["input_ids"] for entry in passes.entries], ignored
+        model,
+        layer,
+        saelens_weights(sae),
+        architecture,
+        sae.spec.k if architecture == "topk" else None,
+        [entry["input_ids"] for entry in passes.entries],
+        ignored,
     )
     return ours, theirs.eval_output
 
@@ -115,4 +121,7 @@ def test_the_block_in_eval_json_validates_against_saebench_schema_and_model(topk
     schema_file = importlib.resources.files("sae_bench.evals.core") / "eval_output_schema_core.json"
     jsonschema.validate(block, json.loads(schema_file.read_text()))
     parsed = TypeAdapter(CoreEvalOutput).validate_python(block)
-    assert parsed.eval_result_metrics.model_performance_preservation.ce_loss_score == block["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"]
+    assert (
+        parsed.eval_result_metrics.model_performance_preservation.ce_loss_score
+        == block["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"]
+    )

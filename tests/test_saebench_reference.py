@@ -103,7 +103,9 @@ def hand_metrics(hf_model, weights, architecture, batches, sparsity_batches, ign
         keep = ~torch.isin(tokens, ignored)  # by the *input* token at a position
         clean, _ = hf_forward(hf_model, tokens)
         runs = {"clean": clean}
-        runs["sae"], _ = hf_forward(hf_model, tokens, lambda x: decode(weights, encode(weights, architecture, x)))  # every position, BOS too
+        runs["sae"], _ = hf_forward(
+            hf_model, tokens, lambda x: decode(weights, encode(weights, architecture, x))
+        )  # every position, BOS too
         runs["ablation"], _ = hf_forward(hf_model, tokens, torch.zeros_like)
         for name, logits in runs.items():
             per_position = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # position t predicts t+1
