@@ -217,8 +217,17 @@ def _digest(key: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Changes when any weight changes (a fine-tune, another checkpoint): each parameter's sum and sum of squares."""
-    summary = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in model.parameters()]).cpu().numpy()
+    """Changes when any weight changes (a fine-tune, another checkpoint): each parameter's sum and norm.
+
+    Accumulated in float64 inside the reductions, so no float64 copy of an 8B model's embedding is made.
+    """
+    summary = (
+        torch.stack(
+            [torch.stack([p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, dtype=torch.float64)]) for p in model.parameters()]
+        )
+        .cpu()
+        .numpy()
+    )
     return hashlib.sha256(np.array2string(summary, precision=10, threshold=10**9).encode()).hexdigest()[:16]
 
 
