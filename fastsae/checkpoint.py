@@ -18,13 +18,13 @@ thresholds, which are compared with them, are saved as trained.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from fastsae.atomic_files import write_atomically
 from fastsae.errors import UserError
 from fastsae.sae import SAESpec, SparseAutoencoder
 
@@ -76,10 +76,7 @@ def save_checkpoint(path: Path, sae: SparseAutoencoder, scale: float, dead_after
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
-    return path
+    return write_atomically(path, lambda partial: torch.save(payload, partial))
 
 
 def _spec_from_hypothesaes(config: dict[str, Any]) -> SAESpec:

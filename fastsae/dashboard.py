@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from fastsae.atomic_files import write_text_atomically
 from fastsae.explanations import RubricSummary
 from fastsae.features import HISTOGRAM_EDGES, FeatureStatistics
 from fastsae.scorers import SCORERS, ClassifierResult, ScoringExample
@@ -74,14 +74,6 @@ def dashboard_data(
         "title": title, "histogram_edges": HISTOGRAM_EDGES.tolist(), "features": features, "rubric": rubric.as_dict() if rubric else None,
         "scorers": list(SCORERS), "n_quantiles": n_quantiles,
     }
-
-
-def write_text_atomically(path: Path, text: str) -> Path:
-    """Write to a temp name, then rename: a crash never leaves a half page."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-    return path
 
 
 def write_page(path: Path, template: str, data: dict[str, Any]) -> Path:

@@ -27,7 +27,6 @@ cosine similarity is not feature absorption.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastsae import __version__
+from fastsae.atomic_files import write_json_atomically
 from fastsae.batches import ExampleSplit
 from fastsae.checkpoint import LoadedSAE, load_sae
 from fastsae.config import setting
@@ -536,7 +536,7 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
         results["health"] = health_table(_headline(results))
         density = results.pop("feature_density")
         plot_feature_density(evaluand.path.parent / "feature_density.png", density, f"{sae.spec.name} — {store.hook_name}")
-        _write_json_atomically(evaluand.path.parent / "eval.json", {**results, "feature_density": density})
+        write_json_atomically(evaluand.path.parent / "eval.json", {**results, "feature_density": density})
         print(f"\n{evaluand.path}\n\n" + report_table(results))
         all_results.append(results)
     if len(all_results) > 1:
@@ -544,7 +544,3 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
     return all_results
 
 
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2))
-    partial.replace(path)

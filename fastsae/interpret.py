@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fastsae.atomic_files import write_atomically
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
 from fastsae.dashboard import dashboard_data, write_dashboard
@@ -425,9 +426,8 @@ def _interpret_with(
         _note_short_classes(rows, examples, config.score_examples)
         rubric, results = explain_features(rows, top_windows, examples, config)
     path = Path(config.interpretations_path)
-    partial = path.with_name(path.name + ".partial")
-    pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {}).to_csv(partial, index=False)  # whole numbers; empty where missing
-    partial.replace(path)
+    table = pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {})  # whole numbers; empty where missing
+    write_atomically(path, lambda partial: table.to_csv(partial, index=False))
     title = f"{sae.spec.name} on {store.manifest['model']} {store.hook_name}"
     page = dashboard_data(title, rows, top_windows, statistics, rubric, {f: (examples[f].scoring, results[f]) for f in results}, config.n_quantiles)
     dashboard = write_dashboard(path.with_name("dashboard.html"), page)

@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from huggingface_hub import constants, create_repo, upload_folder
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from fastsae.atomic_files import replace_folder_atomically
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
 from fastsae.errors import UserError
@@ -108,16 +108,7 @@ def write_export(config: ExportConfig) -> Path:
     folder = config.output_folder()
     if folder.exists() and any(folder.iterdir()) and not _is_previous_export(folder):
         raise UserError(f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder.")
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        _write_export(partial, checkpoint, config.interpretations, config.push_to_hub)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    replace_folder_atomically(folder, lambda partial: _write_export(partial, checkpoint, config.interpretations, config.push_to_hub))
     logger.info("Exported %s to %s (%d files)", checkpoint.name, folder, sum(path.is_file() for path in folder.rglob("*")))
     return folder
 

@@ -41,9 +41,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastsae import markdown
+from fastsae.atomic_files import write_text_atomically
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
-from fastsae.dashboard import write_text_atomically
 from fastsae.data import Example, load_dataset
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError

@@ -10,7 +10,6 @@ chosen feature's activation on each token, drawn by the dashboard's token heatma
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fastsae.atomic_files import write_atomically
 from fastsae.config import setting
 from fastsae.dashboard import write_page
 from fastsae.data import Example, load_dataset
@@ -158,10 +158,8 @@ def plot_text_heatmap(path: Path, table: pd.DataFrame, title: str) -> None:
     axis.set_title(title + shown, fontsize=9)
     figure.colorbar(image, ax=axis, fraction=0.03)
     figure.tight_layout()
-    partial = path.with_name(path.name + ".partial")
-    figure.savefig(partial, dpi=110, format="png")
+    write_atomically(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
     plt.close(figure)
-    os.replace(partial, path)
 
 
 def page_data(title: str, examples: list[Example], readings: list[TextFeatures], chosen: list[list[int]], interpretations: dict[int, dict[str, Any]], pooling: str) -> dict[str, Any]:
@@ -202,9 +200,7 @@ def analyze_texts(config: AnalyzeConfig) -> Path:
     title = f"{reader.sae.spec.name} on {reader.extraction.model_name} {reader.extraction.hook_point} {reader.extraction.layers} — {config.pooling} over tokens"
     table = feature_table(examples, readings, chosen)
     csv_path = Path(config.csv_path)
-    partial = csv_path.with_name(csv_path.name + ".partial")
-    table.to_csv(partial, index=False)
-    os.replace(partial, csv_path)
+    write_atomically(csv_path, lambda partial: table.to_csv(partial, index=False))
     plot_text_heatmap(Path(config.heatmap_path), table, title)
     write_page(Path(config.html_path), _PAGE, page_data(title, examples, readings, chosen, interpretations, config.pooling))
     logger.info("Wrote %s, %s and %s", csv_path, config.heatmap_path, config.html_path)

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastsae import distributed
+from fastsae.atomic_files import write_atomically
 from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
 from fastsae.checkpoint import save_checkpoint
 from fastsae.config import config_fingerprint, setting
@@ -510,9 +511,8 @@ class TrainingRun:
             if not self.ranks.is_main:
                 continue
             save_checkpoint(trainer.checkpoint_path, trainer.sae, self.scale, self._dead_after_steps(), self._metadata(trainer, step))
-            partial = trainer.folder / (TRAINING_STATE + ".partial")
-            torch.save(trainer.state(step, self.settings_by_name[trainer.spec.name]), partial)
-            partial.replace(trainer.folder / TRAINING_STATE)
+            state = trainer.state(step, self.settings_by_name[trainer.spec.name])
+            write_atomically(trainer.folder / TRAINING_STATE, lambda partial, state=state: torch.save(state, partial))
         distributed.barrier()  # no rank moves on (or exits) before rank 0's files are complete
 
     def _dead_after_steps(self) -> int:
