@@ -37,6 +37,14 @@ class LoadedSAE(NamedTuple):
     metadata: dict[str, Any]  # our `fastsae` block; empty for a HypotheSAEs checkpoint
 
 
+def trained_with_special_tokens(metadata: dict[str, Any]) -> bool:
+    """Whether training also saw special/template tokens (`metadata`: a checkpoint's `fastsae` block).
+
+    False when the checkpoint does not say (HypotheSAEs'), as train.py's default is.
+    """
+    return bool(metadata.get("training", {}).get("include_special_tokens", False))
+
+
 def hypothesaes_config(spec: SAESpec, dead_after_steps: int) -> dict[str, Any]:
     return {
         "input_dim": spec.d,

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from fastsae import __version__
 from fastsae.atomic_files import replace_folder_atomically
-from fastsae.checkpoint import load_sae
+from fastsae.checkpoint import load_sae, trained_with_special_tokens
 from fastsae.models import hub_model_id
 from fastsae.sae import SAESpec, SparseAutoencoder
 
@@ -48,7 +48,7 @@ def _metadata(fastsae_metadata: dict[str, Any]) -> dict[str, Any]:
         "dataset_path": manifest.get("dataset", {}).get("path"),
         "packing": manifest.get("packing"),
         "chat_template": extraction.get("chat_template"),
-        "exclude_special_tokens": not fastsae_metadata.get("training", {}).get("include_special_tokens", False),
+        "exclude_special_tokens": not trained_with_special_tokens(fastsae_metadata),
     }
 
 

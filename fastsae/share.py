@@ -33,8 +33,8 @@ from huggingface_hub.utils import validate_repo_id
 from fastsae.atomic_files import replace_folder_atomically
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
+from fastsae.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.errors import UserError
-from fastsae.evaluate import DEFAULT_CHECKPOINT
 from fastsae.interpret import read_interpretations
 from fastsae.model_card import EXPORT_TAG, CardInputs, render_model_card
 from fastsae.saelens_export import export_saelens
@@ -50,7 +50,7 @@ TRAINING_SPARSITY = Path("saelens") / "sparsity.safetensors"  # the training ste
 class ExportConfig:
     checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint written by train_sae.py")
     output: str = setting("", "the export folder (replaced if it holds an earlier export); empty: <checkpoint folder>/export")
-    interpretations: str = setting("interpretations.csv", "interpretations.csv written by interpret_sae.py for this SAE; empty or missing: none")
+    interpretations: str = setting(DEFAULT_INTERPRETATIONS, "interpretations.csv written by interpret_sae.py for this SAE; empty or missing: none")
     push_to_hub: str = setting("", "Hugging Face repo id (user/name) to push the folder to; empty: export only")
     private: bool = setting(True, "create the repo private (an existing repo keeps its visibility)")
 

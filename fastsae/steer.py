@@ -45,9 +45,9 @@ from fastsae.atomic_files import write_text_atomically
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
 from fastsae.data import Example, load_dataset
+from fastsae.default_paths import DEFAULT_CHECKPOINT
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
-from fastsae.evaluate import DEFAULT_CHECKPOINT
 from fastsae.hook_points import decoder_layers, hooked_module, output_tensor, with_output_tensor
 from fastsae.lora import LORA_HOOK_POINT
 from fastsae.models import load_model, load_tokenizer, resolve_model

@@ -22,8 +22,8 @@ from fastsae.atomic_files import write_atomically
 from fastsae.config import setting
 from fastsae.dashboard import write_page
 from fastsae.data import Example, load_dataset
+from fastsae.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.errors import UserError
-from fastsae.evaluate import DEFAULT_CHECKPOINT
 from fastsae.interpret import read_interpretations
 from fastsae.reader import SAEReader, TextFeatures, check_pooling
 
@@ -44,7 +44,7 @@ class AnalyzeConfig:
     max_texts: int = setting(0, "read only the first N texts of TEXTS_FILE (0: all)")
     pooling: str = setting("max", "how a text's tokens are pooled into one value per feature: max or mean")
     top_n: int = setting(10, "features reported per text, by pooled activation")
-    interpretations: str = setting("interpretations.csv", "interpret_sae.py's CSV for this SAE (explanations, labels); skipped when missing")
+    interpretations: str = setting(DEFAULT_INTERPRETATIONS, "interpret_sae.py's CSV for this SAE (explanations, labels); skipped when missing")
     csv_path: str = setting("text_features.csv", "one row per text: pooled activations of the reported features")
     heatmap_path: str = setting("text_features.png", "PNG heatmap of texts × reported features")
     html_path: str = setting("text_features.html", "self-contained page of per-token heatmaps")

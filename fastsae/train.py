@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from fastsae import distributed
 from fastsae.atomic_files import write_atomically
-from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
+from fastsae.batches import DEFAULT_VALIDATION_FRACTION, ExampleSplit, TokenSource, mixed_batches
 from fastsae.checkpoint import save_checkpoint
 from fastsae.config import config_fingerprint, setting
+from fastsae.default_paths import DEFAULT_STORE
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.sae import ARCHITECTURES, JUMPRELU_BANDWIDTH, JUMPRELU_INITIAL_THRESHOLD, SAESpec, SparseAutoencoder
@@ -50,7 +51,7 @@ TRAINING_STATE = "training_state.pt"
 
 @dataclass
 class TrainConfig:
-    store: str = setting("activations/SmolLM2-135M-Instruct/blocks.12.hook_resid_post", "activation store folder written by extract_activations.py")
+    store: str = setting(DEFAULT_STORE, "activation store folder written by extract_activations.py")
     architecture: str = setting("topk", "topk, batchtopk, relu (L1 penalty) or jumprelu")
     m: int = setting(256, "number of features (dictionary size)")
     k: int = setting(8, "active features per token (topk, batchtopk)")
@@ -76,7 +77,7 @@ class TrainConfig:
     gradient_clip: float = setting(1.0, "maximum gradient norm; 0: no clipping")
     epochs: float = setting(50.0, "passes over the training tokens (ignored when MAX_TOKENS is set)")
     max_tokens: int = setting(0, "training budget in tokens; 0: use EPOCHS")
-    validation_fraction: float = setting(0.1, "fraction of examples held out for validation (split by example)")
+    validation_fraction: float = setting(DEFAULT_VALIDATION_FRACTION, "fraction of examples held out for validation (split by example)")
     include_special_tokens: bool = setting(False, "also train on special/template tokens (BOS, chat markers)")
     input_bias_init: str = setting("median", "start the decoder bias at the data's median or mean, or at zero (as SAELens does)")
     eval_every: int = setting(50, "validate every N steps")
