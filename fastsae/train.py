@@ -318,7 +318,11 @@ class TrainingRun:
         ranks = {"ranks": self.ranks.world_size} if self.ranks.is_distributed else {}  # each rank replays its own batches
         return {"spec": {**asdict(spec), "prefixes": list(spec.prefixes)}, "store": str(self.store.folder), "store_settings": config_fingerprint(self.store.manifest["settings"]), **fixed, **ranks}
 
-    def _new_trainer(self, spec: SAESpec) -> SAETrainer:
+    def new_trainer(self, spec: SAESpec) -> SAETrainer:
+        """A fresh SAE for `spec` with its optimizer and counters, wrapped for DDP and torch.compile as configured.
+
+        Public so a benchmark can time `train_step` alone, without the batch pipeline.
+        """
         torch.manual_seed(self.config.seed)
         sae = SparseAutoencoder(spec, self.config.jumprelu_initial_threshold, self.config.jumprelu_bandwidth)
         sae.initialize_input_bias_(self.bias_sample, self.config.input_bias_init)
@@ -354,7 +358,7 @@ class TrainingRun:
 
     def run(self) -> list[dict[str, Any]]:
         config = self.config
-        self.trainers = trainers = [self._new_trainer(spec) for spec in self.specs]
+        self.trainers = trainers = [self.new_trainer(spec) for spec in self.specs]
         start_steps = {self._resume_or_start(trainer) for trainer in trainers}
         if len(start_steps) != 1:
             raise UserError(f"the SAEs in {self.run_folder} were saved at different steps; pass --overwrite to start the sweep over.")
@@ -383,7 +387,7 @@ class TrainingRun:
                     x = next(batches).float() * self.scale
                     factor = learning_rate_factor(step, self.total_steps, config.warmup_fraction, config.decay_fraction)
                     for trainer in active:
-                        self._step(trainer, x, factor)
+                        self.train_step(trainer, x, factor)
                     if (step + 1) % config.log_every == 0 or step + 1 == self.total_steps:
                         for trainer in active:
                             self._log(trainer, step + 1, factor * config.learning_rate)
@@ -430,7 +434,12 @@ class TrainingRun:
         distributed.all_reduce_sum_(stacked).div_(self.ranks.world_size)
         trainer.sums.update(zip(names, stacked.unbind()))
 
-    def _step(self, trainer: SAETrainer, x: torch.Tensor, factor: float) -> None:
+    def train_step(self, trainer: SAETrainer, x: torch.Tensor, factor: float) -> None:
+        """One optimiser step of one SAE on batch `x`, at the learning rate times `factor` (the schedule).
+
+        No host sync: losses add up on the device until `_log`. Public so tests can hook each
+        step (stop or corrupt a run at a chosen step) and benchmarks can time it.
+        """
         config = self.config
         for group in trainer.optimizer.param_groups:
             group["lr"] = config.learning_rate * factor
