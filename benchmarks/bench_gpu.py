@@ -203,15 +203,15 @@ def step_only(args, store: Path, work: Path, batch_size: int) -> tuple[float, st
         overwrite=True,
     )
     run = TrainingRun(config)
-    trainer = run._new_trainer(run.specs[0])
+    trainer = run.new_trainer(run.specs[0])
     x = (run.train_source.all_tokens(batch_size) * run.scale).to(args.device)
     for _ in range(5):
-        run._step(trainer, x, 1.0)
-    _, seconds = timed(lambda: [run._step(trainer, x, 1.0) for _ in range(args.steps)])
+        run.train_step(trainer, x, 1.0)
+    _, seconds = timed(lambda: [run.train_step(trainer, x, 1.0) for _ in range(args.steps)])
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(10):
-            run._step(trainer, x, 1.0)
+            run.train_step(trainer, x, 1.0)
         synchronize()
     sort = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
     return args.steps * len(x) / seconds, profiler.key_averages().table(sort_by=sort, row_limit=25)

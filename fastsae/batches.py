@@ -24,6 +24,8 @@ import torch
 from fastsae.errors import UserError
 from fastsae.store import ActivationStore
 
+DEFAULT_VALIDATION_FRACTION = 0.1  # train.py's default; evaluate.py's too, for checkpoints that do not record theirs
+
 READ_CHUNK_TOKENS = 16384
 GPU_STORE_READERS = 4  # threads copying store chunks into pinned memory while a GPU trains (one was the loop's bottleneck)
 

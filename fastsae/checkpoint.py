@@ -18,13 +18,13 @@ thresholds, which are compared with them, are saved as trained.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from fastsae.atomic_files import write_atomically
 from fastsae.errors import UserError
 from fastsae.sae import SAESpec, SparseAutoencoder
 
@@ -35,6 +35,14 @@ HYPOTHESAES_STATE_KEYS = {"encoder.weight", "decoder.weight", "input_bias", "neu
 class LoadedSAE(NamedTuple):
     sae: SparseAutoencoder  # applies to raw (unscaled) activations
     metadata: dict[str, Any]  # our `fastsae` block; empty for a HypotheSAEs checkpoint
+
+
+def trained_with_special_tokens(metadata: dict[str, Any]) -> bool:
+    """Whether training also saw special/template tokens (`metadata`: a checkpoint's `fastsae` block).
+
+    False when the checkpoint does not say (HypotheSAEs'), as train.py's default is.
+    """
+    return bool(metadata.get("training", {}).get("include_special_tokens", False))
 
 
 def hypothesaes_config(spec: SAESpec, dead_after_steps: int) -> dict[str, Any]:
@@ -76,10 +84,7 @@ def save_checkpoint(path: Path, sae: SparseAutoencoder, scale: float, dead_after
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
-    return path
+    return write_atomically(path, lambda partial: torch.save(payload, partial))
 
 
 def _spec_from_hypothesaes(config: dict[str, Any]) -> SAESpec:

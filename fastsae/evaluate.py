@@ -27,7 +27,6 @@ cosine similarity is not feature absorption.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -40,9 +39,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastsae import __version__
-from fastsae.batches import ExampleSplit
-from fastsae.checkpoint import LoadedSAE, load_sae
+from fastsae.atomic_files import write_json_atomically
+from fastsae.batches import DEFAULT_VALIDATION_FRACTION, ExampleSplit
+from fastsae.checkpoint import LoadedSAE, load_sae, trained_with_special_tokens
 from fastsae.config import setting
+from fastsae.default_paths import DEFAULT_CHECKPOINT
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.extract import pad_token_id
@@ -65,7 +66,6 @@ from fastsae.store import ActivationStore
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"
 DENSE_FREQUENCY = 0.1
 RULE_OF_THUMB = "fastsae's rule of thumb (SAEBench reports this number without a pass mark)"
 # (metric, test, threshold, what it means, where the threshold comes from)
@@ -398,9 +398,9 @@ def _evaluand(path: Path, config: EvalConfig) -> _Evaluand:
         raise UserError(
             f"the checkpoint's SAE takes d={loaded.sae.spec.d} but the store at {store.folder} has d={store.d}: they come from different models or hooks. Pass the matching --store."
         )
-    fraction = config.validation_fraction if config.validation_fraction >= 0 else training.get("validation_fraction", 0.1)
+    fraction = config.validation_fraction if config.validation_fraction >= 0 else training.get("validation_fraction", DEFAULT_VALIDATION_FRACTION)
     seed = config.seed if config.seed >= 0 else training.get("seed", 0)
-    return _Evaluand(path, loaded, store, fraction, seed, bool(training.get("include_special_tokens", False)))
+    return _Evaluand(path, loaded, store, fraction, seed, trained_with_special_tokens(loaded.metadata))
 
 
 class _ModelMetrics:
@@ -536,7 +536,7 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
         results["health"] = health_table(_headline(results))
         density = results.pop("feature_density")
         plot_feature_density(evaluand.path.parent / "feature_density.png", density, f"{sae.spec.name} — {store.hook_name}")
-        _write_json_atomically(evaluand.path.parent / "eval.json", {**results, "feature_density": density})
+        write_json_atomically(evaluand.path.parent / "eval.json", {**results, "feature_density": density})
         print(f"\n{evaluand.path}\n\n" + report_table(results))
         all_results.append(results)
     if len(all_results) > 1:
@@ -544,7 +544,3 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
     return all_results
 
 
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2))
-    partial.replace(path)

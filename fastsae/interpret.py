@@ -23,12 +23,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from fastsae.checkpoint import load_sae
+from fastsae.atomic_files import write_atomically
+from fastsae.checkpoint import load_sae, trained_with_special_tokens
 from fastsae.config import setting
 from fastsae.dashboard import dashboard_data, write_dashboard
+from fastsae.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
-from fastsae.evaluate import DEFAULT_CHECKPOINT
 from fastsae.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
 from fastsae.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens
 from fastsae.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key
@@ -65,7 +66,7 @@ class InterpretConfig:
     top_contexts: int = setting(5, "strongest activating windows per feature in the CSV (one per window, so never two cuts of one passage)")
     window_tokens: int = setting(32, "tokens per window: each example is cut into windows this long, as delphi cuts its contexts (example_ctx_len)")
     logit_lens_tokens: int = setting(8, "tokens listed as most promoted / suppressed by each feature's decoder direction")
-    interpretations_path: str = setting("interpretations.csv", "where the CSV goes")
+    interpretations_path: str = setting(DEFAULT_INTERPRETATIONS, "where the CSV goes")
     explain: bool = setting(True, "ask an LLM (OpenAI-compatible API; key from OPENAI_API_KEY) to explain and score each feature")
     scoring: str = setting(
         "detection,fuzzing,fast-rubric",
@@ -392,7 +393,7 @@ def interpret_sae(config: InterpretConfig) -> Path:
     else:
         unembedding = _unembedding(load_model(source, torch.float32, "cpu")).to(device)
     sae = loaded.sae.to(device)
-    include_special = bool(loaded.metadata.get("training", {}).get("include_special_tokens", False))
+    include_special = trained_with_special_tokens(loaded.metadata)
     with tempfile.TemporaryDirectory(prefix="fastsae-interpret-") as scratch:  # example-level maxima live on disk
         statistics = collect_feature_statistics(store, sae, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy")
         return _interpret_with(statistics, store, sae, tokenizer, unembedding, include_special, config)
@@ -425,9 +426,8 @@ def _interpret_with(
         _note_short_classes(rows, examples, config.score_examples)
         rubric, results = explain_features(rows, top_windows, examples, config)
     path = Path(config.interpretations_path)
-    partial = path.with_name(path.name + ".partial")
-    pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {}).to_csv(partial, index=False)  # whole numbers; empty where missing
-    partial.replace(path)
+    table = pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {})  # whole numbers; empty where missing
+    write_atomically(path, lambda partial: table.to_csv(partial, index=False))
     title = f"{sae.spec.name} on {store.manifest['model']} {store.hook_name}"
     page = dashboard_data(title, rows, top_windows, statistics, rubric, {f: (examples[f].scoring, results[f]) for f in results}, config.n_quantiles)
     dashboard = write_dashboard(path.with_name("dashboard.html"), page)

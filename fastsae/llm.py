@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fastsae.atomic_files import write_json_atomically
 from fastsae.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,7 @@ class CachedChatClient:
         answer = response.choices[0].message.content or ""
         path = self._cache_path(messages, max_tokens)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps({"model": self.model, "answer": answer}))
-        partial.replace(path)
+        write_json_atomically(path, {"model": self.model, "answer": answer}, indent=None)
         return answer
 
     def complete_all(self, requests: Sequence[Messages], max_tokens: int = 300) -> list[str]:

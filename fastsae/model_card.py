@@ -15,6 +15,7 @@ import pandas as pd
 from huggingface_hub import ModelCardData
 
 from fastsae import markdown
+from fastsae.checkpoint import trained_with_special_tokens
 from fastsae.evaluate import report_table
 from fastsae.models import hub_model_id
 from fastsae.sae import SAESpec
@@ -79,7 +80,7 @@ def _model_and_data(inputs: CardInputs) -> str:
     metadata = inputs.metadata
     manifest = metadata.get("store_manifest", {})
     dataset, extraction = manifest.get("dataset", {}), manifest.get("extraction", {})
-    special = "included" if metadata.get("training", {}).get("include_special_tokens") else "excluded (BOS and chat-template tokens)"
+    special = "included" if trained_with_special_tokens(metadata) else "excluded (BOS and chat-template tokens)"
     rows = [
         ["model", metadata.get("model_name") or metadata.get("model")],
         ["base model on the Hub", base_model(metadata)],

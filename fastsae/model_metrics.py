@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastsae.atomic_files import write_atomically
 from fastsae.sae import SparseAutoencoder
 from fastsae.saebench_core import LossSums, SparsityVarianceSums
 from fastsae.split_forward import LOGIT_ROWS, ModelBatch, SplitModel
@@ -158,10 +158,9 @@ class ReferencePasses:
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".partial")
         cpu_entries = [{name: tensor.cpu() for name, tensor in entry.items()} for entry in self.entries]
-        torch.save({"key": json.dumps(self.key, sort_keys=True), "entries": cpu_entries}, partial)
-        os.replace(partial, self.path)
+        payload = {"key": json.dumps(self.key, sort_keys=True), "entries": cpu_entries}
+        write_atomically(self.path, lambda partial: torch.save(payload, partial))
 
     @torch.no_grad()
     def evaluate(

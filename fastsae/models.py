@@ -118,7 +118,9 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
     # stops save_pretrained, so drop it and save a normal checkpoint.
     model.hf_quantizer = None
     del model.config.quantization_config
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")  # one per process: torchrun ranks may race here
+    # Not atomic_files.replace_folder_atomically: torchrun ranks may dequantise at once, so each
+    # process writes its own temp folder, and the first to finish wins instead of replacing another's.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

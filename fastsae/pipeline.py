@@ -18,7 +18,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import runpy
 import sys
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fastsae.atomic_files import write_json_atomically
 from fastsae.config import config_fingerprint, parse_step_config, setting
 from fastsae.errors import UserError
 
@@ -138,9 +138,7 @@ class PipelineState:
     def update(self, name: str, **fields: Any) -> None:
         """Written to a temp file and renamed, so a crash never leaves half a state file."""
         self.steps[name] = fields
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps({"format_version": STATE_FORMAT_VERSION, "steps": self.steps}, indent=2))
-        os.replace(partial, self.path)
+        write_json_atomically(self.path, {"format_version": STATE_FORMAT_VERSION, "steps": self.steps})
 
 
 def check_packages() -> str:

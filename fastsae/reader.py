@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastsae.checkpoint import load_sae
+from fastsae.checkpoint import load_sae, trained_with_special_tokens
 from fastsae.data import Example
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
@@ -105,7 +105,7 @@ class SAEReader:
         extraction = extraction_settings(checkpoint, loaded.metadata, model_name, hook_point, layer, device)
         source = resolve_model(extraction.model_name)
         model = load_model(source, extraction.resolved_compute_dtype(), device)
-        include_special = bool(loaded.metadata.get("training", {}).get("include_special_tokens", False))
+        include_special = trained_with_special_tokens(loaded.metadata)
         return cls(loaded.sae, model, load_tokenizer(source), extraction, include_special)
 
     @torch.no_grad()

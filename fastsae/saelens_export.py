@@ -14,8 +14,6 @@ at inference. Matryoshka SAEs export as their base architecture.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from fastsae import __version__
-from fastsae.checkpoint import load_sae
+from fastsae.atomic_files import replace_folder_atomically
+from fastsae.checkpoint import load_sae, trained_with_special_tokens
 from fastsae.models import hub_model_id
 from fastsae.sae import SAESpec, SparseAutoencoder
 
@@ -49,7 +48,7 @@ def _metadata(fastsae_metadata: dict[str, Any]) -> dict[str, Any]:
         "dataset_path": manifest.get("dataset", {}).get("path"),
         "packing": manifest.get("packing"),
         "chat_template": extraction.get("chat_template"),
-        "exclude_special_tokens": not fastsae_metadata.get("training", {}).get("include_special_tokens", False),
+        "exclude_special_tokens": not trained_with_special_tokens(fastsae_metadata),
     }
 
 
@@ -94,13 +93,11 @@ def export_saelens(checkpoint: str | Path, folder: str | Path, feature_frequency
     loaded = load_sae(checkpoint)
     weights, cfg = saelens_weights(loaded.sae), saelens_config(loaded.sae.spec, loaded.metadata)
     folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    (partial / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    save_file(weights, partial / "sae_weights.safetensors")
-    if feature_frequency is not None:
-        save_file({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, partial / "sparsity.safetensors")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
-    return folder
+
+    def fill(partial: Path) -> None:
+        (partial / "cfg.json").write_text(json.dumps(cfg, indent=2))
+        save_file(weights, partial / "sae_weights.safetensors")
+        if feature_frequency is not None:
+            save_file({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, partial / "sparsity.safetensors")
+
+    return replace_folder_atomically(folder, fill)

@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,11 @@ from huggingface_hub import constants, create_repo, upload_folder
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from fastsae.atomic_files import replace_folder_atomically
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
+from fastsae.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.errors import UserError
-from fastsae.evaluate import DEFAULT_CHECKPOINT
 from fastsae.interpret import read_interpretations
 from fastsae.model_card import EXPORT_TAG, CardInputs, render_model_card
 from fastsae.saelens_export import export_saelens
@@ -50,7 +50,7 @@ TRAINING_SPARSITY = Path("saelens") / "sparsity.safetensors"  # the training ste
 class ExportConfig:
     checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint written by train_sae.py")
     output: str = setting("", "the export folder (replaced if it holds an earlier export); empty: <checkpoint folder>/export")
-    interpretations: str = setting("interpretations.csv", "interpretations.csv written by interpret_sae.py for this SAE; empty or missing: none")
+    interpretations: str = setting(DEFAULT_INTERPRETATIONS, "interpretations.csv written by interpret_sae.py for this SAE; empty or missing: none")
     push_to_hub: str = setting("", "Hugging Face repo id (user/name) to push the folder to; empty: export only")
     private: bool = setting(True, "create the repo private (an existing repo keeps its visibility)")
 
@@ -108,16 +108,7 @@ def write_export(config: ExportConfig) -> Path:
     folder = config.output_folder()
     if folder.exists() and any(folder.iterdir()) and not _is_previous_export(folder):
         raise UserError(f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder.")
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        _write_export(partial, checkpoint, config.interpretations, config.push_to_hub)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    replace_folder_atomically(folder, lambda partial: _write_export(partial, checkpoint, config.interpretations, config.push_to_hub))
     logger.info("Exported %s to %s (%d files)", checkpoint.name, folder, sum(path.is_file() for path in folder.rglob("*")))
     return folder
 

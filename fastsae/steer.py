@@ -41,17 +41,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastsae import markdown
+from fastsae.atomic_files import write_text_atomically
 from fastsae.checkpoint import load_sae
 from fastsae.config import setting
-from fastsae.dashboard import write_text_atomically
 from fastsae.data import Example, load_dataset
+from fastsae.default_paths import DEFAULT_CHECKPOINT
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
-from fastsae.evaluate import DEFAULT_CHECKPOINT
 from fastsae.hook_points import decoder_layers, hooked_module, output_tensor, with_output_tensor
 from fastsae.lora import LORA_HOOK_POINT
 from fastsae.models import load_model, load_tokenizer, resolve_model
 from fastsae.sae import SparseAutoencoder
+from fastsae.templates import read_template
 from fastsae.tokenization import example_messages, prompt_token_ids, wants_chat_template
 
 logger = logging.getLogger(__name__)
@@ -211,20 +212,6 @@ def markdown_table(table: SteeringTable) -> str:
     return markdown.table(["prompt", *table.columns], [[prompt, *answers] for prompt, answers in zip(table.prompts, table.answers)], line_breaks=True)
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #ccc; padding: .5rem; vertical-align: top; white-space: pre-wrap; max-width: 28rem; }}
-th {{ background: #f2f2f2; }} td.prompt {{ font-weight: 600; background: #fafafa; }}
-</style></head>
-<body><h1>{title}</h1>
-<table><thead><tr><th>prompt</th>{header}</tr></thead>
-<tbody>{rows}</tbody></table></body></html>
-"""
-
-
 def html_page(table: SteeringTable) -> str:
     """One self-contained page; every text is escaped, so generated text can never become markup."""
     escape = html.escape
@@ -232,7 +219,7 @@ def html_page(table: SteeringTable) -> str:
         f'<tr><td class="prompt">{escape(prompt)}</td>' + "".join(f"<td>{escape(answer)}</td>" for answer in answers) + "</tr>\n"
         for prompt, answers in zip(table.prompts, table.answers)
     )
-    return _PAGE.format(title=escape(table.title), header="".join(f"<th>{escape(column)}</th>" for column in table.columns), rows=rows)
+    return read_template("steering.html").format(title=escape(table.title), header="".join(f"<th>{escape(column)}</th>" for column in table.columns), rows=rows)
 
 
 def steer_model(config: SteerConfig) -> SteeringTable:

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from fastsae.atomic_files import replace_folder_atomically, write_atomically, write_json_atomically
 from fastsae.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,10 @@ def from_storage_array(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
-def _write_json_atomically(path: Path, payload: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(partial, path)
+def _write_json_lines(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    with path.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
 
 
 def bytes_per_token(d: int, storage_dtype: str) -> int:
@@ -157,11 +157,8 @@ class ActivationStoreWriter:
         self._prepare_folder(settings, overwrite)
         if not (self.folder / MANIFEST).exists():
             np.save(self.folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
-            with (self.folder / (EXAMPLES + ".partial")).open("w") as handle:
-                for record in example_records:
-                    handle.write(json.dumps(record) + "\n")
-            os.replace(self.folder / (EXAMPLES + ".partial"), self.folder / EXAMPLES)
-            _write_json_atomically(self.folder / MANIFEST, self.manifest)
+            write_atomically(self.folder / EXAMPLES, lambda partial: _write_json_lines(partial, example_records))
+            write_json_atomically(self.folder / MANIFEST, self.manifest, default=str)
 
     def _prepare_folder(self, settings: dict[str, Any], overwrite: bool) -> None:
         manifest_path = self.folder / MANIFEST
@@ -199,20 +196,20 @@ class ActivationStoreWriter:
         shard = self.shards[index]
         if activations.shape[0] != shard.n_tokens:
             raise ValueError(f"{shard.name} expects {shard.n_tokens} tokens, got {activations.shape[0]}")
-        partial = self.folder / (shard.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        np.save(partial / "activations.npy", to_storage_array(activations))
-        np.save(partial / "token_ids.npy", token_ids.astype(np.int32))
-        np.save(partial / "special_mask.npy", special_mask.astype(bool))
-        os.replace(partial, self.folder / shard.name)
+
+        def fill(partial: Path) -> None:
+            np.save(partial / "activations.npy", to_storage_array(activations))
+            np.save(partial / "token_ids.npy", token_ids.astype(np.int32))
+            np.save(partial / "special_mask.npy", special_mask.astype(bool))
+
+        replace_folder_atomically(self.folder / shard.name, fill)
 
     def finish(self, extra_fields: dict[str, Any]) -> None:
         missing = self.pending_shards()
         if missing:
             raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} shards are missing")
         self.manifest.update(extra_fields, status="complete")
-        _write_json_atomically(self.folder / MANIFEST, self.manifest)
+        write_json_atomically(self.folder / MANIFEST, self.manifest, default=str)
 
 
 class ActivationStore:

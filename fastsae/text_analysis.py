@@ -10,7 +10,6 @@ chosen feature's activation on each token, drawn by the dashboard's token heatma
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fastsae.atomic_files import write_atomically
 from fastsae.config import setting
 from fastsae.dashboard import write_page
 from fastsae.data import Example, load_dataset
+from fastsae.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.errors import UserError
-from fastsae.evaluate import DEFAULT_CHECKPOINT
 from fastsae.interpret import read_interpretations
 from fastsae.reader import SAEReader, TextFeatures, check_pooling
 
@@ -44,7 +44,7 @@ class AnalyzeConfig:
     max_texts: int = setting(0, "read only the first N texts of TEXTS_FILE (0: all)")
     pooling: str = setting("max", "how a text's tokens are pooled into one value per feature: max or mean")
     top_n: int = setting(10, "features reported per text, by pooled activation")
-    interpretations: str = setting("interpretations.csv", "interpret_sae.py's CSV for this SAE (explanations, labels); skipped when missing")
+    interpretations: str = setting(DEFAULT_INTERPRETATIONS, "interpret_sae.py's CSV for this SAE (explanations, labels); skipped when missing")
     csv_path: str = setting("text_features.csv", "one row per text: pooled activations of the reported features")
     heatmap_path: str = setting("text_features.png", "PNG heatmap of texts × reported features")
     html_path: str = setting("text_features.html", "self-contained page of per-token heatmaps")
@@ -158,10 +158,8 @@ def plot_text_heatmap(path: Path, table: pd.DataFrame, title: str) -> None:
     axis.set_title(title + shown, fontsize=9)
     figure.colorbar(image, ax=axis, fraction=0.03)
     figure.tight_layout()
-    partial = path.with_name(path.name + ".partial")
-    figure.savefig(partial, dpi=110, format="png")
+    write_atomically(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
     plt.close(figure)
-    os.replace(partial, path)
 
 
 def page_data(title: str, examples: list[Example], readings: list[TextFeatures], chosen: list[list[int]], interpretations: dict[int, dict[str, Any]], pooling: str) -> dict[str, Any]:
@@ -202,64 +200,8 @@ def analyze_texts(config: AnalyzeConfig) -> Path:
     title = f"{reader.sae.spec.name} on {reader.extraction.model_name} {reader.extraction.hook_point} {reader.extraction.layers} — {config.pooling} over tokens"
     table = feature_table(examples, readings, chosen)
     csv_path = Path(config.csv_path)
-    partial = csv_path.with_name(csv_path.name + ".partial")
-    table.to_csv(partial, index=False)
-    os.replace(partial, csv_path)
+    write_atomically(csv_path, lambda partial: table.to_csv(partial, index=False))
     plot_text_heatmap(Path(config.heatmap_path), table, title)
-    write_page(Path(config.html_path), _PAGE, page_data(title, examples, readings, chosen, interpretations, config.pooling))
+    write_page(Path(config.html_path), "texts.html", page_data(title, examples, readings, chosen, interpretations, config.pooling))
     logger.info("Wrote %s, %s and %s", csv_path, config.heatmap_path, config.html_path)
     return csv_path
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fastsae: texts through the SAE</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:12px 20px;color:#222}
-h1{font-size:18px} .muted{color:#777} .card{border-top:1px solid #ddd;padding:10px 0}
-.chips{display:flex;flex-wrap:wrap;gap:4px;margin:6px 0} .about{margin:4px 0}
-button.chip{font:12px ui-monospace,monospace;border:1px solid #ccc;background:#fafafa;border-radius:10px;padding:2px 8px;cursor:pointer}
-button.chip.selected{background:#ffd9b3;border-color:#e08a3c}
-__HEATMAP_CSS__
-</style></head><body>
-<h1 id="title"></h1>
-<p class="muted" id="note"></p>
-<div id="texts"></div>
-<script type="application/json" id="data">__DATA__</script>
-<script>
-"use strict";
-const data = JSON.parse(document.getElementById("data").textContent);
-__HEATMAP_JS__
-document.getElementById("title").textContent = data.title;
-document.getElementById("note").textContent = "Per text, its top features by " + data.pooling +
-  " activation over its tokens. Choose one to shade each token by that feature's activation (hover for the value); " +
-  "the shading's scale is the feature's largest activation on this page, so texts compare.";
-const peaks = {};
-for (const t of data.texts) for (const f of t.features) peaks[f.feature] = Math.max(peaks[f.feature] || 1e-9, ...f.activations);
-function renderText(t, index) {
-  const card = element("div", null, "card");
-  card.append(element("div", "[" + index + "] " + t.text));
-  if (t.truncated) card.append(element("p", "Truncated at MAX_LENGTH tokens, as in extraction: the shading stops there.", "muted"));
-  if (!t.features.length) { card.append(element("p", "No feature fires on this text.", "muted")); return card; }
-  const chips = element("div", null, "chips"), about = element("p", null, "about muted");
-  let line = element("div");
-  function choose(f, chip) {
-    for (const other of chips.children) other.classList.remove("selected");
-    chip.classList.add("selected");
-    const heatmap = tokenHeatmap(t.tokens, f.activations, peaks[f.feature], -1);
-    line.replaceWith(heatmap); line = heatmap;
-    about.textContent = "feature " + f.feature + ": " + (data.about[f.feature] || "no interpretation");
-  }
-  for (const f of t.features) {
-    const chip = element("button", f.feature + " · " + f.pooled.toFixed(2), "chip");
-    chip.dataset.feature = f.feature;
-    chip.title = data.about[f.feature] || "";
-    chip.addEventListener("click", () => choose(f, chip));
-    chips.append(chip);
-  }
-  card.append(chips, line, about);
-  choose(t.features[0], chips.firstChild);
-  return card;
-}
-data.texts.forEach((t, i) => document.getElementById("texts").append(renderText(t, i)));
-</script></body></html>
-"""

@@ -28,9 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastsae import distributed
-from fastsae.batches import ExampleSplit, TokenSource, mixed_batches
+from fastsae.atomic_files import write_atomically
+from fastsae.batches import DEFAULT_VALIDATION_FRACTION, ExampleSplit, TokenSource, mixed_batches
 from fastsae.checkpoint import save_checkpoint
 from fastsae.config import config_fingerprint, setting
+from fastsae.default_paths import DEFAULT_STORE
 from fastsae.devices import resolve_device
 from fastsae.errors import UserError
 from fastsae.sae import ARCHITECTURES, JUMPRELU_BANDWIDTH, JUMPRELU_INITIAL_THRESHOLD, SAESpec, SparseAutoencoder
@@ -49,7 +51,7 @@ TRAINING_STATE = "training_state.pt"
 
 @dataclass
 class TrainConfig:
-    store: str = setting("activations/SmolLM2-135M-Instruct/blocks.12.hook_resid_post", "activation store folder written by extract_activations.py")
+    store: str = setting(DEFAULT_STORE, "activation store folder written by extract_activations.py")
     architecture: str = setting("topk", "topk, batchtopk, relu (L1 penalty) or jumprelu")
     m: int = setting(256, "number of features (dictionary size)")
     k: int = setting(8, "active features per token (topk, batchtopk)")
@@ -75,7 +77,7 @@ class TrainConfig:
     gradient_clip: float = setting(1.0, "maximum gradient norm; 0: no clipping")
     epochs: float = setting(50.0, "passes over the training tokens (ignored when MAX_TOKENS is set)")
     max_tokens: int = setting(0, "training budget in tokens; 0: use EPOCHS")
-    validation_fraction: float = setting(0.1, "fraction of examples held out for validation (split by example)")
+    validation_fraction: float = setting(DEFAULT_VALIDATION_FRACTION, "fraction of examples held out for validation (split by example)")
     include_special_tokens: bool = setting(False, "also train on special/template tokens (BOS, chat markers)")
     input_bias_init: str = setting("median", "start the decoder bias at the data's median or mean, or at zero (as SAELens does)")
     eval_every: int = setting(50, "validate every N steps")
@@ -316,7 +318,11 @@ class TrainingRun:
         ranks = {"ranks": self.ranks.world_size} if self.ranks.is_distributed else {}  # each rank replays its own batches
         return {"spec": {**asdict(spec), "prefixes": list(spec.prefixes)}, "store": str(self.store.folder), "store_settings": config_fingerprint(self.store.manifest["settings"]), **fixed, **ranks}
 
-    def _new_trainer(self, spec: SAESpec) -> SAETrainer:
+    def new_trainer(self, spec: SAESpec) -> SAETrainer:
+        """A fresh SAE for `spec` with its optimizer and counters, wrapped for DDP and torch.compile as configured.
+
+        Public so a benchmark can time `train_step` alone, without the batch pipeline.
+        """
         torch.manual_seed(self.config.seed)
         sae = SparseAutoencoder(spec, self.config.jumprelu_initial_threshold, self.config.jumprelu_bandwidth)
         sae.initialize_input_bias_(self.bias_sample, self.config.input_bias_init)
@@ -352,7 +358,7 @@ class TrainingRun:
 
     def run(self) -> list[dict[str, Any]]:
         config = self.config
-        self.trainers = trainers = [self._new_trainer(spec) for spec in self.specs]
+        self.trainers = trainers = [self.new_trainer(spec) for spec in self.specs]
         start_steps = {self._resume_or_start(trainer) for trainer in trainers}
         if len(start_steps) != 1:
             raise UserError(f"the SAEs in {self.run_folder} were saved at different steps; pass --overwrite to start the sweep over.")
@@ -381,7 +387,7 @@ class TrainingRun:
                     x = next(batches).float() * self.scale
                     factor = learning_rate_factor(step, self.total_steps, config.warmup_fraction, config.decay_fraction)
                     for trainer in active:
-                        self._step(trainer, x, factor)
+                        self.train_step(trainer, x, factor)
                     if (step + 1) % config.log_every == 0 or step + 1 == self.total_steps:
                         for trainer in active:
                             self._log(trainer, step + 1, factor * config.learning_rate)
@@ -428,7 +434,12 @@ class TrainingRun:
         distributed.all_reduce_sum_(stacked).div_(self.ranks.world_size)
         trainer.sums.update(zip(names, stacked.unbind()))
 
-    def _step(self, trainer: SAETrainer, x: torch.Tensor, factor: float) -> None:
+    def train_step(self, trainer: SAETrainer, x: torch.Tensor, factor: float) -> None:
+        """One optimiser step of one SAE on batch `x`, at the learning rate times `factor` (the schedule).
+
+        No host sync: losses add up on the device until `_log`. Public so tests can hook each
+        step (stop or corrupt a run at a chosen step) and benchmarks can time it.
+        """
         config = self.config
         for group in trainer.optimizer.param_groups:
             group["lr"] = config.learning_rate * factor
@@ -510,9 +521,8 @@ class TrainingRun:
             if not self.ranks.is_main:
                 continue
             save_checkpoint(trainer.checkpoint_path, trainer.sae, self.scale, self._dead_after_steps(), self._metadata(trainer, step))
-            partial = trainer.folder / (TRAINING_STATE + ".partial")
-            torch.save(trainer.state(step, self.settings_by_name[trainer.spec.name]), partial)
-            partial.replace(trainer.folder / TRAINING_STATE)
+            state = trainer.state(step, self.settings_by_name[trainer.spec.name])
+            write_atomically(trainer.folder / TRAINING_STATE, lambda partial, state=state: torch.save(state, partial))
         distributed.barrier()  # no rank moves on (or exits) before rank 0's files are complete
 
     def _dead_after_steps(self) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +11,13 @@ matplotlib.use("Agg")  # files only; works without a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from fastsae.atomic_files import write_json_atomically
+
 CURVES = (("loss", "training loss"), ("fvu", "FVU"), ("l0", "L0 (active features per token)"), ("dead_fraction", "dead fraction"))
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(metrics, indent=2))
-    os.replace(partial, path)
+    write_json_atomically(path, metrics)
 
 
 def plot_training_curves(path: Path, title: str, history: list[dict[str, float]], validation: list[dict[str, float]]) -> None:

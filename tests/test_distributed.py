@@ -138,8 +138,8 @@ class _StopsAtStep(TrainingRun):
         super().__init__(config)
         self.stop_after, self.steps_taken = stop_after, 0
 
-    def _step(self, trainer, x, factor) -> None:
-        super()._step(trainer, x, factor)
+    def train_step(self, trainer, x, factor) -> None:
+        super().train_step(trainer, x, factor)
         self.steps_taken += 1
         if self.steps_taken == self.stop_after and self.ranks.is_main:
             self.stop_requested = True

@@ -180,8 +180,8 @@ class InterruptedRun(TrainingRun):
         super().__init__(config)
         self.steps_taken, self.stop_after = 0, stop_after
 
-    def _step(self, trainer, x, factor) -> None:
-        super()._step(trainer, x, factor)
+    def train_step(self, trainer, x, factor) -> None:
+        super().train_step(trainer, x, factor)
         self.steps_taken += 1
         if self.steps_taken == self.stop_after:
             self.stop_requested = True
@@ -210,8 +210,8 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(topk_run, tiny_st
 class DivergingRun(TrainingRun):
     """Weights turn to NaN after 5 logged stretches (25 steps), as they would if training diverged."""
 
-    def _step(self, trainer, x, factor) -> None:
-        super()._step(trainer, x, factor)
+    def train_step(self, trainer, x, factor) -> None:
+        super().train_step(trainer, x, factor)
         if len(trainer.history) >= 5:
             with torch.no_grad():
                 trainer.sae.W_enc.fill_(float("nan"))

@@ -1,0 +1,65 @@
+"""Files and folders that appear whole or not at all: written under `<name>.partial`, then renamed.
+
+A crash or Ctrl-C mid-write must never leave half a checkpoint, manifest or page that a
+rerun would trust. The `.partial` sits beside the target, so it is on the same filesystem
+and the rename (`os.replace`) is atomic; on a failed write it is removed and the old file
+stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def partial_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place."""
+    return path.with_name(path.name + ".partial")
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call `write(temp_path)` (e.g. `lambda p: torch.save(obj, p)`), then rename the result over `path`."""
+    path = Path(path)
+    partial = partial_path(path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write `text` as UTF-8; a crash never leaves half a page."""
+    return write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomically(path: str | Path, payload: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = None) -> Path:
+    """Write `payload` as JSON (`indent` and `default` as in `json.dumps`)."""
+    return write_text_atomically(path, json.dumps(payload, indent=indent, default=default))
+
+
+def replace_folder_atomically(folder: str | Path, fill: Callable[[Path], Any]) -> Path:
+    """Call `fill(temp_folder)` on a fresh empty folder, then swap it in for `folder`, replaced whole.
+
+    On any failure the temp folder is removed and `folder` is left as it was. The swap
+    itself is a delete then a rename: a crash between the two leaves no `folder` at all,
+    never a mix of old and new files.
+    """
+    folder = Path(folder)
+    partial = partial_path(folder)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        fill(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder
