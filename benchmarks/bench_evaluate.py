@@ -36,14 +36,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fastsae.evaluate import EvalConfig, evaluate_sae
+from fastsae.extract import ExtractConfig, extract_activations
+from fastsae.model_metrics import CACHE_FOLDER
+from fastsae.store import ActivationStore
+from fastsae.train import TrainConfig, train_saes
 
-from fastsae.evaluate import EvalConfig, evaluate_sae  # noqa: E402
-from fastsae.extract import ExtractConfig, extract_activations  # noqa: E402
-from fastsae.model_metrics import CACHE_FOLDER  # noqa: E402
-from fastsae.store import ActivationStore  # noqa: E402
-from fastsae.train import TrainConfig, train_saes  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BEFORE = "af2074a"  # the last commit with three whole-model forwards per SAE
 SWEEP = ("topk:256:8", "topk:256:16", "topk:512:8", "topk:512:16")

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastsae.data import load_dataset  # noqa: E402
-from fastsae.extract import iter_example_activations  # noqa: E402
-from fastsae.hook_points import ResidualCapture  # noqa: E402
-from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model  # noqa: E402
-from fastsae.tokenization import tokenize_examples  # noqa: E402
+from fastsae.data import load_dataset
+from fastsae.extract import iter_example_activations
+from fastsae.hook_points import ResidualCapture
+from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from fastsae.tokenization import tokenize_examples
 
 
 def one_at_a_time(model, sequences: list[np.ndarray], layer: int) -> list[torch.Tensor]:

@@ -34,15 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fastsae import batches
+from fastsae.data import load_dataset
+from fastsae.extract import ExtractConfig, iter_example_activations, write_activation_stores
+from fastsae.hook_points import ResidualCapture
+from fastsae.tokenization import tokenize_examples
+from fastsae.train import TrainConfig, TrainingRun
 
-from fastsae import batches  # noqa: E402
-from fastsae.data import load_dataset  # noqa: E402
-from fastsae.extract import ExtractConfig, iter_example_activations, write_activation_stores  # noqa: E402
-from fastsae.hook_points import ResidualCapture  # noqa: E402
-from fastsae.tokenization import tokenize_examples  # noqa: E402
-from fastsae.train import TrainConfig, TrainingRun  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LAYER = 12
 SEED = 0

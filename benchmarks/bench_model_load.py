@@ -5,16 +5,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_folder, resolve_model  # noqa: E402
+from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_folder, resolve_model
 
 
 def seconds(function) -> float:

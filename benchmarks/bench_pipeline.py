@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fastsae.llm import API_KEY_VARIABLES
+from fastsae.models import EMBEDDED_MODEL, model_folder, resolve_model
+from fastsae.pipeline import STATE_FILE, STEP_NAMES
 
-from fastsae.llm import API_KEY_VARIABLES  # noqa: E402
-from fastsae.models import EMBEDDED_MODEL, model_folder, resolve_model  # noqa: E402
-from fastsae.pipeline import STATE_FILE, STEP_NAMES  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SCRIPTS = ("extract_activations.py", "train_sae.py", "evaluate_sae.py", "interpret_sae.py", "run_pipeline.py")
 

@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fastsae.checkpoint import load_sae
+from fastsae.train import TrainConfig, TrainingRun
 
-from fastsae.checkpoint import load_sae  # noqa: E402
-from fastsae.train import TrainConfig, TrainingRun  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STORE = "activations/SmolLM2-135M-Instruct/blocks.12.hook_resid_post"
 SEED = 0

@@ -12,8 +12,8 @@
    architectures), for the same number of tokens, on all tokens (special/template ones included:
    the paper's block baseline has no notion of them), with the same seed and validation fraction.
 3. Evaluates all four SAEs on the same held-out *sequential* examples: FAST token MSE and MSE_st
-   (raw and log2), FVU, L0, and loss recovered / relative loss increase with the SAE spliced into
-   the model at every token.
+   (raw and log2), FVU, L0, and SAEBench's ce_loss_score and the relative loss increase with the SAE
+   spliced into the model at every token (the clean and zero-ablated passes computed once for all four).
 4. With an LLM endpoint (OPENAI_API_KEY, and OPENAI_BASE_URL for a local server), the FAST paper's
    interpretability score: each SAE's RUBRIC_FEATURES randomly sampled live features, their top-5
    contexts taken from the sequential store, rated 1-5 by the LLM (fastsae/explanations.py); a
@@ -39,28 +39,29 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastsae.checkpoint import load_sae  # noqa: E402
-from fastsae.data import Dataset, load_dataset  # noqa: E402
-from fastsae.evaluate import model_metrics, store_metrics, validation_examples  # noqa: E402
-from fastsae.explanations import RUBRIC, RubricSummary, rubric_summary  # noqa: E402
-from fastsae.extract import ExtractConfig, write_activation_stores  # noqa: E402
-from fastsae.interpret import InterpretConfig, interpret_sae  # noqa: E402
-from fastsae.llm import API_KEY_VARIABLES, api_key  # noqa: E402
-from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model  # noqa: E402
-from fastsae.store import ActivationStore  # noqa: E402
-from fastsae.train import TrainConfig, TrainingRun  # noqa: E402
+from fastsae.checkpoint import load_sae
+from fastsae.data import Dataset, load_dataset
+from fastsae.evaluate import store_metrics, validation_examples
+from fastsae.explanations import RUBRIC, RubricSummary, rubric_summary
+from fastsae.extract import ExtractConfig, pad_token_id, write_activation_stores
+from fastsae.interpret import InterpretConfig, interpret_sae
+from fastsae.llm import API_KEY_VARIABLES, api_key
+from fastsae.model_metrics import ReferencePasses, length_grouped
+from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from fastsae.saebench_core import BATCH_SIZE_PROMPTS, ignored_token_ids
+from fastsae.split_forward import SplitModel
+from fastsae.store import ActivationStore
+from fastsae.train import TrainConfig, TrainingRun
 
 logger = logging.getLogger("fast_vs_block")
 
 DATASET = Path(__file__).resolve().parents[1] / "data" / "cognitive_actions.jsonl"
 VALIDATION_FRACTION = 0.1
 SEED = 0
-EVAL_BATCH_TOKENS = 4096
 ARCHITECTURE_LABELS = {"topk": "Top-K", "jumprelu": "JumpReLU"}
 PACKING_LABELS = {"sequential": "FAST", "block": "block"}
 PAPER_NOTE = (
@@ -134,11 +135,21 @@ def train(store: ActivationStore, packing: str, args: argparse.Namespace, work: 
 # --- evaluation -----------------------------------------------------------------------------------
 
 
-def evaluate(checkpoint: str, model, store: ActivationStore, examples: list[int]) -> dict[str, float]:
+def reference_passes(model, tokenizer, store: ActivationStore, examples: list[int]) -> ReferencePasses:
+    """The clean and zero-ablated passes over the held-out sequential examples, shared by every SAE."""
+    split = SplitModel(model, int(store.manifest["layer"]), store.manifest["hook_point"])
+    batches = length_grouped(examples, np.diff(store.doc_offsets), BATCH_SIZE_PROMPTS)
+    passes = ReferencePasses(split, store, batches, ignored_token_ids(tokenizer), pad_token_id(tokenizer), {})
+    passes.compute()
+    return passes
+
+
+def evaluate(checkpoint: str, passes: ReferencePasses, examples: list[int]) -> dict[str, float]:
     """The table's metrics for one SAE on the held-out sequential examples, spliced in at every token."""
     sae = load_sae(checkpoint).sae
-    on_store = store_metrics(store, examples, sae, include_special=True)
-    with_model = model_metrics(model, store, examples, lambda x: sae(x), include_special=True, batch_tokens=EVAL_BATCH_TOKENS)
+    on_store = store_metrics(passes.store, examples, sae, include_special=True)
+    losses, _ = passes.evaluate(sae, exclude_ignored_from_reconstruction=False, desc=f"model: {Path(checkpoint).stem}")
+    with_model = losses.metrics()["model_performance_preservation"]
     return {
         "mse_raw": on_store["fast_token_mse"]["raw"],
         "mse_log2": on_store["fast_token_mse"]["log2"],
@@ -146,8 +157,8 @@ def evaluate(checkpoint: str, model, store: ActivationStore, examples: list[int]
         "mse_st_log2": on_store["fast_token_mse_special"]["log2"],
         "fvu": on_store["reconstruction"]["all"]["fvu"],
         "fvu_content": on_store["reconstruction"]["content"]["fvu"],
-        "loss_recovered": with_model["loss_recovered"],
-        "relative_loss_increase": with_model["relative_loss_increase"],
+        "ce_loss_score": with_model["ce_loss_score"],
+        "relative_loss_increase": (with_model["ce_loss_with_sae"] - with_model["ce_loss_without_sae"]) / with_model["ce_loss_without_sae"],
         "l0": on_store["sparsity"]["l0_mean"],
     }
 
@@ -174,7 +185,7 @@ def markdown_table(rows: dict[tuple[str, str], dict[str, float]]) -> str:
     columns = [
         ("FAST token MSE", "mse_raw", ".4f"), ("log2 MSE", "mse_log2", ".4f"),
         ("MSE_st", "mse_st_raw", ".4f"), ("log2 MSE_st", "mse_st_log2", ".4f"),
-        ("FVU (all tokens)", "fvu", ".4f"), ("FVU (content)", "fvu_content", ".4f"), ("loss recovered", "loss_recovered", ".4f"),
+        ("FVU (all tokens)", "fvu", ".4f"), ("FVU (content)", "fvu_content", ".4f"), ("ce_loss_score (SAEBench)", "ce_loss_score", ".4f"),
         ("relative loss increase", "relative_loss_increase", ".4f"), ("L0 (mean)", "l0", ".2f"),
     ]
     lines = ["| SAE | " + " | ".join(title for title, _, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
@@ -256,10 +267,11 @@ def main() -> None:
             checkpoints[packing], train_tokens[packing] = train(store, packing, args, work)
 
         rows = {}
+        passes = reference_passes(model, tokenizer, sequential, held_out)
         for architecture in ARCHITECTURE_LABELS:
             for packing in stores:
                 logger.info("Evaluating %s trained on the %s store", architecture, packing)
-                rows[architecture, packing] = evaluate(checkpoints[packing][architecture], model, sequential, held_out)
+                rows[architecture, packing] = evaluate(checkpoints[packing][architecture], passes, held_out)
 
         summaries = {}
         for architecture, packing in rows if api_key() is not None else []:
