@@ -85,11 +85,15 @@ def main() -> None:
         ("fastsae: length batches, stop after the layer (float32)", ours_seconds, relative_differences(ours, reference)),
         ("fastsae: length batches, stop after the layer (bfloat16)", bf16_seconds, relative_differences(ours_bf16, reference)),
     ]
-    print(f"\nSmolLM2-135M-Instruct, layer {args.layer}, {len(sequences)} examples, {n_tokens} tokens, {torch.get_num_threads()} CPU threads\n")
+    print(
+        f"\nSmolLM2-135M-Instruct, layer {args.layer}, {len(sequences)} examples, {n_tokens} tokens, {torch.get_num_threads()} CPU threads\n"
+    )
     print(f"| {'method':<62} | {'tokens/s':>9} | {'speed-up':>8} | {'mean rel. diff':>14} | {'max rel. diff':>13} |")
     print(f"|{'-' * 64}|{'-' * 11}|{'-' * 10}|{'-' * 16}|{'-' * 15}|")
     for name, seconds, (mean_difference, max_difference) in rows:
-        print(f"| {name:<62} | {n_tokens / seconds:>9.0f} | {baseline_seconds / seconds:>7.2f}× | {mean_difference:>14.2e} | {max_difference:>13.2e} |")
+        print(
+            f"| {name:<62} | {n_tokens / seconds:>9.0f} | {baseline_seconds / seconds:>7.2f}× | {mean_difference:>14.2e} | {max_difference:>13.2e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -257,7 +257,12 @@ def bench_training(args, store: Path, work: Path) -> tuple[list[list[str]], dict
         batches.GPU_STORE_READERS = readers
         rate, fvu = train_rate(args, store, work, args.batch_sizes[0], eval_every=10**9)
         rows.append(
-            [f"fastsae train_sae.py loop, batch {args.batch_sizes[0]}, validation off, {readers} store reader(s)", f"{rate:,.0f}", f"{rate / ceiling:.1%}", f"{fvu:.3f}"]
+            [
+                f"fastsae train_sae.py loop, batch {args.batch_sizes[0]}, validation off, {readers} store reader(s)",
+                f"{rate:,.0f}",
+                f"{rate / ceiling:.1%}",
+                f"{fvu:.3f}",
+            ]
         )
         results[f"loop_{args.batch_sizes[0]}_readers_{readers}"] = rate
     batches.GPU_STORE_READERS = default_readers
@@ -302,7 +307,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 16384], help="SAE training batch sizes to compare")
     parser.add_argument("--train-tokens", type=int, default=10_000_000)
-    parser.add_argument("--store-readers", type=int, nargs="*", default=[1, 2], help="also time the loop with these numbers of store-reader threads (the default is GPU_STORE_READERS)")
+    parser.add_argument(
+        "--store-readers",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="also time the loop with these numbers of store-reader threads (the default is GPU_STORE_READERS)",
+    )
     parser.add_argument("--hypothesaes-tokens", type=int, default=2_000_000)
     parser.add_argument("--tokenizer", default="", help="folder with tokenizer.json; default: the fastsae cache of SmolLM2")
     parser.add_argument("--hypothesaes-sae", default="", help="path of HypotheSAEs' sae.py; default: the installed package's")

@@ -1,6 +1,6 @@
 """Load time of the embedded SmolLM2: dequantising the GGUF (every load without a cache) vs the cached safetensors.
 
-    python benchmarks/bench_model_load.py
+python benchmarks/bench_model_load.py
 """
 
 from __future__ import annotations

@@ -122,7 +122,9 @@ def train_fastsae(run: TrainingRun) -> Result:
         codes = sae.encode(x / scale)
         return sae.decode(codes) * scale, codes > 0
 
-    return Result("fastsae (ours)", result["tokens_trained"], result["seconds_this_session"], f"{run.config.learning_rate:.2e}", reconstruct)
+    return Result(
+        "fastsae (ours)", result["tokens_trained"], result["seconds_this_session"], f"{run.config.learning_rate:.2e}", reconstruct
+    )
 
 
 def train_hypothesaes(train_x: torch.Tensor, args) -> Result:
@@ -154,9 +156,15 @@ def train_dictionary_learning(train_x: torch.Tensor, args) -> Result:
         from dictionary_learning.trainers.top_k import TopKTrainer
     steps = args.tokens // args.batch_size
     trainer = TopKTrainer(
-        steps=steps, activation_dim=train_x.shape[1], dict_size=args.m, k=args.k, layer=LAYER, lm_name="SmolLM2-135M-Instruct",
+        steps=steps,
+        activation_dim=train_x.shape[1],
+        dict_size=args.m,
+        k=args.k,
+        layer=LAYER,
+        lm_name="SmolLM2-135M-Instruct",
         warmup_steps=max(1, steps // 20),  # its default of 1000 must be < steps
-        seed=SEED, device="cpu",
+        seed=SEED,
+        device="cpu",
     )
     started = time.perf_counter()
     for step, x in enumerate(batches(train_x, steps, args.batch_size)):
@@ -168,7 +176,9 @@ def train_dictionary_learning(train_x: torch.Tensor, args) -> Result:
         x_hat, codes = ae(x, output_features=True)
         return x_hat, codes > 0
 
-    return Result(f"dictionary_learning {version('dictionary-learning')}", steps * args.batch_size, seconds, f"{trainer.lr:.2e}", reconstruct)
+    return Result(
+        f"dictionary_learning {version('dictionary-learning')}", steps * args.batch_size, seconds, f"{trainer.lr:.2e}", reconstruct
+    )
 
 
 def train_saelens(train_x: torch.Tensor, args) -> Result:
@@ -283,7 +293,9 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=4608, help="features")
     parser.add_argument("--k", type=int, default=32, help="active features per token")
     parser.add_argument("--batch-size", type=int, default=1024, help="tokens per batch")
-    parser.add_argument("--lr", type=float, default=TrainConfig.__dataclass_fields__["learning_rate"].default, help="fastsae's learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=TrainConfig.__dataclass_fields__["learning_rate"].default, help="fastsae's learning rate"
+    )
     args = parser.parse_args()
 
     if not (ROOT / STORE / "manifest.json").exists():
@@ -291,8 +303,18 @@ def main() -> None:
     torch.manual_seed(SEED)
     with tempfile.TemporaryDirectory() as output_dir:
         config = TrainConfig(
-            store=str(ROOT / STORE), m=args.m, k=args.k, batch_size=args.batch_size, max_tokens=args.tokens,
-            eval_every=10**9, checkpoint_every=10**9, output_dir=output_dir, learning_rate=args.lr, seed=SEED, device="cpu", overwrite=True,
+            store=str(ROOT / STORE),
+            m=args.m,
+            k=args.k,
+            batch_size=args.batch_size,
+            max_tokens=args.tokens,
+            eval_every=10**9,
+            checkpoint_every=10**9,
+            output_dir=output_dir,
+            learning_rate=args.lr,
+            seed=SEED,
+            device="cpu",
+            overwrite=True,
         )
         run = TrainingRun(config)
         train_x = (run.train_source.all_tokens(10**9) * run.scale).contiguous()
@@ -333,8 +355,12 @@ def main() -> None:
     header = ["method", "tokens/s", "val FVU", "L0", "dead", "learning rate", "fraction of encoder ceiling"]
     print(markdown_table(header, rows))
     print()
-    print(f"d={d}, M={args.m}, K={args.k}, batch {args.batch_size} tokens, float32, CPU, {torch.get_num_threads()} threads (torch {torch.__version__})")
-    print(f"training tokens: {args.tokens} per method (training split: {len(train_x)} tokens, so {args.tokens / len(train_x):.1f} epochs); validation tokens: {len(val_x)}")
+    print(
+        f"d={d}, M={args.m}, K={args.k}, batch {args.batch_size} tokens, float32, CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    )
+    print(
+        f"training tokens: {args.tokens} per method (training split: {len(train_x)} tokens, so {args.tokens / len(train_x):.1f} epochs); validation tokens: {len(val_x)}"
+    )
     print(
         f"encoder ceiling: {flops / 1e9:.1f} GFLOP/s = {flops / (2 * d * args.m):,.0f} tokens/s for the encoder forward alone"
         f" (measured {flops_before / 1e9:.1f} before the runs and {flops_after / 1e9:.1f} after; a drop means the cores were shared)"

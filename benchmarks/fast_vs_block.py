@@ -79,11 +79,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layer", type=int, default=12, help="decoder block whose output (resid_post) is read")
     parser.add_argument("--l0-coefficient", type=float, default=1e-3, help="L0 penalty of the JumpReLU SAE (fastsae's default)")
     parser.add_argument(
-        "--jumprelu-threshold", type=float, default=TrainConfig.jumprelu_initial_threshold,
+        "--jumprelu-threshold",
+        type=float,
+        default=TrainConfig.jumprelu_initial_threshold,
         help="where JumpReLU thresholds start, on activations at unit mean squared norm (fastsae's default)",
     )
     parser.add_argument("--work-dir", default="", help="keep stores and checkpoints here (default: a temporary folder, deleted)")
-    parser.add_argument("--rubric-features", type=int, default=50, help="live features per SAE, sampled at random, that the LLM rates (needs a key)")
+    parser.add_argument(
+        "--rubric-features", type=int, default=50, help="live features per SAE, sampled at random, that the LLM rates (needs a key)"
+    )
     parser.add_argument("--llm-model", default=InterpretConfig.explanation_model, help="chat model that rates them")
     return parser.parse_args()
 
@@ -92,7 +96,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def extract(model, tokenizer, source, dataset: Dataset, packing: str, args: argparse.Namespace, work: Path) -> ActivationStore:
-    config = ExtractConfig(dataset=str(DATASET), layers=[args.layer], packing=packing, block_size=args.block_size, output_dir=str(work / "activations"))
+    config = ExtractConfig(
+        dataset=str(DATASET), layers=[args.layer], packing=packing, block_size=args.block_size, output_dir=str(work / "activations")
+    )
     model_fields = {"model_name": EMBEDDED_MODEL, "model_source": source.kind}
     logger.info("Extracting %d examples (%s packing)", len(dataset.examples), packing)
     (folder,) = write_activation_stores(model, tokenizer, dataset, config, source.slug, model_fields)
@@ -171,8 +177,14 @@ def rubric(checkpoint: str, store: ActivationStore, label: str, args: argparse.N
     folder = work / "interpret" / label.replace(" ", "_")
     folder.mkdir(parents=True, exist_ok=True)
     config = InterpretConfig(
-        checkpoint=checkpoint, store=str(store.folder), features=f"random:{args.rubric_features}", interpretations_path=str(folder / "interpretations.csv"),
-        scoring="fast-rubric", explanation_model=args.llm_model, seed=SEED, device="cpu",
+        checkpoint=checkpoint,
+        store=str(store.folder),
+        features=f"random:{args.rubric_features}",
+        interpretations_path=str(folder / "interpretations.csv"),
+        scoring="fast-rubric",
+        explanation_model=args.llm_model,
+        seed=SEED,
+        device="cpu",
     )
     ratings = pd.read_csv(interpret_sae(config))["fast_rubric_rating"]
     return rubric_summary(None if pd.isna(rating) else int(rating) for rating in ratings)  # every sampled feature is live, so was asked
@@ -183,10 +195,15 @@ def rubric(checkpoint: str, store: ActivationStore, label: str, args: argparse.N
 
 def markdown_table(rows: dict[tuple[str, str], dict[str, float]]) -> str:
     columns = [
-        ("FAST token MSE", "mse_raw", ".4f"), ("log2 MSE", "mse_log2", ".4f"),
-        ("MSE_st", "mse_st_raw", ".4f"), ("log2 MSE_st", "mse_st_log2", ".4f"),
-        ("FVU (all tokens)", "fvu", ".4f"), ("FVU (content)", "fvu_content", ".4f"), ("ce_loss_score (SAEBench)", "ce_loss_score", ".4f"),
-        ("relative loss increase", "relative_loss_increase", ".4f"), ("L0 (mean)", "l0", ".2f"),
+        ("FAST token MSE", "mse_raw", ".4f"),
+        ("log2 MSE", "mse_log2", ".4f"),
+        ("MSE_st", "mse_st_raw", ".4f"),
+        ("log2 MSE_st", "mse_st_log2", ".4f"),
+        ("FVU (all tokens)", "fvu", ".4f"),
+        ("FVU (content)", "fvu_content", ".4f"),
+        ("ce_loss_score (SAEBench)", "ce_loss_score", ".4f"),
+        ("relative loss increase", "relative_loss_increase", ".4f"),
+        ("L0 (mean)", "l0", ".2f"),
     ]
     lines = ["| SAE | " + " | ".join(title for title, _, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for (architecture, packing), values in rows.items():
@@ -196,11 +213,16 @@ def markdown_table(rows: dict[tuple[str, str], dict[str, float]]) -> str:
 
 
 def rubric_table(summaries: dict[tuple[str, str], RubricSummary]) -> str:
-    lines = ["| SAE | rated | " + " | ".join(f"rating {rating}" for rating in RUBRIC) + " | unreadable | rated 4–5 |", "|---|" + "---:|" * (len(RUBRIC) + 3)]
+    lines = [
+        "| SAE | rated | " + " | ".join(f"rating {rating}" for rating in RUBRIC) + " | unreadable | rated 4–5 |",
+        "|---|" + "---:|" * (len(RUBRIC) + 3),
+    ]
     for (architecture, packing), summary in summaries.items():
         counts = " | ".join(str(summary.counts[rating]) for rating in RUBRIC)
         share = "–" if summary.high_share is None else f"{summary.high_share:.1%}"
-        lines.append(f"| {ARCHITECTURE_LABELS[architecture]} {PACKING_LABELS[packing]} | {summary.rated} | {counts} | {summary.missing} | {share} |")
+        lines.append(
+            f"| {ARCHITECTURE_LABELS[architecture]} {PACKING_LABELS[packing]} | {summary.rated} | {counts} | {summary.missing} | {share} |"
+        )
     return "\n".join(lines)
 
 

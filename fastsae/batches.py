@@ -60,7 +60,9 @@ class TokenSource:
     the rank-th of `ranks` equal, contiguous token ranges, so the parts are disjoint and cover it.
     """
 
-    def __init__(self, store: ActivationStore, split: ExampleSplit, validation: bool, include_special: bool, part: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self, store: ActivationStore, split: ExampleSplit, validation: bool, include_special: bool, part: tuple[int, int] = (0, 1)
+    ) -> None:
         self.store = store
         self.split = split
         self.validation = validation
@@ -94,7 +96,11 @@ class TokenSource:
         part_start, part_stop = self.part_range
         starts = generator.permutation(np.arange(part_start, part_stop, READ_CHUNK_TOKENS))
         ranges = [(int(start), min(int(start) + READ_CHUNK_TOKENS, part_stop)) for start in starts]
-        chunks = self._threaded_reads(ranges, pin_memory, readers) if readers else (self.chunk(start, stop, pin_memory) for start, stop in ranges)
+        chunks = (
+            self._threaded_reads(ranges, pin_memory, readers)
+            if readers
+            else (self.chunk(start, stop, pin_memory) for start, stop in ranges)
+        )
         yield from (tokens for tokens in chunks if len(tokens))
 
     def _threaded_reads(self, ranges: list[tuple[int, int]], pin_memory: bool, readers: int) -> Iterator[torch.Tensor]:
@@ -120,7 +126,9 @@ class TokenSource:
         return torch.cat(pieces).float() if pieces else torch.empty(0, self.store.d)
 
 
-def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed: int, device: str = "cpu", readers: int | None = None) -> Iterator[torch.Tensor]:
+def mixed_batches(
+    source: TokenSource, buffer_tokens: int, batch_size: int, seed: int, device: str = "cpu", readers: int | None = None
+) -> Iterator[torch.Tensor]:
     """Endless (B, d) batches on `device`, in the store's dtype: epochs of the source shuffled through a buffer.
 
     The buffer lives on `device`, so shuffling, handing out batches and compacting the kept half are
@@ -147,7 +155,9 @@ def mixed_batches(source: TokenSource, buffer_tokens: int, batch_size: int, seed
 
     incoming = read_ahead(chunks()) if readers else chunks()
     pending = torch.empty(0, source.store.d, dtype=source.store.dtype)
-    buffer = torch.empty(buffer_tokens, source.store.d, dtype=source.store.dtype, device=device)  # filled in place: no copies of the whole buffer
+    buffer = torch.empty(
+        buffer_tokens, source.store.d, dtype=source.store.dtype, device=device
+    )  # filled in place: no copies of the whole buffer
     filled = 0
     while True:
         while filled < buffer_tokens:  # refill the half that was handed out

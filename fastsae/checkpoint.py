@@ -108,7 +108,9 @@ def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
     except Exception as error:  # torch raises several types for corrupt or unsafe files
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}).") from None
     if not isinstance(payload, dict) or "config" not in payload or not HYPOTHESAES_STATE_KEYS <= set(payload.get("state_dict", {})):
-        raise UserError(f"{path} is not a fastsae or HypotheSAEs SAE checkpoint (it needs 'config' and a state_dict with {sorted(HYPOTHESAES_STATE_KEYS)}).")
+        raise UserError(
+            f"{path} is not a fastsae or HypotheSAEs SAE checkpoint (it needs 'config' and a state_dict with {sorted(HYPOTHESAES_STATE_KEYS)})."
+        )
     metadata = payload.get("fastsae", {})
     if metadata:
         spec_fields = dict(metadata["spec"])

@@ -100,7 +100,9 @@ def parse_step_config(
     for field in dataclasses.fields(config_class):
         constant = _public_name(field).upper()
         if constant in script_constants:
-            defaults[field.name] = _constant_value(constant, script_constants[constant], hints[field.name], field.metadata.get("split_commas", True))
+            defaults[field.name] = _constant_value(
+                constant, script_constants[constant], hints[field.name], field.metadata.get("split_commas", True)
+            )
         elif field.default is not dataclasses.MISSING:
             defaults[field.name] = field.default
         else:

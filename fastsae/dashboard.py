@@ -36,13 +36,22 @@ def _finite(value: Any) -> Any:
 
 
 def _window(window: Window) -> dict[str, Any]:
-    return {"tokens": window.tokens, "activations": [round(a, 4) for a in window.activations], "focus": window.peak, "activation": round(window.activation, 4)}
+    return {
+        "tokens": window.tokens,
+        "activations": [round(a, 4) for a in window.activations],
+        "focus": window.peak,
+        "activation": round(window.activation, 4),
+    }
 
 
 def _held_out(examples: list[ScoringExample], results: dict[str, ClassifierResult]) -> list[dict[str, Any]]:
     """The scorers' examples with the quantile of each activating one and each scorer's verdict (true: "yes")."""
     return [
-        {**_window(example.window), "quantile": example.quantile, "verdicts": {scorer: result.verdicts[index] for scorer, result in results.items()}}
+        {
+            **_window(example.window),
+            "quantile": example.quantile,
+            "verdicts": {scorer: result.verdicts[index] for scorer, result in results.items()},
+        }
         for index, example in enumerate(examples)
     ]
 
@@ -61,7 +70,9 @@ def dashboard_data(
     features = []
     for row in rows:
         feature = int(row["feature"])
-        quantiles = {scorer: json.loads(row[f"{scorer}_quantile_accuracy"]) if row.get(f"{scorer}_quantile_accuracy") else None for scorer in SCORERS}
+        quantiles = {
+            scorer: json.loads(row[f"{scorer}_quantile_accuracy"]) if row.get(f"{scorer}_quantile_accuracy") else None for scorer in SCORERS
+        }
         features.append(
             {
                 **{key: _finite(value) for key, value in row.items() if key != "top_contexts" and not key.endswith("_quantile_accuracy")},
@@ -72,8 +83,12 @@ def dashboard_data(
             }
         )
     return {
-        "title": title, "histogram_edges": HISTOGRAM_EDGES.tolist(), "features": features, "rubric": rubric.as_dict() if rubric else None,
-        "scorers": list(SCORERS), "n_quantiles": n_quantiles,
+        "title": title,
+        "histogram_edges": HISTOGRAM_EDGES.tolist(),
+        "features": features,
+        "rubric": rubric.as_dict() if rubric else None,
+        "scorers": list(SCORERS),
+        "n_quantiles": n_quantiles,
     }
 
 

@@ -17,6 +17,8 @@ def resolve_device(name: str) -> str:
     ranks = distributed.current()
     if ranks.is_distributed and name.startswith("cuda"):
         if name != "cuda":
-            raise UserError(f"DEVICE is {name!r} under torchrun, which would put every rank on one GPU. Use --device auto or cuda: each rank takes its own GPU.")
+            raise UserError(
+                f"DEVICE is {name!r} under torchrun, which would put every rank on one GPU. Use --device auto or cuda: each rank takes its own GPU."
+            )
         return f"cuda:{ranks.local_rank}"  # torchrun starts one process per GPU
     return name

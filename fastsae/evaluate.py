@@ -398,7 +398,9 @@ def _evaluand(path: Path, config: EvalConfig) -> _Evaluand:
         raise UserError(
             f"the checkpoint's SAE takes d={loaded.sae.spec.d} but the store at {store.folder} has d={store.d}: they come from different models or hooks. Pass the matching --store."
         )
-    fraction = config.validation_fraction if config.validation_fraction >= 0 else training.get("validation_fraction", DEFAULT_VALIDATION_FRACTION)
+    fraction = (
+        config.validation_fraction if config.validation_fraction >= 0 else training.get("validation_fraction", DEFAULT_VALIDATION_FRACTION)
+    )
     seed = config.seed if config.seed >= 0 else training.get("seed", 0)
     return _Evaluand(path, loaded, store, fraction, seed, trained_with_special_tokens(loaded.metadata))
 
@@ -542,5 +544,3 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
     if len(all_results) > 1:
         print("\n" + sweep_table(all_results))
     return all_results
-
-

@@ -60,7 +60,9 @@ def rubric_messages(windows: list[Window]) -> Messages:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
 
 
-_RATING = re.compile(r"^[^A-Za-z\n]*rating\s*(?:\([^)\n]*\))?\W*?[:=\-]?\W*?(\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE)  # "(1-5)" skipped
+_RATING = re.compile(
+    r"^[^A-Za-z\n]*rating\s*(?:\([^)\n]*\))?\W*?[:=\-]?\W*?(\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE
+)  # "(1-5)" skipped
 _NAME = re.compile(r"^[^A-Za-z\n]*name\W*?[:=\-]\s*(.+)$", re.IGNORECASE | re.MULTILINE)
 
 
@@ -103,7 +105,12 @@ class RubricSummary:
         return f"{share} of {self.rated} rated features rated 4-5 (ratings {counts}; unreadable answers: {self.missing})"
 
     def as_dict(self) -> dict:
-        return {"counts": [self.counts[rating] for rating in RUBRIC], "rated": self.rated, "missing": self.missing, "high_share": self.high_share}
+        return {
+            "counts": [self.counts[rating] for rating in RUBRIC],
+            "rated": self.rated,
+            "missing": self.missing,
+            "high_share": self.high_share,
+        }
 
 
 def rubric_summary(ratings: Iterable[int | None]) -> RubricSummary:

@@ -45,6 +45,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 GPU_BATCH_TOKENS = 32768  # H100, 8B model: 52% of the FLOP ceiling vs 25% at 8192
 CPU_BATCH_TOKENS = 8192  # 2-core CPU, SmolLM2: 20% faster than 32768
 
+
 @dataclass
 class ExtractConfig:
     model_name: str = setting(EMBEDDED_MODEL, "model: the embedded default, a local folder, a .gguf file, or a hub id")
@@ -56,11 +57,17 @@ class ExtractConfig:
     layers: list[int] = setting([12], "decoder blocks to read (0-based); layer L is the output of block L (ignored for HOOK_POINT = lora)")
     hook_point: str = setting("resid_post", "resid_post (block output), mlp_out, attn_out, or lora (a LoRA adapter's rank-r bottlenecks)")
     lora_adapter: str = setting("", "PEFT LoRA adapter folder (adapter_config.json + weights) for HOOK_POINT = lora")
-    lora_modules: list[str] = setting(list(LORA_MODULE_TYPES), "adapted module types whose lora_A outputs are stored, over all adapted layers, in this order")
+    lora_modules: list[str] = setting(
+        list(LORA_MODULE_TYPES), "adapted module types whose lora_A outputs are stored, over all adapted layers, in this order"
+    )
     max_length: int = setting(512, "examples longer than this many tokens are truncated (and counted)")
-    packing: str = setting("sequential", "sequential: each example alone (FAST); block: concatenate and cut into BLOCK_SIZE blocks (the baseline)")
+    packing: str = setting(
+        "sequential", "sequential: each example alone (FAST); block: concatenate and cut into BLOCK_SIZE blocks (the baseline)"
+    )
     block_size: int = setting(128, "tokens per block when PACKING = block")
-    batch_tokens: int = setting(0, "padded tokens per forward batch; 0: 32768 on a GPU, 8192 on the CPU (each measured fastest there); lower it if memory runs out")
+    batch_tokens: int = setting(
+        0, "padded tokens per forward batch; 0: 32768 on a GPU, 8192 on the CPU (each measured fastest there); lower it if memory runs out"
+    )
     storage_dtype: str = setting("float16", "dtype on disk: float16, bfloat16 or float32")
     compute_dtype: str = setting("auto", "model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
@@ -86,7 +93,9 @@ class ExtractConfig:
             if not self.lora_adapter:
                 raise UserError("HOOK_POINT = lora needs LORA_ADAPTER: a PEFT adapter folder, e.g. --lora-adapter path/to/adapter.")
             if not self.lora_modules or len(set(self.lora_modules)) < len(self.lora_modules):
-                raise UserError(f"LORA_MODULES must name each module type once, e.g. --lora-modules q_proj v_proj; got {self.lora_modules!r}.")
+                raise UserError(
+                    f"LORA_MODULES must name each module type once, e.g. --lora-modules q_proj v_proj; got {self.lora_modules!r}."
+                )
         positive = {"max_length": self.max_length, "block_size": self.block_size, "shard_mb": self.shard_mb}
         for name, value in positive.items():
             if value <= 0:
@@ -94,7 +103,9 @@ class ExtractConfig:
         if self.batch_tokens < 0:
             raise UserError(f"BATCH_TOKENS must be positive, or 0 for the device's default; got {self.batch_tokens}.")
         if self.batch_tokens and self.batch_tokens < self.max_length:
-            raise UserError(f"BATCH_TOKENS ({self.batch_tokens}) must be at least MAX_LENGTH ({self.max_length}) so the longest example fits a batch.")
+            raise UserError(
+                f"BATCH_TOKENS ({self.batch_tokens}) must be at least MAX_LENGTH ({self.max_length}) so the longest example fits a batch."
+            )
         self.layers = sorted(set(self.layers))
 
     def resolved_device(self) -> str:
@@ -191,8 +202,13 @@ def pack_sequences(tokenized: list[TokenizedExample], dataset: Dataset, packing:
     special = np.concatenate([item.special_mask for item in tokenized])
     owner = np.repeat(np.arange(len(tokenized)), [len(item.token_ids) for item in tokenized])
     starts = range(0, len(stream), block_size)
-    records = [{"block": index, "rows": [sources[i]["row"] for i in np.unique(owner[start : start + block_size])]} for index, start in enumerate(starts)]
-    return PackedSequences([stream[start : start + block_size] for start in starts], [special[start : start + block_size] for start in starts], records)
+    records = [
+        {"block": index, "rows": [sources[i]["row"] for i in np.unique(owner[start : start + block_size])]}
+        for index, start in enumerate(starts)
+    ]
+    return PackedSequences(
+        [stream[start : start + block_size] for start in starts], [special[start : start + block_size] for start in starts], records
+    )
 
 
 def store_names(config: ExtractConfig) -> list[str]:
@@ -207,13 +223,17 @@ def store_folder(config: ExtractConfig, model_slug: str, hook: str) -> Path:
     return Path(config.output_dir) / model_slug / (hook + suffix)
 
 
-def write_activation_stores(model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None = None) -> list[Path]:
+def write_activation_stores(
+    model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None = None
+) -> list[Path]:
     """Extract `dataset` through an already loaded `model` into one store per layer (or one LoRA store); resumes where stores exist."""
     with open_capture(model, config) as capture:
         return _write_stores(capture, model, tokenizer, dataset, config, model_slug, model_fields)
 
 
-def _write_stores(capture: Capture, model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None) -> list[Path]:
+def _write_stores(
+    capture: Capture, model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None
+) -> list[Path]:
     tokenized = tokenize_examples(tokenizer, dataset.examples, config.chat_template, config.max_length)
     packed = pack_sequences(tokenized, dataset, config.packing, config.block_size)
     lengths = [len(sequence) for sequence in packed.sequences]
@@ -287,7 +307,10 @@ def _write_stores(capture: Capture, model: torch.nn.Module, tokenizer, dataset: 
         writers = open_writers()
     distributed.barrier()
     pending = sorted(set().union(*(writer.pending_shards() for writer in writers.values())))
-    mine = [pending[index] for index in distributed.shares_by_tokens([shards[index].n_tokens for index in pending], ranks.world_size)[ranks.rank]]
+    mine = [
+        pending[index]
+        for index in distributed.shares_by_tokens([shards[index].n_tokens for index in pending], ranks.world_size)[ranks.rank]
+    ]
     if not pending:
         logger.info("All %d shards already extracted; nothing to do.", len(shards))
     elif mine:
@@ -301,7 +324,11 @@ def _write_stores(capture: Capture, model: torch.nn.Module, tokenizer, dataset: 
     skipped = f", skipped {dataset.skipped.total} rows ({dataset.skipped.describe()})" if dataset.skipped.total else ""
     logger.info(
         "Stored %d examples, %d tokens (d=%d, %s) per store%s%s:\n  %s",
-        len(packed.sequences), int(doc_offsets[-1]), d, config.storage_dtype, skipped,
+        len(packed.sequences),
+        int(doc_offsets[-1]),
+        d,
+        config.storage_dtype,
+        skipped,
         f", truncated {n_truncated}" if n_truncated else "",
         "\n  ".join(str(folder) for folder in folders.values()),
     )
@@ -309,7 +336,15 @@ def _write_stores(capture: Capture, model: torch.nn.Module, tokenizer, dataset: 
 
 
 def _extract_shards(
-    capture: Capture, device: torch.device, tokenizer, packed: PackedSequences, shards, pending: list[int], writers: dict, config: ExtractConfig, storage_dtype: torch.dtype
+    capture: Capture,
+    device: torch.device,
+    tokenizer,
+    packed: PackedSequences,
+    shards,
+    pending: list[int],
+    writers: dict,
+    config: ExtractConfig,
+    storage_dtype: torch.dtype,
 ) -> None:
     """Run the pending shards' examples through the model; a shard is written to disk while the next one computes."""
     pad_id = pad_token_id(tokenizer)
@@ -318,7 +353,10 @@ def _extract_shards(
     tokens_done = 0
     ranks = distributed.current()
     description = f"extracting (rank 0's share of {ranks.world_size})" if ranks.is_distributed else "extracting"
-    with tqdm(total=total_examples, desc=description, unit="ex", disable=not ranks.is_main) as progress, ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsae-shard-writer") as disk:
+    with (
+        tqdm(total=total_examples, desc=description, unit="ex", disable=not ranks.is_main) as progress,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsae-shard-writer") as disk,
+    ):
         writing = None
         for shard_index in pending:
             shard = shards[shard_index]
@@ -343,7 +381,9 @@ def _extract_shards(
             writing.result()
 
 
-def _write_shard(writers: dict, shard_index: int, buffers: dict[Hashable, torch.Tensor], token_ids: np.ndarray, special_mask: np.ndarray) -> None:
+def _write_shard(
+    writers: dict, shard_index: int, buffers: dict[Hashable, torch.Tensor], token_ids: np.ndarray, special_mask: np.ndarray
+) -> None:
     for key, writer in writers.items():
         if shard_index in writer.pending_shards():
             writer.write_shard(shard_index, buffers[key], token_ids, special_mask)

@@ -110,7 +110,12 @@ class ResidualCapture:
         self.model, self.layers = model, layers
         self.modules = {layer: hooked_module(model, layer, hook_point) for layer in layers}
         self.d = model.config.hidden_size
-        self.targets = {layer: HookTarget(hook_name(layer, hook_point), {"hook_point": hook_point, "layer": layer}, {"hook_point": hook_point, "layer": layer}) for layer in layers}
+        self.targets = {
+            layer: HookTarget(
+                hook_name(layer, hook_point), {"hook_point": hook_point, "layer": layer}, {"hook_point": hook_point, "layer": layer}
+            )
+            for layer in layers
+        }
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[Hashable, torch.Tensor]:
         """(B, T, d) activations per layer."""

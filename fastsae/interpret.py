@@ -62,9 +62,14 @@ class InterpretConfig:
     checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint (ours, or HypotheSAEs' with --store and --model-name)")
     store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
     model_name: str = setting("", "model whose tokenizer and unembedding to use; empty: the store's model")
-    features: str = setting("frequency:100", "which features: all, frequency:N (most frequent), label:N (highest label AUROC), random:N (a seeded sample of the live ones), or a list like 3,17,42")
+    features: str = setting(
+        "frequency:100",
+        "which features: all, frequency:N (most frequent), label:N (highest label AUROC), random:N (a seeded sample of the live ones), or a list like 3,17,42",
+    )
     top_contexts: int = setting(5, "strongest activating windows per feature in the CSV (one per window, so never two cuts of one passage)")
-    window_tokens: int = setting(32, "tokens per window: each example is cut into windows this long, as delphi cuts its contexts (example_ctx_len)")
+    window_tokens: int = setting(
+        32, "tokens per window: each example is cut into windows this long, as delphi cuts its contexts (example_ctx_len)"
+    )
     logit_lens_tokens: int = setting(8, "tokens listed as most promoted / suppressed by each feature's decoder direction")
     interpretations_path: str = setting(DEFAULT_INTERPRETATIONS, "where the CSV goes")
     explain: bool = setting(True, "ask an LLM (OpenAI-compatible API; key from OPENAI_API_KEY) to explain and score each feature")
@@ -75,10 +80,17 @@ class InterpretConfig:
     )
     explanation_model: str = setting("gpt-4.1", "chat model for explanations and scoring")
     explain_examples: int = setting(40, "activating windows the LLM sees to explain a feature (delphi: 40)")
-    explain_from: str = setting("quantiles", "where the explainer's windows come from: quantiles (evenly from each activation quantile, delphi's default) or top")
-    score_examples: int = setting(50, "held-out activating windows from the quantiles, never shown to the explainer, and as many non-activating ones, per scorer (delphi: 50)")
+    explain_from: str = setting(
+        "quantiles", "where the explainer's windows come from: quantiles (evenly from each activation quantile, delphi's default) or top"
+    )
+    score_examples: int = setting(
+        50,
+        "held-out activating windows from the quantiles, never shown to the explainer, and as many non-activating ones, per scorer (delphi: 50)",
+    )
     n_quantiles: int = setting(10, "activation quantiles the windows are sampled from and the accuracy is reported by (delphi: 10)")
-    min_windows: int = setting(200, "activating windows a feature needs to be explained and scored; rarer ones are reported as too rare (delphi: 200)")
+    min_windows: int = setting(
+        200, "activating windows a feature needs to be explained and scored; rarer ones are reported as too rare (delphi: 200)"
+    )
     examples_per_prompt: int = setting(5, "examples per detection / fuzzing request (delphi: 5)")
     rubric_contexts: int = setting(5, "top windows the LLM rates with the FAST rubric (the paper shows 5)")
     llm_concurrency: int = setting(4, "requests in flight at once")
@@ -88,10 +100,14 @@ class InterpretConfig:
 
     def __post_init__(self) -> None:
         if self.scoring in OLD_SCORINGS:
-            logger.info("SCORING %r is read as %r (write that, or add fuzzing: %r).", self.scoring, OLD_SCORINGS[self.scoring], ",".join(SCORINGS))
+            logger.info(
+                "SCORING %r is read as %r (write that, or add fuzzing: %r).", self.scoring, OLD_SCORINGS[self.scoring], ",".join(SCORINGS)
+            )
         unknown = [name for name in self.scorings if name not in SCORINGS]
         if unknown or not self.scorings:
-            raise UserError(f"SCORING {self.scoring!r} is not understood: name any of {', '.join(SCORINGS)}, comma-separated, e.g. {','.join(SCORINGS)!r}.")
+            raise UserError(
+                f"SCORING {self.scoring!r} is not understood: name any of {', '.join(SCORINGS)}, comma-separated, e.g. {','.join(SCORINGS)!r}."
+            )
         if self.explain_from not in ("quantiles", "top"):
             raise UserError(f"EXPLAIN_FROM {self.explain_from!r} is not understood: use quantiles or top.")
         for name in ("window_tokens", "explain_examples", "score_examples", "n_quantiles", "examples_per_prompt"):
@@ -138,13 +154,24 @@ def estimate_llm_cost(config: InterpretConfig, n_features: int) -> LLMCost:
         examples = [ScoringExample(window, 0)] * (2 * config.score_examples)
         for scorer in config.classifiers:
             texts = example_texts(scorer, examples)
-            per_feature += classifier_prompts(scorer, "word " * EXPLANATION_TOKENS, texts, list(range(len(texts))), config.examples_per_prompt)
+            per_feature += classifier_prompts(
+                scorer, "word " * EXPLANATION_TOKENS, texts, list(range(len(texts))), config.examples_per_prompt
+            )
     if config.rubric:
         per_feature.append(rubric_messages([window] * config.rubric_contexts))
     return LLMCost(n_features * len(per_feature), n_features * _tokens(per_feature))
 
 
-INTERPRETATION_COLUMNS = {"feature", "frequency", "top_tokens", "top_label", "top_label_auroc", "explanation", "detection_score", "fuzzing_score"}
+INTERPRETATION_COLUMNS = {
+    "feature",
+    "frequency",
+    "top_tokens",
+    "top_label",
+    "top_label_auroc",
+    "explanation",
+    "detection_score",
+    "fuzzing_score",
+}
 
 
 def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
@@ -203,7 +230,6 @@ def _unembedding(model: torch.nn.Module) -> torch.Tensor:
     return weights * gain.detach().float() if gain is not None else weights
 
 
-
 @dataclass
 class FeatureExamples:
     """What the LLM sees of one feature: the explainer's windows, and the scorers' examples, non-activating first."""
@@ -213,7 +239,14 @@ class FeatureExamples:
 
 
 def feature_examples(
-    store: ActivationStore, sae, tokenizer, grid: WindowGrid, windows: FeatureWindows, feature: int, config: InterpretConfig, include_special: bool
+    store: ActivationStore,
+    sae,
+    tokenizer,
+    grid: WindowGrid,
+    windows: FeatureWindows,
+    feature: int,
+    config: InterpretConfig,
+    include_special: bool,
 ) -> FeatureExamples:
     """The explainer's windows and the held-out ones (from the activation quantiles), and random non-activating windows."""
     rng = np.random.default_rng([config.seed, feature])
@@ -260,7 +293,9 @@ def interpretation_rows(
                 **{column: "" if column.endswith("_quantile_accuracy") else np.nan for column in classifier_columns()},
                 "fast_rubric_rating": None,
                 "fast_rubric_name": "",
-                "scoring_note": "" if count >= config.min_windows else f"too rare to score: {count} activating windows, MIN_WINDOWS is {config.min_windows}",
+                "scoring_note": ""
+                if count >= config.min_windows
+                else f"too rare to score: {count} activating windows, MIN_WINDOWS is {config.min_windows}",
                 "top_contexts": "\n".join(f"[{window.activation:.2f}] {window.marked_text()}" for window in top),
             }
         )
@@ -318,15 +353,25 @@ def explain_features(
         for scorer in config.classifiers:
             plans[feature, scorer] = (example_texts(scorer, examples[feature].scoring), order)
     estimate = {  # the scoring prompts as they will be, with a stand-in for the explanation
-        scorer: [prompt for (_, kind), (texts, order) in plans.items() if kind == scorer for prompt in classifier_prompts(scorer, "word " * EXPLANATION_TOKENS, texts, order, config.examples_per_prompt)]
+        scorer: [
+            prompt
+            for (_, kind), (texts, order) in plans.items()
+            if kind == scorer
+            for prompt in classifier_prompts(scorer, "word " * EXPLANATION_TOKENS, texts, order, config.examples_per_prompt)
+        ]
         for scorer in SCORERS
     }
     first_round = explain_requests + rubric_requests
     cached = sum(client.cached(messages, ANSWER_TOKENS) is not None for messages in first_round)
     logger.info(
         "LLM: %d explaining + %d detection + %d fuzzing + %d FAST-rubric requests to %s, about %s prompt tokens (%d explaining/rubric answers already cached)",
-        len(explain_requests), len(estimate["detection"]), len(estimate["fuzzing"]), len(rubric_requests), config.explanation_model,
-        f"{_tokens(first_round + estimate['detection'] + estimate['fuzzing']):,}", cached,
+        len(explain_requests),
+        len(estimate["detection"]),
+        len(estimate["fuzzing"]),
+        len(rubric_requests),
+        config.explanation_model,
+        f"{_tokens(first_round + estimate['detection'] + estimate['fuzzing']):,}",
+        cached,
     )
     answers = client.complete_all(first_round, ANSWER_TOKENS)
     explanations = dict(zip(explained, (answer.strip().strip('"') for answer in answers[: len(explain_requests)])))
@@ -339,7 +384,9 @@ def explain_features(
     row_of = {row["feature"]: row for row in rows}
     results: dict[int, dict[str, ClassifierResult]] = {feature: {} for feature in explained}
     for feature, scorer, order, first, count in spans:
-        result = score_answers(examples[feature].scoring, order, config.examples_per_prompt, scoring_answers[first : first + count], config.n_quantiles)
+        result = score_answers(
+            examples[feature].scoring, order, config.examples_per_prompt, scoring_answers[first : first + count], config.n_quantiles
+        )
         results[feature][scorer] = result
         row_of[feature]["explanation"] = explanations[feature]
         _fill_scores(row_of[feature], scorer, result)
@@ -367,7 +414,11 @@ def _log_headline(scorer: str, scored: list[tuple[list[ScoringExample], Classifi
     truth = [example.activating for examples, _ in scored for example in examples]
     logger.info(
         "%s: mean score %.3f over %d features; balanced accuracy over all %d examples pooled (delphi's headline) %.3f",
-        scorer, float(np.mean(scores)), len(scores), len(truth), balanced_accuracy(verdicts, truth),
+        scorer,
+        float(np.mean(scores)),
+        len(scores),
+        len(truth),
+        balanced_accuracy(verdicts, truth),
     )
 
 
@@ -388,28 +439,44 @@ def interpret_sae(config: InterpretConfig) -> Path:
     tokenizer = load_tokenizer(source)
     if store.manifest.get("hook_point") == LORA_HOOK_POINT:
         # Decoder directions live in the adapter's concatenated bottleneck space (d is not the hidden size), not the residual stream.
-        logger.info("Logit lens skipped: this is a LoRA-bottleneck store, whose directions do not meet the unembedding; its columns stay empty.")
+        logger.info(
+            "Logit lens skipped: this is a LoRA-bottleneck store, whose directions do not meet the unembedding; its columns stay empty."
+        )
         unembedding = None
     else:
         unembedding = _unembedding(load_model(source, torch.float32, "cpu")).to(device)
     sae = loaded.sae.to(device)
     include_special = trained_with_special_tokens(loaded.metadata)
     with tempfile.TemporaryDirectory(prefix="fastsae-interpret-") as scratch:  # example-level maxima live on disk
-        statistics = collect_feature_statistics(store, sae, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy")
+        statistics = collect_feature_statistics(
+            store, sae, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy"
+        )
         return _interpret_with(statistics, store, sae, tokenizer, unembedding, include_special, config)
 
 
 def _interpret_with(
-    statistics: FeatureStatistics, store: ActivationStore, sae, tokenizer, unembedding: torch.Tensor | None, include_special: bool, config: InterpretConfig
+    statistics: FeatureStatistics,
+    store: ActivationStore,
+    sae,
+    tokenizer,
+    unembedding: torch.Tensor | None,
+    include_special: bool,
+    config: InterpretConfig,
 ) -> Path:
     """Everything after the statistics: labels, chosen features, their windows, logit lens, LLM, CSV and dashboard."""
     labels = label_association(statistics.example_max, [record.get("label") for record in store.example_records()])
     features = select_features(config.features, statistics, labels, config.seed)
-    grid = WindowGrid(store.doc_offsets, config.window_tokens) if include_special else WindowGrid.after_leading_template(store, config.window_tokens)
+    grid = (
+        WindowGrid(store.doc_offsets, config.window_tokens)
+        if include_special
+        else WindowGrid.after_leading_template(store, config.window_tokens)
+    )
     shown = max(config.top_contexts, config.rubric_contexts, config.explain_examples if config.explain_from == "top" else 0)
     windows = collect_windows(store, sae, features, grid, shown, include_special, seed=config.seed)
     top_windows = {f: read_windows(store, sae, f, tokenizer, grid, grid.index_of(windows[f].top_peaks), include_special) for f in features}
-    promoted, suppressed = logit_lens(sae.W_dec.detach()[features], unembedding, k=config.logit_lens_tokens) if unembedding is not None else (None, None)
+    promoted, suppressed = (
+        logit_lens(sae.W_dec.detach()[features], unembedding, k=config.logit_lens_tokens) if unembedding is not None else (None, None)
+    )
     rows = interpretation_rows(statistics, labels, windows, top_windows, promoted, suppressed, tokenizer, config)
     rubric, results, examples = None, {}, {}
     if not config.explain:
@@ -419,9 +486,15 @@ def _interpret_with(
     else:
         scored = [f for f in features if windows[f].count >= config.min_windows] if config.classifiers else []
         if config.classifiers and len(scored) < len(features):
-            logger.info("%d of %d features have fewer than MIN_WINDOWS=%d activating windows: too rare to explain and score.", len(features) - len(scored), len(features), config.min_windows)
+            logger.info(
+                "%d of %d features have fewer than MIN_WINDOWS=%d activating windows: too rare to explain and score.",
+                len(features) - len(scored),
+                len(features),
+                config.min_windows,
+            )
         examples = {
-            f: feature_examples(store, sae, tokenizer, grid, windows[f], f, config, include_special) for f in tqdm(scored, desc="sampling windows", unit="feature")
+            f: feature_examples(store, sae, tokenizer, grid, windows[f], f, config, include_special)
+            for f in tqdm(scored, desc="sampling windows", unit="feature")
         }
         _note_short_classes(rows, examples, config.score_examples)
         rubric, results = explain_features(rows, top_windows, examples, config)
@@ -429,7 +502,9 @@ def _interpret_with(
     table = pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {})  # whole numbers; empty where missing
     write_atomically(path, lambda partial: table.to_csv(partial, index=False))
     title = f"{sae.spec.name} on {store.manifest['model']} {store.hook_name}"
-    page = dashboard_data(title, rows, top_windows, statistics, rubric, {f: (examples[f].scoring, results[f]) for f in results}, config.n_quantiles)
+    page = dashboard_data(
+        title, rows, top_windows, statistics, rubric, {f: (examples[f].scoring, results[f]) for f in results}, config.n_quantiles
+    )
     dashboard = write_dashboard(path.with_name("dashboard.html"), page)
     logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
     return path

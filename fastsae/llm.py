@@ -52,7 +52,10 @@ class CachedChatClient:
 
     def _cache_path(self, messages: Messages, max_tokens: int) -> Path:
         # The endpoint is part of the key: a local server's answers under the name "gpt-4.1" are not gpt-4.1's.
-        request = json.dumps({"endpoint": str(self._client.base_url), "model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}, sort_keys=True)
+        request = json.dumps(
+            {"endpoint": str(self._client.base_url), "model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0},
+            sort_keys=True,
+        )
         digest = hashlib.sha256(request.encode()).hexdigest()
         return self.cache_dir / digest[:2] / f"{digest}.json"
 

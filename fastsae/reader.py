@@ -75,7 +75,9 @@ def _as_example(index: int, text: str | Example) -> Example:
     if isinstance(text, Example):
         return text
     if not isinstance(text, str) or not text.strip():
-        raise UserError(f"text {index} is {'empty' if isinstance(text, str) else type(text).__name__}: every text must be a non-empty string.")
+        raise UserError(
+            f"text {index} is {'empty' if isinstance(text, str) else type(text).__name__}: every text must be a non-empty string."
+        )
     return Example(row=index, source=f"text {index}", text=text)
 
 
@@ -127,12 +129,20 @@ class SAEReader:
         """Per length-batch: its text indices and each text's (T, d) float32 activations, rounded to the store's dtype."""
         storage_dtype = STORAGE_DTYPES[self.extraction.storage_dtype]
         sequences = [item.token_ids for item in tokenized]
-        with open_capture(self.model, self.extraction) as capture, tqdm(total=len(sequences), desc="reading", unit="text", leave=False) as progress:
-            batches = iter_example_activations(capture, sequences, self.extraction.resolved_batch_tokens(), pad_token_id(self.tokenizer), self.device)
+        with (
+            open_capture(self.model, self.extraction) as capture,
+            tqdm(total=len(sequences), desc="reading", unit="text", leave=False) as progress,
+        ):
+            batches = iter_example_activations(
+                capture, sequences, self.extraction.resolved_batch_tokens(), pad_token_id(self.tokenizer), self.device
+            )
             for batch, per_store in batches:
                 (pieces,) = per_store.values()
                 progress.update(len(batch))
-                yield batch, [piece.to(storage_dtype).to(torch.float32, copy=True) for piece in pieces]  # a copy: ordinary tensors, not inference-mode ones
+                yield (
+                    batch,
+                    [piece.to(storage_dtype).to(torch.float32, copy=True) for piece in pieces],
+                )  # a copy: ordinary tensors, not inference-mode ones
 
     def activations(self, texts: Sequence[str | Example]) -> list[torch.Tensor]:
         """Each text's raw (T, d) activations at the SAE's hook, on the CPU: what the store would hold for it."""
@@ -153,7 +163,11 @@ class SAEReader:
                 item = tokenized[index]
                 pooled_mask = np.ones_like(item.special_mask) if self.include_special else ~item.special_mask
                 if not pooled_mask.any():
-                    logger.warning("Text %d has no content tokens within MAX_LENGTH=%d: its pooled features are zero.", index, self.extraction.max_length)
+                    logger.warning(
+                        "Text %d has no content tokens within MAX_LENGTH=%d: its pooled features are zero.",
+                        index,
+                        self.extraction.max_length,
+                    )
                 result[index] = TextFeatures(
                     token_ids=item.token_ids,
                     tokens=[self.tokenizer.decode([int(token_id)]) for token_id in item.token_ids],
@@ -178,9 +192,13 @@ def extraction_settings(checkpoint: str, metadata: dict, model_name: str, hook_p
     if metadata:
         for name, value in given.items():
             if value is not None and recorded[name] is not None and value != recorded[name]:
-                raise UserError(f"{checkpoint} was trained at {name} {recorded[name]!r}, not {value!r}: leave {name.upper()} unset for this checkpoint.")
+                raise UserError(
+                    f"{checkpoint} was trained at {name} {recorded[name]!r}, not {value!r}: leave {name.upper()} unset for this checkpoint."
+                )
         if model_name and recorded_model and model_name != recorded_model:
-            logger.warning("Reading with model %s; the checkpoint was made with %s. They must be the same weights.", model_name, recorded_model)
+            logger.warning(
+                "Reading with model %s; the checkpoint was made with %s. They must be the same weights.", model_name, recorded_model
+            )
     chosen = {name: recorded[name] if recorded[name] is not None else given[name] for name in recorded}
     model = model_name or recorded_model
     is_lora = chosen["hook_point"] == LORA_HOOK_POINT
@@ -193,8 +211,12 @@ def extraction_settings(checkpoint: str, metadata: dict, model_name: str, hook_p
     known = {field.name for field in dataclasses.fields(ExtractConfig)}
     recorded_extraction = {key: value for key, value in metadata.get("store_manifest", {}).get("extraction", {}).items() if key in known}
     if not recorded_extraction:
-        logger.info("%s records no extraction settings: reading with extraction's defaults (chat template auto, MAX_LENGTH 512).", checkpoint)
+        logger.info(
+            "%s records no extraction settings: reading with extraction's defaults (chat template auto, MAX_LENGTH 512).", checkpoint
+        )
     if recorded_extraction.get("packing", "sequential") != "sequential":
         logger.warning("This SAE was trained on packed blocks of text; each text is read here as its own sequence.")
     layers = recorded_extraction.get("layers", []) if is_lora else [chosen["layer"]]
-    return ExtractConfig(**{**recorded_extraction, "model_name": model, "hook_point": chosen["hook_point"], "layers": layers, "device": device})
+    return ExtractConfig(
+        **{**recorded_extraction, "model_name": model, "hook_point": chosen["hook_point"], "layers": layers, "device": device}
+    )

@@ -67,7 +67,9 @@ class SAESpec:
         if self.prefixes:
             increasing = all(later > earlier for earlier, later in zip(self.prefixes, self.prefixes[1:]))
             if not increasing or self.prefixes[-1] != self.m or self.prefixes[0] <= 0:
-                raise UserError(f"Matryoshka prefixes must increase and end at M={self.m}; got {list(self.prefixes)}. Example: [64, 256] for M=256.")
+                raise UserError(
+                    f"Matryoshka prefixes must increase and end at M={self.m}; got {list(self.prefixes)}. Example: [64, 256] for M=256."
+                )
 
     @property
     def is_sparse(self) -> bool:
@@ -141,7 +143,9 @@ class _SparseEncoderGradient(torch.autograd.Function):
                 grad_weight = (grad_pre.T @ centered).to(weight.dtype)
         else:
             batch_rows = torch.arange(n_tokens, device=indices.device).repeat_interleave(indices.shape[1])
-            scatter = torch.sparse_coo_tensor(torch.stack([indices.flatten(), batch_rows]), grad.flatten(), (n_features, n_tokens), check_invariants=False)
+            scatter = torch.sparse_coo_tensor(
+                torch.stack([indices.flatten(), batch_rows]), grad.flatten(), (n_features, n_tokens), check_invariants=False
+            )
             grad_weight = torch.sparse.mm(scatter, centered.to(weight.dtype))
         if ctx.input_needs_grad:
             grad_centered = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum").to(centered.dtype)
@@ -229,7 +233,11 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def initialize_input_bias_(self, sample: torch.Tensor, statistic: str = "median") -> None:
         """Start b_dec at the data's centre: with a large mean offset, a zero bias (SAELens' start) kills most latents."""
-        centres = {"median": lambda: sample.float().median(0).values, "mean": lambda: sample.float().mean(0), "zero": lambda: torch.zeros(self.spec.d)}
+        centres = {
+            "median": lambda: sample.float().median(0).values,
+            "mean": lambda: sample.float().mean(0),
+            "zero": lambda: torch.zeros(self.spec.d),
+        }
         self.b_dec.copy_(centres[statistic]())
 
     @torch.no_grad()
@@ -339,7 +347,9 @@ class SparseAutoencoder(nn.Module):
 
     # --- training -------------------------------------------------------------------------
 
-    def training_step(self, x: torch.Tensor, dead_features: torch.Tensor | None, aux_coefficient: float, sparsity_coefficient: float) -> StepOutput:
+    def training_step(
+        self, x: torch.Tensor, dead_features: torch.Tensor | None, aux_coefficient: float, sparsity_coefficient: float
+    ) -> StepOutput:
         """Loss and statistics for one batch. `dead_features` (M,) bool turns on aux-K for those features."""
         zero = x.new_zeros((), dtype=torch.float32)
         aux_code = None

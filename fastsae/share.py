@@ -50,7 +50,9 @@ TRAINING_SPARSITY = Path("saelens") / "sparsity.safetensors"  # the training ste
 class ExportConfig:
     checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint written by train_sae.py")
     output: str = setting("", "the export folder (replaced if it holds an earlier export); empty: <checkpoint folder>/export")
-    interpretations: str = setting(DEFAULT_INTERPRETATIONS, "interpretations.csv written by interpret_sae.py for this SAE; empty or missing: none")
+    interpretations: str = setting(
+        DEFAULT_INTERPRETATIONS, "interpretations.csv written by interpret_sae.py for this SAE; empty or missing: none"
+    )
     push_to_hub: str = setting("", "Hugging Face repo id (user/name) to push the folder to; empty: export only")
     private: bool = setting(True, "create the repo private (an existing repo keeps its visibility)")
 
@@ -59,7 +61,9 @@ class ExportConfig:
             try:
                 validate_repo_id(self.push_to_hub)
             except HFValidationError as error:
-                raise UserError(f"PUSH_TO_HUB {self.push_to_hub!r} is not a Hub repo id ({error}). Use the form your-name/sae-name.") from None
+                raise UserError(
+                    f"PUSH_TO_HUB {self.push_to_hub!r} is not a Hub repo id ({error}). Use the form your-name/sae-name."
+                ) from None
 
     def output_folder(self) -> Path:
         return Path(self.output) if self.output else Path(self.checkpoint).parent / "export"
@@ -78,7 +82,9 @@ def _write_export(folder: Path, checkpoint: Path, interpretations_path: str, rep
     spec, metadata = loaded.sae.spec, loaded.metadata
     hook_name = metadata.get("hook_name")
     if not hook_name:
-        raise UserError(f"{checkpoint} has no fastsae metadata (a HypotheSAEs checkpoint?): the export reads the model, hook and data from it. Export a checkpoint written by train_sae.py.")
+        raise UserError(
+            f"{checkpoint} has no fastsae metadata (a HypotheSAEs checkpoint?): the export reads the model, hook and data from it. Export a checkpoint written by train_sae.py."
+        )
     interpretations = read_interpretations(interpretations_path, spec.m)
     eval_path = checkpoint.parent / "eval.json"
     evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else None
@@ -107,7 +113,9 @@ def write_export(config: ExportConfig) -> Path:
         raise UserError(f"checkpoint not found: {checkpoint}. Train one with train_sae.py or set CHECKPOINT.")
     folder = config.output_folder()
     if folder.exists() and any(folder.iterdir()) and not _is_previous_export(folder):
-        raise UserError(f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder.")
+        raise UserError(
+            f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder."
+        )
     replace_folder_atomically(folder, lambda partial: _write_export(partial, checkpoint, config.interpretations, config.push_to_hub))
     logger.info("Exported %s to %s (%d files)", checkpoint.name, folder, sum(path.is_file() for path in folder.rglob("*")))
     return folder
@@ -129,7 +137,9 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
         url = create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=f"Upload {folder.name} (fastsae export)")
     except OfflineModeIsEnabled:
-        raise UserError(f"cannot push to the Hugging Face Hub: offline mode is on (HF_HUB_OFFLINE is set). Unset HF_HUB_OFFLINE on a machine with a network. {keep}.") from None
+        raise UserError(
+            f"cannot push to the Hugging Face Hub: offline mode is on (HF_HUB_OFFLINE is set). Unset HF_HUB_OFFLINE on a machine with a network. {keep}."
+        ) from None
     except LocalTokenNotFoundError:
         raise UserError(f"no Hugging Face token to push to {repo_id}: {login}. {keep}.") from None
     except HfHubHTTPError as error:

@@ -69,9 +69,13 @@ DEFAULT_PROMPTS = [
 class SteerConfig:
     checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint trained by train_sae.py (it names the model and the hook)")
     prompts: list[str] = setting(DEFAULT_PROMPTS, "prompts, each its own user turn (commas stay inside a prompt)", split_commas=False)
-    prompts_file: str = setting("", "JSONL, CSV or Parquet file of prompts, read like extraction's dataset (text, prompt or messages); replaces PROMPTS")
+    prompts_file: str = setting(
+        "", "JSONL, CSV or Parquet file of prompts, read like extraction's dataset (text, prompt or messages); replaces PROMPTS"
+    )
     features: list[int] = setting([201], "SAE features to steer with (their directions are summed)")
-    strengths: list[float] = setting([0.0, 15.0, 25.0, 50.0, 100.0], "MODE add: one column per α, the distance h moves along the feature's unit direction")
+    strengths: list[float] = setting(
+        [0.0, 15.0, 25.0, 50.0, 100.0], "MODE add: one column per α, the distance h moves along the feature's unit direction"
+    )
     mode: str = setting("add", "add: h + α·d_k; clamp: set the feature to CLAMP_VALUE; ablate: remove the feature's contribution")
     clamp_value: float = setting(20.0, "MODE clamp: the activation the features are set to")
     max_new_tokens: int = setting(40, "tokens generated per answer")
@@ -114,7 +118,9 @@ def steering_columns(mode: str, strengths: list[float], clamp_value: float) -> S
 def check_features(sae: SparseAutoencoder, features: list[int]) -> None:
     bad = [feature for feature in features if not 0 <= feature < sae.spec.m]
     if bad:
-        raise UserError(f"feature {bad[0]} does not exist: this SAE has M={sae.spec.m} features, numbered 0..{sae.spec.m - 1}. Pick FEATURES from interpretations.csv.")
+        raise UserError(
+            f"feature {bad[0]} does not exist: this SAE has M={sae.spec.m} features, numbered 0..{sae.spec.m - 1}. Pick FEATURES from interpretations.csv."
+        )
 
 
 class FeatureSteering:
@@ -163,25 +169,39 @@ def steering_module(model: nn.Module, metadata: dict[str, Any], d: int) -> nn.Mo
     """The module whose output the checkpoint's SAE reads, with a clear error when `model` does not have it."""
     hook_name, hook_point = metadata.get("hook_name"), metadata.get("hook_point")
     if hook_point == LORA_HOOK_POINT:
-        raise UserError(f"{hook_name} concatenates a LoRA adapter's bottlenecks from every layer: there is no single hook to steer. Use an SAE trained on resid_post, mlp_out or attn_out.")
+        raise UserError(
+            f"{hook_name} concatenates a LoRA adapter's bottlenecks from every layer: there is no single hook to steer. Use an SAE trained on resid_post, mlp_out or attn_out."
+        )
     n_layers = len(decoder_layers(model))
     layer = int(metadata["layer"])
     if not 0 <= layer < n_layers:
-        raise UserError(f"the SAE reads {hook_name}, but this model has {n_layers} blocks (0..{n_layers - 1}). Set MODEL to the model the SAE was trained on ({metadata.get('model_name') or metadata.get('model')}).")
+        raise UserError(
+            f"the SAE reads {hook_name}, but this model has {n_layers} blocks (0..{n_layers - 1}). Set MODEL to the model the SAE was trained on ({metadata.get('model_name') or metadata.get('model')})."
+        )
     if model.config.hidden_size != d:
-        raise UserError(f"the SAE takes d={d} but this model's hidden size is {model.config.hidden_size}. Set MODEL to the model the SAE was trained on ({metadata.get('model_name') or metadata.get('model')}).")
+        raise UserError(
+            f"the SAE takes d={d} but this model's hidden size is {model.config.hidden_size}. Set MODEL to the model the SAE was trained on ({metadata.get('model_name') or metadata.get('model')})."
+        )
     return hooked_module(model, layer, hook_point)
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompt_ids: list[int], n_rows: int, max_new_tokens: int, temperature: float, seed: int, pad_token_id: int | None) -> torch.Tensor:
+def generate(
+    model: nn.Module, prompt_ids: list[int], n_rows: int, max_new_tokens: int, temperature: float, seed: int, pad_token_id: int | None
+) -> torch.Tensor:
     """`n_rows` continuations of one prompt, (n_rows, new tokens); greedy unless `temperature` > 0."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids] * n_rows, dtype=torch.long, device=device)
     # Explicit None for the sampling knobs: a model's generation_config may set them, and greedy ignores them.
-    options = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    options = (
+        {"do_sample": True, "temperature": temperature}
+        if temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     torch.manual_seed(seed)
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **options)
+    output = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **options
+    )
     return output[:, len(prompt_ids) :]
 
 
@@ -209,7 +229,9 @@ class SteeringTable:
 
 
 def markdown_table(table: SteeringTable) -> str:
-    return markdown.table(["prompt", *table.columns], [[prompt, *answers] for prompt, answers in zip(table.prompts, table.answers)], line_breaks=True)
+    return markdown.table(
+        ["prompt", *table.columns], [[prompt, *answers] for prompt, answers in zip(table.prompts, table.answers)], line_breaks=True
+    )
 
 
 def html_page(table: SteeringTable) -> str:
@@ -219,7 +241,9 @@ def html_page(table: SteeringTable) -> str:
         f'<tr><td class="prompt">{escape(prompt)}</td>' + "".join(f"<td>{escape(answer)}</td>" for answer in answers) + "</tr>\n"
         for prompt, answers in zip(table.prompts, table.answers)
     )
-    return read_template("steering.html").format(title=escape(table.title), header="".join(f"<th>{escape(column)}</th>" for column in table.columns), rows=rows)
+    return read_template("steering.html").format(
+        title=escape(table.title), header="".join(f"<th>{escape(column)}</th>" for column in table.columns), rows=rows
+    )
 
 
 def steer_model(config: SteerConfig) -> SteeringTable:
@@ -227,7 +251,9 @@ def steer_model(config: SteerConfig) -> SteeringTable:
     loaded = load_sae(config.checkpoint)
     sae, metadata = loaded.sae, loaded.metadata
     if not metadata:
-        raise UserError(f"{config.checkpoint} has no fastsae metadata (a HypotheSAEs checkpoint?): steering needs the model and hook it was trained on. Use a checkpoint from train_sae.py.")
+        raise UserError(
+            f"{config.checkpoint} has no fastsae metadata (a HypotheSAEs checkpoint?): steering needs the model and hook it was trained on. Use a checkpoint from train_sae.py."
+        )
     check_features(sae, config.features)
     model_name = config.model_name or metadata.get("model_name")
     if not model_name:
@@ -243,11 +269,26 @@ def steer_model(config: SteerConfig) -> SteeringTable:
     columns = steering_columns(config.mode, config.strengths, config.clamp_value)
     hook = FeatureSteering(sae, config.features, config.mode, columns.coefficients, config.clamp_value)
     examples = prompt_examples(config)
-    logger.info("Steering %s with features %s at %s (%s; %s)", model_name, config.features, metadata["hook_name"], config.mode, "chat template" if use_template else "plain text")
+    logger.info(
+        "Steering %s with features %s at %s (%s; %s)",
+        model_name,
+        config.features,
+        metadata["hook_name"],
+        config.mode,
+        "chat template" if use_template else "plain text",
+    )
     answers = []
     with steering(module, hook):
         for example in tqdm(examples, desc="steering", unit="prompt"):
-            new_tokens = generate(model, prompt_token_ids(tokenizer, example, use_template), len(columns.labels), config.max_new_tokens, config.temperature, config.seed, tokenizer.pad_token_id)
+            new_tokens = generate(
+                model,
+                prompt_token_ids(tokenizer, example, use_template),
+                len(columns.labels),
+                config.max_new_tokens,
+                config.temperature,
+                config.seed,
+                tokenizer.pad_token_id,
+            )
             answers.append([tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens])
     features = ", ".join(map(str, config.features))
     title = f"{sae.spec.name} feature{'s' if len(config.features) > 1 else ''} {features} ({config.mode}) at {metadata['hook_name']} of {metadata.get('model', model_name)}"

@@ -179,7 +179,9 @@ class ActivationStoreWriter:
                     "Pass --overwrite to replace it, or set OUTPUT_DIR to another folder."
                 )
         elif self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
-            raise UserError(f"{self.folder} is not empty and holds no store manifest. Pass --overwrite to replace it, or choose another OUTPUT_DIR.")
+            raise UserError(
+                f"{self.folder} is not empty and holds no store manifest. Pass --overwrite to replace it, or choose another OUTPUT_DIR."
+            )
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
@@ -222,9 +224,13 @@ class ActivationStore:
             raise StoreError(f"no activation store at {self.folder} (no {MANIFEST}). Run extract_activations.py first.")
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format_version") != STORE_FORMAT_VERSION:
-            raise StoreError(f"{self.folder} has store format {self.manifest.get('format_version')}, this fastsae reads {STORE_FORMAT_VERSION}. Re-extract it.")
+            raise StoreError(
+                f"{self.folder} has store format {self.manifest.get('format_version')}, this fastsae reads {STORE_FORMAT_VERSION}. Re-extract it."
+            )
         if self.manifest["status"] != "complete":
-            raise StoreError(f"the store at {self.folder} is incomplete (an interrupted extraction). Rerun extract_activations.py with the same settings to resume it.")
+            raise StoreError(
+                f"the store at {self.folder} is incomplete (an interrupted extraction). Rerun extract_activations.py with the same settings to resume it."
+            )
         self.shards = [ShardPlan(**shard) for shard in self.manifest["shards"]]
         self.dtype = STORAGE_DTYPES[self.manifest["dtype"]]
         self.d = int(self.manifest["d"])
@@ -257,7 +263,9 @@ class ActivationStore:
                 if arrays[name].shape != (shard.n_tokens,):
                     problems.append(f"{name} shape {arrays[name].shape} != {(shard.n_tokens,)}")
             if problems:
-                raise StoreError(f"{self.folder / shard.name} does not match the manifest: {'; '.join(problems)}. Delete it and rerun extraction.")
+                raise StoreError(
+                    f"{self.folder / shard.name} does not match the manifest: {'; '.join(problems)}. Delete it and rerun extraction."
+                )
 
     @property
     def n_tokens(self) -> int:

@@ -44,13 +44,17 @@ class AnalyzeConfig:
     max_texts: int = setting(0, "read only the first N texts of TEXTS_FILE (0: all)")
     pooling: str = setting("max", "how a text's tokens are pooled into one value per feature: max or mean")
     top_n: int = setting(10, "features reported per text, by pooled activation")
-    interpretations: str = setting(DEFAULT_INTERPRETATIONS, "interpret_sae.py's CSV for this SAE (explanations, labels); skipped when missing")
+    interpretations: str = setting(
+        DEFAULT_INTERPRETATIONS, "interpret_sae.py's CSV for this SAE (explanations, labels); skipped when missing"
+    )
     csv_path: str = setting("text_features.csv", "one row per text: pooled activations of the reported features")
     heatmap_path: str = setting("text_features.png", "PNG heatmap of texts × reported features")
     html_path: str = setting("text_features.html", "self-contained page of per-token heatmaps")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     model_name: str = setting("", "model, when the checkpoint does not name it (or to point at a moved copy); empty: the checkpoint's")
-    hook_point: str = setting("", "hook point, only for a checkpoint that does not record it (HypotheSAEs'): resid_post, mlp_out or attn_out")
+    hook_point: str = setting(
+        "", "hook point, only for a checkpoint that does not record it (HypotheSAEs'): resid_post, mlp_out or attn_out"
+    )
     layer: int = setting(-1, "layer, only for a checkpoint that does not record it (HypotheSAEs'); -1: the checkpoint's")
 
     def __post_init__(self) -> None:
@@ -106,14 +110,18 @@ def describe(feature: int, interpretations: dict[int, dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def report_text(examples: list[Example], readings: list[TextFeatures], chosen: list[list[int]], interpretations: dict[int, dict[str, Any]], pooling: str) -> str:
+def report_text(
+    examples: list[Example], readings: list[TextFeatures], chosen: list[list[int]], interpretations: dict[int, dict[str, Any]], pooling: str
+) -> str:
     """The printed report: per text, its top features with their pooled activation and what they are."""
     lines = []
     for index, (example, reading, features) in enumerate(zip(examples, readings, chosen)):
         snippet = " ".join(text_label(example).split())
         snippet = snippet if len(snippet) <= 100 else snippet[:97] + "..."
         truncated = ", truncated" if reading.truncated else ""
-        lines.append(f"\n[{index}] {snippet}\n    {len(reading.token_ids)} tokens ({int(reading.pooled_mask.sum())} pooled by {pooling}{truncated})")
+        lines.append(
+            f"\n[{index}] {snippet}\n    {len(reading.token_ids)} tokens ({int(reading.pooled_mask.sum())} pooled by {pooling}{truncated})"
+        )
         if not features:
             lines.append("    no feature fires")
         for feature in features:
@@ -162,7 +170,14 @@ def plot_text_heatmap(path: Path, table: pd.DataFrame, title: str) -> None:
     plt.close(figure)
 
 
-def page_data(title: str, examples: list[Example], readings: list[TextFeatures], chosen: list[list[int]], interpretations: dict[int, dict[str, Any]], pooling: str) -> dict[str, Any]:
+def page_data(
+    title: str,
+    examples: list[Example],
+    readings: list[TextFeatures],
+    chosen: list[list[int]],
+    interpretations: dict[int, dict[str, Any]],
+    pooling: str,
+) -> dict[str, Any]:
     """The HTML page's JSON: per text, the pooled tokens and each reported feature's activation on them."""
     union = sorted({feature for features in chosen for feature in features})
     texts = []
@@ -175,7 +190,11 @@ def page_data(title: str, examples: list[Example], readings: list[TextFeatures],
                 "truncated": reading.truncated,
                 "tokens": [reading.tokens[position] for position in shown],
                 "features": [
-                    {"feature": feature, "pooled": round(float(reading.pooled[feature]), 4), "activations": [round(float(a), 4) for a in dense[:, column]]}
+                    {
+                        "feature": feature,
+                        "pooled": round(float(reading.pooled[feature]), 4),
+                        "activations": [round(float(a), 4) for a in dense[:, column]],
+                    }
                     for column, feature in enumerate(features)
                 ],
             }
@@ -193,7 +212,13 @@ def analyze_texts(config: AnalyzeConfig) -> Path:
     examples = load_texts(config)
     reader = SAEReader.load(config.checkpoint, config.device, config.model_name, config.hook_point, config.layer)
     interpretations = interpretations_by_feature(config.interpretations, reader.sae.spec.m)
-    logger.info("Reading %d texts through %s (%s, layer %s)", len(examples), reader.sae.spec.name, reader.extraction.hook_point, reader.extraction.layers)
+    logger.info(
+        "Reading %d texts through %s (%s, layer %s)",
+        len(examples),
+        reader.sae.spec.name,
+        reader.extraction.hook_point,
+        reader.extraction.layers,
+    )
     readings = reader.read(examples, config.pooling)
     chosen = top_features(readings, config.top_n)
     print(report_text(examples, readings, chosen, interpretations, config.pooling))

@@ -101,9 +101,14 @@ def tokenize_examples(tokenizer, examples: list[Example], chat_template: str, ma
         raise UserError(f"CHAT_TEMPLATE must be one of {CHAT_TEMPLATE_CHOICES}, got {chat_template!r}.")
     use_template = wants_chat_template(tokenizer, chat_template)
     if use_template and not tokenizer.is_fast:
-        raise UserError("marking chat-template tokens needs a fast tokenizer (with offsets); set CHAT_TEMPLATE = 'none' or use a fast tokenizer.")
+        raise UserError(
+            "marking chat-template tokens needs a fast tokenizer (with offsets); set CHAT_TEMPLATE = 'none' or use a fast tokenizer."
+        )
     logger.info("Tokenizing %d examples (%s)", len(examples), "chat template" if use_template else "plain text")
-    tokenized = [tokenize_example(tokenizer, example, use_template, max_length) for example in tqdm(examples, desc="tokenizing", unit="ex", leave=False, disable=not distributed.current().is_main)]
+    tokenized = [
+        tokenize_example(tokenizer, example, use_template, max_length)
+        for example in tqdm(examples, desc="tokenizing", unit="ex", leave=False, disable=not distributed.current().is_main)
+    ]
     n_truncated = sum(item.truncated for item in tokenized)
     if n_truncated:
         logger.warning("Truncated %d of %d examples to MAX_LENGTH=%d tokens", n_truncated, len(tokenized), max_length)

@@ -56,22 +56,30 @@ class TrainConfig:
     m: int = setting(256, "number of features (dictionary size)")
     k: int = setting(8, "active features per token (topk, batchtopk)")
     matryoshka_prefixes: list[int] = setting([], "Matryoshka prefix lengths ending at M, e.g. 64 256; empty for none")
-    sweep: list[str] = setting([], "several SAEs trained on the same batches: ARCH:M:K or ARCH:M:K:P1-P2 (Matryoshka); replaces ARCHITECTURE, M, K")
+    sweep: list[str] = setting(
+        [], "several SAEs trained on the same batches: ARCH:M:K or ARCH:M:K:P1-P2 (Matryoshka); replaces ARCHITECTURE, M, K"
+    )
     aux_k: int = setting(-1, "dead features in the aux-K loss; -1: 2K; 0: off")
     aux_coefficient: float = setting(1 / 32, "weight of the aux-K loss")
-    dead_after_tokens: int = setting(0, "a feature is dead after this many training tokens without firing; 0: a tenth of the run (at most 10M)")
+    dead_after_tokens: int = setting(
+        0, "a feature is dead after this many training tokens without firing; 0: a tenth of the run (at most 10M)"
+    )
     l1_coefficient: float = setting(1e-3, "L1 penalty on activations for relu SAEs")
     l0_coefficient: float = setting(
-        1e-3, "L0 penalty for jumprelu SAEs: loss = FVU + L0_COEFFICIENT × L0, both scale-free; thresholds move about LEARNING_RATE per step"
+        1e-3,
+        "L0 penalty for jumprelu SAEs: loss = FVU + L0_COEFFICIENT × L0, both scale-free; thresholds move about LEARNING_RATE per step",
     )
     jumprelu_initial_threshold: float = setting(
-        JUMPRELU_INITIAL_THRESHOLD, "where jumprelu thresholds start, in the JumpReLU paper's units (activations at unit mean squared norm; ×√d in training's E‖x‖²=d)"
+        JUMPRELU_INITIAL_THRESHOLD,
+        "where jumprelu thresholds start, in the JumpReLU paper's units (activations at unit mean squared norm; ×√d in training's E‖x‖²=d)",
     )
     jumprelu_bandwidth: float = setting(
         JUMPRELU_BANDWIDTH, "width of the straight-through window around each jumprelu threshold, in the same units (the paper's 0.001)"
     )
     batch_size: int = setting(1024, "tokens per training batch (of all ranks together under torchrun)")
-    learning_rate: float = setting(2e-3, "Adam learning rate after warm-up (best of 5e-4..4e-3 on the default data; try lower for long runs)")
+    learning_rate: float = setting(
+        2e-3, "Adam learning rate after warm-up (best of 5e-4..4e-3 on the default data; try lower for long runs)"
+    )
     warmup_fraction: float = setting(0.05, "fraction of the steps spent warming the learning rate up from 0")
     decay_fraction: float = setting(0.2, "fraction of the steps, at the end, over which the learning rate decays to 0")
     gradient_clip: float = setting(1.0, "maximum gradient norm; 0: no clipping")
@@ -114,7 +122,10 @@ class TrainConfig:
 
     def specs(self, d: int) -> list[SAESpec]:
         """The SAEs this run trains: the sweep's, or the one given by ARCHITECTURE, M, K."""
-        entries = self.sweep or [f"{self.architecture}:{self.m}:{self.k}" + (":" + "-".join(map(str, self.matryoshka_prefixes)) if self.matryoshka_prefixes else "")]
+        entries = self.sweep or [
+            f"{self.architecture}:{self.m}:{self.k}"
+            + (":" + "-".join(map(str, self.matryoshka_prefixes)) if self.matryoshka_prefixes else "")
+        ]
         specs = [self._parse_sweep_entry(entry, d) for entry in entries]
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
@@ -124,7 +135,9 @@ class TrainConfig:
     def _parse_sweep_entry(self, entry: str, d: int) -> SAESpec:
         parts = entry.split(":")
         if len(parts) not in (3, 4) or parts[0] not in ARCHITECTURES:
-            raise UserError(f"sweep entry {entry!r} should look like topk:256:8 or topk:256:8:64-256 (architectures: {', '.join(ARCHITECTURES)}).")
+            raise UserError(
+                f"sweep entry {entry!r} should look like topk:256:8 or topk:256:8:64-256 (architectures: {', '.join(ARCHITECTURES)})."
+            )
         try:
             m, k = int(parts[1]), int(parts[2])
             prefixes = tuple(int(p) for p in parts[3].split("-")) if len(parts) == 4 else ()
@@ -192,7 +205,9 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
         fire_counts += active.sum(0)
         active_total += active.sum()
     sae.train()
-    counts = torch.stack([squared_error, active_total, tokens.double().pow(2).sum(), torch.tensor(len(tokens), dtype=torch.float64, device=tokens.device)])
+    counts = torch.stack(
+        [squared_error, active_total, tokens.double().pow(2).sum(), torch.tensor(len(tokens), dtype=torch.float64, device=tokens.device)]
+    )
     totals = distributed.all_reduce_sum_(torch.cat([counts, tokens.double().sum(0), fire_counts]))
     (squared_error, active_total, square_sum, n_tokens), token_sum, fire_counts = totals[:4].tolist(), totals[4 : 4 + d], totals[4 + d :]
     variance = square_sum - float(token_sum.pow(2).sum()) / n_tokens  # Σ‖x − mean‖², from sums that add over ranks
@@ -282,11 +297,17 @@ class TrainingRun:
         self.device = config.resolved_device()
         self.ranks = distributed.current()
         if config.batch_size % self.ranks.world_size:
-            raise UserError(f"BATCH_SIZE ({config.batch_size}) is the batch of all {self.ranks.world_size} ranks together and must divide evenly among them.")
+            raise UserError(
+                f"BATCH_SIZE ({config.batch_size}) is the batch of all {self.ranks.world_size} ranks together and must divide evenly among them."
+            )
         self.rank_batch_size = config.batch_size // self.ranks.world_size
         split = ExampleSplit.by_example(self.store.n_examples, config.validation_fraction, config.seed)
         self.train_source = TokenSource(
-            self.store, split, validation=False, include_special=config.include_special_tokens, part=(self.ranks.rank, self.ranks.world_size)
+            self.store,
+            split,
+            validation=False,
+            include_special=config.include_special_tokens,
+            part=(self.ranks.rank, self.ranks.world_size),
         )
         validation_source = TokenSource(self.store, split, validation=True, include_special=config.include_special_tokens)
         self.n_train_tokens = self.train_source.count_tokens()
@@ -305,7 +326,10 @@ class TrainingRun:
         self.bias_sample = sample * self.scale
         validation_tokens = validation_source.all_tokens(VALIDATION_MAX_TOKENS)
         self.n_validation_tokens = len(validation_tokens)
-        share = slice(self.n_validation_tokens * self.ranks.rank // self.ranks.world_size, self.n_validation_tokens * (self.ranks.rank + 1) // self.ranks.world_size)
+        share = slice(
+            self.n_validation_tokens * self.ranks.rank // self.ranks.world_size,
+            self.n_validation_tokens * (self.ranks.rank + 1) // self.ranks.world_size,
+        )
         self.validation_tokens = (validation_tokens[share] * self.scale).to(self.device)  # this rank's share
         self.run_folder = run_folder(config, self.store.manifest["model"], self.store.hook_name)
         self.settings_by_name = {spec.name: self._settings(spec) for spec in self.specs}
@@ -313,10 +337,30 @@ class TrainingRun:
 
     def _settings(self, spec: SAESpec) -> dict[str, Any]:
         """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
-        varying = {"device", "overwrite", "checkpoint_every", "log_every", "output_dir", "run_name", "export_saelens", "compile", "sweep", "architecture", "m", "k", "matryoshka_prefixes"}
+        varying = {
+            "device",
+            "overwrite",
+            "checkpoint_every",
+            "log_every",
+            "output_dir",
+            "run_name",
+            "export_saelens",
+            "compile",
+            "sweep",
+            "architecture",
+            "m",
+            "k",
+            "matryoshka_prefixes",
+        }
         fixed = {key: value for key, value in asdict(self.config).items() if key not in varying}
         ranks = {"ranks": self.ranks.world_size} if self.ranks.is_distributed else {}  # each rank replays its own batches
-        return {"spec": {**asdict(spec), "prefixes": list(spec.prefixes)}, "store": str(self.store.folder), "store_settings": config_fingerprint(self.store.manifest["settings"]), **fixed, **ranks}
+        return {
+            "spec": {**asdict(spec), "prefixes": list(spec.prefixes)},
+            "store": str(self.store.folder),
+            "store_settings": config_fingerprint(self.store.manifest["settings"]),
+            **fixed,
+            **ranks,
+        }
 
     def new_trainer(self, spec: SAESpec) -> SAETrainer:
         """A fresh SAE for `spec` with its optimizer and counters, wrapped for DDP and torch.compile as configured.
@@ -365,16 +409,24 @@ class TrainingRun:
         start_step = start_steps.pop()
         logger.info(
             "Training %d SAE(s) on %s: %d training tokens, %d steps of %d (%s%s), validation %d tokens%s",
-            len(trainers), self.store.folder, self.n_train_tokens, self.total_steps, config.batch_size, self.device,
+            len(trainers),
+            self.store.folder,
+            self.n_train_tokens,
+            self.total_steps,
+            config.batch_size,
+            self.device,
             f", {self.rank_batch_size} on each of {self.ranks.world_size} ranks" if self.ranks.is_distributed else "",
-            self.n_validation_tokens, f", resuming at step {start_step}" if start_step else "",
+            self.n_validation_tokens,
+            f", resuming at step {start_step}" if start_step else "",
         )
         stream_seed = config.seed * self.ranks.world_size + self.ranks.rank  # each rank its own batch order; one rank: SEED
         batches = mixed_batches(self.train_source, self.buffer_tokens, self.rank_batch_size, stream_seed, self.device)
         for _ in range(start_step):  # replay the seeded batch order up to where the run stopped
             next(batches)
         in_main_thread = threading.current_thread() is threading.main_thread()  # only there can signal handlers be set
-        previous_handlers = {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+        previous_handlers = (
+            {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+        )
         started, completed = time.perf_counter(), start_step
         try:
             with tqdm(total=self.total_steps, initial=start_step, desc="training", unit="step", disable=not self.ranks.is_main) as progress:
@@ -470,7 +522,11 @@ class TrainingRun:
         row.update(step=step, tokens=step * self.config.batch_size, dead_fraction=float(dead.float().mean()), learning_rate=learning_rate)
         trainer.any_dead = bool(dead.any())
         if not math.isfinite(row["loss"]):
-            kept = f"the last good checkpoint is {trainer.checkpoint_path}" if trainer.checkpoint_path.exists() else "no checkpoint was saved yet"
+            kept = (
+                f"the last good checkpoint is {trainer.checkpoint_path}"
+                if trainer.checkpoint_path.exists()
+                else "no checkpoint was saved yet"
+            )
             raise UserError(
                 f"{trainer.spec.name}: the loss became {row['loss']} by step {step}; {kept}. "
                 "Lower LEARNING_RATE, or check the store for inf/NaN activations."
@@ -496,7 +552,13 @@ class TrainingRun:
     def _postfix(self, trainer: SAETrainer, steps_this_session: int, started: float) -> dict[str, str]:
         last = trainer.history[-1]
         tokens_per_second = steps_this_session * self.config.batch_size / max(time.perf_counter() - started, 1e-9)
-        return {"tok/s": f"{tokens_per_second:.0f}", "loss": f"{last['loss']:.4f}", "fvu": f"{last['fvu']:.4f}", "L0": f"{last['l0']:.1f}", "dead": f"{last['dead_fraction']:.1%}"}
+        return {
+            "tok/s": f"{tokens_per_second:.0f}",
+            "loss": f"{last['loss']:.4f}",
+            "fvu": f"{last['fvu']:.4f}",
+            "L0": f"{last['l0']:.1f}",
+            "dead": f"{last['dead_fraction']:.1%}",
+        }
 
     def _metadata(self, trainer: SAETrainer, step: int) -> dict[str, Any]:
         manifest = self.store.manifest
@@ -508,7 +570,10 @@ class TrainingRun:
             "hook_point": manifest["hook_point"],
             "layer": manifest["layer"],
             "store": str(self.store.folder),
-            "store_manifest": {key: manifest[key] for key in ("model", "hook_name", "d", "dtype", "n_tokens", "n_examples", "packing", "dataset", "extraction")},
+            "store_manifest": {
+                key: manifest[key]
+                for key in ("model", "hook_name", "d", "dtype", "n_tokens", "n_examples", "packing", "dataset", "extraction")
+            },
             "training": asdict(self.config),
             "step": step,
             "tokens_trained": step * self.config.batch_size,
@@ -552,7 +617,9 @@ class TrainingRun:
         }
         if self.ranks.is_main:
             write_metrics(trainer.folder / "metrics.json", result)
-            plot_training_curves(trainer.folder / "training_curves.png", f"{trainer.spec.name} — {self.store.hook_name}", trainer.history, trainer.validation)
+            plot_training_curves(
+                trainer.folder / "training_curves.png", f"{trainer.spec.name} — {self.store.hook_name}", trainer.history, trainer.validation
+            )
         return result
 
 

@@ -184,7 +184,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.requests.append(body)
             status = self.server.statuses.pop(0) if self.server.statuses else 200
             prompt = body["messages"][-1]["content"]
-            rubric_answer = (self.server.rubric_answers.pop(0) if self.server.rubric_answers else RUBRIC_ANSWER) if "RATING:" in prompt else None
+            rubric_answer = (
+                (self.server.rubric_answers.pop(0) if self.server.rubric_answers else RUBRIC_ANSWER) if "RATING:" in prompt else None
+            )
         if status != 200:
             self._send(status, {"error": {"message": f"simulated {status}", "type": "simulated", "code": status}}, {"Retry-After": "0"})
             return

@@ -130,7 +130,20 @@ def test_layers_override_space_or_comma_separated(argv, expected):
     assert config.layers == expected
 
 
-@pytest.mark.parametrize(("word", "expected"), [("true", True), ("True", True), ("yes", True), ("1", True), ("on", True), ("false", False), ("no", False), ("0", False), ("OFF", False)])
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("true", True),
+        ("True", True),
+        ("yes", True),
+        ("1", True),
+        ("on", True),
+        ("false", False),
+        ("no", False),
+        ("0", False),
+        ("OFF", False),
+    ],
+)
 def test_bool_override_words(word, expected):
     constants = {**script_constants(), "OVERWRITE": not expected}
     config = parse_step_config(ExtractConfig, constants, "extract", ["--overwrite", word])
@@ -145,7 +158,20 @@ def test_overwrite_true_override():
 def test_overrides_of_every_field_type():
     config = parse_demo(
         DEMO_CONSTANTS,
-        "--count", "11", "--rate", "1e-3", "--name", "cli", "--verbose", "false", "--layers", "8,9", "10", "--tags", "p,q", "r",
+        "--count",
+        "11",
+        "--rate",
+        "1e-3",
+        "--name",
+        "cli",
+        "--verbose",
+        "false",
+        "--layers",
+        "8,9",
+        "10",
+        "--tags",
+        "p,q",
+        "r",
     )
     assert config == DemoConfig(count=11, rate=0.001, name="cli", verbose=False, layers=[8, 9, 10], tags=["p", "q", "r"])
 

@@ -17,13 +17,23 @@ from fastsae.interpret import InterpretConfig, interpret_sae
 from fastsae.train import TrainConfig, train_saes
 
 CHROMIUM = shutil.which("chromium")
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 HOSTILE = [
     "I planned to write <script>window.hacked = 1</script> in the report, then reconsidered.",
     'Maybe the title "><img src=x onerror="window.hacked = 2"> was a bad idea after all.',
 ]
 # FAST-rubric answers from the local LLM server: an unreadable one, then every rating, with names that try to inject HTML.
-RUBRIC_ANSWERS = ["no idea"] + [f'RATING: {rating}\nNAME: <img src=x onerror="window.hacked = 3"> {rating}' for rating in (1, 2, 3, 4, 5)] * 10
+RUBRIC_ANSWERS = ["no idea"] + [
+    f'RATING: {rating}\nNAME: <img src=x onerror="window.hacked = 3"> {rating}' for rating in (1, 2, 3, 4, 5)
+] * 10
 HOSTILE_EXPLANATION = '<img src=x onerror="window.hacked = 4"> the word option'
 
 
@@ -42,14 +52,24 @@ def dashboard(tmp_path_factory, tiny_llama, smollm2_tokenizer, tiny_model_folder
     dataset_file = write_jsonl(folder / "texts.jsonl", [{"text": text, "label": "hostile" if "<" in text else "plain"} for text in texts])
     config = ExtractConfig(dataset=str(dataset_file), layers=[1], output_dir=str(folder / "activations"))
     (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
-    (result,) = train_saes(TrainConfig(store=str(store), output_dir=str(folder / "checkpoints"), m=32, k=4, batch_size=128, epochs=5.0, buffer_tokens=1024))
+    (result,) = train_saes(
+        TrainConfig(store=str(store), output_dir=str(folder / "checkpoints"), m=32, k=4, batch_size=128, epochs=5.0, buffer_tokens=1024)
+    )
     with pytest.MonkeyPatch.context() as monkeypatch, chat_server(monkeypatch) as server:
         server.rubric_answers, server.answerer = list(RUBRIC_ANSWERS), answer
         csv = interpret_sae(
             InterpretConfig(
-                checkpoint=result["checkpoint"], model_name=str(tiny_model_folder), features="all", interpretations_path=str(folder / "interpretations.csv"),
-                scoring="detection,fuzzing,fast-rubric", explain_examples=10, score_examples=10, n_quantiles=5, min_windows=10,
-                llm_cache_dir=str(folder / "llm-cache"), device="cpu",
+                checkpoint=result["checkpoint"],
+                model_name=str(tiny_model_folder),
+                features="all",
+                interpretations_path=str(folder / "interpretations.csv"),
+                scoring="detection,fuzzing,fast-rubric",
+                explain_examples=10,
+                score_examples=10,
+                n_quantiles=5,
+                min_windows=10,
+                llm_cache_dir=str(folder / "llm-cache"),
+                device="cpu",
             )
         )
     return csv.with_name("dashboard.html")

@@ -332,7 +332,9 @@ def test_parquet_loads_the_same_examples_as_jsonl(tmp_path, rows_file):
 
 def test_csv_empty_cell_is_a_missing_field(tmp_path):
     path = tmp_path / "gaps.csv"
-    pd.DataFrame([{"text": "first", "label": "a"}, {"text": None, "label": "b"}, {"text": "third", "label": None}]).to_csv(path, index=False)
+    pd.DataFrame([{"text": "first", "label": "a"}, {"text": None, "label": "b"}, {"text": "third", "label": None}]).to_csv(
+        path, index=False
+    )
     dataset = load_dataset(path)
     assert texts(dataset) == ["first", "third"]
     assert [example.label for example in dataset.examples] == ["a", None]

@@ -28,7 +28,15 @@ TRAINING = dict(sweep=["topk:128:4"], batch_size=256, epochs=10.0, learning_rate
 
 
 def torchrun(script: str, *arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", "--standalone", str(REPO / script), *arguments]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={processes}",
+        "--standalone",
+        str(REPO / script),
+        *arguments,
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -57,7 +65,9 @@ def assert_same_store(folder: Path, reference: Path) -> None:
     torch.testing.assert_close(ours.activations(0, ours.n_tokens), theirs.activations(0, theirs.n_tokens), rtol=1e-3, atol=1e-3)
     assert ours.example_records() == theirs.example_records()
     provenance = {"completed_at", "extracted_by_ranks", "extraction"}
-    assert {key: value for key, value in ours.manifest.items() if key not in provenance} == {key: value for key, value in theirs.manifest.items() if key not in provenance}
+    assert {key: value for key, value in ours.manifest.items() if key not in provenance} == {
+        key: value for key, value in theirs.manifest.items() if key not in provenance
+    }
     assert ours.manifest["extraction"] == {**theirs.manifest["extraction"], "output_dir": ours.manifest["extraction"]["output_dir"]}
 
 
@@ -111,7 +121,9 @@ def test_torchrun_extraction_equals_one_process_and_resumes_per_rank(tiny_model_
         (folder / f"{name}.partial" / "activations.npy").write_bytes(b"half")
     kept = {path.name: path.stat().st_mtime_ns for path in folder.glob("shard_*") if not path.name.endswith(".partial")}
     torchrun("extract_activations.py", *extraction_arguments(tiny_model_folder, tmp_path))
-    assert {path.name: path.stat().st_mtime_ns for path in folder.glob("shard_*") if path.name in kept} == kept  # only the missing shards ran
+    assert {
+        path.name: path.stat().st_mtime_ns for path in folder.glob("shard_*") if path.name in kept
+    } == kept  # only the missing shards ran
     assert not list(folder.glob("*.partial"))
     assert_same_store(folder, one_process_store)
 
@@ -162,8 +174,11 @@ def _train_on_two_ranks(rank: int, port: int, store: str, output: str) -> None:
             run.run()
             (trainer,) = run.trainers
             state = {
-                "sae": trainer.sae.state_dict(), "tokens_since_fired": trainer.tokens_since_fired,
-                "history": trainer.history, "validation": trainer.validation, "stopped_at": stopped_at,
+                "sae": trainer.sae.state_dict(),
+                "tokens_since_fired": trainer.tokens_since_fired,
+                "history": trainer.history,
+                "validation": trainer.validation,
+                "stopped_at": stopped_at,
             }
             torch.save(state, f"{output}/{name}-rank{rank}.pt")
     finally:
@@ -175,7 +190,9 @@ def test_ranks_stay_in_step_and_a_stopped_run_resumes_to_the_same_sae(one_proces
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     mp.spawn(_train_on_two_ranks, args=(port, str(one_process_store), str(tmp_path)), nprocs=2)
-    states = {(name, rank): torch.load(tmp_path / f"{name}-rank{rank}.pt", weights_only=True) for name in ("whole", "resumed") for rank in (0, 1)}
+    states = {
+        (name, rank): torch.load(tmp_path / f"{name}-rank{rank}.pt", weights_only=True) for name in ("whole", "resumed") for rank in (0, 1)
+    }
     for name in ("whole", "resumed"):  # DDP keeps the ranks' SAEs and dead-feature counters identical
         for key, value in states[name, 0]["sae"].items():
             assert torch.equal(value, states[name, 1]["sae"][key]), key

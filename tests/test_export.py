@@ -40,7 +40,9 @@ TRICKY_EXPLANATION = "words like «would» | «could»\nand <script>alert(1)</sc
 @pytest.fixture(scope="module")
 def trained(tiny_store, tmp_path_factory) -> Path:
     """A trained SAE's folder as train_sae.py leaves it (checkpoint, saelens/, metrics.json, curves), not evaluated."""
-    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("export-runs")), m=M, k=K, batch_size=256, epochs=2.0)
+    config = TrainConfig(
+        store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("export-runs")), m=M, k=K, batch_size=256, epochs=2.0
+    )
     (result,) = train_saes(config)
     return Path(result["checkpoint"])
 
@@ -58,7 +60,16 @@ def evaluated(trained, tiny_model_folder, tmp_path_factory) -> Path:
 def unscored_csv(trained, tiny_model_folder, tmp_path_factory) -> Path:
     """interpret_sae.py's CSV as it is without an API key: statistics and contexts, no explanation or score."""
     path = tmp_path_factory.mktemp("interpret") / "interpretations.csv"
-    interpret_sae(InterpretConfig(checkpoint=str(trained), model_name=str(tiny_model_folder), features="frequency:20", interpretations_path=str(path), explain=False, device="cpu"))
+    interpret_sae(
+        InterpretConfig(
+            checkpoint=str(trained),
+            model_name=str(tiny_model_folder),
+            features="frequency:20",
+            interpretations_path=str(path),
+            explain=False,
+            device="cpu",
+        )
+    )
     return path
 
 
@@ -177,7 +188,10 @@ def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scor
     reconstruction = {row[0]: row[1:] for row in table_with_header(tables, "metric (ours)", "all tokens", "content", "special")}
     assert reconstruction["FVU"] == [f"{evaluation['reconstruction'][kind]['fvu']:.4f}" for kind in ("all", "content", "special")]
     saebench = {row[1]: row[2] for row in table_with_header(tables, "group", "metric", "value", "95% interval")[1:]}
-    assert saebench["ce_loss_score"] == f"{evaluation['saebench_core']['eval_result_metrics']['model_performance_preservation']['ce_loss_score']:.4f}"
+    assert (
+        saebench["ce_loss_score"]
+        == f"{evaluation['saebench_core']['eval_result_metrics']['model_performance_preservation']['ce_loss_score']:.4f}"
+    )
     verdicts = {row[0]: row[3] for row in table_with_header(tables, "health check")[1:]}
     assert verdicts == {row["metric"]: row["verdict"] for row in evaluation["health"]}
 
@@ -227,7 +241,10 @@ def test_base_model_is_named_only_when_the_model_is_on_the_hub(trained, tmp_path
 @pytest.mark.parametrize(
     ("network", "message"),
     [
-        ("offline", "cannot push to the Hugging Face Hub: offline mode is on (HF_HUB_OFFLINE is set). Unset HF_HUB_OFFLINE on a machine with a network."),
+        (
+            "offline",
+            "cannot push to the Hugging Face Hub: offline mode is on (HF_HUB_OFFLINE is set). Unset HF_HUB_OFFLINE on a machine with a network.",
+        ),
         ("unreachable", "cannot reach the Hugging Face Hub at http://127.0.0.1:{port} (ConnectError"),
     ],
     ids=["offline", "unreachable"],
@@ -238,8 +255,23 @@ def test_push_without_a_network_fails_fast_with_one_line_and_keeps_the_export(tr
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     output = tmp_path / "export"
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "1" if network == "offline" else "0", "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "hf_unused"}
-    command = [sys.executable, str(REPO_ROOT / "export_sae.py"), "--checkpoint", str(trained), "--output", str(output), "--push-to-hub", "me/tiny-sae"]
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+        "HF_HUB_OFFLINE": "1" if network == "offline" else "0",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_TOKEN": "hf_unused",
+    }
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "export_sae.py"),
+        "--checkpoint",
+        str(trained),
+        "--output",
+        str(output),
+        "--push-to-hub",
+        "me/tiny-sae",
+    ]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

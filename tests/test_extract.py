@@ -57,7 +57,12 @@ def max_relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> flo
 def store_arrays(folder: Path) -> dict[str, np.ndarray]:
     store = ActivationStore(folder)
     chunk = store.chunk(0, store.n_tokens)
-    return {"activations": chunk.activations.numpy(), "token_ids": chunk.token_ids, "special_mask": chunk.special_mask, "offsets": store.doc_offsets}
+    return {
+        "activations": chunk.activations.numpy(),
+        "token_ids": chunk.token_ids,
+        "special_mask": chunk.special_mask,
+        "offsets": store.doc_offsets,
+    }
 
 
 @pytest.mark.parametrize("hook_point", ["resid_post", "mlp_out", "attn_out"])
@@ -205,7 +210,9 @@ def test_damaged_store_gets_a_clear_error(tiny_llama, smollm2_tokenizer, texts_f
 
 
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "extract_activations.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "extract_activations.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_script_runs_on_a_model_folder_and_reports_bad_input(tiny_model_folder, texts_file, tmp_path):

@@ -14,23 +14,50 @@ from fastsae.train import TrainConfig, train_saes
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_store, tmp_path_factory):
-    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("interpret-runs")), m=64, k=4, batch_size=256, epochs=10.0)
+    config = TrainConfig(
+        store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("interpret-runs")), m=64, k=4, batch_size=256, epochs=10.0
+    )
     (result,) = train_saes(config)
     return result["checkpoint"]
 
 
 def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_model_folder, tmp_path):
     path = interpret_sae(
-        InterpretConfig(checkpoint=checkpoint, model_name=str(tiny_model_folder), features="frequency:10", interpretations_path=str(tmp_path / "interpretations.csv"), device="cpu", explain=False)
+        InterpretConfig(
+            checkpoint=checkpoint,
+            model_name=str(tiny_model_folder),
+            features="frequency:10",
+            interpretations_path=str(tmp_path / "interpretations.csv"),
+            device="cpu",
+            explain=False,
+        )
     )
     table = pd.read_csv(path, keep_default_na=False)
     assert len(table) == 10
     assert list(table["frequency"]) == sorted(table["frequency"], reverse=True) and (table["frequency"] > 0).all()
-    labels = {"reconsidering", "doubting", "planning", "comparing_options", "recalling", "justifying", "predicting", "noticing_bias", "committing", "questioning_assumption"}
+    labels = {
+        "reconsidering",
+        "doubting",
+        "planning",
+        "comparing_options",
+        "recalling",
+        "justifying",
+        "predicting",
+        "noticing_bias",
+        "committing",
+        "questioning_assumption",
+    }
     assert set(table["top_label"]) <= labels
     assert ((table["top_label_auroc"] >= 0.5) & (table["top_label_auroc"] <= 1)).all()  # the best label is at least chance
     assert all("«" in contexts and "»" in contexts for contexts in table["top_contexts"])
-    llm_columns = ["explanation", "detection_score", "detection_quantile_accuracy", "fuzzing_score", "fast_rubric_rating", "fast_rubric_name"]
+    llm_columns = [
+        "explanation",
+        "detection_score",
+        "detection_quantile_accuracy",
+        "fuzzing_score",
+        "fast_rubric_rating",
+        "fast_rubric_name",
+    ]
     assert all((table[column] == "").all() for column in llm_columns)  # EXPLAIN off
     assert all(len(tokens.split(" | ")) == 8 for tokens in table["logit_lens_promoted"])
 
@@ -49,7 +76,11 @@ def test_feature_selection():
     assert select_features("all", statistics, labels) == [0, 1, 2, 3]
     assert select_features("3, 1", statistics, labels) == [3, 1]
     sample = select_features("random:2", statistics, labels, seed=1)
-    assert len(sample) == 2 and set(sample) <= {0, 2, 3} and sample == sorted(sample) == select_features("random:2", statistics, labels, seed=1)
+    assert (
+        len(sample) == 2
+        and set(sample) <= {0, 2, 3}
+        and sample == sorted(sample) == select_features("random:2", statistics, labels, seed=1)
+    )
     assert select_features("random:10", statistics, labels) == [0, 2, 3]  # live features only
     with pytest.raises(UserError, match="feature 7 does not exist"):
         select_features("7", statistics, labels)

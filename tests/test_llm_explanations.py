@@ -32,14 +32,24 @@ def checkpoint(tiny_store, tmp_path_factory):
 
 def config_for(checkpoint, model_folder, tmp_path, **overrides) -> InterpretConfig:
     settings = dict(
-        checkpoint=checkpoint, model_name=str(model_folder), features="frequency:3", interpretations_path=str(tmp_path / "interpretations.csv"),
-        llm_cache_dir=str(tmp_path / "llm-cache"), explain_examples=10, score_examples=10, n_quantiles=5, min_windows=20, device="cpu",
+        checkpoint=checkpoint,
+        model_name=str(model_folder),
+        features="frequency:3",
+        interpretations_path=str(tmp_path / "interpretations.csv"),
+        llm_cache_dir=str(tmp_path / "llm-cache"),
+        explain_examples=10,
+        score_examples=10,
+        n_quantiles=5,
+        min_windows=20,
+        device="cpu",
     )
     settings.update(overrides)
     return InterpretConfig(**settings)
 
 
-def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_cache(server, checkpoint, tiny_model_folder, tmp_path, monkeypatch, caplog):
+def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_cache(
+    server, checkpoint, tiny_model_folder, tmp_path, monkeypatch, caplog
+):
     caplog.set_level(logging.INFO, logger="fastsae.interpret")
     config = config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection")
     path = interpret_sae(config)
@@ -52,7 +62,9 @@ def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_
     assert len(server.requests) == 3 * (1 + 4) == estimate_llm_cost(config, 3).requests
     assert all(request["model"] == "gpt-4.1" for request in server.requests)
     assert "LLM: 3 explaining + 12 detection + 0 fuzzing + 0 FAST-rubric requests to gpt-4.1, about" in caplog.text  # before any answer
-    explaining = [request["messages"][-1]["content"] for request in server.requests if "Text examples:" not in request["messages"][-1]["content"]]
+    explaining = [
+        request["messages"][-1]["content"] for request in server.requests if "Text examples:" not in request["messages"][-1]["content"]
+    ]
     assert len(explaining) == 3 and all("«" in prompt and "\n10. [" in prompt and "\n11. [" not in prompt for prompt in explaining)
     assert "sk-test-not-a-real-key" not in path.read_text()
 
@@ -68,7 +80,9 @@ def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_
 
 def test_a_rate_limit_is_retried(server, checkpoint, tiny_model_folder, tmp_path):
     server.statuses = [429, 503]
-    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", llm_concurrency=1, scoring="detection"))
+    path = interpret_sae(
+        config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", llm_concurrency=1, scoring="detection")
+    )
     assert pd.read_csv(path)["explanation"].tolist() == [EXPLANATION]
     assert len(server.requests) == 2 + 1 + 4  # two refusals, then the explanation and its four scoring requests
 
@@ -85,7 +99,10 @@ def test_no_key_leaves_the_columns_empty(monkeypatch, checkpoint, tiny_model_fol
     monkeypatch.delenv("OPENAI_KEY_SAE", raising=False)
     path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path))
     table = pd.read_csv(path, keep_default_na=False)
-    assert all((table[column] == "").all() for column in ("explanation", "detection_score", "fuzzing_score", "fast_rubric_rating", "fast_rubric_name"))
+    assert all(
+        (table[column] == "").all()
+        for column in ("explanation", "detection_score", "fuzzing_score", "fast_rubric_rating", "fast_rubric_name")
+    )
     assert "No API key" in caplog.text
 
 
@@ -105,14 +122,23 @@ def test_scoring_names_and_too_rare_features(server, checkpoint, tiny_model_fold
         config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection,rubric")
     assert config_for(checkpoint, tiny_model_folder, tmp_path, scoring="both").scorings == ["detection", "fast-rubric"]  # the old name
     caplog.set_level(logging.INFO, logger="fastsae.interpret")
-    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:2", scoring="detection,fast-rubric", min_windows=10_000))
+    path = interpret_sae(
+        config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:2", scoring="detection,fast-rubric", min_windows=10_000)
+    )
     table = pd.read_csv(path, keep_default_na=False)
     assert len(server.requests) == 2  # the rubric only: no feature has 10,000 activating windows to be explained and scored
-    assert all(note.startswith("too rare to score: ") and note.endswith(" activating windows, MIN_WINDOWS is 10000") for note in table["scoring_note"])
+    assert all(
+        note.startswith("too rare to score: ") and note.endswith(" activating windows, MIN_WINDOWS is 10000")
+        for note in table["scoring_note"]
+    )
     assert (table["explanation"] == "").all() and (table["detection_score"] == "").all() and (table["fast_rubric_rating"] != "").all()
     assert "2 of 2 features have fewer than MIN_WINDOWS=10000 activating windows" in caplog.text
     # 150 windows of each class asked for, where the store has fewer: scored all the same, and said so.
-    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", scoring="detection", score_examples=150, examples_per_prompt=50))
+    path = interpret_sae(
+        config_for(
+            checkpoint, tiny_model_folder, tmp_path, features="frequency:1", scoring="detection", score_examples=150, examples_per_prompt=50
+        )
+    )
     (note,) = pd.read_csv(path)["scoring_note"]
     assert note.startswith("scored on ") and note.endswith(" non-activating windows, not 150 of each; a class with none counts 0")
 
@@ -122,7 +148,12 @@ def test_scoring_names_and_too_rare_features(server, checkpoint, tiny_model_fold
     [
         ("fuzzing", 5, ["explanation", "fuzzing_score"], ["detection_score", "fast_rubric_rating", "fast_rubric_name"]),
         ("fast-rubric", 1, ["fast_rubric_rating", "fast_rubric_name"], ["explanation", "detection_score", "fuzzing_score"]),
-        ("detection,fuzzing,fast-rubric", 10, ["explanation", "detection_score", "fuzzing_score", "fast_rubric_rating", "fast_rubric_name"], []),
+        (
+            "detection,fuzzing,fast-rubric",
+            10,
+            ["explanation", "detection_score", "fuzzing_score", "fast_rubric_rating", "fast_rubric_name"],
+            [],
+        ),
     ],
 )
 def test_each_scoring_fills_its_columns(server, checkpoint, tiny_model_folder, tmp_path, scoring, requests_per_feature, filled, empty):
@@ -134,7 +165,9 @@ def test_each_scoring_fills_its_columns(server, checkpoint, tiny_model_folder, t
         assert list(table["fast_rubric_rating"]) == [4, 4] and list(table["fast_rubric_name"]) == ["modal would"] * 2
 
 
-def test_the_rubric_prompt_shows_the_top_five_contexts_numbered_and_marked_and_reruns_are_cached(server, checkpoint, tiny_model_folder, tmp_path, caplog):
+def test_the_rubric_prompt_shows_the_top_five_contexts_numbered_and_marked_and_reruns_are_cached(
+    server, checkpoint, tiny_model_folder, tmp_path, caplog
+):
     caplog.set_level(logging.INFO, logger="fastsae.interpret")
     config = config_for(checkpoint, tiny_model_folder, tmp_path, scoring="fast-rubric")
     table = pd.read_csv(interpret_sae(config))
@@ -158,11 +191,17 @@ def test_the_rubric_prompt_shows_the_top_five_contexts_numbered_and_marked_and_r
 
 def test_messy_and_unreadable_rubric_answers(server, checkpoint, tiny_model_folder, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fastsae.interpret")
-    server.rubric_answers = ['**Rating:** 5/5\n**Name:** "past tense verbs"', "Sure.\nrating = 2\nname - a loose theme of plans", "I cannot rate this."]
+    server.rubric_answers = [
+        '**Rating:** 5/5\n**Name:** "past tense verbs"',
+        "Sure.\nrating = 2\nname - a loose theme of plans",
+        "I cannot rate this.",
+    ]
     path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, scoring="fast-rubric"))
     table = pd.read_csv(path, keep_default_na=False)
     assert sorted(zip(table["fast_rubric_rating"].astype(str), table["fast_rubric_name"])) == [
-        ("", ""), ("2", "a loose theme of plans"), ("5", "past tense verbs"),
+        ("", ""),
+        ("2", "a loose theme of plans"),
+        ("5", "past tense verbs"),
     ]
     assert re.search(r"no 1-5 rating in the answer for feature \d+, left empty: 'I cannot rate this.'", caplog.text)
     assert "50.0% of 2 rated features rated 4-5 (ratings 1: 0, 2: 1, 3: 0, 4: 0, 5: 1; unreadable answers: 1)" in caplog.text

@@ -27,18 +27,34 @@ from fastsae.train import TrainConfig, train_saes
 REPO = Path(__file__).resolve().parents[1]
 N_EXAMPLES = 40
 MAX_LENGTH = 48  # shorter than some examples with SmolLM2's chat template: truncation is exercised too
-HOSTILE = "Then I typed </script><b>bold</b> & <img src=x onerror=\"window.hacked = 1\"> into the form."
+HOSTILE = 'Then I typed </script><b>bold</b> & <img src=x onerror="window.hacked = 1"> into the form.'
 
 
 def trained_run(folder: Path, model, tokenizer, model_folder: Path, storage_dtype: str) -> dict:
     """A store of the first examples of the default dataset (in `storage_dtype`), and a small SAE trained on it."""
     config = ExtractConfig(
-        model_name=str(model_folder), layers=[2], max_length=MAX_LENGTH, max_examples=N_EXAMPLES, batch_tokens=400,
-        storage_dtype=storage_dtype, output_dir=str(folder / "activations"),
+        model_name=str(model_folder),
+        layers=[2],
+        max_length=MAX_LENGTH,
+        max_examples=N_EXAMPLES,
+        batch_tokens=400,
+        storage_dtype=storage_dtype,
+        output_dir=str(folder / "activations"),
     )
     dataset = load_dataset(config.dataset, max_examples=N_EXAMPLES)
     (store,) = write_activation_stores(model, tokenizer, dataset, config, "tiny", {"model_name": str(model_folder)})
-    (result,) = train_saes(TrainConfig(store=str(store), output_dir=str(folder / "checkpoints"), m=32, k=4, batch_size=128, epochs=3.0, buffer_tokens=1024, eval_every=10))
+    (result,) = train_saes(
+        TrainConfig(
+            store=str(store),
+            output_dir=str(folder / "checkpoints"),
+            m=32,
+            k=4,
+            batch_size=128,
+            epochs=3.0,
+            buffer_tokens=1024,
+            eval_every=10,
+        )
+    )
     return {"store": ActivationStore(store), "checkpoint": result["checkpoint"], "examples": dataset.examples}
 
 
@@ -54,7 +70,13 @@ def reader32(run32) -> SAEReader:
 
 def test_reader_uses_the_extraction_settings_of_the_checkpoint(reader32, tiny_model_folder):
     settings = reader32.extraction
-    assert (settings.model_name, settings.hook_point, settings.layers, settings.max_length, settings.chat_template) == (str(tiny_model_folder), "resid_post", [2], MAX_LENGTH, "auto")
+    assert (settings.model_name, settings.hook_point, settings.layers, settings.max_length, settings.chat_template) == (
+        str(tiny_model_folder),
+        "resid_post",
+        [2],
+        MAX_LENGTH,
+        "auto",
+    )
     assert settings.device == "cpu" and reader32.include_special is False
 
 
@@ -135,14 +157,27 @@ def analysis(run32, tiny_model_folder, tmp_path_factory) -> dict:
     """analyze_texts.py run as a user runs it, with an interpretations.csv from interpret_sae for the same SAE."""
     folder = tmp_path_factory.mktemp("analysis")
     interpretations = interpret_sae(
-        InterpretConfig(checkpoint=run32["checkpoint"], features="all", interpretations_path=str(folder / "interpretations.csv"), explain=False, device="cpu")
+        InterpretConfig(
+            checkpoint=run32["checkpoint"],
+            features="all",
+            interpretations_path=str(folder / "interpretations.csv"),
+            explain=False,
+            device="cpu",
+        )
     )
     script = folder / "analyze_texts.py"
     shutil.copy(REPO / "analyze_texts.py", script)
     texts = [run32["examples"][0].text, HOSTILE, "Maybe I was wrong about her."]
     set_constants(
-        script, CHECKPOINT=run32["checkpoint"], TEXTS=texts, TOP_N=3, INTERPRETATIONS=str(interpretations), DEVICE="cpu",
-        CSV_PATH=str(folder / "text_features.csv"), HEATMAP_PATH=str(folder / "text_features.png"), HTML_PATH=str(folder / "text_features.html"),
+        script,
+        CHECKPOINT=run32["checkpoint"],
+        TEXTS=texts,
+        TOP_N=3,
+        INTERPRETATIONS=str(interpretations),
+        DEVICE="cpu",
+        CSV_PATH=str(folder / "text_features.csv"),
+        HEATMAP_PATH=str(folder / "text_features.png"),
+        HTML_PATH=str(folder / "text_features.html"),
     )
     return {"folder": folder, "script": script, "texts": texts, "interpretations": pd.read_csv(interpretations, keep_default_na=False)}
 
@@ -182,7 +217,17 @@ def test_analyze_texts_writes_csv_png_and_html(analysis, monkeypatch, capsys):
 def test_analyze_texts_reads_a_texts_file_and_stops_on_a_bare_checkpoint(analysis, run32, monkeypatch, capsys, tmp_path):
     texts_file = tmp_path / "texts.csv"
     pd.DataFrame({"content": ["First, I weigh the options.", "", "Then I decide."]}).to_csv(texts_file, index=False)
-    run_script(analysis["script"], monkeypatch, capsys, "--texts-file", str(texts_file), "--pooling", "mean", "--csv-path", str(tmp_path / "out.csv"))
+    run_script(
+        analysis["script"],
+        monkeypatch,
+        capsys,
+        "--texts-file",
+        str(texts_file),
+        "--pooling",
+        "mean",
+        "--csv-path",
+        str(tmp_path / "out.csv"),
+    )
     assert list(pd.read_csv(tmp_path / "out.csv")["text"]) == ["First, I weigh the options.", "Then I decide."]  # the empty row is skipped
     payload = torch.load(run32["checkpoint"], weights_only=True)
     torch.save({"config": payload["config"], "state_dict": payload["state_dict"]}, tmp_path / "bare.pt")

@@ -29,7 +29,9 @@ TINY_LAYER, SMOLLM2_LAYER = 2, 12
 
 
 def train_small_sae(store: Path, output: Path, epochs: float) -> Path:
-    config = TrainConfig(store=str(store), output_dir=str(output), m=64, k=4, batch_size=256, epochs=epochs, eval_every=20, log_every=5, buffer_tokens=4096)
+    config = TrainConfig(
+        store=str(store), output_dir=str(output), m=64, k=4, batch_size=256, epochs=epochs, eval_every=20, log_every=5, buffer_tokens=4096
+    )
     (result,) = train_saes(config)
     return Path(result["checkpoint"])
 
@@ -95,7 +97,11 @@ def test_add_clamp_and_ablate_move_the_activation_as_they_say(tiny_llama, smollm
     sae = load_sae(tiny_checkpoint).sae
     module = hooked_module(tiny_llama, TINY_LAYER, "resid_post")
     hooks_before = dict(module._forward_hooks)  # transformers may keep its own output-capturing hooks there
-    ids = prompt_token_ids(smollm2_tokenizer, Example(row=0, source="test", text="Looking back, I should have checked the numbers twice."), use_chat_template=True)
+    ids = prompt_token_ids(
+        smollm2_tokenizer,
+        Example(row=0, source="test", text="Looking back, I should have checked the numbers twice."),
+        use_chat_template=True,
+    )
     clean = captured_at_hook(tiny_llama, ids)
     with torch.no_grad():
         codes = sae.encode(clean)
@@ -166,13 +172,37 @@ class _Cells(HTMLParser):
             self.cells[-1] += data
 
 
-def test_the_script_writes_escaped_markdown_and_html_and_alpha_zero_is_the_plain_answer(tiny_checkpoint, tiny_model_folder, tiny_llama, smollm2_tokenizer, tmp_path, capsys):
+def test_the_script_writes_escaped_markdown_and_html_and_alpha_zero_is_the_plain_answer(
+    tiny_checkpoint, tiny_model_folder, tiny_llama, smollm2_tokenizer, tmp_path, capsys
+):
     hostile = "<script>alert(1)</script> a | b, and\nnew line?"
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": hostile}]}, {"messages": [{"role": "user", "content": "Plan my day, please."}]}])
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [{"messages": [{"role": "user", "content": hostile}]}, {"messages": [{"role": "user", "content": "Plan my day, please."}]}],
+    )
     markdown, page = tmp_path / "steer.md", tmp_path / "steer.html"
     constants = runpy.run_path(str(SCRIPT))  # the script's constants, without running it
-    argv = ["--checkpoint", str(tiny_checkpoint), "--model-name", str(tiny_model_folder), "--prompts-file", str(prompts), "--features", "3,5", "--strengths", "0", "40",
-            "--max-new-tokens", "6", "--markdown-path", str(markdown), "--html-path", str(page), "--device", "cpu"]
+    argv = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--model-name",
+        str(tiny_model_folder),
+        "--prompts-file",
+        str(prompts),
+        "--features",
+        "3,5",
+        "--strengths",
+        "0",
+        "40",
+        "--max-new-tokens",
+        "6",
+        "--markdown-path",
+        str(markdown),
+        "--html-path",
+        str(page),
+        "--device",
+        "cpu",
+    ]
     run_step(SteerConfig, constants, steer_model, description=constants["__doc__"], argv=argv)
 
     written = markdown.read_text()
@@ -187,7 +217,15 @@ def test_the_script_writes_escaped_markdown_and_html_and_alpha_zero_is_the_plain
     assert parsed.cells[:3] == ["prompt", "α = 0", "α = 40"] and parsed.cells[3] == hostile
     assert parsed.cells[6] == "Plan my day, please."
 
-    plain = generate(tiny_llama, prompt_token_ids(smollm2_tokenizer, Example(row=0, source="", text=hostile), True), 1, 6, 0.0, 0, smollm2_tokenizer.pad_token_id)
+    plain = generate(
+        tiny_llama,
+        prompt_token_ids(smollm2_tokenizer, Example(row=0, source="", text=hostile), True),
+        1,
+        6,
+        0.0,
+        0,
+        smollm2_tokenizer.pad_token_id,
+    )
     assert parsed.cells[4] == smollm2_tokenizer.decode(plain[0], skip_special_tokens=True).strip()
 
 
@@ -200,4 +238,7 @@ def test_prompts_with_commas_stay_whole_and_chat_prompts_end_at_the_assistant_tu
     assert config.prompts == ["Tell me, briefly, why.", "Second"]
     chat = smollm2_tokenizer.decode(prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=True))
     assert chat.endswith("<|im_start|>assistant\n") and PROMPT.text in chat
-    assert smollm2_tokenizer.decode(prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=False), skip_special_tokens=True) == PROMPT.text
+    assert (
+        smollm2_tokenizer.decode(prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=False), skip_special_tokens=True)
+        == PROMPT.text
+    )

@@ -21,7 +21,18 @@ M, K = 128, 4
 
 
 def config_for(store: Path, output: Path, **overrides) -> TrainConfig:
-    settings = dict(store=str(store), output_dir=str(output), m=M, k=K, batch_size=256, epochs=20.0, learning_rate=1e-3, eval_every=20, log_every=5, buffer_tokens=4096)
+    settings = dict(
+        store=str(store),
+        output_dir=str(output),
+        m=M,
+        k=K,
+        batch_size=256,
+        epochs=20.0,
+        learning_rate=1e-3,
+        eval_every=20,
+        log_every=5,
+        buffer_tokens=4096,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -111,7 +122,9 @@ def test_aux_k_revives_dead_features(smollm2_store, tmp_path):
     """SmolLM2's layer 12 carries a large mean offset: started from a zero bias, as SAELens does, most latents die."""
     dead = {}
     for aux_k in (0, 16):
-        config = config_for(smollm2_store, tmp_path / str(aux_k), m=512, k=8, epochs=8.0, aux_k=aux_k, dead_after_tokens=4096, input_bias_init="zero")
+        config = config_for(
+            smollm2_store, tmp_path / str(aux_k), m=512, k=8, epochs=8.0, aux_k=aux_k, dead_after_tokens=4096, input_bias_init="zero"
+        )
         (result,) = train_saes(config)
         dead[aux_k] = result["history"][-1]["dead_fraction"]
     assert dead[0] > 0.3
@@ -126,9 +139,15 @@ def jumprelu_runs(tiny_store, tmp_path_factory) -> dict[str, dict]:
     near 1: ~500 steps at 5e-3 let them travel far enough for the coefficient to show.
     """
     output = tmp_path_factory.mktemp("jumprelu")
-    runs = {"1e-3": {"l0_coefficient": 1e-3}, "1e-2": {"l0_coefficient": 1e-2}, "1e-2 bf16": {"l0_coefficient": 1e-2, "precision": "bfloat16"}}
+    runs = {
+        "1e-3": {"l0_coefficient": 1e-3},
+        "1e-2": {"l0_coefficient": 1e-2},
+        "1e-2 bf16": {"l0_coefficient": 1e-2, "precision": "bfloat16"},
+    }
     return {
-        name: train_saes(config_for(tiny_store, output / name.replace(" ", "_"), architecture="jumprelu", learning_rate=5e-3, patience=0, **settings))[0]
+        name: train_saes(
+            config_for(tiny_store, output / name.replace(" ", "_"), architecture="jumprelu", learning_rate=5e-3, patience=0, **settings)
+        )[0]
         for name, settings in runs.items()
     }
 
@@ -161,7 +180,9 @@ def test_matryoshka_prefixes_reconstruct_better_as_they_grow(tiny_store, tmp_pat
 
 
 def test_a_sweep_trains_every_sae_on_one_pass(tiny_store, tmp_path, capsys):
-    results = train_saes(config_for(tiny_store, tmp_path, sweep=["topk:64:4", "relu:64:0", "jumprelu:64:0", "topk:128:8:32-128"], epochs=3.0))
+    results = train_saes(
+        config_for(tiny_store, tmp_path, sweep=["topk:64:4", "relu:64:0", "jumprelu:64:0", "topk:128:8:32-128"], epochs=3.0)
+    )
     names = [result["name"] for result in results]
     assert names == ["SAE_M=64_K=4", "SAE_relu_M=64_K=0", "SAE_jumprelu_M=64_K=0", "SAE_matryoshka_M=128_K=8_prefixes=32-128"]
     assert len({result["tokens_trained"] for result in results}) == 1
