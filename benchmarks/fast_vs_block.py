@@ -251,8 +251,9 @@ def notes(args, stores: dict[str, ActivationStore], held_out: list[int], train_t
         f"{train_tokens['sequential']} distinct tokens and the block SAEs from {train_tokens['block']}.",
         "- Evaluation: all four SAEs on the same held-out sequential examples, each example alone, as a FAST model sees it. "
         "MSE is the paper's Eq. 7 on raw activations (mean over examples of the mean per-token squared error, / d); "
-        "MSE_st the same over special/template tokens only. Loss recovered and relative loss increase: next-token CE "
-        "on content tokens with the SAE's reconstruction replacing the layer's output at every token.",
+        "MSE_st the same over special/template tokens only. ce_loss_score is SAEBench's (CE at positions whose input "
+        "is not BOS/EOS/pad; the SAE's reconstruction, or zeros, replacing the layer's output at every token); relative "
+        "loss increase = (CE with the SAE − CE clean) / CE clean on the same positions.",
         f"- The first token of every sequence is an attention sink with a huge norm: it holds "
         f"{first_token_share(sequential):.1%} of Σ‖x‖² in the FAST store (where it is always the chat template's first "
         f"token) and {first_token_share(block):.1%} in the block store (where it is whatever token starts the block). "
