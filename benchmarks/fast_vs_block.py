@@ -280,7 +280,7 @@ def main() -> None:
         dataset = load_dataset(DATASET)
 
         sequential = extract(model, tokenizer, source, dataset, "sequential", args, work)
-        held_out = validation_examples(sequential.n_examples, VALIDATION_FRACTION, SEED, 0)
+        held_out = validation_examples(sequential.n_examples, VALIDATION_FRACTION, SEED)
         block = extract(model, tokenizer, source, training_part(dataset, sequential, held_out), "block", args, work)
         stores = {"sequential": sequential, "block": block}
 

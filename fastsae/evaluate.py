@@ -178,13 +178,13 @@ def _fast_mse(per_example: list[float], d: int) -> dict[str, float | None]:
     return {"raw": raw, "log2": math.log2(raw) if raw > 0 else float("-inf")}
 
 
-def validation_examples(n_examples: int, fraction: float, seed: int, max_examples: int) -> list[int]:
+def validation_examples(n_examples: int, fraction: float, seed: int) -> list[int]:
+    """The held-out examples of a training run's split (by example, as training made it)."""
     if fraction <= 0:
         raise UserError(
             "no validation examples: the split has VALIDATION_FRACTION = 0. Pass --validation-fraction 0.1 (examples the SAE may have seen count then)."
         )
-    examples = np.flatnonzero(ExampleSplit.by_example(n_examples, fraction, seed).is_validation).tolist()
-    return examples[:max_examples] if max_examples else examples
+    return np.flatnonzero(ExampleSplit.by_example(n_examples, fraction, seed).is_validation).tolist()
 
 
 STORE_CHUNK_TOKENS = 4096  # held-out tokens encoded together in the store pass
@@ -515,7 +515,7 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
     all_results = []
     for evaluand in evaluands:
         store, sae = evaluand.store, evaluand.sae
-        examples = validation_examples(store.n_examples, evaluand.fraction, evaluand.seed, 0)
+        examples = validation_examples(store.n_examples, evaluand.fraction, evaluand.seed)
         store_examples = examples[: config.max_examples] if config.max_examples else examples
         logger.info("Evaluating %s on %d held-out examples of %s", evaluand.path.name, len(store_examples), store.folder)
         results: dict[str, Any] = {

@@ -391,7 +391,7 @@ class Pipeline:
         config = evaluate.config
         fraction = config.validation_fraction if config.validation_fraction >= 0 else train.config.validation_fraction
         seed = config.seed if config.seed >= 0 else train.config.seed
-        examples = validation_examples(len(corpus.lengths), fraction, seed, 0) if fraction > 0 else []
+        examples = validation_examples(len(corpus.lengths), fraction, seed) if fraction > 0 else []
         store_examples = examples[: config.max_examples] if config.max_examples else examples
         tokens = int(corpus.lengths[store_examples].sum())
         evaluate.examples, evaluate.tokens = len(store_examples), tokens
