@@ -452,6 +452,11 @@ class _ModelMetrics:
         sae = evaluand.sae.to(self.device)
         exclude = evaluand.excludes_special_tokens(self.config.exclude_special_tokens_from_reconstruction)
         losses, sparsity_variance = reference.evaluate(sae, exclude, desc=f"model: {evaluand.path.stem} spliced in")
+        if not losses.next_token_predictions:
+            raise UserError(
+                f"the held-out examples of {reference.store.folder} have no next-token prediction to score (every input token is "
+                "BOS/EOS/padding, or examples are one token long). Extract longer examples, or pass --model-metrics false."
+            )
         tokens = sum(int(reference.store.doc_offsets[i + 1] - reference.store.doc_offsets[i]) for batch in reference.batches for i in batch)
         eval_config = {
             "model_name": self.config.model_name or reference.store.manifest.get("model_name"), "llm_dtype": str(self.dtype).removeprefix("torch."),

@@ -140,6 +140,11 @@ class LossSums:
             means["kl_div_score"] = (means["kl_div_with_ablation"] - means["kl_div_with_sae"]) / means["kl_div_with_ablation"]
         return means
 
+    @property
+    def next_token_predictions(self) -> int:
+        """How many cross-entropy positions were counted (0: nothing to score)."""
+        return int(sum(row[5] for row in self.rows))
+
     def metrics(self) -> dict[str, dict[str, float]]:
         means = self._scores(np.asarray(self.rows).sum(0))
         return {
