@@ -143,7 +143,7 @@ def train(store: ActivationStore, packing: str, args: argparse.Namespace, work: 
 
 def reference_passes(model, tokenizer, store: ActivationStore, examples: list[int]) -> ReferencePasses:
     """The clean and zero-ablated passes over the held-out sequential examples, shared by every SAE."""
-    split = SplitModel(model, int(store.manifest["layer"]), store.manifest["hook_point"])
+    split = SplitModel(model, int(store.manifest.layer), store.manifest.hook_point)
     batches = length_grouped(examples, np.diff(store.doc_offsets), BATCH_SIZE_PROMPTS)
     passes = ReferencePasses(split, store, batches, ignored_token_ids(tokenizer), pad_token_id(tokenizer), {})
     passes.compute()

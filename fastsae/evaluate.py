@@ -424,13 +424,13 @@ class _ModelMetrics:
 
     def reference(self, evaluand: _Evaluand, examples: list[int]) -> ReferencePasses:
         store, config = evaluand.store, self.config
-        model_name = config.model_name or store.manifest.get("model_name")
+        model_name = config.model_name or store.manifest.model_name
         if not model_name:
             raise UserError(f"the store at {store.folder} does not name its model. Pass --model-name, or --model-metrics false.")
         key = (str(store.folder), evaluand.fraction, evaluand.seed, model_name)
         if key not in self.references:
             model, tokenizer, fingerprint = self._model(model_name)
-            layer = int(store.manifest["layer"])
+            layer = int(store.manifest.layer)
             check_layers(model, [layer])
             lengths = np.diff(store.doc_offsets)
             chosen = budgeted_examples(lengths, examples, config.model_tokens, evaluand.seed)
@@ -441,7 +441,7 @@ class _ModelMetrics:
                 "store": store_fingerprint(store), "batches": batches, "ignored": sorted(ignored),
                 "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
             }  # fmt: skip
-            split = SplitModel(model, layer, store.manifest["hook_point"])
+            split = SplitModel(model, layer, store.manifest.hook_point)
             reference = ReferencePasses(split, store, batches, ignored, pad_token_id(tokenizer), cache_key)
             reference.load_or_compute(config.reuse_model_passes)
             self.references[key] = reference
@@ -459,9 +459,9 @@ class _ModelMetrics:
             )
         tokens = sum(int(reference.store.doc_offsets[i + 1] - reference.store.doc_offsets[i]) for batch in reference.batches for i in batch)
         eval_config = {
-            "model_name": self.config.model_name or reference.store.manifest.get("model_name"), "llm_dtype": str(self.dtype).removeprefix("torch."),
+            "model_name": self.config.model_name or reference.store.manifest.model_name, "llm_dtype": str(self.dtype).removeprefix("torch."),
             "batch_size_prompts": self.config.batch_size_prompts, "n_eval_reconstruction_batches": len(reference.batches),
-            "n_eval_sparsity_variance_batches": len(reference.batches), "dataset": reference.store.manifest.get("dataset", {}).get("path", ""),
+            "n_eval_sparsity_variance_batches": len(reference.batches), "dataset": reference.store.manifest.dataset.path or "",
             "context_size": max(int(reference.store.doc_offsets[i + 1] - reference.store.doc_offsets[i]) for batch in reference.batches for i in batch),
             "compute_kl": True, "compute_ce_loss": True, "compute_l2_norms": True, "compute_sparsity_metrics": True, "compute_variance_metrics": True,
             "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
@@ -532,7 +532,7 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
         }
         results.update(store_metrics(store, store_examples, sae, evaluand.include_special))
         results["decoder_max_cosine"] = decoder_max_cosine(sae)
-        if model_metrics is not None and store.manifest.get("hook_point") == LORA_HOOK_POINT:
+        if model_metrics is not None and store.manifest.hook_point == LORA_HOOK_POINT:
             results["model_metrics_skipped"] = (
                 "a LoRA store concatenates the adapter's bottlenecks across all its layers, so there is no single hook to splice "
                 "the reconstruction into: SAEBench's model metrics (ce_loss_score, KL, ...) do not apply"

@@ -34,6 +34,7 @@ from fastsae.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_n
 from fastsae.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
 from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
 from fastsae.store import STORAGE_DTYPES, ActivationStoreWriter, bytes_per_token, check_free_disk, plan_shards
+from fastsae.store_manifest import DatasetRecord
 from fastsae.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
 
 logger = logging.getLogger(__name__)
@@ -277,17 +278,17 @@ def _write_stores(
                     "d": d,
                     "dtype": config.storage_dtype,
                     "packing": config.packing,
-                    "dataset": {
-                        "path": dataset.path,
-                        "fingerprint": dataset.fingerprint(),
-                        "text_field": dataset.text_field,
-                        "label_field": dataset.label_field,
-                        "n_rows": dataset.n_rows,
-                        "n_examples": len(dataset.examples),
-                        "n_skipped": dataset.skipped.total,
-                        "skipped": dict(dataset.skipped.counts),
-                        "n_truncated": n_truncated,
-                    },
+                    "dataset": DatasetRecord(
+                        path=dataset.path,
+                        fingerprint=dataset.fingerprint(),
+                        text_field=dataset.text_field,
+                        label_field=dataset.label_field,
+                        n_rows=dataset.n_rows,
+                        n_examples=len(dataset.examples),
+                        n_skipped=dataset.skipped.total,
+                        skipped=dict(dataset.skipped.counts),
+                        n_truncated=n_truncated,
+                    ),
                     "extraction": asdict(config),
                     "n_special_tokens": int(sum(mask.sum() for mask in packed.special_masks)),
                 },
@@ -319,7 +320,7 @@ def _write_stores(
     if ranks.is_main:
         for writer in writers.values():
             if not writer.is_complete:
-                writer.finish({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extracted_by_ranks": ranks.world_size})
+                writer.finish(completed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extracted_by_ranks=ranks.world_size)
     distributed.barrier()  # no rank returns before the manifests say complete
     skipped = f", skipped {dataset.skipped.total} rows ({dataset.skipped.describe()})" if dataset.skipped.total else ""
     logger.info(

@@ -431,13 +431,13 @@ def interpret_sae(config: InterpretConfig) -> Path:
     store = ActivationStore(store_path)
     if store.d != loaded.sae.spec.d:
         raise UserError(f"the SAE takes d={loaded.sae.spec.d} but the store at {store.folder} has d={store.d}. Pass the matching --store.")
-    model_name = config.model_name or store.manifest.get("model_name")
+    model_name = config.model_name or store.manifest.model_name
     if not model_name:
         raise UserError(f"the store at {store.folder} does not name its model. Pass --model-name (its tokenizer decodes the contexts).")
     device = resolve_device(config.device)
     source = resolve_model(model_name)
     tokenizer = load_tokenizer(source)
-    if store.manifest.get("hook_point") == LORA_HOOK_POINT:
+    if store.manifest.hook_point == LORA_HOOK_POINT:
         # Decoder directions live in the adapter's concatenated bottleneck space (d is not the hidden size), not the residual stream.
         logger.info(
             "Logit lens skipped: this is a LoRA-bottleneck store, whose directions do not meet the unembedding; its columns stay empty."
@@ -501,7 +501,7 @@ def _interpret_with(
     path = Path(config.interpretations_path)
     table = pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {})  # whole numbers; empty where missing
     write_atomically(path, lambda partial: table.to_csv(partial, index=False))
-    title = f"{sae.spec.name} on {store.manifest['model']} {store.hook_name}"
+    title = f"{sae.spec.name} on {store.manifest.model} {store.hook_name}"
     page = dashboard_data(
         title, rows, top_windows, statistics, rubric, {f: (examples[f].scoring, results[f]) for f in results}, config.n_quantiles
     )

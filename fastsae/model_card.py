@@ -19,6 +19,7 @@ from fastsae.checkpoint import trained_with_special_tokens
 from fastsae.evaluate import report_table
 from fastsae.models import hub_model_id
 from fastsae.sae import SAESpec
+from fastsae.store_manifest import StoreManifest
 
 EXPORT_TAG = "fastsae"  # also how an export folder is recognised as ours when it is replaced
 CARD_TAGS = ["sparse-autoencoder", "sae", "saelens", EXPORT_TAG, "interpretability"]
@@ -78,23 +79,23 @@ def _usage(inputs: CardInputs) -> str:
 
 def _model_and_data(inputs: CardInputs) -> str:
     metadata = inputs.metadata
-    manifest = metadata.get("store_manifest", {})
-    dataset, extraction = manifest.get("dataset", {}), manifest.get("extraction", {})
+    manifest = StoreManifest.from_checkpoint(metadata)
+    dataset, extraction = manifest.dataset, manifest.extraction
     special = "included" if trained_with_special_tokens(metadata) else "excluded (BOS and chat-template tokens)"
     rows = [
         ["model", metadata.get("model_name") or metadata.get("model")],
         ["base model on the Hub", base_model(metadata)],
         ["hook", metadata.get("hook_name")],
         ["layer", metadata.get("layer")],
-        ["activation width d", manifest.get("d")],
-        ["dataset", dataset.get("path")],
-        ["dataset fingerprint", dataset.get("fingerprint")],
-        ["examples", dataset.get("n_examples")],
-        ["tokens in the store", manifest.get("n_tokens")],
+        ["activation width d", manifest.d],
+        ["dataset", dataset.path],
+        ["dataset fingerprint", dataset.fingerprint],
+        ["examples", dataset.n_examples],
+        ["tokens in the store", manifest.n_tokens],
         ["max length (tokens per example)", extraction.get("max_length")],
         ["chat template", extraction.get("chat_template")],
-        ["packing", manifest.get("packing")],
-        ["store dtype", manifest.get("dtype")],
+        ["packing", manifest.packing],
+        ["store dtype", manifest.dtype],
         ["special tokens in training", special],
     ]
     return "## Model and data\n\n" + markdown.table(["", "value"], rows)

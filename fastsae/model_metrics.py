@@ -234,8 +234,8 @@ def store_fingerprint(store: ActivationStore) -> dict[str, Any]:
     manifest = store.manifest
     return {
         "folder": str(Path(store.folder).resolve()),
-        "n_tokens": manifest["n_tokens"],
-        "dataset": manifest.get("dataset", {}).get("fingerprint"),
+        "n_tokens": manifest.n_tokens,
+        "dataset": manifest.dataset.fingerprint,
         "hook": store.hook_name,
-        "extraction": manifest.get("extraction"),
+        "extraction": manifest.extraction,
     }

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from fastsae.atomic_files import write_json_atomically
 from fastsae.config import config_fingerprint, parse_step_config, setting
 from fastsae.errors import UserError
+from fastsae.store_manifest import MANIFEST, StoreManifest
 
 if TYPE_CHECKING:
     from fastsae.preflight import Calibration, Corpus
@@ -165,8 +166,8 @@ def outputs_exist(plan: StepPlan) -> bool:
     """Every output is there; a store only counts once its manifest says it is complete."""
     for path in plan.outputs:
         if plan.step.name == "extract":
-            manifest = path / "manifest.json"
-            if not manifest.exists() or json.loads(manifest.read_text()).get("status") != "complete":
+            manifest = StoreManifest.read(path / MANIFEST)
+            if manifest is None or not manifest.is_complete:
                 return False
         elif not path.exists():
             return False
@@ -228,8 +229,8 @@ class Pipeline:
         train.linked = any(_same_path(train.input, folder) for folder in extract.outputs)
         # The model is the extraction's, unless training reads another, existing store: then that store's.
         other_store = None if train.linked else self._store_manifest(train.input)
-        uses_extraction_model = other_store is None or not other_store.get("model_name")
-        model_name = extract.config.model_name if uses_extraction_model else other_store["model_name"]
+        uses_extraction_model = other_store is None or not other_store.model_name
+        model_name = extract.config.model_name if uses_extraction_model else other_store.model_name
         layers_read = extract.config.layers if uses_extraction_model and extract.config.hook_point != LORA_HOOK_POINT else []
         self.model = preflight.check_model(model_name, layers_read)
         self.check("model", self.model.describe())
@@ -239,7 +240,7 @@ class Pipeline:
             folder = run_folder(train.config, self.model.source.slug, hook)
             train.outputs = [checkpoint_path(folder, spec) for spec in self.specs]
         elif other_store is not None:
-            folder = run_folder(train.config, other_store["model"], other_store["hook_name"])
+            folder = run_folder(train.config, other_store.model, other_store.hook_name)
             train.outputs = [checkpoint_path(folder, spec) for spec in self.specs]
         for name in ("evaluate", "interpret"):
             plan = self.plans[name]
@@ -272,9 +273,8 @@ class Pipeline:
         if interpret.selected:
             self.check("API key", preflight.describe_api_key(interpret.config, self._explained_features()))
 
-    def _store_manifest(self, folder: Path) -> dict | None:
-        manifest = folder / "manifest.json"
-        return json.loads(manifest.read_text()) if manifest.exists() else None
+    def _store_manifest(self, folder: Path) -> StoreManifest | None:
+        return StoreManifest.read(folder / MANIFEST)
 
     def _check_chain(self) -> None:
         """Each selected step's input is written by the step before it, or exists; otherwise say which constant to change."""
@@ -348,7 +348,7 @@ class Pipeline:
             tokenizer = load_tokenizer(self.model.source)
             corpus = preflight.corpus_from_dataset(tokenizer, self.dataset, extract.config)
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        elif (self._store_manifest(train.input) or {}).get("status") == "complete":
+        elif (manifest := self._store_manifest(train.input)) is not None and manifest.is_complete:
             corpus, pad_token_id = preflight.corpus_from_store(ActivationStore(train.input)), 0
         else:
             return  # nothing to count yet: the plan says "unknown"
@@ -560,8 +560,8 @@ class Pipeline:
         figures: list[tuple[str, str]] = []
         for folder in self.plans["extract"].outputs:
             manifest = self._store_manifest(folder)
-            if manifest and manifest.get("status") == "complete":
-                figures.append((f"tokens ({manifest['hook_name']})", f"{manifest['n_tokens']:,} in {manifest['n_examples']:,} examples"))
+            if manifest is not None and manifest.is_complete:
+                figures.append((f"tokens ({manifest.hook_name})", f"{manifest.n_tokens:,} in {manifest.n_examples:,} examples"))
         for checkpoint in self.plans["train"].outputs:
             metrics_path = checkpoint.parent / "metrics.json"
             if metrics_path.exists():

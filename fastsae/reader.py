@@ -37,6 +37,7 @@ from fastsae.lora import LORA_HOOK_POINT
 from fastsae.models import load_model, load_tokenizer, resolve_model
 from fastsae.sae import SparseAutoencoder
 from fastsae.store import STORAGE_DTYPES
+from fastsae.store_manifest import StoreManifest
 from fastsae.tokenization import TokenizedExample, tokenize_examples
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def extraction_settings(checkpoint: str, metadata: dict, model_name: str, hook_p
             "or SAEReader.load(checkpoint, model_name=..., hook_point='resid_post', layer=12)."
         )
     known = {field.name for field in dataclasses.fields(ExtractConfig)}
-    recorded_extraction = {key: value for key, value in metadata.get("store_manifest", {}).get("extraction", {}).items() if key in known}
+    recorded_extraction = {key: value for key, value in StoreManifest.from_checkpoint(metadata).extraction.items() if key in known}
     if not recorded_extraction:
         logger.info(
             "%s records no extraction settings: reading with extraction's defaults (chat template auto, MAX_LENGTH 512).", checkpoint

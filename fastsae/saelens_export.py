@@ -25,14 +25,15 @@ from fastsae.atomic_files import replace_folder_atomically
 from fastsae.checkpoint import load_sae, trained_with_special_tokens
 from fastsae.models import hub_model_id
 from fastsae.sae import SAESpec, SparseAutoencoder
+from fastsae.store_manifest import StoreManifest
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # cfg.json layout we write; below 6.0 SAELens reads a legacy flat config
 SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
 
 
 def _metadata(fastsae_metadata: dict[str, Any]) -> dict[str, Any]:
-    manifest = fastsae_metadata.get("store_manifest", {})
-    extraction = manifest.get("extraction", {})
+    manifest = StoreManifest.from_checkpoint(fastsae_metadata)
+    extraction = manifest.extraction
     return {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
@@ -45,8 +46,8 @@ def _metadata(fastsae_metadata: dict[str, Any]) -> dict[str, Any]:
         "hook_head_index": None,
         "context_size": extraction.get("max_length"),
         "prepend_bos": False,  # tokens come from the chat template or the tokenizer as in extraction
-        "dataset_path": manifest.get("dataset", {}).get("path"),
-        "packing": manifest.get("packing"),
+        "dataset_path": manifest.dataset.path,
+        "packing": manifest.packing,
         "chat_template": extraction.get("chat_template"),
         "exclude_special_tokens": not trained_with_special_tokens(fastsae_metadata),
     }

@@ -52,6 +52,7 @@ from fastsae.hook_points import decoder_layers, hooked_module, output_tensor, wi
 from fastsae.lora import LORA_HOOK_POINT
 from fastsae.models import load_model, load_tokenizer, resolve_model
 from fastsae.sae import SparseAutoencoder
+from fastsae.store_manifest import StoreManifest
 from fastsae.templates import read_template
 from fastsae.tokenization import example_messages, prompt_token_ids, wants_chat_template
 
@@ -264,7 +265,7 @@ def steer_model(config: SteerConfig) -> SteeringTable:
     model = load_model(source, torch.float32 if device == "cpu" else torch.bfloat16, device)
     sae = sae.to(device)
     module = steering_module(model, metadata, sae.spec.d)
-    extraction = metadata.get("store_manifest", {}).get("extraction", {})
+    extraction = StoreManifest.from_checkpoint(metadata).extraction
     use_template = wants_chat_template(tokenizer, extraction.get("chat_template", "auto"))
     columns = steering_columns(config.mode, config.strengths, config.clamp_value)
     hook = FeatureSteering(sae, config.features, config.mode, columns.coefficients, config.clamp_value)

@@ -2,7 +2,7 @@
 
 Layout of one store folder (`activations/<model>/<hook>/`):
 
-    manifest.json          what, how and how much; `status` is "complete" when done
+    manifest.json          what, how and how much (a StoreManifest); `status` is "complete" when done
     doc_offsets.npy        (n_examples + 1,) int64: example i is tokens [off[i], off[i+1])
     examples.jsonl         per example: source row of the dataset and its label, if any
     shard_00000/           one folder per shard, renamed from `.partial` when complete
@@ -21,20 +21,19 @@ import json
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from fastsae.atomic_files import replace_folder_atomically, write_atomically, write_json_atomically
+from fastsae.atomic_files import replace_folder_atomically, write_atomically
 from fastsae.errors import UserError
+from fastsae.store_manifest import MANIFEST, STORE_FORMAT_VERSION, ShardPlan, StoreManifest
 
 logger = logging.getLogger(__name__)
 
-STORE_FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 DOC_OFFSETS = "doc_offsets.npy"
 EXAMPLES = "examples.jsonl"
 SHARD_ARRAYS = ("activations", "token_ids", "special_mask")
@@ -44,17 +43,6 @@ DISK_MARGIN_BYTES = 256 * 2**20
 
 class StoreError(UserError):
     """The store is missing, incomplete, or does not match its manifest."""
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Which examples and tokens one shard holds."""
-
-    name: str
-    first_example: int
-    n_examples: int
-    first_token: int
-    n_tokens: int
 
 
 class StoreChunk(NamedTuple):
@@ -131,6 +119,7 @@ class ActivationStoreWriter:
 
     `settings` holds everything that determines the store's contents; a store
     in the folder made with other settings is refused unless `overwrite`.
+    `manifest_fields` are StoreManifest fields; the writer adds the counts, shards and settings.
     """
 
     def __init__(
@@ -145,27 +134,20 @@ class ActivationStoreWriter:
     ) -> None:
         self.folder = Path(folder)
         self.shards = shards
-        self.manifest = {
-            "format_version": STORE_FORMAT_VERSION,
-            "status": "in_progress",
-            **manifest_fields,
-            "n_examples": len(doc_offsets) - 1,
-            "n_tokens": int(doc_offsets[-1]),
-            "shards": [asdict(shard) for shard in shards],
-            "settings": settings,
-        }
+        self.manifest = StoreManifest(
+            **manifest_fields, n_examples=len(doc_offsets) - 1, n_tokens=int(doc_offsets[-1]), shards=tuple(shards), settings=settings
+        )
         self._prepare_folder(settings, overwrite)
         if not (self.folder / MANIFEST).exists():
             np.save(self.folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
             write_atomically(self.folder / EXAMPLES, lambda partial: _write_json_lines(partial, example_records))
-            write_json_atomically(self.folder / MANIFEST, self.manifest, default=str)
+            self.manifest.write(self.folder / MANIFEST)
 
     def _prepare_folder(self, settings: dict[str, Any], overwrite: bool) -> None:
-        manifest_path = self.folder / MANIFEST
-        if manifest_path.exists():
-            existing = json.loads(manifest_path.read_text())
-            if existing.get("settings") == settings and not overwrite:
-                self.manifest["status"] = existing["status"]
+        existing = StoreManifest.read(self.folder / MANIFEST)
+        if existing is not None:
+            if existing.settings == settings and not overwrite:
+                self.manifest = replace(self.manifest, status=existing.status)
                 for leftover in self.folder.glob("*.partial"):  # what a crash left half-written
                     if leftover.is_dir():
                         shutil.rmtree(leftover)
@@ -175,7 +157,7 @@ class ActivationStoreWriter:
             if not overwrite:
                 raise UserError(
                     f"{self.folder} already holds a store made with different settings "
-                    f"({_settings_differences(existing.get('settings', {}), settings)}). "
+                    f"({_settings_differences(existing.settings, settings)}). "
                     "Pass --overwrite to replace it, or set OUTPUT_DIR to another folder."
                 )
         elif self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
@@ -188,7 +170,7 @@ class ActivationStoreWriter:
 
     @property
     def is_complete(self) -> bool:
-        return self.manifest["status"] == "complete"
+        return self.manifest.is_complete
 
     def pending_shards(self) -> list[int]:
         return [index for index, shard in enumerate(self.shards) if not (self.folder / shard.name).is_dir()]
@@ -206,12 +188,13 @@ class ActivationStoreWriter:
 
         replace_folder_atomically(self.folder / shard.name, fill)
 
-    def finish(self, extra_fields: dict[str, Any]) -> None:
+    def finish(self, completed_at: str, extracted_by_ranks: int) -> None:
+        """Mark the store complete, recording when and by how many processes it was extracted."""
         missing = self.pending_shards()
         if missing:
             raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} shards are missing")
-        self.manifest.update(extra_fields, status="complete")
-        write_json_atomically(self.folder / MANIFEST, self.manifest, default=str)
+        self.manifest = replace(self.manifest, status="complete", completed_at=completed_at, extracted_by_ranks=extracted_by_ranks)
+        self.manifest.write(self.folder / MANIFEST)
 
 
 class ActivationStore:
@@ -219,21 +202,21 @@ class ActivationStore:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        manifest_path = self.folder / MANIFEST
-        if not manifest_path.exists():
+        manifest = StoreManifest.read(self.folder / MANIFEST)
+        if manifest is None:
             raise StoreError(f"no activation store at {self.folder} (no {MANIFEST}). Run extract_activations.py first.")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format_version") != STORE_FORMAT_VERSION:
+        self.manifest = manifest
+        if manifest.format_version != STORE_FORMAT_VERSION:
             raise StoreError(
-                f"{self.folder} has store format {self.manifest.get('format_version')}, this fastsae reads {STORE_FORMAT_VERSION}. Re-extract it."
+                f"{self.folder} has store format {manifest.format_version}, this fastsae reads {STORE_FORMAT_VERSION}. Re-extract it."
             )
-        if self.manifest["status"] != "complete":
+        if not manifest.is_complete:
             raise StoreError(
                 f"the store at {self.folder} is incomplete (an interrupted extraction). Rerun extract_activations.py with the same settings to resume it."
             )
-        self.shards = [ShardPlan(**shard) for shard in self.manifest["shards"]]
-        self.dtype = STORAGE_DTYPES[self.manifest["dtype"]]
-        self.d = int(self.manifest["d"])
+        self.shards = list(manifest.shards)
+        self.dtype = STORAGE_DTYPES[manifest.dtype]
+        self.d = int(manifest.d)
         self.doc_offsets = np.load(self.folder / DOC_OFFSETS)
         self._shard_starts = np.array([shard.first_token for shard in self.shards] + [self.n_tokens], dtype=np.int64)
         self._arrays = [self._open_shard(shard) for shard in self.shards]
@@ -269,15 +252,15 @@ class ActivationStore:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.manifest["n_tokens"])
+        return int(self.manifest.n_tokens)
 
     @property
     def n_examples(self) -> int:
-        return int(self.manifest["n_examples"])
+        return int(self.manifest.n_examples)
 
     @property
     def hook_name(self) -> str:
-        return self.manifest["hook_name"]
+        return self.manifest.hook_name
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         if not 0 <= start <= stop <= self.n_tokens:
@@ -342,4 +325,6 @@ class ActivationStore:
             return [json.loads(line) for line in handle]
 
     def __repr__(self) -> str:
-        return f"ActivationStore({str(self.folder)!r}: {self.n_examples} examples, {self.n_tokens} tokens, d={self.d}, {self.manifest['dtype']})"
+        return (
+            f"ActivationStore({str(self.folder)!r}: {self.n_examples} examples, {self.n_tokens} tokens, d={self.d}, {self.manifest.dtype})"
+        )

@@ -331,7 +331,7 @@ class TrainingRun:
             self.n_validation_tokens * (self.ranks.rank + 1) // self.ranks.world_size,
         )
         self.validation_tokens = (validation_tokens[share] * self.scale).to(self.device)  # this rank's share
-        self.run_folder = run_folder(config, self.store.manifest["model"], self.store.hook_name)
+        self.run_folder = run_folder(config, self.store.manifest.model, self.store.hook_name)
         self.settings_by_name = {spec.name: self._settings(spec) for spec in self.specs}
         self.stop_requested = False
 
@@ -357,7 +357,7 @@ class TrainingRun:
         return {
             "spec": {**asdict(spec), "prefixes": list(spec.prefixes)},
             "store": str(self.store.folder),
-            "store_settings": config_fingerprint(self.store.manifest["settings"]),
+            "store_settings": config_fingerprint(self.store.manifest.settings),
             **fixed,
             **ranks,
         }
@@ -563,17 +563,14 @@ class TrainingRun:
     def _metadata(self, trainer: SAETrainer, step: int) -> dict[str, Any]:
         manifest = self.store.manifest
         return {
-            "model": manifest["model"],
-            "model_name": manifest.get("model_name"),
-            "model_source": manifest.get("model_source"),  # embedded, gguf, folder or hub: whether model_name is a Hub id
-            "hook_name": manifest["hook_name"],
-            "hook_point": manifest["hook_point"],
-            "layer": manifest["layer"],
+            "model": manifest.model,
+            "model_name": manifest.model_name,
+            "model_source": manifest.model_source,  # embedded, gguf, folder or hub: whether model_name is a Hub id
+            "hook_name": manifest.hook_name,
+            "hook_point": manifest.hook_point,
+            "layer": manifest.layer,
             "store": str(self.store.folder),
-            "store_manifest": {
-                key: manifest[key]
-                for key in ("model", "hook_name", "d", "dtype", "n_tokens", "n_examples", "packing", "dataset", "extraction")
-            },
+            "store_manifest": manifest.checkpoint_copy(),
             "training": asdict(self.config),
             "step": step,
             "tokens_trained": step * self.config.batch_size,

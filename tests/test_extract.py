@@ -90,8 +90,8 @@ def test_store_records_tokens_labels_and_template_mask(tiny_llama, smollm2_token
     content = example.token_ids[~example.special_mask]
     assert smollm2_tokenizer.decode(content) == "Maybe I was wrong about her."
     assert example.special_mask[0]  # <|im_start|> is kept in the store, marked special
-    assert store.manifest["hook_name"] == "blocks.1.hook_resid_post" and store.manifest["d"] == 64
-    assert store.manifest["n_special_tokens"] == int(sum(store.example(i).special_mask.sum() for i in range(store.n_examples)))
+    assert store.manifest.hook_name == "blocks.1.hook_resid_post" and store.manifest.d == 64
+    assert store.manifest.n_special_tokens == int(sum(store.example(i).special_mask.sum() for i in range(store.n_examples)))
 
 
 def test_store_reads_across_shards_and_in_chunks(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
@@ -145,7 +145,7 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_llama, smoll
     (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1], max_length=16, overwrite=True)
     store = ActivationStore(folder)
     assert np.diff(store.doc_offsets).max() == 16
-    assert store.manifest["dataset"]["n_truncated"] == int((np.diff(store.doc_offsets) == 16).sum())
+    assert store.manifest.dataset.n_truncated == int((np.diff(store.doc_offsets) == 16).sum())
 
 
 def test_disk_check_refuses_before_writing(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, monkeypatch):

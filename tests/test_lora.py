@@ -119,12 +119,12 @@ def test_batched_lora_store_equals_x_times_a_by_hand_for_each_example_alone(lora
 def test_lora_manifest_names_every_dimension(lora_store, adapter, base_model):
     store = ActivationStore(lora_store)
     assert lora_store.name == "lora.v_proj-q_proj-down_proj" and store.hook_name == lora_store.name
-    lora = store.manifest["lora"]
+    lora = store.manifest.lora
     assert lora["fingerprint"] == adapter_fingerprint(adapter) and lora["r"] == R and lora["modules"] == CHOSEN
     assert lora["layers"] == list(range(TINY_LAYERS))
     expected = [{"layer": layer, "module": module, "rank_index": i} for layer in range(TINY_LAYERS) for module in CHOSEN for i in range(R)]
     assert lora["dimensions"] == expected and len(expected) == store.d
-    assert store.manifest["hook_point"] == "lora" and store.manifest["layer"] is None
+    assert store.manifest.hook_point == "lora" and store.manifest.layer is None
     assert not has_lora_layers(base_model)  # the adapter is taken off the model again after extraction
 
 

@@ -63,7 +63,7 @@ def relu_sae(d: int) -> SparseAutoencoder:
 
 def ours_and_saebench(model, tokenizer, store: ActivationStore, sae: SparseAutoencoder) -> tuple[dict, dict]:
     """Our core block and SAEBench's `CoreEvalOutput`, on the same batches of the store's examples."""
-    layer = int(store.manifest["layer"])
+    layer = int(store.manifest.layer)
     batches = equal_length_batches(store)
     ignored = ignored_token_ids(tokenizer)
     passes = ReferencePasses(SplitModel(model, layer, "resid_post"), store, batches, ignored, tokenizer.pad_token_id, {})
