@@ -457,12 +457,14 @@ class _ModelMetrics:
                 f"the held-out examples of {reference.store.folder} have no next-token prediction to score (every input token is "
                 "BOS/EOS/padding, or examples are one token long). Extract longer examples, or pass --model-metrics false."
             )
-        tokens = sum(int(reference.store.doc_offsets[i + 1] - reference.store.doc_offsets[i]) for batch in reference.batches for i in batch)
+        offsets = reference.store.doc_offsets
+        lengths = [int(offsets[i + 1] - offsets[i]) for batch in reference.batches for i in batch]
+        tokens = sum(lengths)
         eval_config = {
             "model_name": self.config.model_name or reference.store.manifest.model_name, "llm_dtype": str(self.dtype).removeprefix("torch."),
             "batch_size_prompts": self.config.batch_size_prompts, "n_eval_reconstruction_batches": len(reference.batches),
             "n_eval_sparsity_variance_batches": len(reference.batches), "dataset": reference.store.manifest.dataset.path or "",
-            "context_size": max(int(reference.store.doc_offsets[i + 1] - reference.store.doc_offsets[i]) for batch in reference.batches for i in batch),
+            "context_size": max(lengths),
             "compute_kl": True, "compute_ce_loss": True, "compute_l2_norms": True, "compute_sparsity_metrics": True, "compute_variance_metrics": True,
             "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
             "exclude_special_tokens_from_reconstruction": exclude, "verbose": False,
