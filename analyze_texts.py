@@ -30,7 +30,7 @@ HOOK_POINT = ""  # resid_post, mlp_out or attn_out
 LAYER = -1
 
 if __name__ == "__main__":
-    from fastsae.config import run_step
-    from fastsae.text_analysis import AnalyzeConfig, analyze_texts
+    from fastsae.common.config import run_step
+    from fastsae.tools.analyze_texts import AnalyzeConfig, analyze_texts
 
     run_step(AnalyzeConfig, globals(), analyze_texts, description=__doc__)

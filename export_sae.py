@@ -15,7 +15,7 @@ PUSH_TO_HUB = ""  # a Hub repo id, e.g. "your-name/smollm2-l12-topk-256"; empty:
 PRIVATE = True  # a new repo starts private; make it public on the Hub when you are ready
 
 if __name__ == "__main__":
-    from fastsae.config import run_step
-    from fastsae.share import ExportConfig, export_sae
+    from fastsae.common.config import run_step
+    from fastsae.export.export_sae import ExportConfig, export_sae
 
     run_step(ExportConfig, globals(), export_sae, description=__doc__)

@@ -35,7 +35,7 @@ MAX_EXAMPLES = 0  # 0: all
 OVERWRITE = False  # replace a store made with different settings
 
 if __name__ == "__main__":
-    from fastsae.config import run_step
-    from fastsae.extract import ExtractConfig, extract_activations
+    from fastsae.common.config import run_step
+    from fastsae.extract.extract_activations import ExtractConfig, extract_activations
 
     run_step(ExtractConfig, globals(), extract_activations, description=__doc__)

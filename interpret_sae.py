@@ -36,7 +36,7 @@ LLM_CONCURRENCY = 4
 DEVICE = "auto"
 
 if __name__ == "__main__":
-    from fastsae.config import run_step
-    from fastsae.interpret import InterpretConfig, interpret_sae
+    from fastsae.common.config import run_step
+    from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 
     run_step(InterpretConfig, globals(), interpret_sae, description=__doc__)

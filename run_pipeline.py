@@ -19,7 +19,7 @@ PLAN_ONLY = False  # print the checks and the plan, run nothing
 SCRIPTS_DIR = "."  # where the four step scripts (and so the steps' settings) are read from
 
 if __name__ == "__main__":
-    from fastsae.config import run_step
-    from fastsae.pipeline import PipelineConfig, run_pipeline
+    from fastsae.common.config import run_step
+    from fastsae.pipeline.run_pipeline import PipelineConfig, run_pipeline
 
     run_step(PipelineConfig, globals(), run_pipeline, description=__doc__)

@@ -37,7 +37,7 @@ RUN_NAME = ""  # empty: <model>_<hook>
 DEVICE = "auto"
 
 if __name__ == "__main__":
-    from fastsae.config import run_step
-    from fastsae.train import TrainConfig, train_saes
+    from fastsae.common.config import run_step
+    from fastsae.train.train_sae import TrainConfig, train_saes
 
     run_step(TrainConfig, globals(), train_saes, description=__doc__)

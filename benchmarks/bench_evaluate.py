@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
-from fastsae.evaluate import EvalConfig, evaluate_sae
-from fastsae.extract import ExtractConfig, extract_activations
-from fastsae.model_metrics import CACHE_FOLDER
-from fastsae.store import ActivationStore
-from fastsae.train import TrainConfig, train_saes
+from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
+from fastsae.evaluate.model_metrics import CACHE_FOLDER
+from fastsae.extract.extract_activations import ExtractConfig, extract_activations
+from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import TrainConfig, train_saes
 
 REPO = Path(__file__).resolve().parents[1]
 

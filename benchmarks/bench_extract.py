@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastsae.data import load_dataset
-from fastsae.extract import iter_example_activations
-from fastsae.hook_points import ResidualCapture
-from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
-from fastsae.tokenization import tokenize_examples
+from fastsae.extract.extract_activations import iter_example_activations
+from fastsae.lm.data import load_dataset
+from fastsae.lm.hook_points import ResidualCapture
+from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from fastsae.lm.tokenization import tokenize_examples
 
 
 def one_at_a_time(model, sequences: list[np.ndarray], layer: int) -> list[torch.Tensor]:

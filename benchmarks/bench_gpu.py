@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastsae import batches
-from fastsae.data import load_dataset
-from fastsae.extract import ExtractConfig, iter_example_activations, write_activation_stores
-from fastsae.hook_points import ResidualCapture
-from fastsae.tokenization import tokenize_examples
-from fastsae.train import TrainConfig, TrainingRun
+from fastsae.extract.extract_activations import ExtractConfig, iter_example_activations, write_activation_stores
+from fastsae.lm.data import load_dataset
+from fastsae.lm.hook_points import ResidualCapture
+from fastsae.lm.tokenization import tokenize_examples
+from fastsae.store import batches
+from fastsae.train.train_sae import TrainConfig, TrainingRun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,7 +344,7 @@ def main() -> None:
         sys.exit("bench_gpu.py needs a CUDA GPU (or --smoke to check the script on the CPU).")
     tokenizer_folder = args.tokenizer
     if not tokenizer_folder:
-        from fastsae.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
+        from fastsae.lm.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
 
         tokenizer = load_tokenizer(resolve_model(EMBEDDED_MODEL))
     else:

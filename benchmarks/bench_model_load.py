@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_folder, resolve_model
+from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_folder, resolve_model
 
 
 def seconds(function) -> float:

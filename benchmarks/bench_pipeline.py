@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from fastsae.llm import API_KEY_VARIABLES
-from fastsae.models import EMBEDDED_MODEL, model_folder, resolve_model
-from fastsae.pipeline import STATE_FILE, STEP_NAMES
+from fastsae.interpret.llm import API_KEY_VARIABLES
+from fastsae.lm.models import EMBEDDED_MODEL, model_folder, resolve_model
+from fastsae.pipeline.run_pipeline import STATE_FILE, STEP_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 

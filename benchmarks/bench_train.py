@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from fastsae.checkpoint import load_sae
-from fastsae.train import TrainConfig, TrainingRun
+from fastsae.core.checkpoint import load_sae
+from fastsae.train.train_sae import TrainConfig, TrainingRun
 
 ROOT = Path(__file__).resolve().parents[1]
 

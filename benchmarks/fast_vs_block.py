@@ -16,7 +16,7 @@
    spliced into the model at every token (the clean and zero-ablated passes computed once for all four).
 4. With an LLM endpoint (OPENAI_API_KEY, and OPENAI_BASE_URL for a local server), the FAST paper's
    interpretability score: each SAE's RUBRIC_FEATURES randomly sampled live features, their top-5
-   contexts taken from the sequential store, rated 1-5 by the LLM (fastsae/explanations.py); a
+   contexts taken from the sequential store, rated 1-5 by the LLM (fastsae/interpret/explanations.py); a
    second table gives the rating distribution and the share rated 4-5 per SAE. Without a key this
    part is skipped and the notes say so.
 
@@ -43,19 +43,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fastsae.checkpoint import load_sae
-from fastsae.data import Dataset, load_dataset
-from fastsae.evaluate import store_metrics, validation_examples
-from fastsae.explanations import RUBRIC, RubricSummary, rubric_summary
-from fastsae.extract import ExtractConfig, pad_token_id, write_activation_stores
-from fastsae.interpret import InterpretConfig, interpret_sae
-from fastsae.llm import API_KEY_VARIABLES, api_key
-from fastsae.model_metrics import ReferencePasses, length_grouped
-from fastsae.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
-from fastsae.saebench_core import BATCH_SIZE_PROMPTS, ignored_token_ids
-from fastsae.split_forward import SplitModel
-from fastsae.store import ActivationStore
-from fastsae.train import TrainConfig, TrainingRun
+from fastsae.core.checkpoint import load_sae
+from fastsae.evaluate.evaluate_sae import store_metrics, validation_examples
+from fastsae.evaluate.model_metrics import ReferencePasses, length_grouped
+from fastsae.evaluate.saebench_core import BATCH_SIZE_PROMPTS, ignored_token_ids
+from fastsae.extract.extract_activations import ExtractConfig, pad_token_id, write_activation_stores
+from fastsae.interpret.explanations import RUBRIC, RubricSummary, rubric_summary
+from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
+from fastsae.interpret.llm import API_KEY_VARIABLES, api_key
+from fastsae.lm.data import Dataset, load_dataset
+from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from fastsae.lm.split_forward import SplitModel
+from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import TrainConfig, TrainingRun
 
 logger = logging.getLogger("fast_vs_block")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastsae.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
+from fastsae.lm.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
 
 TINY_LAYERS = 4
 
@@ -94,8 +94,8 @@ def texts_file(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> Path:
     """The default dataset (330 examples, ~15.7k tokens) through the tiny Llama's block 2, d=64."""
-    from fastsae.data import load_dataset
-    from fastsae.extract import ExtractConfig, write_activation_stores
+    from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+    from fastsae.lm.data import load_dataset
 
     config = ExtractConfig(layers=[2], output_dir=str(tmp_path_factory.mktemp("stores")))
     (folder,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
@@ -105,7 +105,7 @@ def tiny_store(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_model():
     """The real SmolLM2-135M-Instruct in float32 on the CPU, loaded once (tests must leave no hook on it)."""
-    from fastsae.models import load_model
+    from fastsae.lm.models import load_model
 
     return load_model(resolve_model(EMBEDDED_MODEL), torch.float32, "cpu")
 
@@ -113,8 +113,8 @@ def smollm2_model():
 @pytest.fixture(scope="session")
 def smollm2_store(tmp_path_factory, smollm2_tokenizer, smollm2_model) -> Path:
     """The default dataset through the real SmolLM2 at layer 12 (15.7k tokens, d=576), as the pipeline does by default."""
-    from fastsae.data import load_dataset
-    from fastsae.extract import ExtractConfig, write_activation_stores
+    from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+    from fastsae.lm.data import load_dataset
 
     model = smollm2_model
     config = ExtractConfig(layers=[12], output_dir=str(tmp_path_factory.mktemp("smollm2-stores")))
@@ -125,8 +125,8 @@ def smollm2_store(tmp_path_factory, smollm2_tokenizer, smollm2_model) -> Path:
 @pytest.fixture(scope="module")
 def store_and_sae(tiny_store):
     """The tiny store and an untrained Top-K SAE (M=96, K=6) started at the data's median: features to collect statistics of."""
-    from fastsae.sae import SAESpec, SparseAutoencoder
-    from fastsae.store import ActivationStore
+    from fastsae.core.sae import SAESpec, SparseAutoencoder
+    from fastsae.store.activation_store import ActivationStore
 
     store = ActivationStore(tiny_store)
     torch.manual_seed(0)

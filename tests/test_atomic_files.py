@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastsae.atomic_files import replace_folder_atomically, write_atomically, write_json_atomically, write_text_atomically
+from fastsae.common.atomic_files import replace_folder_atomically, write_atomically, write_json_atomically, write_text_atomically
 
 
 def _fail_halfway(partial):

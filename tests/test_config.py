@@ -1,4 +1,4 @@
-"""Tests for fastsae.config: script constants as defaults, command-line overrides, --help, run_step, fingerprints."""
+"""Tests for fastsae.common.config: script constants as defaults, command-line overrides, --help, run_step, fingerprints."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fastsae.config import config_fingerprint, parse_step_config, run_step, setting
-from fastsae.errors import UserError
-from fastsae.extract import ExtractConfig
+from fastsae.common.config import config_fingerprint, parse_step_config, run_step, setting
+from fastsae.common.errors import UserError
+from fastsae.extract.extract_activations import ExtractConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "extract_activations.py"
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from conftest import chat_server, classifier_prompt_content, write_jsonl
-from fastsae.data import load_dataset
-from fastsae.extract import ExtractConfig, write_activation_stores
-from fastsae.interpret import InterpretConfig, interpret_sae
-from fastsae.train import TrainConfig, train_saes
+from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
+from fastsae.lm.data import load_dataset
+from fastsae.train.train_sae import TrainConfig, train_saes
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = [

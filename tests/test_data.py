@@ -1,4 +1,4 @@
-"""Tests for fastsae.data.load_dataset: formats, field detection, skipped rows and fingerprints."""
+"""Tests for fastsae.lm.data.load_dataset: formats, field detection, skipped rows and fingerprints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fastsae.data import MAX_REASON_EXAMPLES, load_dataset
-from fastsae.errors import UserError
+from fastsae.common.errors import UserError
+from fastsae.lm.data import MAX_REASON_EXAMPLES, load_dataset
 
 ROWS = [
     {"text": "I had planned to take the train, but the bus is cheaper.", "label": "planning"},

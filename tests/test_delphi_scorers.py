@@ -23,12 +23,20 @@ import pytest
 import torch
 
 from conftest import EXPLANATION, chat_server, classifier_prompt_content
-from fastsae.interpret import InterpretConfig, feature_examples
-from fastsae.llm import CachedChatClient
-from fastsae.sae import SAESpec, SparseAutoencoder
-from fastsae.scorers import SCORERS, ScoringExample, balanced_accuracy, classifier_prompts, example_texts, score_answers, scoring_order
-from fastsae.store import ActivationStore
-from fastsae.windows import WindowGrid, collect_windows
+from fastsae.core.sae import SAESpec, SparseAutoencoder
+from fastsae.interpret.interpret_sae import InterpretConfig, feature_examples
+from fastsae.interpret.llm import CachedChatClient
+from fastsae.interpret.scorers import (
+    SCORERS,
+    ScoringExample,
+    balanced_accuracy,
+    classifier_prompts,
+    example_texts,
+    score_answers,
+    scoring_order,
+)
+from fastsae.interpret.windows import WindowGrid, collect_windows
+from fastsae.store.activation_store import ActivationStore
 
 DELPHI_SEED = 42  # delphi's classifier scorers shuffle with random.Random(42)
 PER_PROMPT = 5  # delphi's num_examples_per_scorer_prompt

@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastsae.batches import ExampleSplit, TokenSource
-from fastsae.checkpoint import load_sae
-from fastsae.distributed import shares_by_tokens
-from fastsae.extract import ExtractConfig, extract_activations
-from fastsae.store import ActivationStore
-from fastsae.train import TrainConfig, TrainingRun, train_saes
+from fastsae.common.distributed import shares_by_tokens
+from fastsae.core.checkpoint import load_sae
+from fastsae.extract.extract_activations import ExtractConfig, extract_activations
+from fastsae.store.activation_store import ActivationStore
+from fastsae.store.batches import ExampleSplit, TokenSource
+from fastsae.train.train_sae import TrainConfig, TrainingRun, train_saes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_MB = 0.25  # the tiny store (15.7k tokens, d=64) in 8 shards, so two ranks share them

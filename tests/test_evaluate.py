@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from conftest import hypothesaes_module, make_tiny_llama, save_tiny_llama_with_blocks
-from fastsae.errors import UserError
-from fastsae.evaluate import EvalConfig, ReconstructionSums, evaluate_sae
-from fastsae.hook_points import hooked_module, output_tensor, with_output_tensor
-from fastsae.model_metrics import CountedPositions, ReferencePasses, length_grouped
-from fastsae.sae import SAESpec, SparseAutoencoder
-from fastsae.saebench_core import ignored_token_ids
-from fastsae.split_forward import ModelBatch, SplitModel
-from fastsae.store import ActivationStore
-from fastsae.train import TrainConfig, train_saes
+from fastsae.common.errors import UserError
+from fastsae.core.sae import SAESpec, SparseAutoencoder
+from fastsae.evaluate.evaluate_sae import EvalConfig, ReconstructionSums, evaluate_sae
+from fastsae.evaluate.model_metrics import CountedPositions, ReferencePasses, length_grouped
+from fastsae.evaluate.saebench_core import ignored_token_ids
+from fastsae.lm.hook_points import hooked_module, output_tensor, with_output_tensor
+from fastsae.lm.split_forward import ModelBatch, SplitModel
+from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import TrainConfig, train_saes
 
 LAYER = 2
 
@@ -98,7 +98,7 @@ def full_forward_losses(model, batch: ModelBatch, replace, positions: CountedPos
 
 
 def test_shared_prefix_passes_equal_three_full_forwards(tiny_llama, tiny_store, smollm2_tokenizer, trained_checkpoint):
-    from fastsae.checkpoint import load_sae
+    from fastsae.core.checkpoint import load_sae
 
     store = ActivationStore(tiny_store)
     sae = load_sae(trained_checkpoint).sae

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,14 @@ from markdown_it import MarkdownIt
 from safetensors.torch import load_file
 
 from conftest import hypothesaes_module
-from fastsae import share
-from fastsae.checkpoint import load_sae
-from fastsae.errors import UserError
-from fastsae.evaluate import EvalConfig, evaluate_sae
-from fastsae.interpret import InterpretConfig, interpret_sae
-from fastsae.model_card import base_model
-from fastsae.share import ExportConfig, export_sae
-from fastsae.store import ActivationStore
-from fastsae.train import TrainConfig, train_saes
+from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import load_sae
+from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
+from fastsae.export import export_sae as share
+from fastsae.export.export_sae import ExportConfig, export_sae
+from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
+from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import TrainConfig, train_saes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 M, K = 64, 4
@@ -174,15 +174,15 @@ def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scor
     assert card.data.library_name == "saelens"
     assert {"sparse-autoencoder", "saelens", "fastsae", "topk"} <= set(card.data.tags)
     assert card.data.base_model is None  # the tiny model is a local folder: no Hub id to link
-    metadata = load_sae(evaluated).metadata
-    manifest = metadata["store_manifest"]
+    info = load_sae(evaluated).info
+    manifest = info.store_manifest
 
     facts = dict(row for row in table_with_header(tables, "", "value") if len(row) == 2)
     assert facts["hook"] == HOOK and facts["layer"] == "2" and facts["activation width d"] == "64"
-    assert facts["dataset fingerprint"] == manifest["dataset"]["fingerprint"]
-    assert facts["tokens in the store"] == str(manifest["n_tokens"]) and facts["examples"] == str(manifest["dataset"]["n_examples"])
+    assert facts["dataset fingerprint"] == manifest.dataset.fingerprint
+    assert facts["tokens in the store"] == str(manifest.n_tokens) and facts["examples"] == str(manifest.dataset.n_examples)
     settings = dict(table_with_header(tables, "setting", "value")[1:])
-    assert settings["m"] == str(M) and settings["k"] == str(K) and settings["learning_rate"] == str(metadata["training"]["learning_rate"])
+    assert settings["m"] == str(M) and settings["k"] == str(K) and settings["learning_rate"] == str(info.training["learning_rate"])
 
     evaluation = json.loads((evaluated.parent / "eval.json").read_text())
     reconstruction = {row[0]: row[1:] for row in table_with_header(tables, "metric (ours)", "all tokens", "content", "special")}
@@ -223,15 +223,17 @@ def test_missing_evaluation_and_interpretations_are_said_on_the_card(trained, un
 
 
 def test_base_model_is_named_only_when_the_model_is_on_the_hub(trained, tmp_path):
-    assert base_model({"model_source": "embedded", "model_name": "embedded:smollm2-135m-instruct"}) == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert base_model({"model_source": "folder", "model_name": "/models/mine"}) is None
-    assert base_model({}) is None  # a checkpoint from before model_source was recorded
+    info = load_sae(trained).info
+    embedded = replace(info, model_source="embedded", model_name="embedded:smollm2-135m-instruct")
+    assert embedded.hub_model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert replace(info, model_source="folder", model_name="/models/mine").hub_model_id is None
+    assert replace(info, model_source=None).hub_model_id is None  # a checkpoint from before model_source was recorded
     # A checkpoint whose store came from a Hub model: the card links it, and SAELens' cfg.json names it.
-    payload = torch.load(trained, weights_only=True)
-    payload["fastsae"].update(model_name="meta-llama/Llama-3.1-8B-Instruct", model_source="hub")
     run = tmp_path / "run"
     run.mkdir()
-    torch.save(payload, run / trained.name)
+    payload = torch.load(trained, weights_only=True)
+    hub_info = replace(info, model_name="meta-llama/Llama-3.1-8B-Instruct", model_source="hub")
+    torch.save({**payload, "fastsae": hub_info.to_dict()}, run / trained.name)
     folder = export_sae(ExportConfig(checkpoint=str(run / trained.name), interpretations=""))
     assert folder == run / "export"
     assert ModelCard.load(folder / "README.md").data.base_model == "meta-llama/Llama-3.1-8B-Instruct"

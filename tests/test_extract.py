@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import TINY_LAYERS, write_jsonl
-from fastsae.data import load_dataset
-from fastsae.errors import UserError
-from fastsae.extract import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, ExtractConfig, length_batches, write_activation_stores
-from fastsae.hook_points import hooked_module, output_tensor
-from fastsae.store import ActivationStore, StoreError
+from fastsae.common.errors import UserError
+from fastsae.extract.extract_activations import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, ExtractConfig, length_batches, write_activation_stores
+from fastsae.lm.data import load_dataset
+from fastsae.lm.hook_points import hooked_module, output_tensor
+from fastsae.store.activation_store import ActivationStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_llama, smoll
 
 
 def test_disk_check_refuses_before_writing(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, monkeypatch):
-    monkeypatch.setattr("fastsae.store.free_disk_bytes", lambda folder: 10 * 2**20)
+    monkeypatch.setattr("fastsae.store.activation_store.free_disk_bytes", lambda folder: 10 * 2**20)
     with pytest.raises(UserError, match="not enough disk space"):
         extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
     assert not any(tmp_path.rglob("*.npy"))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastsae.features import collect_feature_statistics, label_association, logit_lens
-from fastsae.sae import SparseAutoencoder
-from fastsae.store import ActivationStore
+from fastsae.core.sae import SparseAutoencoder
+from fastsae.interpret.features import collect_feature_statistics, label_association, logit_lens
+from fastsae.store.activation_store import ActivationStore
 
 
 def brute_force_codes(store: ActivationStore, sae: SparseAutoencoder) -> torch.Tensor:

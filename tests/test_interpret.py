@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fastsae.errors import UserError
-from fastsae.features import FeatureStatistics
-from fastsae.interpret import InterpretConfig, interpret_sae, select_features
-from fastsae.train import TrainConfig, train_saes
+from fastsae.common.errors import UserError
+from fastsae.interpret.features import FeatureStatistics
+from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae, select_features
+from fastsae.train.train_sae import TrainConfig, train_saes
 
 
 @pytest.fixture(scope="module")

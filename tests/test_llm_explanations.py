@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from conftest import EXPLANATION, chat_server
-from fastsae.errors import UserError
-from fastsae.explanations import parse_rubric, rubric_summary
-from fastsae.interpret import InterpretConfig, estimate_llm_cost, interpret_sae
-from fastsae.scorers import balanced_accuracy, read_verdicts
-from fastsae.train import TrainConfig, train_saes
+from fastsae.common.errors import UserError
+from fastsae.interpret.explanations import parse_rubric, rubric_summary
+from fastsae.interpret.interpret_sae import InterpretConfig, estimate_llm_cost, interpret_sae
+from fastsae.interpret.scorers import balanced_accuracy, read_verdicts
+from fastsae.train.train_sae import TrainConfig, train_saes
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def config_for(checkpoint, model_folder, tmp_path, **overrides) -> InterpretConf
 def test_explanations_and_scores_land_in_the_csv_and_a_rerun_is_served_from_the_cache(
     server, checkpoint, tiny_model_folder, tmp_path, monkeypatch, caplog
 ):
-    caplog.set_level(logging.INFO, logger="fastsae.interpret")
+    caplog.set_level(logging.INFO, logger="fastsae.interpret.interpret_sae")
     config = config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection")
     path = interpret_sae(config)
     table = pd.read_csv(path)
@@ -121,7 +121,7 @@ def test_scoring_names_and_too_rare_features(server, checkpoint, tiny_model_fold
     with pytest.raises(UserError, match="SCORING 'detection,rubric' is not understood: name any of detection, fuzzing, fast-rubric"):
         config_for(checkpoint, tiny_model_folder, tmp_path, scoring="detection,rubric")
     assert config_for(checkpoint, tiny_model_folder, tmp_path, scoring="both").scorings == ["detection", "fast-rubric"]  # the old name
-    caplog.set_level(logging.INFO, logger="fastsae.interpret")
+    caplog.set_level(logging.INFO, logger="fastsae.interpret.interpret_sae")
     path = interpret_sae(
         config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:2", scoring="detection,fast-rubric", min_windows=10_000)
     )
@@ -168,7 +168,7 @@ def test_each_scoring_fills_its_columns(server, checkpoint, tiny_model_folder, t
 def test_the_rubric_prompt_shows_the_top_five_contexts_numbered_and_marked_and_reruns_are_cached(
     server, checkpoint, tiny_model_folder, tmp_path, caplog
 ):
-    caplog.set_level(logging.INFO, logger="fastsae.interpret")
+    caplog.set_level(logging.INFO, logger="fastsae.interpret.interpret_sae")
     config = config_for(checkpoint, tiny_model_folder, tmp_path, scoring="fast-rubric")
     table = pd.read_csv(interpret_sae(config))
     prompts = [request["messages"][-1]["content"] for request in server.requests]
@@ -190,7 +190,7 @@ def test_the_rubric_prompt_shows_the_top_five_contexts_numbered_and_marked_and_r
 
 
 def test_messy_and_unreadable_rubric_answers(server, checkpoint, tiny_model_folder, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="fastsae.interpret")
+    caplog.set_level(logging.INFO, logger="fastsae.interpret.interpret_sae")
     server.rubric_answers = [
         '**Rating:** 5/5\n**Name:** "past tense verbs"',
         "Sure.\nrating = 2\nname - a loose theme of plans",

@@ -18,14 +18,14 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY_LAYERS, make_tiny_llama
-from fastsae.data import load_dataset
-from fastsae.errors import UserError
-from fastsae.evaluate import EvalConfig, evaluate_sae
-from fastsae.extract import ExtractConfig, write_activation_stores
-from fastsae.interpret import InterpretConfig, interpret_sae
-from fastsae.lora import LORA_MODULE_TYPES, adapter_fingerprint
-from fastsae.store import ActivationStore
-from fastsae.train import TrainConfig, train_saes
+from fastsae.common.errors import UserError
+from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
+from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
+from fastsae.lm.data import load_dataset
+from fastsae.lm.lora import LORA_MODULE_TYPES, adapter_fingerprint
+from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import TrainConfig, train_saes
 from test_extract import max_relative_difference
 
 REPO = Path(__file__).resolve().parents[1]

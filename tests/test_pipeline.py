@@ -18,11 +18,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fastsae.checkpoint import load_sae
-from fastsae.errors import UserError
-from fastsae.llm import API_KEY_VARIABLES
-from fastsae.pipeline import PipelineConfig
-from fastsae.store import ActivationStore
+from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import load_sae
+from fastsae.interpret.llm import API_KEY_VARIABLES
+from fastsae.pipeline.run_pipeline import PipelineConfig
+from fastsae.store.activation_store import ActivationStore
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("extract_activations.py", "train_sae.py", "evaluate_sae.py", "interpret_sae.py", "run_pipeline.py")
@@ -195,7 +195,9 @@ def test_a_failing_step_keeps_the_earlier_outputs_and_the_rerun_resumes(project,
 
 
 def test_the_disk_check_refuses_a_store_larger_than_the_free_space(project, monkeypatch, capsys):
-    monkeypatch.setattr("fastsae.store.free_disk_bytes", lambda folder: 100 * 2**20)  # the store is small, the margin is not
+    monkeypatch.setattr(
+        "fastsae.store.activation_store.free_disk_bytes", lambda folder: 100 * 2**20
+    )  # the store is small, the margin is not
     assert "not enough disk space" in failing_run(monkeypatch, capsys, "--yes")
     assert not Path("activations").exists()
 
@@ -214,7 +216,7 @@ def test_the_dataset_check_reports_a_line_that_is_not_utf8(project, monkeypatch,
     lines.insert(2, '{"text": "na\u00efve"}'.encode("latin-1"))
     (project / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     set_constants(project / "extract_activations.py", DATASET="mixed.jsonl")
-    with caplog.at_level(logging.INFO, logger="fastsae.pipeline"):
+    with caplog.at_level(logging.INFO, logger="fastsae.pipeline.run_pipeline"):
         run_pipeline(monkeypatch, "--plan-only")
     assert "mixed.jsonl: 21 rows, 20 usable, 1 bad (1 × not UTF-8 (line 3: invalid continuation byte 0xef at byte 13))" in caplog.text
     assert not Path("activations").exists()

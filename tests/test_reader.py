@@ -15,14 +15,14 @@ import pytest
 import torch
 from test_pipeline import set_constants
 
-from fastsae.checkpoint import load_sae
-from fastsae.data import load_dataset
-from fastsae.errors import UserError
-from fastsae.extract import ExtractConfig, write_activation_stores
-from fastsae.interpret import InterpretConfig, interpret_sae
-from fastsae.reader import SAEReader, pool
-from fastsae.store import ActivationStore
-from fastsae.train import TrainConfig, train_saes
+from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import load_sae
+from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
+from fastsae.lm.data import load_dataset
+from fastsae.store.activation_store import ActivationStore
+from fastsae.tools.reader import SAEReader, pool
+from fastsae.train.train_sae import TrainConfig, train_saes
 
 REPO = Path(__file__).resolve().parents[1]
 N_EXAMPLES = 40

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastsae import sae as sae_module
-from fastsae.errors import UserError
-from fastsae.sae import SAESpec, SparseAutoencoder, fraction_of_variance_unexplained
+from fastsae.common.errors import UserError
+from fastsae.core import sae as sae_module
+from fastsae.core.sae import SAESpec, SparseAutoencoder, fraction_of_variance_unexplained
 
 D, M, K, B = 37, 101, 7, 53  # odd sizes on purpose
 

@@ -19,15 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from fastsae.checkpoint import load_sae
-from fastsae.evaluate import EvalConfig, evaluate_sae
-from fastsae.model_metrics import ReferencePasses
-from fastsae.sae import SAESpec, SparseAutoencoder
-from fastsae.saebench_core import core_output, ignored_token_ids
-from fastsae.saelens_export import saelens_config, saelens_weights
-from fastsae.split_forward import SplitModel
-from fastsae.store import ActivationStore
-from fastsae.train import TrainConfig, train_saes
+from fastsae.core.checkpoint import load_sae
+from fastsae.core.sae import SAESpec, SparseAutoencoder
+from fastsae.core.sae_info import SAEInfo
+from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
+from fastsae.evaluate.model_metrics import ReferencePasses
+from fastsae.evaluate.saebench_core import core_output, ignored_token_ids
+from fastsae.export.saelens_export import saelens_config, saelens_weights
+from fastsae.lm.split_forward import SplitModel
+from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import TrainConfig, train_saes
 from saebench_reference import saebench_core_reference
 
 PROMPTS = 4
@@ -70,7 +71,7 @@ def ours_and_saebench(model, tokenizer, store: ActivationStore, sae: SparseAutoe
     passes.compute()
     losses, sparsity_variance = passes.evaluate(sae, False, "ours")
     tokens = sum(int(entry["attention"].sum()) for entry in passes.entries)
-    ours = core_output(losses, sparsity_variance, sae, {}, tokens, "test", saelens_config(sae.spec, {}), "test")
+    ours = core_output(losses, sparsity_variance, sae, {}, tokens, "test", saelens_config(SAEInfo(spec=sae.spec)), "test")
     architecture = "topk" if sae.spec.architecture == "topk" else "relu"
     theirs = saebench_core_reference(
         model,

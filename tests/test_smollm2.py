@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from fastsae.data import load_dataset
-from fastsae.extract import ExtractConfig, write_activation_stores
-from fastsae.models import EMBEDDED_GGUF_FILE, EMBEDDED_MODEL, load_model, model_folder, resolve_model
-from fastsae.store import ActivationStore
+from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+from fastsae.lm.data import load_dataset
+from fastsae.lm.models import EMBEDDED_GGUF_FILE, EMBEDDED_MODEL, load_model, model_folder, resolve_model
+from fastsae.store.activation_store import ActivationStore
 from test_extract import max_relative_difference
 
 LAYER = 12

@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from conftest import hypothesaes_module, save_tiny_llama_with_blocks, write_jsonl
-from fastsae.checkpoint import load_sae
-from fastsae.config import run_step
-from fastsae.data import Example, load_dataset
-from fastsae.errors import UserError
-from fastsae.extract import ExtractConfig, write_activation_stores
-from fastsae.hook_points import ResidualCapture, hooked_module
-from fastsae.models import EMBEDDED_MODEL
-from fastsae.steer import FeatureSteering, SteerConfig, generate, steer_model, steering
-from fastsae.store import ActivationStore
-from fastsae.tokenization import prompt_token_ids
-from fastsae.train import TrainConfig, train_saes
+from fastsae.common.config import run_step
+from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import load_sae
+from fastsae.core.trained_sae import open_trained_sae
+from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+from fastsae.lm.data import Example, load_dataset
+from fastsae.lm.hook_points import ResidualCapture, hooked_module
+from fastsae.lm.models import EMBEDDED_MODEL
+from fastsae.lm.tokenization import prompt_token_ids
+from fastsae.tools.steer_model import FeatureSteering, SteerConfig, generate, steer_model, steering
+from fastsae.train.train_sae import TrainConfig, train_saes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "steer_model.py"
 PROMPT = Example(row=0, source="test", text="What should I do this weekend?")
@@ -38,9 +38,9 @@ def train_small_sae(store: Path, output: Path, epochs: float) -> Path:
 
 def most_frequent_feature(checkpoint: Path) -> int:
     """The feature that fires on most content tokens of the store the SAE was trained on."""
-    loaded = load_sae(checkpoint)
-    store = ActivationStore(loaded.metadata["store"])
-    codes = loaded.sae.encode(store.activations(0, store.n_tokens).float()[~torch.from_numpy(store.special_mask(0, store.n_tokens))])
+    trained = open_trained_sae(checkpoint)
+    store = trained.open_store()
+    codes = trained.sae.encode(store.activations(0, store.n_tokens).float()[~torch.from_numpy(store.special_mask(0, store.n_tokens))])
     return int((codes > 0).sum(0).argmax())
 
 
@@ -143,7 +143,7 @@ def test_bad_features_and_hooks_the_model_lacks_are_clear_errors(tiny_checkpoint
     with pytest.raises(UserError, match=r"reads blocks\.2\.hook_resid_post, but this model has 2 blocks .* Set MODEL"):
         steer_model(SteerConfig(checkpoint=str(tiny_checkpoint), model_name=str(two_blocks), features=[3], device="cpu"))
     theirs = Path(hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu").save(str(tmp_path / "SAE_M=32_K=4.pt")))
-    with pytest.raises(UserError, match="no fastsae metadata"):
+    with pytest.raises(UserError, match="does not record the hook"):
         steer_model(SteerConfig(checkpoint=str(theirs), model_name=str(tiny_model_folder), features=[3]))
     with pytest.raises(UserError, match="MODE must be one of add, clamp, ablate"):
         SteerConfig(mode="boost")
@@ -230,7 +230,7 @@ def test_the_script_writes_escaped_markdown_and_html_and_alpha_zero_is_the_plain
 
 
 def test_prompts_with_commas_stay_whole_and_chat_prompts_end_at_the_assistant_turn(smollm2_tokenizer):
-    from fastsae.config import parse_step_config
+    from fastsae.common.config import parse_step_config
 
     config = parse_step_config(SteerConfig, {"PROMPTS": "Hello, world"}, "", ["--features", "1,2"])
     assert config.prompts == ["Hello, world"] and config.features == [1, 2]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastsae.data import Example
-from fastsae.errors import UserError
-from fastsae.tokenization import tokenize_example, tokenize_examples
+from fastsae.common.errors import UserError
+from fastsae.lm.data import Example
+from fastsae.lm.tokenization import tokenize_example, tokenize_examples
 
 
 def content_text(tokenizer, tokenized) -> str:

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import hypothesaes_module
-from fastsae.batches import ExampleSplit, TokenSource, mixed_batches, read_ahead
-from fastsae.checkpoint import load_sae
-from fastsae.errors import UserError
-from fastsae.store import ActivationStore
-from fastsae.train import TrainConfig, TrainingRun, train_saes
+from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import load_sae
+from fastsae.store.activation_store import ActivationStore
+from fastsae.store.batches import ExampleSplit, TokenSource, mixed_batches, read_ahead
+from fastsae.train.train_sae import TrainConfig, TrainingRun, train_saes
 
 M, K = 128, 4
 
@@ -94,18 +94,18 @@ def test_saelens_loads_the_topk_export(topk_run, tiny_store):
 def test_checkpoint_applies_to_raw_activations_like_the_scaled_training_sae(topk_run, tiny_store):
     loaded = load_sae(topk_run["checkpoint"])
     state = torch.load(Path(topk_run["checkpoint"]).parent / "training_state.pt", weights_only=True)
-    from fastsae.sae import SAESpec, SparseAutoencoder
+    from fastsae.core.sae import SAESpec, SparseAutoencoder
 
     spec = loaded.sae.spec
-    assert spec == SAESpec(**{**loaded.metadata["spec"], "prefixes": tuple(loaded.metadata["spec"]["prefixes"])})
+    assert spec == SAESpec(**{**topk_run["spec"], "prefixes": tuple(topk_run["spec"]["prefixes"])})
     training_sae = SparseAutoencoder(spec)
     training_sae.load_state_dict(state["sae"])
-    scale = loaded.metadata["activation_scale"]
+    scale = loaded.info.activation_scale
     raw = raw_validation_activations(tiny_store)
     with torch.no_grad():
         torch.testing.assert_close(loaded.sae.encode(raw), training_sae.encode(raw * scale), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loaded.sae(raw), training_sae(raw * scale) / scale, rtol=1e-4, atol=1e-4)
-    assert loaded.metadata["hook_name"] == "blocks.2.hook_resid_post" and loaded.metadata["store_manifest"]["d"] == 64
+    assert loaded.info.hook_name == "blocks.2.hook_resid_post" and loaded.info.store_manifest.d == 64
 
 
 def test_batchtopk_keeps_the_expected_sparsity_at_inference_in_both_implementations(tiny_store, tmp_path):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastsae.sae import SparseAutoencoder
-from fastsae.sampling import quantile_of_each, sample_windows
-from fastsae.store import ActivationStore
-from fastsae.windows import WindowGrid, WindowReservoir, collect_windows, non_activating_windows, read_windows
+from fastsae.core.sae import SparseAutoencoder
+from fastsae.interpret.sampling import quantile_of_each, sample_windows
+from fastsae.interpret.windows import WindowGrid, WindowReservoir, collect_windows, non_activating_windows, read_windows
+from fastsae.store.activation_store import ActivationStore
 
 M, W, TOP = 96, 32, 7  # M: the features of conftest's store_and_sae
 

@@ -1,0 +1,1 @@
+"""What every stage shares: configs from script constants, user errors, devices, torchrun ranks, atomic files."""

@@ -1,0 +1,156 @@
+"""Step configuration: UPPER_CASE constants in a script, overridable on the command line.
+
+Every step has one dataclass whose fields carry a `help` text. A script sets
+its defaults as constants at its top (`LAYERS = [12]`); `parse_step_config`
+builds the dataclass from those constants, lets any of them be overridden
+(`--layers 6 12`), and `--help` lists them all with their current values.
+Validation lives in each dataclass's `__post_init__`, so a bad value from
+either place gets the same message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from fastsae.common.errors import UserError
+
+Config = TypeVar("Config")
+
+
+def setting(default: Any, help: str, name: str = "", split_commas: bool = True) -> Any:
+    """A config field with its help text (lists get a fresh copy per instance).
+
+    `name` replaces the field's own name in the script constant and the flag, for a
+    setting whose natural name is a Python keyword (`name="from"`: FROM and --from).
+    `split_commas=False` keeps commas inside a list item (free text such as prompts).
+    """
+    metadata = {"help": help, "name": name, "split_commas": split_commas}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _public_name(field: dataclasses.Field) -> str:
+    """What the user writes: the constant is its upper case, the flag `--` plus its dashed form."""
+    return field.metadata.get("name") or field.name
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _argument_options(annotation: Any, split_commas: bool = True) -> dict[str, Any]:
+    """argparse options for one field type: scalars, bools, and lists (space- or comma-separated)."""
+    if annotation is bool:
+        return {"type": _parse_bool, "metavar": "{true,false}", "nargs": "?", "const": True}  # a bare --flag means true
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        return {"type": _comma_list(item_type) if split_commas else item_type, "nargs": "+", "metavar": item_type.__name__.upper()}
+    if annotation in (int, float, str):
+        return {"type": annotation, "metavar": annotation.__name__.upper()}
+    raise TypeError(f"unsupported config field type {annotation!r}")
+
+
+def _comma_list(item_type: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        return [item_type(part) for part in text.split(",") if part.strip()]
+
+    parse.__name__ = item_type.__name__
+    return parse
+
+
+def _constant_value(constant: str, value: Any, annotation: Any, split_commas: bool = True) -> Any:
+    """A script constant for a list field may be written `12` or `"6,12"`; anything else must be a list."""
+    if typing.get_origin(annotation) is not list or isinstance(value, list):
+        return value
+    (item_type,) = typing.get_args(annotation)
+    try:
+        return _comma_list(item_type)(value) if isinstance(value, str) and split_commas else [item_type(value)]
+    except (TypeError, ValueError):
+        raise UserError(f"{constant} must be a list of {item_type.__name__}, e.g. {constant} = [12]; got {value!r}.") from None
+
+
+def _flatten(values: list) -> list:
+    return [item for group in values for item in group]
+
+
+def parse_step_config(
+    config_class: type[Config],
+    script_constants: dict[str, Any],
+    description: str,
+    argv: Sequence[str] | None = None,
+) -> Config:
+    """Build `config_class` from a script's UPPER_CASE constants and command-line overrides."""
+    hints = typing.get_type_hints(config_class)
+    defaults: dict[str, Any] = {}
+    for field in dataclasses.fields(config_class):
+        constant = _public_name(field).upper()
+        if constant in script_constants:
+            defaults[field.name] = _constant_value(
+                constant, script_constants[constant], hints[field.name], field.metadata.get("split_commas", True)
+            )
+        elif field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        else:
+            defaults[field.name] = field.default_factory()
+
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Each option overrides the UPPER_CASE constant of the same name at the top of the script.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for field in dataclasses.fields(config_class):
+        options = _argument_options(hints[field.name], field.metadata.get("split_commas", True))
+        parser.add_argument(
+            "--" + _public_name(field).replace("_", "-"),
+            dest=field.name,
+            default=defaults[field.name],
+            help=field.metadata.get("help", "").replace("%", "%%"),  # argparse %-formats help texts
+            **options,
+        )
+    args = vars(parser.parse_args(argv))
+    for field in dataclasses.fields(config_class):
+        value = args[field.name]
+        if typing.get_origin(hints[field.name]) is list and value and isinstance(value[0], list):
+            args[field.name] = _flatten(value)  # from the command line: one list per argument
+    return config_class(**args)
+
+
+def config_fingerprint(values: dict[str, Any]) -> str:
+    """A short stable hash of settings, used to tell whether existing outputs match a rerun."""
+    encoded = json.dumps(values, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def run_step(
+    config_class: type[Config],
+    script_constants: dict[str, Any],
+    step: Callable[[Config], Any],
+    description: str,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Entry point shared by the step scripts: parse, run, and turn user errors into one clear line."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = parse_step_config(config_class, script_constants, description, argv)
+        step(config)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: completed work is kept; rerun the same command to resume.", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,24 @@
+"""Which torch device a step runs on: `auto` takes the GPU when there is one (under torchrun, this rank's GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from fastsae.common import distributed
+from fastsae.common.errors import UserError
+
+
+def resolve_device(name: str) -> str:
+    """`auto` → cuda if available, else cpu; asking for cuda without a GPU is a user error."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"DEVICE is {name!r} but no CUDA GPU is available. Use --device cpu or auto.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    ranks = distributed.current()
+    if ranks.is_distributed and name.startswith("cuda"):
+        if name != "cuda":
+            raise UserError(
+                f"DEVICE is {name!r} under torchrun, which would put every rank on one GPU. Use --device auto or cuda: each rank takes its own GPU."
+            )
+        return f"cuda:{ranks.local_rank}"  # torchrun starts one process per GPU
+    return name

@@ -1,0 +1,1 @@
+"""The SAE itself and its checkpoint."""

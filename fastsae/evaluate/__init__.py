@@ -1,0 +1,1 @@
+"""Step 2b: SAEBench's core metrics and ours for trained SAEs."""

@@ -1,0 +1,545 @@
+"""Step 2b: metrics of trained SAEs on the held-out examples of their training run.
+
+Two families, under different names because they are defined differently:
+
+- **SAEBench's core metrics** (`saebench_core` in eval.json, in SAEBench's own output format; see
+  `fastsae/evaluate/saebench_core.py` for the definitions): ce_loss_score, kl_div_score, its explained_variance,
+  mse, cossim, l2_ratio, relative_reconstruction_bias, l0, l1, ... computed from the model's own
+  activations on a budget of held-out tokens (SAEBench's default 20,480), with 95% bootstrap intervals
+  for the numbers derived from the cross-entropy and KL. The model runs up to the hooked block once;
+  clean and zero-ablated passes are computed once per store and reused (`fastsae/evaluate/model_metrics.py`).
+- **Ours**, from the stored activations of every held-out example (x: raw activation of a token,
+  x̂: the SAE's reconstruction, d: width):
+  - FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² (x̄: mean over the evaluated tokens), by token kind (content tokens
+    are what the SAE trains on by default); mse_per_dimension = mean over tokens and dimensions of
+    (x − x̂)²; cosine = mean over tokens of cos(x, x̂).
+  - FAST token MSE (the FAST paper, Eq. 7) = mean over examples of [mean over the example's tokens
+    of ‖x − x̂‖²], divided by d; raw activations. MSE_st is the same over special/template tokens only.
+    The paper prints log2 of both, so both are reported raw and log2.
+  - L0 = active features per token; L1 = Σ activations per token; density of a feature = the
+    fraction of tokens it fires on; dead = never fires here; dense = fires on more than 10%; all on
+    the token kinds the SAE was trained on.
+  - Decoder geometry: for each decoder row, its maximum cosine similarity to any other row.
+
+Note what these are not: 1 − FVU is explained variance, not loss recovered; a mean decoder
+cosine similarity is not feature absorption.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastsae import __version__
+from fastsae.common.atomic_files import write_json_atomically
+from fastsae.common.config import setting
+from fastsae.common.default_paths import DEFAULT_CHECKPOINT
+from fastsae.common.devices import resolve_device
+from fastsae.common.errors import UserError
+from fastsae.core.sae import SparseAutoencoder
+from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
+from fastsae.evaluate.model_metrics import ReferencePasses, budgeted_examples, length_grouped, model_fingerprint, store_fingerprint
+from fastsae.evaluate.saebench_core import (
+    BATCH_SIZE_PROMPTS,
+    DEFAULT_TOKEN_BUDGET,
+    SAEBENCH_VERSION,
+    core_output,
+    ignored_token_ids,
+    max_cosine_to_another,
+)
+from fastsae.export.saelens_export import saelens_config
+from fastsae.extract.extract_activations import pad_token_id
+from fastsae.lm.hook_points import check_layers
+from fastsae.lm.lora import LORA_HOOK_POINT
+from fastsae.lm.models import load_model, load_tokenizer, resolve_model
+from fastsae.lm.split_forward import SplitModel
+from fastsae.store.activation_store import ActivationStore
+from fastsae.store.batches import ExampleSplit
+
+logger = logging.getLogger(__name__)
+
+DENSE_FREQUENCY = 0.1
+RULE_OF_THUMB = "fastsae's rule of thumb (SAEBench reports this number without a pass mark)"
+# (metric, test, threshold, what it means, where the threshold comes from)
+HEALTH_CHECKS = (
+    (
+        "ce_loss_score",
+        ">=",
+        0.9,
+        "with the SAE spliced in, the model keeps at least 90% of the loss that zero-ablation loses (SAEBench's definition)",
+        RULE_OF_THUMB,
+    ),
+    ("l0_mean", "between", (5.0, 200.0), "sparse, but not trivially so", RULE_OF_THUMB),
+    ("dead_fraction", "<=", 0.1, "at most 10% of features never fire", RULE_OF_THUMB),
+    ("dense_fraction", "<=", 0.01, "at most 1% of features fire on more than 10% of tokens", RULE_OF_THUMB),
+)
+# The SAEBench numbers derived from the cross-entropy and KL, which get a 95% interval.
+INTERVAL_METRICS = (
+    "ce_loss_score",
+    "kl_div_score",
+    "ce_loss_without_sae",
+    "ce_loss_with_sae",
+    "ce_loss_with_ablation",
+    "kl_div_with_sae",
+    "kl_div_with_ablation",
+)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: list[str] = setting(
+        [DEFAULT_CHECKPOINT],
+        "SAE checkpoints (ours or HypotheSAEs'); several (a sweep on one store) share the model's passes",
+        split_commas=False,
+    )
+    store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
+    model_name: str = setting("", "model for the SAEBench metrics; empty: the store's model")
+    validation_fraction: float = setting(-1.0, "fraction of examples held out; -1: the training run's")
+    seed: int = setting(-1, "seed of the example split; -1: the training run's")
+    max_examples: int = setting(0, "our store metrics on at most N held-out examples (0: all)")
+    model_metrics: bool = setting(True, "load the model for SAEBench's core metrics (ce_loss_score, KL, variance, shrinkage, ...)")
+    model_tokens: int = setting(
+        DEFAULT_TOKEN_BUDGET, "held-out tokens the model metrics run on, whole examples (SAEBench's default 20,480; 0: all)"
+    )
+    batch_size_prompts: int = setting(
+        BATCH_SIZE_PROMPTS,
+        "examples per model batch (SAEBench's batch_size_prompts: its mse, explained_variance and relative_reconstruction_bias depend on it)",
+    )
+    exclude_special_tokens_from_reconstruction: str = setting(
+        "auto",
+        "SAEBench's option (its default: false): keep the hook's output at BOS/EOS/pad positions. auto: true for an SAE trained without special tokens",
+    )
+    reuse_model_passes: bool = setting(
+        True, "reuse the clean and zero-ablated passes saved in the store folder when model, store and split match"
+    )
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.checkpoint, str | Path):  # one checkpoint given from Python
+            self.checkpoint = [str(self.checkpoint)]
+        if not self.checkpoint:
+            raise UserError("CHECKPOINT is empty: name at least one SAE checkpoint, e.g. --checkpoint checkpoints/.../SAE_M=256_K=8.pt.")
+        if self.exclude_special_tokens_from_reconstruction not in ("auto", "true", "false"):
+            raise UserError(
+                f"EXCLUDE_SPECIAL_TOKENS_FROM_RECONSTRUCTION must be auto, true or false; got {self.exclude_special_tokens_from_reconstruction!r}."
+            )
+        if self.batch_size_prompts < 1 or self.model_tokens < 0:
+            raise UserError(
+                f"BATCH_SIZE_PROMPTS must be at least 1 and MODEL_TOKENS at least 0; got {self.batch_size_prompts} and {self.model_tokens}."
+            )
+
+
+class ReconstructionSums:
+    """Running sums for our reconstruction metrics over one kind of token."""
+
+    def __init__(self, d: int) -> None:
+        self.tokens = 0
+        self.squared_error = 0.0
+        self.cosine = 0.0
+        self.total = torch.zeros(d, dtype=torch.float64)
+        self.squared_norm = 0.0
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        if not len(x):
+            return
+        x, x_hat = x.double(), x_hat.double()
+        self.tokens += len(x)
+        self.squared_error += float((x - x_hat).pow(2).sum())
+        self.cosine += float(F.cosine_similarity(x, x_hat, dim=1).sum())
+        self.total += x.sum(0)
+        self.squared_norm += float(x.pow(2).sum())
+
+    def metrics(self) -> dict[str, float | int]:
+        if not self.tokens:
+            return {"tokens": 0}
+        d = len(self.total)
+        variance = self.squared_norm - float(self.total.pow(2).sum()) / self.tokens  # Σ‖x − x̄‖²
+        return {
+            "tokens": self.tokens,
+            "fvu": self.squared_error / variance,
+            "mse_per_dimension": self.squared_error / (self.tokens * d),
+            "cosine": self.cosine / self.tokens,
+        }
+
+
+def _fast_mse(per_example: list[float], d: int) -> dict[str, float | None]:
+    """The FAST paper's Eq. 7 (and its log2, which is what the paper prints)."""
+    if not per_example:
+        return {"raw": None, "log2": None}
+    raw = float(np.mean(per_example)) / d
+    return {"raw": raw, "log2": math.log2(raw) if raw > 0 else float("-inf")}
+
+
+def validation_examples(n_examples: int, fraction: float, seed: int) -> list[int]:
+    """The held-out examples of a training run's split (by example, as training made it)."""
+    if fraction <= 0:
+        raise UserError(
+            "no validation examples: the split has VALIDATION_FRACTION = 0. Pass --validation-fraction 0.1 (examples the SAE may have seen count then)."
+        )
+    return np.flatnonzero(ExampleSplit.by_example(n_examples, fraction, seed).is_validation).tolist()
+
+
+STORE_CHUNK_TOKENS = 4096  # held-out tokens encoded together in the store pass
+
+
+def _example_chunks(store: ActivationStore, examples: list[int]) -> list[list[int]]:
+    """Consecutive runs of `examples` of about STORE_CHUNK_TOKENS tokens: one SAE call each, not one per example."""
+    chunks, current, tokens = [], [], 0
+    for index in examples:
+        length = int(store.doc_offsets[index + 1] - store.doc_offsets[index])
+        if current and tokens + length > STORE_CHUNK_TOKENS:
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(index)
+        tokens += length
+    return chunks + [current] if current else chunks
+
+
+@torch.no_grad()
+def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoencoder, include_special: bool) -> dict[str, Any]:
+    """Our reconstruction, FAST MSE and sparsity metrics from one pass over the held-out examples in the store."""
+    sums = {"all": ReconstructionSums(store.d), "content": ReconstructionSums(store.d), "special": ReconstructionSums(store.d)}
+    fast_all, fast_special = [], []
+    fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64)
+    l0_per_token, l1_total, sparsity_tokens = [], 0.0, 0
+    chunks = _example_chunks(store, examples)
+    for chunk in tqdm(chunks, desc="evaluating (store)", unit="chunk"):
+        parts = [store.example(index) for index in chunk]
+        x = torch.cat([part.activations for part in parts]).float()
+        special = torch.from_numpy(np.concatenate([part.special_mask for part in parts]))
+        example_of_token = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor([len(part.special_mask) for part in parts]))
+        codes = sae.encode(x)
+        x_hat = sae.decode(codes)
+        sums["all"].add(x, x_hat)
+        sums["content"].add(x[~special], x_hat[~special])
+        sums["special"].add(x[special], x_hat[special])
+        token_errors = (x - x_hat).double().pow(2).sum(1)
+        fast_all += _per_example_means(token_errors, example_of_token, torch.ones_like(special), len(parts))
+        fast_special += _per_example_means(token_errors, example_of_token, special, len(parts))
+        trained_on = torch.ones_like(special) if include_special else ~special
+        active = codes[trained_on] > 0
+        fire_counts += active.sum(0)
+        l0_per_token.append(active.sum(1).numpy())
+        l1_total += float(codes[trained_on].sum())
+        sparsity_tokens += int(trained_on.sum())
+    l0 = np.concatenate(l0_per_token) if l0_per_token else np.zeros(0)
+    density = (fire_counts / max(sparsity_tokens, 1)).numpy()
+    return {
+        "reconstruction": {kind: total.metrics() for kind, total in sums.items()},
+        "fast_token_mse": _fast_mse(fast_all, store.d),
+        "fast_token_mse_special": _fast_mse(fast_special, store.d),
+        "sparsity": {
+            "tokens": sparsity_tokens,
+            "l0_mean": float(l0.mean()) if len(l0) else 0.0,
+            "l0_percentiles": {str(p): float(np.percentile(l0, p)) for p in (10, 50, 90)} if len(l0) else {},
+            "l1_mean": l1_total / max(sparsity_tokens, 1),
+            "dead_fraction": float((fire_counts == 0).double().mean()),
+            "dense_fraction": float((density > DENSE_FREQUENCY).mean()),
+        },
+        "feature_density": density.tolist(),
+    }
+
+
+def _per_example_means(values: torch.Tensor, example_of_token: torch.Tensor, counted: torch.Tensor, n_examples: int) -> list[float]:
+    """Each example's mean of `values` over its `counted` tokens, for the examples that have any."""
+    totals = torch.zeros(n_examples, dtype=torch.float64).index_add_(0, example_of_token[counted], values[counted])
+    counts = torch.zeros(n_examples, dtype=torch.float64).index_add_(
+        0, example_of_token[counted], torch.ones(int(counted.sum()), dtype=torch.float64)
+    )
+    return (totals[counts > 0] / counts[counts > 0]).tolist()
+
+
+def decoder_max_cosine(sae: SparseAutoencoder) -> dict[str, float]:
+    """Distribution of each decoder row's maximum cosine similarity to any other row."""
+    values = max_cosine_to_another(sae.W_dec.detach().cpu()).numpy()
+    return {
+        "mean": float(values.mean()),
+        "p50": float(np.percentile(values, 50)),
+        "p90": float(np.percentile(values, 90)),
+        "max": float(values.max()),
+    }
+
+
+def health_table(values: dict[str, float | None]) -> list[dict[str, Any]]:
+    rows = []
+    for metric, test, threshold, meaning, source in HEALTH_CHECKS:
+        value = values.get(metric)
+        if value is None:
+            verdict = "not measured"
+        elif test == ">=":
+            verdict = "pass" if value >= threshold else "fail"
+        elif test == "<=":
+            verdict = "pass" if value <= threshold else "fail"
+        else:
+            verdict = "pass" if threshold[0] <= value <= threshold[1] else "fail"
+        rows.append(
+            {
+                "metric": metric,
+                "value": value,
+                "test": test,
+                "threshold": threshold,
+                "verdict": verdict,
+                "meaning": meaning,
+                "source": source,
+            }
+        )
+    return rows
+
+
+def plot_feature_density(path: Path, density: list[float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(density)
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    alive = values[values > 0]
+    axis.hist(np.log10(alive), bins=50, color="#4c72b0") if len(alive) else None
+    axis.set_xlabel("log10 feature density (fraction of tokens it fires on)")
+    axis.set_ylabel("features")
+    axis.set_title(f"{title}\n{int((values == 0).sum())} of {len(values)} features never fire (not shown)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _number(value, digits=4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def saebench_table(results: dict[str, Any]) -> list[str]:
+    """SAEBench's core metrics, each with its 95% interval where it comes from the cross-entropy or KL."""
+    block, intervals = results["saebench_core"], results.get("saebench_core_intervals_95", {})
+    lines = [
+        f"SAEBench core metrics (sae-bench {SAEBENCH_VERSION} definitions), {results['model_tokens']['tokens']:,} held-out tokens:",
+        "",
+        "| group | metric | value | 95% interval |",
+        "|---|---|---|---|",
+    ]
+    for group, metrics in block["eval_result_metrics"].items():
+        for name, value in metrics.items():
+            interval = intervals.get(name)
+            shown = f"{value:,}" if isinstance(value, int) else _number(value)
+            lines.append(f"| {group} | {name} | {shown} | {f'{interval[0]:.4f} – {interval[1]:.4f}' if interval else ''} |")
+    return lines
+
+
+def report_table(results: dict[str, Any]) -> str:
+    """The printed summary: our metrics, SAEBench's, then the health checks."""
+    rec, fast, sparsity = results["reconstruction"], results["fast_token_mse"], results["sparsity"]
+    fast_special = results["fast_token_mse_special"]
+    lines = [
+        "| metric (ours) | all tokens | content | special |",
+        "|---|---|---|---|",
+        *(
+            f"| {label} | " + " | ".join(_number(rec[kind].get(key)) for kind in ("all", "content", "special")) + " |"
+            for label, key in (("FVU", "fvu"), ("MSE per dimension", "mse_per_dimension"), ("cosine(x, x̂)", "cosine"))
+        ),
+        "",
+        "| metric (ours) | value |",
+        "|---|---|",
+        f"| FAST token MSE, raw / log2 | {_number(fast['raw'])} / {_number(fast['log2'])} |",
+        f"| FAST MSE_st (special tokens), raw / log2 | {_number(fast_special['raw'])} / {_number(fast_special['log2'])} |",
+        f"| L0 (mean; p10 / p50 / p90) | {sparsity['l0_mean']:.2f}; "
+        + " / ".join(f"{v:.0f}" for v in sparsity["l0_percentiles"].values())
+        + " |",
+        f"| L1 (mean) | {sparsity['l1_mean']:.3f} |",
+        f"| dead / dense features | {sparsity['dead_fraction']:.1%} / {sparsity['dense_fraction']:.1%} |",
+        f"| decoder rows' max cosine to another row (mean / p90 / max) | {results['decoder_max_cosine']['mean']:.3f} / {results['decoder_max_cosine']['p90']:.3f} / {results['decoder_max_cosine']['max']:.3f} |",
+    ]
+    if results.get("saebench_core"):
+        lines += ["", *saebench_table(results)]
+    lines += ["", "| health check | value | threshold | verdict | threshold's source |", "|---|---|---|---|---|"]
+    for row in results["health"]:
+        threshold = (
+            f"{row['threshold'][0]:g}–{row['threshold'][1]:g}" if row["test"] == "between" else f"{row['test']} {row['threshold']:g}"
+        )
+        lines.append(f"| {row['metric']} | {_number(row['value'], 3)} | {threshold} | {row['verdict']} | {row['source']} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class _Evaluand:
+    """One checkpoint to evaluate, with what its evaluation depends on."""
+
+    trained: TrainedSAE
+    store: ActivationStore
+    fraction: float
+    seed: int
+
+    def excludes_special_tokens(self, setting: str) -> bool:
+        """SAEBench's `exclude_special_tokens_from_reconstruction` for this SAE: `auto` follows what it was trained on."""
+        return not self.trained.info.trained_with_special_tokens if setting == "auto" else setting == "true"
+
+    @property
+    def path(self) -> Path:
+        return self.trained.checkpoint
+
+    @property
+    def sae(self) -> SparseAutoencoder:
+        return self.trained.sae
+
+
+def _evaluand(path: Path, config: EvalConfig) -> _Evaluand:
+    trained = open_trained_sae(path)
+    info = trained.info
+    fraction = config.validation_fraction if config.validation_fraction >= 0 else info.validation_fraction
+    seed = config.seed if config.seed >= 0 else info.seed
+    return _Evaluand(trained, trained.open_store(config.store), fraction, seed)
+
+
+class _ModelMetrics:
+    """The model, loaded once, and the reference passes per (store, split), shared by every SAE of a sweep."""
+
+    def __init__(self, config: EvalConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
+        self.models: dict[str, tuple[torch.nn.Module, Any, str]] = {}
+        self.references: dict[tuple, ReferencePasses] = {}
+
+    def _model(self, name: str) -> tuple[torch.nn.Module, Any, str]:
+        if name not in self.models:
+            source = resolve_model(name)
+            model = load_model(source, self.dtype, self.device)
+            self.models[name] = (model, load_tokenizer(source), model_fingerprint(model))
+        return self.models[name]
+
+    def reference(self, evaluand: _Evaluand, examples: list[int]) -> ReferencePasses:
+        store, config = evaluand.store, self.config
+        model_name = config.model_name or store.manifest.model_name
+        if not model_name:
+            raise UserError(f"the store at {store.folder} does not name its model. Pass --model-name, or --model-metrics false.")
+        key = (str(store.folder), evaluand.fraction, evaluand.seed, model_name)
+        if key not in self.references:
+            model, tokenizer, fingerprint = self._model(model_name)
+            layer = int(store.manifest.layer)
+            check_layers(model, [layer])
+            lengths = np.diff(store.doc_offsets)
+            chosen = budgeted_examples(lengths, examples, config.model_tokens, evaluand.seed)
+            batches = length_grouped(chosen, lengths, config.batch_size_prompts)
+            ignored = ignored_token_ids(tokenizer)
+            cache_key = {
+                "format": 1, "model": model_name, "weights": fingerprint, "dtype": str(self.dtype), "device": torch.device(self.device).type,
+                "store": store_fingerprint(store), "batches": batches, "ignored": sorted(ignored),
+                "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+            }  # fmt: skip
+            split = SplitModel(model, layer, store.manifest.hook_point)
+            reference = ReferencePasses(split, store, batches, ignored, pad_token_id(tokenizer), cache_key)
+            reference.load_or_compute(config.reuse_model_passes)
+            self.references[key] = reference
+        return self.references[key]
+
+    def evaluate(self, evaluand: _Evaluand, examples: list[int]) -> dict[str, Any]:
+        reference = self.reference(evaluand, examples)
+        sae = evaluand.sae.to(self.device)
+        exclude = evaluand.excludes_special_tokens(self.config.exclude_special_tokens_from_reconstruction)
+        losses, sparsity_variance = reference.evaluate(sae, exclude, desc=f"model: {evaluand.path.stem} spliced in")
+        if not losses.next_token_predictions:
+            raise UserError(
+                f"the held-out examples of {reference.store.folder} have no next-token prediction to score (every input token is "
+                "BOS/EOS/padding, or examples are one token long). Extract longer examples, or pass --model-metrics false."
+            )
+        offsets = reference.store.doc_offsets
+        lengths = [int(offsets[i + 1] - offsets[i]) for batch in reference.batches for i in batch]
+        tokens = sum(lengths)
+        eval_config = {
+            "model_name": self.config.model_name or reference.store.manifest.model_name, "llm_dtype": str(self.dtype).removeprefix("torch."),
+            "batch_size_prompts": self.config.batch_size_prompts, "n_eval_reconstruction_batches": len(reference.batches),
+            "n_eval_sparsity_variance_batches": len(reference.batches), "dataset": reference.store.manifest.dataset.path or "",
+            "context_size": max(lengths),
+            "compute_kl": True, "compute_ce_loss": True, "compute_l2_norms": True, "compute_sparsity_metrics": True, "compute_variance_metrics": True,
+            "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
+            "exclude_special_tokens_from_reconstruction": exclude, "verbose": False,
+        }  # fmt: skip
+        block = core_output(
+            losses,
+            sparsity_variance,
+            sae.cpu(),
+            eval_config,
+            tokens,
+            evaluand.path.stem,
+            saelens_config(evaluand.trained.info),
+            __version__,
+        )
+        intervals = losses.intervals()
+        return {
+            "saebench_core": block,
+            "saebench_core_intervals_95": {name: intervals[name] for name in INTERVAL_METRICS},
+            "model_tokens": {"examples": sum(map(len, reference.batches)), "tokens": tokens, "reused_reference_passes": reference.reused},
+        }
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _headline(results: dict[str, Any]) -> dict[str, float]:
+    values = dict(results["sparsity"])
+    if results.get("saebench_core"):
+        values["ce_loss_score"] = results["saebench_core"]["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"]
+    return values
+
+
+def sweep_table(all_results: list[dict[str, Any]]) -> str:
+    lines = ["| checkpoint | FVU (content) | L0 | dead | ce_loss_score | kl_div_score |", "|---|---|---|---|---|---|"]
+    for results in all_results:
+        core = (results.get("saebench_core") or {}).get("eval_result_metrics", {})
+        ce, kl = (
+            core.get("model_performance_preservation", {}).get("ce_loss_score"),
+            core.get("model_behavior_preservation", {}).get("kl_div_score"),
+        )
+        lines.append(
+            f"| {Path(results['checkpoint']).stem} | {_number(results['reconstruction']['content'].get('fvu'))} | {results['sparsity']['l0_mean']:.1f} | "
+            f"{results['sparsity']['dead_fraction']:.1%} | {_number(ce)} | {_number(kl)} |"
+        )
+    return "\n".join(lines)
+
+
+def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
+    """Evaluate each checkpoint on its held-out examples; writes eval.json and feature_density.png beside each."""
+    evaluands = [_evaluand(Path(path), config) for path in config.checkpoint]
+    model_metrics = _ModelMetrics(config) if config.model_metrics else None
+    all_results = []
+    for evaluand in evaluands:
+        store, sae = evaluand.store, evaluand.sae
+        examples = validation_examples(store.n_examples, evaluand.fraction, evaluand.seed)
+        store_examples = examples[: config.max_examples] if config.max_examples else examples
+        logger.info("Evaluating %s on %d held-out examples of %s", evaluand.path.name, len(store_examples), store.folder)
+        results: dict[str, Any] = {
+            "checkpoint": str(evaluand.path),
+            "store": str(store.folder),
+            "hook_name": store.hook_name,
+            "examples": len(store_examples),
+            "settings": asdict(config),
+        }
+        results.update(store_metrics(store, store_examples, sae, evaluand.trained.info.trained_with_special_tokens))
+        results["decoder_max_cosine"] = decoder_max_cosine(sae)
+        if model_metrics is not None and store.manifest.hook_point == LORA_HOOK_POINT:
+            results["model_metrics_skipped"] = (
+                "a LoRA store concatenates the adapter's bottlenecks across all its layers, so there is no single hook to splice "
+                "the reconstruction into: SAEBench's model metrics (ce_loss_score, KL, ...) do not apply"
+            )
+            logger.info("Model metrics skipped: %s. The store metrics above still apply.", results["model_metrics_skipped"])
+        elif model_metrics is not None:
+            results.update(model_metrics.evaluate(evaluand, examples))
+        results["health"] = health_table(_headline(results))
+        density = results.pop("feature_density")
+        plot_feature_density(evaluand.path.parent / "feature_density.png", density, f"{sae.spec.name} — {store.hook_name}")
+        write_json_atomically(evaluand.path.parent / "eval.json", {**results, "feature_density": density})
+        print(f"\n{evaluand.path}\n\n" + report_table(results))
+        all_results.append(results)
+    if len(all_results) > 1:
+        print("\n" + sweep_table(all_results))
+    return all_results

@@ -1,0 +1,162 @@
+"""Share a trained SAE: one folder with everything a reader needs, ready for `huggingface_hub.upload_folder`.
+
+    README.md                   model card (fastsae/export/model_card.py)
+    SAE_M=256_K=8.pt            the HypotheSAEs checkpoint, copied as it is (our metadata under `fastsae`)
+    blocks.12.hook_resid_post/  SAELens: cfg.json, sae_weights.safetensors, sparsity.safetensors
+    eval.json  feature_density.png  metrics.json  training_curves.png  interpretations.csv   when they exist
+
+The SAELens files go in a subfolder named after the hook, not in the root: SAELens' Hub loader,
+`SAE.from_pretrained(repo_id, sae_id)`, downloads `{sae_id}/cfg.json`, and its own releases keep
+one folder per hook (`blocks.8.hook_resid_pre/`), so SAEs of several layers can share one repo.
+Locally, `SAE.load_from_disk` takes the same folder.
+
+The folder is built under a temp name and renamed when complete, so a failure leaves no half
+export (and an earlier export stays as it was). A push that cannot reach the Hub stops with one
+message and keeps the folder, to be pushed later.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import constants, create_repo, upload_folder
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import validate_repo_id
+
+from fastsae.common.atomic_files import replace_folder_atomically
+from fastsae.common.config import setting
+from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
+from fastsae.common.errors import UserError
+from fastsae.core.trained_sae import open_trained_sae
+from fastsae.export.model_card import EXPORT_TAG, CardInputs, render_model_card
+from fastsae.export.saelens_export import export_saelens
+from fastsae.interpret.interpret_sae import read_interpretations
+
+logger = logging.getLogger(__name__)
+
+# Written by the training step and evaluate_sae.py beside the checkpoint; copied when there.
+COMPANION_FILES = ("eval.json", "feature_density.png", "metrics.json", "training_curves.png")
+TRAINING_SPARSITY = Path("saelens") / "sparsity.safetensors"  # the training step's export, from its validation tokens
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint written by train_sae.py")
+    output: str = setting("", "the export folder (replaced if it holds an earlier export); empty: <checkpoint folder>/export")
+    interpretations: str = setting(
+        DEFAULT_INTERPRETATIONS, "interpretations.csv written by interpret_sae.py for this SAE; empty or missing: none"
+    )
+    push_to_hub: str = setting("", "Hugging Face repo id (user/name) to push the folder to; empty: export only")
+    private: bool = setting(True, "create the repo private (an existing repo keeps its visibility)")
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub:
+            try:
+                validate_repo_id(self.push_to_hub)
+            except HFValidationError as error:
+                raise UserError(
+                    f"PUSH_TO_HUB {self.push_to_hub!r} is not a Hub repo id ({error}). Use the form your-name/sae-name."
+                ) from None
+
+    def output_folder(self) -> Path:
+        return Path(self.output) if self.output else Path(self.checkpoint).parent / "export"
+
+
+def _is_previous_export(folder: Path) -> bool:
+    """Only a folder this module wrote is replaced: never a folder of the user's that OUTPUT happens to name."""
+    card = folder / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    return "library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text
+
+
+def _write_export(folder: Path, checkpoint: Path, interpretations_path: str, repo_id: str) -> None:
+    """Everything into `folder` (a fresh temp folder): SAELens subfolder, checkpoint copy, companions, card last."""
+    info = open_trained_sae(checkpoint).info
+    hook_name = info.hook_name
+    if not hook_name:
+        raise UserError(
+            f"{checkpoint} has no fastsae metadata (a HypotheSAEs checkpoint?): the export reads the model, hook and data from it. Export a checkpoint written by train_sae.py."
+        )
+    interpretations = read_interpretations(interpretations_path, info.spec.m)
+    eval_path = checkpoint.parent / "eval.json"
+    evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    if evaluation is None:
+        logger.info("No eval.json beside the checkpoint: the model card says it was not evaluated.")
+    # SAELens' sparsity: the evaluation's feature density (the numbers on the card), else the training export's.
+    frequency = torch.tensor(evaluation["feature_density"]) if evaluation else None
+    export_saelens(checkpoint, folder / hook_name, frequency)
+    if frequency is None and (checkpoint.parent / TRAINING_SPARSITY).is_file():
+        shutil.copy2(checkpoint.parent / TRAINING_SPARSITY, folder / hook_name / TRAINING_SPARSITY.name)
+    shutil.copy2(checkpoint, folder / checkpoint.name)
+    for name in COMPANION_FILES:
+        if (checkpoint.parent / name).is_file():
+            shutil.copy2(checkpoint.parent / name, folder / name)
+    if interpretations is not None:
+        shutil.copy2(interpretations_path, folder / "interpretations.csv")
+    files = sorted([path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()] + ["README.md"])
+    card = render_model_card(CardInputs(info, checkpoint.name, hook_name, files, evaluation, interpretations, repo_id))
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def write_export(config: ExportConfig) -> Path:
+    """Build the export under `<folder>.partial`, then swap it in; on any failure the partial folder is removed."""
+    checkpoint = Path(config.checkpoint)
+    if not checkpoint.is_file():
+        raise UserError(f"checkpoint not found: {checkpoint}. Train one with train_sae.py or set CHECKPOINT.")
+    folder = config.output_folder()
+    if folder.exists() and any(folder.iterdir()) and not _is_previous_export(folder):
+        raise UserError(
+            f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder."
+        )
+    replace_folder_atomically(folder, lambda partial: _write_export(partial, checkpoint, config.interpretations, config.push_to_hub))
+    logger.info("Exported %s to %s (%d files)", checkpoint.name, folder, sum(path.is_file() for path in folder.rglob("*")))
+    return folder
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What a failed connection raises: a ConnectionError (huggingface_hub's offline mode is one), a timeout,
+    or a transport error of the HTTP client huggingface_hub uses (httpx2 from its version 2, httpx in 1)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    errors += [importlib.import_module(client).TransportError for client in ("httpx2", "httpx") if importlib.util.find_spec(client)]
+    return tuple(errors)
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
+    """create_repo + upload_folder; returns the repo's URL. Any failure is one UserError, and `folder` stays."""
+    keep = f"The export is complete in {folder}: push it later with `hf upload {repo_id} {folder} .`, or rerun with --push-to-hub {repo_id}"
+    login = "log in with `hf auth login` (or set HF_TOKEN) with a token that can write to it"
+    try:
+        url = create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=f"Upload {folder.name} (fastsae export)")
+    except OfflineModeIsEnabled:
+        raise UserError(
+            f"cannot push to the Hugging Face Hub: offline mode is on (HF_HUB_OFFLINE is set). Unset HF_HUB_OFFLINE on a machine with a network. {keep}."
+        ) from None
+    except LocalTokenNotFoundError:
+        raise UserError(f"no Hugging Face token to push to {repo_id}: {login}. {keep}.") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "?"
+        fix = login if status in (401, 403) else "check the repo id and your access to it"
+        raise UserError(f"the Hugging Face Hub refused the push to {repo_id} (HTTP {status}): {fix}. {keep}.") from None
+    except _connection_errors() as error:
+        raise UserError(
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(error).__name__}: {error}). "
+            f"Connect to a network (or fix HF_ENDPOINT / the proxy settings). {keep}."
+        ) from None
+    logger.info("Pushed %s to %s", folder, url)
+    return str(url)
+
+
+def export_sae(config: ExportConfig) -> Path:
+    """Write the export folder, then push it when PUSH_TO_HUB names a repo."""
+    folder = write_export(config)
+    if config.push_to_hub:
+        push_to_hub(folder, config.push_to_hub, config.private)
+    return folder

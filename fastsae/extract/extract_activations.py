@@ -1,0 +1,403 @@
+"""Step 1: run each example through the model on its own and store the activations at chosen hooks.
+
+FAST extraction: every example is its own sequence (never packed with
+another), so its activations are what the model computes for that example
+alone. For speed, examples are grouped by length into right-padded batches
+under a token budget (padding never reaches the store), one forward pass
+feeds every requested layer, and the pass stops after the deepest one: no
+later blocks, no final norm, no LM head. What a pass reads is a "capture": the
+hooks at LAYERS (one store each), or a LoRA adapter's bottlenecks
+(fastsae/lm/lora.py, one store); batching, storing and resuming are shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastsae.common import distributed
+from fastsae.common.config import setting
+from fastsae.common.devices import resolve_device
+from fastsae.common.errors import UserError
+from fastsae.lm.data import Dataset, load_dataset
+from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
+from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
+from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from fastsae.lm.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
+from fastsae.store.activation_store import STORAGE_DTYPES, ActivationStoreWriter, bytes_per_token, check_free_disk, plan_shards
+from fastsae.store.manifest import DatasetRecord
+
+logger = logging.getLogger(__name__)
+
+PACKING_CHOICES = ("sequential", "block")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+GPU_BATCH_TOKENS = 32768  # H100, 8B model: 52% of the FLOP ceiling vs 25% at 8192
+CPU_BATCH_TOKENS = 8192  # 2-core CPU, SmolLM2: 20% faster than 32768
+
+
+@dataclass
+class ExtractConfig:
+    model_name: str = setting(EMBEDDED_MODEL, "model: the embedded default, a local folder, a .gguf file, or a hub id")
+    dataset: str = setting("data/cognitive_actions.jsonl", "JSONL, CSV or Parquet file, or a folder saved with datasets' save_to_disk")
+    text_field: str = setting("auto", "field holding the text; auto picks text, content, prompt or messages (chat)")
+    response_field: str = setting("", "optional field with an assistant response (becomes the assistant turn)")
+    label_field: str = setting("auto", "field with a label kept per example for later steps; auto picks label; empty for none")
+    chat_template: str = setting("auto", "auto: use the model's chat template when it has one; none: plain text")
+    layers: list[int] = setting([12], "decoder blocks to read (0-based); layer L is the output of block L (ignored for HOOK_POINT = lora)")
+    hook_point: str = setting("resid_post", "resid_post (block output), mlp_out, attn_out, or lora (a LoRA adapter's rank-r bottlenecks)")
+    lora_adapter: str = setting("", "PEFT LoRA adapter folder (adapter_config.json + weights) for HOOK_POINT = lora")
+    lora_modules: list[str] = setting(
+        list(LORA_MODULE_TYPES), "adapted module types whose lora_A outputs are stored, over all adapted layers, in this order"
+    )
+    max_length: int = setting(512, "examples longer than this many tokens are truncated (and counted)")
+    packing: str = setting(
+        "sequential", "sequential: each example alone (FAST); block: concatenate and cut into BLOCK_SIZE blocks (the baseline)"
+    )
+    block_size: int = setting(128, "tokens per block when PACKING = block")
+    batch_tokens: int = setting(
+        0, "padded tokens per forward batch; 0: 32768 on a GPU, 8192 on the CPU (each measured fastest there); lower it if memory runs out"
+    )
+    storage_dtype: str = setting("float16", "dtype on disk: float16, bfloat16 or float32")
+    compute_dtype: str = setting("auto", "model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    output_dir: str = setting("activations", "stores go to OUTPUT_DIR/<model>/<hook>/")
+    shard_mb: float = setting(256.0, "size of one shard file of activations, in MiB")
+    max_examples: int = setting(0, "use only the first N usable examples (0: all)")
+    overwrite: bool = setting(False, "replace an existing store made with different settings")
+
+    def __post_init__(self) -> None:
+        choices = {
+            "chat_template": CHAT_TEMPLATE_CHOICES,
+            "hook_point": (*HOOK_POINTS, LORA_HOOK_POINT),
+            "packing": PACKING_CHOICES,
+            "storage_dtype": tuple(STORAGE_DTYPES),
+            "compute_dtype": COMPUTE_DTYPES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name.upper()} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
+        if not self.layers:
+            raise UserError("LAYERS is empty: name at least one layer, e.g. --layers 12.")
+        if self.hook_point == LORA_HOOK_POINT:
+            if not self.lora_adapter:
+                raise UserError("HOOK_POINT = lora needs LORA_ADAPTER: a PEFT adapter folder, e.g. --lora-adapter path/to/adapter.")
+            if not self.lora_modules or len(set(self.lora_modules)) < len(self.lora_modules):
+                raise UserError(
+                    f"LORA_MODULES must name each module type once, e.g. --lora-modules q_proj v_proj; got {self.lora_modules!r}."
+                )
+        positive = {"max_length": self.max_length, "block_size": self.block_size, "shard_mb": self.shard_mb}
+        for name, value in positive.items():
+            if value <= 0:
+                raise UserError(f"{name.upper()} must be positive; got {value}.")
+        if self.batch_tokens < 0:
+            raise UserError(f"BATCH_TOKENS must be positive, or 0 for the device's default; got {self.batch_tokens}.")
+        if self.batch_tokens and self.batch_tokens < self.max_length:
+            raise UserError(
+                f"BATCH_TOKENS ({self.batch_tokens}) must be at least MAX_LENGTH ({self.max_length}) so the longest example fits a batch."
+            )
+        self.layers = sorted(set(self.layers))
+
+    def resolved_device(self) -> str:
+        return resolve_device(self.device)
+
+    def resolved_batch_tokens(self) -> int:
+        """A GPU needs big batches to fill its matrix units (benchmarks/bench_gpu.py); on a CPU smaller ones run faster."""
+        chosen = self.batch_tokens or (GPU_BATCH_TOKENS if self.resolved_device().startswith("cuda") else CPU_BATCH_TOKENS)
+        return max(chosen, self.max_length)
+
+    def resolved_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+        return STORAGE_DTYPES[self.compute_dtype]
+
+
+class Capture(Protocol):
+    """What one forward pass reads: (B, T, d) activations for each store in `targets`, under the same keys."""
+
+    d: int
+    targets: dict[Hashable, HookTarget]
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[Hashable, torch.Tensor]: ...
+
+
+def open_capture(model: torch.nn.Module, config: ExtractConfig) -> AbstractContextManager[Capture]:
+    """The hooks at LAYERS (one store each), or a LoRA adapter's bottlenecks (one store; the adapter is attached meanwhile)."""
+    if config.hook_point == LORA_HOOK_POINT:
+        return lora_capture(model, config.lora_adapter, config.lora_modules)
+    return nullcontext(ResidualCapture(model, config.layers, config.hook_point))
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group indices, longest first, so each padded batch (n × its longest) stays within `batch_tokens`."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted longest first, so the batch's padded width is its first member's length.
+        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def padded_batch(sequences: list[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) right-padded input ids and attention mask, T the longest sequence."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.from_numpy(sequence.astype(np.int64))
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids, attention_mask
+
+
+def pad_token_id(tokenizer) -> int:
+    """What fills a batch's padding: the tokenizer's pad token, else 0 (the attention mask hides it either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def iter_example_activations(
+    capture: Capture,
+    sequences: list[np.ndarray],
+    batch_tokens: int,
+    pad_token_id: int,
+    device: torch.device,
+) -> Iterator[tuple[list[int], dict[Hashable, list[torch.Tensor]]]]:
+    """Per length-batch: the indices of its sequences and, per store, each sequence's (len, d) activations."""
+    for batch in length_batches([len(sequence) for sequence in sequences], batch_tokens):
+        input_ids, attention_mask = padded_batch([sequences[index] for index in batch], pad_token_id)
+        captured = capture(input_ids.to(device), attention_mask.to(device))
+        yield batch, {key: [values[row, : len(sequences[index])] for row, index in enumerate(batch)] for key, values in captured.items()}
+
+
+@dataclass
+class PackedSequences:
+    """What goes through the model: FAST examples one by one, or fixed-size blocks of concatenated examples."""
+
+    sequences: list[np.ndarray]
+    special_masks: list[np.ndarray]
+    records: list[dict]
+
+
+def pack_sequences(tokenized: list[TokenizedExample], dataset: Dataset, packing: str, block_size: int) -> PackedSequences:
+    """Sequential keeps each example whole; block concatenates all and cuts every `block_size` tokens."""
+    sources = [{"row": example.row, "source": example.source, "label": example.label} for example in dataset.examples]
+    if packing == "sequential":
+        return PackedSequences([item.token_ids for item in tokenized], [item.special_mask for item in tokenized], sources)
+    stream = np.concatenate([item.token_ids for item in tokenized])
+    special = np.concatenate([item.special_mask for item in tokenized])
+    owner = np.repeat(np.arange(len(tokenized)), [len(item.token_ids) for item in tokenized])
+    starts = range(0, len(stream), block_size)
+    records = [
+        {"block": index, "rows": [sources[i]["row"] for i in np.unique(owner[start : start + block_size])]}
+        for index, start in enumerate(starts)
+    ]
+    return PackedSequences(
+        [stream[start : start + block_size] for start in starts], [special[start : start + block_size] for start in starts], records
+    )
+
+
+def store_names(config: ExtractConfig) -> list[str]:
+    """The hook names of the stores `config` writes, in LAYERS order (one for a LoRA adapter), known before a model loads."""
+    if config.hook_point == LORA_HOOK_POINT:
+        return [lora_hook_name(config.lora_modules)]
+    return [hook_name(layer, config.hook_point) for layer in config.layers]
+
+
+def store_folder(config: ExtractConfig, model_slug: str, hook: str) -> Path:
+    suffix = "" if config.packing == "sequential" else f"-block{config.block_size}"
+    return Path(config.output_dir) / model_slug / (hook + suffix)
+
+
+def write_activation_stores(
+    model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None = None
+) -> list[Path]:
+    """Extract `dataset` through an already loaded `model` into one store per layer (or one LoRA store); resumes where stores exist."""
+    with open_capture(model, config) as capture:
+        return _write_stores(capture, model, tokenizer, dataset, config, model_slug, model_fields)
+
+
+def _write_stores(
+    capture: Capture, model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None
+) -> list[Path]:
+    tokenized = tokenize_examples(tokenizer, dataset.examples, config.chat_template, config.max_length)
+    packed = pack_sequences(tokenized, dataset, config.packing, config.block_size)
+    lengths = [len(sequence) for sequence in packed.sequences]
+    doc_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    d = capture.d
+    storage_dtype = STORAGE_DTYPES[config.storage_dtype]
+    itemsize = torch.zeros(1, dtype=storage_dtype).element_size()
+    shards = plan_shards(lengths, max(1, int(config.shard_mb * 2**20 / (d * itemsize))))
+    compute_dtype = next(model.parameters()).dtype
+
+    common_settings = {
+        "model": model_slug,
+        **(model_fields or {}),
+        "dataset_fingerprint": dataset.fingerprint(),
+        "text_field": dataset.text_field,
+        "response_field": config.response_field,
+        "chat_template": config.chat_template,
+        "max_length": config.max_length,
+        "packing": config.packing,
+        "block_size": config.block_size if config.packing == "block" else None,
+        "storage_dtype": config.storage_dtype,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "shard_mb": config.shard_mb,
+        "max_examples": config.max_examples,
+    }
+    n_truncated = sum(item.truncated for item in tokenized)
+    folders = {key: store_folder(config, model_slug, target.name) for key, target in capture.targets.items()}
+
+    def open_writers() -> dict[Hashable, ActivationStoreWriter]:
+        missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
+        check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token(d, config.storage_dtype))
+        return {
+            key: ActivationStoreWriter(
+                folders[key],
+                settings={**common_settings, **target.identity},
+                manifest_fields={
+                    "model": model_slug,
+                    **(model_fields or {}),
+                    "hook_name": target.name,
+                    **target.fields,
+                    "d": d,
+                    "dtype": config.storage_dtype,
+                    "packing": config.packing,
+                    "dataset": DatasetRecord(
+                        path=dataset.path,
+                        fingerprint=dataset.fingerprint(),
+                        text_field=dataset.text_field,
+                        label_field=dataset.label_field,
+                        n_rows=dataset.n_rows,
+                        n_examples=len(dataset.examples),
+                        n_skipped=dataset.skipped.total,
+                        skipped=dict(dataset.skipped.counts),
+                        n_truncated=n_truncated,
+                    ),
+                    "extraction": asdict(config),
+                    "n_special_tokens": int(sum(mask.sum() for mask in packed.special_masks)),
+                },
+                shards=shards,
+                doc_offsets=doc_offsets,
+                example_records=packed.records,
+                overwrite=config.overwrite,
+            )
+            for key, target in capture.targets.items()
+        }
+
+    # Under torchrun, rank 0 prepares the folders (and reports a refusal to every rank); the others
+    # attach once it has, and every rank then sees the same pending shards.
+    ranks = distributed.current()
+    writers = distributed.on_main_then_shared(open_writers)
+    if not ranks.is_main:
+        writers = open_writers()
+    distributed.barrier()
+    pending = sorted(set().union(*(writer.pending_shards() for writer in writers.values())))
+    mine = [
+        pending[index]
+        for index in distributed.shares_by_tokens([shards[index].n_tokens for index in pending], ranks.world_size)[ranks.rank]
+    ]
+    if not pending:
+        logger.info("All %d shards already extracted; nothing to do.", len(shards))
+    elif mine:
+        _extract_shards(capture, next(model.parameters()).device, tokenizer, packed, shards, mine, writers, config, storage_dtype)
+    distributed.barrier()  # every rank's shards are on disk
+    if ranks.is_main:
+        for writer in writers.values():
+            if not writer.is_complete:
+                writer.finish(completed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extracted_by_ranks=ranks.world_size)
+    distributed.barrier()  # no rank returns before the manifests say complete
+    skipped = f", skipped {dataset.skipped.total} rows ({dataset.skipped.describe()})" if dataset.skipped.total else ""
+    logger.info(
+        "Stored %d examples, %d tokens (d=%d, %s) per store%s%s:\n  %s",
+        len(packed.sequences),
+        int(doc_offsets[-1]),
+        d,
+        config.storage_dtype,
+        skipped,
+        f", truncated {n_truncated}" if n_truncated else "",
+        "\n  ".join(str(folder) for folder in folders.values()),
+    )
+    return list(folders.values())
+
+
+def _extract_shards(
+    capture: Capture,
+    device: torch.device,
+    tokenizer,
+    packed: PackedSequences,
+    shards,
+    pending: list[int],
+    writers: dict,
+    config: ExtractConfig,
+    storage_dtype: torch.dtype,
+) -> None:
+    """Run the pending shards' examples through the model; a shard is written to disk while the next one computes."""
+    pad_id = pad_token_id(tokenizer)
+    total_examples = sum(shards[index].n_examples for index in pending)
+    started = time.perf_counter()
+    tokens_done = 0
+    ranks = distributed.current()
+    description = f"extracting (rank 0's share of {ranks.world_size})" if ranks.is_distributed else "extracting"
+    with (
+        tqdm(total=total_examples, desc=description, unit="ex", disable=not ranks.is_main) as progress,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsae-shard-writer") as disk,
+    ):
+        writing = None
+        for shard_index in pending:
+            shard = shards[shard_index]
+            members = range(shard.first_example, shard.first_example + shard.n_examples)
+            sequences = [packed.sequences[index] for index in members]
+            local_offsets = np.concatenate([[0], np.cumsum([len(sequence) for sequence in sequences])])
+            buffers = {key: torch.empty((shard.n_tokens, capture.d), dtype=storage_dtype) for key in writers}
+            for batch, per_store in iter_example_activations(capture, sequences, config.resolved_batch_tokens(), pad_id, device):
+                for key, pieces in per_store.items():
+                    on_host = torch.cat(pieces).to(storage_dtype).cpu()  # one device-to-host copy per batch, not one per example
+                    for local_index, piece in zip(batch, on_host.split([len(piece) for piece in pieces])):
+                        buffers[key][local_offsets[local_index] : local_offsets[local_index + 1]] = piece
+                tokens_done += sum(len(sequences[index]) for index in batch)
+                progress.update(len(batch))
+                progress.set_postfix(tok_per_s=f"{tokens_done / (time.perf_counter() - started):.0f}")
+            if writing is not None:
+                writing.result()  # at most one shard waits for the disk, and its errors surface here
+            token_ids = np.concatenate(sequences)
+            special_mask = np.concatenate([packed.special_masks[index] for index in members])
+            writing = disk.submit(_write_shard, writers, shard_index, buffers, token_ids, special_mask)
+        if writing is not None:
+            writing.result()
+
+
+def _write_shard(
+    writers: dict, shard_index: int, buffers: dict[Hashable, torch.Tensor], token_ids: np.ndarray, special_mask: np.ndarray
+) -> None:
+    for key, writer in writers.items():
+        if shard_index in writer.pending_shards():
+            writer.write_shard(shard_index, buffers[key], token_ids, special_mask)
+
+
+def extract_activations(config: ExtractConfig) -> list[Path]:
+    """Load the model, tokenizer and dataset named by `config` and write the stores (under torchrun, each rank a share)."""
+    distributed.init_from_environment()
+    source = resolve_model(config.model_name)
+    dataset = load_dataset(config.dataset, config.text_field, config.response_field, config.label_field, config.max_examples)
+    logger.info("Loaded %d examples from %s (text field %r)", len(dataset.examples), dataset.path, dataset.text_field)
+    tokenizer = load_tokenizer(source)
+    device = config.resolved_device()
+    model = load_model(source, config.resolved_compute_dtype(), device)
+    model_fields = {"model_name": config.model_name, "model_source": source.kind, "revision": getattr(model.config, "_commit_hash", None)}
+    return write_activation_stores(model, tokenizer, dataset, config, source.slug, model_fields)

@@ -1,0 +1,1 @@
+"""Step 3: features' activating windows, explanations, delphi's scores, the dashboard."""

@@ -1,0 +1,505 @@
+"""Step 3: explain the features — statistics, top windows, labels, logit lens, LLM explanations and scores.
+
+Everything but the explanations needs no LLM. A first pass over the store gives every feature's
+statistics; a second, over the chosen features only, their activating windows (fastsae/interpret/windows.py).
+With an API key, SCORING picks any of: detection and fuzzing (delphi's scores, fastsae/interpret/scorers.py:
+one request for the explanation, then the held-out examples EXAMPLES_PER_PROMPT to a request) and
+the FAST paper's rubric (one request for a 1-5 rating and a name). With no key those columns stay
+empty and the run says why. dashboard.html is written beside the CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from fastsae.common.atomic_files import write_atomically
+from fastsae.common.config import setting
+from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
+from fastsae.common.devices import resolve_device
+from fastsae.common.errors import UserError
+from fastsae.core.trained_sae import open_trained_sae
+from fastsae.interpret.dashboard import dashboard_data, write_dashboard
+from fastsae.interpret.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
+from fastsae.interpret.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens
+from fastsae.interpret.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key
+from fastsae.interpret.sampling import sample_windows
+from fastsae.interpret.scorers import (
+    SCORERS,
+    ClassifierResult,
+    ScoringExample,
+    balanced_accuracy,
+    classifier_prompts,
+    example_texts,
+    score_answers,
+    scoring_order,
+)
+from fastsae.interpret.windows import FeatureWindows, Window, WindowGrid, collect_windows, non_activating_windows, read_windows
+from fastsae.lm.lora import LORA_HOOK_POINT
+from fastsae.lm.models import cache_dir, load_model, load_tokenizer, resolve_model
+from fastsae.store.activation_store import ActivationStore
+
+logger = logging.getLogger(__name__)
+
+SCORINGS = (*SCORERS, "fast-rubric")
+OLD_SCORINGS = {"both": "detection,fast-rubric"}  # SCORING before fuzzing came: still read, with a note
+ANSWER_TOKENS = 300  # the most an answer may take (explanations, verdict lists and ratings are far shorter)
+EXPLANATION_TOKENS = 20  # about how long an explanation runs, for the cost estimate of the scoring prompts
+
+
+@dataclass
+class InterpretConfig:
+    checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint (ours, or HypotheSAEs' with --store and --model-name)")
+    store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
+    model_name: str = setting("", "model whose tokenizer and unembedding to use; empty: the store's model")
+    features: str = setting(
+        "frequency:100",
+        "which features: all, frequency:N (most frequent), label:N (highest label AUROC), random:N (a seeded sample of the live ones), or a list like 3,17,42",
+    )
+    top_contexts: int = setting(5, "strongest activating windows per feature in the CSV (one per window, so never two cuts of one passage)")
+    window_tokens: int = setting(
+        32, "tokens per window: each example is cut into windows this long, as delphi cuts its contexts (example_ctx_len)"
+    )
+    logit_lens_tokens: int = setting(8, "tokens listed as most promoted / suppressed by each feature's decoder direction")
+    interpretations_path: str = setting(DEFAULT_INTERPRETATIONS, "where the CSV goes")
+    explain: bool = setting(True, "ask an LLM (OpenAI-compatible API; key from OPENAI_API_KEY) to explain and score each feature")
+    scoring: str = setting(
+        "detection,fuzzing,fast-rubric",
+        "any of detection and fuzzing (delphi's scores of an explanation on held-out windows) and fast-rubric (the FAST paper's "
+        "1-5 rating of the top windows, and a name), comma-separated",
+    )
+    explanation_model: str = setting("gpt-4.1", "chat model for explanations and scoring")
+    explain_examples: int = setting(40, "activating windows the LLM sees to explain a feature (delphi: 40)")
+    explain_from: str = setting(
+        "quantiles", "where the explainer's windows come from: quantiles (evenly from each activation quantile, delphi's default) or top"
+    )
+    score_examples: int = setting(
+        50,
+        "held-out activating windows from the quantiles, never shown to the explainer, and as many non-activating ones, per scorer (delphi: 50)",
+    )
+    n_quantiles: int = setting(10, "activation quantiles the windows are sampled from and the accuracy is reported by (delphi: 10)")
+    min_windows: int = setting(
+        200, "activating windows a feature needs to be explained and scored; rarer ones are reported as too rare (delphi: 200)"
+    )
+    examples_per_prompt: int = setting(5, "examples per detection / fuzzing request (delphi: 5)")
+    rubric_contexts: int = setting(5, "top windows the LLM rates with the FAST rubric (the paper shows 5)")
+    llm_concurrency: int = setting(4, "requests in flight at once")
+    llm_cache_dir: str = setting("", "where LLM answers are cached; empty: <FASTSAE_CACHE>/llm")
+    seed: int = setting(0, "seed for sampling windows and shuffling the scoring examples")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        if self.scoring in OLD_SCORINGS:
+            logger.info(
+                "SCORING %r is read as %r (write that, or add fuzzing: %r).", self.scoring, OLD_SCORINGS[self.scoring], ",".join(SCORINGS)
+            )
+        unknown = [name for name in self.scorings if name not in SCORINGS]
+        if unknown or not self.scorings:
+            raise UserError(
+                f"SCORING {self.scoring!r} is not understood: name any of {', '.join(SCORINGS)}, comma-separated, e.g. {','.join(SCORINGS)!r}."
+            )
+        if self.explain_from not in ("quantiles", "top"):
+            raise UserError(f"EXPLAIN_FROM {self.explain_from!r} is not understood: use quantiles or top.")
+        for name in ("window_tokens", "explain_examples", "score_examples", "n_quantiles", "examples_per_prompt"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.upper()} must be at least 1, not {getattr(self, name)}.")
+
+    @property
+    def scorings(self) -> list[str]:
+        """The chosen scorings, in SCORINGS' order."""
+        chosen = {part.strip() for part in OLD_SCORINGS.get(self.scoring, self.scoring).split(",") if part.strip()}
+        return [name for name in SCORINGS if name in chosen] + sorted(chosen - set(SCORINGS))
+
+    @property
+    def classifiers(self) -> list[str]:
+        """The chosen delphi scorers (each needs an explanation first)."""
+        return [name for name in self.scorings if name in SCORERS]
+
+    @property
+    def rubric(self) -> bool:
+        return "fast-rubric" in self.scorings
+
+
+@dataclass
+class LLMCost:
+    """Requests and prompt tokens (about 4 characters a token) an LLM round will take."""
+
+    requests: int
+    tokens: int
+
+    def describe(self) -> str:
+        return f"{self.requests:,} requests, about {self.tokens:,} prompt tokens"
+
+
+def _tokens(requests: list[Messages]) -> int:
+    return sum(len(message["content"]) for messages in requests for message in messages) // 4
+
+
+def estimate_llm_cost(config: InterpretConfig, n_features: int) -> LLMCost:
+    """Before any window is read: the most the LLM step can cost for `n_features` (features too rare to score cost less)."""
+    window = Window(0, 0, ["word"] * config.window_tokens, [1.0] * config.window_tokens)  # ~1 token a token
+    per_feature: list[Messages] = []
+    if config.classifiers:
+        per_feature.append(explanation_messages([window] * config.explain_examples))
+        examples = [ScoringExample(window, 0)] * (2 * config.score_examples)
+        for scorer in config.classifiers:
+            texts = example_texts(scorer, examples)
+            per_feature += classifier_prompts(
+                scorer, "word " * EXPLANATION_TOKENS, texts, list(range(len(texts))), config.examples_per_prompt
+            )
+    if config.rubric:
+        per_feature.append(rubric_messages([window] * config.rubric_contexts))
+    return LLMCost(n_features * len(per_feature), n_features * _tokens(per_feature))
+
+
+INTERPRETATION_COLUMNS = {
+    "feature",
+    "frequency",
+    "top_tokens",
+    "top_label",
+    "top_label_auroc",
+    "explanation",
+    "detection_score",
+    "fuzzing_score",
+}
+
+
+def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
+    """interpret_sae.py's CSV, checked to describe an SAE of `m` features; None (and a log line) when there is none."""
+    if not path or not Path(path).is_file():
+        logger.info("No interpretations file at %r: features go without explanations (interpret_sae.py writes them).", path)
+        return None
+    table = pd.read_csv(path)
+    missing = INTERPRETATION_COLUMNS - set(table.columns)
+    if missing:
+        raise UserError(
+            f"{path} lacks the columns {sorted(missing)}: it is not an interpretations.csv from this interpret_sae.py (one from before "
+            "delphi's detection and fuzzing scores has a single `score` column). Rerun interpret_sae.py, "
+            "or pass --interpretations with another file."
+        )
+    out_of_range = table["feature"][(table["feature"] < 0) | (table["feature"] >= m)]
+    if len(out_of_range):
+        raise UserError(
+            f"{path} describes feature {int(out_of_range.iloc[0])}, but this SAE has features 0..{m - 1}: the file belongs to another SAE. "
+            "Pass the --interpretations written for this checkpoint (interpret_sae.py's INTERPRETATIONS_PATH), or --interpretations ''."
+        )
+    return table
+
+
+def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFrame, seed: int = 0) -> list[int]:
+    """Parse FEATURES: all, frequency:N, label:N, random:N (seeded by SEED), or an explicit comma-separated list."""
+    m = len(statistics.frequency)
+    alive = np.flatnonzero(statistics.frequency > 0)
+    try:
+        if spec == "all":
+            return list(range(m))
+        if spec.startswith("frequency:"):
+            count = int(spec.split(":", 1)[1])
+            return [int(f) for f in alive[np.argsort(-statistics.frequency[alive], kind="stable")][:count]]
+        if spec.startswith("label:"):
+            count = int(spec.split(":", 1)[1])
+            scores = labels["top_label_auroc"].to_numpy(dtype=float)[alive]
+            return [int(f) for f in alive[np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")][:count]]
+        if spec.startswith("random:"):  # an unbiased sample, as the FAST paper rates: the most frequent features are not typical
+            count = int(spec.split(":", 1)[1])
+            return sorted(int(f) for f in np.random.default_rng(seed).permutation(alive)[:count])
+        chosen = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"FEATURES {spec!r} is not understood: use all, frequency:N, label:N, random:N or a list like 3,17,42.") from None
+    bad = [feature for feature in chosen if not 0 <= feature < m]
+    if bad:
+        raise UserError(f"feature {bad[0]} does not exist: this SAE has features 0..{m - 1}.")
+    return chosen
+
+
+def _unembedding(model: torch.nn.Module) -> torch.Tensor:
+    """W_U, with the final norm's gain folded in when the model has one (what a direction meets before the LM head)."""
+    weights = model.get_output_embeddings().weight.detach().float()
+    final_norm = getattr(getattr(model, "model", None), "norm", None)
+    gain = getattr(final_norm, "weight", None)
+    return weights * gain.detach().float() if gain is not None else weights
+
+
+@dataclass
+class FeatureExamples:
+    """What the LLM sees of one feature: the explainer's windows, and the scorers' examples, non-activating first."""
+
+    explain: list[Window]
+    scoring: list[ScoringExample]
+
+
+def feature_examples(
+    store: ActivationStore,
+    sae,
+    tokenizer,
+    grid: WindowGrid,
+    windows: FeatureWindows,
+    feature: int,
+    config: InterpretConfig,
+    include_special: bool,
+) -> FeatureExamples:
+    """The explainer's windows and the held-out ones (from the activation quantiles), and random non-activating windows."""
+    rng = np.random.default_rng([config.seed, feature])
+    sample = sample_windows(windows, config.explain_examples, config.score_examples, config.n_quantiles, config.explain_from == "top", rng)
+    explain = read_windows(store, sae, feature, tokenizer, grid, grid.index_of(sample.explain), include_special)
+    held_out = read_windows(store, sae, feature, tokenizer, grid, grid.index_of(sample.score), include_special)
+    silent = non_activating_windows(store, sae, feature, tokenizer, grid, config.score_examples, rng, include_special)
+    activating = [ScoringExample(window, int(quantile)) for window, quantile in zip(held_out, sample.score_quantiles)]
+    return FeatureExamples(explain, [ScoringExample(window, None) for window in silent] + activating)
+
+
+def interpretation_rows(
+    statistics: FeatureStatistics,
+    labels: pd.DataFrame,
+    windows: dict[int, FeatureWindows],
+    top_windows: dict[int, list[Window]],
+    promoted: np.ndarray | None,
+    suppressed: np.ndarray | None,
+    tokenizer,
+    config: InterpretConfig,
+) -> list[dict[str, Any]]:
+    """One CSV row per feature; the logit-lens columns stay empty where the logit lens does not apply (`promoted` is None)."""
+
+    def decoded(token_ids: np.ndarray | None, row_index: int) -> str:
+        return "" if token_ids is None else " | ".join(tokenizer.decode([int(t)]) for t in token_ids[row_index])
+
+    rows = []
+    for row_index, (feature, all_top) in enumerate(top_windows.items()):
+        top = all_top[: config.top_contexts]
+        count = windows[feature].count
+        rows.append(
+            {
+                "feature": feature,
+                "frequency": float(statistics.frequency[feature]),
+                "mean_activation": float(statistics.mean_activation[feature]),
+                "max_activation": float(statistics.max_activation[feature]),
+                "activating_windows": count,
+                "top_tokens": " | ".join(dict.fromkeys(window.tokens[window.peak] for window in top)),
+                "logit_lens_promoted": decoded(promoted, row_index),
+                "logit_lens_suppressed": decoded(suppressed, row_index),
+                "top_label": labels.loc[feature, "top_label"],
+                "top_label_auroc": float(labels.loc[feature, "top_label_auroc"]),
+                "explanation": "",
+                **{column: "" if column.endswith("_quantile_accuracy") else np.nan for column in classifier_columns()},
+                "fast_rubric_rating": None,
+                "fast_rubric_name": "",
+                "scoring_note": ""
+                if count >= config.min_windows
+                else f"too rare to score: {count} activating windows, MIN_WINDOWS is {config.min_windows}",
+                "top_contexts": "\n".join(f"[{window.activation:.2f}] {window.marked_text()}" for window in top),
+            }
+        )
+    return rows
+
+
+def classifier_columns() -> list[str]:
+    """Per delphi scorer: its score, its accuracy per activation quantile (a JSON list, strongest first) and on non-activating windows."""
+    return [f"{scorer}_{column}" for scorer in SCORERS for column in ("score", "quantile_accuracy", "non_activating_accuracy")]
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _fill_scores(row: dict[str, Any], scorer: str, result: ClassifierResult) -> None:
+    row[f"{scorer}_score"] = result.score
+    row[f"{scorer}_quantile_accuracy"] = json.dumps([_rounded(accuracy) for accuracy in result.quantile_accuracy])
+    row[f"{scorer}_non_activating_accuracy"] = np.nan if result.non_activating_accuracy is None else result.non_activating_accuracy
+    if math.isnan(result.score):
+        logger.warning("%s: no readable answer for feature %d, its score is left empty.", scorer, row["feature"])
+
+
+def _note_short_classes(rows: list[dict[str, Any]], examples: dict[int, FeatureExamples], wanted: int) -> None:
+    """Say in the CSV where a scorer gets fewer windows of a class than SCORE_EXAMPLES: a feature that fires in nearly every
+    window leaves few non-activating ones, and with none its score is at most 0.5 (a class with no verdicts counts 0)."""
+    for row in rows:
+        scoring = examples.get(row["feature"], FeatureExamples([], [])).scoring
+        activating = sum(example.activating for example in scoring)
+        if row["feature"] in examples and min(activating, len(scoring) - activating) < wanted:
+            row["scoring_note"] = (
+                f"scored on {activating} activating and {len(scoring) - activating} non-activating windows, not {wanted} of each; "
+                "a class with none counts 0"
+            )
+
+
+def explain_features(
+    rows: list[dict[str, Any]], top_windows: dict[int, list[Window]], examples: dict[int, FeatureExamples], config: InterpretConfig
+) -> tuple[RubricSummary | None, dict[int, dict[str, ClassifierResult]]]:
+    """Fill each row's LLM columns for SCORING; returns the rubric's rating distribution (when it ran) and each feature's scorer results.
+
+    First round: one explaining request per feature in `examples` and one rubric request per feature with
+    windows (independent of the explanation). Second round: the detection and fuzzing prompts.
+    """
+    client = CachedChatClient(config.explanation_model, Path(config.llm_cache_dir or cache_dir() / "llm"), config.llm_concurrency)
+    explained = list(examples) if config.classifiers else []
+    explain_requests = [explanation_messages(examples[feature].explain) for feature in explained]
+    # A feature that never fired has no windows to rate: it is not asked (nor counted as unreadable).
+    rubric_rows = [row for row in rows if top_windows[row["feature"]]] if config.rubric else []
+    rubric_requests = [rubric_messages(top_windows[row["feature"]][: config.rubric_contexts]) for row in rubric_rows]
+    # Each scorer's texts and order are fixed before the explanation is known; only the explanation goes in later.
+    plans = {}
+    for feature in explained:
+        order = scoring_order(len(examples[feature].scoring), f"{config.seed}:{feature}")
+        for scorer in config.classifiers:
+            plans[feature, scorer] = (example_texts(scorer, examples[feature].scoring), order)
+    estimate = {  # the scoring prompts as they will be, with a stand-in for the explanation
+        scorer: [
+            prompt
+            for (_, kind), (texts, order) in plans.items()
+            if kind == scorer
+            for prompt in classifier_prompts(scorer, "word " * EXPLANATION_TOKENS, texts, order, config.examples_per_prompt)
+        ]
+        for scorer in SCORERS
+    }
+    first_round = explain_requests + rubric_requests
+    cached = sum(client.cached(messages, ANSWER_TOKENS) is not None for messages in first_round)
+    logger.info(
+        "LLM: %d explaining + %d detection + %d fuzzing + %d FAST-rubric requests to %s, about %s prompt tokens (%d explaining/rubric answers already cached)",
+        len(explain_requests),
+        len(estimate["detection"]),
+        len(estimate["fuzzing"]),
+        len(rubric_requests),
+        config.explanation_model,
+        f"{_tokens(first_round + estimate['detection'] + estimate['fuzzing']):,}",
+        cached,
+    )
+    answers = client.complete_all(first_round, ANSWER_TOKENS)
+    explanations = dict(zip(explained, (answer.strip().strip('"') for answer in answers[: len(explain_requests)])))
+    scoring_requests, spans = [], []
+    for (feature, scorer), (texts, order) in plans.items():
+        prompts = classifier_prompts(scorer, explanations[feature], texts, order, config.examples_per_prompt)
+        spans.append((feature, scorer, order, len(scoring_requests), len(prompts)))
+        scoring_requests += prompts
+    scoring_answers = client.complete_all(scoring_requests, ANSWER_TOKENS)
+    row_of = {row["feature"]: row for row in rows}
+    results: dict[int, dict[str, ClassifierResult]] = {feature: {} for feature in explained}
+    for feature, scorer, order, first, count in spans:
+        result = score_answers(
+            examples[feature].scoring, order, config.examples_per_prompt, scoring_answers[first : first + count], config.n_quantiles
+        )
+        results[feature][scorer] = result
+        row_of[feature]["explanation"] = explanations[feature]
+        _fill_scores(row_of[feature], scorer, result)
+    for scorer in config.classifiers:
+        _log_headline(scorer, [(examples[feature].scoring, result[scorer]) for feature, result in results.items()])
+    summary = None
+    if config.rubric:
+        for row, answer in zip(rubric_rows, answers[len(explain_requests) :]):
+            row["fast_rubric_rating"], row["fast_rubric_name"] = parse_rubric(answer)
+            if row["fast_rubric_rating"] is None:  # counted as missing in the summary, never guessed
+                logger.warning("FAST rubric: no 1-5 rating in the answer for feature %d, left empty: %r", row["feature"], answer[:200])
+        summary = rubric_summary(row["fast_rubric_rating"] for row in rubric_rows)
+        logger.info("FAST rubric: %s", summary.describe())
+    logger.info("LLM: %d requests sent, the rest served from the cache", client.requests_sent)
+    return summary, results
+
+
+def _log_headline(scorer: str, scored: list[tuple[list[ScoringExample], ClassifierResult]]) -> None:
+    """The run's numbers for one scorer: the mean of the features' scores, and delphi's headline (balanced accuracy over all examples pooled)."""
+    scores = [result.score for _, result in scored if not math.isnan(result.score)]
+    if not scores:
+        logger.info("%s: no feature scored", scorer)
+        return
+    verdicts = [verdict for examples, result in scored for verdict in result.verdicts]
+    truth = [example.activating for examples, _ in scored for example in examples]
+    logger.info(
+        "%s: mean score %.3f over %d features; balanced accuracy over all %d examples pooled (delphi's headline) %.3f",
+        scorer,
+        float(np.mean(scores)),
+        len(scores),
+        len(truth),
+        balanced_accuracy(verdicts, truth),
+    )
+
+
+def interpret_sae(config: InterpretConfig) -> Path:
+    """Statistics over the whole store, windows of the chosen features, then one CSV row per chosen feature."""
+    trained = open_trained_sae(config.checkpoint)
+    store = trained.open_store(config.store)
+    model_name = config.model_name or store.manifest.model_name
+    if not model_name:
+        raise UserError(f"the store at {store.folder} does not name its model. Pass --model-name (its tokenizer decodes the contexts).")
+    device = resolve_device(config.device)
+    source = resolve_model(model_name)
+    tokenizer = load_tokenizer(source)
+    if store.manifest.hook_point == LORA_HOOK_POINT:
+        # Decoder directions live in the adapter's concatenated bottleneck space (d is not the hidden size), not the residual stream.
+        logger.info(
+            "Logit lens skipped: this is a LoRA-bottleneck store, whose directions do not meet the unembedding; its columns stay empty."
+        )
+        unembedding = None
+    else:
+        unembedding = _unembedding(load_model(source, torch.float32, "cpu")).to(device)
+    sae = trained.sae.to(device)
+    include_special = trained.info.trained_with_special_tokens
+    with tempfile.TemporaryDirectory(prefix="fastsae-interpret-") as scratch:  # example-level maxima live on disk
+        statistics = collect_feature_statistics(
+            store, sae, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy"
+        )
+        return _interpret_with(statistics, store, sae, tokenizer, unembedding, include_special, config)
+
+
+def _interpret_with(
+    statistics: FeatureStatistics,
+    store: ActivationStore,
+    sae,
+    tokenizer,
+    unembedding: torch.Tensor | None,
+    include_special: bool,
+    config: InterpretConfig,
+) -> Path:
+    """Everything after the statistics: labels, chosen features, their windows, logit lens, LLM, CSV and dashboard."""
+    labels = label_association(statistics.example_max, [record.get("label") for record in store.example_records()])
+    features = select_features(config.features, statistics, labels, config.seed)
+    grid = (
+        WindowGrid(store.doc_offsets, config.window_tokens)
+        if include_special
+        else WindowGrid.after_leading_template(store, config.window_tokens)
+    )
+    shown = max(config.top_contexts, config.rubric_contexts, config.explain_examples if config.explain_from == "top" else 0)
+    windows = collect_windows(store, sae, features, grid, shown, include_special, seed=config.seed)
+    top_windows = {f: read_windows(store, sae, f, tokenizer, grid, grid.index_of(windows[f].top_peaks), include_special) for f in features}
+    promoted, suppressed = (
+        logit_lens(sae.W_dec.detach()[features], unembedding, k=config.logit_lens_tokens) if unembedding is not None else (None, None)
+    )
+    rows = interpretation_rows(statistics, labels, windows, top_windows, promoted, suppressed, tokenizer, config)
+    rubric, results, examples = None, {}, {}
+    if not config.explain:
+        logger.info("EXPLAIN is off: the explanation, score and FAST-rubric columns are left empty.")
+    elif api_key() is None:
+        logger.warning("No API key (%s): the explanation, score and FAST-rubric columns are left empty.", " / ".join(API_KEY_VARIABLES))
+    else:
+        scored = [f for f in features if windows[f].count >= config.min_windows] if config.classifiers else []
+        if config.classifiers and len(scored) < len(features):
+            logger.info(
+                "%d of %d features have fewer than MIN_WINDOWS=%d activating windows: too rare to explain and score.",
+                len(features) - len(scored),
+                len(features),
+                config.min_windows,
+            )
+        examples = {
+            f: feature_examples(store, sae, tokenizer, grid, windows[f], f, config, include_special)
+            for f in tqdm(scored, desc="sampling windows", unit="feature")
+        }
+        _note_short_classes(rows, examples, config.score_examples)
+        rubric, results = explain_features(rows, top_windows, examples, config)
+    path = Path(config.interpretations_path)
+    table = pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {})  # whole numbers; empty where missing
+    write_atomically(path, lambda partial: table.to_csv(partial, index=False))
+    title = f"{sae.spec.name} on {store.manifest.model} {store.hook_name}"
+    page = dashboard_data(
+        title, rows, top_windows, statistics, rubric, {f: (examples[f].scoring, results[f]) for f in results}, config.n_quantiles
+    )
+    dashboard = write_dashboard(path.with_name("dashboard.html"), page)
+    logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
+    return path

@@ -1,0 +1,104 @@
+"""Chat completions from any OpenAI-compatible endpoint, cached on disk and sent concurrently.
+
+The key comes from OPENAI_API_KEY (or OPENAI_KEY_SAE, the original scripts' name) and the base
+URL from OPENAI_BASE_URL, so vLLM, Ollama or a local server work too. The key is never printed,
+logged or written. Retries with backoff on 429, 5xx, timeouts and dropped connections are the
+`openai` client's own (it honours Retry-After); a rejected key (401) stops at once. Every answer
+is cached under a hash of its request and endpoint, so a rerun or a resumed run never pays twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastsae.common.atomic_files import write_json_atomically
+from fastsae.common.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+API_KEY_VARIABLES = ("OPENAI_API_KEY", "OPENAI_KEY_SAE")
+
+Messages = list[dict[str, str]]
+
+
+def api_key() -> str | None:
+    for name in API_KEY_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+class CachedChatClient:
+    """Sends chat requests (concurrently, at most `concurrency` at a time) and remembers every answer."""
+
+    def __init__(self, model: str, cache_dir: Path, concurrency: int = 4, max_retries: int = 6, timeout: float = 120.0) -> None:
+        from openai import OpenAI
+
+        key = api_key()
+        if key is None:
+            raise UserError(f"no API key: set {' or '.join(API_KEY_VARIABLES)} (and OPENAI_BASE_URL for a local server).")
+        self.model = model
+        self.cache_dir = Path(cache_dir)
+        self.concurrency = concurrency
+        self.requests_sent = 0
+        self._client = OpenAI(api_key=key, base_url=os.environ.get("OPENAI_BASE_URL") or None, max_retries=max_retries, timeout=timeout)
+
+    def _cache_path(self, messages: Messages, max_tokens: int) -> Path:
+        # The endpoint is part of the key: a local server's answers under the name "gpt-4.1" are not gpt-4.1's.
+        request = json.dumps(
+            {"endpoint": str(self._client.base_url), "model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0},
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(request.encode()).hexdigest()
+        return self.cache_dir / digest[:2] / f"{digest}.json"
+
+    def cached(self, messages: Messages, max_tokens: int) -> str | None:
+        path = self._cache_path(messages, max_tokens)
+        return json.loads(path.read_text())["answer"] if path.exists() else None
+
+    def complete(self, messages: Messages, max_tokens: int = 300) -> str:
+        """One answer: from the cache, or from the endpoint (then cached)."""
+        from openai import AuthenticationError, PermissionDeniedError
+
+        answer = self.cached(messages, max_tokens)
+        if answer is not None:
+            return answer
+        try:
+            self.requests_sent += 1
+            response = self._client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens, temperature=0)
+        except (AuthenticationError, PermissionDeniedError) as error:
+            raise UserError(
+                f"the API rejected the key ({error.status_code}). Check {' / '.join(API_KEY_VARIABLES)} and OPENAI_BASE_URL; "
+                "everything computed so far is kept (answers already received are cached)."
+            ) from None
+        answer = response.choices[0].message.content or ""
+        path = self._cache_path(messages, max_tokens)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(path, {"model": self.model, "answer": answer}, indent=None)
+        return answer
+
+    def complete_all(self, requests: Sequence[Messages], max_tokens: int = 300) -> list[str]:
+        """Answers in request order; the first error (after the client's retries) stops the rest.
+
+        Requests not yet sent when one fails are dropped, not sent: a rejected key would refuse them all.
+        """
+        failed = threading.Event()
+
+        def complete_unless_failed(messages: Messages) -> str | None:
+            if failed.is_set():
+                return None  # never returned: the failure that set the flag is raised when its result is read
+            try:
+                return self.complete(messages, max_tokens)
+            except BaseException:
+                failed.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(complete_unless_failed, requests))

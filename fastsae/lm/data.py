@@ -1,0 +1,274 @@
+"""Load examples (plain texts or chat conversations) from JSONL, CSV, Parquet or a saved HF dataset.
+
+Rows that cannot be used are skipped and counted with their reason, never
+silently; a file whose rows are all bad is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastsae.common.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TEXT_FIELD_CANDIDATES = ("text", "content", "prompt", "messages")
+LABEL_FIELD_CANDIDATES = ("label", "labels", "category")
+MAX_REASON_EXAMPLES = 5
+MALFORMED_JSON = "malformed JSON"
+NOT_UTF8 = "not UTF-8"
+UNREAD_LINE_REASONS = (MALFORMED_JSON, NOT_UTF8)  # JSONL lines that never became a row, yet are rows of the file
+
+
+@dataclass
+class Example:
+    """One usable row: either a plain `text` (with an optional `response`) or chat `messages`.
+
+    `row` counts the rows read; `source` says where the row is ("line 12") for messages.
+    """
+
+    row: int
+    source: str
+    text: str | None = None
+    response: str | None = None
+    messages: list[dict[str, str]] | None = None
+    label: str | None = None
+
+
+@dataclass
+class SkipReport:
+    """Rows left out, by reason, with the first few row/line numbers of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    where: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, location: str) -> None:
+        self.counts[reason] += 1
+        self.where.setdefault(reason, [])
+        if len(self.where[reason]) < MAX_REASON_EXAMPLES:
+            self.where[reason].append(location)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        parts = []
+        for reason, count in self.counts.most_common():
+            shown = ", ".join(self.where[reason])
+            more = ", ..." if count > len(self.where[reason]) else ""
+            parts.append(f"{count} × {reason} ({shown}{more})")
+        return "; ".join(parts)
+
+
+@dataclass
+class Dataset:
+    """Loaded examples plus what was skipped and which fields were used."""
+
+    path: str
+    examples: list[Example]
+    skipped: SkipReport
+    text_field: str
+    label_field: str | None
+    n_rows: int
+
+    def fingerprint(self) -> str:
+        """Hash of the usable content, so a store can tell whether it came from the same data."""
+        digest = hashlib.sha256()
+        for example in self.examples:
+            record = [example.row, example.text, example.response, example.messages, example.label]
+            digest.update(json.dumps(record, sort_keys=True).encode())
+        return digest.hexdigest()[:16]
+
+
+def _read_jsonl(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
+    """Rows of a JSONL file. Lines are read as bytes and decoded one by one, so a line that is not UTF-8 is
+    skipped and reported like malformed JSON; decoding the file as text would stop at it, or, with a lenient
+    `errors=`, silently change its text."""
+    rows: list[tuple[str, Any]] = []
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: files saved on Windows often start with a BOM
+            except UnicodeDecodeError as error:
+                skipped.add(NOT_UTF8, f"line {line_number}: {error.reason} 0x{error.object[error.start]:02x} at byte {error.start + 1}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {line_number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                skipped.add(MALFORMED_JSON, f"line {line_number}: {error.msg}")
+    return rows
+
+
+def _read_table(path: Path) -> list[tuple[str, Any]]:
+    import pandas as pd
+
+    frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    records = frame.to_dict(orient="records")
+    # pandas turns missing cells into NaN floats (dropped: "missing") and list cells into arrays (back to lists).
+    cleaned = [
+        {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in record.items() if not _is_missing(value)}
+        for record in records
+    ]
+    first_line = 2 if path.suffix.lower() == ".csv" else 0
+    label = "line" if path.suffix.lower() == ".csv" else "row"
+    return [(f"{label} {index + first_line}", record) for index, record in enumerate(cleaned)]
+
+
+def _is_missing(value: Any) -> bool:
+    return isinstance(value, float) and value != value
+
+
+def _read_hf_dataset(path: Path) -> list[tuple[str, Any]]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if "train" in loaded else next(iter(loaded))
+        logger.info("Using split %r of the dataset dictionary at %s", split, path)
+        loaded = loaded[split]
+    return [(f"row {index}", record) for index, record in enumerate(loaded)]
+
+
+def read_rows(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
+    """Raw rows of a dataset file or saved dataset folder, each with a location for messages."""
+    if not path.exists():
+        raise UserError(f"dataset not found: {path}. Set DATASET (or --dataset) to a JSONL, CSV or Parquet file.")
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise UserError(
+                f"{path} is a folder but not a dataset saved with datasets' save_to_disk. "
+                "Point DATASET at a JSONL, CSV or Parquet file, or at such a folder."
+            )
+        return _read_hf_dataset(path)
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset file is empty: {path}. Add examples (one JSON object per line for JSONL).")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _read_jsonl(path, skipped)
+    if suffix in (".csv", ".parquet"):
+        return _read_table(path)
+    raise UserError(f"unsupported dataset format {suffix!r} for {path}: use .jsonl, .csv, .parquet or a saved dataset folder.")
+
+
+def _detect_field(rows: list[tuple[str, Any]], requested: str, candidates: tuple[str, ...], what: str) -> str | None:
+    keys: Counter = Counter()
+    for _, record in rows:
+        if isinstance(record, dict):
+            keys.update(record.keys())
+    if requested not in ("auto", ""):
+        if requested not in keys:
+            available = ", ".join(sorted(keys)) or "none"
+            raise UserError(f"{what} field {requested!r} is in no row; the rows have: {available}. Set the field name to one of them.")
+        return requested
+    if requested == "":
+        return None
+    for candidate in candidates:
+        if candidate in keys:
+            return candidate
+    return None
+
+
+def _parse_messages(value: Any) -> list[dict[str, str]] | None:
+    if not isinstance(value, list) or not value:
+        return None
+    messages = []
+    for message in value:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            return None
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def load_dataset(
+    path: str | Path,
+    text_field: str = "auto",
+    response_field: str = "",
+    label_field: str = "auto",
+    max_examples: int = 0,
+) -> Dataset:
+    """Read and validate examples; `text_field="auto"` picks text, content, prompt or messages."""
+    path = Path(path)
+    skipped = SkipReport()
+    rows = read_rows(path, skipped)
+    if not rows and not skipped.total:
+        raise UserError(f"dataset has no rows: {path}.")
+    chosen_text = _detect_field(rows, text_field, TEXT_FIELD_CANDIDATES, "text")
+    if chosen_text is None:
+        raise UserError(
+            f"no text field found in {path}: looked for {', '.join(TEXT_FIELD_CANDIDATES)}. "
+            "Set TEXT_FIELD (or --text-field) to the column holding the text."
+            + (f" Skipped rows: {skipped.describe()}" if skipped.total else "")
+        )
+    chosen_label = _detect_field(rows, label_field, LABEL_FIELD_CANDIDATES, "label")
+    chosen_response = _detect_field(rows, response_field, (), "response") if response_field else None
+
+    examples: list[Example] = []
+    for row_index, (location, record) in enumerate(rows):
+        example = _example_from_record(row_index, location, record, chosen_text, chosen_response, chosen_label, skipped)
+        if example is not None:
+            examples.append(example)
+        if max_examples and len(examples) >= max_examples:
+            break
+    if not examples:
+        raise UserError(f"no usable rows in {path}: {skipped.describe()}. Fix the rows or choose another TEXT_FIELD.")
+    n_rows = len(rows) + sum(skipped.counts[reason] for reason in UNREAD_LINE_REASONS)
+    if skipped.total:
+        logger.warning("Skipped %d of %d rows of %s: %s", skipped.total, n_rows, path, skipped.describe())
+    return Dataset(
+        path=str(path),
+        examples=examples,
+        skipped=skipped,
+        text_field=chosen_text,
+        label_field=chosen_label,
+        n_rows=n_rows,
+    )
+
+
+def _example_from_record(
+    row_index: int,
+    location: str,
+    record: Any,
+    text_field: str,
+    response_field: str | None,
+    label_field: str | None,
+    skipped: SkipReport,
+) -> Example | None:
+    if not isinstance(record, dict):
+        skipped.add("row is not an object", location)
+        return None
+    if text_field not in record:
+        skipped.add(f"missing field {text_field!r}", location)
+        return None
+    value = record[text_field]
+    label = record.get(label_field) if label_field else None
+    label = None if label is None else str(label)
+    if text_field == "messages":
+        messages = _parse_messages(value)
+        if messages is None:
+            skipped.add("messages is not a list of {role, content} strings", location)
+            return None
+        return Example(row=row_index, source=location, messages=messages, label=label)
+    if not isinstance(value, str):
+        skipped.add(f"{text_field!r} is not a string", location)
+        return None
+    if not value.strip():
+        skipped.add("empty text", location)
+        return None
+    response = None
+    if response_field:
+        response = record.get(response_field)
+        if not isinstance(response, str) or not response.strip():
+            skipped.add(f"missing or empty response field {response_field!r}", location)
+            return None
+    return Example(row=row_index, source=location, text=value, response=response, label=label)

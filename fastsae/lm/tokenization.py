@@ -1,0 +1,115 @@
+"""Turn examples into token ids, the way fine-tuning sees them, with a mask of special/template tokens.
+
+For an instruct model each example becomes a conversation rendered by the
+model's chat template (a plain text is one user turn; with a response field it
+is user + assistant). Tokens that are not part of a message's own content —
+BOS, chat markers, role names, a default system prompt — are marked in
+`special_mask`, so training can leave them out while the store keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fastsae.common import distributed
+from fastsae.common.errors import UserError
+from fastsae.lm.data import Example
+
+logger = logging.getLogger(__name__)
+
+CHAT_TEMPLATE_CHOICES = ("auto", "none")
+
+
+@dataclass
+class TokenizedExample:
+    token_ids: np.ndarray  # (T,) int32
+    special_mask: np.ndarray  # (T,) bool: True for special and chat-template tokens
+    truncated: bool
+
+
+def wants_chat_template(tokenizer, chat_template: str) -> bool:
+    """`auto` uses the template whenever the tokenizer has one (instruct models do)."""
+    return chat_template == "auto" and getattr(tokenizer, "chat_template", None) is not None
+
+
+def example_messages(example: Example) -> list[dict[str, str]]:
+    if example.messages is not None:
+        return example.messages
+    messages = [{"role": "user", "content": example.text}]
+    if example.response is not None:
+        messages.append({"role": "assistant", "content": example.response})
+    return messages
+
+
+def _content_spans(rendered: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+    """Character spans of each message's content inside the rendered conversation, in order."""
+    spans = []
+    cursor = 0
+    for message in messages:
+        start = rendered.find(message["content"], cursor)
+        if start < 0:
+            continue  # a template that rewrites content (rare): its tokens count as template
+        spans.append((start, start + len(message["content"])))
+        cursor = start + len(message["content"])
+    return spans
+
+
+def _template_tokenization(tokenizer, example: Example, add_generation_prompt: bool = False) -> tuple[list[int], np.ndarray]:
+    messages = example_messages(example)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    spans = _content_spans(rendered, messages)
+    special_ids = set(tokenizer.all_special_ids)
+    special = np.ones(len(encoded["input_ids"]), dtype=bool)
+    for position, (token_id, (start, end)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+        inside = any(start < span_end and end > span_start for span_start, span_end in spans)
+        special[position] = token_id in special_ids or not inside
+    return encoded["input_ids"], special
+
+
+def _plain_tokenization(tokenizer, example: Example) -> tuple[list[int], np.ndarray]:
+    if example.messages is not None:
+        raise UserError("chat examples (a 'messages' field) need a chat template: set CHAT_TEMPLATE = 'auto' with an instruct model.")
+    text = example.text if example.response is None else f"{example.text}\n{example.response}"
+    encoded = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
+    return encoded["input_ids"], np.asarray(encoded["special_tokens_mask"], dtype=bool)
+
+
+def tokenize_example(tokenizer, example: Example, use_chat_template: bool, max_length: int) -> TokenizedExample:
+    token_ids, special = (_template_tokenization if use_chat_template else _plain_tokenization)(tokenizer, example)
+    truncated = len(token_ids) > max_length
+    return TokenizedExample(
+        token_ids=np.asarray(token_ids[:max_length], dtype=np.int32),
+        special_mask=special[:max_length],
+        truncated=truncated,
+    )
+
+
+def prompt_token_ids(tokenizer, example: Example, use_chat_template: bool) -> list[int]:
+    """A prompt to generate from, tokenized as extraction tokenized its examples; a chat ends with the assistant's opening, so the model answers."""
+    if use_chat_template:
+        return list(_template_tokenization(tokenizer, example, add_generation_prompt=True)[0])
+    return list(_plain_tokenization(tokenizer, example)[0])
+
+
+def tokenize_examples(tokenizer, examples: list[Example], chat_template: str, max_length: int) -> list[TokenizedExample]:
+    if chat_template not in CHAT_TEMPLATE_CHOICES:
+        raise UserError(f"CHAT_TEMPLATE must be one of {CHAT_TEMPLATE_CHOICES}, got {chat_template!r}.")
+    use_template = wants_chat_template(tokenizer, chat_template)
+    if use_template and not tokenizer.is_fast:
+        raise UserError(
+            "marking chat-template tokens needs a fast tokenizer (with offsets); set CHAT_TEMPLATE = 'none' or use a fast tokenizer."
+        )
+    logger.info("Tokenizing %d examples (%s)", len(examples), "chat template" if use_template else "plain text")
+    tokenized = [
+        tokenize_example(tokenizer, example, use_template, max_length)
+        for example in tqdm(examples, desc="tokenizing", unit="ex", leave=False, disable=not distributed.current().is_main)
+    ]
+    n_truncated = sum(item.truncated for item in tokenized)
+    if n_truncated:
+        logger.warning("Truncated %d of %d examples to MAX_LENGTH=%d tokens", n_truncated, len(tokenized), max_length)
+    return tokenized

@@ -1,0 +1,1 @@
+"""The runner that chains the steps: checks, plan, confirmation, resume, summary."""

@@ -1,0 +1,236 @@
+"""What run_pipeline.py checks and measures before it runs anything.
+
+Checks end in one line for the plan, or in a `UserError` that names the fix: the model (local,
+a GGUF to dequantise once, or a download), the device and dtype, free disk against the store's
+size, and the API key for explanations. Estimates come from the data and this machine, not from
+constants: token counts from the model's tokenizer (or an existing store), and speeds from a short
+calibration — a forward pass of a few real examples, and a few SAE training steps at the
+configured size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastsae.common.errors import UserError
+from fastsae.core.sae import SAESpec, SparseAutoencoder
+from fastsae.extract.extract_activations import ExtractConfig, pack_sequences, padded_batch
+from fastsae.interpret.interpret_sae import InterpretConfig, estimate_llm_cost
+from fastsae.interpret.llm import API_KEY_VARIABLES, api_key
+from fastsae.lm.data import Dataset
+from fastsae.lm.hook_points import ResidualCapture
+from fastsae.lm.models import ModelSource, load_model, model_availability, model_folder, resolve_model
+from fastsae.lm.tokenization import tokenize_examples
+from fastsae.store.activation_store import DISK_MARGIN_BYTES, ActivationStore, check_free_disk, free_disk_bytes
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_EXAMPLES = 8  # real examples of about the median length, timed through the model
+CALIBRATION_SAE_STEPS = 5  # timed SAE training steps and encodings (after as many for warm-up)
+
+
+@dataclass
+class Corpus:
+    """Tokens per sequence as extraction will see them, and a few real sequences to time."""
+
+    lengths: np.ndarray  # (n,) tokens per example (per block with PACKING = block)
+    content: np.ndarray  # (n,) of those, the ones that are not special/template tokens
+    sample: list[np.ndarray]  # token ids of up to CALIBRATION_EXAMPLES sequences
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def _median_picks(lengths: np.ndarray) -> np.ndarray:
+    """Indices of the examples around the median length: typical sequences, batched with little padding as extraction batches them."""
+    order = np.argsort(lengths, kind="stable")
+    start = max(0, min(len(order) // 2 - CALIBRATION_EXAMPLES // 2, len(order) - CALIBRATION_EXAMPLES))
+    return order[start : start + CALIBRATION_EXAMPLES]
+
+
+def corpus_from_dataset(tokenizer, dataset: Dataset, config: ExtractConfig) -> Corpus:
+    """Tokenize the dataset the way extraction will (template, truncation, packing): cheap next to a forward pass."""
+    tokenized = tokenize_examples(tokenizer, dataset.examples, config.chat_template, config.max_length)
+    packed = pack_sequences(tokenized, dataset, config.packing, config.block_size)
+    lengths = np.array([len(sequence) for sequence in packed.sequences])
+    content = np.array([int((~mask).sum()) for mask in packed.special_masks])
+    return Corpus(lengths, content, [packed.sequences[index] for index in _median_picks(lengths)])
+
+
+def corpus_from_store(store: ActivationStore) -> Corpus:
+    """The same counts read off an existing store (its token ids and special masks, not its activations)."""
+    offsets = store.doc_offsets
+    lengths = np.diff(offsets)
+    content = np.add.reduceat((~store.special_mask(0, store.n_tokens)).astype(np.int64), offsets[:-1])  # no example is empty
+    sample = [store.token_ids(int(offsets[index]), int(offsets[index + 1])) for index in _median_picks(lengths)]
+    return Corpus(lengths, content, sample)
+
+
+@dataclass
+class ModelCheck:
+    """The model the pipeline uses: where it comes from and the sizes the plan needs."""
+
+    source: ModelSource
+    availability: str  # local, dequantise or download (see fastsae.lm.models.model_availability)
+    d: int
+    n_layers: int
+
+    def describe(self) -> str:
+        how = {
+            "local": "available offline",
+            "dequantise": "GGUF, dequantised into the cache once (about 15 s for SmolLM2)",
+            "download": "not in the local cache: the weights will be downloaded from the Hugging Face hub",
+        }[self.availability]
+        return f"{self.source.name} ({self.source.kind}; {self.n_layers} blocks, d={self.d}): {how}"
+
+
+def check_model(name: str, layers: list[int]) -> ModelCheck:
+    """Resolve the model and read its config (no weights): a missing model or a layer out of range stops here."""
+    from transformers import AutoConfig
+
+    source = resolve_model(name)
+    availability = model_availability(source)
+    try:
+        model_config = AutoConfig.from_pretrained(model_folder(source))
+    except OSError as error:
+        raise UserError(
+            f"could not read the config of model {name}: it is not local and the hub could not provide it (no internet?). "
+            f"Connect, or set MODEL_NAME to a local folder or .gguf file. Details: {error}"
+        ) from None
+    n_layers = int(model_config.num_hidden_layers)
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise UserError(
+            f"LAYERS has {bad[0]}, but {name} has {n_layers} blocks: set LAYERS in extract_activations.py to values in 0..{n_layers - 1}."
+        )
+    return ModelCheck(source, availability, int(model_config.hidden_size), n_layers)
+
+
+def describe_device(device: str, compute_dtype: torch.dtype, training_bfloat16: bool) -> str:
+    if device.startswith("cuda"):
+        where = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        where = "cpu" if torch.cuda.is_available() else "cpu (no CUDA GPU found)"
+    training = "bfloat16 autocast, float32 weights" if training_bfloat16 else "float32"
+    return f"{where}; model in {str(compute_dtype).removeprefix('torch.')}, SAE training in {training}"
+
+
+def check_disk(folder: Path, needed_bytes: int) -> str:
+    """Refuses (UserError) when the store would not fit; otherwise says how much it takes of what is free."""
+    check_free_disk(folder, needed_bytes)
+    return f"the store needs about {format_bytes(needed_bytes)} (+{DISK_MARGIN_BYTES // 2**20} MiB margin); {format_bytes(free_disk_bytes(folder))} free at {folder}"
+
+
+def describe_api_key(config: InterpretConfig, n_features: int) -> str:
+    if not config.explain:
+        return "EXPLAIN is off in interpret_sae.py: explanations are skipped"
+    if api_key() is None:
+        return f"no key ({' / '.join(API_KEY_VARIABLES)}): explanations and scores are skipped; set one to get them"
+    base = os.environ.get("OPENAI_BASE_URL") or "the OpenAI API"
+    return f"key set; {n_features} features ({config.scoring}): at most {estimate_llm_cost(config, n_features).describe()} to {base}"
+
+
+def format_bytes(count: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    power = 0
+    while count >= 1024 and power < len(units) - 1:
+        count, power = count / 1024, power + 1
+    return f"{count:.0f} B" if power == 0 else f"{count:.1f} {units[power]}"
+
+
+@dataclass
+class Calibration:
+    """Speeds measured on this machine; None where that part was not needed (or could not be measured)."""
+
+    load_seconds: float | None = None  # loading the model
+    cut_tokens_per_second: float | None = None  # forward stopped after the deepest layer, as extraction runs
+    full_tokens_per_second: float | None = None  # the whole model with its LM head, as evaluation runs
+    sae_step_seconds: float | None = None  # one training step of every SAE of the run, at BATCH_SIZE
+    encode_tokens_per_second: float | None = None  # SAE encoding, as evaluation and interpretation run
+    seconds: float = 0.0  # the calibration itself
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(function, device: str) -> float:
+    _synchronize(device)
+    started = time.perf_counter()
+    function()
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def calibrate_model(
+    calibration: Calibration,
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: str,
+    sample: list[np.ndarray],
+    layers: list[int],
+    hook_point: str,
+    pad_token_id: int,
+) -> None:
+    """Load the model and time the sample through it in one padded batch, cut short after the deepest layer and in full."""
+    started = time.perf_counter()
+    model = load_model(source, dtype, device)
+    calibration.load_seconds = time.perf_counter() - started
+
+    capture = ResidualCapture(model, layers, hook_point)
+
+    def cut(sequences: list[np.ndarray]) -> None:
+        input_ids, attention_mask = padded_batch(sequences, pad_token_id)
+        capture(input_ids.to(device), attention_mask.to(device))
+
+    def full(sequences: list[np.ndarray]) -> None:
+        input_ids, attention_mask = padded_batch(sequences, pad_token_id)
+        with torch.inference_mode():
+            model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits.float().log_softmax(-1)
+
+    cut(sample[:2]), full(sample[:2])  # warm-up: one-off allocations stay out of the timing
+    tokens = sum(len(sequence) for sequence in sample)
+    calibration.cut_tokens_per_second = tokens / _timed(lambda: cut(sample), device)
+    calibration.full_tokens_per_second = tokens / _timed(lambda: full(sample), device)
+
+
+def _time_sae(spec: SAESpec, x: torch.Tensor, device: str, bfloat16: bool, aux_coefficient: float) -> tuple[float, float]:
+    """Seconds per training step (Adam, backward, decoder renormalised) and per encoding of the batch `x`."""
+    sae = SparseAutoencoder(spec).to(device).train()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+
+    def steps(count: int) -> None:
+        for _ in range(count):
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bfloat16):
+                output = sae.training_step(x, None, aux_coefficient, 0.0)
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            optimizer.step()
+            sae.enforce_constraints_()
+
+    def encodes() -> None:
+        with torch.no_grad():
+            for _ in range(CALIBRATION_SAE_STEPS):
+                sae.encode(x)
+
+    steps(CALIBRATION_SAE_STEPS)  # warm-up: Adam's state and the allocator settle
+    return _timed(lambda: steps(CALIBRATION_SAE_STEPS), device) / CALIBRATION_SAE_STEPS, _timed(encodes, device) / CALIBRATION_SAE_STEPS
+
+
+def calibrate_sae(
+    calibration: Calibration, specs: list[SAESpec], batch_size: int, device: str, bfloat16: bool, aux_coefficient: float
+) -> None:
+    """Time every SAE of the run on one random batch: training steps, and encoding as the later steps do."""
+    x = torch.randn(batch_size, specs[0].d, device=device)
+    timings = [_time_sae(spec, x, device, bfloat16, aux_coefficient) for spec in specs]
+    calibration.sae_step_seconds = sum(step for step, _ in timings)
+    calibration.encode_tokens_per_second = batch_size / sum(encode for _, encode in timings)

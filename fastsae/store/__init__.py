@@ -1,0 +1,1 @@
+"""The activation store: sharded arrays, its manifest, and the batches that stream from it."""

@@ -1,0 +1,330 @@
+"""The activation store: fixed-size shards of a flat (tokens, d) array, memory-mapped on read.
+
+Layout of one store folder (`activations/<model>/<hook>/`):
+
+    manifest.json          what, how and how much (a StoreManifest); `status` is "complete" when done
+    doc_offsets.npy        (n_examples + 1,) int64: example i is tokens [off[i], off[i+1])
+    examples.jsonl         per example: source row of the dataset and its label, if any
+    shard_00000/           one folder per shard, renamed from `.partial` when complete
+        activations.npy    (n, d) float16 / float32, or bfloat16 bits stored as uint16
+        token_ids.npy      (n,) int32
+        special_mask.npy   (n,) bool: special and chat-template tokens
+
+Shards hold whole examples and are planned before extraction starts, so a
+rerun knows exactly which shards are missing and an interrupted run resumes
+into the same store as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from fastsae.common.atomic_files import replace_folder_atomically, write_atomically
+from fastsae.common.errors import UserError
+from fastsae.store.manifest import MANIFEST, STORE_FORMAT_VERSION, ShardPlan, StoreManifest
+
+logger = logging.getLogger(__name__)
+
+DOC_OFFSETS = "doc_offsets.npy"
+EXAMPLES = "examples.jsonl"
+SHARD_ARRAYS = ("activations", "token_ids", "special_mask")
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DISK_MARGIN_BYTES = 256 * 2**20
+
+
+class StoreError(UserError):
+    """The store is missing, incomplete, or does not match its manifest."""
+
+
+class StoreChunk(NamedTuple):
+    """A contiguous run of tokens read from the store."""
+
+    start: int  # index of the first token in the store
+    activations: torch.Tensor  # (n, d) in the storage dtype
+    token_ids: np.ndarray  # (n,) int32
+    special_mask: np.ndarray  # (n,) bool
+
+
+def plan_shards(lengths: list[int], shard_tokens: int) -> list[ShardPlan]:
+    """Cut consecutive examples into shards of at most `shard_tokens` tokens (at least one example each)."""
+    shards: list[ShardPlan] = []
+    first_example = first_token = tokens = 0
+    for index, length in enumerate(lengths):
+        if tokens and tokens + length > shard_tokens:
+            shards.append(ShardPlan(f"shard_{len(shards):05d}", first_example, index - first_example, first_token, tokens))
+            first_example, first_token, tokens = index, first_token + tokens, 0
+        tokens += length
+    if tokens:
+        shards.append(ShardPlan(f"shard_{len(shards):05d}", first_example, len(lengths) - first_example, first_token, tokens))
+    return shards
+
+
+def to_storage_array(values: torch.Tensor) -> np.ndarray:
+    """numpy has no bfloat16: such tensors are saved as their raw uint16 bits."""
+    if values.dtype == torch.bfloat16:
+        return values.view(torch.int16).numpy().view(np.uint16)
+    return values.numpy()
+
+
+def from_storage_array(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
+def _write_json_lines(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    with path.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+def bytes_per_token(d: int, storage_dtype: str) -> int:
+    """Disk bytes one token takes in one store: its activations, an int32 token id and a bool mask."""
+    return d * torch.zeros(1, dtype=STORAGE_DTYPES[storage_dtype]).element_size() + 4 + 1
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free space on the disk that holds `folder` (or its nearest existing parent)."""
+    probe = folder.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_free_disk(folder: Path, needed_bytes: int) -> None:
+    free = free_disk_bytes(folder)
+    if needed_bytes + DISK_MARGIN_BYTES > free:
+        raise UserError(
+            f"not enough disk space at {folder}: the store needs about {needed_bytes / 2**30:.2f} GiB "
+            f"(plus {DISK_MARGIN_BYTES / 2**20:.0f} MiB margin) and {free / 2**30:.2f} GiB is free. "
+            "Free some space, set OUTPUT_DIR to another disk, or lower MAX_EXAMPLES / MAX_LENGTH."
+        )
+
+
+def _settings_differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in keys if old.get(key) != new.get(key))
+
+
+class ActivationStoreWriter:
+    """Writes one store; resumes an interrupted one made with the same settings.
+
+    `settings` holds everything that determines the store's contents; a store
+    in the folder made with other settings is refused unless `overwrite`.
+    `manifest_fields` are StoreManifest fields; the writer adds the counts, shards and settings.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        settings: dict[str, Any],
+        manifest_fields: dict[str, Any],
+        shards: list[ShardPlan],
+        doc_offsets: np.ndarray,
+        example_records: list[dict[str, Any]],
+        overwrite: bool = False,
+    ) -> None:
+        self.folder = Path(folder)
+        self.shards = shards
+        self.manifest = StoreManifest(
+            **manifest_fields, n_examples=len(doc_offsets) - 1, n_tokens=int(doc_offsets[-1]), shards=tuple(shards), settings=settings
+        )
+        self._prepare_folder(settings, overwrite)
+        if not (self.folder / MANIFEST).exists():
+            np.save(self.folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
+            write_atomically(self.folder / EXAMPLES, lambda partial: _write_json_lines(partial, example_records))
+            self.manifest.write(self.folder / MANIFEST)
+
+    def _prepare_folder(self, settings: dict[str, Any], overwrite: bool) -> None:
+        existing = StoreManifest.read(self.folder / MANIFEST)
+        if existing is not None:
+            if existing.settings == settings and not overwrite:
+                self.manifest = replace(self.manifest, status=existing.status)
+                for leftover in self.folder.glob("*.partial"):  # what a crash left half-written
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover)
+                    else:
+                        leftover.unlink()
+                return
+            if not overwrite:
+                raise UserError(
+                    f"{self.folder} already holds a store made with different settings "
+                    f"({_settings_differences(existing.settings, settings)}). "
+                    "Pass --overwrite to replace it, or set OUTPUT_DIR to another folder."
+                )
+        elif self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
+            raise UserError(
+                f"{self.folder} is not empty and holds no store manifest. Pass --overwrite to replace it, or choose another OUTPUT_DIR."
+            )
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+
+    @property
+    def is_complete(self) -> bool:
+        return self.manifest.is_complete
+
+    def pending_shards(self) -> list[int]:
+        return [index for index, shard in enumerate(self.shards) if not (self.folder / shard.name).is_dir()]
+
+    def write_shard(self, index: int, activations: torch.Tensor, token_ids: np.ndarray, special_mask: np.ndarray) -> None:
+        """Write all of a shard's arrays into a `.partial` folder, then rename it: all or nothing."""
+        shard = self.shards[index]
+        if activations.shape[0] != shard.n_tokens:
+            raise ValueError(f"{shard.name} expects {shard.n_tokens} tokens, got {activations.shape[0]}")
+
+        def fill(partial: Path) -> None:
+            np.save(partial / "activations.npy", to_storage_array(activations))
+            np.save(partial / "token_ids.npy", token_ids.astype(np.int32))
+            np.save(partial / "special_mask.npy", special_mask.astype(bool))
+
+        replace_folder_atomically(self.folder / shard.name, fill)
+
+    def finish(self, completed_at: str, extracted_by_ranks: int) -> None:
+        """Mark the store complete, recording when and by how many processes it was extracted."""
+        missing = self.pending_shards()
+        if missing:
+            raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} shards are missing")
+        self.manifest = replace(self.manifest, status="complete", completed_at=completed_at, extracted_by_ranks=extracted_by_ranks)
+        self.manifest.write(self.folder / MANIFEST)
+
+
+class ActivationStore:
+    """Read-only, memory-mapped view of a complete store. Nothing loads the whole store into RAM."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        manifest = StoreManifest.read(self.folder / MANIFEST)
+        if manifest is None:
+            raise StoreError(f"no activation store at {self.folder} (no {MANIFEST}). Run extract_activations.py first.")
+        self.manifest = manifest
+        if manifest.format_version != STORE_FORMAT_VERSION:
+            raise StoreError(
+                f"{self.folder} has store format {manifest.format_version}, this fastsae reads {STORE_FORMAT_VERSION}. Re-extract it."
+            )
+        if not manifest.is_complete:
+            raise StoreError(
+                f"the store at {self.folder} is incomplete (an interrupted extraction). Rerun extract_activations.py with the same settings to resume it."
+            )
+        self.shards = list(manifest.shards)
+        self.dtype = STORAGE_DTYPES[manifest.dtype]
+        self.d = int(manifest.d)
+        self.doc_offsets = np.load(self.folder / DOC_OFFSETS)
+        self._shard_starts = np.array([shard.first_token for shard in self.shards] + [self.n_tokens], dtype=np.int64)
+        self._arrays = [self._open_shard(shard) for shard in self.shards]
+        self.verify()
+
+    def _open_shard(self, shard: ShardPlan) -> dict[str, np.ndarray]:
+        folder = self.folder / shard.name
+        if not folder.is_dir():
+            raise StoreError(f"{self.folder} is missing {shard.name}. Rerun extract_activations.py with the same settings to rebuild it.")
+        try:
+            return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in SHARD_ARRAYS}
+        except (OSError, ValueError) as error:
+            raise StoreError(f"{folder} is damaged ({error}). Delete that folder and rerun extract_activations.py to rewrite it.") from None
+
+    def verify(self) -> None:
+        """Check every shard's arrays against the manifest: counts, shapes, and dtypes."""
+        expected_numpy = to_storage_array(torch.zeros(1, dtype=self.dtype)).dtype
+        if len(self.doc_offsets) != self.n_examples + 1 or int(self.doc_offsets[-1]) != self.n_tokens:
+            raise StoreError(f"{self.folder}: doc_offsets.npy does not match the manifest's counts. Re-extract with --overwrite.")
+        for shard, arrays in zip(self.shards, self._arrays):
+            problems = []
+            if arrays["activations"].shape != (shard.n_tokens, self.d):
+                problems.append(f"activations shape {arrays['activations'].shape} != {(shard.n_tokens, self.d)}")
+            if arrays["activations"].dtype != expected_numpy:
+                problems.append(f"activations dtype {arrays['activations'].dtype} != {expected_numpy}")
+            for name in ("token_ids", "special_mask"):
+                if arrays[name].shape != (shard.n_tokens,):
+                    problems.append(f"{name} shape {arrays[name].shape} != {(shard.n_tokens,)}")
+            if problems:
+                raise StoreError(
+                    f"{self.folder / shard.name} does not match the manifest: {'; '.join(problems)}. Delete it and rerun extraction."
+                )
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest.n_tokens)
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.manifest.n_examples)
+
+    @property
+    def hook_name(self) -> str:
+        return self.manifest.hook_name
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"token range [{start}, {stop}) is outside the store's {self.n_tokens} tokens")
+        shard_index = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        pieces = []
+        position = start
+        while position < stop:
+            shard_start = int(self._shard_starts[shard_index])
+            shard_stop = int(self._shard_starts[shard_index + 1])
+            take_stop = min(stop, shard_stop)
+            pieces.append(self._arrays[shard_index][name][position - shard_start : take_stop - shard_start])
+            position = take_stop
+            shard_index += 1
+        if not pieces:
+            return np.array(self._arrays[0][name][:0])
+        return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
+
+    def activations(self, start: int, stop: int) -> torch.Tensor:
+        """Tokens [start, stop) as an (n, d) tensor in the storage dtype."""
+        return from_storage_array(self._read("activations", start, stop), self.dtype)
+
+    def gather(self, rows: np.ndarray, pin_memory: bool = False) -> torch.Tensor:
+        """The activations of store rows `rows` (ascending) as an (n, d) tensor in the storage dtype.
+
+        One copy, from the memory map straight into the result (pinned, for an asynchronous copy to a
+        GPU, when asked); numpy's `take` releases the GIL, so several threads can read at once.
+        """
+        result = torch.empty((len(rows), self.d), dtype=self.dtype, pin_memory=pin_memory)
+        target = to_storage_array(result)  # a numpy view of the tensor's memory
+        shard_of_row = np.searchsorted(self._shard_starts, rows, side="right") - 1
+        for shard_index in np.unique(shard_of_row):
+            members = np.flatnonzero(shard_of_row == shard_index)
+            local_rows = rows[members] - self._shard_starts[shard_index]
+            np.take(self._arrays[shard_index]["activations"], local_rows, axis=0, out=target[members[0] : members[-1] + 1])
+        return result
+
+    def token_ids(self, start: int, stop: int) -> np.ndarray:
+        return self._read("token_ids", start, stop)
+
+    def special_mask(self, start: int, stop: int) -> np.ndarray:
+        return self._read("special_mask", start, stop)
+
+    def chunk(self, start: int, stop: int) -> StoreChunk:
+        return StoreChunk(start, self.activations(start, stop), self.token_ids(start, stop), self.special_mask(start, stop))
+
+    def example(self, index: int) -> StoreChunk:
+        """All tokens of example `index` (its activations, token ids and special mask)."""
+        if not 0 <= index < self.n_examples:
+            raise IndexError(f"example {index} is outside the store's {self.n_examples} examples")
+        return self.chunk(int(self.doc_offsets[index]), int(self.doc_offsets[index + 1]))
+
+    def iter_chunks(self, chunk_tokens: int, start: int = 0, stop: int | None = None) -> Iterator[StoreChunk]:
+        """Consecutive chunks of at most `chunk_tokens` tokens, in store order."""
+        stop = self.n_tokens if stop is None else stop
+        for chunk_start in range(start, stop, chunk_tokens):
+            yield self.chunk(chunk_start, min(chunk_start + chunk_tokens, stop))
+
+    def example_records(self) -> list[dict[str, Any]]:
+        """Per example: where it came from in the dataset, and its label if the dataset had one."""
+        with (self.folder / EXAMPLES).open() as handle:
+            return [json.loads(line) for line in handle]
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStore({str(self.folder)!r}: {self.n_examples} examples, {self.n_tokens} tokens, d={self.d}, {self.manifest.dtype})"
+        )

@@ -1,0 +1,297 @@
+"""Steer a model with SAE features (the FAST paper, section 6): generate while a forward hook moves
+the hook's output along the features' decoder directions, and lay the answers out prompt × strength.
+
+For chosen features k with decoder rows d_k in raw activation space (checkpoints have the
+activation scale s folded in, so ‖d_k‖ = 1/s, not 1), the hook changes the output h of the
+checkpoint's hook module (layer L = the output of decoder block L, as in extraction) to:
+
+- add:    h + α·Σ_k d_k/‖d_k‖ — one column per α in STRENGTHS;
+- clamp:  h + Σ_k (v − f_k(h))·d_k — feature k set to v (CLAMP_VALUE) in the SAE's decomposition;
+- ablate: h − Σ_k f_k(h)·d_k — feature k's contribution removed.
+
+f_k(h) is the SAE's activation of feature k on h, so v is in the activation units interpret_sae.py
+reports, and clamp and ablate leave the SAE's reconstruction error (h − x̂) untouched. α is a
+distance in the residual stream, as in the FAST paper, whose decoder directions have unit norm: it
+does not depend on the training scale, and set against a token's norm (~140 at SmolLM2's layer 12)
+it says how hard the push is.
+
+Positions: the hook acts at every position, the prompt's (template tokens included) and each
+generated token's. Steering only new tokens would leave the prompt's keys and values unsteered, and
+the answer reads those at every step; with the KV cache each forward carries only the new positions,
+so hooking every forward steers each position exactly once. The FAST paper intervenes on special
+tokens too, which restricting to content tokens would rule out.
+
+The strengths of one prompt run as one batch: every row holds the same prompt, so there is no
+padding, and the hook gives row b its own α (clamp and ablate: an unsteered row and a steered one).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastsae.common import markdown
+from fastsae.common.atomic_files import write_text_atomically
+from fastsae.common.config import setting
+from fastsae.common.default_paths import DEFAULT_CHECKPOINT
+from fastsae.common.devices import resolve_device
+from fastsae.common.errors import UserError
+from fastsae.core.sae import SparseAutoencoder
+from fastsae.core.sae_info import SAEInfo
+from fastsae.core.trained_sae import open_trained_sae
+from fastsae.lm.data import Example, load_dataset
+from fastsae.lm.hook_points import decoder_layers, hooked_module, output_tensor, with_output_tensor
+from fastsae.lm.lora import LORA_HOOK_POINT
+from fastsae.lm.tokenization import example_messages, prompt_token_ids, wants_chat_template
+from fastsae.templates import read_template
+
+logger = logging.getLogger(__name__)
+
+STEERING_MODES = ("add", "clamp", "ablate")
+DEFAULT_PROMPTS = [
+    "What are you planning to do this weekend?",
+    "Describe the city you live in.",
+    "Should I take the new job offer?",
+]
+
+
+@dataclass
+class SteerConfig:
+    checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint trained by train_sae.py (it names the model and the hook)")
+    prompts: list[str] = setting(DEFAULT_PROMPTS, "prompts, each its own user turn (commas stay inside a prompt)", split_commas=False)
+    prompts_file: str = setting(
+        "", "JSONL, CSV or Parquet file of prompts, read like extraction's dataset (text, prompt or messages); replaces PROMPTS"
+    )
+    features: list[int] = setting([201], "SAE features to steer with (their directions are summed)")
+    strengths: list[float] = setting(
+        [0.0, 15.0, 25.0, 50.0, 100.0], "MODE add: one column per α, the distance h moves along the feature's unit direction"
+    )
+    mode: str = setting("add", "add: h + α·d_k; clamp: set the feature to CLAMP_VALUE; ablate: remove the feature's contribution")
+    clamp_value: float = setting(20.0, "MODE clamp: the activation the features are set to")
+    max_new_tokens: int = setting(40, "tokens generated per answer")
+    temperature: float = setting(0.0, "0: greedy (deterministic); above 0: sampling at this temperature")
+    seed: int = setting(0, "seed for sampling (TEMPERATURE > 0)")
+    markdown_path: str = setting("steering.md", "the table as Markdown")
+    html_path: str = setting("steering.html", "the table as one self-contained HTML page")
+    model_name: str = setting("", "model to steer; empty: the checkpoint's model")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        if self.mode not in STEERING_MODES:
+            raise UserError(f"MODE must be one of {', '.join(STEERING_MODES)}; got {self.mode!r}.")
+        if not self.features:
+            raise UserError("FEATURES is empty: name at least one feature, e.g. --features 201 (interpretations.csv lists them).")
+        if self.mode == "add" and not self.strengths:
+            raise UserError("STRENGTHS is empty: give at least one α, e.g. --strengths 0 25 50.")
+        if not self.prompts and not self.prompts_file:
+            raise UserError("no prompts: set PROMPTS or PROMPTS_FILE.")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"MAX_NEW_TOKENS must be positive; got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise UserError(f"TEMPERATURE must be 0 (greedy) or positive; got {self.temperature}.")
+
+
+@dataclass(frozen=True)
+class SteeringColumns:
+    """The table's columns and what the hook does in each: row b of a batch is column b."""
+
+    labels: list[str]
+    coefficients: list[float]  # add: α; clamp and ablate: 1 steers the row, 0 leaves it alone
+
+
+def steering_columns(mode: str, strengths: list[float], clamp_value: float) -> SteeringColumns:
+    if mode == "add":
+        return SteeringColumns([f"α = {alpha:g}" for alpha in strengths], list(strengths))
+    return SteeringColumns(["unsteered", f"clamped to {clamp_value:g}" if mode == "clamp" else "ablated"], [0.0, 1.0])
+
+
+def check_features(sae: SparseAutoencoder, features: list[int]) -> None:
+    bad = [feature for feature in features if not 0 <= feature < sae.spec.m]
+    if bad:
+        raise UserError(
+            f"feature {bad[0]} does not exist: this SAE has M={sae.spec.m} features, numbered 0..{sae.spec.m - 1}. Pick FEATURES from interpretations.csv."
+        )
+
+
+class FeatureSteering:
+    """A forward hook that moves the hooked module's output along SAE features (see the module docstring)."""
+
+    def __init__(self, sae: SparseAutoencoder, features: list[int], mode: str, coefficients: list[float], clamp_value: float = 0.0) -> None:
+        check_features(sae, features)
+        if mode not in STEERING_MODES:
+            raise UserError(f"MODE must be one of {', '.join(STEERING_MODES)}; got {mode!r}.")
+        self.sae, self.features, self.mode, self.clamp_value = sae, features, mode, clamp_value
+        self.decoder_rows = sae.W_dec.detach()[features].float()  # (n_features, d), raw activation space
+        self.direction = F.normalize(self.decoder_rows, dim=1).sum(0)  # add: unit directions, so α is a distance
+        self.coefficients = torch.tensor(coefficients, dtype=torch.float32, device=self.decoder_rows.device)
+
+    def feature_activations(self, hidden_BTd: torch.Tensor) -> torch.Tensor:
+        """f_k(h) of the chosen features at every position: (B, T, n_features)."""
+        flat = hidden_BTd.reshape(-1, hidden_BTd.shape[-1])
+        return self.sae.encode(flat)[:, self.features].reshape(*hidden_BTd.shape[:-1], len(self.features))
+
+    @torch.no_grad()
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        hidden = output_tensor(output)
+        if len(self.coefficients) not in (1, len(hidden)):
+            raise ValueError(f"{len(self.coefficients)} coefficients for a batch of {len(hidden)} rows: give one per row, or one for all")
+        h_BTd = hidden.float()
+        coefficient = self.coefficients[:, None, None]  # one per batch row
+        if self.mode == "add":
+            delta_BTd = coefficient * self.direction
+        else:
+            target = self.clamp_value if self.mode == "clamp" else 0.0
+            delta_BTd = coefficient * ((target - self.feature_activations(h_BTd)) @ self.decoder_rows)
+        return with_output_tensor(output, (h_BTd + delta_BTd).to(hidden.dtype))
+
+
+@contextmanager
+def steering(module: nn.Module, hook: FeatureSteering) -> Iterator[FeatureSteering]:
+    """`hook` on `module` for the `with` block; removed on the way out, errors included."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield hook
+    finally:
+        handle.remove()
+
+
+def steering_module(model: nn.Module, info: SAEInfo) -> nn.Module:
+    """The module whose output the checkpoint's SAE reads, with a clear error when `model` does not have it."""
+    hook_name, hook_point, d = info.hook_name, info.hook_point, info.spec.d
+    if hook_point == LORA_HOOK_POINT:
+        raise UserError(
+            f"{hook_name} concatenates a LoRA adapter's bottlenecks from every layer: there is no single hook to steer. Use an SAE trained on resid_post, mlp_out or attn_out."
+        )
+    n_layers = len(decoder_layers(model))
+    layer = int(info.layer)
+    if not 0 <= layer < n_layers:
+        raise UserError(
+            f"the SAE reads {hook_name}, but this model has {n_layers} blocks (0..{n_layers - 1}). Set MODEL to the model the SAE was trained on ({info.model_label})."
+        )
+    if model.config.hidden_size != d:
+        raise UserError(
+            f"the SAE takes d={d} but this model's hidden size is {model.config.hidden_size}. Set MODEL to the model the SAE was trained on ({info.model_label})."
+        )
+    return hooked_module(model, layer, hook_point)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, prompt_ids: list[int], n_rows: int, max_new_tokens: int, temperature: float, seed: int, pad_token_id: int | None
+) -> torch.Tensor:
+    """`n_rows` continuations of one prompt, (n_rows, new tokens); greedy unless `temperature` > 0."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids] * n_rows, dtype=torch.long, device=device)
+    # Explicit None for the sampling knobs: a model's generation_config may set them, and greedy ignores them.
+    options = (
+        {"do_sample": True, "temperature": temperature}
+        if temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
+    torch.manual_seed(seed)
+    output = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **options
+    )
+    return output[:, len(prompt_ids) :]
+
+
+def prompt_examples(config: SteerConfig) -> list[Example]:
+    if config.prompts_file:
+        return load_dataset(config.prompts_file).examples
+    return [Example(row=index, source=f"PROMPTS[{index}]", text=prompt) for index, prompt in enumerate(config.prompts)]
+
+
+def prompt_label(example: Example) -> str:
+    """What the table shows for a prompt: its text, or a conversation's last user turn."""
+    if example.text is not None:
+        return example.text
+    return next((message["content"] for message in reversed(example_messages(example)) if message["role"] == "user"), example.source)
+
+
+@dataclass
+class SteeringTable:
+    """Answers per prompt (rows) and column (strengths, or unsteered / steered)."""
+
+    title: str
+    columns: list[str]
+    prompts: list[str]
+    answers: list[list[str]]  # answers[prompt][column]
+
+
+def markdown_table(table: SteeringTable) -> str:
+    return markdown.table(
+        ["prompt", *table.columns], [[prompt, *answers] for prompt, answers in zip(table.prompts, table.answers)], line_breaks=True
+    )
+
+
+def html_page(table: SteeringTable) -> str:
+    """One self-contained page; every text is escaped, so generated text can never become markup."""
+    escape = html.escape
+    rows = "".join(
+        f'<tr><td class="prompt">{escape(prompt)}</td>' + "".join(f"<td>{escape(answer)}</td>" for answer in answers) + "</tr>\n"
+        for prompt, answers in zip(table.prompts, table.answers)
+    )
+    return read_template("steering.html").format(
+        title=escape(table.title), header="".join(f"<th>{escape(column)}</th>" for column in table.columns), rows=rows
+    )
+
+
+def steer_model(config: SteerConfig) -> SteeringTable:
+    """Generate each prompt under each column's steering; print the table and write it as Markdown and HTML."""
+    trained = open_trained_sae(config.checkpoint)
+    info = trained.info
+    if info.hook_point is None:
+        raise UserError(
+            f"{config.checkpoint} does not record the hook it was trained on (a HypotheSAEs checkpoint?): steering needs it. Use a checkpoint from train_sae.py."
+        )
+    check_features(trained.sae, config.features)
+    model_name = trained.model_name(config.model_name)
+    device = resolve_device(config.device)
+    language_model = trained.load_model(model_name, dtype=torch.float32 if device == "cpu" else torch.bfloat16, device=device)
+    model, tokenizer = language_model.model, language_model.tokenizer
+    sae = trained.sae.to(device)
+    module = steering_module(model, info)
+    use_template = wants_chat_template(tokenizer, info.extraction.get("chat_template", "auto"))
+    columns = steering_columns(config.mode, config.strengths, config.clamp_value)
+    hook = FeatureSteering(sae, config.features, config.mode, columns.coefficients, config.clamp_value)
+    examples = prompt_examples(config)
+    logger.info(
+        "Steering %s with features %s at %s (%s; %s)",
+        model_name,
+        config.features,
+        info.hook_name,
+        config.mode,
+        "chat template" if use_template else "plain text",
+    )
+    answers = []
+    with steering(module, hook):
+        for example in tqdm(examples, desc="steering", unit="prompt"):
+            new_tokens = generate(
+                model,
+                prompt_token_ids(tokenizer, example, use_template),
+                len(columns.labels),
+                config.max_new_tokens,
+                config.temperature,
+                config.seed,
+                tokenizer.pad_token_id,
+            )
+            answers.append([tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens])
+    features = ", ".join(map(str, config.features))
+    title = f"{sae.spec.name} feature{'s' if len(config.features) > 1 else ''} {features} ({config.mode}) at {info.hook_name} of {info.model or model_name}"
+    table = SteeringTable(title, columns.labels, [prompt_label(example) for example in examples], answers)
+    table_text = markdown_table(table)
+    print("\n" + table_text)
+    write_text_atomically(Path(config.markdown_path), f"# {markdown.cell(title)}\n\n{table_text}\n")
+    write_text_atomically(Path(config.html_path), html_page(table))
+    logger.info("Wrote %s and %s", config.markdown_path, config.html_path)
+    return table

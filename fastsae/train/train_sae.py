@@ -1,0 +1,635 @@
+"""Step 2: train one SAE, or a sweep of them on the same batches, streamed from the activation store.
+
+One pass over the data serves a whole sweep: each batch is read and mixed
+once and every SAE takes a step on it. Under `torchrun` each rank streams its
+own part of the store into its own buffer and takes BATCH_SIZE / ranks tokens
+of each step; DistributedDataParallel averages the gradients, the dead-feature
+counts and metrics are summed over ranks, and rank 0 alone writes. Activations are multiplied by a scale
+that makes their mean squared norm d (SAELens' `expected_average_only_in`);
+the checkpoint folds it back in. Each SAE gets its own folder with its
+checkpoint, `metrics.json`, `training_curves.png` and `training_state.pt`
+(everything a resumed run needs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from fastsae.common import distributed
+from fastsae.common.atomic_files import write_atomically
+from fastsae.common.config import config_fingerprint, setting
+from fastsae.common.default_paths import DEFAULT_STORE
+from fastsae.common.devices import resolve_device
+from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import save_checkpoint
+from fastsae.core.sae import ARCHITECTURES, JUMPRELU_BANDWIDTH, JUMPRELU_INITIAL_THRESHOLD, SAESpec, SparseAutoencoder
+from fastsae.core.sae_info import SAEInfo, spec_to_dict
+from fastsae.export.saelens_export import export_saelens
+from fastsae.store.activation_store import ActivationStore
+from fastsae.store.batches import DEFAULT_VALIDATION_FRACTION, ExampleSplit, TokenSource, mixed_batches
+from fastsae.train.training_report import comparison_table, plot_training_curves, write_metrics
+
+logger = logging.getLogger(__name__)
+
+SCALE_SAMPLE_TOKENS = 65536
+VALIDATION_MAX_TOKENS = 131072
+DENSE_FEATURE_FREQUENCY = 0.1
+MAX_DEAD_AFTER_TOKENS = 10_000_000
+TRAINING_STATE = "training_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    store: str = setting(DEFAULT_STORE, "activation store folder written by extract_activations.py")
+    architecture: str = setting("topk", "topk, batchtopk, relu (L1 penalty) or jumprelu")
+    m: int = setting(256, "number of features (dictionary size)")
+    k: int = setting(8, "active features per token (topk, batchtopk)")
+    matryoshka_prefixes: list[int] = setting([], "Matryoshka prefix lengths ending at M, e.g. 64 256; empty for none")
+    sweep: list[str] = setting(
+        [], "several SAEs trained on the same batches: ARCH:M:K or ARCH:M:K:P1-P2 (Matryoshka); replaces ARCHITECTURE, M, K"
+    )
+    aux_k: int = setting(-1, "dead features in the aux-K loss; -1: 2K; 0: off")
+    aux_coefficient: float = setting(1 / 32, "weight of the aux-K loss")
+    dead_after_tokens: int = setting(
+        0, "a feature is dead after this many training tokens without firing; 0: a tenth of the run (at most 10M)"
+    )
+    l1_coefficient: float = setting(1e-3, "L1 penalty on activations for relu SAEs")
+    l0_coefficient: float = setting(
+        1e-3,
+        "L0 penalty for jumprelu SAEs: loss = FVU + L0_COEFFICIENT × L0, both scale-free; thresholds move about LEARNING_RATE per step",
+    )
+    jumprelu_initial_threshold: float = setting(
+        JUMPRELU_INITIAL_THRESHOLD,
+        "where jumprelu thresholds start, in the JumpReLU paper's units (activations at unit mean squared norm; ×√d in training's E‖x‖²=d)",
+    )
+    jumprelu_bandwidth: float = setting(
+        JUMPRELU_BANDWIDTH, "width of the straight-through window around each jumprelu threshold, in the same units (the paper's 0.001)"
+    )
+    batch_size: int = setting(1024, "tokens per training batch (of all ranks together under torchrun)")
+    learning_rate: float = setting(
+        2e-3, "Adam learning rate after warm-up (best of 5e-4..4e-3 on the default data; try lower for long runs)"
+    )
+    warmup_fraction: float = setting(0.05, "fraction of the steps spent warming the learning rate up from 0")
+    decay_fraction: float = setting(0.2, "fraction of the steps, at the end, over which the learning rate decays to 0")
+    gradient_clip: float = setting(1.0, "maximum gradient norm; 0: no clipping")
+    epochs: float = setting(50.0, "passes over the training tokens (ignored when MAX_TOKENS is set)")
+    max_tokens: int = setting(0, "training budget in tokens; 0: use EPOCHS")
+    validation_fraction: float = setting(DEFAULT_VALIDATION_FRACTION, "fraction of examples held out for validation (split by example)")
+    include_special_tokens: bool = setting(False, "also train on special/template tokens (BOS, chat markers)")
+    input_bias_init: str = setting("median", "start the decoder bias at the data's median or mean, or at zero (as SAELens does)")
+    eval_every: int = setting(50, "validate every N steps")
+    patience: int = setting(10, "stop an SAE after this many validations without a better FVU; 0: never")
+    checkpoint_every: int = setting(1000, "save checkpoints and training state every N steps")
+    log_every: int = setting(20, "update the progress bar and history every N steps")
+    buffer_tokens: int = setting(131072, "mixing-buffer size in tokens (memory is bounded by this, not the store)")
+    seed: int = setting(0, "seed for the split, initialisation and batch order")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = setting("auto", "auto (bfloat16 autocast on GPU, float32 on CPU), float32 or bfloat16; weights stay float32")
+    compile: bool = setting(False, "torch.compile the SAE's training step (for GPUs; slower on CPU)")
+    output_dir: str = setting("checkpoints", "runs go to OUTPUT_DIR/RUN_NAME/<SAE name>/")
+    run_name: str = setting("", "run folder name; empty: <model>_<hook>")
+    export_saelens: bool = setting(True, "also write the SAE in SAELens' layout (cfg.json, safetensors) to <SAE folder>/saelens/")
+    overwrite: bool = setting(False, "start over even if a run with other settings exists in the folder")
+
+    def __post_init__(self) -> None:
+        for name in ("jumprelu_initial_threshold", "jumprelu_bandwidth"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name.upper()} must be positive; got {getattr(self, name)}.")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"PRECISION must be auto, float32 or bfloat16; got {self.precision!r}.")
+        if self.input_bias_init not in ("median", "mean", "zero"):
+            raise UserError(f"INPUT_BIAS_INIT must be median, mean or zero; got {self.input_bias_init!r}.")
+        if not 0 <= self.validation_fraction < 1:
+            raise UserError(f"VALIDATION_FRACTION must be in [0, 1); got {self.validation_fraction}.")
+        for name in ("batch_size", "eval_every", "checkpoint_every", "log_every", "buffer_tokens"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name.upper()} must be positive; got {getattr(self, name)}.")
+        if self.max_tokens <= 0 and self.epochs <= 0:
+            raise UserError("set a budget: EPOCHS > 0 or MAX_TOKENS > 0.")
+        if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
+            raise UserError("WARMUP_FRACTION + DECAY_FRACTION must be between 0 and 1.")
+
+    def specs(self, d: int) -> list[SAESpec]:
+        """The SAEs this run trains: the sweep's, or the one given by ARCHITECTURE, M, K."""
+        entries = self.sweep or [
+            f"{self.architecture}:{self.m}:{self.k}"
+            + (":" + "-".join(map(str, self.matryoshka_prefixes)) if self.matryoshka_prefixes else "")
+        ]
+        specs = [self._parse_sweep_entry(entry, d) for entry in entries]
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise UserError(f"the sweep names the same SAE twice: {names}.")
+        return specs
+
+    def _parse_sweep_entry(self, entry: str, d: int) -> SAESpec:
+        parts = entry.split(":")
+        if len(parts) not in (3, 4) or parts[0] not in ARCHITECTURES:
+            raise UserError(
+                f"sweep entry {entry!r} should look like topk:256:8 or topk:256:8:64-256 (architectures: {', '.join(ARCHITECTURES)})."
+            )
+        try:
+            m, k = int(parts[1]), int(parts[2])
+            prefixes = tuple(int(p) for p in parts[3].split("-")) if len(parts) == 4 else ()
+        except ValueError:
+            raise UserError(f"sweep entry {entry!r}: M, K and prefixes must be integers.") from None
+        aux_k = (2 * k if self.aux_k < 0 else self.aux_k) if parts[0] in ("topk", "batchtopk") else 0
+        return SAESpec(parts[0], d, m, k, prefixes, min(aux_k, m))
+
+    def resolved_device(self) -> str:
+        return resolve_device(self.device)
+
+    def uses_bfloat16(self) -> bool:
+        return self.precision == "bfloat16" or (self.precision == "auto" and self.resolved_device().startswith("cuda"))
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float, decay_fraction: float) -> float:
+    """Linear warm-up from 0, flat, then linear decay to 0 over the last `decay_fraction` of the steps."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+    decay_start = total_steps - int(total_steps * decay_fraction)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_start:
+        return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
+    return 1.0
+
+
+def training_steps(config: TrainConfig, n_train_tokens: int) -> int:
+    """Steps of BATCH_SIZE tokens in the budget: MAX_TOKENS, or EPOCHS passes over the training tokens."""
+    budget = config.max_tokens or int(config.epochs * n_train_tokens)
+    return max(1, budget // config.batch_size)
+
+
+def run_folder(config: TrainConfig, model: str, hook_name: str) -> Path:
+    """Where a run's SAE folders go: OUTPUT_DIR/RUN_NAME, by default OUTPUT_DIR/<model>_<hook>."""
+    return Path(config.output_dir) / (config.run_name or f"{model}_{hook_name}")
+
+
+def checkpoint_path(folder: Path, spec: SAESpec) -> Path:
+    """An SAE's checkpoint inside its run folder: <run>/<SAE name>/<SAE name>.pt."""
+    return folder / spec.name / f"{spec.name}.pt"
+
+
+class Validation(NamedTuple):
+    metrics: dict[str, float]  # fvu, explained_variance, l0, dead_fraction, dense_fraction, n_tokens
+    feature_frequency: torch.Tensor  # (M,) fraction of tokens each feature fires on
+
+
+@torch.no_grad()
+def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> Validation:
+    """FVU, explained variance, L0 and dead/dense fractions of `sae` on (already scaled) tokens.
+
+    Under torchrun each rank passes its share of the validation tokens and the sums are added
+    over ranks, so every rank gets the metrics of the whole validation set.
+    """
+    sae.eval()
+    d = tokens.shape[1]
+    squared_error = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64, device=tokens.device)
+    active_total = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        codes = sae.encode(batch)
+        squared_error += (sae.decode(codes) - batch).double().pow(2).sum()
+        active = codes > 0
+        fire_counts += active.sum(0)
+        active_total += active.sum()
+    sae.train()
+    counts = torch.stack(
+        [squared_error, active_total, tokens.double().pow(2).sum(), torch.tensor(len(tokens), dtype=torch.float64, device=tokens.device)]
+    )
+    totals = distributed.all_reduce_sum_(torch.cat([counts, tokens.double().sum(0), fire_counts]))
+    (squared_error, active_total, square_sum, n_tokens), token_sum, fire_counts = totals[:4].tolist(), totals[4 : 4 + d], totals[4 + d :]
+    variance = square_sum - float(token_sum.pow(2).sum()) / n_tokens  # Σ‖x − mean‖², from sums that add over ranks
+    fvu = squared_error / variance
+    frequency = fire_counts / n_tokens
+    metrics = {
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "l0": active_total / n_tokens,
+        "dead_fraction": float((fire_counts == 0).double().mean()),
+        "dense_fraction": float((frequency > DENSE_FEATURE_FREQUENCY).double().mean()),
+        "n_tokens": int(n_tokens),
+    }
+    return Validation(metrics, frequency.float().cpu())
+
+
+class _TrainingStepModule(nn.Module):
+    """The SAE's training step as a module's forward: DistributedDataParallel averages the gradients of what its forward ran."""
+
+    def __init__(self, sae: SparseAutoencoder) -> None:
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, dead_features: torch.Tensor | None, aux_coefficient: float, sparsity_coefficient: float):
+        return self.sae.training_step(x, dead_features, aux_coefficient, sparsity_coefficient)
+
+
+@dataclass
+class SAETrainer:
+    """One SAE of the run with its optimiser, counters and history."""
+
+    spec: SAESpec
+    folder: Path
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+    tokens_since_fired: torch.Tensor  # (M,) on the device
+    history: list[dict[str, float]] = field(default_factory=list)
+    validation: list[dict[str, float]] = field(default_factory=list)
+    best_fvu: float = math.inf
+    validations_without_improvement: int = 0
+    stopped: str = ""  # why it stopped early, or "" while training
+    any_dead: bool = False  # refreshed at log steps, so the hot loop needs no host sync
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # device-side running sums between log steps
+    training_step: Any = None  # sae.training_step, or its torch.compile'd version
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return checkpoint_path(self.folder.parent, self.spec)
+
+    def state(self, step: int, settings: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "step": step,
+            "settings": settings,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "history": self.history,
+            "validation": self.validation,
+            "best_fvu": self.best_fvu,
+            "validations_without_improvement": self.validations_without_improvement,
+            "stopped": self.stopped,
+            "any_dead": self.any_dead,
+            "sums": dict(self.sums),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.history = list(state["history"])
+        self.validation = list(state["validation"])
+        self.best_fvu = float(state["best_fvu"])
+        self.validations_without_improvement = int(state["validations_without_improvement"])
+        self.stopped = state["stopped"]
+        self.any_dead = bool(state["any_dead"])
+        self.sums = dict(state["sums"])
+
+
+class TrainingRun:
+    """Everything one `train_sae.py` run does, in the order it happens."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.store = ActivationStore(config.store)
+        self.d = self.store.d
+        self.specs = config.specs(self.d)
+        self.device = config.resolved_device()
+        self.ranks = distributed.current()
+        if config.batch_size % self.ranks.world_size:
+            raise UserError(
+                f"BATCH_SIZE ({config.batch_size}) is the batch of all {self.ranks.world_size} ranks together and must divide evenly among them."
+            )
+        self.rank_batch_size = config.batch_size // self.ranks.world_size
+        split = ExampleSplit.by_example(self.store.n_examples, config.validation_fraction, config.seed)
+        self.train_source = TokenSource(
+            self.store,
+            split,
+            validation=False,
+            include_special=config.include_special_tokens,
+            part=(self.ranks.rank, self.ranks.world_size),
+        )
+        validation_source = TokenSource(self.store, split, validation=True, include_special=config.include_special_tokens)
+        self.n_train_tokens = self.train_source.count_tokens()
+        if self.n_train_tokens < config.batch_size:
+            raise UserError(
+                f"the store has {self.n_train_tokens} training tokens, fewer than one batch of {config.batch_size}. "
+                "Lower BATCH_SIZE or extract more examples."
+            )
+        self.total_steps = training_steps(config, self.n_train_tokens)
+        budget = self.total_steps * config.batch_size
+        self.dead_after_tokens = config.dead_after_tokens or min(MAX_DEAD_AFTER_TOKENS, max(config.batch_size, budget // 10))
+        self.buffer_tokens = max(2 * self.rank_batch_size, min(config.buffer_tokens, self.n_train_tokens // self.ranks.world_size))
+        sample = self.train_source.all_tokens(SCALE_SAMPLE_TOKENS)
+        # Scale so that E‖x‖² = d: one learning rate and one set of coefficients fit every model and layer.
+        self.scale = math.sqrt(self.d / float(sample.double().pow(2).sum(1).mean()))
+        self.bias_sample = sample * self.scale
+        validation_tokens = validation_source.all_tokens(VALIDATION_MAX_TOKENS)
+        self.n_validation_tokens = len(validation_tokens)
+        share = slice(
+            self.n_validation_tokens * self.ranks.rank // self.ranks.world_size,
+            self.n_validation_tokens * (self.ranks.rank + 1) // self.ranks.world_size,
+        )
+        self.validation_tokens = (validation_tokens[share] * self.scale).to(self.device)  # this rank's share
+        self.run_folder = run_folder(config, self.store.manifest.model, self.store.hook_name)
+        self.settings_by_name = {spec.name: self._settings(spec) for spec in self.specs}
+        self.stop_requested = False
+
+    def _settings(self, spec: SAESpec) -> dict[str, Any]:
+        """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
+        varying = {
+            "device",
+            "overwrite",
+            "checkpoint_every",
+            "log_every",
+            "output_dir",
+            "run_name",
+            "export_saelens",
+            "compile",
+            "sweep",
+            "architecture",
+            "m",
+            "k",
+            "matryoshka_prefixes",
+        }
+        fixed = {key: value for key, value in asdict(self.config).items() if key not in varying}
+        ranks = {"ranks": self.ranks.world_size} if self.ranks.is_distributed else {}  # each rank replays its own batches
+        return {
+            "spec": spec_to_dict(spec),
+            "store": str(self.store.folder),
+            "store_settings": config_fingerprint(self.store.manifest.settings),
+            **fixed,
+            **ranks,
+        }
+
+    def new_trainer(self, spec: SAESpec) -> SAETrainer:
+        """A fresh SAE for `spec` with its optimizer and counters, wrapped for DDP and torch.compile as configured.
+
+        Public so a benchmark can time `train_step` alone, without the batch pipeline.
+        """
+        torch.manual_seed(self.config.seed)
+        sae = SparseAutoencoder(spec, self.config.jumprelu_initial_threshold, self.config.jumprelu_bandwidth)
+        sae.initialize_input_bias_(self.bias_sample, self.config.input_bias_init)
+        sae = sae.to(self.device).train()
+        optimizer = torch.optim.Adam(sae.parameters(), lr=self.config.learning_rate, fused=True)  # one kernel for all parameters
+        since_fired = torch.zeros(spec.m, dtype=torch.long, device=self.device)
+        step = sae.training_step
+        if self.ranks.is_distributed:
+            device_ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+            step = DistributedDataParallel(_TrainingStepModule(sae), device_ids=device_ids)
+        step = torch.compile(step) if self.config.compile else step
+        return SAETrainer(spec, self.run_folder / spec.name, sae, optimizer, since_fired, training_step=step)
+
+    def _resume_or_start(self, trainer: SAETrainer) -> int:
+        """Load a matching training state, refuse a different one (unless --overwrite), or start at step 0."""
+        path = trainer.folder / TRAINING_STATE
+        if not path.exists() or self.config.overwrite:
+            return 0
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as error:
+            raise UserError(f"{path} is damaged ({type(error).__name__}). Delete it, or pass --overwrite to start over.") from None
+        expected = self.settings_by_name[trainer.spec.name]
+        if state.get("settings") != expected:
+            old, new = state.get("settings", {}), expected
+            differences = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            raise UserError(
+                f"{trainer.folder} holds a run with other settings (different: {', '.join(differences)}). "
+                "Pass --overwrite to start over, or set RUN_NAME to train beside it."
+            )
+        trainer.restore(state)
+        return int(state["step"])
+
+    def run(self) -> list[dict[str, Any]]:
+        config = self.config
+        self.trainers = trainers = [self.new_trainer(spec) for spec in self.specs]
+        start_steps = {self._resume_or_start(trainer) for trainer in trainers}
+        if len(start_steps) != 1:
+            raise UserError(f"the SAEs in {self.run_folder} were saved at different steps; pass --overwrite to start the sweep over.")
+        start_step = start_steps.pop()
+        logger.info(
+            "Training %d SAE(s) on %s: %d training tokens, %d steps of %d (%s%s), validation %d tokens%s",
+            len(trainers),
+            self.store.folder,
+            self.n_train_tokens,
+            self.total_steps,
+            config.batch_size,
+            self.device,
+            f", {self.rank_batch_size} on each of {self.ranks.world_size} ranks" if self.ranks.is_distributed else "",
+            self.n_validation_tokens,
+            f", resuming at step {start_step}" if start_step else "",
+        )
+        stream_seed = config.seed * self.ranks.world_size + self.ranks.rank  # each rank its own batch order; one rank: SEED
+        batches = mixed_batches(self.train_source, self.buffer_tokens, self.rank_batch_size, stream_seed, self.device)
+        for _ in range(start_step):  # replay the seeded batch order up to where the run stopped
+            next(batches)
+        in_main_thread = threading.current_thread() is threading.main_thread()  # only there can signal handlers be set
+        previous_handlers = (
+            {number: signal.signal(number, self._request_stop) for number in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+        )
+        started, completed = time.perf_counter(), start_step
+        try:
+            with tqdm(total=self.total_steps, initial=start_step, desc="training", unit="step", disable=not self.ranks.is_main) as progress:
+                for step in range(start_step, self.total_steps):
+                    if self._stop_agreed(step):  # checked between steps, so what is saved is a whole step
+                        raise KeyboardInterrupt
+                    active = [trainer for trainer in trainers if not trainer.stopped]
+                    if not active:
+                        break
+                    x = next(batches).float() * self.scale
+                    factor = learning_rate_factor(step, self.total_steps, config.warmup_fraction, config.decay_fraction)
+                    for trainer in active:
+                        self.train_step(trainer, x, factor)
+                    if (step + 1) % config.log_every == 0 or step + 1 == self.total_steps:
+                        for trainer in active:
+                            self._log(trainer, step + 1, factor * config.learning_rate)
+                        progress.set_postfix(self._postfix(active[0], step + 1 - start_step, started))
+                    if (step + 1) % config.eval_every == 0:
+                        for trainer in active:
+                            self._validate(trainer, step + 1)
+                    if (step + 1) % config.checkpoint_every == 0:
+                        self._save_all(trainers, step + 1)
+                    progress.update(1)
+                    completed = step + 1
+        except KeyboardInterrupt:
+            self._save_all(trainers, completed)
+            logger.warning("Interrupted after step %d: checkpoints and training state saved in %s", completed, self.run_folder)
+            raise
+        finally:
+            for number, handler in previous_handlers.items():
+                signal.signal(number, handler)
+        seconds = time.perf_counter() - started
+        return [self._finish(trainer, completed, seconds, start_step) for trainer in trainers]
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.config.uses_bfloat16())
+
+    def _request_stop(self, signum, frame) -> None:
+        """Ctrl-C or SIGTERM: finish the current step, save, then exit."""
+        self.stop_requested = True
+
+    def _stop_agreed(self, step: int) -> bool:
+        """Whether to stop before `step`. A signal reaches torchrun's ranks at different steps, so they agree at log steps."""
+        if not self.ranks.is_distributed:
+            return self.stop_requested
+        if step % self.config.log_every:
+            return False
+        requested = torch.tensor([float(self.stop_requested)], device=self.device)
+        return bool(distributed.all_reduce_sum_(requested).item() > 0)
+
+    def _average_sums_over_ranks(self, trainer: SAETrainer) -> None:
+        """Make each rank's running sums (loss, FVU, ...) the mean over ranks, before they are logged or saved."""
+        names = [name for name in trainer.sums if name != "steps"]  # every rank took the same steps
+        if not self.ranks.is_distributed or not names:
+            return
+        stacked = torch.stack([torch.as_tensor(trainer.sums[name], dtype=torch.float32, device=self.device) for name in names])
+        distributed.all_reduce_sum_(stacked).div_(self.ranks.world_size)
+        trainer.sums.update(zip(names, stacked.unbind()))
+
+    def train_step(self, trainer: SAETrainer, x: torch.Tensor, factor: float) -> None:
+        """One optimiser step of one SAE on batch `x`, at the learning rate times `factor` (the schedule).
+
+        No host sync: losses add up on the device until `_log`. Public so tests can hook each
+        step (stop or corrupt a run at a chosen step) and benchmarks can time it.
+        """
+        config = self.config
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = config.learning_rate * factor
+        dead = trainer.tokens_since_fired > self.dead_after_tokens if trainer.any_dead else None
+        sparsity = {"relu": config.l1_coefficient, "jumprelu": config.l0_coefficient}.get(trainer.spec.architecture, 0.0)
+        with self._autocast():
+            output = trainer.training_step(x, dead, config.aux_coefficient, sparsity)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        trainer.sae.remove_parallel_gradient_()
+        if config.gradient_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainer.sae.parameters(), config.gradient_clip)
+        trainer.optimizer.step()
+        trainer.sae.enforce_constraints_()
+        fire_counts = distributed.all_reduce_sum_(output.fire_counts)  # a feature is alive if it fired on any rank
+        trainer.tokens_since_fired = torch.where(fire_counts > 0, 0, trainer.tokens_since_fired + config.batch_size)
+        for name, value in (("loss", output.loss.detach()), ("fvu", output.fvu), ("l0", output.l0), ("aux_loss", output.aux_loss)):
+            trainer.sums[name] = trainer.sums.get(name, 0) + value
+        trainer.sums["steps"] = trainer.sums.get("steps", 0) + 1
+
+    def _log(self, trainer: SAETrainer, step: int, learning_rate: float) -> None:
+        """The only host sync of the loop: averages since the last log step go to the history."""
+        self._average_sums_over_ranks(trainer)
+        steps = trainer.sums.pop("steps")
+        row = {name: float(total) / steps for name, total in trainer.sums.items()}
+        trainer.sums.clear()
+        dead = trainer.tokens_since_fired > self.dead_after_tokens
+        row.update(step=step, tokens=step * self.config.batch_size, dead_fraction=float(dead.float().mean()), learning_rate=learning_rate)
+        trainer.any_dead = bool(dead.any())
+        if not math.isfinite(row["loss"]):
+            kept = (
+                f"the last good checkpoint is {trainer.checkpoint_path}"
+                if trainer.checkpoint_path.exists()
+                else "no checkpoint was saved yet"
+            )
+            raise UserError(
+                f"{trainer.spec.name}: the loss became {row['loss']} by step {step}; {kept}. "
+                "Lower LEARNING_RATE, or check the store for inf/NaN activations."
+            )
+        trainer.history.append(row)
+
+    def _validate(self, trainer: SAETrainer, step: int) -> None:
+        if not self.n_validation_tokens:
+            return
+        # In the training precision: with bfloat16 on a GPU the float32 products cost a fifth of the loop
+        # (benchmarks/RESULTS.md). Sums stay float64, and the final validation is float32.
+        with self._autocast():
+            metrics = validate(trainer.sae, self.validation_tokens, self.config.batch_size).metrics
+        trainer.validation.append({"step": step, "tokens": step * self.config.batch_size, "fvu": metrics["fvu"], "l0": metrics["l0"]})
+        if metrics["fvu"] < trainer.best_fvu - 1e-6:
+            trainer.best_fvu, trainer.validations_without_improvement = metrics["fvu"], 0
+        else:
+            trainer.validations_without_improvement += 1
+            if self.config.patience and trainer.validations_without_improvement >= self.config.patience:
+                trainer.stopped = f"early stop at step {step}"
+                logger.info("%s: validation FVU has not improved for %d validations; stopping it", trainer.spec.name, self.config.patience)
+
+    def _postfix(self, trainer: SAETrainer, steps_this_session: int, started: float) -> dict[str, str]:
+        last = trainer.history[-1]
+        tokens_per_second = steps_this_session * self.config.batch_size / max(time.perf_counter() - started, 1e-9)
+        return {
+            "tok/s": f"{tokens_per_second:.0f}",
+            "loss": f"{last['loss']:.4f}",
+            "fvu": f"{last['fvu']:.4f}",
+            "L0": f"{last['l0']:.1f}",
+            "dead": f"{last['dead_fraction']:.1%}",
+        }
+
+    def _info(self, trainer: SAETrainer, step: int) -> SAEInfo:
+        manifest = self.store.manifest
+        return SAEInfo(
+            spec=trainer.spec,
+            activation_scale=float(self.scale),
+            model=manifest.model,
+            model_name=manifest.model_name,
+            model_source=manifest.model_source,
+            hook_name=manifest.hook_name,
+            hook_point=manifest.hook_point,
+            layer=manifest.layer,
+            store=str(self.store.folder),
+            store_manifest=manifest,
+            training=asdict(self.config),
+            step=step,
+            tokens_trained=step * self.config.batch_size,
+        )
+
+    def _save_all(self, trainers: list[SAETrainer], step: int) -> None:
+        """Rank 0 writes; under torchrun every rank calls this, to agree on the running sums first."""
+        for trainer in trainers:
+            self._average_sums_over_ranks(trainer)
+            if not self.ranks.is_main:
+                continue
+            save_checkpoint(trainer.checkpoint_path, trainer.sae, self._dead_after_steps(), self._info(trainer, step))
+            state = trainer.state(step, self.settings_by_name[trainer.spec.name])
+            write_atomically(trainer.folder / TRAINING_STATE, lambda partial, state=state: torch.save(state, partial))
+        distributed.barrier()  # no rank moves on (or exits) before rank 0's files are complete
+
+    def _dead_after_steps(self) -> int:
+        return max(1, self.dead_after_tokens // self.config.batch_size)
+
+    def _finish(self, trainer: SAETrainer, step: int, seconds: float, start_step: int) -> dict[str, Any]:
+        self._save_all([trainer], step)
+        final, frequency = {}, None
+        if self.n_validation_tokens:
+            final, frequency = validate(trainer.sae, self.validation_tokens, self.config.batch_size)
+        if self.config.export_saelens and self.ranks.is_main:
+            export_saelens(trainer.checkpoint_path, trainer.folder / "saelens", frequency)
+        result = {
+            "name": trainer.spec.name,
+            "spec": spec_to_dict(trainer.spec),
+            "checkpoint": str(trainer.checkpoint_path),
+            "final": final,
+            "tokens_trained": step * self.config.batch_size,
+            "steps": step,
+            "stopped": trainer.stopped or "budget reached",
+            "activation_scale": self.scale,
+            "dead_after_tokens": self.dead_after_tokens,
+            "seconds_this_session": seconds,
+            "tokens_per_second_this_session": (step - start_step) * self.config.batch_size / max(seconds, 1e-9),
+            "history": trainer.history,
+            "validation": trainer.validation,
+        }
+        if self.ranks.is_main:
+            write_metrics(trainer.folder / "metrics.json", result)
+            plot_training_curves(
+                trainer.folder / "training_curves.png", f"{trainer.spec.name} — {self.store.hook_name}", trainer.history, trainer.validation
+            )
+        return result
+
+
+def train_saes(config: TrainConfig) -> list[dict[str, Any]]:
+    """Train every SAE of `config`, print their comparison, and return each one's final metrics (also in its metrics.json).
+
+    Under torchrun every rank trains its share and returns the same results; rank 0 prints them.
+    """
+    ranks = distributed.init_from_environment()
+    results = TrainingRun(config).run()
+    if ranks.is_main:
+        print("\n" + comparison_table(results))
+    return results
