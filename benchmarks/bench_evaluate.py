@@ -5,8 +5,9 @@
 On SmolLM2 and the default data (the default store is extracted first if absent), a sweep of
 `--sweep` Top-K SAEs is trained into a scratch folder, then each is evaluated:
 
-- **before**: `fastsae/evaluate.py` as it was before the shared passes (commit BEFORE, loaded
-  from git history, so the old code is not kept twice): per SAE, the model clean, with the SAE
+- **before**: `fastsae/evaluate.py` as it was before the shared passes (commit BEFORE's whole
+  package, unpacked from git history into a scratch folder and run in a subprocess, so the old
+  code is not kept twice; the time is taken inside the subprocess, around the evaluation alone): per SAE, the model clean, with the SAE
   spliced in and zero-ablated, each through every block, on every held-out token;
 - **now, first SAE**: no saved passes: one clean forward, the zero-ablated and the SAE's pass from
   the hooked block on, saved in the store folder;
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -48,16 +48,31 @@ BEFORE = "af2074a"  # the last commit with three whole-model forwards per SAE
 SWEEP = ("topk:256:8", "topk:256:16", "topk:512:8", "topk:512:16")
 
 
-def evaluate_before():
-    """fastsae/evaluate.py at commit BEFORE, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{BEFORE}:fastsae/evaluate.py"], cwd=REPO, check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="fastsae-evaluate-before-")) / "evaluate_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("evaluate_before", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["evaluate_before"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+BEFORE_RUN = """
+import sys, time, contextlib, io
+sys.path.insert(0, sys.argv[2])  # the old package, ahead of the checkout's own
+from fastsae.evaluate import EvalConfig, evaluate_sae
+started = time.perf_counter()
+with contextlib.redirect_stdout(io.StringIO()):
+    evaluate_sae(EvalConfig(checkpoint=sys.argv[1], device="cpu"))
+print(time.perf_counter() - started)
+"""
+
+
+def before_package(folder: Path) -> Path:
+    """The whole `fastsae` package at commit BEFORE, unpacked into `folder` (its modules import each other by their old paths)."""
+    archive = subprocess.run(["git", "archive", BEFORE, "fastsae"], cwd=REPO, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def evaluate_before(package: Path, checkpoint: str) -> float:
+    """Seconds the evaluation at commit BEFORE takes on `checkpoint`, timed inside a subprocess that imports the old package."""
+    environment = {**os.environ, "PYTHONPATH": str(package)}
+    result = subprocess.run(
+        [sys.executable, "-c", BEFORE_RUN, checkpoint], cwd=REPO, env=environment, check=True, capture_output=True, text=True
+    )
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 def timed(call) -> float:
@@ -111,12 +126,12 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(REPO)
     store = default_store()
-    before = evaluate_before()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastsae-bench-evaluate-") as scratch:
         scratch = Path(scratch)
+        package = before_package(scratch)
         checkpoints = train_sweep(store, scratch / "runs", SWEEP[: args.sweep], args.epochs)
-        per_sae_before = [timed(lambda c=c: before.evaluate_sae(before.EvalConfig(checkpoint=c, device="cpu"))) for c in checkpoints]
+        per_sae_before = [evaluate_before(package, checkpoint) for checkpoint in checkpoints]
         tokens, model_tokens = held_out_tokens(checkpoints[0])
         rows.append(
             (

@@ -22,10 +22,10 @@ import torch
 from fastsae.core.checkpoint import load_sae
 from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.core.sae_info import SAEInfo
+from fastsae.core.saelens_export import saelens_config, saelens_weights
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
 from fastsae.evaluate.model_metrics import ReferencePasses
 from fastsae.evaluate.saebench_core import core_output, ignored_token_ids
-from fastsae.export.saelens_export import saelens_config, saelens_weights
 from fastsae.lm.split_forward import SplitModel
 from fastsae.store.activation_store import ActivationStore
 from fastsae.train.train_sae import TrainConfig, train_saes

@@ -1,1 +1,1 @@
-"""The SAE itself and its checkpoint."""
+"""The SAE itself, its checkpoint and typed record, opening a trained one, and its SAELens form."""

@@ -27,6 +27,7 @@ cosine similarity is not feature absorption.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -44,7 +45,9 @@ from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
+from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.core.sae import SparseAutoencoder
+from fastsae.core.saelens_export import saelens_config
 from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
 from fastsae.evaluate.model_metrics import ReferencePasses, budgeted_examples, length_grouped, model_fingerprint, store_fingerprint
 from fastsae.evaluate.saebench_core import (
@@ -55,7 +58,6 @@ from fastsae.evaluate.saebench_core import (
     ignored_token_ids,
     max_cosine_to_another,
 )
-from fastsae.export.saelens_export import saelens_config
 from fastsae.extract.extract_activations import pad_token_id
 from fastsae.lm.hook_points import check_layers
 from fastsae.lm.lora import LORA_HOOK_POINT
@@ -66,6 +68,8 @@ from fastsae.store.batches import ExampleSplit
 
 logger = logging.getLogger(__name__)
 
+EVAL_FILE = "eval.json"  # beside the checkpoint: every metric, SAEBench's block, the per-feature density
+DENSITY_PLOT_FILE = "feature_density.png"
 DENSE_FREQUENCY = 0.1
 RULE_OF_THUMB = "fastsae's rule of thumb (SAEBench reports this number without a pass mark)"
 # (metric, test, threshold, what it means, where the threshold comes from)
@@ -536,10 +540,63 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
             results.update(model_metrics.evaluate(evaluand, examples))
         results["health"] = health_table(_headline(results))
         density = results.pop("feature_density")
-        plot_feature_density(evaluand.path.parent / "feature_density.png", density, f"{sae.spec.name} — {store.hook_name}")
-        write_json_atomically(evaluand.path.parent / "eval.json", {**results, "feature_density": density})
+        plot_feature_density(evaluand.path.parent / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
+        write_json_atomically(evaluand.path.parent / EVAL_FILE, {**results, "feature_density": density})
         print(f"\n{evaluand.path}\n\n" + report_table(results))
         all_results.append(results)
     if len(all_results) > 1:
         print("\n" + sweep_table(all_results))
     return all_results
+
+
+class EvaluateStage(Stage):
+    """Step 2b in the pipeline: each checkpoint (+ its store and model) → eval.json and the density plot beside it."""
+
+    name = "evaluate"
+    script = "evaluate_sae.py"
+    input_constant = "CHECKPOINT"
+    upstream = "train"
+    config_class = EvalConfig
+
+    def run(self, config: EvalConfig) -> list[dict[str, Any]]:
+        return evaluate_sae(config)
+
+    def outputs(self, config: EvalConfig, facts: PlanFacts) -> list[Output]:
+        return [Output(Path(checkpoint).parent / name) for checkpoint in config.checkpoint for name in (EVAL_FILE, DENSITY_PLOT_FILE)]
+
+    def estimate(self, config: EvalConfig, facts: PlanFacts) -> Estimate:
+        """Store metrics on every held-out token; the model on a budget of them: one clean forward, then, from the hooked
+        block on, the zero-ablated pass and one pass per checkpoint (a rerun on the same store reuses the first two)."""
+        corpus, calibration = facts.corpus, facts.calibration
+        if corpus is None or calibration is None:
+            return Estimate()
+        training, extraction = facts.configs["train"], facts.configs["extract"]
+        fraction = config.validation_fraction if config.validation_fraction >= 0 else training.validation_fraction
+        seed = config.seed if config.seed >= 0 else training.seed
+        examples = validation_examples(len(corpus.lengths), fraction, seed) if fraction > 0 else []
+        store_examples = examples[: config.max_examples] if config.max_examples else examples
+        tokens = int(corpus.lengths[store_examples].sum())
+        encode = seconds_for(None, tokens * len(config.checkpoint), calibration.encode_tokens_per_second)
+        if not config.model_metrics:
+            return Estimate(examples=len(store_examples), tokens=tokens, seconds=encode, note="store metrics only")
+        model_tokens = int(corpus.lengths[budgeted_examples(corpus.lengths, examples, config.model_tokens, seed)].sum()) if examples else 0
+        from_hook = (facts.n_layers - max(extraction.layers)) / facts.n_layers
+        passes = 1 + len(config.checkpoint)
+        model = seconds_for(calibration.load_seconds, int((1 + passes * from_hook) * model_tokens), calibration.full_tokens_per_second)
+        return Estimate(
+            examples=len(store_examples),
+            tokens=tokens,
+            seconds=None if encode is None or model is None else encode + model,
+            note=f"model on {model_tokens:,} tokens: 1 forward + {passes} from the hooked block",
+        )
+
+    def key_figures(self, config: EvalConfig, outputs: list[Output]) -> list[tuple[str, str]]:
+        first = outputs[0].path if outputs else None
+        if first is None or not first.is_file():
+            return []
+        core = json.loads(first.read_text()).get("saebench_core")
+        score = f"{core['eval_result_metrics']['model_performance_preservation']['ce_loss_score']:.4f}" if core else None
+        return [("SAEBench ce_loss_score (loss recovered)", score or "not measured (MODEL_METRICS off)")]
+
+
+STAGE = EvaluateStage()

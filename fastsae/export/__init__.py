@@ -1,1 +1,1 @@
-"""Sharing a trained SAE: SAELens' format, a model card, a Hugging Face upload."""
+"""Sharing a trained SAE: an export folder with SAELens' layout, a model card, a Hugging Face upload."""

@@ -34,15 +34,17 @@ from fastsae.common.atomic_files import replace_folder_atomically
 from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.common.errors import UserError
+from fastsae.core.saelens_export import export_saelens
 from fastsae.core.trained_sae import open_trained_sae
+from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE
 from fastsae.export.model_card import EXPORT_TAG, CardInputs, render_model_card
-from fastsae.export.saelens_export import export_saelens
 from fastsae.interpret.interpret_sae import read_interpretations
+from fastsae.train.training_report import CURVES_FILE, METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
 # Written by the training step and evaluate_sae.py beside the checkpoint; copied when there.
-COMPANION_FILES = ("eval.json", "feature_density.png", "metrics.json", "training_curves.png")
+COMPANION_FILES = (EVAL_FILE, DENSITY_PLOT_FILE, METRICS_FILE, CURVES_FILE)
 TRAINING_SPARSITY = Path("saelens") / "sparsity.safetensors"  # the training step's export, from its validation tokens
 
 
@@ -85,7 +87,7 @@ def _write_export(folder: Path, checkpoint: Path, interpretations_path: str, rep
             f"{checkpoint} has no fastsae metadata (a HypotheSAEs checkpoint?): the export reads the model, hook and data from it. Export a checkpoint written by train_sae.py."
         )
     interpretations = read_interpretations(interpretations_path, info.spec.m)
-    eval_path = checkpoint.parent / "eval.json"
+    eval_path = checkpoint.parent / EVAL_FILE
     evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     if evaluation is None:
         logger.info("No eval.json beside the checkpoint: the model card says it was not evaluated.")

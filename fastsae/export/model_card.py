@@ -16,7 +16,8 @@ from huggingface_hub import ModelCardData
 
 from fastsae.common import markdown
 from fastsae.core.sae_info import SAEInfo
-from fastsae.evaluate.evaluate_sae import report_table
+from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE, report_table
+from fastsae.train.training_report import CURVES_FILE, METRICS_FILE
 
 EXPORT_TAG = "fastsae"  # also how an export folder is recognised as ours when it is replaced
 CARD_TAGS = ["sparse-autoencoder", "sae", "saelens", EXPORT_TAG, "interpretability"]
@@ -131,8 +132,8 @@ def _evaluation(inputs: CardInputs) -> str:
     ]
     if evaluation.get("model_metrics_skipped"):
         parts.append(f"Model metrics not measured: {markdown.cell(evaluation['model_metrics_skipped'])}.")
-    if "feature_density.png" in inputs.files:
-        parts.append("![feature density](feature_density.png)")
+    if DENSITY_PLOT_FILE in inputs.files:
+        parts.append(f"![feature density]({DENSITY_PLOT_FILE})")
     return "\n\n".join(parts)
 
 
@@ -182,10 +183,10 @@ def _files(inputs: CardInputs) -> str:
         f"{inputs.saelens_folder}/cfg.json": "SAELens config (`SAE.load_from_disk` on the folder)",
         f"{inputs.saelens_folder}/sae_weights.safetensors": "SAELens weights",
         f"{inputs.saelens_folder}/sparsity.safetensors": "SAELens feature sparsity: log10 of each feature's density",
-        "eval.json": "every evaluation metric, with the per-feature density",
-        "feature_density.png": "histogram of the features' log10 density",
-        "metrics.json": "training history and final validation metrics",
-        "training_curves.png": "training curves",
+        EVAL_FILE: "every evaluation metric, with the per-feature density",
+        DENSITY_PLOT_FILE: "histogram of the features' log10 density",
+        METRICS_FILE: "training history and final validation metrics",
+        CURVES_FILE: "training curves",
         "interpretations.csv": "per feature: statistics, top tokens and windows, logit lens, label, explanation, detection and fuzzing scores",
         "README.md": "this card",
     }

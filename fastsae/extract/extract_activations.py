@@ -29,13 +29,14 @@ from fastsae.common import distributed
 from fastsae.common.config import setting
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
+from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.lm.data import Dataset, load_dataset
 from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
 from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
 from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
 from fastsae.lm.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
 from fastsae.store.activation_store import STORAGE_DTYPES, ActivationStoreWriter, bytes_per_token, check_free_disk, plan_shards
-from fastsae.store.manifest import DatasetRecord
+from fastsae.store.manifest import MANIFEST, DatasetRecord, StoreManifest
 
 logger = logging.getLogger(__name__)
 
@@ -401,3 +402,50 @@ def extract_activations(config: ExtractConfig) -> list[Path]:
     model = load_model(source, config.resolved_compute_dtype(), device)
     model_fields = {"model_name": config.model_name, "model_source": source.kind, "revision": getattr(model.config, "_commit_hash", None)}
     return write_activation_stores(model, tokenizer, dataset, config, source.slug, model_fields)
+
+
+class ExtractStage(Stage):
+    """Step 1 in the pipeline: texts → one activation store per hook."""
+
+    name = "extract"
+    script = "extract_activations.py"
+    input_constant = "DATASET"
+    upstream = None
+    config_class = ExtractConfig
+
+    def run(self, config: ExtractConfig) -> list[Path]:
+        return extract_activations(config)
+
+    def outputs(self, config: ExtractConfig, facts: PlanFacts) -> list[Output]:
+        return [
+            Output(store_folder(config, facts.model_slug, hook), {"model": facts.model_slug, "hook_name": hook})
+            for hook in store_names(config)
+        ]
+
+    def outputs_complete(self, outputs: list[Output]) -> bool:
+        """A store counts only once its manifest says every shard is on disk."""
+        manifests = [StoreManifest.read(output.path / MANIFEST) for output in outputs]
+        return all(manifest is not None and manifest.is_complete for manifest in manifests)
+
+    def estimate(self, config: ExtractConfig, facts: PlanFacts) -> Estimate:
+        corpus, calibration = facts.corpus, facts.calibration
+        if corpus is None or calibration is None:
+            return Estimate(disk_folder=Path(config.output_dir))
+        return Estimate(
+            examples=len(corpus.lengths),
+            tokens=corpus.n_tokens,
+            seconds=seconds_for(calibration.load_seconds, corpus.n_tokens, calibration.cut_tokens_per_second),
+            disk_bytes=corpus.n_tokens * len(config.layers) * bytes_per_token(facts.d, config.storage_dtype),
+            disk_folder=Path(config.output_dir),
+        )
+
+    def key_figures(self, config: ExtractConfig, outputs: list[Output]) -> list[tuple[str, str]]:
+        manifests = [StoreManifest.read(output.path / MANIFEST) for output in outputs]
+        return [
+            (f"tokens ({manifest.hook_name})", f"{manifest.n_tokens:,} in {manifest.n_examples:,} examples")
+            for manifest in manifests
+            if manifest is not None and manifest.is_complete
+        ]
+
+
+STAGE = ExtractStage()

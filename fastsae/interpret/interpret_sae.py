@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
+from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
 from fastsae.interpret.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
@@ -51,6 +53,7 @@ from fastsae.store.activation_store import ActivationStore
 
 logger = logging.getLogger(__name__)
 
+DASHBOARD_FILE = "dashboard.html"  # written beside interpretations.csv
 SCORINGS = (*SCORERS, "fast-rubric")
 OLD_SCORINGS = {"both": "detection,fast-rubric"}  # SCORING before fuzzing came: still read, with a note
 ANSWER_TOKENS = 300  # the most an answer may take (explanations, verdict lists and ratings are far shorter)
@@ -196,30 +199,55 @@ def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
     return table
 
 
+@dataclass(frozen=True)
+class FeatureChoice:
+    """FEATURES, parsed: a rule (all, frequency, label, random) with its count, or an explicit list."""
+
+    rule: str  # all, frequency, label, random or list
+    count: int = 0  # N of frequency:N, label:N and random:N
+    listed: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> FeatureChoice:
+        try:
+            if spec == "all":
+                return cls("all")
+            rule, _, count = spec.partition(":")
+            if rule in ("frequency", "label", "random"):
+                return cls(rule, int(count))
+            return cls("list", listed=tuple(int(part) for part in spec.split(",") if part.strip()))
+        except ValueError:
+            raise UserError(
+                f"FEATURES {spec!r} is not understood: use all, frequency:N, label:N, random:N or a list like 3,17,42."
+            ) from None
+
+    def at_most(self, m: int | None) -> int:
+        """How many features it picks at most from an SAE of `m` features (unknown m: the count asked for)."""
+        if self.rule == "list":
+            return len(self.listed)
+        if self.rule == "all":
+            return m or 0
+        return min(self.count, m) if m is not None else self.count
+
+
 def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFrame, seed: int = 0) -> list[int]:
-    """Parse FEATURES: all, frequency:N, label:N, random:N (seeded by SEED), or an explicit comma-separated list."""
+    """The features FEATURES picks: all, frequency:N, label:N, random:N (seeded by SEED), or an explicit comma-separated list."""
+    choice = FeatureChoice.parse(spec)
     m = len(statistics.frequency)
     alive = np.flatnonzero(statistics.frequency > 0)
-    try:
-        if spec == "all":
-            return list(range(m))
-        if spec.startswith("frequency:"):
-            count = int(spec.split(":", 1)[1])
-            return [int(f) for f in alive[np.argsort(-statistics.frequency[alive], kind="stable")][:count]]
-        if spec.startswith("label:"):
-            count = int(spec.split(":", 1)[1])
-            scores = labels["top_label_auroc"].to_numpy(dtype=float)[alive]
-            return [int(f) for f in alive[np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")][:count]]
-        if spec.startswith("random:"):  # an unbiased sample, as the FAST paper rates: the most frequent features are not typical
-            count = int(spec.split(":", 1)[1])
-            return sorted(int(f) for f in np.random.default_rng(seed).permutation(alive)[:count])
-        chosen = [int(part) for part in spec.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"FEATURES {spec!r} is not understood: use all, frequency:N, label:N, random:N or a list like 3,17,42.") from None
-    bad = [feature for feature in chosen if not 0 <= feature < m]
+    if choice.rule == "all":
+        return list(range(m))
+    if choice.rule == "frequency":
+        return [int(f) for f in alive[np.argsort(-statistics.frequency[alive], kind="stable")][: choice.count]]
+    if choice.rule == "label":
+        scores = labels["top_label_auroc"].to_numpy(dtype=float)[alive]
+        return [int(f) for f in alive[np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")][: choice.count]]
+    if choice.rule == "random":  # an unbiased sample, as the FAST paper rates: the most frequent features are not typical
+        return sorted(int(f) for f in np.random.default_rng(seed).permutation(alive)[: choice.count])
+    bad = [feature for feature in choice.listed if not 0 <= feature < m]
     if bad:
         raise UserError(f"feature {bad[0]} does not exist: this SAE has features 0..{m - 1}.")
-    return chosen
+    return list(choice.listed)
 
 
 def _unembedding(model: torch.nn.Module) -> torch.Tensor:
@@ -500,6 +528,74 @@ def _interpret_with(
     page = dashboard_data(
         title, rows, top_windows, statistics, rubric, {f: (examples[f].scoring, results[f]) for f in results}, config.n_quantiles
     )
-    dashboard = write_dashboard(path.with_name("dashboard.html"), page)
+    dashboard = write_dashboard(path.with_name(DASHBOARD_FILE), page)
     logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
     return path
+
+
+class InterpretStage(Stage):
+    """Step 3 in the pipeline: a checkpoint and its store → interpretations.csv and dashboard.html beside it."""
+
+    name = "interpret"
+    script = "interpret_sae.py"
+    input_constant = "CHECKPOINT"
+    upstream = "train"
+    config_class = InterpretConfig
+
+    def run(self, config: InterpretConfig) -> Path:
+        return interpret_sae(config)
+
+    def outputs(self, config: InterpretConfig, facts: PlanFacts) -> list[Output]:
+        interpretations = Path(config.interpretations_path)
+        return [Output(interpretations), Output(interpretations.with_name(DASHBOARD_FILE))]
+
+    def explained_features(self, config: InterpretConfig, facts: PlanFacts) -> int:
+        """How many features the LLM will be asked about (0 when explanations are skipped)."""
+        if not config.explain or api_key() is None:
+            return 0
+        planned = facts.output_facts("train", self.input_path(config))
+        return FeatureChoice.parse(config.features).at_most(planned["m"] if planned else None)
+
+    def checks(self, config: InterpretConfig, facts: PlanFacts) -> list[tuple[str, str]]:
+        if not config.explain:
+            return [("API key", "EXPLAIN is off in interpret_sae.py: explanations are skipped")]
+        if api_key() is None:
+            return [("API key", f"no key ({' / '.join(API_KEY_VARIABLES)}): explanations and scores are skipped; set one to get them")]
+        features = self.explained_features(config, facts)
+        base = os.environ.get("OPENAI_BASE_URL") or "the OpenAI API"
+        cost = estimate_llm_cost(config, features).describe()
+        return [("API key", f"key set; {features} features ({config.scoring}): at most {cost} to {base}")]
+
+    def estimate(self, config: InterpretConfig, facts: PlanFacts) -> Estimate:
+        corpus, calibration = facts.corpus, facts.calibration
+        if corpus is None or calibration is None:
+            return Estimate()
+        features = self.explained_features(config, facts)
+        note = f"+ {features} features ({config.scoring}): at most {estimate_llm_cost(config, features).describe()}"
+        return Estimate(
+            examples=len(corpus.lengths),
+            tokens=corpus.n_tokens,
+            seconds=seconds_for(calibration.load_seconds, corpus.n_tokens, calibration.encode_tokens_per_second),
+            note=note if features else "explanations skipped",
+        )
+
+    def key_figures(self, config: InterpretConfig, outputs: list[Output]) -> list[tuple[str, str]]:
+        csv_path = outputs[0].path
+        if not csv_path.is_file():
+            return []
+        rows = pd.read_csv(csv_path)
+        explained = rows["explanation"].dropna()
+        ratings = rows["fast_rubric_rating"].dropna().astype(int)
+        figures = []
+        if len(explained):
+            means = [(name, rows[f"{name}_score"].dropna()) for name in ("detection", "fuzzing")]
+            mean = "".join(f", mean {name} {scores.mean():.3f} ({len(scores)} scored)" for name, scores in means if len(scores))
+            figures.append(("explained features", f"{len(explained)} of {len(rows)}{mean}"))
+        elif not len(ratings):
+            figures.append(("explained features", f"0 of {len(rows)} (explanations skipped)"))
+        if len(ratings):
+            figures.append(("FAST rubric, rated 4-5", f"{(ratings >= 4).mean():.1%} of {len(ratings)} rated features"))
+        return figures
+
+
+STAGE = InterpretStage()

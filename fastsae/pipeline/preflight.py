@@ -2,7 +2,7 @@
 
 Checks end in one line for the plan, or in a `UserError` that names the fix: the model (local,
 a GGUF to dequantise once, or a download), the device and dtype, free disk against the store's
-size, and the API key for explanations. Estimates come from the data and this machine, not from
+size (each stage adds its own checks, such as interpretation's API key). Estimates come from the data and this machine, not from
 constants: token counts from the model's tokenizer (or an existing store), and speeds from a short
 calibration — a forward pass of a few real examples, and a few SAE training steps at the
 configured size.
@@ -11,7 +11,6 @@ configured size.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,9 @@ import numpy as np
 import torch
 
 from fastsae.common.errors import UserError
+from fastsae.common.stage import Calibration, Corpus
 from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.extract.extract_activations import ExtractConfig, pack_sequences, padded_batch
-from fastsae.interpret.interpret_sae import InterpretConfig, estimate_llm_cost
-from fastsae.interpret.llm import API_KEY_VARIABLES, api_key
 from fastsae.lm.data import Dataset
 from fastsae.lm.hook_points import ResidualCapture
 from fastsae.lm.models import ModelSource, load_model, model_availability, model_folder, resolve_model
@@ -34,19 +32,6 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_EXAMPLES = 8  # real examples of about the median length, timed through the model
 CALIBRATION_SAE_STEPS = 5  # timed SAE training steps and encodings (after as many for warm-up)
-
-
-@dataclass
-class Corpus:
-    """Tokens per sequence as extraction will see them, and a few real sequences to time."""
-
-    lengths: np.ndarray  # (n,) tokens per example (per block with PACKING = block)
-    content: np.ndarray  # (n,) of those, the ones that are not special/template tokens
-    sample: list[np.ndarray]  # token ids of up to CALIBRATION_EXAMPLES sequences
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.lengths.sum())
 
 
 def _median_picks(lengths: np.ndarray) -> np.ndarray:
@@ -129,33 +114,12 @@ def check_disk(folder: Path, needed_bytes: int) -> str:
     return f"the store needs about {format_bytes(needed_bytes)} (+{DISK_MARGIN_BYTES // 2**20} MiB margin); {format_bytes(free_disk_bytes(folder))} free at {folder}"
 
 
-def describe_api_key(config: InterpretConfig, n_features: int) -> str:
-    if not config.explain:
-        return "EXPLAIN is off in interpret_sae.py: explanations are skipped"
-    if api_key() is None:
-        return f"no key ({' / '.join(API_KEY_VARIABLES)}): explanations and scores are skipped; set one to get them"
-    base = os.environ.get("OPENAI_BASE_URL") or "the OpenAI API"
-    return f"key set; {n_features} features ({config.scoring}): at most {estimate_llm_cost(config, n_features).describe()} to {base}"
-
-
 def format_bytes(count: float) -> str:
     units = ("B", "KiB", "MiB", "GiB")
     power = 0
     while count >= 1024 and power < len(units) - 1:
         count, power = count / 1024, power + 1
     return f"{count:.0f} B" if power == 0 else f"{count:.1f} {units[power]}"
-
-
-@dataclass
-class Calibration:
-    """Speeds measured on this machine; None where that part was not needed (or could not be measured)."""
-
-    load_seconds: float | None = None  # loading the model
-    cut_tokens_per_second: float | None = None  # forward stopped after the deepest layer, as extraction runs
-    full_tokens_per_second: float | None = None  # the whole model with its LM head, as evaluation runs
-    sae_step_seconds: float | None = None  # one training step of every SAE of the run, at BATCH_SIZE
-    encode_tokens_per_second: float | None = None  # SAE encoding, as evaluation and interpretation run
-    seconds: float = 0.0  # the calibration itself
 
 
 def _synchronize(device: str) -> None:

@@ -23,15 +23,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastsae.common.atomic_files import write_json_atomically
 from fastsae.common.config import config_fingerprint, parse_step_config, setting
 from fastsae.common.errors import UserError
+from fastsae.common.stage import Calibration, Corpus, Estimate, Output, PlanFacts, Stage, same_path
 from fastsae.store.manifest import MANIFEST, StoreManifest
-
-if TYPE_CHECKING:
-    from fastsae.pipeline.preflight import Calibration, Corpus
 
 logger = logging.getLogger(__name__)
 
@@ -50,28 +48,14 @@ REQUIRED_PACKAGES = {
 }
 
 
-@dataclass(frozen=True)
-class Step:
-    """One step: its script, where its config class and function live, and the constant naming its input."""
-
-    name: str
-    script: str
-    module: str
-    config_class: str
-    function: str
-    input_constant: str
-    upstream: str | None  # the step whose output is this step's input, when the constants chain
-
-
-STEPS = (
-    Step(
-        "extract", "extract_activations.py", "fastsae.extract.extract_activations", "ExtractConfig", "extract_activations", "DATASET", None
-    ),
-    Step("train", "train_sae.py", "fastsae.train.train_sae", "TrainConfig", "train_saes", "STORE", "extract"),
-    Step("evaluate", "evaluate_sae.py", "fastsae.evaluate.evaluate_sae", "EvalConfig", "evaluate_sae", "CHECKPOINT", "train"),
-    Step("interpret", "interpret_sae.py", "fastsae.interpret.interpret_sae", "InterpretConfig", "interpret_sae", "CHECKPOINT", "train"),
-)
-STEP_NAMES = tuple(step.name for step in STEPS)
+# The stages in the order they chain; each module defines its `STAGE` (fastsae/common/stage.py).
+STAGE_MODULES = {
+    "extract": "fastsae.extract.extract_activations",
+    "train": "fastsae.train.train_sae",
+    "evaluate": "fastsae.evaluate.evaluate_sae",
+    "interpret": "fastsae.interpret.interpret_sae",
+}
+STEP_NAMES = tuple(STAGE_MODULES)
 
 
 @dataclass
@@ -100,27 +84,27 @@ class PipelineConfig:
 
 @dataclass
 class StepPlan:
-    """What the pipeline knows and decides about one step."""
+    """What the pipeline knows and decides about one stage."""
 
-    step: Step
+    stage: Stage
     config: Any
     selected: bool
     input: Path
-    outputs: list[Path] = field(default_factory=list)
-    linked: bool = False  # its input is what its upstream step writes
+    outputs: list[Output] = field(default_factory=list)
+    linked: bool = False  # its input is what its upstream stage writes
     fingerprint: str = ""
     action: str = ""  # run, skip, or "-" (not selected)
     reason: str = ""
     overwrite: bool = False
-    examples: int | None = None
-    tokens: int | None = None
-    store_bytes: int | None = None
-    seconds: float | None = None  # estimated
-    note: str = ""
+    estimate: Estimate = field(default_factory=Estimate)
 
     @property
     def runs(self) -> bool:
         return self.action == "run"
+
+    @property
+    def output_paths(self) -> list[Path]:
+        return [output.path for output in self.outputs]
 
 
 class PipelineState:
@@ -153,31 +137,19 @@ def check_packages() -> str:
     return ", ".join(f"{package} {version(package)}" for package in ("torch", "transformers"))
 
 
-def load_step_config(step: Step, scripts_dir: Path) -> Any:
-    """The step's config from its script's constants; the script's `__main__` block does not run."""
-    path = scripts_dir / step.script
+def load_stages() -> list[Stage]:
+    """The stage objects, imported only after the package check (their modules need torch and the rest)."""
+    return [importlib.import_module(module).STAGE for module in STAGE_MODULES.values()]
+
+
+def load_step_config(stage: Stage, scripts_dir: Path) -> Any:
+    """The stage's config from its script's constants; the script's `__main__` block does not run."""
+    path = scripts_dir / stage.script
     if not path.is_file():
         raise UserError(f"{path} not found: SCRIPTS_DIR must be the folder that holds the four step scripts (the repository root).")
     namespace = runpy.run_path(str(path), run_name="fastsae_pipeline")
     constants = {name: value for name, value in namespace.items() if name.isupper()}
-    config_class = getattr(importlib.import_module(step.module), step.config_class)
-    return parse_step_config(config_class, constants, namespace.get("__doc__") or "", argv=[])
-
-
-def outputs_exist(plan: StepPlan) -> bool:
-    """Every output is there; a store only counts once its manifest says it is complete."""
-    for path in plan.outputs:
-        if plan.step.name == "extract":
-            manifest = StoreManifest.read(path / MANIFEST)
-            if manifest is None or not manifest.is_complete:
-                return False
-        elif not path.exists():
-            return False
-    return True
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
+    return parse_step_config(stage.config_class, constants, namespace.get("__doc__") or "", argv=[])
 
 
 class Pipeline:
@@ -187,6 +159,7 @@ class Pipeline:
         self.config = config
         self.state = PipelineState(Path(STATE_FILE))
         self.plans: dict[str, StepPlan] = {}
+        self.facts: PlanFacts | None = None
         self.calibration: Calibration | None = None
 
     def check(self, name: str, result: str) -> None:
@@ -195,16 +168,17 @@ class Pipeline:
     # --- checks, chain and decisions ------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Everything before the plan is printed; any problem stops here, before a step has run."""
+        """Everything before the plan is printed; any problem stops here, before a stage has run."""
         self.check("packages", check_packages())
         from fastsae.lm.data import load_dataset
         from fastsae.pipeline import preflight
 
         selected = self.config.selected()
-        configs = {step.name: load_step_config(step, Path(self.config.scripts_dir)) for step in STEPS}
+        stages = load_stages()
+        configs = {stage.name: load_step_config(stage, Path(self.config.scripts_dir)) for stage in stages}
         self.plans = {
-            step.name: StepPlan(step, configs[step.name], step.name in selected, _input_path(configs[step.name], step.input_constant))
-            for step in STEPS
+            stage.name: StepPlan(stage, configs[stage.name], stage.name in selected, stage.input_path(configs[stage.name]))
+            for stage in stages
         }
         extract = self.plans["extract"]
         self.dataset = None
@@ -218,105 +192,74 @@ class Pipeline:
         self._decide()
         self._check_machine(preflight)
 
+    def _name_outputs(self, plan: StepPlan) -> None:
+        """What the stage writes, and whether its input is what its upstream stage writes."""
+        plan.outputs = plan.stage.outputs(plan.config, self.facts)
+        self.facts.outputs[plan.stage.name] = plan.outputs
+        upstream = plan.stage.upstream
+        plan.linked = upstream is not None and any(same_path(plan.input, path) for path in self.plans[upstream].output_paths)
+
     def _link(self, preflight) -> None:
-        """Each step's outputs, and whether a step's input is its upstream's output; checks the model on the way."""
-        from fastsae.extract.extract_activations import store_folder, store_names
+        """Each stage's outputs, and whether its input is its upstream's output; checks the model on the way."""
         from fastsae.lm.lora import LORA_HOOK_POINT
         from fastsae.lm.models import resolve_model
-        from fastsae.train.train_sae import checkpoint_path, run_folder
 
         extract, train = self.plans["extract"], self.plans["train"]
-        hooks = store_names(extract.config)
-        extract.outputs = [store_folder(extract.config, resolve_model(extract.config.model_name).slug, hook) for hook in hooks]
-        train.linked = any(_same_path(train.input, folder) for folder in extract.outputs)
+        configs = {name: plan.config for name, plan in self.plans.items()}
+        self.facts = PlanFacts(resolve_model(extract.config.model_name).slug, configs)
+        self._name_outputs(extract)
+        train.linked = any(same_path(train.input, path) for path in extract.output_paths)
         # The model is the extraction's, unless training reads another, existing store: then that store's.
-        other_store = None if train.linked else self._store_manifest(train.input)
+        other_store = None if train.linked else StoreManifest.read(train.input / MANIFEST)
         uses_extraction_model = other_store is None or not other_store.model_name
         model_name = extract.config.model_name if uses_extraction_model else other_store.model_name
         layers_read = extract.config.layers if uses_extraction_model and extract.config.hook_point != LORA_HOOK_POINT else []
         self.model = preflight.check_model(model_name, layers_read)
         self.check("model", self.model.describe())
-        self.specs = train.config.specs(self.model.d)
-        if train.linked:
-            hook = next(hook for hook, folder in zip(hooks, extract.outputs) if _same_path(train.input, folder))
-            folder = run_folder(train.config, self.model.source.slug, hook)
-            train.outputs = [checkpoint_path(folder, spec) for spec in self.specs]
-        elif other_store is not None:
-            folder = run_folder(train.config, other_store.model, other_store.hook_name)
-            train.outputs = [checkpoint_path(folder, spec) for spec in self.specs]
-        for name in ("evaluate", "interpret"):
-            plan = self.plans[name]
-            plan.linked = any(_same_path(plan.input, path) for path in train.outputs)
-        self.plans["evaluate"].outputs = [
-            Path(checkpoint).parent / name
-            for checkpoint in self.plans["evaluate"].config.checkpoint
-            for name in ("eval.json", "feature_density.png")
-        ]
-        interpretations = Path(self.plans["interpret"].config.interpretations_path)
-        self.plans["interpret"].outputs = [interpretations, interpretations.with_name("dashboard.html")]
-
-    def _check_machine(self, preflight) -> None:
-        """Device and dtype, the estimates (with the calibration), free disk against the store, and the API key."""
-        extract, train = self.plans["extract"], self.plans["train"]
-        device = extract.config.resolved_device()
-        self.check("device", preflight.describe_device(device, extract.config.resolved_compute_dtype(), train.config.uses_bfloat16()))
-        self._estimate(preflight)
-        if extract.runs:
-            if extract.store_bytes is None:
-                self.check("disk", "store size unknown until the model is downloaded; extraction checks free disk before it writes")
-            else:
-                on_disk = sum(
-                    path.stat().st_size for folder in extract.outputs if folder.exists() for path in folder.rglob("*") if path.is_file()
-                )
-                self.check("disk", preflight.check_disk(Path(extract.config.output_dir), max(0, extract.store_bytes - on_disk)))
-        else:
-            self.check("disk", "extraction does not run: nothing new to store")
-        interpret = self.plans["interpret"]
-        if interpret.selected:
-            self.check("API key", preflight.describe_api_key(interpret.config, self._explained_features()))
-
-    def _store_manifest(self, folder: Path) -> StoreManifest | None:
-        return StoreManifest.read(folder / MANIFEST)
+        self.facts.d, self.facts.n_layers = self.model.d, self.model.n_layers
+        for plan in list(self.plans.values())[1:]:
+            self._name_outputs(plan)
 
     def _check_chain(self) -> None:
-        """Each selected step's input is written by the step before it, or exists; otherwise say which constant to change."""
+        """Each selected stage's input is written by the stage before it, or exists; otherwise say which constant to change."""
         for plan in self.plans.values():
-            if not plan.selected or plan.step.upstream is None:
+            if not plan.selected or plan.stage.upstream is None:
                 continue
-            upstream = self.plans[plan.step.upstream]
-            constant = f"{plan.step.input_constant} in {plan.step.script}"
-            if plan.linked and not upstream.selected and not outputs_exist(upstream):
+            upstream = self.plans[plan.stage.upstream]
+            constant = f"{plan.stage.input_constant} in {plan.stage.script}"
+            if plan.linked and not upstream.selected and not upstream.stage.outputs_complete(upstream.outputs):
                 raise UserError(
-                    f"{plan.step.script} reads {plan.input} ({constant}), which {upstream.step.script} has not written yet. "
-                    f"Include the {upstream.step.name} step (see --steps and --from)."
+                    f"{plan.stage.script} reads {plan.input} ({constant}), which {upstream.stage.script} has not written yet. "
+                    f"Include the {upstream.stage.name} step (see --steps and --from)."
                 )
             if not plan.linked and not plan.input.exists():
                 fix = (
-                    f"Set {plan.step.input_constant} = {str(upstream.outputs[0])!r} in {plan.step.script}"
+                    f"Set {plan.stage.input_constant} = {str(upstream.output_paths[0])!r} in {plan.stage.script}"
                     if upstream.outputs
                     else f"Point {constant} at an existing one"
                 )
                 raise UserError(
-                    f"{constant} is {str(plan.input)!r}, which does not exist and is not what {upstream.step.script} writes. {fix}."
+                    f"{constant} is {str(plan.input)!r}, which does not exist and is not what {upstream.stage.script} writes. {fix}."
                 )
 
     def _decide(self) -> None:
-        """Fingerprint each step (its settings + its upstream's) and decide: skip when current, else run (and how)."""
+        """Fingerprint each stage (its settings + its upstream's) and decide: skip when current, else run (and how)."""
         for plan in self.plans.values():
             settings = {key: value for key, value in dataclasses.asdict(plan.config).items() if key != "overwrite"}
             upstream = self._upstream_fingerprint(plan)
-            extra = {"dataset": self.dataset.fingerprint()} if plan.step.name == "extract" and self.dataset else {}
+            reads_dataset = plan.stage.upstream is None and self.dataset is not None  # the first stage reads the texts
+            extra = {"dataset": self.dataset.fingerprint()} if reads_dataset else {}
             plan.fingerprint = config_fingerprint({"settings": settings, "upstream": upstream, **extra})
-            plan.action, plan.reason, plan.overwrite = self._decision(plan, self.state.record(plan.step.name))
+            plan.action, plan.reason, plan.overwrite = self._decision(plan, self.state.record(plan.stage.name))
 
     def _upstream_fingerprint(self, plan: StepPlan) -> str | None:
         """What the input will hold: the upstream's new fingerprint if it is selected, else the one on record."""
         if not plan.linked:
             return None
-        upstream = self.plans[plan.step.upstream]
+        upstream = self.plans[plan.stage.upstream]
         if upstream.selected:
             return upstream.fingerprint
-        record = self.state.record(upstream.step.name)
+        record = self.state.record(upstream.stage.name)
         return record["fingerprint"] if record else None
 
     def _decision(self, plan: StepPlan, record: dict | None) -> tuple[str, str, bool]:
@@ -331,86 +274,61 @@ class Pipeline:
             return "run", "settings changed", True
         if record["status"] != "complete":
             return "run", "resume (interrupted)", False
-        if not outputs_exist(plan):
+        if not plan.stage.outputs_complete(plan.outputs):
             return "run", "outputs missing", False
         return "skip", "current", False
+
+    def _check_machine(self, preflight) -> None:
+        """Device and dtype, the estimates (with the calibration), free disk for what the stages write, and each stage's checks."""
+        extract, train = self.plans["extract"], self.plans["train"]
+        device = extract.config.resolved_device()
+        self.check("device", preflight.describe_device(device, extract.config.resolved_compute_dtype(), train.config.uses_bfloat16()))
+        self._estimate(preflight)
+        self._check_disk(preflight)
+        for plan in self.plans.values():
+            if plan.selected:
+                for name, result in plan.stage.checks(plan.config, self.facts):
+                    self.check(name, result)
+
+    def _check_disk(self, preflight) -> None:
+        """Each running stage that writes to disk needs what it will write, less what its outputs already hold."""
+        writers = [plan for plan in self.plans.values() if plan.runs and plan.estimate.disk_folder is not None]
+        if not writers:
+            self.check("disk", "no step that runs writes a store: nothing large to write")
+        for plan in writers:
+            estimate = plan.estimate
+            if estimate.disk_bytes is None:
+                self.check(
+                    "disk", f"{plan.stage.name}: size unknown until the model is downloaded; the step checks free disk before it writes"
+                )
+                continue
+            on_disk = sum(
+                path.stat().st_size for folder in plan.output_paths if folder.exists() for path in folder.rglob("*") if path.is_file()
+            )
+            self.check("disk", preflight.check_disk(estimate.disk_folder, max(0, estimate.disk_bytes - on_disk)))
 
     # --- estimates ---------------------------------------------------------------------------------
 
     def _estimate(self, preflight) -> None:
-        """Counts from the tokenized data (or the store), times from a short calibration on this machine."""
-        from fastsae.interpret.interpret_sae import estimate_llm_cost
+        """Counts from the tokenized data (or the store), times from a short calibration on this machine; then each stage's cost."""
         from fastsae.lm.models import load_tokenizer
-        from fastsae.store.activation_store import ActivationStore, bytes_per_token
+        from fastsae.store.activation_store import ActivationStore
 
         extract, train = self.plans["extract"], self.plans["train"]
-        if not any(plan.runs for plan in self.plans.values()):
-            return
-        if extract.runs:
-            tokenizer = load_tokenizer(self.model.source)
-            corpus = preflight.corpus_from_dataset(tokenizer, self.dataset, extract.config)
-            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        elif (manifest := self._store_manifest(train.input)) is not None and manifest.is_complete:
-            corpus, pad_token_id = preflight.corpus_from_store(ActivationStore(train.input)), 0
-        else:
-            return  # nothing to count yet: the plan says "unknown"
-        self.calibration = self._calibrate(preflight, corpus, pad_token_id)
-        calibration = self.calibration
-        extract.examples, extract.tokens = len(corpus.lengths), corpus.n_tokens
-        extract.store_bytes = corpus.n_tokens * len(extract.config.layers) * bytes_per_token(self.model.d, extract.config.storage_dtype)
-        extract.seconds = _seconds(calibration.load_seconds, corpus.n_tokens, calibration.cut_tokens_per_second)
-        self._estimate_training(corpus)
-        self._estimate_evaluation(corpus)
-        interpret = self.plans["interpret"]
-        interpret.examples, interpret.tokens = len(corpus.lengths), corpus.n_tokens
-        interpret.seconds = _seconds(calibration.load_seconds, corpus.n_tokens, calibration.encode_tokens_per_second)
-        features = self._explained_features()
-        cost = estimate_llm_cost(interpret.config, features)
-        interpret.note = (
-            f"+ {features} features ({interpret.config.scoring}): at most {cost.describe()}" if features else "explanations skipped"
-        )
-
-    def _estimate_training(self, corpus: Corpus) -> None:
-        from fastsae.store.batches import ExampleSplit
-        from fastsae.train.train_sae import training_steps
-
-        train = self.plans["train"]
-        config = train.config
-        in_training = ~ExampleSplit.by_example(len(corpus.lengths), config.validation_fraction, config.seed).is_validation
-        n_train_tokens = int((corpus.lengths if config.include_special_tokens else corpus.content)[in_training].sum())
-        steps = training_steps(config, n_train_tokens)
-        train.examples, train.tokens = int(in_training.sum()), steps * config.batch_size
-        train.seconds = steps * self.calibration.sae_step_seconds if self.calibration.sae_step_seconds is not None else None
-        train.note = f"{steps} steps; an upper bound (early stopping may end sooner)"
-
-    def _estimate_evaluation(self, corpus: Corpus) -> None:
-        """Our store metrics on every held-out token; the model on a budget of them: one clean forward, then, from the hooked
-        block on, the zero-ablated pass and one pass per checkpoint (a rerun on the same store reuses the first two)."""
-        from fastsae.evaluate.evaluate_sae import validation_examples
-        from fastsae.evaluate.model_metrics import budgeted_examples
-
-        evaluate, train, extract = self.plans["evaluate"], self.plans["train"], self.plans["extract"]
-        config = evaluate.config
-        fraction = config.validation_fraction if config.validation_fraction >= 0 else train.config.validation_fraction
-        seed = config.seed if config.seed >= 0 else train.config.seed
-        examples = validation_examples(len(corpus.lengths), fraction, seed) if fraction > 0 else []
-        store_examples = examples[: config.max_examples] if config.max_examples else examples
-        tokens = int(corpus.lengths[store_examples].sum())
-        evaluate.examples, evaluate.tokens = len(store_examples), tokens
-        calibration = self.calibration
-        encode = _seconds(None, tokens * len(config.checkpoint), calibration.encode_tokens_per_second)
-        model = 0.0
-        if config.model_metrics:
-            model_tokens = (
-                int(corpus.lengths[budgeted_examples(corpus.lengths, examples, config.model_tokens, seed)].sum()) if examples else 0
-            )
-            from_hook = (self.model.n_layers - max(extract.config.layers)) / self.model.n_layers
-            forwards = 1 + (1 + len(config.checkpoint)) * from_hook
-            model = _seconds(calibration.load_seconds, int(forwards * model_tokens), calibration.full_tokens_per_second)
-            evaluate.note = f"model on {model_tokens:,} tokens: 1 forward + {1 + len(config.checkpoint)} from the hooked block"
-        else:
-            evaluate.note = "store metrics only"
-        evaluate.seconds = None if encode is None or model is None else encode + model
+        if any(plan.runs for plan in self.plans.values()):
+            if extract.runs:
+                tokenizer = load_tokenizer(self.model.source)
+                corpus = preflight.corpus_from_dataset(tokenizer, self.dataset, extract.config)
+                pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                self.facts.corpus = corpus
+            elif (manifest := StoreManifest.read(train.input / MANIFEST)) is not None and manifest.is_complete:
+                corpus, pad_token_id = preflight.corpus_from_store(ActivationStore(train.input)), 0
+                self.facts.corpus = corpus
+            if self.facts.corpus is not None:
+                self.calibration = self.facts.calibration = self._calibrate(preflight, corpus, pad_token_id)
+        for plan in self.plans.values():
+            if plan.runs:
+                plan.estimate = plan.stage.estimate(plan.config, self.facts)
 
     def _calibrate(self, preflight, corpus: Corpus, pad_token_id: int) -> Calibration:
         """Time only what will run: the model when extraction, evaluation or interpretation runs, the SAE when any later step does."""
@@ -445,39 +363,19 @@ class Pipeline:
             )
         if any(self.plans[name].runs for name in ("train", "evaluate", "interpret")):
             config = train.config
+            specs = config.specs(self.model.d)
             preflight.calibrate_sae(
-                calibration, self.specs, config.batch_size, config.resolved_device(), config.uses_bfloat16(), config.aux_coefficient
+                calibration, specs, config.batch_size, config.resolved_device(), config.uses_bfloat16(), config.aux_coefficient
             )
             logger.info(
                 "calibration: %s at batch %d: %.1f ms per training step; encoding %.0f tokens/s",
-                ", ".join(spec.name for spec in self.specs),
+                ", ".join(spec.name for spec in specs),
                 config.batch_size,
                 1000 * calibration.sae_step_seconds,
                 calibration.encode_tokens_per_second,
             )
         calibration.seconds = time.perf_counter() - started
         return calibration
-
-    def _explained_features(self) -> int:
-        """How many features interpretation will ask the LLM about (estimate_llm_cost prices them); 0 when explanations are skipped."""
-        from fastsae.interpret.llm import api_key
-
-        interpret = self.plans["interpret"]
-        if not interpret.config.explain or api_key() is None:
-            return 0
-        m = next((spec.m for spec, path in zip(self.specs, self.plans["train"].outputs) if _same_path(path, interpret.input)), None)
-        features = interpret.config.features
-        try:
-            if features == "all" or ":" in features:
-                count = m if features == "all" else int(features.split(":", 1)[1])
-                count = min(count, m) if m is not None else count
-            else:
-                count = len([int(part) for part in features.split(",") if part.strip()])
-        except ValueError:
-            raise UserError(
-                f"FEATURES in interpret_sae.py is {features!r}: use all, frequency:N, label:N, random:N or a list like 3,17,42."
-            ) from None
-        return count
 
     # --- plan, confirmation, running -----------------------------------------------------------------
 
@@ -489,19 +387,19 @@ class Pipeline:
             action = f"{plan.action} ({plan.reason})"
             figures = ["", "", "", ""]
             if plan.runs:
+                estimate = plan.estimate
                 figures = [
-                    _count(plan.examples),
-                    _count(plan.tokens),
-                    format_bytes(plan.store_bytes) if plan.store_bytes is not None else "",
-                    (f"~{_duration(plan.seconds)}" if plan.seconds is not None else "unknown") + (f"; {plan.note}" if plan.note else ""),
+                    _count(estimate.examples),
+                    _count(estimate.tokens),
+                    format_bytes(estimate.disk_bytes) if estimate.disk_bytes is not None else "",
+                    (f"~{_duration(estimate.seconds)}" if estimate.seconds is not None else "unknown")
+                    + (f"; {estimate.note}" if estimate.note else ""),
                 ]
-            writes = "<br>".join(str(path) for path in plan.outputs)
-            lines.append(f"| {plan.step.name} | {action} | {plan.input} | {writes} | " + " | ".join(figures) + " |")
-        running = [plan for plan in self.plans.values() if plan.runs]
-        if running and all(plan.seconds is not None for plan in running):
-            lines.append(
-                f"\nEstimated time: ~{_duration(sum(plan.seconds for plan in running))} (calibration took {self.calibration.seconds:.1f} s)."
-            )
+            writes = "<br>".join(str(path) for path in plan.output_paths)
+            lines.append(f"| {plan.stage.name} | {action} | {plan.input} | {writes} | " + " | ".join(figures) + " |")
+        running = [plan.estimate.seconds for plan in self.plans.values() if plan.runs]
+        if running and all(seconds is not None for seconds in running):
+            lines.append(f"\nEstimated time: ~{_duration(sum(running))} (calibration took {self.calibration.seconds:.1f} s).")
         return "\n".join(lines)
 
     def confirm(self) -> bool:
@@ -512,32 +410,32 @@ class Pipeline:
         return input("Run these steps? [y/N] ").strip().lower() in ("y", "yes")
 
     def run_steps(self) -> dict[str, float]:
-        """Run the planned steps in order; each success is recorded at once, so a failure later loses nothing."""
+        """Run the planned stages in order; each success is recorded at once, so a failure later loses nothing."""
         seconds: dict[str, float] = {}
         for plan in self.plans.values():
             if not plan.runs:
                 continue
-            function = getattr(importlib.import_module(plan.step.module), plan.step.function)
+            stage = plan.stage
             step_config = (
                 dataclasses.replace(plan.config, overwrite=True) if plan.overwrite and hasattr(plan.config, "overwrite") else plan.config
             )
-            logger.info("\n=== %s: %s (%s) ===", plan.step.name, plan.step.script, plan.reason)
-            self.state.update(plan.step.name, fingerprint=plan.fingerprint, status="running")
+            logger.info("\n=== %s: %s (%s) ===", stage.name, stage.script, plan.reason)
+            self.state.update(stage.name, fingerprint=plan.fingerprint, status="running")
             started = time.perf_counter()
             try:
-                function(step_config)
+                stage.run(step_config)
             except UserError as error:
                 raise UserError(
-                    f"{plan.step.script}: {error} (Steps that finished are kept: fix this and rerun run_pipeline.py to resume.)"
+                    f"{stage.script}: {error} (Steps that finished are kept: fix this and rerun run_pipeline.py to resume.)"
                 ) from None
-            seconds[plan.step.name] = time.perf_counter() - started
+            seconds[stage.name] = time.perf_counter() - started
             self.state.update(
-                plan.step.name,
+                stage.name,
                 fingerprint=plan.fingerprint,
                 status="complete",
-                outputs=[str(path) for path in plan.outputs],
-                seconds=round(seconds[plan.step.name], 2),
-                estimated_seconds=None if plan.seconds is None else round(plan.seconds, 2),
+                outputs=[str(path) for path in plan.output_paths],
+                seconds=round(seconds[stage.name], 2),
+                estimated_seconds=None if plan.estimate.seconds is None else round(plan.estimate.seconds, 2),
                 finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             )
         return seconds
@@ -545,69 +443,19 @@ class Pipeline:
     # --- summary -------------------------------------------------------------------------------------
 
     def summary(self, seconds: dict[str, float]) -> str:
+        """What ran, against its estimate, and the key figures each stage reads off its own outputs."""
         lines = ["| step | status | estimate | took | outputs |", "|---|---|---|---|---|"]
         for plan in self.plans.values():
-            status = "ran" if plan.step.name in seconds else plan.reason
-            estimate = f"~{_duration(plan.seconds)}" if plan.step.name in seconds and plan.seconds is not None else ""
-            took = _duration(seconds[plan.step.name]) if plan.step.name in seconds else ""
-            outputs = "<br>".join(str(path) for path in plan.outputs if path.exists())
-            lines.append(f"| {plan.step.name} | {status} | {estimate} | {took} | {outputs} |")
-        figures = self.key_figures()
+            name = plan.stage.name
+            status = "ran" if name in seconds else plan.reason
+            estimate = f"~{_duration(plan.estimate.seconds)}" if name in seconds and plan.estimate.seconds is not None else ""
+            took = _duration(seconds[name]) if name in seconds else ""
+            outputs = "<br>".join(str(path) for path in plan.output_paths if path.exists())
+            lines.append(f"| {name} | {status} | {estimate} | {took} | {outputs} |")
+        figures = [figure for plan in self.plans.values() for figure in plan.stage.key_figures(plan.config, plan.outputs)]
         if figures:
             lines += ["", "| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in figures)]
         return "\n".join(lines)
-
-    def key_figures(self) -> list[tuple[str, str]]:
-        """Read off the outputs themselves: the store manifest, metrics.json, eval.json and interpretations.csv."""
-        figures: list[tuple[str, str]] = []
-        for folder in self.plans["extract"].outputs:
-            manifest = self._store_manifest(folder)
-            if manifest is not None and manifest.is_complete:
-                figures.append((f"tokens ({manifest.hook_name})", f"{manifest.n_tokens:,} in {manifest.n_examples:,} examples"))
-        for checkpoint in self.plans["train"].outputs:
-            metrics_path = checkpoint.parent / "metrics.json"
-            if metrics_path.exists():
-                final = json.loads(metrics_path.read_text())["final"]
-                if final:
-                    figures.append(
-                        (
-                            f"{checkpoint.stem}: validation FVU / L0 / dead",
-                            f"{final['fvu']:.4f} / {final['l0']:.1f} / {final['dead_fraction']:.1%}",
-                        )
-                    )
-        eval_path = self.plans["evaluate"].outputs[0]
-        if eval_path.exists():
-            core = json.loads(eval_path.read_text()).get("saebench_core")
-            score = core["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"] if core else None
-            figures.append(("SAEBench ce_loss_score (loss recovered)", f"{score:.4f}" if core else "not measured (MODEL_METRICS off)"))
-        csv_path = self.plans["interpret"].outputs[0]
-        if csv_path.exists():
-            import pandas as pd
-
-            rows = pd.read_csv(csv_path)
-            explained = rows["explanation"].dropna()
-            ratings = rows["fast_rubric_rating"].dropna().astype(int)
-            if len(explained):
-                means = [(name, rows[f"{name}_score"].dropna()) for name in ("detection", "fuzzing")]
-                mean = "".join(f", mean {name} {scores.mean():.3f} ({len(scores)} scored)" for name, scores in means if len(scores))
-                figures.append(("explained features", f"{len(explained)} of {len(rows)}{mean}"))
-            elif not len(ratings):
-                figures.append(("explained features", f"0 of {len(rows)} (explanations skipped)"))
-            if len(ratings):
-                figures.append(("FAST rubric, rated 4-5", f"{(ratings >= 4).mean():.1%} of {len(ratings)} rated features"))
-        return figures
-
-
-def _input_path(config, constant: str) -> Path:
-    """The step's input; for a list (evaluation's sweep of checkpoints) the first, which decides the chain."""
-    value = getattr(config, constant.lower())
-    return Path(value[0] if isinstance(value, list) else value)
-
-
-def _seconds(load: float | None, tokens: int, tokens_per_second: float | None) -> float | None:
-    if tokens_per_second is None:
-        return None
-    return (load or 0.0) + tokens / tokens_per_second
 
 
 def _count(value: int | None) -> str:

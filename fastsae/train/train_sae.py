@@ -33,13 +33,22 @@ from fastsae.common.config import config_fingerprint, setting
 from fastsae.common.default_paths import DEFAULT_STORE
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
+from fastsae.common.stage import Estimate, Output, PlanFacts, Stage
 from fastsae.core.checkpoint import save_checkpoint
 from fastsae.core.sae import ARCHITECTURES, JUMPRELU_BANDWIDTH, JUMPRELU_INITIAL_THRESHOLD, SAESpec, SparseAutoencoder
 from fastsae.core.sae_info import SAEInfo, spec_to_dict
-from fastsae.export.saelens_export import export_saelens
+from fastsae.core.saelens_export import export_saelens
 from fastsae.store.activation_store import ActivationStore
 from fastsae.store.batches import DEFAULT_VALIDATION_FRACTION, ExampleSplit, TokenSource, mixed_batches
-from fastsae.train.training_report import comparison_table, plot_training_curves, write_metrics
+from fastsae.store.manifest import MANIFEST, StoreManifest
+from fastsae.train.training_report import (
+    CURVES_FILE,
+    METRICS_FILE,
+    comparison_table,
+    plot_training_curves,
+    read_final_metrics,
+    write_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -616,9 +625,9 @@ class TrainingRun:
             "validation": trainer.validation,
         }
         if self.ranks.is_main:
-            write_metrics(trainer.folder / "metrics.json", result)
+            write_metrics(trainer.folder / METRICS_FILE, result)
             plot_training_curves(
-                trainer.folder / "training_curves.png", f"{trainer.spec.name} — {self.store.hook_name}", trainer.history, trainer.validation
+                trainer.folder / CURVES_FILE, f"{trainer.spec.name} — {self.store.hook_name}", trainer.history, trainer.validation
             )
         return result
 
@@ -633,3 +642,54 @@ def train_saes(config: TrainConfig) -> list[dict[str, Any]]:
     if ranks.is_main:
         print("\n" + comparison_table(results))
     return results
+
+
+class TrainStage(Stage):
+    """Step 2 in the pipeline: an activation store → one SAE checkpoint per spec."""
+
+    name = "train"
+    script = "train_sae.py"
+    input_constant = "STORE"
+    upstream = "extract"
+    config_class = TrainConfig
+
+    def run(self, config: TrainConfig) -> list[dict[str, Any]]:
+        return train_saes(config)
+
+    def outputs(self, config: TrainConfig, facts: PlanFacts) -> list[Output]:
+        """Named by the store's model and hook: the planned store's, else the existing store's manifest; none when neither is known."""
+        store = Path(config.store)
+        origin = facts.output_facts("extract", store)
+        if origin is None:
+            manifest = StoreManifest.read(store / MANIFEST)
+            if manifest is None:
+                return []
+            origin = {"model": manifest.model, "hook_name": manifest.hook_name}
+        folder = run_folder(config, origin["model"], origin["hook_name"])
+        return [Output(checkpoint_path(folder, spec), {"m": spec.m}) for spec in config.specs(facts.d)]
+
+    def estimate(self, config: TrainConfig, facts: PlanFacts) -> Estimate:
+        corpus, calibration = facts.corpus, facts.calibration
+        if corpus is None or calibration is None:
+            return Estimate()
+        in_training = ~ExampleSplit.by_example(len(corpus.lengths), config.validation_fraction, config.seed).is_validation
+        n_train_tokens = int((corpus.lengths if config.include_special_tokens else corpus.content)[in_training].sum())
+        steps = training_steps(config, n_train_tokens)
+        return Estimate(
+            examples=int(in_training.sum()),
+            tokens=steps * config.batch_size,
+            seconds=steps * calibration.sae_step_seconds if calibration.sae_step_seconds is not None else None,
+            note=f"{steps} steps; an upper bound (early stopping may end sooner)",
+        )
+
+    def key_figures(self, config: TrainConfig, outputs: list[Output]) -> list[tuple[str, str]]:
+        figures = []
+        for output in outputs:
+            final = read_final_metrics(output.path.parent / METRICS_FILE)
+            if final:
+                values = f"{final['fvu']:.4f} / {final['l0']:.1f} / {final['dead_fraction']:.1%}"
+                figures.append((f"{output.path.stem}: validation FVU / L0 / dead", values))
+        return figures
+
+
+STAGE = TrainStage()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,18 @@ from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from fastsae.common.atomic_files import write_json_atomically
 
+METRICS_FILE = "metrics.json"  # beside each checkpoint: the training history and the final validation metrics
+CURVES_FILE = "training_curves.png"
 CURVES = (("loss", "training loss"), ("fvu", "FVU"), ("l0", "L0 (active features per token)"), ("dead_fraction", "dead fraction"))
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     write_json_atomically(path, metrics)
+
+
+def read_final_metrics(path: Path) -> dict[str, Any]:
+    """The final validation metrics a `write_metrics` file holds; empty when there is no file or no validation."""
+    return json.loads(path.read_text())["final"] if path.is_file() else {}
 
 
 def plot_training_curves(path: Path, title: str, history: list[dict[str, float]], validation: list[dict[str, float]]) -> None:
