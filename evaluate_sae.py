@@ -8,7 +8,7 @@ kind, the FAST paper's token MSE and MSE_st (raw and log2), sparsity and
 density, the decoder's geometry. Writes eval.json and feature_density.png beside
 each checkpoint. Several checkpoints (a sweep) share one pass of the model, and
 the clean and zero-ablated passes are saved in the store folder for reruns.
-The formulas are in fastsae/evaluate/evaluate_sae.py, fastsae/evaluate/saebench_core.py and the README.
+The formulas are in fastsae/evaluate/evaluate_sae.py, fastsae/evaluate/saebench_core.py and docs/evaluate.md.
 """
 
 CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"  # or a list: a sweep

@@ -22,7 +22,7 @@ INTERPRETATIONS_PATH = "interpretations.csv"
 EXPLAIN = True  # ask the LLM when a key is set; without one its columns stay empty
 # Any of: detection and fuzzing (delphi's scores: 1 explaining request, then the 2 × SCORE_EXAMPLES held-out
 # windows EXAMPLES_PER_PROMPT to a request, 20 each by default) and fast-rubric (the FAST paper's 1-5 rating
-# of the top windows: 1 request). They measure different things: see the README.
+# of the top windows: 1 request). They measure different things: see docs/interpret.md.
 SCORING = "detection,fuzzing,fast-rubric"
 EXPLANATION_MODEL = "gpt-4.1"
 EXPLAIN_EXAMPLES = 40  # activating windows the explainer sees

@@ -5,7 +5,7 @@ output of decoder block L) moves the activations along the chosen features' deco
 MODE add gives h + α·d_k (one column per α in STRENGTHS; the paper found gains around 15–100 and
 incoherence beyond), clamp sets the features to CLAMP_VALUE, ablate removes them. The model,
 hook and chat template come from the checkpoint. Prints the prompt × strength table and writes it
-as Markdown and as one self-contained HTML page. Details in fastsae/tools/steer_model.py and the README.
+as Markdown and as one self-contained HTML page. Details in fastsae/tools/steer_model.py and docs/steer.md.
 """
 
 CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"
