@@ -38,7 +38,7 @@ def setting(default: Any, help: str, name: str = "", split_commas: bool = True) 
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _public_name(field: dataclasses.Field) -> str:
+def public_name(field: dataclasses.Field) -> str:
     """What the user writes: the constant is its upper case, the flag `--` plus its dashed form."""
     return field.metadata.get("name") or field.name
 
@@ -98,7 +98,7 @@ def parse_step_config(
     hints = typing.get_type_hints(config_class)
     defaults: dict[str, Any] = {}
     for field in dataclasses.fields(config_class):
-        constant = _public_name(field).upper()
+        constant = public_name(field).upper()
         if constant in script_constants:
             defaults[field.name] = _constant_value(
                 constant, script_constants[constant], hints[field.name], field.metadata.get("split_commas", True)
@@ -116,7 +116,7 @@ def parse_step_config(
     for field in dataclasses.fields(config_class):
         options = _argument_options(hints[field.name], field.metadata.get("split_commas", True))
         parser.add_argument(
-            "--" + _public_name(field).replace("_", "-"),
+            "--" + public_name(field).replace("_", "-"),
             dest=field.name,
             default=defaults[field.name],
             help=field.metadata.get("help", "").replace("%", "%%"),  # argparse %-formats help texts

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastsae.common.config import _public_name
+from fastsae.common.config import public_name
 from fastsae.common.markdown import table
 
 # Where each step's config class lives; imported only when a page asks for its table.
@@ -56,7 +56,7 @@ def constants_table(config: type) -> str:
     rows = []
     for field in dataclasses.fields(config):
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        rows.append([f"`{_public_name(field).upper()}`", format_default(default), field.metadata["help"]])
+        rows.append([f"`{public_name(field).upper()}`", format_default(default), field.metadata["help"]])
     return table(["constant", "default", "what it does"], rows)
 
 
