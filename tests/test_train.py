@@ -192,6 +192,29 @@ def test_a_sweep_trains_every_sae_on_one_pass(tiny_store, tmp_path, capsys):
     for result in results:
         assert result["history"][-1]["loss"] < result["history"][0]["loss"]
         assert_saelens_export_matches(result, raw)
+    assert_only_what_hypothesaes_runs_has_its_format(results, raw)
+
+
+def assert_only_what_hypothesaes_runs_has_its_format(results: list[dict], raw: torch.Tensor) -> None:
+    """HypotheSAEs' `load_model` gives our features for every file in its format, and cannot open the others."""
+    hypothesaes = hypothesaes_module()
+    runs_there = {result["name"]: result["spec"]["architecture"] in ("topk", "batchtopk") for result in results}
+    assert runs_there == {
+        "SAE_M=64_K=4": True,
+        "SAE_relu_M=64_K=0": False,
+        "SAE_jumprelu_M=64_K=0": False,
+        "SAE_matryoshka_M=128_K=8_prefixes=32-128": True,
+    }
+    for result in results:
+        checkpoint = result["checkpoint"]
+        if runs_there[result["name"]]:
+            theirs = hypothesaes.load_model(checkpoint, device="cpu").eval()
+            with torch.no_grad():
+                torch.testing.assert_close(theirs(raw)[1]["activations"], load_sae(checkpoint).sae.encode(raw), rtol=1e-4, atol=1e-5)
+        else:
+            assert "config" not in torch.load(checkpoint, weights_only=True)
+            with pytest.raises(KeyError, match="config"):
+                hypothesaes.load_model(checkpoint, device="cpu")
 
 
 class InterruptedRun(TrainingRun):

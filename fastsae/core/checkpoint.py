@@ -1,8 +1,11 @@
-"""SAE checkpoints in HypotheSAEs' format, readable by its `load_model`, plus our metadata.
+"""SAE checkpoints: HypotheSAEs' format, readable by its `load_model`, for the SAEs it runs; ours for the rest.
 
 A checkpoint is `torch.save({"config", "state_dict", "fastsae"})`:
 - `config` holds only HypotheSAEs' constructor keys, because its loader calls
-  `SparseAutoencoder(**config)`;
+  `SparseAutoencoder(**config)`. Only Top-K and BatchTopK SAEs (Matryoshka too) get it:
+  HypotheSAEs would run a ReLU SAE as a Top-K one and fail on a JumpReLU one, so those
+  files hold no `config` (its loader refuses them) and are read here or, from the SAELens
+  export beside them, by SAELens;
 - `state_dict` uses its key names (encoder.weight (M, d), decoder.weight (d, M),
   input_bias, neuron_bias, threshold);
 - `fastsae` holds ours, an `SAEInfo` (fastsae/core/sae_info.py): architecture, the
@@ -63,11 +66,9 @@ def raw_space_state(sae: SparseAutoencoder, scale: float) -> dict[str, torch.Ten
 
 def save_checkpoint(path: Path, sae: SparseAutoencoder, dead_after_steps: int, info: SAEInfo) -> Path:
     """Write atomically (temp file, then rename): a crash never leaves a half checkpoint."""
-    payload = {
-        "config": hypothesaes_config(sae.spec, dead_after_steps),
-        "state_dict": raw_space_state(sae, info.activation_scale),
-        "fastsae": info.to_dict(),
-    }
+    payload = {"state_dict": raw_space_state(sae, info.activation_scale), "fastsae": info.to_dict()}
+    if sae.spec.runs_in_hypothesaes:  # only then: its loader would read a ReLU or JumpReLU SAE as a Top-K one
+        payload["config"] = hypothesaes_config(sae.spec, dead_after_steps)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomically(path, lambda partial: torch.save(payload, partial))
 
@@ -81,9 +82,10 @@ def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}).") from None
-    if not isinstance(payload, dict) or "config" not in payload or not HYPOTHESAES_STATE_KEYS <= set(payload.get("state_dict", {})):
+    described = isinstance(payload, dict) and ("config" in payload or "fastsae" in payload)
+    if not described or not HYPOTHESAES_STATE_KEYS <= set(payload.get("state_dict", {})):
         raise UserError(
-            f"{path} is not a fastsae or HypotheSAEs SAE checkpoint (it needs 'config' and a state_dict with {sorted(HYPOTHESAES_STATE_KEYS)})."
+            f"{path} is not a fastsae or HypotheSAEs SAE checkpoint (it needs 'fastsae' or 'config', and a state_dict with {sorted(HYPOTHESAES_STATE_KEYS)})."
         )
     block = payload.get("fastsae")
     info = SAEInfo.from_dict(block) if block else SAEInfo.from_hypothesaes_config(payload["config"])

@@ -76,8 +76,13 @@ class SAESpec:
         return self.architecture in SPARSE_ARCHITECTURES
 
     @property
+    def runs_in_hypothesaes(self) -> bool:
+        """Whether HypotheSAEs' `load_model` computes this SAE's features: its Top-K and BatchTopK (with Matryoshka prefixes) only."""
+        return self.architecture in SPARSE_ARCHITECTURES
+
+    @property
     def name(self) -> str:
-        """HypotheSAEs' checkpoint name, with the architecture for the ones it does not have."""
+        """HypotheSAEs' checkpoint name for the SAEs it runs; the others carry their architecture in front."""
         prefix = "" if self.architecture in SPARSE_ARCHITECTURES else f"{self.architecture}_"
         if self.prefixes:
             return f"SAE_{prefix}matryoshka_M={self.m}_K={self.k}_prefixes={'-'.join(map(str, self.prefixes))}"
