@@ -1,7 +1,7 @@
 """Share a trained SAE: one folder with everything a reader needs, ready for `huggingface_hub.upload_folder`.
 
     README.md                   model card (fastsae/export/model_card.py)
-    SAE_M=256_K=8.pt            the HypotheSAEs checkpoint, copied as it is (our metadata under `fastsae`)
+    SAE_M=256_K=8.pt            the checkpoint, copied as it is (HypotheSAEs' format for Top-K/BatchTopK; our metadata under `fastsae`)
     blocks.12.hook_resid_post/  SAELens: cfg.json, sae_weights.safetensors, sparsity.safetensors
     eval.json  feature_density.png  metrics.json  training_curves.png  interpretations.csv   when they exist
 

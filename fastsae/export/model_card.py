@@ -29,7 +29,7 @@ class CardInputs(NamedTuple):
     """What the card is made from; `evaluation` and `interpretations` are None when their step has not run."""
 
     info: SAEInfo  # the checkpoint's record of the SAE
-    checkpoint_name: str  # the HypotheSAEs .pt file, in the folder root
+    checkpoint_name: str  # the checkpoint's .pt file (HypotheSAEs' format where it runs the SAE), in the folder root
     saelens_folder: str  # the SAELens subfolder (= SAELens' sae_id on the Hub)
     files: list[str]  # every file of the export, relative to its root
     evaluation: dict[str, Any] | None
@@ -45,6 +45,8 @@ def front_matter(inputs: CardInputs) -> str:
 
 def _usage(inputs: CardInputs) -> str:
     repo = inputs.repo_id or REPO_PLACEHOLDER
+    download = f'hf_hub_download("{repo}", "{inputs.checkpoint_name}")'
+    hypothesaes = ["# HypotheSAEs", "from hypothesaes.sae import load_model", f"sae = load_model({download})", ""]
     return "\n".join(
         [
             "## Use it",
@@ -56,14 +58,12 @@ def _usage(inputs: CardInputs) -> str:
             "from sae_lens import SAE",
             f'sae = SAE.from_pretrained("{repo}", "{inputs.saelens_folder}")  # or SAE.load_from_disk("{inputs.saelens_folder}") in a local copy',
             "",
-            "# HypotheSAEs",
             "from huggingface_hub import hf_hub_download",
-            "from hypothesaes.sae import load_model",
-            f'sae = load_model(hf_hub_download("{repo}", "{inputs.checkpoint_name}"))',
             "",
+            *(hypothesaes if inputs.info.spec.runs_in_hypothesaes else []),
             "# fastsae",
             "from fastsae.core.checkpoint import load_sae",
-            f'sae = load_sae(hf_hub_download("{repo}", "{inputs.checkpoint_name}")).sae',
+            f"sae = load_sae({download}).sae",
             "```",
         ]
     )
@@ -179,7 +179,9 @@ def _features(inputs: CardInputs) -> str:
 
 def _files(inputs: CardInputs) -> str:
     meaning = {
-        inputs.checkpoint_name: "HypotheSAEs checkpoint (`hypothesaes.sae.load_model`; `fastsae.core.checkpoint.load_sae`)",
+        inputs.checkpoint_name: "HypotheSAEs checkpoint (`hypothesaes.sae.load_model`; `fastsae.core.checkpoint.load_sae`)"
+        if inputs.info.spec.runs_in_hypothesaes
+        else "fastsae checkpoint (`fastsae.core.checkpoint.load_sae`; HypotheSAEs has no such SAE)",
         f"{inputs.saelens_folder}/cfg.json": "SAELens config (`SAE.load_from_disk` on the folder)",
         f"{inputs.saelens_folder}/sae_weights.safetensors": "SAELens weights",
         f"{inputs.saelens_folder}/sparsity.safetensors": "SAELens feature sparsity: log10 of each feature's density",
