@@ -251,12 +251,11 @@ def write_neuronpedia(folder: Path, trained: TrainedSAE, interpretations: pd.Dat
     if explanations:
         (output / EXPLANATIONS_FILE).write_text(json.dumps(explanations, indent=1, ensure_ascii=False), encoding="utf-8")
     logger.info(
-        "Neuronpedia: %d features in %d batches, %d explanations, for source %s of model %s, in %s",
+        "Neuronpedia: %d features in %d batches and %d explanations, for source %s of model %s",
         info.spec.m,
         -(-info.spec.m // FEATURES_PER_BATCH),
         len(explanations),
         source.source_id,
         source.model_id,
-        output,
     )
     return output
