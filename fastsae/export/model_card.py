@@ -17,6 +17,7 @@ from huggingface_hub import ModelCardData
 from fastsae.common import markdown
 from fastsae.core.sae_info import SAEInfo
 from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE, report_table
+from fastsae.export.neuronpedia import NEURONPEDIA_FOLDER
 from fastsae.train.training_report import CURVES_FILE, METRICS_FILE
 
 EXPORT_TAG = "fastsae"  # also how an export folder is recognised as ours when it is replaced
@@ -191,8 +192,12 @@ def _files(inputs: CardInputs) -> str:
         CURVES_FILE: "training curves",
         "interpretations.csv": "per feature: statistics, top tokens and windows, logit lens, label, explanation, detection and fuzzing scores",
         "README.md": "this card",
+        f"{NEURONPEDIA_FOLDER}/": "Neuronpedia's upload files: every feature's top activating windows, logit lens and density in "
+        "SAEDashboard's batch layout (`batch-*.json`), and the explanations (`explanations.json`)",
     }
-    rows = [[f"`{name}`", meaning[name]] for name in inputs.files]
+    # The Neuronpedia files are one row: a folder of batches.
+    names = dict.fromkeys(f"{NEURONPEDIA_FOLDER}/" if name.startswith(f"{NEURONPEDIA_FOLDER}/") else name for name in inputs.files)
+    rows = [[f"`{name}`", meaning[name]] for name in names]
     return "## Files\n\n" + markdown.table(["file", "what it is"], rows)
 
 

@@ -1,0 +1,220 @@
+"""export_sae with NEURONPEDIA: files that SAEDashboard's and the neuronpedia package's own classes accept, with the right numbers.
+
+The batches are checked against sae-dashboard 0.8.0's `NeuronpediaDashboardBatch` (the layout Neuronpedia's importer reads)
+and mapped onto the `neuronpedia` package's `Feature`, `Activation`, `Logit` and `Explanation`, as docs/export.md uploads them;
+the numbers against SAELens' own SAE from the export, over the whole store.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sae_dashboard.neuronpedia.neuronpedia_dashboard import NeuronpediaDashboardBatch
+
+from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import load_sae
+from fastsae.export.export_sae import ExportConfig, export_sae
+from fastsae.export.neuronpedia import EXPLANATIONS_FILE, FEATURES_PER_BATCH, LOGIT_TOKENS, NEURONPEDIA_FOLDER
+from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
+from fastsae.lm.models import load_tokenizer, resolve_model
+from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import TrainConfig, train_saes
+
+with warnings.catch_warnings():  # neuronpedia 1.2.1's generated pydantic models pass Field(example=...), deprecated in pydantic 2
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from neuronpedia.np_activation import Activation
+    from neuronpedia.np_explanation import Explanation
+    from neuronpedia.np_feature import Feature, Logit
+    from neuronpedia.types.common.activation import NPActivation
+    from neuronpedia.types.common.feature import NPFeature
+
+M, K = 160, 4  # more features than one batch holds
+HOOK, LAYER = "blocks.2.hook_resid_post", 2
+EXAMPLES = 6
+SET_NAME = "tiny-res-160"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_store, tmp_path_factory) -> Path:
+    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("np-runs")), m=M, k=K, batch_size=256, epochs=1.0)
+    (result,) = train_saes(config)
+    return Path(result["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def offset_model_folder(tiny_model_folder, tmp_path_factory) -> Path:
+    """The tiny Llama with a final-norm gain that is not all ones and a shared offset in every unembedding row, so the logit
+    lens's gain fold and centring both show. Neither touches block 2's output, so the store stays this model's."""
+    from transformers import AutoModelForCausalLM
+
+    folder = shutil.copytree(tiny_model_folder, tmp_path_factory.mktemp("np-models") / "tiny-llama-offset")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.model.norm.weight.copy_(torch.rand(model.config.hidden_size, generator=generator) * 2 + 0.25)
+        model.lm_head.weight += torch.randn(model.config.hidden_size, generator=generator)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def explained_csv(trained, tiny_model_folder, tmp_path_factory) -> Path:
+    """interpret_sae.py's CSV for 12 features, with explanations written into 8 of them as the LLM step writes them."""
+    path = tmp_path_factory.mktemp("np-interpret") / "interpretations.csv"
+    interpret_sae(
+        InterpretConfig(
+            checkpoint=str(trained),
+            model_name=str(tiny_model_folder),
+            features="frequency:12",
+            interpretations_path=str(path),
+            explain=False,
+            device="cpu",
+        )
+    )
+    table = pd.read_csv(path)
+    table["explanation"] = [f"«quoted» words, feature {feature}" if row < 8 else np.nan for row, feature in enumerate(table["feature"])]
+    table.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(trained, explained_csv, offset_model_folder, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("np-export") / "export"
+    config = ExportConfig(
+        checkpoint=str(trained),
+        output=str(output),
+        interpretations=str(explained_csv),
+        neuronpedia=True,
+        neuronpedia_set=SET_NAME,
+        neuronpedia_examples=EXAMPLES,
+        model_name=str(offset_model_folder),  # the tiny store does not name its model
+        device="cpu",
+    )
+    return export_sae(config)
+
+
+def batches(folder: Path) -> list[dict]:
+    paths = sorted((folder / NEURONPEDIA_FOLDER).glob("batch-*.json"), key=lambda path: int(path.stem.split("-")[1]))
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def features_by_index(folder: Path) -> dict[int, dict]:
+    return {feature["feature_index"]: feature for batch in batches(folder) for feature in batch["features"]}
+
+
+def test_every_file_is_accepted_by_saedashboard_and_the_neuronpedia_package(exported, explained_csv):
+    written = sorted(path.relative_to(exported / NEURONPEDIA_FOLDER).as_posix() for path in (exported / NEURONPEDIA_FOLDER).rglob("*"))
+    assert written == ["batch-0.json", "batch-1.json", EXPLANATIONS_FILE]
+    model_id = json.loads((exported / HOOK / "cfg.json").read_text())["metadata"]["model_name"]  # as SAEDashboard reads it
+    explanations = [Explanation(**record) for record in json.loads((exported / NEURONPEDIA_FOLDER / EXPLANATIONS_FILE).read_text())]
+    explanation_of = {explanation.index: explanation for explanation in explanations}
+    indices = []
+    for batch in batches(exported):
+        # SAEDashboard's own classes take every key (an unknown one is a TypeError) and write the file back as it is (a missing one differs).
+        assert NeuronpediaDashboardBatch(**batch).to_dict() == batch
+        assert (batch["model_id"], batch["layer"], batch["sae_set"], batch["sae_id_suffix"]) == (model_id, LAYER, SET_NAME, None)
+        assert len(batch["features"]) <= FEATURES_PER_BATCH
+        for record in batch["features"]:
+            indices.append(record["feature_index"])
+            # What docs/export.md hands to the neuronpedia package's Source.upload_batch.
+            source = f"{batch['layer']}-{batch['sae_set']}"
+            feature = Feature(
+                modelId=batch["model_id"],
+                source=source,
+                index=record["feature_index"],
+                density=record["frac_nonzero"],
+                top_logits=[Logit(token, value) for token, value in zip(record["pos_str"], record["pos_values"], strict=True)],
+                bottom_logits=[Logit(token, value) for token, value in zip(record["neg_str"], record["neg_values"], strict=True)],
+                activations=[
+                    Activation(batch["model_id"], source, record["feature_index"], example["tokens"], example["values"])
+                    for example in record["activations"]
+                ],
+                explanations=[explanation_of[record["feature_index"]]] if record["feature_index"] in explanation_of else None,
+            )
+            NPFeature.model_validate({"model": feature.modelId, "source": feature.source, "index": feature.index}, strict=True)
+            for activation in feature.activations:
+                NPActivation.model_validate({"tokens": activation.tokens, "values": activation.values}, strict=True)
+                assert len(activation.tokens) == len(activation.values)
+            assert 0 <= feature.density <= 1 and len(feature.top_logits) == len(feature.bottom_logits) == LOGIT_TOKENS
+    assert indices == list(range(M))
+    table = pd.read_csv(explained_csv).dropna(subset=["explanation"])
+    assert {(e.modelId, e.source, e.index, e.text) for e in explanations} == {
+        (model_id, f"{LAYER}-{SET_NAME}", int(feature), text) for feature, text in zip(table["feature"], table["explanation"])
+    }
+    assert len(explanations) == 8
+
+
+def test_activations_density_and_logits_are_those_of_saelens_sae_over_the_store(exported, tiny_store, offset_model_folder):
+    """Recomputed over the whole store with SAELens' SAE from the export; the logit lens of its unit decoder rows, as SAEDashboard's."""
+    from sae_lens import SAE
+    from transformers import AutoModelForCausalLM
+
+    sae = SAE.load_from_disk(exported / HOOK)
+    store = ActivationStore(tiny_store)
+    with torch.no_grad():
+        codes = sae.encode(store.activations(0, store.n_tokens).float())
+    content = torch.from_numpy(~store.special_mask(0, store.n_tokens))  # trained without special tokens: they never count
+    codes[~content] = 0
+    maxima, argmax = codes.max(0)
+    frequency = (codes[content] > 0).float().mean(0)
+    token_ids = store.token_ids(0, store.n_tokens)
+    tokenizer = load_tokenizer(resolve_model(str(offset_model_folder)))
+    records = features_by_index(exported)
+    alive = set(torch.nonzero(maxima > 0).flatten().tolist())
+    assert len(alive) > M // 2  # the comparison is not between dead features
+    for feature, record in records.items():
+        assert record["frac_nonzero"] == pytest.approx(float(frequency[feature]), abs=1e-6)
+        if feature not in alive:
+            assert record["activations"] == [] and record["freq_hist_data_bar_heights"] == []
+            continue
+        top = record["activations"][0]
+        assert max(top["values"]) == pytest.approx(float(maxima[feature]), abs=1e-3)
+        assert top["bin_max"] == pytest.approx(float(maxima[feature]), abs=1e-3)
+        assert top["tokens"][top["qualifying_token_index"]] == tokenizer.decode([int(token_ids[argmax[feature]])])
+        strengths = [max(example["values"]) for example in record["activations"]]
+        assert strengths == sorted(strengths, reverse=True) and len(strengths) <= EXAMPLES
+        assert sum(record["freq_hist_data_bar_heights"]) == int((codes[:, feature] > 0).sum())
+
+    model = AutoModelForCausalLM.from_pretrained(offset_model_folder)
+    unembedding = model.lm_head.weight.detach() * model.model.norm.weight.detach()
+    directions = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)  # what SAELens' fold_W_dec_norm leaves
+    logits = directions @ unembedding.T
+    logits -= logits.mean(1, keepdim=True)  # TransformerLens' center_unembed
+    top_logits, bottom_logits = logits.topk(LOGIT_TOKENS, dim=1), (-logits).topk(LOGIT_TOKENS, dim=1)
+    for feature, record in records.items():
+        assert record["pos_values"] == pytest.approx(top_logits.values[feature].tolist(), abs=1e-3)
+        assert record["neg_values"] == pytest.approx((-bottom_logits.values[feature]).tolist(), abs=1e-3)
+        assert record["pos_str"] == tokenizer.batch_decode([[int(t)] for t in top_logits.indices[feature]])
+        assert record["neg_str"] == tokenizer.batch_decode([[int(t)] for t in bottom_logits.indices[feature]])
+
+
+def test_the_card_lists_the_neuronpedia_folder_and_a_plain_export_has_none(exported, trained, tmp_path):
+    card = (exported / "README.md").read_text()
+    assert (
+        f"| `{NEURONPEDIA_FOLDER}/` | Neuronpedia's upload files" in card and "batch-0.json`" not in card.split("## Files")[1].split("|")[1]
+    )
+    plain = export_sae(ExportConfig(checkpoint=str(trained), output=str(tmp_path / "plain"), interpretations=""))
+    assert not (plain / NEURONPEDIA_FOLDER).exists() and NEURONPEDIA_FOLDER not in (plain / "README.md").read_text()
+
+
+def test_user_mistakes_get_one_message_and_leave_no_folder(trained, tmp_path):
+    with pytest.raises(UserError, match="NEURONPEDIA_SET 'my set' is not a Neuronpedia source set name"):
+        ExportConfig(checkpoint=str(trained), neuronpedia=True, neuronpedia_set="my set")
+    with pytest.raises(UserError, match="NEURONPEDIA_EXAMPLES must be at least 1"):
+        ExportConfig(checkpoint=str(trained), neuronpedia=True, neuronpedia_examples=0)
+    # An SAE with no layer (as on a LoRA store): Neuronpedia files every SAE under a layer.
+    payload = torch.load(trained, weights_only=True)
+    no_layer = tmp_path / "run" / trained.name
+    no_layer.parent.mkdir()
+    torch.save({**payload, "fastsae": replace(load_sae(trained).info, layer=None).to_dict()}, no_layer)
+    with pytest.raises(UserError, match="Neuronpedia files each SAE under a layer. Set NEURONPEDIA false"):
+        export_sae(ExportConfig(checkpoint=str(no_layer), interpretations="", neuronpedia=True, device="cpu"))
+    assert sorted(path.name for path in no_layer.parent.iterdir()) == [trained.name]
