@@ -55,8 +55,7 @@ from fastsae.common.errors import UserError
 from fastsae.core.sae_info import SAEInfo
 from fastsae.core.saelens_export import saelens_config
 from fastsae.core.trained_sae import LanguageModel, TrainedSAE
-from fastsae.interpret.features import HISTOGRAM_EDGES, FeatureStatistics, collect_feature_statistics, logit_lens
-from fastsae.interpret.interpret_sae import _unembedding
+from fastsae.interpret.features import HISTOGRAM_EDGES, FeatureStatistics, collect_feature_statistics, logit_lens, unembedding_matrix
 from fastsae.interpret.windows import Window, WindowGrid, collect_windows, read_windows
 from fastsae.store.activation_store import ActivationStore
 
@@ -203,7 +202,7 @@ def feature_records(
     include_special = trained.info.trained_with_special_tokens
     decoder = sae.W_dec.detach().float().cpu()
     # Unit directions, as SAELens' fold_W_dec_norm leaves them; on the CPU, as interpret's logit_lens hands back .numpy().
-    lens = logit_table(decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8), _unembedding(language_model.model))
+    lens = logit_table(decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8), unembedding_matrix(language_model.model))
     grid = WindowGrid(store.doc_offsets, WINDOW_TOKENS) if include_special else WindowGrid.after_leading_template(store, WINDOW_TOKENS)
     dataset = {
         "n_prompts_total": store.n_examples,

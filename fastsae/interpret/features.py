@@ -132,4 +132,12 @@ def logit_lens(decoder_directions: torch.Tensor, unembedding: torch.Tensor, k: i
         logits = directions[start : start + chunk] @ weights.T
         promoted.append(logits.topk(k, dim=1).indices)
         suppressed.append((-logits).topk(k, dim=1).indices)
-    return torch.cat(promoted).numpy(), torch.cat(suppressed).numpy()
+    return torch.cat(promoted).cpu().numpy(), torch.cat(suppressed).cpu().numpy()
+
+
+def unembedding_matrix(model: torch.nn.Module) -> torch.Tensor:
+    """W_U, with the final norm's gain folded in when the model has one (what a direction meets before the LM head)."""
+    weights = model.get_output_embeddings().weight.detach().float()
+    final_norm = getattr(getattr(model, "model", None), "norm", None)
+    gain = getattr(final_norm, "weight", None)
+    return weights * gain.detach().float() if gain is not None else weights

@@ -33,7 +33,7 @@ from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
 from fastsae.interpret.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
-from fastsae.interpret.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens
+from fastsae.interpret.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens, unembedding_matrix
 from fastsae.interpret.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key
 from fastsae.interpret.sampling import sample_windows
 from fastsae.interpret.scorers import (
@@ -250,14 +250,6 @@ def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFra
     return list(choice.listed)
 
 
-def _unembedding(model: torch.nn.Module) -> torch.Tensor:
-    """W_U, with the final norm's gain folded in when the model has one (what a direction meets before the LM head)."""
-    weights = model.get_output_embeddings().weight.detach().float()
-    final_norm = getattr(getattr(model, "model", None), "norm", None)
-    gain = getattr(final_norm, "weight", None)
-    return weights * gain.detach().float() if gain is not None else weights
-
-
 @dataclass
 class FeatureExamples:
     """What the LLM sees of one feature: the explainer's windows, and the scorers' examples, non-activating first."""
@@ -467,7 +459,7 @@ def interpret_sae(config: InterpretConfig) -> Path:
         )
         unembedding = None
     else:
-        unembedding = _unembedding(load_model(source, torch.float32, "cpu")).to(device)
+        unembedding = unembedding_matrix(load_model(source, torch.float32, "cpu")).to(device)
     sae = trained.sae.to(device)
     include_special = trained.info.trained_with_special_tokens
     with tempfile.TemporaryDirectory(prefix="fastsae-interpret-") as scratch:  # example-level maxima live on disk
