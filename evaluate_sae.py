@@ -8,7 +8,10 @@ kind, the FAST paper's token MSE and MSE_st (raw and log2), sparsity and
 density, the decoder's geometry. Writes eval.json and feature_density.png beside
 each checkpoint. Several checkpoints (a sweep) share one pass of the model, and
 the clean and zero-ablated passes are saved in the store folder for reruns.
-The formulas are in fastsae/evaluate/evaluate_sae.py, fastsae/evaluate/saebench_core.py and docs/evaluate.md.
+With EVALS = "core,sparse_probing", also SAEBench's k-sparse probing on the dataset's labels (each label against
+the rest, and all together) on the same split: sparse_probing.json and sparse_probing.png.
+The formulas are in fastsae/evaluate/evaluate_sae.py, fastsae/evaluate/saebench_core.py,
+fastsae/evaluate/sparse_probing.py and docs/evaluate.md.
 """
 
 CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"  # or a list: a sweep
@@ -17,6 +20,7 @@ MODEL_NAME = ""  # empty: the store's model
 MODEL_METRICS = True  # load the model for SAEBench's core metrics
 MODEL_TOKENS = 20_480  # held-out tokens for the model metrics (SAEBench's default); 0: all
 MAX_EXAMPLES = 0  # our store metrics on at most N held-out examples; 0: all
+EVALS = "core"  # any of core (eval.json), sparse_probing (k-sparse probes on the data's labels), absorption; e.g. "core,sparse_probing"
 DEVICE = "auto"
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 
 from conftest import chat_server, classifier_prompt_content, write_jsonl
+from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
+from fastsae.evaluate.sparse_probing import SPARSE_PROBING_FILE
 from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 from fastsae.lm.data import load_dataset
@@ -55,6 +57,7 @@ def dashboard(tmp_path_factory, tiny_llama, smollm2_tokenizer, tiny_model_folder
     (result,) = train_saes(
         TrainConfig(store=str(store), output_dir=str(folder / "checkpoints"), m=32, k=4, batch_size=128, epochs=5.0, buffer_tokens=1024)
     )
+    evaluate_sae(EvalConfig(checkpoint=[result["checkpoint"]], evals=["sparse_probing"], probing_k=[1, 2], device="cpu"))
     with pytest.MonkeyPatch.context() as monkeypatch, chat_server(monkeypatch) as server:
         server.rubric_answers, server.answerer = list(RUBRIC_ANSWERS), answer
         csv = interpret_sae(
@@ -161,4 +164,19 @@ def test_scores_per_quantile_and_verdicts_on_held_out_windows_match_the_csv(page
         rejections = silent.locator(f".verdict.right:text-is('{scorer}: no')").count()
         assert (hits / 10 + rejections / 10) / 2 == pytest.approx(row[f"{scorer}_score"])
     assert page.locator("img").count() == 0 and page.evaluate("window.hacked") is None
+    assert page.errors == []
+
+
+def test_a_feature_shows_the_labels_whose_sparse_probes_chose_it(page, dashboard):
+    (probing_file,) = dashboard.parent.glob(f"checkpoints/*/*/{SPARSE_PROBING_FILE}")
+    tasks = json.loads(probing_file.read_text())["tasks"]
+    first = tasks["hostile"]["features"][0]
+    page.locator(f'tr.feature[data-feature="{first["feature"]}"]').click()
+    shown = page.locator("#detail li.probe").all_inner_texts()
+    side = "more" if first["mean_difference"] >= 0 else "less"
+    assert shown[0].startswith(f"hostile: rank 1 (in every probe with k ≥ 1); fires {side} on it")
+    assert len(shown) == sum(first["feature"] in {f["feature"] for f in task["features"]} for task in tasks.values())
+    page.fill("#filter", "multiclass")
+    chosen = {f["feature"] for f in tasks["all labels (multiclass)"]["features"]}
+    assert {int(text) for text in page.locator("tr.feature td:first-child").all_inner_texts()} == chosen
     assert page.errors == []

@@ -1,6 +1,8 @@
 """Step 2b: metrics of trained SAEs on the held-out examples of their training run.
 
-Two families, under different names because they are defined differently:
+EVALS chooses what runs: `core` (this module: eval.json), `sparse_probing` (k-sparse probes on the data's labels,
+`fastsae/evaluate/sparse_probing.py`), `absorption` (`fastsae/evaluate/absorption.py`, once it exists). The core
+metrics are two families, under different names because they are defined differently:
 
 - **SAEBench's core metrics** (`saebench_core` in eval.json, in SAEBench's own output format; see
   `fastsae/evaluate/saebench_core.py` for the definitions): ce_loss_score, kl_div_score, its explained_variance,
@@ -27,6 +29,7 @@ cosine similarity is not feature absorption.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -58,6 +61,14 @@ from fastsae.evaluate.saebench_core import (
     ignored_token_ids,
     max_cosine_to_another,
 )
+from fastsae.evaluate.sparse_probing import (
+    K_VALUES,
+    PROBE_TEST_EXAMPLES,
+    PROBE_TRAIN_EXAMPLES,
+    SPARSE_PROBING_FILE,
+    SPARSE_PROBING_PLOT_FILE,
+    run_sparse_probing,
+)
 from fastsae.extract.extract_activations import pad_token_id
 from fastsae.lm.hook_points import check_layers
 from fastsae.lm.lora import LORA_HOOK_POINT
@@ -70,6 +81,11 @@ logger = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"  # beside the checkpoint: every metric, SAEBench's block, the per-feature density
 DENSITY_PLOT_FILE = "feature_density.png"
+# The evaluations EVALS chooses from, and the files each writes beside the checkpoint. Absorption is its own module's
+# (fastsae/evaluate/absorption.py, which provides run_absorption(trained, config) and ABSORPTION_FILE); until it
+# exists, asking for it is an error.
+EVALS = ("core", "sparse_probing", "absorption")
+EVAL_FILES = {"core": (EVAL_FILE, DENSITY_PLOT_FILE), "sparse_probing": (SPARSE_PROBING_FILE, SPARSE_PROBING_PLOT_FILE)}
 DENSE_FREQUENCY = 0.1
 RULE_OF_THUMB = "fastsae's rule of thumb (SAEBench reports this number without a pass mark)"
 # (metric, test, threshold, what it means, where the threshold comes from)
@@ -125,8 +141,30 @@ class EvalConfig:
         True, "reuse the clean and zero-ablated passes saved in the store folder when model, store and split match"
     )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    evals: list[str] = setting(
+        ["core"],
+        "which evaluations: core (eval.json: SAEBench's core metrics and ours), sparse_probing (k-sparse probes on the "
+        "dataset's labels: sparse_probing.json), absorption",
+    )
+    probing_k: list[int] = setting(K_VALUES, "sparse probing: how many SAE features each probe reads (SAEBench's k_values)")
+    probing_train_examples: int = setting(
+        PROBE_TRAIN_EXAMPLES, "sparse probing: at most N labelled training examples (SAEBench's probe_train_set_size; 0: all)"
+    )
+    probing_test_examples: int = setting(
+        PROBE_TEST_EXAMPLES, "sparse probing: at most N labelled held-out examples (SAEBench's probe_test_set_size; 0: all)"
+    )
 
     def __post_init__(self) -> None:
+        unknown = [name for name in self.evals if name not in EVALS]
+        if unknown or not self.evals:
+            raise UserError(f"EVALS takes one or more of {', '.join(EVALS)}; got {self.evals!r}.")
+        if "absorption" in self.evals and importlib.util.find_spec("fastsae.evaluate.absorption") is None:
+            raise UserError("the absorption evaluation is not available yet in this version of fastsae. Leave it out of EVALS.")
+        if not self.probing_k or min(self.probing_k) < 1 or min(self.probing_train_examples, self.probing_test_examples) < 0:
+            raise UserError(
+                f"PROBING_K must list numbers of at least 1, and PROBING_TRAIN_EXAMPLES / PROBING_TEST_EXAMPLES be at least 0; "
+                f"got {self.probing_k}, {self.probing_train_examples} and {self.probing_test_examples}."
+            )
         if isinstance(self.checkpoint, str | Path):  # one checkpoint given from Python
             self.checkpoint = [str(self.checkpoint)]
         if not self.checkpoint:
@@ -194,19 +232,6 @@ def validation_examples(n_examples: int, fraction: float, seed: int) -> list[int
 STORE_CHUNK_TOKENS = 4096  # held-out tokens encoded together in the store pass
 
 
-def _example_chunks(store: ActivationStore, examples: list[int]) -> list[list[int]]:
-    """Consecutive runs of `examples` of about STORE_CHUNK_TOKENS tokens: one SAE call each, not one per example."""
-    chunks, current, tokens = [], [], 0
-    for index in examples:
-        length = int(store.doc_offsets[index + 1] - store.doc_offsets[index])
-        if current and tokens + length > STORE_CHUNK_TOKENS:
-            chunks.append(current)
-            current, tokens = [], 0
-        current.append(index)
-        tokens += length
-    return chunks + [current] if current else chunks
-
-
 @torch.no_grad()
 def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoencoder, include_special: bool) -> dict[str, Any]:
     """Our reconstruction, FAST MSE and sparsity metrics from one pass over the held-out examples in the store."""
@@ -214,7 +239,7 @@ def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoen
     fast_all, fast_special = [], []
     fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64)
     l0_per_token, l1_total, sparsity_tokens = [], 0.0, 0
-    chunks = _example_chunks(store, examples)
+    chunks = store.example_groups(examples, STORE_CHUNK_TOKENS)
     for chunk in tqdm(chunks, desc="evaluating (store)", unit="chunk"):
         parts = [store.example(index) for index in chunk]
         x = torch.cat([part.activations for part in parts]).float()
@@ -511,46 +536,70 @@ def sweep_table(all_results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, model_metrics: _ModelMetrics | None) -> dict[str, Any]:
+    """The core evaluation of one checkpoint (ours and SAEBench's core metrics); writes eval.json and feature_density.png."""
+    store, sae = evaluand.store, evaluand.sae
+    store_examples = examples[: config.max_examples] if config.max_examples else examples
+    logger.info("Evaluating %s on %d held-out examples of %s", evaluand.path.name, len(store_examples), store.folder)
+    results: dict[str, Any] = {
+        "checkpoint": str(evaluand.path),
+        "store": str(store.folder),
+        "hook_name": store.hook_name,
+        "examples": len(store_examples),
+        "settings": asdict(config),
+    }
+    results.update(store_metrics(store, store_examples, sae, evaluand.trained.info.trained_with_special_tokens))
+    results["decoder_max_cosine"] = decoder_max_cosine(sae)
+    if model_metrics is not None and store.manifest.hook_point == LORA_HOOK_POINT:
+        results["model_metrics_skipped"] = (
+            "a LoRA store concatenates the adapter's bottlenecks across all its layers, so there is no single hook to splice "
+            "the reconstruction into: SAEBench's model metrics (ce_loss_score, KL, ...) do not apply"
+        )
+        logger.info("Model metrics skipped: %s. The store metrics above still apply.", results["model_metrics_skipped"])
+    elif model_metrics is not None:
+        results.update(model_metrics.evaluate(evaluand, examples))
+    results["health"] = health_table(_headline(results))
+    density = results.pop("feature_density")
+    plot_feature_density(evaluand.path.parent / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
+    write_json_atomically(evaluand.path.parent / EVAL_FILE, {**results, "feature_density": density})
+    print(f"\n{evaluand.path}\n\n" + report_table(results))
+    return results
+
+
 def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
-    """Evaluate each checkpoint on its held-out examples; writes eval.json and feature_density.png beside each."""
+    """Run the evaluations EVALS names on each checkpoint's held-out examples; each writes its files beside the checkpoint.
+
+    Returns one dict per checkpoint: the core results (when `core` ran) and, under its name, each other evaluation's."""
     evaluands = [_evaluand(Path(path), config) for path in config.checkpoint]
-    model_metrics = _ModelMetrics(config) if config.model_metrics else None
+    model_metrics = _ModelMetrics(config) if config.model_metrics and "core" in config.evals else None
     all_results = []
     for evaluand in evaluands:
-        store, sae = evaluand.store, evaluand.sae
-        examples = validation_examples(store.n_examples, evaluand.fraction, evaluand.seed)
-        store_examples = examples[: config.max_examples] if config.max_examples else examples
-        logger.info("Evaluating %s on %d held-out examples of %s", evaluand.path.name, len(store_examples), store.folder)
-        results: dict[str, Any] = {
-            "checkpoint": str(evaluand.path),
-            "store": str(store.folder),
-            "hook_name": store.hook_name,
-            "examples": len(store_examples),
-            "settings": asdict(config),
-        }
-        results.update(store_metrics(store, store_examples, sae, evaluand.trained.info.trained_with_special_tokens))
-        results["decoder_max_cosine"] = decoder_max_cosine(sae)
-        if model_metrics is not None and store.manifest.hook_point == LORA_HOOK_POINT:
-            results["model_metrics_skipped"] = (
-                "a LoRA store concatenates the adapter's bottlenecks across all its layers, so there is no single hook to splice "
-                "the reconstruction into: SAEBench's model metrics (ce_loss_score, KL, ...) do not apply"
+        examples = validation_examples(evaluand.store.n_examples, evaluand.fraction, evaluand.seed)
+        results = core_metrics(evaluand, examples, config, model_metrics) if "core" in config.evals else {"checkpoint": str(evaluand.path)}
+        if "sparse_probing" in config.evals:
+            split = ExampleSplit.by_example(evaluand.store.n_examples, evaluand.fraction, evaluand.seed)
+            results["sparse_probing"] = run_sparse_probing(
+                evaluand.trained,
+                evaluand.store,
+                split,
+                evaluand.seed,
+                config.probing_k,
+                config.probing_train_examples,
+                config.probing_test_examples,
             )
-            logger.info("Model metrics skipped: %s. The store metrics above still apply.", results["model_metrics_skipped"])
-        elif model_metrics is not None:
-            results.update(model_metrics.evaluate(evaluand, examples))
-        results["health"] = health_table(_headline(results))
-        density = results.pop("feature_density")
-        plot_feature_density(evaluand.path.parent / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
-        write_json_atomically(evaluand.path.parent / EVAL_FILE, {**results, "feature_density": density})
-        print(f"\n{evaluand.path}\n\n" + report_table(results))
+        if "absorption" in config.evals:
+            from fastsae.evaluate.absorption import run_absorption  # its own module's; EvalConfig checked that it exists
+
+            results["absorption"] = run_absorption(evaluand.trained, config)
         all_results.append(results)
-    if len(all_results) > 1:
-        print("\n" + sweep_table(all_results))
+    core_results = [results for results in all_results if "reconstruction" in results]
+    if len(core_results) > 1:
+        print("\n" + sweep_table(core_results))
     return all_results
 
 
 class EvaluateStage(Stage):
-    """Step 2b in the pipeline: each checkpoint (+ its store and model) → eval.json and the density plot beside it."""
+    """Step 2b in the pipeline: each checkpoint (+ its store and model) → the files of the evaluations EVALS names beside it."""
 
     name = "evaluate"
     script = "evaluate_sae.py"
@@ -562,25 +611,55 @@ class EvaluateStage(Stage):
         return evaluate_sae(config)
 
     def outputs(self, config: EvalConfig, facts: PlanFacts) -> list[Output]:
-        return [Output(Path(checkpoint).parent / name) for checkpoint in config.checkpoint for name in (EVAL_FILE, DENSITY_PLOT_FILE)]
+        """The files of each evaluation EVALS names, beside each checkpoint. (Sparse probing writes nothing for data without
+        labels, so with it chosen on such data this step runs again on every pipeline run.)"""
+        return [Output(Path(checkpoint).parent / name) for checkpoint in config.checkpoint for name in _output_names(config.evals)]
 
     def estimate(self, config: EvalConfig, facts: PlanFacts) -> Estimate:
-        """Store metrics on every held-out token; the model on a budget of them: one clean forward, then, from the hooked
-        block on, the zero-ablated pass and one pass per checkpoint (a rerun on the same store reuses the first two)."""
+        """Core: store metrics on every held-out token; the model on a budget of them: one clean forward, then, from the
+        hooked block on, the zero-ablated pass and one pass per checkpoint (a rerun on the same store reuses the first
+        two). Sparse probing: one SAE pass over the training and held-out examples it reads (at most its caps; the data's
+        labels are not counted here, so every example counts as labelled); its probes are small next to that."""
         corpus, calibration = facts.corpus, facts.calibration
         if corpus is None or calibration is None:
             return Estimate()
-        training, extraction = facts.configs["train"], facts.configs["extract"]
+        training = facts.configs["train"]
         fraction = config.validation_fraction if config.validation_fraction >= 0 else training.validation_fraction
         seed = config.seed if config.seed >= 0 else training.seed
         examples = validation_examples(len(corpus.lengths), fraction, seed) if fraction > 0 else []
+        parts = []
+        if "core" in config.evals:
+            parts.append(self._core_estimate(config, facts, examples, seed))
+        if "sparse_probing" in config.evals:
+            capped = [
+                min(n, cap) if cap else n
+                for n, cap in (
+                    (len(corpus.lengths) - len(examples), config.probing_train_examples),
+                    (len(examples), config.probing_test_examples),
+                )
+            ]
+            tokens = int(corpus.lengths.mean() * sum(capped)) if len(corpus.lengths) else 0
+            seconds = seconds_for(None, tokens * len(config.checkpoint), calibration.encode_tokens_per_second)
+            parts.append(
+                Estimate(examples=sum(capped), tokens=tokens, seconds=seconds, note=f"sparse probing on up to {sum(capped):,} examples")
+            )
+        seconds = [part.seconds for part in parts]
+        return Estimate(
+            examples=max(part.examples or 0 for part in parts),
+            tokens=sum(part.tokens or 0 for part in parts),
+            seconds=None if None in seconds else sum(seconds),
+            note="; ".join(part.note for part in parts if part.note),
+        )
+
+    def _core_estimate(self, config: EvalConfig, facts: PlanFacts, examples: list[int], seed: int) -> Estimate:
+        corpus, calibration = facts.corpus, facts.calibration
         store_examples = examples[: config.max_examples] if config.max_examples else examples
         tokens = int(corpus.lengths[store_examples].sum())
         encode = seconds_for(None, tokens * len(config.checkpoint), calibration.encode_tokens_per_second)
         if not config.model_metrics:
             return Estimate(examples=len(store_examples), tokens=tokens, seconds=encode, note="store metrics only")
         model_tokens = int(corpus.lengths[budgeted_examples(corpus.lengths, examples, config.model_tokens, seed)].sum()) if examples else 0
-        from_hook = (facts.n_layers - max(extraction.layers)) / facts.n_layers
+        from_hook = (facts.n_layers - max(facts.configs["extract"].layers)) / facts.n_layers
         passes = 1 + len(config.checkpoint)
         model = seconds_for(calibration.load_seconds, int((1 + passes * from_hook) * model_tokens), calibration.full_tokens_per_second)
         return Estimate(
@@ -591,12 +670,32 @@ class EvaluateStage(Stage):
         )
 
     def key_figures(self, config: EvalConfig, outputs: list[Output]) -> list[tuple[str, str]]:
-        first = outputs[0].path if outputs else None
-        if first is None or not first.is_file():
-            return []
-        core = json.loads(first.read_text()).get("saebench_core")
-        score = f"{core['eval_result_metrics']['model_performance_preservation']['ce_loss_score']:.4f}" if core else None
-        return [("SAEBench ce_loss_score (loss recovered)", score or "not measured (MODEL_METRICS off)")]
+        """SAEBench's ce_loss_score, and sparse probing's mean top-1 accuracy and ceiling, of the first checkpoint."""
+        first = {output.path.name: output.path for output in outputs[: len(_output_names(config.evals))]}
+        figures = []
+        if EVAL_FILE in first and first[EVAL_FILE].is_file():
+            core = json.loads(first[EVAL_FILE].read_text()).get("saebench_core")
+            score = f"{core['eval_result_metrics']['model_performance_preservation']['ce_loss_score']:.4f}" if core else None
+            figures.append(("SAEBench ce_loss_score (loss recovered)", score or "not measured (MODEL_METRICS off)"))
+        if SPARSE_PROBING_FILE in first and first[SPARSE_PROBING_FILE].is_file():
+            probing = json.loads(first[SPARSE_PROBING_FILE].read_text())
+            k, means = probing["k_values"][0], probing["mean_over_labels"]
+            figures.append(
+                (
+                    f"sparse probing, mean over {len(probing['labels'])} labels",
+                    f"top-{k} accuracy {means[f'sae_top_{k}_test_accuracy']:.3f}, all-d ceiling {means['ceiling_test_accuracy']:.3f}",
+                )
+            )
+        return figures
+
+
+def _output_names(evals: list[str]) -> list[str]:
+    names = [name for evaluation in EVALS if evaluation in evals for name in EVAL_FILES.get(evaluation, ())]
+    if "absorption" in evals:
+        from fastsae.evaluate.absorption import ABSORPTION_FILE  # its own module's; EvalConfig checked that it exists
+
+        names.append(ABSORPTION_FILE)
+    return names
 
 
 STAGE = EvaluateStage()

@@ -1,6 +1,7 @@
 """One self-contained dashboard.html: a sortable, filterable feature list and, per feature, its
 explanation, delphi's detection and fuzzing scores with their accuracy per activation quantile,
-FAST-rubric rating and name, density, activation histogram, logit-lens tokens, top windows as a
+FAST-rubric rating and name, density, activation histogram, logit-lens tokens, the labels whose
+sparse probes chose it (when evaluation's sparse_probing.json is beside the checkpoint), top windows as a
 token heatmap (hover shows each activation), and the held-out windows the scorers saw with the
 LLM's verdict on each; above the list, the rubric's rating distribution and 4-5 share when it ran.
 No network; opens from file://.
@@ -64,9 +65,12 @@ def dashboard_data(
     rubric: RubricSummary | None = None,
     scored: dict[int, tuple[list[ScoringExample], dict[str, ClassifierResult]]] | None = None,
     n_quantiles: int = 10,
+    probe_choices: dict[int, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """The page's JSON: one entry per CSV row plus its histogram, top windows and scored examples; `rubric` is None when the rubric did not run."""
-    scored = scored or {}
+    """The page's JSON: one entry per CSV row plus its histogram, top windows and scored examples; `rubric` is None when
+    the rubric did not run. `probe_choices` (from evaluation's sparse_probing.json): per feature, the labels' probes
+    that chose it."""
+    scored, probe_choices = scored or {}, probe_choices or {}
     features = []
     for row in rows:
         feature = int(row["feature"])
@@ -80,6 +84,7 @@ def dashboard_data(
                 "histogram": statistics.histogram[feature].tolist(),
                 "contexts": [_window(window) for window in top_windows[feature]],
                 "held_out": _held_out(*scored[feature]) if feature in scored else [],
+                "probes": sorted(probe_choices.get(feature, []), key=lambda choice: choice["rank"]),
             }
         )
     return {

@@ -31,6 +31,7 @@ from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.core.trained_sae import open_trained_sae
+from fastsae.evaluate.sparse_probing import read_probe_choices
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
 from fastsae.interpret.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
 from fastsae.interpret.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens, unembedding_matrix
@@ -517,9 +518,9 @@ def _interpret_with(
     table = pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {})  # whole numbers; empty where missing
     write_atomically(path, lambda partial: table.to_csv(partial, index=False))
     title = f"{sae.spec.name} on {store.manifest.model} {store.hook_name}"
-    page = dashboard_data(
-        title, rows, top_windows, statistics, rubric, {f: (examples[f].scoring, results[f]) for f in results}, config.n_quantiles
-    )
+    scored = {f: (examples[f].scoring, results[f]) for f in results}
+    probe_choices = read_probe_choices(Path(config.checkpoint).parent)
+    page = dashboard_data(title, rows, top_windows, statistics, rubric, scored, config.n_quantiles, probe_choices)
     dashboard = write_dashboard(path.with_name(DASHBOARD_FILE), page)
     logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
     return path

@@ -313,6 +313,21 @@ class ActivationStore:
             raise IndexError(f"example {index} is outside the store's {self.n_examples} examples")
         return self.chunk(int(self.doc_offsets[index]), int(self.doc_offsets[index + 1]))
 
+    def example_groups(self, examples: Iterable[int], max_tokens: int) -> list[list[int]]:
+        """Consecutive runs of `examples` of at most `max_tokens` tokens (at least one example each): read and encoded
+        a run at a time, not an example at a time."""
+        groups: list[list[int]] = []
+        current: list[int] = []
+        tokens = 0
+        for index in examples:
+            length = int(self.doc_offsets[index + 1] - self.doc_offsets[index])
+            if current and tokens + length > max_tokens:
+                groups.append(current)
+                current, tokens = [], 0
+            current.append(int(index))
+            tokens += length
+        return groups + [current] if current else groups
+
     def iter_chunks(self, chunk_tokens: int, start: int = 0, stop: int | None = None) -> Iterator[StoreChunk]:
         """Consecutive chunks of at most `chunk_tokens` tokens, in store order."""
         stop = self.n_tokens if stop is None else stop

@@ -1,0 +1,190 @@
+"""Sparse probing finds what was planted: a store whose label-L examples carry direction e_L, read by an SAE whose
+feature L reads e_L. Each label's probe ranks its planted feature first and separates at k = 1; labels drawn
+independently of the activations stay at chance; special tokens (here a BOS that points at another label's direction)
+stay out of the pooling; data without labels is skipped and nothing is written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import save_checkpoint
+from fastsae.core.sae import SAESpec, SparseAutoencoder
+from fastsae.core.sae_info import SAEInfo
+from fastsae.core.trained_sae import TrainedSAE
+from fastsae.evaluate.evaluate_sae import EvalConfig, EvaluateStage, evaluate_sae
+from fastsae.evaluate.sparse_probing import (
+    MULTICLASS,
+    SPARSE_PROBING_FILE,
+    SPARSE_PROBING_PLOT_FILE,
+    balanced_one_vs_rest,
+    read_probe_choices,
+    run_sparse_probing,
+)
+from fastsae.store.activation_store import ActivationStore, ActivationStoreWriter, plan_shards
+from fastsae.store.batches import ExampleSplit
+
+LABELS = ["alpha", "beta", "gamma", "delta"]  # label i is planted along e_i and read by feature i
+D, M = 16, 12  # features 4..11 read random directions
+PER_LABEL = 60
+SIGNAL, BOS_NORM = 3.0, 60.0
+SEED, FRACTION = 0, 0.25
+
+
+def write_planted_store(folder: Path, labels_follow_activations: bool = True, labelled: bool = True) -> ActivationStore:
+    """PER_LABEL examples per label, each a BOS (special; norm BOS_NORM along the *next* label's direction) then 4-11
+    content tokens of noise + SIGNAL · e_label. With `labels_follow_activations` false, the labels written are drawn
+    independently of the directions planted."""
+    generator = np.random.default_rng(0)
+    planted = np.repeat(np.arange(len(LABELS)), PER_LABEL)
+    generator.shuffle(planted)
+    written = planted if labels_follow_activations else generator.permutation(planted)
+    lengths = generator.integers(5, 13, len(planted))
+    activations, special = [], []
+    for label, length in zip(planted, lengths):
+        tokens = generator.normal(0, 0.5, (length, D))
+        tokens[1:, label] += SIGNAL
+        tokens[0] = 0.0
+        tokens[0, (label + 1) % len(LABELS)] = BOS_NORM
+        activations.append(tokens)
+        special.append(np.arange(length) == 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    shards = plan_shards(lengths.tolist(), shard_tokens=300)  # several shards: pooling streams across them
+    records = [{"row": i, "source": f"row {i}", "label": LABELS[label] if labelled else None} for i, label in enumerate(written)]
+    writer = ActivationStoreWriter(
+        folder, {"test": 1}, {"model": "planted", "hook_name": "planted", "d": D, "dtype": "float32"}, shards, offsets, records
+    )
+    x, mask = np.concatenate(activations).astype(np.float32), np.concatenate(special)
+    for index, shard in enumerate(shards):
+        rows = slice(shard.first_token, shard.first_token + shard.n_tokens)
+        writer.write_shard(index, torch.from_numpy(x[rows]), np.zeros(shard.n_tokens, dtype=np.int32), mask[rows])
+    writer.finish("now", 1)
+    return ActivationStore(folder)
+
+
+def planted_sae() -> SparseAutoencoder:
+    """A ReLU SAE whose feature i < 4 is relu(x_i − 1): it fires on label i's content tokens and rarely elsewhere."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec("relu", D, M, 0)).eval()
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([torch.eye(D)[: len(LABELS)], torch.nn.functional.normalize(torch.randn(M - len(LABELS), D), dim=1)]))
+        sae.b_enc.fill_(-1.0)
+        sae.b_dec.zero_()
+    return sae
+
+
+def trained(folder: Path, store: ActivationStore) -> TrainedSAE:
+    info = SAEInfo(spec=planted_sae().spec, store=str(store.folder), training={"validation_fraction": FRACTION, "seed": SEED})
+    return TrainedSAE(folder / "SAE_M=12_K=0.pt", planted_sae(), info)
+
+
+def probe(folder: Path, store: ActivationStore, k_values=(1, 2, 5)) -> dict:
+    split = ExampleSplit.by_example(store.n_examples, FRACTION, SEED)
+    return run_sparse_probing(trained(folder, store), store, split, SEED, list(k_values))
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("planted")
+    return folder, probe(folder, write_planted_store(folder / "store"))
+
+
+def test_each_label_uses_its_planted_feature_and_separates_at_k_1(planted):
+    _, results = planted
+    assert results["labels"] == sorted(LABELS)
+    for label in LABELS:
+        task = results["tasks"][label]
+        assert task["features"][0]["feature"] == LABELS.index(label), label
+        assert task["features"][0]["mean_difference"] > 1.0
+        assert task["sae_top_1_test_accuracy"] >= 0.95 and task["sae_top_1_test_auroc"] >= 0.99, label
+        assert task["ceiling_test_accuracy"] >= 0.95
+        assert task["test_examples"] % 2 == 0 and task["train_examples"] % 2 == 0  # balanced: as many others as positives
+    multiclass = results["tasks"][MULTICLASS]
+    assert {f["feature"] for f in multiclass["features"][: len(LABELS)]} == set(range(len(LABELS)))
+    assert multiclass["sae_top_1_test_accuracy"] < 0.6  # one feature tells one label from the rest, not four apart
+    assert multiclass["sae_top_5_test_accuracy"] >= 0.95
+    assert results["mean_over_labels"]["sae_top_1_test_accuracy"] >= 0.95
+
+
+def test_labels_independent_of_the_activations_stay_at_chance(tmp_path):
+    results = probe(tmp_path, write_planted_store(tmp_path / "store", labels_follow_activations=False))
+    means = results["mean_over_labels"]
+    for key in ("sae_top_1_test_accuracy", "sae_top_5_test_accuracy", "ceiling_test_accuracy"):
+        assert 0.3 <= means[key] <= 0.7, (key, means[key])
+    assert 0.1 <= results["tasks"][MULTICLASS]["sae_top_5_test_accuracy"] <= 0.45  # four labels: chance 0.25
+
+
+def test_outputs_beside_the_checkpoint_and_the_dashboard_reader(planted, capsys):
+    folder, results = planted
+    assert json.loads((folder / SPARSE_PROBING_FILE).read_text())["tasks"] == json.loads(json.dumps(results["tasks"]))
+    assert (folder / SPARSE_PROBING_PLOT_FILE).stat().st_size > 0
+    choices = read_probe_choices(folder)
+    assert [(choice["task"], choice["rank"]) for choice in choices[1] if choice["rank"] == 1] == [("beta", 1)]
+    assert read_probe_choices(folder / "elsewhere") == {}
+
+
+def test_the_table_shows_each_task_at_each_k(tmp_path, capsys):
+    probe(tmp_path, write_planted_store(tmp_path / "store"), k_values=(1, 3, 50))  # k above M=12 reads all 12
+    printed = capsys.readouterr().out
+    assert "| task | train / test | ceiling (all d) | k=1 | k=3 | k=12 | top features |" in printed
+    assert all(f"| {label} |" in printed for label in LABELS) and MULTICLASS in printed and "mean over labels" in printed
+
+
+def test_data_without_labels_is_skipped_and_nothing_is_written(tmp_path, caplog):
+    store = write_planted_store(tmp_path / "store", labelled=False)
+    with caplog.at_level(logging.INFO, logger="fastsae.evaluate.sparse_probing"):
+        assert probe(tmp_path, store) is None
+    assert [record.message for record in caplog.records if "skipped" in record.message] == [
+        f"Sparse probing skipped: the data in {store.folder} has no labels; it needs a label per example (LABEL_FIELD in extract_activations.py)."
+    ]
+    assert not (tmp_path / SPARSE_PROBING_FILE).exists() and not (tmp_path / SPARSE_PROBING_PLOT_FILE).exists()
+
+
+def test_balancing_draws_as_many_others_as_positives_spread_over_the_other_labels():
+    rows = {"a": np.arange(0, 9), "b": np.arange(9, 100), "c": np.arange(100, 200)}
+    chosen, targets = balanced_one_vs_rest(rows, "a", torch.Generator().manual_seed(0))
+    negatives = chosen[targets == 0]
+    assert (targets == 1).sum() == 9 and len(negatives) == 9
+    assert 4 <= (negatives < 100).sum() <= 5  # ceil(9 / 2) drawn from each of b and c, then 9 of those 10 kept
+    assert len(set(chosen)) == 18
+
+
+def test_evaluate_runs_only_the_evaluations_named(tmp_path):
+    store = write_planted_store(tmp_path / "store")
+    checkpoint = tmp_path / "run" / "SAE_M=12_K=0.pt"
+    save_checkpoint(checkpoint, planted_sae(), 0, trained(tmp_path, store).info)
+    config = EvalConfig(checkpoint=[str(checkpoint)], evals=["sparse_probing"], probing_k=[1, 2], device="cpu")
+    (results,) = evaluate_sae(config)
+    assert results["sparse_probing"]["tasks"]["alpha"]["sae_top_1_test_accuracy"] >= 0.95
+    assert sorted(path.name for path in checkpoint.parent.iterdir()) == sorted(
+        [checkpoint.name, SPARSE_PROBING_FILE, SPARSE_PROBING_PLOT_FILE]
+    )
+    stage = EvaluateStage()
+    assert [output.path.name for output in stage.outputs(config, None)] == [SPARSE_PROBING_FILE, SPARSE_PROBING_PLOT_FILE]
+    both = EvalConfig(checkpoint=[str(checkpoint)], evals=["core", "sparse_probing"])
+    assert [output.path.name for output in stage.outputs(both, None)] == [
+        "eval.json",
+        "feature_density.png",
+        SPARSE_PROBING_FILE,
+        SPARSE_PROBING_PLOT_FILE,
+    ]
+    figures = dict(stage.key_figures(config, stage.outputs(config, None)))
+    assert figures["sparse probing, mean over 4 labels"].startswith("top-1 accuracy 1.000")
+
+
+def test_unknown_evaluations_are_refused():
+    with pytest.raises(UserError, match="EVALS takes one or more of core, sparse_probing, absorption"):
+        EvalConfig(evals=["sparse-probing"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fastsae.evaluate.absorption") is not None, reason="absorption is implemented")
+def test_absorption_is_refused_until_it_exists():
+    with pytest.raises(UserError, match="absorption evaluation is not available yet"):
+        EvalConfig(evals=["core", "absorption"])
