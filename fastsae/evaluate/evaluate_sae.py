@@ -46,6 +46,7 @@ from fastsae.common.default_paths import DEFAULT_CHECKPOINT
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
+from fastsae.core.formats.sources import results_folder
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.saelens_export import saelens_config
 from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
@@ -101,7 +102,8 @@ INTERVAL_METRICS = (
 class EvalConfig:
     checkpoint: list[str] = setting(
         [DEFAULT_CHECKPOINT],
-        "SAE checkpoints (ours or HypotheSAEs'); several (a sweep on one store) share the model's passes",
+        "SAE checkpoints (ours, HypotheSAEs', or a SAELens, sparsify or dictionary_learning folder, or saelens:RELEASE/SAE_ID); "
+        "several (a sweep on one store) share the model's passes",
         split_commas=False,
     )
     store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
@@ -540,8 +542,10 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
             results.update(model_metrics.evaluate(evaluand, examples))
         results["health"] = health_table(_headline(results))
         density = results.pop("feature_density")
-        plot_feature_density(evaluand.path.parent / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
-        write_json_atomically(evaluand.path.parent / EVAL_FILE, {**results, "feature_density": density})
+        folder = evaluand.trained.results_folder  # beside a .pt checkpoint; inside an SAE folder; checkpoints/saelens/ for a pretrained one
+        folder.mkdir(parents=True, exist_ok=True)
+        plot_feature_density(folder / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
+        write_json_atomically(folder / EVAL_FILE, {**results, "feature_density": density})
         print(f"\n{evaluand.path}\n\n" + report_table(results))
         all_results.append(results)
     if len(all_results) > 1:
@@ -562,7 +566,7 @@ class EvaluateStage(Stage):
         return evaluate_sae(config)
 
     def outputs(self, config: EvalConfig, facts: PlanFacts) -> list[Output]:
-        return [Output(Path(checkpoint).parent / name) for checkpoint in config.checkpoint for name in (EVAL_FILE, DENSITY_PLOT_FILE)]
+        return [Output(results_folder(checkpoint) / name) for checkpoint in config.checkpoint for name in (EVAL_FILE, DENSITY_PLOT_FILE)]
 
     def estimate(self, config: EvalConfig, facts: PlanFacts) -> Estimate:
         """Store metrics on every held-out token; the model on a budget of them: one clean forward, then, from the hooked

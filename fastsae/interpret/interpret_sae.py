@@ -62,7 +62,11 @@ EXPLANATION_TOKENS = 20  # about how long an explanation runs, for the cost esti
 
 @dataclass
 class InterpretConfig:
-    checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint (ours, or HypotheSAEs' with --store and --model-name)")
+    checkpoint: str = setting(
+        DEFAULT_CHECKPOINT,
+        "SAE checkpoint (ours; or, with --store, HypotheSAEs', a SAELens, sparsify or dictionary_learning folder, "
+        "or saelens:RELEASE/SAE_ID)",
+    )
     store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
     model_name: str = setting("", "model whose tokenizer and unembedding to use; empty: the store's model")
     features: str = setting(
