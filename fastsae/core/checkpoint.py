@@ -89,16 +89,13 @@ def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
         )
     block = payload.get("fastsae")
     info = SAEInfo.from_dict(block) if block else SAEInfo.from_hypothesaes_config(payload["config"])
-    spec = info.spec
     state = payload["state_dict"]
-    sae = SparseAutoencoder(spec)
-    with torch.no_grad():
-        sae.W_enc.copy_(state["encoder.weight"])
-        sae.W_dec.copy_(state["decoder.weight"].T)
-        sae.b_dec.copy_(state["input_bias"])
-        sae.b_enc.copy_(state["neuron_bias"])
-        if spec.architecture == "jumprelu":
-            sae.jumprelu_threshold.copy_(state["threshold"])
-        else:
-            sae.threshold.copy_(state["threshold"])
-    return LoadedSAE(sae.to(device).eval(), info)
+    sae = SparseAutoencoder.from_weights(
+        info.spec,
+        W_enc=state["encoder.weight"],
+        b_enc=state["neuron_bias"],
+        W_dec=state["decoder.weight"].T,
+        b_dec=state["input_bias"],
+        threshold=state["threshold"],
+    )
+    return LoadedSAE(sae.to(device), info)

@@ -233,6 +233,29 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():
             self.W_enc.copy_(self.W_dec)
 
+    @classmethod
+    @torch.no_grad()
+    def from_weights(
+        cls,
+        spec: SAESpec,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+        threshold: torch.Tensor | None = None,
+    ) -> SparseAutoencoder:
+        """An SAE in eval mode holding these weights as given (encoder and decoder both (M, d)).
+
+        `threshold` is JumpReLU's per-feature threshold or BatchTopK's scalar one; nothing is renormalised,
+        so a checkpoint or a converted peer SAE computes exactly what it computed before.
+        """
+        sae = cls(spec)
+        for parameter, value in ((sae.W_enc, W_enc), (sae.b_enc, b_enc), (sae.W_dec, W_dec), (sae.b_dec, b_dec)):
+            parameter.copy_(value)
+        if threshold is not None:
+            (sae.jumprelu_threshold if spec.architecture == "jumprelu" else sae.threshold).copy_(threshold)
+        return sae.eval()
+
     # --- initialisation and constraints -------------------------------------------------
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastsae.core.sae import SAESpec
+from fastsae.lm import hook_points
 from fastsae.lm.models import hub_model_id
 from fastsae.store.batches import DEFAULT_VALIDATION_FRACTION
 from fastsae.store.manifest import StoreManifest
@@ -18,6 +19,17 @@ from fastsae.store.manifest import StoreManifest
 CHECKPOINT_FORMAT_VERSION = 1
 FASTSAE_FORMAT = "fastsae"
 HYPOTHESAES_FORMAT = "hypothesaes"
+SAELENS_FORMAT = "saelens"
+SPARSIFY_FORMAT = "sparsify"
+DICTIONARY_LEARNING_FORMAT = "dictionary_learning"
+# What each library's files say about where the SAE's activations came from, for the messages that ask for the rest.
+SOURCE_RECORDS = {
+    FASTSAE_FORMAT: "a fastsae checkpoint",
+    HYPOTHESAES_FORMAT: "a HypotheSAEs checkpoint, which records only its shape",
+    SAELENS_FORMAT: "a SAELens SAE",
+    SPARSIFY_FORMAT: "a sparsify SAE, which records its model only in its run's config.json",
+    DICTIONARY_LEARNING_FORMAT: "a dictionary_learning SAE",
+}
 
 
 def spec_to_dict(spec: SAESpec) -> dict[str, Any]:
@@ -34,7 +46,9 @@ class SAEInfo:
     """The SAE's shape, where its activations came from, and how it was trained.
 
     `source_format` is the provenance: `fastsae` for our checkpoints, `hypothesaes` for one that
-    HypotheSAEs wrote (which records its shape only, so every origin field is None).
+    HypotheSAEs wrote (which records its shape only, so every origin field is None), `saelens`,
+    `sparsify` or `dictionary_learning` for an SAE another library saved (fastsae/core/formats/):
+    those fill the model, hook and layer when their files record them, and nothing of a store.
     `activation_scale` is the normalisation: training multiplied activations by it, and the saved
     weights have it folded in, so the SAE applies to raw activations.
     """
@@ -54,6 +68,11 @@ class SAEInfo:
     training: dict[str, Any] = field(default_factory=dict)  # train_sae.py's settings, as recorded
     step: int | None = None
     tokens_trained: int | None = None
+
+    @property
+    def source_description(self) -> str:
+        """What kind of file this came from, for messages that ask the user for what it does not record."""
+        return SOURCE_RECORDS.get(self.source_format, self.source_format)
 
     @property
     def model_label(self) -> str | None:
@@ -101,6 +120,12 @@ class SAEInfo:
         values["spec"] = spec_from_dict(record["spec"])
         values["store_manifest"] = StoreManifest.from_dict(record.get("store_manifest") or {})
         return cls(**values)
+
+    @classmethod
+    def foreign(cls, spec: SAESpec, source_format: str, model_name: str | None, hook_point: str | None, layer: int | None) -> SAEInfo:
+        """An SAE another library saved: its shape and whatever of its origin its files record (None where they do not)."""
+        name = hook_points.hook_name(layer, hook_point) if hook_point is not None and layer is not None else None
+        return cls(spec=spec, source_format=source_format, model_name=model_name, hook_name=name, hook_point=hook_point, layer=layer)
 
     @classmethod
     def from_hypothesaes_config(cls, config: dict[str, Any]) -> SAEInfo:

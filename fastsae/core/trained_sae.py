@@ -1,12 +1,15 @@
 """One way for every post-training step (evaluate, interpret, analyze, steer, export) to open a trained SAE.
 
-`open_trained_sae` reads the checkpoint; the store it was trained on and the model its activations
-came from open on demand, with one clear error each when the checkpoint does not record them and
-the user did not name them (a HypotheSAEs checkpoint records neither).
+`open_trained_sae` reads the checkpoint, whatever made it (fastsae/core/formats/sources.py: ours,
+HypotheSAEs', SAELens', sparsify's, dictionary_learning's, or a pretrained SAELens SAE); the store it
+was trained on and the model its activations came from open on demand, with one clear error each
+when the checkpoint does not record them and the user did not name them (only our checkpoints
+record a store; a HypotheSAEs checkpoint records no model either).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +17,13 @@ from typing import Any
 import torch
 
 from fastsae.common.errors import UserError
-from fastsae.core.checkpoint import load_sae
+from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.sae_info import SAEInfo
 from fastsae.lm.models import ModelSource, load_model, load_tokenizer, resolve_model
 from fastsae.store.activation_store import ActivationStore
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,22 +39,32 @@ class LanguageModel:
 class TrainedSAE:
     """A trained SAE (on raw activations) with its recorded origin."""
 
-    checkpoint: Path
+    checkpoint: Path  # as the user named it (a file, a folder, or saelens:RELEASE/SAE_ID)
     sae: SparseAutoencoder
     info: SAEInfo
+    results_folder: Path  # where the steps write their files about it (eval.json, ...)
 
     def open_store(self, store: str | Path = "") -> ActivationStore:
         """`store` when given, else the store it was trained on; its activations must have the SAE's width."""
         path = store or self.info.store
         if not path:
             raise UserError(
-                f"{self.checkpoint} does not say which activation store it was trained on (a HypotheSAEs checkpoint?). Pass --store."
+                f"{self.checkpoint} does not say which activation store it was trained on ({self.info.source_description}). "
+                "Pass --store: a store extracted at its model and hook."
             )
         opened = ActivationStore(path)
         if opened.d != self.sae.spec.d:
             raise UserError(
                 f"the SAE in {self.checkpoint} takes d={self.sae.spec.d} but the store at {opened.folder} has d={opened.d}: "
                 "they come from different models or hooks. Pass the matching --store."
+            )
+        if self.info.hook_name and opened.hook_name and opened.hook_name != self.info.hook_name:
+            logger.warning(
+                "%s was trained on %s, but the store at %s holds %s: its features are read where they were not learned.",
+                self.checkpoint,
+                self.info.hook_name,
+                opened.folder,
+                opened.hook_name,
             )
         return opened
 
@@ -58,7 +73,7 @@ class TrainedSAE:
         name = given or self.info.model_name
         if not name:
             raise UserError(
-                f"{self.checkpoint} does not name the model its activations came from (a HypotheSAEs checkpoint?). Pass --model-name."
+                f"{self.checkpoint} does not name the model its activations came from ({self.info.source_description}). Pass --model-name."
             )
         return name
 
@@ -69,6 +84,6 @@ class TrainedSAE:
 
 
 def open_trained_sae(checkpoint: str | Path, device: str = "cpu") -> TrainedSAE:
-    """The SAE of `checkpoint` (ours or HypotheSAEs') on `device`, with its `SAEInfo`."""
-    loaded = load_sae(checkpoint, device)
-    return TrainedSAE(Path(checkpoint), loaded.sae, loaded.info)
+    """The SAE `checkpoint` names (see fastsae/core/formats/sources.py) on `device`, with its `SAEInfo`."""
+    loaded = load_any_sae(checkpoint, device)
+    return TrainedSAE(Path(checkpoint), loaded.sae, loaded.info, results_folder(checkpoint))

@@ -49,6 +49,7 @@ from fastsae.common.default_paths import DEFAULT_CHECKPOINT
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
+from fastsae.core.formats.sources import results_folder
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.saelens_export import saelens_config
 from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
@@ -117,7 +118,8 @@ INTERVAL_METRICS = (
 class EvalConfig:
     checkpoint: list[str] = setting(
         [DEFAULT_CHECKPOINT],
-        "SAE checkpoints (ours or HypotheSAEs'); several (a sweep on one store) share the model's passes",
+        "SAE checkpoints (ours, HypotheSAEs', or a SAELens, sparsify or dictionary_learning folder, or saelens:RELEASE/SAE_ID); "
+        "several (a sweep on one store) share the model's passes",
         split_commas=False,
     )
     store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
@@ -560,8 +562,10 @@ def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, m
         results.update(model_metrics.evaluate(evaluand, examples))
     results["health"] = health_table(_headline(results))
     density = results.pop("feature_density")
-    plot_feature_density(evaluand.path.parent / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
-    write_json_atomically(evaluand.path.parent / EVAL_FILE, {**results, "feature_density": density})
+    folder = evaluand.trained.results_folder  # beside a .pt checkpoint; inside an SAE folder; checkpoints/saelens/ for a pretrained one
+    folder.mkdir(parents=True, exist_ok=True)
+    plot_feature_density(folder / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
+    write_json_atomically(folder / EVAL_FILE, {**results, "feature_density": density})
     print(f"\n{evaluand.path}\n\n" + report_table(results))
     return results
 
@@ -613,7 +617,7 @@ class EvaluateStage(Stage):
     def outputs(self, config: EvalConfig, facts: PlanFacts) -> list[Output]:
         """The files of each evaluation EVALS names, beside each checkpoint. (Sparse probing writes nothing for data without
         labels, so with it chosen on such data this step runs again on every pipeline run.)"""
-        return [Output(Path(checkpoint).parent / name) for checkpoint in config.checkpoint for name in _output_names(config.evals)]
+        return [Output(results_folder(checkpoint) / name) for checkpoint in config.checkpoint for name in _output_names(config.evals)]
 
     def estimate(self, config: EvalConfig, facts: PlanFacts) -> Estimate:
         """Core: store metrics on every held-out token; the model on a budget of them: one clean forward, then, from the

@@ -310,7 +310,8 @@ def run_sparse_probing(
         "mean_over_labels": summary(tasks, usable),
         "tasks": tasks,
     }
-    folder = trained.checkpoint.parent
+    folder = trained.results_folder
+    folder.mkdir(parents=True, exist_ok=True)
     write_json_atomically(folder / SPARSE_PROBING_FILE, results)
     plot_sparse_probing(folder / SPARSE_PROBING_PLOT_FILE, results, f"{sae.spec.name} — {store.hook_name}")
     print(f"\n{trained.checkpoint}: sparse probing\n\n" + probing_table(results))

@@ -30,6 +30,7 @@ from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETAT
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
+from fastsae.core.formats.sources import results_folder
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.sparse_probing import read_probe_choices
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
@@ -63,7 +64,11 @@ EXPLANATION_TOKENS = 20  # about how long an explanation runs, for the cost esti
 
 @dataclass
 class InterpretConfig:
-    checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint (ours, or HypotheSAEs' with --store and --model-name)")
+    checkpoint: str = setting(
+        DEFAULT_CHECKPOINT,
+        "SAE checkpoint (ours; or, with --store, HypotheSAEs', a SAELens, sparsify or dictionary_learning folder, "
+        "or saelens:RELEASE/SAE_ID)",
+    )
     store: str = setting("", "activation store; empty: the one the checkpoint was trained on")
     model_name: str = setting("", "model whose tokenizer and unembedding to use; empty: the store's model")
     features: str = setting(
@@ -519,7 +524,7 @@ def _interpret_with(
     write_atomically(path, lambda partial: table.to_csv(partial, index=False))
     title = f"{sae.spec.name} on {store.manifest.model} {store.hook_name}"
     scored = {f: (examples[f].scoring, results[f]) for f in results}
-    probe_choices = read_probe_choices(Path(config.checkpoint).parent)
+    probe_choices = read_probe_choices(results_folder(config.checkpoint))
     page = dashboard_data(title, rows, top_windows, statistics, rubric, scored, config.n_quantiles, probe_choices)
     dashboard = write_dashboard(path.with_name(DASHBOARD_FILE), page)
     logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)

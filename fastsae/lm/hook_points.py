@@ -19,6 +19,8 @@ from torch import nn
 from fastsae.common.errors import UserError
 
 HOOK_POINTS = ("resid_post", "mlp_out", "attn_out")
+# The block's submodule whose output is each hook point other than resid_post (the block itself), by the names models use.
+HOOK_SUBMODULES = {"mlp_out": ("mlp", "feed_forward"), "attn_out": ("self_attn", "attention", "attn")}
 
 
 def hook_name(layer: int, hook_point: str) -> str:
@@ -47,10 +49,9 @@ def hooked_module(model: nn.Module, layer: int, hook_point: str) -> nn.Module:
     block = decoder_layers(model)[layer]
     if hook_point == "resid_post":
         return block
-    submodule_names = {"mlp_out": ("mlp", "feed_forward"), "attn_out": ("self_attn", "attention", "attn")}
-    if hook_point not in submodule_names:
+    if hook_point not in HOOK_SUBMODULES:
         raise UserError(f"unknown hook point {hook_point!r}: choose one of {', '.join(HOOK_POINTS)}.")
-    for name in submodule_names[hook_point]:
+    for name in HOOK_SUBMODULES[hook_point]:
         if hasattr(block, name):
             return getattr(block, name)
     raise UserError(f"block {layer} of {type(model).__name__} has no {hook_point} submodule; use HOOK_POINT = 'resid_post'.")

@@ -36,7 +36,11 @@ REPORTED_COLUMNS = ["explanation", "top_tokens", "top_label", "top_label_auroc"]
 
 @dataclass
 class AnalyzeConfig:
-    checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint (ours, or HypotheSAEs' with MODEL_NAME, HOOK_POINT and LAYER)")
+    checkpoint: str = setting(
+        DEFAULT_CHECKPOINT,
+        "SAE checkpoint (ours, HypotheSAEs', another library's: docs/use_other_saes.md); "
+        "MODEL_NAME, HOOK_POINT and LAYER when it does not record them",
+    )
     texts_file: str = setting("", "JSONL, CSV or Parquet file (or a saved HF dataset) of texts; empty: use TEXTS")
     texts: list[str] = setting([], "texts to read when TEXTS_FILE is empty (on the command line commas split items: prefer --texts-file)")
     text_field: str = setting("auto", "field of TEXTS_FILE holding the text; auto picks text, content, prompt or messages (chat)")
@@ -53,9 +57,9 @@ class AnalyzeConfig:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     model_name: str = setting("", "model, when the checkpoint does not name it (or to point at a moved copy); empty: the checkpoint's")
     hook_point: str = setting(
-        "", "hook point, only for a checkpoint that does not record it (HypotheSAEs'): resid_post, mlp_out or attn_out"
+        "", "hook point, only for a checkpoint that does not record it (HypotheSAEs', some others): resid_post, mlp_out or attn_out"
     )
-    layer: int = setting(-1, "layer, only for a checkpoint that does not record it (HypotheSAEs'); -1: the checkpoint's")
+    layer: int = setting(-1, "layer, only for a checkpoint that does not record it (HypotheSAEs', some others); -1: the checkpoint's")
 
     def __post_init__(self) -> None:
         check_pooling(self.pooling)

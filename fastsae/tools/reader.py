@@ -199,7 +199,7 @@ def extraction_settings(trained: TrainedSAE, model_name: str, hook_point: str, l
     is_lora = chosen["hook_point"] == LORA_HOOK_POINT
     if not model or chosen["hook_point"] is None or (chosen["layer"] is None and not is_lora):
         raise UserError(
-            f"{checkpoint} does not record the model, hook point and layer its activations came from (a HypotheSAEs checkpoint?). "
+            f"{checkpoint} does not record the model, hook point and layer its activations came from ({info.source_description}). "
             f"Name them: MODEL_NAME, HOOK_POINT ({', '.join(HOOK_POINTS)}) and LAYER in analyze_texts.py, "
             "or SAEReader.load(checkpoint, model_name=..., hook_point='resid_post', layer=12)."
         )

@@ -252,7 +252,8 @@ def steer_model(config: SteerConfig) -> SteeringTable:
     info = trained.info
     if info.hook_point is None:
         raise UserError(
-            f"{config.checkpoint} does not record the hook it was trained on (a HypotheSAEs checkpoint?): steering needs it. Use a checkpoint from train_sae.py."
+            f"{config.checkpoint} does not record the hook it was trained on ({info.source_description}): steering needs it. "
+            "Use a checkpoint that records it: one from train_sae.py, or a SAELens or sparsify SAE."
         )
     check_features(trained.sae, config.features)
     model_name = trained.model_name(config.model_name)

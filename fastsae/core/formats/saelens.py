@@ -1,0 +1,173 @@
+"""A SAELens SAE folder (`cfg.json` + `sae_weights.safetensors`, as `SAE.save_model` writes it) as our SAE.
+
+SAELens' forward (sae_lens/saes/*.py) is: x' = x − b_dec·apply_b_dec_to_input, pre = x' W_enc + b_enc,
+then per architecture
+- standard: ReLU(pre);
+- topk: the k largest of pre, ReLU'd (with rescale_acts_by_decoder_norm: of pre × ‖W_dec row‖,
+  decoded as f / ‖W_dec row‖);
+- jumprelu: ReLU(pre) where pre > threshold;
+- batchtopk (a training save; SAELens runs it as a JumpReLU with every threshold at `topk_threshold`):
+  ReLU(pre) where it exceeds that threshold;
+and x̂ = f W_dec + b_dec. Each maps onto ours by the folds of `weights.py`, so the features and
+reconstructions are SAELens' own. An SAE trained on normalised activations is folded back to raw
+ones when the normalisation is a constant scale (`expected_average_only_in`, whose factor SAELens
+keeps in a training checkpoint's `activation_scaler.json` or in its registry); a per-token
+normalisation (`layer_norm`, `constant_norm_rescale`) cannot be folded and is refused.
+
+Hook names are TransformerLens': `blocks.L.hook_resid_post` (our resid_post at layer L, the output
+of block L), `blocks.L.hook_mlp_out`, `blocks.L.hook_attn_out`, and `blocks.L.hook_resid_pre`, the
+input of block L, which is the output of block L − 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import LoadedSAE
+from fastsae.core.formats.weights import SAEWeights
+from fastsae.core.sae import SAESpec
+from fastsae.core.sae_info import SAELENS_FORMAT, SAEInfo
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+ACTIVATION_SCALER_FILE = "activation_scaler.json"  # a SAELens training checkpoint's normalisation factor
+SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}  # SAELens' -> ours
+SUPPORTED_HOOKS = (
+    "blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.hook_attn_out, "
+    "and blocks.L.hook_resid_pre for L ≥ 1 (the output of block L − 1)"
+)
+_HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_post|mlp_out|attn_out|resid_pre)")
+
+
+def is_saelens_folder(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def saelens_hook(name: str | None, source: str) -> tuple[str | None, int | None]:
+    """(hook point, layer) of a SAELens hook name; (None, None) when the SAE records none."""
+    if name is None:
+        return None, None
+    match = _HOOK.fullmatch(name)
+    if match is None or (match[2] == "resid_pre" and int(match[1]) == 0):
+        raise UserError(
+            f"{source} was trained on {name!r}, which fastsae does not extract. It reads {SUPPORTED_HOOKS}; "
+            "use an SAE trained on one of those."
+        )
+    layer, point = int(match[1]), match[2]
+    return ("resid_post", layer - 1) if point == "resid_pre" else (point, layer)
+
+
+def load_saelens_folder(folder: Path) -> LoadedSAE:
+    """The SAE in `folder`, on raw activations, with the model and hook its cfg.json names."""
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    scaler = folder / ACTIVATION_SCALER_FILE
+    scale = json.loads(scaler.read_text()).get("scaling_factor") if scaler.is_file() else None
+    return saelens_sae(cfg, load_file(folder / WEIGHTS_FILE), str(folder), activation_scale=scale)
+
+
+def saelens_sae(
+    cfg: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    *,
+    activation_scale: float | None = None,
+    model_name: str | None = None,
+) -> LoadedSAE:
+    """Our SAE from SAELens' config and tensors. `activation_scale` is the constant that normalised the training
+    activations (when cfg.json says they were); `model_name` replaces the model cfg.json names."""
+    recorded = {**cfg, **(cfg.get("metadata") or {})}  # SAELens ≥ 6 nests the origin under "metadata"; older files are flat
+    architecture = recorded.get("architecture") or ("topk" if recorded.get("activation_fn") == "topk" else "standard")
+    if architecture not in SAELENS_ARCHITECTURES:
+        raise UserError(
+            f"{source} is a SAELens {architecture!r} SAE, whose forward fastsae cannot run exactly. "
+            f"It reads SAELens' {', '.join(SAELENS_ARCHITECTURES)} SAEs."
+        )
+    _refuse_what_cannot_be_folded(recorded, source)
+    weights = SAEWeights.of(
+        source,
+        W_enc=tensors["W_enc"].T,
+        b_enc=tensors["b_enc"],
+        W_dec=tensors["W_dec"],
+        b_dec=tensors["b_dec"],
+        threshold=_threshold(tensors, architecture),
+    )
+    if not recorded.get("apply_b_dec_to_input", True):
+        weights = weights.with_input_bias_folded()
+    if recorded.get("rescale_acts_by_decoder_norm"):
+        weights = weights.with_decoder_norms_folded()
+    if _normalisation(recorded) == "expected_average_only_in":
+        if not activation_scale:
+            raise UserError(
+                f"{source} was trained on activations scaled by a constant (normalize_activations: expected_average_only_in) "
+                f"but no factor is recorded with it ({ACTIVATION_SCALER_FILE}, or the registry's norm_scaling_factor). "
+                "Fold it in SAELens, sae.fold_activation_norm_scaling_factor(factor), then sae.save_model(folder), and load that folder."
+            )
+        weights = weights.with_input_scale_folded(activation_scale)
+    k = recorded.get("k") or (recorded.get("activation_fn_kwargs") or {}).get("k") or 0
+    ours = SAELENS_ARCHITECTURES[architecture]
+    spec = SAESpec(ours, d=weights.d, m=weights.m, k=min(max(1, round(k)), weights.m) if ours in ("topk", "batchtopk") else 0)
+    hook_point, layer = saelens_hook(recorded.get("hook_name") or recorded.get("hook_point"), source)
+    _warn_about_processed_models(recorded, source)
+    info = SAEInfo.foreign(spec, SAELENS_FORMAT, model_name or recorded.get("model_name"), hook_point, layer)
+    return LoadedSAE(weights.to_sae(spec), info)
+
+
+def _normalisation(recorded: dict[str, Any]) -> str:
+    """normalize_activations, with SAELens' legacy booleans read as it reads them."""
+    value = recorded.get("normalize_activations")
+    if isinstance(value, bool):
+        return "expected_average_only_in" if value else "none"
+    return value or "none"
+
+
+def _refuse_what_cannot_be_folded(recorded: dict[str, Any], source: str) -> None:
+    """One message for each SAELens option whose forward our SAE cannot compute."""
+    normalisation = _normalisation(recorded)
+    problem = None
+    if normalisation in ("layer_norm", "constant_norm_rescale"):
+        problem = f"normalises each token at run time (normalize_activations: {normalisation}), which no weights can fold in"
+    elif normalisation == "covariance_whitening":
+        problem = (
+            "whitens its inputs (a training checkpoint: SAELens folds the whitening in at the end of training). "
+            "Load the final save, or fold it in SAELens with sae.fold_activation_whitening(...) and save_model"
+        )
+    elif normalisation not in ("none", "expected_average_only_in"):
+        problem = f"normalises its inputs in a way fastsae does not know ({normalisation!r})"
+    elif recorded.get("hook_head_index") is not None:
+        problem = f"reads one attention head (hook_head_index {recorded['hook_head_index']}), not a whole hook"
+    elif recorded.get("finetuning_scaling_factor"):
+        problem = "rescales its features by a fine-tuned vector (finetuning_scaling_factor), an option of old SAELens versions"
+    elif recorded.get("activation_fn") not in (None, "relu", "topk"):
+        problem = f"uses the activation {recorded['activation_fn']!r}"
+    if problem:
+        raise UserError(f"{source}: this SAELens SAE {problem}: fastsae's SAE cannot compute it exactly, so it is not loaded.")
+
+
+def _threshold(tensors: dict[str, torch.Tensor], architecture: str) -> torch.Tensor | None:
+    """JumpReLU's thresholds (SAELens before 6 stored log thresholds) or a BatchTopK training save's one threshold."""
+    if architecture == "jumprelu":
+        return tensors["threshold"] if "threshold" in tensors else tensors["log_threshold"].exp()
+    if architecture == "batchtopk":
+        return tensors["topk_threshold"]
+    return None
+
+
+def _warn_about_processed_models(recorded: dict[str, Any], source: str) -> None:
+    """TransformerLens' center_writing_weights changes the residual stream the SAE was trained on; fastsae reads the model's own."""
+    processing = recorded.get("model_from_pretrained_kwargs") or {}
+    if processing.get("center_writing_weights"):
+        logger.warning(
+            "%s was trained on TransformerLens' processed model (center_writing_weights), whose residual stream has each "
+            "token's mean over d removed; fastsae reads the model's own activations, so reconstructions will be worse.",
+            source,
+        )

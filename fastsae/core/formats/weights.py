@@ -1,0 +1,92 @@
+"""Another library's SAE tensors in our layout, and the exact rewrites ("folds") that make our forward compute theirs.
+
+Our SAE computes f = act(W_enc (x − b_dec) + b_enc) and x̂ = f W_dec + b_dec on raw activations.
+Each peer differs from that in a way an affine rewrite of the weights absorbs without changing a
+single feature activation or reconstruction: an encoder that reads x instead of x − b_dec, an SAE
+trained on s·x, features reported as pre-activation × ‖decoder row‖. The folds run in float64 and
+the SAE is built in float32, so what the peer computes in float32 comes out the same to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from fastsae.common.errors import UserError
+from fastsae.core.sae import SAESpec, SparseAutoencoder
+
+
+@dataclass(frozen=True)
+class SAEWeights:
+    """An SAE's tensors, float64 on the CPU: encoder and decoder rows per feature, both (M, d)."""
+
+    W_enc: torch.Tensor  # (M, d)
+    b_enc: torch.Tensor  # (M,)
+    W_dec: torch.Tensor  # (M, d)
+    b_dec: torch.Tensor  # (d,)
+    threshold: torch.Tensor | None = None  # JumpReLU's (M,) thresholds, or BatchTopK's scalar one
+
+    @classmethod
+    def of(
+        cls,
+        source: str,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+        threshold: torch.Tensor | None = None,
+    ) -> SAEWeights:
+        """The tensors as float64, checked to fit together (`source` names the file in the error)."""
+
+        def as_float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.detach().to("cpu", torch.float64)
+
+        weights = cls(*(as_float64(tensor) for tensor in (W_enc, b_enc, W_dec, b_dec)), as_float64(threshold))
+        m, d = weights.W_enc.shape
+        expected = {"W_dec": (m, d), "b_enc": (m,), "b_dec": (d,)}
+        wrong = {
+            name: tuple(getattr(weights, name).shape) for name, shape in expected.items() if tuple(getattr(weights, name).shape) != shape
+        }
+        if weights.threshold is not None and weights.threshold.numel() not in (1, m):
+            wrong["threshold"] = tuple(weights.threshold.shape)
+        if wrong:
+            raise UserError(
+                f"{source}: the SAE's tensors do not fit together (encoder {m} features × d={d}; got {wrong}). The file is damaged."
+            )
+        return weights
+
+    @property
+    def m(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.W_enc.shape[1]
+
+    def with_input_bias_folded(self) -> SAEWeights:
+        """For an encoder that reads x, not x − b_dec (SAELens' apply_b_dec_to_input = False, dictionary_learning's
+        JumpReLU): b_enc + W_enc b_dec, so that W_enc (x − b_dec) + b_enc' = W_enc x + b_enc."""
+        return replace(self, b_enc=self.b_enc + self.W_enc @ self.b_dec)
+
+    def with_input_scale_folded(self, scale: float) -> SAEWeights:
+        """For an SAE that reads s·x and reconstructs s·x (SAELens' expected_average_only_in): W_enc·s, W_dec/s and
+        b_dec/s take raw x and give raw x̂ with the same pre-activations, so b_enc and the thresholds stay."""
+        return replace(self, W_enc=self.W_enc * scale, W_dec=self.W_dec / scale, b_dec=self.b_dec / scale)
+
+    def with_decoder_norms_folded(self) -> SAEWeights:
+        """For features reported as pre-activation × ‖decoder row‖ and decoded as f / ‖decoder row‖ (SAELens'
+        rescale_acts_by_decoder_norm, dictionary_learning's normalize_decoder): unit decoder rows, encoder rows and
+        b_enc times the norm. A threshold compared with the rescaled values (SAELens' BatchTopK) stays as it is."""
+        norms = self.W_dec.norm(dim=1).clamp_min(1e-8)
+        return replace(self, W_enc=self.W_enc * norms[:, None], b_enc=self.b_enc * norms, W_dec=self.W_dec / norms[:, None])
+
+    def to_sae(self, spec: SAESpec) -> SparseAutoencoder:
+        """Our SAE with these weights. A JumpReLU threshold below 0 is raised to 0: the peers mask a ReLU's output,
+        so a negative threshold passes exactly the positive pre-activations, as a threshold of 0 does in ours."""
+        threshold = self.threshold
+        if threshold is not None and spec.architecture == "jumprelu":
+            threshold = threshold.expand(spec.m).clamp_min(0)
+        elif threshold is not None:
+            threshold = threshold.reshape(-1)[0]
+        return SparseAutoencoder.from_weights(spec, self.W_enc, self.b_enc, self.W_dec, self.b_dec, threshold)

@@ -1,0 +1,560 @@
+"""SAEs from other libraries: each is saved by its library's own code with random weights, opened by fastsae, and
+must give the library's own feature activations and reconstructions; then evaluation and interpretation run on each.
+Pretrained SAELens SAEs come from a Hugging Face cache written here (no network), checked against SAELens' own loader."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import huggingface_hub.constants
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import hypothesaes_module
+from fastsae.common.errors import UserError
+from fastsae.core.formats.saelens import saelens_hook
+from fastsae.core.formats.sources import load_any_sae, results_folder
+from fastsae.core.formats.sparsify import sparsify_hook
+from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae, validation_examples
+from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
+from fastsae.store.activation_store import ActivationStore
+
+D, M, K, LAYER = 64, 96, 8, 2  # the tiny store: d=64 at the output of block 2
+Reference = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (feature activations, reconstruction), the library's own
+
+
+class ForeignSAE(NamedTuple):
+    checkpoint: str  # what CHECKPOINT is set to
+    reference: Reference
+    source_format: str
+    model_name: str | None
+    hook: tuple[str | None, int | None]  # (hook point, layer) it must report
+
+
+@pytest.fixture(scope="module")
+def sample(tiny_store) -> torch.Tensor:
+    """Real activations: 600 tokens to set thresholds on, and to compare forwards on."""
+    return ActivationStore(tiny_store).activations(0, 600).float()
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Every parameter random, biases included, so a missed bias or transpose shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+def quantile_thresholds(pre: torch.Tensor, q: float = 0.7) -> torch.Tensor:
+    """Per feature (or over all, for a 1-d `pre`), about the q-quantile of the pre-activations on the sample, so about
+    30% of tokens fire. Nudged off the data: tokens repeat in the store, and a threshold equal to a pre-activation
+    would make the comparison hang on the last bit of rounding."""
+    return (torch.quantile(pre, q, dim=0) + 1e-3 * pre.std(0)).clamp_min(1e-3)
+
+
+def same_forward(loaded, reference: Reference, x: torch.Tensor) -> None:
+    features, reconstruction = reference(x)
+    assert (features > 0).any(1).all() and (features == 0).any(), "a test SAE must fire on some features, not all"
+    with torch.no_grad():
+        ours = loaded.sae.encode(x)
+        torch.testing.assert_close(ours, features, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.sae.decode(ours), reconstruction, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.sae(x), reconstruction, rtol=1e-5, atol=1e-5)
+
+
+# --- SAELens ------------------------------------------------------------------------------------------
+
+
+def saelens_metadata(hook_name: str = f"blocks.{LAYER}.hook_resid_post"):
+    from sae_lens.saes.sae import SAEMetadata
+
+    return SAEMetadata(model_name="tiny-llama", hook_name=hook_name)
+
+
+def make_saelens(folder: Path, architecture: str, sample: torch.Tensor, **options) -> ForeignSAE:
+    """A SAELens SAE of `architecture`, saved with save_model; the reference is SAELens' own inference SAE."""
+    import sae_lens
+
+    cfg = {"d_in": D, "d_sae": M, "metadata": saelens_metadata(), **options}
+    if architecture == "batchtopk":  # a training save; SAELens' inference form of it is a JumpReLU SAE
+        sae = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(k=K, **cfg))
+        randomize_(sae)
+        with torch.no_grad():
+            sae.topk_threshold.fill_(float(quantile_thresholds(sae.encode_with_hidden_pre(sample)[1].relu().flatten(), 0.9)))
+        sae.save_model(folder)
+        sae.save_inference_model(folder.with_name(folder.name + "-inference"))
+        reference_sae = sae_lens.SAE.load_from_disk(folder.with_name(folder.name + "-inference"))
+    else:
+        classes = {
+            "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
+            "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+            "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+        }
+        sae_class, config_class = classes[architecture]
+        sae = sae_class(config_class(**cfg, **({"k": K} if architecture == "topk" else {})))
+        randomize_(sae)
+        if architecture == "jumprelu":
+            with torch.no_grad():
+                sae.threshold.copy_(quantile_thresholds(sample @ sae.W_enc + sae.b_enc))
+        sae.save_model(folder)
+        reference_sae = sae_lens.SAE.load_from_disk(folder)
+
+    def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            features = reference_sae.encode(x)
+            return features, reference_sae.decode(features)
+
+    return ForeignSAE(str(folder), reference, "saelens", "tiny-llama", ("resid_post", LAYER))
+
+
+SAELENS_CASES = {
+    "standard": ("standard", {}),
+    "topk": ("topk", {}),
+    "topk, rescaled by decoder norms": ("topk", {"rescale_acts_by_decoder_norm": True}),
+    "jumprelu, encoder reads x": ("jumprelu", {"apply_b_dec_to_input": False}),
+    "batchtopk (a training save)": ("batchtopk", {}),
+}
+
+
+@pytest.mark.parametrize("case", SAELENS_CASES)
+def test_saelens_saes_give_saelens_features_and_reconstructions(case, sample, tmp_path):
+    architecture, options = SAELENS_CASES[case]
+    made = make_saelens(tmp_path / "sae", architecture, sample[:300], **options)
+    loaded = load_any_sae(made.checkpoint)
+    same_forward(loaded, made.reference, sample[300:])
+    assert (loaded.info.source_format, loaded.info.model_name) == ("saelens", "tiny-llama")
+    assert (loaded.info.hook_point, loaded.info.layer, loaded.info.hook_name) == ("resid_post", LAYER, f"blocks.{LAYER}.hook_resid_post")
+
+
+def test_a_constant_input_scale_is_folded_and_a_per_token_one_refused(sample, tmp_path):
+    """SAELens' training checkpoint keeps the scale in activation_scaler.json; folded, the SAE takes raw activations."""
+    import sae_lens
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    scale = 0.37
+    sae = sae_lens.StandardSAE(
+        sae_lens.StandardSAEConfig(d_in=D, d_sae=M, normalize_activations="expected_average_only_in", metadata=saelens_metadata())
+    )
+    randomize_(sae)
+    folder = tmp_path / "scaled"
+    sae.save_model(folder)
+    with pytest.raises(UserError, match="no factor is recorded"):
+        load_any_sae(folder)
+    ActivationScaler(scaling_factor=scale).save(str(folder / "activation_scaler.json"))
+    sae.fold_activation_norm_scaling_factor(scale)  # SAELens' own fold is the reference
+
+    def reference(x):
+        with torch.no_grad():
+            features = sae.encode(x)
+            return features, sae.decode(features)
+
+    same_forward(load_any_sae(folder), reference, sample[:300])
+    per_token = sae_lens.StandardSAE(
+        sae_lens.StandardSAEConfig(d_in=D, d_sae=M, normalize_activations="layer_norm", metadata=saelens_metadata())
+    )
+    per_token.save_model(tmp_path / "layer-norm")
+    with pytest.raises(UserError, match="normalises each token at run time .* not loaded"):
+        load_any_sae(tmp_path / "layer-norm")
+
+
+def test_saelens_hook_names_map_to_ours_and_others_are_refused(tmp_path):
+    assert saelens_hook("blocks.12.hook_resid_post", "x") == ("resid_post", 12)
+    assert saelens_hook("blocks.3.hook_mlp_out", "x") == ("mlp_out", 3)
+    assert saelens_hook("blocks.3.hook_attn_out", "x") == ("attn_out", 3)
+    assert saelens_hook("blocks.5.hook_resid_pre", "x") == ("resid_post", 4)  # the input of block 5 is the output of block 4
+    assert saelens_hook(None, "x") == (None, None)
+    for unsupported in ("blocks.0.hook_resid_pre", "blocks.3.hook_resid_mid", "blocks.3.attn.hook_z", "hook_embed"):
+        with pytest.raises(UserError, match="does not extract. It reads blocks.L.hook_resid_post"):
+            saelens_hook(unsupported, "x")
+
+
+def test_saelens_saes_fastsae_cannot_run_are_refused(tmp_path):
+    import sae_lens
+
+    gated = sae_lens.GatedSAE(sae_lens.GatedSAEConfig(d_in=D, d_sae=M, metadata=saelens_metadata()))
+    gated.save_model(tmp_path / "gated")
+    with pytest.raises(UserError, match="SAELens 'gated' SAE, whose forward fastsae cannot run exactly"):
+        load_any_sae(tmp_path / "gated")
+    hook_z = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D, d_sae=M, metadata=saelens_metadata("blocks.2.attn.hook_z")))
+    hook_z.save_model(tmp_path / "hook-z")
+    with pytest.raises(UserError, match=r"trained on 'blocks.2.attn.hook_z', which fastsae does not extract"):
+        load_any_sae(tmp_path / "hook-z")
+
+
+# --- sparsify -----------------------------------------------------------------------------------------
+
+
+def make_sparsify(run: Path, sample: torch.Tensor, model_name: str, hookpoint: str = f"layers.{LAYER}", **options) -> ForeignSAE:
+    """A sparsify hookpoint folder from save_to_disk, under a run folder with the run's config.json, as its trainer writes them."""
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.__main__ import RunConfig
+
+    config = SparseCoderConfig(num_latents=M, k=K, **options)
+    coder = SparseCoder(D, config)
+    randomize_(coder)
+    coder.save_to_disk(run / hookpoint)
+    RunConfig(sae=config, model=model_name, hookpoints=[hookpoint]).save_json(run / "config.json")
+    reference_coder = SparseCoder.load_from_disk(run / hookpoint)
+
+    def reference(x):
+        with torch.no_grad():
+            top_acts, top_indices, _ = reference_coder.encode(x)
+            features = torch.zeros(len(x), M).scatter_(1, top_indices, top_acts)
+            return features, reference_coder.decode(top_acts, top_indices)
+
+    return ForeignSAE(str(run / hookpoint), reference, "sparsify", model_name, ("resid_post", LAYER))
+
+
+def test_sparsify_saes_give_sparsify_features_and_reconstructions(sample, tmp_path, tiny_model_folder):
+    made = make_sparsify(tmp_path / "run", sample, str(tiny_model_folder))
+    loaded = load_any_sae(made.checkpoint)
+    same_forward(loaded, made.reference, sample)
+    assert (loaded.info.source_format, loaded.info.model_name) == ("sparsify", str(tiny_model_folder))
+    assert (loaded.info.hook_point, loaded.info.layer) == ("resid_post", LAYER)
+
+
+def test_sparsify_hookpoints_map_to_ours_and_a_run_folder_lists_its_saes(sample, tmp_path):
+    assert sparsify_hook("layers.12", "x") == ("resid_post", 12)
+    assert sparsify_hook("layers.12.mlp", "x") == ("mlp_out", 12)
+    assert sparsify_hook("layers.12.self_attn", "x") == ("attn_out", 12)
+    assert sparsify_hook("h.3.attn", "x") == ("attn_out", 3)  # GPT-2's names
+    with pytest.raises(UserError, match="hookpoint 'embed_tokens', which fastsae does not extract"):
+        sparsify_hook("embed_tokens", "x")
+    run = tmp_path / "run"
+    make_sparsify(run, sample, "m", "layers.1")
+    make_sparsify(run, sample, "m", "layers.3.mlp")
+    with pytest.raises(UserError, match=r"is not one SAE but holds 2 \(layers.1, layers.3.mlp\): name one, e.g. .*run/layers.1"):
+        load_any_sae(run)
+    assert load_any_sae(run / "layers.3.mlp").info.hook_name == "blocks.3.hook_mlp_out"
+    assert load_any_sae(run / "layers.1" / "sae.safetensors").info.layer == 1  # a file of the folder stands for it
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [({"multi_topk": True}, "Multi-TopK"), ({"skip_connection": True}, "skip connection"), ({"transcode": True}, "transcoder")],
+)
+def test_sparsify_options_that_change_the_forward_are_refused(option, message, sample, tmp_path):
+    made = make_sparsify(tmp_path / "run", sample, "m", **option)
+    with pytest.raises(UserError, match=f"{message}.* not loaded"):
+        load_any_sae(made.checkpoint)
+
+
+# --- dictionary_learning ------------------------------------------------------------------------------
+
+
+def dictionary_learning_modules() -> tuple[types.ModuleType, types.ModuleType]:
+    """dictionary_learning's dictionary.py and trainers, imported without the package's __init__, which imports
+    nnsight (its activation buffer) at module level; these modules themselves need only torch and einops."""
+    if "dictionary_learning" not in sys.modules:
+        package = types.ModuleType("dictionary_learning")
+        package.__path__ = list(importlib.util.find_spec("dictionary_learning").submodule_search_locations)
+        sys.modules["dictionary_learning"] = package
+    return importlib.import_module("dictionary_learning.dictionary"), importlib.import_module("dictionary_learning.trainers")
+
+
+DICTIONARY_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder")
+
+
+def make_dictionary_learning(folder: Path, dict_class: str, sample: torch.Tensor, lm_name: str) -> ForeignSAE:
+    """A dictionary saved as dictionary_learning's trainSAE saves it: config.json of {"trainer": trainer.config, "buffer": ...},
+    then ae.pt, the state_dict on the CPU. The reference is the class its utils.load_dictionary picks, loaded the same way."""
+    dictionary, trainers = dictionary_learning_modules()
+    common = {"steps": 10_000, "activation_dim": D, "dict_size": M, "layer": LAYER, "lm_name": lm_name, "device": "cpu"}
+    common["submodule_name"] = f"resid_post_layer_{LAYER}"
+    trainer = {
+        "AutoEncoder": lambda: trainers.StandardTrainer(**common),
+        "AutoEncoderTopK": lambda: trainers.TopKTrainer(k=K, **common),
+        "BatchTopKSAE": lambda: trainers.BatchTopKTrainer(k=K, **common),
+        "MatryoshkaBatchTopKSAE": lambda: importlib.import_module(
+            "dictionary_learning.trainers.matryoshka_batch_top_k"
+        ).MatryoshkaBatchTopKTrainer(k=K, group_fractions=[0.25, 0.75], **common),
+        "JumpReluAutoEncoder": lambda: trainers.JumpReluTrainer(**common),
+    }[dict_class]()
+    ae = trainer.ae
+    randomize_(ae)
+    with torch.no_grad():
+        if dict_class in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE"):
+            active = ae.encode(sample, use_threshold=False)
+            ae.threshold.fill_(float(quantile_thresholds(active[active > 0], 0.5)))
+        elif dict_class == "JumpReluAutoEncoder":
+            ae.threshold.copy_(quantile_thresholds(sample @ ae.W_enc + ae.b_enc))
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"trainer": trainer.config, "buffer": {"d_submodule": D, "ctx_len": 128}}, indent=4))
+    torch.save({key: value.cpu() for key, value in ae.state_dict().items()}, folder / "ae.pt")
+    loaders = {
+        "AutoEncoder": lambda path: dictionary.AutoEncoder.from_pretrained(path),  # normalises the decoder, as load_dictionary does
+        "AutoEncoderTopK": lambda path: trainers.top_k.AutoEncoderTopK.from_pretrained(path, k=K),
+        "BatchTopKSAE": lambda path: trainers.BatchTopKSAE.from_pretrained(path, k=K),
+        "MatryoshkaBatchTopKSAE": lambda path: importlib.import_module(
+            "dictionary_learning.trainers.matryoshka_batch_top_k"
+        ).MatryoshkaBatchTopKSAE.from_pretrained(path, k=K),
+        "JumpReluAutoEncoder": lambda path: dictionary.JumpReluAutoEncoder.from_pretrained(path),
+    }
+    reference_ae = loaders[dict_class](folder / "ae.pt")
+
+    def reference(x):
+        with torch.no_grad():
+            features = reference_ae.encode(x)
+            return features, reference_ae.decode(features)
+
+    return ForeignSAE(str(folder), reference, "dictionary_learning", lm_name, ("resid_post", LAYER))
+
+
+@pytest.mark.parametrize("dict_class", DICTIONARY_CLASSES)
+def test_dictionary_learning_saes_give_their_features_and_reconstructions(dict_class, sample, tmp_path):
+    made = make_dictionary_learning(tmp_path / "trainer_0", dict_class, sample[:300], "EleutherAI/pythia-70m-deduped")
+    loaded = load_any_sae(made.checkpoint)
+    same_forward(loaded, made.reference, sample[300:])
+    assert (loaded.info.source_format, loaded.info.model_name) == ("dictionary_learning", "EleutherAI/pythia-70m-deduped")
+    assert (loaded.info.hook_point, loaded.info.layer) == ("resid_post", LAYER)
+    assert load_any_sae(Path(made.checkpoint) / "ae.pt").info.spec == loaded.info.spec  # ae.pt stands for its folder
+
+
+def test_a_dictionary_without_a_known_submodule_keeps_its_layer_and_asks_for_the_hook(sample, tmp_path):
+    made = make_dictionary_learning(tmp_path / "trainer_0", "AutoEncoderTopK", sample, "m")
+    config_path = Path(made.checkpoint) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["trainer"]["submodule_name"] = None
+    config_path.write_text(json.dumps(config))
+    info = load_any_sae(made.checkpoint).info
+    assert (info.hook_point, info.layer, info.hook_name) == (None, LAYER, None)
+    from fastsae.tools.steer_model import SteerConfig, steer_model
+
+    with pytest.raises(UserError, match="does not record the hook it was trained on \\(a dictionary_learning SAE\\)"):
+        steer_model(SteerConfig(checkpoint=made.checkpoint))
+
+
+# --- HypotheSAEs ------------------------------------------------------------------------------------------
+
+
+def make_hypothesaes(path: Path) -> ForeignSAE:
+    torch.manual_seed(0)
+    theirs = hypothesaes_module().SparseAutoencoder(D, M, K, device="cpu")
+    randomize_(theirs)
+    theirs.save(str(path))
+    theirs.eval()
+
+    def reference(x):
+        with torch.no_grad():
+            reconstruction, info = theirs(x)
+            return info["activations"], reconstruction
+
+    return ForeignSAE(str(path), reference, "hypothesaes", None, (None, None))
+
+
+def test_hypothesaes_checkpoints_give_hypothesaes_features_and_reconstructions(sample, tmp_path):
+    made = make_hypothesaes(tmp_path / f"SAE_M={M}_K={K}.pt")
+    loaded = load_any_sae(made.checkpoint)
+    same_forward(loaded, made.reference, sample)
+    assert loaded.info.source_format == "hypothesaes" and loaded.info.hook_point is None
+
+
+# --- evaluation and interpretation on each format ---------------------------------------------------------
+
+
+FORMATS: dict[str, Callable[[Path, torch.Tensor, Path], ForeignSAE]] = {
+    "saelens": lambda folder, sample, model: make_saelens(folder / "sae", "topk", sample, rescale_acts_by_decoder_norm=True),
+    "sparsify": lambda folder, sample, model: make_sparsify(folder / "run", sample, str(model)),
+    "dictionary_learning": lambda folder, sample, model: make_dictionary_learning(
+        folder / "trainer_0", "JumpReluAutoEncoder", sample, str(model)
+    ),
+    "hypothesaes": lambda folder, sample, model: make_hypothesaes(folder / f"SAE_M={M}_K={K}.pt"),
+}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_evaluate_and_interpret_run_on_each_format(name, sample, tiny_store, tiny_model_folder, tmp_path):
+    made = FORMATS[name](tmp_path, sample, tiny_model_folder)
+    with pytest.raises(UserError, match=r"does not say which activation store .* Pass --store"):
+        evaluate_sae(EvalConfig(checkpoint=[made.checkpoint], model_metrics=False))
+    (results,) = evaluate_sae(
+        EvalConfig(
+            checkpoint=[made.checkpoint],
+            store=str(tiny_store),
+            model_name=str(tiny_model_folder),
+            validation_fraction=0.1,
+            seed=0,
+            max_examples=12,
+            model_tokens=300,
+            device="cpu",
+        )
+    )
+    written = json.loads((results_folder(made.checkpoint) / "eval.json").read_text())
+    # FVU on the held-out content tokens, by hand, with the library's own forward.
+    store = ActivationStore(tiny_store)
+    parts = [store.example(index) for index in validation_examples(store.n_examples, 0.1, 0)[:12]]
+    x = torch.cat([part.activations for part in parts]).float()
+    content = x[~torch.from_numpy(np.concatenate([part.special_mask for part in parts]))]
+    _, reconstruction = made.reference(content)
+    fvu = float((content - reconstruction).pow(2).sum() / (content - content.mean(0)).pow(2).sum())
+    assert written["reconstruction"]["content"]["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert written["reconstruction"]["content"]["tokens"] == len(content)
+    core = written["saebench_core"]["eval_result_metrics"]
+    assert np.isfinite(core["model_performance_preservation"]["ce_loss_score"]) and core["sparsity"]["l0"] > 0
+    csv = interpret_sae(
+        InterpretConfig(
+            checkpoint=made.checkpoint,
+            store=str(tiny_store),
+            model_name=str(tiny_model_folder),
+            features="frequency:5",
+            interpretations_path=str(tmp_path / "interpretations.csv"),
+            explain=False,
+            device="cpu",
+        )
+    )
+    table = pd.read_csv(csv)
+    assert len(table) == 5 and (table["frequency"] > 0).all() and (tmp_path / "dashboard.html").is_file()
+
+
+# --- pretrained SAELens SAEs from the Hugging Face cache ----------------------------------------------------
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache in tmp_path, offline: huggingface_hub reads these settings at each call."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setenv(name, "1" if value is True else value)
+        monkeypatch.setattr(huggingface_hub.constants, name, value)
+    return cache
+
+
+def cached_snapshot(cache: Path, repo_id: str) -> Path:
+    """The snapshot folder of `repo_id` at `main` in the cache's own layout (models--org--name/snapshots/<commit>/)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return repo / "snapshots" / COMMIT
+
+
+def test_a_pretrained_saelens_sae_loads_from_the_cache_as_saelens_loads_it(
+    hub_cache, sample, tiny_store, tiny_model_folder, tmp_path, monkeypatch
+):
+    import sae_lens
+
+    # gpt2-small-res-jb's blocks.3.hook_resid_pre is the output of block 2, the tiny store's hook.
+    release, sae_id = "gpt2-small-res-jb", "blocks.3.hook_resid_pre"
+    sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D, d_sae=M, metadata=saelens_metadata(sae_id)))
+    randomize_(sae)
+    sae.save_model(cached_snapshot(hub_cache, "jbloom/GPT2-Small-SAEs-Reformatted") / sae_id)
+    theirs = sae_lens.SAE.from_pretrained(release, sae_id)  # SAELens' own registry lookup and download, from this cache
+
+    def reference(x):
+        with torch.no_grad():
+            features = theirs.encode(x)
+            return features, theirs.decode(features)
+
+    reference_name = f"saelens:{release}/{sae_id}"
+    loaded = load_any_sae(reference_name)
+    same_forward(loaded, reference, sample)
+    assert (loaded.info.model_name, loaded.info.hook_point, loaded.info.layer) == ("gpt2", "resid_post", 2)  # the registry's Hub link
+    monkeypatch.chdir(tmp_path)
+    evaluate_sae(
+        EvalConfig(checkpoint=[reference_name], store=str(tiny_store), model_metrics=False, validation_fraction=0.1, max_examples=5)
+    )
+    assert (tmp_path / "checkpoints" / "saelens" / release / sae_id / "eval.json").is_file()
+
+
+def test_a_gemma_scope_sae_loads_from_its_params_npz(hub_cache, sample):
+    """Gemma Scope's files are numpy arrays; SAELens' gemma_2 loader makes a JumpReLU SAE whose encoder reads x."""
+    import sae_lens
+
+    folder = cached_snapshot(hub_cache, "google/gemma-scope-2b-pt-res") / "layer_12/width_16k/average_l0_82"
+    folder.mkdir(parents=True)
+    sae = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=D, d_sae=M, apply_b_dec_to_input=False))
+    randomize_(sae)
+    with torch.no_grad():
+        sae.threshold.copy_(quantile_thresholds(sample @ sae.W_enc + sae.b_enc))
+    arrays = {"w_enc": sae.W_enc, "w_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec, "threshold": sae.threshold}
+    np.savez(folder / "params.npz", **{name: tensor.detach().numpy() for name, tensor in arrays.items()})
+
+    def reference(x):
+        with torch.no_grad():
+            features = sae.encode(x)
+            return features, sae.decode(features)
+
+    loaded = load_any_sae("saelens:gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical")
+    same_forward(loaded, reference, sample)
+    assert (loaded.info.model_name, loaded.info.hook_name) == ("google/gemma-2-2b", "blocks.12.hook_resid_post")
+
+
+def test_a_dictionary_learning_release_loads_as_saelens_loads_it(hub_cache, sample):
+    """SAELens' dictionary_learning_1 releases are ae.pt + config.json; with no submodule_name, SAELens reads the
+    residual stream after the trainer's layer, and so does fastsae."""
+    import sae_lens
+
+    release = "sae_bench_gemma-2-2b_topk_width-2pow12_date-1109"
+    sae_id = "blocks.12.hook_resid_post__trainer_0"
+    folder = cached_snapshot(hub_cache, "canrager/saebench_gemma-2-2b_width-2pow12_date-1109") / (
+        "gemma-2-2b_topk_width-2pow12_date-1109/resid_post_layer_12/trainer_0"
+    )
+    made = make_dictionary_learning(folder, "AutoEncoderTopK", sample, "google/gemma-2-2b")
+    config = json.loads((folder / "config.json").read_text())
+    config["trainer"].update(layer=12, submodule_name=None)
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_any_sae(f"saelens:{release}/{sae_id}")
+    same_forward(loaded, made.reference, sample)
+    assert (loaded.info.model_name, loaded.info.hook_name) == ("google/gemma-2-2b", "blocks.12.hook_resid_post")
+    theirs = sae_lens.SAE.from_pretrained(release, sae_id)
+
+    def saelens_reference(x):
+        with torch.no_grad():
+            features = theirs.encode(x)
+            return features, theirs.decode(features)
+
+    same_forward(loaded, saelens_reference, sample)
+
+
+def test_a_store_at_another_hook_is_used_with_a_warning(sample, tiny_store, tmp_path, caplog):
+    from fastsae.core.trained_sae import open_trained_sae
+
+    made = make_sparsify(tmp_path / "run", sample, "m", f"layers.{LAYER}.mlp")
+    with caplog.at_level("WARNING"):
+        open_trained_sae(made.checkpoint).open_store(tiny_store)
+    assert f"trained on blocks.{LAYER}.hook_mlp_out, but the store" in caplog.text
+
+
+def test_offline_without_the_files_says_what_to_fetch_in_one_line(hub_cache):
+    with pytest.raises(UserError) as caught:
+        load_any_sae("saelens:gpt2-small-res-jb/blocks.3.hook_resid_pre")
+    message = str(caught.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE" in message and str(hub_cache) in message
+    assert (
+        "hf download jbloom/GPT2-Small-SAEs-Reformatted blocks.3.hook_resid_pre/cfg.json blocks.3.hook_resid_pre/sae_weights.safetensors"
+        in message
+    )
+
+
+def test_names_the_registry_lacks_get_clear_errors(hub_cache):
+    with pytest.raises(UserError, match="write saelens:RELEASE/SAE_ID"):
+        load_any_sae("saelens:gpt2-small-res-jb")
+    with pytest.raises(UserError, match="not a release in SAELens' registry .*did you mean gpt2-small-res-jb"):
+        load_any_sae("saelens:gpt2-small-res-jbb/blocks.3.hook_resid_pre")
+    with pytest.raises(UserError, match="has no SAE 'blocks.99.hook_resid_pre'; its ids include"):
+        load_any_sae("saelens:gpt2-small-res-jb/blocks.99.hook_resid_pre")
+    with pytest.raises(UserError, match=r"'gemma_3' loader, which fastsae does not read.*save_model\('my_sae'\)"):
+        load_any_sae("saelens:gemma-scope-2-4b-pt-res-all/layer_0_width_16k_l0_big")
+
+
+def test_a_folder_of_something_else_names_what_checkpoint_takes(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="holds no SAE fastsae reads. CHECKPOINT takes a fastsae or HypotheSAEs .pt checkpoint"):
+        load_any_sae(tmp_path)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_any_sae(tmp_path / "missing.pt")
+    (tmp_path / "SAE_M=8_K=2.pt").write_bytes(b"")  # a training run's folder: the checkpoint is the file inside
+    with pytest.raises(UserError, match=r"is not one SAE but holds 1 \(SAE_M=8_K=2.pt\): name one"):
+        load_any_sae(tmp_path)
