@@ -18,13 +18,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sae_lens import SAE
 
 from conftest import hypothesaes_module
 from fastsae.common.errors import UserError
+from fastsae.core.checkpoint import load_sae
 from fastsae.core.formats.saelens import saelens_hook
 from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.core.formats.sparsify import sparsify_hook
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae, validation_examples
+from fastsae.export.export_sae import ExportConfig, export_sae
 from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 from fastsae.store.activation_store import ActivationStore
 
@@ -413,6 +416,27 @@ def test_evaluate_and_interpret_run_on_each_format(name, sample, tiny_store, tin
     )
     table = pd.read_csv(csv)
     assert len(table) == 5 and (table["frequency"] > 0).all() and (tmp_path / "dashboard.html").is_file()
+    assert_exports_as_it_runs(made, csv, content)
+
+
+def assert_exports_as_it_runs(made: ForeignSAE, interpretations: Path, x: torch.Tensor) -> None:
+    """The export writes the SAE as one of our checkpoints and as SAELens' folder, both computing the library's features;
+    an SAE whose files do not record its hook is refused, since the export is named after it."""
+    info = load_any_sae(made.checkpoint).info
+    config = ExportConfig(checkpoint=str(made.checkpoint), interpretations=str(interpretations))
+    if info.hook_name is None:
+        with pytest.raises(UserError, match="does not record the hook"):
+            export_sae(config)
+        return
+    folder = export_sae(config)
+    features, _ = made.reference(x)
+    exported = load_sae(folder / f"{info.spec.name}.pt")
+    assert exported.info.source_format == info.source_format  # the provenance travels with the weights
+    saelens = SAE.load_from_disk(folder / info.hook_name)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.sae.encode(x), features, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(saelens.encode(x), features, rtol=1e-5, atol=1e-5)
+    assert (folder / "eval.json").is_file() and (folder / "interpretations.csv").is_file()
 
 
 # --- pretrained SAELens SAEs from the Hugging Face cache ----------------------------------------------------

@@ -30,6 +30,7 @@ from fastsae.common.errors import UserError
 from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.core.sae_info import SAEInfo
 
+HYPOTHESAES_DEAD_AFTER_STEPS = 256  # its constructor's default, for an SAE that was not trained here
 HYPOTHESAES_STATE_KEYS = {"encoder.weight", "decoder.weight", "input_bias", "neuron_bias", "threshold"}
 
 

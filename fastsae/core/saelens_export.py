@@ -89,7 +89,12 @@ def saelens_config(info: SAEInfo) -> dict[str, Any]:
 def export_saelens(checkpoint: str | Path, folder: str | Path, feature_frequency: torch.Tensor | None = None) -> Path:
     """Export the checkpoint to `folder` (replaced whole, via a temp folder); returns the folder."""
     loaded = load_sae(checkpoint)
-    weights, cfg = saelens_weights(loaded.sae), saelens_config(loaded.info)
+    return write_saelens_folder(loaded.sae, loaded.info, folder, feature_frequency)
+
+
+def write_saelens_folder(sae: SparseAutoencoder, info: SAEInfo, folder: str | Path, feature_frequency: torch.Tensor | None = None) -> Path:
+    """Write `sae` (on raw activations) in SAELens' layout to `folder` (replaced whole, via a temp folder); returns the folder."""
+    weights, cfg = saelens_weights(sae), saelens_config(info)
     folder = Path(folder)
 
     def fill(partial: Path) -> None:

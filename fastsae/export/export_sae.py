@@ -36,7 +36,10 @@ from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
-from fastsae.core.saelens_export import export_saelens
+from fastsae.core.checkpoint import HYPOTHESAES_DEAD_AFTER_STEPS, save_checkpoint
+from fastsae.core.formats.sources import results_folder
+from fastsae.core.sae_info import FASTSAE_FORMAT
+from fastsae.core.saelens_export import write_saelens_folder
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE
 from fastsae.export.model_card import EXPORT_TAG, CardInputs, render_model_card
@@ -86,7 +89,7 @@ class ExportConfig:
                 ) from None
 
     def output_folder(self) -> Path:
-        return Path(self.output) if self.output else Path(self.checkpoint).parent / "export"
+        return Path(self.output) if self.output else results_folder(self.checkpoint) / "export"
 
 
 def _is_previous_export(folder: Path) -> bool:
@@ -96,14 +99,19 @@ def _is_previous_export(folder: Path) -> bool:
     return "library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text
 
 
-def _write_export(folder: Path, checkpoint: Path, config: ExportConfig) -> None:
-    """Everything into `folder` (a fresh temp folder): Neuronpedia files, SAELens subfolder, checkpoint copy, companions, card last."""
+def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
+    """Everything into `folder` (a fresh temp folder): Neuronpedia files, SAELens subfolder, checkpoint, companions, card last.
+
+    Our own checkpoint is copied as it is; an SAE another library made is written as one of ours (HypotheSAEs' format
+    where HypotheSAEs runs it), so the export reads the same whatever the SAE's origin.
+    """
     trained = open_trained_sae(checkpoint)
-    info = trained.info
+    info, source = trained.info, trained.results_folder
     hook_name = info.hook_name
     if not hook_name:
         raise UserError(
-            f"{checkpoint} has no fastsae metadata (a HypotheSAEs checkpoint?): the export reads the model, hook and data from it. Export a checkpoint written by train_sae.py."
+            f"{checkpoint} does not record the hook it reads ({info.source_format}'s file): the export names its SAELens folder and "
+            "model card after it. Export an SAE whose format records its hook (ours, SAELens', sparsify's)."
         )
     interpretations = read_interpretations(config.interpretations, info.spec.m)
     if config.neuronpedia:  # first: the slow part, and the one that needs the store and the model
@@ -111,38 +119,41 @@ def _write_export(folder: Path, checkpoint: Path, config: ExportConfig) -> None:
             config.neuronpedia_set, config.neuronpedia_examples, config.store, config.model_name, resolve_device(config.device)
         )
         write_neuronpedia(folder, trained, interpretations, settings)
-    eval_path = checkpoint.parent / EVAL_FILE
+    eval_path = source / EVAL_FILE
     evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     if evaluation is None:
         logger.info("No eval.json beside the checkpoint: the model card says it was not evaluated.")
     # SAELens' sparsity: the evaluation's feature density (the numbers on the card), else the training export's.
     frequency = torch.tensor(evaluation["feature_density"]) if evaluation else None
-    export_saelens(checkpoint, folder / hook_name, frequency)
-    if frequency is None and (checkpoint.parent / TRAINING_SPARSITY).is_file():
-        shutil.copy2(checkpoint.parent / TRAINING_SPARSITY, folder / hook_name / TRAINING_SPARSITY.name)
-    shutil.copy2(checkpoint, folder / checkpoint.name)
+    write_saelens_folder(trained.sae, info, folder / hook_name, frequency)
+    if frequency is None and (source / TRAINING_SPARSITY).is_file():
+        shutil.copy2(source / TRAINING_SPARSITY, folder / hook_name / TRAINING_SPARSITY.name)
+    ours = info.source_format == FASTSAE_FORMAT
+    checkpoint_name = Path(checkpoint).name if ours else f"{info.spec.name}.pt"
+    if ours:
+        shutil.copy2(checkpoint, folder / checkpoint_name)
+    else:
+        save_checkpoint(folder / checkpoint_name, trained.sae, HYPOTHESAES_DEAD_AFTER_STEPS, info)
     for name in COMPANION_FILES:
-        if (checkpoint.parent / name).is_file():
-            shutil.copy2(checkpoint.parent / name, folder / name)
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
     if interpretations is not None:
         shutil.copy2(config.interpretations, folder / "interpretations.csv")
     files = sorted([path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()] + ["README.md"])
-    card = render_model_card(CardInputs(info, checkpoint.name, hook_name, files, evaluation, interpretations, config.push_to_hub))
+    card = render_model_card(CardInputs(info, checkpoint_name, hook_name, files, evaluation, interpretations, config.push_to_hub))
     (folder / "README.md").write_text(card, encoding="utf-8")
 
 
 def write_export(config: ExportConfig) -> Path:
     """Build the export under `<folder>.partial`, then swap it in; on any failure the partial folder is removed."""
-    checkpoint = Path(config.checkpoint)
-    if not checkpoint.is_file():
-        raise UserError(f"checkpoint not found: {checkpoint}. Train one with train_sae.py or set CHECKPOINT.")
+    checkpoint = config.checkpoint
     folder = config.output_folder()
     if folder.exists() and any(folder.iterdir()) and not _is_previous_export(folder):
         raise UserError(
             f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder."
         )
     replace_folder_atomically(folder, lambda partial: _write_export(partial, checkpoint, config))
-    logger.info("Exported %s to %s (%d files)", checkpoint.name, folder, sum(path.is_file() for path in folder.rglob("*")))
+    logger.info("Exported %s to %s (%d files)", checkpoint, folder, sum(path.is_file() for path in folder.rglob("*")))
     return folder
 
 
