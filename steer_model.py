@@ -25,6 +25,8 @@ SEED = 0
 MARKDOWN_PATH = "steering.md"
 HTML_PATH = "steering.html"
 MODEL_NAME = ""  # empty: the checkpoint's model
+HOOK_POINT = ""  # only for an SAE that does not record its hook: resid_post, mlp_out or attn_out
+LAYER = -1  # likewise; -1: the SAE's
 DEVICE = "auto"
 
 if __name__ == "__main__":

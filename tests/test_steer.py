@@ -3,6 +3,7 @@ the hook never outlives its block, and the script writes an escaped Markdown and
 
 from __future__ import annotations
 
+import dataclasses
 import runpy
 from html.parser import HTMLParser
 from pathlib import Path
@@ -143,8 +144,13 @@ def test_bad_features_and_hooks_the_model_lacks_are_clear_errors(tiny_checkpoint
     with pytest.raises(UserError, match=r"reads blocks\.2\.hook_resid_post, but this model has 2 blocks .* Set MODEL"):
         steer_model(SteerConfig(checkpoint=str(tiny_checkpoint), model_name=str(two_blocks), features=[3], device="cpu"))
     theirs = Path(hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu").save(str(tmp_path / "SAE_M=32_K=4.pt")))
-    with pytest.raises(UserError, match="does not record the hook"):
+    with pytest.raises(UserError, match="does not record the hook .* set HOOK_POINT"):
         steer_model(SteerConfig(checkpoint=str(theirs), model_name=str(tiny_model_folder), features=[3]))
+    named = SteerConfig(checkpoint=str(theirs), model_name=str(tiny_model_folder), features=[3], hook_point="resid_post", layer=2)
+    table = steer_model(dataclasses.replace(named, strengths=[0.0, 5.0], max_new_tokens=2, device="cpu", **outputs_in(tmp_path)))
+    assert len(table.prompts) == len(named.prompts) and all(len(answers) == 2 for answers in table.answers)
+    with pytest.raises(UserError, match="trained at hook_point 'resid_post', not 'mlp_out'"):
+        steer_model(SteerConfig(checkpoint=str(tiny_checkpoint), model_name=str(tiny_model_folder), features=[3], hook_point="mlp_out"))
     with pytest.raises(UserError, match="MODE must be one of add, clamp, ablate"):
         SteerConfig(mode="boost")
 
@@ -242,3 +248,8 @@ def test_prompts_with_commas_stay_whole_and_chat_prompts_end_at_the_assistant_tu
         smollm2_tokenizer.decode(prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=False), skip_special_tokens=True)
         == PROMPT.text
     )
+
+
+def outputs_in(folder: Path) -> dict[str, str]:
+    """Where a test's steering table goes: its own folder, not the working directory."""
+    return {"markdown_path": str(folder / "steering.md"), "html_path": str(folder / "steering.html")}

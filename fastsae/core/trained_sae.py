@@ -68,6 +68,21 @@ class TrainedSAE:
             )
         return opened
 
+    def hook(self, hook_point: str = "", layer: int | None = None) -> tuple[str | None, int | None]:
+        """(hook point, layer) it reads: the recorded ones, else those given (empty / None or below 0: not given).
+
+        A given one that contradicts the record is refused: the SAE was trained at one hook only.
+        """
+        recorded = {"hook_point": self.info.hook_point, "layer": self.info.layer}
+        given = {"hook_point": hook_point or None, "layer": layer if layer is not None and layer >= 0 else None}
+        for name, value in given.items():
+            if value is not None and recorded[name] is not None and value != recorded[name]:
+                raise UserError(
+                    f"{self.checkpoint} was trained at {name} {recorded[name]!r}, not {value!r}: leave {name.upper()} unset for it."
+                )
+        chosen = {name: given[name] if recorded[name] is None else recorded[name] for name in recorded}
+        return chosen["hook_point"], chosen["layer"]
+
     def model_name(self, given: str = "") -> str:
         """`given` when set (a moved copy of the model, say), else the model the checkpoint records."""
         name = given or self.info.model_name

@@ -185,19 +185,12 @@ def extraction_settings(trained: TrainedSAE, model_name: str, hook_point: str, l
     """
     info, checkpoint = trained.info, trained.checkpoint
     recorded_model = info.model_name
-    recorded = {"hook_point": info.hook_point, "layer": info.layer}
-    given = {"hook_point": hook_point or None, "layer": layer if layer is not None and layer >= 0 else None}
-    for name, value in given.items():
-        if value is not None and recorded[name] is not None and value != recorded[name]:
-            raise UserError(
-                f"{checkpoint} was trained at {name} {recorded[name]!r}, not {value!r}: leave {name.upper()} unset for this checkpoint."
-            )
+    chosen_point, chosen_layer = trained.hook(hook_point, layer)
     if model_name and recorded_model and model_name != recorded_model:
         logger.warning("Reading with model %s; the checkpoint was made with %s. They must be the same weights.", model_name, recorded_model)
-    chosen = {name: recorded[name] if recorded[name] is not None else given[name] for name in recorded}
     model = model_name or recorded_model
-    is_lora = chosen["hook_point"] == LORA_HOOK_POINT
-    if not model or chosen["hook_point"] is None or (chosen["layer"] is None and not is_lora):
+    is_lora = chosen_point == LORA_HOOK_POINT
+    if not model or chosen_point is None or (chosen_layer is None and not is_lora):
         raise UserError(
             f"{checkpoint} does not record the model, hook point and layer its activations came from ({info.source_description}). "
             f"Name them: MODEL_NAME, HOOK_POINT ({', '.join(HOOK_POINTS)}) and LAYER in analyze_texts.py, "
@@ -211,7 +204,5 @@ def extraction_settings(trained: TrainedSAE, model_name: str, hook_point: str, l
         )
     if recorded_extraction.get("packing", "sequential") != "sequential":
         logger.warning("This SAE was trained on packed blocks of text; each text is read here as its own sequence.")
-    layers = recorded_extraction.get("layers", []) if is_lora else [chosen["layer"]]
-    return ExtractConfig(
-        **{**recorded_extraction, "model_name": model, "hook_point": chosen["hook_point"], "layers": layers, "device": device}
-    )
+    layers = recorded_extraction.get("layers", []) if is_lora else [chosen_layer]
+    return ExtractConfig(**{**recorded_extraction, "model_name": model, "hook_point": chosen_point, "layers": layers, "device": device})

@@ -27,6 +27,7 @@ padding, and the hook gives row b its own α (clamp and ablate: an unsteered row
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 from collections.abc import Iterator
@@ -50,7 +51,7 @@ from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.sae_info import SAEInfo
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.lm.data import Example, load_dataset
-from fastsae.lm.hook_points import decoder_layers, hooked_module, output_tensor, with_output_tensor
+from fastsae.lm.hook_points import HOOK_POINTS, decoder_layers, hook_name, hooked_module, output_tensor, with_output_tensor
 from fastsae.lm.lora import LORA_HOOK_POINT
 from fastsae.lm.tokenization import example_messages, prompt_token_ids, wants_chat_template
 from fastsae.templates import read_template
@@ -84,6 +85,8 @@ class SteerConfig:
     markdown_path: str = setting("steering.md", "the table as Markdown")
     html_path: str = setting("steering.html", "the table as one self-contained HTML page")
     model_name: str = setting("", "model to steer; empty: the checkpoint's model")
+    hook_point: str = setting("", "hook point, only for an SAE that does not record it: resid_post, mlp_out or attn_out")
+    layer: int = setting(-1, "layer, only for an SAE that does not record it; -1: the SAE's")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
@@ -249,12 +252,14 @@ def html_page(table: SteeringTable) -> str:
 def steer_model(config: SteerConfig) -> SteeringTable:
     """Generate each prompt under each column's steering; print the table and write it as Markdown and HTML."""
     trained = open_trained_sae(config.checkpoint)
-    info = trained.info
-    if info.hook_point is None:
+    hook_point, layer = trained.hook(config.hook_point, config.layer)
+    if hook_point is None or (layer is None and hook_point != LORA_HOOK_POINT):
         raise UserError(
-            f"{config.checkpoint} does not record the hook it was trained on ({info.source_description}): steering needs it. "
-            "Use a checkpoint that records it: one from train_sae.py, or a SAELens or sparsify SAE."
+            f"{config.checkpoint} does not record the hook it was trained on ({trained.info.source_description}): "
+            f"set HOOK_POINT ({', '.join(HOOK_POINTS)}) and LAYER in steer_model.py."
         )
+    recorded_name = trained.info.hook_name or (hook_name(layer, hook_point) if layer is not None else None)
+    info = dataclasses.replace(trained.info, hook_point=hook_point, layer=layer, hook_name=recorded_name)
     check_features(trained.sae, config.features)
     model_name = trained.model_name(config.model_name)
     device = resolve_device(config.device)
