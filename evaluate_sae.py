@@ -22,6 +22,9 @@ MODEL_TOKENS = 20_480  # held-out tokens for the model metrics (SAEBench's defau
 MAX_EXAMPLES = 0  # our store metrics on at most N held-out examples; 0: all
 EVALS = "core"  # any of core (eval.json), sparse_probing (k-sparse probes on the data's labels), absorption; e.g. "core,sparse_probing"
 DEVICE = "auto"
+LOGGER = "none"  # none, wandb or tensorboard: the headline metrics as a run's summary, as training logs (docs/train.md#tracking)
+LOGGER_PROJECT = "fastsae"  # the same project as training's
+LOGGER_DIR = ""  # empty: the SAE's results folder, beside eval.json
 
 if __name__ == "__main__":
     from fastsae.common.config import run_step

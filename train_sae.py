@@ -36,6 +36,11 @@ OUTPUT_DIR = "checkpoints"
 RUN_NAME = ""  # empty: <model>_<hook>
 DEVICE = "auto"
 
+# --- Tracking (docs/train.md#tracking) -------------------------------------------
+LOGGER = "none"  # none, wandb (offline unless WANDB_MODE is set; `wandb sync` uploads later) or tensorboard
+LOGGER_PROJECT = "fastsae"  # W&B project; each SAE is a run, grouped by its run folder (RUN_NAME)
+LOGGER_DIR = ""  # empty: each SAE's folder (wandb/, tensorboard/ beside its checkpoint)
+
 if __name__ == "__main__":
     from fastsae.common.config import run_step
     from fastsae.train.train_sae import TrainConfig, train_saes

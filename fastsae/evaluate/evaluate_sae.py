@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastsae import __version__
+from fastsae.common import tracking
 from fastsae.common.atomic_files import write_json_atomically
 from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT
@@ -155,6 +156,9 @@ class EvalConfig:
     probing_test_examples: int = setting(
         PROBE_TEST_EXAMPLES, "sparse probing: at most N labelled held-out examples (SAEBench's probe_test_set_size; 0: all)"
     )
+    tracker: str = setting("none", tracking.TRACKER_HELP, name="logger")
+    tracker_project: str = setting(tracking.DEFAULT_PROJECT, tracking.PROJECT_HELP, name="logger_project")
+    tracker_dir: str = setting("", tracking.DIR_HELP, name="logger_dir")
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.evals if name not in EVALS]
@@ -179,6 +183,7 @@ class EvalConfig:
             raise UserError(
                 f"BATCH_SIZE_PROMPTS must be at least 1 and MODEL_TOKENS at least 0; got {self.batch_size_prompts} and {self.model_tokens}."
             )
+        tracking.check_tracker(self.tracker)
 
 
 class ReconstructionSums:
@@ -523,6 +528,23 @@ def _headline(results: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+def tracked_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers a tracker run gets, named by where eval.json holds them (SAEBench's and ours are defined differently)."""
+    metrics = {
+        "reconstruction/content/fvu": results["reconstruction"]["content"].get("fvu"),
+        **{f"sparsity/{name}": results["sparsity"][name] for name in ("l0_mean", "dead_fraction", "dense_fraction")},
+    }
+    if results.get("saebench_core"):
+        groups = results["saebench_core"]["eval_result_metrics"]
+        metrics |= {
+            "saebench_core/ce_loss_score": groups["model_performance_preservation"]["ce_loss_score"],
+            "saebench_core/kl_div_score": groups["model_behavior_preservation"]["kl_div_score"],
+            "saebench_core/explained_variance": groups["reconstruction_quality"]["explained_variance"],
+            "saebench_core/l0": groups["sparsity"]["l0"],
+        }
+    return {name: value for name, value in metrics.items() if value is not None}
+
+
 def sweep_table(all_results: list[dict[str, Any]]) -> str:
     lines = ["| checkpoint | FVU (content) | L0 | dead | ce_loss_score | kl_div_score |", "|---|---|---|---|---|---|"]
     for results in all_results:
@@ -566,6 +588,9 @@ def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, m
     folder.mkdir(parents=True, exist_ok=True)
     plot_feature_density(folder / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
     write_json_atomically(folder / EVAL_FILE, {**results, "feature_density": density})
+    settings = {**asdict(config), "checkpoint": str(evaluand.path)}
+    with tracking.start_tracker(config, folder, evaluand.path.stem, "evaluate", settings) as tracker:
+        tracker.log_summary(tracked_metrics(results))
     print(f"\n{evaluand.path}\n\n" + report_table(results))
     return results
 

@@ -18,6 +18,7 @@ import math
 import signal
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from fastsae.common import distributed
+from fastsae.common import distributed, tracking
 from fastsae.common.atomic_files import write_atomically
 from fastsae.common.config import config_fingerprint, setting
 from fastsae.common.default_paths import DEFAULT_STORE
@@ -109,6 +110,9 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the SAE's training step (for GPUs; slower on CPU)")
     output_dir: str = setting("checkpoints", "runs go to OUTPUT_DIR/RUN_NAME/<SAE name>/")
     run_name: str = setting("", "run folder name; empty: <model>_<hook>")
+    tracker: str = setting("none", tracking.TRACKER_HELP, name="logger")
+    tracker_project: str = setting(tracking.DEFAULT_PROJECT, tracking.PROJECT_HELP, name="logger_project")
+    tracker_dir: str = setting("", tracking.DIR_HELP, name="logger_dir")
     export_saelens: bool = setting(True, "also write the SAE in SAELens' layout (cfg.json, safetensors) to <SAE folder>/saelens/")
     overwrite: bool = setting(False, "start over even if a run with other settings exists in the folder")
 
@@ -129,6 +133,7 @@ class TrainConfig:
             raise UserError("set a budget: EPOCHS > 0 or MAX_TOKENS > 0.")
         if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
             raise UserError("WARMUP_FRACTION + DECAY_FRACTION must be between 0 and 1.")
+        tracking.check_tracker(self.tracker)
 
     def specs(self, d: int) -> list[SAESpec]:
         """The SAEs this run trains: the sweep's, or the one given by ARCHITECTURE, M, K."""
@@ -247,7 +252,7 @@ class _TrainingStepModule(nn.Module):
 
 @dataclass
 class SAETrainer:
-    """One SAE of the run with its optimiser, counters and history."""
+    """One SAE of the run with its optimiser, counters, history and tracker run."""
 
     spec: SAESpec
     folder: Path
@@ -262,6 +267,7 @@ class SAETrainer:
     any_dead: bool = False  # refreshed at log steps, so the hot loop needs no host sync
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # device-side running sums between log steps
     training_step: Any = None  # sae.training_step, or its torch.compile'd version
+    tracker: tracking.Tracker = field(default_factory=tracking.NoTracker)  # started by TrainingRun.run
 
     @property
     def checkpoint_path(self) -> Path:
@@ -354,6 +360,9 @@ class TrainingRun:
             "log_every",
             "output_dir",
             "run_name",
+            "tracker",
+            "tracker_project",
+            "tracker_dir",
             "export_saelens",
             "compile",
             "sweep",
@@ -411,12 +420,21 @@ class TrainingRun:
         return int(state["step"])
 
     def run(self) -> list[dict[str, Any]]:
+        """Train every SAE; each one's tracker run (LOGGER) finishes however training ends, marked failed if it raised."""
+        with ExitStack() as trackers:
+            return self._train(trackers)
+
+    def _train(self, trackers: ExitStack) -> list[dict[str, Any]]:
         config = self.config
         self.trainers = trainers = [self.new_trainer(spec) for spec in self.specs]
         start_steps = {self._resume_or_start(trainer) for trainer in trainers}
         if len(start_steps) != 1:
             raise UserError(f"the SAEs in {self.run_folder} were saved at different steps; pass --overwrite to start the sweep over.")
         start_step = start_steps.pop()
+        for trainer in trainers:
+            settings = {**asdict(config), "sae": spec_to_dict(trainer.spec)}
+            tracker = tracking.start_tracker(config, trainer.folder, trainer.spec.name, "train", settings, start_step)
+            trainer.tracker = trackers.enter_context(tracker)
         logger.info(
             "Training %d SAE(s) on %s: %d training tokens, %d steps of %d (%s%s), validation %d tokens%s",
             len(trainers),
@@ -542,6 +560,7 @@ class TrainingRun:
                 "Lower LEARNING_RATE, or check the store for inf/NaN activations."
             )
         trainer.history.append(row)
+        trainer.tracker.log(tracking.section("train", row), step)
 
     def _validate(self, trainer: SAETrainer, step: int) -> None:
         if not self.n_validation_tokens:
@@ -551,6 +570,7 @@ class TrainingRun:
         with self._autocast():
             metrics = validate(trainer.sae, self.validation_tokens, self.config.batch_size).metrics
         trainer.validation.append({"step": step, "tokens": step * self.config.batch_size, "fvu": metrics["fvu"], "l0": metrics["l0"]})
+        trainer.tracker.log(tracking.section("validation", trainer.validation[-1]), step)
         if metrics["fvu"] < trainer.best_fvu - 1e-6:
             trainer.best_fvu, trainer.validations_without_improvement = metrics["fvu"], 0
         else:
@@ -624,6 +644,7 @@ class TrainingRun:
             "history": trainer.history,
             "validation": trainer.validation,
         }
+        trainer.tracker.log_summary({**tracking.section("final", final), "steps": step, "tokens_trained": result["tokens_trained"]})
         if self.ranks.is_main:
             write_metrics(trainer.folder / METRICS_FILE, result)
             plot_training_curves(
