@@ -160,6 +160,9 @@ def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(
     set_constants(completed / "evaluate_sae.py", MAX_EXAMPLES=3)
     assert steps_run(monkeypatch, "--yes") == {"evaluate"}
     assert json.loads(Path(MARKERS["evaluate"]).read_text())["examples"] == 3
+    # Where a step logs is not what it writes: a new tracker reruns nothing.
+    set_constants(completed / "train_sae.py", LOGGER="tensorboard", LOGGER_PROJECT="elsewhere")
+    assert steps_run(monkeypatch, "--yes") == set()
 
 
 def test_force_reruns_and_steps_and_from_choose(completed, monkeypatch):

@@ -99,6 +99,8 @@ class Stage(ABC):
     input_constant: ClassVar[str]  # the constant naming what it reads
     upstream: ClassVar[str | None]  # the stage whose output it reads when the constants chain
     config_class: ClassVar[type]  # the dataclass its script's constants fill
+    # Settings that change how it runs or where it reports, not what it writes: changing them does not rerun it.
+    unfingerprinted: ClassVar[frozenset[str]] = frozenset({"overwrite"})
 
     @abstractmethod
     def run(self, config: Any) -> Any:

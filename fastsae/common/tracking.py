@@ -28,6 +28,7 @@ from fastsae.common.errors import UserError
 
 TRACKERS = ("none", "wandb", "tensorboard")  # each but none is also the package it needs
 DEFAULT_PROJECT = "fastsae"
+SETTINGS = ("tracker", "tracker_project", "tracker_dir")  # the config fields: where a run is logged, not what it computes
 WANDB_DEFAULT_MODE = "offline"  # when WANDB_MODE is unset
 LOGIN_TIMEOUT_SECONDS = 30  # an online W&B run without a login asks at the terminal this long at most, never forever
 TENSORBOARD_FOLDER = "tensorboard"

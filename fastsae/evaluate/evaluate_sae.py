@@ -635,6 +635,7 @@ class EvaluateStage(Stage):
     input_constant = "CHECKPOINT"
     upstream = "train"
     config_class = EvalConfig
+    unfingerprinted = Stage.unfingerprinted | set(tracking.SETTINGS)  # where it logs, not what it writes
 
     def run(self, config: EvalConfig) -> list[dict[str, Any]]:
         return evaluate_sae(config)

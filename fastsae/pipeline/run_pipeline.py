@@ -245,7 +245,8 @@ class Pipeline:
     def _decide(self) -> None:
         """Fingerprint each stage (its settings + its upstream's) and decide: skip when current, else run (and how)."""
         for plan in self.plans.values():
-            settings = {key: value for key, value in dataclasses.asdict(plan.config).items() if key != "overwrite"}
+            fingerprinted = dataclasses.asdict(plan.config).items()
+            settings = {key: value for key, value in fingerprinted if key not in plan.stage.unfingerprinted}
             upstream = self._upstream_fingerprint(plan)
             reads_dataset = plan.stage.upstream is None and self.dataset is not None  # the first stage reads the texts
             extra = {"dataset": self.dataset.fingerprint()} if reads_dataset else {}

@@ -360,9 +360,7 @@ class TrainingRun:
             "log_every",
             "output_dir",
             "run_name",
-            "tracker",
-            "tracker_project",
-            "tracker_dir",
+            *tracking.SETTINGS,
             "export_saelens",
             "compile",
             "sweep",
@@ -673,6 +671,7 @@ class TrainStage(Stage):
     input_constant = "STORE"
     upstream = "extract"
     config_class = TrainConfig
+    unfingerprinted = Stage.unfingerprinted | set(tracking.SETTINGS)  # where it logs, not what it writes
 
     def run(self, config: TrainConfig) -> list[dict[str, Any]]:
         return train_saes(config)
