@@ -464,32 +464,25 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 
 def _cell(value: Any) -> Any:
-    """A per-letter value: floats to 3 decimals; missing ones (a letter without held-out words, or phase 2 not run) as —."""
+    """A per-letter value: floats to 3 decimals; missing ones (a letter without held-out words or true positives) as —."""
     return _number(value, 3) if isinstance(value, float) else value
 
 
 def absorption_table(result: dict[str, Any]) -> str:
-    """Markdown: the statement, the headline numbers, and one row per letter."""
+    """Markdown: the statement, the headline numbers, and one row per letter (its absorption when measured)."""
     probe = result["probe"]
     rows = [
         ["letter probe: held-out accuracy", f"{probe['test_accuracy']:.1%}"],
         ["letter probe: mean F1", _number(probe["mean_f1_probe"], 3)],
         [f"letters counted (probe F1 > {probe['min_GT_probe_f1']})", f"{probe['letters_above_min_f1']} of {len(LETTERS)}"],
     ]
+    columns = ["first_letter", "test_words", "f1_probe"]
     if result["saebench_absorption"]:
         means = result["saebench_absorption"]["eval_result_metrics"]["mean"]
         rows += [
             [name, _number(means[name])]
             for name in ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")
         ]
-    columns = [
-        "first_letter",
-        "test_words",
-        "f1_probe",
-        "num_probe_true_positives",
-        "num_split_features",
-        "mean_absorption_fraction",
-        "full_absorption_rate",
-    ]
+        columns += ["num_probe_true_positives", "num_split_features", "mean_absorption_fraction", "full_absorption_rate"]
     letters = [[_cell(letter.get(name)) for name in columns] + ["yes" if letter["counted"] else "no"] for letter in result["letters"]]
     return "\n\n".join([result["statement"], table(["metric", "value"], rows), table([*columns, "counted"], letters)])
