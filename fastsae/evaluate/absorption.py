@@ -16,8 +16,8 @@ The evaluation has two phases:
 
 The one reduction against SAEBench's defaults is the vocabulary: SAEBench prompts every alphabetic token (47,078
 for SmolLM2, ~4M tokens through the model); `max_words` samples that many at random, by default all on a GPU and
-1,000 on a CPU. The result
-(`absorption.json`) keeps SAEBench's names for SAEBench's numbers, in its `AbsorptionEvalOutput` format.
+1,000 on a CPU. The result (`absorption.json`) keeps SAEBench's names for SAEBench's numbers, in its
+`AbsorptionEvalOutput` format.
 """
 
 from __future__ import annotations
