@@ -21,6 +21,7 @@ MODEL_METRICS = True  # load the model for SAEBench's core metrics
 MODEL_TOKENS = 20_480  # held-out tokens for the model metrics (SAEBench's default); 0: all
 MAX_EXAMPLES = 0  # our store metrics on at most N held-out examples; 0: all
 EVALS = "core"  # any of core (eval.json), sparse_probing (k-sparse probes on the data's labels), absorption; e.g. "core,sparse_probing"
+ABSORPTION_WORDS = -1  # absorption's spelling task: words sampled; -1: all on a GPU, 1,000 on the CPU; 0: all
 DEVICE = "auto"
 LOGGER = "none"  # none, wandb or tensorboard: the headline metrics as a run's summary, as training logs (docs/train.md#tracking)
 LOGGER_PROJECT = "fastsae"  # the same project as training's

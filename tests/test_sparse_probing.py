@@ -5,7 +5,6 @@ stay out of the pooling; data without labels is skipped and nothing is written."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -182,9 +181,3 @@ def test_evaluate_runs_only_the_evaluations_named(tmp_path):
 def test_unknown_evaluations_are_refused():
     with pytest.raises(UserError, match="EVALS takes one or more of core, sparse_probing, absorption"):
         EvalConfig(evals=["sparse-probing"])
-
-
-@pytest.mark.skipif(importlib.util.find_spec("fastsae.evaluate.absorption") is not None, reason="absorption is implemented")
-def test_absorption_is_refused_until_it_exists():
-    with pytest.raises(UserError, match="absorption evaluation is not available yet"):
-        EvalConfig(evals=["core", "absorption"])

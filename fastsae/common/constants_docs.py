@@ -25,6 +25,7 @@ CONFIG_MODULES = {
     "ExtractConfig": "fastsae.extract.extract_activations",
     "TrainConfig": "fastsae.train.train_sae",
     "EvalConfig": "fastsae.evaluate.evaluate_sae",
+    "AbsorptionSettings": "fastsae.evaluate.absorption",
     "InterpretConfig": "fastsae.interpret.interpret_sae",
     "AnalyzeConfig": "fastsae.tools.analyze_texts",
     "SteerConfig": "fastsae.tools.steer_model",

@@ -1,7 +1,7 @@
 """Step 2b: metrics of trained SAEs on the held-out examples of their training run.
 
 EVALS chooses what runs: `core` (this module: eval.json), `sparse_probing` (k-sparse probes on the data's labels,
-`fastsae/evaluate/sparse_probing.py`), `absorption` (`fastsae/evaluate/absorption.py`, once it exists). The core
+`fastsae/evaluate/sparse_probing.py`), `absorption` (first-letter feature absorption, `fastsae/evaluate/absorption.py`). The core
 metrics are two families, under different names because they are defined differently:
 
 - **SAEBench's core metrics** (`saebench_core` in eval.json, in SAEBench's own output format; see
@@ -29,7 +29,6 @@ cosine similarity is not feature absorption.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -54,6 +53,14 @@ from fastsae.core.formats.sources import results_folder
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.saelens_export import saelens_config
 from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
+from fastsae.evaluate.absorption import (
+    ABSORPTION_FILE,
+    CPU_MAX_WORDS,
+    AbsorptionSettings,
+    absorption_table,
+    run_absorption,
+    write_absorption,
+)
 from fastsae.evaluate.model_metrics import ReferencePasses, budgeted_examples, length_grouped, model_fingerprint, store_fingerprint
 from fastsae.evaluate.saebench_core import (
     BATCH_SIZE_PROMPTS,
@@ -83,11 +90,13 @@ logger = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"  # beside the checkpoint: every metric, SAEBench's block, the per-feature density
 DENSITY_PLOT_FILE = "feature_density.png"
-# The evaluations EVALS chooses from, and the files each writes beside the checkpoint. Absorption is its own module's
-# (fastsae/evaluate/absorption.py, which provides run_absorption(trained, config) and ABSORPTION_FILE); until it
-# exists, asking for it is an error.
+# The evaluations EVALS chooses from, and the files each writes beside the checkpoint.
 EVALS = ("core", "sparse_probing", "absorption")
-EVAL_FILES = {"core": (EVAL_FILE, DENSITY_PLOT_FILE), "sparse_probing": (SPARSE_PROBING_FILE, SPARSE_PROBING_PLOT_FILE)}
+EVAL_FILES = {
+    "core": (EVAL_FILE, DENSITY_PLOT_FILE),
+    "sparse_probing": (SPARSE_PROBING_FILE, SPARSE_PROBING_PLOT_FILE),
+    "absorption": (ABSORPTION_FILE,),
+}
 DENSE_FREQUENCY = 0.1
 RULE_OF_THUMB = "fastsae's rule of thumb (SAEBench reports this number without a pass mark)"
 # (metric, test, threshold, what it means, where the threshold comes from)
@@ -147,7 +156,7 @@ class EvalConfig:
     evals: list[str] = setting(
         ["core"],
         "which evaluations: core (eval.json: SAEBench's core metrics and ours), sparse_probing (k-sparse probes on the "
-        "dataset's labels: sparse_probing.json), absorption",
+        "dataset's labels: sparse_probing.json), absorption (SAEBench's first-letter feature absorption: absorption.json)",
     )
     probing_k: list[int] = setting(K_VALUES, "sparse probing: how many SAE features each probe reads (SAEBench's k_values)")
     probing_train_examples: int = setting(
@@ -155,6 +164,11 @@ class EvalConfig:
     )
     probing_test_examples: int = setting(
         PROBE_TEST_EXAMPLES, "sparse probing: at most N labelled held-out examples (SAEBench's probe_test_set_size; 0: all)"
+    )
+    absorption_words: int = setting(
+        -1,
+        "absorption: words sampled from the vocabulary for the spelling task; 0: all (SAEBench); "
+        f"-1: all on a GPU, {CPU_MAX_WORDS} on the CPU (small models may then spell too weakly to measure: say so)",
     )
     tracker: str = setting("none", tracking.TRACKER_HELP, name="logger")
     tracker_project: str = setting(tracking.DEFAULT_PROJECT, tracking.PROJECT_HELP, name="logger_project")
@@ -164,8 +178,8 @@ class EvalConfig:
         unknown = [name for name in self.evals if name not in EVALS]
         if unknown or not self.evals:
             raise UserError(f"EVALS takes one or more of {', '.join(EVALS)}; got {self.evals!r}.")
-        if "absorption" in self.evals and importlib.util.find_spec("fastsae.evaluate.absorption") is None:
-            raise UserError("the absorption evaluation is not available yet in this version of fastsae. Leave it out of EVALS.")
+        if self.absorption_words < -1:
+            raise UserError(f"ABSORPTION_WORDS must be -1 (by device), 0 (all) or positive; got {self.absorption_words}.")
         if not self.probing_k or min(self.probing_k) < 1 or min(self.probing_train_examples, self.probing_test_examples) < 0:
             raise UserError(
                 f"PROBING_K must list numbers of at least 1, and PROBING_TRAIN_EXAMPLES / PROBING_TEST_EXAMPLES be at least 0; "
@@ -617,9 +631,12 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
                 config.probing_test_examples,
             )
         if "absorption" in config.evals:
-            from fastsae.evaluate.absorption import run_absorption  # its own module's; EvalConfig checked that it exists
-
-            results["absorption"] = run_absorption(evaluand.trained, config)
+            absorption = run_absorption(
+                evaluand.trained, config.device, AbsorptionSettings(max_words=config.absorption_words), config.model_name
+            )
+            write_absorption(evaluand.trained.results_folder, absorption)
+            print(f"\n{evaluand.path}: first-letter absorption\n\n" + absorption_table(absorption))
+            results["absorption"] = absorption
         all_results.append(results)
     core_results = [results for results in all_results if "reconstruction" in results]
     if len(core_results) > 1:
@@ -720,12 +737,7 @@ class EvaluateStage(Stage):
 
 
 def _output_names(evals: list[str]) -> list[str]:
-    names = [name for evaluation in EVALS if evaluation in evals for name in EVAL_FILES.get(evaluation, ())]
-    if "absorption" in evals:
-        from fastsae.evaluate.absorption import ABSORPTION_FILE  # its own module's; EvalConfig checked that it exists
-
-        names.append(ABSORPTION_FILE)
-    return names
+    return [name for evaluation in EVALS if evaluation in evals for name in EVAL_FILES[evaluation]]
 
 
 STAGE = EvaluateStage()

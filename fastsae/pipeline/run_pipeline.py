@@ -45,6 +45,7 @@ REQUIRED_PACKAGES = {
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
     "openai": "openai",
+    "sklearn": "scikit-learn",
 }
 
 
