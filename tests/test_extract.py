@@ -21,9 +21,10 @@ from fastsae.extract.extract_activations import (
     length_batches,
     write_activation_stores,
 )
-from fastsae.extract.packed_batches import pack_rows, packed_row_tokens
+from fastsae.extract.packed_batches import pack_rows, packed_row_tokens, packed_tokens
 from fastsae.lm.data import load_dataset
 from fastsae.lm.hook_points import hooked_module, output_tensor
+from fastsae.lm.tokenization import tokenize_examples
 from fastsae.store.activation_store import ActivationStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,9 +250,8 @@ def test_packed_rows_hold_every_example_once_within_their_width_and_budget():
         pack_rows([65], row_tokens=64)
 
 
-def test_rows_as_wide_as_the_batch_never_share_one():
-    """What flash attention needs (it keeps packed examples apart only in a batch of one row): best-fit leaves at most
-    one row half full or less, and two rows share a batch only when both are."""
+def test_rows_as_wide_as_the_batch_go_one_to_a_batch():
+    """What flash attention needs: it keeps packed examples apart only in a batch of one row."""
     lengths = np.random.default_rng(0).integers(1, 61, size=300).tolist()
     sequences = [np.zeros(length, dtype=np.int64) for length in lengths]
     batches = list(forward_batches(sequences, batch_tokens=100, pad_token_id=0, row_tokens=100))
@@ -259,17 +259,18 @@ def test_rows_as_wide_as_the_batch_never_share_one():
     assert len(batches) < len(lengths) / 2  # rows are full, two or more examples each
 
 
-def test_packed_rows_are_as_wide_as_the_attention_allows(smollm2_tokenizer):
-    model = make_tiny_llama(len(smollm2_tokenizer))
-    # A tiny block (37k parameters, d=64) affords only 24-token rows, so rows are as wide as the longest example.
-    assert packed_row_tokens(model, batch_tokens=8192, longest=40) == 40
-    model.config._attn_implementation = "flash_attention_2"  # variable-length attention: one row per batch
-    assert packed_row_tokens(model, batch_tokens=8192, longest=40) == 8192
-
-
-def test_smollm2_packed_rows_are_256_tokens(smollm2_model):
-    assert packed_row_tokens(smollm2_model, batch_tokens=8192, longest=61) == 256  # see DENSE_ATTENTION_SHARE
-    assert packed_row_tokens(smollm2_model, batch_tokens=8192, longest=512) == 512
+def test_packed_row_width_trades_filler_against_dense_attention(smollm2_model, smollm2_tokenizer):
+    dataset = load_dataset(ExtractConfig().dataset)
+    lengths = [len(item.token_ids) for item in tokenize_examples(smollm2_tokenizer, dataset.examples, "auto", 512)]
+    assert max(lengths) == 61
+    # SmolLM2's attention is dear next to its small matmuls (d=576): narrow rows, 1.5 × the longest example,
+    # with 4.2% filler (length batches of 8192 tokens: 10.5% padding).
+    width = packed_row_tokens(smollm2_model, lengths, batch_tokens=8192)
+    assert width == 91 and 1 - sum(lengths) / packed_tokens(lengths, 8192, width) < 0.05
+    tiny = make_tiny_llama(len(smollm2_tokenizer))  # d=64, so attention is dearer still: rows of the longest example
+    assert packed_row_tokens(tiny, lengths, batch_tokens=8192) == 61
+    tiny.config._attn_implementation = "flash_attention_2"  # attention inside each example only: no filler at all
+    assert packed_row_tokens(tiny, lengths, batch_tokens=8192) == 8192
 
 
 def test_length_batches_stay_within_budget():

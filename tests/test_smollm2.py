@@ -29,7 +29,7 @@ def test_cached_dequantised_model_equals_the_gguf_load(smollm2_tokenizer):
         assert torch.equal(cached(input_ids).logits, direct(input_ids).logits)
 
 
-@pytest.mark.parametrize("batching", ["padded", "packed"])  # packed: all 5 examples (~50 tokens each) in one 256-token row
+@pytest.mark.parametrize("batching", ["padded", "packed"])  # packed: the 5 examples (~50 tokens each) in one row
 def test_smollm2_store_equals_each_example_alone(smollm2_tokenizer, tmp_path, batching):
     source = resolve_model(EMBEDDED_MODEL)
     model = load_model(source, torch.float32, "cpu")
@@ -40,7 +40,6 @@ def test_smollm2_store_equals_each_example_alone(smollm2_tokenizer, tmp_path, ba
     store = ActivationStore(folder)
     assert folder.parts[-2:] == ("SmolLM2-135M-Instruct", "blocks.12.hook_resid_post")
     assert store.n_examples == 5 and store.d == 576 and store.manifest.extraction["batching"] == batching
-    assert store.n_tokens <= 256
     for index in range(store.n_examples):
         example = store.example(index)
         with torch.no_grad():

@@ -32,7 +32,7 @@ from fastsae.common import distributed
 from fastsae.common.config import setting
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
-from fastsae.extract.packed_batches import pack_rows, packed_batch, packed_row_tokens
+from fastsae.extract.packed_batches import packed_batch, packed_row_batches, packed_row_tokens
 from fastsae.lm.data import Dataset, load_dataset
 from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
 from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
@@ -82,7 +82,7 @@ class ExtractConfig:
     )
     row_tokens: int = setting(
         0,
-        "tokens per packed row, at most BATCH_TOKENS; 0: the whole batch with flash or flex attention, else as wide as dense attention stays cheap",
+        "tokens per packed row, at most BATCH_TOKENS; 0: the width that needs the fewest FLOPs (the whole batch with flash or flex attention)",
     )
     storage_dtype: str = setting("float16", "dtype on disk: float16, bfloat16 or float32")
     compute_dtype: str = setting("auto", "model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
@@ -215,12 +215,9 @@ def forward_batches(sequences: list[np.ndarray], batch_tokens: int, pad_token_id
             input_ids, attention_mask = padded_batch([sequences[index] for index in batch], pad_token_id)
             yield ForwardBatch([[index] for index in batch], input_ids, attention_mask, None)
     else:
-        rows = pack_rows(lengths, row_tokens)
-        row_widths = [sum(lengths[index] for index in row) for row in rows]
-        for group in length_batches(row_widths, batch_tokens):  # rows are batched as padded batching batches examples
-            batch_rows = [rows[row] for row in group]
-            input_ids, position_ids = packed_batch([[sequences[index] for index in row] for row in batch_rows], pad_token_id)
-            yield ForwardBatch(batch_rows, input_ids, None, position_ids)
+        for rows in packed_row_batches(lengths, batch_tokens, row_tokens):
+            input_ids, position_ids = packed_batch([[sequences[index] for index in row] for row in rows], pad_token_id)
+            yield ForwardBatch(rows, input_ids, None, position_ids)
 
 
 def iter_example_activations(
@@ -288,12 +285,11 @@ def choose_row_tokens(
     if config.batching == "padded":
         return None
     batch_tokens = config.resolved_batch_tokens()
-    longest = max(len(sequence) for sequence in sequences)
-    row_tokens = min(batch_tokens, config.row_tokens) if config.row_tokens else packed_row_tokens(model, batch_tokens, longest)
-    # The check packs as many rows into its batch as extraction may: flash attention keeps packed examples apart only
-    # in a batch of one row. Rows as wide as the batch never share one (best-fit leaves at most one row half full or
-    # less, and two rows share a batch only when both are); narrower rows may.
-    n_rows = 1 if row_tokens == batch_tokens else 2
+    lengths = [len(sequence) for sequence in sequences]
+    row_tokens = min(batch_tokens, config.row_tokens) if config.row_tokens else packed_row_tokens(model, lengths, batch_tokens)
+    # The check packs as many rows into its batch as extraction will (two stand for several): flash attention keeps
+    # packed examples apart only in a batch of one row.
+    n_rows = min(2, batch_tokens // row_tokens)
     parameter = next(model.parameters())
     difference = packing_difference(capture, (sequences * 2)[:2], n_rows, pad_token_id, parameter.device)
     tolerance = PACKING_TOLERANCE_FLOAT32 if parameter.dtype == torch.float32 else PACKING_TOLERANCE_16_BIT

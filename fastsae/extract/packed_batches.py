@@ -9,10 +9,9 @@ what it sees when the example runs alone. Whether a model honours this is checke
 before it is used (`extract_activations.choose_row_tokens`), because a model that
 builds its own mask would let the examples of a row see each other.
 
-Rows are grouped into batches as padded batches group examples (by length, longest
-first, within the token budget), and a batch is as wide as its widest row; what is left
-at a row's end is filled with pad tokens whose positions restart at 0 too, so they form
-a dummy example of their own that no real token attends to.
+A batch is as wide as its widest row; what is left at a row's end is filled with pad
+tokens whose positions restart at 0 too, so they form a dummy example of their own
+that no real token attends to.
 """
 
 from __future__ import annotations
@@ -26,35 +25,16 @@ from torch import nn
 from fastsae.lm.hook_points import decoder_layers
 
 # Kernels that compute only the query-key pairs inside each example: flash attention runs
-# the examples as variable-length sequences (one row per batch), flex attention skips the
+# the examples of a one-row batch as variable-length sequences, flex attention skips the
 # masked-out blocks. Dense-mask kernels (sdpa, eager) compute every pair of a row.
 EXAMPLE_CONFINED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
-
-# Dense-mask attention in a W-token row costs about 4·W·d_attn FLOPs per token against
-# 2·P for the block's matmuls (P: parameters per block). Rows are kept to W = P / (24·d_attn),
-# where that is a twelfth: on the 2-core CPU, SmolLM2 (W = 256) ran rows of 61 to 256 tokens
-# at the same tokens/s, 512-token rows about 15% slower and 2048-token rows at half speed.
-DENSE_ATTENTION_SHARE = 1 / 12
-
-
-def packed_row_tokens(model: nn.Module, batch_tokens: int, longest: int) -> int:
-    """How wide a packed row may be: the whole batch where attention stays inside each example, else as wide as dense
-    attention stays cheap (see DENSE_ATTENTION_SHARE); never narrower than the longest example."""
-    config = model.config
-    if config._attn_implementation in EXAMPLE_CONFINED_ATTENTION:
-        return batch_tokens
-    block_parameters = sum(parameter.numel() for parameter in decoder_layers(model)[0].parameters())
-    heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "head_dim", None)
-    attention_width = heads * head_dim if heads and head_dim else config.hidden_size
-    affordable = int(DENSE_ATTENTION_SHARE * block_parameters / (2 * attention_width))
-    return min(batch_tokens, max(longest, affordable))
+ROW_WIDTH_FACTORS = (1, 1.5, 2, 3, 4, 6, 8)  # the row widths tried, in multiples of the longest example
 
 
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     """Best-fit decreasing: each example, longest first, joins the fullest row that still has room for it, or opens a row.
 
-    Row r holds the examples `rows[r]`, laid end to end in that order. Rows come out in the order they were opened,
-    so the first ones hold the longest examples.
+    Row r holds the examples `rows[r]`, laid end to end in that order.
     """
     if lengths and max(lengths) > row_tokens:
         raise ValueError(f"an example of {max(lengths)} tokens does not fit a row of {row_tokens}")
@@ -71,6 +51,40 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
         if free > lengths[index]:
             bisect.insort(room, (free - lengths[index], row))
     return rows
+
+
+def packed_row_batches(lengths: list[int], batch_tokens: int, row_tokens: int) -> list[list[list[int]]]:
+    """Rows of up to `row_tokens` tokens (`pack_rows`), widest first, `batch_tokens // row_tokens` rows a batch (at least one)."""
+    rows = sorted(pack_rows(lengths, row_tokens), key=lambda row: -sum(lengths[index] for index in row))
+    rows_per_batch = max(1, batch_tokens // row_tokens)
+    return [rows[start : start + rows_per_batch] for start in range(0, len(rows), rows_per_batch)]
+
+
+def packed_tokens(lengths: list[int], batch_tokens: int, row_tokens: int) -> int:
+    """How many tokens the batches of `packed_row_batches` hold, the filler at the rows' ends included."""
+    return sum(len(rows) * sum(lengths[index] for index in rows[0]) for rows in packed_row_batches(lengths, batch_tokens, row_tokens))
+
+
+def packed_row_tokens(model: nn.Module, lengths: list[int], batch_tokens: int) -> int:
+    """The width of packed rows that computes `lengths` in the fewest FLOPs.
+
+    Where attention stays inside each example, a row as wide as the batch: no filler at all, and one row a batch,
+    which flash attention needs. A dense mask (sdpa, eager) computes every query-key pair of a row: per token,
+    about 4·W·d_attn FLOPs in a W-token row, against 2·P for a block's matmuls (P its parameters). Wider rows leave
+    less filler but cost more attention, so the width, tried at a few multiples of the longest example, is the one
+    that minimises (tokens in the batches) × (1 + 2·W·d_attn / P).
+    """
+    config = model.config
+    if config._attn_implementation in EXAMPLE_CONFINED_ATTENTION:
+        return batch_tokens
+    block_parameters = sum(parameter.numel() for parameter in decoder_layers(model)[0].parameters())
+    heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "head_dim", None)
+    attention_width = heads * head_dim if heads and head_dim else config.hidden_size
+    widths = {min(batch_tokens, int(factor * max(lengths))) for factor in ROW_WIDTH_FACTORS}
+    return min(
+        sorted(widths),
+        key=lambda width: packed_tokens(lengths, batch_tokens, width) * (1 + 2 * width * attention_width / block_parameters),
+    )
 
 
 def packed_batch(rows: list[list[np.ndarray]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
