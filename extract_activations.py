@@ -1,7 +1,8 @@
 """Step 1 — texts → activation store.
 
-Runs every example through the model on its own (the FAST way), batched by
-length for speed, and writes the activations at the chosen layers to
+Runs every example through the model on its own (the FAST way: no token
+attends to another example), packed into rows or batched by length for speed,
+and writes the activations at the chosen layers to
 `OUTPUT_DIR/<model>/<hook>/`. Edit the constants below or override any of
 them on the command line (`python extract_activations.py --layers 6 12`);
 `--help` lists them all. A rerun with the same settings resumes.
@@ -25,7 +26,9 @@ MAX_LENGTH = 512  # longer examples are truncated and counted
 # --- How ---------------------------------------------------------------------
 PACKING = "sequential"  # sequential: one example per sequence (FAST); block: the block-training baseline
 BLOCK_SIZE = 128  # tokens per block for PACKING = "block"
-BATCH_TOKENS = 0  # padded tokens per forward batch; 0: 32768 on a GPU, 8192 on the CPU
+BATCH_TOKENS = 0  # tokens per forward batch, padding included; 0: 32768 on a GPU, 8192 on the CPU
+BATCHING = "auto"  # packed: examples end to end in rows, no padding, attention kept within each; padded: length batches; auto: packed where the model supports it
+ROW_TOKENS = 0  # tokens per packed row; 0: the width that needs the fewest FLOPs (the whole batch with flash or flex attention)
 STORAGE_DTYPE = "float16"  # float16, bfloat16 or float32 on disk
 COMPUTE_DTYPE = "auto"  # auto: bfloat16 on GPU, float32 on CPU
 DEVICE = "auto"

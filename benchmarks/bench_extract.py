@@ -1,24 +1,35 @@
-"""Extraction speed: the original one-example-at-a-time full forward vs fastsae's batched, cut-short pass.
+"""Extraction speed: the original one-example-at-a-time full forward vs fastsae's padded length batches and packed rows.
 
-    python benchmarks/bench_extract.py [--layer 12] [--examples 330] [--batch-tokens 8192]
+    python benchmarks/bench_extract.py [--layer 12] [--examples 330] [--baseline-examples 0] [--batch-tokens 8192]
+                                       [--row-tokens 0] [--dtypes float32 bfloat16] [--repeats 2] [--threads 0]
 
 Runs the same examples of the default dataset through SmolLM2-135M-Instruct
-three ways and prints tokens/s, the speed-up over the baseline, and the mean
-and largest per-token relative difference ||a - b|| / ||b|| from the
-baseline's activations (`hidden_states[layer + 1]`).
+and prints, per method, tokens/s, wall and CPU seconds, the share of the
+batches' tokens that are padding (for packed rows: the filler at their ends),
+the speed-up over the baseline, and the mean and largest per-token relative
+difference ||a - b|| / ||b|| from the baseline's activations
+(`hidden_states[layer + 1]`). The baseline is slow, so `--baseline-examples`
+can time it, and compare against it, on the first N examples only (speed-ups
+are ratios of tokens/s). Each batched method is timed `--repeats` times,
+interleaved, and its fastest run is kept: other processes on a shared machine
+slow some runs, never speed one up; CPU seconds (this process's) are less
+swayed by them than wall seconds. The load average before and after is
+printed with the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastsae.extract.extract_activations import iter_example_activations
+from fastsae.extract.extract_activations import forward_batches, iter_example_activations
+from fastsae.extract.packed_batches import packed_row_tokens
 from fastsae.lm.data import load_dataset
 from fastsae.lm.hook_points import ResidualCapture
 from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
@@ -35,13 +46,22 @@ def one_at_a_time(model, sequences: list[np.ndarray], layer: int) -> list[torch.
     return outputs
 
 
-def batched(model, sequences: list[np.ndarray], layer: int, batch_tokens: int, pad_token_id: int) -> list[torch.Tensor]:
+def batched(
+    model, sequences: list[np.ndarray], layer: int, batch_tokens: int, pad_token_id: int, row_tokens: int | None
+) -> list[torch.Tensor]:
+    """fastsae's capture loop: padded length batches (`row_tokens` None) or packed rows, cut short after `layer`."""
     outputs: list[torch.Tensor | None] = [None] * len(sequences)
     capture = ResidualCapture(model, [layer], "resid_post")
-    for batch, per_layer in iter_example_activations(capture, sequences, batch_tokens, pad_token_id, model.device):
+    for batch, per_layer in iter_example_activations(capture, sequences, batch_tokens, pad_token_id, model.device, row_tokens):
         for index, activations in zip(batch, per_layer[layer]):
             outputs[index] = activations.float()
     return outputs
+
+
+def padding_fraction(sequences: list[np.ndarray], batch_tokens: int, pad_token_id: int, row_tokens: int | None) -> float:
+    """Share of the forward batches' tokens that belong to no example."""
+    slots = sum(batch.input_ids.numel() for batch in forward_batches(sequences, batch_tokens, pad_token_id, row_tokens))
+    return 1 - sum(len(sequence) for sequence in sequences) / slots
 
 
 def relative_differences(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> tuple[float, float]:
@@ -51,49 +71,75 @@ def relative_differences(actual: list[torch.Tensor], expected: list[torch.Tensor
 
 
 def timed(function, *args):
-    started = time.perf_counter()
+    """The result, wall seconds and CPU seconds of `function(*args)`."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = function(*args)
-    return result, time.perf_counter() - started
+    return result, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--examples", type=int, default=330)
+    parser.add_argument("--baseline-examples", type=int, default=0, help="time the baseline on the first N examples; 0: all")
     parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--row-tokens", type=int, default=0, help="packed row width; 0: as extraction chooses it (fewest FLOPs)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each batched method; the fastest is kept")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0: its default (one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
 
     source = resolve_model(EMBEDDED_MODEL)
     tokenizer = load_tokenizer(source)
     dataset = load_dataset(Path(__file__).resolve().parents[1] / "data" / "cognitive_actions.jsonl", max_examples=args.examples)
     sequences = [item.token_ids for item in tokenize_examples(tokenizer, dataset.examples, "auto", 512)]
     n_tokens = sum(len(sequence) for sequence in sequences)
+    pad_id = tokenizer.pad_token_id
     model = load_model(source, torch.float32, "cpu")
-    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    models = {dtype: model if dtype == "float32" else copy.deepcopy(model).to(torch.bfloat16) for dtype in args.dtypes}
+    row_tokens = args.row_tokens or packed_row_tokens(model, [len(sequence) for sequence in sequences], args.batch_tokens)
+    methods = {
+        f"fastsae: {path}, stop after the layer ({dtype})": (models[dtype], rows)
+        for dtype in models
+        for path, rows in (("padded length batches", None), (f"packed rows of {row_tokens}", row_tokens))
+    }
 
     # Warm up each path once so one-off allocation costs do not land on the first row.
     one_at_a_time(model, sequences[:2], args.layer)
-    batched(model, sequences[:8], args.layer, args.batch_tokens, tokenizer.pad_token_id)
-    batched(model_bf16, sequences[:8], args.layer, args.batch_tokens, tokenizer.pad_token_id)
+    for method_model, rows in methods.values():
+        batched(method_model, sequences[:8], args.layer, args.batch_tokens, pad_id, rows)
 
-    reference, baseline_seconds = timed(one_at_a_time, model, sequences, args.layer)
-    ours, ours_seconds = timed(batched, model, sequences, args.layer, args.batch_tokens, tokenizer.pad_token_id)
-    ours_bf16, bf16_seconds = timed(batched, model_bf16, sequences, args.layer, args.batch_tokens, tokenizer.pad_token_id)
+    baseline_sequences = sequences[: args.baseline_examples or len(sequences)]
+    reference, baseline_seconds, baseline_cpu = timed(one_at_a_time, model, baseline_sequences, args.layer)
+    baseline_rate = sum(len(sequence) for sequence in baseline_sequences) / baseline_seconds
+    outputs, seconds = {}, dict.fromkeys(methods, (float("inf"), 0.0))
+    for _ in range(args.repeats):
+        for name, (method_model, rows) in methods.items():
+            outputs[name], *elapsed = timed(batched, method_model, sequences, args.layer, args.batch_tokens, pad_id, rows)
+            seconds[name] = min(seconds[name], tuple(elapsed))
 
-    rows = [
-        ("one at a time, full forward, output_hidden_states (float32)", baseline_seconds, (0.0, 0.0)),
-        ("fastsae: length batches, stop after the layer (float32)", ours_seconds, relative_differences(ours, reference)),
-        ("fastsae: length batches, stop after the layer (bfloat16)", bf16_seconds, relative_differences(ours_bf16, reference)),
-    ]
+    baseline_name = f"one at a time, full forward, output_hidden_states (float32){'*' if len(baseline_sequences) < len(sequences) else ''}"
+    rows_printed = [(baseline_name, baseline_rate, baseline_seconds, baseline_cpu, 0.0, (0.0, 0.0))]
+    for name, (_, rows) in methods.items():
+        padding = padding_fraction(sequences, args.batch_tokens, pad_id, rows)
+        differences = relative_differences(outputs[name][: len(reference)], reference)
+        rows_printed.append((name, n_tokens / seconds[name][0], *seconds[name], padding, differences))
     print(
-        f"\nSmolLM2-135M-Instruct, layer {args.layer}, {len(sequences)} examples, {n_tokens} tokens, {torch.get_num_threads()} CPU threads\n"
+        f"\nSmolLM2-135M-Instruct, layer {args.layer}, {len(sequences)} examples, {n_tokens} tokens, "
+        f"BATCH_TOKENS {args.batch_tokens}, {torch.get_num_threads()} CPU threads, fastest of {args.repeats} runs per batched method\n"
+        f"load average (1, 5, 15 min): {' '.join(f'{value:.2f}' for value in load_before)} before, "
+        f"{' '.join(f'{value:.2f}' for value in os.getloadavg())} after\n"
     )
-    print(f"| {'method':<62} | {'tokens/s':>9} | {'speed-up':>8} | {'mean rel. diff':>14} | {'max rel. diff':>13} |")
-    print(f"|{'-' * 64}|{'-' * 11}|{'-' * 10}|{'-' * 16}|{'-' * 15}|")
-    for name, seconds, (mean_difference, max_difference) in rows:
-        print(
-            f"| {name:<62} | {n_tokens / seconds:>9.0f} | {baseline_seconds / seconds:>7.2f}× | {mean_difference:>14.2e} | {max_difference:>13.2e} |"
-        )
+    header = ["method", "tokens/s", "wall s", "CPU s", "padding", "speed-up", "mean rel. diff", "max rel. diff"]
+    print("| " + " | ".join(header) + " |\n|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for name, rate, wall, cpu, padding, (mean_difference, max_difference) in rows_printed:
+        cells = [name, f"{rate:,.0f}", f"{wall:.1f}", f"{cpu:.1f}", f"{padding:.1%}", f"{rate / baseline_rate:.2f}×"]
+        print("| " + " | ".join([*cells, f"{mean_difference:.2e}", f"{max_difference:.2e}"]) + " |")
+    if len(baseline_sequences) < len(sequences):
+        print(f"\n* timed on the first {len(baseline_sequences)} examples; the differences are over their tokens")
 
 
 if __name__ == "__main__":

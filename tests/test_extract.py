@@ -9,12 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import BloomConfig, BloomForCausalLM
 
-from conftest import TINY_LAYERS, write_jsonl
+from conftest import TINY_LAYERS, make_tiny_llama, write_jsonl
 from fastsae.common.errors import UserError
-from fastsae.extract.extract_activations import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, ExtractConfig, length_batches, write_activation_stores
+from fastsae.extract.extract_activations import (
+    CPU_BATCH_TOKENS,
+    GPU_BATCH_TOKENS,
+    ExtractConfig,
+    forward_batches,
+    length_batches,
+    write_activation_stores,
+)
+from fastsae.extract.packed_batches import pack_rows, packed_row_tokens, packed_tokens
 from fastsae.lm.data import load_dataset
 from fastsae.lm.hook_points import hooked_module, output_tensor
+from fastsae.lm.tokenization import tokenize_examples
 from fastsae.store.activation_store import ActivationStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,13 +75,20 @@ def store_arrays(folder: Path) -> dict[str, np.ndarray]:
     }
 
 
+# Packed rows of 512 tokens hold every example of a shard (at most 81 tokens here) in one row.
+BATCHINGS = {"padded": {"batching": "padded"}, "packed": {"batching": "packed", "row_tokens": 512}}
+
+
+@pytest.mark.parametrize("batching", list(BATCHINGS))
 @pytest.mark.parametrize("hook_point", ["resid_post", "mlp_out", "attn_out"])
-def test_batched_extraction_equals_each_example_alone(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, hook_point):
-    folders = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[0, 2], hook_point=hook_point)
+def test_batched_extraction_equals_each_example_alone(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, hook_point, batching):
+    folders = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[0, 2], hook_point=hook_point, **BATCHINGS[batching])
     assert [folder.name for folder in folders] == [f"blocks.0.hook_{hook_point}", f"blocks.2.hook_{hook_point}"]
     for layer, folder in zip([0, 2], folders):
         store = ActivationStore(folder)
+        assert store.manifest.extraction["batching"] == batching
         assert store.n_examples == 8 and len(store.shards) > 1  # several shards and batches are exercised
+        assert max(shard.n_examples for shard in store.shards) > 1  # so a packed row holds several examples
         lengths = np.diff(store.doc_offsets)
         assert len(set(lengths.tolist())) > 4  # examples of different lengths share batches
         for index in range(store.n_examples):
@@ -109,8 +126,10 @@ def test_store_reads_across_shards_and_in_chunks(tiny_llama, smollm2_tokenizer, 
         store.activations(0, store.n_tokens + 1)
 
 
-def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
-    (reference,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "uninterrupted", layers=[1])
+@pytest.mark.parametrize("resumed_with", ["padded", "packed"])
+def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, resumed_with):
+    """Interrupted with padded batches, resumed either way: the batching path is not a setting that refuses a resume."""
+    (reference,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "uninterrupted", layers=[1], batching="padded")
 
     calls = {"n": 0}
 
@@ -122,7 +141,7 @@ def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer
     handle = tiny_llama.model.layers[0].register_forward_pre_hook(crash_after_three_batches)
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
-            extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1])
+            extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1], batching="padded")
     finally:
         handle.remove()
     folder = tmp_path / "interrupted" / "tiny" / "blocks.1.hook_resid_post"
@@ -132,10 +151,15 @@ def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(folder)
 
-    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1])
+    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1], **BATCHINGS[resumed_with])
+    assert ActivationStore(folder).manifest.extraction["batching"] == resumed_with
     resumed, uninterrupted = store_arrays(folder), store_arrays(reference)
-    for name in uninterrupted:
+    for name in ("token_ids", "special_mask", "offsets"):
         assert np.array_equal(resumed[name], uninterrupted[name]), name
+    if resumed_with == "padded":
+        assert np.array_equal(resumed["activations"], uninterrupted["activations"])
+    else:
+        assert max_relative_difference(torch.from_numpy(resumed["activations"]), torch.from_numpy(uninterrupted["activations"])) < 1e-4
 
 
 def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
@@ -175,6 +199,80 @@ def test_block_packing_concatenates_and_cuts(tiny_llama, smollm2_tokenizer, text
     assert not torch.allclose(packed.activations(32, 64), fast.activations(32, 64), atol=1e-3)
 
 
+def test_auto_falls_back_to_padded_batches_where_packed_examples_would_see_each_other(smollm2_tokenizer, texts_file, tmp_path, caplog):
+    """BLOOM builds its own causal mask (with ALiBi) and ignores position ids: packed examples would attend to each other."""
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, n_layer=3, n_head=4)).eval()
+    with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
+        (folder,) = extract(bloom, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    assert "padded length batches, because BloomForCausalLM with eager attention lets the examples packed in one row see" in caplog.text
+    store = ActivationStore(folder)
+    assert store.manifest.extraction["batching"] == "padded"
+    for index in range(store.n_examples):
+        example = store.example(index)
+        assert max_relative_difference(example.activations, alone(bloom, example.token_ids, 1, "resid_post")) < 1e-4
+    with pytest.raises(UserError, match="BATCHING = packed, but BloomForCausalLM"):
+        extract(bloom, smollm2_tokenizer, texts_file, tmp_path / "forced", layers=[1], batching="packed")
+
+
+@pytest.mark.parametrize("row_tokens", [0, 600])  # sized for the model (several rows a batch), or as wide as the batch (one)
+def test_auto_packs_rows_for_llama(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, caplog, row_tokens):
+    with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
+        (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1], row_tokens=row_tokens)
+    assert f"Batching: packed rows of up to {row_tokens or 50} tokens" in caplog.text
+    store = ActivationStore(folder)
+    assert store.manifest.extraction["batching"] == "packed" and "batching" not in store.manifest.settings
+    example = store.example(3)
+    assert max_relative_difference(example.activations, alone(tiny_llama, example.token_ids, 1, "resid_post")) < 1e-4
+
+
+def test_packed_rows_hold_every_example_once_within_their_width_and_budget():
+    lengths = [5, 50, 17, 17, 3, 49, 1, 30, 30, 30, 64, 2]
+    rows = pack_rows(lengths, row_tokens=64)
+    assert sorted(index for row in rows for index in row) == list(range(len(lengths)))
+    assert all(sum(lengths[index] for index in row) <= 64 for row in rows)
+    assert len(rows) == 5  # 298 tokens: best-fit decreasing needs the fewest 64-token rows here
+    sequences = [np.arange(100, 100 + length) for length in lengths]
+    batches = list(forward_batches(sequences, batch_tokens=150, pad_token_id=7, row_tokens=64))
+    assert sorted(index for batch in batches for row in batch.rows for index in row) == list(range(len(lengths)))
+    for batch in batches:
+        assert batch.attention_mask is None and batch.input_ids.numel() <= 150
+        for row_index, row in enumerate(batch.rows):
+            start = 0
+            for index in row:  # each example end to end, its positions restarting at 0
+                assert torch.equal(batch.input_ids[row_index, start : start + lengths[index]], torch.from_numpy(sequences[index]))
+                assert torch.equal(batch.position_ids[row_index, start : start + lengths[index]], torch.arange(lengths[index]))
+                start += lengths[index]
+            tail = batch.input_ids.shape[1] - start  # the filler at the row's end is an example of its own
+            assert torch.equal(batch.input_ids[row_index, start:], torch.full((tail,), 7))
+            assert torch.equal(batch.position_ids[row_index, start:], torch.arange(tail))
+    with pytest.raises(ValueError, match="does not fit a row of 64"):
+        pack_rows([65], row_tokens=64)
+
+
+def test_rows_as_wide_as_the_batch_go_one_to_a_batch():
+    """What flash attention needs: it keeps packed examples apart only in a batch of one row."""
+    lengths = np.random.default_rng(0).integers(1, 61, size=300).tolist()
+    sequences = [np.zeros(length, dtype=np.int64) for length in lengths]
+    batches = list(forward_batches(sequences, batch_tokens=100, pad_token_id=0, row_tokens=100))
+    assert [len(batch.rows) for batch in batches] == [1] * len(batches)
+    assert len(batches) < len(lengths) / 2  # rows are full, two or more examples each
+
+
+def test_packed_row_width_trades_filler_against_dense_attention(smollm2_model, smollm2_tokenizer):
+    dataset = load_dataset(ExtractConfig().dataset)
+    lengths = [len(item.token_ids) for item in tokenize_examples(smollm2_tokenizer, dataset.examples, "auto", 512)]
+    assert max(lengths) == 61
+    # SmolLM2's attention is dear next to its small matmuls (d=576): narrow rows, 1.5 × the longest example,
+    # with 4.2% filler (length batches of 8192 tokens: 10.5% padding).
+    width = packed_row_tokens(smollm2_model, lengths, batch_tokens=8192)
+    assert width == 91 and 1 - sum(lengths) / packed_tokens(lengths, 8192, width) < 0.05
+    tiny = make_tiny_llama(len(smollm2_tokenizer))  # d=64, so attention is dearer still: rows of the longest example
+    assert packed_row_tokens(tiny, lengths, batch_tokens=8192) == 61
+    tiny.config._attn_implementation = "flash_attention_2"  # attention inside each example only: no filler at all
+    assert packed_row_tokens(tiny, lengths, batch_tokens=8192) == 8192
+
+
 def test_length_batches_stay_within_budget():
     lengths = [5, 50, 17, 17, 3, 49, 1, 30, 30, 30]
     batches = length_batches(lengths, batch_tokens=100)
@@ -195,6 +293,12 @@ def test_batch_budget_defaults_by_device_and_always_fits_the_longest_example(mon
         ExtractConfig(batch_tokens=100, max_length=512)
     with pytest.raises(UserError, match="BATCH_TOKENS must be positive, or 0"):
         ExtractConfig(batch_tokens=-1)
+    with pytest.raises(UserError, match="ROW_TOKENS .* must be at least MAX_LENGTH"):
+        ExtractConfig(row_tokens=100, max_length=512)
+    with pytest.raises(UserError, match="ROW_TOKENS must be positive, or 0"):
+        ExtractConfig(row_tokens=-1)
+    with pytest.raises(UserError, match="BATCHING must be one of auto, packed, padded"):
+        ExtractConfig(batching="pack")
 
 
 def test_damaged_store_gets_a_clear_error(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):

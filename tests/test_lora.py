@@ -80,8 +80,13 @@ def extract_lora(model, tokenizer, output_dir: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_store(tmp_path_factory, base_model, smollm2_tokenizer, adapter) -> Path:
-    return extract_lora(
-        base_model, smollm2_tokenizer, tmp_path_factory.mktemp("lora-stores"), lora_adapter=str(adapter), lora_modules=CHOSEN
+    return extract_lora(  # 512-token rows hold several examples each
+        base_model,
+        smollm2_tokenizer,
+        tmp_path_factory.mktemp("lora-stores"),
+        lora_adapter=str(adapter),
+        lora_modules=CHOSEN,
+        row_tokens=512,
     )
 
 
@@ -107,7 +112,7 @@ def bottlenecks_by_hand(vocab_size: int, adapter: Path, token_ids: np.ndarray) -
 
 def test_batched_lora_store_equals_x_times_a_by_hand_for_each_example_alone(lora_store, adapter, vocab_size):
     store = ActivationStore(lora_store)
-    assert store.d == TINY_LAYERS * len(CHOSEN) * R
+    assert store.d == TINY_LAYERS * len(CHOSEN) * R and store.manifest.extraction["batching"] == "packed"
     assert len(store.shards) > 1 and len(set(np.diff(store.doc_offsets).tolist())) > 10  # several shards, mixed lengths per batch
     for index in np.linspace(0, store.n_examples - 1, 8).round().astype(int):
         example = store.example(int(index))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -28,16 +29,17 @@ def test_cached_dequantised_model_equals_the_gguf_load(smollm2_tokenizer):
         assert torch.equal(cached(input_ids).logits, direct(input_ids).logits)
 
 
-def test_smollm2_store_equals_each_example_alone(smollm2_tokenizer, tmp_path):
+@pytest.mark.parametrize("batching", ["padded", "packed"])  # packed: the 5 examples (~50 tokens each) in one row
+def test_smollm2_store_equals_each_example_alone(smollm2_tokenizer, tmp_path, batching):
     source = resolve_model(EMBEDDED_MODEL)
     model = load_model(source, torch.float32, "cpu")
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
-    config = ExtractConfig(layers=[LAYER], storage_dtype="float32", output_dir=str(tmp_path), max_examples=5)
+    config = ExtractConfig(layers=[LAYER], storage_dtype="float32", output_dir=str(tmp_path), max_examples=5, batching=batching)
     dataset = load_dataset(config.dataset, max_examples=config.max_examples)
     (folder,) = write_activation_stores(model, smollm2_tokenizer, dataset, config, source.slug)
     store = ActivationStore(folder)
     assert folder.parts[-2:] == ("SmolLM2-135M-Instruct", "blocks.12.hook_resid_post")
-    assert store.n_examples == 5 and store.d == 576
+    assert store.n_examples == 5 and store.d == 576 and store.manifest.extraction["batching"] == batching
     for index in range(store.n_examples):
         example = store.example(index)
         with torch.no_grad():

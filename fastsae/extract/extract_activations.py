@@ -1,13 +1,16 @@
 """Step 1: run each example through the model on its own and store the activations at chosen hooks.
 
-FAST extraction: every example is its own sequence (never packed with
-another), so its activations are what the model computes for that example
-alone. For speed, examples are grouped by length into right-padded batches
-under a token budget (padding never reaches the store), one forward pass
-feeds every requested layer, and the pass stops after the deepest one: no
-later blocks, no final norm, no LM head. What a pass reads is a "capture": the
-hooks at LAYERS (one store each), or a LoRA adapter's bottlenecks
-(fastsae/lm/lora.py, one store); batching, storing and resuming are shared.
+FAST extraction: every example is its own sequence (no token attends to
+another example), so its activations are what the model computes for that
+example alone. For speed, examples share forward batches under a token
+budget: packed end to end in rows, each confined to itself by its position
+ids (fastsae/extract/packed_batches.py), where the model supports that, else
+grouped by length into right-padded rows (padding never reaches the store).
+One forward pass feeds every requested layer, and the pass stops after the
+deepest one: no later blocks, no final norm, no LM head. What a pass reads is
+a "capture": the hooks at LAYERS (one store each), or a LoRA adapter's
+bottlenecks (fastsae/lm/lora.py, one store); batching, storing and resuming
+are shared.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ from fastsae.common.config import setting
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
+from fastsae.extract.packed_batches import packed_batch, packed_row_batches, packed_row_tokens
 from fastsae.lm.data import Dataset, load_dataset
 from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
 from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
@@ -41,6 +45,7 @@ from fastsae.store.manifest import MANIFEST, DatasetRecord, StoreManifest
 logger = logging.getLogger(__name__)
 
 PACKING_CHOICES = ("sequential", "block")
+BATCHING_CHOICES = ("auto", "packed", "padded")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -68,7 +73,17 @@ class ExtractConfig:
     )
     block_size: int = setting(128, "tokens per block when PACKING = block")
     batch_tokens: int = setting(
-        0, "padded tokens per forward batch; 0: 32768 on a GPU, 8192 on the CPU (each measured fastest there); lower it if memory runs out"
+        0,
+        "tokens per forward batch, padding included; 0: 32768 on a GPU, 8192 on the CPU (each measured fastest there); lower it if memory runs out",
+    )
+    batching: str = setting(
+        "auto",
+        "how examples share a batch: packed (end to end in rows, no padding, attention confined to each example), "
+        "padded (rows padded to the batch's longest example), or auto: packed where a check shows the model keeps packed examples apart",
+    )
+    row_tokens: int = setting(
+        0,
+        "tokens per packed row, at most BATCH_TOKENS; 0: the width that needs the fewest FLOPs (the whole batch with flash or flex attention)",
     )
     storage_dtype: str = setting("float16", "dtype on disk: float16, bfloat16 or float32")
     compute_dtype: str = setting("auto", "model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
@@ -83,6 +98,7 @@ class ExtractConfig:
             "chat_template": CHAT_TEMPLATE_CHOICES,
             "hook_point": (*HOOK_POINTS, LORA_HOOK_POINT),
             "packing": PACKING_CHOICES,
+            "batching": BATCHING_CHOICES,
             "storage_dtype": tuple(STORAGE_DTYPES),
             "compute_dtype": COMPUTE_DTYPES,
         }
@@ -108,6 +124,12 @@ class ExtractConfig:
             raise UserError(
                 f"BATCH_TOKENS ({self.batch_tokens}) must be at least MAX_LENGTH ({self.max_length}) so the longest example fits a batch."
             )
+        if self.row_tokens < 0:
+            raise UserError(f"ROW_TOKENS must be positive, or 0 to size packed rows for the model; got {self.row_tokens}.")
+        if self.row_tokens and self.row_tokens < self.max_length:
+            raise UserError(
+                f"ROW_TOKENS ({self.row_tokens}) must be at least MAX_LENGTH ({self.max_length}) so the longest example fits a row."
+            )
         self.layers = sorted(set(self.layers))
 
     def resolved_device(self) -> str:
@@ -125,12 +147,17 @@ class ExtractConfig:
 
 
 class Capture(Protocol):
-    """What one forward pass reads: (B, T, d) activations for each store in `targets`, under the same keys."""
+    """What one forward pass reads: (B, T, d) activations for each store in `targets`, under the same keys.
+
+    Padded rows come with an attention mask; packed rows with none, and position ids that restart at each example.
+    """
 
     d: int
     targets: dict[Hashable, HookTarget]
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[Hashable, torch.Tensor]: ...
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> dict[Hashable, torch.Tensor]: ...
 
 
 def open_capture(model: torch.nn.Module, config: ExtractConfig) -> AbstractContextManager[Capture]:
@@ -172,18 +199,118 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+class ForwardBatch(NamedTuple):
+    """One forward pass's inputs: row r holds the sequences `rows[r]` end to end from its first column."""
+
+    rows: list[list[int]]  # padded batches hold one sequence per row
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor | None  # (B, T), 0 on padding; None for packed rows
+    position_ids: torch.Tensor | None  # (B, T), restarting at 0 at each sequence of a packed row; None for padded rows
+
+
+def forward_batches(sequences: list[np.ndarray], batch_tokens: int, pad_token_id: int, row_tokens: int | None) -> Iterator[ForwardBatch]:
+    """Length batches of padded rows, or given `row_tokens`, of rows packed up to that many tokens (fastsae/extract/packed_batches.py)."""
+    lengths = [len(sequence) for sequence in sequences]
+    if row_tokens is None:
+        for batch in length_batches(lengths, batch_tokens):
+            input_ids, attention_mask = padded_batch([sequences[index] for index in batch], pad_token_id)
+            yield ForwardBatch([[index] for index in batch], input_ids, attention_mask, None)
+    else:
+        for rows in packed_row_batches(lengths, batch_tokens, row_tokens):
+            input_ids, position_ids = packed_batch([[sequences[index] for index in row] for row in rows], pad_token_id)
+            yield ForwardBatch(rows, input_ids, None, position_ids)
+
+
 def iter_example_activations(
     capture: Capture,
     sequences: list[np.ndarray],
     batch_tokens: int,
     pad_token_id: int,
     device: torch.device,
+    row_tokens: int | None = None,
 ) -> Iterator[tuple[list[int], dict[Hashable, list[torch.Tensor]]]]:
-    """Per length-batch: the indices of its sequences and, per store, each sequence's (len, d) activations."""
-    for batch in length_batches([len(sequence) for sequence in sequences], batch_tokens):
-        input_ids, attention_mask = padded_batch([sequences[index] for index in batch], pad_token_id)
-        captured = capture(input_ids.to(device), attention_mask.to(device))
-        yield batch, {key: [values[row, : len(sequences[index])] for row, index in enumerate(batch)] for key, values in captured.items()}
+    """Per forward batch: the indices of its sequences and, per store, each sequence's (len, d) activations.
+
+    `row_tokens` packs the sequences into rows of up to that many tokens (see `choose_row_tokens`); None pads length batches.
+    """
+    for batch in forward_batches(sequences, batch_tokens, pad_token_id, row_tokens):
+        masks = [None if tensor is None else tensor.to(device) for tensor in (batch.attention_mask, batch.position_ids)]
+        captured = capture(batch.input_ids.to(device), *masks)
+        row_lengths = [[len(sequences[index]) for index in row] for row in batch.rows]
+        pieces = {
+            key: [piece for row, lengths in enumerate(row_lengths) for piece in values[row, : sum(lengths)].split(lengths)]
+            for key, values in captured.items()
+        }
+        yield [index for row in batch.rows for index in row], pieces
+
+
+# Packing may move an example's activations by rounding only (other kernels, shapes and summation
+# orders): a mean per-token relative difference of ~1e-7 in float32 and ~1e-3 in bfloat16 (SmolLM2,
+# layers 12 and 25). An example that sees the one packed before it moves by ~6e-3 (a tiny random
+# BLOOM, the test's) to ~0.3 (SmolLM2, and a tiny random Llama).
+PACKING_TOLERANCE_FLOAT32 = 1e-4
+PACKING_TOLERANCE_16_BIT = 1e-2
+
+
+def packing_difference(capture: Capture, pair: list[np.ndarray], n_rows: int, pad_token_id: int, device: torch.device) -> float:
+    """How far packing moves activations from running each sequence alone, with `pair` laid end to end in each of
+    `n_rows` rows of one batch: the largest, over sequences and stores, mean per-token relative difference
+    ||packed - alone|| / ||alone||."""
+    sequences = pair * n_rows
+    lengths = [len(sequence) for sequence in sequences]
+
+    def activations(batch_tokens: int, row_tokens: int | None) -> dict[tuple[int, Hashable], torch.Tensor]:
+        found = {}
+        for indices, per_store in iter_example_activations(capture, sequences, batch_tokens, pad_token_id, device, row_tokens):
+            for position, index in enumerate(indices):
+                found.update({(index, key): pieces[position].float() for key, pieces in per_store.items()})
+        return found
+
+    alone = activations(max(lengths), None)  # a budget of the longest sequence gives each sequence a batch of its own
+    pair_tokens = sum(len(sequence) for sequence in pair)
+    packed = activations(n_rows * pair_tokens, pair_tokens)
+    return max(
+        float(((packed[item] - expected).norm(dim=-1) / expected.norm(dim=-1).clamp_min(1e-12)).mean()) for item, expected in alone.items()
+    )
+
+
+def choose_row_tokens(
+    model: torch.nn.Module, capture: Capture, config: ExtractConfig, sequences: list[np.ndarray], pad_token_id: int
+) -> int | None:
+    """The packed rows' width for `sequences`, or None for padded length batches: what BATCHING comes to for this model.
+
+    auto and packed first pack two of the sequences into a row and check that this leaves their activations as they
+    are alone: a model that builds its own attention mask, or ignores position ids, would let the examples of a row
+    see each other. Where it does, auto falls back to padded batches and logs why, and packed refuses.
+    """
+    if config.batching == "padded":
+        return None
+    batch_tokens = config.resolved_batch_tokens()
+    lengths = [len(sequence) for sequence in sequences]
+    row_tokens = min(batch_tokens, config.row_tokens) if config.row_tokens else packed_row_tokens(model, lengths, batch_tokens)
+    # The check packs as many rows into its batch as extraction will (two stand for several): flash attention keeps
+    # packed examples apart only in a batch of one row.
+    n_rows = min(2, batch_tokens // row_tokens)
+    parameter = next(model.parameters())
+    difference = packing_difference(capture, (sequences * 2)[:2], n_rows, pad_token_id, parameter.device)
+    tolerance = PACKING_TOLERANCE_FLOAT32 if parameter.dtype == torch.float32 else PACKING_TOLERANCE_16_BIT
+    attention = f"{type(model).__name__} with {model.config._attn_implementation} attention"
+    if difference > tolerance:
+        reason = (
+            f"{attention} lets the examples packed in one row see each other "
+            f"(packed behind another, an example's activations moved by {difference:.1e}, relative)"
+        )
+        if config.batching == "packed":
+            raise UserError(f"BATCHING = packed, but {reason}. Set BATCHING = auto or padded.")
+        logger.info("Batching: padded length batches, because %s.", reason)
+        return None
+    logger.info(
+        "Batching: packed rows of up to %d tokens, no padding between examples (%s keeps them apart: packed, they moved by %.0e).",
+        row_tokens,
+        attention,
+        difference,
+    )
+    return row_tokens
 
 
 @dataclass
@@ -245,7 +372,12 @@ def _write_stores(
     itemsize = torch.zeros(1, dtype=storage_dtype).element_size()
     shards = plan_shards(lengths, max(1, int(config.shard_mb * 2**20 / (d * itemsize))))
     compute_dtype = next(model.parameters()).dtype
+    row_tokens = choose_row_tokens(model, capture, config, packed.sequences, pad_token_id(tokenizer))
 
+    # What decides whether a rerun resumes the store. Not here: BATCH_TOKENS, BATCHING, ROW_TOKENS and DEVICE,
+    # which change only how examples share a forward pass, not what any example's activations are (beyond float
+    # rounding, which the equivalence tests bound), so a store begun one way resumes another. The manifest's
+    # `extraction` records the batching path of the run that finished the store.
     common_settings = {
         "model": model_slug,
         **(model_fields or {}),
@@ -290,7 +422,7 @@ def _write_stores(
                         skipped=dict(dataset.skipped.counts),
                         n_truncated=n_truncated,
                     ),
-                    "extraction": asdict(config),
+                    "extraction": {**asdict(config), "batching": "padded" if row_tokens is None else "packed"},  # the path taken
                     "n_special_tokens": int(sum(mask.sum() for mask in packed.special_masks)),
                 },
                 shards=shards,
@@ -316,7 +448,9 @@ def _write_stores(
     if not pending:
         logger.info("All %d shards already extracted; nothing to do.", len(shards))
     elif mine:
-        _extract_shards(capture, next(model.parameters()).device, tokenizer, packed, shards, mine, writers, config, storage_dtype)
+        _extract_shards(
+            capture, next(model.parameters()).device, tokenizer, packed, shards, mine, writers, config, storage_dtype, row_tokens
+        )
     distributed.barrier()  # every rank's shards are on disk
     if ranks.is_main:
         for writer in writers.values():
@@ -347,6 +481,7 @@ def _extract_shards(
     writers: dict,
     config: ExtractConfig,
     storage_dtype: torch.dtype,
+    row_tokens: int | None,
 ) -> None:
     """Run the pending shards' examples through the model; a shard is written to disk while the next one computes."""
     pad_id = pad_token_id(tokenizer)
@@ -366,7 +501,8 @@ def _extract_shards(
             sequences = [packed.sequences[index] for index in members]
             local_offsets = np.concatenate([[0], np.cumsum([len(sequence) for sequence in sequences])])
             buffers = {key: torch.empty((shard.n_tokens, capture.d), dtype=storage_dtype) for key in writers}
-            for batch, per_store in iter_example_activations(capture, sequences, config.resolved_batch_tokens(), pad_id, device):
+            batches = iter_example_activations(capture, sequences, config.resolved_batch_tokens(), pad_id, device, row_tokens)
+            for batch, per_store in batches:
                 for key, pieces in per_store.items():
                     on_host = torch.cat(pieces).to(storage_dtype).cpu()  # one device-to-host copy per batch, not one per example
                     for local_index, piece in zip(batch, on_host.split([len(piece) for piece in pieces])):

@@ -61,10 +61,18 @@ class _StopForward(Exception):
     """Raised by the hook on the last needed module to end the forward pass there."""
 
 
-def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_module: nn.Module) -> None:
+def forward_until(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    last_module: nn.Module,
+    position_ids: torch.Tensor | None = None,
+) -> None:
     """Run the model on a batch but stop once `last_module` has run: no later blocks, no final norm, no LM head.
 
-    Hooks that read activations must be registered before calling this, so they run before the stop.
+    Padded rows come with an `attention_mask`; packed rows (fastsae/extract/packed_batches.py) with none, and
+    `position_ids` that restart at each example instead. Hooks that read activations must be registered before
+    calling this, so they run before the stop.
     """
 
     def stop(module, inputs, output):
@@ -73,7 +81,7 @@ def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     handle = last_module.register_forward_hook(stop)
     try:
         with torch.inference_mode():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -118,7 +126,9 @@ class ResidualCapture:
             for layer in layers
         }
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[Hashable, torch.Tensor]:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> dict[Hashable, torch.Tensor]:
         """(B, T, d) activations per layer."""
         captured: dict[Hashable, torch.Tensor] = {}
 
@@ -130,7 +140,7 @@ class ResidualCapture:
 
         handles = [module.register_forward_hook(make_hook(layer)) for layer, module in self.modules.items()]
         try:
-            forward_until(self.model, input_ids, attention_mask, self.modules[max(self.layers)])
+            forward_until(self.model, input_ids, attention_mask, self.modules[max(self.layers)], position_ids)
         finally:
             for handle in handles:
                 handle.remove()

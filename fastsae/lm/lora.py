@@ -152,7 +152,9 @@ class LoraBottleneckCapture:
             )
         }
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[Hashable, torch.Tensor]:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> dict[Hashable, torch.Tensor]:
         """{"lora": (B, T, d)} from one forward pass, cut short after the deepest adapted block."""
         pieces: list[torch.Tensor] = [torch.empty(0)] * len(self.modules)
 
@@ -164,7 +166,7 @@ class LoraBottleneckCapture:
 
         handles = [lora_a.register_forward_hook(make_hook(position)) for position, (_, _, lora_a) in enumerate(self.modules)]
         try:
-            forward_until(self.model, input_ids, attention_mask, self._last_block)
+            forward_until(self.model, input_ids, attention_mask, self._last_block, position_ids)
         finally:
             for handle in handles:
                 handle.remove()
