@@ -190,7 +190,10 @@ def test_absorption_equals_saebench_own_code(tiny_llama, smollm2_tokenizer):
     details = {detail["first_letter"]: detail for detail in block["eval_result_details"]}
     assert list(details) == [detail["first_letter"] for detail in theirs["eval_result_details"]]
     for detail in theirs["eval_result_details"]:
-        assert details[detail["first_letter"]] == pytest.approx(detail, rel=1e-5, abs=1e-6)
+        ours_detail = details[detail["first_letter"]]
+        assert ours_detail.keys() == detail.keys()
+        for key, value in detail.items():  # the letter is text; pytest's approx takes numbers only
+            assert ours_detail[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-5, abs=1e-6)), key
     # Not a vacuous comparison: some letters have several main latents, absorbed words and full absorptions.
     assert max(detail["num_split_features"] for detail in details.values()) > 1
     assert sum(detail["mean_absorption_fraction"] > 0 for detail in details.values()) >= 2
