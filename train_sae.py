@@ -30,6 +30,7 @@ EPOCHS = 50.0
 MAX_TOKENS = 0  # set to override EPOCHS
 PATIENCE = 10  # validations without improvement before an SAE stops
 SEED = 0
+PRECISION = "auto"  # auto: bfloat16 autocast on a GPU or a CPU with AMX/AVX512-BF16, else float32; weights stay float32
 
 # --- Output --------------------------------------------------------------------
 OUTPUT_DIR = "checkpoints"

@@ -61,6 +61,47 @@ def test_sparse_step_equals_dense_loss_and_gradients(prefixes, aux_k, input_need
         torch.testing.assert_close(x_sparse.grad, x_dense.grad)
 
 
+def clearly_chosen_tokens(pre: torch.Tensor, dead: torch.Tensor, k: int, aux_k: int, gap: float = 0.05) -> torch.Tensor:
+    """Tokens whose K-th pre-activation (and aux_k-th among the dead) beats the next by more than `gap`.
+
+    bf16 rounds a pre-activation of size ~3 by up to ~0.01, which reorders near-ties: a token whose
+    choice flips gets another feature's gradient, a difference of selection, not of arithmetic.
+    """
+    top = pre.topk(k + 1, dim=1).values
+    top_dead = pre[:, dead].topk(aux_k + 1, dim=1).values
+    return (top[:, k - 1] - top[:, k] > gap) & (top_dead[:, aux_k - 1] - top_dead[:, aux_k] > gap)
+
+
+@pytest.mark.parametrize("gpu_kernels", [False, True], ids=["cpu-kernels", "gpu-kernels"])
+def test_bfloat16_autocast_step_matches_float32_loss_and_gradients(gpu_kernels, monkeypatch):
+    """Under bf16 autocast (the encoder matmul in bf16, float32 weights) loss and gradients stay float32 and match
+    the float32 step to bf16 precision: 8 significant bits, a relative rounding of 2^-9, here 0.5% at most."""
+    monkeypatch.setattr(sae_module, "DENSE_KERNELS", gpu_kernels)
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec("topk", D, M, K, (20, 64, M), 2 * K))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    dead = torch.arange(M) % 3 == 0
+    x = torch.randn(20 * B, D) * 3 + 1
+    with torch.no_grad():
+        x = x[clearly_chosen_tokens(sae.pre_activations(x), dead, K, 2 * K)][:B]
+    assert len(x) == B
+    losses, gradients = [], []
+    for bfloat16 in (False, True):
+        sae.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            output = sae.training_step(x, dead, 1 / 32, 0.0)
+        output.loss.backward()
+        losses.append(output.loss.detach())
+        gradients.append({name: parameter.grad.clone() for name, parameter in sae.named_parameters()})
+    assert losses[1].dtype == torch.float32 and all(gradient.dtype == torch.float32 for gradient in gradients[1].values())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=0)
+    for name, reference in gradients[0].items():
+        error = float((gradients[1][name] - reference).norm() / reference.norm())
+        assert error < 1.5e-2, f"{name}: relative error {error:.2e}"
+
+
 def test_topk_code_has_exactly_k_features_and_encode_matches_forward():
     sae = make_sae()
     x = torch.randn(B, D, dtype=torch.float64)

@@ -22,3 +22,8 @@ def resolve_device(name: str) -> str:
             )
         return f"cuda:{ranks.local_rank}"  # torchrun starts one process per GPU
     return name
+
+
+def cpu_has_bfloat16_instructions() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16); without them bf16 is emulated and slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
