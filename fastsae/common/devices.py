@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import cpuinfo
 import torch
 
 from fastsae.common import distributed
@@ -24,6 +27,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
+@functools.cache
 def cpu_has_bfloat16_instructions() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16); without them bf16 is emulated and slower."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16); without them bf16 is emulated and slower.
+
+    py-cpuinfo reads the flags on every OS (about a second, hence the cache)."""
+    flags = set(cpuinfo.get_cpu_info().get("flags", []))
+    return bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
