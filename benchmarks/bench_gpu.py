@@ -1,50 +1,63 @@
-"""GPU throughput at Llama-3.1-8B scale: extraction and SAE training against their ceilings.
+"""GPU throughput at Llama-3.1-8B scale: extraction (padded and packed) against its FLOP ceiling, and SAE training
+beside sparsify and HypotheSAEs on the same GPU.
 
-    python benchmarks/bench_gpu.py [--examples 2000] [--baseline-examples 150] [--train-tokens 40000000]
+    python benchmarks/bench_gpu.py [--examples 2000] [--ms 32768 131072] [--ks 32 64 128] [--out FOLDER]
+    python benchmarks/bench_gpu.py --smoke          # checks the script itself on the CPU, tiny sizes
 
-Needs a CUDA GPU with ~40 GB free; nothing is downloaded. It
+Needs a CUDA GPU with ~60 GB free; nothing is downloaded. It
 
-1. builds a randomly initialised model with Llama-3.1-8B's configuration in bfloat16 (weights
-   drawn on the GPU: throughput does not depend on their values), and texts whose chat-templated
-   lengths spread over 50–512 tokens (mean ≈ 187, as in the FAST paper's data), tokenized with
-   the SmolLM2 tokenizer (its ids are valid for Llama-3's larger vocabulary);
-2. extracts layer 12 three ways: the original way (each example alone, the whole model,
-   `output_hidden_states`), fastsae's capture loop alone (length batches, forward stopped after
-   block 12, activations left on the GPU), and fastsae's full extraction into a store on disk;
-   compared with the FLOP ceiling of the blocks actually run, 2 × (parameters of blocks 0–12) per
-   token, at the bf16 matmul rate measured on this GPU;
-3. trains a Top-K SAE (d=4096, M=32768, K=64, bfloat16 autocast) on that store with
-   `train_sae.py`'s code, and HypotheSAEs' own `fit` on the same tokens held on the GPU; compared
-   with the matmul ceiling of the encoder's forward pass, the one dense matmul of our step.
+1. builds a randomly initialised model with Llama-3.1-8B's configuration in bfloat16 (throughput does not depend on
+   the weights' values), and texts whose chat-templated lengths spread over 50–512 tokens (mean ≈ 171), tokenized
+   with the SmolLM2 tokenizer (its ids are valid for Llama-3's larger vocabulary);
+2. extracts layer 12: the original way (each example alone, the whole model, `output_hidden_states`), fastsae's
+   capture loop with padded length batches and with packed rows (sdpa, and flex attention last, if it runs), and
+   fastsae's extraction into a store on disk with BATCHING = auto; against the FLOP ceiling of the blocks run,
+   2 × (parameters of blocks 0–12) per token at the bf16 matmul rate measured on this GPU;
+3. trains Top-K SAEs (d=4096, each M and K asked for) with the same batches already on the GPU, three ways:
+   fastsae's training step under bfloat16 autocast, sparsify's SparseCoder stepped as its Trainer steps it (its own
+   bf16 autocast and Triton sparse decoder, TF32 matmuls as `Trainer.fit` sets them; benchmarks/peers.py), and
+   HypotheSAEs' own `fit` (float32, as it ships). Tokens/s and the peak GPU memory each method adds to the data.
+   One row runs train_sae.py's whole loop (store → mixing buffer → steps) to show what the loop keeps of its step.
 
-The tokenizer comes from `--tokenizer` (a folder with tokenizer.json, e.g. the fastsae model
-cache of SmolLM2) and HypotheSAEs' sae.py from `--hypothesaes-sae` or the installed package.
+Every table is printed as soon as it is measured, and the numbers go to FOLDER/bench_gpu.json as they come, so a
+run cut short keeps what it measured. The tokenizer comes from `--tokenizer` (a folder with tokenizer.json) or the
+fastsae cache of SmolLM2; HypotheSAEs' sae.py from `--hypothesaes-sae` or the installed package.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
+import gc
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from peers import SEED, SparsifyTrainer, hypothesaes_module, quiet  # benchmarks/peers.py: a script's folder is on sys.path
 
-from fastsae.extract.extract_activations import ExtractConfig, iter_example_activations, write_activation_stores
+from fastsae.core import sae as sae_module
+from fastsae.extract.extract_activations import (
+    ExtractConfig,
+    batching_difference,
+    iter_example_activations,
+    length_batches,
+    write_activation_stores,
+)
+from fastsae.extract.packed_batches import packed_row_tokens, packed_tokens
 from fastsae.lm.data import load_dataset
 from fastsae.lm.hook_points import ResidualCapture
 from fastsae.lm.tokenization import tokenize_examples
-from fastsae.store import batches
+from fastsae.store.activation_store import ActivationStore
 from fastsae.train.train_sae import TrainConfig, TrainingRun
 
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYER = 12
-SEED = 0
 LLAMA_31_8B = dict(
     vocab_size=128256,
     hidden_size=4096,
@@ -57,6 +70,15 @@ LLAMA_31_8B = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
+TINY_LLAMA = {  # --smoke: the same code paths at sizes a CPU runs in seconds
+    **LLAMA_31_8B,
+    "vocab_size": 49152,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 14,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def synchronize() -> None:
@@ -64,7 +86,7 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(function, *args, **kwargs):
+def timed(function: Callable, *args, **kwargs):
     """Result and wall seconds, with the GPU's queued work included."""
     synchronize()
     started = time.perf_counter()
@@ -82,6 +104,26 @@ def matmul_rate(m: int, k: int, n: int, device: str, dtype=torch.bfloat16, repea
     return 2 * m * k * n / float(np.median(times))
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+class Report:
+    """Tables printed as they are measured, and every number written to the JSON file after each row."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.numbers = path, {}
+
+    def record(self, section: str, key: str, value) -> None:
+        self.numbers.setdefault(section, {})[key] = value
+        if self.path:
+            self.path.write_text(json.dumps(self.numbers, indent=2))
+
+    def print(self, *lines: str) -> None:
+        print(*lines, sep="\n", flush=True)
+
+
 def random_llama(model_config: dict, device: str) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -93,7 +135,7 @@ def random_llama(model_config: dict, device: str) -> torch.nn.Module:
 
 
 def write_texts(path: Path, n: int, tokenizer) -> None:
-    """`n` chat-templated texts whose token counts follow a log-normal clipped to 50–512 (mean ≈ 187)."""
+    """`n` chat-templated texts whose token counts follow a log-normal clipped to 50–512."""
     rng = np.random.default_rng(SEED)
     words = [word for word in Path(ROOT / "data" / "cognitive_actions.jsonl").read_text().split() if word.isalpha()]
     overhead = len(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True))
@@ -112,266 +154,360 @@ def one_at_a_time(model, sequences: list[np.ndarray]) -> None:
             model(input_ids, output_hidden_states=True).hidden_states[LAYER + 1].to("cpu")
 
 
-def capture_only(model, sequences: list[np.ndarray], batch_tokens: int, pad_token_id: int) -> None:
-    for _ in iter_example_activations(ResidualCapture(model, [LAYER], "resid_post"), sequences, batch_tokens, pad_token_id, model.device):
+def capture_loop(model, sequences: list[np.ndarray], batch_tokens: int, pad_token_id: int, row_tokens: int | None) -> None:
+    """fastsae's extraction loop with the activations left on the device: padded length batches, or packed rows."""
+    capture = ResidualCapture(model, [LAYER], "resid_post")
+    for _ in iter_example_activations(capture, sequences, batch_tokens, pad_token_id, model.device, row_tokens):
         pass
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+def batch_tokens_run(sequences: list[np.ndarray], batch_tokens: int, row_tokens: int | None) -> int:
+    """Tokens the forward batches hold, padding included: what the GPU computes."""
+    lengths = [len(sequence) for sequence in sequences]
+    if row_tokens is None:
+        return sum(len(batch) * max(lengths[index] for index in batch) for batch in length_batches(lengths, batch_tokens))
+    return packed_tokens(lengths, batch_tokens, row_tokens)
 
 
-def bench_extraction(args, work: Path, tokenizer) -> tuple[Path, list[list[str]], dict]:
-    model = random_llama(args.model_config, args.device)
-    block_parameters = sum(p.numel() for block in model.model.layers[: LAYER + 1] for p in block.parameters())
-    flops_per_token = 2 * block_parameters
-    rate = matmul_rate(*(3 * [min(8192, 8 * args.model_config["hidden_size"])]), args.device)
-    ceiling = rate / flops_per_token
+class Extraction:
+    """The model, the texts and the ceiling that every extraction row shares."""
 
-    data = work / "texts.jsonl"
-    write_texts(data, args.examples, tokenizer)
-    dataset = load_dataset(data)
-    sequences = [item.token_ids for item in tokenize_examples(tokenizer, dataset.examples, "auto", 512)]
-    n_tokens = sum(map(len, sequences))
-    pad = tokenizer.pad_token_id or 0
-    baseline = sequences[: args.baseline_examples]
-    baseline_tokens = sum(map(len, baseline))
+    def __init__(self, args, work: Path, tokenizer, report: Report) -> None:
+        self.args, self.work, self.tokenizer, self.report = args, work, tokenizer, report
+        self.model = random_llama(args.model_config, args.device)
+        block_parameters = sum(p.numel() for block in self.model.model.layers[: LAYER + 1] for p in block.parameters())
+        size = min(8192, 8 * args.model_config["hidden_size"])
+        rate = matmul_rate(size, size, size, args.device)
+        self.ceiling = rate / (2 * block_parameters)
+        self.data = work / "texts.jsonl"
+        write_texts(self.data, args.examples, tokenizer)
+        self.dataset = load_dataset(self.data)
+        self.sequences = [item.token_ids for item in tokenize_examples(tokenizer, self.dataset.examples, "auto", 512)]
+        self.n_tokens = sum(map(len, self.sequences))
+        self.pad = tokenizer.pad_token_id or 0
+        self.rows: list[list[str]] = []
+        for key, value in dict(
+            n_examples=len(self.sequences),
+            n_tokens=self.n_tokens,
+            bf16_matmul_tflops=rate / 1e12,
+            block_parameters=block_parameters,
+            ceiling_tokens_per_s=self.ceiling,
+        ).items():
+            report.record("extraction", key, value)
+        baseline = self.sequences[: args.baseline_examples]
+        one_at_a_time(self.model, baseline[:3])  # warm-up: kernels, allocator
+        capture_loop(self.model, self.sequences[:64], args.batch_tokens[0], self.pad, None)
+        _, seconds = timed(one_at_a_time, self.model, baseline)
+        self.baseline_rate = sum(map(len, baseline)) / seconds
+        self.row(f"one at a time, full model, output_hidden_states ({len(baseline)} examples)", self.baseline_rate, 0, "—", "baseline")
 
-    one_at_a_time(model, baseline[:3])  # warm-up: kernels, allocator
-    capture_only(model, sequences[:64], args.batch_tokens, pad)
-    _, baseline_seconds = timed(one_at_a_time, model, baseline)
-    rows, results = [], {"n_examples": len(sequences), "n_tokens": n_tokens, "mean_tokens": n_tokens / len(sequences)}
-    baseline_rate = baseline_tokens / baseline_seconds
-
-    def row(name: str, tokens_per_second: float) -> list[str]:
-        return [
-            name,
-            f"{tokens_per_second:,.0f}",
-            f"{tokens_per_second / baseline_rate:.1f}×",
-            f"{tokens_per_second / ceiling:.1%}",
-            f"{7000 * 187 / tokens_per_second / 60:.2f} min",
-        ]
-
-    rows.append(row(f"one at a time, full model, output_hidden_states ({len(baseline)} examples)", baseline_rate))
-    for batch_tokens in sorted({8192, 16384, args.batch_tokens}):
-        _, seconds = timed(capture_only, model, sequences, batch_tokens, pad)
-        rows.append(row(f"fastsae capture loop, BATCH_TOKENS={batch_tokens} (activations stay on GPU)", n_tokens / seconds))
-        results[f"capture_{batch_tokens}"] = n_tokens / seconds
-    config = ExtractConfig(
-        dataset=str(data),
-        layers=[LAYER],
-        batch_tokens=args.batch_tokens,
-        device=args.device,
-        output_dir=str(work / "activations"),
-        chat_template="auto",
-    )
-    folders, seconds = timed(write_activation_stores, model, tokenizer, dataset, config, "random-Llama-3.1-8B")
-    rows.append(row(f"fastsae extraction into the store (float16 on disk), BATCH_TOKENS={args.batch_tokens}", n_tokens / seconds))
-    results.update(
-        extract_store=n_tokens / seconds,
-        baseline=baseline_rate,
-        ceiling=ceiling,
-        bf16_matmul_tflops=rate / 1e12,
-        block_parameters=block_parameters,
-    )
-    del model
-    torch.cuda.empty_cache()
-    return folders[0], rows, results
-
-
-def load_hypothesaes_module(path: str):
-    if not path:
-        path = str(Path(importlib.util.find_spec("hypothesaes").submodule_search_locations[0]) / "sae.py")
-    spec = importlib.util.spec_from_file_location("hypothesaes_sae", path)  # its __init__ imports heavy packages
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def step_only(args, store: Path, work: Path, batch_size: int) -> tuple[float, str]:
-    """Tokens/s of train_sae.py's step with the data already on the GPU: the loop's compute-only bound, and its kernel profile."""
-    config = TrainConfig(
-        store=str(store),
-        m=args.m,
-        k=args.k,
-        batch_size=batch_size,
-        precision="bfloat16",
-        device=args.device,
-        output_dir=str(work / "step"),
-        overwrite=True,
-    )
-    run = TrainingRun(config)
-    trainer = run.new_trainer(run.specs[0])
-    x = (run.train_source.all_tokens(batch_size) * run.scale).to(args.device)
-    for _ in range(5):
-        run.train_step(trainer, x, 1.0)
-    _, seconds = timed(lambda: [run.train_step(trainer, x, 1.0) for _ in range(args.steps)])
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(10):
-            run.train_step(trainer, x, 1.0)
-        synchronize()
-    sort = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
-    return args.steps * len(x) / seconds, profiler.key_averages().table(sort_by=sort, row_limit=25)
-
-
-def train_rate(args, store: Path, work: Path, batch_size: int, **overrides) -> tuple[float, float]:
-    """train_sae.py's whole loop (store → mixing buffer → steps), as its own tokens/s counter measures it; and the final FVU."""
-    config = TrainConfig(
-        store=str(store),
-        m=args.m,
-        k=args.k,
-        batch_size=batch_size,
-        max_tokens=args.train_tokens,
-        precision="bfloat16",
-        device=args.device,
-        output_dir=str(work / "checkpoints"),
-        overwrite=True,
-        seed=SEED,
-        **overrides,
-    )
-    result = TrainingRun(config).run()[0]
-    return result["tokens_per_second_this_session"], result["final"]["fvu"]
-
-
-def bench_training(args, store: Path, work: Path) -> tuple[list[list[str]], dict]:
-    d = args.model_config["hidden_size"]
-    ceiling = matmul_rate(args.batch_sizes[0], d, args.m, args.device) / (2 * d * args.m)
-    rows, results = [], {"encoder_ceiling_tokens_per_s": ceiling}
-    profiles = []
-    for batch_size in args.batch_sizes:
-        rate, profile = step_only(args, store, work, batch_size)
-        profiles.append(f"batch {batch_size}\n{profile}")
-        rows.append(
-            [f"fastsae training step alone, batch {batch_size} (one batch kept on the GPU)", f"{rate:,.0f}", f"{rate / ceiling:.1%}", "—"]
-        )
-        results[f"step_only_{batch_size}"] = rate
-        rate, fvu = train_rate(args, store, work, batch_size, eval_every=10**9)
-        rows.append(
-            [f"fastsae train_sae.py loop, batch {batch_size}, validation off", f"{rate:,.0f}", f"{rate / ceiling:.1%}", f"{fvu:.3f}"]
-        )
-        results[f"loop_{batch_size}"] = rate
-    default_readers = batches.GPU_STORE_READERS
-    for readers in args.store_readers:  # the same loop with other numbers of store-reader threads
-        batches.GPU_STORE_READERS = readers
-        rate, fvu = train_rate(args, store, work, args.batch_sizes[0], eval_every=10**9)
-        rows.append(
+    def row(self, name: str, tokens_per_second: float, padding: float | None, versus_alone: str, key: str) -> None:
+        self.rows.append(
             [
-                f"fastsae train_sae.py loop, batch {args.batch_sizes[0]}, validation off, {readers} store reader(s)",
-                f"{rate:,.0f}",
-                f"{rate / ceiling:.1%}",
-                f"{fvu:.3f}",
+                name,
+                f"{tokens_per_second:,.0f}",
+                f"{tokens_per_second / self.baseline_rate:.1f}×" if self.rows else "1.0×",
+                f"{tokens_per_second / self.ceiling:.1%}",
+                f"{padding:.1%}" if padding is not None else "—",
+                versus_alone,
             ]
         )
-        results[f"loop_{args.batch_sizes[0]}_readers_{readers}"] = rate
-    batches.GPU_STORE_READERS = default_readers
-    rate, fvu = train_rate(args, store, work, args.batch_sizes[0])
-    rows.append(
-        [
-            f"fastsae train_sae.py defaults, batch {args.batch_sizes[0]} (validation every 50 steps)",
-            f"{rate:,.0f}",
-            f"{rate / ceiling:.1%}",
-            f"{fvu:.3f}",
-        ]
-    )
-    results["defaults"] = rate
-    if args.profile:
-        Path(args.profile).write_text("\n\n".join(profiles))
+        self.report.record("extraction", key, tokens_per_second)
 
-    run = TrainingRun(TrainConfig(store=str(store), m=args.m, k=args.k, device="cpu", output_dir=str(work / "unused")))
-    train_x = (run.train_source.all_tokens(args.hypothesaes_tokens) * run.scale).to(args.device)
-    module = load_hypothesaes_module(args.hypothesaes_sae)
-    torch.manual_seed(SEED)
-    sae = module.SparseAutoencoder(d, args.m, args.k, device=args.device)
-    _, seconds = timed(sae.fit, train_x, X_val=None, batch_size=args.batch_sizes[0], n_epochs=1, show_progress=False)
-    rate = len(train_x) / seconds
-    rows.append(
-        [
-            f"HypotheSAEs fit, batch {args.batch_sizes[0]} (float32, its own loop; {len(train_x):,} tokens on the GPU)",
-            f"{rate:,.0f}",
-            f"{rate / ceiling:.1%}",
+    def capture_row(self, batch_tokens: int, packed: bool, attention: str) -> None:
+        row_tokens = packed_row_tokens(self.model, [len(s) for s in self.sequences], batch_tokens) if packed else None
+        capture = ResidualCapture(self.model, [LAYER], "resid_post")
+        n_rows = min(2, batch_tokens // row_tokens) if packed else 2
+        difference = batching_difference(capture, self.sequences[:2], n_rows, self.pad, self.model.device, packed=packed)
+        capture_loop(self.model, self.sequences[:64], batch_tokens, self.pad, row_tokens)  # warm-up (flex attention compiles)
+        _, seconds = timed(capture_loop, self.model, self.sequences, batch_tokens, self.pad, row_tokens)
+        padding = 1 - self.n_tokens / batch_tokens_run(self.sequences, batch_tokens, row_tokens)
+        layout = f"packed rows of {row_tokens:,}" if packed else "padded length batches"
+        self.row(
+            f"capture loop, {layout}, BATCH_TOKENS={batch_tokens:,}, {attention} (activations stay on the GPU)",
+            self.n_tokens / seconds,
+            padding,
+            f"{difference:.1e}",
+            f"capture_{'packed' if packed else 'padded'}_{attention}_{batch_tokens}",
+        )
+
+    def store_row(self) -> Path:
+        config = ExtractConfig(
+            dataset=str(self.data),
+            layers=[LAYER],
+            batch_tokens=self.args.batch_tokens[0],
+            device=self.args.device,
+            output_dir=str(self.work / "activations"),
+            chat_template="auto",
+            batching="auto",
+        )
+        folders, seconds = timed(write_activation_stores, self.model, self.tokenizer, self.dataset, config, "random-Llama-3.1-8B")
+        batching = ActivationStore(folders[0]).manifest.extraction["batching"]
+        self.row(
+            f"extraction into the store (float16 on disk), BATCH_TOKENS={config.batch_tokens:,}, BATCHING=auto → {batching}",
+            self.n_tokens / seconds,
+            None,
             "—",
+            "store",
+        )
+        return folders[0]
+
+    def print_table(self) -> None:
+        r = self.report.numbers["extraction"]
+        self.report.print(
+            f"\n## Extraction: random Llama-3.1-8B config, bfloat16, layer {LAYER}, {r['n_examples']} examples, "
+            f"{r['n_tokens']:,} tokens (mean {r['n_tokens'] / r['n_examples']:.0f}), {self.report.numbers['gpu']}\n",
+            markdown_table(["method", "tokens/s", "vs one at a time", "of FLOP ceiling", "padding", "batched vs alone"], self.rows),
+            f"\nFLOP ceiling: {r['bf16_matmul_tflops']:.0f} TFLOP/s (bf16 matmul, measured) / (2 × {r['block_parameters'] / 1e9:.2f}B "
+            f"parameters of blocks 0–{LAYER}) = {r['ceiling_tokens_per_s']:,.0f} tokens/s. 'batched vs alone': the largest mean "
+            "per-token relative difference of two examples, batched as the row says (packed: end to end in one row), from each run alone.",
+        )
+
+
+def peak_memory(work: Callable[[], float]) -> tuple[float, float]:
+    """`work()`'s result and the peak GPU memory (GiB) it allocated on top of what was held before it."""
+    gc.collect()
+    if not torch.cuda.is_available():
+        return work(), float("nan")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated()
+    result = work()
+    synchronize()
+    return result, (torch.cuda.max_memory_allocated() - held) / 2**30
+
+
+def steps_per_second(step: Callable[[torch.Tensor], None], batches: list[torch.Tensor], steps: int) -> float:
+    for x in batches[:3]:  # warm-up: kernels, Triton's autotuning, the allocator
+        step(x)
+    _, seconds = timed(lambda: [step(batches[i % len(batches)]) for i in range(steps)])
+    return steps / seconds
+
+
+class Training:
+    """One set of GPU batches from the store, and each method's steps on them."""
+
+    def __init__(self, args, store: Path, work: Path, report: Report) -> None:
+        self.args, self.store, self.work, self.report = args, store, work, report
+        self.rows: list[list[str]] = []
+        run = TrainingRun(self.config(args.ms[0], args.ks[0], device="cpu"))
+        tokens = run.train_source.all_tokens(args.data_batches * args.batch_size) * run.scale
+        self.batches = list(tokens.to(args.device, torch.bfloat16).split(args.batch_size))  # the store's bytes, scaled
+        if len(self.batches[-1]) < args.batch_size:
+            self.batches.pop()
+        self.d = tokens.shape[1]
+
+    def config(self, m: int, k: int, **overrides) -> TrainConfig:
+        settings = dict(
+            store=str(self.store),
+            m=m,
+            k=k,
+            batch_size=self.args.batch_size,
+            precision="bfloat16",
+            device=self.args.device,
+            output_dir=str(self.work / "checkpoints"),
+            overwrite=True,
+            seed=SEED,
+        )
+        return TrainConfig(**{**settings, **overrides})
+
+    def fastsae(self, m: int, k: int, kernels: str = "auto") -> float:
+        """train_sae.py's step on float32 batches, as its loop hands them over; `kernels` forces dense products or gathers."""
+        run = TrainingRun(self.config(m, k))
+        trainer = run.new_trainer(run.specs[0])
+        sae_module.DENSE_KERNELS = {"auto": None, "dense": True, "gathers": False}[kernels]
+        try:
+            return steps_per_second(lambda x: run.train_step(trainer, x.float(), 1.0), self.batches, self.args.steps)
+        finally:
+            sae_module.DENSE_KERNELS = None
+
+    def sparsify(self, m: int, k: int) -> float:
+        """sparsify's step on the model's bfloat16 activations, as its Trainer's hooks receive them."""
+        trainer = SparsifyTrainer(self.d, m, k, self.args.device)
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")  # as sparsify's Trainer.fit sets it
+        try:
+            return steps_per_second(trainer.step, self.batches, self.args.steps)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+    def hypothesaes(self, m: int, k: int) -> float:
+        """HypotheSAEs' own `fit` (float32): steps per second from the difference of a short and a longer fit, so its
+        setup (the median b_dec, the optimiser) cancels."""
+        module = hypothesaes_module(self.args.hypothesaes_sae)
+        short, long = 2, 2 + self.args.hypothesaes_steps
+
+        def fit(n_batches: int) -> float:
+            torch.manual_seed(SEED)
+            sae = module.SparseAutoencoder(self.d, m, k, device=self.args.device)
+            x = torch.cat(self.batches[:n_batches]).float()
+            with quiet():
+                return timed(sae.fit, x, X_val=None, batch_size=self.args.batch_size, n_epochs=1, show_progress=False)[1]
+
+        fit(short)  # warm-up
+        return (long - short) / (fit(long) - fit(short))
+
+    def row(self, name: str, m: int, k: int, steps_per_s: float, gib: float, sparsify_rate: float | None) -> None:
+        tokens_per_s = steps_per_s * self.args.batch_size
+        versus = f"{tokens_per_s / sparsify_rate:.2f}×" if sparsify_rate else "—"
+        self.rows.append([name, f"{m:,}", str(k), f"{tokens_per_s:,.0f}", versus, f"{gib:.2f}"])
+        self.report.record("training", f"{name}_M{m}_K{k}", {"tokens_per_s": tokens_per_s, "peak_gib": gib})
+
+    def grid(self) -> None:
+        methods = [("sparsify", self.sparsify)] + [
+            (f"fastsae ({kernels})", functools.partial(self.fastsae, kernels=kernels)) for kernels in self.args.fastsae_kernels
         ]
-    )
-    results["hypothesaes"] = rate
-    return rows, results
+        if not self.args.skip_hypothesaes:
+            methods.append(("HypotheSAEs", self.hypothesaes))
+        for m in self.args.ms:
+            for k in self.args.ks:
+                sparsify_rate = None
+                for name, method in methods:
+                    try:
+                        rate, gib = peak_memory(functools.partial(method, m, k))
+                    except Exception as error:  # one method failing (e.g. out of memory) leaves the others' rows
+                        self.rows.append([name, f"{m:,}", str(k), f"failed: {type(error).__name__}: {str(error)[:120]}", "—", "—"])
+                        continue
+                    self.row(name, m, k, rate, gib, sparsify_rate)
+                    if name == "sparsify":
+                        sparsify_rate = rate * self.args.batch_size
+                print(f"M={m} K={k} done", file=sys.stderr, flush=True)
+
+    def loop_row(self) -> None:
+        """train_sae.py's whole loop at the first M and K: what the loop keeps of its step."""
+        m, k = self.args.ms[0], self.args.ks[min(1, len(self.args.ks) - 1)]
+        with quiet():
+            result = TrainingRun(self.config(m, k, max_tokens=self.args.loop_tokens, eval_every=10**9)).run()[0]
+        self.rows.append(
+            [
+                f"fastsae train_sae.py loop (store → mixing buffer → steps), validation off, {self.args.loop_tokens:,} tokens",
+                f"{m:,}",
+                str(k),
+                f"{result['tokens_per_second_this_session']:,.0f}",
+                "—",
+                "—",
+            ]
+        )
+        self.report.record("training", f"loop_M{m}_K{k}", result["tokens_per_second_this_session"])
+
+    def print_table(self) -> None:
+        a = self.args
+        self.report.print(
+            f"\n## Training: Top-K, d={self.d}, batch {a.batch_size:,} tokens, {a.steps} timed steps after 3 warm-up steps "
+            f"({len(self.batches)} distinct batches on the GPU), {self.report.numbers['gpu']}\n",
+            markdown_table(["method", "M", "K", "tokens/s", "vs sparsify", "peak GiB"], self.rows),
+            "\nfastsae: bfloat16 autocast (float32 weights and Adam). sparsify: its SparseCoder in float32 under its own bfloat16 "
+            "autocast, Triton decoder, TF32. HypotheSAEs: float32, its `fit` loop (steps/s from two fits' difference). "
+            "'peak GiB': the most GPU memory the method held at once beyond the shared batches.",
+        )
+
+    def profile(self, path: Path) -> None:
+        """Kernel tables of our step and sparsify's at the largest M, K=64 or the first K: where the time goes."""
+        m, k = self.args.ms[-1], 64 if 64 in self.args.ks else self.args.ks[0]
+        run = TrainingRun(self.config(m, k))
+        trainer = run.new_trainer(run.specs[0])
+        sparsify = SparsifyTrainer(self.d, m, k, self.args.device)
+        steps = {"fastsae": lambda x: run.train_step(trainer, x.float(), 1.0), "sparsify": sparsify.step}
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.args.device == "cuda" else [])
+        sort = "cuda_time_total" if self.args.device == "cuda" else "cpu_time_total"
+        tables = []
+        for name, step in steps.items():
+            for x in self.batches[:3]:
+                step(x)
+            with torch.profiler.profile(activities=activities) as profiler:
+                for x in self.batches[:10]:
+                    step(x)
+                synchronize()
+            tables.append(
+                f"{name}, M={m}, K={k}, batch {self.args.batch_size}, 10 steps\n"
+                + profiler.key_averages().table(sort_by=sort, row_limit=20)
+            )
+        path.write_text("\n\n".join(tables))
+
+
+def flex_attention_row(extraction: Extraction, batch_tokens: int) -> None:
+    """Packed rows under flex attention, which computes only the query-key pairs inside each example."""
+    try:
+        extraction.model.set_attn_implementation("flex_attention")
+        extraction.capture_row(batch_tokens, packed=True, attention="flex_attention")
+    except Exception as error:  # the row says why flex attention could not run here
+        extraction.rows.append(
+            [f"capture loop, packed rows, flex_attention: failed ({type(error).__name__}: {str(error)[:160]})"] + ["—"] * 5
+        )
+    finally:
+        extraction.model.set_attn_implementation("sdpa")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=2000)
-    parser.add_argument("--baseline-examples", type=int, default=150)
-    parser.add_argument("--batch-tokens", type=int, default=32768, help="BATCH_TOKENS of the store row (extract_activations.py's default)")
-    parser.add_argument("--m", type=int, default=32768)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 16384], help="SAE training batch sizes to compare")
-    parser.add_argument("--train-tokens", type=int, default=10_000_000)
+    parser.add_argument("--baseline-examples", type=int, default=60)
+    parser.add_argument("--batch-tokens", type=int, nargs="+", default=[32768, 65536], help="BATCH_TOKENS of the capture rows")
+    parser.add_argument("--ms", type=int, nargs="+", default=[32768, 131072], help="SAE widths M")
+    parser.add_argument("--ks", type=int, nargs="+", default=[32, 64, 128], help="active features K")
+    parser.add_argument("--batch-size", type=int, default=16384, help="SAE training batch in tokens, the same for every method")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per method and setting")
+    parser.add_argument("--data-batches", type=int, default=16, help="distinct batches held on the GPU and cycled")
+    parser.add_argument("--hypothesaes-steps", type=int, default=4, help="extra steps of HypotheSAEs' longer fit")
+    parser.add_argument("--skip-hypothesaes", action="store_true")
     parser.add_argument(
-        "--store-readers",
-        type=int,
-        nargs="*",
-        default=[1, 2],
-        help="also time the loop with these numbers of store-reader threads (the default is GPU_STORE_READERS)",
+        "--fastsae-kernels",
+        nargs="+",
+        choices=["auto", "dense", "gathers"],
+        default=["auto"],
+        help="fastsae rows: its own choice, or dense products / gathers forced (fastsae.core.sae.DENSE_KERNELS)",
     )
-    parser.add_argument("--hypothesaes-tokens", type=int, default=2_000_000)
+    parser.add_argument("--loop-tokens", type=int, default=3_000_000, help="tokens of the train_sae.py loop row (0: no row)")
+    parser.add_argument("--no-flex", action="store_true", help="leave out the flex-attention row")
     parser.add_argument("--tokenizer", default="", help="folder with tokenizer.json; default: the fastsae cache of SmolLM2")
     parser.add_argument("--hypothesaes-sae", default="", help="path of HypotheSAEs' sae.py; default: the installed package's")
-    parser.add_argument("--json", default="", help="also write the numbers here")
-    parser.add_argument("--profile", default="", help="write the training step's kernel profile here")
-    parser.add_argument("--steps", type=int, default=50, help="timed steps of the step-alone row")
+    parser.add_argument("--out", default="", help="folder for bench_gpu.json and the kernel profiles")
     parser.add_argument("--smoke", action="store_true", help="check the script itself on the CPU with a tiny model and tiny sizes")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
 
     args.device, args.model_config = "cuda", LLAMA_31_8B
     if args.smoke:
-        args.device, args.model_config = (
-            "cpu",
-            {
-                **LLAMA_31_8B,
-                "vocab_size": 49152,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 14,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-            },
-        )
-        args.examples, args.baseline_examples, args.m, args.k, args.batch_sizes = 40, 5, 256, 8, [256, 512]
-        args.train_tokens, args.hypothesaes_tokens = 20_000, 4096
+        args.device, args.model_config = "cpu", TINY_LLAMA
+        args.examples, args.baseline_examples, args.batch_tokens = 40, 5, [1024, 2048]
+        args.ms, args.ks, args.batch_size, args.steps, args.data_batches, args.loop_tokens = [256, 512], [8, 16], 256, 3, 4, 4096
     elif not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU (or --smoke to check the script on the CPU).")
-    tokenizer_folder = args.tokenizer
-    if not tokenizer_folder:
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
         from fastsae.lm.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
 
         tokenizer = load_tokenizer(resolve_model(EMBEDDED_MODEL))
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     torch.backends.cuda.matmul.allow_tf32 = False
-    results = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke test)", "torch": torch.__version__}
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    report = Report(out / "bench_gpu.json" if out else None)
+    report.numbers.update(gpu=torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke test)", torch=torch.__version__)
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)
-        store, extraction_rows, results["extraction"] = bench_extraction(args, work, tokenizer)
-        r = results["extraction"]
-        print(
-            f"\n## Extraction: random Llama-3.1-8B config, bfloat16, layer {LAYER}, {r['n_examples']} examples, {r['n_tokens']:,} tokens (mean {r['mean_tokens']:.0f}), {results['gpu']}\n"
-        )
-        print(markdown_table(["method", "tokens/s", "vs one at a time", "of FLOP ceiling", "7K × 187 tokens"], extraction_rows))
-        print(
-            f"\nFLOP ceiling: {r['bf16_matmul_tflops']:.0f} TFLOP/s (8192³ bf16 matmul, measured) / (2 × {r['block_parameters'] / 1e9:.2f}B parameters of blocks 0–{LAYER}) = {r['ceiling']:,.0f} tokens/s"
-        )
-        sys.stdout.flush()
-        training_rows, results["training"] = bench_training(args, store, work)
-        d = args.model_config["hidden_size"]
-        print(f"\n## Training: Top-K d={d}, M={args.m}, K={args.k}, bfloat16 autocast, {args.train_tokens:,} tokens per loop row\n")
-        print(markdown_table(["method", "tokens/s", "of encoder matmul ceiling", "val FVU"], training_rows))
-        print(
-            f"\nEncoder matmul ceiling: ({args.batch_sizes[0]}×{d})@({d}×{args.m}) in bf16 = {results['training']['encoder_ceiling_tokens_per_s']:,.0f} tokens/s"
-        )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        extraction = Extraction(args, work, tokenizer, report)
+        for batch_tokens in args.batch_tokens:
+            extraction.capture_row(batch_tokens, packed=False, attention="sdpa")
+            extraction.capture_row(batch_tokens, packed=True, attention="sdpa")
+        store = extraction.store_row()
+        extraction.print_table()
+
+        training = Training(args, store, work, report)
+        training.grid()
+        if args.loop_tokens:
+            training.loop_row()
+        training.print_table()
+        if out:
+            training.profile(out / "training_profile.txt")
+        del training
+        gc.collect()
+
+        if not args.no_flex:
+            flex_attention_row(extraction, args.batch_tokens[0])
+            extraction.print_table()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ pass alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import importlib.util
 import math
@@ -35,10 +34,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peers import SparsifyTrainer, hypothesaes_module, quiet  # benchmarks/peers.py: a script's folder is on sys.path
 
 from fastsae.common.devices import cpu_has_bfloat16_instructions
 from fastsae.core.checkpoint import load_sae
-from fastsae.core.sae import _feature_rows  # the CSR matrix behind the SAE's encoder gradient on the CPU
+from fastsae.core.sae import feature_rows  # the CSR matrix behind the SAE's encoder gradient on the CPU
 from fastsae.train.train_sae import TrainConfig, TrainingRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +63,6 @@ class Result:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds
-
-
-def quiet():
-    """Send the peers' prints (import banners, progress bars) to stderr: stdout is for the table."""
-    return contextlib.redirect_stdout(sys.stderr)
 
 
 def version(package: str) -> str:
@@ -142,7 +137,7 @@ def kernel_milliseconds(batch_size: int, d: int, m: int, k: int, dtype: torch.dt
         "Top-K of the (B x M) pre-activations": lambda: pre.topk(k, dim=1, sorted=False),
         "gathered decoder (embedding_bag), forward + backward": decoder_forward_backward,
         "sparse encoder gradient (M x B) @ (B x d), COO": lambda: torch.sparse.mm(coo, x),
-        "sparse encoder gradient, CSR (fastsae's, on the CPU)": lambda: _feature_rows(indices, values, m) @ x,
+        "sparse encoder gradient, CSR (fastsae's, on the CPU)": lambda: feature_rows(indices, values, m) @ x,
     }
     return {name: milliseconds_or_nan(work) for name, work in kernels.items()}
 
@@ -188,12 +183,8 @@ def train_fastsae(run: TrainingRun) -> Result:
 
 def train_hypothesaes(train_x: torch.Tensor, args) -> Result:
     """HypotheSAEs' own `fit`: whole epochs of a shuffling DataLoader, Adam at its default lr."""
-    path = Path(importlib.util.find_spec("hypothesaes").submodule_search_locations[0]) / "sae.py"
-    spec = importlib.util.spec_from_file_location("hypothesaes_sae", path)  # its __init__ imports heavy things
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     torch.manual_seed(SEED)
-    sae = module.SparseAutoencoder(train_x.shape[1], args.m, args.k, device="cpu")
+    sae = hypothesaes_module().SparseAutoencoder(train_x.shape[1], args.m, args.k, device="cpu")
     epochs = max(1, round(args.tokens / len(train_x)))
     learning_rate = 5e-4  # fit()'s default
     started = time.perf_counter()
@@ -266,48 +257,15 @@ def train_saelens(train_x: torch.Tensor, args) -> Result:
 
 
 def train_sparsify(train_x: torch.Tensor, args) -> Result:
-    """sparsify's SparseCoder, stepped exactly as sparsify.Trainer's fvu hook and step do (it only runs on model hooks)."""
-    with quiet():
-        from schedulefree import ScheduleFreeWrapper
-        from sparsify import SparseCoder, SparseCoderConfig
-        from sparsify.config import TrainConfig as SparsifyConfig
-        from sparsify.sign_sgd import SignSGD
-    cfg = SparsifyConfig(SparseCoderConfig(num_latents=args.m, k=args.k))  # defaults: signum, auxk_alpha 0
-    torch.manual_seed(SEED)
-    sae = SparseCoder(train_x.shape[1], cfg.sae, "cpu", dtype=torch.float32)
-    learning_rate = cfg.lr or 5e-3 / (sae.num_latents / 2**14) ** 0.5  # its default for "signum"
-    optimizer = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=learning_rate)]), momentum=0.95)
-    optimizer.train()
-    since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
-    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
+    """sparsify's SparseCoder, stepped as its Trainer does (benchmarks/peers.py), on the CPU in float32."""
+    trainer = SparsifyTrainer(train_x.shape[1], args.m, args.k, "cpu")
     steps = args.tokens // args.batch_size
     started = time.perf_counter()
-    for step, x in enumerate(batches(train_x, steps, args.batch_size)):
-        if step == 0:
-            sae.b_dec.data = x.mean(0)  # centre the pre-activations at initialisation
-        sae.set_decoder_norm_to_unit_norm()
-        dead_mask = since_fired > cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
-        total_variance = (x - x.mean(0)).pow(2).sum()
-        out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
-        did_fire[out.latent_indices.flatten()] = True
-        loss = out.fvu + cfg.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        optimizer.step()
-        optimizer.zero_grad()
-        with torch.no_grad():
-            since_fired += len(x)
-            since_fired[did_fire] = 0
-            did_fire.zero_()
+    for x in batches(train_x, steps, args.batch_size):
+        trainer.step(x)
     seconds = time.perf_counter() - started
-    optimizer.eval()  # schedule-free: its checkpoints hold the averaged (eval) weights
-
-    def reconstruct(x):
-        top_acts, top_indices, _ = sae.encode(x)
-        mask = torch.zeros(len(x), sae.num_latents, dtype=torch.bool).scatter_(1, top_indices, top_acts > 0)
-        return sae.decode(top_acts, top_indices), mask
-
-    return Result(f"sparsify {version('eai-sparsify')}", steps * args.batch_size, seconds, f"{learning_rate:.2e}", reconstruct)
+    learning_rate = f"{trainer.learning_rate:.2e}"
+    return Result(f"sparsify {version('eai-sparsify')}", steps * args.batch_size, seconds, learning_rate, trainer.reconstruct)
 
 
 # --- the table -----------------------------------------------------------------------------

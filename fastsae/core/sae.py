@@ -9,7 +9,7 @@ matmul is dense. Features are chosen without autograd; their values get a
 gradient through `_SparseEncoderGradient`, whose backward touches only the
 chosen rows of `W_enc`. On the CPU the decoder is an `embedding_bag` over the
 active rows and nothing of size B × M is formed; on a GPU both become dense
-products for the matrix units (`DENSE_KERNELS`). Under bfloat16 autocast on a CPU
+products for the matrix units where M/K is small enough (`DENSE_KERNELS`). Under bfloat16 autocast on a CPU
 only the encoder's matmul runs in bf16 (2.2× float32's rate with AVX512-BF16); the
 gathers and the sparse gradient stay float32, as the CPU's bf16 versions of those
 kernels are slower (benchmarks/RESULTS.md), and so do the weights, losses and Adam.
@@ -110,14 +110,19 @@ class StepOutput(NamedTuple):
     fire_counts: torch.Tensor  # (M,) tokens on which each feature fired
 
 
-# On a GPU the matrix units make a dense (B × M) product cheaper than gathering K rows of d per
-# token, which is memory-bound (benchmarks/bench_gpu.py: 2.4× faster steps at d=4096, M=32768,
-# K=64); on a CPU the gathers win. None: decide by the tensor's device; tests force either path.
+# On a GPU the matrix units can make a dense (B × M) product cheaper than gathering K rows of d per
+# token, which is memory-bound: the product costs ∝ M, the gathers ∝ K. benchmarks/bench_gpu.py at
+# d=4096, batch 16384 on an H200 (RESULTS.md): dense 1.3× and 2.0× faster at M/K = 512 and 256; the
+# gathers 1.1–1.8× faster at M/K = 1024 to 4096. On a CPU the gathers always win.
+# None: decide by device and M/K; tests force either path.
 DENSE_KERNELS: bool | None = None
+DENSE_MAX_FEATURES_PER_ACTIVE = 512  # on a GPU, dense products up to this M/K (bench_gpu.py on an H200)
 
 
-def _dense_kernels(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda if DENSE_KERNELS is None else DENSE_KERNELS
+def _dense_kernels(tensor: torch.Tensor, n_features: int, n_active: int) -> bool:
+    if DENSE_KERNELS is not None:
+        return DENSE_KERNELS
+    return tensor.is_cuda and n_features <= DENSE_MAX_FEATURES_PER_ACTIVE * n_active
 
 
 class _SparseEncoderGradient(torch.autograd.Function):
@@ -145,13 +150,13 @@ class _SparseEncoderGradient(torch.autograd.Function):
         grad = grad.to(weight.dtype)
         n_tokens, n_features = indices.shape[0], weight.shape[0]
         grad_bias = torch.zeros(n_features, dtype=weight.dtype, device=weight.device).index_add_(0, indices.flatten(), grad.flatten())
-        if _dense_kernels(centered):
+        if _dense_kernels(centered, n_features, indices.shape[1]):
             grad_pre = torch.zeros(n_tokens, n_features, dtype=weight.dtype, device=weight.device).scatter_add_(1, indices, grad)
             enabled, dtype = ctx.autocast
             with torch.autocast(centered.device.type, dtype=dtype, enabled=enabled):
                 grad_weight = (grad_pre.T @ centered).to(weight.dtype)
         else:
-            grad_weight = _feature_rows(indices, grad, n_features) @ centered.to(weight.dtype)
+            grad_weight = feature_rows(indices, grad, n_features) @ centered.to(weight.dtype)
         if ctx.input_needs_grad:
             grad_centered = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum").to(centered.dtype)
         else:  # every row gets the batch mean: the sum that reaches b_dec is exact, and nothing else reads the rows
@@ -159,7 +164,7 @@ class _SparseEncoderGradient(torch.autograd.Function):
         return None, grad_centered, grad_weight, grad_bias, None, None
 
 
-def _feature_rows(indices: torch.Tensor, values: torch.Tensor, n_features: int) -> torch.Tensor:
+def feature_rows(indices: torch.Tensor, values: torch.Tensor, n_features: int) -> torch.Tensor:
     """The sparse (M, B) matrix holding values[b, j] at (indices[b, j], b), in CSR form (rows sorted by feature).
 
     Its product with a (B, d) matrix runs in parallel over features, where PyTorch's COO product runs on
@@ -376,8 +381,8 @@ class SparseAutoencoder(nn.Module):
         return self._decoder_sum(SparseCode(values, code.indices)) + self.b_dec
 
     def _decoder_sum(self, code: SparseCode) -> torch.Tensor:
-        """Σ_j values[j] · W_dec[indices[j]]: gathered rows on the CPU, a dense product on a GPU (see DENSE_KERNELS)."""
-        if _dense_kernels(code.values):
+        """Σ_j values[j] · W_dec[indices[j]]: gathered rows, or a dense product where that is faster (see DENSE_KERNELS)."""
+        if _dense_kernels(code.values, self.spec.m, code.indices.shape[1]):
             dense = torch.zeros(len(code.values), self.spec.m, dtype=code.values.dtype, device=code.values.device)
             return dense.scatter(1, code.indices, code.values) @ self.W_dec
         return F.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values.to(self.W_dec.dtype), mode="sum")
