@@ -2,16 +2,21 @@
 
 The batches are checked against sae-dashboard 0.8.0's `NeuronpediaDashboardBatch` (the layout Neuronpedia's importer reads)
 and mapped onto the `neuronpedia` package's `Feature`, `Activation`, `Logit` and `Explanation`, as docs/export.md uploads them;
-the numbers against SAELens' own SAE from the export, over the whole store.
+the numbers against SAELens' own SAE from the export, over the whole store, and the interval groups against SAEDashboard's
+own code for them run on the store's windows.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import shutil
 import warnings
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -22,8 +27,17 @@ from sae_dashboard.neuronpedia.neuronpedia_dashboard import NeuronpediaDashboard
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.export.export_sae import ExportConfig, export_sae
-from fastsae.export.neuronpedia import EXPLANATIONS_FILE, FEATURES_PER_BATCH, LOGIT_TOKENS, NEURONPEDIA_FOLDER
+from fastsae.export.neuronpedia import (
+    EXPLANATIONS_FILE,
+    FEATURES_PER_BATCH,
+    INTERVAL_EXAMPLES,
+    LOGIT_TOKENS,
+    N_INTERVALS,
+    NEURONPEDIA_FOLDER,
+    WINDOW_TOKENS,
+)
 from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
+from fastsae.interpret.windows import WindowGrid
 from fastsae.lm.models import load_tokenizer, resolve_model
 from fastsae.store.activation_store import ActivationStore
 from fastsae.train.train_sae import TrainConfig, train_saes
@@ -85,9 +99,7 @@ def explained_csv(trained, tiny_model_folder, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def exported(trained, explained_csv, offset_model_folder, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("np-export") / "export"
+def export_to(output: Path, trained: Path, explained_csv: Path, model_folder: Path) -> Path:
     config = ExportConfig(
         checkpoint=str(trained),
         output=str(output),
@@ -95,10 +107,15 @@ def exported(trained, explained_csv, offset_model_folder, tmp_path_factory) -> P
         neuronpedia=True,
         neuronpedia_set=SET_NAME,
         neuronpedia_examples=EXAMPLES,
-        model_name=str(offset_model_folder),  # the tiny store does not name its model
+        model_name=str(model_folder),  # the tiny store does not name its model
         device="cpu",
     )
     return export_sae(config)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, explained_csv, offset_model_folder, tmp_path_factory) -> Path:
+    return export_to(tmp_path_factory.mktemp("np-export") / "export", trained, explained_csv, offset_model_folder)
 
 
 def batches(folder: Path) -> list[dict]:
@@ -108,6 +125,19 @@ def batches(folder: Path) -> list[dict]:
 
 def features_by_index(folder: Path) -> dict[int, dict]:
     return {feature["feature_index"]: feature for batch in batches(folder) for feature in batch["features"]}
+
+
+def is_top(example: dict) -> bool:
+    """SAEDashboard's "TOP ACTIVATIONS" group: bin_min -1; every other example belongs to an activation interval."""
+    return example["bin_min"] == -1
+
+
+def activation(model_id: str, source: str, index: int, example: dict) -> Activation:
+    """An example as docs/export.md uploads it: an interval group's tag becomes the package's quantile fields."""
+    if is_top(example):
+        return Activation(model_id, source, index, example["tokens"], example["values"])
+    interval = {"quantileMin": example["bin_min"], "quantileMax": example["bin_max"], "quantileFraction": example["bin_contains"]}
+    return Activation(model_id, source, index, example["tokens"], example["values"], **interval)
 
 
 def test_every_file_is_accepted_by_saedashboard_and_the_neuronpedia_package(exported, explained_csv):
@@ -133,16 +163,13 @@ def test_every_file_is_accepted_by_saedashboard_and_the_neuronpedia_package(expo
                 density=record["frac_nonzero"],
                 top_logits=[Logit(token, value) for token, value in zip(record["pos_str"], record["pos_values"], strict=True)],
                 bottom_logits=[Logit(token, value) for token, value in zip(record["neg_str"], record["neg_values"], strict=True)],
-                activations=[
-                    Activation(batch["model_id"], source, record["feature_index"], example["tokens"], example["values"])
-                    for example in record["activations"]
-                ],
+                activations=[activation(batch["model_id"], source, record["feature_index"], example) for example in record["activations"]],
                 explanations=[explanation_of[record["feature_index"]]] if record["feature_index"] in explanation_of else None,
             )
             NPFeature.model_validate({"model": feature.modelId, "source": feature.source, "index": feature.index}, strict=True)
-            for activation in feature.activations:
-                NPActivation.model_validate({"tokens": activation.tokens, "values": activation.values}, strict=True)
-                assert len(activation.tokens) == len(activation.values)
+            for example in feature.activations:
+                NPActivation.model_validate({"tokens": example.tokens, "values": example.values}, strict=True)
+                assert len(example.tokens) == len(example.values)
             assert 0 <= feature.density <= 1 and len(feature.top_logits) == len(feature.bottom_logits) == LOGIT_TOKENS
     assert indices == list(range(M))
     table = pd.read_csv(explained_csv).dropna(subset=["explanation"])
@@ -179,7 +206,7 @@ def test_activations_density_and_logits_are_those_of_saelens_sae_over_the_store(
         assert max(top["values"]) == pytest.approx(float(maxima[feature]), abs=1e-3)
         assert top["bin_max"] == pytest.approx(float(maxima[feature]), abs=1e-3)
         assert top["tokens"][top["qualifying_token_index"]] == tokenizer.decode([int(token_ids[argmax[feature]])])
-        strengths = [max(example["values"]) for example in record["activations"]]
+        strengths = [max(example["values"]) for example in record["activations"] if is_top(example)]
         assert strengths == sorted(strengths, reverse=True) and len(strengths) <= EXAMPLES
         assert sum(record["freq_hist_data_bar_heights"]) == int((codes[:, feature] > 0).sum())
 
@@ -194,6 +221,77 @@ def test_activations_density_and_logits_are_those_of_saelens_sae_over_the_store(
         assert record["neg_values"] == pytest.approx((-bottom_logits.values[feature]).tolist(), abs=1e-3)
         assert record["pos_str"] == tokenizer.batch_decode([[int(t)] for t in top_logits.indices[feature]])
         assert record["neg_str"] == tokenizer.batch_decode([[int(t)] for t in bottom_logits.indices[feature]])
+
+
+INTERVAL_TITLE = re.compile(r"INTERVAL (\S+) - (\S+)<br>CONTAINS (\S+)%")  # SAEDashboard's name for an interval group
+
+
+def test_interval_groups_are_saedashboards_over_the_stores_windows(exported, tiny_store, offset_model_folder):
+    """SAEDashboard's own interval code (`get_indices_dict`, with its NeuronpediaRunner's settings), run on every window's
+    activation recomputed with SAELens' SAE over the whole store (a window's maximum, 0 where the feature is silent), names
+    the groups the files hold, in their order, with their edges, shares and sizes; every drawn example is a window of the
+    store with its recomputed values, its activation inside its interval."""
+    from sae_dashboard.components_config import SequencesConfig
+    from sae_dashboard.sequence_data_generator import SequenceDataGenerator
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(exported / HOOK)
+    store = ActivationStore(tiny_store)
+    with torch.no_grad():
+        codes = sae.encode(store.activations(0, store.n_tokens).float())
+    codes[torch.from_numpy(store.special_mask(0, store.n_tokens))] = 0  # trained without special tokens: they never count
+    grid = WindowGrid.after_leading_template(store, WINDOW_TOKENS)
+    spans = [grid.span(window)[1:] for window in range(len(grid))]
+    window_maxima = torch.stack([codes[start:stop].max(0).values for start, stop in spans])  # (windows, M)
+    tokenizer = load_tokenizer(resolve_model(str(offset_model_folder)))
+    token_ids = store.token_ids(0, store.n_tokens)
+    windows_with_tokens = defaultdict(list)
+    for window, (start, stop) in enumerate(spans):
+        windows_with_tokens[tuple(tokenizer.batch_decode([[int(t)] for t in token_ids[start:stop]]))].append(window)
+    sequences = SequencesConfig(buffer=None, n_quantiles=N_INTERVALS, top_acts_group_size=EXAMPLES, quantile_group_size=INTERVAL_EXAMPLES)
+    layout = SimpleNamespace(feature_centric_layout=SimpleNamespace(seq_cfg=sequences))
+    saedashboard = SequenceDataGenerator(layout, tokens=torch.zeros(1, len(grid), dtype=torch.long), W_U=None)
+
+    drawn = silent = 0
+    for feature, record in features_by_index(exported).items():
+        tags = itertools.groupby(
+            record["activations"], key=lambda example: (example["bin_min"], example["bin_max"], example["bin_contains"])
+        )
+        groups = [(tag, list(examples)) for tag, examples in tags]
+        if not window_maxima[:, feature].any():
+            assert groups == []  # a feature that never fires has no groups at all
+            continue
+        titles, _, _ = saedashboard.get_indices_dict(None, window_maxima[:, feature][None])
+        (top_title, _), *interval_titles = titles.items()
+        (top_tag, _), *interval_groups = groups
+        assert top_tag[0] == top_tag[2] == -1 and top_tag[1] == pytest.approx(float(top_title.split(" = ")[1]), abs=1e-3)
+        assert len(interval_groups) == sum(len(indices) > 0 for _, indices in interval_titles)
+        nonempty = ((title, indices) for title, indices in interval_titles if len(indices))  # an empty interval has no group
+        for ((bin_min, bin_max, bin_contains), examples), (title, indices) in zip(interval_groups, nonempty):  # highest first
+            lower, upper, percent = (float(number) for number in INTERVAL_TITLE.fullmatch(title).groups())
+            assert (bin_min, bin_max) == pytest.approx((lower, upper), abs=1.5e-3)  # both written to 3 decimals
+            assert bin_contains == pytest.approx(percent / 100, abs=1.5e-5) and len(examples) == len(indices)
+        for (bin_min, bin_max, _), examples in interval_groups:
+            strengths = [max(example["values"]) for example in examples]
+            assert strengths == sorted(strengths, reverse=True) and all(bin_min <= strength <= bin_max for strength in strengths)
+            for example in examples:
+                assert example["values"][example["qualifying_token_index"]] == max(example["values"])
+                same = [
+                    window
+                    for window in windows_with_tokens[tuple(example["tokens"])]
+                    if np.allclose(example["values"], codes[slice(*spans[window]), feature], atol=1e-3)
+                ]
+                assert same and all(bin_min - 1e-3 <= window_maxima[window, feature] <= bin_max + 1e-3 for window in same)
+                drawn += 1
+                silent += max(example["values"]) == 0
+    assert drawn > 100 and silent > 10  # the lowest interval also draws windows where the feature is silent, as SAEDashboard's
+
+
+def test_a_rerun_writes_the_same_files(exported, trained, explained_csv, offset_model_folder, tmp_path):
+    """The interval draws are seeded: exporting the same SAE again writes the same bytes."""
+    again = export_to(tmp_path / "again", trained, explained_csv, offset_model_folder)
+    written = sorted((exported / NEURONPEDIA_FOLDER).iterdir())
+    assert [path.read_bytes() for path in written] == [(again / NEURONPEDIA_FOLDER / path.name).read_bytes() for path in written]
 
 
 def test_the_card_lists_the_neuronpedia_folder_and_a_plain_export_has_none(exported, trained, tmp_path):

@@ -65,8 +65,8 @@ class ExportConfig:
     private: bool = setting(True, "create the repo private (an existing repo keeps its visibility)")
     neuronpedia: bool = setting(
         False,
-        "also write Neuronpedia's upload files in neuronpedia/: every feature's top activating windows, logit lens, density "
-        "and explanation (reads the training store and the model)",
+        "also write Neuronpedia's upload files in neuronpedia/: every feature's top activating windows and windows drawn from its "
+        "activation intervals, logit lens, density and explanation (reads the training store and the model)",
     )
     neuronpedia_set: str = setting(
         "", "Neuronpedia source set name (letters, digits, hyphens); the SAE becomes source <layer>-<set>; empty: fastsae-<hook>-<M>"

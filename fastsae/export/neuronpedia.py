@@ -1,4 +1,4 @@
-"""Neuronpedia's upload files for an exported SAE: every feature's top activations, logit lens, density and explanation.
+"""Neuronpedia's upload files for an exported SAE: every feature's activation examples, logit lens, density and explanation.
 
     neuronpedia/
       batch-0.json  batch-1.json  …   128 features a file, in the layout SAEDashboard's NeuronpediaRunner writes
@@ -20,14 +20,23 @@ definitions wherever one applies:
   SAEDashboard (the final norm's gain folded in, centred over the vocabulary).
 - Top activations form one group, as SAEDashboard's "TOP ACTIVATIONS" group: `bin_min` and
   `bin_contains` -1, `bin_max` the feature's maximum; `qualifying_token_index` is the strongest token.
-- Values are rounded to 3 decimals, as SAEDashboard rounds them.
+- Interval groups follow it, as SAEDashboard's "INTERVAL" groups with its NeuronpediaRunner's defaults
+  (`n_quantiles` 5, `quantile_group_size` 5): [0, the feature's maximum] cut into 5 equal closed
+  intervals, listed highest first, each with 5 examples drawn uniformly without replacement from what
+  lies in it (seeded: a rerun writes the same files), tagged with `bin_min` and `bin_max` its edges and
+  `bin_contains` the share of the store in it. Where the feature is silent its activation is 0, so the
+  lowest interval also holds and draws from the silent part of the store; an empty interval has no group.
+- Values are rounded to 3 decimals, as SAEDashboard rounds them; `bin_contains` to 5, as its "CONTAINS
+  12.345%" title writes it.
 
 What differs, and why: the examples are interpret_sae.py's windows (32 tokens cut as delphi cuts them,
-one per region, special tokens never counted unless training saw them), not 128-token prompts; the
-density `frac_nonzero` is over the store's counted tokens; the activation histogram
-(`freq_hist_data_*`) is interpretation's log-spaced one (8 bins a decade, the bars at their geometric
-centres, empty bins left out), which a single pass can keep. Neuron alignment, correlations, the
-logit histogram, the decoder-weight distribution and `vector` need data we do not compute: empty.
+one per region, special tokens never counted unless training saw them), not 128-token prompts, so the
+intervals hold windows, by their activation (their maximum), where SAEDashboard's hold tokens, and an
+interval's examples are listed strongest first rather than in the order drawn; the density
+`frac_nonzero` is over the store's counted tokens; the activation histogram (`freq_hist_data_*`) is
+interpretation's log-spaced one (8 bins a decade, the bars at their geometric centres, empty bins left
+out), which a single pass can keep. Neuron alignment, correlations, the logit histogram, the
+decoder-weight distribution and `vector` need data we do not compute: empty.
 
 SAEDashboard's batches have no place for explanations; explanations.json holds them with the fields
 of the `neuronpedia` package's `Explanation` (modelId, source, index, text), which its
@@ -56,7 +65,7 @@ from fastsae.core.sae_info import SAEInfo
 from fastsae.core.saelens_export import saelens_config
 from fastsae.core.trained_sae import LanguageModel, TrainedSAE
 from fastsae.interpret.features import HISTOGRAM_EDGES, FeatureStatistics, collect_feature_statistics, logit_lens, unembedding_matrix
-from fastsae.interpret.windows import Window, WindowGrid, collect_windows, read_windows
+from fastsae.interpret.windows import ChunkWindows, Window, WindowGrid, WindowReservoir, iter_window_activations, read_windows
 from fastsae.store.activation_store import ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -67,6 +76,10 @@ FEATURES_PER_BATCH = 128  # SAEDashboard's n_features_at_a_time; also the most t
 WINDOW_TOKENS = 32  # interpret_sae.py's default WINDOW_TOKENS (delphi's example_ctx_len), so the examples match the CSV's
 LOGIT_TOKENS = 10  # SAEDashboard's logits table: 10 promoted and 10 suppressed tokens
 DECIMALS = 3  # SAEDashboard rounds every value to 3 decimals
+N_INTERVALS = 5  # SAEDashboard's NeuronpediaRunnerConfig.n_quantiles: the activation intervals examples are also drawn from
+INTERVAL_EXAMPLES = 5  # its quantile_group_size: windows drawn from each interval
+INTERVAL_SEED = 0  # the draws are seeded, so a rerun writes the same files
+CONTAINS_DECIMALS = 5  # SAEDashboard writes an interval's share as a percentage to 3 decimals
 # Where each bar of interpretation's log-spaced histogram stands: the geometric centre of its bin.
 HISTOGRAM_CENTRES = (HISTOGRAM_EDGES[:-1].double() * HISTOGRAM_EDGES[1:].double()).sqrt().numpy()
 SET_NAME = re.compile(r"[A-Za-z0-9-]+")  # Neuronpedia's rule for a source set's name
@@ -139,26 +152,85 @@ def logit_table(directions: torch.Tensor, unembedding: torch.Tensor, k: int = LO
     return LogitTable(promoted, logits(promoted), suppressed, logits(suppressed))
 
 
+class IntervalGroup(NamedTuple):
+    """One of a feature's activation intervals: its edges, the share of the store's windows in it, the windows drawn from it."""
+
+    lower: float
+    upper: float
+    contains: float
+    windows: np.ndarray  # indices into the window grid
+
+
+class IntervalSample:
+    """SAEDashboard's interval groups of every feature, over every window of the store, from the chunks of one pass.
+
+    A feature's range [0, its maximum] is cut into N_INTERVALS equal closed intervals (SAEDashboard's
+    `torch.linspace(0, max, n_quantiles + 1)`), and a window belongs to those that hold its activation: 0 where
+    the feature is silent, so the lowest interval also holds the silent windows, as SAEDashboard's holds the
+    silent tokens. Each (window, feature) pair gets a uniform random priority and each interval keeps its `size`
+    highest: a uniform draw without replacement, as SAEDashboard's `random_range_indices`, in intervals × size × M.
+    """
+
+    def __init__(self, maxima: np.ndarray, n_windows: int, size: int, seed: int) -> None:
+        self.maxima = maxima.astype(np.float64)
+        self.edges = self.maxima[:, None] * np.linspace(0.0, 1.0, N_INTERVALS + 1)  # (M, N_INTERVALS + 1)
+        self.n_windows = n_windows
+        self.counts = np.zeros((N_INTERVALS, len(maxima)), dtype=np.int64)
+        self.priority = np.full((N_INTERVALS, size, len(maxima)), -1.0)  # -1: no window kept there yet
+        self.window = np.full((N_INTERVALS, size, len(maxima)), -1)
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, chunk: ChunkWindows, grid: WindowGrid) -> None:
+        """Count and draw from one chunk's windows: those with no (window, feature) pair in it are silent."""
+        size = self.priority.shape[1]
+        activation = np.zeros((len(chunk.windows), len(self.maxima)))
+        activation[grid.index_of(chunk.peaks) - chunk.windows.start, chunk.slots] = chunk.values
+        # Capped at the maximum, which the statistics pass found in chunks of other sizes: their arithmetic may differ in
+        # the last bit, and the strongest window must stay in the top interval.
+        activation = np.minimum(activation, self.maxima)
+        priority = self._rng.random(activation.shape)
+        windows = np.broadcast_to(np.arange(chunk.windows.start, chunk.windows.stop)[:, None], activation.shape)
+        for interval in range(N_INTERVALS):
+            inside = (self.edges[:, interval] <= activation) & (activation <= self.edges[:, interval + 1])
+            self.counts[interval] += inside.sum(0)
+            candidates = np.concatenate([self.priority[interval], np.where(inside, priority, -1.0)])
+            keep = np.argpartition(-candidates, size - 1, axis=0)[:size]  # the `size` highest priorities of each feature
+            self.priority[interval] = np.take_along_axis(candidates, keep, 0)
+            self.window[interval] = np.take_along_axis(np.concatenate([self.window[interval], windows]), keep, 0)
+
+    def groups(self, feature: int) -> list[IntervalGroup]:
+        """The feature's non-empty intervals, highest first as SAEDashboard lists them; none for a feature that never fires."""
+        if self.maxima[feature] <= 0:
+            return []
+        return [
+            IntervalGroup(
+                float(self.edges[feature, interval]),
+                float(self.edges[feature, interval + 1]),
+                float(self.counts[interval, feature] / self.n_windows),
+                self.window[interval, :, feature][self.priority[interval, :, feature] >= 0],
+            )
+            for interval in reversed(range(N_INTERVALS))
+            if self.counts[interval, feature]
+        ]
+
+
 def _rounded(values: Any) -> list[float]:
     return np.round(np.asarray(values, dtype=np.float64), DECIMALS).tolist()
 
 
-def activation_record(window: Window, feature_max: float) -> dict[str, Any]:
-    """One example in SAEDashboard's keys, in the "TOP ACTIVATIONS" group."""
-    return {
-        "bin_min": -1,
-        "bin_max": round(feature_max, DECIMALS),
-        "bin_contains": -1,
-        "tokens": window.tokens,
-        "values": _rounded(window.activations),
-        "qualifying_token_index": window.peak,
-    }
+def activation_records(windows: list[Window], bin_min: float, bin_max: float, bin_contains: float) -> list[dict[str, Any]]:
+    """A group of examples in SAEDashboard's keys, each tagged with its group (bin_min and bin_contains -1: the top activations)."""
+    tag = {"bin_min": round(bin_min, DECIMALS), "bin_max": round(bin_max, DECIMALS), "bin_contains": round(bin_contains, CONTAINS_DECIMALS)}
+    return [
+        {**tag, "tokens": window.tokens, "values": _rounded(window.activations), "qualifying_token_index": window.peak}
+        for window in windows
+    ]
 
 
 def feature_record(
-    feature: int, top: list[Window], statistics: FeatureStatistics, lens: LogitTable, tokenizer, dataset: dict[str, Any]
+    feature: int, examples: list[dict[str, Any]], statistics: FeatureStatistics, lens: LogitTable, tokenizer, dataset: dict[str, Any]
 ) -> dict[str, Any]:
-    """One feature in SAEDashboard's keys."""
+    """One feature in SAEDashboard's keys, with its examples' records."""
     heights = statistics.histogram[feature]
     filled = np.flatnonzero(heights)
     return {
@@ -171,7 +243,7 @@ def feature_record(
         "frac_nonzero": float(statistics.frequency[feature]),
         "freq_hist_data_bar_values": _rounded(HISTOGRAM_CENTRES[filled]),
         "freq_hist_data_bar_heights": heights[filled].tolist(),
-        "activations": [activation_record(window, float(statistics.max_activation[feature])) for window in top],
+        "activations": examples,
         **dataset,
     }
 
@@ -195,7 +267,8 @@ def feature_records(
 
     Two passes over the store, as interpret_sae.py makes them: statistics of every feature (their
     example-level maxima memory-mapped in `scratch`), then the `examples` strongest windows of every
-    feature. Each feature's windows are read only when its record is asked for, so memory stays bounded.
+    feature and the draws from its activation intervals, which the maxima define. Each feature's windows
+    are read only when its record is asked for, so memory stays bounded.
     """
     tokenizer = language_model.tokenizer
     sae = trained.sae.to(device)
@@ -210,10 +283,20 @@ def feature_records(
         "dataset": store.manifest.dataset.path or "",
     }
     statistics = collect_feature_statistics(store, sae, include_special=include_special, example_max_file=scratch / "example_max.npy")
-    windows = collect_windows(store, sae, range(sae.spec.m), grid, examples, include_special, reservoir=0)
+    strongest = WindowReservoir(sae.spec.m, 0, examples)
+    intervals = IntervalSample(statistics.max_activation, len(grid), INTERVAL_EXAMPLES, INTERVAL_SEED)
+    for chunk in iter_window_activations(store, sae, range(sae.spec.m), grid, include_special):
+        strongest.add(chunk.slots, chunk.values, chunk.peaks)
+        intervals.add(chunk, grid)
+    top = strongest.result()
     for feature in tqdm(range(sae.spec.m), desc="Neuronpedia features", unit="feature"):
-        top = read_windows(store, sae, feature, tokenizer, grid, grid.index_of(windows[feature].top_peaks), include_special)
-        yield feature_record(feature, top, statistics, lens, tokenizer, dataset)
+        windows = read_windows(store, sae, feature, tokenizer, grid, grid.index_of(top[feature].top_peaks), include_special)
+        records = activation_records(windows, -1, float(statistics.max_activation[feature]), -1)
+        for group in intervals.groups(feature):
+            drawn = read_windows(store, sae, feature, tokenizer, grid, group.windows, include_special)
+            strongest_first = sorted(drawn, key=lambda window: window.activation, reverse=True)
+            records += activation_records(strongest_first, group.lower, group.upper, group.contains)
+        yield feature_record(feature, records, statistics, lens, tokenizer, dataset)
 
 
 @dataclass(frozen=True)

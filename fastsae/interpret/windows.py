@@ -16,8 +16,9 @@ is bounded by features × (RESERVOIR + top), never by the store.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -139,7 +140,55 @@ class WindowReservoir:
         return windows
 
 
+class ChunkWindows(NamedTuple):
+    """One chunk's share of the pass: its windows, and each (window, feature) pair where the feature fires."""
+
+    windows: range  # the grid's windows that start in the chunk: each window of the store is in exactly one chunk
+    slots: np.ndarray  # (pairs,) the pair's feature, as a position in `features`
+    values: np.ndarray  # (pairs,) the window's activation: the feature's maximum in it
+    peaks: np.ndarray  # (pairs,) store token index of that maximum
+
+
 @torch.no_grad()
+def iter_window_activations(
+    store: ActivationStore,
+    sae: SparseAutoencoder,
+    features: Sequence[int],
+    grid: WindowGrid,
+    include_special: bool = False,
+    chunk_tokens: int = 4096,
+) -> Iterator[ChunkWindows]:
+    """One pass over the store for `features` only, a chunk at a time: where each feature fires in each window."""
+    device = next(sae.parameters()).device
+    columns = torch.tensor(list(features), dtype=torch.long, device=device)
+    width = len(features)
+    # Chunks end where a window starts, so no window is split between two chunks.
+    cuts = grid.starts[np.searchsorted(grid.starts, np.arange(chunk_tokens, store.n_tokens, chunk_tokens), side="right") - 1]
+    bounds = np.unique(np.concatenate([[0], cuts, [store.n_tokens]]))
+    for start, stop in tqdm(zip(bounds[:-1].tolist(), bounds[1:].tolist()), total=len(bounds) - 1, desc="activating windows", unit="chunk"):
+        windows = range(*np.searchsorted(grid.starts, [start, stop]).tolist())
+        chunk = store.chunk(start, stop)
+        codes = sae.encode(chunk.activations.float().to(device))[:, columns]
+        if not include_special:
+            codes[torch.from_numpy(chunk.special_mask).to(device)] = 0
+        rows, slots = torch.nonzero(codes > 0, as_tuple=True)
+        if not len(rows):
+            yield ChunkWindows(windows, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+            continue
+        token_window = grid.index_of(np.arange(start, stop))
+        token_window -= token_window[0]
+        cell_windows = torch.from_numpy(token_window).to(device)[rows]
+        # Positive floats order like their bit patterns: a key of (activation bits, row) per firing token lets one
+        # scatter-amax per (window, feature) find the window's maximum and the row it is on.
+        keys = (codes[rows, slots].contiguous().view(torch.int32).long() << 32) | rows
+        best = torch.full((int(token_window[-1] + 1) * width,), -1, dtype=torch.long, device=device)
+        best.scatter_reduce_(0, cell_windows * width + slots, keys, reduce="amax")
+        cells = torch.nonzero(best >= 0).squeeze(1)
+        best = best[cells]
+        values = (best >> 32).to(torch.int32).view(torch.float32)
+        yield ChunkWindows(windows, (cells % width).cpu().numpy(), values.cpu().numpy(), start + (best & 0xFFFFFFFF).cpu().numpy())
+
+
 def collect_windows(
     store: ActivationStore,
     sae: SparseAutoencoder,
@@ -152,33 +201,9 @@ def collect_windows(
     reservoir: int = RESERVOIR,
 ) -> dict[int, FeatureWindows]:
     """One pass over the store for `features` only: each one's activating windows (see the module docstring)."""
-    device = next(sae.parameters()).device
-    columns = torch.tensor(list(features), dtype=torch.long, device=device)
-    width = len(features)
-    kept = WindowReservoir(width, reservoir, top_n, seed)
-    # Chunks end where a window starts, so no window is split between two chunks.
-    cuts = grid.starts[np.searchsorted(grid.starts, np.arange(chunk_tokens, store.n_tokens, chunk_tokens), side="right") - 1]
-    bounds = np.unique(np.concatenate([[0], cuts, [store.n_tokens]]))
-    for start, stop in tqdm(zip(bounds[:-1].tolist(), bounds[1:].tolist()), total=len(bounds) - 1, desc="activating windows", unit="chunk"):
-        chunk = store.chunk(start, stop)
-        codes = sae.encode(chunk.activations.float().to(device))[:, columns]
-        if not include_special:
-            codes[torch.from_numpy(chunk.special_mask).to(device)] = 0
-        rows, slots = torch.nonzero(codes > 0, as_tuple=True)
-        if not len(rows):
-            continue
-        token_window = grid.index_of(np.arange(start, stop))
-        token_window -= token_window[0]
-        windows = torch.from_numpy(token_window).to(device)[rows]
-        # Positive floats order like their bit patterns: a key of (activation bits, row) per firing token lets one
-        # scatter-amax per (window, feature) find the window's maximum and the row it is on.
-        keys = (codes[rows, slots].contiguous().view(torch.int32).long() << 32) | rows
-        best = torch.full((int(token_window[-1] + 1) * width,), -1, dtype=torch.long, device=device)
-        best.scatter_reduce_(0, windows * width + slots, keys, reduce="amax")
-        cells = torch.nonzero(best >= 0).squeeze(1)
-        best = best[cells]
-        values = (best >> 32).to(torch.int32).view(torch.float32)
-        kept.add((cells % width).cpu().numpy(), values.cpu().numpy(), start + (best & 0xFFFFFFFF).cpu().numpy())
+    kept = WindowReservoir(len(features), reservoir, top_n, seed)
+    for chunk in iter_window_activations(store, sae, features, grid, include_special, chunk_tokens):
+        kept.add(chunk.slots, chunk.values, chunk.peaks)
     return dict(zip(features, kept.result()))
 
 
