@@ -5,6 +5,7 @@ words and seed)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import random
@@ -239,6 +240,44 @@ def test_evaluate_sae_runs_absorption_when_evals_names_it(tiny_checkpoint, tiny_
     assert stage_outputs == [ABSORPTION_FILE]
     with pytest.raises(UserError, match="ABSORPTION_WORDS must be"):
         EvalConfig(evals=["absorption"], absorption_words=-2)
+
+
+def without_run_stamps(result: dict) -> dict:
+    """absorption.json less what differs between any two runs: the time taken, and SAEBench's run id and date."""
+    stamped = {key: value for key, value in result.items() if key != "seconds"}
+    if stamped["saebench_absorption"]:
+        block = stamped["saebench_absorption"]
+        stamped["saebench_absorption"] = {key: value for key, value in block.items() if key not in ("eval_id", "datetime_epoch_millis")}
+    return stamped
+
+
+def test_a_sweep_runs_the_spelling_pass_once_and_writes_what_each_sae_alone_writes(tiny_store, tiny_model_folder, tmp_path, monkeypatch):
+    training = TrainConfig(
+        store=str(tiny_store), output_dir=str(tmp_path / "runs"), sweep=["topk:64:4", "topk:32:4"], batch_size=256, epochs=1.0
+    )
+    checkpoints = [result["checkpoint"] for result in train_saes(training)]
+    # The random model cannot spell: a gate that any letter passes lets phase 2 run on the shared probe too.
+    open_gate = functools.partial(AbsorptionSettings, min_GT_probe_f1=0.0, min_feats_for_eval=2)
+    monkeypatch.setattr("fastsae.evaluate.evaluate_sae.AbsorptionSettings", open_gate)
+    calls = []
+
+    def counted_spelling_probe(*args, **kwargs):
+        calls.append(args[2:4])  # layer, hook point
+        return spelling_probe(*args, **kwargs)
+
+    monkeypatch.setattr("fastsae.evaluate.absorption.spelling_probe", counted_spelling_probe)
+    settings = dict(evals=["absorption"], model_name=str(tiny_model_folder), absorption_words=300, device="cpu")
+
+    swept = [result["absorption"] for result in evaluate_sae(EvalConfig(checkpoint=checkpoints, **settings))]
+    assert calls == [(2, "resid_post")]
+    written = [json.loads((Path(checkpoint).parent / ABSORPTION_FILE).read_text()) for checkpoint in checkpoints]
+    assert written == swept
+    alone = [evaluate_sae(EvalConfig(checkpoint=[checkpoint], **settings))[0]["absorption"] for checkpoint in checkpoints]
+    assert len(calls) == 3
+    assert [without_run_stamps(result) for result in written] == [without_run_stamps(result) for result in alone]
+    # Not a vacuous comparison: both SAEs were measured, each with latents of its own.
+    assert [result["status"] for result in written] == ["measured", "measured"]
+    assert written[0]["letters"] != written[1]["letters"]
 
 
 def test_the_result_validates_against_saebench_schema(tiny_checkpoint, tiny_model_folder):

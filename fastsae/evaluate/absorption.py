@@ -4,9 +4,10 @@ Absorption (Chanin et al., "A is for Absorption"): a latent that should fire for
 stays silent on some tokens where a more specific latent ("short") fires instead and carries the general direction.
 The evaluation has two phases:
 
-1. **What the model knows** (`spelling_probe`, the same for every SAE on this model and hook): SAEBench's prompted
-   spelling task (`spelling_task.py`) on the model's own vocabulary; the activations at the SAE's hook on each
-   word; a logistic probe per first letter trained on 80% of the words and scored on the rest. When fewer than
+1. **What the model knows** (`spelling_probe`, the same for every SAE on this model and hook, so `AbsorptionSweep`
+   runs it once for all of them): SAEBench's prompted spelling task (`spelling_task.py`) on the model's own
+   vocabulary; the activations at the SAE's hook on each word; a logistic probe per first letter trained on 80% of
+   the words and scored on the rest. When fewer than
    `min_feats_for_eval` letters reach a held-out F1 above `min_GT_probe_f1` (SAEBench's own gate: 20 letters,
    F1 > 0.6), the model does not spell well enough here and no absorption is reported, only the probe's scores.
    Otherwise each held-out word the probe gets right is asked about again in a fresh prompt.
@@ -428,30 +429,62 @@ def absorption_result(
     }
 
 
-def run_absorption(trained: TrainedSAE, device: str, config: AbsorptionSettings, model_name: str = "") -> dict[str, Any]:
-    """First-letter absorption of `trained` on its model (or `model_name`, a moved copy of it); see the module docstring."""
-    info = trained.info
-    if info.hook_point not in HOOK_POINTS or info.layer is None:
-        raise UserError(
-            f"{trained.checkpoint} reads {info.hook_point or 'an unrecorded hook'}: absorption needs a residual-stream-like hook "
-            f"({', '.join(HOOK_POINTS)}) at a recorded layer, where the model's activations can be probed for first letters."
+class AbsorptionSweep:
+    """Absorption of several SAEs with one set of settings. Phase 1 (the model's forwards over every spelling prompt and
+    the letter probe) depends only on the model, the hook and the settings, so it runs once per (model, hook) and every
+    SAE on that model and hook reuses it: a sweep on one store pays for it once, with the same results as one SAE alone.
+    The model is loaded for phase 1 only; each (model, hook) keeps its `SpellingProbe` (the words' activations) until
+    the sweep ends."""
+
+    def __init__(self, device: str, settings: AbsorptionSettings, model_name: str = "") -> None:
+        self.device = resolve_device(device)
+        self.settings = settings
+        self.model_name = model_name  # a moved copy of the checkpoints' model; empty: the one each records
+        self.spelling_probes: dict[tuple[str, int, str], tuple[SpellingProbe, dict[str, int]]] = {}
+
+    def spelling_for(self, trained: TrainedSAE) -> tuple[SpellingProbe, dict[str, int]]:
+        """Phase 1 at `trained`'s model and hook, with the task's vocabulary counts: computed on first use, then reused."""
+        info = trained.info
+        key = (trained.model_name(self.model_name), info.layer, info.hook_point)
+        if key not in self.spelling_probes:
+            language_model = trained.load_model(self.model_name, dtype=torch.float32, device=self.device)
+            words, vocabulary = task_vocabulary(language_model.tokenizer, self.settings, self.device)
+            logger.info(
+                "Spelling task at %s: %d words (%d alphabetic tokens)",
+                hook_name(info.layer, info.hook_point),
+                len(words),
+                vocabulary["alpha_tokens"],
+            )
+            probe = spelling_probe(
+                language_model.model, language_model.tokenizer, info.layer, info.hook_point, words, self.settings, self.device
+            )
+            self.spelling_probes[key] = (probe, vocabulary)
+        return self.spelling_probes[key]
+
+    def evaluate(self, trained: TrainedSAE) -> dict[str, Any]:
+        """First-letter absorption of `trained` (see the module docstring). Its `seconds` include phase 1 for the first SAE
+        on a model and hook only."""
+        info = trained.info
+        if info.hook_point not in HOOK_POINTS or info.layer is None:
+            raise UserError(
+                f"{trained.checkpoint} reads {info.hook_point or 'an unrecorded hook'}: absorption needs a residual-stream-like hook "
+                f"({', '.join(HOOK_POINTS)}) at a recorded layer, where the model's activations can be probed for first letters."
+            )
+        started = time.perf_counter()
+        spelling, vocabulary = self.spelling_for(trained)
+        phase_two = sae_absorption(spelling, trained.sae, self.device) if spelling.measurable else None
+        hook = hook_name(info.layer, info.hook_point)
+        result = absorption_result(
+            spelling, phase_two, vocabulary, trained.model_name(self.model_name), hook, trained.checkpoint.stem, saelens_config(info)
         )
-    started = time.perf_counter()
-    device = resolve_device(device)
-    language_model = trained.load_model(model_name, dtype=torch.float32, device=device)
-    words, vocabulary = task_vocabulary(language_model.tokenizer, config, device)
-    hook = hook_name(info.layer, info.hook_point)
-    logger.info(
-        "Absorption of %s at %s: %d words (%d alphabetic tokens)", trained.checkpoint.name, hook, len(words), vocabulary["alpha_tokens"]
-    )
-    spelling = spelling_probe(language_model.model, language_model.tokenizer, info.layer, info.hook_point, words, config, device)
-    phase_two = sae_absorption(spelling, trained.sae, device) if spelling.measurable else None
-    result = absorption_result(
-        spelling, phase_two, vocabulary, trained.model_name(model_name), hook, trained.checkpoint.stem, saelens_config(info)
-    )
-    result["seconds"] = time.perf_counter() - started
-    logger.info("%s", result["statement"])
-    return result
+        result["seconds"] = time.perf_counter() - started
+        logger.info("Absorption of %s: %s", trained.checkpoint.name, result["statement"])
+        return result
+
+
+def run_absorption(trained: TrainedSAE, device: str, config: AbsorptionSettings, model_name: str = "") -> dict[str, Any]:
+    """First-letter absorption of one SAE on its model (or `model_name`, a moved copy of it); a sweep uses `AbsorptionSweep`."""
+    return AbsorptionSweep(device, config, model_name).evaluate(trained)
 
 
 def write_absorption(folder: Path, result: dict[str, Any]) -> Path:

@@ -57,8 +57,8 @@ from fastsae.evaluate.absorption import (
     ABSORPTION_FILE,
     CPU_MAX_WORDS,
     AbsorptionSettings,
+    AbsorptionSweep,
     absorption_table,
-    run_absorption,
     write_absorption,
 )
 from fastsae.evaluate.model_metrics import ReferencePasses, budgeted_examples, length_grouped, model_fingerprint, store_fingerprint
@@ -611,10 +611,17 @@ def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, m
 
 def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
     """Run the evaluations EVALS names on each checkpoint's held-out examples; each writes its files beside the checkpoint.
+    The checkpoints of a sweep share what does not depend on the SAE: the model's reference passes per store and split,
+    and absorption's spelling pass per model and hook.
 
     Returns one dict per checkpoint: the core results (when `core` ran) and, under its name, each other evaluation's."""
     evaluands = [_evaluand(Path(path), config) for path in config.checkpoint]
     model_metrics = _ModelMetrics(config) if config.model_metrics and "core" in config.evals else None
+    absorption = (
+        AbsorptionSweep(config.device, AbsorptionSettings(max_words=config.absorption_words), config.model_name)
+        if "absorption" in config.evals
+        else None
+    )
     all_results = []
     for evaluand in evaluands:
         examples = validation_examples(evaluand.store.n_examples, evaluand.fraction, evaluand.seed)
@@ -630,13 +637,10 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
                 config.probing_train_examples,
                 config.probing_test_examples,
             )
-        if "absorption" in config.evals:
-            absorption = run_absorption(
-                evaluand.trained, config.device, AbsorptionSettings(max_words=config.absorption_words), config.model_name
-            )
-            write_absorption(evaluand.trained.results_folder, absorption)
-            print(f"\n{evaluand.path}: first-letter absorption\n\n" + absorption_table(absorption))
-            results["absorption"] = absorption
+        if absorption is not None:
+            results["absorption"] = absorption.evaluate(evaluand.trained)
+            write_absorption(evaluand.trained.results_folder, results["absorption"])
+            print(f"\n{evaluand.path}: first-letter absorption\n\n" + absorption_table(results["absorption"]))
         all_results.append(results)
     core_results = [results for results in all_results if "reconstruction" in results]
     if len(core_results) > 1:
