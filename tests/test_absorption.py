@@ -12,16 +12,19 @@ import random
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
 from fastsae.common.errors import UserError
+from fastsae.common.stage import Calibration, Corpus, PlanFacts
 from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.core.saelens_export import saelens_weights
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.absorption import (
     ABSORPTION_FILE,
     AbsorptionSettings,
+    AbsorptionWork,
     absorption_result,
     absorption_table,
     run_absorption,
@@ -40,6 +43,7 @@ from fastsae.evaluate.absorption_metrics import (
 )
 from fastsae.evaluate.evaluate_sae import STAGE, EvalConfig, evaluate_sae
 from fastsae.evaluate.spelling_task import LETTERS, Word, alpha_words, train_test_prompts
+from fastsae.extract.extract_activations import ExtractConfig
 from fastsae.train.train_sae import TrainConfig, train_saes
 from saebench_absorption_reference import saebench_absorption_reference
 
@@ -278,6 +282,36 @@ def test_a_sweep_runs_the_spelling_pass_once_and_writes_what_each_sae_alone_writ
     # Not a vacuous comparison: both SAEs were measured, each with latents of its own.
     assert [result["status"] for result in written] == ["measured", "measured"]
     assert written[0]["letters"] != written[1]["letters"]
+
+
+def plan_facts() -> PlanFacts:
+    """What the runner knows when it plans: SmolLM2's sizes, 330 examples of 48 tokens, speeds like this CPU's."""
+    lengths = np.full(330, 48)
+    calibration = Calibration(
+        load_seconds=3.0, cut_tokens_per_second=1500.0, full_tokens_per_second=500.0, encode_tokens_per_second=3e5, sae_step_seconds=0.01
+    )
+    configs = {"extract": ExtractConfig(layers=[12]), "train": TrainConfig()}
+    return PlanFacts("SmolLM2", configs, d=576, n_layers=30, vocab_size=49152, corpus=Corpus(lengths, lengths, []), calibration=calibration)
+
+
+def test_the_plan_counts_absorption_once_per_sweep_and_by_its_words():
+    facts = plan_facts()
+
+    def estimate(evals: list[str], words: int = -1, checkpoints: int = 1):
+        config = EvalConfig(
+            checkpoint=[f"SAE_{index}.pt" for index in range(checkpoints)], evals=evals, absorption_words=words, device="cpu"
+        )
+        return STAGE.estimate(config, facts)
+
+    core, with_absorption = estimate(["core"]), estimate(["core", "absorption"])
+    assert with_absorption.seconds > core.seconds and "absorption: 1,000 words" in with_absorption.note
+    # The model's forwards over the prompts (the bulk of it on a CPU) grow with ABSORPTION_WORDS ...
+    seconds = [estimate(["absorption"], words).seconds for words in (500, 1000, 3000)]
+    forwards = AbsorptionWork(1000, AbsorptionSettings()).prompt_tokens / facts.calibration.cut_tokens_per_second
+    assert seconds == sorted(seconds) and seconds[2] - seconds[1] > 2 * forwards
+    assert "49,152 words" in estimate(["absorption"], 0).note  # every word: at most the vocabulary
+    # ... and are counted once for a sweep: a second SAE adds only its own probes.
+    assert 0 < estimate(["absorption"], checkpoints=2).seconds - estimate(["absorption"]).seconds < forwards
 
 
 def test_the_result_validates_against_saebench_schema(tiny_checkpoint, tiny_model_folder):

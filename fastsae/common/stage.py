@@ -59,6 +59,7 @@ class PlanFacts:
     configs: dict[str, Any]  # every stage's config by stage name (training's split is evaluation's default)
     d: int = 0  # the model's width; 0 until the model is checked, which extraction's outputs do not wait for
     n_layers: int = 0
+    vocab_size: int = 0  # the model's vocabulary (its config's), known with d
     outputs: dict[str, list[Output]] = field(default_factory=dict)  # the outputs named so far, by stage name
     corpus: Corpus | None = None  # None until the data or a store can be counted
     calibration: Calibration | None = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 import uuid
@@ -86,6 +87,17 @@ TRAIN_FRACTION = 0.8  # of the words, for training the probes (SAEBench's train_
 L1_PROBE_LR, L1_PROBE_END_LR, L1_PROBE_L2_DECAY = 0.01, 1e-5, 1e-6
 # Words sampled on a CPU: ~1,250 prompts of ~88 tokens (the probe's true positives are prompted again), a few minutes for SmolLM2.
 CPU_MAX_WORDS = 1000
+# What the pipeline's plan counts absorption's work in (`AbsorptionWork`). The model's forwards are timed on the machine at
+# plan time; the rest was timed once, on the 2-core development CPU (float32, the median of 3 runs, other jobs running) with
+# the default checkpoint (SmolLM2 layer 12, d=576, Top-K M=256) and its 1,000-word task (800 training words): vocabulary
+# filter 1.3 s; letter probe 0.42 s for 650 steps; L1 probe 2.3 s against 1.5 s of encoding alone for a random M=4096 SAE
+# (9.8 s against 6.5 s for M=16384); k-sparse probes 1.0 s for 260 fits on 800 words, 2.6 s on those words tiled to 8,000.
+PROMPT_TOKENS = 88  # per spelling prompt with SmolLM2's tokenizer: BOS, a newline, ten in-context lines and the question
+VOCABULARY_SECONDS_PER_TOKEN = 2.7e-5  # finding the alphabetic tokens that stay one token in the template
+LETTER_PROBE_SECONDS_PER_STEP = 6.4e-4  # one Adam step of the 26 letter probes on a batch of 64 words
+L1_PROBE_SECONDS_PER_ROW_LATENT = 5e-9  # the L1 probe on an SAE's latents beyond encoding them, per word, epoch and latent
+K_SPARSE_SECONDS_PER_FIT = 3.1e-3  # one scikit-learn fit of a k-sparse probe ...
+K_SPARSE_SECONDS_PER_FIT_WORD = 8.8e-7  # ... plus this per training word
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,40 @@ class AbsorptionSettings:
             L1_PROBE_L2_DECAY,
             self.k_sparse_probe_l1_decay,
         )
+
+
+@dataclass(frozen=True)
+class AbsorptionWork:
+    """What absorption does on `words` words, for the pipeline's estimate. An upper bound: phase 2 is counted as if the
+    probe passes the gate, and every held-out word as one of its true positives, prompted again."""
+
+    words: int
+    settings: AbsorptionSettings
+
+    @property
+    def train_words(self) -> int:
+        return int(self.words * TRAIN_FRACTION)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Phase 1's tokens through the model: each word's prompt, and a fresh one for each held-out word."""
+        return (2 * self.words - self.train_words) * PROMPT_TOKENS
+
+    def phase_one_seconds(self, vocabulary_size: int) -> float:
+        """Phase 1 besides the model's forwards: the vocabulary filter and the letter probe's training."""
+        steps = LETTER_PROBE_TRAINING.epochs * math.ceil(self.train_words / LETTER_PROBE_TRAINING.batch_size)
+        return vocabulary_size * VOCABULARY_SECONDS_PER_TOKEN + steps * LETTER_PROBE_SECONDS_PER_STEP
+
+    @property
+    def encoded_rows(self) -> int:
+        """Phase 2's rows through one SAE: the training words in every epoch of the L1 probe (the other encodings are fewer)."""
+        return self.settings.k_sparse_probe_num_epochs * self.train_words
+
+    def phase_two_seconds(self, m: int) -> float:
+        """Phase 2 for one SAE of `m` latents besides encoding: the L1 probe on its latents and a k-sparse fit per letter and k."""
+        fits = len(LETTERS) * self.settings.max_k_value
+        fit_seconds = K_SPARSE_SECONDS_PER_FIT + self.train_words * K_SPARSE_SECONDS_PER_FIT_WORD
+        return self.encoded_rows * m * L1_PROBE_SECONDS_PER_ROW_LATENT + fits * fit_seconds
 
 
 def task_vocabulary(tokenizer, settings: AbsorptionSettings, device: str) -> tuple[list[Word], dict[str, int]]:

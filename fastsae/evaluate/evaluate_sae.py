@@ -58,6 +58,7 @@ from fastsae.evaluate.absorption import (
     CPU_MAX_WORDS,
     AbsorptionSettings,
     AbsorptionSweep,
+    AbsorptionWork,
     absorption_table,
     write_absorption,
 )
@@ -670,7 +671,8 @@ class EvaluateStage(Stage):
         """Core: store metrics on every held-out token; the model on a budget of them: one clean forward, then, from the
         hooked block on, the zero-ablated pass and one pass per checkpoint (a rerun on the same store reuses the first
         two). Sparse probing: one SAE pass over the training and held-out examples it reads (at most its caps; the data's
-        labels are not counted here, so every example counts as labelled); its probes are small next to that."""
+        labels are not counted here, so every example counts as labelled); its probes are small next to that.
+        Absorption: see `_absorption_estimate`."""
         corpus, calibration = facts.corpus, facts.calibration
         if corpus is None or calibration is None:
             return Estimate()
@@ -694,9 +696,11 @@ class EvaluateStage(Stage):
             parts.append(
                 Estimate(examples=sum(capped), tokens=tokens, seconds=seconds, note=f"sparse probing on up to {sum(capped):,} examples")
             )
+        if "absorption" in config.evals:
+            parts.append(self._absorption_estimate(config, facts))
         seconds = [part.seconds for part in parts]
         return Estimate(
-            examples=max(part.examples or 0 for part in parts),
+            examples=max((part.examples for part in parts if part.examples is not None), default=None),
             tokens=sum(part.tokens or 0 for part in parts),
             seconds=None if None in seconds else sum(seconds),
             note="; ".join(part.note for part in parts if part.note),
@@ -719,6 +723,28 @@ class EvaluateStage(Stage):
             seconds=None if encode is None or model is None else encode + model,
             note=f"model on {model_tokens:,} tokens: 1 forward + {passes} from the hooked block",
         )
+
+    def _absorption_estimate(self, config: EvalConfig, facts: PlanFacts) -> Estimate:
+        """The spelling pass once (the checkpoints share the model and hook): loading the model, the prompts up to the
+        hooked block, the letter probe; then per checkpoint its encodings, the L1 probe on its latents and the k-sparse
+        fits (`AbsorptionWork` counts them; the checkpoint's M is training's, or its largest when not planned there).
+        With every word asked for, the vocabulary's size bounds their number."""
+        calibration = facts.calibration
+        settings = AbsorptionSettings(max_words=config.absorption_words)
+        words = settings.words_for(resolve_device(config.device)) or facts.vocab_size
+        work = AbsorptionWork(words, settings)
+        spelling = seconds_for(calibration.load_seconds, work.prompt_tokens, calibration.cut_tokens_per_second)
+        encode = seconds_for(None, work.encoded_rows * len(config.checkpoint), calibration.encode_tokens_per_second)
+        planned = [facts.output_facts("train", Path(checkpoint)) for checkpoint in config.checkpoint]
+        largest = max(spec.m for spec in facts.configs["train"].specs(facts.d))
+        latents = [known["m"] if known else largest for known in planned]
+        seconds = (
+            None
+            if spelling is None or encode is None
+            else spelling + work.phase_one_seconds(facts.vocab_size) + encode + sum(map(work.phase_two_seconds, latents))
+        )
+        note = f"absorption: {words:,} words, {work.prompt_tokens:,} prompt tokens to the hooked block; an upper bound"
+        return Estimate(tokens=work.prompt_tokens, seconds=seconds, note=note)
 
     def key_figures(self, config: EvalConfig, outputs: list[Output]) -> list[tuple[str, str]]:
         """SAEBench's ce_loss_score, and sparse probing's mean top-1 accuracy and ceiling, of the first checkpoint."""

@@ -67,6 +67,7 @@ class ModelCheck:
     availability: str  # local, dequantise or download (see fastsae.lm.models.model_availability)
     d: int
     n_layers: int
+    vocab_size: int
 
     def describe(self) -> str:
         how = {
@@ -96,7 +97,7 @@ def check_model(name: str, layers: list[int]) -> ModelCheck:
         raise UserError(
             f"LAYERS has {bad[0]}, but {name} has {n_layers} blocks: set LAYERS in extract_activations.py to values in 0..{n_layers - 1}."
         )
-    return ModelCheck(source, availability, int(model_config.hidden_size), n_layers)
+    return ModelCheck(source, availability, int(model_config.hidden_size), n_layers, int(model_config.vocab_size))
 
 
 def describe_device(device: str, compute_dtype: torch.dtype, training_bfloat16: bool) -> str:

@@ -217,7 +217,7 @@ class Pipeline:
         layers_read = extract.config.layers if uses_extraction_model and extract.config.hook_point != LORA_HOOK_POINT else []
         self.model = preflight.check_model(model_name, layers_read)
         self.check("model", self.model.describe())
-        self.facts.d, self.facts.n_layers = self.model.d, self.model.n_layers
+        self.facts.d, self.facts.n_layers, self.facts.vocab_size = self.model.d, self.model.n_layers, self.model.vocab_size
         for plan in list(self.plans.values())[1:]:
             self._name_outputs(plan)
 
