@@ -1,7 +1,7 @@
 """Sparse probing finds what was planted: a store whose label-L examples carry direction e_L, read by an SAE whose
 feature L reads e_L. Each label's probe ranks its planted feature first and separates at k = 1; labels drawn
 independently of the activations stay at chance; special tokens (here a BOS that points at another label's direction)
-stay out of the pooling; data without labels is skipped and nothing is written."""
+stay out of the pooling; data without labels is skipped, and sparse_probing.json says so."""
 
 from __future__ import annotations
 
@@ -136,14 +136,17 @@ def test_the_table_shows_each_task_at_each_k(tmp_path, capsys):
     assert all(f"| {label} |" in printed for label in LABELS) and MULTICLASS in printed and "mean over labels" in printed
 
 
-def test_data_without_labels_is_skipped_and_nothing_is_written(tmp_path, caplog):
+def test_data_without_labels_is_skipped_and_says_so(tmp_path, caplog):
     store = write_planted_store(tmp_path / "store", labelled=False)
+    (tmp_path / SPARSE_PROBING_PLOT_FILE).write_bytes(b"an earlier run's plot")
     with caplog.at_level(logging.INFO, logger="fastsae.evaluate.sparse_probing"):
-        assert probe(tmp_path, store) is None
-    assert [record.message for record in caplog.records if "skipped" in record.message] == [
-        f"Sparse probing skipped: the data in {store.folder} has no labels; it needs a label per example (LABEL_FIELD in extract_activations.py)."
-    ]
-    assert not (tmp_path / SPARSE_PROBING_FILE).exists() and not (tmp_path / SPARSE_PROBING_PLOT_FILE).exists()
+        result = probe(tmp_path, store)
+    reason = f"the data in {store.folder} has no labels; it needs a label per example (LABEL_FIELD in extract_activations.py)"
+    assert [record.message for record in caplog.records if "skipped" in record.message] == [f"Sparse probing skipped: {reason}."]
+    assert result["status"] == "skipped" and result["reason"] == reason
+    assert json.loads((tmp_path / SPARSE_PROBING_FILE).read_text()) == result  # so the pipeline sees the step done
+    assert not (tmp_path / SPARSE_PROBING_PLOT_FILE).exists()
+    assert read_probe_choices(tmp_path) == {}
 
 
 def test_balancing_draws_as_many_others_as_positives_spread_over_the_other_labels():
@@ -166,14 +169,9 @@ def test_evaluate_runs_only_the_evaluations_named(tmp_path):
         [checkpoint.name, SPARSE_PROBING_FILE, SPARSE_PROBING_PLOT_FILE]
     )
     stage = EvaluateStage()
-    assert [output.path.name for output in stage.outputs(config, None)] == [SPARSE_PROBING_FILE, SPARSE_PROBING_PLOT_FILE]
+    assert [output.path.name for output in stage.outputs(config, None)] == [SPARSE_PROBING_FILE]
     both = EvalConfig(checkpoint=[str(checkpoint)], evals=["core", "sparse_probing"])
-    assert [output.path.name for output in stage.outputs(both, None)] == [
-        "eval.json",
-        "feature_density.png",
-        SPARSE_PROBING_FILE,
-        SPARSE_PROBING_PLOT_FILE,
-    ]
+    assert [output.path.name for output in stage.outputs(both, None)] == ["eval.json", "feature_density.png", SPARSE_PROBING_FILE]
     figures = dict(stage.key_figures(config, stage.outputs(config, None)))
     assert figures["sparse probing, mean over 4 labels"].startswith("top-1 accuracy 1.000")
 

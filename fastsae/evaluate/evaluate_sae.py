@@ -76,7 +76,6 @@ from fastsae.evaluate.sparse_probing import (
     PROBE_TEST_EXAMPLES,
     PROBE_TRAIN_EXAMPLES,
     SPARSE_PROBING_FILE,
-    SPARSE_PROBING_PLOT_FILE,
     run_sparse_probing,
 )
 from fastsae.extract.extract_activations import pad_token_id
@@ -95,7 +94,7 @@ DENSITY_PLOT_FILE = "feature_density.png"
 EVALS = ("core", "sparse_probing", "absorption")
 EVAL_FILES = {
     "core": (EVAL_FILE, DENSITY_PLOT_FILE),
-    "sparse_probing": (SPARSE_PROBING_FILE, SPARSE_PROBING_PLOT_FILE),
+    "sparse_probing": (SPARSE_PROBING_FILE,),  # and sparse_probing.png, unless it was skipped (data without labels)
     "absorption": (ABSORPTION_FILE,),
 }
 DENSE_FREQUENCY = 0.1
@@ -663,8 +662,7 @@ class EvaluateStage(Stage):
         return evaluate_sae(config)
 
     def outputs(self, config: EvalConfig, facts: PlanFacts) -> list[Output]:
-        """The files of each evaluation EVALS names, beside each checkpoint. (Sparse probing writes nothing for data without
-        labels, so with it chosen on such data this step runs again on every pipeline run.)"""
+        """The files of each evaluation EVALS names, beside each checkpoint."""
         return [Output(results_folder(checkpoint) / name) for checkpoint in config.checkpoint for name in _output_names(config.evals)]
 
     def estimate(self, config: EvalConfig, facts: PlanFacts) -> Estimate:
@@ -756,13 +754,16 @@ class EvaluateStage(Stage):
             figures.append(("SAEBench ce_loss_score (loss recovered)", score or "not measured (MODEL_METRICS off)"))
         if SPARSE_PROBING_FILE in first and first[SPARSE_PROBING_FILE].is_file():
             probing = json.loads(first[SPARSE_PROBING_FILE].read_text())
-            k, means = probing["k_values"][0], probing["mean_over_labels"]
-            figures.append(
-                (
-                    f"sparse probing, mean over {len(probing['labels'])} labels",
-                    f"top-{k} accuracy {means[f'sae_top_{k}_test_accuracy']:.3f}, all-d ceiling {means['ceiling_test_accuracy']:.3f}",
+            if probing["status"] == "skipped":
+                figures.append(("sparse probing", f"skipped: {probing['reason']}"))
+            else:
+                k, means = probing["k_values"][0], probing["mean_over_labels"]
+                figures.append(
+                    (
+                        f"sparse probing, mean over {len(probing['labels'])} labels",
+                        f"top-{k} accuracy {means[f'sae_top_{k}_test_accuracy']:.3f}, all-d ceiling {means['ceiling_test_accuracy']:.3f}",
+                    )
                 )
-            )
         return figures
 
 

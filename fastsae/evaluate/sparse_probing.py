@@ -265,19 +265,17 @@ def run_sparse_probing(
     k_values: list[int] = K_VALUES,
     train_examples: int = PROBE_TRAIN_EXAMPLES,
     test_examples: int = PROBE_TEST_EXAMPLES,
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Probe the store's labels with the SAE's features on `split` (training vs held-out examples); writes
-    sparse_probing.json and sparse_probing.png beside the checkpoint and prints the table. None, and nothing written,
-    when the data has fewer than two labels."""
+    sparse_probing.json and sparse_probing.png beside the checkpoint and prints the table. When the data has fewer than
+    two labels, sparse_probing.json says why it was skipped (status "skipped"), so a rerun knows it is done."""
     names = np.array([record.get("label") for record in store.example_records()], dtype=object)
     present = sorted({name for name in names if name is not None})
     if len(present) < 2:
-        logger.info(
-            "Sparse probing skipped: the data in %s has %s; it needs a label per example (LABEL_FIELD in extract_activations.py).",
-            store.folder,
-            f"one label ({present[0]})" if present else "no labels",
+        found = f"one label ({present[0]})" if present else "no labels"
+        return skipped(
+            trained, store, f"the data in {store.folder} has {found}; it needs a label per example (LABEL_FIELD in extract_activations.py)"
         )
-        return None
     sae = trained.sae
     usable = sorted({min(k, sae.spec.m) for k in k_values})
     if max(k_values) > sae.spec.m:
@@ -289,8 +287,7 @@ def run_sparse_probing(
     # Only labels with examples on both sides take part, as SAEBench's `ensure_shared_keys` keeps them.
     labels = sorted(set(names[train.examples]) & set(names[test.examples]))
     if len(labels) < 2:
-        logger.info("Sparse probing skipped: fewer than two labels have both training and held-out examples (%s).", ", ".join(labels))
-        return None
+        return skipped(trained, store, f"fewer than two labels have both training and held-out examples ({', '.join(labels)})")
     tasks = probe_labels(train, names[train.examples], test, names[test.examples], labels, usable, seed)
     unconverged = {name: task["unconverged_probes"] for name, task in tasks.items() if task["unconverged_probes"]}
     if unconverged:
@@ -300,6 +297,7 @@ def run_sparse_probing(
     results = {
         "checkpoint": str(trained.checkpoint),
         "store": str(store.folder),
+        "status": "measured",
         "hook_name": store.hook_name,
         "method": "SAEBench sparse probing (sae-bench 0.6.0 evals/sparse_probing): mean-pooled over content tokens, features "
         "ranked by |difference of class means| on the balanced training set, L2 logistic regression (C=1, max_iter=1000)",
@@ -316,6 +314,17 @@ def run_sparse_probing(
     plot_sparse_probing(folder / SPARSE_PROBING_PLOT_FILE, results, f"{sae.spec.name} — {store.hook_name}")
     print(f"\n{trained.checkpoint}: sparse probing\n\n" + probing_table(results))
     return results
+
+
+def skipped(trained: TrainedSAE, store: ActivationStore, reason: str) -> dict[str, Any]:
+    """The record of a skipped probing, written as sparse_probing.json (a plot of an earlier run goes: it no longer holds)."""
+    logger.info("Sparse probing skipped: %s.", reason)
+    result = {"checkpoint": str(trained.checkpoint), "store": str(store.folder), "status": "skipped", "reason": reason}
+    folder = trained.results_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPARSE_PROBING_PLOT_FILE).unlink(missing_ok=True)
+    write_json_atomically(folder / SPARSE_PROBING_FILE, result)
+    return result
 
 
 def _pair(accuracy: float | None, auroc: float | None) -> str:
@@ -377,7 +386,7 @@ def read_probe_choices(checkpoint_folder: Path) -> dict[int, list[dict[str, Any]
     if not path.is_file():
         return {}
     choices: dict[int, list[dict[str, Any]]] = {}
-    for task, result in json.loads(path.read_text())["tasks"].items():
+    for task, result in json.loads(path.read_text()).get("tasks", {}).items():  # a skipped probing has none
         for rank, chosen in enumerate(result["features"], start=1):
             choices.setdefault(chosen["feature"], []).append({"task": task, "rank": rank, "mean_difference": chosen["mean_difference"]})
     return choices
