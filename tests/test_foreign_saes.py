@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from huggingface_hub import hf_hub_download
 from sae_lens import SAE
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import hypothesaes_module
@@ -501,6 +503,20 @@ def write_gemma_scope(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     np.savez(path / "params.npz", **renamed)
 
 
+def write_gemma_scope_2(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """params.safetensors, and the config.json SAELens' converter reads (fastsae takes the hook from the path)."""
+    path.mkdir(parents=True)
+    save_file({name.replace("W_", "w_"): tensor.contiguous() for name, tensor in tensors.items()}, path / "params.safetensors")
+    config = {"architecture": "jump_relu", "model_name": "gemma-3-4b-it", "hf_hook_point_in": "model.layers.17.output"}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def shapes_in_the_cache(repo_id: str, filename: str) -> dict[str, list[int]]:
+    """What SAELens' get_safetensors_tensor_shapes asks the Hub over HTTP, read from the cached file's header instead."""
+    with safe_open(hf_hub_download(repo_id, filename), "pt") as file:
+        return {name: list(file.get_slice(name).get_shape()) for name in file.keys()}
+
+
 def write_llama_scope(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """hyperparams.json with one threshold for all features, in the units of activations normalised to norm √d."""
     (path / "checkpoints").mkdir(parents=True)
@@ -558,6 +574,13 @@ PRETRAINED_CASES = {
         "google/gemma-2-2b",
         "blocks.12.hook_resid_post",
     ),
+    "gemma_3": PretrainedCase(
+        "gemma-scope-2-4b-it-res/layer_17_width_16k_l0_big",
+        write_gemma_scope_2,
+        "per feature",
+        "google/gemma-3-4b-it",
+        "blocks.17.hook_resid_post",
+    ),
     "llama_scope": PretrainedCase(
         f"llama_scope_lxr_8x/l{LAYER}r_8x", write_llama_scope, "one for all", "meta-llama/Llama-3.1-8B", f"blocks.{LAYER}.hook_resid_post"
     ),
@@ -592,6 +615,7 @@ PRETRAINED_CASES = {
 def test_pretrained_releases_in_other_formats_load_as_saelens_converts_them(converter, hub_cache, sample, monkeypatch):
     """Files in the release's own format, in the cache; SAE.from_pretrained reads them with SAELens' converter."""
     import sae_lens.saes.sae
+    from sae_lens.loading import pretrained_sae_loaders
     from sae_lens.loading.pretrained_saes_directory import get_config_overrides, get_norm_scaling_factor, get_repo_id_and_folder_name
 
     case = PRETRAINED_CASES[converter]
@@ -609,6 +633,7 @@ def test_pretrained_releases_in_other_formats_load_as_saelens_converts_them(conv
     monkeypatch.setattr(
         sae_lens.saes.sae, "get_config_overrides", lambda *names: {**get_config_overrides(*names), "d_in": D, "d_sae": PRETRAINED_M}
     )
+    monkeypatch.setattr(pretrained_sae_loaders, "get_safetensors_tensor_shapes", shapes_in_the_cache)  # gemma_3's HTTP request
     theirs = sae_lens.SAE.from_pretrained(release, sae_id)
     loaded = load_any_sae(f"saelens:{case.reference}")
     same_forward(loaded, encode_decode(theirs), sample)
@@ -665,6 +690,8 @@ def test_names_the_registry_lacks_get_clear_errors(hub_cache, monkeypatch):
     transcoder = "saelens:gemma-scope-2b-pt-transcoders/layer_0/width_16k/average_l0_76"
     with pytest.raises(UserError, match="'gemma_2_transcoder' converter, and its models are transcoders"):
         load_any_sae(transcoder)
+    with pytest.raises(UserError, match="'gemma_3' converter, and its models are transcoders"):
+        load_any_sae("saelens:gemma-scope-2-4b-pt-transcoders/transcoder/layer_17_width_16k_l0_big")
     monkeypatch.delitem(REFUSED, "gemma_2_transcoder")  # as a converter of a newer sae-lens would be
     with pytest.raises(UserError, match=r"'gemma_2_transcoder' converter, which fastsae does not know.*save_model\('my_sae'\)"):
         load_any_sae(transcoder)

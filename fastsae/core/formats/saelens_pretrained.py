@@ -16,6 +16,8 @@ Then the release's conversion function decides who reads the files:
   sae-lens is installed anyway (its registry is the index), but importing it brings TransformerLens
   (seconds), so only these releases pay for it: the registry is read as a plain file, and a
   misspelt name or a refused release fails before any import or download;
+- `gemma_3` (Gemma Scope 2) is read here, as its converter reads it, because that converter asks
+  the Hub for the tensors' shapes over HTTP even when the files are cached, so it cannot run offline;
 - `REFUSED` says why fastsae cannot run the rest; a converter of a newer sae-lens that this module
   does not know is refused with the recipe that converts it with SAELens.
 """
@@ -48,6 +50,7 @@ CONVERTER_FILES = {
     "sae_lens": ("{path}/" + saelens.CONFIG_FILE, "{path}/" + saelens.WEIGHTS_FILE),
     "dictionary_learning_1": ("{path}/" + dictionary_learning.WEIGHTS_FILE, "{path}/" + dictionary_learning.CONFIG_FILE),
     "gemma_2": ("{path}/params.npz",),
+    "gemma_3": ("{path}/params.safetensors",),
     "llama_scope": ("{path}/hyperparams.json", "{path}/checkpoints/final.safetensors"),
     "llama_scope_r1_distill": ("{path}/config.json", "{path}/sae_weights.safetensors"),
     "qwen_scope": ("{path}",),  # these three store each SAE as one file, which the path names
@@ -57,14 +60,15 @@ CONVERTER_FILES = {
 TRANSCODERS = "its models are transcoders, which read one hook and write another, not SAEs"
 # Conversion functions of SAELens' registry whose SAEs fastsae's SAE cannot compute, and why.
 REFUSED = {
-    "gemma_3": "SAELens' converter for it asks the Hub for the tensors' shapes over HTTP even when the files are cached, "
-    "so it cannot read them offline",
     "connor_rob_hook_z": "its SAEs read the attention heads' outputs before their projection (hook_z), which fastsae does not extract",
     "gemma_2_transcoder": TRANSCODERS,
     "mwhanna_transcoder": TRANSCODERS,
     "mntss_clt_layer_transcoder": TRANSCODERS,
     "temporal": "its SAEs attend over the text's earlier tokens, while fastsae's SAE reads one token at a time",
 }
+# A Gemma Scope 2 SAE's path names its hook and layer; the release's other paths (transcoder/, ...) hold transcoders.
+GEMMA_SCOPE_2_SAE = re.compile(r"(resid_post|mlp_out|attn_out)(?:_all)?/layer_(\d+)_")
+GEMMA_SCOPE_2_HOOKS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "attn.hook_z"}  # as SAELens names them
 HUB_URL = re.compile(r"https://huggingface\.co/([\w.-]+(?:/[\w.-]+)?)/?")  # a model's page: its Hub id
 
 
@@ -112,8 +116,10 @@ class PretrainedSAE:
             close = difflib.get_close_matches(sae_id, saes, n=3) or list(saes)[:3]
             raise UserError(f"SAELens' release {release!r} has no SAE {sae_id!r}; its ids include {', '.join(close)}.")
         converter = entry.get("conversion_func") or "sae_lens"
-        if converter in REFUSED:
-            raise UserError(f"{reference}: SAELens reads release {release!r} with its {converter!r} converter, and {REFUSED[converter]}.")
+        path = saes[sae_id]["path"]
+        refusal = REFUSED.get(converter) or (TRANSCODERS if converter == "gemma_3" and not GEMMA_SCOPE_2_SAE.match(path) else None)
+        if refusal:
+            raise UserError(f"{reference}: SAELens reads release {release!r} with its {converter!r} converter, and {refusal}.")
         if converter not in CONVERTER_FILES:
             raise UserError(
                 f"{reference}: SAELens reads release {release!r} with its {converter!r} converter, which fastsae does not know "
@@ -125,7 +131,7 @@ class PretrainedSAE:
             release=release,
             sae_id=sae_id,
             repo_id=entry["repo_id"],
-            path=saes[sae_id]["path"],
+            path=path,
             converter=converter,
             model_name=link[1] if link else entry.get("model"),
             norm_scaling_factor=saes[sae_id].get("norm_scaling_factor"),
@@ -149,6 +155,8 @@ def load_pretrained(reference: str) -> LoadedSAE:
         cfg, tensors = json.loads(paths[0].read_text()), load_file(paths[1])
         # SAELens applies the registry's overrides over the file's config; nested with the origin, they win over it here too.
         cfg = {**cfg, "metadata": {**(cfg.get("metadata") or {}), **pretrained.config_overrides}}
+    elif pretrained.converter == "gemma_3":
+        cfg, tensors = _gemma_scope_2(pretrained.path, paths[0])
     else:
         cfg, tensors = _convert_with_saelens(pretrained, reference)
     return saelens.saelens_sae(cfg, tensors, reference, activation_scale=pretrained.norm_scaling_factor, model_name=pretrained.model_name)
@@ -194,6 +202,16 @@ def _convert_with_saelens(pretrained: PretrainedSAE, reference: str) -> tuple[di
             "--force-download`."
         ) from None
     return handle_config_defaulting(cfg), tensors
+
+
+def _gemma_scope_2(path: str, params: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """SAELens' config and tensors for a Gemma Scope 2 SAE (params.safetensors), as its gemma_3 converter makes them:
+    a JumpReLU SAE whose encoder reads x, at the hook its path names. Not by calling that converter, which asks the Hub
+    for the tensors' shapes over HTTP, so it cannot run from the cache offline."""
+    kind, layer = GEMMA_SCOPE_2_SAE.match(path).groups()
+    tensors = {("W_" + name[2:] if name.startswith("w_") else name): tensor for name, tensor in load_file(params).items()}
+    cfg = {"architecture": "jumprelu", "apply_b_dec_to_input": False, "hook_name": f"blocks.{layer}.{GEMMA_SCOPE_2_HOOKS[kind]}"}
+    return cfg, tensors
 
 
 @cache
