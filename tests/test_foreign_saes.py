@@ -18,12 +18,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from huggingface_hub import hf_hub_download
 from sae_lens import SAE
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from conftest import hypothesaes_module
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.core.formats.saelens import saelens_hook
+from fastsae.core.formats.saelens_pretrained import CONVERTER_FILES, REFUSED
 from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.core.formats.sparsify import sparsify_hook
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae, validation_examples
@@ -62,6 +66,17 @@ def quantile_thresholds(pre: torch.Tensor, q: float = 0.7) -> torch.Tensor:
     30% of tokens fire. Nudged off the data: tokens repeat in the store, and a threshold equal to a pre-activation
     would make the comparison hang on the last bit of rounding."""
     return (torch.quantile(pre, q, dim=0) + 1e-3 * pre.std(0)).clamp_min(1e-3)
+
+
+def encode_decode(sae) -> Reference:
+    """The reference forward of a library SAE with encode and decode methods (SAELens', dictionary_learning's)."""
+
+    def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            features = sae.encode(x)
+            return features, sae.decode(features)
+
+    return reference
 
 
 def same_forward(loaded, reference: Reference, x: torch.Tensor) -> None:
@@ -110,13 +125,7 @@ def make_saelens(folder: Path, architecture: str, sample: torch.Tensor, **option
                 sae.threshold.copy_(quantile_thresholds(sample @ sae.W_enc + sae.b_enc))
         sae.save_model(folder)
         reference_sae = sae_lens.SAE.load_from_disk(folder)
-
-    def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            features = reference_sae.encode(x)
-            return features, reference_sae.decode(features)
-
-    return ForeignSAE(str(folder), reference, "saelens", "tiny-llama", ("resid_post", LAYER))
+    return ForeignSAE(str(folder), encode_decode(reference_sae), "saelens", "tiny-llama", ("resid_post", LAYER))
 
 
 SAELENS_CASES = {
@@ -154,13 +163,7 @@ def test_a_constant_input_scale_is_folded_and_a_per_token_one_refused(sample, tm
         load_any_sae(folder)
     ActivationScaler(scaling_factor=scale).save(str(folder / "activation_scaler.json"))
     sae.fold_activation_norm_scaling_factor(scale)  # SAELens' own fold is the reference
-
-    def reference(x):
-        with torch.no_grad():
-            features = sae.encode(x)
-            return features, sae.decode(features)
-
-    same_forward(load_any_sae(folder), reference, sample[:300])
+    same_forward(load_any_sae(folder), encode_decode(sae), sample[:300])
     per_token = sae_lens.StandardSAE(
         sae_lens.StandardSAEConfig(d_in=D, d_sae=M, normalize_activations="layer_norm", metadata=saelens_metadata())
     )
@@ -303,13 +306,7 @@ def make_dictionary_learning(folder: Path, dict_class: str, sample: torch.Tensor
         "JumpReluAutoEncoder": lambda path: dictionary.JumpReluAutoEncoder.from_pretrained(path),
     }
     reference_ae = loaders[dict_class](folder / "ae.pt")
-
-    def reference(x):
-        with torch.no_grad():
-            features = reference_ae.encode(x)
-            return features, reference_ae.decode(features)
-
-    return ForeignSAE(str(folder), reference, "dictionary_learning", lm_name, ("resid_post", LAYER))
+    return ForeignSAE(str(folder), encode_decode(reference_ae), "dictionary_learning", lm_name, ("resid_post", LAYER))
 
 
 @pytest.mark.parametrize("dict_class", DICTIONARY_CLASSES)
@@ -475,15 +472,9 @@ def test_a_pretrained_saelens_sae_loads_from_the_cache_as_saelens_loads_it(
     randomize_(sae)
     sae.save_model(cached_snapshot(hub_cache, "jbloom/GPT2-Small-SAEs-Reformatted") / sae_id)
     theirs = sae_lens.SAE.from_pretrained(release, sae_id)  # SAELens' own registry lookup and download, from this cache
-
-    def reference(x):
-        with torch.no_grad():
-            features = theirs.encode(x)
-            return features, theirs.decode(features)
-
     reference_name = f"saelens:{release}/{sae_id}"
     loaded = load_any_sae(reference_name)
-    same_forward(loaded, reference, sample)
+    same_forward(loaded, encode_decode(theirs), sample)
     assert (loaded.info.model_name, loaded.info.hook_point, loaded.info.layer) == ("gpt2", "resid_post", 2)  # the registry's Hub link
     monkeypatch.chdir(tmp_path)
     evaluate_sae(
@@ -492,27 +483,161 @@ def test_a_pretrained_saelens_sae_loads_from_the_cache_as_saelens_loads_it(
     assert (tmp_path / "checkpoints" / "saelens" / release / sae_id / "eval.json").is_file()
 
 
-def test_a_gemma_scope_sae_loads_from_its_params_npz(hub_cache, sample):
-    """Gemma Scope's files are numpy arrays; SAELens' gemma_2 loader makes a JumpReLU SAE whose encoder reads x."""
-    import sae_lens
+PRETRAINED_M = 2 * D  # Llama Scope R1's config.json gives the width as a whole multiple of d (expansion_factor)
+NORM_IN = 7.0  # Llama Scope's dataset_average_activation_norm, by which SAELens rescales its threshold
 
-    folder = cached_snapshot(hub_cache, "google/gemma-scope-2b-pt-res") / "layer_12/width_16k/average_l0_82"
-    folder.mkdir(parents=True)
-    sae = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=D, d_sae=M, apply_b_dec_to_input=False))
-    randomize_(sae)
-    with torch.no_grad():
-        sae.threshold.copy_(quantile_thresholds(sample @ sae.W_enc + sae.b_enc))
-    arrays = {"w_enc": sae.W_enc, "w_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec, "threshold": sae.threshold}
-    np.savez(folder / "params.npz", **{name: tensor.detach().numpy() for name, tensor in arrays.items()})
 
-    def reference(x):
-        with torch.no_grad():
-            features = sae.encode(x)
-            return features, sae.decode(features)
+def as_linear_layers(tensors: dict[str, torch.Tensor], encoder: str, decoder: str) -> dict[str, torch.Tensor]:
+    """SAELens' tensors as the state of two torch.nn.Linear layers: weight (out, in) and bias."""
+    return {
+        f"{encoder}.weight": tensors["W_enc"].T.contiguous(),
+        f"{encoder}.bias": tensors["b_enc"],
+        f"{decoder}.weight": tensors["W_dec"].T.contiguous(),
+        f"{decoder}.bias": tensors["b_dec"],
+    }
 
-    loaded = load_any_sae("saelens:gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical")
-    same_forward(loaded, reference, sample)
-    assert (loaded.info.model_name, loaded.info.hook_name) == ("google/gemma-2-2b", "blocks.12.hook_resid_post")
+
+def write_gemma_scope(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.mkdir(parents=True)
+    renamed = {name.replace("W_", "w_"): tensor.numpy() for name, tensor in tensors.items()}
+    np.savez(path / "params.npz", **renamed)
+
+
+def write_gemma_scope_2(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """params.safetensors, and the config.json SAELens' converter reads (fastsae takes the hook from the path)."""
+    path.mkdir(parents=True)
+    save_file({name.replace("W_", "w_"): tensor.contiguous() for name, tensor in tensors.items()}, path / "params.safetensors")
+    config = {"architecture": "jump_relu", "model_name": "gemma-3-4b-it", "hf_hook_point_in": "model.layers.17.output"}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def shapes_in_the_cache(repo_id: str, filename: str) -> dict[str, list[int]]:
+    """What SAELens' get_safetensors_tensor_shapes asks the Hub over HTTP, read from the cached file's header instead."""
+    with safe_open(hf_hub_download(repo_id, filename), "pt") as file:
+        return {name: list(file.get_slice(name).get_shape()) for name in file.keys()}
+
+
+def write_llama_scope(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """hyperparams.json with one threshold for all features, in the units of activations normalised to norm √d."""
+    (path / "checkpoints").mkdir(parents=True)
+    hook = f"blocks.{LAYER}.hook_resid_post"
+    hyperparams = {
+        "d_model": D,
+        "d_sae": PRETRAINED_M,
+        "hook_point_in": hook,
+        "hook_point_out": hook,
+        "jump_relu_threshold": float(tensors["threshold"]) * NORM_IN / D**0.5,
+        "dataset_average_activation_norm": {"in": NORM_IN, "out": NORM_IN},
+    }
+    (path / "hyperparams.json").write_text(json.dumps(hyperparams))
+    save_file(as_linear_layers(tensors, "encoder", "decoder"), path / "checkpoints" / "final.safetensors")
+
+
+def write_llama_scope_r1_distill(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.mkdir(parents=True)
+    config = {"d_model": D, "expansion_factor": PRETRAINED_M // D, "hook_point_in": f"blocks.{LAYER}.hook_resid_post"}
+    (path / "config.json").write_text(json.dumps(config))
+    weights = {**as_linear_layers(tensors, "encoder", "decoder"), "log_jumprelu_threshold": tensors["threshold"].log()}
+    save_file(weights, path / "sae_weights.safetensors")
+
+
+def write_qwen_scope(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One torch file per layer, its matrices (out, in)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**tensors, "W_enc": tensors["W_enc"].T.contiguous(), "W_dec": tensors["W_dec"].T.contiguous()}, path)
+
+
+def write_linear_layers(encoder: str, decoder: str) -> Callable[[Path, dict[str, torch.Tensor]], None]:
+    """One torch file holding the two linear layers' state (DeepSeek R1's and Goodfire's SAEs, under their names)."""
+
+    def write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(as_linear_layers(tensors, encoder, decoder), path)
+
+    return write
+
+
+class PretrainedCase(NamedTuple):
+    reference: str  # RELEASE/SAE_ID
+    write: Callable[[Path, dict[str, torch.Tensor]], None]  # writes SAELens' tensors at the SAE's path, in the release's format
+    threshold: str | None  # JumpReLU's: "per feature" or "one for all"
+    model_name: str
+    hook_name: str
+
+
+# Each encoder reads x, not x − b_dec, as SAELens' converters for these releases say.
+PRETRAINED_CASES = {
+    "gemma_2": PretrainedCase(
+        "gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical",
+        write_gemma_scope,
+        "per feature",
+        "google/gemma-2-2b",
+        "blocks.12.hook_resid_post",
+    ),
+    "gemma_3": PretrainedCase(
+        "gemma-scope-2-4b-it-res/layer_17_width_16k_l0_big",
+        write_gemma_scope_2,
+        "per feature",
+        "google/gemma-3-4b-it",
+        "blocks.17.hook_resid_post",
+    ),
+    "llama_scope": PretrainedCase(
+        f"llama_scope_lxr_8x/l{LAYER}r_8x", write_llama_scope, "one for all", "meta-llama/Llama-3.1-8B", f"blocks.{LAYER}.hook_resid_post"
+    ),
+    "llama_scope_r1_distill": PretrainedCase(
+        f"llama_scope_r1_distill/l{LAYER}r_800m_slimpajama",
+        write_llama_scope_r1_distill,
+        "per feature",
+        "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
+        f"blocks.{LAYER}.hook_resid_post",
+    ),
+    "qwen_scope": PretrainedCase(
+        f"qwen-scope-3-1.7b-base-w32k-l50/layer{LAYER}", write_qwen_scope, None, "Qwen/Qwen3-1.7B-Base", f"blocks.{LAYER}.hook_resid_post"
+    ),
+    "deepseek_r1": PretrainedCase(
+        "deepseek-r1-distill-llama-8b-qresearch/blocks.19.hook_resid_post",
+        write_linear_layers("encoder", "decoder"),
+        None,
+        "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
+        "blocks.19.hook_resid_post",
+    ),
+    "goodfire": PretrainedCase(
+        "goodfire-llama-3.1-8b-instruct/layer_19",
+        write_linear_layers("encoder_linear", "decoder_linear"),
+        None,
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "blocks.19.hook_resid_post",
+    ),
+}
+
+
+@pytest.mark.parametrize("converter", PRETRAINED_CASES)
+def test_pretrained_releases_in_other_formats_load_as_saelens_converts_them(converter, hub_cache, sample, monkeypatch):
+    """Files in the release's own format, in the cache; SAE.from_pretrained reads them with SAELens' converter."""
+    import sae_lens.saes.sae
+    from sae_lens.loading import pretrained_sae_loaders
+    from sae_lens.loading.pretrained_saes_directory import get_config_overrides, get_norm_scaling_factor, get_repo_id_and_folder_name
+
+    case = PRETRAINED_CASES[converter]
+    release, sae_id = case.reference.split("/", 1)
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"W_enc": (D, PRETRAINED_M), "b_enc": (PRETRAINED_M,), "W_dec": (PRETRAINED_M, D), "b_dec": (D,)}
+    tensors = {name: torch.randn(shape, generator=generator) * 0.3 for name, shape in shapes.items()}
+    if case.threshold:  # on the activations the SAE was trained on: scaled by the registry's factor, b_dec not subtracted
+        pre = sample * (get_norm_scaling_factor(release, sae_id) or 1.0) @ tensors["W_enc"] + tensors["b_enc"]
+        tensors["threshold"] = quantile_thresholds(pre if case.threshold == "per feature" else pre.flatten())
+    repo_id, path = get_repo_id_and_folder_name(release, sae_id)
+    case.write(cached_snapshot(hub_cache, repo_id) / path, tensors)
+    # Some converters take d and the width from the real model (Qwen Scope's from the repo's name): for SAELens' SAE to
+    # hold the tiny test tensors, the registry's overrides, which its converters apply last, state the tiny sizes.
+    monkeypatch.setattr(
+        sae_lens.saes.sae, "get_config_overrides", lambda *names: {**get_config_overrides(*names), "d_in": D, "d_sae": PRETRAINED_M}
+    )
+    monkeypatch.setattr(pretrained_sae_loaders, "get_safetensors_tensor_shapes", shapes_in_the_cache)  # gemma_3's HTTP request
+    theirs = sae_lens.SAE.from_pretrained(release, sae_id)
+    loaded = load_any_sae(f"saelens:{case.reference}")
+    same_forward(loaded, encode_decode(theirs), sample)
+    assert (loaded.info.source_format, loaded.info.model_name, loaded.info.hook_name) == ("saelens", case.model_name, case.hook_name)
 
 
 def test_a_dictionary_learning_release_loads_as_saelens_loads_it(hub_cache, sample):
@@ -532,14 +657,7 @@ def test_a_dictionary_learning_release_loads_as_saelens_loads_it(hub_cache, samp
     loaded = load_any_sae(f"saelens:{release}/{sae_id}")
     same_forward(loaded, made.reference, sample)
     assert (loaded.info.model_name, loaded.info.hook_name) == ("google/gemma-2-2b", "blocks.12.hook_resid_post")
-    theirs = sae_lens.SAE.from_pretrained(release, sae_id)
-
-    def saelens_reference(x):
-        with torch.no_grad():
-            features = theirs.encode(x)
-            return features, theirs.decode(features)
-
-    same_forward(loaded, saelens_reference, sample)
+    same_forward(loaded, encode_decode(sae_lens.SAE.from_pretrained(release, sae_id)), sample)
 
 
 def test_a_store_at_another_hook_is_used_with_a_warning(sample, tiny_store, tmp_path, caplog):
@@ -562,15 +680,31 @@ def test_offline_without_the_files_says_what_to_fetch_in_one_line(hub_cache):
     )
 
 
-def test_names_the_registry_lacks_get_clear_errors(hub_cache):
+def test_names_the_registry_lacks_get_clear_errors(hub_cache, monkeypatch):
     with pytest.raises(UserError, match="write saelens:RELEASE/SAE_ID"):
         load_any_sae("saelens:gpt2-small-res-jb")
     with pytest.raises(UserError, match="not a release in SAELens' registry .*did you mean gpt2-small-res-jb"):
         load_any_sae("saelens:gpt2-small-res-jbb/blocks.3.hook_resid_pre")
     with pytest.raises(UserError, match="has no SAE 'blocks.99.hook_resid_pre'; its ids include"):
         load_any_sae("saelens:gpt2-small-res-jb/blocks.99.hook_resid_pre")
-    with pytest.raises(UserError, match=r"'gemma_3' loader, which fastsae does not read.*save_model\('my_sae'\)"):
-        load_any_sae("saelens:gemma-scope-2-4b-pt-res-all/layer_0_width_16k_l0_big")
+    transcoder = "saelens:gemma-scope-2b-pt-transcoders/layer_0/width_16k/average_l0_76"
+    with pytest.raises(UserError, match="'gemma_2_transcoder' converter, and its models are transcoders"):
+        load_any_sae(transcoder)
+    with pytest.raises(UserError, match="'gemma_3' converter, and its models are transcoders"):
+        load_any_sae("saelens:gemma-scope-2-4b-pt-transcoders/transcoder/layer_17_width_16k_l0_big")
+    monkeypatch.delitem(REFUSED, "gemma_2_transcoder")  # as a converter of a newer sae-lens would be
+    with pytest.raises(UserError, match=r"'gemma_2_transcoder' converter, which fastsae does not know.*save_model\('my_sae'\)"):
+        load_any_sae(transcoder)
+
+
+def test_every_converter_of_the_registry_is_read_or_refused_with_its_reason_and_in_the_docs():
+    """A sae-lens upgrade that brings a new conversion function fails here until this module reads it or says why not."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    converters = {release.conversion_func or "sae_lens" for release in get_pretrained_saes_directory().values()}
+    assert converters - set(CONVERTER_FILES) - set(REFUSED) == set()
+    docs = (Path(__file__).parents[1] / "docs" / "use_other_saes.md").read_text()
+    assert [name for name in [*CONVERTER_FILES, *REFUSED] if f"`{name}`" not in docs] == []
 
 
 def test_a_folder_of_something_else_names_what_checkpoint_takes(tmp_path):

@@ -1,16 +1,25 @@
 """A pretrained SAE named by its SAELens release and id: `saelens:RELEASE/SAE_ID`.
 
 SAELens' `SAE.from_pretrained(release, sae_id)` looks the pair up in its registry,
-`sae_lens/pretrained_saes.yaml` (repo id, the SAE's folder in it, the converter that reads its files,
-the model), and downloads the files with huggingface_hub. We read the same registry, from the
-installed sae-lens without importing it, and fetch the same files the same way: from the local
-Hugging Face cache when they are there, else from the Hub, else one error saying what to fetch.
+`sae_lens/pretrained_saes.yaml` (repo id, the SAE's path in it, the conversion function that reads
+its files, the model), and downloads the files with huggingface_hub. We read the same registry, from
+the installed sae-lens as a file, and fetch the same files the same way: from the local Hugging Face
+cache when they are there, else from the Hub, else one error saying what to fetch.
 
-Converters read here: `sae_lens` (the registry's default: cfg.json and sae_weights.safetensors),
-`gemma_2` (Gemma Scope's params.npz: JumpReLU SAEs whose encoder reads x, with the hook in the
-repo's and folder's names) and `dictionary_learning_1` (ae.pt and config.json, at the residual
-stream of the trainer's layer, as SAELens reads them). For the others, SAELens itself converts:
-`SAE.from_pretrained(release, sae_id).save_model(folder)` writes a folder fastsae opens.
+Then the release's conversion function decides who reads the files:
+- `sae_lens` (cfg.json + sae_weights.safetensors) and `dictionary_learning_1` (ae.pt + config.json)
+  are formats fastsae reads in any folder, so its own readers take them;
+- the others in `CONVERTER_FILES` (Gemma Scope, Llama Scope, Qwen Scope, ...) each have a layout and
+  quirks of their own (Llama Scope's threshold rescaled by √d over the dataset's mean norm, Qwen
+  Scope's k read off the repo's name): SAELens' own converter for the release reads them, so they
+  stay SAELens' to get right, and fastsae folds its config and tensors as it folds any SAELens SAE.
+  sae-lens is installed anyway (its registry is the index), but importing it brings TransformerLens
+  (seconds), so only these releases pay for it: the registry is read as a plain file, and a
+  misspelt name or a refused release fails before any import or download;
+- `gemma_3` (Gemma Scope 2) is read here, as its converter reads it, because that converter asks
+  the Hub for the tensors' shapes over HTTP even when the files are cached, so it cannot run offline;
+- `REFUSED` says why fastsae cannot run the rest; a converter of a newer sae-lens that this module
+  does not know is refused with the recipe that converts it with SAELens.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -37,14 +45,30 @@ from fastsae.core.formats import dictionary_learning, saelens
 PREFIX = "saelens:"
 EXAMPLE = "saelens:gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical"
 REGISTRY_FILE = "pretrained_saes.yaml"
-GEMMA_SCOPE_FILE = "params.npz"
+# The files each conversion function fastsae reads needs, "{path}" standing for the SAE's path in its repo.
 CONVERTER_FILES = {
-    "sae_lens": (saelens.CONFIG_FILE, saelens.WEIGHTS_FILE),
-    "gemma_2": (GEMMA_SCOPE_FILE,),
-    "dictionary_learning_1": (dictionary_learning.WEIGHTS_FILE, dictionary_learning.CONFIG_FILE),
+    "sae_lens": ("{path}/" + saelens.CONFIG_FILE, "{path}/" + saelens.WEIGHTS_FILE),
+    "dictionary_learning_1": ("{path}/" + dictionary_learning.WEIGHTS_FILE, "{path}/" + dictionary_learning.CONFIG_FILE),
+    "gemma_2": ("{path}/params.npz",),
+    "gemma_3": ("{path}/params.safetensors",),
+    "llama_scope": ("{path}/hyperparams.json", "{path}/checkpoints/final.safetensors"),
+    "llama_scope_r1_distill": ("{path}/config.json", "{path}/sae_weights.safetensors"),
+    "qwen_scope": ("{path}",),  # these three store each SAE as one file, which the path names
+    "deepseek_r1": ("{path}",),
+    "goodfire": ("{path}",),
 }
-# The hook of a Gemma Scope SAE, by its repo's name (google/gemma-scope-2b-pt-res, ...), as SAELens' gemma_2 loader reads it.
-GEMMA_SCOPE_HOOKS = (("res", "hook_resid_post"), ("mlp", "hook_mlp_out"), ("att", "attn.hook_z"))
+TRANSCODERS = "its models are transcoders, which read one hook and write another, not SAEs"
+# Conversion functions of SAELens' registry whose SAEs fastsae's SAE cannot compute, and why.
+REFUSED = {
+    "connor_rob_hook_z": "its SAEs read the attention heads' outputs before their projection (hook_z), which fastsae does not extract",
+    "gemma_2_transcoder": TRANSCODERS,
+    "mwhanna_transcoder": TRANSCODERS,
+    "mntss_clt_layer_transcoder": TRANSCODERS,
+    "temporal": "its SAEs attend over the text's earlier tokens, while fastsae's SAE reads one token at a time",
+}
+# A Gemma Scope 2 SAE's path names its hook and layer; the release's other paths (transcoder/, ...) hold transcoders.
+GEMMA_SCOPE_2_SAE = re.compile(r"(resid_post|mlp_out|attn_out)(?:_all)?/layer_(\d+)_")
+GEMMA_SCOPE_2_HOOKS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "attn.hook_z"}  # as SAELens names them
 HUB_URL = re.compile(r"https://huggingface\.co/([\w.-]+(?:/[\w.-]+)?)/?")  # a model's page: its Hub id
 
 
@@ -59,7 +83,7 @@ class PretrainedSAE:
     release: str
     sae_id: str
     repo_id: str
-    folder: str  # the SAE's folder inside the repo
+    path: str  # the SAE's folder inside the repo, or its file
     converter: str
     model_name: str | None  # the Hub id when the registry links the model there, else SAELens' (TransformerLens') name
     norm_scaling_factor: float | None
@@ -67,7 +91,7 @@ class PretrainedSAE:
 
     @property
     def files(self) -> list[str]:
-        return [f"{self.folder}/{name}" for name in CONVERTER_FILES[self.converter]]
+        return [name.format(path=self.path) for name in CONVERTER_FILES[self.converter]]
 
     @classmethod
     def parse(cls, reference: str) -> PretrainedSAE:
@@ -92,9 +116,13 @@ class PretrainedSAE:
             close = difflib.get_close_matches(sae_id, saes, n=3) or list(saes)[:3]
             raise UserError(f"SAELens' release {release!r} has no SAE {sae_id!r}; its ids include {', '.join(close)}.")
         converter = entry.get("conversion_func") or "sae_lens"
+        path = saes[sae_id]["path"]
+        refusal = REFUSED.get(converter) or (TRANSCODERS if converter == "gemma_3" and not GEMMA_SCOPE_2_SAE.match(path) else None)
+        if refusal:
+            raise UserError(f"{reference}: SAELens reads release {release!r} with its {converter!r} converter, and {refusal}.")
         if converter not in CONVERTER_FILES:
             raise UserError(
-                f"{reference}: SAELens converts release {release!r} with its {converter!r} loader, which fastsae does not read "
+                f"{reference}: SAELens reads release {release!r} with its {converter!r} converter, which fastsae does not know "
                 f"(it reads {', '.join(CONVERTER_FILES)}). Convert it with SAELens, "
                 f"SAE.from_pretrained({release!r}, {sae_id!r}).save_model('my_sae'), and set CHECKPOINT to that folder."
             )
@@ -103,7 +131,7 @@ class PretrainedSAE:
             release=release,
             sae_id=sae_id,
             repo_id=entry["repo_id"],
-            folder=saes[sae_id]["path"],
+            path=path,
             converter=converter,
             model_name=link[1] if link else entry.get("model"),
             norm_scaling_factor=saes[sae_id].get("norm_scaling_factor"),
@@ -120,20 +148,22 @@ def results_folder(reference: str) -> Path:
 def load_pretrained(reference: str) -> LoadedSAE:
     """The SAE `saelens:RELEASE/SAE_ID` names, from the local Hugging Face cache or the Hub."""
     pretrained = PretrainedSAE.parse(reference)
-    folder = _fetch(pretrained, reference)
+    paths = _fetch(pretrained, reference)
     if pretrained.converter == "dictionary_learning_1":
-        return dictionary_learning.load_dictionary_learning_folder(folder, unnamed_hook_point="resid_post")
-    if pretrained.converter == "gemma_2":
-        cfg, tensors = _gemma_scope(pretrained, folder / GEMMA_SCOPE_FILE, reference)
+        return dictionary_learning.load_dictionary_learning_folder(paths[0].parent, unnamed_hook_point="resid_post")
+    if pretrained.converter == "sae_lens":
+        cfg, tensors = json.loads(paths[0].read_text()), load_file(paths[1])
+        # SAELens applies the registry's overrides over the file's config; nested with the origin, they win over it here too.
+        cfg = {**cfg, "metadata": {**(cfg.get("metadata") or {}), **pretrained.config_overrides}}
+    elif pretrained.converter == "gemma_3":
+        cfg, tensors = _gemma_scope_2(pretrained.path, paths[0])
     else:
-        cfg, tensors = json.loads((folder / saelens.CONFIG_FILE).read_text()), load_file(folder / saelens.WEIGHTS_FILE)
-    # SAELens applies the registry's overrides over the file's config; nested with the origin, they win over it here too.
-    cfg = {**cfg, "metadata": {**(cfg.get("metadata") or {}), **pretrained.config_overrides}}
+        cfg, tensors = _convert_with_saelens(pretrained, reference)
     return saelens.saelens_sae(cfg, tensors, reference, activation_scale=pretrained.norm_scaling_factor, model_name=pretrained.model_name)
 
 
-def _fetch(pretrained: PretrainedSAE, reference: str) -> Path:
-    """The local folder holding the SAE's files: the cache's copy, else a download; one error line saying what to fetch."""
+def _fetch(pretrained: PretrainedSAE, reference: str) -> list[Path]:
+    """The local copies of the SAE's files: the cache's, else a download; one error line saying what to fetch."""
     from huggingface_hub import constants, hf_hub_download
 
     def download(local_files_only: bool) -> list[Path]:
@@ -153,22 +183,34 @@ def _fetch(pretrained: PretrainedSAE, reference: str) -> Path:
         except OSError as error:  # no connection, no such repo or file, or a gated repo
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"{missing} and could not be downloaded ({reason}): fetch it with {fetch}, into this cache.") from None
-    return paths[0].parent
+    return paths
 
 
-def _gemma_scope(pretrained: PretrainedSAE, params: Path, reference: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """SAELens' config and tensors for a Gemma Scope params.npz, as its gemma_2 loader makes them."""
-    with np.load(params) as arrays:
-        tensors = {("W_" + key[2:] if key.startswith("w_") else key): torch.from_numpy(arrays[key]) for key in arrays.files}
-    scaling = tensors.pop("scaling_factor", None)
-    if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
+def _convert_with_saelens(pretrained: PretrainedSAE, reference: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """SAELens' config and tensors for the SAE, from the release's own SAELens converter, called as SAE.from_pretrained
+    calls it. `_fetch` has put its files in the cache, where the converter's downloads find them."""
+    from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS, handle_config_defaulting
+
+    convert = NAMED_PRETRAINED_SAE_LOADERS[pretrained.converter]
+    overrides = {**pretrained.config_overrides, "device": "cpu", "dtype": "float32"}
+    try:
+        cfg, tensors, _ = convert(repo_id=pretrained.repo_id, folder_name=pretrained.path, device="cpu", cfg_overrides=overrides)
+    except (KeyError, ValueError) as error:  # a file without the tensors or fields the converter expects
         raise UserError(
-            f"{reference}: this Gemma Scope SAE rescales its features by a fine-tuned vector, which fastsae's SAE cannot compute."
-        )
-    layer = re.search(r"layer_(\d+)", pretrained.folder)
-    hook = next((hook for kind, hook in GEMMA_SCOPE_HOOKS if kind in pretrained.repo_id), None)
-    hook_name = "hook_embed" if "embedding" in pretrained.folder else f"blocks.{layer[1]}.{hook}" if layer and hook else None
-    cfg = {"architecture": "jumprelu", "apply_b_dec_to_input": False, "normalize_activations": "none", "hook_name": hook_name}
+            f"{reference}: SAELens' {pretrained.converter!r} converter cannot read its files ({type(error).__name__}: {error}); "
+            f"if the download was cut short, fetch them again with `hf download {pretrained.repo_id} {' '.join(pretrained.files)} "
+            "--force-download`."
+        ) from None
+    return handle_config_defaulting(cfg), tensors
+
+
+def _gemma_scope_2(path: str, params: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """SAELens' config and tensors for a Gemma Scope 2 SAE (params.safetensors), as its gemma_3 converter makes them:
+    a JumpReLU SAE whose encoder reads x, at the hook its path names. Not by calling that converter, which asks the Hub
+    for the tensors' shapes over HTTP, so it cannot run from the cache offline."""
+    kind, layer = GEMMA_SCOPE_2_SAE.match(path).groups()
+    tensors = {("W_" + name[2:] if name.startswith("w_") else name): tensor for name, tensor in load_file(params).items()}
+    cfg = {"architecture": "jumprelu", "apply_b_dec_to_input": False, "hook_name": f"blocks.{layer}.{GEMMA_SCOPE_2_HOOKS[kind]}"}
     return cfg, tensors
 
 
