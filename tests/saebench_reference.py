@@ -1,12 +1,13 @@
 """SAEBench's own core evaluation, run on an in-memory model, SAE and token batches: the reference our evaluation is checked against.
 
 Everything that computes a number is SAEBench's (sae-bench 0.6.0, `sae_bench/evals/core/main.py`), SAELens' (6.54: the SAE
-classes) or TransformerLens' (the Llama conversion and forward pass); this module only wires them together offline:
+classes) or TransformerLens' (the Llama and Gemma conversions and forward pass); this module only wires them together offline:
 
-- `hooked_transformer_from_hf` builds a `HookedTransformer` from an in-memory Hugging Face Llama with TransformerLens' own
-  config and weight conversion and no processing (no LayerNorm folding, no centering), as SAEBench loads its models
-  (`from_pretrained_no_processing`). `HookedTransformer.from_pretrained(..., hf_model=...)` cannot do it offline: it wants an
-  official model name and reads that model's config from the Hub.
+- `hooked_transformer_from_hf` builds a `HookedTransformer` from an in-memory Hugging Face Llama (or Gemma 2 or 3) with
+  TransformerLens' own config and weight conversion and no processing (no LayerNorm folding, no centering), as SAEBench
+  loads its models (`from_pretrained_no_processing`). `HookedTransformer.from_pretrained(..., hf_model=...)` cannot do it
+  offline: it wants an official model name and reads that model's config from the Hub, or for a Gemma takes that model's
+  shapes from the name.
 - `saelens_sae` builds a SAELens SAE from weights in SAELens' layout.
 - `TokenBatches` stands in for SAELens' `ActivationsStore`: it hands out the given batches in order, and nothing else.
 - `saebench_core_reference` runs what SAEBench's `multiple_evals` runs for a custom SAE object: `load_and_format_sae`,
@@ -36,11 +37,15 @@ from sae_bench.evals.core.eval_config import CoreEvalConfig
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
+from transformer_lens.config import HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
 SAEBENCH_VERSION = version("sae-bench")
 # SAEBench's names for the SAELens architectures; "relu" is our name for SAELens' "standard".
 SAELENS_ARCHITECTURES = {"standard": "standard", "relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+# The official model whose TransformerLens settings a Gemma of each architecture is built with (`_gemma_config`).
+GEMMA_SETTINGS = {"Gemma2ForCausalLM": "google/gemma-2-2b", "Gemma3ForCausalLM": "google/gemma-3-270m"}
 
 
 def saebench_ignore_tokens(tokenizer) -> set[int]:
@@ -52,19 +57,39 @@ def saebench_ignore_tokens(tokenizer) -> set[int]:
 
 
 def hooked_transformer_from_hf(hf_model) -> HookedTransformer:
-    """A TransformerLens `HookedTransformer` with the weights of an in-memory Hugging Face Llama, unprocessed.
+    """A TransformerLens `HookedTransformer` with the weights of an in-memory Hugging Face Llama, Gemma 2 or Gemma 3 (text),
+    unprocessed, from TransformerLens' own config and weight conversion.
 
-    The config comes from TransformerLens' own `get_pretrained_model_config` (its `LlamaForCausalLM` branch), fed a
-    config.json written to a temporary folder; the weights from its `convert_llama_weights`. No tokenizer is attached:
-    the SAEBench functions pass token ids and never read `model.tokenizer`, and with a *left*-padding tokenizer attached
-    TransformerLens would mask leading pad-id tokens, which Hugging Face's forward given no attention mask does not
-    (SmolLM2's tokenizer pads right, so attaching it would change nothing).
+    No tokenizer is attached: the SAEBench functions pass token ids and never read `model.tokenizer`, and with a
+    *left*-padding tokenizer attached TransformerLens would mask leading pad-id tokens, which Hugging Face's forward given
+    no attention mask does not (SmolLM2's tokenizer pads right, so attaching it would change nothing).
     """
     architecture = type(hf_model).__name__
-    if architecture != "LlamaForCausalLM":
-        raise ValueError(f"only Llama models are converted here, got {architecture}")
+    if architecture == "LlamaForCausalLM":
+        cfg = _llama_config(hf_model)
+        state_dict = convert_llama_weights(hf_model, cfg)
+    elif architecture in GEMMA_SETTINGS:
+        cfg = _gemma_config(hf_model, GEMMA_SETTINGS[architecture])
+        state_dict = convert_gemma_weights(hf_model, cfg)
+    else:
+        raise ValueError(f"only Llama, Gemma 2 and Gemma 3 models are converted here, got {architecture}")
+    model = HookedTransformer(cfg, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    return model.eval()
+
+
+def _llama_config(hf_model) -> HookedTransformerConfig:
+    """TransformerLens' `get_pretrained_model_config` (its `LlamaForCausalLM` branch), fed a config.json written to a
+    temporary folder."""
     hf_config = copy.deepcopy(hf_model.config)
-    hf_config.architectures = [architecture]  # a config built in memory has none; TransformerLens reads it
+    hf_config.architectures = [type(hf_model).__name__]  # a config built in memory has none; TransformerLens reads it
     with tempfile.TemporaryDirectory(prefix="hf-config-") as folder:
         # TransformerLens picks its conversion branch by substrings of the path ("llama", "gemma"), and a path holding
         # "llama" takes a branch that never reads the config: keep them out of it.
@@ -75,16 +100,33 @@ def hooked_transformer_from_hf(hf_model) -> HookedTransformer:
             folder, hf_cfg=hf_model.config.to_dict(), fold_ln=False, device="cpu", dtype=hf_model.dtype
         )
     cfg.tokenizer_name = None  # otherwise the constructor loads a tokenizer from the (deleted) folder
-    model = HookedTransformer(cfg, move_to_device=False)
-    model.load_and_process_state_dict(
-        convert_llama_weights(hf_model, cfg),
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
+    return cfg
+
+
+def _gemma_config(hf_model, official_name: str) -> HookedTransformerConfig:
+    """TransformerLens' settings for `official_name`, with `hf_model`'s shapes and layer types.
+
+    TransformerLens reads a Gemma's settings off its official name, never off a config, so a tiny Gemma takes those of
+    the named model; its other settings (query_pre_attn_scalar = head_dim, softcaps, rope bases) must match them.
+    """
+    hf_config = hf_model.config
+    settings = tl_loading.convert_hf_model_config(official_name)  # the name's branch, which reads nothing from the Hub
+    settings.update(
+        d_model=hf_config.hidden_size,
+        d_head=hf_config.head_dim,
+        n_heads=hf_config.num_attention_heads,
+        n_key_value_heads=hf_config.num_key_value_heads,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        d_vocab=hf_config.vocab_size,
+        n_ctx=hf_config.max_position_embeddings,
+        window_size=hf_config.sliding_window,
+        attn_types=["local" if kind == "sliding_attention" else "global" for kind in hf_config.layer_types],
+        tokenizer_name=None,
+        device="cpu",
+        dtype=hf_model.dtype,
     )
-    return model.eval()
+    return HookedTransformerConfig.from_dict(settings)
 
 
 def saelens_sae(

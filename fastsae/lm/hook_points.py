@@ -2,7 +2,10 @@
 
 `layer=L` always means decoder block L (0-based), as in SAELens'
 `blocks.L.hook_resid_post`; in Hugging Face terms the residual stream after
-block L is `hidden_states[L + 1]` (entry 0 is the embeddings).
+block L is `hidden_states[L + 1]` (entry 0 is the embeddings). `mlp_out` and
+`attn_out` at layer L are what block L's MLP and attention add to that residual
+stream, as in TransformerLens (after the post-norms of Gemma 2 and 3, OLMo 2, ...),
+so in a plain residual block resid_post(L) = resid_post(L - 1) + attn_out(L) + mlp_out(L).
 `ResidualCapture` reads several layers in one forward pass, which
 `forward_until` cuts short after the last module needed.
 """
@@ -19,8 +22,23 @@ from torch import nn
 from fastsae.common.errors import UserError
 
 HOOK_POINTS = ("resid_post", "mlp_out", "attn_out")
-# The block's submodule whose output is each hook point other than resid_post (the block itself), by the names models use.
-HOOK_SUBMODULES = {"mlp_out": ("mlp", "feed_forward"), "attn_out": ("self_attn", "attention", "attn")}
+# The block's sublayer behind each hook point other than resid_post (the block itself), by the names models use.
+HOOK_SUBMODULES = {"mlp_out": ("mlp", "feed_forward"), "attn_out": ("self_attn", "attention", "attn", "self_attention")}
+# mlp_out and attn_out read what the block adds to its residual stream, as TransformerLens' hook_mlp_out and
+# hook_attn_out do: the sublayer's own output, except in the blocks below, where other modules output it. Each entry
+# names those modules by their paths under the block; a block that has both modules of an entry uses it, first entry first.
+RESIDUAL_WRITERS = (
+    # Sandwich norms, which normalise the sublayer's output before the add. GLM-4's and HyperCLOVA X's
+    # post_attention_layernorm is their MLP's input norm, as in Llama, so their own names come first.
+    {"attn_out": "post_self_attn_layernorm", "mlp_out": "post_mlp_layernorm"},  # GLM-4
+    {"attn_out": "post_norm1", "mlp_out": "post_norm2"},  # HyperCLOVA X
+    {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},  # Gemma 2-4, OLMo 2-3, EXAONE 4
+    {"attn_out": "post_attention_layernorm", "mlp_out": "post_mlp_layernorm"},  # AFMoE
+    {"attn_out": "post_operator_norm", "mlp_out": "post_ffn_norm"},  # LFM3
+    # BLOOM's sublayers return the residual stream with their share added, which their output projections write.
+    # (Falcon's sublayers have the same paths and return what these projections write.)
+    {"attn_out": "self_attention.dense", "mlp_out": "mlp.dense_4h_to_h"},
+)
 
 
 def hook_name(layer: int, hook_point: str) -> str:
@@ -45,16 +63,29 @@ def check_layers(model: nn.Module, layers: list[int]) -> None:
 
 
 def hooked_module(model: nn.Module, layer: int, hook_point: str) -> nn.Module:
-    """The module whose forward output is the activation at (`layer`, `hook_point`)."""
+    """The module whose forward output is the activation at (`layer`, `hook_point`): block `layer` itself for
+    resid_post; for mlp_out and attn_out, the module that outputs what the block adds to its residual stream."""
     block = decoder_layers(model)[layer]
     if hook_point == "resid_post":
         return block
     if hook_point not in HOOK_SUBMODULES:
         raise UserError(f"unknown hook point {hook_point!r}: choose one of {', '.join(HOOK_POINTS)}.")
-    for name in HOOK_SUBMODULES[hook_point]:
-        if hasattr(block, name):
-            return getattr(block, name)
-    raise UserError(f"block {layer} of {type(model).__name__} has no {hook_point} submodule; use HOOK_POINT = 'resid_post'.")
+    sublayers = [module for name in HOOK_SUBMODULES[hook_point] if (module := _submodule(block, name)) is not None]
+    if not sublayers:  # also a hybrid model's block whose mixer is not attention
+        raise UserError(f"block {layer} of {type(model).__name__} has no {hook_point} submodule; use HOOK_POINT = 'resid_post'.")
+    for writers in RESIDUAL_WRITERS:
+        modules = {point: _submodule(block, path) for point, path in writers.items()}
+        if None not in modules.values():
+            return modules[hook_point]
+    return sublayers[0]
+
+
+def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+    """The module at the dotted `path` under `block`, or None: hybrid models set a missing sublayer to None."""
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 class _StopForward(Exception):
@@ -134,7 +165,8 @@ class ResidualCapture:
 
         def make_hook(layer: int):
             def hook(module, inputs, output) -> None:
-                captured[layer] = output_tensor(output)
+                # A copy: some blocks add into a sublayer's output in place once it is returned (Falcon's parallel MLP).
+                captured[layer] = output_tensor(output).clone()
 
             return hook
 

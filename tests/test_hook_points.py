@@ -1,0 +1,126 @@
+"""mlp_out and attn_out are what each block adds to its residual stream, in every family whose blocks the hooks special-case.
+
+Each family is a tiny random model built from its transformers config class, read through fastsae's own capture
+(`ResidualCapture`). fastsae extracts no resid_mid, so the defining identities are checked as: on a plain forward pass,
+resid_post(L) - resid_post(L - 1) = attn_out(L) + mlp_out(L); and with one of the two hooks' outputs zeroed (as evaluation
+zero-ablates a hook), the block adds exactly the other's, so each hook alone is its sublayer's whole share.
+
+Against TransformerLens: Llama, Gemma 2 and Gemma 3 (text), whose hook_attn_out and hook_mlp_out read after Gemma's
+post-norms. `saebench_reference.hooked_transformer_from_hf` builds them offline with TransformerLens' own settings and
+weight conversion. TransformerLens' other sandwich-norm families (OLMo 2 and 3) take their settings from the model's
+config on the Hub, which these tests cannot reach, so for them the identities stand alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from fastsae.common.errors import UserError
+from fastsae.lm.hook_points import HOOK_POINTS, ResidualCapture, hook_name, hooked_module, output_tensor, with_output_tensor
+from saebench_reference import hooked_transformer_from_hf, max_logit_difference
+
+VOCAB = 128
+LLAMA_SHAPES = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,  # some families' default pad id is beyond this vocabulary
+)
+# Config settings by model type: one family per special case in hook_points.RESIDUAL_WRITERS, and some without one.
+ARCHITECTURES = {
+    "llama": LLAMA_SHAPES,
+    "gpt2": dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4),
+    # Sandwich norms. Gemma scales queries by query_pre_attn_scalar**-0.5, which TransformerLens takes to be head_dim.
+    "gemma2": dict(LLAMA_SHAPES, query_pre_attn_scalar=16),
+    "gemma3_text": dict(LLAMA_SHAPES, query_pre_attn_scalar=16),
+    "olmo2": LLAMA_SHAPES,
+    "glm4": LLAMA_SHAPES,
+    "hyperclovax": LLAMA_SHAPES,
+    "afmoe": dict(LLAMA_SHAPES, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "lfm3": dict(LLAMA_SHAPES, layer_types=["conv", "full_attention", "sliding_attention"]),
+    # Sublayers that add the residual themselves.
+    "bloom": dict(vocab_size=VOCAB, hidden_size=64, n_layer=3, n_head=4),
+    # Parallel attention, whose output the block adds into the MLP's output in place.
+    "falcon": dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4),
+}
+LAYERS = [1, 2]  # layer 1 is not the deepest read, so the forward pass goes on past it
+TOKENS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@functools.cache
+def tiny_model(model_type: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **ARCHITECTURES[model_type])).eval()
+
+
+def capture(model: torch.nn.Module, layers: list[int], hook_point: str) -> dict[int, torch.Tensor]:
+    return ResidualCapture(model, layers, hook_point)(TOKENS, torch.ones_like(TOKENS))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_attn_out_and_mlp_out_sum_to_what_the_block_adds(model_type):
+    model = tiny_model(model_type)
+    resid = capture(model, [LAYERS[0] - 1, *LAYERS], "resid_post")
+    attn, mlp = capture(model, LAYERS, "attn_out"), capture(model, LAYERS, "mlp_out")
+    for layer in LAYERS:
+        assert relative_error(attn[layer] + mlp[layer], resid[layer] - resid[layer - 1]) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize(("zeroed", "kept"), [("attn_out", "mlp_out"), ("mlp_out", "attn_out")])
+def test_with_one_hook_zeroed_the_block_adds_exactly_the_other(model_type, zeroed, kept):
+    model, layer = tiny_model(model_type), LAYERS[0]
+
+    def zero(module, inputs, output):
+        return with_output_tensor(output, torch.zeros_like(output_tensor(output)))
+
+    handle = hooked_module(model, layer, zeroed).register_forward_hook(zero)
+    try:
+        resid = capture(model, [layer - 1, layer], "resid_post")
+        kept_output = capture(model, [layer], kept)[layer]
+    finally:
+        handle.remove()
+    assert relative_error(kept_output, resid[layer] - resid[layer - 1]) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gemma3_text"])
+def test_every_hook_equals_transformer_lens(model_type):
+    model = tiny_model(model_type)
+    hooked = hooked_transformer_from_hf(model)
+    assert max_logit_difference(model, hooked, [TOKENS]) < 1e-4  # the same model in both libraries
+    _, cache = hooked.run_with_cache(TOKENS)
+    layers = list(range(model.config.num_hidden_layers))
+    for hook_point in HOOK_POINTS:
+        ours = capture(model, layers, hook_point)
+        for layer in layers:
+            assert relative_error(ours[layer], cache[hook_name(layer, hook_point)]) < 1e-5, (hook_point, layer)
+
+
+def test_llama_hooks_read_its_sublayers_themselves():
+    model = tiny_model("llama")
+    assert hooked_module(model, 1, "attn_out") is model.model.layers[1].self_attn
+    assert hooked_module(model, 1, "mlp_out") is model.model.layers[1].mlp
+
+
+def test_a_block_without_attention_has_no_attn_out():
+    """Hybrid models: LFM3's convolution blocks lack the attribute; others (GraniteMoeHybrid's Mamba blocks) set it to None."""
+    with pytest.raises(UserError, match="block 0 of Lfm3ForCausalLM has no attn_out submodule; use HOOK_POINT = 'resid_post'"):
+        hooked_module(tiny_model("lfm3"), 0, "attn_out")
+    llama = copy.deepcopy(tiny_model("llama"))
+    llama.model.layers[1].self_attn = None
+    with pytest.raises(UserError, match="block 1 of LlamaForCausalLM has no attn_out submodule"):
+        hooked_module(llama, 1, "attn_out")
