@@ -15,8 +15,9 @@ keeps in a training checkpoint's `activation_scaler.json` or in its registry); a
 normalisation (`layer_norm`, `constant_norm_rescale`) cannot be folded and is refused.
 
 Hook names are TransformerLens': `blocks.L.hook_resid_post` (our resid_post at layer L, the output
-of block L), `blocks.L.hook_mlp_out`, `blocks.L.hook_attn_out`, and `blocks.L.hook_resid_pre`, the
-input of block L, which is the output of block L − 1.
+of block L), `blocks.L.hook_mlp_out`, `blocks.L.hook_attn_out` (what block L's MLP and attention add to
+the residual stream, after Gemma 2's post-norms too: our mlp_out and attn_out), and `blocks.L.hook_resid_pre`,
+the input of block L, which is the output of block L − 1.
 """
 
 from __future__ import annotations
