@@ -13,6 +13,7 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from conftest import TINY_LAYERS, make_tiny_llama, write_jsonl
 from fastsae.common.errors import UserError
+from fastsae.extract import extract_activations as extract_module
 from fastsae.extract.extract_activations import (
     CPU_BATCH_TOKENS,
     GPU_BATCH_TOKENS,
@@ -213,6 +214,20 @@ def test_auto_falls_back_to_padded_batches_where_packed_examples_would_see_each_
         assert max_relative_difference(example.activations, alone(bloom, example.token_ids, 1, "resid_post")) < 1e-4
     with pytest.raises(UserError, match="BATCHING = packed, but BloomForCausalLM"):
         extract(bloom, smollm2_tokenizer, texts_file, tmp_path / "forced", layers=[1], batching="packed")
+
+
+def test_the_packing_check_measures_against_the_rows_own_rounding(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, monkeypatch, caplog):
+    """With no fixed floor, a Llama still packs (the example behind another moves by rounding, as the one starting the
+    row does, ~1e-8 in float32) and BLOOM still falls back: what decides is the comparison within the packed batch."""
+    monkeypatch.setattr(extract_module, "PACKING_TOLERANCE_FLOAT32", 0.0)
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, n_layer=3, n_head=4)).eval()
+    with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
+        (llama_store,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "llama", layers=[1])
+        (bloom_store,) = extract(bloom, smollm2_tokenizer, texts_file, tmp_path / "bloom", layers=[1])
+    assert ActivationStore(llama_store).manifest.extraction["batching"] == "packed"
+    assert ActivationStore(bloom_store).manifest.extraction["batching"] == "padded"
+    assert "at the start of a row, by" in caplog.text and "the one starting a row, by" in caplog.text
 
 
 @pytest.mark.parametrize("row_tokens", [0, 600])  # sized for the model (several rows a batch), or as wide as the batch (one)
