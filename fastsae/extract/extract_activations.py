@@ -48,7 +48,7 @@ PACKING_CHOICES = ("sequential", "block")
 BATCHING_CHOICES = ("auto", "packed", "padded")
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 # Where ATTENTION = auto tries flex attention first for packed rows: on an H200 (8B-sized model, one 32,768-token row
-# a batch) it ran 1.25x sdpa's packed rows (benchmarks/RESULTS.md); on the 2-core CPU sdpa was 1.15x faster.
+# a batch) it ran 1.25x sdpa's packed rows (benchmarks/RESULTS.md); on the 2-core CPU sdpa was 1.10x faster (bench_extract.py).
 FLEX_ATTENTION_DEVICES = ("cuda",)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
