@@ -2,10 +2,12 @@
 
     python benchmarks/bench_extract.py [--layer 12] [--examples 330] [--baseline-examples 0] [--batch-tokens 8192]
                                        [--row-tokens 0] [--dtypes float32 bfloat16] [--repeats 2] [--threads 0]
+                                       [--attentions sdpa flex_attention]
 
 Runs the same examples of the default dataset through SmolLM2-135M-Instruct
-and prints, per method, tokens/s, wall and CPU seconds, the share of the
-batches' tokens that are padding (for packed rows: the filler at their ends),
+(packed rows under each attention kernel of `--attentions`) and prints, per
+method, tokens/s, wall and CPU seconds, the share of the batches' tokens that
+are padding (for packed rows: the filler at their ends),
 the speed-up over the baseline, and the mean and largest per-token relative
 difference ||a - b|| / ||b|| from the baseline's activations
 (`hidden_states[layer + 1]`). The baseline is slow, so `--baseline-examples`
@@ -87,6 +89,12 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each batched method; the fastest is kept")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0: its default (one per core)")
+    parser.add_argument(
+        "--attentions",
+        nargs="+",
+        default=["sdpa", "flex_attention"],
+        help="attention kernels to time packed rows under (padded rows: sdpa)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,30 +108,43 @@ def main() -> None:
     pad_id = tokenizer.pad_token_id
     model = load_model(source, torch.float32, "cpu")
     models = {dtype: model if dtype == "float32" else copy.deepcopy(model).to(torch.bfloat16) for dtype in args.dtypes}
-    row_tokens = args.row_tokens or packed_row_tokens(model, [len(sequence) for sequence in sequences], args.batch_tokens)
+
+    def packed_rows(attention: str) -> tuple[str, int]:
+        model.set_attn_implementation(attention)  # the width that needs the fewest FLOPs depends on the kernel
+        row_tokens = args.row_tokens or packed_row_tokens(model, [len(sequence) for sequence in sequences], args.batch_tokens)
+        return f"packed rows of {row_tokens}, {attention}", row_tokens
+
+    paths = [("padded length batches, sdpa", None, "sdpa")] + [(*packed_rows(attention), attention) for attention in args.attentions]
     methods = {
-        f"fastsae: {path}, stop after the layer ({dtype})": (models[dtype], rows)
+        f"fastsae: {path}, stop after the layer ({dtype})": (models[dtype], rows, attention)
         for dtype in models
-        for path, rows in (("padded length batches", None), (f"packed rows of {row_tokens}", row_tokens))
+        for path, rows, attention in paths
     }
 
-    # Warm up each path once so one-off allocation costs do not land on the first row.
+    def run(name: str, method_sequences: list[np.ndarray]):
+        method_model, rows, attention = methods[name]
+        method_model.set_attn_implementation(attention)
+        return timed(batched, method_model, method_sequences, args.layer, args.batch_tokens, pad_id, rows)
+
+    # Warm up each path on all examples once, so one-off costs (allocation; flex attention compiling for each new
+    # shape) do not land on a timed run.
+    for name in methods:
+        run(name, sequences)
+    model.set_attn_implementation("sdpa")
     one_at_a_time(model, sequences[:2], args.layer)
-    for method_model, rows in methods.values():
-        batched(method_model, sequences[:8], args.layer, args.batch_tokens, pad_id, rows)
 
     baseline_sequences = sequences[: args.baseline_examples or len(sequences)]
     reference, baseline_seconds, baseline_cpu = timed(one_at_a_time, model, baseline_sequences, args.layer)
     baseline_rate = sum(len(sequence) for sequence in baseline_sequences) / baseline_seconds
     outputs, seconds = {}, dict.fromkeys(methods, (float("inf"), 0.0))
     for _ in range(args.repeats):
-        for name, (method_model, rows) in methods.items():
-            outputs[name], *elapsed = timed(batched, method_model, sequences, args.layer, args.batch_tokens, pad_id, rows)
+        for name in methods:
+            outputs[name], *elapsed = run(name, sequences)
             seconds[name] = min(seconds[name], tuple(elapsed))
 
     baseline_name = f"one at a time, full forward, output_hidden_states (float32){'*' if len(baseline_sequences) < len(sequences) else ''}"
     rows_printed = [(baseline_name, baseline_rate, baseline_seconds, baseline_cpu, 0.0, (0.0, 0.0))]
-    for name, (_, rows) in methods.items():
+    for name, (_, rows, _) in methods.items():
         padding = padding_fraction(sequences, args.batch_tokens, pad_id, rows)
         differences = relative_differences(outputs[name][: len(reference)], reference)
         rows_printed.append((name, n_tokens / seconds[name][0], *seconds[name], padding, differences))

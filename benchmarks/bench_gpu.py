@@ -10,8 +10,9 @@ Needs a CUDA GPU with ~60 GB free; nothing is downloaded. It
    the weights' values), and texts whose chat-templated lengths spread over 50–512 tokens (mean ≈ 171), tokenized
    with the SmolLM2 tokenizer (its ids are valid for Llama-3's larger vocabulary);
 2. extracts layer 12: the original way (each example alone, the whole model, `output_hidden_states`), fastsae's
-   capture loop with padded length batches and with packed rows (sdpa, and flex attention last, if it runs), and
-   fastsae's extraction into a store on disk with BATCHING = auto; against the FLOP ceiling of the blocks run,
+   capture loop with padded length batches and with packed rows (sdpa; flex attention last, if it runs, and once more
+   with the blocks' MLPs and norms torch.compile'd), and fastsae's extraction into a store on disk with BATCHING and
+   ATTENTION = auto, at each BATCH_TOKENS; against the FLOP ceiling of the blocks run,
    2 × (parameters of blocks 0–12) per token at the bf16 matmul rate measured on this GPU;
 3. trains Top-K SAEs (d=4096, each M and K asked for) with the same batches already on the GPU, three ways:
    fastsae's training step under bfloat16 autocast, sparsify's SparseCoder stepped as its Trainer steps it (its own
@@ -50,7 +51,7 @@ from fastsae.extract.extract_activations import (
 )
 from fastsae.extract.packed_batches import packed_row_tokens, packed_tokens
 from fastsae.lm.data import load_dataset
-from fastsae.lm.hook_points import ResidualCapture
+from fastsae.lm.hook_points import ResidualCapture, decoder_layers
 from fastsae.lm.tokenization import tokenize_examples
 from fastsae.store.activation_store import ActivationStore
 from fastsae.train.train_sae import TrainConfig, TrainingRun
@@ -233,24 +234,27 @@ class Extraction:
             f"capture_{'packed' if packed else 'padded'}_{attention}_{batch_tokens}",
         )
 
-    def store_row(self) -> Path:
+    def store_row(self, batch_tokens: int) -> Path:
         config = ExtractConfig(
             dataset=str(self.data),
             layers=[LAYER],
-            batch_tokens=self.args.batch_tokens[0],
+            batch_tokens=batch_tokens,
             device=self.args.device,
-            output_dir=str(self.work / "activations"),
+            output_dir=str(self.work / f"activations_{batch_tokens}"),
             chat_template="auto",
             batching="auto",
+            attention="auto",
         )
         folders, seconds = timed(write_activation_stores, self.model, self.tokenizer, self.dataset, config, "random-Llama-3.1-8B")
-        batching = ActivationStore(folders[0]).manifest.extraction["batching"]
+        extraction = ActivationStore(folders[0]).manifest.extraction
         self.row(
-            f"extraction into the store (float16 on disk), BATCH_TOKENS={config.batch_tokens:,}, BATCHING=auto → {batching}",
+            f"extraction into the store (float16 on disk), BATCH_TOKENS={config.batch_tokens:,}, "
+            f"BATCHING and ATTENTION = auto → {extraction['batching']}, {extraction['attention']}"
+            + (" (compiling at its first call)" if extraction["attention"] == "flex_attention" else ""),
             self.n_tokens / seconds,
             None,
             "—",
-            "store",
+            f"store_{batch_tokens}",
         )
         return folders[0]
 
@@ -429,11 +433,19 @@ class Training:
         path.write_text("\n\n".join(tables))
 
 
-def flex_attention_row(extraction: Extraction, batch_tokens: int) -> None:
-    """Packed rows under flex attention, which computes only the query-key pairs inside each example."""
+def flex_attention_rows(extraction: Extraction, batch_tokens: list[int], compiled: bool) -> None:
+    """Packed rows under flex attention, which computes only the query-key pairs inside each example; then, at the
+    largest budget, with the blocks' MLPs and norms torch.compile'd, which fuses the elementwise work around the matmuls
+    (SiLU and the gate product over 14,336 columns, the RMSNorms)."""
     try:
         extraction.model.set_attn_implementation("flex_attention")
-        extraction.capture_row(batch_tokens, packed=True, attention="flex_attention")
+        for tokens in batch_tokens:
+            extraction.capture_row(tokens, packed=True, attention="flex_attention")
+        if compiled:
+            for layer in decoder_layers(extraction.model)[: LAYER + 1]:
+                for module in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+                    module.compile(dynamic=True)
+            extraction.capture_row(max(batch_tokens), packed=True, attention="flex_attention, MLPs and norms compiled")
     except Exception as error:  # the row says why flex attention could not run here
         extraction.rows.append(
             [f"capture loop, packed rows, flex_attention: failed ({type(error).__name__}: {str(error)[:160]})"] + ["—"] * 5
@@ -454,6 +466,7 @@ def main() -> None:
     parser.add_argument("--data-batches", type=int, default=16, help="distinct batches held on the GPU and cycled")
     parser.add_argument("--hypothesaes-steps", type=int, default=4, help="extra steps of HypotheSAEs' longer fit")
     parser.add_argument("--skip-hypothesaes", action="store_true")
+    parser.add_argument("--skip-training", action="store_true", help="extraction rows only")
     parser.add_argument(
         "--fastsae-kernels",
         nargs="+",
@@ -462,7 +475,8 @@ def main() -> None:
         help="fastsae rows: its own choice, or dense products / gathers forced (fastsae.core.sae.DENSE_KERNELS)",
     )
     parser.add_argument("--loop-tokens", type=int, default=3_000_000, help="tokens of the train_sae.py loop row (0: no row)")
-    parser.add_argument("--no-flex", action="store_true", help="leave out the flex-attention row")
+    parser.add_argument("--no-flex", action="store_true", help="leave out the flex-attention rows")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the row with the blocks' MLPs and norms compiled")
     parser.add_argument("--tokenizer", default="", help="folder with tokenizer.json; default: the fastsae cache of SmolLM2")
     parser.add_argument("--hypothesaes-sae", default="", help="path of HypotheSAEs' sae.py; default: the installed package's")
     parser.add_argument("--out", default="", help="folder for bench_gpu.json and the kernel profiles")
@@ -496,21 +510,22 @@ def main() -> None:
         for batch_tokens in args.batch_tokens:
             extraction.capture_row(batch_tokens, packed=False, attention="sdpa")
             extraction.capture_row(batch_tokens, packed=True, attention="sdpa")
-        store = extraction.store_row()
+        store = [extraction.store_row(batch_tokens) for batch_tokens in args.batch_tokens][0]
         extraction.print_table()
 
-        training = Training(args, store, work, report)
-        training.grid()
-        if args.loop_tokens:
-            training.loop_row()
-        training.print_table()
-        if out:
-            training.profile(out / "training_profile.txt")
-        del training
-        gc.collect()
+        if not args.skip_training:
+            training = Training(args, store, work, report)
+            training.grid()
+            if args.loop_tokens:
+                training.loop_row()
+            training.print_table()
+            if out:
+                training.profile(out / "training_profile.txt")
+            del training
+            gc.collect()
 
         if not args.no_flex:
-            flex_attention_row(extraction, args.batch_tokens[0])
+            flex_attention_rows(extraction, args.batch_tokens, compiled=not args.no_compile)
             extraction.print_table()
 
 

@@ -207,6 +207,7 @@ def test_auto_falls_back_to_padded_batches_where_packed_examples_would_see_each_
     with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
         (folder,) = extract(bloom, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
     assert "padded length batches, because BloomForCausalLM with eager attention lets the examples packed in one row see" in caplog.text
+    assert "flex_attention" not in caplog.text  # on a CPU, auto keeps the model's own kernel
     store = ActivationStore(folder)
     assert store.manifest.extraction["batching"] == "padded"
     for index in range(store.n_examples):
@@ -227,7 +228,42 @@ def test_the_packing_check_measures_against_the_rows_own_rounding(tiny_llama, sm
         (bloom_store,) = extract(bloom, smollm2_tokenizer, texts_file, tmp_path / "bloom", layers=[1])
     assert ActivationStore(llama_store).manifest.extraction["batching"] == "packed"
     assert ActivationStore(bloom_store).manifest.extraction["batching"] == "padded"
-    assert "at the start of a row, by" in caplog.text and "the one starting a row, by" in caplog.text
+    assert "keeps them apart: packed behind another" in caplog.text and "see each other: packed behind another" in caplog.text
+
+
+def test_auto_attention_packs_under_flex_attention_where_the_device_calls_for_it(
+    tiny_llama, smollm2_tokenizer, texts_file, tmp_path, monkeypatch, caplog
+):
+    """The GPU rule (flex attention first for packed rows) run on the CPU: one row as wide as the batch, every example
+    as it is alone, and the model handed back with its own kernel. BLOOM cannot run flex attention and falls back."""
+    monkeypatch.setattr(extract_module, "FLEX_ATTENTION_DEVICES", ("cpu",))
+    with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
+        (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "llama", layers=[1])
+    assert "Batching: packed rows of up to 600 tokens, no padding between examples (LlamaForCausalLM with flex_attention" in caplog.text
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    store = ActivationStore(folder)
+    assert store.manifest.extraction["attention"] == "flex_attention" and store.manifest.extraction["batching"] == "packed"
+    for index in range(store.n_examples):
+        example = store.example(index)
+        assert max_relative_difference(example.activations, alone(tiny_llama, example.token_ids, 1, "resid_post")) < 1e-4
+
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, n_layer=3, n_head=4)).eval()
+    with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
+        (folder,) = extract(bloom, smollm2_tokenizer, texts_file, tmp_path / "bloom", layers=[1])
+    assert "Attention: flex_attention cannot run BloomForCausalLM here" in caplog.text
+    assert ActivationStore(folder).manifest.extraction["attention"] == "eager"
+    with pytest.raises(UserError, match="ATTENTION = flex_attention cannot run BloomForCausalLM here .*Set ATTENTION = auto"):
+        extract(bloom, smollm2_tokenizer, texts_file, tmp_path / "forced", layers=[1], attention="flex_attention")
+
+
+def test_attention_named_by_the_user_runs_and_is_recorded(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1], attention="eager")
+    store = ActivationStore(folder)
+    assert store.manifest.extraction["attention"] == "eager" and store.manifest.extraction["batching"] == "packed"
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    example = store.example(5)
+    assert max_relative_difference(example.activations, alone(tiny_llama, example.token_ids, 1, "resid_post")) < 1e-4
 
 
 @pytest.mark.parametrize("row_tokens", [0, 600])  # sized for the model (several rows a batch), or as wide as the batch (one)
@@ -237,6 +273,7 @@ def test_auto_packs_rows_for_llama(tiny_llama, smollm2_tokenizer, texts_file, tm
     assert f"Batching: packed rows of up to {row_tokens or 50} tokens" in caplog.text
     store = ActivationStore(folder)
     assert store.manifest.extraction["batching"] == "packed" and "batching" not in store.manifest.settings
+    assert store.manifest.extraction["attention"] == "sdpa" and "attention" not in store.manifest.settings
     example = store.example(3)
     assert max_relative_difference(example.activations, alone(tiny_llama, example.token_ids, 1, "resid_post")) < 1e-4
 

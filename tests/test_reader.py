@@ -78,13 +78,17 @@ def test_reader_uses_the_extraction_settings_of_the_checkpoint(reader32, tiny_mo
         "auto",
     )
     assert settings.device == "cpu" and reader32.include_special is False
+    assert (settings.batching, settings.attention) == ("auto", "auto")  # the store records the path its run took: packed, sdpa
 
 
-def test_texts_in_the_store_get_the_features_of_their_stored_activations(run32, reader32):
-    """Read alone and in other batches than extraction's, each text gets its stored activations and hence the same features."""
+def test_texts_in_the_store_get_the_features_of_their_stored_activations(run32, reader32, caplog):
+    """Read in other batches than extraction's (packed rows, as extraction packs them), each text gets its stored
+    activations and hence the same features."""
     store, examples = run32["store"], run32["examples"]
     chosen = [0, 5, 7, 12, 13, 30, 39]
-    readings = reader32.read([examples[index].text for index in chosen])
+    with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
+        readings = reader32.read([examples[index].text for index in chosen])
+    assert "Batching: packed rows of up to" in caplog.text
     activations = reader32.activations([examples[index].text for index in chosen])
     assert any(reading.truncated for reading in readings) and any(reading.special_mask.any() for reading in readings)
     for index, reading, raw in zip(chosen, readings, activations):

@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 PACKING_CHOICES = ("sequential", "block")
 BATCHING_CHOICES = ("auto", "packed", "padded")
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# Where ATTENTION = auto tries flex attention first for packed rows: on an H200 (8B-sized model, one 32,768-token row
+# a batch) it ran 1.25x sdpa's packed rows (benchmarks/RESULTS.md); on the 2-core CPU sdpa was 1.10x faster (bench_extract.py).
+FLEX_ATTENTION_DEVICES = ("cuda",)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -85,6 +89,11 @@ class ExtractConfig:
         0,
         "tokens per packed row, at most BATCH_TOKENS; 0: the width that needs the fewest FLOPs (the whole batch with flash or flex attention)",
     )
+    attention: str = setting(
+        "auto",
+        "attention kernel: auto (flex_attention for packed rows on a GPU, which computes only each example's own query-key pairs; "
+        "else the model's own), sdpa, eager, flex_attention, flash_attention_2 or flash_attention_3",
+    )
     storage_dtype: str = setting("float16", "dtype on disk: float16, bfloat16 or float32")
     compute_dtype: str = setting("auto", "model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
@@ -99,6 +108,7 @@ class ExtractConfig:
             "hook_point": (*HOOK_POINTS, LORA_HOOK_POINT),
             "packing": PACKING_CHOICES,
             "batching": BATCHING_CHOICES,
+            "attention": ATTENTION_CHOICES,
             "storage_dtype": tuple(STORAGE_DTYPES),
             "compute_dtype": COMPUTE_DTYPES,
         }
@@ -231,7 +241,7 @@ def iter_example_activations(
 ) -> Iterator[tuple[list[int], dict[Hashable, list[torch.Tensor]]]]:
     """Per forward batch: the indices of its sequences and, per store, each sequence's (len, d) activations.
 
-    `row_tokens` packs the sequences into rows of up to that many tokens (see `choose_row_tokens`); None pads length batches.
+    `row_tokens` packs the sequences into rows of up to that many tokens (see `choose_batching`); None pads length batches.
     """
     for batch in forward_batches(sequences, batch_tokens, pad_token_id, row_tokens):
         masks = [None if tensor is None else tensor.to(device) for tensor in (batch.attention_mask, batch.position_ids)]
@@ -286,17 +296,23 @@ def packing_differences(
     return first, behind
 
 
-def choose_row_tokens(
-    model: torch.nn.Module, capture: Capture, config: ExtractConfig, sequences: list[np.ndarray], pad_token_id: int
-) -> int | None:
-    """The packed rows' width for `sequences`, or None for padded length batches: what BATCHING comes to for this model.
+class PackingCheck(NamedTuple):
+    """What `check_packing` found for packed rows of `row_tokens` under the model's current attention kernel."""
 
-    auto and packed first pack two of the sequences into a row and check that this leaves their activations as they
-    are alone: a model that builds its own attention mask, or ignores position ids, would let the examples of a row
-    see each other. Where it does, auto falls back to padded batches and logs why, and packed refuses.
-    """
-    if config.batching == "padded":
-        return None
+    row_tokens: int
+    rounding: float  # how far the example starting a row moved: this model's and device's own rounding
+    difference: float  # how far the example packed behind it moved
+    tolerance: float
+
+    @property
+    def keeps_examples_apart(self) -> bool:
+        return self.difference <= self.tolerance
+
+
+def check_packing(
+    model: torch.nn.Module, capture: Capture, config: ExtractConfig, sequences: list[np.ndarray], pad_token_id: int
+) -> PackingCheck:
+    """Pack two of the sequences into a row, at the width extraction would use, and compare with running them alone."""
     batch_tokens = config.resolved_batch_tokens()
     lengths = [len(sequence) for sequence in sequences]
     row_tokens = min(batch_tokens, config.row_tokens) if config.row_tokens else packed_row_tokens(model, lengths, batch_tokens)
@@ -306,27 +322,94 @@ def choose_row_tokens(
     parameter = next(model.parameters())
     rounding, difference = packing_differences(capture, (sequences * 2)[:2], n_rows, pad_token_id, parameter.device)
     floor = PACKING_TOLERANCE_FLOAT32 if parameter.dtype == torch.float32 else PACKING_TOLERANCE_16_BIT
-    tolerance = max(floor, PACKING_ROUNDING_FACTOR * rounding)
-    attention = f"{type(model).__name__} with {model.config._attn_implementation} attention"
-    if difference > tolerance:
-        reason = (
-            f"{attention} lets the examples packed in one row see each other "
-            f"(packed behind another, an example's activations moved by {difference:.1e}, relative; "
-            f"at the start of a row, by {rounding:.1e})"
-        )
-        if config.batching == "packed":
-            raise UserError(f"BATCHING = packed, but {reason}. Set BATCHING = auto or padded.")
-        logger.info("Batching: padded length batches, because %s.", reason)
+    return PackingCheck(row_tokens, rounding, difference, max(floor, PACKING_ROUNDING_FACTOR * rounding))
+
+
+class Batching(NamedTuple):
+    """How a run's forward passes share examples: packed rows of `row_tokens` (None: padded length batches), under `attention`."""
+
+    row_tokens: int | None
+    attention: str
+
+
+def switch_attention(model: torch.nn.Module, attention: str) -> None:
+    """Run `model` under the attention kernel `attention`; ValueError or ImportError where it cannot."""
+    model.set_attn_implementation(attention)
+    # Models outside transformers' attention interface (BLOOM, ...) keep their own kernel, with only a warning.
+    if model.config._attn_implementation != attention:
+        raise ValueError(f"it keeps {model.config._attn_implementation} attention")
+
+
+def set_attention(model: torch.nn.Module, attention: str) -> None:
+    """`switch_attention`, or stop with what to set instead."""
+    try:
+        switch_attention(model, attention)
+    except (ValueError, ImportError) as error:
+        raise UserError(f"ATTENTION = {attention} cannot run {type(model).__name__} here ({error}). Set ATTENTION = auto.") from None
+
+
+def try_flex_attention(
+    model: torch.nn.Module, capture: Capture, config: ExtractConfig, sequences: list[np.ndarray], pad_token_id: int
+) -> PackingCheck | None:
+    """The packing check under flex attention, or None, logged, where this model or machine cannot run it."""
+    try:
+        switch_attention(model, "flex_attention")
+        return check_packing(model, capture, config, sequences, pad_token_id)
+    # Flex attention compiles a kernel at its first call: models without support, and machines without a compiler
+    # or Triton, fail in ways that have no common exception type.
+    except Exception as error:
+        logger.info("Attention: flex_attention cannot run %s here (%s: %s).", type(model).__name__, type(error).__name__, error)
         return None
-    logger.info(
-        "Batching: packed rows of up to %d tokens, no padding between examples (%s keeps them apart: packed, the one behind another moved by %.0e; "
-        "the one starting a row, by %.0e).",
-        row_tokens,
-        attention,
-        difference,
-        rounding,
+
+
+def describe_check(model: torch.nn.Module, attention: str, check: PackingCheck) -> str:
+    verdict = "keeps them apart" if check.keeps_examples_apart else "lets the examples packed in one row see each other"
+    return (
+        f"{type(model).__name__} with {attention} attention {verdict}: packed behind another, an example's activations "
+        f"moved by {check.difference:.0e}, relative; at the start of a row, by {check.rounding:.0e}"
     )
-    return row_tokens
+
+
+def choose_batching(
+    model: torch.nn.Module, capture: Capture, config: ExtractConfig, sequences: list[np.ndarray], pad_token_id: int
+) -> Batching:
+    """What BATCHING and ATTENTION come to for this model, with the model switched to that attention kernel.
+
+    auto and packed first check that packing two of the sequences into a row leaves their activations as they are
+    alone (`check_packing`): a model that builds its own attention mask, or ignores position ids, would let the
+    examples of a row see each other. Where it does, auto falls back to padded batches and logs why, and packed
+    refuses. ATTENTION = auto tries flex attention first for packed rows on a GPU (FLEX_ATTENTION_DEVICES), and the
+    model's own kernel where flex cannot run or fails the check.
+    """
+    if config.attention != "auto":
+        set_attention(model, config.attention)
+    own = model.config._attn_implementation
+    if config.batching == "padded":
+        return Batching(None, own)
+    if config.attention == "auto" and own != "flex_attention" and next(model.parameters()).device.type in FLEX_ATTENTION_DEVICES:
+        check = try_flex_attention(model, capture, config, sequences, pad_token_id)
+        if check is not None and check.keeps_examples_apart:
+            logger.info(
+                "Batching: packed rows of up to %d tokens, no padding between examples (%s).",
+                check.row_tokens,
+                describe_check(model, "flex_attention", check),
+            )
+            return Batching(check.row_tokens, "flex_attention")
+        if check is not None:
+            logger.info("Attention: not flex_attention, because %s.", describe_check(model, "flex_attention", check))
+        model.set_attn_implementation(own)
+    check = check_packing(model, capture, config, sequences, pad_token_id)
+    if check.keeps_examples_apart:
+        logger.info(
+            "Batching: packed rows of up to %d tokens, no padding between examples (%s).",
+            check.row_tokens,
+            describe_check(model, own, check),
+        )
+        return Batching(check.row_tokens, own)
+    if config.batching == "packed":
+        raise UserError(f"BATCHING = packed, but {describe_check(model, own, check)}. Set BATCHING = auto or padded.")
+    logger.info("Batching: padded length batches, because %s.", describe_check(model, own, check))
+    return Batching(None, own)
 
 
 @dataclass
@@ -371,9 +454,16 @@ def store_folder(config: ExtractConfig, model_slug: str, hook: str) -> Path:
 def write_activation_stores(
     model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None = None
 ) -> list[Path]:
-    """Extract `dataset` through an already loaded `model` into one store per layer (or one LoRA store); resumes where stores exist."""
-    with open_capture(model, config) as capture:
-        return _write_stores(capture, model, tokenizer, dataset, config, model_slug, model_fields)
+    """Extract `dataset` through an already loaded `model` into one store per layer (or one LoRA store); resumes where stores exist.
+
+    The model comes back with the attention kernel it came with, whichever one extraction ran.
+    """
+    own_attention = model.config._attn_implementation
+    try:
+        with open_capture(model, config) as capture:
+            return _write_stores(capture, model, tokenizer, dataset, config, model_slug, model_fields)
+    finally:
+        model.set_attn_implementation(own_attention)
 
 
 def _write_stores(
@@ -388,9 +478,9 @@ def _write_stores(
     itemsize = torch.zeros(1, dtype=storage_dtype).element_size()
     shards = plan_shards(lengths, max(1, int(config.shard_mb * 2**20 / (d * itemsize))))
     compute_dtype = next(model.parameters()).dtype
-    row_tokens = choose_row_tokens(model, capture, config, packed.sequences, pad_token_id(tokenizer))
+    batching = choose_batching(model, capture, config, packed.sequences, pad_token_id(tokenizer))
 
-    # What decides whether a rerun resumes the store. Not here: BATCH_TOKENS, BATCHING, ROW_TOKENS and DEVICE,
+    # What decides whether a rerun resumes the store. Not here: BATCH_TOKENS, BATCHING, ROW_TOKENS, ATTENTION and DEVICE,
     # which change only how examples share a forward pass, not what any example's activations are (beyond float
     # rounding, which the equivalence tests bound), so a store begun one way resumes another. The manifest's
     # `extraction` records the batching path of the run that finished the store.
@@ -438,7 +528,11 @@ def _write_stores(
                         skipped=dict(dataset.skipped.counts),
                         n_truncated=n_truncated,
                     ),
-                    "extraction": {**asdict(config), "batching": "padded" if row_tokens is None else "packed"},  # the path taken
+                    "extraction": {  # the path taken
+                        **asdict(config),
+                        "batching": "padded" if batching.row_tokens is None else "packed",
+                        "attention": batching.attention,
+                    },
                     "n_special_tokens": int(sum(mask.sum() for mask in packed.special_masks)),
                 },
                 shards=shards,
@@ -465,7 +559,7 @@ def _write_stores(
         logger.info("All %d shards already extracted; nothing to do.", len(shards))
     elif mine:
         _extract_shards(
-            capture, next(model.parameters()).device, tokenizer, packed, shards, mine, writers, config, storage_dtype, row_tokens
+            capture, next(model.parameters()).device, tokenizer, packed, shards, mine, writers, config, storage_dtype, batching.row_tokens
         )
     distributed.barrier()  # every rank's shards are on disk
     if ranks.is_main:

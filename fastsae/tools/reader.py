@@ -5,7 +5,8 @@ checkpoints carry their store's manifest, whose `extraction` block is the Extrac
 made the store; the reader rebuilds it for the checkpoint's one layer and then calls
 extraction's own code: `tokenize_examples` (the same chat-template decision, special-token mask
 and MAX_LENGTH truncation), `open_capture` (the same hook, or LoRA bottlenecks) and
-`iter_example_activations` (each text its own sequence, batched by length). The activations are
+`choose_batching` and `iter_example_activations` (each text its own sequence, packed into rows
+where the model keeps them apart, else batched by length). The activations are
 then rounded to the store's dtype, because that is what training saw. The checkpoint has the
 activation scale folded into its weights, so raw activations go straight into the SAE. A text
 that is in the store therefore gets the features computed from its stored activations (a test
@@ -31,7 +32,7 @@ from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
-from fastsae.extract.extract_activations import ExtractConfig, iter_example_activations, open_capture, pad_token_id
+from fastsae.extract.extract_activations import ExtractConfig, choose_batching, iter_example_activations, open_capture, pad_token_id
 from fastsae.lm.data import Example
 from fastsae.lm.hook_points import HOOK_POINTS
 from fastsae.lm.lora import LORA_HOOK_POINT
@@ -123,16 +124,18 @@ class SAEReader:
         return tokenize_examples(self.tokenizer, examples, self.extraction.chat_template, self.extraction.max_length)
 
     def _batches(self, tokenized: list[TokenizedExample]) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-        """Per length-batch: its text indices and each text's (T, d) float32 activations, rounded to the store's dtype."""
+        """Per forward batch: its text indices and each text's (T, d) float32 activations, rounded to the store's dtype."""
         storage_dtype = STORAGE_DTYPES[self.extraction.storage_dtype]
         sequences = [item.token_ids for item in tokenized]
+        if not sequences:
+            return
+        pad_id = pad_token_id(self.tokenizer)
         with (
             open_capture(self.model, self.extraction) as capture,
             tqdm(total=len(sequences), desc="reading", unit="text", leave=False) as progress,
         ):
-            batches = iter_example_activations(
-                capture, sequences, self.extraction.resolved_batch_tokens(), pad_token_id(self.tokenizer), self.device
-            )
+            row_tokens = choose_batching(self.model, capture, self.extraction, sequences, pad_id).row_tokens
+            batches = iter_example_activations(capture, sequences, self.extraction.resolved_batch_tokens(), pad_id, self.device, row_tokens)
             for batch, per_store in batches:
                 (pieces,) = per_store.values()
                 progress.update(len(batch))
@@ -205,4 +208,7 @@ def extraction_settings(trained: TrainedSAE, model_name: str, hook_point: str, l
     if recorded_extraction.get("packing", "sequential") != "sequential":
         logger.warning("This SAE was trained on packed blocks of text; each text is read here as its own sequence.")
     layers = recorded_extraction.get("layers", []) if is_lora else [chosen_layer]
-    return ExtractConfig(**{**recorded_extraction, "model_name": model, "hook_point": chosen_point, "layers": layers, "device": device})
+    # How texts share forward batches is chosen afresh for this device, as extraction chose it for its own: the store
+    # records the path its run took, which changes activations by rounding only.
+    batching = {"device": device, "batching": "auto", "attention": "auto"}
+    return ExtractConfig(**{**recorded_extraction, "model_name": model, "hook_point": chosen_point, "layers": layers, **batching})
