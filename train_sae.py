@@ -28,7 +28,7 @@ BATCH_SIZE = 1024  # under torchrun: all ranks together
 LEARNING_RATE = 2e-3
 EPOCHS = 50.0
 MAX_TOKENS = 0  # set to override EPOCHS
-PATIENCE = 10  # validations without improvement before an SAE stops
+PATIENCE = 10  # validations without a better objective (FVU, plus relu's/jumprelu's penalty) before an SAE stops
 SEED = 0
 PRECISION = "auto"  # auto: bfloat16 autocast on a GPU or a CPU with AMX/AVX512-BF16, else float32; weights stay float32
 

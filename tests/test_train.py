@@ -135,21 +135,21 @@ def test_aux_k_revives_dead_features(smollm2_store, tmp_path):
 
 @pytest.fixture(scope="module")
 def jumprelu_runs(tiny_store, tmp_path_factory) -> dict[str, dict]:
-    """JumpReLU at L0 coefficients 1e-3 and 1e-2 in float32, and at 1e-2 under bf16 autocast.
+    """JumpReLU at L0 coefficients 1e-3 and 1e-2 in float32, and at 1e-2 under bf16 autocast; 1e-2 at the default PATIENCE.
 
     Thresholds move by about the learning rate per Adam step, in units where pre-activations have a std
     near 1: ~500 steps at 5e-3 let them travel far enough for the coefficient to show.
     """
     output = tmp_path_factory.mktemp("jumprelu")
     runs = {
-        "1e-3": {"l0_coefficient": 1e-3, "precision": "float32"},
-        "1e-2": {"l0_coefficient": 1e-2, "precision": "float32"},
-        "1e-2 bf16": {"l0_coefficient": 1e-2, "precision": "bfloat16"},
+        "1e-3": {"l0_coefficient": 1e-3, "precision": "float32", "patience": 0},
+        "1e-2": {"l0_coefficient": 1e-2, "precision": "float32", "patience": TrainConfig.patience},
+        "1e-2 bf16": {"l0_coefficient": 1e-2, "precision": "bfloat16", "patience": 0},
     }
     return {
-        name: train_saes(
-            config_for(tiny_store, output / name.replace(" ", "_"), architecture="jumprelu", learning_rate=5e-3, patience=0, **settings)
-        )[0]
+        name: train_saes(config_for(tiny_store, output / name.replace(" ", "_"), architecture="jumprelu", learning_rate=5e-3, **settings))[
+            0
+        ]
         for name, settings in runs.items()
     }
 
@@ -160,6 +160,17 @@ def test_jumprelu_l0_follows_its_coefficient(jumprelu_runs, tiny_store):
     assert l0["1e-2"] < 0.5 * l0["1e-3"], l0
     assert jumprelu_runs["1e-2"]["final"]["dead_fraction"] < 0.1
     assert_saelens_export_matches(jumprelu_runs["1e-2"], raw_validation_activations(tiny_store))  # thresholds apply to raw activations
+
+
+def test_early_stopping_watches_the_penalised_objective(jumprelu_runs):
+    """As the thresholds climb, the 1e-2 run's validation FVU stops improving for longer than PATIENCE, so early
+    stopping on FVU would have cut it short; its objective, FVU + 1e-2 × L0, keeps falling, and it trains to its budget."""
+    run = jumprelu_runs["1e-2"]
+    fvus = [row["fvu"] for row in run["validation"]]
+    assert len(fvus) - 1 - fvus.index(min(fvus)) >= TrainConfig.patience, fvus
+    assert run["stopped"] == "budget reached"
+    for row in run["validation"]:
+        assert row["objective"] == pytest.approx(row["fvu"] + 1e-2 * row["l0"])
 
 
 def test_bfloat16_autocast_jumprelu_lands_close_to_float32(jumprelu_runs):

@@ -100,7 +100,10 @@ class TrainConfig:
     include_special_tokens: bool = setting(False, "also train on special/template tokens (BOS, chat markers)")
     input_bias_init: str = setting("median", "start the decoder bias at the data's median or mean, or at zero (as SAELens does)")
     eval_every: int = setting(50, "validate every N steps")
-    patience: int = setting(10, "stop an SAE after this many validations without a better FVU; 0: never")
+    patience: int = setting(
+        10,
+        "stop an SAE after this many validations without a better objective (FVU, plus the L1 or L0 penalty of relu and jumprelu); 0: never",
+    )
     checkpoint_every: int = setting(1000, "save checkpoints and training state every N steps")
     log_every: int = setting(20, "update the progress bar and history every N steps")
     buffer_tokens: int = setting(131072, "mixing-buffer size in tokens (memory is bounded by this, not the store)")
@@ -203,13 +206,13 @@ def checkpoint_path(folder: Path, spec: SAESpec) -> Path:
 
 
 class Validation(NamedTuple):
-    metrics: dict[str, float]  # fvu, explained_variance, l0, dead_fraction, dense_fraction, n_tokens
+    metrics: dict[str, float]  # fvu, explained_variance, l0, l1, dead_fraction, dense_fraction, n_tokens
     feature_frequency: torch.Tensor  # (M,) fraction of tokens each feature fires on
 
 
 @torch.no_grad()
 def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> Validation:
-    """FVU, explained variance, L0 and dead/dense fractions of `sae` on (already scaled) tokens.
+    """FVU, explained variance, L0, L1 and dead/dense fractions of `sae` on (already scaled) tokens.
 
     Under torchrun each rank passes its share of the validation tokens and the sums are added
     over ranks, so every rank gets the metrics of the whole validation set.
@@ -219,6 +222,7 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
     squared_error = torch.zeros((), dtype=torch.float64, device=tokens.device)
     fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64, device=tokens.device)
     active_total = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    activation_total = torch.zeros((), dtype=torch.float64, device=tokens.device)
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
         codes = sae.encode(batch)
@@ -226,12 +230,23 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
         active = codes > 0
         fire_counts += active.sum(0)
         active_total += active.sum()
+        activation_total += codes.double().sum()
     sae.train()
     counts = torch.stack(
-        [squared_error, active_total, tokens.double().pow(2).sum(), torch.tensor(len(tokens), dtype=torch.float64, device=tokens.device)]
+        [
+            squared_error,
+            active_total,
+            activation_total,
+            tokens.double().pow(2).sum(),
+            torch.tensor(len(tokens), dtype=torch.float64, device=tokens.device),
+        ]
     )
     totals = distributed.all_reduce_sum_(torch.cat([counts, tokens.double().sum(0), fire_counts]))
-    (squared_error, active_total, square_sum, n_tokens), token_sum, fire_counts = totals[:4].tolist(), totals[4 : 4 + d], totals[4 + d :]
+    (squared_error, active_total, activation_total, square_sum, n_tokens), token_sum, fire_counts = (
+        totals[:5].tolist(),
+        totals[5 : 5 + d],
+        totals[5 + d :],
+    )
     variance = square_sum - float(token_sum.pow(2).sum()) / n_tokens  # Σ‖x − mean‖², from sums that add over ranks
     fvu = squared_error / variance
     frequency = fire_counts / n_tokens
@@ -239,11 +254,31 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
         "fvu": fvu,
         "explained_variance": 1 - fvu,
         "l0": active_total / n_tokens,
+        "l1": activation_total / n_tokens,  # per token, the sum of the feature activations (relu's penalty)
         "dead_fraction": float((fire_counts == 0).double().mean()),
         "dense_fraction": float((frequency > DENSE_FEATURE_FREQUENCY).double().mean()),
         "n_tokens": int(n_tokens),
     }
     return Validation(metrics, frequency.float().cpu())
+
+
+# The sparsity penalty of each penalised architecture: the coefficient setting, and the validation metric it weighs.
+SPARSITY_PENALTIES = {"relu": ("l1_coefficient", "l1"), "jumprelu": ("l0_coefficient", "l0")}
+
+
+def sparsity_coefficient(config: TrainConfig, architecture: str) -> float:
+    """The weight of the sparsity penalty in the loss; 0 for Top-K SAEs, whose K sets the sparsity."""
+    return getattr(config, SPARSITY_PENALTIES[architecture][0]) if architecture in SPARSITY_PENALTIES else 0.0
+
+
+def validation_objective(config: TrainConfig, architecture: str, metrics: dict[str, float]) -> float:
+    """What training minimises, on the validation tokens and without aux-K: FVU plus the sparsity penalty.
+
+    Early stopping watches this, not FVU alone: a relu or jumprelu SAE trades reconstruction for sparsity
+    as it trains, so its FVU rises by design while its objective still falls.
+    """
+    penalty = metrics[SPARSITY_PENALTIES[architecture][1]] if architecture in SPARSITY_PENALTIES else 0.0
+    return metrics["fvu"] + sparsity_coefficient(config, architecture) * penalty
 
 
 class _TrainingStepModule(nn.Module):
@@ -268,7 +303,7 @@ class SAETrainer:
     tokens_since_fired: torch.Tensor  # (M,) on the device
     history: list[dict[str, float]] = field(default_factory=list)
     validation: list[dict[str, float]] = field(default_factory=list)
-    best_fvu: float = math.inf
+    best_objective: float = math.inf  # the lowest `validation_objective` so far
     validations_without_improvement: int = 0
     stopped: str = ""  # why it stopped early, or "" while training
     any_dead: bool = False  # refreshed at log steps, so the hot loop needs no host sync
@@ -289,7 +324,7 @@ class SAETrainer:
             "tokens_since_fired": self.tokens_since_fired.cpu(),
             "history": self.history,
             "validation": self.validation,
-            "best_fvu": self.best_fvu,
+            "best_objective": self.best_objective,
             "validations_without_improvement": self.validations_without_improvement,
             "stopped": self.stopped,
             "any_dead": self.any_dead,
@@ -302,7 +337,7 @@ class SAETrainer:
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.history = list(state["history"])
         self.validation = list(state["validation"])
-        self.best_fvu = float(state["best_fvu"])
+        self.best_objective = float(state.get("best_objective", state.get("best_fvu")))  # best_fvu: states saved before the penalty counted
         self.validations_without_improvement = int(state["validations_without_improvement"])
         self.stopped = state["stopped"]
         self.any_dead = bool(state["any_dead"])
@@ -529,9 +564,8 @@ class TrainingRun:
         for group in trainer.optimizer.param_groups:
             group["lr"] = config.learning_rate * factor
         dead = trainer.tokens_since_fired > self.dead_after_tokens if trainer.any_dead else None
-        sparsity = {"relu": config.l1_coefficient, "jumprelu": config.l0_coefficient}.get(trainer.spec.architecture, 0.0)
         with self._autocast():
-            output = trainer.training_step(x, dead, config.aux_coefficient, sparsity)
+            output = trainer.training_step(x, dead, config.aux_coefficient, sparsity_coefficient(config, trainer.spec.architecture))
         trainer.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         trainer.sae.remove_parallel_gradient_()
@@ -574,15 +608,20 @@ class TrainingRun:
         # (benchmarks/RESULTS.md). Sums stay float64, and the final validation is float32.
         with self._autocast():
             metrics = validate(trainer.sae, self.validation_tokens, self.config.batch_size).metrics
-        trainer.validation.append({"step": step, "tokens": step * self.config.batch_size, "fvu": metrics["fvu"], "l0": metrics["l0"]})
+        objective = validation_objective(self.config, trainer.spec.architecture, metrics)
+        trainer.validation.append(
+            {"step": step, "tokens": step * self.config.batch_size, "fvu": metrics["fvu"], "l0": metrics["l0"], "objective": objective}
+        )
         trainer.tracker.log(tracking.section("validation", trainer.validation[-1]), step)
-        if metrics["fvu"] < trainer.best_fvu - 1e-6:
-            trainer.best_fvu, trainer.validations_without_improvement = metrics["fvu"], 0
+        if objective < trainer.best_objective - 1e-6:
+            trainer.best_objective, trainer.validations_without_improvement = objective, 0
         else:
             trainer.validations_without_improvement += 1
             if self.config.patience and trainer.validations_without_improvement >= self.config.patience:
                 trainer.stopped = f"early stop at step {step}"
-                logger.info("%s: validation FVU has not improved for %d validations; stopping it", trainer.spec.name, self.config.patience)
+                logger.info(
+                    "%s: the validation objective has not improved for %d validations; stopping it", trainer.spec.name, self.config.patience
+                )
 
     def _postfix(self, trainer: SAETrainer, steps_this_session: int, started: float) -> dict[str, str]:
         last = trainer.history[-1]
