@@ -27,12 +27,12 @@ from sae_dashboard.neuronpedia.neuronpedia_dashboard import NeuronpediaDashboard
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.export.export_sae import ExportConfig, export_sae
+from fastsae.export.interval_groups import N_INTERVALS
 from fastsae.export.neuronpedia import (
     EXPLANATIONS_FILE,
     FEATURES_PER_BATCH,
     INTERVAL_EXAMPLES,
     LOGIT_TOKENS,
-    N_INTERVALS,
     NEURONPEDIA_FOLDER,
     WINDOW_TOKENS,
 )

@@ -64,8 +64,9 @@ from fastsae.common.errors import UserError
 from fastsae.core.sae_info import SAEInfo
 from fastsae.core.saelens_export import saelens_config
 from fastsae.core.trained_sae import LanguageModel, TrainedSAE
+from fastsae.export.interval_groups import IntervalSample
 from fastsae.interpret.features import HISTOGRAM_EDGES, FeatureStatistics, collect_feature_statistics, logit_lens, unembedding_matrix
-from fastsae.interpret.windows import ChunkWindows, Window, WindowGrid, WindowReservoir, iter_window_activations, read_windows
+from fastsae.interpret.windows import Window, WindowGrid, WindowReservoir, iter_window_activations, read_windows
 from fastsae.store.activation_store import ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,6 @@ FEATURES_PER_BATCH = 128  # SAEDashboard's n_features_at_a_time; also the most t
 WINDOW_TOKENS = 32  # interpret_sae.py's default WINDOW_TOKENS (delphi's example_ctx_len), so the examples match the CSV's
 LOGIT_TOKENS = 10  # SAEDashboard's logits table: 10 promoted and 10 suppressed tokens
 DECIMALS = 3  # SAEDashboard rounds every value to 3 decimals
-N_INTERVALS = 5  # SAEDashboard's NeuronpediaRunnerConfig.n_quantiles: the activation intervals examples are also drawn from
 INTERVAL_EXAMPLES = 5  # its quantile_group_size: windows drawn from each interval
 INTERVAL_SEED = 0  # the draws are seeded, so a rerun writes the same files
 CONTAINS_DECIMALS = 5  # SAEDashboard writes an interval's share as a percentage to 3 decimals
@@ -150,68 +150,6 @@ def logit_table(directions: torch.Tensor, unembedding: torch.Tensor, k: int = LO
         return np.concatenate(parts) if parts else np.zeros((0, k))
 
     return LogitTable(promoted, logits(promoted), suppressed, logits(suppressed))
-
-
-class IntervalGroup(NamedTuple):
-    """One of a feature's activation intervals: its edges, the share of the store's windows in it, the windows drawn from it."""
-
-    lower: float
-    upper: float
-    contains: float
-    windows: np.ndarray  # indices into the window grid
-
-
-class IntervalSample:
-    """SAEDashboard's interval groups of every feature, over every window of the store, from the chunks of one pass.
-
-    A feature's range [0, its maximum] is cut into N_INTERVALS equal closed intervals (SAEDashboard's
-    `torch.linspace(0, max, n_quantiles + 1)`), and a window belongs to those that hold its activation: 0 where
-    the feature is silent, so the lowest interval also holds the silent windows, as SAEDashboard's holds the
-    silent tokens. Each (window, feature) pair gets a uniform random priority and each interval keeps its `size`
-    highest: a uniform draw without replacement, as SAEDashboard's `random_range_indices`, in intervals × size × M.
-    """
-
-    def __init__(self, maxima: np.ndarray, n_windows: int, size: int, seed: int) -> None:
-        self.maxima = maxima.astype(np.float64)
-        self.edges = self.maxima[:, None] * np.linspace(0.0, 1.0, N_INTERVALS + 1)  # (M, N_INTERVALS + 1)
-        self.n_windows = n_windows
-        self.counts = np.zeros((N_INTERVALS, len(maxima)), dtype=np.int64)
-        self.priority = np.full((N_INTERVALS, size, len(maxima)), -1.0)  # -1: no window kept there yet
-        self.window = np.full((N_INTERVALS, size, len(maxima)), -1)
-        self._rng = np.random.default_rng(seed)
-
-    def add(self, chunk: ChunkWindows, grid: WindowGrid) -> None:
-        """Count and draw from one chunk's windows: those with no (window, feature) pair in it are silent."""
-        size = self.priority.shape[1]
-        activation = np.zeros((len(chunk.windows), len(self.maxima)))
-        activation[grid.index_of(chunk.peaks) - chunk.windows.start, chunk.slots] = chunk.values
-        # Capped at the maximum, which the statistics pass found in chunks of other sizes: their arithmetic may differ in
-        # the last bit, and the strongest window must stay in the top interval.
-        activation = np.minimum(activation, self.maxima)
-        priority = self._rng.random(activation.shape)
-        windows = np.broadcast_to(np.arange(chunk.windows.start, chunk.windows.stop)[:, None], activation.shape)
-        for interval in range(N_INTERVALS):
-            inside = (self.edges[:, interval] <= activation) & (activation <= self.edges[:, interval + 1])
-            self.counts[interval] += inside.sum(0)
-            candidates = np.concatenate([self.priority[interval], np.where(inside, priority, -1.0)])
-            keep = np.argpartition(-candidates, size - 1, axis=0)[:size]  # the `size` highest priorities of each feature
-            self.priority[interval] = np.take_along_axis(candidates, keep, 0)
-            self.window[interval] = np.take_along_axis(np.concatenate([self.window[interval], windows]), keep, 0)
-
-    def groups(self, feature: int) -> list[IntervalGroup]:
-        """The feature's non-empty intervals, highest first as SAEDashboard lists them; none for a feature that never fires."""
-        if self.maxima[feature] <= 0:
-            return []
-        return [
-            IntervalGroup(
-                float(self.edges[feature, interval]),
-                float(self.edges[feature, interval + 1]),
-                float(self.counts[interval, feature] / self.n_windows),
-                self.window[interval, :, feature][self.priority[interval, :, feature] >= 0],
-            )
-            for interval in reversed(range(N_INTERVALS))
-            if self.counts[interval, feature]
-        ]
 
 
 def _rounded(values: Any) -> list[float]:
