@@ -135,6 +135,22 @@ def store_and_sae(tiny_store):
     return store, sae
 
 
+def interpret_without_llm(checkpoint, model_folder: Path, csv_path: Path, features: str, **settings) -> Path:
+    """interpret_sae.py's CSV as it is without an API key (statistics and contexts, no explanation or score), on the CPU."""
+    from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
+
+    config = InterpretConfig(
+        checkpoint=str(checkpoint),
+        model_name=str(model_folder),
+        features=features,
+        interpretations_path=str(csv_path),
+        explain=False,
+        device="cpu",
+        **settings,
+    )
+    return interpret_sae(config)
+
+
 def hypothesaes_module():
     """HypotheSAEs' own sae.py, loaded by path (its package __init__ imports heavy extras)."""
     folder = importlib.util.find_spec("hypothesaes").submodule_search_locations[0]

@@ -20,13 +20,12 @@ from huggingface_hub import ModelCard
 from markdown_it import MarkdownIt
 from safetensors.torch import load_file
 
-from conftest import hypothesaes_module
+from conftest import hypothesaes_module, interpret_without_llm
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
 from fastsae.export import export_sae as share
 from fastsae.export.export_sae import ExportConfig, export_sae
-from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 from fastsae.store.activation_store import ActivationStore
 from fastsae.train.train_sae import TrainConfig, train_saes
 
@@ -59,18 +58,7 @@ def evaluated(trained, tiny_model_folder, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def unscored_csv(trained, tiny_model_folder, tmp_path_factory) -> Path:
     """interpret_sae.py's CSV as it is without an API key: statistics and contexts, no explanation or score."""
-    path = tmp_path_factory.mktemp("interpret") / "interpretations.csv"
-    interpret_sae(
-        InterpretConfig(
-            checkpoint=str(trained),
-            model_name=str(tiny_model_folder),
-            features="frequency:20",
-            interpretations_path=str(path),
-            explain=False,
-            device="cpu",
-        )
-    )
-    return path
+    return interpret_without_llm(trained, tiny_model_folder, tmp_path_factory.mktemp("interpret") / "interpretations.csv", "frequency:20")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from sae_lens import SAE
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import hypothesaes_module
+from conftest import hypothesaes_module, interpret_without_llm
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.core.formats.saelens import saelens_hook
@@ -32,7 +32,6 @@ from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.core.formats.sparsify import sparsify_hook
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae, validation_examples
 from fastsae.export.export_sae import ExportConfig, export_sae
-from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 from fastsae.store.activation_store import ActivationStore
 
 D, M, K, LAYER = 64, 96, 8, 2  # the tiny store: d=64 at the output of block 2
@@ -400,17 +399,7 @@ def test_evaluate_and_interpret_run_on_each_format(name, sample, tiny_store, tin
     assert written["reconstruction"]["content"]["tokens"] == len(content)
     core = written["saebench_core"]["eval_result_metrics"]
     assert np.isfinite(core["model_performance_preservation"]["ce_loss_score"]) and core["sparsity"]["l0"] > 0
-    csv = interpret_sae(
-        InterpretConfig(
-            checkpoint=made.checkpoint,
-            store=str(tiny_store),
-            model_name=str(tiny_model_folder),
-            features="frequency:5",
-            interpretations_path=str(tmp_path / "interpretations.csv"),
-            explain=False,
-            device="cpu",
-        )
-    )
+    csv = interpret_without_llm(made.checkpoint, tiny_model_folder, tmp_path / "interpretations.csv", "frequency:5", store=str(tiny_store))
     table = pd.read_csv(csv)
     assert len(table) == 5 and (table["frequency"] > 0).all() and (tmp_path / "dashboard.html").is_file()
     assert_exports_as_it_runs(made, csv, content)

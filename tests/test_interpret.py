@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import interpret_without_llm
 from fastsae.common.errors import UserError
 from fastsae.interpret.features import FeatureStatistics
-from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae, select_features
+from fastsae.interpret.interpret_sae import select_features
 from fastsae.train.train_sae import TrainConfig, train_saes
 
 
@@ -22,16 +23,7 @@ def checkpoint(tiny_store, tmp_path_factory):
 
 
 def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_model_folder, tmp_path):
-    path = interpret_sae(
-        InterpretConfig(
-            checkpoint=checkpoint,
-            model_name=str(tiny_model_folder),
-            features="frequency:10",
-            interpretations_path=str(tmp_path / "interpretations.csv"),
-            device="cpu",
-            explain=False,
-        )
-    )
+    path = interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "interpretations.csv", "frequency:10")
     table = pd.read_csv(path, keep_default_na=False)
     assert len(table) == 10
     assert list(table["frequency"]) == sorted(table["frequency"], reverse=True) and (table["frequency"] > 0).all()

@@ -24,6 +24,7 @@ import pytest
 import torch
 from sae_dashboard.neuronpedia.neuronpedia_dashboard import NeuronpediaDashboardBatch
 
+from conftest import interpret_without_llm
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.export.export_sae import ExportConfig, export_sae
@@ -36,7 +37,6 @@ from fastsae.export.neuronpedia import (
     NEURONPEDIA_FOLDER,
     WINDOW_TOKENS,
 )
-from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 from fastsae.interpret.windows import WindowGrid
 from fastsae.lm.models import load_tokenizer, resolve_model
 from fastsae.store.activation_store import ActivationStore
@@ -82,16 +82,8 @@ def offset_model_folder(tiny_model_folder, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def explained_csv(trained, tiny_model_folder, tmp_path_factory) -> Path:
     """interpret_sae.py's CSV for 12 features, with explanations written into 8 of them as the LLM step writes them."""
-    path = tmp_path_factory.mktemp("np-interpret") / "interpretations.csv"
-    interpret_sae(
-        InterpretConfig(
-            checkpoint=str(trained),
-            model_name=str(tiny_model_folder),
-            features="frequency:12",
-            interpretations_path=str(path),
-            explain=False,
-            device="cpu",
-        )
+    path = interpret_without_llm(
+        trained, tiny_model_folder, tmp_path_factory.mktemp("np-interpret") / "interpretations.csv", "frequency:12"
     )
     table = pd.read_csv(path)
     table["explanation"] = [f"«quoted» words, feature {feature}" if row < 8 else np.nan for row, feature in enumerate(table["feature"])]
