@@ -163,6 +163,9 @@ def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(
     # Where a step logs is not what it writes: a new tracker reruns nothing.
     set_constants(completed / "train_sae.py", LOGGER="tensorboard", LOGGER_PROJECT="elsewhere")
     assert steps_run(monkeypatch, "--yes") == set()
+    # Nor is how extraction batches its examples, or on which device.
+    set_constants(completed / "extract_activations.py", BATCH_TOKENS=700, BATCHING="padded", ATTENTION="eager", DEVICE="cpu")
+    assert steps_run(monkeypatch, "--yes") == set()
 
 
 def test_force_reruns_and_steps_and_from_choose(completed, monkeypatch):

@@ -658,6 +658,9 @@ class ExtractStage(Stage):
     input_constant = "DATASET"
     upstream = None
     config_class = ExtractConfig
+    # How examples share forward passes, and where they run: not what the store holds, which is why a store's resume
+    # key leaves them out too (`_write_stores`).
+    unfingerprinted = Stage.unfingerprinted | {"batch_tokens", "batching", "row_tokens", "attention", "device"}
 
     def run(self, config: ExtractConfig) -> list[Path]:
         return extract_activations(config)
