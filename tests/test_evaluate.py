@@ -14,7 +14,7 @@ from conftest import hypothesaes_module, make_tiny_llama, save_tiny_llama_with_b
 from fastsae.common.errors import UserError
 from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.evaluate.evaluate_sae import EvalConfig, ReconstructionSums, evaluate_sae
-from fastsae.evaluate.model_metrics import CountedPositions, ReferencePasses, length_grouped
+from fastsae.evaluate.model_metrics import KEPT_REFERENCE_PASSES, CountedPositions, ReferencePasses, length_grouped
 from fastsae.evaluate.saebench_core import ignored_token_ids
 from fastsae.lm.hook_points import hooked_module, output_tensor, with_output_tensor
 from fastsae.lm.split_forward import ModelBatch, SplitModel
@@ -195,7 +195,10 @@ def test_a_sweep_shares_the_passes_and_reruns_reuse_them_until_model_store_or_sp
         assert not evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], **settings))[0]["model_tokens"]["reused_reference_passes"]
     finally:
         manifest_path.write_text(original)
-    assert len(list((tiny_store / "evaluation_cache").glob("*.pt"))) == len(cache_files) + 3
+    # Four sets of passes were made; the three most recently used stay, so the first setting's are gone.
+    assert len(list((tiny_store / "evaluation_cache").glob("*.pt"))) == KEPT_REFERENCE_PASSES
+    assert not any(path.exists() for path in cache_files)
+    assert not evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], **settings))[0]["model_tokens"]["reused_reference_passes"]
 
 
 def test_a_hypothesaes_checkpoint_is_evaluated_given_its_store(tiny_store, tiny_model_folder, tmp_path):

@@ -32,6 +32,9 @@ from fastsae.store.activation_store import ActivationStore
 logger = logging.getLogger(__name__)
 
 CACHE_FOLDER = "evaluation_cache"
+# Saved reference passes kept per store, the most recently used: each holds two hidden states per budgeted token
+# (hundreds of MB for an 8B model), and another model, split or budget makes a new one.
+KEPT_REFERENCE_PASSES = 3
 CACHE_FORMAT = 1
 
 
@@ -134,6 +137,7 @@ class ReferencePasses:
             payload = torch.load(self.path, map_location=device, weights_only=True)
             if payload.get("key") == json.dumps(self.key, sort_keys=True):
                 self.entries, self.reused = payload["entries"], True
+                self.path.touch()  # used now: the last to be pruned
                 logger.info("Reusing the clean and zero-ablated passes saved in %s", self.path)
                 return
         self.compute()
@@ -161,6 +165,10 @@ class ReferencePasses:
         cpu_entries = [{name: tensor.cpu() for name, tensor in entry.items()} for entry in self.entries]
         payload = {"key": json.dumps(self.key, sort_keys=True), "entries": cpu_entries}
         write_atomically(self.path, lambda partial: torch.save(payload, partial))
+        saved = sorted(self.path.parent.glob("*.pt"), key=lambda path: path.stat().st_mtime_ns, reverse=True)
+        for stale in saved[KEPT_REFERENCE_PASSES:]:
+            stale.unlink(missing_ok=True)
+            logger.info("Removed %s: the store's %d most recently used reference passes are kept.", stale, KEPT_REFERENCE_PASSES)
 
     @torch.no_grad()
     def evaluate(
