@@ -22,6 +22,7 @@ from huggingface_hub import hf_hub_download
 from sae_lens import SAE
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import hypothesaes_module, interpret_without_llm
 from fastsae.common.errors import UserError
@@ -30,6 +31,7 @@ from fastsae.core.formats.saelens import saelens_hook
 from fastsae.core.formats.saelens_pretrained import CONVERTER_FILES, REFUSED
 from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.core.formats.sparsify import sparsify_hook
+from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae, validation_examples
 from fastsae.export.export_sae import ExportConfig, export_sae
 from fastsae.store.activation_store import ActivationStore
@@ -225,6 +227,23 @@ def test_sparsify_saes_give_sparsify_features_and_reconstructions(sample, tmp_pa
     same_forward(loaded, made.reference, sample)
     assert (loaded.info.source_format, loaded.info.model_name) == ("sparsify", str(tiny_model_folder))
     assert (loaded.info.hook_point, loaded.info.layer) == ("resid_post", LAYER)
+
+
+def test_a_sparsify_sublayer_sae_on_a_post_norm_model_gets_a_warning(sample, tmp_path, tiny_model_folder, smollm2_tokenizer, caplog):
+    """sparsify's layers.L.mlp is the MLP's own output; on Gemma 2, fastsae's mlp_out reads the post-norm after it."""
+    gemma = tmp_path / "tiny-gemma2"
+    config = AutoConfig.for_model(
+        "gemma2", vocab_size=len(smollm2_tokenizer), hidden_size=D, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, pad_token_id=0,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(gemma)
+    smollm2_tokenizer.save_pretrained(gemma)
+    for model_folder, warned in ((gemma, True), (tiny_model_folder, False)):
+        made = make_sparsify(tmp_path / f"run-on-{model_folder.name}", sample, str(model_folder), f"layers.{LAYER}.mlp")
+        caplog.clear()
+        open_trained_sae(made.checkpoint).load_model(dtype=torch.float32, device="cpu")
+        message = f"fastsae's mlp_out on Gemma2ForCausalLM reads block {LAYER}'s post_feedforward_layernorm"
+        assert (message in caplog.text) == warned and ("sparsify SAE of a sublayer" in caplog.text) == warned
 
 
 def test_sparsify_hookpoints_map_to_ours_and_a_run_folder_lists_its_saes(sample, tmp_path):

@@ -21,7 +21,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fastsae.common.errors import UserError
-from fastsae.lm.hook_points import HOOK_POINTS, ResidualCapture, hook_name, hooked_module, output_tensor, with_output_tensor
+from fastsae.lm.hook_points import (
+    HOOK_POINTS,
+    ResidualCapture,
+    hook_name,
+    hooked_module,
+    output_tensor,
+    sublayer_reader,
+    with_output_tensor,
+)
 from saebench_reference import hooked_transformer_from_hf, max_logit_difference
 
 VOCAB = 128
@@ -114,6 +122,13 @@ def test_llama_hooks_read_its_sublayers_themselves():
     model = tiny_model("llama")
     assert hooked_module(model, 1, "attn_out") is model.model.layers[1].self_attn
     assert hooked_module(model, 1, "mlp_out") is model.model.layers[1].mlp
+
+
+def test_where_a_hook_reads_after_its_sublayer_it_names_the_module():
+    """What sparsify SAEs of `layers.L.mlp` must be warned about: fastsae's mlp_out there is not the MLP's own output."""
+    assert sublayer_reader(tiny_model("llama"), 1, "mlp_out") is None and sublayer_reader(tiny_model("gpt2"), 1, "attn_out") is None
+    assert sublayer_reader(tiny_model("gemma2"), 1, "mlp_out") == "post_feedforward_layernorm"
+    assert sublayer_reader(tiny_model("bloom"), 1, "attn_out") == "self_attention.dense"
 
 
 def test_a_block_without_attention_has_no_attn_out():

@@ -19,7 +19,8 @@ import torch
 from fastsae.common.errors import UserError
 from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.core.sae import SparseAutoencoder
-from fastsae.core.sae_info import SAEInfo
+from fastsae.core.sae_info import SPARSIFY_FORMAT, SAEInfo
+from fastsae.lm.hook_points import HOOK_SUBMODULES, sublayer_reader
 from fastsae.lm.models import ModelSource, load_model, load_tokenizer, resolve_model
 from fastsae.store.activation_store import ActivationStore
 
@@ -95,7 +96,20 @@ class TrainedSAE:
     def load_model(self, given: str = "", *, dtype: torch.dtype, device: str) -> LanguageModel:
         """The model (see `model_name`) on `device`, with its tokenizer."""
         source = resolve_model(self.model_name(given))
-        return LanguageModel(load_model(source, dtype, device), load_tokenizer(source), source)
+        model = load_model(source, dtype, device)
+        if self.info.source_format == SPARSIFY_FORMAT and self.info.hook_point in HOOK_SUBMODULES:
+            reader = sublayer_reader(model, self.info.layer, self.info.hook_point)
+            if reader is not None:
+                logger.warning(
+                    "%s is a sparsify SAE of a sublayer's own output, but fastsae's %s on %s reads block %d's %s, what the block "
+                    "adds to its residual stream: the activations it meets here (stores, evaluation) are not those it was trained on.",
+                    self.checkpoint,
+                    self.info.hook_point,
+                    type(model).__name__,
+                    self.info.layer,
+                    reader,
+                )
+        return LanguageModel(model, load_tokenizer(source), source)
 
 
 def open_trained_sae(checkpoint: str | Path, device: str = "cpu") -> TrainedSAE:

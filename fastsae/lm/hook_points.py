@@ -80,6 +80,16 @@ def hooked_module(model: nn.Module, layer: int, hook_point: str) -> nn.Module:
     return sublayers[0]
 
 
+def sublayer_reader(model: nn.Module, layer: int, hook_point: str) -> str | None:
+    """None where `hook_point` at `layer` reads its sublayer's own output (as sparsify's `layers.L.mlp` and SAELens'
+    hooks on plain blocks do); else the path, under the block, of the module it reads after it (a post-norm, ...)."""
+    block = decoder_layers(model)[layer]
+    module = hooked_module(model, layer, hook_point)
+    if any(_submodule(block, name) is module for name in HOOK_SUBMODULES[hook_point]):
+        return None
+    return next(path for path, candidate in block.named_modules() if candidate is module)
+
+
 def _submodule(block: nn.Module, path: str) -> nn.Module | None:
     """The module at the dotted `path` under `block`, or None: hybrid models set a missing sublayer to None."""
     try:

@@ -11,7 +11,8 @@ A training run writes one folder per hookpoint, named by the hookpoint, beside t
 `layers.L` is block L, so its output is our resid_post at layer L; `layers.L.mlp` is mlp_out and
 `layers.L.self_attn` attn_out (GPT-2's `h.L`, and the other submodule names fastsae hooks, too). sparsify
 reads those modules' own outputs, which fastsae's mlp_out and attn_out are not where a block normalises
-them before adding them to the residual stream (Gemma 2, OLMo 2, ...: `hook_points.RESIDUAL_WRITERS`).
+them before adding them to the residual stream (Gemma 2, OLMo 2, ...: `hook_points.RESIDUAL_WRITERS`); loading the
+model for such an SAE logs a warning (`TrainedSAE.load_model`).
 """
 
 from __future__ import annotations
