@@ -251,7 +251,9 @@ def test_auto_attention_packs_under_flex_attention_where_the_device_calls_for_it
     bloom = BloomForCausalLM(BloomConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, n_layer=3, n_head=4)).eval()
     with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
         (folder,) = extract(bloom, smollm2_tokenizer, texts_file, tmp_path / "bloom", layers=[1])
-    assert "Attention: flex_attention cannot run BloomForCausalLM here" in caplog.text
+    assert (
+        "flex_attention cannot run BloomForCausalLM here (ValueError: it keeps eager attention); packed rows get the model's" in caplog.text
+    )
     assert ActivationStore(folder).manifest.extraction["attention"] == "eager"
     with pytest.raises(UserError, match="ATTENTION = flex_attention cannot run BloomForCausalLM here .*Set ATTENTION = auto"):
         extract(bloom, smollm2_tokenizer, texts_file, tmp_path / "forced", layers=[1], attention="flex_attention")
@@ -351,6 +353,8 @@ def test_batch_budget_defaults_by_device_and_always_fits_the_longest_example(mon
         ExtractConfig(row_tokens=-1)
     with pytest.raises(UserError, match="BATCHING must be one of auto, packed, padded"):
         ExtractConfig(batching="pack")
+    with pytest.raises(UserError, match="ATTENTION must be one of auto, sdpa, eager, flex_attention"):
+        ExtractConfig(attention="flash")
 
 
 def test_damaged_store_gets_a_clear_error(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):

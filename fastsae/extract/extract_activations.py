@@ -358,7 +358,12 @@ def try_flex_attention(
     # Flex attention compiles a kernel at its first call: models without support, and machines without a compiler
     # or Triton, fail in ways that have no common exception type.
     except Exception as error:
-        logger.info("Attention: flex_attention cannot run %s here (%s: %s).", type(model).__name__, type(error).__name__, error)
+        logger.warning(
+            "Attention: flex_attention cannot run %s here (%s: %s); packed rows get the model's own kernel, slower on a GPU.",
+            type(model).__name__,
+            type(error).__name__,
+            error,
+        )
         return None
 
 
