@@ -334,6 +334,8 @@ class Batching(NamedTuple):
 
 def switch_attention(model: torch.nn.Module, attention: str) -> None:
     """Run `model` under the attention kernel `attention`; ValueError or ImportError where it cannot."""
+    if model.config._attn_implementation == attention:
+        return  # models outside transformers' attention interface warn at every call, even one that changes nothing
     model.set_attn_implementation(attention)
     # Models outside transformers' attention interface (BLOOM, ...) keep their own kernel, with only a warning.
     if model.config._attn_implementation != attention:
@@ -402,7 +404,7 @@ def choose_batching(
             return Batching(check.row_tokens, "flex_attention")
         if check is not None:
             logger.info("Attention: not flex_attention, because %s.", describe_check(model, "flex_attention", check))
-        model.set_attn_implementation(own)
+        switch_attention(model, own)
     check = check_packing(model, capture, config, sequences, pad_token_id)
     if check.keeps_examples_apart:
         logger.info(
@@ -468,7 +470,7 @@ def write_activation_stores(
         with open_capture(model, config) as capture:
             return _write_stores(capture, model, tokenizer, dataset, config, model_slug, model_fields)
     finally:
-        model.set_attn_implementation(own_attention)
+        switch_attention(model, own_attention)
 
 
 def _write_stores(
