@@ -12,7 +12,8 @@ Needs a CUDA GPU with ~60 GB free; nothing is downloaded. It
 2. extracts layer 12: the original way (each example alone, the whole model, `output_hidden_states`), fastsae's
    capture loop with padded length batches and with packed rows (sdpa; flex attention last, if it runs, and once more
    with the blocks' MLPs and norms torch.compile'd), and fastsae's extraction into a store on disk with BATCHING and
-   ATTENTION = auto, at each BATCH_TOKENS; against the FLOP ceiling of the blocks run,
+   ATTENTION = auto, at each BATCH_TOKENS, and once as auto decides for 10M+ tokens (flex attention, compiling
+   included); against the FLOP ceiling of the blocks run,
    2 × (parameters of blocks 0–12) per token at the bf16 matmul rate measured on this GPU;
 3. trains Top-K SAEs (d=4096, each M and K asked for) with the same batches already on the GPU, three ways:
    fastsae's training step under bfloat16 autocast, sparsify's SparseCoder stepped as its Trainer steps it (its own
@@ -42,6 +43,7 @@ import torch
 from peers import SEED, SparsifyTrainer, hypothesaes_module, quiet  # benchmarks/peers.py: a script's folder is on sys.path
 
 from fastsae.core import sae as sae_module
+from fastsae.extract import extract_activations as extract_module
 from fastsae.extract.extract_activations import (
     ExtractConfig,
     iter_example_activations,
@@ -217,44 +219,61 @@ class Extraction:
 
     def capture_row(self, batch_tokens: int, packed: bool, attention: str) -> None:
         row_tokens = packed_row_tokens(self.model, [len(s) for s in self.sequences], batch_tokens) if packed else None
-        moved = "—"
-        if packed:  # what the packing check sees: the example starting a row (rounding), and the one behind it
+        key = f"capture_{'packed' if packed else 'padded'}_{attention}_{batch_tokens}"
+
+        def first_calls() -> str:
+            """The packing check's view (the example starting a row: rounding; the one behind it), then a warm-up: where
+            flex attention compiles, so their time is what extraction pays once before its first batch."""
+            capture_loop(self.model, self.sequences[:64], batch_tokens, self.pad, row_tokens)
+            if not packed:
+                return "—"
             capture = ResidualCapture(self.model, [LAYER], "resid_post")
             n_rows = min(2, batch_tokens // row_tokens)
-            moved = "{:.1e} / {:.1e}".format(*packing_differences(capture, self.sequences[:2], n_rows, self.pad, self.model.device))
-        capture_loop(self.model, self.sequences[:64], batch_tokens, self.pad, row_tokens)  # warm-up (flex attention compiles)
+            return "{:.1e} / {:.1e}".format(*packing_differences(capture, self.sequences[:2], n_rows, self.pad, self.model.device))
+
+        moved, first_seconds = timed(first_calls)
+        self.report.record("extraction", f"first_calls_seconds_{key}", first_seconds)
         _, seconds = timed(capture_loop, self.model, self.sequences, batch_tokens, self.pad, row_tokens)
         padding = 1 - self.n_tokens / batch_tokens_run(self.sequences, batch_tokens, row_tokens)
         layout = f"packed rows of {row_tokens:,}" if packed else "padded length batches"
         self.row(
-            f"capture loop, {layout}, BATCH_TOKENS={batch_tokens:,}, {attention} (activations stay on the GPU)",
+            f"capture loop, {layout}, BATCH_TOKENS={batch_tokens:,}, {attention} (activations stay on the GPU; "
+            f"first calls, untimed: {first_seconds:.1f} s)",
             self.n_tokens / seconds,
             padding,
             moved,
-            f"capture_{'packed' if packed else 'padded'}_{attention}_{batch_tokens}",
+            key,
         )
 
-    def store_row(self, batch_tokens: int) -> Path:
+    def store_row(self, batch_tokens: int, as_if_large: bool = False) -> Path:
+        """extract_activations.py's own path into a store; `as_if_large`: ATTENTION = auto as it decides for an extraction
+        of FLEX_ATTENTION_MIN_TOKENS or more, so flex attention's compilation is in the row's time."""
         config = ExtractConfig(
             dataset=str(self.data),
             layers=[LAYER],
             batch_tokens=batch_tokens,
             device=self.args.device,
-            output_dir=str(self.work / f"activations_{batch_tokens}"),
+            output_dir=str(self.work / f"activations_{batch_tokens}{'_as_if_large' if as_if_large else ''}"),
             chat_template="auto",
             batching="auto",
             attention="auto",
         )
-        folders, seconds = timed(write_activation_stores, self.model, self.tokenizer, self.dataset, config, "random-Llama-3.1-8B")
+        threshold = extract_module.FLEX_ATTENTION_MIN_TOKENS
+        extract_module.FLEX_ATTENTION_MIN_TOKENS = 0 if as_if_large else threshold
+        try:
+            folders, seconds = timed(write_activation_stores, self.model, self.tokenizer, self.dataset, config, "random-Llama-3.1-8B")
+        finally:
+            extract_module.FLEX_ATTENTION_MIN_TOKENS = threshold
         extraction = ActivationStore(folders[0]).manifest.extraction
         self.row(
             f"extraction into the store (float16 on disk), BATCH_TOKENS={config.batch_tokens:,}, "
-            f"BATCHING and ATTENTION = auto → {extraction['batching']}, {extraction['attention']}"
-            + (" (compiling at its first call)" if extraction["attention"] == "flex_attention" else ""),
+            f"BATCHING and ATTENTION = auto{' as for 10M+ tokens' if as_if_large else ''} → "
+            f"{extraction['batching']}, {extraction['attention']}"
+            + (" (its compilation included)" if extraction["attention"] == "flex_attention" else ""),
             self.n_tokens / seconds,
             None,
             "—",
-            f"store_{batch_tokens}",
+            f"store_{batch_tokens}{'_as_if_large' if as_if_large else ''}",
         )
         return folders[0]
 
@@ -511,6 +530,7 @@ def main() -> None:
             extraction.capture_row(batch_tokens, packed=False, attention="sdpa")
             extraction.capture_row(batch_tokens, packed=True, attention="sdpa")
         store = [extraction.store_row(batch_tokens) for batch_tokens in args.batch_tokens][0]
+        extraction.store_row(args.batch_tokens[0], as_if_large=True)
         extraction.print_table()
 
         if not args.skip_training:

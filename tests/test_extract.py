@@ -234,9 +234,15 @@ def test_the_packing_check_measures_against_the_rows_own_rounding(tiny_llama, sm
 def test_auto_attention_packs_under_flex_attention_where_the_device_calls_for_it(
     tiny_llama, smollm2_tokenizer, texts_file, tmp_path, monkeypatch, caplog
 ):
-    """The GPU rule (flex attention first for packed rows) run on the CPU: one row as wide as the batch, every example
-    as it is alone, and the model handed back with its own kernel. BLOOM cannot run flex attention and falls back."""
+    """The GPU rule (flex attention first for packed rows of a large extraction) run on the CPU: one row as wide as the
+    batch, every example as it is alone, and the model handed back with its own kernel. BLOOM cannot run flex attention
+    and falls back."""
     monkeypatch.setattr(extract_module, "FLEX_ATTENTION_DEVICES", ("cpu",))
+    with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):  # 8 texts: too few to pay for compiling it
+        (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "small", layers=[1])
+    assert "not flex_attention: 307 tokens are too few to pay for compiling it" in caplog.text
+    assert ActivationStore(folder).manifest.extraction["attention"] == "sdpa"
+    monkeypatch.setattr(extract_module, "FLEX_ATTENTION_MIN_TOKENS", 0)
     with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
         (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "llama", layers=[1])
     assert "Batching: packed rows of up to 600 tokens, no padding between examples (LlamaForCausalLM with flex_attention" in caplog.text

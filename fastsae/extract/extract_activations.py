@@ -50,6 +50,11 @@ ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention
 # Where ATTENTION = auto tries flex attention first for packed rows: on an H200 (8B-sized model, one 32,768-token row
 # a batch) it ran 1.25x sdpa's packed rows (benchmarks/RESULTS.md); on the 2-core CPU sdpa was 1.10x faster (bench_extract.py).
 FLEX_ATTENTION_DEVICES = ("cuda",)
+# Flex attention compiles a kernel at its first call (11 s for SmolLM2 on the 2-core CPU; on a GPU not yet timed, tens of
+# seconds expected), and once more when batch shapes vary. At the H200's 69.9k (sdpa) and 87.6k (flex) tokens/s an
+# 8B-sized model saves 2.9 µs a token, so compiling pays for itself only past millions of tokens: auto takes flex
+# attention for extractions at least this large.
+FLEX_ATTENTION_MIN_TOKENS = 10_000_000
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -91,8 +96,8 @@ class ExtractConfig:
     )
     attention: str = setting(
         "auto",
-        "attention kernel: auto (flex_attention for packed rows on a GPU, which computes only each example's own query-key pairs; "
-        "else the model's own), sdpa, eager, flex_attention, flash_attention_2 or flash_attention_3",
+        "attention kernel: auto (flex_attention for packed rows of 10M tokens or more on a GPU, which computes only each example's "
+        "own query-key pairs; else the model's own), sdpa, eager, flex_attention, flash_attention_2 or flash_attention_3",
     )
     storage_dtype: str = setting("float16", "dtype on disk: float16, bfloat16 or float32")
     compute_dtype: str = setting("auto", "model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
@@ -353,7 +358,16 @@ def set_attention(model: torch.nn.Module, attention: str) -> None:
 def try_flex_attention(
     model: torch.nn.Module, capture: Capture, config: ExtractConfig, sequences: list[np.ndarray], pad_token_id: int
 ) -> PackingCheck | None:
-    """The packing check under flex attention, or None, logged, where this model or machine cannot run it."""
+    """The packing check under flex attention, or None, logged, where the extraction is too small to pay for compiling it
+    or this model or machine cannot run it."""
+    n_tokens = sum(len(sequence) for sequence in sequences)
+    if n_tokens < FLEX_ATTENTION_MIN_TOKENS:
+        logger.info(
+            "Attention: not flex_attention: %d tokens are too few to pay for compiling it (FLEX_ATTENTION_MIN_TOKENS = %d).",
+            n_tokens,
+            FLEX_ATTENTION_MIN_TOKENS,
+        )
+        return None
     try:
         switch_attention(model, "flex_attention")
         return check_packing(model, capture, config, sequences, pad_token_id)
@@ -385,8 +399,8 @@ def choose_batching(
     auto and packed first check that packing two of the sequences into a row leaves their activations as they are
     alone (`check_packing`): a model that builds its own attention mask, or ignores position ids, would let the
     examples of a row see each other. Where it does, auto falls back to padded batches and logs why, and packed
-    refuses. ATTENTION = auto tries flex attention first for packed rows on a GPU (FLEX_ATTENTION_DEVICES), and the
-    model's own kernel where flex cannot run or fails the check.
+    refuses. ATTENTION = auto tries flex attention first for packed rows of a large extraction on a GPU
+    (FLEX_ATTENTION_DEVICES, FLEX_ATTENTION_MIN_TOKENS), and the model's own kernel where flex cannot run or fails the check.
     """
     if config.attention != "auto":
         set_attention(model, config.attention)
