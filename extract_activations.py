@@ -29,7 +29,7 @@ BLOCK_SIZE = 128  # tokens per block for PACKING = "block"
 BATCH_TOKENS = 0  # tokens per forward batch, padding included; 0: 32768 on a GPU, 8192 on the CPU
 BATCHING = "auto"  # packed: examples end to end in rows, no padding, attention kept within each; padded: length batches; auto: packed where the model supports it
 ROW_TOKENS = 0  # tokens per packed row; 0: the width that needs the fewest FLOPs (the whole batch with flash or flex attention)
-ATTENTION = "auto"  # auto: flex_attention for packed rows of 10M+ tokens on a GPU, else the model's own; or sdpa, eager, flex_attention, ...
+ATTENTION = "auto"  # auto: flex_attention for packed rows of 10M+ tokens on a GPU, else the model's own; or sdpa, eager, ...
 STORAGE_DTYPE = "float16"  # float16, bfloat16 or float32 on disk
 COMPUTE_DTYPE = "auto"  # auto: bfloat16 on GPU, float32 on CPU
 DEVICE = "auto"
