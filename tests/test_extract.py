@@ -206,7 +206,7 @@ def test_auto_falls_back_to_padded_batches_where_packed_examples_would_see_each_
     bloom = BloomForCausalLM(BloomConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, n_layer=3, n_head=4)).eval()
     with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
         (folder,) = extract(bloom, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
-    assert "padded length batches, because BloomForCausalLM with eager attention lets the examples packed in one row see" in caplog.text
+    assert "padded length batches, because BloomForCausalLM under the eager kernel lets the examples packed in one row see" in caplog.text
     assert "flex_attention" not in caplog.text  # on a CPU, auto keeps the model's own kernel
     store = ActivationStore(folder)
     assert store.manifest.extraction["batching"] == "padded"

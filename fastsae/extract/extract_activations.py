@@ -386,7 +386,7 @@ def try_flex_attention(
 def describe_check(model: torch.nn.Module, attention: str, check: PackingCheck) -> str:
     verdict = "keeps them apart" if check.keeps_examples_apart else "lets the examples packed in one row see each other"
     return (
-        f"{type(model).__name__} with {attention} attention {verdict}: packed behind another, an example's activations "
+        f"{type(model).__name__} under the {attention} kernel {verdict}: packed behind another, an example's activations "
         f"moved by {check.difference:.0e}, relative; at the start of a row, by {check.rounding:.0e}"
     )
 
