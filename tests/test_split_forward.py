@@ -1,0 +1,63 @@
+"""SplitModel's next-token log-probabilities equal the model's own forward's, for families that change the logits
+after the LM head (Gemma's soft cap, Cohere's logit_scale, Granite's logits_scaling), and a model with an unknown such
+step is refused before any loss is computed from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+from fastsae.common.errors import UserError
+from fastsae.lm.split_forward import ModelBatch, SplitModel
+
+SHAPES = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,
+)
+FAMILIES = {
+    "llama": SHAPES,
+    "gemma2": dict(SHAPES, query_pre_attn_scalar=16, final_logit_softcapping=2.0),
+    "cohere": dict(SHAPES, logit_scale=0.25),
+    "granite": dict(SHAPES, logits_scaling=4.0),
+}
+TOKENS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_model(model_type: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **FAMILIES[model_type])).eval()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_log_probs_equal_the_models_own_forward(model_type):
+    model = tiny_model(model_type)
+    split = SplitModel(model, 1, "resid_post")
+    state = split.reference(ModelBatch(TOKENS, torch.ones_like(TOKENS)))  # checks one example against the model first
+    with torch.no_grad():
+        expected = model(input_ids=TOKENS).logits.float().log_softmax(-1)
+    ours = split.log_probs(state.final_hidden.reshape(-1, SHAPES["hidden_size"])).reshape(expected.shape)
+    assert (ours - expected).abs().max() < 1e-5
+
+
+class DoubledLogitsLlama(LlamaForCausalLM):
+    """A family whose forward rescales the LM head's output in a way SplitModel does not know."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits * 2
+        return output
+
+
+def test_a_model_with_an_unknown_logit_step_is_refused():
+    torch.manual_seed(0)
+    model = DoubledLogitsLlama(AutoConfig.for_model("llama", **SHAPES)).eval()
+    with pytest.raises(UserError, match="DoubledLogitsLlama turns its last hidden state into logits in a way fastsae does not"):
+        SplitModel(model, 1, "resid_post").reference(ModelBatch(TOKENS, torch.ones_like(TOKENS)))
