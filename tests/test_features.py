@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from fastsae.core.sae import SparseAutoencoder
-from fastsae.interpret.features import collect_feature_statistics, label_association, logit_lens
+from fastsae.interpret.features import collect_feature_statistics, label_association, logit_lens, unembedding_matrix
 from fastsae.store.activation_store import ActivationStore
 
 
@@ -68,3 +69,15 @@ def test_example_maxima_can_live_on_disk(store_and_sae, tmp_path):
     chunked = label_association(on_disk.example_max, labels, feature_chunk=10)
     whole = label_association(in_memory.example_max, labels)
     assert chunked.equals(whole)
+
+
+@pytest.mark.parametrize(("model_type", "gain_of"), [("llama", lambda weight: weight), ("gemma2", lambda weight: 1 + weight)])
+def test_the_unembedding_folds_in_the_final_norms_own_gain(model_type, gain_of):
+    """Gemma's RMSNorm multiplies by 1 + weight, Llama's by weight: the fold takes what the layer does, not its parameter."""
+    shapes = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shapes, pad_token_id=0)).eval()
+    with torch.no_grad():
+        model.model.norm.weight.copy_(torch.rand(32) * 2 - 0.5)
+    expected = model.lm_head.weight * gain_of(model.model.norm.weight)
+    assert torch.allclose(unembedding_matrix(model), expected.detach(), rtol=1e-5, atol=1e-6)

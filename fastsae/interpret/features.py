@@ -135,9 +135,23 @@ def logit_lens(decoder_directions: torch.Tensor, unembedding: torch.Tensor, k: i
     return torch.cat(promoted).cpu().numpy(), torch.cat(suppressed).cpu().numpy()
 
 
+@torch.no_grad()
 def unembedding_matrix(model: torch.nn.Module) -> torch.Tensor:
     """W_U, with the final norm's gain folded in when the model has one (what a direction meets before the LM head)."""
     weights = model.get_output_embeddings().weight.detach().float()
     final_norm = getattr(getattr(model, "model", None), "norm", None)
-    gain = getattr(final_norm, "weight", None)
-    return weights * gain.detach().float() if gain is not None else weights
+    return weights if final_norm is None else weights * norm_gain(final_norm, weights.shape[1]).to(weights.device)
+
+
+def norm_gain(norm: torch.nn.Module, d: int) -> torch.Tensor:
+    """The per-dimension gain a normalisation layer applies, read off the layer itself rather than its `weight`.
+
+    Gemma's RMSNorm multiplies by 1 + weight where Llama's multiplies by weight. A vector of ±c has mean 0 and
+    root-mean-square c, so both an RMSNorm and a LayerNorm (of even width) turn it into ±1 times their gain,
+    and half the difference of the layer at it and at its negative cancels a LayerNorm's bias.
+    """
+    like = next(norm.parameters(), torch.empty(0))
+    signs = torch.ones(1, d, dtype=like.dtype, device=like.device)
+    signs[:, 1::2] = -1
+    scaled = 64 * signs  # so that the norm's epsilon vanishes; 64² still fits float16
+    return ((norm(scaled) - norm(-scaled)) * signs / 2)[0].float()
