@@ -10,7 +10,7 @@ them on the command line (`python extract_activations.py --layers 6 12`);
 
 # --- What to read -----------------------------------------------------------
 MODEL_NAME = "embedded:smollm2-135m-instruct"  # embedded default, a folder, a .gguf file, or a hub id
-DATASET = "data/cognitive_actions.jsonl"  # JSONL / CSV / Parquet, or a saved HF dataset folder
+DATASET = "data/cognitive_actions.jsonl"  # JSONL (or a .json array) / CSV / Parquet, or a saved HF dataset folder
 TEXT_FIELD = "auto"  # auto: text, content, prompt or messages
 RESPONSE_FIELD = ""  # optional assistant response field
 LABEL_FIELD = "auto"  # kept per example for the interpretation step

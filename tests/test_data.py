@@ -330,6 +330,41 @@ def test_parquet_loads_the_same_examples_as_jsonl(tmp_path, rows_file):
     assert [example.source for example in from_parquet.examples] == ["row 0", "row 1", "row 2", "row 3"]
 
 
+@pytest.mark.parametrize("indent", [None, 2], ids=["one-line", "pretty-printed"])
+def test_json_array_loads_the_same_examples_as_jsonl(tmp_path, rows_file, indent):
+    path = tmp_path / "alpaca.json"
+    path.write_bytes(b"\xef\xbb\xbf\n" + json.dumps(ROWS, indent=indent).encode())  # a BOM and a blank first line
+    from_array, from_jsonl = load_dataset(path), load_dataset(rows_file)
+    assert summary(from_array) == summary(from_jsonl)
+    assert from_array.fingerprint() == from_jsonl.fingerprint()
+    assert (from_array.text_field, from_array.label_field, from_array.n_rows) == ("text", "label", 4)
+    assert [example.source for example in from_array.examples] == ["item 0", "item 1", "item 2", "item 3"]
+
+
+def test_json_array_items_are_rows_skipped_and_reported_as_jsonl_lines_are(tmp_path):
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps([{"instruction": "Plan my day.", "output": "Hardest task first."}, 3, {"instruction": ""}], indent=2))
+    dataset = load_dataset(path, text_field="instruction", response_field="output")
+    assert [(example.row, example.text, example.response) for example in dataset.examples] == [(0, "Plan my day.", "Hardest task first.")]
+    assert dataset.skipped.counts == Counter({"row is not an object": 1, "empty text": 1})
+    assert dataset.skipped.where == {"row is not an object": ["item 1"], "empty text": ["item 2"]}
+    assert dataset.n_rows == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'[\n  {"text": "a"},\n  {"text": }\n]', "not one valid JSON array: Expecting value at line 3, column 12"),
+        (b'[{"text": "caf\xe9"}]', r"not UTF-8 \(invalid continuation byte 0xe9 at byte 15\)"),
+    ],
+)
+def test_a_broken_json_array_is_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "broken.json"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_dataset(path)
+
+
 def test_csv_empty_cell_is_a_missing_field(tmp_path):
     path = tmp_path / "gaps.csv"
     pd.DataFrame([{"text": "first", "label": "a"}, {"text": None, "label": "b"}, {"text": "third", "label": None}]).to_csv(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import numpy as np
 import pytest
 
@@ -56,3 +59,66 @@ def test_long_examples_are_truncated_and_counted(smollm2_tokenizer):
     assert [item.truncated for item in tokenized] == [False, True]
     assert len(tokenized[1].token_ids) == 64 and tokenized[1].token_ids.dtype == np.int32
     assert len(tokenized[1].special_mask) == 64
+
+
+SMOLLM2_DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+# Llama-3.x and Gemma render `message['content'] | trim`; this is SmolLM2's layout with that filter.
+TRIMMING_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' }}{% endfor %}"
+)
+
+
+def content_positions(tokenizer, before: str, content: str) -> list[int]:
+    """Token positions of `content` in a rendered chat that reads `before` + `content` + a special token."""
+    start = len(tokenizer(before, add_special_tokens=False)["input_ids"])
+    return list(range(start, start + len(tokenizer(content, add_special_tokens=False)["input_ids"])))
+
+
+@pytest.fixture()
+def trimming_tokenizer(smollm2_tokenizer):
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = TRIMMING_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("text", ["I doubt the forecast.\n", "  I doubt the forecast. \n\n"])
+def test_a_trimming_template_keeps_the_content_of_a_text_with_surrounding_whitespace(trimming_tokenizer, text):
+    tokenized = tokenize_example(trimming_tokenizer, Example(row=0, source="line 1", text=text), True, 512)
+    assert tokenized.unlocated_messages == 0
+    expected = content_positions(trimming_tokenizer, "<|im_start|>user\n", "I doubt the forecast.")
+    assert np.flatnonzero(~tokenized.special_mask).tolist() == expected
+    assert content_text(trimming_tokenizer, tokenized) == "I doubt the forecast."
+
+
+@pytest.mark.parametrize(
+    ("text", "response"),
+    [("user", None), ("What is 2+2?", "a"), ("Hugging Face", None), ("Hugging Face", "Hugging Face")],
+)
+def test_contents_that_also_occur_in_the_template_are_marked_where_the_message_is(smollm2_tokenizer, text, response):
+    example = Example(row=0, source="line 1", text=text, response=response)
+    tokenized = tokenize_example(smollm2_tokenizer, example, True, 512)
+    before_text = SMOLLM2_DEFAULT_SYSTEM + "<|im_start|>user\n"
+    expected = content_positions(smollm2_tokenizer, before_text, text)
+    if response is not None:
+        expected += content_positions(smollm2_tokenizer, before_text + text + "<|im_end|>\n<|im_start|>assistant\n", response)
+    assert np.flatnonzero(~tokenized.special_mask).tolist() == expected
+    assert tokenized.unlocated_messages == 0
+
+
+def test_content_the_template_leaves_out_is_counted_and_reported(smollm2_tokenizer, caplog):
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = (
+        "{% for message in messages %}{% if message['role'] != 'system' %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    )
+    with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Plan my morning."}]
+    examples = [
+        Example(row=0, source="line 1", messages=with_system),
+        Example(row=1, source="line 2", text="Plan my evening."),
+        Example(row=2, source="line 3", messages=with_system),
+    ]
+    with caplog.at_level(logging.WARNING, logger="fastsae.lm.tokenization"):
+        tokenized = tokenize_examples(tokenizer, examples, "auto", 512)
+    assert [item.unlocated_messages for item in tokenized] == [1, 0, 1]
+    assert content_text(tokenizer, tokenized[0]) == "Plan my morning."
+    assert "in 2 of 3 examples" in caplog.text and "(line 1, line 3)" in caplog.text

@@ -65,7 +65,10 @@ CPU_BATCH_TOKENS = 8192  # 2-core CPU, SmolLM2: 20% faster than 32768
 @dataclass
 class ExtractConfig:
     model_name: str = setting(EMBEDDED_MODEL, "model: the embedded default, a local folder, a .gguf file, or a hub id")
-    dataset: str = setting("data/cognitive_actions.jsonl", "JSONL, CSV or Parquet file, or a folder saved with datasets' save_to_disk")
+    dataset: str = setting(
+        "data/cognitive_actions.jsonl",
+        "JSONL (or a .json array of objects), CSV or Parquet file, or a folder saved with datasets' save_to_disk",
+    )
     text_field: str = setting("auto", "field holding the text; auto picks text, content, prompt or messages (chat)")
     response_field: str = setting("", "optional field with an assistant response (becomes the assistant turn)")
     label_field: str = setting("auto", "field with a label kept per example for later steps; auto picks label; empty for none")

@@ -6,8 +6,8 @@ restart at 0 inside a row, given no attention mask, as the start of another sequ
 document mask (causal, and confined to each example), and flash attention runs each
 example as its own variable-length sequence. The restarted positions also give RoPE
 what it sees when the example runs alone. Whether a model honours this is checked
-before it is used (`extract_activations.choose_row_tokens`), because a model that
-builds its own mask would let the examples of a row see each other.
+before it is used (`extract_activations.check_packing`, called by `choose_batching`),
+because a model that builds its own mask would let the examples of a row see each other.
 
 A batch is as wide as its widest row; what is left at a row's end is filled with pad
 tokens whose positions restart at 0 too, so they form a dummy example of their own

@@ -1,4 +1,4 @@
-"""Load examples (plain texts or chat conversations) from JSONL, CSV, Parquet or a saved HF dataset.
+"""Load examples (plain texts or chat conversations) from JSONL, a JSON array, CSV, Parquet or a saved HF dataset.
 
 Rows that cannot be used are skipped and counted with their reason, never
 silently; a file whose rows are all bad is an error.
@@ -110,6 +110,33 @@ def _read_jsonl(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
     return rows
 
 
+def _starts_with_array(path: Path) -> bool:
+    """Whether a `.json` file holds one JSON array (Alpaca-style `[{...}, ...]`) rather than JSON Lines."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf")
+    return head.lstrip().startswith(b"[")
+
+
+def _read_json_array(path: Path) -> list[tuple[str, Any]]:
+    """The items of a JSON array, each a row located by its index ("item 0", as Python and jq count). The array is
+    one JSON document, so a syntax error or a byte that is not UTF-8 cannot be skipped row by row: it stops the load."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{path} is not UTF-8 ({error.reason} 0x{raw[error.start]:02x} at byte {error.start + 1}). Save it as UTF-8."
+        ) from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{path} starts with '[' but is not one valid JSON array: {error.msg} at line {error.lineno}, column {error.colno}. "
+            "Fix the file, or write one JSON object per line (JSON Lines)."
+        ) from None
+    return [(f"item {index}", item) for index, item in enumerate(items)]
+
+
 def _read_table(path: Path) -> list[tuple[str, Any]]:
     import pandas as pd
 
@@ -154,11 +181,15 @@ def read_rows(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
     if path.stat().st_size == 0:
         raise UserError(f"dataset file is empty: {path}. Add examples (one JSON object per line for JSONL).")
     suffix = path.suffix.lower()
+    if suffix == ".json" and _starts_with_array(path):
+        return _read_json_array(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
         return _read_jsonl(path, skipped)
     if suffix in (".csv", ".parquet"):
         return _read_table(path)
-    raise UserError(f"unsupported dataset format {suffix!r} for {path}: use .jsonl, .csv, .parquet or a saved dataset folder.")
+    raise UserError(
+        f"unsupported dataset format {suffix!r} for {path}: use .jsonl, .json (JSON Lines or one array of objects), .csv, .parquet or a saved dataset folder."
+    )
 
 
 def _detect_field(rows: list[tuple[str, Any]], requested: str, candidates: tuple[str, ...], what: str) -> str | None:

@@ -41,9 +41,15 @@ class ModelSource:
 
     @property
     def slug(self) -> str:
-        """A folder-safe name for the store: `SmolLM2-135M-Instruct`, `meta-llama--Llama-3.1-8B`."""
-        if self.kind in ("embedded", "gguf"):
-            return Path(self.location).name.split(".")[0]
+        """A folder-safe name for the store: `SmolLM2-135M-Instruct`, `Llama-3.1-8B-Instruct-Q4_K_M`, `meta-llama--Llama-3.1-8B`.
+
+        A GGUF file's name keeps everything but `.gguf`: its version and quantisation are what tell
+        `Llama-3.1-8B-Instruct-Q4_K_M.gguf` from `Llama-3.2-1B-Instruct-Q8_0.gguf`.
+        """
+        if self.kind == "embedded":
+            return EMBEDDED_MODEL_HUB_ID.split("/")[-1]
+        if self.kind == "gguf":
+            return Path(self.location).stem
         if self.kind == "folder":
             return Path(self.location).name
         return self.location.replace("/", "--")

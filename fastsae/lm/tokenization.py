@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 
 from fastsae.common import distributed
 from fastsae.common.errors import UserError
-from fastsae.lm.data import Example
+from fastsae.lm.data import Example, SkipReport
 
 logger = logging.getLogger(__name__)
 
 CHAT_TEMPLATE_CHOICES = ("auto", "none")
+CONTENT_PLACEHOLDER = "<<fastsae message content>>"  # stands in for one message's content to find where it goes
 
 
 @dataclass
@@ -29,6 +30,7 @@ class TokenizedExample:
     token_ids: np.ndarray  # (T,) int32
     special_mask: np.ndarray  # (T,) bool: True for special and chat-template tokens
     truncated: bool
+    unlocated_messages: int  # messages whose content the chat template hid or changed past finding: their tokens are marked special
 
 
 def wants_chat_template(tokenizer, chat_template: str) -> bool:
@@ -45,47 +47,61 @@ def example_messages(example: Example) -> list[dict[str, str]]:
     return messages
 
 
-def _content_spans(rendered: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
-    """Character spans of each message's content inside the rendered conversation, in order."""
-    spans = []
-    cursor = 0
-    for message in messages:
-        start = rendered.find(message["content"], cursor)
-        if start < 0:
-            continue  # a template that rewrites content (rare): its tokens count as template
-        spans.append((start, start + len(message["content"])))
-        cursor = start + len(message["content"])
-    return spans
+def _content_span(
+    tokenizer, rendered: str, messages: list[dict[str, str]], index: int, add_generation_prompt: bool
+) -> tuple[int, int] | None:
+    """Character span of message `index`'s content in `rendered`, or None where the template makes it unfindable.
+
+    Searching `rendered` for the content text mis-places short texts ("user", "a") inside role headers
+    or a default system prompt, and misses contents that the template changes (Llama-3 and Gemma trim
+    them). Rendering the conversation again with a placeholder as this message's content shows what the
+    template puts before and after it; the content is whatever lies between the two.
+    """
+    placeholder = CONTENT_PLACEHOLDER
+    while placeholder in rendered:
+        placeholder += "#"
+    with_placeholder = [dict(message, content=placeholder) if i == index else message for i, message in enumerate(messages)]
+    template = tokenizer.apply_chat_template(with_placeholder, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if template.count(placeholder) != 1:
+        return None
+    prefix, suffix = template.split(placeholder)
+    end = len(rendered) - len(suffix)
+    if end < len(prefix) or not rendered.startswith(prefix) or not rendered.endswith(suffix):
+        return None
+    return len(prefix), end
 
 
-def _template_tokenization(tokenizer, example: Example, add_generation_prompt: bool = False) -> tuple[list[int], np.ndarray]:
+def _template_tokenization(tokenizer, example: Example, add_generation_prompt: bool = False) -> tuple[list[int], np.ndarray, int]:
+    """Token ids, their special mask, and how many messages' content could not be located (all their tokens marked special)."""
     messages = example_messages(example)
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    spans = _content_spans(rendered, messages)
+    spans = [_content_span(tokenizer, rendered, messages, index, add_generation_prompt) for index in range(len(messages))]
+    located = [span for span in spans if span is not None]
     special_ids = set(tokenizer.all_special_ids)
     special = np.ones(len(encoded["input_ids"]), dtype=bool)
     for position, (token_id, (start, end)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
-        inside = any(start < span_end and end > span_start for span_start, span_end in spans)
+        inside = any(start < span_end and end > span_start for span_start, span_end in located)
         special[position] = token_id in special_ids or not inside
-    return encoded["input_ids"], special
+    return encoded["input_ids"], special, len(spans) - len(located)
 
 
-def _plain_tokenization(tokenizer, example: Example) -> tuple[list[int], np.ndarray]:
+def _plain_tokenization(tokenizer, example: Example) -> tuple[list[int], np.ndarray, int]:
     if example.messages is not None:
         raise UserError("chat examples (a 'messages' field) need a chat template: set CHAT_TEMPLATE = 'auto' with an instruct model.")
     text = example.text if example.response is None else f"{example.text}\n{example.response}"
     encoded = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
-    return encoded["input_ids"], np.asarray(encoded["special_tokens_mask"], dtype=bool)
+    return encoded["input_ids"], np.asarray(encoded["special_tokens_mask"], dtype=bool), 0
 
 
 def tokenize_example(tokenizer, example: Example, use_chat_template: bool, max_length: int) -> TokenizedExample:
-    token_ids, special = (_template_tokenization if use_chat_template else _plain_tokenization)(tokenizer, example)
+    token_ids, special, unlocated = (_template_tokenization if use_chat_template else _plain_tokenization)(tokenizer, example)
     truncated = len(token_ids) > max_length
     return TokenizedExample(
         token_ids=np.asarray(token_ids[:max_length], dtype=np.int32),
         special_mask=special[:max_length],
         truncated=truncated,
+        unlocated_messages=unlocated,
     )
 
 
@@ -112,4 +128,16 @@ def tokenize_examples(tokenizer, examples: list[Example], chat_template: str, ma
     n_truncated = sum(item.truncated for item in tokenized)
     if n_truncated:
         logger.warning("Truncated %d of %d examples to MAX_LENGTH=%d tokens", n_truncated, len(tokenized), max_length)
+    unlocated = SkipReport()
+    for example, item in zip(examples, tokenized):
+        if item.unlocated_messages:
+            unlocated.add("message content not found in the rendered chat", example.source)
+    if unlocated.total:
+        logger.warning(
+            "The chat template leaves out or rewrites message content in %d of %d examples: those messages' tokens are marked "
+            "special (kept in the store, left out of training): %s. Check the template, or for plain texts set CHAT_TEMPLATE = 'none'.",
+            unlocated.total,
+            len(tokenized),
+            unlocated.describe(),
+        )
     return tokenized
