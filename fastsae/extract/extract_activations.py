@@ -105,7 +105,10 @@ class ExtractConfig:
     output_dir: str = setting("activations", "stores go to OUTPUT_DIR/<model>/<hook>/")
     shard_mb: float = setting(256.0, "size of one shard file of activations, in MiB")
     max_examples: int = setting(0, "use only the first N usable examples (0: all)")
-    overwrite: bool = setting(False, "replace an existing store made with different settings")
+    overwrite: bool = setting(
+        False,
+        "start afresh, replacing any store in the folder (without it, a rerun with the same settings resumes, one with others is refused)",
+    )
 
     def __post_init__(self) -> None:
         choices = {
@@ -523,7 +526,7 @@ def _write_stores(
     n_truncated = sum(item.truncated for item in tokenized)
     folders = {key: store_folder(config, model_slug, target.name) for key, target in capture.targets.items()}
 
-    def open_writers() -> dict[Hashable, ActivationStoreWriter]:
+    def open_writers(overwrite: bool) -> dict[Hashable, ActivationStoreWriter]:
         missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
         check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token(d, config.storage_dtype))
         return {
@@ -559,17 +562,18 @@ def _write_stores(
                 shards=shards,
                 doc_offsets=doc_offsets,
                 example_records=packed.records,
-                overwrite=config.overwrite,
+                overwrite=overwrite,
             )
             for key, target in capture.targets.items()
         }
 
-    # Under torchrun, rank 0 prepares the folders (and reports a refusal to every rank); the others
-    # attach once it has, and every rank then sees the same pending shards.
+    # Under torchrun, rank 0 prepares the folders (replacing them under OVERWRITE, and reporting a refusal to every
+    # rank); the others attach once it has, never replacing what it prepared, and every rank then sees the same
+    # pending shards.
     ranks = distributed.current()
-    writers = distributed.on_main_then_shared(open_writers)
+    writers = distributed.on_main_then_shared(lambda: open_writers(config.overwrite))
     if not ranks.is_main:
-        writers = open_writers()
+        writers = open_writers(overwrite=False)
     distributed.barrier()
     pending = sorted(set().union(*(writer.pending_shards() for writer in writers.values())))
     mine = [
