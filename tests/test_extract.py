@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from fastsae.extract.extract_activations import (
     CPU_BATCH_TOKENS,
     GPU_BATCH_TOKENS,
     ExtractConfig,
+    extract_activations,
     forward_batches,
     length_batches,
     write_activation_stores,
@@ -171,6 +174,27 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_llama, smoll
     store = ActivationStore(folder)
     assert np.diff(store.doc_offsets).max() == 16
     assert store.manifest.dataset.n_truncated == int((np.diff(store.doc_offsets) == 16).sum())
+
+
+def test_new_weights_saved_into_a_model_folder_are_not_taken_for_the_stored_ones(
+    tiny_model_folder, smollm2_tokenizer, texts_file, tmp_path
+):
+    model_folder = tmp_path / "tiny-llama"
+    shutil.copytree(tiny_model_folder, model_folder)
+    config = ExtractConfig(model_name=str(model_folder), dataset=str(texts_file), layers=[1], output_dir=str(tmp_path / "out"))
+    (folder,) = extract_activations(config)
+    manifest_written = (folder / "manifest.json").stat().st_mtime_ns
+    assert (
+        extract_activations(config) == [folder] and (folder / "manifest.json").stat().st_mtime_ns == manifest_written
+    )  # unchanged files: current
+
+    retrained = make_tiny_llama(len(smollm2_tokenizer), seed=1)
+    retrained.save_pretrained(model_folder)
+    with pytest.raises(UserError, match=rf"{folder}.*different settings.*model_files_fingerprint.*--overwrite"):
+        extract_activations(config)
+    (folder,) = extract_activations(replace(config, overwrite=True))
+    example = ActivationStore(folder).example(0)
+    assert max_relative_difference(example.activations, alone(retrained, example.token_ids, 1, "resid_post")) < 1e-2  # float16 on disk
 
 
 def test_disk_check_refuses_before_writing(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ from fastsae.extract.packed_batches import packed_batch, packed_row_batches, pac
 from fastsae.lm.data import Dataset, load_dataset
 from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
 from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
-from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_files_fingerprint, resolve_model
 from fastsae.lm.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
 from fastsae.store.activation_store import STORAGE_DTYPES, ActivationStoreWriter, bytes_per_token, check_free_disk, plan_shards
 from fastsae.store.manifest import MANIFEST, DatasetRecord, StoreManifest
@@ -672,6 +672,11 @@ def extract_activations(config: ExtractConfig) -> list[Path]:
     device = config.resolved_device()
     model = load_model(source, config.resolved_compute_dtype(), device)
     model_fields = {"model_name": config.model_name, "model_source": source.kind, "revision": getattr(model.config, "_commit_hash", None)}
+    # A folder or GGUF file has no revision: its files' fingerprint ties the store (and its resume key) to the weights it
+    # was made from, so new weights saved under the same name are refused, not resumed. Hub stores' keys stay as they were.
+    fingerprint = model_files_fingerprint(source)
+    if fingerprint is not None:
+        model_fields["model_files_fingerprint"] = fingerprint
     return write_activation_stores(model, tokenizer, dataset, config, source.slug, model_fields)
 
 

