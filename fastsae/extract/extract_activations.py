@@ -37,7 +37,14 @@ from fastsae.extract.packed_batches import packed_batch, packed_row_batches, pac
 from fastsae.lm.data import Dataset, load_dataset
 from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
 from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
-from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_files_fingerprint, resolve_model
+from fastsae.lm.models import (
+    EMBEDDED_MODEL,
+    learned_position_limit,
+    load_model,
+    load_tokenizer,
+    model_files_fingerprint,
+    resolve_model,
+)
 from fastsae.lm.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
 from fastsae.store.activation_store import STORAGE_DTYPES, ActivationStoreWriter, bytes_per_token, check_free_disk, plan_shards
 from fastsae.store.manifest import MANIFEST, DatasetRecord, StoreManifest
@@ -463,6 +470,35 @@ def pack_sequences(tokenized: list[TokenizedExample], dataset: Dataset, packing:
     )
 
 
+def check_positions(model: torch.nn.Module, lengths: list[int], config: ExtractConfig) -> None:
+    """Refuse sequences longer than a learned position table (they would index past its end), warn past a rotary model's
+    trained context. Only sequences that are longer count: MAX_LENGTH is a cap, harmless above the limit when none reaches it."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(lengths, default=0)
+    if not limit or longest <= limit:
+        return
+    n_longer = sum(length > limit for length in lengths)
+    constant, value = ("BLOCK_SIZE", config.block_size) if config.packing == "block" else ("MAX_LENGTH", config.max_length)
+    fix = f"Set {constant} to {limit} or less (--{constant.lower().replace('_', '-')} {limit})"
+    if learned_position_limit(model) is not None:
+        raise UserError(
+            f"{constant} = {value} lets sequences run past the {limit} positions {type(model).__name__} has learned embeddings "
+            f"for ({n_longer} of {len(lengths)} do; the longest has {longest} tokens). {fix}."
+        )
+    logger.warning(
+        "%s = %d lets sequences run past the %d positions %s was trained on (max_position_embeddings; %d of %d do, the longest "
+        "has %d tokens): their later tokens' activations come from positions it never saw. %s to keep to its context.",
+        constant,
+        value,
+        limit,
+        type(model).__name__,
+        n_longer,
+        len(lengths),
+        longest,
+        fix,
+    )
+
+
 def store_names(config: ExtractConfig) -> list[str]:
     """The hook names of the stores `config` writes, in LAYERS order (one for a LoRA adapter), known before a model loads."""
     if config.hook_point == LORA_HOOK_POINT:
@@ -496,6 +532,7 @@ def _write_stores(
     tokenized = tokenize_examples(tokenizer, dataset.examples, config.chat_template, config.max_length)
     packed = pack_sequences(tokenized, dataset, config.packing, config.block_size)
     lengths = [len(sequence) for sequence in packed.sequences]
+    check_positions(model, lengths, config)
     doc_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     d = capture.d
     storage_dtype = STORAGE_DTYPES[config.storage_dtype]

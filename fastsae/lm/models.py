@@ -209,3 +209,15 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: str):
         hint = " It is not a local folder or file, and the hub could not provide it (no internet?)." if source.kind == "hub" else ""
         raise UserError(f"could not load model {source.name}.{hint} Details: {error}") from None
     return model.to(device).eval()
+
+
+def learned_position_limit(model: torch.nn.Module) -> int | None:
+    """How many positions `model` has learned embeddings for (GPT-2's n_positions): a longer sequence indexes past the
+    table's end. None where positions are computed (rotary, ALiBi): a longer sequence runs, at positions never trained on."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return None
+    token_table = model.get_input_embeddings()
+    # The position table is the embedding sized to the limit (OPT's holds 2 more rows: it offsets positions by 2).
+    tables = [module for module in model.modules() if isinstance(module, torch.nn.Embedding) and module is not token_table]
+    return limit if any(limit <= table.num_embeddings <= limit + 2 for table in tables) else None
