@@ -295,7 +295,10 @@ def test_auto_attention_packs_under_flex_attention_where_the_device_calls_for_it
     monkeypatch.setattr(extract_module, "FLEX_ATTENTION_MIN_TOKENS", 0)
     with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
         (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "llama", layers=[1])
-    assert "Batching: packed rows of up to 600 tokens, no padding between examples (LlamaForCausalLM with flex_attention" in caplog.text
+    assert (
+        "Batching: packed rows of up to 600 tokens, no padding between examples (LlamaForCausalLM under the flex_attention kernel"
+        in caplog.text
+    )
     assert tiny_llama.config._attn_implementation == "sdpa"
     store = ActivationStore(folder)
     assert store.manifest.extraction["attention"] == "flex_attention" and store.manifest.extraction["batching"] == "packed"
