@@ -124,17 +124,18 @@ def _gguf_cache_folder(gguf_path: Path) -> Path:
 
 
 def model_files_fingerprint(source: ModelSource) -> str | None:
-    """A short hash of a local model's files (their paths, sizes and modification times): new weights saved under the same
-    folder or GGUF name change it. None for a Hub model, whose revision names its weights."""
+    """A short hash of a local model's files (their names, sizes and modification times): new weights saved under the same
+    folder or GGUF name change it. None for a Hub model, whose revision names its weights. The embedded model's file is
+    the package's and is named by its size alone, so reinstalling the package or a new virtual environment keeps its stores."""
     if source.kind == "hub":
         return None
     location = Path(source.location)
-    files = (
-        [location]
-        if location.is_file()
-        else sorted({path for pattern in MODEL_FILE_PATTERNS for path in location.glob(pattern) if path.is_file()})
-    )
-    return hashlib.sha256("\n".join(_file_stamp(path) for path in files).encode()).hexdigest()[:16]
+    if source.kind == "embedded":
+        stamps = [f"{location.name}|{location.stat().st_size}"]
+    else:
+        files = [location] if location.is_file() else {path for pattern in MODEL_FILE_PATTERNS for path in location.glob(pattern)}
+        stamps = sorted(f"{path.name}|{path.stat().st_size}|{path.stat().st_mtime_ns}" for path in files if path.is_file())
+    return hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16]
 
 
 def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
