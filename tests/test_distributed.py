@@ -67,7 +67,8 @@ def assert_same_store(folder: Path, reference: Path) -> None:
     assert ours.example_records() == theirs.example_records()
     provenance = {"completed_at": None, "extracted_by_ranks": None, "extraction": {}}
     assert replace(ours.manifest, **provenance) == replace(theirs.manifest, **provenance)
-    assert ours.manifest.extraction == {**theirs.manifest.extraction, "output_dir": ours.manifest.extraction["output_dir"]}
+    where_and_how = {key: ours.manifest.extraction[key] for key in ("output_dir", "overwrite")}
+    assert ours.manifest.extraction == {**theirs.manifest.extraction, **where_and_how}
 
 
 def sorted_rows(tokens: torch.Tensor) -> list[bytes]:
@@ -125,6 +126,33 @@ def test_torchrun_extraction_equals_one_process_and_resumes_per_rank(tiny_model_
     } == kept  # only the missing shards ran
     assert not list(folder.glob("*.partial"))
     assert_same_store(folder, one_process_store)
+
+
+def _extract_on_two_ranks(rank: int, port: int, model_folder: str, output: str) -> None:
+    """One rank of the OVERWRITE test: rank 1 creates files with its own umask, so they show which rank made a file."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    os.umask(0o022 if rank == 0 else 0o077)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        extract_activations(ExtractConfig(model_name=model_folder, layers=[2], output_dir=output, shard_mb=SHARD_MB, overwrite=True))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_overwrite_only_rank_0_replaces_the_store(tiny_model_folder, one_process_store, tmp_path):
+    """The other ranks attach to the folder rank 0 prepared: replacing it again, each of them, made three ranks or more race."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for run in ("into an empty folder", "over the complete store"):
+        mp.spawn(_extract_on_two_ranks, args=(port, str(tiny_model_folder), str(tmp_path)), nprocs=2)
+        (folder,) = [path.parent for path in tmp_path.rglob("manifest.json")]
+        made_by_rank_0 = {
+            path.name: path.stat().st_mode & 0o777 for path in (folder, folder / "doc_offsets.npy", folder / "examples.jsonl")
+        }
+        assert made_by_rank_0 == {folder.name: 0o755, "doc_offsets.npy": 0o644, "examples.jsonl": 0o644}, run
+        assert_same_store(folder, one_process_store)
 
 
 def test_torchrun_training_matches_one_process(one_process_store, tmp_path):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import BloomConfig, BloomForCausalLM
+from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import TINY_LAYERS, make_tiny_llama, write_jsonl
 from fastsae.common.errors import UserError
@@ -18,6 +20,7 @@ from fastsae.extract.extract_activations import (
     CPU_BATCH_TOKENS,
     GPU_BATCH_TOKENS,
     ExtractConfig,
+    extract_activations,
     forward_batches,
     length_batches,
     write_activation_stores,
@@ -173,6 +176,53 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_llama, smoll
     assert store.manifest.dataset.n_truncated == int((np.diff(store.doc_offsets) == 16).sum())
 
 
+def test_new_weights_saved_into_a_model_folder_are_not_taken_for_the_stored_ones(
+    tiny_model_folder, smollm2_tokenizer, texts_file, tmp_path
+):
+    model_folder = tmp_path / "tiny-llama"
+    shutil.copytree(tiny_model_folder, model_folder)
+    config = ExtractConfig(model_name=str(model_folder), dataset=str(texts_file), layers=[1], output_dir=str(tmp_path / "out"))
+    (folder,) = extract_activations(config)
+    manifest_written = (folder / "manifest.json").stat().st_mtime_ns
+    assert (
+        extract_activations(config) == [folder] and (folder / "manifest.json").stat().st_mtime_ns == manifest_written
+    )  # unchanged files: current
+
+    retrained = make_tiny_llama(len(smollm2_tokenizer), seed=1)
+    retrained.save_pretrained(model_folder)
+    with pytest.raises(UserError, match=rf"{folder}.*different settings.*model_files_fingerprint.*--overwrite"):
+        extract_activations(config)
+    (folder,) = extract_activations(replace(config, overwrite=True))
+    example = ActivationStore(folder).example(0)
+    assert max_relative_difference(example.activations, alone(retrained, example.token_ids, 1, "resid_post")) < 1e-2  # float16 on disk
+
+
+def test_sequences_past_a_learned_position_table_are_refused_and_past_a_rotary_context_warned(
+    tiny_llama, smollm2_tokenizer, tmp_path, caplog
+):
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(smollm2_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
+    short = {"text": "Ok."}
+    texts = write_jsonl(tmp_path / "texts.jsonl", [short, {"text": " ".join(["word"] * 50)}])
+    plain = dict(layers=[1], chat_template="none")
+    with pytest.raises(UserError, match=r"MAX_LENGTH = 64 .* 32 positions GPT2LMHeadModel .*1 of 2 do.*Set MAX_LENGTH to 32 or less"):
+        extract(gpt2, smollm2_tokenizer, texts, tmp_path / "too-long", max_length=64, **plain)
+    assert not list((tmp_path / "too-long").rglob("manifest.json"))
+    with pytest.raises(UserError, match=r"BLOCK_SIZE = 48 .* 32 positions.*Set BLOCK_SIZE to 32 or less"):
+        extract(gpt2, smollm2_tokenizer, texts, tmp_path / "blocks", packing="block", block_size=48, **plain)
+    (folder,) = extract(gpt2, smollm2_tokenizer, texts, tmp_path / "truncated", max_length=32, **plain)
+    assert np.diff(ActivationStore(folder).doc_offsets).max() == 32
+    # MAX_LENGTH is a cap: above the table, but with no example that long, nothing runs past it.
+    extract(gpt2, smollm2_tokenizer, write_jsonl(tmp_path / "short.jsonl", [short]), tmp_path / "short", max_length=64, **plain)
+
+    tiny_llama.config.max_position_embeddings = 32  # rotary: a longer sequence runs, at positions it was not trained on
+    try:
+        (folder,) = extract(tiny_llama, smollm2_tokenizer, texts, tmp_path / "rotary", max_length=64, **plain)
+    finally:
+        tiny_llama.config.max_position_embeddings = 1024
+    assert np.diff(ActivationStore(folder).doc_offsets).max() > 32
+    assert "MAX_LENGTH = 64 lets sequences run past the 32 positions LlamaForCausalLM was trained on" in caplog.text
+
+
 def test_disk_check_refuses_before_writing(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, monkeypatch):
     monkeypatch.setattr("fastsae.store.activation_store.free_disk_bytes", lambda folder: 10 * 2**20)
     with pytest.raises(UserError, match="not enough disk space"):
@@ -245,7 +295,10 @@ def test_auto_attention_packs_under_flex_attention_where_the_device_calls_for_it
     monkeypatch.setattr(extract_module, "FLEX_ATTENTION_MIN_TOKENS", 0)
     with caplog.at_level("INFO", logger="fastsae.extract.extract_activations"):
         (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "llama", layers=[1])
-    assert "Batching: packed rows of up to 600 tokens, no padding between examples (LlamaForCausalLM with flex_attention" in caplog.text
+    assert (
+        "Batching: packed rows of up to 600 tokens, no padding between examples (LlamaForCausalLM under the flex_attention kernel"
+        in caplog.text
+    )
     assert tiny_llama.config._attn_implementation == "sdpa"
     store = ActivationStore(folder)
     assert store.manifest.extraction["attention"] == "flex_attention" and store.manifest.extraction["batching"] == "packed"

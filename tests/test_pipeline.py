@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
+from conftest import make_tiny_llama
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.interpret.llm import API_KEY_VARIABLES
@@ -166,6 +168,21 @@ def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(
     # Nor is how extraction batches its examples, or on which device.
     set_constants(completed / "extract_activations.py", BATCH_TOKENS=700, BATCHING="padded", ATTENTION="eager", DEVICE="cpu")
     assert steps_run(monkeypatch, "--yes") == set()
+
+
+def test_new_weights_saved_into_the_model_folder_rerun_extraction(tiny_model_folder, smollm2_tokenizer, tmp_path, monkeypatch):
+    model_folder = tmp_path / "tiny-llama"
+    shutil.copytree(tiny_model_folder, model_folder)
+    project = tmp_path / "project"
+    project.mkdir()
+    write_project(project, model_folder)
+    monkeypatch.chdir(project)
+    assert steps_run(monkeypatch, "--yes", "--steps", "extract") == {"extract"}
+    stored = ActivationStore(STORE).activations(0, 100)
+    assert steps_run(monkeypatch, "--yes", "--steps", "extract") == set()
+    make_tiny_llama(len(smollm2_tokenizer), seed=1).save_pretrained(model_folder)
+    assert steps_run(monkeypatch, "--yes", "--steps", "extract") == {"extract"}
+    assert not torch.allclose(ActivationStore(STORE).activations(0, 100), stored, atol=1e-2)
 
 
 def test_force_reruns_and_steps_and_from_choose(completed, monkeypatch):

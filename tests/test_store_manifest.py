@@ -21,6 +21,7 @@ def test_round_trip_of_every_field():
         model_name="org/tiny",
         model_source="hub",
         revision="abc",
+        model_files_fingerprint="0123456789abcdef",
         hook_name="lora.v_proj",
         hook_point="lora",
         layer=None,
@@ -43,7 +44,7 @@ def test_round_trip_of_every_field():
 
 def test_an_old_manifest_without_later_fields_loads_with_defaults(tiny_store):
     record = json.loads((tiny_store / "manifest.json").read_text())
-    for later in ("model_source", "revision", "n_special_tokens", "completed_at", "extracted_by_ranks", "lora"):
+    for later in ("model_source", "revision", "model_files_fingerprint", "n_special_tokens", "completed_at", "extracted_by_ranks", "lora"):
         record.pop(later, None)
     del record["dataset"]["n_truncated"]
     record["added_by_a_newer_version"] = True

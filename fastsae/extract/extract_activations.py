@@ -37,7 +37,14 @@ from fastsae.extract.packed_batches import packed_batch, packed_row_batches, pac
 from fastsae.lm.data import Dataset, load_dataset
 from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
 from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
-from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from fastsae.lm.models import (
+    EMBEDDED_MODEL,
+    learned_position_limit,
+    load_model,
+    load_tokenizer,
+    model_files_fingerprint,
+    resolve_model,
+)
 from fastsae.lm.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
 from fastsae.store.activation_store import STORAGE_DTYPES, ActivationStoreWriter, bytes_per_token, check_free_disk, plan_shards
 from fastsae.store.manifest import MANIFEST, DatasetRecord, StoreManifest
@@ -108,7 +115,10 @@ class ExtractConfig:
     output_dir: str = setting("activations", "stores go to OUTPUT_DIR/<model>/<hook>/")
     shard_mb: float = setting(256.0, "size of one shard file of activations, in MiB")
     max_examples: int = setting(0, "use only the first N usable examples (0: all)")
-    overwrite: bool = setting(False, "replace an existing store made with different settings")
+    overwrite: bool = setting(
+        False,
+        "start afresh, replacing any store in the folder (without it, a rerun with the same settings resumes, one with others is refused)",
+    )
 
     def __post_init__(self) -> None:
         choices = {
@@ -463,6 +473,35 @@ def pack_sequences(tokenized: list[TokenizedExample], dataset: Dataset, packing:
     )
 
 
+def check_positions(model: torch.nn.Module, lengths: list[int], config: ExtractConfig) -> None:
+    """Refuse sequences longer than a learned position table (they would index past its end), warn past a rotary model's
+    trained context. Only sequences that are longer count: MAX_LENGTH is a cap, harmless above the limit when none reaches it."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(lengths, default=0)
+    if not limit or longest <= limit:
+        return
+    n_longer = sum(length > limit for length in lengths)
+    constant, value = ("BLOCK_SIZE", config.block_size) if config.packing == "block" else ("MAX_LENGTH", config.max_length)
+    fix = f"Set {constant} to {limit} or less (--{constant.lower().replace('_', '-')} {limit})"
+    if learned_position_limit(model) is not None:
+        raise UserError(
+            f"{constant} = {value} lets sequences run past the {limit} positions {type(model).__name__} has learned embeddings "
+            f"for ({n_longer} of {len(lengths)} do; the longest has {longest} tokens). {fix}."
+        )
+    logger.warning(
+        "%s = %d lets sequences run past the %d positions %s was trained on (max_position_embeddings; %d of %d do, the longest "
+        "has %d tokens): their later tokens' activations come from positions it never saw. %s to keep to its context.",
+        constant,
+        value,
+        limit,
+        type(model).__name__,
+        n_longer,
+        len(lengths),
+        longest,
+        fix,
+    )
+
+
 def store_names(config: ExtractConfig) -> list[str]:
     """The hook names of the stores `config` writes, in LAYERS order (one for a LoRA adapter), known before a model loads."""
     if config.hook_point == LORA_HOOK_POINT:
@@ -496,6 +535,7 @@ def _write_stores(
     tokenized = tokenize_examples(tokenizer, dataset.examples, config.chat_template, config.max_length)
     packed = pack_sequences(tokenized, dataset, config.packing, config.block_size)
     lengths = [len(sequence) for sequence in packed.sequences]
+    check_positions(model, lengths, config)
     doc_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     d = capture.d
     storage_dtype = STORAGE_DTYPES[config.storage_dtype]
@@ -526,7 +566,7 @@ def _write_stores(
     n_truncated = sum(item.truncated for item in tokenized)
     folders = {key: store_folder(config, model_slug, target.name) for key, target in capture.targets.items()}
 
-    def open_writers() -> dict[Hashable, ActivationStoreWriter]:
+    def open_writers(overwrite: bool) -> dict[Hashable, ActivationStoreWriter]:
         missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
         check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token(d, config.storage_dtype))
         return {
@@ -562,17 +602,18 @@ def _write_stores(
                 shards=shards,
                 doc_offsets=doc_offsets,
                 example_records=packed.records,
-                overwrite=config.overwrite,
+                overwrite=overwrite,
             )
             for key, target in capture.targets.items()
         }
 
-    # Under torchrun, rank 0 prepares the folders (and reports a refusal to every rank); the others
-    # attach once it has, and every rank then sees the same pending shards.
+    # Under torchrun, rank 0 prepares the folders (replacing them under OVERWRITE, and reporting a refusal to every
+    # rank); the others attach once it has, never replacing what it prepared, and every rank then sees the same
+    # pending shards.
     ranks = distributed.current()
-    writers = distributed.on_main_then_shared(open_writers)
+    writers = distributed.on_main_then_shared(lambda: open_writers(config.overwrite))
     if not ranks.is_main:
-        writers = open_writers()
+        writers = open_writers(overwrite=False)
     distributed.barrier()
     pending = sorted(set().union(*(writer.pending_shards() for writer in writers.values())))
     mine = [
@@ -671,6 +712,11 @@ def extract_activations(config: ExtractConfig) -> list[Path]:
     device = config.resolved_device()
     model = load_model(source, config.resolved_compute_dtype(), device)
     model_fields = {"model_name": config.model_name, "model_source": source.kind, "revision": getattr(model.config, "_commit_hash", None)}
+    # A folder or GGUF file has no revision: its files' fingerprint ties the store (and its resume key) to the weights it
+    # was made from, so new weights saved under the same name are refused, not resumed. Hub stores' keys stay as they were.
+    fingerprint = model_files_fingerprint(source)
+    if fingerprint is not None:
+        model_fields["model_files_fingerprint"] = fingerprint
     return write_activation_stores(model, tokenizer, dataset, config, source.slug, model_fields)
 
 

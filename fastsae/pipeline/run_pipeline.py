@@ -59,6 +59,15 @@ STAGE_MODULES = {
 STEP_NAMES = tuple(STAGE_MODULES)
 
 
+def model_files(model_name: str) -> dict[str, str]:
+    """A local model's files' fingerprint, for extraction's: new weights saved under the same folder or GGUF name re-run
+    it. Nothing for a Hub model, so its pipeline fingerprints stay as they were."""
+    from fastsae.lm.models import model_files_fingerprint, resolve_model
+
+    fingerprint = model_files_fingerprint(resolve_model(model_name))
+    return {} if fingerprint is None else {"model_files": fingerprint}
+
+
 @dataclass
 class PipelineConfig:
     steps: str = setting(",".join(STEP_NAMES), "steps to consider, comma-separated, from: " + ", ".join(STEP_NAMES))
@@ -250,7 +259,7 @@ class Pipeline:
             settings = {key: value for key, value in fingerprinted if key not in plan.stage.unfingerprinted}
             upstream = self._upstream_fingerprint(plan)
             reads_dataset = plan.stage.upstream is None and self.dataset is not None  # the first stage reads the texts
-            extra = {"dataset": self.dataset.fingerprint()} if reads_dataset else {}
+            extra = {"dataset": self.dataset.fingerprint(), **model_files(plan.config.model_name)} if reads_dataset else {}
             plan.fingerprint = config_fingerprint({"settings": settings, "upstream": upstream, **extra})
             plan.action, plan.reason, plan.overwrite = self._decision(plan, self.state.record(plan.stage.name))
 

@@ -65,7 +65,8 @@ class StoreManifest:
     model: str | None = None  # the model's slug, as in the store's folder name
     model_name: str | None = None
     model_source: str | None = None  # embedded, gguf, folder or hub: whether model_name is a Hub id
-    revision: str | None = None
+    revision: str | None = None  # a Hub model's commit
+    model_files_fingerprint: str | None = None  # a local folder's or GGUF file's (fastsae.lm.models.model_files_fingerprint)
     hook_name: str | None = None
     hook_point: str | None = None
     layer: int | None = None  # None for a LoRA store, which spans every adapted layer
