@@ -749,9 +749,12 @@ class EvaluateStage(Stage):
         first = {output.path.name: output.path for output in outputs[: len(_output_names(config.evals))]}
         figures = []
         if EVAL_FILE in first and first[EVAL_FILE].is_file():
-            core = json.loads(first[EVAL_FILE].read_text()).get("saebench_core")
+            saved = json.loads(first[EVAL_FILE].read_text())
+            core = saved.get("saebench_core")
             score = f"{core['eval_result_metrics']['model_performance_preservation']['ce_loss_score']:.4f}" if core else None
-            figures.append(("SAEBench ce_loss_score (loss recovered)", score or "not measured (MODEL_METRICS off)"))
+            # Not measured: skipped on purpose for this SAE (the reason is recorded), else MODEL_METRICS was off.
+            unmeasured = f"not measured: {saved.get('model_metrics_skipped') or 'MODEL_METRICS off'}"
+            figures.append(("SAEBench ce_loss_score (loss recovered)", score or unmeasured))
         if SPARSE_PROBING_FILE in first and first[SPARSE_PROBING_FILE].is_file():
             probing = json.loads(first[SPARSE_PROBING_FILE].read_text())
             if probing["status"] == "skipped":
