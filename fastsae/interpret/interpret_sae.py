@@ -119,9 +119,22 @@ class InterpretConfig:
             )
         if self.explain_from not in ("quantiles", "top"):
             raise UserError(f"EXPLAIN_FROM {self.explain_from!r} is not understood: use quantiles or top.")
-        for name in ("window_tokens", "explain_examples", "score_examples", "n_quantiles", "examples_per_prompt"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.upper()} must be at least 1, not {getattr(self, name)}.")
+        at_least = {
+            1: (
+                "window_tokens",
+                "explain_examples",
+                "score_examples",
+                "n_quantiles",
+                "examples_per_prompt",
+                "rubric_contexts",
+                "llm_concurrency",
+            ),
+            0: ("top_contexts", "logit_lens_tokens", "min_windows", "seed"),
+        }
+        for least, names in at_least.items():
+            for name in names:
+                if getattr(self, name) < least:
+                    raise UserError(f"{name.upper()} must be at least {least}, not {getattr(self, name)}.")
 
     @property
     def scorings(self) -> list[str]:
