@@ -414,14 +414,18 @@ def explain_features(
     )
     answers = client.complete_all(first_round, ANSWER_TOKENS)
     explanations = dict(zip(explained, (answer.strip().strip('"') for answer in answers[: len(explain_requests)])))
+    for feature in [feature for feature, explanation in explanations.items() if not explanation]:
+        logger.warning("No readable explanation for feature %d (an empty answer): it is not scored, its columns are left empty.", feature)
     scoring_requests, spans = [], []
     for (feature, scorer), (texts, order) in plans.items():
+        if not explanations[feature]:
+            continue
         prompts = classifier_prompts(scorer, explanations[feature], texts, order, config.examples_per_prompt)
         spans.append((feature, scorer, order, len(scoring_requests), len(prompts)))
         scoring_requests += prompts
     scoring_answers = client.complete_all(scoring_requests, ANSWER_TOKENS)
     row_of = {row["feature"]: row for row in rows}
-    results: dict[int, dict[str, ClassifierResult]] = {feature: {} for feature in explained}
+    results: dict[int, dict[str, ClassifierResult]] = {feature: {} for feature in explained if explanations[feature]}
     for feature, scorer, order, first, count in spans:
         result = score_answers(
             examples[feature].scoring, order, config.examples_per_prompt, scoring_answers[first : first + count], config.n_quantiles
@@ -512,7 +516,7 @@ def _interpret_with(
         logit_lens(sae.W_dec.detach()[features], unembedding, k=config.logit_lens_tokens) if unembedding is not None else (None, None)
     )
     rows = interpretation_rows(statistics, labels, windows, top_windows, promoted, suppressed, tokenizer, config)
-    rubric, results, examples = None, {}, {}
+    rubric, results, examples, llm_error = None, {}, {}, None
     if not config.explain:
         logger.info("EXPLAIN is off: the explanation, score and FAST-rubric columns are left empty.")
     elif api_key() is None:
@@ -530,8 +534,12 @@ def _interpret_with(
             f: feature_examples(store, sae, tokenizer, grid, windows[f], f, config, include_special)
             for f in tqdm(scored, desc="sampling windows", unit="feature")
         }
-        _note_short_classes(rows, examples, config.score_examples)
-        rubric, results = explain_features(rows, top_windows, examples, config)
+        try:
+            rubric, results = explain_features(rows, top_windows, examples, config)
+        except UserError as error:  # the statistics and windows are worth keeping: written below, then the error
+            llm_error = error
+        else:
+            _note_short_classes(rows, examples, config.score_examples)
     path = Path(config.interpretations_path)
     table = pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {})  # whole numbers; empty where missing
     write_atomically(path, lambda partial: table.to_csv(partial, index=False))
@@ -541,6 +549,8 @@ def _interpret_with(
     page = dashboard_data(title, rows, top_windows, statistics, rubric, scored, config.n_quantiles, probe_choices)
     dashboard = write_dashboard(path.with_name(DASHBOARD_FILE), page)
     logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
+    if llm_error is not None:
+        raise UserError(f"{llm_error} {path} and {dashboard} were written without the LLM's columns; rerun for them.")
     return path
 
 
