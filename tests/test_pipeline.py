@@ -21,7 +21,7 @@ import pytest
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.interpret.llm import API_KEY_VARIABLES
-from fastsae.pipeline.run_pipeline import PipelineConfig
+from fastsae.pipeline.run_pipeline import Pipeline, PipelineConfig, StepPlan
 from fastsae.store.activation_store import ActivationStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +89,13 @@ def steps_run(monkeypatch, *argv: str) -> set[str]:
     run_pipeline(monkeypatch, *argv)
     after = marker_times()
     return {step for step in after if before.get(step) != after[step]}
+
+
+def planned() -> dict[str, StepPlan]:
+    """run_pipeline.py's checks and plan in the current directory, each step's decision with it."""
+    pipeline = Pipeline(PipelineConfig(plan_only=True))
+    pipeline.prepare()
+    return pipeline.plans
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +173,25 @@ def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(
     # Nor is how extraction batches its examples, or on which device.
     set_constants(completed / "extract_activations.py", BATCH_TOKENS=700, BATCHING="padded", ATTENTION="eager", DEVICE="cpu")
     assert steps_run(monkeypatch, "--yes") == set()
+
+
+def test_an_api_key_set_after_an_offline_run_reruns_interpretation_and_so_does_another_endpoint(completed, monkeypatch):
+    """Whether a key is set decides whether interpretations.csv gets explanations; which key it is does not."""
+    assert {name: plan.action for name, plan in planned().items()} == dict.fromkeys(MARKERS, "skip")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    plans = planned()
+    assert (plans["interpret"].action, plans["interpret"].reason) == ("run", "settings changed")
+    assert all(plans[name].action == "skip" for name in ("extract", "train", "evaluate"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-another-key")
+    assert planned()["interpret"].fingerprint == plans["interpret"].fingerprint
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:10/v1")
+    assert planned()["interpret"].fingerprint != plans["interpret"].fingerprint
+    set_constants(completed / "interpret_sae.py", EXPLAIN=False)  # no explanations either way: the key does not count
+    with_key = planned()["interpret"].fingerprint
+    for name in API_KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert planned()["interpret"].fingerprint == with_key
 
 
 def test_force_reruns_and_steps_and_from_choose(completed, monkeypatch):

@@ -116,6 +116,11 @@ class Stage(ABC):
         value = getattr(config, self.input_constant.lower())
         return Path(value[0] if isinstance(value, list) else value)
 
+    def fingerprint_facts(self, config: Any) -> dict[str, Any]:
+        """What besides `config` decides what it writes (an environment variable, say: a fact about a secret, never the
+        secret), for its fingerprint, so that a change re-runs it."""
+        return {}
+
     def outputs_complete(self, outputs: list[Output]) -> bool:
         """Whether every output is on disk and whole."""
         return all(output.path.exists() for output in outputs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from fastsae.evaluate.sparse_probing import read_probe_choices
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
 from fastsae.interpret.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
 from fastsae.interpret.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens, unembedding_matrix
-from fastsae.interpret.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key
+from fastsae.interpret.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key, base_url
 from fastsae.interpret.sampling import sample_windows
 from fastsae.interpret.scorers import (
     SCORERS,
@@ -570,6 +569,14 @@ class InterpretStage(Stage):
         interpretations = Path(config.interpretations_path)
         return [Output(interpretations), Output(interpretations.with_name(DASHBOARD_FILE))]
 
+    def fingerprint_facts(self, config: InterpretConfig) -> dict[str, Any]:
+        """Whether the LLM columns get filled (a key is set; never the key) and from which endpoint: the first key set after
+        an offline run re-runs this step."""
+        if not config.explain:
+            return {}
+        explained = api_key() is not None
+        return {"explanations": explained, "endpoint": base_url() if explained else None}
+
     def explained_features(self, config: InterpretConfig, facts: PlanFacts) -> int:
         """How many features the LLM will be asked about (0 when explanations are skipped)."""
         if not config.explain or api_key() is None:
@@ -583,7 +590,7 @@ class InterpretStage(Stage):
         if api_key() is None:
             return [("API key", f"no key ({' / '.join(API_KEY_VARIABLES)}): explanations and scores are skipped; set one to get them")]
         features = self.explained_features(config, facts)
-        base = os.environ.get("OPENAI_BASE_URL") or "the OpenAI API"
+        base = base_url() or "the OpenAI API"
         cost = estimate_llm_cost(config, features).describe()
         return [("API key", f"key set; {features} features ({config.scoring}): at most {cost} to {base}")]
 

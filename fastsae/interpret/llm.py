@@ -39,6 +39,11 @@ def api_key() -> str | None:
     return None
 
 
+def base_url() -> str | None:
+    """The endpoint OPENAI_BASE_URL names; None: the OpenAI API."""
+    return os.environ.get("OPENAI_BASE_URL") or None
+
+
 class CachedChatClient:
     """Sends chat requests (concurrently, at most `concurrency` at a time) and remembers every answer."""
 
@@ -52,7 +57,7 @@ class CachedChatClient:
         self.cache_dir = Path(cache_dir)
         self.concurrency = concurrency
         self.requests_sent = 0
-        self._client = OpenAI(api_key=key, base_url=os.environ.get("OPENAI_BASE_URL") or None, max_retries=max_retries, timeout=timeout)
+        self._client = OpenAI(api_key=key, base_url=base_url(), max_retries=max_retries, timeout=timeout)
 
     def _cache_path(self, messages: Messages, max_tokens: int) -> Path:
         # The endpoint is part of the key: a local server's answers under the name "gpt-4.1" are not gpt-4.1's.

@@ -251,6 +251,8 @@ class Pipeline:
             upstream = self._upstream_fingerprint(plan)
             reads_dataset = plan.stage.upstream is None and self.dataset is not None  # the first stage reads the texts
             extra = {"dataset": self.dataset.fingerprint()} if reads_dataset else {}
+            if facts := plan.stage.fingerprint_facts(plan.config):  # only when there are any: other stages keep their fingerprints
+                extra["facts"] = facts
             plan.fingerprint = config_fingerprint({"settings": settings, "upstream": upstream, **extra})
             plan.action, plan.reason, plan.overwrite = self._decision(plan, self.state.record(plan.stage.name))
 
