@@ -194,6 +194,18 @@ def test_an_api_key_set_after_an_offline_run_reruns_interpretation_and_so_does_a
     assert planned()["interpret"].fingerprint == with_key
 
 
+def test_sparse_probing_reruns_interpretation_whose_dashboard_reads_it(completed, monkeypatch):
+    set_constants(completed / "evaluate_sae.py", EVALS="core,sparse_probing")
+    actions = {name: plan.action for name, plan in planned().items()}
+    assert actions == {"extract": "skip", "train": "skip", "evaluate": "run", "interpret": "run"}
+    assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
+    assert (Path(CHECKPOINT).parent / "sparse_probing.json").is_file()
+    assert steps_run(monkeypatch, "--yes") == set()
+    # Evaluation is fingerprinted as a whole: any change that re-runs it rewrites the probes' file, and so re-runs interpretation.
+    set_constants(completed / "evaluate_sae.py", MAX_EXAMPLES=3)
+    assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
+
+
 def test_force_reruns_and_steps_and_from_choose(completed, monkeypatch):
     assert steps_run(monkeypatch, "--yes", "--force", "--from", "evaluate") == {"evaluate", "interpret"}
     assert steps_run(monkeypatch, "--yes", "--force", "--steps", "train") == {"train"}

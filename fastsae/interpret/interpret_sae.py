@@ -31,7 +31,7 @@ from fastsae.common.errors import UserError
 from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.core.formats.sources import results_folder
 from fastsae.core.trained_sae import open_trained_sae
-from fastsae.evaluate.sparse_probing import read_probe_choices
+from fastsae.evaluate.sparse_probing import SPARSE_PROBING_FILE, read_probe_choices
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
 from fastsae.interpret.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
 from fastsae.interpret.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens, unembedding_matrix
@@ -568,6 +568,10 @@ class InterpretStage(Stage):
     def outputs(self, config: InterpretConfig, facts: PlanFacts) -> list[Output]:
         interpretations = Path(config.interpretations_path)
         return [Output(interpretations), Output(interpretations.with_name(DASHBOARD_FILE))]
+
+    def optional_inputs(self, config: InterpretConfig) -> list[Path]:
+        """Sparse probing's results beside the checkpoint: the dashboard shows which probes chose each feature."""
+        return [results_folder(config.checkpoint) / SPARSE_PROBING_FILE]
 
     def fingerprint_facts(self, config: InterpretConfig) -> dict[str, Any]:
         """Whether the LLM columns get filled (a key is set; never the key) and from which endpoint: the first key set after
