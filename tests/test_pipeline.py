@@ -20,6 +20,8 @@ import pytest
 
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
+from fastsae.interpret.interpret_sae import STAGE as INTERPRET_STAGE
+from fastsae.interpret.interpret_sae import InterpretConfig
 from fastsae.interpret.llm import API_KEY_VARIABLES
 from fastsae.pipeline.run_pipeline import Pipeline, PipelineConfig, StepPlan
 from fastsae.store.activation_store import ActivationStore
@@ -178,6 +180,7 @@ def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(
 def test_an_api_key_set_after_an_offline_run_reruns_interpretation_and_so_does_another_endpoint(completed, monkeypatch):
     """Whether a key is set decides whether interpretations.csv gets explanations; which key it is does not."""
     assert {name: plan.action for name, plan in planned().items()} == dict.fromkeys(MARKERS, "skip")
+    assert INTERPRET_STAGE.fingerprint_facts(InterpretConfig()) == {}  # offline: the fingerprint of the runs before the key counted
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     plans = planned()

@@ -575,11 +575,10 @@ class InterpretStage(Stage):
 
     def fingerprint_facts(self, config: InterpretConfig) -> dict[str, Any]:
         """Whether the LLM columns get filled (a key is set; never the key) and from which endpoint: the first key set after
-        an offline run re-runs this step."""
-        if not config.explain:
+        an offline run re-runs this step. None offline, so that an offline run's record from before this hook stays current."""
+        if not config.explain or api_key() is None:
             return {}
-        explained = api_key() is not None
-        return {"explanations": explained, "endpoint": base_url() if explained else None}
+        return {"explanations": True, "endpoint": base_url()}
 
     def explained_features(self, config: InterpretConfig, facts: PlanFacts) -> int:
         """How many features the LLM will be asked about (0 when explanations are skipped)."""
