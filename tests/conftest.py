@@ -175,7 +175,7 @@ def classifier_prompt_content(messages: list[dict]) -> tuple[str, list[str]]:
 class ChatCompletionsServer(ThreadingHTTPServer):
     """Answers /v1/chat/completions; `statuses` queues error codes to return before answering normally,
     `rubric_answers` the answers to FAST-rubric prompts (then RUBRIC_ANSWER); `answerer`, when set, answers every
-    other request from its messages."""
+    other request from its messages (None: a reply with no choices)."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -220,7 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
             "object": "chat.completion",
             "created": 0,
             "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "choices": []
+            if content is None
+            else [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
         }
         self._send(200, reply, {})

@@ -13,7 +13,7 @@ import torch
 from conftest import hypothesaes_module, make_tiny_llama, save_tiny_llama_with_blocks
 from fastsae.common.errors import UserError
 from fastsae.core.sae import SAESpec, SparseAutoencoder
-from fastsae.evaluate.evaluate_sae import EvalConfig, ReconstructionSums, evaluate_sae
+from fastsae.evaluate.evaluate_sae import EvalConfig, ReconstructionSums, evaluate_sae, validation_examples
 from fastsae.evaluate.model_metrics import KEPT_REFERENCE_PASSES, CountedPositions, ReferencePasses, length_grouped
 from fastsae.evaluate.saebench_core import ignored_token_ids
 from fastsae.lm.hook_points import hooked_module, output_tensor, with_output_tensor
@@ -227,11 +227,32 @@ def test_mismatches_and_missing_validation_get_clear_errors(tiny_store, trained_
     wrong_width = Path(small.save(str(tmp_path / "SAE_M=16_K=2.pt")))
     with pytest.raises(UserError, match="d=32 but the store .* has d=64"):
         evaluate_sae(EvalConfig(checkpoint=[str(wrong_width)], store=str(tiny_store), model_metrics=False))
-    with pytest.raises(UserError, match="no validation examples"):
-        evaluate_sae(EvalConfig(checkpoint=[str(trained_checkpoint)], validation_fraction=0.0, model_metrics=False))
+    with pytest.raises(UserError, match="no validation examples"):  # a training run without a validation split
+        validation_examples(60, 0.0, 0)
     with pytest.raises(UserError, match="auto, true or false"):
         EvalConfig(exclude_special_tokens_from_reconstruction="yes")
     two_blocks = tmp_path / "two-block-llama"
     save_tiny_llama_with_blocks(two_blocks, smollm2_tokenizer, 2)
     with pytest.raises(UserError, match="layer 2 is out of range"):  # the store's hook is in block 2
         evaluate_sae(EvalConfig(checkpoint=[str(trained_checkpoint)], model_name=str(two_blocks), device="cpu"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            {"validation_fraction": 1.5},
+            r"VALIDATION_FRACTION must be -1 \(the training run's split\) or between 0 and 1, e.g. 0.1; got 1.5",
+        ),
+        ({"validation_fraction": 0.0}, "VALIDATION_FRACTION must be -1"),
+        ({"validation_fraction": -0.5}, "VALIDATION_FRACTION must be -1"),
+        ({"seed": -2}, r"SEED must be -1 \(the training run's\) or at least 0; got -2"),
+        ({"max_examples": -3}, r"MAX_EXAMPLES must be at least 0 \(0: every held-out example\); got -3"),
+    ],
+)
+def test_out_of_range_split_settings_are_refused(setting, message):
+    """A fraction of 1.5 would evaluate on training examples too, and MAX_EXAMPLES = -3 would drop the last three."""
+    with pytest.raises(UserError, match=message):
+        EvalConfig(**setting)
+    EvalConfig(validation_fraction=0.2, seed=0, max_examples=0)  # in range, and the sentinels: accepted
+    EvalConfig(validation_fraction=-1, seed=-1)

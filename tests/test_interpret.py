@@ -9,7 +9,7 @@ import pytest
 from conftest import interpret_without_llm
 from fastsae.common.errors import UserError
 from fastsae.interpret.features import FeatureStatistics
-from fastsae.interpret.interpret_sae import select_features
+from fastsae.interpret.interpret_sae import InterpretConfig, select_features
 from fastsae.train.train_sae import TrainConfig, train_saes
 
 
@@ -78,3 +78,20 @@ def test_feature_selection():
         select_features("7", statistics, labels)
     with pytest.raises(UserError, match="not understood"):
         select_features("most:3", statistics, labels)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "least"),
+    [
+        ("top_contexts", -1, 0),
+        ("logit_lens_tokens", -2, 0),
+        ("min_windows", -1, 0),
+        ("seed", -1, 0),
+        ("rubric_contexts", 0, 1),
+        ("llm_concurrency", 0, 1),
+    ],
+)
+def test_counts_out_of_range_are_refused(name, value, least):
+    """TOP_CONTEXTS = -1 would drop a context, a negative SEED or LLM_CONCURRENCY = 0 would crash deep in the run."""
+    with pytest.raises(UserError, match=f"^{name.upper()} must be at least {least}, not {value}.$"):
+        InterpretConfig(**{name: value})

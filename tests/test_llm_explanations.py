@@ -14,6 +14,7 @@ from conftest import EXPLANATION, chat_server
 from fastsae.common.errors import UserError
 from fastsae.interpret.explanations import parse_rubric, rubric_summary
 from fastsae.interpret.interpret_sae import InterpretConfig, estimate_llm_cost, interpret_sae
+from fastsae.interpret.llm import CachedChatClient
 from fastsae.interpret.scorers import balanced_accuracy, read_verdicts
 from fastsae.train.train_sae import TrainConfig, train_saes
 
@@ -92,6 +93,48 @@ def test_a_rejected_key_stops_with_a_clear_message(server, checkpoint, tiny_mode
     with pytest.raises(UserError, match=r"rejected the key \(401\)"):
         interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", llm_concurrency=1))
     assert len(server.requests) == 1  # no retry on a bad key
+
+
+@pytest.mark.parametrize("status", [404, 400])
+def test_a_refused_request_stops_with_the_status_and_the_fix_and_keeps_the_statistics(
+    server, checkpoint, tiny_model_folder, tmp_path, status
+):
+    """A wrong EXPLANATION_MODEL (404) or a bad request (400) is not retried: one clear line, and the CSV and dashboard
+    are written without the LLM's columns."""
+    server.statuses = [status]
+    config = config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:2", llm_concurrency=1)
+    with pytest.raises(
+        UserError, match=rf"refused a request for EXPLANATION_MODEL 'gpt-4.1' \(Error code: {status} - simulated {status}\)"
+    ) as error:
+        interpret_sae(config)
+    assert "OPENAI_BASE_URL" in str(error.value) and "without the LLM's columns" in str(error.value)
+    assert len(server.requests) == 1
+    table = pd.read_csv(config.interpretations_path)
+    assert len(table) == 2 and table["explanation"].isna().all() and table["top_contexts"].str.contains("«").all()
+    assert (tmp_path / "dashboard.html").is_file()
+
+
+def test_an_unreachable_endpoint_stops_with_a_clear_message(monkeypatch, tmp_path):
+    with chat_server(monkeypatch) as closed:
+        pass  # shut down: its port now refuses connections
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache", max_retries=0)
+    with pytest.raises(UserError, match=rf"could not reach the endpoint {closed.base_url}/ \(Connection error\., after 0 retries\)"):
+        client.complete([{"role": "user", "content": "hello"}])
+
+
+def test_a_reply_without_choices_is_an_unreadable_answer_and_not_cached(server, checkpoint, tiny_model_folder, tmp_path, caplog):
+    server.answerer = lambda messages: None  # "choices": [] for the explanations; the rubric prompts are answered
+    config = config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:2", scoring="detection,fast-rubric")
+    table = pd.read_csv(interpret_sae(config))
+    assert table["explanation"].isna().all() and table["detection_score"].isna().all()  # not scored on an empty explanation
+    assert list(table["fast_rubric_rating"]) == [4, 4]
+    assert "No readable explanation for feature" in caplog.text
+    assert len(server.requests) == 2 + 2  # two explaining and two rubric requests, no scoring request
+
+    server.answerer = None  # the endpoint answers now: the rerun asks again for the explanations only
+    table = pd.read_csv(interpret_sae(config))
+    assert list(table["explanation"]) == [EXPLANATION] * 2 and table["detection_score"].notna().all()
+    assert len(server.requests) == 4 + 2 + 2 * 4
 
 
 def test_no_key_leaves_the_columns_empty(monkeypatch, checkpoint, tiny_model_folder, tmp_path, caplog):

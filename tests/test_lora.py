@@ -19,6 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY_LAYERS, make_tiny_llama
 from fastsae.common.errors import UserError
+from fastsae.common.stage import Output
+from fastsae.evaluate.evaluate_sae import STAGE as EVALUATE_STAGE
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
 from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
@@ -183,6 +185,9 @@ def test_sae_trains_evaluates_and_interprets_on_a_lora_store(lora_store, tiny_mo
     assert any("Model metrics skipped" in record.message for record in caplog.records)
     saved = json.loads((checkpoint.parent / "eval.json").read_text())
     assert 0 < saved["reconstruction"]["all"]["fvu"] < 1 and saved["sparsity"]["l0_mean"] == pytest.approx(4, abs=0.5)
+    # The pipeline's summary gives the recorded reason, not "MODEL_METRICS off" (it was on).
+    figures = dict(EVALUATE_STAGE.key_figures(EvalConfig(checkpoint=str(checkpoint)), [Output(checkpoint.parent / "eval.json")]))
+    assert figures["SAEBench ce_loss_score (loss recovered)"] == f"not measured: {saved['model_metrics_skipped']}"
 
     with caplog.at_level(logging.INFO):
         path = interpret_sae(

@@ -22,8 +22,10 @@ import torch
 from conftest import make_tiny_llama
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
+from fastsae.interpret.interpret_sae import STAGE as INTERPRET_STAGE
+from fastsae.interpret.interpret_sae import InterpretConfig
 from fastsae.interpret.llm import API_KEY_VARIABLES
-from fastsae.pipeline.run_pipeline import PipelineConfig
+from fastsae.pipeline.run_pipeline import Pipeline, PipelineConfig, StepPlan
 from fastsae.store.activation_store import ActivationStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +93,13 @@ def steps_run(monkeypatch, *argv: str) -> set[str]:
     run_pipeline(monkeypatch, *argv)
     after = marker_times()
     return {step for step in after if before.get(step) != after[step]}
+
+
+def planned() -> dict[str, StepPlan]:
+    """run_pipeline.py's checks and plan in the current directory, each step's decision with it."""
+    pipeline = Pipeline(PipelineConfig(plan_only=True))
+    pipeline.prepare()
+    return pipeline.plans
 
 
 @pytest.fixture(autouse=True)
@@ -183,6 +192,38 @@ def test_new_weights_saved_into_the_model_folder_rerun_extraction(tiny_model_fol
     make_tiny_llama(len(smollm2_tokenizer), seed=1).save_pretrained(model_folder)
     assert steps_run(monkeypatch, "--yes", "--steps", "extract") == {"extract"}
     assert not torch.allclose(ActivationStore(STORE).activations(0, 100), stored, atol=1e-2)
+
+
+def test_an_api_key_set_after_an_offline_run_reruns_interpretation_and_so_does_another_endpoint(completed, monkeypatch):
+    """Whether a key is set decides whether interpretations.csv gets explanations; which key it is does not."""
+    assert {name: plan.action for name, plan in planned().items()} == dict.fromkeys(MARKERS, "skip")
+    assert INTERPRET_STAGE.fingerprint_facts(InterpretConfig()) == {}  # offline: the fingerprint of the runs before the key counted
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    plans = planned()
+    assert (plans["interpret"].action, plans["interpret"].reason) == ("run", "settings changed")
+    assert all(plans[name].action == "skip" for name in ("extract", "train", "evaluate"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-another-key")
+    assert planned()["interpret"].fingerprint == plans["interpret"].fingerprint
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:10/v1")
+    assert planned()["interpret"].fingerprint != plans["interpret"].fingerprint
+    set_constants(completed / "interpret_sae.py", EXPLAIN=False)  # no explanations either way: the key does not count
+    with_key = planned()["interpret"].fingerprint
+    for name in API_KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert planned()["interpret"].fingerprint == with_key
+
+
+def test_sparse_probing_reruns_interpretation_whose_dashboard_reads_it(completed, monkeypatch):
+    set_constants(completed / "evaluate_sae.py", EVALS="core,sparse_probing")
+    actions = {name: plan.action for name, plan in planned().items()}
+    assert actions == {"extract": "skip", "train": "skip", "evaluate": "run", "interpret": "run"}
+    assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
+    assert (Path(CHECKPOINT).parent / "sparse_probing.json").is_file()
+    assert steps_run(monkeypatch, "--yes") == set()
+    # Evaluation is fingerprinted as a whole: any change that re-runs it rewrites the probes' file, and so re-runs interpretation.
+    set_constants(completed / "evaluate_sae.py", MAX_EXAMPLES=3)
+    assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
 
 
 def test_force_reruns_and_steps_and_from_choose(completed, monkeypatch):

@@ -116,6 +116,16 @@ class Stage(ABC):
         value = getattr(config, self.input_constant.lower())
         return Path(value[0] if isinstance(value, list) else value)
 
+    def optional_inputs(self, config: Any) -> list[Path]:
+        """Files it also reads when they exist, besides its input (another stage's outputs): the stage that writes one is
+        part of its fingerprint, so that re-running that stage re-runs it."""
+        return []
+
+    def fingerprint_facts(self, config: Any) -> dict[str, Any]:
+        """What besides `config` decides what it writes (an environment variable, say: a fact about a secret, never the
+        secret), for its fingerprint, so that a change re-runs it."""
+        return {}
+
     def outputs_complete(self, outputs: list[Output]) -> bool:
         """Whether every output is on disk and whole."""
         return all(output.path.exists() for output in outputs)

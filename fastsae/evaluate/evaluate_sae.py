@@ -193,6 +193,14 @@ class EvalConfig:
             raise UserError(
                 f"EXCLUDE_SPECIAL_TOKENS_FROM_RECONSTRUCTION must be auto, true or false; got {self.exclude_special_tokens_from_reconstruction!r}."
             )
+        if self.validation_fraction != -1 and not 0 < self.validation_fraction < 1:
+            raise UserError(
+                f"VALIDATION_FRACTION must be -1 (the training run's split) or between 0 and 1, e.g. 0.1; got {self.validation_fraction}."
+            )
+        if self.seed < -1:
+            raise UserError(f"SEED must be -1 (the training run's) or at least 0; got {self.seed}.")
+        if self.max_examples < 0:
+            raise UserError(f"MAX_EXAMPLES must be at least 0 (0: every held-out example); got {self.max_examples}.")
         if self.batch_size_prompts < 1 or self.model_tokens < 0:
             raise UserError(
                 f"BATCH_SIZE_PROMPTS must be at least 1 and MODEL_TOKENS at least 0; got {self.batch_size_prompts} and {self.model_tokens}."
@@ -749,9 +757,12 @@ class EvaluateStage(Stage):
         first = {output.path.name: output.path for output in outputs[: len(_output_names(config.evals))]}
         figures = []
         if EVAL_FILE in first and first[EVAL_FILE].is_file():
-            core = json.loads(first[EVAL_FILE].read_text()).get("saebench_core")
+            saved = json.loads(first[EVAL_FILE].read_text())
+            core = saved.get("saebench_core")
             score = f"{core['eval_result_metrics']['model_performance_preservation']['ce_loss_score']:.4f}" if core else None
-            figures.append(("SAEBench ce_loss_score (loss recovered)", score or "not measured (MODEL_METRICS off)"))
+            # Not measured: skipped on purpose for this SAE (the reason is recorded), else MODEL_METRICS was off.
+            unmeasured = f"not measured: {saved.get('model_metrics_skipped') or 'MODEL_METRICS off'}"
+            figures.append(("SAEBench ce_loss_score (loss recovered)", score or unmeasured))
         if SPARSE_PROBING_FILE in first and first[SPARSE_PROBING_FILE].is_file():
             probing = json.loads(first[SPARSE_PROBING_FILE].read_text())
             if probing["status"] == "skipped":

@@ -13,9 +13,11 @@ What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_trainin
   are what the SAE trains on by default. On text without a chat template the two are the same set. An example
   with no content token is left out.
 - **Balancing** (`probe_training.prepare_probe_data`), one-vs-rest: all of the label's examples, and as many others
-  drawn evenly across the other labels, shuffled; separately on the training and held-out sides. The draws are
-  SAEBench's own: the same `torch.randperm` calls, from a generator seeded with the split's seed, so SAEBench's
-  function after `torch.manual_seed(seed)` picks the same examples. Unlabelled examples take no part.
+  drawn evenly across the other labels, shuffled; separately on the training and held-out sides. The sampling
+  procedure is SAEBench's: a call draws with the same `torch.randperm` calls as one `prepare_probe_data` call, from a
+  generator seeded with the split's seed. SAEBench calls it anew for its LLM probe and for every k, so its runs draw
+  other examples; we draw once per label and side, and every k is probed on the same examples. Unlabelled
+  examples take no part.
 - **Ranking** (`get_top_k_mean_diff_mask`): |mean over the label's examples − mean over the others| on the balanced
   training set; the top k are the probe's inputs, for each k in `k_values`. The ranked list is what each label
   "uses" (the signed difference is kept: negative means the feature fires *less* on the label).
@@ -126,8 +128,9 @@ def probing_examples(
 
 def balanced_one_vs_rest(rows_by_label: dict[str, np.ndarray], label: str, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
     """SAEBench's `prepare_probe_data` on row indices: the label's rows and as many others, drawn evenly across the
-    other labels (in `rows_by_label`'s order), shuffled; returns (rows, 0/1 targets). The draws are SAEBench's, call
-    for call; where the others are too few (SAEBench's assertion fails), the positives are cut to their number."""
+    other labels (in `rows_by_label`'s order), shuffled; returns (rows, 0/1 targets). One call draws as one call of
+    SAEBench's does, randperm for randperm (SAEBench calls it per k as well, so its run's draws differ from ours); where
+    the others are too few (SAEBench's assertion fails), the positives are cut to their number."""
     positives = rows_by_label[label]
     others = [name for name in rows_by_label if name != label]
     per_label = math.ceil(len(positives) / len(others))

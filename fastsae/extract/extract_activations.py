@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -734,6 +734,12 @@ class ExtractStage(Stage):
 
     def run(self, config: ExtractConfig) -> list[Path]:
         return extract_activations(config)
+
+    def fingerprint_facts(self, config: ExtractConfig) -> dict[str, Any]:
+        """A model folder's or GGUF file's files' fingerprint: new weights saved under the same name re-run the step. Nothing
+        for a Hub model, whose revision names its weights, so its fingerprint stays as it was."""
+        fingerprint = model_files_fingerprint(resolve_model(config.model_name))
+        return {} if fingerprint is None else {"model_files": fingerprint}
 
     def outputs(self, config: ExtractConfig, facts: PlanFacts) -> list[Output]:
         return [

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,11 @@ from fastsae.common.errors import UserError
 from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.core.formats.sources import results_folder
 from fastsae.core.trained_sae import open_trained_sae
-from fastsae.evaluate.sparse_probing import read_probe_choices
+from fastsae.evaluate.sparse_probing import SPARSE_PROBING_FILE, read_probe_choices
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
 from fastsae.interpret.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
 from fastsae.interpret.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens, unembedding_matrix
-from fastsae.interpret.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key
+from fastsae.interpret.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key, base_url
 from fastsae.interpret.sampling import sample_windows
 from fastsae.interpret.scorers import (
     SCORERS,
@@ -119,9 +118,22 @@ class InterpretConfig:
             )
         if self.explain_from not in ("quantiles", "top"):
             raise UserError(f"EXPLAIN_FROM {self.explain_from!r} is not understood: use quantiles or top.")
-        for name in ("window_tokens", "explain_examples", "score_examples", "n_quantiles", "examples_per_prompt"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.upper()} must be at least 1, not {getattr(self, name)}.")
+        at_least = {
+            1: (
+                "window_tokens",
+                "explain_examples",
+                "score_examples",
+                "n_quantiles",
+                "examples_per_prompt",
+                "rubric_contexts",
+                "llm_concurrency",
+            ),
+            0: ("top_contexts", "logit_lens_tokens", "min_windows", "seed"),
+        }
+        for least, names in at_least.items():
+            for name in names:
+                if getattr(self, name) < least:
+                    raise UserError(f"{name.upper()} must be at least {least}, not {getattr(self, name)}.")
 
     @property
     def scorings(self) -> list[str]:
@@ -401,14 +413,18 @@ def explain_features(
     )
     answers = client.complete_all(first_round, ANSWER_TOKENS)
     explanations = dict(zip(explained, (answer.strip().strip('"') for answer in answers[: len(explain_requests)])))
+    for feature in [feature for feature, explanation in explanations.items() if not explanation]:
+        logger.warning("No readable explanation for feature %d (an empty answer): it is not scored, its columns are left empty.", feature)
     scoring_requests, spans = [], []
     for (feature, scorer), (texts, order) in plans.items():
+        if not explanations[feature]:
+            continue
         prompts = classifier_prompts(scorer, explanations[feature], texts, order, config.examples_per_prompt)
         spans.append((feature, scorer, order, len(scoring_requests), len(prompts)))
         scoring_requests += prompts
     scoring_answers = client.complete_all(scoring_requests, ANSWER_TOKENS)
     row_of = {row["feature"]: row for row in rows}
-    results: dict[int, dict[str, ClassifierResult]] = {feature: {} for feature in explained}
+    results: dict[int, dict[str, ClassifierResult]] = {feature: {} for feature in explained if explanations[feature]}
     for feature, scorer, order, first, count in spans:
         result = score_answers(
             examples[feature].scoring, order, config.examples_per_prompt, scoring_answers[first : first + count], config.n_quantiles
@@ -499,7 +515,7 @@ def _interpret_with(
         logit_lens(sae.W_dec.detach()[features], unembedding, k=config.logit_lens_tokens) if unembedding is not None else (None, None)
     )
     rows = interpretation_rows(statistics, labels, windows, top_windows, promoted, suppressed, tokenizer, config)
-    rubric, results, examples = None, {}, {}
+    rubric, results, examples, llm_error = None, {}, {}, None
     if not config.explain:
         logger.info("EXPLAIN is off: the explanation, score and FAST-rubric columns are left empty.")
     elif api_key() is None:
@@ -517,8 +533,12 @@ def _interpret_with(
             f: feature_examples(store, sae, tokenizer, grid, windows[f], f, config, include_special)
             for f in tqdm(scored, desc="sampling windows", unit="feature")
         }
-        _note_short_classes(rows, examples, config.score_examples)
-        rubric, results = explain_features(rows, top_windows, examples, config)
+        try:
+            rubric, results = explain_features(rows, top_windows, examples, config)
+        except UserError as error:  # the statistics and windows are worth keeping: written below, then the error
+            llm_error = error
+        else:
+            _note_short_classes(rows, examples, config.score_examples)
     path = Path(config.interpretations_path)
     table = pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {})  # whole numbers; empty where missing
     write_atomically(path, lambda partial: table.to_csv(partial, index=False))
@@ -528,6 +548,8 @@ def _interpret_with(
     page = dashboard_data(title, rows, top_windows, statistics, rubric, scored, config.n_quantiles, probe_choices)
     dashboard = write_dashboard(path.with_name(DASHBOARD_FILE), page)
     logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
+    if llm_error is not None:
+        raise UserError(f"{llm_error} {path} and {dashboard} were written without the LLM's columns; rerun for them.")
     return path
 
 
@@ -547,6 +569,17 @@ class InterpretStage(Stage):
         interpretations = Path(config.interpretations_path)
         return [Output(interpretations), Output(interpretations.with_name(DASHBOARD_FILE))]
 
+    def optional_inputs(self, config: InterpretConfig) -> list[Path]:
+        """Sparse probing's results beside the checkpoint: the dashboard shows which probes chose each feature."""
+        return [results_folder(config.checkpoint) / SPARSE_PROBING_FILE]
+
+    def fingerprint_facts(self, config: InterpretConfig) -> dict[str, Any]:
+        """Whether the LLM columns get filled (a key is set; never the key) and from which endpoint: the first key set after
+        an offline run re-runs this step. None offline, so that an offline run's record from before this hook stays current."""
+        if not config.explain or api_key() is None:
+            return {}
+        return {"explanations": True, "endpoint": base_url()}
+
     def explained_features(self, config: InterpretConfig, facts: PlanFacts) -> int:
         """How many features the LLM will be asked about (0 when explanations are skipped)."""
         if not config.explain or api_key() is None:
@@ -560,7 +593,7 @@ class InterpretStage(Stage):
         if api_key() is None:
             return [("API key", f"no key ({' / '.join(API_KEY_VARIABLES)}): explanations and scores are skipped; set one to get them")]
         features = self.explained_features(config, facts)
-        base = os.environ.get("OPENAI_BASE_URL") or "the OpenAI API"
+        base = base_url() or "the OpenAI API"
         cost = estimate_llm_cost(config, features).describe()
         return [("API key", f"key set; {features} features ({config.scoring}): at most {cost} to {base}")]
 

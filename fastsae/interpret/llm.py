@@ -3,8 +3,12 @@
 The key comes from OPENAI_API_KEY (or OPENAI_KEY_SAE, the original scripts' name) and the base
 URL from OPENAI_BASE_URL, so vLLM, Ollama or a local server work too. The key is never printed,
 logged or written. Retries with backoff on 429, 5xx, timeouts and dropped connections are the
-`openai` client's own (it honours Retry-After); a rejected key (401) stops at once. Every answer
-is cached under a hash of its request and endpoint, so a rerun or a resumed run never pays twice.
+`openai` client's own (it honours Retry-After); a rejected key (401) stops at once, and any other
+refusal (a wrong model's 404, a 400) or an endpoint still unreachable after the retries stops with
+the status and what to check. A reply without an answer (no choices, or empty content) is
+unreadable, like an answer that cannot be parsed, and is not cached, so a rerun asks again. Every
+other answer is cached under a hash of its request and endpoint, so a rerun or a resumed run never
+pays twice.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ def api_key() -> str | None:
     return None
 
 
+def base_url() -> str | None:
+    """The endpoint OPENAI_BASE_URL names; None: the OpenAI API."""
+    return os.environ.get("OPENAI_BASE_URL") or None
+
+
 class CachedChatClient:
     """Sends chat requests (concurrently, at most `concurrency` at a time) and remembers every answer."""
 
@@ -48,7 +57,7 @@ class CachedChatClient:
         self.cache_dir = Path(cache_dir)
         self.concurrency = concurrency
         self.requests_sent = 0
-        self._client = OpenAI(api_key=key, base_url=os.environ.get("OPENAI_BASE_URL") or None, max_retries=max_retries, timeout=timeout)
+        self._client = OpenAI(api_key=key, base_url=base_url(), max_retries=max_retries, timeout=timeout)
 
     def _cache_path(self, messages: Messages, max_tokens: int) -> Path:
         # The endpoint is part of the key: a local server's answers under the name "gpt-4.1" are not gpt-4.1's.
@@ -65,20 +74,32 @@ class CachedChatClient:
 
     def complete(self, messages: Messages, max_tokens: int = 300) -> str:
         """One answer: from the cache, or from the endpoint (then cached)."""
-        from openai import AuthenticationError, PermissionDeniedError
+        from openai import APIConnectionError, APIStatusError, AuthenticationError, PermissionDeniedError
 
         answer = self.cached(messages, max_tokens)
         if answer is not None:
             return answer
+        kept = "answers already received are cached"
         try:
             self.requests_sent += 1
             response = self._client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens, temperature=0)
         except (AuthenticationError, PermissionDeniedError) as error:
             raise UserError(
-                f"the API rejected the key ({error.status_code}). Check {' / '.join(API_KEY_VARIABLES)} and OPENAI_BASE_URL; "
-                "everything computed so far is kept (answers already received are cached)."
+                f"the API rejected the key ({error.status_code}). Check {' / '.join(API_KEY_VARIABLES)} and OPENAI_BASE_URL; {kept}."
             ) from None
-        answer = response.choices[0].message.content or ""
+        except APIStatusError as error:
+            raise UserError(
+                f"the endpoint {self._client.base_url} refused a request for EXPLANATION_MODEL {self.model!r} ({error.message}). Check that OPENAI_BASE_URL is the endpoint you mean and EXPLANATION_MODEL a chat model it serves; "
+                f"{kept}."
+            ) from None
+        except APIConnectionError as error:
+            raise UserError(
+                f"could not reach the endpoint {self._client.base_url} ({error.message}, after {self._client.max_retries} retries). "
+                f"Check OPENAI_BASE_URL and that the server is up; {kept}."
+            ) from None
+        answer = (response.choices[0].message.content or "") if response.choices else ""
+        if not answer:
+            return answer  # unreadable, and not cached: a rerun asks again
         path = self._cache_path(messages, max_tokens)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(path, {"model": self.model, "answer": answer}, indent=None)

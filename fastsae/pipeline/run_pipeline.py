@@ -59,15 +59,6 @@ STAGE_MODULES = {
 STEP_NAMES = tuple(STAGE_MODULES)
 
 
-def model_files(model_name: str) -> dict[str, str]:
-    """A local model's files' fingerprint, for extraction's: new weights saved under the same folder or GGUF name re-run
-    it. Nothing for a Hub model, so its pipeline fingerprints stay as they were."""
-    from fastsae.lm.models import model_files_fingerprint, resolve_model
-
-    fingerprint = model_files_fingerprint(resolve_model(model_name))
-    return {} if fingerprint is None else {"model_files": fingerprint}
-
-
 @dataclass
 class PipelineConfig:
     steps: str = setting(",".join(STEP_NAMES), "steps to consider, comma-separated, from: " + ", ".join(STEP_NAMES))
@@ -259,18 +250,34 @@ class Pipeline:
             settings = {key: value for key, value in fingerprinted if key not in plan.stage.unfingerprinted}
             upstream = self._upstream_fingerprint(plan)
             reads_dataset = plan.stage.upstream is None and self.dataset is not None  # the first stage reads the texts
-            extra = {"dataset": self.dataset.fingerprint(), **model_files(plan.config.model_name)} if reads_dataset else {}
+            extra = {"dataset": self.dataset.fingerprint()} if reads_dataset else {}
+            # Each only when there is one, so that the other stages keep their fingerprints.
+            if facts := plan.stage.fingerprint_facts(plan.config):
+                extra["facts"] = facts
+            if also_reads := self._optional_input_fingerprints(plan):
+                extra["also_reads"] = also_reads
             plan.fingerprint = config_fingerprint({"settings": settings, "upstream": upstream, **extra})
             plan.action, plan.reason, plan.overwrite = self._decision(plan, self.state.record(plan.stage.name))
 
     def _upstream_fingerprint(self, plan: StepPlan) -> str | None:
-        """What the input will hold: the upstream's new fingerprint if it is selected, else the one on record."""
-        if not plan.linked:
-            return None
-        upstream = self.plans[plan.stage.upstream]
-        if upstream.selected:
-            return upstream.fingerprint
-        record = self.state.record(upstream.stage.name)
+        """What the input will hold, when its upstream writes it."""
+        return self._written_by(self.plans[plan.stage.upstream]) if plan.linked else None
+
+    def _optional_input_fingerprints(self, plan: StepPlan) -> dict[str, str | None]:
+        """What each of the stage's optional inputs that an earlier stage writes will hold, by path."""
+        earlier = list(self.plans.values())[: list(self.plans).index(plan.stage.name)]
+        return {
+            str(path): self._written_by(writer)
+            for path in plan.stage.optional_inputs(plan.config)
+            for writer in earlier
+            if any(same_path(path, output) for output in writer.output_paths)
+        }
+
+    def _written_by(self, writer: StepPlan) -> str | None:
+        """What `writer`'s outputs will hold: its new fingerprint if it is selected, else the one on record."""
+        if writer.selected:
+            return writer.fingerprint
+        record = self.state.record(writer.stage.name)
         return record["fingerprint"] if record else None
 
     def _decision(self, plan: StepPlan, record: dict | None) -> tuple[str, str, bool]:
