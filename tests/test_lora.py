@@ -22,6 +22,7 @@ from fastsae.common.errors import UserError
 from fastsae.common.stage import Output
 from fastsae.evaluate.evaluate_sae import STAGE as EVALUATE_STAGE
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
+from fastsae.extract.extract_activations import STAGE as EXTRACT_STAGE
 from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 from fastsae.lm.data import load_dataset
@@ -227,3 +228,13 @@ def test_script_extracts_all_adapter_types_by_default(tiny_model_folder, adapter
     assert done.returncode == 0, done.stderr
     store = ActivationStore(tmp_path / "tiny-llama" / "lora.all")
     assert store.d == TINY_LAYERS * len(LORA_MODULE_TYPES) * R and store.n_examples == 8
+
+
+def test_new_adapter_weights_change_extractions_pipeline_fingerprint(tiny_model_folder, vocab_size, tmp_path):
+    """The pipeline re-runs extraction when the adapter's weights change under the same folder (the store refuses to resume)."""
+    folder = save_random_adapter(tmp_path / "adapter", vocab_size, ["q_proj"])
+    config = ExtractConfig(model_name=str(tiny_model_folder), hook_point="lora", lora_adapter=str(folder), lora_modules=["q_proj"])
+    before = EXTRACT_STAGE.fingerprint_facts(config)
+    assert EXTRACT_STAGE.fingerprint_facts(config) == before
+    save_random_adapter(folder, vocab_size, ["q_proj", "v_proj"])
+    assert EXTRACT_STAGE.fingerprint_facts(config)["lora_adapter"] != before["lora_adapter"]

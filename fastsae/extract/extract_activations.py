@@ -36,7 +36,7 @@ from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.extract.packed_batches import packed_batch, packed_row_batches, packed_row_tokens
 from fastsae.lm.data import Dataset, load_dataset
 from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
-from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, lora_capture, lora_hook_name
+from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, adapter_fingerprint, lora_capture, lora_hook_name
 from fastsae.lm.models import (
     EMBEDDED_MODEL,
     learned_position_limit,
@@ -736,10 +736,14 @@ class ExtractStage(Stage):
         return extract_activations(config)
 
     def fingerprint_facts(self, config: ExtractConfig) -> dict[str, Any]:
-        """A model folder's or GGUF file's files' fingerprint: new weights saved under the same name re-run the step. Nothing
-        for a Hub model, whose revision names its weights, so its fingerprint stays as it was."""
-        fingerprint = model_files_fingerprint(resolve_model(config.model_name))
-        return {} if fingerprint is None else {"model_files": fingerprint}
+        """A model folder's or GGUF file's files' fingerprint, and a LoRA adapter's: new weights saved under the same name
+        re-run the step. Nothing for a Hub model, whose revision names its weights, so its fingerprint stays as it was."""
+        facts = {}
+        if (fingerprint := model_files_fingerprint(resolve_model(config.model_name))) is not None:
+            facts["model_files"] = fingerprint
+        if config.hook_point == LORA_HOOK_POINT:
+            facts["lora_adapter"] = adapter_fingerprint(config.lora_adapter)
+        return facts
 
     def outputs(self, config: ExtractConfig, facts: PlanFacts) -> list[Output]:
         return [
