@@ -266,6 +266,24 @@ def test_the_disk_check_refuses_a_store_larger_than_the_free_space(project, monk
     assert not Path("activations").exists()
 
 
+def test_texts_past_a_learned_position_table_get_extractions_message_before_anything_runs(smollm2_tokenizer, tmp_path, monkeypatch, capsys):
+    """The calibration runs sample texts through the model before extraction does: they get extraction's check, not an
+    index error from inside GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_folder = tmp_path / "tiny-llama"  # the name the project's STORE and CHECKPOINT expect
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(smollm2_tokenizer), n_embd=64, n_layer=3, n_head=4, n_positions=16)).save_pretrained(
+        model_folder
+    )
+    smollm2_tokenizer.save_pretrained(model_folder)
+    project = tmp_path / "project"
+    project.mkdir()
+    write_project(project, model_folder)
+    monkeypatch.chdir(project)
+    message = failing_run(monkeypatch, capsys, "--plan-only")
+    assert "16 positions GPT2LMHeadModel has learned embeddings for" in message and "Set MAX_LENGTH to 16 or less" in message
+
+
 def test_inputs_must_chain_before_anything_runs(project, monkeypatch, capsys):
     set_constants(project / "evaluate_sae.py", CHECKPOINT="checkpoints/elsewhere/SAE.pt")
     message = failing_run(monkeypatch, capsys, "--yes")

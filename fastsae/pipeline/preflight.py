@@ -21,7 +21,7 @@ import torch
 from fastsae.common.errors import UserError
 from fastsae.common.stage import Calibration, Corpus
 from fastsae.core.sae import SAESpec, SparseAutoencoder
-from fastsae.extract.extract_activations import ExtractConfig, pack_sequences, padded_batch
+from fastsae.extract.extract_activations import ExtractConfig, check_positions, pack_sequences, padded_batch
 from fastsae.lm.data import Dataset
 from fastsae.lm.hook_points import ResidualCapture
 from fastsae.lm.models import ModelSource, load_model, model_availability, model_folder, resolve_model
@@ -139,17 +139,21 @@ def _timed(function, device: str) -> float:
 def calibrate_model(
     calibration: Calibration,
     source: ModelSource,
-    dtype: torch.dtype,
-    device: str,
-    sample: list[np.ndarray],
+    config: ExtractConfig,
+    corpus: Corpus,
     layers: list[int],
     hook_point: str,
     pad_token_id: int,
 ) -> None:
-    """Load the model and time the sample through it in one padded batch, cut short after the deepest layer and in full."""
+    """Load the model and time the sample through it in one padded batch, cut short after the deepest layer and in full.
+
+    The corpus's lengths are checked against the model's positions first, as extraction checks them, so that a sample
+    past a learned position table gets extraction's message rather than an index error from inside the model."""
+    device, sample = config.resolved_device(), corpus.sample
     started = time.perf_counter()
-    model = load_model(source, dtype, device)
+    model = load_model(source, config.resolved_compute_dtype(), device)
     calibration.load_seconds = time.perf_counter() - started
+    check_positions(model, corpus.lengths.tolist(), config)
 
     capture = ResidualCapture(model, layers, hook_point)
 

@@ -358,15 +358,13 @@ class Pipeline:
         needs_model = extract.runs or any(self.plans[name].runs for name in ("evaluate", "interpret"))
         if needs_model and self.model.availability != "download":
             config = extract.config
-            device = config.resolved_device()
             residual = config.hook_point != LORA_HOOK_POINT  # a LoRA capture runs every block: time the whole stack
             layers = config.layers if residual and (train.linked or extract.selected) else [self.model.n_layers - 1]
             preflight.calibrate_model(
                 calibration,
                 self.model.source,
-                config.resolved_compute_dtype(),
-                device,
-                corpus.sample,
+                config,
+                corpus,
                 layers,
                 config.hook_point if residual else "resid_post",
                 pad_token_id,
