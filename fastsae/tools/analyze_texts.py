@@ -41,7 +41,7 @@ class AnalyzeConfig:
         "SAE checkpoint (ours, HypotheSAEs', another library's: docs/use_other_saes.md); "
         "MODEL_NAME, HOOK_POINT and LAYER when it does not record them",
     )
-    texts_file: str = setting("", "JSONL, CSV or Parquet file (or a saved HF dataset) of texts; empty: use TEXTS")
+    texts_file: str = setting("", "JSONL (or a .json array), CSV or Parquet file (or a saved HF dataset) of texts; empty: use TEXTS")
     texts: list[str] = setting([], "texts to read when TEXTS_FILE is empty (on the command line commas split items: prefer --texts-file)")
     text_field: str = setting("auto", "field of TEXTS_FILE holding the text; auto picks text, content, prompt or messages (chat)")
     response_field: str = setting("", "optional field of TEXTS_FILE with an assistant response, as in extraction")

@@ -71,7 +71,8 @@ class SteerConfig:
     checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint trained by train_sae.py (it names the model and the hook)")
     prompts: list[str] = setting(DEFAULT_PROMPTS, "prompts, each its own user turn (commas stay inside a prompt)", split_commas=False)
     prompts_file: str = setting(
-        "", "JSONL, CSV or Parquet file of prompts, read like extraction's dataset (text, prompt or messages); replaces PROMPTS"
+        "",
+        "JSONL (or a .json array), CSV or Parquet file of prompts, read like extraction's dataset (text, prompt or messages); replaces PROMPTS",
     )
     features: list[int] = setting([201], "SAE features to steer with (their directions are summed)")
     strengths: list[float] = setting(
