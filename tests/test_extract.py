@@ -410,6 +410,8 @@ def test_batch_budget_defaults_by_device_and_always_fits_the_longest_example(mon
         ExtractConfig(row_tokens=100, max_length=512)
     with pytest.raises(UserError, match="ROW_TOKENS must be positive, or 0"):
         ExtractConfig(row_tokens=-1)
+    with pytest.raises(UserError, match="MAX_EXAMPLES must be positive, or 0 for every example; got -3"):
+        ExtractConfig(max_examples=-3)  # it kept the first example alone
     with pytest.raises(UserError, match="BATCHING must be one of auto, packed, padded"):
         ExtractConfig(batching="pack")
     with pytest.raises(UserError, match="ATTENTION must be one of auto, sdpa, eager, flex_attention"):

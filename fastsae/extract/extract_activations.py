@@ -146,6 +146,8 @@ class ExtractConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise UserError(f"{name.upper()} must be positive; got {value}.")
+        if self.max_examples < 0:
+            raise UserError(f"MAX_EXAMPLES must be positive, or 0 for every example; got {self.max_examples}.")
         if self.batch_tokens < 0:
             raise UserError(f"BATCH_TOKENS must be positive, or 0 for the device's default; got {self.batch_tokens}.")
         if self.batch_tokens and self.batch_tokens < self.max_length:
