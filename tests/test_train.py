@@ -356,6 +356,11 @@ def test_bad_settings_get_clear_messages(tiny_store, tmp_path, overrides, messag
         train_saes(config_for(tiny_store, tmp_path, **overrides))
 
 
+def test_a_sweep_holds_a_topk_and_a_batchtopk_sae_of_the_same_size():
+    names = [spec.name for spec in TrainConfig(sweep=["topk:256:8", "batchtopk:256:8", "batchtopk:256:8:64-256"]).specs(64)]
+    assert names == ["SAE_M=256_K=8", "SAE_batchtopk_M=256_K=8", "SAE_batchtopk_matryoshka_M=256_K=8_prefixes=64-256"]
+
+
 def test_missing_or_incomplete_store_points_to_step_one(tiny_store, tmp_path):
     with pytest.raises(UserError, match="extract_activations.py"):
         train_saes(config_for(tmp_path / "nowhere", tmp_path))
