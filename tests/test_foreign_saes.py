@@ -21,7 +21,7 @@ import torch
 from huggingface_hub import hf_hub_download
 from sae_lens import SAE
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import hypothesaes_module, interpret_without_llm
@@ -713,6 +713,80 @@ def test_every_converter_of_the_registry_is_read_or_refused_with_its_reason_and_
     assert converters - set(CONVERTER_FILES) - set(REFUSED) == set()
     docs = (Path(__file__).parents[1] / "docs" / "use_other_saes.md").read_text()
     assert [name for name in [*CONVERTER_FILES, *REFUSED] if f"`{name}`" not in docs] == []
+
+
+def truncate(path: Path) -> None:
+    """A download or copy cut short: the first half of the file."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def drop_tensor(name: str) -> Callable[[Path], None]:
+    """A save that lost one tensor."""
+
+    def drop(path: Path) -> None:
+        tensors = load_file(path)
+        del tensors[name]
+        save_file(tensors, path)
+
+    return drop
+
+
+DAMAGED_FILES = {
+    "saelens weights truncated": (
+        "saelens",
+        "sae_weights.safetensors",
+        truncate,
+        r"sae_weights.safetensors is damaged or incomplete \(SafetensorError",
+    ),
+    "saelens cfg.json truncated": ("saelens", "cfg.json", truncate, r"cfg.json is damaged or incomplete \(JSONDecodeError"),
+    "saelens weights without W_enc": (
+        "saelens",
+        "sae_weights.safetensors",
+        drop_tensor("W_enc"),
+        r"sae_weights.safetensors has no 'W_enc' \(it holds W_dec, b_dec, b_enc\)",
+    ),
+    "sparsify weights truncated": ("sparsify", "sae.safetensors", truncate, r"sae.safetensors is damaged or incomplete \(SafetensorError"),
+    "sparsify cfg.json truncated": ("sparsify", "cfg.json", truncate, r"cfg.json is damaged or incomplete \(JSONDecodeError"),
+    "dictionary_learning ae.pt truncated": ("dictionary_learning", "ae.pt", truncate, r"ae.pt is damaged or incomplete"),
+    "dictionary_learning config.json truncated": (
+        "dictionary_learning",
+        "config.json",
+        truncate,
+        r"config.json is damaged or incomplete \(JSONDecodeError",
+    ),
+}
+SAVE_AGAIN = {
+    "saelens": "Save the SAE again with SAELens",
+    "sparsify": "Save the SAE again with sparsify",
+    "dictionary_learning": "Save the dictionary again with dictionary_learning",
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_FILES)
+def test_a_damaged_file_is_one_error_naming_it_and_how_to_replace_it(case, sample, tmp_path):
+    library, name, damage, problem = DAMAGED_FILES[case]
+    made = {
+        "saelens": lambda: make_saelens(tmp_path / "sae", "topk", sample),
+        "sparsify": lambda: make_sparsify(tmp_path / "run", sample, "m"),
+        "dictionary_learning": lambda: make_dictionary_learning(tmp_path / "dictionary", "AutoEncoderTopK", sample, "m"),
+    }[library]()
+    damage(Path(made.checkpoint) / name)
+    with pytest.raises(UserError, match=problem) as caught:
+        load_any_sae(made.checkpoint)
+    assert str(Path(made.checkpoint) / name) in str(caught.value) and SAVE_AGAIN[library] in str(caught.value)
+
+
+def test_a_damaged_download_says_how_to_download_it_again(hub_cache, sample):
+    import sae_lens
+
+    sae_id = "blocks.3.hook_resid_pre"
+    folder = cached_snapshot(hub_cache, "jbloom/GPT2-Small-SAEs-Reformatted") / sae_id
+    sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D, d_sae=M, metadata=saelens_metadata(sae_id))).save_model(folder)
+    truncate(folder / "sae_weights.safetensors")
+    command = f"hf download jbloom/GPT2-Small-SAEs-Reformatted {sae_id}/cfg.json {sae_id}/sae_weights.safetensors --force-download"
+    with pytest.raises(UserError, match=r"sae_weights.safetensors is damaged or incomplete .*Fetch it again") as caught:
+        load_any_sae(f"saelens:gpt2-small-res-jb/{sae_id}")
+    assert command in str(caught.value)
 
 
 def test_a_folder_of_something_else_names_what_checkpoint_takes(tmp_path):

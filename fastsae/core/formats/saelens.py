@@ -22,18 +22,16 @@ the input of block L, which is the output of block L − 1.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import LoadedSAE
-from fastsae.core.formats.weights import SAEWeights
+from fastsae.core.formats.weights import SAEWeights, read_json_config, read_safetensors
 from fastsae.core.sae import SAESpec
 from fastsae.core.sae_info import SAELENS_FORMAT, SAEInfo
 
@@ -42,6 +40,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ACTIVATION_SCALER_FILE = "activation_scaler.json"  # a SAELens training checkpoint's normalisation factor
+SAVE_AGAIN = "Save the SAE again with SAELens (sae.save_model(folder)), or download it again."
 SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}  # SAELens' -> ours
 SUPPORTED_HOOKS = (
     "blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.hook_attn_out, "
@@ -70,10 +69,10 @@ def saelens_hook(name: str | None, source: str) -> tuple[str | None, int | None]
 
 def load_saelens_folder(folder: Path) -> LoadedSAE:
     """The SAE in `folder`, on raw activations, with the model and hook its cfg.json names."""
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = read_json_config(folder / CONFIG_FILE, SAVE_AGAIN)
     scaler = folder / ACTIVATION_SCALER_FILE
-    scale = json.loads(scaler.read_text()).get("scaling_factor") if scaler.is_file() else None
-    return saelens_sae(cfg, load_file(folder / WEIGHTS_FILE), str(folder), activation_scale=scale)
+    scale = read_json_config(scaler, SAVE_AGAIN).get("scaling_factor") if scaler.is_file() else None
+    return saelens_sae(cfg, read_safetensors(folder / WEIGHTS_FILE, SAVE_AGAIN), str(folder), activation_scale=scale)
 
 
 def saelens_sae(
@@ -157,7 +156,7 @@ def _refuse_what_cannot_be_folded(recorded: dict[str, Any], source: str) -> None
 def _threshold(tensors: dict[str, torch.Tensor], architecture: str) -> torch.Tensor | None:
     """JumpReLU's thresholds (SAELens before 6 stored log thresholds) or a BatchTopK training save's one threshold."""
     if architecture == "jumprelu":
-        return tensors["threshold"] if "threshold" in tensors else tensors["log_threshold"].exp()
+        return tensors["log_threshold"].exp() if "log_threshold" in tensors else tensors["threshold"]
     if architecture == "batchtopk":
         return tensors["topk_threshold"]
     return None
