@@ -173,6 +173,23 @@ def test_a_constant_input_scale_is_folded_and_a_per_token_one_refused(sample, tm
         load_any_sae(tmp_path / "layer-norm")
 
 
+def test_a_saelens_topk_sae_without_k_loads_with_saelens_default_k(sample, tmp_path, caplog):
+    import sae_lens
+
+    sae = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D, d_sae=4 * M, k=K, metadata=saelens_metadata()))
+    randomize_(sae)
+    sae.save_model(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    del cfg["k"]
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    theirs = SAE.load_from_disk(tmp_path / "sae")
+    with caplog.at_level("WARNING"):
+        loaded = load_any_sae(tmp_path / "sae")
+    assert loaded.sae.spec.k == theirs.cfg.k == sae_lens.TopKSAEConfig.k
+    assert f"gives no k; SAELens loads it with its default k={theirs.cfg.k}" in caplog.text
+    same_forward(loaded, encode_decode(theirs), sample)
+
+
 def test_saelens_hook_names_map_to_ours_and_others_are_refused(tmp_path):
     assert saelens_hook("blocks.12.hook_resid_post", "x") == ("resid_post", 12)
     assert saelens_hook("blocks.3.hook_mlp_out", "x") == ("mlp_out", 3)
