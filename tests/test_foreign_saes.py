@@ -442,8 +442,9 @@ def test_evaluate_and_interpret_run_on_each_format(name, sample, tiny_store, tin
 
 
 def assert_exports_as_it_runs(made: ForeignSAE, interpretations: Path, x: torch.Tensor) -> None:
-    """The export writes the SAE as one of our checkpoints and as SAELens' folder, both computing the library's features;
-    an SAE whose files do not record its hook is refused, since the export is named after it."""
+    """The export writes the SAE as one of our checkpoints and as SAELens' folder, both computing the library's features,
+    and claims nothing of a training fastsae did not do; an SAE whose files do not record its hook is refused, since the
+    export is named after it."""
     info = load_any_sae(made.checkpoint).info
     config = ExportConfig(checkpoint=str(made.checkpoint), interpretations=str(interpretations))
     if info.hook_name is None:
@@ -459,6 +460,11 @@ def assert_exports_as_it_runs(made: ForeignSAE, interpretations: Path, x: torch.
         torch.testing.assert_close(exported.sae.encode(x), features, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(saelens.encode(x), features, rtol=1e-5, atol=1e-5)
     assert (folder / "eval.json").is_file() and (folder / "interpretations.csv").is_file()
+    card = (folder / "README.md").read_text()
+    assert f"saved by {info.source_format} and exported with fastsae" in card and "the FAST way" not in card
+    assert "| special tokens in training | unknown (not trained by fastsae) |" in card
+    metadata = json.loads((folder / info.hook_name / "cfg.json").read_text())["metadata"]
+    assert (metadata["exclude_special_tokens"], metadata["prepend_bos"]) == (None, None)
 
 
 # --- pretrained SAELens SAEs from the Hugging Face cache ----------------------------------------------------
