@@ -21,7 +21,7 @@ import torch
 from huggingface_hub import hf_hub_download
 from sae_lens import SAE
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import hypothesaes_module, interpret_without_llm
@@ -171,6 +171,23 @@ def test_a_constant_input_scale_is_folded_and_a_per_token_one_refused(sample, tm
     per_token.save_model(tmp_path / "layer-norm")
     with pytest.raises(UserError, match="normalises each token at run time .* not loaded"):
         load_any_sae(tmp_path / "layer-norm")
+
+
+def test_a_saelens_topk_sae_without_k_loads_with_saelens_default_k(sample, tmp_path, caplog):
+    import sae_lens
+
+    sae = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D, d_sae=4 * M, k=K, metadata=saelens_metadata()))
+    randomize_(sae)
+    sae.save_model(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    del cfg["k"]
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    theirs = SAE.load_from_disk(tmp_path / "sae")
+    with caplog.at_level("WARNING"):
+        loaded = load_any_sae(tmp_path / "sae")
+    assert loaded.sae.spec.k == theirs.cfg.k == sae_lens.TopKSAEConfig.k
+    assert f"gives no k; SAELens loads it with its default k={theirs.cfg.k}" in caplog.text
+    same_forward(loaded, encode_decode(theirs), sample)
 
 
 def test_saelens_hook_names_map_to_ours_and_others_are_refused(tmp_path):
@@ -425,8 +442,9 @@ def test_evaluate_and_interpret_run_on_each_format(name, sample, tiny_store, tin
 
 
 def assert_exports_as_it_runs(made: ForeignSAE, interpretations: Path, x: torch.Tensor) -> None:
-    """The export writes the SAE as one of our checkpoints and as SAELens' folder, both computing the library's features;
-    an SAE whose files do not record its hook is refused, since the export is named after it."""
+    """The export writes the SAE as one of our checkpoints and as SAELens' folder, both computing the library's features,
+    and claims nothing of a training fastsae did not do; an SAE whose files do not record its hook is refused, since the
+    export is named after it."""
     info = load_any_sae(made.checkpoint).info
     config = ExportConfig(checkpoint=str(made.checkpoint), interpretations=str(interpretations))
     if info.hook_name is None:
@@ -442,6 +460,11 @@ def assert_exports_as_it_runs(made: ForeignSAE, interpretations: Path, x: torch.
         torch.testing.assert_close(exported.sae.encode(x), features, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(saelens.encode(x), features, rtol=1e-5, atol=1e-5)
     assert (folder / "eval.json").is_file() and (folder / "interpretations.csv").is_file()
+    card = (folder / "README.md").read_text()
+    assert f"saved by {info.source_format} and exported with fastsae" in card and "the FAST way" not in card
+    assert "| special tokens in training | unknown (not trained by fastsae) |" in card
+    metadata = json.loads((folder / info.hook_name / "cfg.json").read_text())["metadata"]
+    assert (metadata["exclude_special_tokens"], metadata["prepend_bos"]) == (None, None)
 
 
 # --- pretrained SAELens SAEs from the Hugging Face cache ----------------------------------------------------
@@ -713,6 +736,80 @@ def test_every_converter_of_the_registry_is_read_or_refused_with_its_reason_and_
     assert converters - set(CONVERTER_FILES) - set(REFUSED) == set()
     docs = (Path(__file__).parents[1] / "docs" / "use_other_saes.md").read_text()
     assert [name for name in [*CONVERTER_FILES, *REFUSED] if f"`{name}`" not in docs] == []
+
+
+def truncate(path: Path) -> None:
+    """A download or copy cut short: the first half of the file."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def drop_tensor(name: str) -> Callable[[Path], None]:
+    """A save that lost one tensor."""
+
+    def drop(path: Path) -> None:
+        tensors = load_file(path)
+        del tensors[name]
+        save_file(tensors, path)
+
+    return drop
+
+
+DAMAGED_FILES = {
+    "saelens weights truncated": (
+        "saelens",
+        "sae_weights.safetensors",
+        truncate,
+        r"sae_weights.safetensors is damaged or incomplete \(SafetensorError",
+    ),
+    "saelens cfg.json truncated": ("saelens", "cfg.json", truncate, r"cfg.json is damaged or incomplete \(JSONDecodeError"),
+    "saelens weights without W_enc": (
+        "saelens",
+        "sae_weights.safetensors",
+        drop_tensor("W_enc"),
+        r"sae_weights.safetensors has no 'W_enc' \(it holds W_dec, b_dec, b_enc\)",
+    ),
+    "sparsify weights truncated": ("sparsify", "sae.safetensors", truncate, r"sae.safetensors is damaged or incomplete \(SafetensorError"),
+    "sparsify cfg.json truncated": ("sparsify", "cfg.json", truncate, r"cfg.json is damaged or incomplete \(JSONDecodeError"),
+    "dictionary_learning ae.pt truncated": ("dictionary_learning", "ae.pt", truncate, r"ae.pt is damaged or incomplete"),
+    "dictionary_learning config.json truncated": (
+        "dictionary_learning",
+        "config.json",
+        truncate,
+        r"config.json is damaged or incomplete \(JSONDecodeError",
+    ),
+}
+SAVE_AGAIN = {
+    "saelens": "Save the SAE again with SAELens",
+    "sparsify": "Save the SAE again with sparsify",
+    "dictionary_learning": "Save the dictionary again with dictionary_learning",
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_FILES)
+def test_a_damaged_file_is_one_error_naming_it_and_how_to_replace_it(case, sample, tmp_path):
+    library, name, damage, problem = DAMAGED_FILES[case]
+    made = {
+        "saelens": lambda: make_saelens(tmp_path / "sae", "topk", sample),
+        "sparsify": lambda: make_sparsify(tmp_path / "run", sample, "m"),
+        "dictionary_learning": lambda: make_dictionary_learning(tmp_path / "dictionary", "AutoEncoderTopK", sample, "m"),
+    }[library]()
+    damage(Path(made.checkpoint) / name)
+    with pytest.raises(UserError, match=problem) as caught:
+        load_any_sae(made.checkpoint)
+    assert str(Path(made.checkpoint) / name) in str(caught.value) and SAVE_AGAIN[library] in str(caught.value)
+
+
+def test_a_damaged_download_says_how_to_download_it_again(hub_cache, sample):
+    import sae_lens
+
+    sae_id = "blocks.3.hook_resid_pre"
+    folder = cached_snapshot(hub_cache, "jbloom/GPT2-Small-SAEs-Reformatted") / sae_id
+    sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D, d_sae=M, metadata=saelens_metadata(sae_id))).save_model(folder)
+    truncate(folder / "sae_weights.safetensors")
+    command = f"hf download jbloom/GPT2-Small-SAEs-Reformatted {sae_id}/cfg.json {sae_id}/sae_weights.safetensors --force-download"
+    with pytest.raises(UserError, match=r"sae_weights.safetensors is damaged or incomplete .*Fetch it again") as caught:
+        load_any_sae(f"saelens:gpt2-small-res-jb/{sae_id}")
+    assert command in str(caught.value)
 
 
 def test_a_folder_of_something_else_names_what_checkpoint_takes(tmp_path):

@@ -287,6 +287,38 @@ def test_early_stopping_on_validation_fvu(tiny_store, tmp_path):
     assert result["steps"] < 60 * 5800 // 256
 
 
+def test_an_sae_stopped_early_in_a_sweep_reports_and_keeps_its_own_steps_through_a_resume(tiny_store, tmp_path):
+    """A JumpReLU SAE whose thresholds start far above every activation stops early; the Top-K SAE beside it trains on."""
+    settings = dict(
+        sweep=["jumprelu:64:0", "topk:64:4"],
+        jumprelu_initial_threshold=1000.0,
+        epochs=3.0,
+        eval_every=2,
+        patience=1,
+        learning_rate=3e-3,
+        precision="float32",
+        export_saelens=False,
+    )
+    stopped, trained = train_saes(config_for(tiny_store, tmp_path / "whole", **settings))
+    assert trained["stopped"] == "budget reached" and trained["history"][-1]["step"] == trained["steps"]
+    assert stopped["stopped"] == f"early stop at step {stopped['steps']}" and stopped["steps"] < trained["steps"]
+    assert stopped["validation"][-1]["step"] == stopped["steps"] >= stopped["history"][-1]["step"]
+    for result in (stopped, trained):
+        info = load_sae(result["checkpoint"]).info
+        assert result["tokens_trained"] == result["steps"] * 256 == info.tokens_trained and info.step == result["steps"]
+        assert json.loads((Path(result["checkpoint"]).parent / "metrics.json").read_text())["steps"] == result["steps"]
+
+    # Interrupted after the stop, the stopped SAE's state keeps its own step, and the resumed sweep equals the whole one.
+    with pytest.raises(KeyboardInterrupt):
+        InterruptedRun(config_for(tiny_store, tmp_path / "resumed", **settings), stop_after=2 * stopped["steps"] + 6).run()
+    state = torch.load(Path(tmp_path / "resumed", *Path(stopped["checkpoint"]).parts[-3:-1], "training_state.pt"), weights_only=True)
+    assert state["step"] == state["stopped_at"] == stopped["steps"]
+    for whole, resumed in zip((stopped, trained), train_saes(config_for(tiny_store, tmp_path / "resumed", **settings))):
+        assert {key: resumed[key] for key in ("steps", "tokens_trained", "stopped", "final", "history", "validation")} == {
+            key: whole[key] for key in ("steps", "tokens_trained", "stopped", "final", "history", "validation")
+        }
+
+
 def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
     store = ActivationStore(tiny_store)
     split = ExampleSplit.by_example(store.n_examples, 0.1, seed=3)
@@ -322,6 +354,11 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
 def test_bad_settings_get_clear_messages(tiny_store, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         train_saes(config_for(tiny_store, tmp_path, **overrides))
+
+
+def test_a_sweep_holds_a_topk_and_a_batchtopk_sae_of_the_same_size():
+    names = [spec.name for spec in TrainConfig(sweep=["topk:256:8", "batchtopk:256:8", "batchtopk:256:8:64-256"]).specs(64)]
+    assert names == ["SAE_M=256_K=8", "SAE_batchtopk_M=256_K=8", "SAE_batchtopk_matryoshka_M=256_K=8_prefixes=64-256"]
 
 
 def test_missing_or_incomplete_store_points_to_step_one(tiny_store, tmp_path):

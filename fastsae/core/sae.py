@@ -86,8 +86,8 @@ class SAESpec:
 
     @property
     def name(self) -> str:
-        """HypotheSAEs' checkpoint name for the SAEs it runs; the others carry their architecture in front."""
-        prefix = "" if self.architecture in SPARSE_ARCHITECTURES else f"{self.architecture}_"
+        """HypotheSAEs' checkpoint name for Top-K; the others carry their architecture in front (BatchTopK too: beside a Top-K SAE of its M and K)."""
+        prefix = "" if self.architecture == "topk" else f"{self.architecture}_"
         if self.prefixes:
             return f"SAE_{prefix}matryoshka_M={self.m}_K={self.k}_prefixes={'-'.join(map(str, self.prefixes))}"
         return f"SAE_{prefix}M={self.m}_K={self.k}"

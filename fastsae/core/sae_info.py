@@ -85,6 +85,11 @@ class SAEInfo:
         return hub_model_id(self.model_name, self.model_source)
 
     @property
+    def trained_by_fastsae(self) -> bool:
+        """Whether fastsae trained it: only then are how it was trained (the FAST way, special tokens) known, not assumed."""
+        return self.source_format == FASTSAE_FORMAT
+
+    @property
     def trained_with_special_tokens(self) -> bool:
         """Whether training also saw special/template tokens; False when unrecorded, as train_sae.py's default is."""
         return bool(self.training.get("include_special_tokens", False))

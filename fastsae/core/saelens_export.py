@@ -31,7 +31,8 @@ SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standa
 
 
 def _metadata(info: SAEInfo) -> dict[str, Any]:
-    manifest, extraction = info.store_manifest, info.extraction
+    """SAELens' metadata; how the tokens were made is known only for an SAE fastsae trained, and None (unknown) for another's."""
+    manifest, extraction, ours = info.store_manifest, info.extraction, info.trained_by_fastsae
     return {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
@@ -41,11 +42,11 @@ def _metadata(info: SAEInfo) -> dict[str, Any]:
         "hook_name": info.hook_name,
         "hook_head_index": None,
         "context_size": extraction.get("max_length"),
-        "prepend_bos": False,  # tokens come from the chat template or the tokenizer as in extraction
+        "prepend_bos": False if ours else None,  # ours: tokens come from the chat template or the tokenizer as in extraction
         "dataset_path": manifest.dataset.path,
         "packing": manifest.packing,
         "chat_template": extraction.get("chat_template"),
-        "exclude_special_tokens": not info.trained_with_special_tokens,
+        "exclude_special_tokens": not info.trained_with_special_tokens if ours else None,
     }
 
 

@@ -38,7 +38,6 @@ from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import HYPOTHESAES_DEAD_AFTER_STEPS, save_checkpoint
 from fastsae.core.formats.sources import results_folder
-from fastsae.core.sae_info import FASTSAE_FORMAT
 from fastsae.core.saelens_export import write_saelens_folder
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE
@@ -128,7 +127,7 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
     write_saelens_folder(trained.sae, info, folder / hook_name, frequency)
     if frequency is None and (source / TRAINING_SPARSITY).is_file():
         shutil.copy2(source / TRAINING_SPARSITY, folder / hook_name / TRAINING_SPARSITY.name)
-    ours = info.source_format == FASTSAE_FORMAT
+    ours = info.trained_by_fastsae
     checkpoint_name = Path(checkpoint).name if ours else f"{info.spec.name}.pt"
     if ours:
         shutil.copy2(checkpoint, folder / checkpoint_name)

@@ -74,7 +74,10 @@ def _model_and_data(inputs: CardInputs) -> str:
     info = inputs.info
     manifest, extraction = info.store_manifest, info.extraction
     dataset = manifest.dataset
-    special = "included" if info.trained_with_special_tokens else "excluded (BOS and chat-template tokens)"
+    if not info.trained_by_fastsae:
+        special = "unknown (not trained by fastsae)"
+    else:
+        special = "included" if info.trained_with_special_tokens else "excluded (BOS and chat-template tokens)"
     rows = [
         ["model", info.model_label],
         ["base model on the Hub", info.hub_model_id],
@@ -206,10 +209,12 @@ def render_model_card(inputs: CardInputs) -> str:
     info = inputs.info
     spec = info.spec
     title = f"# {spec.name}: a {spec.architecture} SAE on {info.model_label}, `{info.hook_name}`"
-    summary = (
-        f"A sparse autoencoder with {spec.m} features over the {spec.d}-dimensional activations at `{info.hook_name}`, "
-        "trained with fastsae the FAST way (each example its own sequence, never packed)."
+    trained = (
+        "trained with fastsae the FAST way (each example its own sequence, never packed)"
+        if info.trained_by_fastsae
+        else f"saved by {info.source_format} and exported with fastsae, which does not know how it was trained"
     )
+    summary = f"A sparse autoencoder with {spec.m} features over the {spec.d}-dimensional activations at `{info.hook_name}`, {trained}."
     sections = [
         title,
         summary,

@@ -306,6 +306,7 @@ class SAETrainer:
     best_objective: float = math.inf  # the lowest `validation_objective` so far
     validations_without_improvement: int = 0
     stopped: str = ""  # why it stopped early, or "" while training
+    stopped_at: int | None = None  # the step it stopped at: its steps, tokens and checkpoint end there, not at the run's end
     any_dead: bool = False  # refreshed at log steps, so the hot loop needs no host sync
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # device-side running sums between log steps
     training_step: Any = None  # sae.training_step, or its torch.compile'd version
@@ -314,6 +315,10 @@ class SAETrainer:
     @property
     def checkpoint_path(self) -> Path:
         return checkpoint_path(self.folder.parent, self.spec)
+
+    def steps_trained(self, run_step: int) -> int:
+        """Its own step count: where it stopped early, else the run's `run_step`."""
+        return run_step if self.stopped_at is None else self.stopped_at
 
     def state(self, step: int, settings: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -327,6 +332,7 @@ class SAETrainer:
             "best_objective": self.best_objective,
             "validations_without_improvement": self.validations_without_improvement,
             "stopped": self.stopped,
+            "stopped_at": self.stopped_at,
             "any_dead": self.any_dead,
             "sums": dict(self.sums),
         }
@@ -340,6 +346,7 @@ class SAETrainer:
         self.best_objective = float(state.get("best_objective", state.get("best_fvu")))  # best_fvu: states saved before the penalty counted
         self.validations_without_improvement = int(state["validations_without_improvement"])
         self.stopped = state["stopped"]
+        self.stopped_at = state.get("stopped_at")  # absent from states saved before it was kept: such a state counts as training on
         self.any_dead = bool(state["any_dead"])
         self.sums = dict(state["sums"])
 
@@ -467,7 +474,9 @@ class TrainingRun:
     def _train(self, trackers: ExitStack) -> list[dict[str, Any]]:
         config = self.config
         self.trainers = trainers = [self.new_trainer(spec) for spec in self.specs]
-        start_steps = {self._resume_or_start(trainer) for trainer in trainers}
+        saved_steps = [self._resume_or_start(trainer) for trainer in trainers]
+        # An SAE that stopped early was saved at its own step; the others resume together.
+        start_steps = {step for trainer, step in zip(trainers, saved_steps) if trainer.stopped_at is None} or {max(saved_steps)}
         if len(start_steps) != 1:
             raise UserError(f"the SAEs in {self.run_folder} were saved at different steps; pass --overwrite to start the sweep over.")
         start_step = start_steps.pop()
@@ -515,8 +524,13 @@ class TrainingRun:
                     if (step + 1) % config.eval_every == 0:
                         for trainer in active:
                             self._validate(trainer, step + 1)
+                    stopped_now = [trainer for trainer in active if trainer.stopped]
+                    for trainer in stopped_now:
+                        trainer.stopped_at = step + 1
                     if (step + 1) % config.checkpoint_every == 0:
                         self._save_all(trainers, step + 1)
+                    elif stopped_now:
+                        self._save_all(stopped_now, step + 1)  # its one save after training: its weights no longer change
                     progress.update(1)
                     completed = step + 1
         except KeyboardInterrupt:
@@ -653,8 +667,13 @@ class TrainingRun:
         )
 
     def _save_all(self, trainers: list[SAETrainer], step: int) -> None:
-        """Rank 0 writes; under torchrun every rank calls this, to agree on the running sums first."""
+        """Rank 0 writes; under torchrun every rank calls this, to agree on the running sums first.
+
+        An SAE that stopped early was saved at the step it stopped, and is not saved again under a later step.
+        """
         for trainer in trainers:
+            if trainer.steps_trained(step) != step:
+                continue
             self._average_sums_over_ranks(trainer)
             if not self.ranks.is_main:
                 continue
@@ -666,8 +685,9 @@ class TrainingRun:
     def _dead_after_steps(self) -> int:
         return max(1, self.dead_after_tokens // self.config.batch_size)
 
-    def _finish(self, trainer: SAETrainer, step: int, seconds: float, start_step: int) -> dict[str, Any]:
-        self._save_all([trainer], step)
+    def _finish(self, trainer: SAETrainer, run_step: int, seconds: float, start_step: int) -> dict[str, Any]:
+        self._save_all([trainer], run_step)
+        step = trainer.steps_trained(run_step)
         final, frequency = {}, None
         if self.n_validation_tokens:
             final, frequency = validate(trainer.sae, self.validation_tokens, self.config.batch_size)
@@ -684,7 +704,7 @@ class TrainingRun:
             "activation_scale": self.scale,
             "dead_after_tokens": self.dead_after_tokens,
             "seconds_this_session": seconds,
-            "tokens_per_second_this_session": (step - start_step) * self.config.batch_size / max(seconds, 1e-9),
+            "tokens_per_second_this_session": (run_step - start_step) * self.config.batch_size / max(seconds, 1e-9),
             "history": trainer.history,
             "validation": trainer.validation,
         }

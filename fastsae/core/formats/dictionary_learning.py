@@ -21,7 +21,6 @@ steps that need the hook ask for it.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from itertools import accumulate
@@ -32,7 +31,7 @@ import torch
 
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import LoadedSAE
-from fastsae.core.formats.weights import SAEWeights
+from fastsae.core.formats.weights import SAEWeights, read_json_config, read_torch_tensors
 from fastsae.core.sae import SAESpec
 from fastsae.core.sae_info import DICTIONARY_LEARNING_FORMAT, SAEInfo
 from fastsae.lm.hook_points import HOOK_POINTS
@@ -41,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
+SAVE_AGAIN = "Save the dictionary again with dictionary_learning (its trainSAE writes ae.pt and config.json), or download it again."
 _SUBMODULE = re.compile(rf"({'|'.join(HOOK_POINTS)})_layer_(\d+)")
 DICT_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder")
 
@@ -49,20 +49,19 @@ def is_dictionary_learning_folder(folder: Path) -> bool:
     return (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
 
 
-def load_dictionary_learning_folder(folder: Path, unnamed_hook_point: str | None = None) -> LoadedSAE:
+def load_dictionary_learning_folder(folder: Path, unnamed_hook_point: str | None = None, fix: str = SAVE_AGAIN) -> LoadedSAE:
     """The dictionary in `folder`, on raw activations. `unnamed_hook_point` is the hook to assume when its
-    submodule_name says none (SAELens' registry does, for the releases it converts)."""
-    try:
-        trainer = json.loads((folder / CONFIG_FILE).read_text())["trainer"]
-    except (json.JSONDecodeError, KeyError):
-        raise UserError(f"{folder / CONFIG_FILE} is not a dictionary_learning config (it needs a 'trainer' block).") from None
+    submodule_name says none (SAELens' registry does, for the releases it converts); `fix` is how to replace a damaged file."""
+    trainer = read_json_config(folder / CONFIG_FILE, fix).get("trainer")
+    if not isinstance(trainer, dict):
+        raise UserError(f"{folder / CONFIG_FILE} is not a dictionary_learning config (it needs a 'trainer' block).")
     dict_class = trainer.get("dict_class")
     if dict_class not in DICT_CLASSES:
         raise UserError(
             f"{folder} holds a dictionary_learning {dict_class!r}, whose forward fastsae cannot run exactly. "
             f"It reads {', '.join(DICT_CLASSES)}."
         )
-    state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = read_torch_tensors(folder / WEIGHTS_FILE, fix)
     weights = _weights(state, dict_class, str(folder / WEIGHTS_FILE))
     k = int(trainer.get("k") or state.get("k", 0))
     if dict_class == "AutoEncoder":

@@ -22,18 +22,16 @@ the input of block L, which is the output of block L − 1.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import LoadedSAE
-from fastsae.core.formats.weights import SAEWeights
+from fastsae.core.formats.weights import SAEWeights, read_json_config, read_safetensors
 from fastsae.core.sae import SAESpec
 from fastsae.core.sae_info import SAELENS_FORMAT, SAEInfo
 
@@ -42,6 +40,8 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ACTIVATION_SCALER_FILE = "activation_scaler.json"  # a SAELens training checkpoint's normalisation factor
+SAVE_AGAIN = "Save the SAE again with SAELens (sae.save_model(folder)), or download it again."
+SAELENS_DEFAULT_K = 100  # TopKSAEConfig's k (sae_lens/saes/topk_sae.py), which SAELens loads a topk cfg.json without k with
 SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}  # SAELens' -> ours
 SUPPORTED_HOOKS = (
     "blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.hook_attn_out, "
@@ -70,10 +70,10 @@ def saelens_hook(name: str | None, source: str) -> tuple[str | None, int | None]
 
 def load_saelens_folder(folder: Path) -> LoadedSAE:
     """The SAE in `folder`, on raw activations, with the model and hook its cfg.json names."""
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = read_json_config(folder / CONFIG_FILE, SAVE_AGAIN)
     scaler = folder / ACTIVATION_SCALER_FILE
-    scale = json.loads(scaler.read_text()).get("scaling_factor") if scaler.is_file() else None
-    return saelens_sae(cfg, load_file(folder / WEIGHTS_FILE), str(folder), activation_scale=scale)
+    scale = read_json_config(scaler, SAVE_AGAIN).get("scaling_factor") if scaler.is_file() else None
+    return saelens_sae(cfg, read_safetensors(folder / WEIGHTS_FILE, SAVE_AGAIN), str(folder), activation_scale=scale)
 
 
 def saelens_sae(
@@ -114,13 +114,21 @@ def saelens_sae(
                 "Fold it in SAELens, sae.fold_activation_norm_scaling_factor(factor), then sae.save_model(folder), and load that folder."
             )
         weights = weights.with_input_scale_folded(activation_scale)
-    k = recorded.get("k") or (recorded.get("activation_fn_kwargs") or {}).get("k") or 0
     ours = SAELENS_ARCHITECTURES[architecture]
-    spec = SAESpec(ours, d=weights.d, m=weights.m, k=min(max(1, round(k)), weights.m) if ours in ("topk", "batchtopk") else 0)
+    spec = SAESpec(ours, d=weights.d, m=weights.m, k=_k(recorded, source, weights.m) if ours in ("topk", "batchtopk") else 0)
     hook_point, layer = saelens_hook(recorded.get("hook_name") or recorded.get("hook_point"), source)
     _warn_about_processed_models(recorded, source)
     info = SAEInfo.foreign(spec, SAELENS_FORMAT, model_name or recorded.get("model_name"), hook_point, layer)
     return LoadedSAE(weights.to_sae(spec), info)
+
+
+def _k(recorded: dict[str, Any], source: str, m: int) -> int:
+    """cfg.json's k (SAELens before 6: activation_fn_kwargs), else SAELens' default, as SAELens loads the file; at most M."""
+    k = recorded["k"] if recorded.get("k") is not None else (recorded.get("activation_fn_kwargs") or {}).get("k")
+    if k is None:
+        logger.warning("%s: cfg.json gives no k; SAELens loads it with its default k=%d, and so does fastsae.", source, SAELENS_DEFAULT_K)
+        k = SAELENS_DEFAULT_K
+    return min(max(1, round(k)), m)
 
 
 def _normalisation(recorded: dict[str, Any]) -> str:
@@ -157,7 +165,7 @@ def _refuse_what_cannot_be_folded(recorded: dict[str, Any], source: str) -> None
 def _threshold(tensors: dict[str, torch.Tensor], architecture: str) -> torch.Tensor | None:
     """JumpReLU's thresholds (SAELens before 6 stored log thresholds) or a BatchTopK training save's one threshold."""
     if architecture == "jumprelu":
-        return tensors["threshold"] if "threshold" in tensors else tensors["log_threshold"].exp()
+        return tensors["log_threshold"].exp() if "log_threshold" in tensors else tensors["threshold"]
     if architecture == "batchtopk":
         return tensors["topk_threshold"]
     return None

@@ -27,7 +27,6 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import importlib.util
-import json
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -36,11 +35,11 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import LoadedSAE
 from fastsae.core.formats import dictionary_learning, saelens
+from fastsae.core.formats.weights import SavedTensors, read_json_config, read_safetensors
 
 PREFIX = "saelens:"
 EXAMPLE = "saelens:gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical"
@@ -92,6 +91,11 @@ class PretrainedSAE:
     @property
     def files(self) -> list[str]:
         return [name.format(path=self.path) for name in CONVERTER_FILES[self.converter]]
+
+    @property
+    def download_command(self) -> str:
+        """The command that puts its files in the Hugging Face cache (with --force-download: again, whole)."""
+        return f"hf download {self.repo_id} {' '.join(self.files)}"
 
     @classmethod
     def parse(cls, reference: str) -> PretrainedSAE:
@@ -149,14 +153,15 @@ def load_pretrained(reference: str) -> LoadedSAE:
     """The SAE `saelens:RELEASE/SAE_ID` names, from the local Hugging Face cache or the Hub."""
     pretrained = PretrainedSAE.parse(reference)
     paths = _fetch(pretrained, reference)
+    fix = f"Fetch it again: `{pretrained.download_command} --force-download`."
     if pretrained.converter == "dictionary_learning_1":
-        return dictionary_learning.load_dictionary_learning_folder(paths[0].parent, unnamed_hook_point="resid_post")
+        return dictionary_learning.load_dictionary_learning_folder(paths[0].parent, unnamed_hook_point="resid_post", fix=fix)
     if pretrained.converter == "sae_lens":
-        cfg, tensors = json.loads(paths[0].read_text()), load_file(paths[1])
+        cfg, tensors = read_json_config(paths[0], fix), read_safetensors(paths[1], fix)
         # SAELens applies the registry's overrides over the file's config; nested with the origin, they win over it here too.
         cfg = {**cfg, "metadata": {**(cfg.get("metadata") or {}), **pretrained.config_overrides}}
     elif pretrained.converter == "gemma_3":
-        cfg, tensors = _gemma_scope_2(pretrained.path, paths[0])
+        cfg, tensors = _gemma_scope_2(pretrained.path, read_safetensors(paths[0], fix))
     else:
         cfg, tensors = _convert_with_saelens(pretrained, reference)
     return saelens.saelens_sae(cfg, tensors, reference, activation_scale=pretrained.norm_scaling_factor, model_name=pretrained.model_name)
@@ -172,7 +177,7 @@ def _fetch(pretrained: PretrainedSAE, reference: str) -> list[Path]:
     try:
         paths = download(local_files_only=True)
     except OSError:  # not (all) in the cache: huggingface_hub's LocalEntryNotFoundError
-        fetch = f"`hf download {pretrained.repo_id} {' '.join(pretrained.files)}`"
+        fetch = f"`{pretrained.download_command}`"
         missing = f"{reference} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
         if constants.is_offline_mode():
             raise UserError(
@@ -198,18 +203,18 @@ def _convert_with_saelens(pretrained: PretrainedSAE, reference: str) -> tuple[di
     except (KeyError, ValueError) as error:  # a file without the tensors or fields the converter expects
         raise UserError(
             f"{reference}: SAELens' {pretrained.converter!r} converter cannot read its files ({type(error).__name__}: {error}); "
-            f"if the download was cut short, fetch them again with `hf download {pretrained.repo_id} {' '.join(pretrained.files)} "
-            "--force-download`."
+            f"if the download was cut short, fetch them again with `{pretrained.download_command} --force-download`."
         ) from None
     return handle_config_defaulting(cfg), tensors
 
 
-def _gemma_scope_2(path: str, params: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _gemma_scope_2(path: str, params: SavedTensors) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """SAELens' config and tensors for a Gemma Scope 2 SAE (params.safetensors), as its gemma_3 converter makes them:
     a JumpReLU SAE whose encoder reads x, at the hook its path names. Not by calling that converter, which asks the Hub
     for the tensors' shapes over HTTP, so it cannot run from the cache offline."""
     kind, layer = GEMMA_SCOPE_2_SAE.match(path).groups()
-    tensors = {("W_" + name[2:] if name.startswith("w_") else name): tensor for name, tensor in load_file(params).items()}
+    renamed = {("W_" + name[2:] if name.startswith("w_") else name): tensor for name, tensor in params.items()}
+    tensors = SavedTensors(renamed, params.path, params.fix)
     cfg = {"architecture": "jumprelu", "apply_b_dec_to_input": False, "hook_name": f"blocks.{layer}.{GEMMA_SCOPE_2_HOOKS[kind]}"}
     return cfg, tensors
 

@@ -17,15 +17,12 @@ model for such an SAE logs a warning (`TrainedSAE.load_model`).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import LoadedSAE
-from fastsae.core.formats.weights import SAEWeights
+from fastsae.core.formats.weights import SAEWeights, read_json_config, read_safetensors
 from fastsae.core.sae import SAESpec
 from fastsae.core.sae_info import SPARSIFY_FORMAT, SAEInfo
 from fastsae.lm.hook_points import HOOK_SUBMODULES
@@ -33,6 +30,7 @@ from fastsae.lm.hook_points import HOOK_SUBMODULES
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 RUN_CONFIG_FILE = "config.json"  # the training run's settings, in the folder above the hookpoints
+SAVE_AGAIN = "Save the SAE again with sparsify (SparseCoder.save_to_disk), or download it again."
 _HOOKPOINT = re.compile(r"(?:layers|h)\.(\d+)(?:\.(\w+))?")
 _SUBMODULE_HOOKS = {name: hook_point for hook_point, names in HOOK_SUBMODULES.items() for name in names}
 # Options of sparsify's SparseCoderConfig that change its forward, and why each cannot be loaded.
@@ -60,18 +58,18 @@ def sparsify_hook(hookpoint: str, source: str) -> tuple[str, int]:
 
 def load_sparsify_folder(folder: Path) -> LoadedSAE:
     """The SAE in a hookpoint folder; the model comes from the run's config.json above it, when there is one."""
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = read_json_config(folder / CONFIG_FILE, SAVE_AGAIN)
     if cfg.get("activation", "topk") != "topk":
         raise UserError(f"{folder}: this sparsify SAE uses the {cfg['activation']!r} activation; fastsae runs its topk SAEs only.")
     refused = [reason for option, reason in _REFUSED.items() if cfg.get(option)]
     if refused:
         raise UserError(f"{folder}: this sparsify SAE {refused[0]}, which fastsae's SAE cannot compute exactly, so it is not loaded.")
-    tensors = load_file(folder / WEIGHTS_FILE)
+    tensors = read_safetensors(folder / WEIGHTS_FILE, SAVE_AGAIN)
     weights = SAEWeights.of(
         str(folder), W_enc=tensors["encoder.weight"], b_enc=tensors["encoder.bias"], W_dec=tensors["W_dec"], b_dec=tensors["b_dec"]
     )
     hook_point, layer = sparsify_hook(folder.name, str(folder))
     run_config = folder.parent / RUN_CONFIG_FILE
-    model_name = json.loads(run_config.read_text()).get("model") if run_config.is_file() else None
+    model_name = read_json_config(run_config, SAVE_AGAIN).get("model") if run_config.is_file() else None
     spec = SAESpec("topk", d=weights.d, m=weights.m, k=int(cfg["k"]))
     return LoadedSAE(weights.to_sae(spec), SAEInfo.foreign(spec, SPARSIFY_FORMAT, model_name, hook_point, layer))

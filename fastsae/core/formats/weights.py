@@ -5,16 +5,72 @@ Each peer differs from that in a way an affine rewrite of the weights absorbs wi
 single feature activation or reconstruction: an encoder that reads x instead of x − b_dec, an SAE
 trained on s·x, features reported as pre-activation × ‖decoder row‖. The folds run in float64 and
 the SAE is built in float32, so what the peer computes in float32 comes out the same to rounding.
+
+The peers' files are read here too, so that a damaged, truncated or incomplete one is one UserError
+naming the file and how to get a whole one (`fix`: save it again, or download it again), not the
+parser's traceback.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from fastsae.common.errors import UserError
 from fastsae.core.sae import SAESpec, SparseAutoencoder
+
+
+class SavedTensors(dict):
+    """A file's tensors by name; asking for one it lacks is a UserError naming the file and `fix`, not a KeyError."""
+
+    def __init__(self, tensors: dict[str, Any], path: Path, fix: str) -> None:
+        super().__init__(tensors)
+        self.path, self.fix = path, fix
+
+    def __missing__(self, name: str) -> Any:
+        held = ", ".join(sorted(self)) or "nothing"
+        raise UserError(f"{self.path} has no {name!r} (it holds {held}): it is damaged or not the SAE it should be. {self.fix}")
+
+
+def read_json_config(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in `path`; a truncated or garbled file is a UserError saying `fix`."""
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise _damaged(path, error, fix) from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is damaged: it holds a JSON {type(config).__name__}, not a config object. {fix}")
+    return config
+
+
+def read_safetensors(path: Path, fix: str) -> SavedTensors:
+    """The tensors of a .safetensors file, on the CPU; a truncated or garbled file is a UserError saying `fix`."""
+    try:
+        return SavedTensors(load_file(path), path, fix)
+    except SafetensorError as error:
+        raise _damaged(path, error, fix) from None
+
+
+def read_torch_tensors(path: Path, fix: str) -> SavedTensors:
+    """A state_dict saved with torch.save, on the CPU and without unpickling code; a damaged file is a UserError saying `fix`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or unsafe files
+        raise _damaged(path, error, fix) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is damaged: it holds a {type(state).__name__}, not a state_dict. {fix}")
+    return SavedTensors(state, path, fix)
+
+
+def _damaged(path: Path, error: Exception, fix: str) -> UserError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
+    return UserError(f"{path} is damaged or incomplete ({type(error).__name__}: {reason}). {fix}")
 
 
 @dataclass(frozen=True)
