@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from conftest import hypothesaes_module, interpret_without_llm
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
+from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
 from fastsae.export import export_sae as share
 from fastsae.export.export_sae import ExportConfig, export_sae
@@ -135,6 +136,14 @@ def test_the_export_loads_in_saelens_hypothesaes_and_fastsae_with_the_same_encod
     density = torch.tensor(json.loads((folder / "eval.json").read_text())["feature_density"])
     torch.testing.assert_close(load_file(folder / HOOK / "sparsity.safetensors")["sparsity"], torch.log10(density.float() + 1e-10))
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_the_training_folder_stands_for_its_checkpoint(trained):
+    """The folder train_sae.py writes holds the checkpoint and the SAELens export of the same SAE: not two SAEs to choose from."""
+    from_folder, from_file = load_any_sae(trained.parent), load_any_sae(trained)
+    assert from_folder.info == from_file.info and results_folder(trained.parent) == results_folder(trained)
+    for name, tensor in from_file.sae.state_dict().items():
+        assert torch.equal(from_folder.sae.state_dict()[name], tensor), name
 
 
 def test_saelens_from_pretrained_finds_the_sae_where_the_repo_keeps_it(evaluated, tiny_store, tmp_path, monkeypatch):

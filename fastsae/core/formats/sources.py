@@ -4,7 +4,8 @@
 - a folder: SAELens' (cfg.json + sae_weights.safetensors), sparsify's (cfg.json + sae.safetensors,
   one hookpoint) or dictionary_learning's (ae.pt + config.json); a file of one of these stands for its folder;
 - `saelens:RELEASE/SAE_ID`: a pretrained SAE from SAELens' registry.
-A folder that holds some of these (a sparsify run, a dictionary_learning sweep, our run folder) gets an error listing them.
+A folder that holds some of these (a sparsify run, a dictionary_learning sweep, our run folder) gets an error listing them;
+one SAE's folder as train_sae.py writes it (`SAE_M=…_K=…/SAE_M=…_K=….pt` beside its `saelens/` export) stands for its checkpoint.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def _load_folder(folder: Path) -> LoadedSAE:
     reader = _folder_reader(folder)
     if reader is not None:
         return reader(folder)
+    own = folder / f"{folder.name}.pt"  # a fastsae training folder: its checkpoint, beside the SAELens export of the same SAE
+    if own.is_file():
+        return load_sae(own)
     inside = sorted(
         child.name
         for child in folder.iterdir()
