@@ -356,6 +356,23 @@ def test_bad_settings_get_clear_messages(tiny_store, tmp_path, overrides, messag
         train_saes(config_for(tiny_store, tmp_path, **overrides))
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(learning_rate=0.0), "LEARNING_RATE must be positive; got 0.0"),
+        (dict(dead_after_tokens=-1), "DEAD_AFTER_TOKENS must be at least 0; got -1"),  # every feature counted as dead
+        (dict(patience=-1), "PATIENCE must be at least 0"),  # stopped at the first validation
+        (dict(seed=-2), "SEED must be at least 0"),  # numpy's traceback
+        (dict(warmup_fraction=-0.1, decay_fraction=0.3), "WARMUP_FRACTION must be at least 0"),  # the sum alone was checked
+        (dict(aux_k=-2), "AUX_K must be -1"),
+        (dict(l1_coefficient=-1e-3), "L1_COEFFICIENT must be at least 0"),
+    ],
+)
+def test_out_of_range_settings_are_refused_when_the_config_is_made(overrides, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**overrides)
+
+
 def test_a_sweep_holds_a_topk_and_a_batchtopk_sae_of_the_same_size():
     names = [spec.name for spec in TrainConfig(sweep=["topk:256:8", "batchtopk:256:8", "batchtopk:256:8:64-256"]).specs(64)]
     assert names == ["SAE_M=256_K=8", "SAE_batchtopk_M=256_K=8", "SAE_batchtopk_matryoshka_M=256_K=8_prefixes=64-256"]

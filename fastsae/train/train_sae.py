@@ -124,9 +124,15 @@ class TrainConfig:
     overwrite: bool = setting(False, "start over even if a run with other settings exists in the folder")
 
     def __post_init__(self) -> None:
-        for name in ("jumprelu_initial_threshold", "jumprelu_bandwidth"):
+        for name in ("jumprelu_initial_threshold", "jumprelu_bandwidth", "learning_rate"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name.upper()} must be positive; got {getattr(self, name)}.")
+        not_negative = ("aux_coefficient", "dead_after_tokens", "l1_coefficient", "l0_coefficient", "warmup_fraction")
+        for name in (*not_negative, "decay_fraction", "gradient_clip", "epochs", "max_tokens", "patience", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name.upper()} must be at least 0; got {getattr(self, name)}.")
+        if self.aux_k < -1:
+            raise UserError(f"AUX_K must be -1 (2K), 0 (off) or a number of dead features; got {self.aux_k}.")
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise UserError(f"PRECISION must be auto, float32 or bfloat16; got {self.precision!r}.")
         if self.input_bias_init not in ("median", "mean", "zero"):
