@@ -26,6 +26,20 @@ def smollm2_tokenizer():
     return load_tokenizer(resolve_model(EMBEDDED_MODEL))
 
 
+# Config settings shared by the tiny random models of other families' tests (Llama's shapes; each family adds its own).
+FAMILY_SHAPES = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,  # some families' default pad id is beyond this vocabulary
+)
+
+
 def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

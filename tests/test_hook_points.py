@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import FAMILY_SHAPES
 from fastsae.common.errors import UserError
 from fastsae.lm.hook_points import (
     HOOK_POINTS,
@@ -32,30 +33,19 @@ from fastsae.lm.hook_points import (
 )
 from saebench_reference import hooked_transformer_from_hf, max_logit_difference
 
-VOCAB = 128
-LLAMA_SHAPES = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    pad_token_id=0,  # some families' default pad id is beyond this vocabulary
-)
+VOCAB = FAMILY_SHAPES["vocab_size"]
 # Config settings by model type: one family per special case in hook_points.RESIDUAL_WRITERS, and some without one.
 ARCHITECTURES = {
-    "llama": LLAMA_SHAPES,
+    "llama": FAMILY_SHAPES,
     "gpt2": dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4),
     # Sandwich norms. Gemma scales queries by query_pre_attn_scalar**-0.5, which TransformerLens takes to be head_dim.
-    "gemma2": dict(LLAMA_SHAPES, query_pre_attn_scalar=16),
-    "gemma3_text": dict(LLAMA_SHAPES, query_pre_attn_scalar=16),
-    "olmo2": LLAMA_SHAPES,
-    "glm4": LLAMA_SHAPES,
-    "hyperclovax": LLAMA_SHAPES,
-    "afmoe": dict(LLAMA_SHAPES, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
-    "lfm3": dict(LLAMA_SHAPES, layer_types=["conv", "full_attention", "sliding_attention"]),
+    "gemma2": dict(FAMILY_SHAPES, query_pre_attn_scalar=16),
+    "gemma3_text": dict(FAMILY_SHAPES, query_pre_attn_scalar=16),
+    "olmo2": FAMILY_SHAPES,
+    "glm4": FAMILY_SHAPES,
+    "hyperclovax": FAMILY_SHAPES,
+    "afmoe": dict(FAMILY_SHAPES, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "lfm3": dict(FAMILY_SHAPES, layer_types=["conv", "full_attention", "sliding_attention"]),
     # Sublayers that add the residual themselves.
     "bloom": dict(vocab_size=VOCAB, hidden_size=64, n_layer=3, n_head=4),
     # Parallel attention, whose output the block adds into the MLP's output in place.

@@ -8,25 +8,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
+from conftest import FAMILY_SHAPES
 from fastsae.common.errors import UserError
 from fastsae.lm.split_forward import ModelBatch, SplitModel
 
-SHAPES = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    pad_token_id=0,
-)
 FAMILIES = {
-    "llama": SHAPES,
-    "gemma2": dict(SHAPES, query_pre_attn_scalar=16, final_logit_softcapping=2.0),
-    "cohere": dict(SHAPES, logit_scale=0.25),
-    "granite": dict(SHAPES, logits_scaling=4.0),
+    "llama": FAMILY_SHAPES,
+    "gemma2": dict(FAMILY_SHAPES, query_pre_attn_scalar=16, final_logit_softcapping=2.0),
+    "cohere": dict(FAMILY_SHAPES, logit_scale=0.25),
+    "granite": dict(FAMILY_SHAPES, logits_scaling=4.0),
 }
 TOKENS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -43,7 +33,7 @@ def test_log_probs_equal_the_models_own_forward(model_type):
     state = split.reference(ModelBatch(TOKENS, torch.ones_like(TOKENS)))  # checks one example against the model first
     with torch.no_grad():
         expected = model(input_ids=TOKENS).logits.float().log_softmax(-1)
-    ours = split.log_probs(state.final_hidden.reshape(-1, SHAPES["hidden_size"])).reshape(expected.shape)
+    ours = split.log_probs(state.final_hidden.reshape(-1, FAMILY_SHAPES["hidden_size"])).reshape(expected.shape)
     assert (ours - expected).abs().max() < 1e-5
 
 
@@ -58,6 +48,6 @@ class DoubledLogitsLlama(LlamaForCausalLM):
 
 def test_a_model_with_an_unknown_logit_step_is_refused():
     torch.manual_seed(0)
-    model = DoubledLogitsLlama(AutoConfig.for_model("llama", **SHAPES)).eval()
+    model = DoubledLogitsLlama(AutoConfig.for_model("llama", **FAMILY_SHAPES)).eval()
     with pytest.raises(UserError, match="DoubledLogitsLlama turns its last hidden state into logits in a way fastsae does not"):
         SplitModel(model, 1, "resid_post").reference(ModelBatch(TOKENS, torch.ones_like(TOKENS)))
