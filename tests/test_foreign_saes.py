@@ -201,6 +201,64 @@ def test_saelens_hook_names_map_to_ours_and_others_are_refused(tmp_path):
             saelens_hook(unsupported, "x")
 
 
+def saelens_5_folder(folder: Path, **changes) -> Path:
+    """A SAE folder as SAELens before 6 saved it: a flat cfg.json (SAEConfig.to_dict, no sae_lens_version, activation_fn_str
+    and activation_fn_kwargs) with random weights. A change to None drops that key."""
+    cfg = {
+        "architecture": "standard", "d_in": D, "d_sae": M, "dtype": "float32", "device": "cpu", "model_name": "tiny-llama",
+        "hook_name": f"blocks.{LAYER}.hook_resid_post", "hook_layer": LAYER, "hook_head_index": None, "activation_fn_str": "relu",
+        "activation_fn_kwargs": {}, "apply_b_dec_to_input": True, "finetuning_scaling_factor": False, "context_size": 128,
+        "prepend_bos": True, "dataset_path": "data", "normalize_activations": "none", "sae_lens_training_version": "5.10.0",
+    }  # fmt: skip
+    cfg = {key: value for key, value in {**cfg, **changes}.items() if value is not None}
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"W_enc": (D, M), "b_enc": (M,), "W_dec": (M, D), "b_dec": (D,)}
+    folder.mkdir()
+    save_file({name: torch.randn(shape, generator=generator) * 0.3 for name, shape in shapes.items()}, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+SAELENS_5_CASES = {
+    "Top-K as SAELens 5 saved it: architecture standard, activation_fn_str topk": (
+        {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}}, "topk", K
+    ),
+    "k from activation_fn_kwargs over a top-level k": (
+        {"architecture": "topk", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}, "k": 3 * K}, "topk", K
+    ),
+    "SAELens 3 names and defaults": (
+        {"hook_name": None, "hook_point": f"blocks.{LAYER}.hook_resid_post", "apply_b_dec_to_input": None, "normalize_activations": False},
+        "relu", 0,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SAELENS_5_CASES)
+def test_saelens_5_files_load_as_saelens_6_loads_them(case, sample, tmp_path):
+    changes, architecture, k = SAELENS_5_CASES[case]
+    folder = saelens_5_folder(tmp_path / "sae", **changes)
+    loaded = load_any_sae(folder)
+    same_forward(loaded, encode_decode(SAE.load_from_disk(folder)), sample)
+    assert (loaded.sae.spec.architecture, loaded.sae.spec.k) == (architecture, k)
+    assert (loaded.info.model_name, loaded.info.hook_point, loaded.info.layer) == ("tiny-llama", "resid_post", LAYER)
+
+
+def test_saelens_5_files_fastsae_cannot_run_as_written_are_refused(tmp_path):
+    """A topk activation without its k: SAELens 5 refused it, SAELens 6 runs it as a ReLU SAE; one head of a hook: not ours."""
+    no_k = saelens_5_folder(tmp_path / "no-k", activation_fn_str="topk")
+    assert SAE.load_from_disk(no_k).cfg.architecture() == "standard"
+    with pytest.raises(UserError, match=r"uses the topk activation but its cfg.json gives no k .* Add its k to cfg.json"):
+        load_any_sae(no_k)
+    empty_kwargs = saelens_5_folder(tmp_path / "empty-kwargs", architecture="topk", activation_fn_str="topk", k=K)
+    with pytest.raises(KeyError):
+        SAE.load_from_disk(empty_kwargs)
+    with pytest.raises(UserError, match="gives no k in activation_fn_kwargs"):
+        load_any_sae(empty_kwargs)
+    one_head = saelens_5_folder(tmp_path / "one-head", hook_point_head_index=3)
+    with pytest.raises(UserError, match=r"reads one attention head \(hook_head_index 3\)"):
+        load_any_sae(one_head)
+
+
 def test_saelens_saes_fastsae_cannot_run_are_refused(tmp_path):
     import sae_lens
 
