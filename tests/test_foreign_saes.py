@@ -285,15 +285,19 @@ def make_sparsify(run: Path, sample: torch.Tensor, model_name: str, hookpoint: s
     randomize_(coder)
     coder.save_to_disk(run / hookpoint)
     RunConfig(sae=config, model=model_name, hookpoints=[hookpoint]).save_json(run / "config.json")
-    reference_coder = SparseCoder.load_from_disk(run / hookpoint)
-
-    def reference(x):
-        with torch.no_grad():
-            top_acts, top_indices, _ = reference_coder.encode(x)
-            features = torch.zeros(len(x), M).scatter_(1, top_indices, top_acts)
-            return features, reference_coder.decode(top_acts, top_indices)
-
+    reference = sparsify_reference(SparseCoder.load_from_disk(run / hookpoint))
     return ForeignSAE(str(run / hookpoint), reference, "sparsify", model_name, ("resid_post", LAYER))
+
+
+def sparsify_reference(coder) -> Reference:
+    """The forward of a sparsify SparseCoder, its top-k code scattered to all M features."""
+
+    def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            top_acts, top_indices, _ = coder.encode(x)
+            return torch.zeros(len(x), M).scatter_(1, top_indices, top_acts), coder.decode(top_acts, top_indices)
+
+    return reference
 
 
 def test_sparsify_saes_give_sparsify_features_and_reconstructions(sample, tmp_path, tiny_model_folder):
@@ -302,6 +306,20 @@ def test_sparsify_saes_give_sparsify_features_and_reconstructions(sample, tmp_pa
     same_forward(loaded, made.reference, sample)
     assert (loaded.info.source_format, loaded.info.model_name) == ("sparsify", str(tiny_model_folder))
     assert (loaded.info.hook_point, loaded.info.layer) == ("resid_post", LAYER)
+
+
+def test_a_sparsify_sae_without_k_loads_with_sparsify_default_k(sample, tmp_path, caplog):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    made = make_sparsify(tmp_path / "run", sample, "m")
+    cfg_file = Path(made.checkpoint) / "cfg.json"
+    cfg_file.write_text(json.dumps({key: value for key, value in json.loads(cfg_file.read_text()).items() if key != "k"}))
+    theirs = SparseCoder.load_from_disk(made.checkpoint)
+    with caplog.at_level("WARNING"):
+        loaded = load_any_sae(made.checkpoint)
+    assert loaded.sae.spec.k == theirs.cfg.k == SparseCoderConfig.k
+    assert f"gives no k; sparsify loads it with its default k={theirs.cfg.k}" in caplog.text
+    same_forward(loaded, sparsify_reference(theirs), sample)
 
 
 def test_a_sparsify_sublayer_sae_on_a_post_norm_model_gets_a_warning(sample, tmp_path, tiny_model_folder, smollm2_tokenizer, caplog):
