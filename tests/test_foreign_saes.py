@@ -201,6 +201,64 @@ def test_saelens_hook_names_map_to_ours_and_others_are_refused(tmp_path):
             saelens_hook(unsupported, "x")
 
 
+def saelens_5_folder(folder: Path, **changes) -> Path:
+    """A SAE folder as SAELens before 6 saved it: a flat cfg.json (SAEConfig.to_dict, no sae_lens_version, activation_fn_str
+    and activation_fn_kwargs) with random weights. A change to None drops that key."""
+    cfg = {
+        "architecture": "standard", "d_in": D, "d_sae": M, "dtype": "float32", "device": "cpu", "model_name": "tiny-llama",
+        "hook_name": f"blocks.{LAYER}.hook_resid_post", "hook_layer": LAYER, "hook_head_index": None, "activation_fn_str": "relu",
+        "activation_fn_kwargs": {}, "apply_b_dec_to_input": True, "finetuning_scaling_factor": False, "context_size": 128,
+        "prepend_bos": True, "dataset_path": "data", "normalize_activations": "none", "sae_lens_training_version": "5.10.0",
+    }  # fmt: skip
+    cfg = {key: value for key, value in {**cfg, **changes}.items() if value is not None}
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"W_enc": (D, M), "b_enc": (M,), "W_dec": (M, D), "b_dec": (D,)}
+    folder.mkdir()
+    save_file({name: torch.randn(shape, generator=generator) * 0.3 for name, shape in shapes.items()}, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+SAELENS_5_CASES = {
+    "Top-K as SAELens 5 saved it: architecture standard, activation_fn_str topk": (
+        {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}}, "topk", K
+    ),
+    "k from activation_fn_kwargs over a top-level k": (
+        {"architecture": "topk", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}, "k": 3 * K}, "topk", K
+    ),
+    "SAELens 3 names and defaults": (
+        {"hook_name": None, "hook_point": f"blocks.{LAYER}.hook_resid_post", "apply_b_dec_to_input": None, "normalize_activations": False},
+        "relu", 0,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SAELENS_5_CASES)
+def test_saelens_5_files_load_as_saelens_6_loads_them(case, sample, tmp_path):
+    changes, architecture, k = SAELENS_5_CASES[case]
+    folder = saelens_5_folder(tmp_path / "sae", **changes)
+    loaded = load_any_sae(folder)
+    same_forward(loaded, encode_decode(SAE.load_from_disk(folder)), sample)
+    assert (loaded.sae.spec.architecture, loaded.sae.spec.k) == (architecture, k)
+    assert (loaded.info.model_name, loaded.info.hook_point, loaded.info.layer) == ("tiny-llama", "resid_post", LAYER)
+
+
+def test_saelens_5_files_fastsae_cannot_run_as_written_are_refused(tmp_path):
+    """A topk activation without its k: SAELens 5 refused it, SAELens 6 runs it as a ReLU SAE; one head of a hook: not ours."""
+    no_k = saelens_5_folder(tmp_path / "no-k", activation_fn_str="topk")
+    assert SAE.load_from_disk(no_k).cfg.architecture() == "standard"
+    with pytest.raises(UserError, match=r"uses the topk activation but its cfg.json gives no k .* Add its k to cfg.json"):
+        load_any_sae(no_k)
+    empty_kwargs = saelens_5_folder(tmp_path / "empty-kwargs", architecture="topk", activation_fn_str="topk", k=K)
+    with pytest.raises(KeyError):
+        SAE.load_from_disk(empty_kwargs)
+    with pytest.raises(UserError, match="gives no k in activation_fn_kwargs"):
+        load_any_sae(empty_kwargs)
+    one_head = saelens_5_folder(tmp_path / "one-head", hook_point_head_index=3)
+    with pytest.raises(UserError, match=r"reads one attention head \(hook_head_index 3\)"):
+        load_any_sae(one_head)
+
+
 def test_saelens_saes_fastsae_cannot_run_are_refused(tmp_path):
     import sae_lens
 
@@ -227,15 +285,19 @@ def make_sparsify(run: Path, sample: torch.Tensor, model_name: str, hookpoint: s
     randomize_(coder)
     coder.save_to_disk(run / hookpoint)
     RunConfig(sae=config, model=model_name, hookpoints=[hookpoint]).save_json(run / "config.json")
-    reference_coder = SparseCoder.load_from_disk(run / hookpoint)
-
-    def reference(x):
-        with torch.no_grad():
-            top_acts, top_indices, _ = reference_coder.encode(x)
-            features = torch.zeros(len(x), M).scatter_(1, top_indices, top_acts)
-            return features, reference_coder.decode(top_acts, top_indices)
-
+    reference = sparsify_reference(SparseCoder.load_from_disk(run / hookpoint))
     return ForeignSAE(str(run / hookpoint), reference, "sparsify", model_name, ("resid_post", LAYER))
+
+
+def sparsify_reference(coder) -> Reference:
+    """The forward of a sparsify SparseCoder, its top-k code scattered to all M features."""
+
+    def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            top_acts, top_indices, _ = coder.encode(x)
+            return torch.zeros(len(x), M).scatter_(1, top_indices, top_acts), coder.decode(top_acts, top_indices)
+
+    return reference
 
 
 def test_sparsify_saes_give_sparsify_features_and_reconstructions(sample, tmp_path, tiny_model_folder):
@@ -244,6 +306,20 @@ def test_sparsify_saes_give_sparsify_features_and_reconstructions(sample, tmp_pa
     same_forward(loaded, made.reference, sample)
     assert (loaded.info.source_format, loaded.info.model_name) == ("sparsify", str(tiny_model_folder))
     assert (loaded.info.hook_point, loaded.info.layer) == ("resid_post", LAYER)
+
+
+def test_a_sparsify_sae_without_k_loads_with_sparsify_default_k(sample, tmp_path, caplog):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    made = make_sparsify(tmp_path / "run", sample, "m")
+    cfg_file = Path(made.checkpoint) / "cfg.json"
+    cfg_file.write_text(json.dumps({key: value for key, value in json.loads(cfg_file.read_text()).items() if key != "k"}))
+    theirs = SparseCoder.load_from_disk(made.checkpoint)
+    with caplog.at_level("WARNING"):
+        loaded = load_any_sae(made.checkpoint)
+    assert loaded.sae.spec.k == theirs.cfg.k == SparseCoderConfig.k
+    assert f"gives no k; sparsify loads it with its default k={theirs.cfg.k}" in caplog.text
+    same_forward(loaded, sparsify_reference(theirs), sample)
 
 
 def test_a_sparsify_sublayer_sae_on_a_post_norm_model_gets_a_warning(sample, tmp_path, tiny_model_folder, smollm2_tokenizer, caplog):

@@ -14,6 +14,11 @@ ones when the normalisation is a constant scale (`expected_average_only_in`, who
 keeps in a training checkpoint's `activation_scaler.json` or in its registry); a per-token
 normalisation (`layer_norm`, `constant_norm_rescale`) cannot be folded and is refused.
 
+A cfg.json from before SAELens 6 (no sae_lens_version, or an older one) is read as SAELens 6 reads it
+(`handle_pre_6_0_config` in sae_lens/loading/pretrained_sae_loaders.py): its old key names are renamed,
+its boolean normalize_activations becomes a name, and `activation_fn_str: "topk"` with
+`activation_fn_kwargs: {"k": k}` makes it a Top-K SAE, whatever its `architecture` says.
+
 Hook names are TransformerLens': `blocks.L.hook_resid_post` (our resid_post at layer L, the output
 of block L), `blocks.L.hook_mlp_out`, `blocks.L.hook_attn_out` (what block L's MLP and attention add to
 the residual stream, after Gemma 2's post-norms too: our mlp_out and attn_out), and `blocks.L.hook_resid_pre`,
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import LoadedSAE
@@ -42,6 +48,12 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 ACTIVATION_SCALER_FILE = "activation_scaler.json"  # a SAELens training checkpoint's normalisation factor
 SAVE_AGAIN = "Save the SAE again with SAELens (sae.save_model(folder)), or download it again."
 SAELENS_DEFAULT_K = 100  # TopKSAEConfig's k (sae_lens/saes/topk_sae.py), which SAELens loads a topk cfg.json without k with
+SAELENS_6 = Version("6.0.0-rc.0")  # SAELens reads a cfg.json recording an older sae_lens_version, or none, as a legacy file
+LEGACY_KEYS = {
+    "hook_point": "hook_name",
+    "hook_point_head_index": "hook_head_index",
+    "activation_fn_str": "activation_fn",
+}  # -> SAELens 6's
 SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}  # SAELens' -> ours
 SUPPORTED_HOOKS = (
     "blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.hook_attn_out, "
@@ -86,8 +98,8 @@ def saelens_sae(
 ) -> LoadedSAE:
     """Our SAE from SAELens' config and tensors. `activation_scale` is the constant that normalised the training
     activations (when cfg.json says they were); `model_name` replaces the model cfg.json names."""
-    recorded = {**cfg, **(cfg.get("metadata") or {})}  # SAELens ≥ 6 nests the origin under "metadata"; older files are flat
-    architecture = recorded.get("architecture") or ("topk" if recorded.get("activation_fn") == "topk" else "standard")
+    recorded = _settings(cfg, source)
+    architecture = recorded.get("architecture")
     if architecture not in SAELENS_ARCHITECTURES:
         raise UserError(
             f"{source} is a SAELens {architecture!r} SAE, whose forward fastsae cannot run exactly. "
@@ -106,7 +118,7 @@ def saelens_sae(
         weights = weights.with_input_bias_folded()
     if recorded.get("rescale_acts_by_decoder_norm"):
         weights = weights.with_decoder_norms_folded()
-    if _normalisation(recorded) == "expected_average_only_in":
+    if recorded.get("normalize_activations") == "expected_average_only_in":
         if not activation_scale:
             raise UserError(
                 f"{source} was trained on activations scaled by a constant (normalize_activations: expected_average_only_in) "
@@ -116,32 +128,51 @@ def saelens_sae(
         weights = weights.with_input_scale_folded(activation_scale)
     ours = SAELENS_ARCHITECTURES[architecture]
     spec = SAESpec(ours, d=weights.d, m=weights.m, k=_k(recorded, source, weights.m) if ours in ("topk", "batchtopk") else 0)
-    hook_point, layer = saelens_hook(recorded.get("hook_name") or recorded.get("hook_point"), source)
+    hook_point, layer = saelens_hook(recorded.get("hook_name"), source)
     _warn_about_processed_models(recorded, source)
     info = SAEInfo.foreign(spec, SAELENS_FORMAT, model_name or recorded.get("model_name"), hook_point, layer)
     return LoadedSAE(weights.to_sae(spec), info)
 
 
+def _settings(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """cfg.json's settings, flat (SAELens ≥ 6 nests the origin under "metadata"), as SAELens 6 reads them: a legacy file
+    converted as handle_pre_6_0_config converts it, so an old Top-K SAE is not run as a ReLU one."""
+    recorded = {**cfg, **(cfg.get("metadata") or {})}
+    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    try:
+        if version and Version(str(version)) >= SAELENS_6:
+            return recorded
+    except InvalidVersion:
+        raise UserError(f"{source}: cfg.json records sae_lens_version {version!r}, which is not a version. {SAVE_AGAIN}") from None
+    legacy = {LEGACY_KEYS.get(key, key): value for key, value in recorded.items()}
+    legacy["architecture"] = legacy.get("architecture") or "standard"
+    if isinstance(legacy.get("normalize_activations"), bool):
+        legacy["normalize_activations"] = "expected_average_only_in" if legacy["normalize_activations"] else "none"
+    says_topk = legacy.get("activation_fn") == "topk" or legacy["architecture"] == "topk"
+    k = (legacy.get("activation_fn_kwargs") or {}).get("k")
+    if says_topk and k is not None:
+        legacy["architecture"], legacy["k"] = "topk", k
+    elif says_topk and ("activation_fn_kwargs" in legacy or legacy["architecture"] != "topk"):
+        raise UserError(
+            f"{source}: this SAELens SAE from before SAELens 6 uses the topk activation but its cfg.json gives no k in "
+            "activation_fn_kwargs, which SAELens required (SAELens 6 runs such a file as a ReLU SAE or fails), so it is not loaded. "
+            'Add its k to cfg.json, "activation_fn_kwargs": {"k": K}.'
+        )
+    return legacy
+
+
 def _k(recorded: dict[str, Any], source: str, m: int) -> int:
-    """cfg.json's k (SAELens before 6: activation_fn_kwargs), else SAELens' default, as SAELens loads the file; at most M."""
-    k = recorded["k"] if recorded.get("k") is not None else (recorded.get("activation_fn_kwargs") or {}).get("k")
+    """cfg.json's k, else SAELens' default, as SAELens loads the file; at most M."""
+    k = recorded.get("k")
     if k is None:
         logger.warning("%s: cfg.json gives no k; SAELens loads it with its default k=%d, and so does fastsae.", source, SAELENS_DEFAULT_K)
         k = SAELENS_DEFAULT_K
     return min(max(1, round(k)), m)
 
 
-def _normalisation(recorded: dict[str, Any]) -> str:
-    """normalize_activations, with SAELens' legacy booleans read as it reads them."""
-    value = recorded.get("normalize_activations")
-    if isinstance(value, bool):
-        return "expected_average_only_in" if value else "none"
-    return value or "none"
-
-
 def _refuse_what_cannot_be_folded(recorded: dict[str, Any], source: str) -> None:
     """One message for each SAELens option whose forward our SAE cannot compute."""
-    normalisation = _normalisation(recorded)
+    normalisation = recorded.get("normalize_activations") or "none"
     problem = None
     if normalisation in ("layer_norm", "constant_norm_rescale"):
         problem = f"normalises each token at run time (normalize_activations: {normalisation}), which no weights can fold in"

@@ -17,6 +17,7 @@ model for such an SAE logs a warning (`TrainedSAE.load_model`).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -27,10 +28,13 @@ from fastsae.core.sae import SAESpec
 from fastsae.core.sae_info import SPARSIFY_FORMAT, SAEInfo
 from fastsae.lm.hook_points import HOOK_SUBMODULES
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 RUN_CONFIG_FILE = "config.json"  # the training run's settings, in the folder above the hookpoints
 SAVE_AGAIN = "Save the SAE again with sparsify (SparseCoder.save_to_disk), or download it again."
+SPARSIFY_DEFAULT_K = 32  # SparseCoderConfig's k (sparsify/config.py), which SparseCoder.load_from_disk gives a cfg.json without k
 _HOOKPOINT = re.compile(r"(?:layers|h)\.(\d+)(?:\.(\w+))?")
 _SUBMODULE_HOOKS = {name: hook_point for hook_point, names in HOOK_SUBMODULES.items() for name in names}
 # Options of sparsify's SparseCoderConfig that change its forward, and why each cannot be loaded.
@@ -71,5 +75,7 @@ def load_sparsify_folder(folder: Path) -> LoadedSAE:
     hook_point, layer = sparsify_hook(folder.name, str(folder))
     run_config = folder.parent / RUN_CONFIG_FILE
     model_name = read_json_config(run_config, SAVE_AGAIN).get("model") if run_config.is_file() else None
-    spec = SAESpec("topk", d=weights.d, m=weights.m, k=int(cfg["k"]))
+    if "k" not in cfg:
+        logger.warning("%s: cfg.json gives no k; sparsify loads it with its default k=%d, and so does fastsae.", folder, SPARSIFY_DEFAULT_K)
+    spec = SAESpec("topk", d=weights.d, m=weights.m, k=int(cfg.get("k", SPARSIFY_DEFAULT_K)))
     return LoadedSAE(weights.to_sae(spec), SAEInfo.foreign(spec, SPARSIFY_FORMAT, model_name, hook_point, layer))
