@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import runpy
@@ -112,6 +113,17 @@ def test_float16_store_matches_too(tmp_path, tiny_llama, smollm2_tokenizer, tiny
         # Different batching can move a float32 value across a float16 rounding boundary: at most one float16 step apart.
         torch.testing.assert_close(raw, stored.float(), rtol=2**-10, atol=1e-6)
         torch.testing.assert_close(reading.token_features.to_dense(), reader.encode(stored).cpu(), rtol=1e-3, atol=1e-3)
+
+
+def test_texts_run_in_the_precision_the_store_was_computed_in_on_any_device(tmp_path, tiny_llama, smollm2_tokenizer, tiny_model_folder):
+    """A store computed in bfloat16 (as COMPUTE_DTYPE = auto does on a GPU) is read in bfloat16 on the CPU too, whose own auto
+    is float32: a store's activations and a reading's differ by rounding only, not by a change of precision."""
+    run = trained_run(tmp_path, copy.deepcopy(tiny_llama).to(torch.bfloat16), smollm2_tokenizer, tiny_model_folder, "float32")
+    assert run["store"].manifest.extraction["compute_dtype"] == "bfloat16"
+    reader = SAEReader.load(run["checkpoint"], device="cpu")
+    assert next(reader.model.parameters()).dtype == torch.bfloat16
+    (raw,) = reader.activations([run["examples"][1]])
+    torch.testing.assert_close(raw, run["store"].example(1).activations, rtol=2**-7, atol=1e-3)
 
 
 def test_pooled_features_are_the_token_reductions(run32, reader32):

@@ -598,6 +598,8 @@ def _write_stores(
                         **asdict(config),
                         "batching": "padded" if batching.row_tokens is None else "packed",
                         "attention": batching.attention,
+                        # what `auto` came to: texts read through the SAE later run in it on any device (tools/reader.py)
+                        "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                     },
                     "n_special_tokens": int(sum(mask.sum() for mask in packed.special_masks)),
                 },
