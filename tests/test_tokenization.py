@@ -10,7 +10,7 @@ import pytest
 
 from fastsae.common.errors import UserError
 from fastsae.lm.data import Example
-from fastsae.lm.tokenization import tokenize_example, tokenize_examples
+from fastsae.lm.tokenization import example_label, tokenize_example, tokenize_examples
 
 
 def content_text(tokenizer, tokenized) -> str:
@@ -122,3 +122,11 @@ def test_content_the_template_leaves_out_is_counted_and_reported(smollm2_tokeniz
     assert [item.unlocated_messages for item in tokenized] == [1, 0, 1]
     assert content_text(tokenizer, tokenized[0]) == "Plan my morning."
     assert "in 2 of 3 examples" in caplog.text and "(line 1, line 3)" in caplog.text
+
+
+def test_a_conversation_is_called_by_its_last_user_turn_not_its_shared_system_prompt():
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    chat = [system, {"role": "user", "content": "First?"}, {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Why?"}]
+    assert example_label(Example(0, "line 1", messages=chat)) == "Why?"
+    assert example_label(Example(1, "line 2", text="Plain.", response="Answer.")) == "Plain."
+    assert example_label(Example(2, "line 3", messages=[system])) == "line 3"

@@ -47,6 +47,14 @@ def example_messages(example: Example) -> list[dict[str, str]]:
     return messages
 
 
+def example_label(example: Example) -> str:
+    """What outputs call an example: its text, or a conversation's last user turn (not its system prompt, which many
+    conversations share)."""
+    if example.text is not None:
+        return example.text
+    return next((message["content"] for message in reversed(example_messages(example)) if message["role"] == "user"), example.source)
+
+
 def _content_span(
     tokenizer, rendered: str, messages: list[dict[str, str]], index: int, add_generation_prompt: bool
 ) -> tuple[int, int] | None:

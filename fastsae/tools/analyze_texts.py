@@ -25,6 +25,7 @@ from fastsae.common.errors import UserError
 from fastsae.interpret.dashboard import write_page
 from fastsae.interpret.interpret_sae import read_interpretations
 from fastsae.lm.data import Example, load_dataset
+from fastsae.lm.tokenization import example_label
 from fastsae.tools.reader import SAEReader, TextFeatures, check_pooling
 
 logger = logging.getLogger(__name__)
@@ -86,11 +87,6 @@ def interpretations_by_feature(path: str, m: int) -> dict[int, dict[str, Any]]:
     return {int(feature): row.to_dict() for feature, row in shown.where(shown.notna(), "").iterrows()}
 
 
-def text_label(example: Example) -> str:
-    """What a text is called in the outputs: its own text, or its conversation's first message."""
-    return example.text if example.text is not None else example.messages[0]["content"]
-
-
 def top_features(readings: list[TextFeatures], top_n: int) -> list[list[int]]:
     """Each text's features with a positive pooled activation, strongest first, at most `top_n`."""
     chosen = []
@@ -120,7 +116,7 @@ def report_text(
     """The printed report: per text, its top features with their pooled activation and what they are."""
     lines = []
     for index, (example, reading, features) in enumerate(zip(examples, readings, chosen)):
-        snippet = " ".join(text_label(example).split())
+        snippet = " ".join(example_label(example).split())
         snippet = snippet if len(snippet) <= 100 else snippet[:97] + "..."
         truncated = ", truncated" if reading.truncated else ""
         lines.append(
@@ -141,7 +137,7 @@ def feature_table(examples: list[Example], readings: list[TextFeatures], chosen:
     union = [union[column] for column in np.argsort(-pooled[:, union].max(0, initial=0), kind="stable")]  # strongest first
     table = pd.DataFrame(
         {
-            "text": [text_label(example) for example in examples],
+            "text": [example_label(example) for example in examples],
             "tokens": [len(reading.token_ids) for reading in readings],
             "pooled_tokens": [int(reading.pooled_mask.sum()) for reading in readings],
             "top_features": [" ".join(map(str, features)) for features in chosen],
@@ -190,7 +186,7 @@ def page_data(
         dense = reading.token_features.index_select(1, torch.tensor(features, dtype=torch.long)).to_dense()[shown]
         texts.append(
             {
-                "text": text_label(example),
+                "text": example_label(example),
                 "truncated": reading.truncated,
                 "tokens": [reading.tokens[position] for position in shown],
                 "features": [

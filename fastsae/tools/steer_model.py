@@ -53,7 +53,7 @@ from fastsae.core.trained_sae import open_trained_sae
 from fastsae.lm.data import Example, load_dataset
 from fastsae.lm.hook_points import HOOK_POINTS, decoder_layers, hook_name, hooked_module, output_tensor, with_output_tensor
 from fastsae.lm.lora import LORA_HOOK_POINT
-from fastsae.lm.tokenization import example_messages, prompt_token_ids, wants_chat_template
+from fastsae.lm.tokenization import example_label, prompt_token_ids, wants_chat_template
 from fastsae.templates import read_template
 
 logger = logging.getLogger(__name__)
@@ -215,13 +215,6 @@ def prompt_examples(config: SteerConfig) -> list[Example]:
     return [Example(row=index, source=f"PROMPTS[{index}]", text=prompt) for index, prompt in enumerate(config.prompts)]
 
 
-def prompt_label(example: Example) -> str:
-    """What the table shows for a prompt: its text, or a conversation's last user turn."""
-    if example.text is not None:
-        return example.text
-    return next((message["content"] for message in reversed(example_messages(example)) if message["role"] == "user"), example.source)
-
-
 @dataclass
 class SteeringTable:
     """Answers per prompt (rows) and column (strengths, or unsteered / steered)."""
@@ -295,7 +288,7 @@ def steer_model(config: SteerConfig) -> SteeringTable:
             answers.append([tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens])
     features = ", ".join(map(str, config.features))
     title = f"{sae.spec.name} feature{'s' if len(config.features) > 1 else ''} {features} ({config.mode}) at {info.hook_name} of {info.model or model_name}"
-    table = SteeringTable(title, columns.labels, [prompt_label(example) for example in examples], answers)
+    table = SteeringTable(title, columns.labels, [example_label(example) for example in examples], answers)
     table_text = markdown_table(table)
     print("\n" + table_text)
     write_text_atomically(Path(config.markdown_path), f"# {markdown.cell(title)}\n\n{table_text}\n")
