@@ -362,3 +362,13 @@ def test_config_fingerprint_of_extract_configs():
     assert config_fingerprint(base) != config_fingerprint(other)
     # values JSON cannot encode (a Path) still hash, by their string form
     assert config_fingerprint({"out": Path("a/b")}) == config_fingerprint({"out": "a/b"})
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cpu:0", "cuda:"])
+def test_a_device_name_torch_would_reject_later_is_refused_first(name):
+    """`--device gpu` failed inside torch after the model had loaded."""
+    from fastsae.common.devices import resolve_device
+
+    with pytest.raises(UserError, match=f"DEVICE must be auto, cpu, cuda or cuda:N .*got '{name}'"):
+        resolve_device(name)
+    assert resolve_device("cpu") == "cpu"

@@ -12,9 +12,14 @@ from fastsae.common.errors import UserError
 
 
 def resolve_device(name: str) -> str:
-    """`auto` → cuda if available, else cpu; asking for cuda without a GPU is a user error."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    """`auto` → cuda if available, else cpu; asking for cuda without a GPU, or for one this machine lacks, is a user error."""
+    kind, colon, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (colon and (kind != "cuda" or not index.isdigit())):
+        raise UserError(f"DEVICE must be auto, cpu, cuda or cuda:N (a GPU's number); got {name!r}.")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"DEVICE is {name!r} but no CUDA GPU is available. Use --device cpu or auto.")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"DEVICE is {name!r} but this machine has {torch.cuda.device_count()} GPU(s), numbered from 0.")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     ranks = distributed.current()
