@@ -45,3 +45,9 @@ def test_folder_is_replaced_whole(tmp_path):
     (folder / "stale.txt").write_text("old")
     replace_folder_atomically(folder, lambda partial: (partial / "cfg.json").write_text("new"))
     assert [path.name for path in folder.iterdir()] == ["cfg.json"]
+
+
+def test_a_file_in_a_folder_that_does_not_exist_yet_is_written(tmp_path):
+    """analyze_texts.py --csv-path new/o.csv read every text, then failed at the write."""
+    path = write_text_atomically(tmp_path / "new" / "deeper" / "page.md", "# done")
+    assert path.read_text() == "# done" and not list(path.parent.glob("*.partial"))

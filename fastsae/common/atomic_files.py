@@ -22,8 +22,10 @@ def partial_path(path: Path) -> Path:
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(temp_path)` (e.g. `lambda p: torch.save(obj, p)`), then rename the result over `path`."""
+    """Call `write(temp_path)` (e.g. `lambda p: torch.save(obj, p)`), then rename the result over `path`; its folder is
+    made when missing, so an output path in a new folder never fails after the work that fills it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(path)
     try:
         write(partial)
