@@ -15,6 +15,7 @@ PROMPTS = [
     "Should I take the new job offer?",
 ]
 PROMPTS_FILE = ""  # a JSONL/CSV/Parquet file of prompts (text, prompt or messages); replaces PROMPTS
+TEXT_FIELD = "auto"  # for PROMPTS_FILE: text, content, prompt or messages
 FEATURES = [201]  # feature ids, e.g. from interpretations.csv; several are summed
 MODE = "add"  # add | clamp | ablate
 STRENGTHS = [0, 15, 25, 50, 100]  # MODE add: α per column, a distance along the unit direction (token norms ~140 here)

@@ -22,6 +22,7 @@ from fastsae.extract.extract_activations import ExtractConfig, write_activation_
 from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 from fastsae.lm.data import load_dataset
 from fastsae.store.activation_store import ActivationStore
+from fastsae.tools.analyze_texts import AnalyzeConfig, load_texts
 from fastsae.tools.reader import SAEReader, pool
 from fastsae.train.train_sae import TrainConfig, train_saes
 
@@ -282,3 +283,10 @@ def test_reader_page_in_chromium_shows_heatmaps_and_keeps_hostile_text_as_text(a
         assert hostile.locator(".context .token").first.get_attribute("title").startswith("activation ")
         browser.close()
     assert errors == []
+
+
+def test_texts_file_settings_are_checked_and_named_as_analyze_texts_names_them(tmp_path):
+    with pytest.raises(UserError, match="MAX_TEXTS must be positive, or 0 for every text; got -1"):  # it read one text
+        AnalyzeConfig(max_texts=-1)
+    with pytest.raises(UserError, match=r"Set TEXTS_FILE \(or --texts-file\)"):
+        load_texts(AnalyzeConfig(texts_file=str(tmp_path / "missing.jsonl")))

@@ -21,7 +21,7 @@ from fastsae.lm.data import Example, load_dataset
 from fastsae.lm.hook_points import ResidualCapture, hooked_module
 from fastsae.lm.models import EMBEDDED_MODEL
 from fastsae.lm.tokenization import prompt_token_ids
-from fastsae.tools.steer_model import FeatureSteering, SteerConfig, generate, steer_model, steering
+from fastsae.tools.steer_model import FeatureSteering, SteerConfig, generate, prompt_examples, steer_model, steering
 from fastsae.train.train_sae import TrainConfig, train_saes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "steer_model.py"
@@ -253,3 +253,15 @@ def test_prompts_with_commas_stay_whole_and_chat_prompts_end_at_the_assistant_tu
 def outputs_in(folder: Path) -> dict[str, str]:
     """Where a test's steering table goes: its own folder, not the working directory."""
     return {"markdown_path": str(folder / "steering.md"), "html_path": str(folder / "steering.html")}
+
+
+def test_a_prompts_file_is_read_by_its_text_field_and_its_errors_name_steerings_own_settings(tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"question": "Why?"}, {"question": "How, exactly?"}])
+    with pytest.raises(UserError, match=r"Set TEXT_FIELD \(or --text-field\)"):
+        prompt_examples(SteerConfig(prompts_file=str(prompts)))
+    assert [example.text for example in prompt_examples(SteerConfig(prompts_file=str(prompts), text_field="question"))] == [
+        "Why?",
+        "How, exactly?",
+    ]
+    with pytest.raises(UserError, match=r"Set PROMPTS_FILE \(or --prompts-file\)"):  # it named DATASET, which steering lacks
+        prompt_examples(SteerConfig(prompts_file=str(tmp_path / "missing.jsonl")))

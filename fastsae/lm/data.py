@@ -167,15 +167,17 @@ def _read_hf_dataset(path: Path) -> list[tuple[str, Any]]:
     return [(f"row {index}", record) for index, record in enumerate(loaded)]
 
 
-def read_rows(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
-    """Raw rows of a dataset file or saved dataset folder, each with a location for messages."""
+def read_rows(path: Path, skipped: SkipReport, path_setting: str = "DATASET") -> list[tuple[str, Any]]:
+    """Raw rows of a dataset file or saved dataset folder, each with a location for messages; `path_setting` is the
+    constant that named the file, for the messages."""
     if not path.exists():
-        raise UserError(f"dataset not found: {path}. Set DATASET (or --dataset) to a JSONL, CSV or Parquet file.")
+        flag = "--" + path_setting.lower().replace("_", "-")
+        raise UserError(f"dataset not found: {path}. Set {path_setting} (or {flag}) to a JSONL, CSV or Parquet file.")
     if path.is_dir():
         if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
             raise UserError(
                 f"{path} is a folder but not a dataset saved with datasets' save_to_disk. "
-                "Point DATASET at a JSONL, CSV or Parquet file, or at such a folder."
+                f"Point {path_setting} at a JSONL, CSV or Parquet file, or at such a folder."
             )
         return _read_hf_dataset(path)
     if path.stat().st_size == 0:
@@ -227,11 +229,13 @@ def load_dataset(
     response_field: str = "",
     label_field: str = "auto",
     max_examples: int = 0,
+    path_setting: str = "DATASET",
 ) -> Dataset:
-    """Read and validate examples; `text_field="auto"` picks text, content, prompt or messages."""
+    """Read and validate examples; `text_field="auto"` picks text, content, prompt or messages. `path_setting` names the
+    constant that gave `path` (TEXTS_FILE, PROMPTS_FILE), so that messages name what to change."""
     path = Path(path)
     skipped = SkipReport()
-    rows = read_rows(path, skipped)
+    rows = read_rows(path, skipped, path_setting)
     if not rows and not skipped.total:
         raise UserError(f"dataset has no rows: {path}.")
     chosen_text = _detect_field(rows, text_field, TEXT_FIELD_CANDIDATES, "text")

@@ -66,6 +66,8 @@ class AnalyzeConfig:
         check_pooling(self.pooling)
         if self.top_n <= 0:
             raise UserError(f"TOP_N must be positive; got {self.top_n}.")
+        if self.max_texts < 0:
+            raise UserError(f"MAX_TEXTS must be positive, or 0 for every text; got {self.max_texts}.")
         if not self.texts_file and not self.texts:
             raise UserError("no texts: set TEXTS_FILE to a JSONL/CSV file, or TEXTS to a list of strings.")
 
@@ -73,7 +75,7 @@ class AnalyzeConfig:
 def load_texts(config: AnalyzeConfig) -> list[Example]:
     """TEXTS_FILE through the dataset loader (bad rows skipped and counted), else the inline TEXTS."""
     if config.texts_file:
-        dataset = load_dataset(config.texts_file, config.text_field, config.response_field, label_field="", max_examples=config.max_texts)
+        dataset = load_dataset(config.texts_file, config.text_field, config.response_field, "", config.max_texts, path_setting="TEXTS_FILE")
         return dataset.examples
     return [Example(row=index, source=f"text {index}", text=text) for index, text in enumerate(config.texts)]
 

@@ -74,6 +74,7 @@ class SteerConfig:
         "",
         "JSONL (or a .json array), CSV or Parquet file of prompts, read like extraction's dataset (text, prompt or messages); replaces PROMPTS",
     )
+    text_field: str = setting("auto", "field of PROMPTS_FILE holding the prompt; auto picks text, content, prompt or messages (chat)")
     features: list[int] = setting([201], "SAE features to steer with (their directions are summed)")
     strengths: list[float] = setting(
         [0.0, 15.0, 25.0, 50.0, 100.0], "MODE add: one column per α, the distance h moves along the feature's unit direction"
@@ -211,7 +212,7 @@ def generate(
 
 def prompt_examples(config: SteerConfig) -> list[Example]:
     if config.prompts_file:
-        return load_dataset(config.prompts_file).examples
+        return load_dataset(config.prompts_file, config.text_field, label_field="", path_setting="PROMPTS_FILE").examples
     return [Example(row=index, source=f"PROMPTS[{index}]", text=prompt) for index, prompt in enumerate(config.prompts)]
 
 
