@@ -452,3 +452,22 @@ def test_fingerprint_changes_when_a_label_or_the_order_changes(tmp_path, rows_fi
     base = load_dataset(rows_file).fingerprint()
     assert load_dataset(write_jsonl(tmp_path / "relabelled.jsonl", relabelled)).fingerprint() != base
     assert load_dataset(write_jsonl(tmp_path / "reordered.jsonl", reordered)).fingerprint() != base
+
+
+@pytest.mark.parametrize(
+    ("name", "document", "message"),
+    [
+        (
+            "wrapped.json",
+            {"data": [{"text": "a"}, {"text": "b"}]},
+            r"holds one JSON object, not one example per line \('data' holds a list",
+        ),
+        ("array.jsonl", [{"text": "a"}, {"text": "b"}], r"holds one JSON array, not JSON Lines: name it .json"),
+    ],
+)
+def test_one_pretty_printed_json_document_says_what_it_holds(tmp_path, name, document, message):
+    """Read as JSON Lines, every line of it was reported as malformed JSON."""
+    path = tmp_path / name
+    path.write_text(json.dumps(document, indent=2))
+    with pytest.raises(UserError, match=message):
+        load_dataset(path)

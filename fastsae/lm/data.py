@@ -137,6 +137,20 @@ def _read_json_array(path: Path) -> list[tuple[str, Any]]:
     return [(f"item {index}", item) for index, item in enumerate(items)]
 
 
+def _refuse_one_json_document(path: Path) -> None:
+    """A file with no JSON Lines row may be one pretty-printed document: say what it holds, not that every line is malformed."""
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if isinstance(document, list):
+        raise UserError(f"{path} holds one JSON array, not JSON Lines: name it .json, or write one JSON object per line.")
+    if isinstance(document, dict):
+        lists = [key for key, value in document.items() if isinstance(value, list)]
+        inside = f" ({', '.join(repr(key) for key in lists)} holds a list: save that list as a .json array)" if lists else ""
+        raise UserError(f"{path} holds one JSON object, not one example per line{inside}. Write one JSON object per line (JSON Lines).")
+
+
 def _read_table(path: Path) -> list[tuple[str, Any]]:
     import pandas as pd
 
@@ -186,7 +200,10 @@ def read_rows(path: Path, skipped: SkipReport, path_setting: str = "DATASET") ->
     if suffix == ".json" and _starts_with_array(path):
         return _read_json_array(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
-        return _read_jsonl(path, skipped)
+        rows = _read_jsonl(path, skipped)
+        if not rows:
+            _refuse_one_json_document(path)
+        return rows
     if suffix in (".csv", ".parquet"):
         return _read_table(path)
     raise UserError(
