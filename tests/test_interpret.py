@@ -54,6 +54,15 @@ def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_mod
     assert all(len(tokens.split(" | ")) == 8 for tokens in table["logit_lens_promoted"])
 
 
+def test_a_feature_listed_twice_leaves_the_others_their_own_logit_lens(checkpoint, tiny_model_folder, tmp_path):
+    """The logit lens is read per row: a duplicate must not shift feature 17 onto feature 3's promoted tokens."""
+    twice = pd.read_csv(interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "twice.csv", "3,3,17"), keep_default_na=False)
+    alone = pd.read_csv(interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "alone.csv", "17,3"), keep_default_na=False)
+    assert twice["feature"].tolist() == [3, 17]
+    lens = ["logit_lens_promoted", "logit_lens_suppressed"]
+    assert twice.set_index("feature").loc[[3, 17], lens].equals(alone.set_index("feature").loc[[3, 17], lens])
+
+
 def statistics_with(frequency: list[float]) -> FeatureStatistics:
     m = len(frequency)
     zeros = np.zeros(m)
@@ -67,6 +76,7 @@ def test_feature_selection():
     assert select_features("label:2", statistics, labels) == [3, 0]
     assert select_features("all", statistics, labels) == [0, 1, 2, 3]
     assert select_features("3, 1", statistics, labels) == [3, 1]
+    assert select_features("3,1,3", statistics, labels) == [3, 1]  # a feature listed twice gets one row
     sample = select_features("random:2", statistics, labels, seed=1)
     assert (
         len(sample) == 2

@@ -265,7 +265,10 @@ def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFra
     bad = [feature for feature in choice.listed if not 0 <= feature < m]
     if bad:
         raise UserError(f"feature {bad[0]} does not exist: this SAE has features 0..{m - 1}.")
-    return list(choice.listed)
+    listed = list(dict.fromkeys(choice.listed))  # one row per feature, in the order first listed
+    if len(listed) < len(choice.listed):
+        logger.info("FEATURES lists %d features more than once: each gets one row.", len(choice.listed) - len(listed))
+    return listed
 
 
 @dataclass
