@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -105,3 +107,22 @@ def test_counts_out_of_range_are_refused(name, value, least):
     """TOP_CONTEXTS = -1 would drop a context, a negative SEED or LLM_CONCURRENCY = 0 would crash deep in the run."""
     with pytest.raises(UserError, match=f"^{name.upper()} must be at least {least}, not {value}.$"):
         InterpretConfig(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("features", "problem"),
+    [
+        ("frequency:-250", "picks no feature"),
+        ("frequency:0", "picks no feature"),
+        ("label:0", "picks no feature"),
+        ("random:0", "picks no feature"),
+        ("", "lists no feature"),
+        (" , ", "lists no feature"),
+        ("3,-1", "lists a negative feature"),
+        ("frequency:", "is not understood"),
+    ],
+)
+def test_features_that_pick_nothing_are_refused_before_the_run(features, problem):
+    """frequency:-250 wrote 6 features, frequency:0 and an empty list crashed after the whole statistics pass."""
+    with pytest.raises(UserError, match=f"^FEATURES {re.escape(repr(features))} {problem}: use all, frequency:N"):
+        InterpretConfig(features=features)

@@ -61,6 +61,43 @@ ANSWER_TOKENS = 300  # the most an answer may take (explanations, verdict lists 
 EXPLANATION_TOKENS = 20  # about how long an explanation runs, for the cost estimate of the scoring prompts
 
 
+@dataclass(frozen=True)
+class FeatureChoice:
+    """FEATURES, parsed: a rule (all, frequency, label, random) with its count, or an explicit list."""
+
+    rule: str  # all, frequency, label, random or list
+    count: int = 0  # N of frequency:N, label:N and random:N
+    listed: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> FeatureChoice:
+        """FEATURES read, or one UserError: a count below 1, an empty list or a negative feature would pick nothing."""
+        usage = "use all, frequency:N, label:N, random:N (N at least 1) or a list like 3,17,42"
+        try:
+            if spec == "all":
+                return cls("all")
+            rule, _, count = spec.partition(":")
+            if rule in ("frequency", "label", "random"):
+                choice = cls(rule, int(count))
+            else:
+                choice = cls("list", listed=tuple(int(part) for part in spec.split(",") if part.strip()))
+        except ValueError:
+            raise UserError(f"FEATURES {spec!r} is not understood: {usage}.") from None
+        if choice.rule != "list" and choice.count < 1:
+            raise UserError(f"FEATURES {spec!r} picks no feature: {usage}.")
+        if choice.rule == "list" and (not choice.listed or min(choice.listed) < 0):
+            raise UserError(f"FEATURES {spec!r} lists {'a negative feature' if choice.listed else 'no feature'}: {usage}.")
+        return choice
+
+    def at_most(self, m: int | None) -> int:
+        """How many features it picks at most from an SAE of `m` features (unknown m: the count asked for)."""
+        if self.rule == "list":
+            return len(self.listed)
+        if self.rule == "all":
+            return m or 0
+        return min(self.count, m) if m is not None else self.count
+
+
 @dataclass
 class InterpretConfig:
     checkpoint: str = setting(
@@ -107,6 +144,7 @@ class InterpretConfig:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
+        FeatureChoice.parse(self.features)  # a typo fails here, not after the pass over the store
         if self.scoring in OLD_SCORINGS:
             logger.info(
                 "SCORING %r is read as %r (write that, or add fuzzing: %r).", self.scoring, OLD_SCORINGS[self.scoring], ",".join(SCORINGS)
@@ -215,37 +253,6 @@ def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
             "Pass the --interpretations written for this checkpoint (interpret_sae.py's INTERPRETATIONS_PATH), or --interpretations ''."
         )
     return table
-
-
-@dataclass(frozen=True)
-class FeatureChoice:
-    """FEATURES, parsed: a rule (all, frequency, label, random) with its count, or an explicit list."""
-
-    rule: str  # all, frequency, label, random or list
-    count: int = 0  # N of frequency:N, label:N and random:N
-    listed: tuple[int, ...] = ()
-
-    @classmethod
-    def parse(cls, spec: str) -> FeatureChoice:
-        try:
-            if spec == "all":
-                return cls("all")
-            rule, _, count = spec.partition(":")
-            if rule in ("frequency", "label", "random"):
-                return cls(rule, int(count))
-            return cls("list", listed=tuple(int(part) for part in spec.split(",") if part.strip()))
-        except ValueError:
-            raise UserError(
-                f"FEATURES {spec!r} is not understood: use all, frequency:N, label:N, random:N or a list like 3,17,42."
-            ) from None
-
-    def at_most(self, m: int | None) -> int:
-        """How many features it picks at most from an SAE of `m` features (unknown m: the count asked for)."""
-        if self.rule == "list":
-            return len(self.listed)
-        if self.rule == "all":
-            return m or 0
-        return min(self.count, m) if m is not None else self.count
 
 
 def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFrame, seed: int = 0) -> list[int]:
