@@ -126,3 +126,27 @@ def test_features_that_pick_nothing_are_refused_before_the_run(features, problem
     """frequency:-250 wrote 6 features, frequency:0 and an empty list crashed after the whole statistics pass."""
     with pytest.raises(UserError, match=f"^FEATURES {re.escape(repr(features))} {problem}: use all, frequency:N"):
         InterpretConfig(features=features)
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        (
+            {"explain_examples": 5},
+            "EXPLAIN_EXAMPLES=5 is not a multiple of N_QUANTILES=10: .* so 0 would be used. Set EXPLAIN_EXAMPLES to 10,",
+        ),
+        ({"explain_examples": 45}, "EXPLAIN_EXAMPLES=45 .* so 40 would be used. Set EXPLAIN_EXAMPLES to 40 or 50,"),
+        ({"score_examples": 5}, "SCORE_EXAMPLES=5 is not a multiple of N_QUANTILES=10: .* so 0 would be used"),
+        ({"score_examples": 50, "n_quantiles": 3}, "SCORE_EXAMPLES=50 is not a multiple of N_QUANTILES=3"),
+        ({"explain_examples": 45, "explain_from": "top", "score_examples": 7}, "SCORE_EXAMPLES=7 "),
+    ],
+)
+def test_window_counts_the_quantiles_would_shrink_are_refused(settings, refused):
+    """delphi takes count // N_QUANTILES windows from each quantile: EXPLAIN_EXAMPLES=5 sent the explainer no window at all."""
+    with pytest.raises(UserError, match=refused):
+        InterpretConfig(**settings)
+
+
+def test_window_counts_the_quantiles_divide_are_accepted():
+    InterpretConfig(explain_examples=30, score_examples=20, n_quantiles=5)
+    InterpretConfig(explain_examples=45, explain_from="top")  # the strongest 45: no quantiles involved

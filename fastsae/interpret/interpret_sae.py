@@ -124,13 +124,16 @@ class InterpretConfig:
         "1-5 rating of the top windows, and a name), comma-separated",
     )
     explanation_model: str = setting("gpt-4.1", "chat model for explanations and scoring")
-    explain_examples: int = setting(40, "activating windows the LLM sees to explain a feature (delphi: 40)")
+    explain_examples: int = setting(
+        40, "activating windows the LLM sees to explain a feature; from the quantiles, a multiple of N_QUANTILES (delphi: 40)"
+    )
     explain_from: str = setting(
         "quantiles", "where the explainer's windows come from: quantiles (evenly from each activation quantile, delphi's default) or top"
     )
     score_examples: int = setting(
         50,
-        "held-out activating windows from the quantiles, never shown to the explainer, and as many non-activating ones, per scorer (delphi: 50)",
+        "held-out activating windows from the quantiles (a multiple of N_QUANTILES), never shown to the explainer, and as many "
+        "non-activating ones, per scorer (delphi: 50)",
     )
     n_quantiles: int = setting(10, "activation quantiles the windows are sampled from and the accuracy is reported by (delphi: 10)")
     min_windows: int = setting(
@@ -172,6 +175,18 @@ class InterpretConfig:
             for name in names:
                 if getattr(self, name) < least:
                     raise UserError(f"{name.upper()} must be at least {least}, not {getattr(self, name)}.")
+        for name in ("score_examples", "explain_examples") if self.explain_from == "quantiles" else ("score_examples",):
+            self._check_divides(name)
+
+    def _check_divides(self, name: str) -> None:
+        """delphi's sampling takes count // N_QUANTILES windows from each quantile: any other count would silently shrink."""
+        count, n = getattr(self, name), self.n_quantiles
+        if count % n:
+            fits = " or ".join(str(multiple) for multiple in (count // n * n, count // n * n + n) if multiple)
+            raise UserError(
+                f"{name.upper()}={count} is not a multiple of N_QUANTILES={n}: delphi's sampling takes {name.upper()} // N_QUANTILES "
+                f"windows from each quantile, so {count // n * n} would be used. Set {name.upper()} to {fits}, or change N_QUANTILES."
+            )
 
     @property
     def scorings(self) -> list[str]:
