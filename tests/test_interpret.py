@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import interpret_without_llm
+from conftest import TEXTS, interpret_without_llm, write_jsonl
 from fastsae.common.errors import UserError
+from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.interpret.features import FeatureStatistics
 from fastsae.interpret.interpret_sae import InterpretConfig, select_features
+from fastsae.lm.data import load_dataset
 from fastsae.train.train_sae import TrainConfig, train_saes
 
 
@@ -86,6 +88,9 @@ def test_feature_selection():
         and sample == sorted(sample) == select_features("random:2", statistics, labels, seed=1)
     )
     assert select_features("random:10", statistics, labels) == [0, 2, 3]  # live features only
+    unranked = statistics_with([0.1, 0.0, 0.5, 0.3, 0.2])  # feature 4 fires, but on no labelled example: no AUROC
+    with_unranked = pd.concat([labels, pd.DataFrame({"top_label": [None], "top_label_auroc": [np.nan]})], ignore_index=True)
+    assert select_features("label:5", unranked, with_unranked) == [3, 0, 2]  # only the features a label ranks
     with pytest.raises(UserError, match="feature 7 does not exist"):
         select_features("7", statistics, labels)
     with pytest.raises(UserError, match="not understood"):
@@ -150,3 +155,14 @@ def test_window_counts_the_quantiles_would_shrink_are_refused(settings, refused)
 def test_window_counts_the_quantiles_divide_are_accepted():
     InterpretConfig(explain_examples=30, score_examples=20, n_quantiles=5)
     InterpretConfig(explain_examples=45, explain_from="top")  # the strongest 45: no quantiles involved
+
+
+@pytest.mark.parametrize("labels", [[None] * len(TEXTS), ["planning"] * len(TEXTS)])
+def test_label_choice_needs_two_labels_in_the_store(labels, checkpoint, tiny_llama, smollm2_tokenizer, tiny_model_folder, tmp_path):
+    """label:N on a store with no label or a single one used to return the first N live features by id, silently."""
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": text, "label": label} for text, label in zip(TEXTS, labels)])
+    config = ExtractConfig(dataset=str(texts), layers=[2], output_dir=str(tmp_path / "stores"))
+    (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
+    distinct = "0 distinct labels" if labels[0] is None else "1 distinct label:"
+    with pytest.raises(UserError, match=f"FEATURES 'label:3' ranks features by how well they pick out a label, .* carry {distinct}"):
+        interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "interpretations.csv", "label:3", store=str(store))

@@ -280,8 +280,11 @@ def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFra
     if choice.rule == "frequency":
         return [int(f) for f in alive[np.argsort(-statistics.frequency[alive], kind="stable")][: choice.count]]
     if choice.rule == "label":
-        scores = labels["top_label_auroc"].to_numpy(dtype=float)[alive]
-        return [int(f) for f in alive[np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")][: choice.count]]
+        ranked = alive[np.isfinite(labels["top_label_auroc"].to_numpy(dtype=float)[alive])]
+        if len(ranked) < choice.count:
+            logger.info("FEATURES %s: only %d live features have a label AUROC (fire on a labelled example).", spec, len(ranked))
+        scores = labels["top_label_auroc"].to_numpy(dtype=float)[ranked]
+        return [int(f) for f in ranked[np.argsort(-scores, kind="stable")][: choice.count]]
     if choice.rule == "random":  # an unbiased sample, as the FAST paper rates: the most frequent features are not typical
         return sorted(int(f) for f in np.random.default_rng(seed).permutation(alive)[: choice.count])
     bad = [feature for feature in choice.listed if not 0 <= feature < m]
@@ -509,15 +512,31 @@ def interpret_sae(config: InterpretConfig) -> Path:
         unembedding = unembedding_matrix(load_model(source, torch.float32, "cpu")).to(device)
     sae = trained.sae.to(device)
     include_special = trained.info.trained_with_special_tokens
+    labels = store_labels(store, config.features)
     with tempfile.TemporaryDirectory(prefix="fastsae-interpret-") as scratch:  # example-level maxima live on disk
         statistics = collect_feature_statistics(
             store, sae, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy"
         )
-        return _interpret_with(statistics, store, sae, tokenizer, unembedding, include_special, config)
+        return _interpret_with(statistics, labels, store, sae, tokenizer, unembedding, include_special, config)
+
+
+def store_labels(store: ActivationStore, features: str) -> list[str | None]:
+    """Each example's label (None where it has none); FEATURES label:N is refused here, before the pass over the store,
+    unless the examples carry two labels or more (with fewer, no feature has a label AUROC to rank by)."""
+    labels = [record.get("label") for record in store.example_records()]
+    distinct = {label for label in labels if label is not None}
+    if FeatureChoice.parse(features).rule == "label" and len(distinct) < 2:
+        raise UserError(
+            f"FEATURES {features!r} ranks features by how well they pick out a label, but the examples of the store at {store.folder} "
+            f"carry {len(distinct)} distinct label{'' if len(distinct) == 1 else 's'}: it takes two or more. Use frequency:N or random:N, "
+            "or extract a dataset with a label field (extract_activations.py's LABEL_FIELD)."
+        )
+    return labels
 
 
 def _interpret_with(
     statistics: FeatureStatistics,
+    example_labels: list[str | None],
     store: ActivationStore,
     sae,
     tokenizer,
@@ -526,7 +545,7 @@ def _interpret_with(
     config: InterpretConfig,
 ) -> Path:
     """Everything after the statistics: labels, chosen features, their windows, logit lens, LLM, CSV and dashboard."""
-    labels = label_association(statistics.example_max, [record.get("label") for record in store.example_records()])
+    labels = label_association(statistics.example_max, example_labels)
     features = select_features(config.features, statistics, labels, config.seed)
     grid = (
         WindowGrid(store.doc_offsets, config.window_tokens)
