@@ -41,6 +41,22 @@ def test_windows_can_start_after_the_leading_chat_template(store_and_sae):
     assert grid.starts[first_windows].tolist() == firsts
 
 
+def test_every_window_after_the_leading_template_holds_a_content_token(store_and_sae):
+    """An example's closing <|im_end|> and newline, cut off on their own, were a window: shown and drawn as silent."""
+    store, _ = store_and_sae
+    mask = store.special_mask(0, store.n_tokens)
+    grid = WindowGrid.after_leading_template(store, W)
+    spans = [grid.span(window) for window in range(len(grid))]
+    assert all(not mask[start:stop].all() for _, start, stop in spans)
+    content = np.flatnonzero(~mask)
+    starts, stops = np.array([span[1:] for span in spans]).T
+    windows = grid.index_of(content)
+    assert ((starts[windows] <= content) & (content < stops[windows])).all()  # every content token is still in its window
+    firsts = np.array([start + int(np.argmin(mask[start:stop])) for start, stop in zip(store.doc_offsets[:-1], store.doc_offsets[1:])])
+    every = WindowGrid(store.doc_offsets, W, firsts)
+    assert len(every) > len(grid)  # the store has template-only windows to leave out
+
+
 def test_streamed_windows_equal_brute_force(store_and_sae):
     store, sae = store_and_sae
     grid = WindowGrid(store.doc_offsets, W)

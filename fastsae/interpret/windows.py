@@ -1,7 +1,8 @@
 """A feature's activating windows, cut as delphi cuts them, from one streaming pass over the chosen features.
 
 Each example is cut into consecutive windows of WINDOW_TOKENS tokens from its first token (the
-last one shorter; a window never runs into the next example). A window activates a feature when
+last one shorter; a window never runs into the next example); when special tokens are not counted,
+from its first content token, and a window of special tokens only is left out. A window activates a feature when
 the feature fires anywhere in it, and its activation is its maximum there. delphi (eai-delphi
 0.1.3, `latents/constructors.py` with its default `center_examples=True`) cuts its token stream
 into the same fixed windows of `example_ctx_len` = 32 tokens: its docstring speaks of centring,
@@ -46,14 +47,28 @@ class WindowGrid:
     @classmethod
     def after_leading_template(cls, store: ActivationStore, window_tokens: int, chunk_tokens: int = 1 << 22) -> WindowGrid:
         """Windows that start at each example's first content token, so a chat template's opening (system prompt,
-        role markers: special tokens, which no feature is counted on) does not fill the first window of every example."""
+        role markers: special tokens, which no feature is counted on) does not fill the first window of every example;
+        and only windows that hold a content token, so an example's closing template (`<|im_end|>` and its newline)
+        is never a window of its own, to be shown or drawn as a window where a feature is silent."""
         offsets = np.asarray(store.doc_offsets, dtype=np.int64)
         firsts = offsets[1:].copy()  # no content token: the example gets no window
-        for start in range(0, store.n_tokens, chunk_tokens):
-            content = start + np.flatnonzero(~store.special_mask(start, min(start + chunk_tokens, store.n_tokens)))
+        for content in cls._content_tokens(store, chunk_tokens):
             examples, first = np.unique(np.searchsorted(offsets, content, side="right") - 1, return_index=True)
             firsts[examples] = np.minimum(firsts[examples], content[first])
-        return cls(offsets, window_tokens, firsts)
+        grid = cls(offsets, window_tokens, firsts)
+        with_content = np.zeros(len(grid), dtype=bool)
+        for content in cls._content_tokens(
+            store, chunk_tokens
+        ):  # each content token lies in a window: no token precedes its example's first
+            with_content[grid.index_of(content)] = True
+        grid.starts = grid.starts[with_content]  # a left-out window's special tokens never fire: no window needs them
+        return grid
+
+    @staticmethod
+    def _content_tokens(store: ActivationStore, chunk_tokens: int) -> Iterator[np.ndarray]:
+        """The store indices of its content (not special) tokens, a chunk at a time."""
+        for start in range(0, store.n_tokens, chunk_tokens):
+            yield start + np.flatnonzero(~store.special_mask(start, min(start + chunk_tokens, store.n_tokens)))
 
     def __len__(self) -> int:
         return len(self.starts)
