@@ -46,6 +46,8 @@ def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_mod
     assert set(table["top_label"]) <= labels
     assert ((table["top_label_auroc"] >= 0.5) & (table["top_label_auroc"] <= 1)).all()  # the best label is at least chance
     assert all("«" in contexts and "»" in contexts for contexts in table["top_contexts"])
+    for contexts in table["top_contexts"]:  # one line per window: the chat template's line breaks are written \n
+        assert len(contexts.split("\n")) == 5 and all(re.match(r"\[\d+\.\d\d\] ", line) for line in contexts.split("\n"))
     llm_columns = [
         "explanation",
         "detection_score",

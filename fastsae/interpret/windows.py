@@ -245,8 +245,23 @@ class Window:
         return "".join(self.tokens)
 
     def marked_text(self) -> str:
-        """The window as text with its strongest token in «guillemets» (prompts and the CSV)."""
-        return "".join(f"«{token}»" if index == self.peak else token for index, token in enumerate(self.tokens))
+        """The window on one line with its strongest token in «guillemets» (our prompts and the CSV): each token is
+        `escaped_token`, so a line break in the text cannot split a window and a guillemet in it cannot pass for the mark."""
+        return "".join(
+            f"«{escaped_token(token)}»" if index == self.peak else escaped_token(token) for index, token in enumerate(self.tokens)
+        )
+
+
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # every character str.splitlines breaks a line at
+# A backslash doubled, « and » after a backslash, and each line break as its Python escape (\n, \r, \u2028, ...).
+TOKEN_ESCAPES = str.maketrans(
+    {**{char: "\\" + char for char in "\\«»"}, **{char: char.encode("unicode_escape").decode() for char in LINE_BREAKS}}
+)
+
+
+def escaped_token(token: str) -> str:
+    """A token as marked_text writes it (TOKEN_ESCAPES): an unescaped « or » is always the mark, and a window always one line."""
+    return token.translate(TOKEN_ESCAPES)
 
 
 @torch.no_grad()
