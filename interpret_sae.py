@@ -25,9 +25,9 @@ EXPLAIN = True  # ask the LLM when a key is set; without one its columns stay em
 # of the top windows: 1 request). They measure different things: see docs/interpret.md.
 SCORING = "detection,fuzzing,fast-rubric"
 EXPLANATION_MODEL = "gpt-4.1"
-EXPLAIN_EXAMPLES = 40  # activating windows the explainer sees
+EXPLAIN_EXAMPLES = 40  # activating windows the explainer sees (from the quantiles: a multiple of N_QUANTILES)
 EXPLAIN_FROM = "quantiles"  # quantiles (evenly across the activation quantiles, as delphi) or top
-SCORE_EXAMPLES = 50  # held-out activating windows per scorer, from the quantiles (and as many non-activating)
+SCORE_EXAMPLES = 50  # held-out activating windows per scorer, a multiple of N_QUANTILES (and as many non-activating)
 N_QUANTILES = 10
 MIN_WINDOWS = 200  # a feature with fewer activating windows is reported as too rare to score
 EXAMPLES_PER_PROMPT = 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -48,6 +49,19 @@ def test_label_auroc_equals_pairwise_comparison():
         positive, negative = values[names == label, feature], values[names != label, feature]
         pairwise = ((positive[:, None] > negative[None, :]) + 0.5 * (positive[:, None] == negative[None, :])).mean()
         assert table.loc[feature, "top_label_auroc"] == pytest.approx(pairwise)
+
+
+def test_no_label_is_named_where_no_label_can_be_told_apart():
+    """One label for every example gave -inf; a feature silent on every labelled example tied all labels at 0.5 and named
+    the alphabetically first."""
+    rng = np.random.default_rng(0)
+    example_max = rng.random((12, 3))
+    example_max[:, 1] = 0.0  # never fires
+    one_label = label_association(example_max, ["b"] * 10 + [None] * 2)
+    assert one_label["top_label"].isna().all() and one_label["top_label_auroc"].isna().all()
+    two_labels = label_association(example_max, ["b", "a"] * 5 + [None] * 2)
+    assert pd.isna(two_labels.loc[1, "top_label"]) and np.isnan(two_labels.loc[1, "top_label_auroc"])
+    assert two_labels.loc[[0, 2], "top_label"].isin(["a", "b"]).all() and two_labels.loc[[0, 2], "top_label_auroc"].between(0.5, 1).all()
 
 
 def test_logit_lens_equals_the_full_product():

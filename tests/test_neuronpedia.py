@@ -308,3 +308,21 @@ def test_user_mistakes_get_one_message_and_leave_no_folder(trained, tmp_path):
     with pytest.raises(UserError, match="Neuronpedia files each SAE under a layer. Set NEURONPEDIA false"):
         export_sae(ExportConfig(checkpoint=str(no_layer), interpretations="", neuronpedia=True, device="cpu"))
     assert sorted(path.name for path in no_layer.parent.iterdir()) == [trained.name]
+
+
+def test_no_example_is_only_special_tokens(exported, tiny_store, offset_model_folder):
+    """The lowest interval drew an example's closing <|im_end|> and newline, cut off as a window of their own, as a
+    silent example; interpret never shows such a window. Every example must match a window of the store with content."""
+    store = ActivationStore(tiny_store)
+    mask = store.special_mask(0, store.n_tokens)
+    offsets = store.doc_offsets
+    firsts = np.array([start + int(np.argmin(mask[start:stop])) for start, stop in zip(offsets[:-1], offsets[1:])])
+    every = WindowGrid(offsets, WINDOW_TOKENS, firsts)  # every window from the first content token, template-only ones too
+    tokenizer = load_tokenizer(resolve_model(str(offset_model_folder)))
+    token_ids = store.token_ids(0, store.n_tokens)
+    has_content = defaultdict(bool)
+    for window in range(len(every)):
+        _, start, stop = every.span(window)
+        has_content[tuple(tokenizer.batch_decode([[int(t)] for t in token_ids[start:stop]]))] |= not mask[start:stop].all()
+    examples = [tuple(example["tokens"]) for record in features_by_index(exported).values() for example in record["activations"]]
+    assert examples and all(has_content[tokens] for tokens in examples)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fastsae.core.sae import SparseAutoencoder
+from fastsae.interpret.explanations import numbered_windows
 from fastsae.interpret.sampling import quantile_of_each, sample_windows
-from fastsae.interpret.windows import WindowGrid, WindowReservoir, collect_windows, non_activating_windows, read_windows
+from fastsae.interpret.windows import Window, WindowGrid, WindowReservoir, collect_windows, non_activating_windows, read_windows
 from fastsae.store.activation_store import ActivationStore
 
 M, W, TOP = 96, 32, 7  # M: the features of conftest's store_and_sae
@@ -39,6 +40,22 @@ def test_windows_can_start_after_the_leading_chat_template(store_and_sae):
     window_examples = np.searchsorted(store.doc_offsets, grid.starts, side="right") - 1
     first_windows = np.unique(window_examples, return_index=True)[1]
     assert grid.starts[first_windows].tolist() == firsts
+
+
+def test_every_window_after_the_leading_template_holds_a_content_token(store_and_sae):
+    """An example's closing <|im_end|> and newline, cut off on their own, were a window: shown and drawn as silent."""
+    store, _ = store_and_sae
+    mask = store.special_mask(0, store.n_tokens)
+    grid = WindowGrid.after_leading_template(store, W)
+    spans = [grid.span(window) for window in range(len(grid))]
+    assert all(not mask[start:stop].all() for _, start, stop in spans)
+    content = np.flatnonzero(~mask)
+    starts, stops = np.array([span[1:] for span in spans]).T
+    windows = grid.index_of(content)
+    assert ((starts[windows] <= content) & (content < stops[windows])).all()  # every content token is still in its window
+    firsts = np.array([start + int(np.argmin(mask[start:stop])) for start, stop in zip(store.doc_offsets[:-1], store.doc_offsets[1:])])
+    every = WindowGrid(store.doc_offsets, W, firsts)
+    assert len(every) > len(grid)  # the store has template-only windows to leave out
 
 
 def test_streamed_windows_equal_brute_force(store_and_sae):
@@ -77,6 +94,30 @@ def test_windows_read_back_with_their_activations(store_and_sae, smollm2_tokeniz
     silent = non_activating_windows(store, sae, feature, smollm2_tokenizer, grid, 20, np.random.default_rng(0))
     assert len(silent) == 20 and all(window.activation == 0 for window in silent)
     assert len({(window.example, window.start) for window in silent}) == 20
+
+
+def split_at_marks(marked: str) -> list[str]:
+    """The text before, inside and after the unescaped « » marks; a backslash escapes the character after it."""
+    pieces, piece, chars = [], "", iter(marked)
+    for char in chars:
+        if char == "\\":
+            piece += char + next(chars)
+        elif char in "«»":
+            pieces, piece = [*pieces, piece], ""
+        else:
+            piece += char
+    return [*pieces, piece]
+
+
+def test_a_marked_window_is_one_unambiguous_line():
+    """A decoded token holding a line break split a window over lines; one holding « or » could not be told from the mark."""
+    tokens = ["Dear", " «Bob»", ",\n\n", "see", " C:\\new", "»", "\r\u2028"]
+    window = Window(0, 0, tokens, [0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0])
+    marked = window.marked_text()
+    assert marked == "Dear \\«Bob\\»,\\n\\nsee C:\\\\new«\\»»\\r\\u2028"
+    assert len(marked.splitlines()) == 1
+    assert split_at_marks(marked) == ["Dear \\«Bob\\»,\\n\\nsee C:\\\\new", "\\»", "\\r\\u2028"]  # the peak, escaped, alone
+    assert numbered_windows([window, window]).splitlines() == [f"1. [2.00] {marked}", f"2. [2.00] {marked}"]
 
 
 def lognormal_windows(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,9 @@
 """Prompts that ask an LLM to explain a feature or rate it with the FAST rubric, and how the rubric's answers are read.
 
 - Explaining (for delphi's detection and fuzzing scores, fastsae/interpret/scorers.py): the feature's
-  windows sampled across its activation quantiles (or its top windows), numbered, each with its
-  strongest token marked «like this» and that activation in brackets; the LLM answers with one
-  concrete phrase.
+  windows sampled across its activation quantiles (or its top windows), numbered, one line each, with
+  its strongest token marked «like this» and that activation in brackets (line breaks written \\n, a
+  « or » of the text \\« or \\»: windows.escaped_token); the LLM answers with one concrete phrase.
 - The FAST paper's rubric. The LLM sees the top-5 windows, marked the same way, and rates how
   consistent a pattern they share from 1 (none) to 5 (no exceptions), with a short name; the
   headline is the share of features rated 4 or 5.
@@ -30,15 +30,19 @@ RUBRIC = {
 HIGH_RATINGS = (4, 5)  # the FAST paper's headline: the share of features rated 4 or 5
 
 
+ESCAPES_NOTE = "A line break in an excerpt is written \\n, and a « or » of the text itself \\« or \\»."
+
+
 def numbered_windows(windows: list[Window]) -> str:
-    """One line per window: its number, its activation in brackets, the text with its strongest token «marked»."""
+    """One line per window (marked_text escapes line breaks): its number, its activation in brackets, the text with its
+    strongest token «marked». delphi's explainer pastes raw text, its << >> unescaped; this prompt is our own."""
     return "\n".join(f"{number}. [{window.activation:.2f}] {window.marked_text()}" for number, window in enumerate(windows, 1))
 
 
 def explanation_messages(windows: list[Window]) -> Messages:
     prompt = (
         "One feature fires on each of the excerpts below. In each, the token where it fires "
-        "most strongly is marked «like this», with that activation in brackets.\n\n"
+        f"most strongly is marked «like this», with that activation in brackets. {ESCAPES_NOTE}\n\n"
         f"{numbered_windows(windows)}\n\n"
         "In one short phrase (under 20 words), what does this feature detect? Be concrete and specific: name the words, "
         "the meaning or the function that triggers it, and do not hedge. Answer with the phrase only."
@@ -51,7 +55,7 @@ def rubric_messages(windows: list[Window]) -> Messages:
     scale = "\n".join(f"{rating}: {meaning}" for rating, meaning in RUBRIC.items())
     prompt = (
         f"Here are the {len(windows)} excerpts on which one feature fires most strongly. In each, the token where it fires "
-        "is marked «like this», with the feature's activation on it in brackets.\n\n"
+        f"is marked «like this», with the feature's activation on it in brackets. {ESCAPES_NOTE}\n\n"
         f"{numbered_windows(windows)}\n\n"
         "How consistent a pattern do the marked tokens, in their contexts, share? Rate it on this scale:\n"
         f"{scale}\n\n"

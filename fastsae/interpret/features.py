@@ -99,26 +99,30 @@ def label_association(example_max: np.ndarray, labels: list[str | None], feature
     """Per feature: the label whose examples it fires on most, by AUROC of the example-level max activation.
 
     AUROC of a label = P(a random example with the label activates the feature more than one without),
-    ties counting half; computed from average ranks (the Mann-Whitney statistic).
+    ties counting half; computed from average ranks (the Mann-Whitney statistic). No label and NaN where
+    there is nothing to tell apart: fewer than two distinct labels (no label has examples on both sides),
+    or a feature silent on every labelled example (every label would tie at 0.5).
     """
     m = example_max.shape[1]
     labelled = np.flatnonzero([label is not None for label in labels])
     best_label = np.full(m, None, dtype=object)
-    best_auroc = np.full(m, np.nan if len(labelled) < 2 else -np.inf)
-    if len(labelled) < 2:
-        return pd.DataFrame({"top_label": best_label, "top_label_auroc": best_auroc})
+    best_auroc = np.full(m, np.nan)
     names = np.array([labels[index] for index in labelled])
+    if len(set(names)) < 2:
+        return pd.DataFrame({"top_label": best_label, "top_label_auroc": best_auroc})
+    best_auroc[:] = -np.inf
     for start in range(0, m, feature_chunk):  # a block of features at a time: memory-mapped maxima stay on disk
         columns = slice(start, min(start + feature_chunk, m))
-        ranks = pd.DataFrame(np.asarray(example_max[labelled, columns])).rank(axis=0, method="average").to_numpy()
+        values = np.asarray(example_max[labelled, columns])
+        ranks = pd.DataFrame(values).rank(axis=0, method="average").to_numpy()
         for label in sorted(set(names)):
             positive = names == label
             n_positive, n_negative = int(positive.sum()), int((~positive).sum())
-            if not n_positive or not n_negative:
-                continue
             auroc = (ranks[positive].sum(0) - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)
             better = auroc > best_auroc[columns]
             best_label[columns][better], best_auroc[columns][better] = label, auroc[better]
+        silent = ~(values > 0).any(0)
+        best_label[columns][silent], best_auroc[columns][silent] = None, np.nan
     return pd.DataFrame({"top_label": best_label, "top_label_auroc": best_auroc})
 
 

@@ -61,6 +61,43 @@ ANSWER_TOKENS = 300  # the most an answer may take (explanations, verdict lists 
 EXPLANATION_TOKENS = 20  # about how long an explanation runs, for the cost estimate of the scoring prompts
 
 
+@dataclass(frozen=True)
+class FeatureChoice:
+    """FEATURES, parsed: a rule (all, frequency, label, random) with its count, or an explicit list."""
+
+    rule: str  # all, frequency, label, random or list
+    count: int = 0  # N of frequency:N, label:N and random:N
+    listed: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> FeatureChoice:
+        """FEATURES read, or one UserError: a count below 1, an empty list or a negative feature would pick nothing."""
+        usage = "use all, frequency:N, label:N, random:N (N at least 1) or a list like 3,17,42"
+        try:
+            if spec == "all":
+                return cls("all")
+            rule, _, count = spec.partition(":")
+            if rule in ("frequency", "label", "random"):
+                choice = cls(rule, int(count))
+            else:
+                choice = cls("list", listed=tuple(int(part) for part in spec.split(",") if part.strip()))
+        except ValueError:
+            raise UserError(f"FEATURES {spec!r} is not understood: {usage}.") from None
+        if choice.rule != "list" and choice.count < 1:
+            raise UserError(f"FEATURES {spec!r} picks no feature: {usage}.")
+        if choice.rule == "list" and (not choice.listed or min(choice.listed) < 0):
+            raise UserError(f"FEATURES {spec!r} lists {'a negative feature' if choice.listed else 'no feature'}: {usage}.")
+        return choice
+
+    def at_most(self, m: int | None) -> int:
+        """How many features it picks at most from an SAE of `m` features (unknown m: the count asked for)."""
+        if self.rule == "list":
+            return len(self.listed)
+        if self.rule == "all":
+            return m or 0
+        return min(self.count, m) if m is not None else self.count
+
+
 @dataclass
 class InterpretConfig:
     checkpoint: str = setting(
@@ -87,13 +124,16 @@ class InterpretConfig:
         "1-5 rating of the top windows, and a name), comma-separated",
     )
     explanation_model: str = setting("gpt-4.1", "chat model for explanations and scoring")
-    explain_examples: int = setting(40, "activating windows the LLM sees to explain a feature (delphi: 40)")
+    explain_examples: int = setting(
+        40, "activating windows the LLM sees to explain a feature; from the quantiles, a multiple of N_QUANTILES (delphi: 40)"
+    )
     explain_from: str = setting(
         "quantiles", "where the explainer's windows come from: quantiles (evenly from each activation quantile, delphi's default) or top"
     )
     score_examples: int = setting(
         50,
-        "held-out activating windows from the quantiles, never shown to the explainer, and as many non-activating ones, per scorer (delphi: 50)",
+        "held-out activating windows from the quantiles (a multiple of N_QUANTILES), never shown to the explainer, and as many "
+        "non-activating ones, per scorer (delphi: 50)",
     )
     n_quantiles: int = setting(10, "activation quantiles the windows are sampled from and the accuracy is reported by (delphi: 10)")
     min_windows: int = setting(
@@ -107,6 +147,7 @@ class InterpretConfig:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
+        FeatureChoice.parse(self.features)  # a typo fails here, not after the pass over the store
         if self.scoring in OLD_SCORINGS:
             logger.info(
                 "SCORING %r is read as %r (write that, or add fuzzing: %r).", self.scoring, OLD_SCORINGS[self.scoring], ",".join(SCORINGS)
@@ -134,6 +175,18 @@ class InterpretConfig:
             for name in names:
                 if getattr(self, name) < least:
                     raise UserError(f"{name.upper()} must be at least {least}, not {getattr(self, name)}.")
+        for name in ("score_examples", "explain_examples") if self.explain_from == "quantiles" else ("score_examples",):
+            self._check_divides(name)
+
+    def _check_divides(self, name: str) -> None:
+        """delphi's sampling takes count // N_QUANTILES windows from each quantile: any other count would silently shrink."""
+        count, n = getattr(self, name), self.n_quantiles
+        if count % n:
+            fits = " or ".join(str(multiple) for multiple in (count // n * n, count // n * n + n) if multiple)
+            raise UserError(
+                f"{name.upper()}={count} is not a multiple of N_QUANTILES={n}: delphi's sampling takes {name.upper()} // N_QUANTILES "
+                f"windows from each quantile, so {count // n * n} would be used. Set {name.upper()} to {fits}, or change N_QUANTILES."
+            )
 
     @property
     def scorings(self) -> list[str]:
@@ -217,37 +270,6 @@ def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
     return table
 
 
-@dataclass(frozen=True)
-class FeatureChoice:
-    """FEATURES, parsed: a rule (all, frequency, label, random) with its count, or an explicit list."""
-
-    rule: str  # all, frequency, label, random or list
-    count: int = 0  # N of frequency:N, label:N and random:N
-    listed: tuple[int, ...] = ()
-
-    @classmethod
-    def parse(cls, spec: str) -> FeatureChoice:
-        try:
-            if spec == "all":
-                return cls("all")
-            rule, _, count = spec.partition(":")
-            if rule in ("frequency", "label", "random"):
-                return cls(rule, int(count))
-            return cls("list", listed=tuple(int(part) for part in spec.split(",") if part.strip()))
-        except ValueError:
-            raise UserError(
-                f"FEATURES {spec!r} is not understood: use all, frequency:N, label:N, random:N or a list like 3,17,42."
-            ) from None
-
-    def at_most(self, m: int | None) -> int:
-        """How many features it picks at most from an SAE of `m` features (unknown m: the count asked for)."""
-        if self.rule == "list":
-            return len(self.listed)
-        if self.rule == "all":
-            return m or 0
-        return min(self.count, m) if m is not None else self.count
-
-
 def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFrame, seed: int = 0) -> list[int]:
     """The features FEATURES picks: all, frequency:N, label:N, random:N (seeded by SEED), or an explicit comma-separated list."""
     choice = FeatureChoice.parse(spec)
@@ -258,14 +280,20 @@ def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFra
     if choice.rule == "frequency":
         return [int(f) for f in alive[np.argsort(-statistics.frequency[alive], kind="stable")][: choice.count]]
     if choice.rule == "label":
-        scores = labels["top_label_auroc"].to_numpy(dtype=float)[alive]
-        return [int(f) for f in alive[np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")][: choice.count]]
+        ranked = alive[np.isfinite(labels["top_label_auroc"].to_numpy(dtype=float)[alive])]
+        if len(ranked) < choice.count:
+            logger.info("FEATURES %s: only %d live features have a label AUROC (fire on a labelled example).", spec, len(ranked))
+        scores = labels["top_label_auroc"].to_numpy(dtype=float)[ranked]
+        return [int(f) for f in ranked[np.argsort(-scores, kind="stable")][: choice.count]]
     if choice.rule == "random":  # an unbiased sample, as the FAST paper rates: the most frequent features are not typical
         return sorted(int(f) for f in np.random.default_rng(seed).permutation(alive)[: choice.count])
     bad = [feature for feature in choice.listed if not 0 <= feature < m]
     if bad:
         raise UserError(f"feature {bad[0]} does not exist: this SAE has features 0..{m - 1}.")
-    return list(choice.listed)
+    listed = list(dict.fromkeys(choice.listed))  # one row per feature, in the order first listed
+    if len(listed) < len(choice.listed):
+        logger.info("FEATURES lists %d features more than once: each gets one row.", len(choice.listed) - len(listed))
+    return listed
 
 
 @dataclass
@@ -484,15 +512,31 @@ def interpret_sae(config: InterpretConfig) -> Path:
         unembedding = unembedding_matrix(load_model(source, torch.float32, "cpu")).to(device)
     sae = trained.sae.to(device)
     include_special = trained.info.trained_with_special_tokens
+    labels = store_labels(store, config.features)
     with tempfile.TemporaryDirectory(prefix="fastsae-interpret-") as scratch:  # example-level maxima live on disk
         statistics = collect_feature_statistics(
             store, sae, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy"
         )
-        return _interpret_with(statistics, store, sae, tokenizer, unembedding, include_special, config)
+        return _interpret_with(statistics, labels, store, sae, tokenizer, unembedding, include_special, config)
+
+
+def store_labels(store: ActivationStore, features: str) -> list[str | None]:
+    """Each example's label (None where it has none); FEATURES label:N is refused here, before the pass over the store,
+    unless the examples carry two labels or more (with fewer, no feature has a label AUROC to rank by)."""
+    labels = [record.get("label") for record in store.example_records()]
+    distinct = {label for label in labels if label is not None}
+    if FeatureChoice.parse(features).rule == "label" and len(distinct) < 2:
+        raise UserError(
+            f"FEATURES {features!r} ranks features by how well they pick out a label, but the examples of the store at {store.folder} "
+            f"carry {len(distinct)} distinct label{'' if len(distinct) == 1 else 's'}: it takes two or more. Use frequency:N or random:N, "
+            "or extract a dataset with a label field (extract_activations.py's LABEL_FIELD)."
+        )
+    return labels
 
 
 def _interpret_with(
     statistics: FeatureStatistics,
+    example_labels: list[str | None],
     store: ActivationStore,
     sae,
     tokenizer,
@@ -501,7 +545,7 @@ def _interpret_with(
     config: InterpretConfig,
 ) -> Path:
     """Everything after the statistics: labels, chosen features, their windows, logit lens, LLM, CSV and dashboard."""
-    labels = label_association(statistics.example_max, [record.get("label") for record in store.example_records()])
+    labels = label_association(statistics.example_max, example_labels)
     features = select_features(config.features, statistics, labels, config.seed)
     grid = (
         WindowGrid(store.doc_offsets, config.window_tokens)

@@ -5,7 +5,8 @@ A feature's activating windows, strongest first, are cut into N_QUANTILES groups
 integer division leaves over belong to none). The explainer gets EXPLAIN_EXAMPLES / N_QUANTILES at
 random from each quantile, or the EXPLAIN_EXAMPLES strongest windows (delphi's `train_type="top"`);
 the scorers get SCORE_EXAMPLES / N_QUANTILES from each quantile, drawn from the windows the
-explainer did not see. delphi 0.1.3 draws its explainer's and its scorers' windows independently,
+explainer did not see. delphi divides with `//` and says nothing of what is left over; InterpretConfig
+refuses counts that are not multiples of N_QUANTILES, so every count means what its name says. delphi 0.1.3 draws its explainer's and its scorers' windows independently,
 both with seed 22, so the two sets overlap there; here no scored window was ever shown.
 """
 

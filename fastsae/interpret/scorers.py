@@ -9,7 +9,8 @@ instructions to the LLM are worded here; what they carry is delphi's.
   delphi's scorer shuffles them, and put to the LLM EXAMPLES_PER_PROMPT at a time (delphi's
   `num_examples_per_scorer_prompt`, 5), numbered from 0 under the explanation. It answers with
   one 0/1 per example, in a list.
-- Detection shows each window's plain text: 1 = the feature fires in it.
+- Detection shows each window's plain text, raw as delphi shows it (a line break stays one, unlike
+  the explainer's escaped lines): 1 = the feature fires in it.
 - Fuzzing marks tokens <<like this>>. In an activating window every token at 0.3 × the window's
   maximum or more is marked (runs of them as one mark); in a non-activating window as many tokens as
   an activating window has firing ones on average, rounded up: the token three quarters of the way

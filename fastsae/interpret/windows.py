@@ -1,7 +1,8 @@
 """A feature's activating windows, cut as delphi cuts them, from one streaming pass over the chosen features.
 
 Each example is cut into consecutive windows of WINDOW_TOKENS tokens from its first token (the
-last one shorter; a window never runs into the next example). A window activates a feature when
+last one shorter; a window never runs into the next example); when special tokens are not counted,
+from its first content token, and a window of special tokens only is left out. A window activates a feature when
 the feature fires anywhere in it, and its activation is its maximum there. delphi (eai-delphi
 0.1.3, `latents/constructors.py` with its default `center_examples=True`) cuts its token stream
 into the same fixed windows of `example_ctx_len` = 32 tokens: its docstring speaks of centring,
@@ -46,14 +47,28 @@ class WindowGrid:
     @classmethod
     def after_leading_template(cls, store: ActivationStore, window_tokens: int, chunk_tokens: int = 1 << 22) -> WindowGrid:
         """Windows that start at each example's first content token, so a chat template's opening (system prompt,
-        role markers: special tokens, which no feature is counted on) does not fill the first window of every example."""
+        role markers: special tokens, which no feature is counted on) does not fill the first window of every example;
+        and only windows that hold a content token, so an example's closing template (`<|im_end|>` and its newline)
+        is never a window of its own, to be shown or drawn as a window where a feature is silent."""
         offsets = np.asarray(store.doc_offsets, dtype=np.int64)
         firsts = offsets[1:].copy()  # no content token: the example gets no window
-        for start in range(0, store.n_tokens, chunk_tokens):
-            content = start + np.flatnonzero(~store.special_mask(start, min(start + chunk_tokens, store.n_tokens)))
+        for content in cls._content_tokens(store, chunk_tokens):
             examples, first = np.unique(np.searchsorted(offsets, content, side="right") - 1, return_index=True)
             firsts[examples] = np.minimum(firsts[examples], content[first])
-        return cls(offsets, window_tokens, firsts)
+        grid = cls(offsets, window_tokens, firsts)
+        with_content = np.zeros(len(grid), dtype=bool)
+        for content in cls._content_tokens(
+            store, chunk_tokens
+        ):  # each content token lies in a window: no token precedes its example's first
+            with_content[grid.index_of(content)] = True
+        grid.starts = grid.starts[with_content]  # a left-out window's special tokens never fire: no window needs them
+        return grid
+
+    @staticmethod
+    def _content_tokens(store: ActivationStore, chunk_tokens: int) -> Iterator[np.ndarray]:
+        """The store indices of its content (not special) tokens, a chunk at a time."""
+        for start in range(0, store.n_tokens, chunk_tokens):
+            yield start + np.flatnonzero(~store.special_mask(start, min(start + chunk_tokens, store.n_tokens)))
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -230,8 +245,23 @@ class Window:
         return "".join(self.tokens)
 
     def marked_text(self) -> str:
-        """The window as text with its strongest token in «guillemets» (prompts and the CSV)."""
-        return "".join(f"«{token}»" if index == self.peak else token for index, token in enumerate(self.tokens))
+        """The window on one line with its strongest token in «guillemets» (our prompts and the CSV): each token is
+        `escaped_token`, so a line break in the text cannot split a window and a guillemet in it cannot pass for the mark."""
+        return "".join(
+            f"«{escaped_token(token)}»" if index == self.peak else escaped_token(token) for index, token in enumerate(self.tokens)
+        )
+
+
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # every character str.splitlines breaks a line at
+# A backslash doubled, « and » after a backslash, and each line break as its Python escape (\n, \r, \u2028, ...).
+TOKEN_ESCAPES = str.maketrans(
+    {**{char: "\\" + char for char in "\\«»"}, **{char: char.encode("unicode_escape").decode() for char in LINE_BREAKS}}
+)
+
+
+def escaped_token(token: str) -> str:
+    """A token as marked_text writes it (TOKEN_ESCAPES): an unescaped « or » is always the mark, and a window always one line."""
+    return token.translate(TOKEN_ESCAPES)
 
 
 @torch.no_grad()
