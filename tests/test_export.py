@@ -222,6 +222,15 @@ def test_missing_evaluation_and_interpretations_are_said_on_the_card(trained, un
     assert all(row[2] == row[3] == row[4] == "—" for row in features[1:])
 
 
+def test_interpretations_of_another_sae_of_the_same_size_are_refused(trained, unscored_csv, tiny_store, tmp_path):
+    """A sweep's SAEs can share M: the feature numbers alone let one SAE's explanations be attached to another."""
+    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path / "runs"), m=M, k=K, batch_size=256, epochs=0.2, seed=1)
+    (other,) = train_saes(config)
+    with pytest.raises(UserError, match=r"interpretations.csv was written for another SAE \(sae_fingerprint"):
+        export_sae(ExportConfig(checkpoint=other["checkpoint"], output=str(tmp_path / "export"), interpretations=str(unscored_csv)))
+    assert not (tmp_path / "export").exists()
+
+
 def test_base_model_is_named_only_when_the_model_is_on_the_hub(trained, tmp_path):
     info = load_sae(trained).info
     embedded = replace(info, model_source="embedded", model_name="embedded:smollm2-135m-instruct")

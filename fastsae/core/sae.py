@@ -31,6 +31,7 @@ above θ = 0.25, and a threshold between two bf16 values got no gradient at all.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -276,6 +277,17 @@ class SparseAutoencoder(nn.Module):
         if threshold is not None:
             (sae.jumprelu_threshold if spec.architecture == "jumprelu" else sae.threshold).copy_(threshold)
         return sae.eval()
+
+    FINGERPRINT_ROWS = 64  # decoder rows hashed: random initialisations make them differ between any two SAEs
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """A short hash of its shape and first decoder rows: tells one SAE from another of the same size (a sweep's K=8 and
+        K=16 share M), so files written about one are not read for the other."""
+        rows = self.W_dec[: self.FINGERPRINT_ROWS].detach().to("cpu", torch.float32).contiguous()
+        digest = hashlib.sha256(f"{self.spec.m}x{self.spec.d}".encode())
+        digest.update(rows.numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     # --- initialisation and constraints -------------------------------------------------
 

@@ -112,7 +112,7 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
             f"{checkpoint} does not record the hook it reads ({info.source_format}'s file): the export names its SAELens folder and "
             "model card after it. Export an SAE whose format records its hook (ours, SAELens', sparsify's)."
         )
-    interpretations = read_interpretations(config.interpretations, info.spec.m)
+    interpretations = read_interpretations(config.interpretations, trained.sae)
     if config.neuronpedia:  # first: the slow part, and the one that needs the store and the model
         settings = NeuronpediaSettings(
             config.neuronpedia_set, config.neuronpedia_examples, config.store, config.model_name, resolve_device(config.device)

@@ -30,6 +30,7 @@ from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.core.formats.sources import results_folder
+from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.sparse_probing import SPARSE_PROBING_FILE, read_probe_choices
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
@@ -236,6 +237,7 @@ def estimate_llm_cost(config: InterpretConfig, n_features: int) -> LLMCost:
     return LLMCost(n_features * len(per_feature), n_features * _tokens(per_feature))
 
 
+SAE_FINGERPRINT_COLUMN = "sae_fingerprint"  # the SAE the file was written for (SparseAutoencoder.fingerprint)
 INTERPRETATION_COLUMNS = {
     "feature",
     "frequency",
@@ -248,8 +250,8 @@ INTERPRETATION_COLUMNS = {
 }
 
 
-def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
-    """interpret_sae.py's CSV, checked to describe an SAE of `m` features; None (and a log line) when there is none."""
+def read_interpretations(path: str, sae: SparseAutoencoder) -> pd.DataFrame | None:
+    """interpret_sae.py's CSV, checked to describe `sae`; None (and a log line) when there is none."""
     if not path or not Path(path).is_file():
         logger.info("No interpretations file at %r: features go without explanations (interpret_sae.py writes them).", path)
         return None
@@ -261,6 +263,14 @@ def read_interpretations(path: str, m: int) -> pd.DataFrame | None:
             "delphi's detection and fuzzing scores has a single `score` column). Rerun interpret_sae.py, "
             "or pass --interpretations with another file."
         )
+    written_for = set(table[SAE_FINGERPRINT_COLUMN].dropna()) if SAE_FINGERPRINT_COLUMN in table else set()
+    if written_for and written_for != {sae.fingerprint()}:
+        raise UserError(
+            f"{path} was written for another SAE ({SAE_FINGERPRINT_COLUMN} {', '.join(sorted(written_for))}; this one's is "
+            f"{sae.fingerprint()}), perhaps another of a sweep. Pass the --interpretations written for this checkpoint "
+            "(interpret_sae.py's INTERPRETATIONS_PATH), or --interpretations ''."
+        )
+    m = sae.spec.m
     out_of_range = table["feature"][(table["feature"] < 0) | (table["feature"] >= m)]
     if len(out_of_range):
         raise UserError(
@@ -585,6 +595,7 @@ def _interpret_with(
             _note_short_classes(rows, examples, config.score_examples)
     path = Path(config.interpretations_path)
     table = pd.DataFrame(rows).astype({"fast_rubric_rating": "Int64"} if rows else {})  # whole numbers; empty where missing
+    table[SAE_FINGERPRINT_COLUMN] = sae.fingerprint()  # so that analyze_texts and export_sae never attach it to another SAE
     write_atomically(path, lambda partial: table.to_csv(partial, index=False))
     title = f"{sae.spec.name} on {store.manifest.model} {store.hook_name}"
     scored = {f: (examples[f].scoring, results[f]) for f in results}

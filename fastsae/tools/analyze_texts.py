@@ -22,6 +22,7 @@ from fastsae.common.atomic_files import write_atomically
 from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.common.errors import UserError
+from fastsae.core.sae import SparseAutoencoder
 from fastsae.interpret.dashboard import write_page
 from fastsae.interpret.interpret_sae import read_interpretations
 from fastsae.lm.data import Example, load_dataset
@@ -80,9 +81,9 @@ def load_texts(config: AnalyzeConfig) -> list[Example]:
     return [Example(row=index, source=f"text {index}", text=text) for index, text in enumerate(config.texts)]
 
 
-def interpretations_by_feature(path: str, m: int) -> dict[int, dict[str, Any]]:
+def interpretations_by_feature(path: str, sae: SparseAutoencoder) -> dict[int, dict[str, Any]]:
     """Per feature, the columns the report shows from interpret_sae.py's CSV (empty strings where blank); {} without a file."""
-    table = read_interpretations(path, m)
+    table = read_interpretations(path, sae)
     if table is None:
         return {}
     shown = table.set_index("feature")[REPORTED_COLUMNS].astype(object)
@@ -213,7 +214,7 @@ def analyze_texts(config: AnalyzeConfig) -> Path:
     """Read the texts, print each one's top features, and write the CSV, PNG and HTML page."""
     examples = load_texts(config)
     reader = SAEReader.load(config.checkpoint, config.device, config.model_name, config.hook_point, config.layer)
-    interpretations = interpretations_by_feature(config.interpretations, reader.sae.spec.m)
+    interpretations = interpretations_by_feature(config.interpretations, reader.sae)
     logger.info(
         "Reading %d texts through %s (%s, layer %s)",
         len(examples),
