@@ -68,9 +68,8 @@ def before_package(folder: Path) -> Path:
 
 def evaluate_before(package: Path, checkpoint: str) -> float:
     """Seconds the evaluation at commit BEFORE takes on `checkpoint`, timed inside a subprocess that imports the old package."""
-    environment = {**os.environ, "PYTHONPATH": str(package)}
     result = subprocess.run(
-        [sys.executable, "-c", BEFORE_RUN, checkpoint], cwd=REPO, env=environment, check=True, capture_output=True, text=True
+        [sys.executable, "-c", BEFORE_RUN, checkpoint, str(package)], cwd=REPO, check=True, capture_output=True, text=True
     )
     return float(result.stdout.strip().splitlines()[-1])
 

@@ -401,7 +401,7 @@ class Training:
                 print(f"M={m} K={k} done", file=sys.stderr, flush=True)
 
     def loop_row(self) -> None:
-        """train_sae.py's whole loop at the first M and K: what the loop keeps of its step."""
+        """train_sae.py's whole loop at the first M and the second K (64 by default): what the loop keeps of its step."""
         m, k = self.args.ms[0], self.args.ks[min(1, len(self.args.ks) - 1)]
         with quiet():
             result = TrainingRun(self.config(m, k, max_tokens=self.args.loop_tokens, eval_every=10**9)).run()[0]
