@@ -179,3 +179,8 @@ def test_evaluate_runs_only_the_evaluations_named(tmp_path):
 def test_unknown_evaluations_are_refused():
     with pytest.raises(UserError, match="EVALS takes one or more of core, sparse_probing, absorption"):
         EvalConfig(evals=["sparse-probing"])
+
+
+def test_a_task_size_of_one_is_refused():
+    with pytest.raises(UserError, match=r"be 0 \(all\) or at least 2 \(half of each task's examples come from its label\)"):
+        EvalConfig(evals=["sparse_probing"], probing_train_examples=1)

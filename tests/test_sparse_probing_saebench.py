@@ -4,6 +4,8 @@ and labels.
 SAEBench's `run_eval` cannot run here: it downloads its own datasets. So its lower-level functions run on our data,
 each as its `main.py` calls them:
 
+0. Examples. `gather_dataset_from_df` (the builder of its AG News set) draws probe_train_set_size // 2 examples per
+   class from a table of our labelled examples: ours keeps the same ones.
 1. Pooling. SAEBench collects the tiny Llama's block-2 activations of our examples' tokens through TransformerLens
    (`get_all_llm_activations` with `mask_bos_pad_eos_tokens=True`, right-padded like its tokenised datasets), then
    mean-pools them (`create_meaned_model_activations`) and a SAELens copy of our SAE's features
@@ -28,9 +30,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import sae_bench.evals.sparse_probing.probe_training as saebench_probes
 import sae_bench.sae_bench_utils.activation_collection as saebench_activations
+import sae_bench.sae_bench_utils.dataset_utils as saebench_datasets
 import torch
 
 from fastsae.core.saelens_export import saelens_weights
@@ -67,6 +71,7 @@ def probing_run(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> dict:
         "store": store,
         "trained": trained,
         "names": names,
+        "split": split,
         "train": train,
         "test": test,
         "labels": labels,
@@ -149,6 +154,24 @@ def test_the_store_marks_exactly_saebench_masked_tokens(probing_run, smollm2_tok
 def saebench_side(probing_run, tiny_llama, smollm2_tokenizer) -> dict[str, dict[str, torch.Tensor]]:
     """SAEBench's pooling of our training and held-out examples."""
     return {side: saebench_pooled(probing_run, probing_run[side], tiny_llama, smollm2_tokenizer) for side in ("train", "test")}
+
+
+def test_each_label_keeps_half_a_task_drawn_as_saebench_dataset_builders_draw(probing_run):
+    """SAEBench's probe_train_set_size is a one-vs-rest task's size: `gather_dataset_from_df` draws half of it per class
+    (pandas' `sample` with the seed); ours draws the same examples. A label with fewer than half keeps them all."""
+    names, split, seed = probing_run["names"], probing_run["split"], probing_run["seed"]
+    sides = {"train": np.flatnonzero(~split.is_validation), "test": np.flatnonzero(split.is_validation)}
+    labels = sorted(set(names))
+    per_label = {side: max(1, min((names[examples] == label).sum() for label in labels) - 1) for side, examples in sides.items()}
+    ours = dict(zip(sides, probing_examples(list(names), split, seed, 2 * per_label["train"], 2 * per_label["test"])))
+    for side, examples in sides.items():
+        frame = pd.DataFrame({"label": names[examples], "text": examples})
+        theirs = saebench_datasets.gather_dataset_from_df(frame, labels, per_label[side], "label", "text", seed)
+        for label in labels:
+            assert set(ours[side][names[ours[side]] == label]) == set(theirs[label]), (side, label)
+    # A task size above twice every label's count keeps every labelled example.
+    everything = probing_examples(list(names), split, seed, 2 * len(names), 2 * len(names))
+    np.testing.assert_array_equal(np.concatenate(everything), np.concatenate(list(sides.values())))
 
 
 def test_pooling_equals_saebench_activation_collection_and_means(probing_run, saebench_side):

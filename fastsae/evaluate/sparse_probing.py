@@ -31,9 +31,13 @@ What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_trainin
   most common held-out label), features ranked by their largest one-vs-rest difference, a multinomial logistic
   regression; AUROC is the mean one-vs-rest AUROC over the held-out labels.
 
+**Examples** (`dataset_utils.gather_dataset_from_df`): SAEBench's probe_train_set_size and probe_test_set_size (4,000
+and 1,000) are each one-vs-rest task's size, so its dataset builders draw half of it per label; we draw at most
+`train_examples // 2` training and `test_examples // 2` held-out examples per label with its draw (pandas' `sample`
+with the seed), and a label with fewer keeps them all (SAEBench asserts).
+
 Pooling streams the store's examples in store order, a group of about 4,096 tokens at a time: only the pooled
-vectors ((examples, d) and (examples, M)) are held, and at most `train_examples` + `test_examples` of them (SAEBench's
-probe_train_set_size and probe_test_set_size, 4,000 and 1,000).
+vectors ((examples, d) and (examples, M)) are held.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ logger = logging.getLogger(__name__)
 SPARSE_PROBING_FILE = "sparse_probing.json"  # beside the checkpoint: every task's accuracies, AUROCs and chosen features
 SPARSE_PROBING_PLOT_FILE = "sparse_probing.png"
 K_VALUES = [1, 2, 5, 10, 20]  # SAEBench's defaults are 1, 2, 5; its output format also names 10, 20, 50 and 100
-PROBE_TRAIN_EXAMPLES = 4000  # SAEBench's probe_train_set_size
-PROBE_TEST_EXAMPLES = 1000  # SAEBench's probe_test_set_size
+PROBE_TRAIN_EXAMPLES = 4000  # SAEBench's probe_train_set_size: a one-vs-rest task's training examples, half per label
+PROBE_TEST_EXAMPLES = 1000  # SAEBench's probe_test_set_size: the same on the held-out side
 PROBE_C = 1.0  # SAEBench's train_sklearn_probe: scikit-learn's default L2 strength...
 PROBE_MAX_ITER = 1000  # ...and its raised iteration limit
 POOL_GROUP_TOKENS = 4096  # tokens read and encoded together in the pooling pass
@@ -112,17 +116,25 @@ def pool_examples(store: ActivationStore, sae: SparseAutoencoder, examples: np.n
 
 
 def probing_examples(
-    labels: list[str | None], split: ExampleSplit, seed: int, train_cap: int, test_cap: int
+    labels: list[str | None], split: ExampleSplit, seed: int, train_task_size: int, test_task_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled training and held-out examples, each side cut to at most its cap (0: all) by a seeded draw; ascending."""
-    labelled = np.array([label is not None for label in labels], dtype=bool)
-    generator = np.random.default_rng(seed)
+    """The labelled training and held-out examples, at most half a task's size per label and side (0: all); ascending.
+    SAEBench's dataset builders give each class probe_train_set_size // 2 examples (`gather_dataset_from_df`: pandas'
+    `sample` with the seed, which draws as this does), so each one-vs-rest task holds at most the size: the label's
+    examples and as many others. A label with fewer keeps them all (SAEBench's builders assert instead)."""
+    names = np.array(labels, dtype=object)
     sides = []
-    for examples, cap in (
-        (np.flatnonzero(labelled & ~split.is_validation), train_cap),
-        (np.flatnonzero(labelled & split.is_validation), test_cap),
+    for examples, task_size in (
+        (np.flatnonzero(~split.is_validation), train_task_size),
+        (np.flatnonzero(split.is_validation), test_task_size),
     ):
-        sides.append(np.sort(generator.choice(examples, cap, replace=False)) if 0 < cap < len(examples) else examples)
+        kept = []
+        for label in sorted({name for name in names[examples] if name is not None}):
+            own = examples[names[examples] == label]
+            if 0 < task_size // 2 < len(own):
+                own = own[np.random.RandomState(seed).choice(len(own), task_size // 2, replace=False)]
+            kept.append(own)
+        sides.append(np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64))
     return sides[0], sides[1]
 
 
