@@ -181,6 +181,8 @@ def test_unknown_evaluations_are_refused():
         EvalConfig(evals=["sparse-probing"])
 
 
-def test_a_task_size_of_one_is_refused():
+def test_a_task_size_of_one_and_a_negative_context_length_are_refused():
     with pytest.raises(UserError, match=r"be 0 \(all\) or at least 2 \(half of each task's examples come from its label\)"):
         EvalConfig(evals=["sparse_probing"], probing_train_examples=1)
+    with pytest.raises(UserError, match=r"PROBING_CONTEXT_LENGTH must be 0 \(the whole example\) or positive; got -1"):
+        EvalConfig(evals=["sparse_probing"], probing_context_length=-1)

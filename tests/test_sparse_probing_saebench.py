@@ -7,7 +7,8 @@ each as its `main.py` calls them:
 0. Examples. `gather_dataset_from_df` (the builder of its AG News set) draws probe_train_set_size // 2 examples per
    class from a table of our labelled examples: ours keeps the same ones.
 1. Pooling. SAEBench collects the tiny Llama's block-2 activations of our examples' tokens through TransformerLens
-   (`get_all_llm_activations` with `mask_bos_pad_eos_tokens=True`, right-padded like its tokenised datasets), then
+   (`get_all_llm_activations` with `mask_bos_pad_eos_tokens=True`, cut at a context length of 16 tokens and
+   right-padded like its tokenised datasets; most examples are longer), then
    mean-pools them (`create_meaned_model_activations`) and a SAELens copy of our SAE's features
    (`get_sae_meaned_activations`). Ours pools the store. They agree to float32 noise (TransformerLens' forward is not
    Hugging Face's bit for bit). The store is plain text (no chat template), where the store's special tokens and
@@ -49,6 +50,7 @@ from saebench_reference import hooked_transformer_from_hf, saelens_sae
 
 LAYER = 2
 K_VALUES = [1, 2, 5, 20]
+CONTEXT_LENGTH = 16  # below most of the default dataset's examples' lengths, so the cut shows
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,8 @@ def probing_run(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> dict:
     names = np.array([record["label"] for record in store.example_records()], dtype=object)
     split = ExampleSplit.by_example(store.n_examples, trained.info.validation_fraction, seed)
     train_rows, test_rows = probing_examples(list(names), split, seed, 0, 0)
-    train, test = pool_examples(store, trained.sae, train_rows), pool_examples(store, trained.sae, test_rows)
+    train = pool_examples(store, trained.sae, train_rows, CONTEXT_LENGTH)
+    test = pool_examples(store, trained.sae, test_rows, CONTEXT_LENGTH)
     labels = sorted(set(names))
     tasks = probe_labels(train, names[train.examples], test, names[test.examples], labels, K_VALUES, seed)
     return {
@@ -97,7 +100,8 @@ def saebench_pooled(run: dict, pooled: PooledExamples, tiny_llama, tokenizer) ->
     tokens = {}
     for label in run["labels"]:
         examples = pooled.examples[names[pooled.examples] == label]
-        ids = [torch.from_numpy(store.example(int(index)).token_ids.astype(np.int64)) for index in examples]
+        # Cut at its context_length, as `tokenize_data_dictionary`'s truncation=True, max_length=context_length cuts.
+        ids = [torch.from_numpy(store.example(int(index)).token_ids[:CONTEXT_LENGTH].astype(np.int64)) for index in examples]
         input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id)
         tokens[label] = {"input_ids": input_ids, "attention_mask": (input_ids != tokenizer.pad_token_id).long()}
     acts_BLD = saebench_activations.get_all_llm_activations(
@@ -175,7 +179,9 @@ def test_each_label_keeps_half_a_task_drawn_as_saebench_dataset_builders_draw(pr
 
 
 def test_pooling_equals_saebench_activation_collection_and_means(probing_run, saebench_side):
-    names, labels = probing_run["names"], probing_run["labels"]
+    names, labels, store = probing_run["names"], probing_run["labels"], probing_run["store"]
+    lengths = np.diff(store.doc_offsets)
+    assert (lengths > CONTEXT_LENGTH).mean() > 0.5  # most examples are longer than the context, so a missing cut shows
     for side in ("train", "test"):
         theirs = saebench_side[side]
         ours = by_label(probing_run[side], names, labels)

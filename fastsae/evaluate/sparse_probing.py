@@ -8,8 +8,10 @@ examples of the SAE's own training run (so no text is in both). A probe on all d
 What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_training.py`) and what does not:
 
 - **Pooling** (`activation_collection.get_sae_meaned_activations`): each example becomes the mean, over its tokens,
-  of the SAE's feature activations (and of the raw activations, for the ceiling). SAEBench drops BOS, EOS and
-  padding; we drop every special/template token the store marks (BOS, EOS, chat markers): the content tokens, which
+  of the SAE's feature activations (and of the raw activations, for the ceiling). Only its first `context_length`
+  positions count (SAEBench's context_length, 128: `tokenize_data_dictionary` truncates each example there), special
+  and template tokens among them, as SAEBench's tokenizer counts its BOS; 0 keeps the whole example. SAEBench drops
+  BOS, EOS and padding; we drop every special/template token the store marks (BOS, EOS, chat markers): the content tokens, which
   are what the SAE trains on by default. On text without a chat template the two are the same set. An example
   with no content token is left out.
 - **Balancing** (`probe_training.prepare_probe_data`), one-vs-rest: all of the label's examples, and as many others
@@ -61,7 +63,7 @@ from fastsae.common.atomic_files import write_json_atomically
 from fastsae.common.markdown import table
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.trained_sae import TrainedSAE
-from fastsae.store.activation_store import ActivationStore
+from fastsae.store.activation_store import ActivationStore, StoreChunk
 from fastsae.store.batches import ExampleSplit
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ PROBE_TRAIN_EXAMPLES = 4000  # SAEBench's probe_train_set_size: a one-vs-rest ta
 PROBE_TEST_EXAMPLES = 1000  # SAEBench's probe_test_set_size: the same on the held-out side
 PROBE_C = 1.0  # SAEBench's train_sklearn_probe: scikit-learn's default L2 strength...
 PROBE_MAX_ITER = 1000  # ...and its raised iteration limit
+CONTEXT_LENGTH = 128  # SAEBench's context_length: pooling reads each example's first 128 positions
 POOL_GROUP_TOKENS = 4096  # tokens read and encoded together in the pooling pass
 MULTICLASS = "all labels (multiclass)"  # the multiclass task's name among the labels'
 POSITIVE, NEGATIVE = 1, 0  # SAEBench's dataset_info.POSITIVE_CLASS_LABEL and NEGATIVE_CLASS_LABEL
@@ -87,14 +90,23 @@ class PooledExamples:
     features_NM: torch.Tensor  # (N, M) float32 mean SAE feature activation
 
 
+def first_positions(store: ActivationStore, example: int, context_length: int) -> StoreChunk:
+    """The example's first `context_length` tokens (0: all of them), special ones included: SAEBench's truncation."""
+    start, stop = int(store.doc_offsets[example]), int(store.doc_offsets[example + 1])
+    return store.chunk(start, min(stop, start + context_length) if context_length else stop)
+
+
 @torch.no_grad()
-def pool_examples(store: ActivationStore, sae: SparseAutoencoder, examples: np.ndarray) -> PooledExamples:
-    """One streaming pass over `examples` (ascending): per example, the mean over its content tokens of the raw
-    activations and of the SAE's feature activations. Examples with no content token are dropped."""
+def pool_examples(
+    store: ActivationStore, sae: SparseAutoencoder, examples: np.ndarray, context_length: int = CONTEXT_LENGTH
+) -> PooledExamples:
+    """One streaming pass over `examples` (ascending): per example, the mean over the content tokens among its first
+    `context_length` positions (0: all) of the raw activations and of the SAE's feature activations. Examples with no
+    content token there are dropped."""
     device = next(sae.parameters()).device
     raw_sums, feature_sums, counts = [], [], []
     for group in tqdm(store.example_groups(examples, POOL_GROUP_TOKENS), desc="sparse probing: pooling", unit="group"):
-        parts = [store.example(index) for index in group]
+        parts = [first_positions(store, index, context_length) for index in group]
         content = ~torch.from_numpy(np.concatenate([part.special_mask for part in parts]))
         x_TD = torch.cat([part.activations for part in parts]).float()[content]
         lengths = torch.tensor([len(part.special_mask) for part in parts])
@@ -108,7 +120,7 @@ def pool_examples(store: ActivationStore, sae: SparseAutoencoder, examples: np.n
     count_N = torch.cat(counts)
     kept = count_N > 0
     if not kept.all():
-        logger.info("Sparse probing: %d examples have no content token and are left out.", int((~kept).sum()))
+        logger.info("Sparse probing: %d examples have no content token in their first positions and are left out.", int((~kept).sum()))
     denominator = count_N[kept, None].float()
     return PooledExamples(
         np.asarray(examples)[kept.numpy()], torch.cat(raw_sums)[kept] / denominator, torch.cat(feature_sums)[kept] / denominator
@@ -280,6 +292,7 @@ def run_sparse_probing(
     k_values: list[int] = K_VALUES,
     train_examples: int = PROBE_TRAIN_EXAMPLES,
     test_examples: int = PROBE_TEST_EXAMPLES,
+    context_length: int = CONTEXT_LENGTH,
 ) -> dict[str, Any]:
     """Probe the store's labels with the SAE's features on `split` (training vs held-out examples); writes
     sparse_probing.json and sparse_probing.png beside the checkpoint and prints the table. When the data has fewer than
@@ -297,8 +310,8 @@ def run_sparse_probing(
         logger.info("Sparse probing: the SAE has M=%d features, so k above it reads all %d.", sae.spec.m, sae.spec.m)
     train_rows, test_rows = probing_examples(list(names), split, seed, train_examples, test_examples)
     logger.info("Sparse probing on %d training and %d held-out labelled examples, %d labels", len(train_rows), len(test_rows), len(present))
-    train = pool_examples(store, sae, train_rows)
-    test = pool_examples(store, sae, test_rows)
+    train = pool_examples(store, sae, train_rows, context_length)
+    test = pool_examples(store, sae, test_rows, context_length)
     # Only labels with examples on both sides take part, as SAEBench's `ensure_shared_keys` keeps them.
     labels = sorted(set(names[train.examples]) & set(names[test.examples]))
     if len(labels) < 2:
@@ -314,10 +327,12 @@ def run_sparse_probing(
         "store": str(store.folder),
         "status": "measured",
         "hook_name": store.hook_name,
-        "method": "SAEBench sparse probing (sae-bench 0.6.0 evals/sparse_probing): mean-pooled over content tokens, features "
+        "method": "SAEBench sparse probing (sae-bench 0.6.0 evals/sparse_probing): mean-pooled over the content tokens of "
+        f"{f'the first {context_length} positions' if context_length else 'the whole example'}, features "
         "ranked by |difference of class means| on the balanced training set, L2 logistic regression (C=1, max_iter=1000)",
         "k_values": usable,
         "seed": seed,
+        "context_length": context_length,
         "examples": {"train": len(train.examples), "test": len(test.examples)},
         "labels": [name for name in tasks if name != MULTICLASS],
         "mean_over_labels": summary(tasks, usable),
