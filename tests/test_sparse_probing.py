@@ -37,10 +37,12 @@ SIGNAL, BOS_NORM = 3.0, 60.0
 SEED, FRACTION = 0, 0.25
 
 
-def write_planted_store(folder: Path, labels_follow_activations: bool = True, labelled: bool = True) -> ActivationStore:
+def write_planted_store(
+    folder: Path, labels_follow_activations: bool = True, labelled: bool = True, training_only: int = 0
+) -> ActivationStore:
     """PER_LABEL examples per label, each a BOS (special; norm BOS_NORM along the *next* label's direction) then 4-11
     content tokens of noise + SIGNAL · e_label. With `labels_follow_activations` false, the labels written are drawn
-    independently of the directions planted."""
+    independently of the directions planted; the first `training_only` training examples are labelled "rare"."""
     generator = np.random.default_rng(0)
     planted = np.repeat(np.arange(len(LABELS)), PER_LABEL)
     generator.shuffle(planted)
@@ -57,6 +59,8 @@ def write_planted_store(folder: Path, labels_follow_activations: bool = True, la
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     shards = plan_shards(lengths.tolist(), shard_tokens=300)  # several shards: pooling streams across them
     records = [{"row": i, "source": f"row {i}", "label": LABELS[label] if labelled else None} for i, label in enumerate(written)]
+    for i in np.flatnonzero(~ExampleSplit.by_example(len(planted), FRACTION, SEED).is_validation)[:training_only]:
+        records[i]["label"] = "rare"
     writer = ActivationStoreWriter(
         folder, {"test": 1}, {"model": "planted", "hook_name": "planted", "d": D, "dtype": "float32"}, shards, offsets, records
     )
@@ -127,6 +131,15 @@ def test_outputs_beside_the_checkpoint_and_the_dashboard_reader(planted, capsys)
     choices = read_probe_choices(folder)
     assert [(choice["task"], choice["rank"]) for choice in choices[1] if choice["rank"] == 1] == [("beta", 1)]
     assert read_probe_choices(folder / "elsewhere") == {}
+
+
+def test_a_label_on_one_side_only_is_dropped_logged_and_recorded(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastsae.evaluate.sparse_probing"):
+        results = probe(tmp_path, write_planted_store(tmp_path / "store", training_only=5))
+    assert results["labels"] == sorted(LABELS) and results["dropped_labels"] == {"rare": {"train": 5, "test": 0}}
+    assert "rare (5 training, 0 held-out)" in caplog.text
+    multiclass = results["tasks"][MULTICLASS]  # every example of the labels that take part
+    assert results["examples"] == {"train": multiclass["train_examples"], "test": multiclass["test_examples"]}
 
 
 def test_the_table_shows_each_task_at_each_k(tmp_path, capsys):

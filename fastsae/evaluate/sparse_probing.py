@@ -19,7 +19,8 @@ What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_trainin
   procedure is SAEBench's: a call draws with the same `torch.randperm` calls as one `prepare_probe_data` call, from a
   generator seeded with the split's seed. SAEBench calls it anew for its LLM probe and for every k, so its runs draw
   other examples; we draw once per label and side, and every k is probed on the same examples. Unlabelled
-  examples take no part.
+  examples take no part, nor do labels without examples on both sides (`ensure_shared_keys`): they are logged and
+  listed in `dropped_labels`.
 - **Ranking** (`get_top_k_mean_diff_mask`): |mean over the label's examples − mean over the others| on the balanced
   training set; the top k are the probe's inputs, for each k in `k_values`. The ranked list is what each label
   "uses" (the signed difference is kept: negative means the feature fires *less* on the label).
@@ -312,11 +313,12 @@ def run_sparse_probing(
     logger.info("Sparse probing on %d training and %d held-out labelled examples, %d labels", len(train_rows), len(test_rows), len(present))
     train = pool_examples(store, sae, train_rows, context_length)
     test = pool_examples(store, sae, test_rows, context_length)
-    # Only labels with examples on both sides take part, as SAEBench's `ensure_shared_keys` keeps them.
-    labels = sorted(set(names[train.examples]) & set(names[test.examples]))
+    train_names, test_names = names[train.examples], names[test.examples]
+    labels = sorted(set(train_names) & set(test_names))
+    dropped = dropped_labels(present, labels, train_names, test_names)
     if len(labels) < 2:
         return skipped(trained, store, f"fewer than two labels have both training and held-out examples ({', '.join(labels)})")
-    tasks = probe_labels(train, names[train.examples], test, names[test.examples], labels, usable, seed)
+    tasks = probe_labels(train, train_names, test, test_names, labels, usable, seed)
     unconverged = {name: task["unconverged_probes"] for name, task in tasks.items() if task["unconverged_probes"]}
     if unconverged:
         logger.warning(
@@ -333,8 +335,9 @@ def run_sparse_probing(
         "k_values": usable,
         "seed": seed,
         "context_length": context_length,
-        "examples": {"train": len(train.examples), "test": len(test.examples)},
+        "examples": {"train": int(np.isin(train_names, labels).sum()), "test": int(np.isin(test_names, labels).sum())},
         "labels": [name for name in tasks if name != MULTICLASS],
+        "dropped_labels": dropped,
         "mean_over_labels": summary(tasks, usable),
         "tasks": tasks,
     }
@@ -344,6 +347,24 @@ def run_sparse_probing(
     plot_sparse_probing(folder / SPARSE_PROBING_PLOT_FILE, results, f"{sae.spec.name} — {store.hook_name}")
     print(f"\n{trained.checkpoint}: sparse probing\n\n" + probing_table(results))
     return results
+
+
+def dropped_labels(present: list[str], kept: list[str], train_names: np.ndarray, test_names: np.ndarray) -> dict[str, dict[str, int]]:
+    """The labels left out for lacking examples on one side (or both), with their counts per side, logged: SAEBench's
+    `ensure_shared_keys` removes them too, and prints which."""
+    dropped = {
+        label: {"train": int((train_names == label).sum()), "test": int((test_names == label).sum())}
+        for label in present
+        if label not in kept
+    }
+    if dropped:
+        logger.warning(
+            "Sparse probing: %d labels have no training or no held-out examples and take no part (as SAEBench's ensure_shared_keys "
+            "removes them): %s",
+            len(dropped),
+            "; ".join(f"{label} ({counts['train']} training, {counts['test']} held-out)" for label, counts in dropped.items()),
+        )
+    return dropped
 
 
 def skipped(trained: TrainedSAE, store: ActivationStore, reason: str) -> dict[str, Any]:
