@@ -171,6 +171,16 @@ def test_balancing_draws_as_many_others_as_positives_spread_over_the_other_label
     assert len(set(chosen)) == 18
 
 
+def test_a_label_outnumbering_the_rest_keeps_a_random_draw_of_its_positives():
+    rows = {"a": np.arange(0, 900), "b": np.arange(900, 950), "c": np.arange(950, 1000)}
+    chosen, targets = balanced_one_vs_rest(rows, "a", torch.Generator().manual_seed(0))
+    positives = chosen[targets == 1]
+    assert len(positives) == 100 and len(set(positives)) == 100 and (chosen[targets == 0] >= 900).all()
+    assert positives.max() > 450 and (positives < 300).sum() < 60  # spread over the label, not its first 100 rows
+    again, _ = balanced_one_vs_rest(rows, "a", torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(chosen, again)  # seeded
+
+
 def test_evaluate_runs_only_the_evaluations_named(tmp_path):
     store = write_planted_store(tmp_path / "store")
     checkpoint = tmp_path / "run" / "SAE_M=12_K=0.pt"

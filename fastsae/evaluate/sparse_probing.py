@@ -155,7 +155,8 @@ def balanced_one_vs_rest(rows_by_label: dict[str, np.ndarray], label: str, gener
     """SAEBench's `prepare_probe_data` on row indices: the label's rows and as many others, drawn evenly across the
     other labels (in `rows_by_label`'s order), shuffled; returns (rows, 0/1 targets). One call draws as one call of
     SAEBench's does, randperm for randperm (SAEBench calls it per k as well, so its run's draws differ from ours); where
-    the others are too few (SAEBench's assertion fails), the positives are cut to their number."""
+    the others are too few (SAEBench's assertion fails), as many positives are drawn at random from the same generator
+    (not the first ones in store order, which would favour the store's beginning)."""
     positives = rows_by_label[label]
     others = [name for name in rows_by_label if name != label]
     per_label = math.ceil(len(positives) / len(others))
@@ -163,7 +164,8 @@ def balanced_one_vs_rest(rows_by_label: dict[str, np.ndarray], label: str, gener
         [rows_by_label[name][torch.randperm(len(rows_by_label[name]), generator=generator)[:per_label].numpy()] for name in others]
     )
     negatives = negatives[torch.randperm(len(negatives), generator=generator)[: len(positives)].numpy()]
-    positives = positives[: len(negatives)]
+    if len(negatives) < len(positives):
+        positives = np.sort(positives[torch.randperm(len(positives), generator=generator)[: len(negatives)].numpy()])
     rows = np.concatenate([positives, negatives])
     targets = np.concatenate([np.full(len(positives), POSITIVE), np.full(len(negatives), NEGATIVE)])
     order = torch.randperm(len(rows), generator=generator).numpy()
