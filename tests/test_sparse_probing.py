@@ -38,11 +38,12 @@ SEED, FRACTION = 0, 0.25
 
 
 def write_planted_store(
-    folder: Path, labels_follow_activations: bool = True, labelled: bool = True, training_only: int = 0
+    folder: Path, labels_follow_activations: bool = True, labelled: bool = True, training_only: int = 0, packing: str = "sequential"
 ) -> ActivationStore:
     """PER_LABEL examples per label, each a BOS (special; norm BOS_NORM along the *next* label's direction) then 4-11
     content tokens of noise + SIGNAL · e_label. With `labels_follow_activations` false, the labels written are drawn
-    independently of the directions planted; the first `training_only` training examples are labelled "rare"."""
+    independently of the directions planted; the first `training_only` training examples are labelled "rare"; `packing`
+    is the manifest's."""
     generator = np.random.default_rng(0)
     planted = np.repeat(np.arange(len(LABELS)), PER_LABEL)
     generator.shuffle(planted)
@@ -62,7 +63,12 @@ def write_planted_store(
     for i in np.flatnonzero(~ExampleSplit.by_example(len(planted), FRACTION, SEED).is_validation)[:training_only]:
         records[i]["label"] = "rare"
     writer = ActivationStoreWriter(
-        folder, {"test": 1}, {"model": "planted", "hook_name": "planted", "d": D, "dtype": "float32"}, shards, offsets, records
+        folder,
+        {"test": 1},
+        {"model": "planted", "hook_name": "planted", "d": D, "dtype": "float32", "packing": packing},
+        shards,
+        offsets,
+        records,
     )
     x, mask = np.concatenate(activations).astype(np.float32), np.concatenate(special)
     for index, shard in enumerate(shards):
@@ -160,6 +166,16 @@ def test_data_without_labels_is_skipped_and_says_so(tmp_path, caplog):
     assert json.loads((tmp_path / SPARSE_PROBING_FILE).read_text()) == result  # so the pipeline sees the step done
     assert not (tmp_path / SPARSE_PROBING_PLOT_FILE).exists()
     assert read_probe_choices(tmp_path) == {}
+
+
+def test_a_block_packed_store_is_skipped_with_the_packing_to_extract_it_with(tmp_path):
+    store = write_planted_store(tmp_path / "store", labelled=False, packing="block")  # a block's records carry no label
+    result = probe(tmp_path, store)
+    assert result["status"] == "skipped"
+    assert result["reason"] == (
+        f'{store.folder} was extracted with PACKING = "block": its blocks mix examples, so no block has one label; '
+        'extract the store again with PACKING = "sequential" (extract_activations.py)'
+    )
 
 
 def test_balancing_draws_as_many_others_as_positives_spread_over_the_other_labels():

@@ -299,7 +299,15 @@ def run_sparse_probing(
 ) -> dict[str, Any]:
     """Probe the store's labels with the SAE's features on `split` (training vs held-out examples); writes
     sparse_probing.json and sparse_probing.png beside the checkpoint and prints the table. When the data has fewer than
-    two labels, sparse_probing.json says why it was skipped (status "skipped"), so a rerun knows it is done."""
+    two labels, or the store is block-packed (a block spans examples), sparse_probing.json says why it was skipped
+    (status "skipped"), so a rerun knows it is done."""
+    if store.manifest.packing == "block":
+        return skipped(
+            trained,
+            store,
+            f'{store.folder} was extracted with PACKING = "block": its blocks mix examples, so no block has one label; '
+            'extract the store again with PACKING = "sequential" (extract_activations.py)',
+        )
     names = np.array([record.get("label") for record in store.example_records()], dtype=object)
     present = sorted({name for name in names if name is not None})
     if len(present) < 2:
