@@ -148,6 +148,21 @@ def test_a_label_on_one_side_only_is_dropped_logged_and_recorded(tmp_path, caplo
     assert results["examples"] == {"train": multiclass["train_examples"], "test": multiclass["test_examples"]}
 
 
+def test_features_with_no_difference_are_not_listed_as_chosen(tmp_path, capsys):
+    store = write_planted_store(tmp_path / "store")
+    dead = trained(tmp_path, store)
+    with torch.no_grad():
+        dead.sae.b_enc[8:] = -1e6  # features 8..11 never fire: no difference on any label
+    results = run_sparse_probing(dead, store, ExampleSplit.by_example(store.n_examples, FRACTION, SEED), SEED, [1, M])
+    for name, task in results["tasks"].items():
+        listed = [f["feature"] for f in task["features"]]
+        assert not set(listed) & {8, 9, 10, 11} and all(f["mean_difference"] != 0 for f in task["features"]), name
+        assert task[f"sae_top_{M}_test_accuracy"] >= 0.95  # the probes still read all M
+    assert not set(read_probe_choices(tmp_path)) & {8, 9, 10, 11}
+    table_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| alpha |")]
+    assert table_rows and not any(f"{feature}+" in table_rows[0] or f"{feature}−" in table_rows[0] for feature in (8, 9, 10, 11))
+
+
 def test_the_table_shows_each_task_at_each_k(tmp_path, capsys):
     probe(tmp_path, write_planted_store(tmp_path / "store"), k_values=(1, 3, 50))  # k above M=12 reads all 12
     printed = capsys.readouterr().out

@@ -35,6 +35,7 @@ import pandas as pd
 import pytest
 import sae_bench.evals.sparse_probing.probe_training as saebench_probes
 import sae_bench.sae_bench_utils.activation_collection as saebench_activations
+import sae_bench.sae_bench_utils.dataset_info as dataset_info
 import sae_bench.sae_bench_utils.dataset_utils as saebench_datasets
 import torch
 
@@ -125,6 +126,9 @@ def saebench_probe_results(train: dict[str, torch.Tensor], test: dict[str, torch
         _, ceiling = saebench_probes.train_sklearn_probe(train_acts[:, :d], train_y, test_acts[:, :d], test_y)
         results[label] = {"ceiling_test_accuracy": ceiling}
         train_features, test_features = train_acts[:, d:].contiguous(), test_acts[:, d:].contiguous()
+        # Ours lists a label's chosen features less those with no mean difference (they carry nothing of it).
+        positive = train_y == dataset_info.POSITIVE_CLASS_LABEL
+        differs = train_features[positive].mean(0) != train_features[~positive].mean(0)
         for k in K_VALUES:
             mask = saebench_probes.get_top_k_mean_diff_mask(train_features, train_y, k)
             _, accuracy = saebench_probes.train_sklearn_probe(
@@ -134,7 +138,7 @@ def saebench_probe_results(train: dict[str, torch.Tensor], test: dict[str, torch
                 test_y,
             )
             results[label][f"sae_top_{k}_test_accuracy"] = accuracy
-            results[label][f"top_{k}_features"] = set(torch.nonzero(~mask).flatten().tolist())
+            results[label][f"top_{k}_features"] = set(torch.nonzero(~mask & differs).flatten().tolist())
     return results
 
 

@@ -23,7 +23,8 @@ What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_trainin
   listed in `dropped_labels`.
 - **Ranking** (`get_top_k_mean_diff_mask`): |mean over the label's examples − mean over the others| on the balanced
   training set; the top k are the probe's inputs, for each k in `k_values`. The ranked list is what each label
-  "uses" (the signed difference is kept: negative means the feature fires *less* on the label).
+  "uses" (the signed difference is kept: negative means the feature fires *less* on the label), less the features
+  whose difference is zero (most often features that never fire on the set): they carry nothing of the label.
 - **Probe** (`train_sklearn_probe`): scikit-learn's `LogisticRegression` with its L2 default, C = 1, max_iter = 1000,
   on unnormalised float32 inputs. **Test accuracy** is `accuracy_score` on the balanced held-out set, so chance
   is 0.5: `sae_top_{k}_test_accuracy` per label, and their mean over labels, are SAEBench's numbers.
@@ -236,7 +237,11 @@ def probe_task(
         score = fit_probe(train_features[:, chosen], train_y, test_features[:, chosen], test_y)
         result[f"sae_top_{k}_test_accuracy"], result[f"sae_top_{k}_test_auroc"] = score.accuracy, score.auroc
         unconverged += [] if score.converged else [f"k={k}"]
-    result["features"] = [{"feature": int(f), "mean_difference": float(differences_F[f])} for f in ranked[: max(k_values)]]
+    # A feature with no difference (one that never fires on the set) tells the label nothing: the probes read it when k
+    # reaches it, as SAEBench's do, but it is not listed as one the label uses.
+    result["features"] = [
+        {"feature": int(f), "mean_difference": float(differences_F[f])} for f in ranked[: max(k_values)] if differences_F[f] != 0
+    ]
     result["unconverged_probes"] = unconverged
     return result
 
@@ -393,7 +398,8 @@ def _pair(accuracy: float | None, auroc: float | None) -> str:
 
 
 def probing_table(results: dict[str, Any]) -> str:
-    """Per task: examples, the ceiling's accuracy / AUROC, the same at each k, and the top features (sign: fires more or less)."""
+    """Per task: examples, the ceiling's accuracy / AUROC, the same at each k, and the top listed features (sign: fires
+    more or less; zero-difference features are not listed)."""
     k_values = results["k_values"]
     header = ["task", "train / test", "ceiling (all d)", *(f"k={k}" for k in k_values), "top features"]
     rows = []
