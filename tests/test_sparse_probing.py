@@ -37,10 +37,13 @@ SIGNAL, BOS_NORM = 3.0, 60.0
 SEED, FRACTION = 0, 0.25
 
 
-def write_planted_store(folder: Path, labels_follow_activations: bool = True, labelled: bool = True) -> ActivationStore:
+def write_planted_store(
+    folder: Path, labels_follow_activations: bool = True, labelled: bool = True, training_only: int = 0, packing: str = "sequential"
+) -> ActivationStore:
     """PER_LABEL examples per label, each a BOS (special; norm BOS_NORM along the *next* label's direction) then 4-11
     content tokens of noise + SIGNAL · e_label. With `labels_follow_activations` false, the labels written are drawn
-    independently of the directions planted."""
+    independently of the directions planted; the first `training_only` training examples are labelled "rare"; `packing`
+    is the manifest's."""
     generator = np.random.default_rng(0)
     planted = np.repeat(np.arange(len(LABELS)), PER_LABEL)
     generator.shuffle(planted)
@@ -57,8 +60,15 @@ def write_planted_store(folder: Path, labels_follow_activations: bool = True, la
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     shards = plan_shards(lengths.tolist(), shard_tokens=300)  # several shards: pooling streams across them
     records = [{"row": i, "source": f"row {i}", "label": LABELS[label] if labelled else None} for i, label in enumerate(written)]
+    for i in np.flatnonzero(~ExampleSplit.by_example(len(planted), FRACTION, SEED).is_validation)[:training_only]:
+        records[i]["label"] = "rare"
     writer = ActivationStoreWriter(
-        folder, {"test": 1}, {"model": "planted", "hook_name": "planted", "d": D, "dtype": "float32"}, shards, offsets, records
+        folder,
+        {"test": 1},
+        {"model": "planted", "hook_name": "planted", "d": D, "dtype": "float32", "packing": packing},
+        shards,
+        offsets,
+        records,
     )
     x, mask = np.concatenate(activations).astype(np.float32), np.concatenate(special)
     for index, shard in enumerate(shards):
@@ -129,6 +139,30 @@ def test_outputs_beside_the_checkpoint_and_the_dashboard_reader(planted, capsys)
     assert read_probe_choices(folder / "elsewhere") == {}
 
 
+def test_a_label_on_one_side_only_is_dropped_logged_and_recorded(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastsae.evaluate.sparse_probing"):
+        results = probe(tmp_path, write_planted_store(tmp_path / "store", training_only=5))
+    assert results["labels"] == sorted(LABELS) and results["dropped_labels"] == {"rare": {"train": 5, "test": 0}}
+    assert "rare (5 training, 0 held-out)" in caplog.text
+    multiclass = results["tasks"][MULTICLASS]  # every example of the labels that take part
+    assert results["examples"] == {"train": multiclass["train_examples"], "test": multiclass["test_examples"]}
+
+
+def test_features_with_no_difference_are_not_listed_as_chosen(tmp_path, capsys):
+    store = write_planted_store(tmp_path / "store")
+    dead = trained(tmp_path, store)
+    with torch.no_grad():
+        dead.sae.b_enc[8:] = -1e6  # features 8..11 never fire: no difference on any label
+    results = run_sparse_probing(dead, store, ExampleSplit.by_example(store.n_examples, FRACTION, SEED), SEED, [1, M])
+    for name, task in results["tasks"].items():
+        listed = [f["feature"] for f in task["features"]]
+        assert not set(listed) & {8, 9, 10, 11} and all(f["mean_difference"] != 0 for f in task["features"]), name
+        assert task[f"sae_top_{M}_test_accuracy"] >= 0.95  # the probes still read all M
+    assert not set(read_probe_choices(tmp_path)) & {8, 9, 10, 11}
+    table_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| alpha |")]
+    assert table_rows and not any(f"{feature}+" in table_rows[0] or f"{feature}−" in table_rows[0] for feature in (8, 9, 10, 11))
+
+
 def test_the_table_shows_each_task_at_each_k(tmp_path, capsys):
     probe(tmp_path, write_planted_store(tmp_path / "store"), k_values=(1, 3, 50))  # k above M=12 reads all 12
     printed = capsys.readouterr().out
@@ -149,6 +183,16 @@ def test_data_without_labels_is_skipped_and_says_so(tmp_path, caplog):
     assert read_probe_choices(tmp_path) == {}
 
 
+def test_a_block_packed_store_is_skipped_with_the_packing_to_extract_it_with(tmp_path):
+    store = write_planted_store(tmp_path / "store", labelled=False, packing="block")  # a block's records carry no label
+    result = probe(tmp_path, store)
+    assert result["status"] == "skipped"
+    assert result["reason"] == (
+        f'{store.folder} was extracted with PACKING = "block": its blocks mix examples, so no block has one label; '
+        'extract the store again with PACKING = "sequential" (extract_activations.py)'
+    )
+
+
 def test_balancing_draws_as_many_others_as_positives_spread_over_the_other_labels():
     rows = {"a": np.arange(0, 9), "b": np.arange(9, 100), "c": np.arange(100, 200)}
     chosen, targets = balanced_one_vs_rest(rows, "a", torch.Generator().manual_seed(0))
@@ -156,6 +200,16 @@ def test_balancing_draws_as_many_others_as_positives_spread_over_the_other_label
     assert (targets == 1).sum() == 9 and len(negatives) == 9
     assert 4 <= (negatives < 100).sum() <= 5  # ceil(9 / 2) drawn from each of b and c, then 9 of those 10 kept
     assert len(set(chosen)) == 18
+
+
+def test_a_label_outnumbering_the_rest_keeps_a_random_draw_of_its_positives():
+    rows = {"a": np.arange(0, 900), "b": np.arange(900, 950), "c": np.arange(950, 1000)}
+    chosen, targets = balanced_one_vs_rest(rows, "a", torch.Generator().manual_seed(0))
+    positives = chosen[targets == 1]
+    assert len(positives) == 100 and len(set(positives)) == 100 and (chosen[targets == 0] >= 900).all()
+    assert positives.max() > 450 and (positives < 300).sum() < 60  # spread over the label, not its first 100 rows
+    again, _ = balanced_one_vs_rest(rows, "a", torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(chosen, again)  # seeded
 
 
 def test_evaluate_runs_only_the_evaluations_named(tmp_path):
@@ -179,3 +233,10 @@ def test_evaluate_runs_only_the_evaluations_named(tmp_path):
 def test_unknown_evaluations_are_refused():
     with pytest.raises(UserError, match="EVALS takes one or more of core, sparse_probing, absorption"):
         EvalConfig(evals=["sparse-probing"])
+
+
+def test_a_task_size_of_one_and_a_negative_context_length_are_refused():
+    with pytest.raises(UserError, match=r"be 0 \(all\) or at least 2 \(half of each task's examples come from its label\)"):
+        EvalConfig(evals=["sparse_probing"], probing_train_examples=1)
+    with pytest.raises(UserError, match=r"PROBING_CONTEXT_LENGTH must be 0 \(the whole example\) or positive; got -1"):
+        EvalConfig(evals=["sparse_probing"], probing_context_length=-1)

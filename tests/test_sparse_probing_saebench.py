@@ -4,8 +4,11 @@ and labels.
 SAEBench's `run_eval` cannot run here: it downloads its own datasets. So its lower-level functions run on our data,
 each as its `main.py` calls them:
 
+0. Examples. `gather_dataset_from_df` (the builder of its AG News set) draws probe_train_set_size // 2 examples per
+   class from a table of our labelled examples: ours keeps the same ones.
 1. Pooling. SAEBench collects the tiny Llama's block-2 activations of our examples' tokens through TransformerLens
-   (`get_all_llm_activations` with `mask_bos_pad_eos_tokens=True`, right-padded like its tokenised datasets), then
+   (`get_all_llm_activations` with `mask_bos_pad_eos_tokens=True`, cut at a context length of 16 tokens and
+   right-padded like its tokenised datasets; most examples are longer), then
    mean-pools them (`create_meaned_model_activations`) and a SAELens copy of our SAE's features
    (`get_sae_meaned_activations`). Ours pools the store. They agree to float32 noise (TransformerLens' forward is not
    Hugging Face's bit for bit). The store is plain text (no chat template), where the store's special tokens and
@@ -28,9 +31,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import sae_bench.evals.sparse_probing.probe_training as saebench_probes
 import sae_bench.sae_bench_utils.activation_collection as saebench_activations
+import sae_bench.sae_bench_utils.dataset_info as dataset_info
+import sae_bench.sae_bench_utils.dataset_utils as saebench_datasets
 import torch
 
 from fastsae.core.saelens_export import saelens_weights
@@ -45,6 +51,7 @@ from saebench_reference import hooked_transformer_from_hf, saelens_sae
 
 LAYER = 2
 K_VALUES = [1, 2, 5, 20]
+CONTEXT_LENGTH = 16  # below most of the default dataset's examples' lengths, so the cut shows
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +67,15 @@ def probing_run(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> dict:
     names = np.array([record["label"] for record in store.example_records()], dtype=object)
     split = ExampleSplit.by_example(store.n_examples, trained.info.validation_fraction, seed)
     train_rows, test_rows = probing_examples(list(names), split, seed, 0, 0)
-    train, test = pool_examples(store, trained.sae, train_rows), pool_examples(store, trained.sae, test_rows)
+    train = pool_examples(store, trained.sae, train_rows, CONTEXT_LENGTH)
+    test = pool_examples(store, trained.sae, test_rows, CONTEXT_LENGTH)
     labels = sorted(set(names))
     tasks = probe_labels(train, names[train.examples], test, names[test.examples], labels, K_VALUES, seed)
     return {
         "store": store,
         "trained": trained,
         "names": names,
+        "split": split,
         "train": train,
         "test": test,
         "labels": labels,
@@ -92,7 +101,8 @@ def saebench_pooled(run: dict, pooled: PooledExamples, tiny_llama, tokenizer) ->
     tokens = {}
     for label in run["labels"]:
         examples = pooled.examples[names[pooled.examples] == label]
-        ids = [torch.from_numpy(store.example(int(index)).token_ids.astype(np.int64)) for index in examples]
+        # Cut at its context_length, as `tokenize_data_dictionary`'s truncation=True, max_length=context_length cuts.
+        ids = [torch.from_numpy(store.example(int(index)).token_ids[:CONTEXT_LENGTH].astype(np.int64)) for index in examples]
         input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id)
         tokens[label] = {"input_ids": input_ids, "attention_mask": (input_ids != tokenizer.pad_token_id).long()}
     acts_BLD = saebench_activations.get_all_llm_activations(
@@ -116,6 +126,9 @@ def saebench_probe_results(train: dict[str, torch.Tensor], test: dict[str, torch
         _, ceiling = saebench_probes.train_sklearn_probe(train_acts[:, :d], train_y, test_acts[:, :d], test_y)
         results[label] = {"ceiling_test_accuracy": ceiling}
         train_features, test_features = train_acts[:, d:].contiguous(), test_acts[:, d:].contiguous()
+        # Ours lists a label's chosen features less those with no mean difference (they carry nothing of it).
+        positive = train_y == dataset_info.POSITIVE_CLASS_LABEL
+        differs = train_features[positive].mean(0) != train_features[~positive].mean(0)
         for k in K_VALUES:
             mask = saebench_probes.get_top_k_mean_diff_mask(train_features, train_y, k)
             _, accuracy = saebench_probes.train_sklearn_probe(
@@ -125,7 +138,7 @@ def saebench_probe_results(train: dict[str, torch.Tensor], test: dict[str, torch
                 test_y,
             )
             results[label][f"sae_top_{k}_test_accuracy"] = accuracy
-            results[label][f"top_{k}_features"] = set(torch.nonzero(~mask).flatten().tolist())
+            results[label][f"top_{k}_features"] = set(torch.nonzero(~mask & differs).flatten().tolist())
     return results
 
 
@@ -151,8 +164,28 @@ def saebench_side(probing_run, tiny_llama, smollm2_tokenizer) -> dict[str, dict[
     return {side: saebench_pooled(probing_run, probing_run[side], tiny_llama, smollm2_tokenizer) for side in ("train", "test")}
 
 
+def test_each_label_keeps_half_a_task_drawn_as_saebench_dataset_builders_draw(probing_run):
+    """SAEBench's probe_train_set_size is a one-vs-rest task's size: `gather_dataset_from_df` draws half of it per class
+    (pandas' `sample` with the seed); ours draws the same examples. A label with fewer than half keeps them all."""
+    names, split, seed = probing_run["names"], probing_run["split"], probing_run["seed"]
+    sides = {"train": np.flatnonzero(~split.is_validation), "test": np.flatnonzero(split.is_validation)}
+    labels = sorted(set(names))
+    per_label = {side: max(1, min((names[examples] == label).sum() for label in labels) - 1) for side, examples in sides.items()}
+    ours = dict(zip(sides, probing_examples(list(names), split, seed, 2 * per_label["train"], 2 * per_label["test"])))
+    for side, examples in sides.items():
+        frame = pd.DataFrame({"label": names[examples], "text": examples})
+        theirs = saebench_datasets.gather_dataset_from_df(frame, labels, per_label[side], "label", "text", seed)
+        for label in labels:
+            assert set(ours[side][names[ours[side]] == label]) == set(theirs[label]), (side, label)
+    # A task size above twice every label's count keeps every labelled example.
+    everything = probing_examples(list(names), split, seed, 2 * len(names), 2 * len(names))
+    np.testing.assert_array_equal(np.concatenate(everything), np.concatenate(list(sides.values())))
+
+
 def test_pooling_equals_saebench_activation_collection_and_means(probing_run, saebench_side):
-    names, labels = probing_run["names"], probing_run["labels"]
+    names, labels, store = probing_run["names"], probing_run["labels"], probing_run["store"]
+    lengths = np.diff(store.doc_offsets)
+    assert (lengths > CONTEXT_LENGTH).mean() > 0.5  # most examples are longer than the context, so a missing cut shows
     for side in ("train", "test"):
         theirs = saebench_side[side]
         ours = by_label(probing_run[side], names, labels)

@@ -314,8 +314,9 @@ def spelling_probe(
     unmeasured = SpellingProbe(settings, train_x, train_letters, test_x, test_letters, probe, scores, test_accuracy, {})
     if not unmeasured.measurable:
         return unmeasured
-    # Each held-out word the probe gets right, asked again with in-context examples from the whole vocabulary (SAEBench
-    # builds these for every letter, in alphabetical order, so the prompts' random draws follow its own).
+    # Each held-out word the probe gets right, asked again with in-context examples drawn from `words`, the task's words
+    # (training and held-out alike; with ABSORPTION_WORDS, only the sampled ones). SAEBench builds these for every
+    # letter, in alphabetical order, so the prompts' random draws follow its own.
     candidates = {
         letter: ((test_letters == letter) & (logits[:, letter] > 0)).nonzero().flatten().tolist() for letter in range(len(LETTERS))
     }

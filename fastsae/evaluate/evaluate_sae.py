@@ -72,6 +72,7 @@ from fastsae.evaluate.saebench_core import (
     max_cosine_to_another,
 )
 from fastsae.evaluate.sparse_probing import (
+    CONTEXT_LENGTH,
     K_VALUES,
     PROBE_TEST_EXAMPLES,
     PROBE_TRAIN_EXAMPLES,
@@ -160,10 +161,16 @@ class EvalConfig:
     )
     probing_k: list[int] = setting(K_VALUES, "sparse probing: how many SAE features each probe reads (SAEBench's k_values)")
     probing_train_examples: int = setting(
-        PROBE_TRAIN_EXAMPLES, "sparse probing: at most N labelled training examples (SAEBench's probe_train_set_size; 0: all)"
+        PROBE_TRAIN_EXAMPLES,
+        "sparse probing: training examples per one-vs-rest task, at most N/2 per label (SAEBench's probe_train_set_size; 0: all)",
     )
     probing_test_examples: int = setting(
-        PROBE_TEST_EXAMPLES, "sparse probing: at most N labelled held-out examples (SAEBench's probe_test_set_size; 0: all)"
+        PROBE_TEST_EXAMPLES,
+        "sparse probing: held-out examples per one-vs-rest task, at most N/2 per label (SAEBench's probe_test_set_size; 0: all)",
+    )
+    probing_context_length: int = setting(
+        CONTEXT_LENGTH,
+        "sparse probing: each example is pooled over its first N positions, special tokens counted (SAEBench's context_length; 0: the whole example)",
     )
     absorption_words: int = setting(
         -1,
@@ -180,9 +187,13 @@ class EvalConfig:
             raise UserError(f"EVALS takes one or more of {', '.join(EVALS)}; got {self.evals!r}.")
         if self.absorption_words < -1:
             raise UserError(f"ABSORPTION_WORDS must be -1 (by device), 0 (all) or positive; got {self.absorption_words}.")
-        if not self.probing_k or min(self.probing_k) < 1 or min(self.probing_train_examples, self.probing_test_examples) < 0:
+        sizes = (self.probing_train_examples, self.probing_test_examples)
+        if self.probing_context_length < 0:
+            raise UserError(f"PROBING_CONTEXT_LENGTH must be 0 (the whole example) or positive; got {self.probing_context_length}.")
+        if not self.probing_k or min(self.probing_k) < 1 or any(size < 0 or size == 1 for size in sizes):
             raise UserError(
-                f"PROBING_K must list numbers of at least 1, and PROBING_TRAIN_EXAMPLES / PROBING_TEST_EXAMPLES be at least 0; "
+                f"PROBING_K must list numbers of at least 1, and PROBING_TRAIN_EXAMPLES / PROBING_TEST_EXAMPLES be 0 (all) or at "
+                f"least 2 (half of each task's examples come from its label); "
                 f"got {self.probing_k}, {self.probing_train_examples} and {self.probing_test_examples}."
             )
         if isinstance(self.checkpoint, str | Path):  # one checkpoint given from Python
@@ -644,6 +655,7 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
                 config.probing_k,
                 config.probing_train_examples,
                 config.probing_test_examples,
+                config.probing_context_length,
             )
         if absorption is not None:
             results["absorption"] = absorption.evaluate(evaluand.trained)
@@ -676,8 +688,8 @@ class EvaluateStage(Stage):
     def estimate(self, config: EvalConfig, facts: PlanFacts) -> Estimate:
         """Core: store metrics on every held-out token; the model on a budget of them: one clean forward, then, from the
         hooked block on, the zero-ablated pass and one pass per checkpoint (a rerun on the same store reuses the first
-        two). Sparse probing: one SAE pass over the training and held-out examples it reads (at most its caps; the data's
-        labels are not counted here, so every example counts as labelled); its probes are small next to that.
+        two). Sparse probing: one SAE pass over the first positions of the examples it reads; its caps are per label and
+        the labels are not known here, so every example counts (an upper bound); its probes are small next to that.
         Absorption: see `_absorption_estimate`."""
         corpus, calibration = facts.corpus, facts.calibration
         if corpus is None or calibration is None:
@@ -690,17 +702,16 @@ class EvaluateStage(Stage):
         if "core" in config.evals:
             parts.append(self._core_estimate(config, facts, examples, seed))
         if "sparse_probing" in config.evals:
-            capped = [
-                min(n, cap) if cap else n
-                for n, cap in (
-                    (len(corpus.lengths) - len(examples), config.probing_train_examples),
-                    (len(examples), config.probing_test_examples),
-                )
-            ]
-            tokens = int(corpus.lengths.mean() * sum(capped)) if len(corpus.lengths) else 0
+            context = config.probing_context_length
+            tokens = int((np.minimum(corpus.lengths, context) if context else corpus.lengths).sum())
             seconds = seconds_for(None, tokens * len(config.checkpoint), calibration.encode_tokens_per_second)
             parts.append(
-                Estimate(examples=sum(capped), tokens=tokens, seconds=seconds, note=f"sparse probing on up to {sum(capped):,} examples")
+                Estimate(
+                    examples=len(corpus.lengths),
+                    tokens=tokens,
+                    seconds=seconds,
+                    note=f"sparse probing on up to {len(corpus.lengths):,} examples",
+                )
             )
         if "absorption" in config.evals:
             parts.append(self._absorption_estimate(config, facts))

@@ -8,8 +8,10 @@ examples of the SAE's own training run (so no text is in both). A probe on all d
 What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_training.py`) and what does not:
 
 - **Pooling** (`activation_collection.get_sae_meaned_activations`): each example becomes the mean, over its tokens,
-  of the SAE's feature activations (and of the raw activations, for the ceiling). SAEBench drops BOS, EOS and
-  padding; we drop every special/template token the store marks (BOS, EOS, chat markers): the content tokens, which
+  of the SAE's feature activations (and of the raw activations, for the ceiling). Only its first `context_length`
+  positions count (SAEBench's context_length, 128: `tokenize_data_dictionary` truncates each example there), special
+  and template tokens among them, as SAEBench's tokenizer counts its BOS; 0 keeps the whole example. SAEBench drops
+  BOS, EOS and padding; we drop every special/template token the store marks (BOS, EOS, chat markers): the content tokens, which
   are what the SAE trains on by default. On text without a chat template the two are the same set. An example
   with no content token is left out.
 - **Balancing** (`probe_training.prepare_probe_data`), one-vs-rest: all of the label's examples, and as many others
@@ -17,10 +19,12 @@ What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_trainin
   procedure is SAEBench's: a call draws with the same `torch.randperm` calls as one `prepare_probe_data` call, from a
   generator seeded with the split's seed. SAEBench calls it anew for its LLM probe and for every k, so its runs draw
   other examples; we draw once per label and side, and every k is probed on the same examples. Unlabelled
-  examples take no part.
+  examples take no part, nor do labels without examples on both sides (`ensure_shared_keys`): they are logged and
+  listed in `dropped_labels`.
 - **Ranking** (`get_top_k_mean_diff_mask`): |mean over the label's examples − mean over the others| on the balanced
   training set; the top k are the probe's inputs, for each k in `k_values`. The ranked list is what each label
-  "uses" (the signed difference is kept: negative means the feature fires *less* on the label).
+  "uses" (the signed difference is kept: negative means the feature fires *less* on the label), less the features
+  whose difference is zero (most often features that never fire on the set): they carry nothing of the label.
 - **Probe** (`train_sklearn_probe`): scikit-learn's `LogisticRegression` with its L2 default, C = 1, max_iter = 1000,
   on unnormalised float32 inputs. **Test accuracy** is `accuracy_score` on the balanced held-out set, so chance
   is 0.5: `sae_top_{k}_test_accuracy` per label, and their mean over labels, are SAEBench's numbers.
@@ -31,9 +35,13 @@ What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_trainin
   most common held-out label), features ranked by their largest one-vs-rest difference, a multinomial logistic
   regression; AUROC is the mean one-vs-rest AUROC over the held-out labels.
 
+**Examples** (`dataset_utils.gather_dataset_from_df`): SAEBench's probe_train_set_size and probe_test_set_size (4,000
+and 1,000) are each one-vs-rest task's size, so its dataset builders draw half of it per label; we draw at most
+`train_examples // 2` training and `test_examples // 2` held-out examples per label with its draw (pandas' `sample`
+with the seed), and a label with fewer keeps them all (SAEBench asserts).
+
 Pooling streams the store's examples in store order, a group of about 4,096 tokens at a time: only the pooled
-vectors ((examples, d) and (examples, M)) are held, and at most `train_examples` + `test_examples` of them (SAEBench's
-probe_train_set_size and probe_test_set_size, 4,000 and 1,000).
+vectors ((examples, d) and (examples, M)) are held.
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from fastsae.common.atomic_files import write_json_atomically
 from fastsae.common.markdown import table
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.trained_sae import TrainedSAE
-from fastsae.store.activation_store import ActivationStore
+from fastsae.store.activation_store import ActivationStore, StoreChunk
 from fastsae.store.batches import ExampleSplit
 
 logger = logging.getLogger(__name__)
@@ -65,10 +73,11 @@ logger = logging.getLogger(__name__)
 SPARSE_PROBING_FILE = "sparse_probing.json"  # beside the checkpoint: every task's accuracies, AUROCs and chosen features
 SPARSE_PROBING_PLOT_FILE = "sparse_probing.png"
 K_VALUES = [1, 2, 5, 10, 20]  # SAEBench's defaults are 1, 2, 5; its output format also names 10, 20, 50 and 100
-PROBE_TRAIN_EXAMPLES = 4000  # SAEBench's probe_train_set_size
-PROBE_TEST_EXAMPLES = 1000  # SAEBench's probe_test_set_size
+PROBE_TRAIN_EXAMPLES = 4000  # SAEBench's probe_train_set_size: a one-vs-rest task's training examples, half per label
+PROBE_TEST_EXAMPLES = 1000  # SAEBench's probe_test_set_size: the same on the held-out side
 PROBE_C = 1.0  # SAEBench's train_sklearn_probe: scikit-learn's default L2 strength...
 PROBE_MAX_ITER = 1000  # ...and its raised iteration limit
+CONTEXT_LENGTH = 128  # SAEBench's context_length: pooling reads each example's first 128 positions
 POOL_GROUP_TOKENS = 4096  # tokens read and encoded together in the pooling pass
 MULTICLASS = "all labels (multiclass)"  # the multiclass task's name among the labels'
 POSITIVE, NEGATIVE = 1, 0  # SAEBench's dataset_info.POSITIVE_CLASS_LABEL and NEGATIVE_CLASS_LABEL
@@ -83,14 +92,23 @@ class PooledExamples:
     features_NM: torch.Tensor  # (N, M) float32 mean SAE feature activation
 
 
+def first_positions(store: ActivationStore, example: int, context_length: int) -> StoreChunk:
+    """The example's first `context_length` tokens (0: all of them), special ones included: SAEBench's truncation."""
+    start, stop = int(store.doc_offsets[example]), int(store.doc_offsets[example + 1])
+    return store.chunk(start, min(stop, start + context_length) if context_length else stop)
+
+
 @torch.no_grad()
-def pool_examples(store: ActivationStore, sae: SparseAutoencoder, examples: np.ndarray) -> PooledExamples:
-    """One streaming pass over `examples` (ascending): per example, the mean over its content tokens of the raw
-    activations and of the SAE's feature activations. Examples with no content token are dropped."""
+def pool_examples(
+    store: ActivationStore, sae: SparseAutoencoder, examples: np.ndarray, context_length: int = CONTEXT_LENGTH
+) -> PooledExamples:
+    """One streaming pass over `examples` (ascending): per example, the mean over the content tokens among its first
+    `context_length` positions (0: all) of the raw activations and of the SAE's feature activations. Examples with no
+    content token there are dropped."""
     device = next(sae.parameters()).device
     raw_sums, feature_sums, counts = [], [], []
     for group in tqdm(store.example_groups(examples, POOL_GROUP_TOKENS), desc="sparse probing: pooling", unit="group"):
-        parts = [store.example(index) for index in group]
+        parts = [first_positions(store, index, context_length) for index in group]
         content = ~torch.from_numpy(np.concatenate([part.special_mask for part in parts]))
         x_TD = torch.cat([part.activations for part in parts]).float()[content]
         lengths = torch.tensor([len(part.special_mask) for part in parts])
@@ -104,7 +122,7 @@ def pool_examples(store: ActivationStore, sae: SparseAutoencoder, examples: np.n
     count_N = torch.cat(counts)
     kept = count_N > 0
     if not kept.all():
-        logger.info("Sparse probing: %d examples have no content token and are left out.", int((~kept).sum()))
+        logger.info("Sparse probing: %d examples have no content token in their first positions and are left out.", int((~kept).sum()))
     denominator = count_N[kept, None].float()
     return PooledExamples(
         np.asarray(examples)[kept.numpy()], torch.cat(raw_sums)[kept] / denominator, torch.cat(feature_sums)[kept] / denominator
@@ -112,17 +130,25 @@ def pool_examples(store: ActivationStore, sae: SparseAutoencoder, examples: np.n
 
 
 def probing_examples(
-    labels: list[str | None], split: ExampleSplit, seed: int, train_cap: int, test_cap: int
+    labels: list[str | None], split: ExampleSplit, seed: int, train_task_size: int, test_task_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled training and held-out examples, each side cut to at most its cap (0: all) by a seeded draw; ascending."""
-    labelled = np.array([label is not None for label in labels], dtype=bool)
-    generator = np.random.default_rng(seed)
+    """The labelled training and held-out examples, at most half a task's size per label and side (0: all); ascending.
+    SAEBench's dataset builders give each class probe_train_set_size // 2 examples (`gather_dataset_from_df`: pandas'
+    `sample` with the seed, which draws as this does), so each one-vs-rest task holds at most the size: the label's
+    examples and as many others. A label with fewer keeps them all (SAEBench's builders assert instead)."""
+    names = np.array(labels, dtype=object)
     sides = []
-    for examples, cap in (
-        (np.flatnonzero(labelled & ~split.is_validation), train_cap),
-        (np.flatnonzero(labelled & split.is_validation), test_cap),
+    for examples, task_size in (
+        (np.flatnonzero(~split.is_validation), train_task_size),
+        (np.flatnonzero(split.is_validation), test_task_size),
     ):
-        sides.append(np.sort(generator.choice(examples, cap, replace=False)) if 0 < cap < len(examples) else examples)
+        kept = []
+        for label in sorted({name for name in names[examples] if name is not None}):
+            own = examples[names[examples] == label]
+            if 0 < task_size // 2 < len(own):
+                own = own[np.random.RandomState(seed).choice(len(own), task_size // 2, replace=False)]
+            kept.append(own)
+        sides.append(np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64))
     return sides[0], sides[1]
 
 
@@ -130,7 +156,8 @@ def balanced_one_vs_rest(rows_by_label: dict[str, np.ndarray], label: str, gener
     """SAEBench's `prepare_probe_data` on row indices: the label's rows and as many others, drawn evenly across the
     other labels (in `rows_by_label`'s order), shuffled; returns (rows, 0/1 targets). One call draws as one call of
     SAEBench's does, randperm for randperm (SAEBench calls it per k as well, so its run's draws differ from ours); where
-    the others are too few (SAEBench's assertion fails), the positives are cut to their number."""
+    the others are too few (SAEBench's assertion fails), as many positives are drawn at random from the same generator
+    (not the first ones in store order, which would favour the store's beginning)."""
     positives = rows_by_label[label]
     others = [name for name in rows_by_label if name != label]
     per_label = math.ceil(len(positives) / len(others))
@@ -138,7 +165,8 @@ def balanced_one_vs_rest(rows_by_label: dict[str, np.ndarray], label: str, gener
         [rows_by_label[name][torch.randperm(len(rows_by_label[name]), generator=generator)[:per_label].numpy()] for name in others]
     )
     negatives = negatives[torch.randperm(len(negatives), generator=generator)[: len(positives)].numpy()]
-    positives = positives[: len(negatives)]
+    if len(negatives) < len(positives):
+        positives = np.sort(positives[torch.randperm(len(positives), generator=generator)[: len(negatives)].numpy()])
     rows = np.concatenate([positives, negatives])
     targets = np.concatenate([np.full(len(positives), POSITIVE), np.full(len(negatives), NEGATIVE)])
     order = torch.randperm(len(rows), generator=generator).numpy()
@@ -209,7 +237,11 @@ def probe_task(
         score = fit_probe(train_features[:, chosen], train_y, test_features[:, chosen], test_y)
         result[f"sae_top_{k}_test_accuracy"], result[f"sae_top_{k}_test_auroc"] = score.accuracy, score.auroc
         unconverged += [] if score.converged else [f"k={k}"]
-    result["features"] = [{"feature": int(f), "mean_difference": float(differences_F[f])} for f in ranked[: max(k_values)]]
+    # A feature with no difference (one that never fires on the set) tells the label nothing: the probes read it when k
+    # reaches it, as SAEBench's do, but it is not listed as one the label uses.
+    result["features"] = [
+        {"feature": int(f), "mean_difference": float(differences_F[f])} for f in ranked[: max(k_values)] if differences_F[f] != 0
+    ]
     result["unconverged_probes"] = unconverged
     return result
 
@@ -268,10 +300,19 @@ def run_sparse_probing(
     k_values: list[int] = K_VALUES,
     train_examples: int = PROBE_TRAIN_EXAMPLES,
     test_examples: int = PROBE_TEST_EXAMPLES,
+    context_length: int = CONTEXT_LENGTH,
 ) -> dict[str, Any]:
     """Probe the store's labels with the SAE's features on `split` (training vs held-out examples); writes
     sparse_probing.json and sparse_probing.png beside the checkpoint and prints the table. When the data has fewer than
-    two labels, sparse_probing.json says why it was skipped (status "skipped"), so a rerun knows it is done."""
+    two labels, or the store is block-packed (a block spans examples), sparse_probing.json says why it was skipped
+    (status "skipped"), so a rerun knows it is done."""
+    if store.manifest.packing == "block":
+        return skipped(
+            trained,
+            store,
+            f'{store.folder} was extracted with PACKING = "block": its blocks mix examples, so no block has one label; '
+            'extract the store again with PACKING = "sequential" (extract_activations.py)',
+        )
     names = np.array([record.get("label") for record in store.example_records()], dtype=object)
     present = sorted({name for name in names if name is not None})
     if len(present) < 2:
@@ -285,13 +326,14 @@ def run_sparse_probing(
         logger.info("Sparse probing: the SAE has M=%d features, so k above it reads all %d.", sae.spec.m, sae.spec.m)
     train_rows, test_rows = probing_examples(list(names), split, seed, train_examples, test_examples)
     logger.info("Sparse probing on %d training and %d held-out labelled examples, %d labels", len(train_rows), len(test_rows), len(present))
-    train = pool_examples(store, sae, train_rows)
-    test = pool_examples(store, sae, test_rows)
-    # Only labels with examples on both sides take part, as SAEBench's `ensure_shared_keys` keeps them.
-    labels = sorted(set(names[train.examples]) & set(names[test.examples]))
+    train = pool_examples(store, sae, train_rows, context_length)
+    test = pool_examples(store, sae, test_rows, context_length)
+    train_names, test_names = names[train.examples], names[test.examples]
+    labels = sorted(set(train_names) & set(test_names))
+    dropped = dropped_labels(present, labels, train_names, test_names)
     if len(labels) < 2:
         return skipped(trained, store, f"fewer than two labels have both training and held-out examples ({', '.join(labels)})")
-    tasks = probe_labels(train, names[train.examples], test, names[test.examples], labels, usable, seed)
+    tasks = probe_labels(train, train_names, test, test_names, labels, usable, seed)
     unconverged = {name: task["unconverged_probes"] for name, task in tasks.items() if task["unconverged_probes"]}
     if unconverged:
         logger.warning(
@@ -302,12 +344,15 @@ def run_sparse_probing(
         "store": str(store.folder),
         "status": "measured",
         "hook_name": store.hook_name,
-        "method": "SAEBench sparse probing (sae-bench 0.6.0 evals/sparse_probing): mean-pooled over content tokens, features "
+        "method": "SAEBench sparse probing (sae-bench 0.6.0 evals/sparse_probing): mean-pooled over the content tokens of "
+        f"{f'the first {context_length} positions' if context_length else 'the whole example'}, features "
         "ranked by |difference of class means| on the balanced training set, L2 logistic regression (C=1, max_iter=1000)",
         "k_values": usable,
         "seed": seed,
-        "examples": {"train": len(train.examples), "test": len(test.examples)},
+        "context_length": context_length,
+        "examples": {"train": int(np.isin(train_names, labels).sum()), "test": int(np.isin(test_names, labels).sum())},
         "labels": [name for name in tasks if name != MULTICLASS],
+        "dropped_labels": dropped,
         "mean_over_labels": summary(tasks, usable),
         "tasks": tasks,
     }
@@ -317,6 +362,24 @@ def run_sparse_probing(
     plot_sparse_probing(folder / SPARSE_PROBING_PLOT_FILE, results, f"{sae.spec.name} — {store.hook_name}")
     print(f"\n{trained.checkpoint}: sparse probing\n\n" + probing_table(results))
     return results
+
+
+def dropped_labels(present: list[str], kept: list[str], train_names: np.ndarray, test_names: np.ndarray) -> dict[str, dict[str, int]]:
+    """The labels left out for lacking examples on one side (or both), with their counts per side, logged: SAEBench's
+    `ensure_shared_keys` removes them too, and prints which."""
+    dropped = {
+        label: {"train": int((train_names == label).sum()), "test": int((test_names == label).sum())}
+        for label in present
+        if label not in kept
+    }
+    if dropped:
+        logger.warning(
+            "Sparse probing: %d labels have no training or no held-out examples and take no part (as SAEBench's ensure_shared_keys "
+            "removes them): %s",
+            len(dropped),
+            "; ".join(f"{label} ({counts['train']} training, {counts['test']} held-out)" for label, counts in dropped.items()),
+        )
+    return dropped
 
 
 def skipped(trained: TrainedSAE, store: ActivationStore, reason: str) -> dict[str, Any]:
@@ -335,7 +398,8 @@ def _pair(accuracy: float | None, auroc: float | None) -> str:
 
 
 def probing_table(results: dict[str, Any]) -> str:
-    """Per task: examples, the ceiling's accuracy / AUROC, the same at each k, and the top features (sign: fires more or less)."""
+    """Per task: examples, the ceiling's accuracy / AUROC, the same at each k, and the top listed features (sign: fires
+    more or less; zero-difference features are not listed)."""
     k_values = results["k_values"]
     header = ["task", "train / test", "ceiling (all d)", *(f"k={k}" for k in k_values), "top features"]
     rows = []
