@@ -296,7 +296,7 @@ def spelling_probe(
     if test_size <= MAX_ICL_EXAMPLES:
         raise UserError(
             f"only {len(words)} words for the spelling task: the held-out fifth must exceed {MAX_ICL_EXAMPLES} words for its prompts' "
-            "in-context examples. Raise MAX_WORDS (or use 0: all)."
+            "in-context examples. Raise ABSORPTION_WORDS in evaluate_sae.py (or use 0: all)."
         )
     rng = random.Random(settings.random_seed)
     train_prompts, test_prompts = train_test_prompts(words, rng, settings.prompt_template, MAX_ICL_EXAMPLES, TRAIN_FRACTION)
@@ -442,7 +442,7 @@ def absorption_result(
         if vocabulary.get("sampled", usable) < usable:
             statement += (
                 f" The probe learned from {len(spelling.train_x):,} words, a sample of the {usable:,} the task can use (SAEBench uses "
-                "them all): a larger MAX_WORDS (0: all) trains a better probe."
+                "them all): a larger ABSORPTION_WORDS (0: all) trains a better probe."
             )
     else:
         latents, absorption = phase_two
