@@ -281,6 +281,42 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_
     assert torch.isfinite(good.W_enc).all()
 
 
+class CorruptedRun(TrainingRun):
+    """Weights turn to NaN from step `nan_from` on, between log steps; with `stop`, a stop request (Ctrl-C) comes at that step."""
+
+    def __init__(self, config: TrainConfig, nan_from: int, stop: bool = False) -> None:
+        super().__init__(config)
+        self.steps_taken, self.nan_from, self.stop = 0, nan_from, stop
+
+    def train_step(self, trainer, x, factor) -> None:
+        super().train_step(trainer, x, factor)
+        self.steps_taken += 1
+        if self.steps_taken >= self.nan_from:
+            with torch.no_grad():
+                trainer.sae.W_enc.fill_(float("nan"))
+            self.stop_requested = self.stop
+
+
+@pytest.mark.parametrize("stop, saved_at", [(False, 30), (True, 22)], ids=["checkpoint_every", "stop request"])
+def test_a_save_between_log_steps_refuses_nan_weights_and_names_a_finite_checkpoint(tiny_store, tmp_path, stop, saved_at):
+    """Saves at step 15, 30, ... or on a stop request; logs at 20, 40: the NaN of step 22 reaches a save before a log."""
+    config = config_for(tiny_store, tmp_path, log_every=20, checkpoint_every=15, export_saelens=False)
+    with pytest.raises(UserError, match=rf"weights became NaN or inf by step {saved_at}; the last good checkpoint is .*LEARNING_RATE"):
+        CorruptedRun(config, nan_from=22, stop=stop).run()
+    checkpoint = load_sae(next(tmp_path.rglob("SAE_M=*.pt")))
+    assert checkpoint.info.step == 15 and torch.isfinite(checkpoint.sae.W_enc).all()
+    state = torch.load(next(tmp_path.rglob("training_state.pt")), weights_only=True)
+    assert state["step"] == 15 and torch.isfinite(state["sae"]["W_enc"]).all()
+
+
+def test_a_nan_validation_objective_is_divergence_not_an_early_stop(tiny_store, tmp_path):
+    """Validations at steps 5, 10, 15; the first log at 20: with PATIENCE=1, NaN at step 15 used to count as "no improvement"."""
+    config = config_for(tiny_store, tmp_path, eval_every=5, patience=1, log_every=20, export_saelens=False)
+    with pytest.raises(UserError, match=r"validation objective became nan by step 15; no checkpoint was saved yet"):
+        CorruptedRun(config, nan_from=12).run()
+    assert not list(tmp_path.rglob("SAE_M=*.pt"))
+
+
 def test_early_stopping_on_validation_fvu(tiny_store, tmp_path):
     (result,) = train_saes(config_for(tiny_store, tmp_path, epochs=60.0, eval_every=2, patience=1, learning_rate=3e-3))
     assert result["stopped"].startswith("early stop")

@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from torch import nn
@@ -609,17 +609,18 @@ class TrainingRun:
         row.update(step=step, tokens=step * self.config.batch_size, dead_fraction=float(dead.float().mean()), learning_rate=learning_rate)
         trainer.any_dead = bool(dead.any())
         if not math.isfinite(row["loss"]):
-            kept = (
-                f"the last good checkpoint is {trainer.checkpoint_path}"
-                if trainer.checkpoint_path.exists()
-                else "no checkpoint was saved yet"
-            )
-            raise UserError(
-                f"{trainer.spec.name}: the loss became {row['loss']} by step {step}; {kept}. "
-                "Lower LEARNING_RATE, or check the store for inf/NaN activations."
-            )
+            self._diverged(trainer, f"the loss became {row['loss']}", step)
         trainer.history.append(row)
         trainer.tracker.log(tracking.section("train", row), step)
+
+    def _diverged(self, trainer: SAETrainer, what: str, step: int) -> NoReturn:
+        """Stop the run on a diverged SAE, naming its last checkpoint: every save checks the weights first, so that one is finite."""
+        kept = (
+            f"the last good checkpoint is {trainer.checkpoint_path}" if trainer.checkpoint_path.exists() else "no checkpoint was saved yet"
+        )
+        raise UserError(
+            f"{trainer.spec.name}: {what} by step {step}; {kept}. Lower LEARNING_RATE, or check the store for inf/NaN activations."
+        )
 
     def _validate(self, trainer: SAETrainer, step: int) -> None:
         if not self.n_validation_tokens:
@@ -629,6 +630,8 @@ class TrainingRun:
         with self._autocast():
             metrics = validate(trainer.sae, self.validation_tokens, self.config.batch_size).metrics
         objective = validation_objective(self.config, trainer.spec.architecture, metrics)
+        if not math.isfinite(objective):  # a diverged SAE, not one that stopped improving: early stopping must not report it as done
+            self._diverged(trainer, f"the validation objective became {objective}", step)
         trainer.validation.append(
             {"step": step, "tokens": step * self.config.batch_size, "fvu": metrics["fvu"], "l0": metrics["l0"], "objective": objective}
         )
@@ -676,10 +679,16 @@ class TrainingRun:
         """Rank 0 writes; under torchrun every rank calls this, to agree on the running sums first.
 
         An SAE that stopped early was saved at the step it stopped, and is not saved again under a later step.
+        Saves come between log steps too (CHECKPOINT_EVERY, a stop request), so the weights are checked here,
+        one host sync per save, before anything is written: a diverged run stops with every SAE's files at
+        its last good save. DistributedDataParallel keeps the weights equal on every rank, so all ranks agree.
         """
+        trainers = [trainer for trainer in trainers if trainer.steps_trained(step) == step]
+        finite = [torch.stack([parameter.isfinite().all() for parameter in trainer.sae.parameters()]).all() for trainer in trainers]
+        for trainer, is_finite in zip(trainers, torch.stack(finite).tolist() if finite else []):
+            if not is_finite:
+                self._diverged(trainer, "the weights became NaN or inf", step)
         for trainer in trainers:
-            if trainer.steps_trained(step) != step:
-                continue
             self._average_sums_over_ranks(trainer)
             if not self.ranks.is_main:
                 continue
