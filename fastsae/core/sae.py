@@ -345,19 +345,18 @@ class SparseAutoencoder(nn.Module):
         """Which features each token uses (no gradient): (B, k) indices, and a (B, k) mask of those kept, if any are padding."""
         if self.spec.architecture == "topk":
             return pre.topk(self.spec.k, dim=1, sorted=False).indices, None
-        positive = pre.clamp_min(0)
         if self.training:  # BatchTopK: the K·B largest activations of the whole batch
-            chosen = positive.flatten().topk(min(self.spec.k * len(pre), positive.numel()), sorted=False).values
-            cutoff = chosen.min()
-            self._update_threshold_(chosen)
-            selected = (positive >= cutoff) & (positive > 0)
+            chosen = pre.clamp_min(0).flatten().topk(min(self.spec.k * len(pre), pre.numel()), sorted=False)
+            self._update_threshold_(chosen.values)
+            # Exactly those K·B, placed by their indices as the references do: a comparison with the cutoff would also
+            # keep every value tied with it, and bf16's coarse pre-activations tie often.
+            candidates = torch.zeros_like(pre).flatten().scatter_(0, chosen.indices, chosen.values).view_as(pre)
+            floor = 0.0
         else:  # at inference, the threshold learned in training keeps the expected sparsity
-            cutoff = self.threshold
-            selected = positive > cutoff
-        widest = max(int(selected.sum(1).max()), 1)  # one host sync per step: the code is padded to the busiest token
-        top = positive.topk(widest, dim=1, sorted=False)
-        keep = top.values >= cutoff if self.training else top.values > cutoff
-        return top.indices, keep & (top.values > 0)
+            candidates, floor = pre.clamp_min(0), self.threshold
+        widest = max(int((candidates > floor).sum(1).max()), 1)  # one host sync per step: the code is padded to the busiest token
+        top = candidates.topk(widest, dim=1, sorted=False)
+        return top.indices, top.values > floor
 
     @torch.no_grad()
     def _update_threshold_(self, chosen: torch.Tensor) -> None:
