@@ -5,8 +5,8 @@ once and every SAE takes a step on it. Under `torchrun` each rank streams its
 own part of the store into its own buffer and takes BATCH_SIZE / ranks tokens
 of each step; DistributedDataParallel averages the gradients, the dead-feature
 counts and metrics are summed over ranks, and rank 0 alone writes. Activations are multiplied by a scale
-that makes their mean squared norm d (SAELens' `expected_average_only_in`);
-the checkpoint folds it back in. Each SAE gets its own folder with its
+that makes their mean squared norm d: dictionary_learning's unit mean squared norm times √d (SAELens'
+`expected_average_only_in` makes the mean norm √d instead); the checkpoint folds it back in. Each SAE gets its own folder with its
 checkpoint, `metrics.json`, `training_curves.png` and `training_state.pt`
 (everything a resumed run needs).
 """
@@ -392,7 +392,8 @@ class TrainingRun:
         self.dead_after_tokens = config.dead_after_tokens or min(MAX_DEAD_AFTER_TOKENS, max(config.batch_size, budget // 10))
         self.buffer_tokens = max(2 * self.rank_batch_size, min(config.buffer_tokens, self.n_train_tokens // self.ranks.world_size))
         sample = self.train_source.all_tokens(SCALE_SAMPLE_TOKENS)
-        # Scale so that E‖x‖² = d: one learning rate and one set of coefficients fit every model and layer.
+        # Scale so that E‖x‖² = d (dictionary_learning's E‖x‖² = 1, times √d; SAELens' expected_average_only_in makes
+        # E‖x‖ = √d): one learning rate and one set of coefficients fit every model and layer.
         self.scale = math.sqrt(self.d / float(sample.double().pow(2).sum(1).mean()))
         self.bias_sample = sample * self.scale
         validation_tokens = validation_source.all_tokens(VALIDATION_MAX_TOKENS)
