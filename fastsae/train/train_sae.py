@@ -75,7 +75,9 @@ class TrainConfig:
     dead_after_tokens: int = setting(
         0, "a feature is dead after this many training tokens without firing; 0: a tenth of the run (at most 10M)"
     )
-    l1_coefficient: float = setting(1e-3, "L1 penalty on activations for relu SAEs")
+    l1_coefficient: float = setting(
+        1e-3, "L1 penalty for relu SAEs: loss = FVU + L1_COEFFICIENT × Σ activations per token (SAELens' λ over the batch variance)"
+    )
     l0_coefficient: float = setting(
         1e-3,
         "L0 penalty for jumprelu SAEs: loss = FVU + L0_COEFFICIENT × L0, both scale-free; thresholds move about LEARNING_RATE per step",
