@@ -14,10 +14,11 @@ from conftest import hypothesaes_module
 from fastsae.common.devices import cpu_has_bfloat16_instructions
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
+from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.store.activation_store import ActivationStore
 from fastsae.store.batches import ExampleSplit, TokenSource, mixed_batches, read_ahead
 from fastsae.train import train_sae as train_module
-from fastsae.train.train_sae import TrainConfig, TrainingRun, train_saes
+from fastsae.train.train_sae import TrainConfig, TrainingRun, sparsity_coefficient, train_saes, validate, validation_objective
 
 M, K = 128, 4
 
@@ -190,6 +191,21 @@ def test_matryoshka_prefixes_reconstruct_better_as_they_grow(tiny_store, tmp_pat
     assert errors[0] > errors[1] > errors[2]
     theirs = hypothesaes_module().load_model(result["checkpoint"], device="cpu")
     assert theirs.prefix_lengths == [16, 48, M]
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_early_stopping_watches_what_a_matryoshka_sae_minimises(architecture):
+    """The validation objective is the training loss without aux-K on the same tokens: for a Matryoshka SAE
+    the mean of its prefixes' FVUs (plus any sparsity penalty), not its full FVU."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec(architecture, 16, 48, 4, (8, 24, 48)))
+    x = torch.randn(300, 16) + 1
+    config = TrainConfig(l1_coefficient=1e-2)
+    metrics = validate(sae, x, batch_size=128).metrics  # in batches: the sums add up to the whole set's
+    with torch.no_grad():
+        loss = sae.eval().training_step(x, None, 0.0, sparsity_coefficient(config, architecture)).loss
+    assert validation_objective(config, sae.spec, metrics) == pytest.approx(float(loss), rel=1e-5)
+    assert metrics["matryoshka_fvu"] != pytest.approx(metrics["fvu"], rel=1e-2)  # the full FVU alone would not do
 
 
 def test_a_sweep_trains_every_sae_on_one_pass(tiny_store, tmp_path, capsys):

@@ -214,13 +214,14 @@ def checkpoint_path(folder: Path, spec: SAESpec) -> Path:
 
 
 class Validation(NamedTuple):
-    metrics: dict[str, float]  # fvu, explained_variance, l0, l1, dead_fraction, dense_fraction, n_tokens
+    metrics: dict[str, float]  # fvu, explained_variance, l0, l1, dead_fraction, dense_fraction, n_tokens (+ matryoshka_fvu)
     feature_frequency: torch.Tensor  # (M,) fraction of tokens each feature fires on
 
 
 @torch.no_grad()
 def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> Validation:
-    """FVU, explained variance, L0, L1 and dead/dense fractions of `sae` on (already scaled) tokens.
+    """FVU, explained variance, L0, L1 and dead/dense fractions of `sae` on (already scaled) tokens; for a
+    Matryoshka SAE also `matryoshka_fvu`, the mean of its prefixes' FVUs (the full one last), which training minimises.
 
     Under torchrun each rank passes its share of the validation tokens and the sums are added
     over ranks, so every rank gets the metrics of the whole validation set.
@@ -231,10 +232,14 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
     fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64, device=tokens.device)
     active_total = torch.zeros((), dtype=torch.float64, device=tokens.device)
     activation_total = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    prefixes = sae.spec.prefixes[:-1]
+    prefix_squared_errors = torch.zeros(len(prefixes), dtype=torch.float64, device=tokens.device)
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
         codes = sae.encode(batch)
         squared_error += (sae.decode(codes) - batch).double().pow(2).sum()
+        for index, prefix in enumerate(prefixes):
+            prefix_squared_errors[index] += (sae.decode(codes, prefix) - batch).double().pow(2).sum()
         active = codes > 0
         fire_counts += active.sum(0)
         active_total += active.sum()
@@ -249,12 +254,9 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
             torch.tensor(len(tokens), dtype=torch.float64, device=tokens.device),
         ]
     )
-    totals = distributed.all_reduce_sum_(torch.cat([counts, tokens.double().sum(0), fire_counts]))
-    (squared_error, active_total, activation_total, square_sum, n_tokens), token_sum, fire_counts = (
-        totals[:5].tolist(),
-        totals[5 : 5 + d],
-        totals[5 + d :],
-    )
+    totals = distributed.all_reduce_sum_(torch.cat([counts, prefix_squared_errors, tokens.double().sum(0), fire_counts]))
+    counts, prefix_squared_errors, token_sum, fire_counts = totals.split([5, len(prefixes), d, sae.spec.m])
+    squared_error, active_total, activation_total, square_sum, n_tokens = counts.tolist()
     variance = square_sum - float(token_sum.pow(2).sum()) / n_tokens  # Σ‖x − mean‖², from sums that add over ranks
     fvu = squared_error / variance
     frequency = fire_counts / n_tokens
@@ -267,6 +269,8 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
         "dense_fraction": float((frequency > DENSE_FEATURE_FREQUENCY).double().mean()),
         "n_tokens": int(n_tokens),
     }
+    if sae.spec.prefixes:  # every prefix's FVU has the same denominator, so their mean is the mean error over it
+        metrics["matryoshka_fvu"] = (float(prefix_squared_errors.sum()) + squared_error) / (len(prefixes) + 1) / variance
     return Validation(metrics, frequency.float().cpu())
 
 
@@ -279,14 +283,18 @@ def sparsity_coefficient(config: TrainConfig, architecture: str) -> float:
     return getattr(config, SPARSITY_PENALTIES[architecture][0]) if architecture in SPARSITY_PENALTIES else 0.0
 
 
-def validation_objective(config: TrainConfig, architecture: str, metrics: dict[str, float]) -> float:
-    """What training minimises, on the validation tokens and without aux-K: FVU plus the sparsity penalty.
+def validation_objective(config: TrainConfig, spec: SAESpec, metrics: dict[str, float]) -> float:
+    """What training minimises, on the validation tokens and without aux-K: FVU (a Matryoshka SAE's mean over its
+    prefixes) plus the sparsity penalty.
 
     Early stopping watches this, not FVU alone: a relu or jumprelu SAE trades reconstruction for sparsity
-    as it trains, so its FVU rises by design while its objective still falls.
+    as it trains, so its FVU rises by design while its objective still falls; a Matryoshka SAE gives up
+    some full-width FVU for its short prefixes.
     """
+    architecture = spec.architecture
     penalty = metrics[SPARSITY_PENALTIES[architecture][1]] if architecture in SPARSITY_PENALTIES else 0.0
-    return metrics["fvu"] + sparsity_coefficient(config, architecture) * penalty
+    reconstruction = metrics["matryoshka_fvu"] if spec.prefixes else metrics["fvu"]
+    return reconstruction + sparsity_coefficient(config, architecture) * penalty
 
 
 class _TrainingStepModule(nn.Module):
@@ -632,7 +640,7 @@ class TrainingRun:
         # (benchmarks/RESULTS.md). Sums stay float64, and the final validation is float32.
         with self._autocast():
             metrics = validate(trainer.sae, self.validation_tokens, self.config.batch_size).metrics
-        objective = validation_objective(self.config, trainer.spec.architecture, metrics)
+        objective = validation_objective(self.config, trainer.spec, metrics)
         if not math.isfinite(objective):  # a diverged SAE, not one that stopped improving: early stopping must not report it as done
             self._diverged(trainer, f"the validation objective became {objective}", step)
         trainer.validation.append(
