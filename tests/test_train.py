@@ -399,7 +399,8 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
     [
         (dict(k=200), "K must be between 1 and M"),
         (dict(matryoshka_prefixes=[64, 32, M]), "must increase and end at M"),
-        (dict(batch_size=100_000, buffer_tokens=200_000), "fewer than one batch"),
+        (dict(batch_size=100_000, buffer_tokens=200_000), "fewer than two batches of 100000"),
+        (dict(batch_size=4096), "fewer than two batches of 4096: the mixing buffer"),  # one batch fits: its buffer repeated tokens
         (dict(sweep=["topk:64"]), "should look like topk:256:8"),
     ],
 )

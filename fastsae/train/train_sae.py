@@ -392,15 +392,13 @@ class TrainingRun:
         )
         validation_source = TokenSource(self.store, split, validation=True, include_special=config.include_special_tokens)
         self.n_train_tokens = self.train_source.count_tokens()
-        if self.n_train_tokens < config.batch_size:
-            raise UserError(
-                f"the store has {self.n_train_tokens} training tokens, fewer than one batch of {config.batch_size}. "
-                "Lower BATCH_SIZE or extract more examples."
-            )
+        rank_tokens = self._tokens_of_each_rank()
+        self._check_two_batches(int(rank_tokens.min()), int(rank_tokens.argmin()))
         self.total_steps = training_steps(config, self.n_train_tokens)
         budget = self.total_steps * config.batch_size
         self.dead_after_tokens = config.dead_after_tokens or min(MAX_DEAD_AFTER_TOKENS, max(config.batch_size, budget // 10))
-        self.buffer_tokens = max(2 * self.rank_batch_size, min(config.buffer_tokens, self.n_train_tokens // self.ranks.world_size))
+        # At most the rank's own tokens: a larger buffer would hold some of them twice, and a batch could repeat a token.
+        self.buffer_tokens = max(2 * self.rank_batch_size, min(config.buffer_tokens, int(rank_tokens[self.ranks.rank])))
         sample = self.train_source.all_tokens(SCALE_SAMPLE_TOKENS)
         # Scale so that E‖x‖² = d (dictionary_learning's E‖x‖² = 1, times √d; SAELens' expected_average_only_in makes
         # E‖x‖ = √d): one learning rate and one set of coefficients fit every model and layer.
@@ -416,6 +414,23 @@ class TrainingRun:
         self.run_folder = run_folder(config, self.store.manifest.model, self.store.hook_name)
         self.settings_by_name = {spec.name: self._settings(spec) for spec in self.specs}
         self.stop_requested = False
+
+    def _tokens_of_each_rank(self) -> torch.Tensor:
+        """(ranks,) the training tokens in each rank's part of the store, known to every rank so that all refuse together."""
+        counts = torch.zeros(self.ranks.world_size, dtype=torch.long)
+        counts[self.ranks.rank] = self.train_source.count_part_tokens()
+        return distributed.all_reduce_sum_(counts)
+
+    def _check_two_batches(self, fewest: int, rank: int) -> None:
+        """The mixing buffer holds at least two of a rank's batches, and no more tokens than the rank streams."""
+        if fewest >= 2 * self.rank_batch_size:
+            return
+        which = f"rank {rank}'s part of the store has" if self.ranks.is_distributed else "the store has"
+        batches = f"its batches of {self.rank_batch_size}" if self.ranks.is_distributed else f"batches of {self.config.batch_size}"
+        raise UserError(
+            f"{which} {fewest} training tokens, fewer than two {batches}: the mixing buffer holds two, and with fewer "
+            "tokens it would repeat some within a batch. Lower BATCH_SIZE or extract more examples."
+        )
 
     def _settings(self, spec: SAESpec) -> dict[str, Any]:
         """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
