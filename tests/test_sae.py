@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import hypothesaes_module
 from fastsae.common.errors import UserError
 from fastsae.core import sae as sae_module
+from fastsae.core.checkpoint import hypothesaes_config, raw_space_state
 from fastsae.core.sae import SAESpec, SparseAutoencoder, fraction_of_variance_unexplained
 
 D, M, K, B = 37, 101, 7, 53  # odd sizes on purpose
@@ -124,6 +126,49 @@ def test_batchtopk_keeps_k_times_b_in_training_and_its_threshold_at_inference():
         sae.eval()
         inference_l0 = (sae.encode(x) > 0).sum(1).double().mean()
     assert abs(float(inference_l0) - K) / K < 0.2
+
+
+def test_batchtopk_keeps_exactly_k_times_b_under_bfloat16_autocast():
+    """bf16 pre-activations tie often (about 50 share each bf16 value near this batch's cutoff): exactly the K·B
+    chosen by the batch's top-k are kept, as in the references, not every value tied with the smallest of them."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec("batchtopk", D, M, K)).train()
+    x = torch.randn(512, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            pre = sae.pre_activations(x)
+        output = sae.training_step(x, None, 0.0, 0.0)
+    cutoff = pre.flatten().topk(K * 512).values.min()
+    assert int((pre >= cutoff).sum()) > K * 512  # ties at the cutoff
+    assert float(output.l0) == K and int(output.fire_counts.sum()) == K * 512
+
+
+@pytest.mark.parametrize("warmed_up", [False, True], ids=["first-update", "after-warm-up"])
+def test_batchtopk_threshold_moves_towards_the_smallest_positive_chosen_value_as_in_hypothesaes(warmed_up):
+    """With fewer positive pre-activations than K·B, the batch's K·B largest include zeros: the threshold follows the
+    smallest positive one (HypotheSAEs' own `_update_threshold_` beside ours), and a batch with none leaves it alone.
+    Past the warm-up (a plain mean of the first 100 values) both take the same EMA step; the first value is kept whole."""
+    torch.manual_seed(0)
+    ours = SparseAutoencoder(SAESpec("batchtopk", D, M, K)).train()
+    with torch.no_grad():
+        ours.b_enc.fill_(-2.0)
+    theirs = hypothesaes_module().SparseAutoencoder(**hypothesaes_config(ours.spec, 256), device="cpu").train()
+    theirs.load_state_dict(raw_space_state(ours, 1.0))
+    if warmed_up:
+        ours.threshold_updates.fill_(1000)
+        for sae in (ours, theirs):
+            sae.threshold.fill_(0.3)
+    x = torch.randn(B, D)
+    with torch.no_grad():
+        assert 0 < int((ours.pre_activations(x) > 0).sum()) < K * B
+        ours.encode_sparse(x)
+        activations = theirs(x)[1]["activations"]
+        expected = theirs.threshold if warmed_up else activations[activations > 0].min()
+        torch.testing.assert_close(ours.threshold, expected)
+        before = ours.threshold.clone()
+        ours.b_enc.fill_(-100.0)  # no positive pre-activation at all
+        ours.encode_sparse(x)
+    assert torch.equal(ours.threshold, before)
 
 
 def test_jumprelu_thresholds_learn_from_the_sparsity_penalty():

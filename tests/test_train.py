@@ -14,10 +14,11 @@ from conftest import hypothesaes_module
 from fastsae.common.devices import cpu_has_bfloat16_instructions
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
+from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.store.activation_store import ActivationStore
 from fastsae.store.batches import ExampleSplit, TokenSource, mixed_batches, read_ahead
 from fastsae.train import train_sae as train_module
-from fastsae.train.train_sae import TrainConfig, TrainingRun, train_saes
+from fastsae.train.train_sae import TrainConfig, TrainingRun, sparsity_coefficient, train_saes, validate, validation_objective
 
 M, K = 128, 4
 
@@ -192,6 +193,21 @@ def test_matryoshka_prefixes_reconstruct_better_as_they_grow(tiny_store, tmp_pat
     assert theirs.prefix_lengths == [16, 48, M]
 
 
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_early_stopping_watches_what_a_matryoshka_sae_minimises(architecture):
+    """The validation objective is the training loss without aux-K on the same tokens: for a Matryoshka SAE
+    the mean of its prefixes' FVUs (plus any sparsity penalty), not its full FVU."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec(architecture, 16, 48, 4, (8, 24, 48)))
+    x = torch.randn(300, 16) + 1
+    config = TrainConfig(l1_coefficient=1e-2)
+    metrics = validate(sae, x, batch_size=128).metrics  # in batches: the sums add up to the whole set's
+    with torch.no_grad():
+        loss = sae.eval().training_step(x, None, 0.0, sparsity_coefficient(config, architecture)).loss
+    assert validation_objective(config, sae.spec, metrics) == pytest.approx(float(loss), rel=1e-5)
+    assert metrics["matryoshka_fvu"] != pytest.approx(metrics["fvu"], rel=1e-2)  # the full FVU alone would not do
+
+
 def test_a_sweep_trains_every_sae_on_one_pass(tiny_store, tmp_path, capsys):
     results = train_saes(
         config_for(tiny_store, tmp_path, sweep=["topk:64:4", "relu:64:0", "jumprelu:64:0", "topk:128:8:32-128"], epochs=3.0)
@@ -281,6 +297,42 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_
     assert torch.isfinite(good.W_enc).all()
 
 
+class CorruptedRun(TrainingRun):
+    """Weights turn to NaN from step `nan_from` on, between log steps; with `stop`, a stop request (Ctrl-C) comes at that step."""
+
+    def __init__(self, config: TrainConfig, nan_from: int, stop: bool = False) -> None:
+        super().__init__(config)
+        self.steps_taken, self.nan_from, self.stop = 0, nan_from, stop
+
+    def train_step(self, trainer, x, factor) -> None:
+        super().train_step(trainer, x, factor)
+        self.steps_taken += 1
+        if self.steps_taken >= self.nan_from:
+            with torch.no_grad():
+                trainer.sae.W_enc.fill_(float("nan"))
+            self.stop_requested = self.stop
+
+
+@pytest.mark.parametrize("stop, saved_at", [(False, 30), (True, 22)], ids=["checkpoint_every", "stop request"])
+def test_a_save_between_log_steps_refuses_nan_weights_and_names_a_finite_checkpoint(tiny_store, tmp_path, stop, saved_at):
+    """Saves at step 15, 30, ... or on a stop request; logs at 20, 40: the NaN of step 22 reaches a save before a log."""
+    config = config_for(tiny_store, tmp_path, log_every=20, checkpoint_every=15, export_saelens=False)
+    with pytest.raises(UserError, match=rf"weights became NaN or inf by step {saved_at}; the last good checkpoint is .*LEARNING_RATE"):
+        CorruptedRun(config, nan_from=22, stop=stop).run()
+    checkpoint = load_sae(next(tmp_path.rglob("SAE_M=*.pt")))
+    assert checkpoint.info.step == 15 and torch.isfinite(checkpoint.sae.W_enc).all()
+    state = torch.load(next(tmp_path.rglob("training_state.pt")), weights_only=True)
+    assert state["step"] == 15 and torch.isfinite(state["sae"]["W_enc"]).all()
+
+
+def test_a_nan_validation_objective_is_divergence_not_an_early_stop(tiny_store, tmp_path):
+    """Validations at steps 5, 10, 15; the first log at 20: with PATIENCE=1, NaN at step 15 used to count as "no improvement"."""
+    config = config_for(tiny_store, tmp_path, eval_every=5, patience=1, log_every=20, export_saelens=False)
+    with pytest.raises(UserError, match=r"validation objective became nan by step 15; no checkpoint was saved yet"):
+        CorruptedRun(config, nan_from=12).run()
+    assert not list(tmp_path.rglob("SAE_M=*.pt"))
+
+
 def test_early_stopping_on_validation_fvu(tiny_store, tmp_path):
     (result,) = train_saes(config_for(tiny_store, tmp_path, epochs=60.0, eval_every=2, patience=1, learning_rate=3e-3))
     assert result["stopped"].startswith("early stop")
@@ -347,7 +399,8 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
     [
         (dict(k=200), "K must be between 1 and M"),
         (dict(matryoshka_prefixes=[64, 32, M]), "must increase and end at M"),
-        (dict(batch_size=100_000, buffer_tokens=200_000), "fewer than one batch"),
+        (dict(batch_size=100_000, buffer_tokens=200_000), "fewer than two batches of 100000"),
+        (dict(batch_size=4096), "fewer than two batches of 4096: the mixing buffer"),  # one batch fits: its buffer repeated tokens
         (dict(sweep=["topk:64"]), "should look like topk:256:8"),
     ],
 )

@@ -247,7 +247,7 @@ class SparseAutoencoder(nn.Module):
             # short run the thresholds stayed near their start whatever the L0 coefficient.
             self.jumprelu_threshold = nn.Parameter(torch.full((spec.m,), jumprelu_initial_threshold * math.sqrt(spec.d)))
             self.jumprelu_bandwidth = jumprelu_bandwidth * math.sqrt(spec.d)
-        # BatchTopK's inference threshold: a running average of each batch's cutoff, not learned by gradient.
+        # BatchTopK's inference threshold: a running average of each batch's smallest chosen positive value, not learned by gradient.
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("threshold_updates", torch.tensor(0))
         nn.init.xavier_uniform_(self.W_dec)
@@ -345,25 +345,31 @@ class SparseAutoencoder(nn.Module):
         """Which features each token uses (no gradient): (B, k) indices, and a (B, k) mask of those kept, if any are padding."""
         if self.spec.architecture == "topk":
             return pre.topk(self.spec.k, dim=1, sorted=False).indices, None
-        positive = pre.clamp_min(0)
         if self.training:  # BatchTopK: the K·B largest activations of the whole batch
-            cutoff = positive.flatten().topk(min(self.spec.k * len(pre), positive.numel()), sorted=False).values.min()
-            self._update_threshold_(cutoff)
-            selected = (positive >= cutoff) & (positive > 0)
+            chosen = pre.clamp_min(0).flatten().topk(min(self.spec.k * len(pre), pre.numel()), sorted=False)
+            self._update_threshold_(chosen.values)
+            # Exactly those K·B, placed by their indices as the references do: a comparison with the cutoff would also
+            # keep every value tied with it, and bf16's coarse pre-activations tie often.
+            candidates = torch.zeros_like(pre).flatten().scatter_(0, chosen.indices, chosen.values).view_as(pre)
+            floor = 0.0
         else:  # at inference, the threshold learned in training keeps the expected sparsity
-            cutoff = self.threshold
-            selected = positive > cutoff
-        widest = max(int(selected.sum(1).max()), 1)  # one host sync per step: the code is padded to the busiest token
-        top = positive.topk(widest, dim=1, sorted=False)
-        keep = top.values >= cutoff if self.training else top.values > cutoff
-        return top.indices, keep & (top.values > 0)
+            candidates, floor = pre.clamp_min(0), self.threshold
+        widest = max(int((candidates > floor).sum(1).max()), 1)  # one host sync per step: the code is padded to the busiest token
+        top = candidates.topk(widest, dim=1, sorted=False)
+        return top.indices, top.values > floor
 
     @torch.no_grad()
-    def _update_threshold_(self, cutoff: torch.Tensor) -> None:
-        """A plain mean of the first 1/rate batch cutoffs, then an exponential average: no pull towards the initial 0."""
-        self.threshold_updates += 1
-        rate = torch.clamp(1.0 / self.threshold_updates, min=BATCHTOPK_THRESHOLD_RATE)
-        self.threshold.lerp_(cutoff.to(self.threshold.dtype), rate.to(self.threshold.dtype))
+    def _update_threshold_(self, chosen: torch.Tensor) -> None:
+        """Move the threshold towards the smallest positive value of the batch's chosen K·B, as HypotheSAEs, SAELens and
+        dictionary_learning do: with fewer than K·B positive pre-activations the chosen include zeros, which are no
+        cutoff, and a batch with none leaves the threshold alone. A plain mean of the first 1/rate such values, then
+        HypotheSAEs' exponential average: no pull towards the initial 0. No host sync: a skipped batch is masked out.
+        """
+        smallest = torch.where(chosen > 0, chosen, torch.inf).min().to(self.threshold.dtype)
+        found = smallest.isfinite()
+        self.threshold_updates += found
+        rate = torch.clamp(1.0 / self.threshold_updates.clamp_min(1), min=BATCHTOPK_THRESHOLD_RATE).to(self.threshold.dtype)
+        self.threshold.copy_(torch.where(found, self.threshold.lerp(smallest, rate), self.threshold))
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
         """The active features of each token (Top-K, or BatchTopK)."""

@@ -83,10 +83,14 @@ class TokenSource:
 
     def count_tokens(self) -> int:
         """Kept tokens in the whole store (every part)."""
-        total = 0
-        for start in range(0, self.store.n_tokens, READ_CHUNK_TOKENS):
-            total += int(self._kept(start, min(start + READ_CHUNK_TOKENS, self.store.n_tokens)).sum())
-        return total
+        return self._count_kept(0, self.store.n_tokens)
+
+    def count_part_tokens(self) -> int:
+        """Kept tokens in this source's part of the store: what one of its epochs streams."""
+        return self._count_kept(*self.part_range)
+
+    def _count_kept(self, start: int, stop: int) -> int:
+        return sum(int(self._kept(row, min(row + READ_CHUNK_TOKENS, stop)).sum()) for row in range(start, stop, READ_CHUNK_TOKENS))
 
     def epoch(self, generator: np.random.Generator, pin_memory: bool = False, readers: int = 0) -> Iterator[torch.Tensor]:
         """One pass over this source's part of the store, its read chunks in a seeded random order.

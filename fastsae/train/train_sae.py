@@ -5,8 +5,8 @@ once and every SAE takes a step on it. Under `torchrun` each rank streams its
 own part of the store into its own buffer and takes BATCH_SIZE / ranks tokens
 of each step; DistributedDataParallel averages the gradients, the dead-feature
 counts and metrics are summed over ranks, and rank 0 alone writes. Activations are multiplied by a scale
-that makes their mean squared norm d (SAELens' `expected_average_only_in`);
-the checkpoint folds it back in. Each SAE gets its own folder with its
+that makes their mean squared norm d: dictionary_learning's unit mean squared norm times √d (SAELens'
+`expected_average_only_in` makes the mean norm √d instead); the checkpoint folds it back in. Each SAE gets its own folder with its
 checkpoint, `metrics.json`, `training_curves.png` and `training_state.pt`
 (everything a resumed run needs).
 """
@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from torch import nn
@@ -75,7 +75,9 @@ class TrainConfig:
     dead_after_tokens: int = setting(
         0, "a feature is dead after this many training tokens without firing; 0: a tenth of the run (at most 10M)"
     )
-    l1_coefficient: float = setting(1e-3, "L1 penalty on activations for relu SAEs")
+    l1_coefficient: float = setting(
+        1e-3, "L1 penalty for relu SAEs: loss = FVU + L1_COEFFICIENT × Σ activations per token (SAELens' λ over the batch variance)"
+    )
     l0_coefficient: float = setting(
         1e-3,
         "L0 penalty for jumprelu SAEs: loss = FVU + L0_COEFFICIENT × L0, both scale-free; thresholds move about LEARNING_RATE per step",
@@ -212,13 +214,14 @@ def checkpoint_path(folder: Path, spec: SAESpec) -> Path:
 
 
 class Validation(NamedTuple):
-    metrics: dict[str, float]  # fvu, explained_variance, l0, l1, dead_fraction, dense_fraction, n_tokens
+    metrics: dict[str, float]  # fvu, explained_variance, l0, l1, dead_fraction, dense_fraction, n_tokens (+ matryoshka_fvu)
     feature_frequency: torch.Tensor  # (M,) fraction of tokens each feature fires on
 
 
 @torch.no_grad()
 def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> Validation:
-    """FVU, explained variance, L0, L1 and dead/dense fractions of `sae` on (already scaled) tokens.
+    """FVU, explained variance, L0, L1 and dead/dense fractions of `sae` on (already scaled) tokens; for a
+    Matryoshka SAE also `matryoshka_fvu`, the mean of its prefixes' FVUs (the full one last), which training minimises.
 
     Under torchrun each rank passes its share of the validation tokens and the sums are added
     over ranks, so every rank gets the metrics of the whole validation set.
@@ -229,10 +232,14 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
     fire_counts = torch.zeros(sae.spec.m, dtype=torch.float64, device=tokens.device)
     active_total = torch.zeros((), dtype=torch.float64, device=tokens.device)
     activation_total = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    prefixes = sae.spec.prefixes[:-1]
+    prefix_squared_errors = torch.zeros(len(prefixes), dtype=torch.float64, device=tokens.device)
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
         codes = sae.encode(batch)
         squared_error += (sae.decode(codes) - batch).double().pow(2).sum()
+        for index, prefix in enumerate(prefixes):
+            prefix_squared_errors[index] += (sae.decode(codes, prefix) - batch).double().pow(2).sum()
         active = codes > 0
         fire_counts += active.sum(0)
         active_total += active.sum()
@@ -247,12 +254,9 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
             torch.tensor(len(tokens), dtype=torch.float64, device=tokens.device),
         ]
     )
-    totals = distributed.all_reduce_sum_(torch.cat([counts, tokens.double().sum(0), fire_counts]))
-    (squared_error, active_total, activation_total, square_sum, n_tokens), token_sum, fire_counts = (
-        totals[:5].tolist(),
-        totals[5 : 5 + d],
-        totals[5 + d :],
-    )
+    totals = distributed.all_reduce_sum_(torch.cat([counts, prefix_squared_errors, tokens.double().sum(0), fire_counts]))
+    counts, prefix_squared_errors, token_sum, fire_counts = totals.split([5, len(prefixes), d, sae.spec.m])
+    squared_error, active_total, activation_total, square_sum, n_tokens = counts.tolist()
     variance = square_sum - float(token_sum.pow(2).sum()) / n_tokens  # Σ‖x − mean‖², from sums that add over ranks
     fvu = squared_error / variance
     frequency = fire_counts / n_tokens
@@ -265,6 +269,8 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
         "dense_fraction": float((frequency > DENSE_FEATURE_FREQUENCY).double().mean()),
         "n_tokens": int(n_tokens),
     }
+    if sae.spec.prefixes:  # every prefix's FVU has the same denominator, so their mean is the mean error over it
+        metrics["matryoshka_fvu"] = (float(prefix_squared_errors.sum()) + squared_error) / (len(prefixes) + 1) / variance
     return Validation(metrics, frequency.float().cpu())
 
 
@@ -277,14 +283,18 @@ def sparsity_coefficient(config: TrainConfig, architecture: str) -> float:
     return getattr(config, SPARSITY_PENALTIES[architecture][0]) if architecture in SPARSITY_PENALTIES else 0.0
 
 
-def validation_objective(config: TrainConfig, architecture: str, metrics: dict[str, float]) -> float:
-    """What training minimises, on the validation tokens and without aux-K: FVU plus the sparsity penalty.
+def validation_objective(config: TrainConfig, spec: SAESpec, metrics: dict[str, float]) -> float:
+    """What training minimises, on the validation tokens and without aux-K: FVU (a Matryoshka SAE's mean over its
+    prefixes) plus the sparsity penalty.
 
     Early stopping watches this, not FVU alone: a relu or jumprelu SAE trades reconstruction for sparsity
-    as it trains, so its FVU rises by design while its objective still falls.
+    as it trains, so its FVU rises by design while its objective still falls; a Matryoshka SAE gives up
+    some full-width FVU for its short prefixes.
     """
+    architecture = spec.architecture
     penalty = metrics[SPARSITY_PENALTIES[architecture][1]] if architecture in SPARSITY_PENALTIES else 0.0
-    return metrics["fvu"] + sparsity_coefficient(config, architecture) * penalty
+    reconstruction = metrics["matryoshka_fvu"] if spec.prefixes else metrics["fvu"]
+    return reconstruction + sparsity_coefficient(config, architecture) * penalty
 
 
 class _TrainingStepModule(nn.Module):
@@ -382,17 +392,16 @@ class TrainingRun:
         )
         validation_source = TokenSource(self.store, split, validation=True, include_special=config.include_special_tokens)
         self.n_train_tokens = self.train_source.count_tokens()
-        if self.n_train_tokens < config.batch_size:
-            raise UserError(
-                f"the store has {self.n_train_tokens} training tokens, fewer than one batch of {config.batch_size}. "
-                "Lower BATCH_SIZE or extract more examples."
-            )
+        rank_tokens = self._tokens_of_each_rank()
+        self._check_two_batches(int(rank_tokens.min()), int(rank_tokens.argmin()))
         self.total_steps = training_steps(config, self.n_train_tokens)
         budget = self.total_steps * config.batch_size
         self.dead_after_tokens = config.dead_after_tokens or min(MAX_DEAD_AFTER_TOKENS, max(config.batch_size, budget // 10))
-        self.buffer_tokens = max(2 * self.rank_batch_size, min(config.buffer_tokens, self.n_train_tokens // self.ranks.world_size))
+        # At most the rank's own tokens: a larger buffer would hold some of them twice, and a batch could repeat a token.
+        self.buffer_tokens = max(2 * self.rank_batch_size, min(config.buffer_tokens, int(rank_tokens[self.ranks.rank])))
         sample = self.train_source.all_tokens(SCALE_SAMPLE_TOKENS)
-        # Scale so that E‖x‖² = d: one learning rate and one set of coefficients fit every model and layer.
+        # Scale so that E‖x‖² = d (dictionary_learning's E‖x‖² = 1, times √d; SAELens' expected_average_only_in makes
+        # E‖x‖ = √d): one learning rate and one set of coefficients fit every model and layer.
         self.scale = math.sqrt(self.d / float(sample.double().pow(2).sum(1).mean()))
         self.bias_sample = sample * self.scale
         validation_tokens = validation_source.all_tokens(VALIDATION_MAX_TOKENS)
@@ -405,6 +414,23 @@ class TrainingRun:
         self.run_folder = run_folder(config, self.store.manifest.model, self.store.hook_name)
         self.settings_by_name = {spec.name: self._settings(spec) for spec in self.specs}
         self.stop_requested = False
+
+    def _tokens_of_each_rank(self) -> torch.Tensor:
+        """(ranks,) the training tokens in each rank's part of the store, known to every rank so that all refuse together."""
+        counts = torch.zeros(self.ranks.world_size, dtype=torch.long)
+        counts[self.ranks.rank] = self.train_source.count_part_tokens()
+        return distributed.all_reduce_sum_(counts)
+
+    def _check_two_batches(self, fewest: int, rank: int) -> None:
+        """The mixing buffer holds at least two of a rank's batches, and no more tokens than the rank streams."""
+        if fewest >= 2 * self.rank_batch_size:
+            return
+        which = f"rank {rank}'s part of the store has" if self.ranks.is_distributed else "the store has"
+        batches = f"its batches of {self.rank_batch_size}" if self.ranks.is_distributed else f"batches of {self.config.batch_size}"
+        raise UserError(
+            f"{which} {fewest} training tokens, fewer than two {batches}: the mixing buffer holds two, and with fewer "
+            "tokens it would repeat some within a batch. Lower BATCH_SIZE or extract more examples."
+        )
 
     def _settings(self, spec: SAESpec) -> dict[str, Any]:
         """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
@@ -609,17 +635,18 @@ class TrainingRun:
         row.update(step=step, tokens=step * self.config.batch_size, dead_fraction=float(dead.float().mean()), learning_rate=learning_rate)
         trainer.any_dead = bool(dead.any())
         if not math.isfinite(row["loss"]):
-            kept = (
-                f"the last good checkpoint is {trainer.checkpoint_path}"
-                if trainer.checkpoint_path.exists()
-                else "no checkpoint was saved yet"
-            )
-            raise UserError(
-                f"{trainer.spec.name}: the loss became {row['loss']} by step {step}; {kept}. "
-                "Lower LEARNING_RATE, or check the store for inf/NaN activations."
-            )
+            self._diverged(trainer, f"the loss became {row['loss']}", step)
         trainer.history.append(row)
         trainer.tracker.log(tracking.section("train", row), step)
+
+    def _diverged(self, trainer: SAETrainer, what: str, step: int) -> NoReturn:
+        """Stop the run on a diverged SAE, naming its last checkpoint: every save checks the weights first, so that one is finite."""
+        kept = (
+            f"the last good checkpoint is {trainer.checkpoint_path}" if trainer.checkpoint_path.exists() else "no checkpoint was saved yet"
+        )
+        raise UserError(
+            f"{trainer.spec.name}: {what} by step {step}; {kept}. Lower LEARNING_RATE, or check the store for inf/NaN activations."
+        )
 
     def _validate(self, trainer: SAETrainer, step: int) -> None:
         if not self.n_validation_tokens:
@@ -628,7 +655,9 @@ class TrainingRun:
         # (benchmarks/RESULTS.md). Sums stay float64, and the final validation is float32.
         with self._autocast():
             metrics = validate(trainer.sae, self.validation_tokens, self.config.batch_size).metrics
-        objective = validation_objective(self.config, trainer.spec.architecture, metrics)
+        objective = validation_objective(self.config, trainer.spec, metrics)
+        if not math.isfinite(objective):  # a diverged SAE, not one that stopped improving: early stopping must not report it as done
+            self._diverged(trainer, f"the validation objective became {objective}", step)
         trainer.validation.append(
             {"step": step, "tokens": step * self.config.batch_size, "fvu": metrics["fvu"], "l0": metrics["l0"], "objective": objective}
         )
@@ -676,10 +705,16 @@ class TrainingRun:
         """Rank 0 writes; under torchrun every rank calls this, to agree on the running sums first.
 
         An SAE that stopped early was saved at the step it stopped, and is not saved again under a later step.
+        Saves come between log steps too (CHECKPOINT_EVERY, a stop request), so the weights are checked here,
+        one host sync per save, before anything is written: a diverged run stops with every SAE's files at
+        its last good save. DistributedDataParallel keeps the weights equal on every rank, so all ranks agree.
         """
+        trainers = [trainer for trainer in trainers if trainer.steps_trained(step) == step]
+        finite = [torch.stack([parameter.isfinite().all() for parameter in trainer.sae.parameters()]).all() for trainer in trainers]
+        for trainer, is_finite in zip(trainers, torch.stack(finite).tolist() if finite else []):
+            if not is_finite:
+                self._diverged(trainer, "the weights became NaN or inf", step)
         for trainer in trainers:
-            if trainer.steps_trained(step) != step:
-                continue
             self._average_sums_over_ranks(trainer)
             if not self.ranks.is_main:
                 continue
