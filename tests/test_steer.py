@@ -57,8 +57,8 @@ def smollm2(smollm2_model):
 
 @pytest.fixture(scope="module")
 def smollm2_checkpoint(smollm2, smollm2_tokenizer, tmp_path_factory) -> Path:
-    """An SAE on SmolLM2's layer 12 from 24 examples: enough for features that fire, in seconds."""
-    config = ExtractConfig(layers=[SMOLLM2_LAYER], max_examples=24, output_dir=str(tmp_path_factory.mktemp("steer-smollm2-store")))
+    """An SAE on SmolLM2's layer 12 from 32 examples (two batches of training tokens): enough for features that fire, in seconds."""
+    config = ExtractConfig(layers=[SMOLLM2_LAYER], max_examples=32, output_dir=str(tmp_path_factory.mktemp("steer-smollm2-store")))
     dataset = load_dataset(config.dataset, max_examples=config.max_examples)
     (store,) = write_activation_stores(smollm2, smollm2_tokenizer, dataset, config, "SmolLM2-135M-Instruct", {"model_name": EMBEDDED_MODEL})
     return train_small_sae(store, tmp_path_factory.mktemp("steer-smollm2-sae"), epochs=5.0)
