@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -510,3 +511,29 @@ def test_training_without_a_validation_split_still_finishes(tiny_store, tmp_path
     assert result["final"] == {} and result["validation"] == []
     assert f"| {result['name']} | n/a |" in capsys.readouterr().out
     assert load_sae(result["checkpoint"]).sae.spec.m == M
+
+
+def test_the_scale_is_measured_across_a_store_sorted_by_norm(tmp_path):
+    """A dataset sorted by source or length puts unlike activations at its two ends: the scale's sample spans the store
+    (seeded chunks), where the first 65,536 tokens described only its start."""
+    import numpy as np
+
+    from fastsae.store.activation_store import ActivationStoreWriter, plan_shards
+
+    d, n_examples, length = 4, 2000, 100  # 200,000 tokens: three times the scale's sample
+    norms = np.repeat([1.0, 10.0], n_examples * length // 2)[:, None]  # the first half small, the second large
+    x = (np.random.default_rng(0).normal(size=(n_examples * length, d)) * norms).astype(np.float32)
+    lengths = [length] * n_examples
+    offsets = np.arange(n_examples + 1) * length
+    shards = plan_shards(lengths, shard_tokens=50_000)
+    records = [{"row": i, "source": f"row {i}"} for i in range(n_examples)]
+    writer = ActivationStoreWriter(
+        tmp_path / "store", {"test": 1}, {"model": "sorted", "hook_name": "sorted", "d": d, "dtype": "float32"}, shards, offsets, records
+    )
+    for index, shard in enumerate(shards):
+        rows = slice(shard.first_token, shard.first_token + shard.n_tokens)
+        writer.write_shard(index, torch.from_numpy(x[rows]), np.zeros(shard.n_tokens, dtype=np.int32), np.zeros(shard.n_tokens, dtype=bool))
+    writer.finish("now", 1)
+    run = TrainingRun(TrainConfig(store=str(tmp_path / "store"), output_dir=str(tmp_path / "runs"), m=8, k=2, epochs=1.0))
+    whole = math.sqrt(d / float((x.astype(np.float64) ** 2).sum(1).mean()))
+    assert run.scale == pytest.approx(whole, rel=0.1)

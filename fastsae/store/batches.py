@@ -118,10 +118,14 @@ class TokenSource:
             while reads:
                 yield reads.popleft().result()
 
-    def all_tokens(self, limit: int) -> torch.Tensor:
-        """The first `limit` tokens of the whole store (every part), as float32: for validation and statistics."""
+    def all_tokens(self, limit: int, seed: int | None = None) -> torch.Tensor:
+        """The first `limit` tokens of the whole store (every part), as float32: for validation and statistics. With a
+        `seed`, its read chunks are taken in a seeded random order instead, so that a sample of a store sorted by source,
+        label or length describes all of it, not its first rows."""
         pieces, total = [], 0
-        for start in range(0, self.store.n_tokens, READ_CHUNK_TOKENS):
+        starts = np.arange(0, self.store.n_tokens, READ_CHUNK_TOKENS)
+        for start in starts if seed is None else np.random.default_rng(seed).permutation(starts):
+            start = int(start)
             if total >= limit:
                 break
             piece = self.chunk(start, min(start + READ_CHUNK_TOKENS, self.store.n_tokens))

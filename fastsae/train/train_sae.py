@@ -399,7 +399,7 @@ class TrainingRun:
         self.dead_after_tokens = config.dead_after_tokens or min(MAX_DEAD_AFTER_TOKENS, max(config.batch_size, budget // 10))
         # At most the rank's own tokens: a larger buffer would hold some of them twice, and a batch could repeat a token.
         self.buffer_tokens = max(2 * self.rank_batch_size, min(config.buffer_tokens, int(rank_tokens[self.ranks.rank])))
-        sample = self.train_source.all_tokens(SCALE_SAMPLE_TOKENS)
+        sample = self.train_source.all_tokens(SCALE_SAMPLE_TOKENS, seed=config.seed)  # the same on every rank
         # Scale so that E‖x‖² = d (dictionary_learning's E‖x‖² = 1, times √d; SAELens' expected_average_only_in makes
         # E‖x‖ = √d): one learning rate and one set of coefficients fit every model and layer.
         self.scale = math.sqrt(self.d / float(sample.double().pow(2).sum(1).mean()))
