@@ -10,7 +10,15 @@ import torch
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.interpret.explanations import numbered_windows
 from fastsae.interpret.sampling import quantile_of_each, sample_windows
-from fastsae.interpret.windows import Window, WindowGrid, WindowReservoir, collect_windows, non_activating_windows, read_windows
+from fastsae.interpret.windows import (
+    Window,
+    WindowGrid,
+    WindowReservoir,
+    collect_windows,
+    non_activating_windows,
+    read_windows,
+    token_list,
+)
 from fastsae.store.activation_store import ActivationStore
 
 M, W, TOP = 96, 32, 7  # M: the features of conftest's store_and_sae
@@ -159,3 +167,9 @@ def test_samples_fall_evenly_across_the_quantiles_of_a_lognormal_feature():
     np.testing.assert_array_equal(windows.top_values, np.sort(values)[::-1][:40])
     counts = np.bincount(true_quantile(values, peaks, sample_windows(windows, 40, 50, 10, False, rng).score), minlength=10)
     assert counts.sum() == 50 and counts.min() >= 3 and counts.max() <= 7, counts
+
+
+def test_a_token_list_cell_is_one_line_whatever_its_tokens():
+    """top_tokens and the logit-lens columns: SmolLM2's newline tokens split the cell across lines."""
+    assert token_list(["\n", " would", "\n\n", "«"]) == "\\n |  would | \\n\\n | \\«"
+    assert "\n" not in token_list(["a\r\nb", "\u2028"])

@@ -48,7 +48,15 @@ from fastsae.interpret.scorers import (
     score_answers,
     scoring_order,
 )
-from fastsae.interpret.windows import FeatureWindows, Window, WindowGrid, collect_windows, non_activating_windows, read_windows
+from fastsae.interpret.windows import (
+    FeatureWindows,
+    Window,
+    WindowGrid,
+    collect_windows,
+    non_activating_windows,
+    read_windows,
+    token_list,
+)
 from fastsae.lm.lora import LORA_HOOK_POINT
 from fastsae.lm.models import cache_dir, load_model, load_tokenizer, resolve_model
 from fastsae.store.activation_store import ActivationStore
@@ -347,7 +355,7 @@ def interpretation_rows(
     """One CSV row per feature; the logit-lens columns stay empty where the logit lens does not apply (`promoted` is None)."""
 
     def decoded(token_ids: np.ndarray | None, row_index: int) -> str:
-        return "" if token_ids is None else " | ".join(tokenizer.decode([int(t)]) for t in token_ids[row_index])
+        return "" if token_ids is None else token_list(tokenizer.decode([int(t)]) for t in token_ids[row_index])
 
     rows = []
     for row_index, (feature, all_top) in enumerate(top_windows.items()):
@@ -360,7 +368,7 @@ def interpretation_rows(
                 "mean_activation": float(statistics.mean_activation[feature]),
                 "max_activation": float(statistics.max_activation[feature]),
                 "activating_windows": count,
-                "top_tokens": " | ".join(dict.fromkeys(window.tokens[window.peak] for window in top)),
+                "top_tokens": token_list(dict.fromkeys(window.tokens[window.peak] for window in top)),
                 "logit_lens_promoted": decoded(promoted, row_index),
                 "logit_lens_suppressed": decoded(suppressed, row_index),
                 "top_label": labels.loc[feature, "top_label"],

@@ -17,7 +17,7 @@ is bounded by features × (RESERVOIR + top), never by the store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -262,6 +262,11 @@ TOKEN_ESCAPES = str.maketrans(
 def escaped_token(token: str) -> str:
     """A token as marked_text writes it (TOKEN_ESCAPES): an unescaped « or » is always the mark, and a window always one line."""
     return token.translate(TOKEN_ESCAPES)
+
+
+def token_list(tokens: Iterable[str]) -> str:
+    """Tokens as one line for a CSV cell ("a | b"), each escaped as marked_text escapes it: a line-break token cannot split it."""
+    return " | ".join(escaped_token(token) for token in tokens)
 
 
 @torch.no_grad()
