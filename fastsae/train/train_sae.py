@@ -129,8 +129,20 @@ class TrainConfig:
         for name in ("jumprelu_initial_threshold", "jumprelu_bandwidth", "learning_rate"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name.upper()} must be positive; got {getattr(self, name)}.")
-        not_negative = ("aux_coefficient", "dead_after_tokens", "l1_coefficient", "l0_coefficient", "warmup_fraction")
-        for name in (*not_negative, "decay_fraction", "gradient_clip", "epochs", "max_tokens", "patience", "seed"):
+        not_negative = (
+            "aux_coefficient",
+            "dead_after_tokens",
+            "l1_coefficient",
+            "l0_coefficient",
+            "warmup_fraction",
+            "decay_fraction",
+            "gradient_clip",
+            "epochs",
+            "max_tokens",
+            "patience",
+            "seed",
+        )
+        for name in not_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"{name.upper()} must be at least 0; got {getattr(self, name)}.")
         if self.aux_k < -1:
