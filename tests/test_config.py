@@ -70,8 +70,8 @@ def test_constant_absent_from_script_falls_back_to_dataclass_default():
     assert (config.rate, config.name, config.verbose, config.layers, config.tags) == (0.5, "demo", False, [1, 2], ["alpha"])
 
 
-def test_only_upper_case_constants_named_like_a_field_are_used():
-    config = parse_demo({"count": 100, "Count": 101, "UNRELATED": "ignored", "__doc__": "docstring"})
+def test_lower_case_mixed_case_and_private_names_in_a_script_are_not_settings():
+    config = parse_demo({"count": 100, "Count": 101, "_CACHE": 1, "__doc__": "docstring"})
     assert config == DemoConfig()
 
 
@@ -212,8 +212,25 @@ class KeywordConfig:
 def test_a_field_named_like_a_keyword_takes_its_public_name_for_the_constant_and_the_flag(capsys, monkeypatch):
     assert parse_step_config(KeywordConfig, {"FROM": "train"}, "demo", []).from_step == "train"
     assert parse_step_config(KeywordConfig, {"FROM": "train"}, "demo", ["--from", "evaluate"]).from_step == "evaluate"
-    assert parse_step_config(KeywordConfig, {"FROM_STEP": "ignored"}, "demo", []).from_step == ""
     assert "--from STR where to start (default: train)" in help_text(capsys, monkeypatch, KeywordConfig, {"FROM": "train"})
+
+
+def test_a_mistyped_constant_is_refused_with_the_setting_it_resembles():
+    with pytest.raises(UserError) as error:
+        parse_demo({"COUNT": 7, "RAET": 0.1, "__file__": "/repo/demo_step.py"})
+    message = str(error.value)
+    assert "demo_step.py sets RAET (did you mean RATE?)" in message and "lower case" in message
+    with pytest.raises(UserError, match=r"the script sets FROM_STEP \(did you mean FROM\?\)"):
+        parse_step_config(KeywordConfig, {"FROM_STEP": "train"}, "demo", [])
+
+
+def test_a_constant_the_pipeline_reads_from_a_script_is_checked_too(tmp_path):
+    from fastsae.pipeline.run_pipeline import load_step_config
+    from fastsae.train.train_sae import STAGE
+
+    (tmp_path / STAGE.script).write_text("M = 512\nLEARNNG_RATE = 1e-3\n")
+    with pytest.raises(UserError, match=r"train_sae.py sets LEARNNG_RATE \(did you mean LEARNING_RATE\?\)"):
+        load_step_config(STAGE, tmp_path)
 
 
 def test_help_lists_every_option_with_its_default_from_the_constants(capsys, monkeypatch):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastsae.common.errors import UserError
@@ -88,6 +90,24 @@ def _flatten(values: list) -> list:
     return [item for group in values for item in group]
 
 
+def check_constant_names(config_class: type, script_constants: dict[str, Any]) -> None:
+    """Refuse an UPPER_CASE constant that is no setting: a mistyped name would otherwise leave its default in force."""
+    settings = [public_name(field).upper() for field in dataclasses.fields(config_class)]
+    unknown = [name for name in script_constants if name.isupper() and not name.startswith("_") and name not in settings]
+    if not unknown:
+        return
+    script = Path(script_constants.get("__file__") or "the script").name
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, settings, n=1)
+        described.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    raise UserError(
+        f"{script} sets {', '.join(described)}, which {'is' if len(unknown) == 1 else 'are'} not among its settings, "
+        "so the value would be ignored. Fix the name (`--help` lists the settings), "
+        "or write a constant of your own in lower case."
+    )
+
+
 def parse_step_config(
     config_class: type[Config],
     script_constants: dict[str, Any],
@@ -95,6 +115,7 @@ def parse_step_config(
     argv: Sequence[str] | None = None,
 ) -> Config:
     """Build `config_class` from a script's UPPER_CASE constants and command-line overrides."""
+    check_constant_names(config_class, script_constants)
     hints = typing.get_type_hints(config_class)
     defaults: dict[str, Any] = {}
     for field in dataclasses.fields(config_class):

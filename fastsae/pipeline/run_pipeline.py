@@ -149,8 +149,7 @@ def load_step_config(stage: Stage, scripts_dir: Path) -> Any:
     if not path.is_file():
         raise UserError(f"{path} not found: SCRIPTS_DIR must be the folder that holds the four step scripts (the repository root).")
     namespace = runpy.run_path(str(path), run_name="fastsae_pipeline")
-    constants = {name: value for name, value in namespace.items() if name.isupper()}
-    return parse_step_config(stage.config_class, constants, namespace.get("__doc__") or "", argv=[])
+    return parse_step_config(stage.config_class, namespace, namespace.get("__doc__") or "", argv=[])
 
 
 class Pipeline:
