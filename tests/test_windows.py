@@ -173,3 +173,6 @@ def test_a_token_list_cell_is_one_line_whatever_its_tokens():
     """top_tokens and the logit-lens columns: SmolLM2's newline tokens split the cell across lines."""
     assert token_list(["\n", " would", "\n\n", "«"]) == "\\n |  would | \\n\\n | \\«"
     assert "\n" not in token_list(["a\r\nb", "\u2028"])
+    cell = token_list([" | ", "a|b", "c"])
+    assert cell == " \\|  | a\\|b | c"
+    assert cell.split(" | ") == [" \\| ", "a\\|b", "c"]  # every "|" of a token is escaped, so " | " only separates

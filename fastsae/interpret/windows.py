@@ -265,8 +265,11 @@ def escaped_token(token: str) -> str:
 
 
 def token_list(tokens: Iterable[str]) -> str:
-    """Tokens as one line for a CSV cell ("a | b"), each escaped as marked_text escapes it: a line-break token cannot split it."""
-    return " | ".join(escaped_token(token) for token in tokens)
+    """Tokens as one line for a CSV cell ("a | b"), each escaped as marked_text escapes it, and its "|" as "\\|".
+
+    So a line-break token cannot split the cell, and a token such as " | " cannot pass for the separator.
+    """
+    return " | ".join(escaped_token(token).replace("|", "\\|") for token in tokens)
 
 
 @torch.no_grad()
