@@ -290,3 +290,19 @@ def test_texts_file_settings_are_checked_and_named_as_analyze_texts_names_them(t
         AnalyzeConfig(max_texts=-1)
     with pytest.raises(UserError, match=r"Set TEXTS_FILE \(or --texts-file\)"):
         load_texts(AnalyzeConfig(texts_file=str(tmp_path / "missing.jsonl")))
+
+
+def test_texts_are_cut_at_a_learned_position_table_even_when_max_length_is_longer(smollm2_tokenizer):
+    """Extraction refuses sequences past GPT-2's table, so a store made with a longer MAX_LENGTH never held one; the
+    reader cuts there too, where it used to index past the table."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastsae.core.sae import SAESpec, SparseAutoencoder
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(smollm2_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
+    extraction = ExtractConfig(layers=[1], max_length=64, chat_template="none")
+    reader = SAEReader(SparseAutoencoder(SAESpec("topk", 64, 96, 4)).eval(), gpt2, smollm2_tokenizer, extraction, include_special=False)
+    long_text, short_text = " ".join(["word"] * 50), "Ok."
+    long_read, short_read = reader.read([long_text, short_text])
+    assert len(long_read.token_ids) == 32 and long_read.truncated
+    assert not short_read.truncated and long_read.token_features.shape == (32, 96)

@@ -265,3 +265,20 @@ def test_a_prompts_file_is_read_by_its_text_field_and_its_errors_name_steerings_
     ]
     with pytest.raises(UserError, match=r"Set PROMPTS_FILE \(or --prompts-file\)"):  # it named DATASET, which steering lacks
         prompt_examples(SteerConfig(prompts_file=str(tmp_path / "missing.jsonl")))
+
+
+def test_generation_past_a_learned_position_table_is_refused_before_the_first_answer(smollm2_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastsae.tools.steer_model import check_generation_room
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(smollm2_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
+    prompts = [[1] * 5, [1] * 20, [1] * 3]
+    check_generation_room(gpt2, prompts, max_new_tokens=12)  # 20 + 12 fills the table exactly
+    with pytest.raises(
+        UserError,
+        match=r"prompt 1 has 20 tokens, so with MAX_NEW_TOKENS = 13 .* 32 positions GPT2LMHeadModel .*set MAX_NEW_TOKENS to 12 or less",
+    ):
+        check_generation_room(gpt2, prompts, max_new_tokens=13)
+    with pytest.raises(UserError, match=r"prompt 0 has 40 tokens.*shorten it"):
+        check_generation_room(gpt2, [[1] * 40], max_new_tokens=1)

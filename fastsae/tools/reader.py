@@ -36,6 +36,7 @@ from fastsae.extract.extract_activations import ExtractConfig, choose_batching, 
 from fastsae.lm.data import Example
 from fastsae.lm.hook_points import HOOK_POINTS
 from fastsae.lm.lora import LORA_HOOK_POINT
+from fastsae.lm.models import learned_position_limit
 from fastsae.lm.tokenization import TokenizedExample, tokenize_examples
 from fastsae.store.activation_store import STORAGE_DTYPES
 
@@ -121,7 +122,9 @@ class SAEReader:
     def tokenize(self, texts: Sequence[str | Example]) -> list[TokenizedExample]:
         """Token ids and special-token masks exactly as extraction made them for this checkpoint."""
         examples = [_as_example(index, text) for index, text in enumerate(texts)]
-        return tokenize_examples(self.tokenizer, examples, self.extraction.chat_template, self.extraction.max_length)
+        # A learned position table (GPT-2's) has no row past its limit, and extraction never read past it either.
+        max_length = min(self.extraction.max_length, learned_position_limit(self.model) or self.extraction.max_length)
+        return tokenize_examples(self.tokenizer, examples, self.extraction.chat_template, max_length)
 
     def _batches(self, tokenized: list[TokenizedExample]) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
         """Per forward batch: its text indices and each text's (T, d) float32 activations, rounded to the store's dtype."""

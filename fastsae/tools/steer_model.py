@@ -53,6 +53,7 @@ from fastsae.core.trained_sae import open_trained_sae
 from fastsae.lm.data import Example, load_dataset
 from fastsae.lm.hook_points import HOOK_POINTS, decoder_layers, hook_name, hooked_module, output_tensor, with_output_tensor
 from fastsae.lm.lora import LORA_HOOK_POINT
+from fastsae.lm.models import learned_position_limit
 from fastsae.lm.tokenization import example_label, prompt_token_ids, wants_chat_template
 from fastsae.templates import read_template
 
@@ -191,6 +192,23 @@ def steering_module(model: nn.Module, info: SAEInfo) -> nn.Module:
 
 
 @torch.no_grad()
+def check_generation_room(model: nn.Module, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse before the first answer a prompt plus MAX_NEW_TOKENS longer than a learned position table (GPT-2's):
+    past its end the model indexes out of range (on a GPU, an opaque device-side assert)."""
+    limit = learned_position_limit(model)
+    if limit is None:
+        return
+    longest = max(range(len(prompts)), key=lambda index: len(prompts[index]), default=None)
+    if longest is None or len(prompts[longest]) + max_new_tokens <= limit:
+        return
+    length = len(prompts[longest])
+    fix = f"set MAX_NEW_TOKENS to {limit - length} or less" if length < limit else "shorten it"
+    raise UserError(
+        f"prompt {longest} has {length} tokens, so with MAX_NEW_TOKENS = {max_new_tokens} generation would run past the "
+        f"{limit} positions {type(model).__name__} has learned embeddings for: {fix}."
+    )
+
+
 def generate(
     model: nn.Module, prompt_ids: list[int], n_rows: int, max_new_tokens: int, temperature: float, seed: int, pad_token_id: int | None
 ) -> torch.Tensor:
@@ -274,12 +292,14 @@ def steer_model(config: SteerConfig) -> SteeringTable:
         config.mode,
         "chat template" if use_template else "plain text",
     )
+    prompts = [prompt_token_ids(tokenizer, example, use_template) for example in examples]
+    check_generation_room(model, prompts, config.max_new_tokens)
     answers = []
     with steering(module, hook):
-        for example in tqdm(examples, desc="steering", unit="prompt"):
+        for prompt_ids in tqdm(prompts, desc="steering", unit="prompt"):
             new_tokens = generate(
                 model,
-                prompt_token_ids(tokenizer, example, use_template),
+                prompt_ids,
                 len(columns.labels),
                 config.max_new_tokens,
                 config.temperature,
