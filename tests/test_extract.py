@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import sys
@@ -174,6 +175,21 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_llama, smoll
     store = ActivationStore(folder)
     assert np.diff(store.doc_offsets).max() == 16
     assert store.manifest.dataset.n_truncated == int((np.diff(store.doc_offsets) == 16).sum())
+
+
+def test_the_manifest_counts_chat_messages_the_template_hides(tiny_llama, smollm2_tokenizer, tmp_path):
+    """Their tokens are marked special and so left out of training: a reader of the store should not need the log to know."""
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = (  # drops system messages
+        "{% for message in messages %}{% if message['role'] != 'system' %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    )
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Plan my morning."}]
+    rows = [{"messages": chat}, {"messages": chat[1:]}, {"messages": chat}]
+    (folder,) = extract(tiny_llama, tokenizer, write_jsonl(tmp_path / "chats.jsonl", rows), tmp_path / "out", layers=[1])
+    assert ActivationStore(folder).manifest.dataset.n_unlocated_messages == 2
+    (plain,) = extract(tiny_llama, tokenizer, write_jsonl(tmp_path / "plain.jsonl", rows[1:2]), tmp_path / "plain", layers=[1])
+    assert ActivationStore(plain).manifest.dataset.n_unlocated_messages == 0
 
 
 def test_new_weights_saved_into_a_model_folder_are_not_taken_for_the_stored_ones(

@@ -566,6 +566,7 @@ def _write_stores(
         "max_examples": config.max_examples,
     }
     n_truncated = sum(item.truncated for item in tokenized)
+    n_unlocated_messages = sum(item.unlocated_messages for item in tokenized)
     folders = {key: store_folder(config, model_slug, target.name) for key, target in capture.targets.items()}
 
     def open_writers(overwrite: bool) -> dict[Hashable, ActivationStoreWriter]:
@@ -593,6 +594,7 @@ def _write_stores(
                         n_skipped=dataset.skipped.total,
                         skipped=dict(dataset.skipped.counts),
                         n_truncated=n_truncated,
+                        n_unlocated_messages=n_unlocated_messages,
                     ),
                     "extraction": {  # the path taken
                         **asdict(config),
@@ -638,13 +640,14 @@ def _write_stores(
     distributed.barrier()  # no rank returns before the manifests say complete
     skipped = f", skipped {dataset.skipped.total} rows ({dataset.skipped.describe()})" if dataset.skipped.total else ""
     logger.info(
-        "Stored %d examples, %d tokens (d=%d, %s) per store%s%s:\n  %s",
+        "Stored %d examples, %d tokens (d=%d, %s) per store%s%s%s:\n  %s",
         len(packed.sequences),
         int(doc_offsets[-1]),
         d,
         config.storage_dtype,
         skipped,
         f", truncated {n_truncated}" if n_truncated else "",
+        f", {n_unlocated_messages} chat messages not found in the rendered template (marked special)" if n_unlocated_messages else "",
         "\n  ".join(str(folder) for folder in folders.values()),
     )
     return list(folders.values())

@@ -48,6 +48,7 @@ class DatasetRecord:
     n_skipped: int | None = None
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
     n_truncated: int | None = None
+    n_unlocated_messages: int | None = None  # chat messages the template hid or rewrote: their tokens are marked special
 
 
 @dataclass(frozen=True)
