@@ -47,7 +47,7 @@ from fastsae.core.checkpoint import load_sae
 from fastsae.evaluate.evaluate_sae import store_metrics, validation_examples
 from fastsae.evaluate.model_metrics import ReferencePasses, length_grouped
 from fastsae.evaluate.saebench_core import BATCH_SIZE_PROMPTS, ignored_token_ids
-from fastsae.extract.extract_activations import ExtractConfig, pad_token_id, write_activation_stores
+from fastsae.extract.extract_activations import ExtractConfig, manifest_model_fields, pad_token_id, write_activation_stores
 from fastsae.interpret.explanations import RUBRIC, RubricSummary, rubric_summary
 from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 from fastsae.interpret.llm import API_KEY_VARIABLES, api_key
@@ -99,8 +99,8 @@ def extract(model, tokenizer, source, dataset: Dataset, packing: str, args: argp
     config = ExtractConfig(
         dataset=str(DATASET), layers=[args.layer], packing=packing, block_size=args.block_size, output_dir=str(work / "activations")
     )
-    model_fields = {"model_name": EMBEDDED_MODEL, "model_source": source.kind}
     logger.info("Extracting %d examples (%s packing)", len(dataset.examples), packing)
+    model_fields = manifest_model_fields(EMBEDDED_MODEL, source, model)
     (folder,) = write_activation_stores(model, tokenizer, dataset, config, source.slug, model_fields)
     return ActivationStore(folder)
 

@@ -39,6 +39,7 @@ from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hoo
 from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, adapter_fingerprint, lora_capture, lora_hook_name
 from fastsae.lm.models import (
     EMBEDDED_MODEL,
+    ModelSource,
     learned_position_limit,
     load_model,
     load_tokenizer,
@@ -718,13 +719,18 @@ def extract_activations(config: ExtractConfig) -> list[Path]:
     tokenizer = load_tokenizer(source)
     device = config.resolved_device()
     model = load_model(source, config.resolved_compute_dtype(), device)
-    model_fields = {"model_name": config.model_name, "model_source": source.kind, "revision": getattr(model.config, "_commit_hash", None)}
-    # A folder or GGUF file has no revision: its files' fingerprint ties the store (and its resume key) to the weights it
-    # was made from, so new weights saved under the same name are refused, not resumed. Hub stores' keys stay as they were.
+    return write_activation_stores(model, tokenizer, dataset, config, source.slug, manifest_model_fields(config.model_name, source, model))
+
+
+def manifest_model_fields(model_name: str, source: ModelSource, model: torch.nn.Module) -> dict[str, Any]:
+    """What a store's manifest says of its model. A folder or GGUF file has no revision: its files' fingerprint ties the
+    store (and its resume key) to the weights it was made from, so new weights saved under the same name are refused,
+    not resumed. Hub stores' keys stay as they were."""
+    fields = {"model_name": model_name, "model_source": source.kind, "revision": getattr(model.config, "_commit_hash", None)}
     fingerprint = model_files_fingerprint(source)
     if fingerprint is not None:
-        model_fields["model_files_fingerprint"] = fingerprint
-    return write_activation_stores(model, tokenizer, dataset, config, source.slug, model_fields)
+        fields["model_files_fingerprint"] = fingerprint
+    return fields
 
 
 class ExtractStage(Stage):
