@@ -104,8 +104,12 @@ def make_saelens(folder: Path, architecture: str, sample: torch.Tensor, **option
     import sae_lens
 
     cfg = {"d_in": D, "d_sae": M, "metadata": saelens_metadata(), **options}
-    if architecture == "batchtopk":  # a training save; SAELens' inference form of it is a JumpReLU SAE
-        sae = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(k=K, **cfg))
+    if architecture in ("batchtopk", "matryoshka_batchtopk"):  # training saves; SAELens' inference form of them is a JumpReLU SAE
+        sae_class, config_class = {
+            "batchtopk": (sae_lens.BatchTopKTrainingSAE, sae_lens.BatchTopKTrainingSAEConfig),
+            "matryoshka_batchtopk": (sae_lens.MatryoshkaBatchTopKTrainingSAE, sae_lens.MatryoshkaBatchTopKTrainingSAEConfig),
+        }[architecture]
+        sae = sae_class(config_class(k=K, **cfg))
         randomize_(sae)
         with torch.no_grad():
             sae.topk_threshold.fill_(float(quantile_thresholds(sae.encode_with_hidden_pre(sample)[1].relu().flatten(), 0.9)))
@@ -117,6 +121,7 @@ def make_saelens(folder: Path, architecture: str, sample: torch.Tensor, **option
             "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
             "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
             "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+            "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
         }
         sae_class, config_class = classes[architecture]
         sae = sae_class(config_class(**cfg, **({"k": K} if architecture == "topk" else {})))
@@ -135,6 +140,9 @@ SAELENS_CASES = {
     "topk, rescaled by decoder norms": ("topk", {"rescale_acts_by_decoder_norm": True}),
     "jumprelu, encoder reads x": ("jumprelu", {"apply_b_dec_to_input": False}),
     "batchtopk (a training save)": ("batchtopk", {}),
+    "matryoshka_batchtopk (a training save)": ("matryoshka_batchtopk", {"matryoshka_widths": [M // 4, M]}),
+    "gated": ("gated", {}),
+    "gated, encoder reads x": ("gated", {"apply_b_dec_to_input": False}),
 }
 
 
@@ -144,6 +152,7 @@ def test_saelens_saes_give_saelens_features_and_reconstructions(case, sample, tm
     made = make_saelens(tmp_path / "sae", architecture, sample[:300], **options)
     loaded = load_any_sae(made.checkpoint)
     same_forward(loaded, made.reference, sample[300:])
+    assert loaded.sae.spec.prefixes == tuple(options.get("matryoshka_widths", ()))
     assert (loaded.info.source_format, loaded.info.model_name) == ("saelens", "tiny-llama")
     assert (loaded.info.hook_point, loaded.info.layer, loaded.info.hook_name) == ("resid_post", LAYER, f"blocks.{LAYER}.hook_resid_post")
 
@@ -262,10 +271,10 @@ def test_saelens_5_files_fastsae_cannot_run_as_written_are_refused(tmp_path):
 def test_saelens_saes_fastsae_cannot_run_are_refused(tmp_path):
     import sae_lens
 
-    gated = sae_lens.GatedSAE(sae_lens.GatedSAEConfig(d_in=D, d_sae=M, metadata=saelens_metadata()))
-    gated.save_model(tmp_path / "gated")
-    with pytest.raises(UserError, match="SAELens 'gated' SAE, whose forward fastsae cannot run exactly"):
-        load_any_sae(tmp_path / "gated")
+    absolute = sae_lens.AbsTopKSAE(sae_lens.AbsTopKSAEConfig(d_in=D, d_sae=M, k=K, metadata=saelens_metadata()))
+    absolute.save_model(tmp_path / "abstopk")
+    with pytest.raises(UserError, match="SAELens 'abstopk' SAE, whose forward fastsae cannot run exactly"):
+        load_any_sae(tmp_path / "abstopk")
     hook_z = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D, d_sae=M, metadata=saelens_metadata("blocks.2.attn.hook_z")))
     hook_z.save_model(tmp_path / "hook-z")
     with pytest.raises(UserError, match=r"trained on 'blocks.2.attn.hook_z', which fastsae does not extract"):
@@ -378,7 +387,7 @@ def dictionary_learning_modules() -> tuple[types.ModuleType, types.ModuleType]:
     return importlib.import_module("dictionary_learning.dictionary"), importlib.import_module("dictionary_learning.trainers")
 
 
-DICTIONARY_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder")
+DICTIONARY_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "GatedAutoEncoder")
 
 
 def make_dictionary_learning(folder: Path, dict_class: str, sample: torch.Tensor, lm_name: str) -> ForeignSAE:
@@ -395,6 +404,7 @@ def make_dictionary_learning(folder: Path, dict_class: str, sample: torch.Tensor
             "dictionary_learning.trainers.matryoshka_batch_top_k"
         ).MatryoshkaBatchTopKTrainer(k=K, group_fractions=[0.25, 0.75], **common),
         "JumpReluAutoEncoder": lambda: trainers.JumpReluTrainer(**common),
+        "GatedAutoEncoder": lambda: trainers.GatedSAETrainer(**common),
     }[dict_class]()
     ae = trainer.ae
     randomize_(ae)
@@ -415,6 +425,7 @@ def make_dictionary_learning(folder: Path, dict_class: str, sample: torch.Tensor
             "dictionary_learning.trainers.matryoshka_batch_top_k"
         ).MatryoshkaBatchTopKSAE.from_pretrained(path, k=K),
         "JumpReluAutoEncoder": lambda path: dictionary.JumpReluAutoEncoder.from_pretrained(path),
+        "GatedAutoEncoder": lambda path: dictionary.GatedAutoEncoder.from_pretrained(path),
     }
     reference_ae = loaders[dict_class](folder / "ae.pt")
     return ForeignSAE(str(folder), encode_decode(reference_ae), "dictionary_learning", lm_name, ("resid_post", LAYER))

@@ -11,6 +11,8 @@
   `threshold` (their inference path);
 - JumpReluAutoEncoder: ReLU(pre) where pre = x W_enc + b_enc exceeds `threshold`: its encoder reads
   x, not x − b_dec (`apply_b_dec_to_input` is False and not saved), so b_dec is folded into b_enc.
+- GatedAutoEncoder: ReLU(e^r_mag ⊙ encoder(x − decoder_bias) + mag_bias) where encoder(x − decoder_bias)
+  + gate_bias > 0, which is a JumpReLU SAE (`SAEWeights.gated`); x̂ = decoder(f) + decoder_bias.
 `trainSAE(normalize_activations=True)` scales the biases back before saving, so `ae.pt` already
 takes raw activations.
 
@@ -42,7 +44,7 @@ WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
 SAVE_AGAIN = "Save the dictionary again with dictionary_learning (its trainSAE writes ae.pt and config.json), or download it again."
 _SUBMODULE = re.compile(rf"({'|'.join(HOOK_POINTS)})_layer_(\d+)")
-DICT_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder")
+DICT_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "GatedAutoEncoder")
 
 
 def is_dictionary_learning_folder(folder: Path) -> bool:
@@ -68,7 +70,7 @@ def load_dictionary_learning_folder(folder: Path, unnamed_hook_point: str | None
         spec = SAESpec("relu", weights.d, weights.m, 0)
     elif dict_class == "AutoEncoderTopK":
         spec = SAESpec("topk", weights.d, weights.m, k)
-    elif dict_class == "JumpReluAutoEncoder":
+    elif dict_class in ("JumpReluAutoEncoder", "GatedAutoEncoder"):
         spec = SAESpec("jumprelu", weights.d, weights.m, 0)
     else:  # BatchTopK, with Matryoshka's groups as prefixes (at inference every group is active)
         groups = [int(size) for size in state.get("group_sizes", [])]
@@ -80,6 +82,16 @@ def load_dictionary_learning_folder(folder: Path, unnamed_hook_point: str | None
 
 def _weights(state: dict[str, torch.Tensor], dict_class: str, source: str) -> SAEWeights:
     """The state_dict's tensors in our layout, folded so that our forward is the class's."""
+    if dict_class == "GatedAutoEncoder":  # nn.Linear encoder (M, d) without bias, decoder (d, M)
+        return SAEWeights.gated(
+            source,
+            state["encoder.weight"],
+            state["r_mag"],
+            state["gate_bias"],
+            state["mag_bias"],
+            state["decoder.weight"].T,
+            state["decoder_bias"],
+        )
     if dict_class in ("MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder"):  # nn.Parameters: W_enc (d, M), W_dec (M, d)
         weights = SAEWeights.of(source, state["W_enc"].T, state["b_enc"], state["W_dec"], state["b_dec"], state["threshold"])
         return weights.with_input_bias_folded() if dict_class == "JumpReluAutoEncoder" else weights

@@ -6,8 +6,11 @@ then per architecture
 - topk: the k largest of pre, ReLU'd (with rescale_acts_by_decoder_norm: of pre × ‖W_dec row‖,
   decoded as f / ‖W_dec row‖);
 - jumprelu: ReLU(pre) where pre > threshold;
-- batchtopk (a training save; SAELens runs it as a JumpReLU with every threshold at `topk_threshold`):
-  ReLU(pre) where it exceeds that threshold;
+- batchtopk and matryoshka_batchtopk (training saves; SAELens runs them as a JumpReLU with every
+  threshold at `topk_threshold`): ReLU(pre) where it exceeds that threshold, the Matryoshka widths
+  kept as our prefixes;
+- gated: ReLU(x' (W_enc ⊙ e^r_mag) + b_mag) where x' W_enc + b_gate > 0, which is a JumpReLU SAE
+  (`SAEWeights.gated`);
 and x̂ = f W_dec + b_dec. Each maps onto ours by the folds of `weights.py`, so the features and
 reconstructions are SAELens' own. An SAE trained on normalised activations is folded back to raw
 ones when the normalisation is a constant scale (`expected_average_only_in`, whose factor SAELens
@@ -54,7 +57,14 @@ LEGACY_KEYS = {
     "hook_point_head_index": "hook_head_index",
     "activation_fn_str": "activation_fn",
 }  # -> SAELens 6's
-SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}  # SAELens' -> ours
+SAELENS_ARCHITECTURES = {  # SAELens' -> ours
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "batchtopk": "batchtopk",
+    "matryoshka_batchtopk": "batchtopk",
+    "gated": "jumprelu",
+}
 SUPPORTED_HOOKS = (
     "blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.hook_attn_out, "
     "and blocks.L.hook_resid_pre for L ≥ 1 (the output of block L − 1)"
@@ -106,14 +116,7 @@ def saelens_sae(
             f"It reads SAELens' {', '.join(SAELENS_ARCHITECTURES)} SAEs."
         )
     _refuse_what_cannot_be_folded(recorded, source)
-    weights = SAEWeights.of(
-        source,
-        W_enc=tensors["W_enc"].T,
-        b_enc=tensors["b_enc"],
-        W_dec=tensors["W_dec"],
-        b_dec=tensors["b_dec"],
-        threshold=_threshold(tensors, architecture),
-    )
+    weights = _weights(tensors, architecture, source)
     if not recorded.get("apply_b_dec_to_input", True):
         weights = weights.with_input_bias_folded()
     if recorded.get("rescale_acts_by_decoder_norm"):
@@ -127,7 +130,9 @@ def saelens_sae(
             )
         weights = weights.with_input_scale_folded(activation_scale)
     ours = SAELENS_ARCHITECTURES[architecture]
-    spec = SAESpec(ours, d=weights.d, m=weights.m, k=_k(recorded, source, weights.m) if ours in ("topk", "batchtopk") else 0)
+    k = _k(recorded, source, weights.m) if ours in ("topk", "batchtopk") else 0
+    widths = tuple(recorded.get("matryoshka_widths") or ()) if architecture == "matryoshka_batchtopk" else ()
+    spec = SAESpec(ours, d=weights.d, m=weights.m, k=k, prefixes=widths if len(widths) > 1 else ())
     hook_point, layer = saelens_hook(recorded.get("hook_name"), source)
     _warn_about_processed_models(recorded, source)
     info = SAEInfo.foreign(spec, SAELENS_FORMAT, model_name or recorded.get("model_name"), hook_point, layer)
@@ -193,11 +198,22 @@ def _refuse_what_cannot_be_folded(recorded: dict[str, Any], source: str) -> None
         raise UserError(f"{source}: this SAELens SAE {problem}: fastsae's SAE cannot compute it exactly, so it is not loaded.")
 
 
+def _weights(tensors: dict[str, torch.Tensor], architecture: str, source: str) -> SAEWeights:
+    """SAELens' tensors (W_enc is (d, M)) in our layout; a gated SAE as the JumpReLU SAE it equals."""
+    if architecture == "gated":
+        return SAEWeights.gated(
+            source, tensors["W_enc"].T, tensors["r_mag"], tensors["b_gate"], tensors["b_mag"], tensors["W_dec"], tensors["b_dec"]
+        )
+    return SAEWeights.of(
+        source, tensors["W_enc"].T, tensors["b_enc"], tensors["W_dec"], tensors["b_dec"], _threshold(tensors, architecture)
+    )
+
+
 def _threshold(tensors: dict[str, torch.Tensor], architecture: str) -> torch.Tensor | None:
     """JumpReLU's thresholds (SAELens before 6 stored log thresholds) or a BatchTopK training save's one threshold."""
     if architecture == "jumprelu":
         return tensors["log_threshold"].exp() if "log_threshold" in tensors else tensors["threshold"]
-    if architecture == "batchtopk":
+    if architecture in ("batchtopk", "matryoshka_batchtopk"):
         return tensors["topk_threshold"]
     return None
 

@@ -73,6 +73,10 @@ def _damaged(path: Path, error: Exception, fix: str) -> UserError:
     return UserError(f"{path} is damaged or incomplete ({type(error).__name__}: {reason}). {fix}")
 
 
+def _as_float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().to("cpu", torch.float64)
+
+
 @dataclass(frozen=True)
 class SAEWeights:
     """An SAE's tensors, float64 on the CPU: encoder and decoder rows per feature, both (M, d)."""
@@ -94,11 +98,7 @@ class SAEWeights:
         threshold: torch.Tensor | None = None,
     ) -> SAEWeights:
         """The tensors as float64, checked to fit together (`source` names the file in the error)."""
-
-        def as_float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.detach().to("cpu", torch.float64)
-
-        weights = cls(*(as_float64(tensor) for tensor in (W_enc, b_enc, W_dec, b_dec)), as_float64(threshold))
+        weights = cls(*(_as_float64(tensor) for tensor in (W_enc, b_enc, W_dec, b_dec)), _as_float64(threshold))
         m, d = weights.W_enc.shape
         expected = {"W_dec": (m, d), "b_enc": (m,), "b_dec": (d,)}
         wrong = {
@@ -111,6 +111,27 @@ class SAEWeights:
                 f"{source}: the SAE's tensors do not fit together (encoder {m} features × d={d}; got {wrong}). The file is damaged."
             )
         return weights
+
+    @classmethod
+    def gated(
+        cls,
+        source: str,
+        W_enc: torch.Tensor,
+        r_mag: torch.Tensor,
+        b_gate: torch.Tensor,
+        b_mag: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+    ) -> SAEWeights:
+        """A gated SAE (Rajamanoharan et al., 2024) as the JumpReLU SAE it equals. It computes 1[W x' + b_gate > 0] ·
+        ReLU(e^r_mag ⊙ W x' + b_mag), and its gate opens exactly where the magnitude pre-activation exceeds b_mag −
+        e^r_mag ⊙ b_gate: so the magnitude path is the encoder, and that is each feature's threshold."""
+        m = W_enc.shape[0]
+        wrong = {name: tuple(tensor.shape) for name, tensor in (("r_mag", r_mag), ("b_gate", b_gate)) if tuple(tensor.shape) != (m,)}
+        if wrong:
+            raise UserError(f"{source}: the SAE's tensors do not fit together (encoder {m} features; got {wrong}). The file is damaged.")
+        scale, b_mag = _as_float64(r_mag).exp(), _as_float64(b_mag)
+        return cls.of(source, _as_float64(W_enc) * scale[:, None], b_mag, W_dec, b_dec, threshold=b_mag - scale * _as_float64(b_gate))
 
     @property
     def m(self) -> int:
