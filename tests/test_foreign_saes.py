@@ -35,6 +35,7 @@ from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae, validation_examples
 from fastsae.export.export_sae import ExportConfig, export_sae
 from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import validate
 
 D, M, K, LAYER = 64, 96, 8, 2  # the tiny store: d=64 at the output of block 2
 Reference = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (feature activations, reconstruction), the library's own
@@ -306,6 +307,18 @@ def test_sparsify_saes_give_sparsify_features_and_reconstructions(sample, tmp_pa
     same_forward(loaded, made.reference, sample)
     assert (loaded.info.source_format, loaded.info.model_name) == ("sparsify", str(tiny_model_folder))
     assert (loaded.info.hook_point, loaded.info.layer) == ("resid_post", LAYER)
+
+
+def test_fvu_on_a_batch_equals_sparsify_forward(sample, tmp_path):
+    """Training's per-step FVU and validation's FVU (here on one batch) are sparsify's: Σ‖x − x̂‖² / Σ‖x − mean(x)‖²."""
+    from sparsify import SparseCoder
+
+    made = make_sparsify(tmp_path / "run", sample, "m")
+    with torch.no_grad():
+        theirs = SparseCoder.load_from_disk(made.checkpoint)(sample).fvu.item()
+    sae = load_any_sae(made.checkpoint).sae
+    assert sae.training_step(sample, None, 0.0, 0.0).fvu.item() == pytest.approx(theirs, rel=1e-5)
+    assert validate(sae, sample, batch_size=len(sample)).metrics["fvu"] == pytest.approx(theirs, rel=1e-5)
 
 
 def test_a_sparsify_sae_without_k_loads_with_sparsify_default_k(sample, tmp_path, caplog):
