@@ -309,14 +309,18 @@ def test_sparsify_saes_give_sparsify_features_and_reconstructions(sample, tmp_pa
     assert (loaded.info.hook_point, loaded.info.layer) == ("resid_post", LAYER)
 
 
-def test_fvu_on_a_batch_equals_sparsify_forward(sample, tmp_path):
-    """Training's per-step FVU and validation's FVU (here on one batch) are sparsify's: Σ‖x − x̂‖² / Σ‖x − mean(x)‖²."""
+def test_fvu_on_a_batch_equals_sparsify_forward_and_hypothesaes_normalized_mse(sample, tmp_path):
+    """Training's per-step FVU and validation's FVU (here on one batch) are sparsify's and HypotheSAEs' training loss:
+    Σ‖x − x̂‖² / Σ‖x − mean(x)‖²."""
     from sparsify import SparseCoder
 
     made = make_sparsify(tmp_path / "run", sample, "m")
     with torch.no_grad():
         theirs = SparseCoder.load_from_disk(made.checkpoint)(sample).fvu.item()
     sae = load_any_sae(made.checkpoint).sae
+    with torch.no_grad():
+        normalized_mse = hypothesaes_module().SparseAutoencoder._normalized_mse(sae(sample), sample).item()
+    assert normalized_mse == pytest.approx(theirs, rel=1e-5)
     assert sae.training_step(sample, None, 0.0, 0.0).fvu.item() == pytest.approx(theirs, rel=1e-5)
     assert validate(sae, sample, batch_size=len(sample)).metrics["fvu"] == pytest.approx(theirs, rel=1e-5)
 
