@@ -202,12 +202,15 @@ class SAEBenchCoreReference(NamedTuple):
         `encoder_norm`, `encoder_decoder_cosine_sim`, `max_encoder_cosine_sim`, `max_decoder_cosine_sim`), NaNs kept.
     eval_output: the `CoreEvalOutput` JSON SAEBench's `save_single_eval_result` writes, parsed.
     max_logit_difference: the largest |TransformerLens − Hugging Face| logit over every batch given.
+    per_token_losses: when asked for, SAEBench's `get_recons_loss` on each reconstruction batch, unmasked: the
+        cross-entropies (prompts, context − 1) and KL divergences (prompts, context) its means are taken over.
     """
 
     metrics: dict[str, dict[str, float]]
     feature_metrics: dict[str, list[float]]
     eval_output: dict[str, Any]
     max_logit_difference: float
+    per_token_losses: list[dict[str, torch.Tensor]] | None = None
 
     @property
     def flat(self) -> dict[str, float]:
@@ -232,6 +235,8 @@ def saebench_core_reference(
     model_name: str = "tiny-llama",
     logits_atol: float = 1e-4,
     apply_b_dec_to_input: bool = True,
+    exclude_special_tokens_from_reconstruction: bool = False,
+    per_token_losses: bool = False,
 ) -> SAEBenchCoreReference:
     """SAEBench's core metrics for an SAE on `blocks.{layer}.hook_resid_post` of `hf_model`, over the given token batches.
 
@@ -240,8 +245,11 @@ def saebench_core_reference(
     sparsity_batches: what the sparsity/variance pass reads (l0, l1, norms, explained variance, mse, cossim, feature
         density); the same batches when None.
     ignore_tokens: ids left out of every average (SAEBench passes the tokenizer's pad, eos and bos: `saebench_ignore_tokens`).
-    Runs SAEBench's defaults otherwise: `exclude_special_tokens_from_reconstruction=False` (the SAE replaces the
-    activation at every position, ignored ones included), every metric group on, featurewise statistics on.
+    exclude_special_tokens_from_reconstruction: SAEBench's option; its default False replaces the activation at every
+        position, ignored ones included; True keeps the model's own at the positions of `ignore_tokens`.
+    per_token_losses: also return `get_recons_loss`'s per-position values for each reconstruction batch (three more
+        forward passes a batch).
+    Runs SAEBench's defaults otherwise: every metric group on, featurewise statistics on.
     """
     sparsity_batches = list(batches if sparsity_batches is None else sparsity_batches)
     hooked_model = hooked_transformer_from_hf(hf_model)
@@ -268,12 +276,20 @@ def saebench_core_reference(
         compute_variance_metrics=True,
         compute_featurewise_density_statistics=True,
         compute_featurewise_weight_based_metrics=True,
-        exclude_special_tokens_from_reconstruction=False,
+        exclude_special_tokens_from_reconstruction=exclude_special_tokens_from_reconstruction,
     )
     metrics, feature_metrics = saebench_core.run_evals(sae, store, hooked_model, eval_config, ignore_tokens=set(ignore_tokens))
     if not store.exhausted:
         raise AssertionError(f"SAEBench read {store.next_batch} of the {len(store.batches)} token batches")
     metrics["misc_metrics"] = saebench_core.calculate_misc_metrics(feature_metrics)
+    losses = None
+    if per_token_losses:
+        losses = [
+            saebench_core.get_recons_loss(
+                sae, hooked_model, batch.long(), store, True, True, set(ignore_tokens), exclude_special_tokens_from_reconstruction
+            )
+            for batch in batches
+        ]
 
     result = {"unique_id": f"fastsae_{sae_id}", "sae_set": "fastsae", "sae_id": sae_id, "eval_cfg": eval_config, "metrics": metrics}
     result["feature_metrics"] = feature_metrics
@@ -290,4 +306,4 @@ def saebench_core_reference(
             sae,
         )
         eval_output = json.loads(path.read_text())
-    return SAEBenchCoreReference(metrics, feature_metrics, eval_output, logit_difference)
+    return SAEBenchCoreReference(metrics, feature_metrics, eval_output, logit_difference, losses)

@@ -32,9 +32,10 @@ from fastsae.core.formats.saelens_pretrained import CONVERTER_FILES, REFUSED
 from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.core.formats.sparsify import sparsify_hook
 from fastsae.core.trained_sae import open_trained_sae
-from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae, validation_examples
+from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae, store_metrics, validation_examples
 from fastsae.export.export_sae import ExportConfig, export_sae
 from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import validate
 
 D, M, K, LAYER = 64, 96, 8, 2  # the tiny store: d=64 at the output of block 2
 Reference = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (feature activations, reconstruction), the library's own
@@ -315,6 +316,36 @@ def test_sparsify_saes_give_sparsify_features_and_reconstructions(sample, tmp_pa
     same_forward(loaded, made.reference, sample)
     assert (loaded.info.source_format, loaded.info.model_name) == ("sparsify", str(tiny_model_folder))
     assert (loaded.info.hook_point, loaded.info.layer) == ("resid_post", LAYER)
+
+
+def test_fvu_on_a_batch_equals_sparsify_forward_and_hypothesaes_normalized_mse(sample, tmp_path):
+    """Training's per-step FVU and validation's FVU (here on one batch) are sparsify's and HypotheSAEs' training loss:
+    Σ‖x − x̂‖² / Σ‖x − mean(x)‖²."""
+    from sparsify import SparseCoder
+
+    made = make_sparsify(tmp_path / "run", sample, "m")
+    with torch.no_grad():
+        theirs = SparseCoder.load_from_disk(made.checkpoint)(sample).fvu.item()
+    sae = load_any_sae(made.checkpoint).sae
+    with torch.no_grad():
+        normalized_mse = hypothesaes_module().SparseAutoencoder._normalized_mse(sae(sample), sample).item()
+    assert normalized_mse == pytest.approx(theirs, rel=1e-5)
+    assert sae.training_step(sample, None, 0.0, 0.0).fvu.item() == pytest.approx(theirs, rel=1e-5)
+    assert validate(sae, sample, batch_size=len(sample)).metrics["fvu"] == pytest.approx(theirs, rel=1e-5)
+
+
+def test_eval_fvu_of_held_out_examples_equals_sparsify_forward_on_their_tokens(tiny_store, sample, tmp_path):
+    """eval.json's `reconstruction` … `fvu` over all tokens of some examples is sparsify's FVU on those tokens as one batch."""
+    from sparsify import SparseCoder
+
+    made = make_sparsify(tmp_path / "run", sample, "m")
+    store = ActivationStore(tiny_store)
+    examples = list(range(3, 40, 3))
+    x = torch.cat([store.example(index).activations for index in examples]).float()
+    with torch.no_grad():
+        theirs = SparseCoder.load_from_disk(made.checkpoint)(x).fvu.item()
+    ours = store_metrics(store, examples, load_any_sae(made.checkpoint).sae, include_special=True)["reconstruction"]["all"]
+    assert (ours["tokens"], ours["fvu"]) == (len(x), pytest.approx(theirs, rel=1e-5))
 
 
 def test_a_sparsify_sae_without_k_loads_with_sparsify_default_k(sample, tmp_path, caplog):
