@@ -57,7 +57,11 @@ def dashboard(tmp_path_factory, tiny_llama, smollm2_tokenizer, tiny_model_folder
     (result,) = train_saes(
         TrainConfig(store=str(store), output_dir=str(folder / "checkpoints"), m=32, k=4, batch_size=128, epochs=5.0, buffer_tokens=1024)
     )
-    evaluate_sae(EvalConfig(checkpoint=[result["checkpoint"]], evals=["sparse_probing"], probing_k=[1, 2], device="cpu"))
+    evaluate_sae(
+        EvalConfig(
+            checkpoint=[result["checkpoint"]], evals=["sparse_probing"], probing_k=[1, 2], model_name=str(tiny_model_folder), device="cpu"
+        )
+    )
     with pytest.MonkeyPatch.context() as monkeypatch, chat_server(monkeypatch) as server:
         server.rubric_answers, server.answerer = list(RUBRIC_ANSWERS), answer
         csv = interpret_sae(

@@ -1,7 +1,8 @@
 """Sparse probing finds what was planted: a store whose label-L examples carry direction e_L, read by an SAE whose
 feature L reads e_L. Each label's probe ranks its planted feature first and separates at k = 1; labels drawn
-independently of the activations stay at chance; special tokens (here a BOS that points at another label's direction)
-stay out of the pooling; data without labels is skipped, and sparse_probing.json says so."""
+independently of the activations stay at chance; BOS (here pointing at another label's direction) stays out of the
+pooling, a template token the store marks special counts, as in SAEBench's; data without labels is skipped, and
+sparse_probing.json says so."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from fastsae.evaluate.sparse_probing import (
     SPARSE_PROBING_FILE,
     SPARSE_PROBING_PLOT_FILE,
     balanced_one_vs_rest,
+    pool_examples,
     read_probe_choices,
     run_sparse_probing,
 )
@@ -35,28 +37,35 @@ D, M = 16, 12  # features 4..11 read random directions
 PER_LABEL = 60
 SIGNAL, BOS_NORM = 3.0, 60.0
 SEED, FRACTION = 0, 0.25
+BOS_ID, TEMPLATE_ID, CONTENT_ID = 1, 9, 7  # SmolLM2's BOS; any other ids
 
 
 def write_planted_store(
-    folder: Path, labels_follow_activations: bool = True, labelled: bool = True, training_only: int = 0, packing: str = "sequential"
+    folder: Path,
+    labels_follow_activations: bool = True,
+    labelled: bool = True,
+    training_only: int = 0,
+    packing: str = "sequential",
+    model_name: str | None = None,
 ) -> ActivationStore:
-    """PER_LABEL examples per label, each a BOS (special; norm BOS_NORM along the *next* label's direction) then 4-11
-    content tokens of noise + SIGNAL · e_label. With `labels_follow_activations` false, the labels written are drawn
-    independently of the directions planted; the first `training_only` training examples are labelled "rare"; `packing`
-    is the manifest's."""
+    """PER_LABEL examples per label, each a BOS (special; norm BOS_NORM along the *next* label's direction), a template
+    token (special, not BOS) then 3-10 content tokens, those of noise + SIGNAL · e_label. With
+    `labels_follow_activations` false, the labels written are drawn independently of the directions planted; the first
+    `training_only` training examples are labelled "rare"; `packing` and `model_name` are the manifest's."""
     generator = np.random.default_rng(0)
     planted = np.repeat(np.arange(len(LABELS)), PER_LABEL)
     generator.shuffle(planted)
     written = planted if labels_follow_activations else generator.permutation(planted)
     lengths = generator.integers(5, 13, len(planted))
-    activations, special = [], []
+    activations, special, ids = [], [], []
     for label, length in zip(planted, lengths):
         tokens = generator.normal(0, 0.5, (length, D))
         tokens[1:, label] += SIGNAL
         tokens[0] = 0.0
         tokens[0, (label + 1) % len(LABELS)] = BOS_NORM
         activations.append(tokens)
-        special.append(np.arange(length) == 0)
+        special.append(np.arange(length) < 2)
+        ids.append(np.array([BOS_ID, TEMPLATE_ID] + [CONTENT_ID] * (length - 2), dtype=np.int32))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     shards = plan_shards(lengths.tolist(), shard_tokens=300)  # several shards: pooling streams across them
     records = [{"row": i, "source": f"row {i}", "label": LABELS[label] if labelled else None} for i, label in enumerate(written)]
@@ -65,15 +74,15 @@ def write_planted_store(
     writer = ActivationStoreWriter(
         folder,
         {"test": 1},
-        {"model": "planted", "hook_name": "planted", "d": D, "dtype": "float32", "packing": packing},
+        {"model": "planted", "model_name": model_name, "hook_name": "planted", "d": D, "dtype": "float32", "packing": packing},
         shards,
         offsets,
         records,
     )
-    x, mask = np.concatenate(activations).astype(np.float32), np.concatenate(special)
+    x, mask, token_ids = np.concatenate(activations).astype(np.float32), np.concatenate(special), np.concatenate(ids)
     for index, shard in enumerate(shards):
         rows = slice(shard.first_token, shard.first_token + shard.n_tokens)
-        writer.write_shard(index, torch.from_numpy(x[rows]), np.zeros(shard.n_tokens, dtype=np.int32), mask[rows])
+        writer.write_shard(index, torch.from_numpy(x[rows]), token_ids[rows], mask[rows])
     writer.finish("now", 1)
     return ActivationStore(folder)
 
@@ -96,13 +105,26 @@ def trained(folder: Path, store: ActivationStore) -> TrainedSAE:
 
 def probe(folder: Path, store: ActivationStore, k_values=(1, 2, 5)) -> dict:
     split = ExampleSplit.by_example(store.n_examples, FRACTION, SEED)
-    return run_sparse_probing(trained(folder, store), store, split, SEED, list(k_values))
+    return run_sparse_probing(trained(folder, store), store, split, SEED, {BOS_ID}, list(k_values))
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("planted")
     return folder, probe(folder, write_planted_store(folder / "store"))
+
+
+def test_pooling_leaves_out_bos_eos_and_padding_ids_and_counts_the_other_special_tokens(tmp_path):
+    """SAEBench's pooled set (`get_bos_pad_eos_mask`): a template token the store marks special counts, BOS does not."""
+    store = write_planted_store(tmp_path / "store")
+    examples = np.array([0, 1, 5])
+    pooled = pool_examples(store, planted_sae(), examples, {BOS_ID, 2}, context_length=0)
+    for row, example in enumerate(examples):
+        x = store.example(int(example)).activations.float()
+        torch.testing.assert_close(pooled.raw_ND[row], x[1:].mean(0))  # the template token in, BOS out
+        torch.testing.assert_close(pooled.features_NM[row], planted_sae().encode(x[1:]).mean(0))
+    cut = pool_examples(store, planted_sae(), examples, {BOS_ID}, context_length=3)
+    torch.testing.assert_close(cut.raw_ND[0], store.example(0).activations.float()[1:3].mean(0))
 
 
 def test_each_label_uses_its_planted_feature_and_separates_at_k_1(planted):
@@ -153,7 +175,7 @@ def test_features_with_no_difference_are_not_listed_as_chosen(tmp_path, capsys):
     dead = trained(tmp_path, store)
     with torch.no_grad():
         dead.sae.b_enc[8:] = -1e6  # features 8..11 never fire: no difference on any label
-    results = run_sparse_probing(dead, store, ExampleSplit.by_example(store.n_examples, FRACTION, SEED), SEED, [1, M])
+    results = run_sparse_probing(dead, store, ExampleSplit.by_example(store.n_examples, FRACTION, SEED), SEED, {BOS_ID}, [1, M])
     for name, task in results["tasks"].items():
         listed = [f["feature"] for f in task["features"]]
         assert not set(listed) & {8, 9, 10, 11} and all(f["mean_difference"] != 0 for f in task["features"]), name
@@ -212,8 +234,8 @@ def test_a_label_outnumbering_the_rest_keeps_a_random_draw_of_its_positives():
     np.testing.assert_array_equal(chosen, again)  # seeded
 
 
-def test_evaluate_runs_only_the_evaluations_named(tmp_path):
-    store = write_planted_store(tmp_path / "store")
+def test_evaluate_runs_only_the_evaluations_named(tmp_path, tiny_model_folder):
+    store = write_planted_store(tmp_path / "store", model_name=str(tiny_model_folder))  # whose tokenizer names BOS_ID
     checkpoint = tmp_path / "run" / "SAE_M=12_K=0.pt"
     save_checkpoint(checkpoint, planted_sae(), 0, trained(tmp_path, store).info)
     config = EvalConfig(checkpoint=[str(checkpoint)], evals=["sparse_probing"], probing_k=[1, 2], device="cpu")
@@ -228,6 +250,15 @@ def test_evaluate_runs_only_the_evaluations_named(tmp_path):
     assert [output.path.name for output in stage.outputs(both, None)] == ["eval.json", "feature_density.png", SPARSE_PROBING_FILE]
     figures = dict(stage.key_figures(config, stage.outputs(config, None)))
     assert figures["sparse probing, mean over 4 labels"].startswith("top-1 accuracy 1.000")
+
+
+def test_a_store_that_names_no_model_asks_for_the_model_whose_tokenizer_names_bos(tmp_path):
+    store = write_planted_store(tmp_path / "store")
+    checkpoint = tmp_path / "run" / "SAE_M=12_K=0.pt"
+    save_checkpoint(checkpoint, planted_sae(), 0, trained(tmp_path, store).info)
+    with pytest.raises(UserError, match=r"does not name its model\. Pass --model-name: sparse probing pools over every token but"):
+        evaluate_sae(EvalConfig(checkpoint=[str(checkpoint)], evals=["sparse_probing"], device="cpu"))
+    assert not (checkpoint.parent / SPARSE_PROBING_FILE).exists()
 
 
 def test_unknown_evaluations_are_refused():

@@ -11,8 +11,8 @@ each as its `main.py` calls them:
    right-padded like its tokenised datasets; most examples are longer), then
    mean-pools them (`create_meaned_model_activations`) and a SAELens copy of our SAE's features
    (`get_sae_meaned_activations`). Ours pools the store. They agree to float32 noise (TransformerLens' forward is not
-   Hugging Face's bit for bit). The store is plain text (no chat template), where the store's special tokens and
-   SAEBench's BOS/EOS/pad ids are the same set: the test checks that precondition.
+   Hugging Face's bit for bit). The examples are chat-templated, so the store marks more tokens special than
+   SAEBench's BOS/EOS/pad ids (the test checks that precondition): SAEBench's means count the template's others.
 2. Probes. After `torch.manual_seed(seed)`, per label: `prepare_probe_data` (balancing) on the training and held-out
    sides, then for each k `get_top_k_mean_diff_mask` (ranking) and `train_sklearn_probe` (the probe and its test
    accuracy); the ceiling is `train_sklearn_probe` on all d raw pooled activations. Run on *our* pooled tensors they
@@ -41,6 +41,7 @@ import torch
 
 from fastsae.core.saelens_export import saelens_weights
 from fastsae.core.trained_sae import open_trained_sae
+from fastsae.evaluate.saebench_core import ignored_token_ids
 from fastsae.evaluate.sparse_probing import PooledExamples, pool_examples, probe_labels, probing_examples
 from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.lm.data import load_dataset
@@ -51,14 +52,14 @@ from saebench_reference import hooked_transformer_from_hf, saelens_sae
 
 LAYER = 2
 K_VALUES = [1, 2, 5, 20]
-CONTEXT_LENGTH = 16  # below most of the default dataset's examples' lengths, so the cut shows
+CONTEXT_LENGTH = 40  # past the chat template's opening (the default system prompt) and below most examples' lengths
 
 
 @pytest.fixture(scope="module")
 def probing_run(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> dict:
-    """A plain-text float32 store of the default dataset through the tiny Llama, a Top-K SAE trained on it, and our probes."""
+    """A chat-templated float32 store of the default dataset through the tiny Llama, a Top-K SAE trained on it, and our probes."""
     folder = tmp_path_factory.mktemp("probing")
-    config = ExtractConfig(layers=[LAYER], chat_template="none", storage_dtype="float32", output_dir=str(folder / "stores"))
+    config = ExtractConfig(layers=[LAYER], chat_template="auto", storage_dtype="float32", output_dir=str(folder / "stores"))
     (store_folder,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
     training = TrainConfig(store=str(store_folder), output_dir=str(folder / "runs"), m=128, k=8, batch_size=256, epochs=2.0)
     trained = open_trained_sae(train_saes(training)[0]["checkpoint"])
@@ -67,8 +68,9 @@ def probing_run(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> dict:
     names = np.array([record["label"] for record in store.example_records()], dtype=object)
     split = ExampleSplit.by_example(store.n_examples, trained.info.validation_fraction, seed)
     train_rows, test_rows = probing_examples(list(names), split, seed, 0, 0)
-    train = pool_examples(store, trained.sae, train_rows, CONTEXT_LENGTH)
-    test = pool_examples(store, trained.sae, test_rows, CONTEXT_LENGTH)
+    ignored = ignored_token_ids(smollm2_tokenizer)
+    train = pool_examples(store, trained.sae, train_rows, ignored, CONTEXT_LENGTH)
+    test = pool_examples(store, trained.sae, test_rows, ignored, CONTEXT_LENGTH)
     labels = sorted(set(names))
     tasks = probe_labels(train, names[train.examples], test, names[test.examples], labels, K_VALUES, seed)
     return {
@@ -151,11 +153,14 @@ def assert_same_probes(ours: dict[str, dict], theirs: dict[str, dict]) -> None:
                 assert ours[label][key] == pytest.approx(value, abs=1e-12), (label, key)
 
 
-def test_the_store_marks_exactly_saebench_masked_tokens(probing_run, smollm2_tokenizer):
+def test_the_store_marks_more_tokens_special_than_saebench_masks_within_the_context(probing_run, smollm2_tokenizer):
+    """So pooling over the store's content tokens alone would not be SAEBench's pooling: the comparisons below would fail."""
     store = probing_run["store"]
-    ignored = [smollm2_tokenizer.bos_token_id, smollm2_tokenizer.eos_token_id, smollm2_tokenizer.pad_token_id]
-    chunk = store.chunk(0, store.n_tokens)
-    np.testing.assert_array_equal(chunk.special_mask, np.isin(chunk.token_ids, ignored))
+    within = np.concatenate([store.example(index).token_ids[:CONTEXT_LENGTH] for index in range(store.n_examples)])
+    special = np.concatenate([store.example(index).special_mask[:CONTEXT_LENGTH] for index in range(store.n_examples)])
+    masked = np.isin(within, sorted(ignored_token_ids(smollm2_tokenizer)))
+    assert (masked <= special).all() and (special & ~masked).sum() > 2 * masked.sum()
+    assert (~special).sum() > len(special) // 10  # and content tokens within the context too
 
 
 @pytest.fixture(scope="module")

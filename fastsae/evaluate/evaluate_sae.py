@@ -466,11 +466,37 @@ def _evaluand(path: Path, config: EvalConfig) -> _Evaluand:
     return _Evaluand(trained, trained.open_store(config.store), fraction, seed)
 
 
+class Tokenizers:
+    """Each model's tokenizer, loaded once per evaluate_sae call: the core metrics and sparse probing both read its BOS,
+    EOS and padding ids (SAEBench's `ignore_tokens`)."""
+
+    def __init__(self, model_name_setting: str) -> None:
+        self.model_name_setting = model_name_setting
+        self.loaded: dict[str, Any] = {}
+
+    def model_name(self, store: ActivationStore, fix: str) -> str:
+        """MODEL_NAME, else the model the store records; `fix` ends the message when there is neither."""
+        name = self.model_name_setting or store.manifest.model_name
+        if not name:
+            raise UserError(f"the store at {store.folder} does not name its model. {fix}")
+        return name
+
+    def __call__(self, name: str):
+        if name not in self.loaded:
+            self.loaded[name] = load_tokenizer(resolve_model(name))
+        return self.loaded[name]
+
+    def ignored_ids(self, store: ActivationStore) -> set[int]:
+        """The ids sparse probing leaves out of its means, as the core metrics do."""
+        fix = "Pass --model-name: sparse probing pools over every token but the BOS, EOS and padding tokens its tokenizer names."
+        return ignored_token_ids(self(self.model_name(store, fix)))
+
+
 class _ModelMetrics:
     """The model, loaded once, and the reference passes per (store, split), shared by every SAE of a sweep."""
 
-    def __init__(self, config: EvalConfig) -> None:
-        self.config = config
+    def __init__(self, config: EvalConfig, tokenizers: Tokenizers) -> None:
+        self.config, self.tokenizers = config, tokenizers
         self.device = resolve_device(config.device)
         self.dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
         self.models: dict[str, tuple[torch.nn.Module, Any, str]] = {}
@@ -478,16 +504,13 @@ class _ModelMetrics:
 
     def _model(self, name: str) -> tuple[torch.nn.Module, Any, str]:
         if name not in self.models:
-            source = resolve_model(name)
-            model = load_model(source, self.dtype, self.device)
-            self.models[name] = (model, load_tokenizer(source), model_fingerprint(model))
+            model = load_model(resolve_model(name), self.dtype, self.device)
+            self.models[name] = (model, self.tokenizers(name), model_fingerprint(model))
         return self.models[name]
 
     def reference(self, evaluand: _Evaluand, examples: list[int]) -> ReferencePasses:
         store, config = evaluand.store, self.config
-        model_name = config.model_name or store.manifest.model_name
-        if not model_name:
-            raise UserError(f"the store at {store.folder} does not name its model. Pass --model-name, or --model-metrics false.")
+        model_name = self.tokenizers.model_name(store, "Pass --model-name, or --model-metrics false.")
         key = (str(store.folder), evaluand.fraction, evaluand.seed, model_name)
         if key not in self.references:
             model, tokenizer, fingerprint = self._model(model_name)
@@ -635,7 +658,8 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
 
     Returns one dict per checkpoint: the core results (when `core` ran) and, under its name, each other evaluation's."""
     evaluands = [_evaluand(Path(path), config) for path in config.checkpoint]
-    model_metrics = _ModelMetrics(config) if config.model_metrics and "core" in config.evals else None
+    tokenizers = Tokenizers(config.model_name)
+    model_metrics = _ModelMetrics(config, tokenizers) if config.model_metrics and "core" in config.evals else None
     absorption = (
         AbsorptionSweep(config.device, AbsorptionSettings(max_words=config.absorption_words), config.model_name)
         if "absorption" in config.evals
@@ -652,6 +676,7 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
                 evaluand.store,
                 split,
                 evaluand.seed,
+                tokenizers.ignored_ids(evaluand.store),
                 config.probing_k,
                 config.probing_train_examples,
                 config.probing_test_examples,

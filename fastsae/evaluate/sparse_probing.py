@@ -10,10 +10,11 @@ What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_trainin
 - **Pooling** (`activation_collection.get_sae_meaned_activations`): each example becomes the mean, over its tokens,
   of the SAE's feature activations (and of the raw activations, for the ceiling). Only its first `context_length`
   positions count (SAEBench's context_length, 128: `tokenize_data_dictionary` truncates each example there), special
-  and template tokens among them, as SAEBench's tokenizer counts its BOS; 0 keeps the whole example. SAEBench drops
-  BOS, EOS and padding; we drop every special/template token the store marks (BOS, EOS, chat markers): the content tokens, which
-  are what the SAE trains on by default. On text without a chat template the two are the same set. An example
-  with no content token is left out.
+  and template tokens among them, as SAEBench's tokenizer counts its BOS; 0 keeps the whole example. Of those, the
+  tokens whose ids are the tokenizer's BOS, EOS or padding are left out of the mean, as SAEBench leaves them out
+  (`get_bos_pad_eos_mask`); a chat template's other tokens (role names, line breaks, a default system prompt) count,
+  though the store marks them special and training leaves them out by default. An example with no token left is
+  left out.
 - **Balancing** (`probe_training.prepare_probe_data`), one-vs-rest: all of the label's examples, and as many others
   drawn evenly across the other labels, shuffled; separately on the training and held-out sides. The sampling
   procedure is SAEBench's: a call draws with the same `torch.randperm` calls as one `prepare_probe_data` call, from a
@@ -50,6 +51,7 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,7 @@ POSITIVE, NEGATIVE = 1, 0  # SAEBench's dataset_info.POSITIVE_CLASS_LABEL and NE
 
 @dataclass(frozen=True)
 class PooledExamples:
-    """Examples as mean-pooled vectors over their content tokens; row i is store example `examples[i]`."""
+    """Examples as mean-pooled vectors (SAEBench's pooling); row i is store example `examples[i]`."""
 
     examples: np.ndarray  # (N,) store example indices
     raw_ND: torch.Tensor  # (N, d) float32 mean raw activation
@@ -100,19 +102,20 @@ def first_positions(store: ActivationStore, example: int, context_length: int) -
 
 @torch.no_grad()
 def pool_examples(
-    store: ActivationStore, sae: SparseAutoencoder, examples: np.ndarray, context_length: int = CONTEXT_LENGTH
+    store: ActivationStore, sae: SparseAutoencoder, examples: np.ndarray, ignored_ids: Collection[int], context_length: int = CONTEXT_LENGTH
 ) -> PooledExamples:
-    """One streaming pass over `examples` (ascending): per example, the mean over the content tokens among its first
-    `context_length` positions (0: all) of the raw activations and of the SAE's feature activations. Examples with no
-    content token there are dropped."""
+    """One streaming pass over `examples` (ascending): per example, the mean over its first `context_length` positions
+    (0: all), less the tokens of `ignored_ids` (SAEBench's BOS, EOS and padding), of the raw activations and of the SAE's
+    feature activations. Examples with no token left there are dropped."""
+    ignored = np.array(sorted(ignored_ids), dtype=np.int64)
     device = next(sae.parameters()).device
     raw_sums, feature_sums, counts = [], [], []
     for group in tqdm(store.example_groups(examples, POOL_GROUP_TOKENS), desc="sparse probing: pooling", unit="group"):
         parts = [first_positions(store, index, context_length) for index in group]
-        content = ~torch.from_numpy(np.concatenate([part.special_mask for part in parts]))
-        x_TD = torch.cat([part.activations for part in parts]).float()[content]
+        pooled = ~torch.from_numpy(np.isin(np.concatenate([part.token_ids for part in parts]), ignored))
+        x_TD = torch.cat([part.activations for part in parts]).float()[pooled]
         lengths = torch.tensor([len(part.special_mask) for part in parts])
-        example_of_token = torch.repeat_interleave(torch.arange(len(parts)), lengths)[content]
+        example_of_token = torch.repeat_interleave(torch.arange(len(parts)), lengths)[pooled]
         codes_TM = sae.encode(x_TD.to(device)).float().cpu()
         raw_sums.append(torch.zeros(len(parts), store.d).index_add_(0, example_of_token, x_TD))
         feature_sums.append(torch.zeros(len(parts), sae.spec.m).index_add_(0, example_of_token, codes_TM))
@@ -122,7 +125,10 @@ def pool_examples(
     count_N = torch.cat(counts)
     kept = count_N > 0
     if not kept.all():
-        logger.info("Sparse probing: %d examples have no content token in their first positions and are left out.", int((~kept).sum()))
+        logger.info(
+            "Sparse probing: %d examples hold only BOS, EOS or padding tokens in their first positions and are left out.",
+            int((~kept).sum()),
+        )
     denominator = count_N[kept, None].float()
     return PooledExamples(
         np.asarray(examples)[kept.numpy()], torch.cat(raw_sums)[kept] / denominator, torch.cat(feature_sums)[kept] / denominator
@@ -297,12 +303,14 @@ def run_sparse_probing(
     store: ActivationStore,
     split: ExampleSplit,
     seed: int,
+    ignored_ids: Collection[int],
     k_values: list[int] = K_VALUES,
     train_examples: int = PROBE_TRAIN_EXAMPLES,
     test_examples: int = PROBE_TEST_EXAMPLES,
     context_length: int = CONTEXT_LENGTH,
 ) -> dict[str, Any]:
-    """Probe the store's labels with the SAE's features on `split` (training vs held-out examples); writes
+    """Probe the store's labels with the SAE's features on `split` (training vs held-out examples), pooling over every
+    token but those of `ignored_ids` (the tokenizer's BOS, EOS and padding: `saebench_core.ignored_token_ids`); writes
     sparse_probing.json and sparse_probing.png beside the checkpoint and prints the table. When the data has fewer than
     two labels, or the store is block-packed (a block spans examples), sparse_probing.json says why it was skipped
     (status "skipped"), so a rerun knows it is done."""
@@ -326,8 +334,8 @@ def run_sparse_probing(
         logger.info("Sparse probing: the SAE has M=%d features, so k above it reads all %d.", sae.spec.m, sae.spec.m)
     train_rows, test_rows = probing_examples(list(names), split, seed, train_examples, test_examples)
     logger.info("Sparse probing on %d training and %d held-out labelled examples, %d labels", len(train_rows), len(test_rows), len(present))
-    train = pool_examples(store, sae, train_rows, context_length)
-    test = pool_examples(store, sae, test_rows, context_length)
+    train = pool_examples(store, sae, train_rows, ignored_ids, context_length)
+    test = pool_examples(store, sae, test_rows, ignored_ids, context_length)
     train_names, test_names = names[train.examples], names[test.examples]
     labels = sorted(set(train_names) & set(test_names))
     dropped = dropped_labels(present, labels, train_names, test_names)
@@ -344,7 +352,7 @@ def run_sparse_probing(
         "store": str(store.folder),
         "status": "measured",
         "hook_name": store.hook_name,
-        "method": "SAEBench sparse probing (sae-bench 0.6.0 evals/sparse_probing): mean-pooled over the content tokens of "
+        "method": "SAEBench sparse probing (sae-bench 0.6.0 evals/sparse_probing): mean-pooled over the tokens but BOS, EOS and padding of "
         f"{f'the first {context_length} positions' if context_length else 'the whole example'}, features "
         "ranked by |difference of class means| on the balanced training set, L2 logistic regression (C=1, max_iter=1000)",
         "k_values": usable,
