@@ -292,6 +292,16 @@ def test_inputs_must_chain_before_anything_runs(project, monkeypatch, capsys):
     assert not Path("activations").exists()
 
 
+def test_a_step_whose_upstream_runs_must_read_what_it_writes(completed, monkeypatch, capsys):
+    """A new LAYERS moves extraction's store: training, still reading the old one, would re-run on it and leave the new one unused."""
+    set_constants(completed / "extract_activations.py", LAYERS=[1])
+    before = marker_times()
+    message = failing_run(monkeypatch, capsys, "--yes")
+    assert "STORE = 'activations/tiny-llama/blocks.1.hook_resid_post' in train_sae.py" in message and "--from train" in message
+    assert marker_times() == before and not Path("activations/tiny-llama/blocks.1.hook_resid_post").exists()
+    assert steps_run(monkeypatch, "--yes", "--from", "train") == set()  # without extraction, the existing store is current
+
+
 def test_the_dataset_check_reports_a_line_that_is_not_utf8(project, monkeypatch, caplog):
     """The check reads the file with the loader extraction uses: the line is counted and named, not a traceback."""
     lines = (REPO / "data/cognitive_actions.jsonl").read_bytes().splitlines()[:20]

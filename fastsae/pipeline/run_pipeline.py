@@ -190,6 +190,7 @@ class Pipeline:
         self._link(preflight)
         self._check_chain()
         self._decide()
+        self._check_reads_what_runs()
         self._check_machine(preflight)
 
     def _name_outputs(self, plan: StepPlan) -> None:
@@ -242,6 +243,20 @@ class Pipeline:
                     f"{constant} is {str(plan.input)!r}, which does not exist and is not what {upstream.stage.script} writes. {fix}."
                 )
 
+    def _check_reads_what_runs(self) -> None:
+        """A stage whose upstream runs reads what that run writes: else the new outputs go unused while it re-runs on old ones."""
+        for plan in self.plans.values():
+            if not plan.selected or plan.linked or plan.stage.upstream is None:
+                continue
+            upstream = self.plans[plan.stage.upstream]
+            if upstream.runs and upstream.outputs:
+                constant = f"{plan.stage.input_constant} in {plan.stage.script}"
+                raise UserError(
+                    f"{upstream.stage.script} will write {upstream.output_paths[0]}, but {plan.stage.script} reads {plan.input} "
+                    f"({constant}). Set {plan.stage.input_constant} = {str(upstream.output_paths[0])!r} in {plan.stage.script} "
+                    f"to use the new output, or leave the {upstream.stage.name} step out (--from {plan.stage.name})."
+                )
+
     def _decide(self) -> None:
         """Fingerprint each stage (its settings + its upstream's) and decide: skip when current, else run (and how)."""
         for plan in self.plans.values():
@@ -259,8 +274,14 @@ class Pipeline:
             plan.action, plan.reason, plan.overwrite = self._decision(plan, self.state.record(plan.stage.name))
 
     def _upstream_fingerprint(self, plan: StepPlan) -> str | None:
-        """What the input will hold, when its upstream writes it."""
-        return self._written_by(self.plans[plan.stage.upstream]) if plan.linked else None
+        """What the input will hold, when its upstream writes it; else what it holds, when a recorded run of its upstream wrote it."""
+        if plan.stage.upstream is None:
+            return None
+        if plan.linked:
+            return self._written_by(self.plans[plan.stage.upstream])
+        record = self.state.record(plan.stage.upstream)
+        wrote_it = record is not None and record["status"] == "complete" and any(same_path(plan.input, path) for path in record["outputs"])
+        return record["fingerprint"] if wrote_it else None
 
     def _optional_input_fingerprints(self, plan: StepPlan) -> dict[str, str | None]:
         """What each of the stage's optional inputs that an earlier stage writes will hold, by path."""

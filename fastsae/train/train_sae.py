@@ -68,7 +68,8 @@ class TrainConfig:
     k: int = setting(8, "active features per token (topk, batchtopk)")
     matryoshka_prefixes: list[int] = setting([], "Matryoshka prefix lengths ending at M, e.g. 64 256; empty for none")
     sweep: list[str] = setting(
-        [], "several SAEs trained on the same batches: ARCH:M:K or ARCH:M:K:P1-P2 (Matryoshka); replaces ARCHITECTURE, M, K"
+        [],
+        "several SAEs trained on the same batches: ARCH:M:K or ARCH:M:K:P1-P2 (Matryoshka); replaces ARCHITECTURE, M, K and MATRYOSHKA_PREFIXES",
     )
     aux_k: int = setting(-1, "dead features in the aux-K loss; -1: 2K; 0: off")
     aux_coefficient: float = setting(1 / 32, "weight of the aux-K loss")
