@@ -6,6 +6,7 @@ text replacement (small settings), and runs run_pipeline.py the way a user does.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -192,6 +193,25 @@ def test_new_weights_saved_into_the_model_folder_rerun_extraction(tiny_model_fol
     make_tiny_llama(len(smollm2_tokenizer), seed=1).save_pretrained(model_folder)
     assert steps_run(monkeypatch, "--yes", "--steps", "extract") == {"extract"}
     assert not torch.allclose(ActivationStore(STORE).activations(0, 100), stored, atol=1e-2)
+
+
+def test_a_step_run_by_hand_with_other_flags_reruns_the_steps_that_read_its_outputs(completed, monkeypatch):
+    """The scripts' constants are unchanged, so fingerprints cannot see it: the checkpoint's file has changed under them."""
+    from fastsae.pipeline.run_pipeline import load_step_config
+    from fastsae.train.train_sae import STAGE as TRAIN_STAGE
+    from fastsae.train.train_sae import train_saes
+
+    by_hand = load_step_config(TRAIN_STAGE, completed)
+    train_saes(dataclasses.replace(by_hand, learning_rate=by_hand.learning_rate / 2, overwrite=True))
+    plans = planned()
+    assert {name: (plan.action, plan.reason) for name, plan in plans.items()} == {
+        "extract": ("skip", "current"),
+        "train": ("skip", "current"),
+        "evaluate": ("run", "input rewritten outside the pipeline"),
+        "interpret": ("run", "input rewritten outside the pipeline"),
+    }
+    assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
+    assert steps_run(monkeypatch, "--yes") == set()
 
 
 def test_an_api_key_set_after_an_offline_run_reruns_interpretation_and_so_does_another_endpoint(completed, monkeypatch):

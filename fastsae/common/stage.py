@@ -85,6 +85,12 @@ def same_path(a: Path, b: Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
+def file_identities(paths: list[Path]) -> list[list] | None:
+    """Each existing file's path, size and modification time; None when none exists."""
+    identities = [[str(path), path.stat().st_size, path.stat().st_mtime_ns] for path in paths if path.is_file()]
+    return identities or None
+
+
 def seconds_for(load: float | None, tokens: int, tokens_per_second: float | None) -> float | None:
     """Loading plus `tokens` at a measured speed; None when the speed was not measured."""
     if tokens_per_second is None:
@@ -115,6 +121,13 @@ class Stage(ABC):
         """What it reads; for a list (evaluation's sweep of checkpoints) the first, which decides the chain."""
         value = getattr(config, self.input_constant.lower())
         return Path(value[0] if isinstance(value, list) else value)
+
+    def input_identity(self, config: Any) -> list[list] | None:
+        """What its input files are on disk now (`file_identities`), recorded when it finishes: a rerun that finds them
+        changed knows they were rewritten outside the pipeline (a step run by hand with other flags), which its
+        fingerprint of settings cannot see. A stage whose input is a folder names the file that changes with it."""
+        value = getattr(config, self.input_constant.lower())
+        return file_identities([Path(path) for path in (value if isinstance(value, list) else [value])])
 
     def optional_inputs(self, config: Any) -> list[Path]:
         """Files it also reads when they exist, besides its input (another stage's outputs): the stage that writes one is

@@ -314,6 +314,8 @@ class Pipeline:
             return "run", "resume (interrupted)", False
         if not plan.stage.outputs_complete(plan.outputs):
             return "run", "outputs missing", False
+        if record.get("input") is not None and record["input"] != plan.stage.input_identity(plan.config):
+            return "run", "input rewritten outside the pipeline", True
         return "skip", "current", False
 
     def _check_machine(self, preflight) -> None:
@@ -470,6 +472,7 @@ class Pipeline:
                 fingerprint=plan.fingerprint,
                 status="complete",
                 outputs=[str(path) for path in plan.output_paths],
+                input=stage.input_identity(plan.config),
                 seconds=round(seconds[stage.name], 2),
                 estimated_seconds=None if plan.estimate.seconds is None else round(plan.estimate.seconds, 2),
                 finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

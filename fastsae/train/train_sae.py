@@ -34,7 +34,7 @@ from fastsae.common.config import config_fingerprint, setting
 from fastsae.common.default_paths import DEFAULT_STORE
 from fastsae.common.devices import cpu_has_bfloat16_instructions, resolve_device
 from fastsae.common.errors import UserError
-from fastsae.common.stage import Estimate, Output, PlanFacts, Stage
+from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, file_identities
 from fastsae.core.checkpoint import save_checkpoint
 from fastsae.core.sae import ARCHITECTURES, JUMPRELU_BANDWIDTH, JUMPRELU_INITIAL_THRESHOLD, SAESpec, SparseAutoencoder
 from fastsae.core.sae_info import SAEInfo, spec_to_dict
@@ -795,6 +795,10 @@ class TrainStage(Stage):
 
     def run(self, config: TrainConfig) -> list[dict[str, Any]]:
         return train_saes(config)
+
+    def input_identity(self, config: TrainConfig) -> list[list] | None:
+        """The store's manifest: it is rewritten whenever the store is (a store is whole once it is written)."""
+        return file_identities([Path(config.store) / MANIFEST])
 
     def outputs(self, config: TrainConfig, facts: PlanFacts) -> list[Output]:
         """Named by the store's model and hook: the planned store's, else the existing store's manifest; none when neither is known."""
