@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, run_until_killed
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.interpret.interpret_sae import STAGE as INTERPRET_STAGE
@@ -177,6 +177,23 @@ def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(
     # Nor is how extraction batches its examples, or on which device.
     set_constants(completed / "extract_activations.py", BATCH_TOKENS=700, BATCHING="padded", ATTENTION="eager", DEVICE="cpu")
     assert steps_run(monkeypatch, "--yes") == set()
+
+
+def test_a_retraining_killed_before_its_first_save_reruns_with_the_same_command(completed, monkeypatch):
+    """A changed constant re-runs training over the old run; killed before its first save, the rerun used to be refused,
+    because training (resumed, without --overwrite) found the old settings' state."""
+    set_constants(completed / "train_sae.py", LEARNING_RATE=1e-3)
+    run_until_killed(
+        "import runpy, sys\n"
+        "from fastsae.train.train_sae import TrainingRun\n"
+        "TrainingRun.train_step = lambda self, trainer, x, factor: kill_here()\n"
+        "sys.argv = ['run_pipeline.py', '--yes']\n"
+        "runpy.run_path('run_pipeline.py', run_name='__main__')\n",
+        cwd=completed,
+    )
+    assert json.loads(Path("pipeline_state.json").read_text())["steps"]["train"]["status"] == "running"
+    assert steps_run(monkeypatch, "--yes") == {"train", "evaluate", "interpret"}
+    assert load_sae(CHECKPOINT).info.training["learning_rate"] == 1e-3
 
 
 def test_new_weights_saved_into_the_model_folder_rerun_extraction(tiny_model_folder, smollm2_tokenizer, tmp_path, monkeypatch):

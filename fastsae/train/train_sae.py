@@ -496,9 +496,18 @@ class TrainingRun:
         return SAETrainer(spec, self.run_folder / spec.name, sae, optimizer, since_fired, training_step=step)
 
     def _resume_or_start(self, trainer: SAETrainer) -> int:
-        """Load a matching training state, refuse a different one (unless --overwrite), or start at step 0."""
+        """Load a matching training state, refuse a different one (unless --overwrite), or start at step 0.
+
+        --overwrite deletes the state it replaces: a run that starts over and is killed before its first save must not
+        leave the other settings' state behind, or the rerun of the same command (the pipeline resumes without
+        --overwrite) would be refused.
+        """
         path = trainer.folder / TRAINING_STATE
-        if not path.exists() or self.config.overwrite:
+        if self.config.overwrite:
+            if self.ranks.is_main:
+                path.unlink(missing_ok=True)
+            return 0
+        if not path.exists():
             return 0
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
