@@ -7,11 +7,14 @@ text replacement (small settings), and runs run_pipeline.py the way a user does.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import os
 import re
 import runpy
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from fastsae.interpret.interpret_sae import InterpretConfig
 from fastsae.interpret.llm import API_KEY_VARIABLES
 from fastsae.pipeline.run_pipeline import Pipeline, PipelineConfig, StepPlan
 from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("extract_activations.py", "train_sae.py", "evaluate_sae.py", "interpret_sae.py", "run_pipeline.py")
@@ -194,6 +198,29 @@ def test_a_retraining_killed_before_its_first_save_reruns_with_the_same_command(
     assert json.loads(Path("pipeline_state.json").read_text())["steps"]["train"]["status"] == "running"
     assert steps_run(monkeypatch, "--yes") == {"train", "evaluate", "interpret"}
     assert load_sae(CHECKPOINT).info.training["learning_rate"] == 1e-3
+
+
+def test_a_step_after_an_interrupted_training_is_refused_until_training_finishes(completed, monkeypatch, capsys):
+    """Ctrl-C saves the checkpoint of the step training stopped at. `--from evaluate` used to evaluate and interpret that
+    half-trained SAE and record them complete, and the run that then finished training skipped them as current."""
+    set_constants(completed / "train_sae.py", LEARNING_RATE=1e-3)
+    step, steps_taken = TrainingRun.train_step, itertools.count(1)
+
+    def control_c_at_step_three(self, trainer, x, factor) -> None:
+        step(self, trainer, x, factor)
+        if next(steps_taken) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TrainingRun, "train_step", control_c_at_step_three)
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline(monkeypatch, "--yes")
+    assert exit_info.value.code == 130 and load_sae(CHECKPOINT).info.step == 3
+    monkeypatch.setattr(TrainingRun, "train_step", step)
+
+    message = failing_run(monkeypatch, capsys, "--yes", "--from", "evaluate")
+    assert "train_sae.py began but did not finish" in message and "Include the train step" in message
+    assert steps_run(monkeypatch, "--yes") == {"train", "evaluate", "interpret"}
+    assert json.loads(Path(MARKERS["evaluate"]).read_text())["checkpoint"] == CHECKPOINT and load_sae(CHECKPOINT).info.step > 3
 
 
 def test_new_weights_saved_into_the_model_folder_rerun_extraction(tiny_model_folder, smollm2_tokenizer, tmp_path, monkeypatch):

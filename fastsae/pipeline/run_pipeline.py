@@ -232,6 +232,14 @@ class Pipeline:
                     f"{plan.stage.script} reads {plan.input} ({constant}), which {upstream.stage.script} has not written yet. "
                     f"Include the {upstream.stage.name} step (see --steps and --from)."
                 )
+            record = self.state.record(upstream.stage.name)
+            if plan.linked and not upstream.selected and record is not None and record["status"] != "complete":
+                # An interrupted training leaves a checkpoint of the step it stopped at: read now, it would be recorded as
+                # the finished SAE's, and the rerun that finishes training would then skip this step as current.
+                raise UserError(
+                    f"{plan.stage.script} reads {plan.input} ({constant}), which {upstream.stage.script} began but did not finish "
+                    f"(interrupted or failed; see {STATE_FILE}). Include the {upstream.stage.name} step to finish it (see --steps and --from)."
+                )
             if not plan.linked and not plan.input.exists():
                 fix = (
                     f"Set {plan.stage.input_constant} = {str(upstream.output_paths[0])!r} in {plan.stage.script}"
