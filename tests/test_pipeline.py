@@ -25,6 +25,7 @@ import torch
 from conftest import make_tiny_llama, run_until_killed
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
+from fastsae.evaluate import evaluate_sae as evaluate_module
 from fastsae.interpret.interpret_sae import STAGE as INTERPRET_STAGE
 from fastsae.interpret.interpret_sae import InterpretConfig
 from fastsae.interpret.llm import API_KEY_VARIABLES
@@ -267,6 +268,22 @@ def test_sparse_probing_reruns_interpretation_whose_dashboard_reads_it(completed
     assert steps_run(monkeypatch, "--yes") == set()
     # Evaluation is fingerprinted as a whole: any change that re-runs it rewrites the probes' file, and so re-runs interpretation.
     set_constants(completed / "evaluate_sae.py", MAX_EXAMPLES=3)
+    assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
+
+
+def test_an_interpretation_beside_an_interrupted_evaluation_reruns_once_evaluation_finishes(completed, monkeypatch):
+    """The dashboard shows sparse_probing.json's probes. Read while evaluation was interrupted (the old file), interpretation
+    used to be recorded with the interrupted evaluation's fingerprint, and so was skipped once that evaluation finished."""
+    set_constants(completed / "evaluate_sae.py", EVALS="core,sparse_probing")
+    assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
+    set_constants(completed / "evaluate_sae.py", MAX_EXAMPLES=3)
+    probing = evaluate_module.run_sparse_probing
+    monkeypatch.setattr(evaluate_module, "run_sparse_probing", lambda *args: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline(monkeypatch, "--yes")
+    assert exit_info.value.code == 130
+    monkeypatch.setattr(evaluate_module, "run_sparse_probing", probing)
+    assert steps_run(monkeypatch, "--yes", "--from", "interpret") == {"interpret"}
     assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
 
 

@@ -281,11 +281,12 @@ class Pipeline:
         }
 
     def _written_by(self, writer: StepPlan) -> str | None:
-        """What `writer`'s outputs will hold: its new fingerprint if it is selected, else the one on record."""
+        """What `writer`'s outputs will hold: its new fingerprint if it is selected, else the one on record, once it finished
+        (an interrupted run's outputs may still be its old settings')."""
         if writer.selected:
             return writer.fingerprint
         record = self.state.record(writer.stage.name)
-        return record["fingerprint"] if record else None
+        return record["fingerprint"] if record and record["status"] == "complete" else None
 
     def _decision(self, plan: StepPlan, record: dict | None) -> tuple[str, str, bool]:
         """(action, reason, overwrite). A re-run with other settings overwrites; an interrupted one resumes."""
