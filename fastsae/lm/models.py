@@ -161,6 +161,7 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
     # process writes its own temp folder, and the first to finish wins instead of replacing another's.
     _remove_abandoned_partials(target)
     partial = target.with_name(f"{target.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)  # a dead process's, whose id this one reuses
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
