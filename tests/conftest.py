@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,6 +96,24 @@ TEXTS = [
     "Tomorrow I will start with the hardest task.",
     "Why do I assume the meeting has to be an hour long?",
 ]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_until_killed(code: str, cwd: Path) -> None:
+    """Run `code` in a fresh Python in `cwd`, where it ends at a call to `kill_here()`: a SIGKILL, as from the OOM killer or a
+    lost machine, which no handler sees and no `finally` cleans up after."""
+    prelude = "import os, signal\n\ndef kill_here():\n    os.kill(os.getpid(), signal.SIGKILL)\n\n"
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -1,10 +1,15 @@
 """Atomic writes: a failed write leaves the old file (or folder) as it was and no `.partial` behind."""
 
 import json
+from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
 
 from fastsae.common.atomic_files import replace_folder_atomically, write_atomically, write_json_atomically, write_text_atomically
+from fastsae.evaluate.evaluate_sae import plot_feature_density
+from fastsae.evaluate.sparse_probing import plot_sparse_probing
+from fastsae.train.training_report import plot_training_curves
 
 
 def _fail_halfway(partial):
@@ -51,3 +56,29 @@ def test_a_file_in_a_folder_that_does_not_exist_yet_is_written(tmp_path):
     """analyze_texts.py --csv-path new/o.csv read every text, then failed at the write."""
     path = write_text_atomically(tmp_path / "new" / "deeper" / "page.md", "# done")
     assert path.read_text() == "# done" and not list(path.parent.glob("*.partial"))
+
+
+ROW = {"tokens": 256, "loss": 0.5, "fvu": 0.5, "l0": 4.0, "dead_fraction": 0.0}
+TASK = {"sae_top_1_test_accuracy": 0.6, "ceiling_test_accuracy": 0.9}
+FIGURES = {
+    "feature_density.png": lambda path: plot_feature_density(path, [0.1, 0.0, 0.01], "SAE"),
+    "training_curves.png": lambda path: plot_training_curves(path, "SAE", [ROW, {**ROW, "tokens": 512}], [ROW]),
+    "sparse_probing.png": lambda path: plot_sparse_probing(path, {"k_values": [1], "tasks": {"planning": TASK}}, "SAE"),
+}
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_a_figure_interrupted_mid_write_leaves_the_old_one(tmp_path, monkeypatch, name):
+    """Ctrl-C while matplotlib writes: these figures were saved in place, so half a PNG took the old one's name (and
+    export_sae.py copies feature_density.png and training_curves.png)."""
+
+    def interrupted_savefig(figure, path, **settings):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    path = tmp_path / name
+    path.write_bytes(b"old")
+    monkeypatch.setattr(Figure, "savefig", interrupted_savefig)
+    with pytest.raises(KeyboardInterrupt):
+        FIGURES[name](path)
+    assert path.read_bytes() == b"old" and [file.name for file in tmp_path.iterdir()] == [name]

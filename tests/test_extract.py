@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import TINY_LAYERS, make_tiny_llama, write_jsonl
+from conftest import TINY_LAYERS, make_tiny_llama, run_until_killed, write_jsonl
 from fastsae.common.errors import UserError
 from fastsae.extract import extract_activations as extract_module
 from fastsae.extract.extract_activations import (
@@ -165,6 +165,24 @@ def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer
         assert np.array_equal(resumed["activations"], uninterrupted["activations"])
     else:
         assert max_relative_difference(torch.from_numpy(resumed["activations"]), torch.from_numpy(uninterrupted["activations"])) < 1e-4
+
+
+def test_a_run_killed_while_it_starts_the_store_resumes(tiny_model_folder, texts_file, tmp_path):
+    """Killed after the store's first file and before its manifest, the rerun of the same command used to refuse the folder
+    as "not empty and holds no store manifest"."""
+    args = ["--model-name", str(tiny_model_folder), "--dataset", str(texts_file), "--output-dir", str(tmp_path / "out"), "--layers", "1"]
+    run_until_killed(
+        "import runpy, sys\n"
+        "from fastsae.store import activation_store\n"
+        "activation_store._write_json_lines = lambda path, records: kill_here()  # examples.jsonl, after doc_offsets.npy\n"
+        f"sys.argv = ['extract_activations.py', *{args!r}]\n"
+        f"runpy.run_path({str(REPO / 'extract_activations.py')!r}, run_name='__main__')\n",
+        cwd=tmp_path,
+    )
+    done = run_script(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "out" / "tiny-llama" / "blocks.1.hook_resid_post"
+    assert ActivationStore(folder).n_examples == 8 and not list(folder.parent.glob("*.partial"))
 
 
 def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import logging
+import os
 import re
 import runpy
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -20,14 +23,16 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, run_until_killed
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
+from fastsae.evaluate import evaluate_sae as evaluate_module
 from fastsae.interpret.interpret_sae import STAGE as INTERPRET_STAGE
 from fastsae.interpret.interpret_sae import InterpretConfig
 from fastsae.interpret.llm import API_KEY_VARIABLES
 from fastsae.pipeline.run_pipeline import Pipeline, PipelineConfig, StepPlan
 from fastsae.store.activation_store import ActivationStore
+from fastsae.train.train_sae import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("extract_activations.py", "train_sae.py", "evaluate_sae.py", "interpret_sae.py", "run_pipeline.py")
@@ -180,6 +185,46 @@ def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(
     assert steps_run(monkeypatch, "--yes") == set()
 
 
+def test_a_retraining_killed_before_its_first_save_reruns_with_the_same_command(completed, monkeypatch):
+    """A changed constant re-runs training over the old run; killed before its first save, the rerun used to be refused,
+    because training (resumed, without --overwrite) found the old settings' state."""
+    set_constants(completed / "train_sae.py", LEARNING_RATE=1e-3)
+    run_until_killed(
+        "import runpy, sys\n"
+        "from fastsae.train.train_sae import TrainingRun\n"
+        "TrainingRun.train_step = lambda self, trainer, x, factor: kill_here()\n"
+        "sys.argv = ['run_pipeline.py', '--yes']\n"
+        "runpy.run_path('run_pipeline.py', run_name='__main__')\n",
+        cwd=completed,
+    )
+    assert json.loads(Path("pipeline_state.json").read_text())["steps"]["train"]["status"] == "running"
+    assert steps_run(monkeypatch, "--yes") == {"train", "evaluate", "interpret"}
+    assert load_sae(CHECKPOINT).info.training["learning_rate"] == 1e-3
+
+
+def test_a_step_after_an_interrupted_training_is_refused_until_training_finishes(completed, monkeypatch, capsys):
+    """Ctrl-C saves the checkpoint of the step training stopped at. `--from evaluate` used to evaluate and interpret that
+    half-trained SAE and record them complete, and the run that then finished training skipped them as current."""
+    set_constants(completed / "train_sae.py", LEARNING_RATE=1e-3)
+    step, steps_taken = TrainingRun.train_step, itertools.count(1)
+
+    def control_c_at_step_three(self, trainer, x, factor) -> None:
+        step(self, trainer, x, factor)
+        if next(steps_taken) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TrainingRun, "train_step", control_c_at_step_three)
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline(monkeypatch, "--yes")
+    assert exit_info.value.code == 130 and load_sae(CHECKPOINT).info.step == 3
+    monkeypatch.setattr(TrainingRun, "train_step", step)
+
+    message = failing_run(monkeypatch, capsys, "--yes", "--from", "evaluate")
+    assert "train_sae.py began but did not finish" in message and "Include the train step" in message
+    assert steps_run(monkeypatch, "--yes") == {"train", "evaluate", "interpret"}
+    assert json.loads(Path(MARKERS["evaluate"]).read_text())["checkpoint"] == CHECKPOINT and load_sae(CHECKPOINT).info.step > 3
+
+
 def test_new_weights_saved_into_the_model_folder_rerun_extraction(tiny_model_folder, smollm2_tokenizer, tmp_path, monkeypatch):
     model_folder = tmp_path / "tiny-llama"
     shutil.copytree(tiny_model_folder, model_folder)
@@ -243,6 +288,22 @@ def test_sparse_probing_reruns_interpretation_whose_dashboard_reads_it(completed
     assert steps_run(monkeypatch, "--yes") == set()
     # Evaluation is fingerprinted as a whole: any change that re-runs it rewrites the probes' file, and so re-runs interpretation.
     set_constants(completed / "evaluate_sae.py", MAX_EXAMPLES=3)
+    assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
+
+
+def test_an_interpretation_beside_an_interrupted_evaluation_reruns_once_evaluation_finishes(completed, monkeypatch):
+    """The dashboard shows sparse_probing.json's probes. Read while evaluation was interrupted (the old file), interpretation
+    used to be recorded with the interrupted evaluation's fingerprint, and so was skipped once that evaluation finished."""
+    set_constants(completed / "evaluate_sae.py", EVALS="core,sparse_probing")
+    assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
+    set_constants(completed / "evaluate_sae.py", MAX_EXAMPLES=3)
+    probing = evaluate_module.run_sparse_probing
+    monkeypatch.setattr(evaluate_module, "run_sparse_probing", lambda *args: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline(monkeypatch, "--yes")
+    assert exit_info.value.code == 130
+    monkeypatch.setattr(evaluate_module, "run_sparse_probing", probing)
+    assert steps_run(monkeypatch, "--yes", "--from", "interpret") == {"interpret"}
     assert steps_run(monkeypatch, "--yes") == {"evaluate", "interpret"}
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import hypothesaes_module
+from conftest import hypothesaes_module, run_until_killed
 from fastsae.common.devices import cpu_has_bfloat16_instructions
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
@@ -273,6 +274,37 @@ def test_a_stopped_run_resumes_to_the_same_sae(tiny_store, tmp_path):
         assert torch.equal(a, b), name
     assert resumed["final"] == uninterrupted["final"]
     assert resumed["history"] == uninterrupted["history"]
+
+
+def test_a_sweep_killed_between_two_saes_saves_resumes_to_the_same_saes(tiny_store, tmp_path):
+    """Killed after the first SAE's step-20 state and before the second's, the rerun used to refuse the sweep as "saved at
+    different steps". The SAE a save ahead waits for the replayed batches to reach it, and the sweep ends as a whole one does."""
+    settings = dict(sweep=["topk:64:4", "topk:64:8"], epochs=1.0, checkpoint_every=10, export_saelens=False, precision="float32")
+    whole = train_saes(config_for(tiny_store, tmp_path / "whole", **settings))
+    config = config_for(tiny_store, tmp_path / "killed", **settings)
+    run_until_killed(
+        "import torch\n"
+        "from fastsae.train import train_sae\n"
+        "write = train_sae.write_atomically\n"
+        "def write_then_die(path, fill):\n"
+        "    write(path, fill)\n"
+        "    if 'K=4' in str(path) and torch.load(path, weights_only=True)['step'] == 20:\n"
+        "        kill_here()\n"
+        "train_sae.write_atomically = write_then_die\n"
+        f"train_sae.train_saes(train_sae.TrainConfig(**{asdict(config)!r}))\n",
+        cwd=tmp_path,
+    )
+    states = {
+        path.parent.name: torch.load(path, weights_only=True)["step"] for path in (tmp_path / "killed").rglob(train_module.TRAINING_STATE)
+    }
+    assert states == {"SAE_M=64_K=4": 20, "SAE_M=64_K=8": 10}
+    for uninterrupted, resumed in zip(whole, train_saes(config)):
+        first, second = load_sae(uninterrupted["checkpoint"]).sae, load_sae(resumed["checkpoint"]).sae
+        for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert {key: resumed[key] for key in ("steps", "final", "history", "validation")} == {
+            key: uninterrupted[key] for key in ("steps", "final", "history", "validation")
+        }
 
 
 def test_rerun_with_other_settings_is_refused_unless_overwrite(topk_run, tiny_store):

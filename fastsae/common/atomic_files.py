@@ -1,6 +1,6 @@
 """Files and folders that appear whole or not at all: written under `<name>.partial`, then renamed.
 
-A crash or Ctrl-C mid-write must never leave half a checkpoint, manifest or page that a
+A crash or Ctrl-C mid-write must never leave half a checkpoint, manifest, page or figure that a
 rerun would trust. The `.partial` sits beside the target, so it is on the same filesystem
 and the rename (`os.replace`) is atomic; on a failed write it is removed and the old file
 stays as it was.
@@ -44,6 +44,11 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
 def write_json_atomically(path: str | Path, payload: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = None) -> Path:
     """Write `payload` as JSON (`indent` and `default` as in `json.dumps`)."""
     return write_text_atomically(path, json.dumps(payload, indent=indent, default=default))
+
+
+def write_figure_atomically(path: str | Path, figure: Any, dpi: int) -> Path:
+    """Save a matplotlib `figure` in the format its name's suffix says (the `.partial` name would hide it from matplotlib)."""
+    return write_atomically(path, lambda partial: figure.savefig(partial, dpi=dpi, format=Path(path).suffix.removeprefix(".")))
 
 
 def replace_folder_atomically(folder: str | Path, fill: Callable[[Path], Any]) -> Path:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from fastsae import __version__
 from fastsae.common import tracking
-from fastsae.common.atomic_files import write_json_atomically
+from fastsae.common.atomic_files import write_figure_atomically, write_json_atomically
 from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT
 from fastsae.common.devices import resolve_device
@@ -377,7 +377,7 @@ def plot_feature_density(path: Path, density: list[float], title: str) -> None:
     axis.set_ylabel("features")
     axis.set_title(f"{title}\n{int((values == 0).sum())} of {len(values)} features never fire (not shown)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_figure_atomically(path, figure, dpi=110)
     plt.close(figure)
 
 

@@ -63,7 +63,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, roc_auc_score
 from tqdm.auto import tqdm
 
-from fastsae.common.atomic_files import write_json_atomically
+from fastsae.common.atomic_files import write_figure_atomically, write_json_atomically
 from fastsae.common.markdown import table
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.trained_sae import TrainedSAE
@@ -450,7 +450,7 @@ def plot_sparse_probing(path: Path, results: dict[str, Any], title: str) -> None
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     axis.set_title(f"Sparse probing — {title}\n(one-vs-rest tasks balanced: chance 0.5, dashed)", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_figure_atomically(path, figure, dpi=110)
     plt.close(figure)
 
 

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,17 +159,39 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
     del model.config.quantization_config
     # Not atomic_files.replace_folder_atomically: torchrun ranks may dequantise at once, so each
     # process writes its own temp folder, and the first to finish wins instead of replacing another's.
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    _remove_abandoned_partials(target)
+    partial = target.with_name(f"{target.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)  # a dead process's, whose id this one reuses
     try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
         partial.rename(target)
-    except OSError:
-        if not (target / "config.json").exists():
+    except BaseException as error:
+        shutil.rmtree(partial, ignore_errors=True)  # Ctrl-C or a full disk mid-save: no half copy of the weights stays
+        if not (isinstance(error, OSError) and (target / "config.json").exists()):
             raise
-        shutil.rmtree(partial)  # another process finished first; its copy is the same
+        # another process finished first; its copy is the same
     logger.info("Dequantised in %.1f s", time.perf_counter() - started)
+
+
+def _remove_abandoned_partials(target: Path) -> None:
+    """Remove the temp folders of this machine's dequantisations whose process is gone: one killed mid-save (an 8B model's
+    float32 copy can draw the OOM killer) ran no cleanup, and each would keep a whole copy of the weights on disk."""
+    mine = f"{target.name}.partial-{socket.gethostname()}-"
+    for partial in target.parent.glob(f"{mine}*"):
+        pid = partial.name.removeprefix(mine)
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def model_folder(source: ModelSource) -> str:

@@ -233,6 +233,14 @@ class Pipeline:
                     f"{plan.stage.script} reads {plan.input} ({constant}), which {upstream.stage.script} has not written yet. "
                     f"Include the {upstream.stage.name} step (see --steps and --from)."
                 )
+            record = self.state.record(upstream.stage.name)
+            if plan.linked and not upstream.selected and record is not None and record["status"] != "complete":
+                # An interrupted training leaves a checkpoint of the step it stopped at: read now, it would be recorded as
+                # the finished SAE's, and the rerun that finishes training would then skip this step as current.
+                raise UserError(
+                    f"{plan.stage.script} reads {plan.input} ({constant}), which {upstream.stage.script} began but did not finish "
+                    f"(interrupted or failed; see {STATE_FILE}). Include the {upstream.stage.name} step to finish it (see --steps and --from)."
+                )
             if not plan.linked and not plan.input.exists():
                 fix = (
                     f"Set {plan.stage.input_constant} = {str(upstream.output_paths[0])!r} in {plan.stage.script}"
@@ -294,11 +302,12 @@ class Pipeline:
         }
 
     def _written_by(self, writer: StepPlan) -> str | None:
-        """What `writer`'s outputs will hold: its new fingerprint if it is selected, else the one on record."""
+        """What `writer`'s outputs will hold: its new fingerprint if it is selected, else the one on record, once it finished
+        (an interrupted run's outputs may still be its old settings')."""
         if writer.selected:
             return writer.fingerprint
         record = self.state.record(writer.stage.name)
-        return record["fingerprint"] if record else None
+        return record["fingerprint"] if record and record["status"] == "complete" else None
 
     def _decision(self, plan: StepPlan, record: dict | None) -> tuple[str, str, bool]:
         """(action, reason, overwrite). A re-run with other settings overwrites; an interrupted one resumes."""

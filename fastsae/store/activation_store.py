@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from fastsae.common.atomic_files import replace_folder_atomically, write_atomically
+from fastsae.common.atomic_files import replace_folder_atomically
 from fastsae.common.errors import UserError
 from fastsae.store.manifest import MANIFEST, STORE_FORMAT_VERSION, ShardPlan, StoreManifest
 
@@ -137,13 +137,15 @@ class ActivationStoreWriter:
         self.manifest = StoreManifest(
             **manifest_fields, n_examples=len(doc_offsets) - 1, n_tokens=int(doc_offsets[-1]), shards=tuple(shards), settings=settings
         )
-        self._prepare_folder(settings, overwrite)
-        if not (self.folder / MANIFEST).exists():
-            np.save(self.folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
-            write_atomically(self.folder / EXAMPLES, lambda partial: _write_json_lines(partial, example_records))
-            self.manifest.write(self.folder / MANIFEST)
+        if self._resumes(settings, overwrite):
+            return
+        # A new store appears whole, with its offsets, examples and manifest, or not at all: a crash while they are written
+        # leaves no folder that a rerun would refuse as "not empty and holds no store manifest".
+        replace_folder_atomically(self.folder, lambda partial: self._write_header(partial, doc_offsets, example_records))
 
-    def _prepare_folder(self, settings: dict[str, Any], overwrite: bool) -> None:
+    def _resumes(self, settings: dict[str, Any], overwrite: bool) -> bool:
+        """Whether the folder holds this store begun with the same settings (its leftovers are cleared); refuses any other
+        folder's contents unless `overwrite`."""
         existing = StoreManifest.read(self.folder / MANIFEST)
         if existing is not None:
             if existing.settings == settings and not overwrite:
@@ -153,7 +155,7 @@ class ActivationStoreWriter:
                         shutil.rmtree(leftover)
                     else:
                         leftover.unlink()
-                return
+                return True
             if not overwrite:
                 raise UserError(
                     f"{self.folder} already holds a store made with different settings "
@@ -164,9 +166,12 @@ class ActivationStoreWriter:
             raise UserError(
                 f"{self.folder} is not empty and holds no store manifest. Pass --overwrite to replace it, or choose another OUTPUT_DIR."
             )
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
+        return False
+
+    def _write_header(self, folder: Path, doc_offsets: np.ndarray, example_records: list[dict[str, Any]]) -> None:
+        np.save(folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
+        _write_json_lines(folder / EXAMPLES, example_records)
+        self.manifest.write(folder / MANIFEST)
 
     @property
     def is_complete(self) -> bool:

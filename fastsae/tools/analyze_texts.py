@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fastsae.common.atomic_files import write_atomically
+from fastsae.common.atomic_files import write_atomically, write_figure_atomically
 from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.common.errors import UserError
@@ -169,7 +169,7 @@ def plot_text_heatmap(path: Path, table: pd.DataFrame, title: str) -> None:
     axis.set_title(title + shown, fontsize=9)
     figure.colorbar(image, ax=axis, fraction=0.03)
     figure.tight_layout()
-    write_atomically(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
+    write_figure_atomically(path, figure, dpi=110)
     plt.close(figure)
 
 

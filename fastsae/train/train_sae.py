@@ -336,6 +336,7 @@ class SAETrainer:
     validations_without_improvement: int = 0
     stopped: str = ""  # why it stopped early, or "" while training
     stopped_at: int | None = None  # the step it stopped at: its steps, tokens and checkpoint end there, not at the run's end
+    saved_step: int = 0  # the step its training state was resumed from; until the run reaches it, it neither trains nor saves
     any_dead: bool = False  # refreshed at log steps, so the hot loop needs no host sync
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # device-side running sums between log steps
     training_step: Any = None  # sae.training_step, or its torch.compile'd version
@@ -348,6 +349,10 @@ class SAETrainer:
     def steps_trained(self, run_step: int) -> int:
         """Its own step count: where it stopped early, else the run's `run_step`."""
         return run_step if self.stopped_at is None else self.stopped_at
+
+    def trains_at(self, step: int) -> bool:
+        """Whether it takes `step`: not once stopped early, nor before the step its resumed state was saved at."""
+        return not self.stopped and step >= self.saved_step
 
     def state(self, step: int, settings: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -492,9 +497,18 @@ class TrainingRun:
         return SAETrainer(spec, self.run_folder / spec.name, sae, optimizer, since_fired, training_step=step)
 
     def _resume_or_start(self, trainer: SAETrainer) -> int:
-        """Load a matching training state, refuse a different one (unless --overwrite), or start at step 0."""
+        """Load a matching training state, refuse a different one (unless --overwrite), or start at step 0.
+
+        --overwrite deletes the state it replaces: a run that starts over and is killed before its first save must not
+        leave the other settings' state behind, or the rerun of the same command (the pipeline resumes without
+        --overwrite) would be refused.
+        """
         path = trainer.folder / TRAINING_STATE
-        if not path.exists() or self.config.overwrite:
+        if self.config.overwrite:
+            if self.ranks.is_main:
+                path.unlink(missing_ok=True)
+            return 0
+        if not path.exists():
             return 0
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
@@ -509,7 +523,8 @@ class TrainingRun:
                 "Pass --overwrite to start over, or set RUN_NAME to train beside it."
             )
         trainer.restore(state)
-        return int(state["step"])
+        trainer.saved_step = int(state["step"])
+        return trainer.saved_step
 
     def run(self) -> list[dict[str, Any]]:
         """Train every SAE; each one's tracker run (LOGGER) finishes however training ends, marked failed if it raised."""
@@ -520,14 +535,14 @@ class TrainingRun:
         config = self.config
         self.trainers = trainers = [self.new_trainer(spec) for spec in self.specs]
         saved_steps = [self._resume_or_start(trainer) for trainer in trainers]
-        # An SAE that stopped early was saved at its own step; the others resume together.
-        start_steps = {step for trainer, step in zip(trainers, saved_steps) if trainer.stopped_at is None} or {max(saved_steps)}
-        if len(start_steps) != 1:
-            raise UserError(f"the SAEs in {self.run_folder} were saved at different steps; pass --overwrite to start the sweep over.")
-        start_step = start_steps.pop()
+        # An SAE that stopped early was saved at its own step. The others resume at the earliest step one was saved at: a
+        # crash between two SAEs' saves leaves some a save ahead, and those wait for the replayed batches to reach them.
+        start_step = min((step for trainer, step in zip(trainers, saved_steps) if trainer.stopped_at is None), default=max(saved_steps))
         for trainer in trainers:
             settings = {**asdict(config), "sae": spec_to_dict(trainer.spec)}
-            tracker = tracking.start_tracker(config, trainer.folder, trainer.spec.name, "train", settings, start_step)
+            tracker = tracking.start_tracker(
+                config, trainer.folder, trainer.spec.name, "train", settings, max(start_step, trainer.saved_step)
+            )
             trainer.tracker = trackers.enter_context(tracker)
         logger.info(
             "Training %d SAE(s) on %s: %d training tokens, %d steps of %d (%s%s), validation %d tokens%s",
@@ -555,9 +570,9 @@ class TrainingRun:
                 for step in range(start_step, self.total_steps):
                     if self._stop_agreed(step):  # checked between steps, so what is saved is a whole step
                         raise KeyboardInterrupt
-                    active = [trainer for trainer in trainers if not trainer.stopped]
-                    if not active:
+                    if all(trainer.stopped for trainer in trainers):
                         break
+                    active = [trainer for trainer in trainers if trainer.trains_at(step)]
                     x = next(batches).float() * self.scale
                     factor = learning_rate_factor(step, self.total_steps, config.warmup_fraction, config.decay_fraction)
                     for trainer in active:
@@ -565,7 +580,8 @@ class TrainingRun:
                     if (step + 1) % config.log_every == 0 or step + 1 == self.total_steps:
                         for trainer in active:
                             self._log(trainer, step + 1, factor * config.learning_rate)
-                        progress.set_postfix(self._postfix(active[0], step + 1 - start_step, started))
+                        if active:
+                            progress.set_postfix(self._postfix(active[0], step + 1 - start_step, started))
                     if (step + 1) % config.eval_every == 0:
                         for trainer in active:
                             self._validate(trainer, step + 1)
@@ -722,7 +738,7 @@ class TrainingRun:
         one host sync per save, before anything is written: a diverged run stops with every SAE's files at
         its last good save. DistributedDataParallel keeps the weights equal on every rank, so all ranks agree.
         """
-        trainers = [trainer for trainer in trainers if trainer.steps_trained(step) == step]
+        trainers = [trainer for trainer in trainers if trainer.steps_trained(step) == step and step >= trainer.saved_step]
         finite = [torch.stack([parameter.isfinite().all() for parameter in trainer.sae.parameters()]).all() for trainer in trainers]
         for trainer, is_finite in zip(trainers, torch.stack(finite).tolist() if finite else []):
             if not is_finite:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; works without a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from fastsae.common.atomic_files import write_json_atomically
+from fastsae.common.atomic_files import write_figure_atomically, write_json_atomically
 
 METRICS_FILE = "metrics.json"  # beside each checkpoint: the training history and the final validation metrics
 CURVES_FILE = "training_curves.png"
@@ -45,7 +45,7 @@ def plot_training_curves(path: Path, title: str, history: list[dict[str, float]]
         axis.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_figure_atomically(path, figure, dpi=110)
     plt.close(figure)
 
 
