@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from fastsae.common.devices import cpu_has_bfloat16_instructions
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.core.sae import SAESpec, SparseAutoencoder
+from fastsae.core.trained_sae import open_trained_sae
 from fastsae.store.activation_store import ActivationStore
 from fastsae.store.batches import ExampleSplit, TokenSource, mixed_batches, read_ahead
 from fastsae.train import train_sae as train_module
@@ -262,13 +264,22 @@ class InterruptedRun(TrainingRun):
             self.stop_requested = True
 
 
-def test_a_stopped_run_resumes_to_the_same_sae(tiny_store, tmp_path):
+def test_a_stopped_run_resumes_to_the_same_sae(tiny_store, tmp_path, caplog):
     (uninterrupted,) = train_saes(config_for(tiny_store, tmp_path / "a"))
     with pytest.raises(KeyboardInterrupt):
         InterruptedRun(config_for(tiny_store, tmp_path / "b"), stop_after=33).run()
     stopped_state = torch.load(next((tmp_path / "b").rglob("training_state.pt")), weights_only=True)
     assert stopped_state["step"] == 33
+    # The checkpoint saved at Ctrl-C is read with a warning by every step that opens it (evaluate, interpret, export...).
+    stopped_checkpoint = next((tmp_path / "b").rglob("SAE_*.pt"))
+    with caplog.at_level(logging.WARNING, logger="fastsae.core.trained_sae"):
+        assert open_trained_sae(stopped_checkpoint).info.training_finished is False
+    assert f"{stopped_checkpoint} was saved before its training finished, at step 33" in caplog.text
     (resumed,) = train_saes(config_for(tiny_store, tmp_path / "b"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastsae.core.trained_sae"):
+        assert open_trained_sae(resumed["checkpoint"]).info.training_finished is True
+    assert not caplog.text
     first, second = load_sae(uninterrupted["checkpoint"]).sae, load_sae(resumed["checkpoint"]).sae
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name

@@ -68,6 +68,7 @@ class SAEInfo:
     training: dict[str, Any] = field(default_factory=dict)  # train_sae.py's settings, as recorded
     step: int | None = None
     tokens_trained: int | None = None
+    training_finished: bool | None = None  # False: saved mid-run (Ctrl-C, CHECKPOINT_EVERY); None: not recorded
 
     @property
     def source_description(self) -> str:

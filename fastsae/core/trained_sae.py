@@ -115,4 +115,11 @@ class TrainedSAE:
 def open_trained_sae(checkpoint: str | Path, device: str = "cpu") -> TrainedSAE:
     """The SAE `checkpoint` names (see fastsae/core/formats/sources.py) on `device`, with its `SAEInfo`."""
     loaded = load_any_sae(checkpoint, device)
+    if loaded.info.training_finished is False:
+        logger.warning(
+            "%s was saved before its training finished, at step %d (Ctrl-C or CHECKPOINT_EVERY): what is read from it "
+            "describes the SAE at that step. Rerun train_sae.py with the same settings to finish it.",
+            checkpoint,
+            loaded.info.step,
+        )
     return TrainedSAE(Path(checkpoint), loaded.sae, loaded.info, results_folder(checkpoint))

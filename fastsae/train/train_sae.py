@@ -728,6 +728,7 @@ class TrainingRun:
             training=asdict(self.config),
             step=step,
             tokens_trained=step * self.config.batch_size,
+            training_finished=trainer.stopped_at is not None or step >= self.total_steps,
         )
 
     def _save_all(self, trainers: list[SAETrainer], step: int) -> None:
