@@ -27,7 +27,11 @@ def checkpoint(tiny_store, tmp_path_factory):
 
 
 def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_model_folder, tmp_path):
+    killed_runs_scratch = tmp_path / "interpretations.csv.scratch"  # its per-example maxima, left by a SIGKILL
+    killed_runs_scratch.mkdir()
+    (killed_runs_scratch / "example_max.npy").write_bytes(b"stale")
     path = interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "interpretations.csv", "frequency:10")
+    assert sorted(file.name for file in tmp_path.iterdir()) == ["dashboard.html", "interpretations.csv"]
     table = pd.read_csv(path, keep_default_na=False)
     assert len(table) == 10
     assert list(table["frequency"]) == sorted(table["frequency"], reverse=True) and (table["frequency"] > 0).all()

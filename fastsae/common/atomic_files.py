@@ -3,7 +3,8 @@
 A crash or Ctrl-C mid-write must never leave half a checkpoint, manifest, page or figure that a
 rerun would trust. The `.partial` sits beside the target, so it is on the same filesystem
 and the rename (`os.replace`) is atomic; on a failed write it is removed and the old file
-stays as it was.
+stays as it was. A step's own temporary files go in a `<name>.scratch` folder beside its output
+(`scratch_folder`), which a rerun clears if a kill left it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +72,20 @@ def replace_folder_atomically(folder: str | Path, fill: Callable[[Path], Any]) -
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     return folder
+
+
+@contextmanager
+def scratch_folder(beside: str | Path) -> Iterator[Path]:
+    """A fresh `<name>.scratch` folder beside `beside` for a step's temporary files, removed when the step ends.
+
+    Beside the output rather than in /tmp: the files can be large (examples × features) where /tmp is often small,
+    and one left by a killed run sits where its rerun finds and clears it.
+    """
+    beside = Path(beside)
+    folder = beside.with_name(beside.name + ".scratch")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

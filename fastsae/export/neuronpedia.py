@@ -49,7 +49,6 @@ import itertools
 import json
 import logging
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +59,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fastsae.common.atomic_files import scratch_folder
 from fastsae.common.errors import UserError
 from fastsae.core.sae_info import SAEInfo
 from fastsae.core.saelens_export import saelens_config
@@ -262,8 +262,8 @@ def write_neuronpedia(folder: Path, trained: TrainedSAE, interpretations: pd.Dat
     output = folder / NEURONPEDIA_FOLDER
     output.mkdir()
     header = {"model_id": source.model_id, "layer": source.layer, "sae_set": source.set_name, "sae_id_suffix": None}
-    with tempfile.TemporaryDirectory(prefix="fastsae-neuronpedia-") as scratch:
-        records = feature_records(trained, store, language_model, settings.examples, settings.device, Path(scratch))
+    with scratch_folder(output) as scratch:  # inside the export's .partial folder, which a rerun clears if a kill left it
+        records = feature_records(trained, store, language_model, settings.examples, settings.device, scratch)
         batches = iter(lambda: list(itertools.islice(records, FEATURES_PER_BATCH)), [])  # FEATURES_PER_BATCH at a time, until none are left
         for number, batch in enumerate(batches):
             (output / f"batch-{number}.json").write_text(json.dumps({**header, "features": batch}, allow_nan=False), encoding="utf-8")

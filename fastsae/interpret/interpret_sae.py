@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from fastsae.common.atomic_files import write_atomically
+from fastsae.common.atomic_files import scratch_folder, write_atomically
 from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.common.devices import resolve_device
@@ -531,10 +530,8 @@ def interpret_sae(config: InterpretConfig) -> Path:
     sae = trained.sae.to(device)
     include_special = trained.info.trained_with_special_tokens
     labels = store_labels(store, config.features)
-    with tempfile.TemporaryDirectory(prefix="fastsae-interpret-") as scratch:  # example-level maxima live on disk
-        statistics = collect_feature_statistics(
-            store, sae, include_special=include_special, example_max_file=Path(scratch) / "example_max.npy"
-        )
+    with scratch_folder(config.interpretations_path) as scratch:  # example-level maxima live on disk
+        statistics = collect_feature_statistics(store, sae, include_special=include_special, example_max_file=scratch / "example_max.npy")
         return _interpret_with(statistics, labels, store, sae, tokenizer, unembedding, include_special, config)
 
 
