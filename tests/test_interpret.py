@@ -64,6 +64,13 @@ def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_mod
     assert all(len(tokens.split(" | ")) == 8 for tokens in table["logit_lens_promoted"])
 
 
+def test_two_csvs_in_one_folder_keep_a_dashboard_each(checkpoint, tiny_model_folder, tmp_path):
+    """A sweep interpreted into one folder: every CSV's dashboard used to be the one dashboard.html, the last run's."""
+    for name in ("sae_a.csv", "sae_b.csv"):
+        interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / name, "frequency:3")
+    assert sorted(file.name for file in tmp_path.iterdir()) == ["sae_a.csv", "sae_a_dashboard.html", "sae_b.csv", "sae_b_dashboard.html"]
+
+
 def test_a_feature_listed_twice_leaves_the_others_their_own_logit_lens(checkpoint, tiny_model_folder, tmp_path):
     """The logit lens is read per row: a duplicate must not shift feature 17 onto feature 3's promoted tokens."""
     twice = pd.read_csv(interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "twice.csv", "3,3,17"), keep_default_na=False)

@@ -5,7 +5,7 @@ statistics; a second, over the chosen features only, their activating windows (f
 With an API key, SCORING picks any of: detection and fuzzing (delphi's scores, fastsae/interpret/scorers.py:
 one request for the explanation, then the held-out examples EXAMPLES_PER_PROMPT to a request) and
 the FAST paper's rubric (one request for a 1-5 rating and a name). With no key those columns stay
-empty and the run says why. dashboard.html is written beside the CSV.
+empty and the run says why. dashboard.html is written beside the CSV (`dashboard_path`).
 """
 
 from __future__ import annotations
@@ -606,11 +606,18 @@ def _interpret_with(
     scored = {f: (examples[f].scoring, results[f]) for f in results}
     probe_choices = read_probe_choices(results_folder(config.checkpoint))
     page = dashboard_data(title, rows, top_windows, statistics, rubric, scored, config.n_quantiles, probe_choices)
-    dashboard = write_dashboard(path.with_name(DASHBOARD_FILE), page)
+    dashboard = write_dashboard(dashboard_path(path), page)
     logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
     if llm_error is not None:
         raise UserError(f"{llm_error} {path} and {dashboard} were written without the LLM's columns; rerun for them.")
     return path
+
+
+def dashboard_path(interpretations: Path) -> Path:
+    """The dashboard beside a CSV: dashboard.html for the default interpretations.csv, `<name>_dashboard.html` for any
+    other, so that the CSVs of several SAEs in one folder (a sweep's) each keep their own."""
+    name = DASHBOARD_FILE if interpretations.name == Path(DEFAULT_INTERPRETATIONS).name else f"{interpretations.stem}_{DASHBOARD_FILE}"
+    return interpretations.with_name(name)
 
 
 class InterpretStage(Stage):
@@ -627,7 +634,7 @@ class InterpretStage(Stage):
 
     def outputs(self, config: InterpretConfig, facts: PlanFacts) -> list[Output]:
         interpretations = Path(config.interpretations_path)
-        return [Output(interpretations), Output(interpretations.with_name(DASHBOARD_FILE))]
+        return [Output(interpretations), Output(dashboard_path(interpretations))]
 
     def optional_inputs(self, config: InterpretConfig) -> list[Path]:
         """Sparse probing's results beside the checkpoint: the dashboard shows which probes chose each feature."""
