@@ -59,6 +59,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_from_main_(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank, in place (nothing to do for a world of one)."""
+    if dist.is_initialized():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the ranks, in place (nothing to do for a world of one)."""
     if dist.is_initialized():
