@@ -29,7 +29,7 @@ SHARD_MB = 0.25  # the tiny store (15.7k tokens, d=64) in 8 shards, so two ranks
 TRAINING = dict(sweep=["topk:128:4"], batch_size=256, epochs=10.0, learning_rate=1e-3, eval_every=20, log_every=5, buffer_tokens=4096)
 
 
-def torchrun(script: str, *arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(script: str, *arguments: str, processes: int = 2, expect_failure: bool = False) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -41,7 +41,7 @@ def torchrun(script: str, *arguments: str, processes: int = 2) -> subprocess.Com
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode != 0) == expect_failure, result.stderr[-3000:]
     return result
 
 
@@ -185,6 +185,16 @@ def test_torchrun_validation_scores_the_saved_sae(one_process_store, tmp_path):
     assert float(trainer.sae.threshold) > 0
     saved = json.loads((trainer.folder / METRICS_FILE).read_text())["final"]
     assert saved == pytest.approx(validate(trainer.sae, run.validation_tokens, run.config.batch_size).metrics, rel=1e-6)
+
+
+def test_torchrun_prints_each_message_once(tiny_model_folder, one_process_store, tmp_path):
+    """Rank 0 alone prints warnings, progress bars and errors: every rank reads the same data and settings."""
+    shorter = ["--max-length", "16"]  # truncates examples (a warning) and differs from the store's settings (an error)
+    output = one_process_store.parents[1]
+    done = torchrun("extract_activations.py", *extraction_arguments(tiny_model_folder, output), *shorter, expect_failure=True)
+    assert done.stderr.count("Loading weights: 100%") == 1
+    assert done.stderr.count("Truncated ") == 1
+    assert done.stderr.count("already holds a store made with different settings") == 1
 
 
 class _StopsAtStep(TrainingRun):
