@@ -21,14 +21,15 @@ from fastsae.core.checkpoint import load_sae
 from fastsae.extract.extract_activations import ExtractConfig, extract_activations
 from fastsae.store.activation_store import ActivationStore
 from fastsae.store.batches import ExampleSplit, TokenSource
-from fastsae.train.train_sae import TrainConfig, TrainingRun, train_saes
+from fastsae.train.train_sae import TRAINING_STATE, TrainConfig, TrainingRun, train_saes, validate
+from fastsae.train.training_report import METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_MB = 0.25  # the tiny store (15.7k tokens, d=64) in 8 shards, so two ranks share them
 TRAINING = dict(sweep=["topk:128:4"], batch_size=256, epochs=10.0, learning_rate=1e-3, eval_every=20, log_every=5, buffer_tokens=4096)
 
 
-def torchrun(script: str, *arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(script: str, *arguments: str, processes: int = 2, expect_failure: bool = False) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -40,7 +41,7 @@ def torchrun(script: str, *arguments: str, processes: int = 2) -> subprocess.Com
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode != 0) == expect_failure, result.stderr[-3000:]
     return result
 
 
@@ -155,11 +156,15 @@ def test_under_overwrite_only_rank_0_replaces_the_store(tiny_model_folder, one_p
         assert_same_store(folder, one_process_store)
 
 
-def test_torchrun_training_matches_one_process(one_process_store, tmp_path):
-    arguments = ["--store", str(one_process_store), "--output-dir", str(tmp_path / "two")]
-    for name, value in TRAINING.items():
+def training_arguments(store: Path, output: Path, settings: dict) -> list[str]:
+    arguments = ["--store", str(store), "--output-dir", str(output)]
+    for name, value in settings.items():
         arguments += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
-    torchrun("train_sae.py", *arguments)
+    return arguments
+
+
+def test_torchrun_training_matches_one_process(one_process_store, tmp_path):
+    torchrun("train_sae.py", *training_arguments(one_process_store, tmp_path / "two", TRAINING))
     (two,) = [json.loads(path.read_text()) for path in (tmp_path / "two").rglob("metrics.json")]
     (one,) = train_saes(TrainConfig(store=str(one_process_store), output_dir=str(tmp_path / "one"), **TRAINING))
     assert two["steps"] == one["steps"] and two["tokens_trained"] == one["tokens_trained"]
@@ -168,6 +173,28 @@ def test_torchrun_training_matches_one_process(one_process_store, tmp_path):
     assert two["final"]["fvu"] < 0.6 and two["final"]["l0"] == pytest.approx(4.0)
     sae = load_sae(two["checkpoint"]).sae
     assert sae.spec.m == 128 and sae.spec.k == 4
+
+
+def test_torchrun_validation_scores_the_saved_sae(one_process_store, tmp_path):
+    """metrics.json's final validation is the saved BatchTopK SAE's, threshold included, as one process scores it."""
+    settings = {**TRAINING, "sweep": ["batchtopk:128:4"]}
+    torchrun("train_sae.py", *training_arguments(one_process_store, tmp_path, settings))
+    run = TrainingRun(TrainConfig(store=str(one_process_store), output_dir=str(tmp_path), **settings))
+    (trainer,) = [run.new_trainer(spec) for spec in run.specs]
+    trainer.restore(torch.load(trainer.folder / TRAINING_STATE, weights_only=True))
+    assert float(trainer.sae.threshold) > 0
+    saved = json.loads((trainer.folder / METRICS_FILE).read_text())["final"]
+    assert saved == pytest.approx(validate(trainer.sae, run.validation_tokens, run.config.batch_size).metrics, rel=1e-6)
+
+
+def test_torchrun_prints_each_message_once(tiny_model_folder, one_process_store, tmp_path):
+    """Rank 0 alone prints warnings, progress bars and errors: every rank reads the same data and settings."""
+    shorter = ["--max-length", "16"]  # truncates examples (a warning) and differs from the store's settings (an error)
+    output = one_process_store.parents[1]
+    done = torchrun("extract_activations.py", *extraction_arguments(tiny_model_folder, output), *shorter, expect_failure=True)
+    assert done.stderr.count("Loading weights: 100%") == 1
+    assert done.stderr.count("Truncated ") == 1
+    assert done.stderr.count("already holds a store made with different settings") == 1
 
 
 class _StopsAtStep(TrainingRun):

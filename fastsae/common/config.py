@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fastsae.common import distributed
 from fastsae.common.errors import UserError
 
 Config = TypeVar("Config")
@@ -164,14 +165,23 @@ def run_step(
     description: str,
     argv: Sequence[str] | None = None,
 ) -> None:
-    """Entry point shared by the step scripts: parse, run, and turn user errors into one clear line."""
+    """Entry point shared by the step scripts: parse, run, and turn user errors into one clear line.
+
+    Under torchrun rank 0 alone prints it: every rank checks the same settings and files (or is told rank 0's
+    finding), and a Ctrl-C stops them all, so each printed the same line.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = parse_step_config(config_class, script_constants, description, argv)
         step(config)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _report(f"error: {error}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: completed work is kept; rerun the same command to resume.", file=sys.stderr)
+        _report("interrupted: completed work is kept; rerun the same command to resume.")
         sys.exit(130)
+
+
+def _report(line: str) -> None:
+    if distributed.is_main_process():
+        print(line, file=sys.stderr)

@@ -43,9 +43,19 @@ def init_from_environment() -> Ranks:
             dist.init_process_group("cuda:nccl,cpu:gloo")  # NCCL between GPUs; gloo still serves a --device cpu run
         else:
             dist.init_process_group("gloo")
-        if dist.get_rank() != 0:  # one progress report, from rank 0; the others speak only to warn
-            logging.getLogger().setLevel(logging.WARNING)
+        if dist.get_rank() != 0:
+            # One report, from rank 0. Every rank reads the same data, settings and model, so the others' warnings
+            # (rows skipped, examples truncated, a run interrupted) and weight-loading bars only repeated rank 0's.
+            from transformers.utils import logging as transformers_logging
+
+            logging.getLogger().setLevel(logging.ERROR)
+            transformers_logging.disable_progress_bar()
     return current()
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0, also before it joins the process group: torchrun sets RANK from the start."""
+    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
 
 
 def current() -> Ranks:
@@ -57,6 +67,13 @@ def current() -> Ranks:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_main_(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank, in place (nothing to do for a world of one)."""
+    if dist.is_initialized():
+        dist.broadcast(tensor, src=0)
+    return tensor
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

@@ -237,8 +237,12 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
     Matryoshka SAE also `matryoshka_fvu`, the mean of its prefixes' FVUs (the full one last), which training minimises.
 
     Under torchrun each rank passes its share of the validation tokens and the sums are added
-    over ranks, so every rank gets the metrics of the whole validation set.
+    over ranks, so every rank gets the metrics of the whole validation set. Every rank first takes rank 0's
+    buffers: each moves its BatchTopK threshold after DDP's broadcast of rank 0's, so the ranks' shares were
+    encoded with different thresholds, and the metrics described no SAE that was saved (the checkpoint is rank 0's).
     """
+    for buffer in sae.buffers():
+        distributed.broadcast_from_main_(buffer)
     sae.eval()
     d = tokens.shape[1]
     squared_error = torch.zeros((), dtype=torch.float64, device=tokens.device)
