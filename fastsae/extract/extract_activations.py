@@ -570,9 +570,10 @@ def _write_stores(
     n_unlocated_messages = sum(item.unlocated_messages for item in tokenized)
     folders = {key: store_folder(config, model_slug, target.name) for key, target in capture.targets.items()}
 
-    def open_writers(overwrite: bool) -> dict[Hashable, ActivationStoreWriter]:
-        missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
-        check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token(d, config.storage_dtype))
+    def open_writers(overwrite: bool, check_disk: bool) -> dict[Hashable, ActivationStoreWriter]:
+        if check_disk:
+            missing_tokens = sum(shard.n_tokens for folder in folders.values() for shard in shards if not (folder / shard.name).is_dir())
+            check_free_disk(Path(config.output_dir), missing_tokens * bytes_per_token(d, config.storage_dtype))
         return {
             key: ActivationStoreWriter(
                 folders[key],
@@ -614,13 +615,13 @@ def _write_stores(
             for key, target in capture.targets.items()
         }
 
-    # Under torchrun, rank 0 prepares the folders (replacing them under OVERWRITE, and reporting a refusal to every
-    # rank); the others attach once it has, never replacing what it prepared, and every rank then sees the same
-    # pending shards.
+    # Under torchrun, rank 0 prepares the folders (replacing them under OVERWRITE, and reporting a refusal, the free-disk
+    # check's included, to every rank: a user error only another rank met would print nowhere, as rank 0 alone prints);
+    # the others attach once it has, never replacing what it prepared, and every rank then sees the same pending shards.
     ranks = distributed.current()
-    writers = distributed.on_main_then_shared(lambda: open_writers(config.overwrite))
+    writers = distributed.on_main_then_shared(lambda: open_writers(config.overwrite, check_disk=True))
     if not ranks.is_main:
-        writers = open_writers(overwrite=False)
+        writers = open_writers(overwrite=False, check_disk=False)
     distributed.barrier()
     pending = sorted(set().union(*(writer.pending_shards() for writer in writers.values())))
     mine = [
