@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import runpy
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -389,3 +391,15 @@ def test_a_device_name_torch_would_reject_later_is_refused_first(name):
     with pytest.raises(UserError, match=f"DEVICE must be auto, cpu, cuda or cuda:N .*got '{name}'"):
         resolve_device(name)
     assert resolve_device("cpu") == "cpu"
+
+
+def test_without_torch_the_pipeline_names_the_missing_packages():
+    """run_pipeline.py imports this module before it checks the packages: it must not need torch itself."""
+    blocked = "import sys; sys.modules['torch'] = sys.modules['numpy'] = None; import runpy; sys.argv = ['run_pipeline.py', '--plan-only']"
+    run = subprocess.run(
+        [sys.executable, "-c", f"{blocked}; runpy.run_path('run_pipeline.py', run_name='__main__')"],
+        cwd=SCRIPT.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "missing Python packages: torch, numpy. Install them" in run.stderr, run.stderr

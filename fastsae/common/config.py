@@ -16,13 +16,13 @@ import difflib
 import hashlib
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fastsae.common import distributed
 from fastsae.common.errors import UserError
 
 Config = TypeVar("Config")
@@ -183,5 +183,7 @@ def run_step(
 
 
 def _report(line: str) -> None:
-    if distributed.is_main_process():
+    """Printed by rank 0 alone: torchrun sets RANK in every process it starts, before any joins the process group (read
+    from the environment, so that this module needs no torch: run_pipeline.py imports it to report missing packages)."""
+    if int(os.environ.get("RANK", "0")) == 0:
         print(line, file=sys.stderr)

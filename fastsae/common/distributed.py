@@ -53,11 +53,6 @@ def init_from_environment() -> Ranks:
     return current()
 
 
-def is_main_process() -> bool:
-    """Whether this process is rank 0, also before it joins the process group: torchrun sets RANK from the start."""
-    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
-
-
 def current() -> Ranks:
     if not dist.is_initialized():
         return Ranks(0, 1, 0)
