@@ -317,6 +317,25 @@ def test_run_step_turns_a_user_error_from_the_step_into_exit_code_2(capsys):
     assert captured.out == ""
 
 
+def test_under_torchrun_only_the_steps_that_split_their_work_run(capsys, monkeypatch):
+    """Evaluation (and every step but extraction and training) would run whole in each process, writing the same files."""
+    from fastsae.evaluate.evaluate_sae import EvalConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    calls = []
+    with pytest.raises(SystemExit) as exit_info:
+        run_step(EvalConfig, {"__file__": "/repo/evaluate_sae.py"}, calls.append, "evaluate", [])
+    assert exit_info.value.code == 2 and calls == []
+    assert capsys.readouterr().err.startswith("error: evaluate_sae.py runs in one process: start it with python, not torchrun")
+    run_step(ExtractConfig, script_constants(), calls.append, "extract", [])
+    assert len(calls) == 1
+    monkeypatch.setenv("RANK", "1")  # the other ranks stay silent: rank 0 has said it
+    with pytest.raises(SystemExit):
+        run_step(EvalConfig, {"__file__": "/repo/evaluate_sae.py"}, calls.append, "evaluate", [])
+    assert capsys.readouterr().err == ""
+
+
 def test_run_step_turns_an_invalid_setting_into_exit_code_2_without_running_the_step(capsys):
     calls = []
     with pytest.raises(SystemExit) as exit_info:

@@ -172,6 +172,12 @@ def run_step(
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(config_class, "runs_under_torchrun", False):
+            script = Path(script_constants.get("__file__") or "this step").name
+            raise UserError(
+                f"{script} runs in one process: start it with python, not torchrun (each process would do the whole step "
+                "and write the same files). extract_activations.py and train_sae.py split their work across processes."
+            )
         config = parse_step_config(config_class, script_constants, description, argv)
         step(config)
     except UserError as error:

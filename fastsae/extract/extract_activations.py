@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -72,6 +72,7 @@ CPU_BATCH_TOKENS = 8192  # 2-core CPU, SmolLM2: 20% faster than 32768
 
 @dataclass
 class ExtractConfig:
+    runs_under_torchrun: ClassVar[bool] = True  # its work splits across torchrun's processes (docs/multi_gpu.md)
     model_name: str = setting(EMBEDDED_MODEL, "model: the embedded default, a local folder, a .gguf file, or a hub id")
     dataset: str = setting(
         "data/cognitive_actions.jsonl",

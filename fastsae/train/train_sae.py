@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, ClassVar, NamedTuple, NoReturn
 
 import torch
 from torch import nn
@@ -62,6 +62,7 @@ TRAINING_STATE = "training_state.pt"
 
 @dataclass
 class TrainConfig:
+    runs_under_torchrun: ClassVar[bool] = True  # its work splits across torchrun's processes (docs/multi_gpu.md)
     store: str = setting(DEFAULT_STORE, "activation store folder written by extract_activations.py")
     architecture: str = setting("topk", "topk, batchtopk, relu (L1 penalty) or jumprelu")
     m: int = setting(256, "number of features (dictionary size)")
