@@ -129,3 +129,22 @@ def test_a_block_without_attention_has_no_attn_out():
     llama.model.layers[1].self_attn = None
     with pytest.raises(UserError, match="block 1 of LlamaForCausalLM has no attn_out submodule"):
         hooked_module(llama, 1, "attn_out")
+
+
+@pytest.mark.parametrize("hook_point", ["attn_out", "mlp_out"])
+def test_post_ln_blocks_are_refused_sublayer_hooks(hook_point):
+    """OPT-350m normalises the residual stream after each add, so its attention's output is not what the block adds."""
+    torch.manual_seed(0)
+    shapes = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4)
+    pre_ln = AutoModelForCausalLM.from_config(AutoConfig.for_model("opt", **shapes)).eval()
+    fc2 = {}  # OPT's MLP is its bare fc1/fc2, on (B·T, d) rows
+    handle = pre_ln.model.decoder.layers[1].fc2.register_forward_hook(lambda module, inputs, output: fc2.setdefault(1, output))
+    try:
+        added = capture(pre_ln, [0, 1], "resid_post")
+    finally:
+        handle.remove()
+    attn_out = capture(pre_ln, [1], "attn_out")[1]  # pre-LN OPT keeps attn_out: with fc2's output it is what the block adds
+    assert relative_error(attn_out + fc2[1].reshape(attn_out.shape), added[1] - added[0]) < 1e-5
+    post_ln = AutoModelForCausalLM.from_config(AutoConfig.for_model("opt", **shapes, do_layer_norm_before=False)).eval()
+    with pytest.raises(UserError, match=f"OPTForCausalLM normalises its residual stream .* no module outputs what its {hook_point} adds"):
+        hooked_module(post_ln, 1, hook_point)

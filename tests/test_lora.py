@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY_LAYERS, make_tiny_llama
 from fastsae.common.errors import UserError
@@ -26,7 +27,8 @@ from fastsae.extract.extract_activations import STAGE as EXTRACT_STAGE
 from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.interpret.interpret_sae import InterpretConfig, interpret_sae
 from fastsae.lm.data import load_dataset
-from fastsae.lm.lora import LORA_MODULE_TYPES, adapter_fingerprint
+from fastsae.lm.hook_points import decoder_layers
+from fastsae.lm.lora import LORA_MODULE_TYPES, adapter_fingerprint, lora_capture
 from fastsae.store.activation_store import ActivationStore
 from fastsae.train.train_sae import TrainConfig, train_saes
 from test_extract import max_relative_difference
@@ -130,7 +132,12 @@ def test_lora_manifest_names_every_dimension(lora_store, adapter, base_model):
     lora = store.manifest.lora
     assert lora["fingerprint"] == adapter_fingerprint(adapter) and lora["r"] == R and lora["modules"] == CHOSEN
     assert lora["layers"] == list(range(TINY_LAYERS))
-    expected = [{"layer": layer, "module": module, "rank_index": i} for layer in range(TINY_LAYERS) for module in CHOSEN for i in range(R)]
+    expected = [
+        {"layer": layer, "module": module, "path": f"{'mlp' if module == 'down_proj' else 'self_attn'}.{module}", "rank_index": i}
+        for layer in range(TINY_LAYERS)
+        for module in CHOSEN
+        for i in range(R)
+    ]
     assert lora["dimensions"] == expected and len(expected) == store.d
     assert store.manifest.hook_point == "lora" and store.manifest.layer is None
     assert not has_lora_layers(base_model)  # the adapter is taken off the model again after extraction
@@ -238,3 +245,56 @@ def test_new_adapter_weights_change_extractions_pipeline_fingerprint(tiny_model_
     assert EXTRACT_STAGE.fingerprint_facts(config) == before
     save_random_adapter(folder, vocab_size, ["q_proj", "v_proj"])
     assert EXTRACT_STAGE.fingerprint_facts(config)["lora_adapter"] != before["lora_adapter"]
+
+
+# Families whose adapted modules the Llama adapter above does not cover: GPT-2's attention and MLP both have a c_proj,
+# and Qwen2-MoE runs its shared expert (down_proj) on (B·T, d) rows.
+OTHER_FAMILIES = {
+    "gpt2": (dict(n_embd=64, n_layer=3, n_head=4), ["c_attn", "c_proj"]),
+    "qwen2_moe": (
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
+        ["q_proj", "down_proj"],
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_every_adapted_module_is_stored_as_x_times_a_in_other_families(model_type, tmp_path):
+    shapes, module_types = OTHER_FAMILIES[model_type]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=128, **shapes)).eval()
+    adapted = get_peft_model(copy.deepcopy(model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=module_types))
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_A" in name:
+                parameter.normal_()
+    adapted.save_pretrained(tmp_path)
+    weights = {key.removeprefix("base_model.model."): value for key, value in load_file(tmp_path / "adapter_model.safetensors").items()}
+    paths = [key.removesuffix(".lora_A.weight") for key in weights if key.endswith(".lora_A.weight")]
+    inputs = {}
+    handles = [
+        model.get_submodule(path).register_forward_pre_hook(lambda module, args, path=path: inputs.__setitem__(path, args[0]))
+        for path in paths
+    ]
+    tokens = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(tokens)
+    for handle in handles:
+        handle.remove()
+    blocks = next(name for name, module in model.named_modules() if module is decoder_layers(model))  # transformer.h, model.layers
+    with lora_capture(model, tmp_path, module_types) as capture:
+        stored = capture(tokens, torch.ones_like(tokens))["lora"]
+        assert stored.shape == (*tokens.shape, len(paths) * R) == (*tokens.shape, capture.d)
+        order = [f"{blocks}.{dimension['layer']}.{dimension['path']}" for dimension in capture.dimensions[::R]]
+    assert sorted(order) == sorted(paths)  # every adapted module, once
+    expected = torch.cat([(inputs[path] @ weights[path + ".lora_A.weight"].T).reshape(*tokens.shape, R) for path in order], dim=-1)
+    assert max_relative_difference(stored, expected) < 1e-5

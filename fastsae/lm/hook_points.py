@@ -70,6 +70,13 @@ def hooked_module(model: nn.Module, layer: int, hook_point: str) -> nn.Module:
         return block
     if hook_point not in HOOK_SUBMODULES:
         raise UserError(f"unknown hook point {hook_point!r}: choose one of {', '.join(HOOK_POINTS)}.")
+    if getattr(model.config, "do_layer_norm_before", True) is False:
+        # Post-LN blocks (OPT-350m) normalise the residual stream after each add: the next add builds on the norm's
+        # output, so no module outputs a share that resid_post(L - 1) plus the shares make resid_post(L).
+        raise UserError(
+            f"{type(model).__name__} normalises its residual stream after each sublayer adds to it (do_layer_norm_before = False), "
+            f"so no module outputs what its {hook_point} adds; use HOOK_POINT = 'resid_post'."
+        )
     sublayers = [module for name in HOOK_SUBMODULES[hook_point] if (module := _submodule(block, name)) is not None]
     if not sublayers:  # also a hybrid model's block whose mixer is not attention
         raise UserError(f"block {layer} of {type(model).__name__} has no {hook_point} submodule; use HOOK_POINT = 'resid_post'.")

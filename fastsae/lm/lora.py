@@ -3,7 +3,8 @@
 A LoRA layer computes `W x + B A x · scaling`; `A x` (r numbers per adapted module) is the
 adapter's own narrow code for the token. We attach the adapter to the base model with peft, hook
 every `lora_A` of the chosen module types, and concatenate their outputs into one vector per
-token, ordered by layer, then module type in the order asked for, then rank index. In eval mode
+token, ordered by layer, then module type in the order asked for (a type that names several modules of
+a block, as GPT-2's `attn.c_proj` and `mlp.c_proj` do, in the block's order), then rank index. In eval mode
 LoRA dropout is the identity, so each piece is exactly `x @ A.T` for the module's input `x`.
 """
 
@@ -106,19 +107,20 @@ def check_adapter_fits(model: nn.Module, folder: str | Path) -> None:
 class LoraBottleneckCapture:
     """Per token, the concatenated `lora_A` outputs of the chosen module types in every adapted layer.
 
-    `dimensions[i]` names dimension i: its layer, module type and rank index.
+    `dimensions[i]` names dimension i: its layer, module type, module path under the block and rank index.
     """
 
     def __init__(self, model: nn.Module, module_types: list[str], adapter_folder: str | Path) -> None:
         self.model = model
         self.module_types = list(module_types)
         self.adapter_folder = Path(adapter_folder).expanduser()
-        found: dict[tuple[int, str], nn.Module] = {}
+        # Keyed by layer and type, each type's modules in the block's order: a type can name several (GPT-2's c_proj).
+        found: dict[tuple[int, str], list[tuple[str, nn.Module]]] = {}
         for layer, block in enumerate(decoder_layers(model)):
             for name, module in block.named_modules():
                 lora_a = getattr(module, "lora_A", None)
                 if isinstance(lora_a, nn.ModuleDict) and ADAPTER_NAME in lora_a:
-                    found[(layer, name.rsplit(".", 1)[-1])] = lora_a[ADAPTER_NAME]
+                    found.setdefault((layer, name.rsplit(".", 1)[-1]), []).append((name, lora_a[ADAPTER_NAME]))
         adapted = {module_type for _, module_type in found}
         available = [t for t in LORA_MODULE_TYPES if t in adapted] + sorted(adapted - set(LORA_MODULE_TYPES))
         missing = [module_type for module_type in module_types if module_type not in available]
@@ -129,14 +131,14 @@ class LoraBottleneckCapture:
             )
         layers = sorted({layer for layer, _ in found})
         self.modules = [
-            (layer, module_type, found[(layer, module_type)])
+            (layer, module_type, path, lora_a)
             for layer in layers
             for module_type in module_types
-            if (layer, module_type) in found
+            for path, lora_a in found.get((layer, module_type), [])
         ]
         self.dimensions = [
-            {"layer": layer, "module": module_type, "rank_index": index}
-            for layer, module_type, lora_a in self.modules
+            {"layer": layer, "module": module_type, "path": path, "rank_index": index}
+            for layer, module_type, path, lora_a in self.modules
             for index in range(lora_a.out_features)
         ]
         self.d = len(self.dimensions)
@@ -160,11 +162,19 @@ class LoraBottleneckCapture:
 
         def make_hook(position: int):
             def hook(module, inputs, output) -> None:
-                pieces[position] = output
+                # MoE blocks run their shared expert on (B·T, d) rows; a module that sees only some tokens (a routed
+                # expert) has no value at the others, so it cannot be stored per token.
+                if output.shape[:-1].numel() != input_ids.numel():
+                    _, module_type, path, _ = self.modules[position]
+                    raise UserError(
+                        f"the LoRA-adapted {path} sees only some of the tokens (a routed expert's layer), so its bottleneck "
+                        f"has no value at the others: leave {module_type} out of LORA_MODULES."
+                    )
+                pieces[position] = output.reshape(*input_ids.shape, -1)
 
             return hook
 
-        handles = [lora_a.register_forward_hook(make_hook(position)) for position, (_, _, lora_a) in enumerate(self.modules)]
+        handles = [lora_a.register_forward_hook(make_hook(position)) for position, (*_, lora_a) in enumerate(self.modules)]
         try:
             forward_until(self.model, input_ids, attention_mask, self._last_block, position_ids)
         finally:
