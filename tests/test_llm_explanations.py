@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 import pandas as pd
 import pytest
@@ -160,6 +161,31 @@ def test_a_reply_that_is_no_chat_completion_stops_with_a_clear_message(server, t
         client.complete(HELLO)
     assert len(server.requests) == 1 and not list((tmp_path / "llm-cache").rglob("*.json"))
     assert client.complete(HELLO) == f'"{EXPLANATION}"'
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"model": "gpt-4.1", "answ', b"\xff\xfe", b'{"answer": null}', b"[]"])
+def test_a_damaged_cache_file_is_asked_again_and_rewritten(server, tmp_path, caplog, damage):
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache")
+    assert client.complete(HELLO) == f'"{EXPLANATION}"'
+    [file] = (tmp_path / "llm-cache").rglob("*.json")
+    file.write_bytes(damage)
+    assert client.cached(HELLO, 300) is None and "is damaged: its request is asked again" in caplog.text
+    assert client.complete(HELLO) == f'"{EXPLANATION}"' and len(server.requests) == 2
+    assert json.loads(file.read_text())["answer"] == f'"{EXPLANATION}"'  # rewritten: the next run reads it
+    assert client.complete(HELLO) == f'"{EXPLANATION}"' and len(server.requests) == 2
+
+
+def test_a_request_made_twice_in_one_round_is_sent_once(server, tmp_path):
+    def slow_echo(messages: list[dict]) -> str:
+        time.sleep(0.2)  # every copy is in flight before the first answer is cached
+        return messages[-1]["content"].upper()
+
+    server.answerer = slow_echo
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache", concurrency=4)
+    other = [{"role": "user", "content": "bye"}]
+    assert client.complete_all([HELLO, HELLO, other, HELLO, HELLO]) == ["HELLO", "HELLO", "BYE", "HELLO", "HELLO"]
+    assert sorted(request["messages"][-1]["content"] for request in server.requests) == ["bye", "hello"]
+    assert client.requests_sent == 2
 
 
 def test_a_reply_without_choices_is_an_unreadable_answer_and_not_cached(server, checkpoint, tiny_model_folder, tmp_path, caplog):

@@ -85,8 +85,19 @@ class CachedChatClient:
         return self.cache_dir / digest[:2] / f"{digest}.json"
 
     def cached(self, messages: Messages, max_tokens: int) -> str | None:
+        """The cached answer; None when there is none, or its file is damaged (a disk that filled up, a hand edit): that
+        request is asked again and its file rewritten, where a damaged file would otherwise stop every rerun."""
         path = self._cache_path(messages, max_tokens)
-        return json.loads(path.read_text())["answer"] if path.exists() else None
+        try:
+            answer = json.loads(path.read_bytes())["answer"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):  # not JSON (ValueError, UnicodeDecodeError), or not our record
+            answer = None
+        if not isinstance(answer, str):
+            logger.warning("The LLM answer cache file %s is damaged: its request is asked again.", path)
+            return None
+        return answer
 
     def complete(self, messages: Messages, max_tokens: int = 300) -> str:
         """One answer: from the cache, or from the endpoint (then cached)."""
@@ -143,7 +154,9 @@ class CachedChatClient:
     def complete_all(self, requests: Sequence[Messages], max_tokens: int = 300) -> list[str]:
         """Answers in request order; the first error (after the client's retries) stops the rest.
 
-        Requests not yet sent when one fails are dropped, not sent: a rejected key would refuse them all.
+        A request made twice is sent once (two features with the same windows ask the same): in flight at once, both
+        copies would be paid for. Requests not yet sent when one fails are dropped, not sent: a rejected key would
+        refuse them all.
         """
         failed = threading.Event()
 
@@ -156,5 +169,8 @@ class CachedChatClient:
                 failed.set()
                 raise
 
+        keys = [json.dumps(messages, sort_keys=True) for messages in requests]
+        distinct = dict(zip(keys, requests))
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(complete_unless_failed, requests))
+            answers = dict(zip(distinct, pool.map(complete_unless_failed, distinct.values())))
+        return [answers[key] for key in keys]
