@@ -209,13 +209,16 @@ def classifier_prompt_content(messages: list[dict]) -> tuple[str, list[str]]:
 
 
 class ChatCompletionsServer(ThreadingHTTPServer):
-    """Answers /v1/chat/completions; `statuses` queues error codes to return before answering normally,
+    """Answers /v1/chat/completions; `statuses` queues error codes to return before answering normally (with
+    Retry-After: 0 while `retry_after` is set), `bodies` raw (content type, body) replies with status 200 to send then,
     `rubric_answers` the answers to FAST-rubric prompts (then RUBRIC_ANSWER); `answerer`, when set, answers every
     other request from its messages (None: a reply with no choices)."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.statuses: list[int] = []
+        self.retry_after = True
+        self.bodies: list[tuple[str, bytes]] = []
         self.rubric_answers: list[str] = []
         self.answerer: Callable[[list[dict]], str] | None = None
         self.requests: list[dict] = []
@@ -235,12 +238,17 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.requests.append(body)
             status = self.server.statuses.pop(0) if self.server.statuses else 200
+            raw = self.server.bodies.pop(0) if status == 200 and self.server.bodies else None
             prompt = body["messages"][-1]["content"]
             rubric_answer = (
                 (self.server.rubric_answers.pop(0) if self.server.rubric_answers else RUBRIC_ANSWER) if "RATING:" in prompt else None
             )
         if status != 200:
-            self._send(status, {"error": {"message": f"simulated {status}", "type": "simulated", "code": status}}, {"Retry-After": "0"})
+            error = {"error": {"message": f"simulated {status}", "type": "simulated", "code": status}}
+            self._send(status, json.dumps(error).encode(), {"Retry-After": "0"} if self.server.retry_after else {})
+            return
+        if raw is not None:
+            self._send(200, raw[1], {"Content-Type": raw[0]})
             return
         if rubric_answer is not None:
             content = rubric_answer
@@ -261,12 +269,11 @@ class _Handler(BaseHTTPRequestHandler):
             else [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
         }
-        self._send(200, reply, {})
+        self._send(200, json.dumps(reply).encode(), {})
 
-    def _send(self, status: int, payload: dict, headers: dict) -> None:
-        data = json.dumps(payload).encode()
+    def _send(self, status: int, data: bytes, headers: dict) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        headers = {"Content-Type": "application/json", **headers}
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers.items():
             self.send_header(name, value)

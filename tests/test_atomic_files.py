@@ -1,6 +1,7 @@
 """Atomic writes: a failed write leaves the old file (or folder) as it was and no `.partial` behind."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,28 @@ def test_a_figure_interrupted_mid_write_leaves_the_old_one(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         FIGURES[name](path)
     assert path.read_bytes() == b"old" and [file.name for file in tmp_path.iterdir()] == [name]
+
+
+def test_two_writers_of_one_file_never_write_into_each_other(tmp_path):
+    """LLM_CONCURRENCY threads, or two runs sharing an answer cache, writing one file at once: each write lands whole."""
+    path = tmp_path / "answer.json"
+    both_writing, errors = threading.Barrier(2), []
+
+    def write(text: str) -> None:
+        def fill(partial: Path) -> None:
+            partial.write_text(text[:2])
+            both_writing.wait(timeout=10)  # both writers are inside their write now
+            with partial.open("a") as file:
+                file.write(text[2:])
+
+        try:
+            write_atomically(path, fill)
+        except Exception as error:  # the old shared .partial: the second rename found it gone
+            errors.append(error)
+
+    writers = [threading.Thread(target=write, args=(text,)) for text in ("aaaa", "bbbb")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert errors == [] and path.read_text() in ("aaaa", "bbbb") and not list(tmp_path.glob("*.partial"))

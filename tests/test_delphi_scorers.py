@@ -89,6 +89,8 @@ def hashed_answer(messages: list[dict]) -> str:
     explanation, texts = classifier_prompt_content(messages)
     verdicts = [hashlib.sha256(f"{explanation}|{text}".encode()).digest()[0] % 2 for text in texts]
     style = hashlib.sha256("|".join(texts).encode()).digest()[0] % 6
+    if len(texts) < PER_PROMPT:  # a feature's last, shorter prompt: one entry per example, or PER_PROMPT entries
+        return json.dumps(verdicts + [0] * (PER_PROMPT - len(texts)) * (style % 2))
     return [
         json.dumps(verdicts),
         f"Here they are: {verdicts} and that is all",
@@ -116,13 +118,17 @@ def delphi_record(delphi, examples: list[ScoringExample], explanation: str):
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
-def test_our_scores_equal_delphis_on_the_same_explanation_and_examples(delphi, examples, scorer, monkeypatch, tmp_path):
+@pytest.mark.parametrize("missing", [0, 3], ids=["50 non-activating", "47: a shorter last prompt"])
+def test_our_scores_equal_delphis_on_the_same_explanation_and_examples(delphi, examples, scorer, missing, monkeypatch, tmp_path):
+    """With fewer non-activating windows than asked (a feature firing nearly everywhere), the last prompt has fewer
+    examples than EXAMPLES_PER_PROMPT, and delphi reads its answer only when it has EXAMPLES_PER_PROMPT entries."""
     assert delphi.version == "0.1.3"
     delphi_class = delphi.detection.DetectionScorer if scorer == "detection" else delphi.fuzz.FuzzingScorer
     with chat_server(monkeypatch) as server:
         server.answerer = hashed_answer
         client = CachedChatClient("gpt-4.1", tmp_path / "cache", concurrency=4)
         for scoring in examples.values():
+            scoring = scoring[missing:]  # non-activating first
             server.requests.clear()
             theirs = delphi_class(
                 delphi.openrouter.OpenRouter("gpt-4.1", "sk-test", base_url=server.base_url + "/chat/completions"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 import pandas as pd
 import pytest
@@ -17,6 +18,8 @@ from fastsae.interpret.interpret_sae import InterpretConfig, estimate_llm_cost, 
 from fastsae.interpret.llm import CachedChatClient
 from fastsae.interpret.scorers import balanced_accuracy, read_verdicts
 from fastsae.train.train_sae import TrainConfig, train_saes
+
+HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture
@@ -119,7 +122,70 @@ def test_an_unreachable_endpoint_stops_with_a_clear_message(monkeypatch, tmp_pat
         pass  # shut down: its port now refuses connections
     client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache", max_retries=0)
     with pytest.raises(UserError, match=rf"could not reach the endpoint {closed.base_url}/ \(Connection error\., after 0 retries\)"):
-        client.complete([{"role": "user", "content": "hello"}])
+        client.complete(HELLO)
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "message"),
+    [
+        (429, True, r"still refused requests after 1 retries \(Error code: 429 - simulated 429\): a rate limit, or the account's quota"),
+        (429, False, r"still refused requests after 1 retries .* Lower LLM_CONCURRENCY or check the quota"),
+        (500, True, r"still failed after 1 retries \(Error code: 500 - simulated 500\): the server is down or overloaded"),
+        (502, False, r"still failed after 1 retries \(Error code: 502 - simulated 502\)"),
+        (503, True, r"still failed after 1 retries \(Error code: 503 - simulated 503\)"),
+    ],
+)
+def test_a_rate_limit_or_server_error_that_outlasts_the_retries_says_so(server, tmp_path, status, retry_after, message):
+    """Not the wrong-model advice of a 404: a 429 is a rate limit or a spent quota, a 5xx a server down."""
+    server.statuses, server.retry_after = [status] * 2, retry_after
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache", max_retries=1)
+    with pytest.raises(UserError, match=message) as error:
+        client.complete(HELLO)
+    assert "EXPLANATION_MODEL" not in str(error.value) and "answers already received are cached" in str(error.value)
+    assert len(server.requests) == 2  # the request and its one retry, then no more
+    assert client.complete(HELLO) == f'"{EXPLANATION}"'  # the endpoint is back: nothing was cached meanwhile
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"id": "chatcmpl-test", "choices": [{"mess'),  # cut short
+        ("text/html", b"<html><body>Welcome to nginx!</body></html>"),  # OPENAI_BASE_URL names a web page
+        ("application/json", b"[]"),
+    ],
+)
+def test_a_reply_that_is_no_chat_completion_stops_with_a_clear_message(server, tmp_path, content_type, body):
+    server.bodies = [(content_type, body)]
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache")
+    with pytest.raises(UserError, match=r"answered with something other than a chat completion .* OPENAI_BASE_URL is the API's address"):
+        client.complete(HELLO)
+    assert len(server.requests) == 1 and not list((tmp_path / "llm-cache").rglob("*.json"))
+    assert client.complete(HELLO) == f'"{EXPLANATION}"'
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"model": "gpt-4.1", "answ', b"\xff\xfe", b'{"answer": null}', b"[]"])
+def test_a_damaged_cache_file_is_asked_again_and_rewritten(server, tmp_path, caplog, damage):
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache")
+    assert client.complete(HELLO) == f'"{EXPLANATION}"'
+    [file] = (tmp_path / "llm-cache").rglob("*.json")
+    file.write_bytes(damage)
+    assert client.cached(HELLO, 300) is None and "is damaged: its request is asked again" in caplog.text
+    assert client.complete(HELLO) == f'"{EXPLANATION}"' and len(server.requests) == 2
+    assert json.loads(file.read_text())["answer"] == f'"{EXPLANATION}"'  # rewritten: the next run reads it
+    assert client.complete(HELLO) == f'"{EXPLANATION}"' and len(server.requests) == 2
+
+
+def test_a_request_made_twice_in_one_round_is_sent_once(server, tmp_path):
+    def slow_echo(messages: list[dict]) -> str:
+        time.sleep(0.2)  # every copy is in flight before the first answer is cached
+        return messages[-1]["content"].upper()
+
+    server.answerer = slow_echo
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache", concurrency=4)
+    other = [{"role": "user", "content": "bye"}]
+    assert client.complete_all([HELLO, HELLO, other, HELLO, HELLO]) == ["HELLO", "HELLO", "BYE", "HELLO", "HELLO"]
+    assert sorted(request["messages"][-1]["content"] for request in server.requests) == ["bye", "hello"]
+    assert client.requests_sent == 2
 
 
 def test_a_reply_without_choices_is_an_unreadable_answer_and_not_cached(server, checkpoint, tiny_model_folder, tmp_path, caplog):

@@ -1,9 +1,11 @@
-"""Files and folders that appear whole or not at all: written under `<name>.partial`, then renamed.
+"""Files and folders that appear whole or not at all: written under a `.partial` name, then renamed.
 
 A crash or Ctrl-C mid-write must never leave half a checkpoint, manifest, page or figure that a
 rerun would trust. The `.partial` sits beside the target, so it is on the same filesystem
 and the rename (`os.replace`) is atomic; on a failed write it is removed and the old file
-stays as it was. A step's own temporary files go in a `<name>.scratch` folder beside its output
+stays as it was. A file's `.partial` is its writer's own (`<name>.<pid>-<thread>.partial`): two
+threads or processes writing one file (LLM_CONCURRENCY threads, two runs sharing an answer cache)
+would otherwise write into one `.partial`, and the later rename find it gone. A step's own temporary files go in a `<name>.scratch` folder beside its output
 (`scratch_folder`), which a rerun clears if a kill left it.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +22,13 @@ from typing import Any
 
 
 def partial_path(path: Path) -> Path:
-    """Where `path` is written before it is renamed into place."""
+    """Where the folder `path` is built before it is renamed into place."""
     return path.with_name(path.name + ".partial")
+
+
+def _writers_partial_path(path: Path) -> Path:
+    """Where this process's thread writes the file `path` before renaming it: no other writer of `path` uses the name."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -28,7 +36,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     made when missing, so an output path in a new folder never fails after the work that fills it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(path)
+    partial = _writers_partial_path(path)
     try:
         write(partial)
         os.replace(partial, path)

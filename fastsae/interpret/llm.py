@@ -4,11 +4,12 @@ The key comes from OPENAI_API_KEY (or OPENAI_KEY_SAE, the original scripts' name
 URL from OPENAI_BASE_URL, so vLLM, Ollama or a local server work too. The key is never printed,
 logged or written. Retries with backoff on 429, 5xx, timeouts and dropped connections are the
 `openai` client's own (it honours Retry-After); a rejected key (401) stops at once, and any other
-refusal (a wrong model's 404, a 400) or an endpoint still unreachable after the retries stops with
-the status and what to check. A reply without an answer (no choices, or empty content) is
-unreadable, like an answer that cannot be parsed, and is not cached, so a rerun asks again. Every
-other answer is cached under a hash of its request and endpoint, so a rerun or a resumed run never
-pays twice.
+refusal (a wrong model's 404, a 400), a rate limit or server error that outlasts the retries, an
+endpoint still unreachable after them, or a reply that is no chat completion (a web page, cut JSON:
+OPENAI_BASE_URL names the wrong address) stops with the status and what to check. A reply without
+an answer (no choices, or empty content) is unreadable, like an answer that cannot be parsed, and is
+not cached, so a rerun asks again. Every other answer is cached under a hash of its request and
+endpoint, so a rerun or a resumed run never pays twice.
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def base_url() -> str | None:
     return os.environ.get("OPENAI_BASE_URL") or None
 
 
+def _answer(response: object, endpoint: object, kept: str) -> str:
+    """The reply's text; "" when a chat completion carries none (no choices, no content). A reply that is no chat
+    completion at all (a web page, cut or foreign JSON) stops the run: every request to that address would get one."""
+    from openai.types.chat import ChatCompletion
+
+    if not isinstance(response, ChatCompletion):
+        raise UserError(
+            f"the endpoint {endpoint} answered with something other than a chat completion ({str(response)[:80]!r}). "
+            f"Check that OPENAI_BASE_URL is the API's address (an OpenAI-compatible server's usually ends in /v1); {kept}."
+        )
+    message = getattr(response.choices[0], "message", None) if response.choices else None
+    content = getattr(message, "content", None)
+    return content if isinstance(content, str) else ""
+
+
 class CachedChatClient:
     """Sends chat requests (concurrently, at most `concurrency` at a time) and remembers every answer."""
 
@@ -69,17 +85,35 @@ class CachedChatClient:
         return self.cache_dir / digest[:2] / f"{digest}.json"
 
     def cached(self, messages: Messages, max_tokens: int) -> str | None:
+        """The cached answer; None when there is none, or its file is damaged (a disk that filled up, a hand edit): that
+        request is asked again and its file rewritten, where a damaged file would otherwise stop every rerun."""
         path = self._cache_path(messages, max_tokens)
-        return json.loads(path.read_text())["answer"] if path.exists() else None
+        try:
+            answer = json.loads(path.read_bytes())["answer"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):  # not JSON (ValueError, UnicodeDecodeError), or not our record
+            answer = None
+        if not isinstance(answer, str):
+            logger.warning("The LLM answer cache file %s is damaged: its request is asked again.", path)
+            return None
+        return answer
 
     def complete(self, messages: Messages, max_tokens: int = 300) -> str:
         """One answer: from the cache, or from the endpoint (then cached)."""
-        from openai import APIConnectionError, APIStatusError, AuthenticationError, PermissionDeniedError
+        from openai import (
+            APIConnectionError,
+            APIStatusError,
+            AuthenticationError,
+            InternalServerError,
+            PermissionDeniedError,
+            RateLimitError,
+        )
 
         answer = self.cached(messages, max_tokens)
         if answer is not None:
             return answer
-        kept = "answers already received are cached"
+        endpoint, retries, kept = self._client.base_url, self._client.max_retries, "answers already received are cached"
         try:
             self.requests_sent += 1
             response = self._client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens, temperature=0)
@@ -87,17 +121,29 @@ class CachedChatClient:
             raise UserError(
                 f"the API rejected the key ({error.status_code}). Check {' / '.join(API_KEY_VARIABLES)} and OPENAI_BASE_URL; {kept}."
             ) from None
+        except RateLimitError as error:
+            raise UserError(
+                f"the endpoint {endpoint} still refused requests after {retries} retries ({error.message}): a rate limit, or the "
+                f"account's quota is spent. Lower LLM_CONCURRENCY or check the quota, then rerun; {kept}."
+            ) from None
+        except InternalServerError as error:
+            raise UserError(
+                f"the endpoint {endpoint} still failed after {retries} retries ({error.message}): the server is down or overloaded. "
+                f"Rerun when it is back; {kept}."
+            ) from None
         except APIStatusError as error:
             raise UserError(
-                f"the endpoint {self._client.base_url} refused a request for EXPLANATION_MODEL {self.model!r} ({error.message}). Check that OPENAI_BASE_URL is the endpoint you mean and EXPLANATION_MODEL a chat model it serves; "
+                f"the endpoint {endpoint} refused a request for EXPLANATION_MODEL {self.model!r} ({error.message}). Check that OPENAI_BASE_URL is the endpoint you mean and EXPLANATION_MODEL a chat model it serves; "
                 f"{kept}."
             ) from None
         except APIConnectionError as error:
             raise UserError(
-                f"could not reach the endpoint {self._client.base_url} ({error.message}, after {self._client.max_retries} retries). "
+                f"could not reach the endpoint {endpoint} ({error.message}, after {retries} retries). "
                 f"Check OPENAI_BASE_URL and that the server is up; {kept}."
             ) from None
-        answer = (response.choices[0].message.content or "") if response.choices else ""
+        except json.JSONDecodeError as error:
+            response = error.doc  # a body cut short, or not JSON: no chat completion
+        answer = _answer(response, endpoint, kept)
         if not answer:
             return answer  # unreadable, and not cached: a rerun asks again
         path = self._cache_path(messages, max_tokens)
@@ -108,7 +154,9 @@ class CachedChatClient:
     def complete_all(self, requests: Sequence[Messages], max_tokens: int = 300) -> list[str]:
         """Answers in request order; the first error (after the client's retries) stops the rest.
 
-        Requests not yet sent when one fails are dropped, not sent: a rejected key would refuse them all.
+        A request made twice is sent once (two features with the same windows ask the same): in flight at once, both
+        copies would be paid for. Requests not yet sent when one fails are dropped, not sent: a rejected key would
+        refuse them all.
         """
         failed = threading.Event()
 
@@ -121,5 +169,8 @@ class CachedChatClient:
                 failed.set()
                 raise
 
+        keys = [json.dumps(messages, sort_keys=True) for messages in requests]
+        distinct = dict(zip(keys, requests))
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(complete_unless_failed, requests))
+            answers = dict(zip(distinct, pool.map(complete_unless_failed, distinct.values())))
+        return [answers[key] for key in keys]

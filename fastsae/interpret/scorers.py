@@ -18,6 +18,9 @@ instructions to the LLM are worded here; what they carry is delphi's.
   1 = every marked token fits the explanation.
 - An answer counts when its first [...] on one line is a JSON list with one entry per example
   (each read as true or false); otherwise that prompt's examples get no verdict and are left out.
+  As in delphi, "one entry per example" means EXAMPLES_PER_PROMPT entries even in a feature's last
+  prompt when it holds fewer examples (fewer non-activating windows than asked): its first entries
+  are read, and an answer with one entry per example shown is not.
 - Score: balanced accuracy over the examples with a verdict, (hits / activating + correct
   rejections / non-activating) / 2, a class with no verdicts counting 0 (delphi's
   `compute_classification_metrics` on one feature's examples); NaN when no answer could be read.
@@ -223,7 +226,7 @@ def score_answers(
     verdicts: list[bool | None] = [None] * len(examples)
     for answer, first in zip(answers, range(0, len(order), per_prompt)):
         batch = order[first : first + per_prompt]
-        for index, verdict in zip(batch, read_verdicts(answer, len(batch)) or [None] * len(batch)):
+        for index, verdict in zip(batch, read_verdicts(answer, per_prompt) or [None] * len(batch)):  # delphi's count
             verdicts[index] = verdict
     truth = [example.activating for example in examples]
     per_quantile = [
