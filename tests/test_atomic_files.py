@@ -86,7 +86,7 @@ def test_a_figure_interrupted_mid_write_leaves_the_old_one(tmp_path, monkeypatch
 
 
 def test_two_writers_of_one_file_never_write_into_each_other(tmp_path):
-    """LLM_CONCURRENCY threads, or two runs sharing an answer cache, writing one file at once: each write lands whole."""
+    """Two runs sharing an LLM answer cache, writing one file at once: each write lands whole."""
     path = tmp_path / "answer.json"
     both_writing, errors = threading.Barrier(2), []
 
@@ -98,8 +98,8 @@ def test_two_writers_of_one_file_never_write_into_each_other(tmp_path):
                 file.write(text[2:])
 
         try:
-            write_atomically(path, fill)
-        except Exception as error:  # the old shared .partial: the second rename found it gone
+            write_atomically(path, fill, private_partial=True)
+        except Exception as error:  # a shared .partial: the second rename found it gone
             errors.append(error)
 
     writers = [threading.Thread(target=write, args=(text,)) for text in ("aaaa", "bbbb")]
@@ -108,3 +108,11 @@ def test_two_writers_of_one_file_never_write_into_each_other(tmp_path):
     for writer in writers:
         writer.join()
     assert errors == [] and path.read_text() in ("aaaa", "bbbb") and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_partial_file_a_kill_left_is_replaced_by_the_next_write(tmp_path):
+    """The fixed name: a checkpoint's half-written .partial (gigabytes at M=131,072) never stays beside the file."""
+    path = tmp_path / "SAE.pt"
+    (tmp_path / "SAE.pt.partial").write_bytes(b"half of a killed save")
+    write_atomically(path, lambda partial: partial.write_bytes(b"whole"))
+    assert path.read_bytes() == b"whole" and [file.name for file in tmp_path.iterdir()] == ["SAE.pt"]

@@ -3,10 +3,12 @@
 A crash or Ctrl-C mid-write must never leave half a checkpoint, manifest, page or figure that a
 rerun would trust. The `.partial` sits beside the target, so it is on the same filesystem
 and the rename (`os.replace`) is atomic; on a failed write it is removed and the old file
-stays as it was. A file's `.partial` is its writer's own (`<name>.<pid>-<thread>.partial`): two
-threads or processes writing one file (LLM_CONCURRENCY threads, two runs sharing an answer cache)
-would otherwise write into one `.partial`, and the later rename find it gone. A step's own temporary files go in a `<name>.scratch` folder beside its output
-(`scratch_folder`), which a rerun clears if a kill left it.
+stays as it was. The `.partial` name is fixed, so a write a kill cut short is replaced by the next
+one, never left beside it (a checkpoint's can take gigabytes); a file that several writers may
+write at once (the LLM answer cache: two runs sharing it) takes a writer's own name instead
+(`private_partial`), or the later rename would find the shared one gone. A step's own temporary
+files go in a `<name>.scratch` folder beside its output (`scratch_folder`), which a rerun clears
+if a kill left it.
 """
 
 from __future__ import annotations
@@ -21,22 +23,18 @@ from pathlib import Path
 from typing import Any
 
 
-def partial_path(path: Path) -> Path:
-    """Where the folder `path` is built before it is renamed into place."""
-    return path.with_name(path.name + ".partial")
+def partial_path(path: Path, private: bool = False) -> Path:
+    """Where `path` is written before it is renamed into place; `private`: a name no other thread or process uses."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial" if private else f"{path.name}.partial")
 
 
-def _writers_partial_path(path: Path) -> Path:
-    """Where this process's thread writes the file `path` before renaming it: no other writer of `path` uses the name."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+def write_atomically(path: str | Path, write: Callable[[Path], Any], private_partial: bool = False) -> Path:
     """Call `write(temp_path)` (e.g. `lambda p: torch.save(obj, p)`), then rename the result over `path`; its folder is
-    made when missing, so an output path in a new folder never fails after the work that fills it."""
+    made when missing, so an output path in a new folder never fails after the work that fills it. `private_partial`
+    for a file that other writers may write at the same time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _writers_partial_path(path)
+    partial = partial_path(path, private_partial)
     try:
         write(partial)
         os.replace(partial, path)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastsae.common.atomic_files import write_json_atomically
+from fastsae.common.atomic_files import write_atomically
 from fastsae.common.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ class CachedChatClient:
             return answer  # unreadable, and not cached: a rerun asks again
         path = self._cache_path(messages, max_tokens)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(path, {"model": self.model, "answer": answer}, indent=None)
+        record = json.dumps({"model": self.model, "answer": answer})  # another run sharing the cache may write it too
+        write_atomically(path, lambda partial: partial.write_text(record, encoding="utf-8"), private_partial=True)
         return answer
 
     def complete_all(self, requests: Sequence[Messages], max_tokens: int = 300) -> list[str]:
