@@ -221,6 +221,7 @@ class ChatCompletionsServer(ThreadingHTTPServer):
         self.bodies: list[tuple[str, bytes]] = []
         self.rubric_answers: list[str] = []
         self.answerer: Callable[[list[dict]], str] | None = None
+        self.finish_reason = "stop"  # "length": every answer says it stopped at max_tokens
         self.requests: list[dict] = []
         self.lock = threading.Lock()
 
@@ -266,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
             "model": body["model"],
             "choices": []
             if content is None
-            else [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            else [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": self.server.finish_reason}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
         }
         self._send(200, json.dumps(reply).encode(), {})

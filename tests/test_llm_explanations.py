@@ -203,6 +203,20 @@ def test_a_reply_without_choices_is_an_unreadable_answer_and_not_cached(server, 
     assert len(server.requests) == 4 + 2 + 2 * 4
 
 
+def test_an_explanation_cut_at_max_tokens_is_not_used_nor_cached(server, checkpoint, tiny_model_folder, tmp_path, caplog):
+    """A thinking model's reasoning can fill the 300 tokens: the cut text was taken, cached, and scored as the explanation."""
+    server.finish_reason = "length"
+    config = config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:2", scoring="detection")
+    table = pd.read_csv(interpret_sae(config))
+    assert table["explanation"].isna().all() and table["detection_score"].isna().all()
+    assert "stopped at its limit of 300 tokens before it ended" in caplog.text and len(server.requests) == 2
+    client = CachedChatClient("gpt-4.1", tmp_path / "scoring-cache")
+    assert client.complete(HELLO) == f'"{EXPLANATION}"'  # a verdict list is read cut, as delphi reads it, and cached
+    server.finish_reason = "stop"
+    table = pd.read_csv(interpret_sae(config))  # the rerun asks again: the cut answers were not cached
+    assert list(table["explanation"]) == [EXPLANATION] * 2 and table["detection_score"].notna().all()
+
+
 def test_no_key_leaves_the_columns_empty(monkeypatch, checkpoint, tiny_model_folder, tmp_path, caplog):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_KEY_SAE", raising=False)

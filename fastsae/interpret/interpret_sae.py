@@ -456,10 +456,12 @@ def explain_features(
         f"{_tokens(first_round + estimate['detection'] + estimate['fuzzing']):,}",
         cached,
     )
-    answers = client.complete_all(first_round, ANSWER_TOKENS)
+    answers = client.complete_all(first_round, ANSWER_TOKENS, whole=True)
     explanations = dict(zip(explained, (answer.strip().strip('"') for answer in answers[: len(explain_requests)])))
     for feature in [feature for feature, explanation in explanations.items() if not explanation]:
-        logger.warning("No readable explanation for feature %d (an empty answer): it is not scored, its columns are left empty.", feature)
+        logger.warning(
+            "No readable explanation for feature %d (an empty or cut answer): it is not scored, its columns are left empty.", feature
+        )
     scoring_requests, spans = [], []
     for (feature, scorer), (texts, order) in plans.items():
         if not explanations[feature]:

@@ -99,8 +99,10 @@ class CachedChatClient:
             return None
         return answer
 
-    def complete(self, messages: Messages, max_tokens: int = 300) -> str:
-        """One answer: from the cache, or from the endpoint (then cached)."""
+    def complete(self, messages: Messages, max_tokens: int = 300, whole: bool = False) -> str:
+        """One answer: from the cache, or from the endpoint (then cached). `whole`: an answer stopped at `max_tokens`
+        is unreadable, not used or cached (an explanation cut mid-sentence, or a thinking model's reasoning that
+        filled the budget); delphi's scorers read a cut verdict list, so scoring does not ask for it."""
         from openai import (
             APIConnectionError,
             APIStatusError,
@@ -144,6 +146,14 @@ class CachedChatClient:
         except json.JSONDecodeError as error:
             response = error.doc  # a body cut short, or not JSON: no chat completion
         answer = _answer(response, endpoint, kept)
+        if whole and answer and response.choices[0].finish_reason == "length":
+            logger.warning(
+                "An answer stopped at its limit of %d tokens before it ended, and is not used: %r. A thinking model can fill "
+                "the limit with its reasoning; choose EXPLANATION_MODEL without it.",
+                max_tokens,
+                answer[:80],
+            )
+            return ""
         if not answer:
             return answer  # unreadable, and not cached: a rerun asks again
         path = self._cache_path(messages, max_tokens)
@@ -152,7 +162,7 @@ class CachedChatClient:
         write_atomically(path, lambda partial: partial.write_text(record, encoding="utf-8"), private_partial=True)
         return answer
 
-    def complete_all(self, requests: Sequence[Messages], max_tokens: int = 300) -> list[str]:
+    def complete_all(self, requests: Sequence[Messages], max_tokens: int = 300, whole: bool = False) -> list[str]:
         """Answers in request order; the first error (after the client's retries) stops the rest.
 
         A request made twice is sent once (two features with the same windows ask the same): in flight at once, both
@@ -165,7 +175,7 @@ class CachedChatClient:
             if failed.is_set():
                 return None  # never returned: the failure that set the flag is raised when its result is read
             try:
-                return self.complete(messages, max_tokens)
+                return self.complete(messages, max_tokens, whole)
             except BaseException:
                 failed.set()
                 raise
