@@ -73,6 +73,7 @@ class CachedChatClient:
         self.cache_dir = Path(cache_dir)
         self.concurrency = concurrency
         self.requests_sent = 0
+        self._counting = threading.Lock()  # complete() runs on LLM_CONCURRENCY threads, and += is no atomic step
         self._client = OpenAI(api_key=key, base_url=base_url(), max_retries=max_retries, timeout=timeout)
 
     def _cache_path(self, messages: Messages, max_tokens: int) -> Path:
@@ -117,7 +118,8 @@ class CachedChatClient:
             return answer
         endpoint, retries, kept = self._client.base_url, self._client.max_retries, "answers already received are cached"
         try:
-            self.requests_sent += 1
+            with self._counting:
+                self.requests_sent += 1
             response = self._client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens, temperature=0)
         except (AuthenticationError, PermissionDeniedError) as error:
             raise UserError(
