@@ -377,6 +377,50 @@ def test_csv_empty_cell_is_a_missing_field(tmp_path):
     assert dataset.skipped.where["missing field 'text'"] == ["line 3"]
 
 
+def test_csv_cells_stay_the_texts_they_are(tmp_path):
+    """pandas read "NA", "null" and "None" as missing and a numbers column with a gap as floats ("1" became "1.0")."""
+    path = tmp_path / "cells.csv"
+    path.write_text("text,label\nNA,1\nnull,2\nNone,\n42,3\n", encoding="utf-8")
+    dataset = load_dataset(path)
+    assert [(example.text, example.label) for example in dataset.examples] == [("NA", "1"), ("null", "2"), ("None", None), ("42", "3")]
+    assert dataset.skipped.total == 0
+
+
+def test_csv_rows_are_located_by_the_line_they_start_on(tmp_path):
+    """A quoted cell with a comma and a newline, CRLF line ends, a BOM and a blank line; line numbers count them."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b'\xef\xbb\xbftext,label\r\n"Plan it, then\r\ndo it.",a\r\n\r\nOk.,b\r\n,c\r\n')
+    dataset = load_dataset(path)
+    assert [(example.text, example.label, example.source) for example in dataset.examples] == [
+        ("Plan it, then\r\ndo it.", "a", "line 2"),
+        ("Ok.", "b", "line 5"),
+    ]
+    assert dataset.skipped.where == {"missing field 'text'": ["line 6"]}
+
+
+def test_csv_with_semicolons_reads_its_columns(tmp_path):
+    path = tmp_path / "excel_de.csv"
+    path.write_text("text;label\nMaybe I was wrong, again.;reconsidering\n", encoding="utf-8")
+    dataset = load_dataset(path)
+    assert [(example.text, example.label) for example in dataset.examples] == [("Maybe I was wrong, again.", "reconsidering")]
+
+
+def test_csv_row_with_more_cells_than_the_header_is_skipped_with_its_line(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_text("text,label\nfirst,a\nsecond,b,extra\nthird,c\n", encoding="utf-8")
+    dataset = load_dataset(path)
+    assert texts(dataset) == ["first", "third"]
+    assert dataset.skipped.describe() == "1 × more cells than the CSV header (line 3: 3 cells, the header names 2)"
+    assert dataset.n_rows == 3
+
+
+def test_csv_that_is_not_utf8_is_one_clear_error(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text\ncafé\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.csv is not UTF-8 \(invalid continuation byte 0xe9 at byte 9\)\. Save it as UTF-8\."):
+        load_dataset(path)
+
+
 def test_saved_hf_dataset_folder(tmp_path, rows_file):
     import datasets
 

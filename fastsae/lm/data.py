@@ -6,7 +6,9 @@ silently; a file whose rows are all bad is an error.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 from collections import Counter
@@ -25,7 +27,9 @@ LABEL_FIELD_CANDIDATES = ("label", "labels", "category")
 MAX_REASON_EXAMPLES = 5
 MALFORMED_JSON = "malformed JSON"
 NOT_UTF8 = "not UTF-8"
-UNREAD_LINE_REASONS = (MALFORMED_JSON, NOT_UTF8)  # JSONL lines that never became a row, yet are rows of the file
+TOO_MANY_CELLS = "more cells than the CSV header"
+UNREAD_LINE_REASONS = (MALFORMED_JSON, NOT_UTF8, TOO_MANY_CELLS)  # lines that never became a row, yet are rows of the file
+CSV_DELIMITERS = (",", ";", "\t", "|")  # the first wins a tie, so a one-column header reads as comma-separated
 
 
 @dataclass
@@ -120,15 +124,8 @@ def _starts_with_array(path: Path) -> bool:
 def _read_json_array(path: Path) -> list[tuple[str, Any]]:
     """The items of a JSON array, each a row located by its index ("item 0", as Python and jq count). The array is
     one JSON document, so a syntax error or a byte that is not UTF-8 cannot be skipped row by row: it stops the load."""
-    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UserError(
-            f"{path} is not UTF-8 ({error.reason} 0x{raw[error.start]:02x} at byte {error.start + 1}). Save it as UTF-8."
-        ) from None
-    try:
-        items = json.loads(text)
+        items = json.loads(_decode_whole(path))
     except json.JSONDecodeError as error:
         raise UserError(
             f"{path} starts with '[' but is not one valid JSON array: {error.msg} at line {error.lineno}, column {error.colno}. "
@@ -151,19 +148,53 @@ def _refuse_one_json_document(path: Path) -> None:
         raise UserError(f"{path} holds one JSON object, not one example per line{inside}. Write one JSON object per line (JSON Lines).")
 
 
-def _read_table(path: Path) -> list[tuple[str, Any]]:
+def _decode_whole(path: Path) -> str:
+    """The text of a file that must be decoded as one piece (a JSON array, a CSV whose cells may hold newlines)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # -sig: files saved on Windows often start with a BOM
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{path} is not UTF-8 ({error.reason} 0x{raw[error.start]:02x} at byte {error.start + 1}). Save it as UTF-8."
+        ) from None
+
+
+def _read_csv(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
+    """Rows of a CSV file, each located by the line it starts on; an empty cell is a missing field.
+
+    Read with the csv module, not pandas, because pandas reads the texts "NA", "null" or "None" as missing, turns a
+    column of numbers into floats ("1" becomes 1.0 when another cell is empty) and numbers rows past a cell holding a
+    newline wrongly. The delimiter is the one of `CSV_DELIMITERS` the header line holds most (Excel writes ';' in
+    many locales); a row with more cells than the header is skipped, as no cell can be matched to its column.
+    """
+    text = _decode_whole(path)
+    header_line = text.split("\n", 1)[0]
+    delimiter = max(CSV_DELIMITERS, key=header_line.count)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader, [])
+    rows: list[tuple[str, Any]] = []
+    start = reader.line_num + 1
+    for cells in reader:
+        location, start = f"line {start}", reader.line_num + 1
+        if not cells:  # a blank line
+            continue
+        if len(cells) > len(header):
+            skipped.add(TOO_MANY_CELLS, f"{location}: {len(cells)} cells, the header names {len(header)}")
+            continue
+        rows.append((location, {name: cell for name, cell in zip(header, cells) if cell != ""}))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[str, Any]]:
     import pandas as pd
 
-    frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
-    records = frame.to_dict(orient="records")
+    records = pd.read_parquet(path).to_dict(orient="records")
     # pandas turns missing cells into NaN floats (dropped: "missing") and list cells into arrays (back to lists).
     cleaned = [
         {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in record.items() if not _is_missing(value)}
         for record in records
     ]
-    first_line = 2 if path.suffix.lower() == ".csv" else 0
-    label = "line" if path.suffix.lower() == ".csv" else "row"
-    return [(f"{label} {index + first_line}", record) for index, record in enumerate(cleaned)]
+    return [(f"row {index}", record) for index, record in enumerate(cleaned)]
 
 
 def _is_missing(value: Any) -> bool:
@@ -204,8 +235,10 @@ def read_rows(path: Path, skipped: SkipReport, path_setting: str = "DATASET") ->
         if not rows:
             _refuse_one_json_document(path)
         return rows
-    if suffix in (".csv", ".parquet"):
-        return _read_table(path)
+    if suffix == ".csv":
+        return _read_csv(path, skipped)
+    if suffix == ".parquet":
+        return _read_parquet(path)
     raise UserError(
         f"unsupported dataset format {suffix!r} for {path}: use .jsonl, .json (JSON Lines or one array of objects), .csv, .parquet or a saved dataset folder."
     )
