@@ -80,6 +80,22 @@ def test_non_string_labels_become_strings_and_missing_labels_none(tmp_path):
     assert [example.label for example in dataset.examples] == ["3", None, None]
 
 
+def test_one_number_is_one_label_and_blank_labels_are_none(tmp_path):
+    """1, "1" and 1.0 were three labels ("1", "1", "1.0"); NaN was the label "nan", whitespace a label of its own."""
+    labels = [1, "1", 1.0, " 1 ", 2.5, True, "", "   ", None]
+    path = write_jsonl(tmp_path / "labels.jsonl", [{"text": f"t{index}", "label": label} for index, label in enumerate(labels)])
+    path.write_text(path.read_text() + '{"text": "nan", "label": NaN}\n', encoding="utf-8")
+    dataset = load_dataset(path)
+    assert [example.label for example in dataset.examples] == ["1", "1", "1", "1", "2.5", "True", None, None, None, None]
+
+
+def test_parquet_integer_labels_with_a_null_stay_integers(tmp_path):
+    """pandas reads an integer column with a null as floats: the labels were "1.0", "2.0"."""
+    path = tmp_path / "labels.parquet"
+    pd.DataFrame({"text": ["a", "b", "c"], "label": [1, None, 2]}).to_parquet(path, index=False)
+    assert [example.label for example in load_dataset(path).examples] == ["1", None, "2"]
+
+
 def test_label_field_auto_picks_category_and_empty_means_none(tmp_path):
     path = write_jsonl(tmp_path / "category.jsonl", [{"text": "a", "category": "x"}, {"text": "b", "category": "y"}])
     assert [example.label for example in load_dataset(path).examples] == ["x", "y"]

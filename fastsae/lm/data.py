@@ -336,8 +336,7 @@ def _example_from_record(
         skipped.add(f"missing field {text_field!r}", location)
         return None
     value = record[text_field]
-    label = record.get(label_field) if label_field else None
-    label = None if label is None else str(label)
+    label = _label_text(record.get(label_field)) if label_field else None
     if text_field == "messages":
         messages = _parse_messages(value)
         if messages is None:
@@ -357,3 +356,13 @@ def _example_from_record(
             skipped.add(f"missing or empty response field {response_field!r}", location)
             return None
     return Example(row=row_index, source=location, text=value, response=response, label=label)
+
+
+def _label_text(value: Any) -> str | None:
+    """A label as the text later steps group examples by. 1, "1" and 1.0 are one label: a JSON file may mix them, and
+    pandas reads a Parquet integer column with a null as floats. Missing, NaN and blank labels are no label."""
+    if value is None or _is_missing(value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip() or None
