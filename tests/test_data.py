@@ -275,6 +275,16 @@ def test_bad_messages_are_skipped(tmp_path):
     assert dataset.skipped.describe() == f"6 × {reason} (line 2, line 3, line 4, line 5, line 6, ...)"
 
 
+def test_chat_whose_messages_are_all_empty_is_an_empty_text(tmp_path):
+    path = write_jsonl(
+        tmp_path / "chats.jsonl",
+        [{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": ""}]}, {"messages": CHAT}],
+    )
+    dataset = load_dataset(path)
+    assert [example.messages for example in dataset.examples] == [CHAT]
+    assert dataset.skipped.where == {"empty text": ["line 1"]}
+
+
 def test_all_rows_bad_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": ""}, {"text": 3}, {"text": "  "}])
     with pytest.raises(UserError, match="no usable rows") as error:

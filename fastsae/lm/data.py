@@ -342,6 +342,9 @@ def _example_from_record(
         if messages is None:
             skipped.add("messages is not a list of {role, content} strings", location)
             return None
+        if not any(message["content"].strip() for message in messages):
+            skipped.add("empty text", location)  # as a plain text would be: only template tokens, nothing to train on
+            return None
         return Example(row=row_index, source=location, messages=messages, label=label)
     if not isinstance(value, str):
         skipped.add(f"{text_field!r} is not a string", location)
