@@ -254,8 +254,10 @@ def test_bad_rows_are_skipped_with_their_reasons(tmp_path):
     assert dataset.n_rows == 8
 
 
-def test_bad_messages_are_skipped(tmp_path):
-    reason = "messages is not a list of {role, content} strings"
+def test_bad_messages_are_skipped_each_with_what_is_wrong(tmp_path):
+    not_a_list, no_role = "messages is not a non-empty list", "a message has no string role"
+    parts = "a message's content is a list of parts (OpenAI style), not one string: join its text parts"
+    not_text = "a message's content is not a string (a tool call's null content?)"
     path = write_jsonl(
         tmp_path / "chat.jsonl",
         [
@@ -266,13 +268,26 @@ def test_bad_messages_are_skipped(tmp_path):
             {"messages": [{"role": "user", "content": 5}]},
             {"messages": [{"role": None, "content": "hi"}]},
             {"messages": [CHAT[0], "not a dict"]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+            {"messages": [CHAT[0], {"role": "assistant", "content": None, "tool_calls": []}]},
         ],
     )
     dataset = load_dataset(path)
     assert [example.messages for example in dataset.examples] == [CHAT]
-    assert dataset.skipped.counts == Counter({reason: 6})
-    assert dataset.skipped.where[reason] == [f"line {number}" for number in range(2, 2 + MAX_REASON_EXAMPLES)]
-    assert dataset.skipped.describe() == f"6 × {reason} (line 2, line 3, line 4, line 5, line 6, ...)"
+    assert dataset.skipped.where == {
+        not_a_list: ["line 2", "line 3"],
+        not_text: ["line 4", "line 5", "line 9"],
+        no_role: ["line 6"],
+        "a message is not a {role, content} object": ["line 7"],
+        parts: ["line 8"],
+    }
+    assert f"1 × {parts} (line 8)" in dataset.skipped.describe()
+
+
+def test_a_reason_met_often_names_its_first_lines_only(tmp_path):
+    dataset = load_dataset(write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}] * 7 + [{"text": "kept"}]))
+    assert dataset.skipped.where["empty text"] == [f"line {number}" for number in range(1, 1 + MAX_REASON_EXAMPLES)]
+    assert dataset.skipped.describe() == "7 × empty text (line 1, line 2, line 3, line 4, line 5, ...)"
 
 
 def test_chat_whose_messages_are_all_empty_is_an_empty_text(tmp_path):

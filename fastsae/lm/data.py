@@ -262,14 +262,23 @@ def _detect_field(rows: list[tuple[str, Any]], requested: str, candidates: tuple
     return None
 
 
-def _parse_messages(value: Any) -> list[dict[str, str]] | None:
+def _parse_messages(value: Any) -> list[dict[str, str]] | str:
+    """The chat's {role, content} messages, or why they are unusable: a reason per kind of fault, so the report says
+    what to fix (OpenAI's content parts, a tool call's null content) rather than one reason for all."""
     if not isinstance(value, list) or not value:
-        return None
+        return "messages is not a non-empty list"
     messages = []
     for message in value:
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
-            return None
-        messages.append({"role": message["role"], "content": message["content"]})
+        if not isinstance(message, dict):
+            return "a message is not a {role, content} object"
+        if not isinstance(message.get("role"), str):
+            return "a message has no string role"
+        content = message.get("content")
+        if isinstance(content, list):
+            return "a message's content is a list of parts (OpenAI style), not one string: join its text parts"
+        if not isinstance(content, str):
+            return "a message's content is not a string (a tool call's null content?)"
+        messages.append({"role": message["role"], "content": content})
     return messages
 
 
@@ -339,8 +348,8 @@ def _example_from_record(
     label = _label_text(record.get(label_field)) if label_field else None
     if text_field == "messages":
         messages = _parse_messages(value)
-        if messages is None:
-            skipped.add("messages is not a list of {role, content} strings", location)
+        if isinstance(messages, str):
+            skipped.add(messages, location)
             return None
         if not any(message["content"].strip() for message in messages):
             skipped.add("empty text", location)  # as a plain text would be: only template tokens, nothing to train on
