@@ -556,3 +556,10 @@ def test_one_pretty_printed_json_document_says_what_it_holds(tmp_path, name, doc
     path.write_text(json.dumps(document, indent=2))
     with pytest.raises(UserError, match=message):
         load_dataset(path)
+
+
+@pytest.mark.parametrize("name, content", [("header.csv", "text,label\n"), ("array.json", "[]")])
+def test_a_file_without_rows_names_the_setting_to_change(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(UserError, match=rf"{name} holds no rows \(a header or an empty array only\)\. Add examples, or set TEXTS_FILE"):
+        load_dataset(tmp_path / name, path_setting="TEXTS_FILE")

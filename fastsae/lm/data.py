@@ -296,7 +296,7 @@ def load_dataset(
     skipped = SkipReport()
     rows = read_rows(path, skipped, path_setting)
     if not rows and not skipped.total:
-        raise UserError(f"dataset has no rows: {path}.")
+        raise UserError(f"{path} holds no rows (a header or an empty array only). Add examples, or set {path_setting} to another file.")
     chosen_text = _detect_field(rows, text_field, TEXT_FIELD_CANDIDATES, "text")
     if chosen_text is None:
         raise UserError(
