@@ -563,3 +563,10 @@ def test_a_file_without_rows_names_the_setting_to_change(tmp_path, name, content
     (tmp_path / name).write_text(content)
     with pytest.raises(UserError, match=rf"{name} holds no rows \(a header or an empty array only\)\. Add examples, or set TEXTS_FILE"):
         load_dataset(tmp_path / name, path_setting="TEXTS_FILE")
+
+
+def test_a_tsv_file_splits_at_tabs_only(tmp_path):
+    """A one-column header cannot show the delimiter: a .tsv's is the tab, so a text's commas stay in it."""
+    path = tmp_path / "texts.tsv"
+    path.write_text("text\nFirst, I plan; then I act.\nSecond\n", encoding="utf-8")
+    assert [example.text for example in load_dataset(path).examples] == ["First, I plan; then I act.", "Second"]

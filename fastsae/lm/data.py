@@ -1,4 +1,4 @@
-"""Load examples (plain texts or chat conversations) from JSONL, a JSON array, CSV, Parquet or a saved HF dataset.
+"""Load examples (plain texts or chat conversations) from JSONL, a JSON array, CSV or TSV, Parquet or a saved HF dataset.
 
 Rows that cannot be used are skipped and counted with their reason, never
 silently; a file whose rows are all bad is an error.
@@ -159,17 +159,18 @@ def _decode_whole(path: Path) -> str:
         ) from None
 
 
-def _read_csv(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
+def _read_csv(path: Path, skipped: SkipReport, delimiter: str | None = None) -> list[tuple[str, Any]]:
     """Rows of a CSV file, each located by the line it starts on; an empty cell is a missing field.
 
     Read with the csv module, not pandas, because pandas reads the texts "NA", "null" or "None" as missing, turns a
     column of numbers into floats ("1" becomes 1.0 when another cell is empty) and numbers rows past a cell holding a
     newline wrongly. The delimiter is the one of `CSV_DELIMITERS` the header line holds most (Excel writes ';' in
-    many locales); a row with more cells than the header is skipped, as no cell can be matched to its column.
+    many locales), unless `delimiter` is given (a .tsv file's tab); a row with more cells than the header is skipped,
+    as no cell can be matched to its column.
     """
     text = _decode_whole(path)
     header_line = text.split("\n", 1)[0]
-    delimiter = max(CSV_DELIMITERS, key=header_line.count)
+    delimiter = delimiter or max(CSV_DELIMITERS, key=header_line.count)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = next(reader, [])
     rows: list[tuple[str, Any]] = []
@@ -235,12 +236,12 @@ def read_rows(path: Path, skipped: SkipReport, path_setting: str = "DATASET") ->
         if not rows:
             _refuse_one_json_document(path)
         return rows
-    if suffix == ".csv":
-        return _read_csv(path, skipped)
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(path, skipped, "\t" if suffix == ".tsv" else None)
     if suffix == ".parquet":
         return _read_parquet(path)
     raise UserError(
-        f"unsupported dataset format {suffix!r} for {path}: use .jsonl, .json (JSON Lines or one array of objects), .csv, .parquet or a saved dataset folder."
+        f"unsupported dataset format {suffix!r} for {path}: use .jsonl, .json (JSON Lines or one array of objects), .csv, .tsv, .parquet or a saved dataset folder."
     )
 
 
