@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import TINY_LAYERS, make_tiny_llama, run_until_killed, write_jsonl
+from conftest import FAMILY_SHAPES, TINY_LAYERS, make_tiny_llama, run_until_killed, write_jsonl
 from fastsae.common.errors import UserError
 from fastsae.extract import extract_activations as extract_module
 from fastsae.extract.extract_activations import (
@@ -282,6 +282,41 @@ def test_block_packing_concatenates_and_cuts(tiny_llama, smollm2_tokenizer, text
     assert max_relative_difference(block.activations, alone(tiny_llama, block.token_ids, 1, "resid_post")) < 1e-4
     # Across a document boundary inside a block, the activations differ from FAST ones: that is the point.
     assert not torch.allclose(packed.activations(32, 64), fast.activations(32, 64), atol=1e-3)
+
+
+# Families the packing check lets pack (learned positions, a parallel block, soft-capped eager attention) and families it
+# sends to padded batches, because their rows' examples would see each other: OPT, MPT (ALiBi), GPT-OSS, and hybrids whose
+# convolution, state-space or recurrent layers carry state along a row. (BLOOM has its own test, below.)
+PACKING_FAMILIES = {
+    "gpt2": ("packed", dict(n_embd=64, n_layer=3, n_head=4)),
+    "falcon": ("packed", dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4)),
+    "gemma2": ("packed", dict(FAMILY_SHAPES, query_pre_attn_scalar=16)),
+    "opt": ("padded", dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64)),
+    "mpt": ("padded", dict(d_model=64, n_layers=3, n_heads=4)),
+    "gpt_oss": ("padded", dict(FAMILY_SHAPES, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"] * 3)),
+    "lfm2": ("padded", dict(FAMILY_SHAPES, layer_types=["conv", "full_attention", "conv"])),
+    "jamba": (
+        "padded",
+        dict(FAMILY_SHAPES, num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, mamba_d_state=4),
+    ),
+    "recurrent_gemma": ("padded", dict(FAMILY_SHAPES, lru_width=64, block_types=["recurrent", "attention", "recurrent"])),
+}
+
+
+@pytest.mark.parametrize("model_type", PACKING_FAMILIES)
+def test_auto_batching_gives_every_example_of_each_family_its_activations_alone(model_type, smollm2_tokenizer, texts_file, tmp_path):
+    """The packing check decides per model, so its verdict is held to the reference in every family whose attention
+    or mixing layers differ: packed where the model keeps the examples of a row apart, padded where it would not."""
+    batching, shapes = PACKING_FAMILIES[model_type]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **dict(shapes, vocab_size=len(smollm2_tokenizer), pad_token_id=0))
+    model = AutoModelForCausalLM.from_config(config).eval()
+    (folder,) = extract(model, smollm2_tokenizer, texts_file, tmp_path, layers=[1], row_tokens=600)  # every example in one row
+    store = ActivationStore(folder)
+    assert store.manifest.extraction["batching"] == batching
+    for index in range(store.n_examples):
+        example = store.example(index)
+        assert max_relative_difference(example.activations, alone(model, example.token_ids, 1, "resid_post")) < 1e-4
 
 
 def test_auto_falls_back_to_padded_batches_where_packed_examples_would_see_each_other(smollm2_tokenizer, texts_file, tmp_path, caplog):
