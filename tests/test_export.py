@@ -322,3 +322,12 @@ def test_no_half_written_folder_on_failure_and_an_earlier_export_stays(trained, 
     assert (mine / "notes.txt").read_text() == "keep me"
     with pytest.raises(UserError, match="not a Hub repo id"):
         ExportConfig(checkpoint=str(trained), push_to_hub="not a repo/with spaces")
+
+
+def test_an_output_that_names_a_file_is_refused_before_any_work(trained, tmp_path):
+    """OUTPUT pointing at a file (a typo, a notes file) gets the same one-line refusal as a folder of the user's, not a crash."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(UserError, match="notes.txt exists and is not an earlier export: it would be replaced. Set OUTPUT"):
+        export_sae(ExportConfig(checkpoint=str(trained), output=str(notes), interpretations=""))
+    assert notes.read_text() == "keep me" and sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]

@@ -91,11 +91,15 @@ class ExportConfig:
         return Path(self.output) if self.output else results_folder(self.checkpoint) / "export"
 
 
-def _is_previous_export(folder: Path) -> bool:
-    """Only a folder this module wrote is replaced: never a folder of the user's that OUTPUT happens to name."""
+def _may_replace(folder: Path) -> bool:
+    """Only a new or empty folder, or one this module wrote, is replaced: never a file or a folder of the user's that OUTPUT names."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else ""
-    return "library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text
+    return not any(folder.iterdir()) or ("library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text)
 
 
 def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
@@ -147,7 +151,7 @@ def write_export(config: ExportConfig) -> Path:
     """Build the export under `<folder>.partial`, then swap it in; on any failure the partial folder is removed."""
     checkpoint = config.checkpoint
     folder = config.output_folder()
-    if folder.exists() and any(folder.iterdir()) and not _is_previous_export(folder):
+    if not _may_replace(folder):
         raise UserError(
             f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder."
         )
