@@ -20,6 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastsae.lm.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
+from fastsae.train.train_sae import TrainConfig, TrainingRun
 
 TINY_LAYERS = 4
 
@@ -114,6 +115,20 @@ def run_until_killed(code: str, cwd: Path) -> None:
         timeout=300,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+class InterruptedRun(TrainingRun):
+    """A run that receives a stop request (as from Ctrl-C or SIGTERM) after `stop_after` steps."""
+
+    def __init__(self, config: TrainConfig, stop_after: int) -> None:
+        super().__init__(config)
+        self.steps_taken, self.stop_after = 0, stop_after
+
+    def train_step(self, trainer, x, factor) -> None:
+        super().train_step(trainer, x, factor)
+        self.steps_taken += 1
+        if self.steps_taken == self.stop_after:
+            self.stop_requested = True
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard
 from markdown_it import MarkdownIt
 from safetensors.torch import load_file
 
-from conftest import hypothesaes_module, interpret_without_llm
+from conftest import InterruptedRun, hypothesaes_module, interpret_without_llm
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.core.formats.sources import load_any_sae, results_folder
@@ -331,3 +331,14 @@ def test_an_output_that_names_a_file_is_refused_before_any_work(trained, tmp_pat
     with pytest.raises(UserError, match="notes.txt exists and is not an earlier export: it would be replaced. Set OUTPUT"):
         export_sae(ExportConfig(checkpoint=str(trained), output=str(notes), interpretations=""))
     assert notes.read_text() == "keep me" and sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_checkpoint_saved_before_training_finished_is_refused(tiny_store, tmp_path):
+    """A Ctrl-C'd run's checkpoint would be shared under a card listing the settings of a run it never completed."""
+    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path / "runs"), m=M, k=K, batch_size=256, epochs=1.0)
+    with pytest.raises(KeyboardInterrupt):
+        InterruptedRun(config, stop_after=5).run()
+    (stopped,) = (tmp_path / "runs").rglob("SAE_*.pt")
+    with pytest.raises(UserError, match=r"saved before its training finished \(at step 5\).*Rerun train_sae.py with the same settings"):
+        export_sae(ExportConfig(checkpoint=str(stopped), interpretations=""))
+    assert not list(stopped.parent.glob("export*"))

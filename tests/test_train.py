@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import hypothesaes_module, run_until_killed
+from conftest import InterruptedRun, hypothesaes_module, run_until_killed
 from fastsae.common.devices import cpu_has_bfloat16_instructions
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
@@ -248,20 +248,6 @@ def assert_only_what_hypothesaes_runs_has_its_format(results: list[dict], raw: t
             assert "config" not in torch.load(checkpoint, weights_only=True)
             with pytest.raises(KeyError, match="config"):
                 hypothesaes.load_model(checkpoint, device="cpu")
-
-
-class InterruptedRun(TrainingRun):
-    """A run that receives a stop request (as from Ctrl-C or SIGTERM) after `stop_after` steps."""
-
-    def __init__(self, config: TrainConfig, stop_after: int) -> None:
-        super().__init__(config)
-        self.steps_taken, self.stop_after = 0, stop_after
-
-    def train_step(self, trainer, x, factor) -> None:
-        super().train_step(trainer, x, factor)
-        self.steps_taken += 1
-        if self.steps_taken == self.stop_after:
-            self.stop_requested = True
 
 
 def test_a_stopped_run_resumes_to_the_same_sae(tiny_store, tmp_path, caplog):

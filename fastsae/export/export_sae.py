@@ -110,6 +110,11 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
     """
     trained = open_trained_sae(checkpoint)
     info, source = trained.info, trained.results_folder
+    if info.training_finished is False:  # the card and cfg.json would present it as the trained SAE its settings describe
+        raise UserError(
+            f"{checkpoint} was saved before its training finished (at step {info.step}), so it is not exported. "
+            "Rerun train_sae.py with the same settings to finish it, then export."
+        )
     hook_name = info.hook_name
     if not hook_name:
         raise UserError(
