@@ -310,6 +310,19 @@ def test_user_mistakes_get_one_message_and_leave_no_folder(trained, tmp_path):
     assert sorted(path.name for path in no_layer.parent.iterdir()) == [trained.name]
 
 
+def test_a_store_that_has_moved_is_named_with_the_setting_that_finds_it(tiny_store, tiny_model_folder, tmp_path):
+    """The checkpoint records where its store was; once it is moved, the message says to pass --store, and nothing is written."""
+    store = shutil.copytree(tiny_store, tmp_path / "store")
+    config = TrainConfig(store=str(store), output_dir=str(tmp_path / "runs"), m=16, k=K, batch_size=256, epochs=0.2)
+    checkpoint = Path(train_saes(config)[0]["checkpoint"])
+    store.rename(tmp_path / "moved")
+    moved = ExportConfig(checkpoint=str(checkpoint), interpretations="", neuronpedia=True, model_name=str(tiny_model_folder), device="cpu")
+    with pytest.raises(UserError, match=f"no activation store at {store}.* if it has moved, pass --store with its new place"):
+        export_sae(moved)
+    assert not list(checkpoint.parent.glob("export*"))
+    assert (export_sae(replace(moved, store=str(tmp_path / "moved"))) / NEURONPEDIA_FOLDER / "batch-0.json").is_file()
+
+
 def test_no_example_is_only_special_tokens(exported, tiny_store, offset_model_folder):
     """The lowest interval drew an example's closing <|im_end|> and newline, cut off as a window of their own, as a
     silent example; interpret never shows such a window. Every example must match a window of the store with content."""

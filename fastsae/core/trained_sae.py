@@ -22,7 +22,7 @@ from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.sae_info import SPARSIFY_FORMAT, SAEInfo
 from fastsae.lm.hook_points import HOOK_SUBMODULES, sublayer_reader
 from fastsae.lm.models import ModelSource, load_model, load_tokenizer, resolve_model
-from fastsae.store.activation_store import ActivationStore
+from fastsae.store.activation_store import ActivationStore, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,14 @@ class TrainedSAE:
                 f"{self.checkpoint} does not say which activation store it was trained on ({self.info.source_description}). "
                 "Pass --store: a store extracted at its model and hook."
             )
-        opened = ActivationStore(path)
+        try:
+            opened = ActivationStore(path)
+        except StoreError as error:
+            if store:
+                raise
+            raise StoreError(
+                f"{error} It is the store {self.checkpoint} records it was trained on: if it has moved, pass --store with its new place."
+            ) from None
         if opened.d != self.sae.spec.d:
             raise UserError(
                 f"the SAE in {self.checkpoint} takes d={self.sae.spec.d} but the store at {opened.folder} has d={opened.d}: "
