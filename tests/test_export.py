@@ -182,7 +182,7 @@ def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scor
     assert facts["tokens in the store"] == str(manifest.n_tokens) and facts["examples"] == str(manifest.dataset.n_examples)
     assert facts["special tokens in training"] == "excluded (BOS and chat-template tokens)" and "the FAST way" in card.text
     metadata = json.loads((folder / HOOK / "cfg.json").read_text())["metadata"]
-    assert (metadata["exclude_special_tokens"], metadata["prepend_bos"]) == (True, False)
+    assert (metadata["exclude_special_tokens"], metadata["prepend_bos"]) == (True, True)  # the chat template opens with BOS
     settings = dict(table_with_header(tables, "setting", "value")[1:])
     assert settings["m"] == str(M) and settings["k"] == str(K) and settings["learning_rate"] == str(info.training["learning_rate"])
 

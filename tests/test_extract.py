@@ -528,3 +528,12 @@ def test_script_runs_on_a_model_folder_and_reports_bad_input(tiny_model_folder, 
         failed = run_script(*args)
         assert failed.returncode == 2, (args, failed.stderr)
         assert message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+
+
+def test_the_store_records_whether_its_sequences_open_with_bos(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    """What an export tells SAELens as prepend_bos: SmolLM2's chat template opens with <|im_start|>, its BOS; its
+    tokenizer adds none to plain text."""
+    (chat,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "chat", layers=[1])
+    (plain,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "plain", layers=[1], chat_template="none")
+    assert ActivationStore(chat).manifest.extraction["sequences_start_with_bos"] is True
+    assert ActivationStore(plain).manifest.extraction["sequences_start_with_bos"] is False

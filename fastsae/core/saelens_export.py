@@ -42,7 +42,9 @@ def _metadata(info: SAEInfo) -> dict[str, Any]:
         "hook_name": info.hook_name,
         "hook_head_index": None,
         "context_size": extraction.get("max_length"),
-        "prepend_bos": False if ours else None,  # ours: tokens come from the chat template or the tokenizer as in extraction
+        # Whether the SAE saw contexts that open with BOS, as a SAELens ActivationsStore built from its cfg will prepend
+        # it. None where that is unknown: another library's SAE, or a store extracted before fastsae recorded it.
+        "prepend_bos": extraction.get("sequences_start_with_bos") if ours else None,
         "dataset_path": manifest.dataset.path,
         "packing": manifest.packing,
         "chat_template": extraction.get("chat_template"),

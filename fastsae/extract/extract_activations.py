@@ -518,6 +518,11 @@ def store_folder(config: ExtractConfig, model_slug: str, hook: str) -> Path:
     return Path(config.output_dir) / model_slug / (hook + suffix)
 
 
+def starts_with_bos(sequences: list[np.ndarray], bos_token_id: int | None) -> bool:
+    """Whether every sequence opens with the tokenizer's BOS token (False for a tokenizer without one)."""
+    return bos_token_id is not None and all(len(sequence) and sequence[0] == bos_token_id for sequence in sequences)
+
+
 def write_activation_stores(
     model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None = None
 ) -> list[Path]:
@@ -605,6 +610,8 @@ def _write_stores(
                         "attention": batching.attention,
                         # what `auto` came to: texts read through the SAE later run in it on any device (tools/reader.py)
                         "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                        # SAELens' prepend_bos (saelens_export.py): its contexts start with BOS as these sequences do
+                        "sequences_start_with_bos": starts_with_bos(packed.sequences, tokenizer.bos_token_id),
                     },
                     "n_special_tokens": int(sum(mask.sum() for mask in packed.special_masks)),
                 },
