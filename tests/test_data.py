@@ -89,6 +89,32 @@ def test_one_number_is_one_label_and_blank_labels_are_none(tmp_path):
     assert [example.label for example in dataset.examples] == ["1", "1", "1", "1", "2.5", "True", None, None, None, None]
 
 
+@pytest.mark.parametrize(
+    ("label", "shown"),
+    [(["planning", "doubting"], 'a list, ["planning", "doubting"]'), ({"name": "planning"}, 'an object, {"name": "planning"}')],
+)
+def test_a_label_that_is_a_list_or_an_object_is_refused_naming_its_row(tmp_path, label, shown):
+    """str() made a label of its own of each list or object ("['planning', 'doubting']"), silently."""
+    path = write_jsonl(tmp_path / "labels.jsonl", [{"text": "a", "label": "planning"}, {"text": "b", "label": label}])
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert str(error.value) == (
+        f"{path}, line 2: the label field 'label' holds {shown}, not one label. Give each row one string or number as its "
+        "label (multi-label data: one row per label), or set LABEL_FIELD (or --label-field) to another field, or to '' for no labels."
+    )
+    assert [example.label for example in load_dataset(path, label_field="").examples] == [None, None]
+
+
+def test_a_parquet_list_label_is_refused_and_its_long_value_shortened(tmp_path):
+    path = tmp_path / "labels.parquet"
+    pd.DataFrame({"text": ["a"], "labels": [[f"label number {index}" for index in range(10)]]}).to_parquet(path, index=False)
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert 'row 0: the label field \'labels\' holds a list, ["label number 0", "label number 1", "label number 2", "l..., not' in str(
+        error.value
+    )
+
+
 def test_parquet_integer_labels_with_a_null_stay_integers(tmp_path):
     """pandas reads an integer column with a null as floats: the labels were "1.0", "2.0"."""
     path = tmp_path / "labels.parquet"

@@ -306,6 +306,8 @@ def load_dataset(
             + (f" Skipped rows: {skipped.describe()}" if skipped.total else "")
         )
     chosen_label = _detect_field(rows, label_field, LABEL_FIELD_CANDIDATES, "label")
+    if chosen_label:
+        _refuse_labels_that_are_collections(path, rows, chosen_label)
     chosen_response = _detect_field(rows, response_field, (), "response") if response_field else None
 
     examples: list[Example] = []
@@ -371,9 +373,25 @@ def _example_from_record(
     return Example(row=row_index, source=location, text=value, response=response, label=label)
 
 
+def _refuse_labels_that_are_collections(path: Path, rows: list[tuple[str, Any]], label_field: str) -> None:
+    """A list or object has no one text to group examples by: as text ("['a', 'b']") it became a label of its own."""
+    for location, record in rows:
+        value = record.get(label_field) if isinstance(record, dict) else None
+        if isinstance(value, (list, dict)):
+            shown = json.dumps(value, ensure_ascii=False, default=str)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            kind = "a list" if isinstance(value, list) else "an object"
+            raise UserError(
+                f"{path}, {location}: the label field {label_field!r} holds {kind}, {shown}, not one label. "
+                "Give each row one string or number as its label (multi-label data: one row per label), "
+                "or set LABEL_FIELD (or --label-field) to another field, or to '' for no labels."
+            )
+
+
 def _label_text(value: Any) -> str | None:
     """A label as the text later steps group examples by. 1, "1" and 1.0 are one label: a JSON file may mix them, and
-    pandas reads a Parquet integer column with a null as floats. Missing, NaN and blank labels are no label."""
+    pandas reads a Parquet integer column with a null as floats. true and false are "True" and "False", as pandas
+    writes a boolean column to a CSV. Missing, NaN and blank labels are no label."""
     if value is None or _is_missing(value):
         return None
     if isinstance(value, float) and value.is_integer():
