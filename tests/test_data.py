@@ -326,6 +326,26 @@ def test_chat_whose_messages_are_all_empty_is_an_empty_text(tmp_path):
     assert dataset.skipped.where == {"empty text": ["line 1"]}
 
 
+def test_chat_without_a_user_message_is_skipped_with_its_reason(tmp_path):
+    """A system prompt alone, or assistant turns alone, were examples: no conversation a model answers."""
+    reason = "a chat with no user message that has text (system or assistant turns only)"
+    path = write_jsonl(
+        tmp_path / "chats.jsonl",
+        [
+            {"messages": CHAT[:1]},
+            {"messages": CHAT[2:]},
+            {"messages": [CHAT[0], CHAT[2]]},
+            {"messages": [{"role": "user", "content": " "}, CHAT[2]]},
+            {"messages": CHAT},
+            {"messages": CHAT[1:2]},
+        ],
+    )
+    dataset = load_dataset(path)
+    assert [example.messages for example in dataset.examples] == [CHAT, CHAT[1:2]]
+    assert dataset.skipped.where == {reason: ["line 1", "line 2", "line 3", "line 4"]}
+    assert dataset.n_rows == 6
+
+
 def test_all_rows_bad_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": ""}, {"text": 3}, {"text": "  "}])
     with pytest.raises(UserError, match="no usable rows") as error:

@@ -28,6 +28,7 @@ MAX_REASON_EXAMPLES = 5
 MALFORMED_JSON = "malformed JSON"
 NOT_UTF8 = "not UTF-8"
 TOO_MANY_CELLS = "more cells than the CSV header"
+NO_USER_MESSAGE = "a chat with no user message that has text (system or assistant turns only)"
 UNREAD_LINE_REASONS = (MALFORMED_JSON, NOT_UTF8, TOO_MANY_CELLS)  # lines that never became a row, yet are rows of the file
 CSV_DELIMITERS = (",", ";", "\t", "|")  # the first wins a tie, so a one-column header reads as comma-separated
 
@@ -356,6 +357,10 @@ def _example_from_record(
             return None
         if not any(message["content"].strip() for message in messages):
             skipped.add("empty text", location)  # as a plain text would be: only template tokens, nothing to train on
+            return None
+        if not any(message["role"] == "user" and message["content"].strip() for message in messages):
+            # Not a conversation the model answers, as in fine-tuning; some chat templates (Gemma's) refuse one.
+            skipped.add(NO_USER_MESSAGE, location)
             return None
         return Example(row=row_index, source=location, messages=messages, label=label)
     if not isinstance(value, str):
