@@ -395,6 +395,31 @@ def test_max_examples_counts_usable_examples(tmp_path):
     assert len(load_dataset(path, max_examples=100).examples) == 4
 
 
+def test_max_examples_reports_only_the_rows_it_read(tmp_path):
+    """The malformed and non-UTF-8 lines after the stop were counted as skipped, and n_rows was the whole file's."""
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps(ROWS[0]), "{oops", json.dumps({"text": ""}), json.dumps(ROWS[1]), "{oops", '{"text": "\xe9"}', json.dumps(ROWS[2])]
+    path.write_bytes(b"\n".join(line.encode("latin-1") for line in lines) + b"\n")
+    dataset = load_dataset(path, max_examples=2)
+    assert [(example.row, example.text) for example in dataset.examples] == [(0, ROWS[0]["text"]), (3, ROWS[1]["text"])]
+    assert dataset.skipped.where == {
+        "malformed JSON": ["line 2: Expecting property name enclosed in double quotes"],
+        "empty text": ["line 3"],
+    }
+    assert dataset.n_rows == 4 == len(dataset.examples) + dataset.skipped.total
+    everything = load_dataset(path)
+    assert everything.skipped.counts == Counter({"malformed JSON": 2, "empty text": 1, "not UTF-8": 1})
+    assert everything.n_rows == 7 == len(everything.examples) + everything.skipped.total
+
+
+def test_max_examples_stops_before_a_csv_row_it_does_not_read(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_text("text,label\nfirst,a\nsecond,b,extra\nthird,c\n", encoding="utf-8")
+    dataset = load_dataset(path, max_examples=1)
+    assert texts(dataset) == ["first"]
+    assert dataset.skipped.total == 0 and dataset.n_rows == 1
+
+
 # --- CSV, Parquet and saved HF datasets -------------------------------------------------------
 
 

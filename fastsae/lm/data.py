@@ -29,7 +29,6 @@ MALFORMED_JSON = "malformed JSON"
 NOT_UTF8 = "not UTF-8"
 TOO_MANY_CELLS = "more cells than the CSV header"
 NO_USER_MESSAGE = "a chat with no user message that has text (system or assistant turns only)"
-UNREAD_LINE_REASONS = (MALFORMED_JSON, NOT_UTF8, TOO_MANY_CELLS)  # lines that never became a row, yet are rows of the file
 CSV_DELIMITERS = (",", ";", "\t", "|")  # the first wins a tie, so a one-column header reads as comma-separated
 
 
@@ -37,7 +36,8 @@ CSV_DELIMITERS = (",", ";", "\t", "|")  # the first wins a tie, so a one-column 
 class Example:
     """One usable row: either a plain `text` (with an optional `response`) or chat `messages`.
 
-    `row` counts the rows read; `source` says where the row is ("line 12") for messages.
+    `row` is its index among the file's rows (a line that could not be read is one, a blank line is not); `source`
+    says where the row is ("line 12") for messages.
     """
 
     row: int
@@ -46,6 +46,16 @@ class Example:
     response: str | None = None
     messages: list[dict[str, str]] | None = None
     label: str | None = None
+
+
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A line that never became a row (malformed JSON, not UTF-8, more cells than the CSV header), yet is a row of the
+    file: kept in its place among the rows, so it is reported where it falls and MAX_EXAMPLES stops the report where it
+    stops reading."""
+
+    reason: str
+    detail: str
 
 
 @dataclass
@@ -94,24 +104,25 @@ class Dataset:
         return digest.hexdigest()[:16]
 
 
-def _read_jsonl(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
+def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     """Rows of a JSONL file. Lines are read as bytes and decoded one by one, so a line that is not UTF-8 is
     skipped and reported like malformed JSON; decoding the file as text would stop at it, or, with a lenient
     `errors=`, silently change its text."""
     rows: list[tuple[str, Any]] = []
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
+            location = f"line {line_number}"
             try:
                 line = raw.decode("utf-8-sig")  # -sig: files saved on Windows often start with a BOM
             except UnicodeDecodeError as error:
-                skipped.add(NOT_UTF8, f"line {line_number}: {error.reason} 0x{error.object[error.start]:02x} at byte {error.start + 1}")
+                rows.append((location, UnreadableRow(NOT_UTF8, _where_not_utf8(error))))
                 continue
             if not line.strip():
                 continue
             try:
-                rows.append((f"line {line_number}", json.loads(line)))
+                rows.append((location, json.loads(line)))
             except json.JSONDecodeError as error:
-                skipped.add(MALFORMED_JSON, f"line {line_number}: {error.msg}")
+                rows.append((location, UnreadableRow(MALFORMED_JSON, error.msg)))
     return rows
 
 
@@ -155,12 +166,14 @@ def _decode_whole(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")  # -sig: files saved on Windows often start with a BOM
     except UnicodeDecodeError as error:
-        raise UserError(
-            f"{path} is not UTF-8 ({error.reason} 0x{raw[error.start]:02x} at byte {error.start + 1}). Save it as UTF-8."
-        ) from None
+        raise UserError(f"{path} is not UTF-8 ({_where_not_utf8(error)}). Save it as UTF-8.") from None
 
 
-def _read_csv(path: Path, skipped: SkipReport, delimiter: str | None = None) -> list[tuple[str, Any]]:
+def _where_not_utf8(error: UnicodeDecodeError) -> str:
+    return f"{error.reason} 0x{error.object[error.start]:02x} at byte {error.start + 1}"
+
+
+def _read_csv(path: Path, delimiter: str | None = None) -> list[tuple[str, Any]]:
     """Rows of a CSV file, each located by the line it starts on; an empty cell is a missing field.
 
     Read with the csv module, not pandas, because pandas reads the texts "NA", "null" or "None" as missing, turns a
@@ -181,7 +194,7 @@ def _read_csv(path: Path, skipped: SkipReport, delimiter: str | None = None) -> 
         if not cells:  # a blank line
             continue
         if len(cells) > len(header):
-            skipped.add(TOO_MANY_CELLS, f"{location}: {len(cells)} cells, the header names {len(header)}")
+            rows.append((location, UnreadableRow(TOO_MANY_CELLS, f"{len(cells)} cells, the header names {len(header)}")))
             continue
         rows.append((location, {name: cell for name, cell in zip(header, cells) if cell != ""}))
     return rows
@@ -214,9 +227,9 @@ def _read_hf_dataset(path: Path) -> list[tuple[str, Any]]:
     return [(f"row {index}", record) for index, record in enumerate(loaded)]
 
 
-def read_rows(path: Path, skipped: SkipReport, path_setting: str = "DATASET") -> list[tuple[str, Any]]:
-    """Raw rows of a dataset file or saved dataset folder, each with a location for messages; `path_setting` is the
-    constant that named the file, for the messages."""
+def read_rows(path: Path, path_setting: str = "DATASET") -> list[tuple[str, Any]]:
+    """Raw rows of a dataset file or saved dataset folder, each with a location for messages (an `UnreadableRow` where a
+    line could not be read); `path_setting` is the constant that named the file, for the messages."""
     if not path.exists():
         flag = "--" + path_setting.lower().replace("_", "-")
         raise UserError(f"dataset not found: {path}. Set {path_setting} (or {flag}) to a JSONL, CSV or Parquet file.")
@@ -233,12 +246,12 @@ def read_rows(path: Path, skipped: SkipReport, path_setting: str = "DATASET") ->
     if suffix == ".json" and _starts_with_array(path):
         return _read_json_array(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
-        rows = _read_jsonl(path, skipped)
-        if not rows:
+        rows = _read_jsonl(path)
+        if all(isinstance(record, UnreadableRow) for _, record in rows):
             _refuse_one_json_document(path)
         return rows
     if suffix in (".csv", ".tsv"):
-        return _read_csv(path, skipped, "\t" if suffix == ".tsv" else None)
+        return _read_csv(path, "\t" if suffix == ".tsv" else None)
     if suffix == ".parquet":
         return _read_parquet(path)
     raise UserError(
@@ -293,34 +306,38 @@ def load_dataset(
     path_setting: str = "DATASET",
 ) -> Dataset:
     """Read and validate examples; `text_field="auto"` picks text, content, prompt or messages. `path_setting` names the
-    constant that gave `path` (TEXTS_FILE, PROMPTS_FILE), so that messages name what to change."""
+    constant that gave `path` (TEXTS_FILE, PROMPTS_FILE), so that messages name what to change.
+
+    With `max_examples`, reading stops at the row that completes them: `n_rows` and the skip report cover the rows
+    read, so that n_rows = examples + skipped."""
     path = Path(path)
-    skipped = SkipReport()
-    rows = read_rows(path, skipped, path_setting)
-    if not rows and not skipped.total:
+    rows = read_rows(path, path_setting)
+    if not rows:
         raise UserError(f"{path} holds no rows (a header or an empty array only). Add examples, or set {path_setting} to another file.")
     chosen_text = _detect_field(rows, text_field, TEXT_FIELD_CANDIDATES, "text")
-    if chosen_text is None:
+    if chosen_text is None and any(isinstance(record, dict) for _, record in rows):
         raise UserError(
             f"no text field found in {path}: looked for {', '.join(TEXT_FIELD_CANDIDATES)}. "
             "Set TEXT_FIELD (or --text-field) to the column holding the text."
-            + (f" Skipped rows: {skipped.describe()}" if skipped.total else "")
-        )
+        )  # with no object among the rows, every row is skipped below and the error says why
     chosen_label = _detect_field(rows, label_field, LABEL_FIELD_CANDIDATES, "label")
     if chosen_label:
         _refuse_labels_that_are_collections(path, rows, chosen_label)
     chosen_response = _detect_field(rows, response_field, (), "response") if response_field else None
 
+    skipped = SkipReport()
     examples: list[Example] = []
+    n_rows = len(rows)
     for row_index, (location, record) in enumerate(rows):
+        if max_examples and len(examples) >= max_examples:
+            n_rows = row_index
+            logger.info("Read the first %d of %d rows of %s: they hold the %d examples asked for", n_rows, len(rows), path, max_examples)
+            break
         example = _example_from_record(row_index, location, record, chosen_text, chosen_response, chosen_label, skipped)
         if example is not None:
             examples.append(example)
-        if max_examples and len(examples) >= max_examples:
-            break
     if not examples:
         raise UserError(f"no usable rows in {path}: {skipped.describe()}. Fix the rows or choose another TEXT_FIELD.")
-    n_rows = len(rows) + sum(skipped.counts[reason] for reason in UNREAD_LINE_REASONS)
     if skipped.total:
         logger.warning("Skipped %d of %d rows of %s: %s", skipped.total, n_rows, path, skipped.describe())
     return Dataset(
@@ -342,6 +359,9 @@ def _example_from_record(
     label_field: str | None,
     skipped: SkipReport,
 ) -> Example | None:
+    if isinstance(record, UnreadableRow):
+        skipped.add(record.reason, f"{location}: {record.detail}")
+        return None
     if not isinstance(record, dict):
         skipped.add("row is not an object", location)
         return None
