@@ -526,6 +526,14 @@ def test_csv_row_with_more_cells_than_the_header_is_skipped_with_its_line(tmp_pa
     assert dataset.n_rows == 3
 
 
+def test_csv_cell_longer_than_the_csv_modules_limit_is_read_whole(tmp_path):
+    """A text over 128 KiB stopped the load with the csv module's "field larger than field limit (131072)"."""
+    long_text = "word " * 40_000
+    path = tmp_path / "long.csv"
+    path.write_text(f"text,label\n{long_text},a\nshort,b\n", encoding="utf-8")
+    assert [(example.text, example.label) for example in load_dataset(path).examples] == [(long_text, "a"), ("short", "b")]
+
+
 def test_csv_that_is_not_utf8_is_one_clear_error(tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes("text\ncafé\n".encode("latin-1"))

@@ -185,6 +185,8 @@ def _read_csv(path: Path, delimiter: str | None = None) -> list[tuple[str, Any]]
     text = _decode_whole(path)
     header_line = text.split("\n", 1)[0]
     delimiter = delimiter or max(CSV_DELIMITERS, key=header_line.count)
+    # The csv module refuses a cell over 128 KiB (a long document) by default: allow one as long as the file.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = next(reader, [])
     rows: list[tuple[str, Any]] = []
