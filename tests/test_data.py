@@ -517,6 +517,15 @@ def test_csv_with_semicolons_reads_its_columns(tmp_path):
     assert [(example.text, example.label) for example in dataset.examples] == [("Maybe I was wrong, again.", "reconsidering")]
 
 
+def test_csv_column_names_are_read_without_the_spaces_around_them(tmp_path):
+    """A hand-written "text, label" header named a column ' label': no label was found, silently."""
+    path = tmp_path / "spaced.csv"
+    path.write_text(" text , label\nMaybe I was wrong.,reconsidering\n", encoding="utf-8")
+    dataset = load_dataset(path)
+    assert (dataset.text_field, dataset.label_field) == ("text", "label")
+    assert [(example.text, example.label) for example in dataset.examples] == [("Maybe I was wrong.", "reconsidering")]
+
+
 def test_csv_row_with_more_cells_than_the_header_is_skipped_with_its_line(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("text,label\nfirst,a\nsecond,b,extra\nthird,c\n", encoding="utf-8")

@@ -180,7 +180,7 @@ def _read_csv(path: Path, delimiter: str | None = None) -> list[tuple[str, Any]]
     column of numbers into floats ("1" becomes 1.0 when another cell is empty) and numbers rows past a cell holding a
     newline wrongly. The delimiter is the one of `CSV_DELIMITERS` the header line holds most (Excel writes ';' in
     many locales), unless `delimiter` is given (a .tsv file's tab); a row with more cells than the header is skipped,
-    as no cell can be matched to its column.
+    as no cell can be matched to its column. Column names are read without the spaces around them.
     """
     text = _decode_whole(path)
     header_line = text.split("\n", 1)[0]
@@ -188,7 +188,7 @@ def _read_csv(path: Path, delimiter: str | None = None) -> list[tuple[str, Any]]
     # The csv module refuses a cell over 128 KiB (a long document) by default: allow one as long as the file.
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(reader, [])
+    header = [name.strip() for name in next(reader, [])]  # "text, label": the column is 'label', not ' label'
     rows: list[tuple[str, Any]] = []
     start = reader.line_num + 1
     for cells in reader:
