@@ -526,6 +526,15 @@ def test_csv_column_names_are_read_without_the_spaces_around_them(tmp_path):
     assert [(example.text, example.label) for example in dataset.examples] == [("Maybe I was wrong.", "reconsidering")]
 
 
+def test_csv_that_names_a_column_twice_is_refused(tmp_path):
+    """Each row got the last non-empty cell of the two 'text' columns: "second" for the first row, "x" for the next."""
+    path = tmp_path / "twice.csv"
+    path.write_text("text,label,text,,\nfirst,a,second,,\nx,b,,,\n", encoding="utf-8")  # unnamed columns, as Excel leaves
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert str(error.value) == f"{path}: the header names column 'text' more than once (columns 1, 3). Rename them apart."
+
+
 def test_csv_row_with_more_cells_than_the_header_is_skipped_with_its_line(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("text,label\nfirst,a\nsecond,b,extra\nthird,c\n", encoding="utf-8")

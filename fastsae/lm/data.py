@@ -180,7 +180,7 @@ def _read_csv(path: Path, delimiter: str | None = None) -> list[tuple[str, Any]]
     column of numbers into floats ("1" becomes 1.0 when another cell is empty) and numbers rows past a cell holding a
     newline wrongly. The delimiter is the one of `CSV_DELIMITERS` the header line holds most (Excel writes ';' in
     many locales), unless `delimiter` is given (a .tsv file's tab); a row with more cells than the header is skipped,
-    as no cell can be matched to its column. Column names are read without the spaces around them.
+    as no cell can be matched to its column. Column names are read without the spaces around them, and must differ.
     """
     text = _decode_whole(path)
     header_line = text.split("\n", 1)[0]
@@ -189,6 +189,7 @@ def _read_csv(path: Path, delimiter: str | None = None) -> list[tuple[str, Any]]
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = [name.strip() for name in next(reader, [])]  # "text, label": the column is 'label', not ' label'
+    _refuse_repeated_column(path, header)
     rows: list[tuple[str, Any]] = []
     start = reader.line_num + 1
     for cells in reader:
@@ -200,6 +201,14 @@ def _read_csv(path: Path, delimiter: str | None = None) -> list[tuple[str, Any]]
             continue
         rows.append((location, {name: cell for name, cell in zip(header, cells) if cell != ""}))
     return rows
+
+
+def _refuse_repeated_column(path: Path, header: list[str]) -> None:
+    """Two columns of one name left a row the last non-empty cell of the two: texts mixed from both, silently."""
+    for name in dict.fromkeys(header):
+        columns = [str(index + 1) for index, other in enumerate(header) if other == name]
+        if name and len(columns) > 1:
+            raise UserError(f"{path}: the header names column {name!r} more than once (columns {', '.join(columns)}). Rename them apart.")
 
 
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:
