@@ -182,6 +182,18 @@ def test_no_candidate_text_field_is_an_error(tmp_path):
         load_dataset(path)
 
 
+def test_no_candidate_text_field_names_the_columns_there_are(tmp_path):
+    """The message listed the names it looked for, not the CSV's own columns to choose from."""
+    path = tmp_path / "reviews.csv"
+    path.write_text("review_body,stars\nGreat.,5\n", encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert str(error.value) == (
+        f"no text field found in {path}: looked for text, content, prompt, messages; the rows have: review_body, stars. "
+        "Set TEXT_FIELD (or --text-field) to the one holding the text."
+    )
+
+
 # --- file-level errors ------------------------------------------------------------------------
 
 

@@ -270,14 +270,15 @@ def read_rows(path: Path, path_setting: str = "DATASET") -> list[tuple[str, Any]
     )
 
 
+def _fields_in_rows(rows: list[tuple[str, Any]]) -> list[str]:
+    return sorted({key for _, record in rows if isinstance(record, dict) for key in record})
+
+
 def _detect_field(rows: list[tuple[str, Any]], requested: str, candidates: tuple[str, ...], what: str) -> str | None:
-    keys: Counter = Counter()
-    for _, record in rows:
-        if isinstance(record, dict):
-            keys.update(record.keys())
+    keys = _fields_in_rows(rows)
     if requested not in ("auto", ""):
         if requested not in keys:
-            available = ", ".join(sorted(keys)) or "none"
+            available = ", ".join(keys) or "none"
             raise UserError(f"{what} field {requested!r} is in no row; the rows have: {available}. Set the field name to one of them.")
         return requested
     if requested == "":
@@ -328,8 +329,8 @@ def load_dataset(
     chosen_text = _detect_field(rows, text_field, TEXT_FIELD_CANDIDATES, "text")
     if chosen_text is None and any(isinstance(record, dict) for _, record in rows):
         raise UserError(
-            f"no text field found in {path}: looked for {', '.join(TEXT_FIELD_CANDIDATES)}. "
-            "Set TEXT_FIELD (or --text-field) to the column holding the text."
+            f"no text field found in {path}: looked for {', '.join(TEXT_FIELD_CANDIDATES)}; "
+            f"the rows have: {', '.join(_fields_in_rows(rows)) or 'none'}. Set TEXT_FIELD (or --text-field) to the one holding the text."
         )  # with no object among the rows, every row is skipped below and the error says why
     chosen_label = _detect_field(rows, label_field, LABEL_FIELD_CANDIDATES, "label")
     if chosen_label:
