@@ -571,6 +571,18 @@ def test_csv_that_is_not_utf8_is_one_clear_error(tmp_path):
         load_dataset(path)
 
 
+@pytest.mark.parametrize("name", ["excel.csv", "notepad.jsonl", "array.json"])
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_a_utf16_file_is_named_as_such(tmp_path, name, encoding):
+    """A JSONL file was read as every line malformed or not UTF-8; a CSV as "not UTF-8 (invalid start byte 0xff ...)"."""
+    path = tmp_path / name
+    content = {"excel.csv": "text\nOk.\n", "notepad.jsonl": '{"text": "Ok."}\n', "array.json": '[{"text": "Ok."}]'}[name]
+    path.write_bytes(("\ufeff" + content).encode(encoding))
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert str(error.value) == f"{path} is UTF-16 (its first bytes are a UTF-16 byte-order mark). Save it as UTF-8."
+
+
 def test_saved_hf_dataset_folder(tmp_path, rows_file):
     import datasets
 

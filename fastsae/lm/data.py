@@ -126,6 +126,13 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     return rows
 
 
+def _refuse_utf16(path: Path) -> None:
+    """Excel's and Notepad's "Unicode" saves are UTF-16: read as UTF-8, every line of them was malformed or not UTF-8."""
+    with path.open("rb") as handle:
+        if handle.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise UserError(f"{path} is UTF-16 (its first bytes are a UTF-16 byte-order mark). Save it as UTF-8.")
+
+
 def _starts_with_array(path: Path) -> bool:
     """Whether a `.json` file holds one JSON array (Alpaca-style `[{...}, ...]`) rather than JSON Lines."""
     with path.open("rb") as handle:
@@ -253,6 +260,7 @@ def read_rows(path: Path, path_setting: str = "DATASET") -> list[tuple[str, Any]
         return _read_hf_dataset(path)
     if path.stat().st_size == 0:
         raise UserError(f"dataset file is empty: {path}. Add examples (one JSON object per line for JSONL).")
+    _refuse_utf16(path)
     suffix = path.suffix.lower()
     if suffix == ".json" and _starts_with_array(path):
         return _read_json_array(path)
