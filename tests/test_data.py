@@ -89,6 +89,32 @@ def test_one_number_is_one_label_and_blank_labels_are_none(tmp_path):
     assert [example.label for example in dataset.examples] == ["1", "1", "1", "1", "2.5", "True", None, None, None, None]
 
 
+@pytest.mark.parametrize(
+    ("label", "shown"),
+    [(["planning", "doubting"], 'a list, ["planning", "doubting"]'), ({"name": "planning"}, 'an object, {"name": "planning"}')],
+)
+def test_a_label_that_is_a_list_or_an_object_is_refused_naming_its_row(tmp_path, label, shown):
+    """str() made a label of its own of each list or object ("['planning', 'doubting']"), silently."""
+    path = write_jsonl(tmp_path / "labels.jsonl", [{"text": "a", "label": "planning"}, {"text": "b", "label": label}])
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert str(error.value) == (
+        f"{path}, line 2: the label field 'label' holds {shown}, not one label. Give each row one string or number as its "
+        "label (multi-label data: one row per label), or set LABEL_FIELD (or --label-field) to another field, or to '' for no labels."
+    )
+    assert [example.label for example in load_dataset(path, label_field="").examples] == [None, None]
+
+
+def test_a_parquet_list_label_is_refused_and_its_long_value_shortened(tmp_path):
+    path = tmp_path / "labels.parquet"
+    pd.DataFrame({"text": ["a"], "labels": [[f"label number {index}" for index in range(10)]]}).to_parquet(path, index=False)
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert 'row 0: the label field \'labels\' holds a list, ["label number 0", "label number 1", "label number 2", "l..., not' in str(
+        error.value
+    )
+
+
 def test_parquet_integer_labels_with_a_null_stay_integers(tmp_path):
     """pandas reads an integer column with a null as floats: the labels were "1.0", "2.0"."""
     path = tmp_path / "labels.parquet"
@@ -154,6 +180,18 @@ def test_no_candidate_text_field_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "body.jsonl", [{"body": "hello"}])
     with pytest.raises(UserError, match=r"no text field found .*looked for text, content, prompt, messages.*TEXT_FIELD"):
         load_dataset(path)
+
+
+def test_no_candidate_text_field_names_the_columns_there_are(tmp_path):
+    """The message listed the names it looked for, not the CSV's own columns to choose from."""
+    path = tmp_path / "reviews.csv"
+    path.write_text("review_body,stars\nGreat.,5\n", encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert str(error.value) == (
+        f"no text field found in {path}: looked for text, content, prompt, messages; the rows have: review_body, stars. "
+        "Set TEXT_FIELD (or --text-field) to the one holding the text."
+    )
 
 
 # --- file-level errors ------------------------------------------------------------------------
@@ -300,6 +338,26 @@ def test_chat_whose_messages_are_all_empty_is_an_empty_text(tmp_path):
     assert dataset.skipped.where == {"empty text": ["line 1"]}
 
 
+def test_chat_without_a_user_message_is_skipped_with_its_reason(tmp_path):
+    """A system prompt alone, or assistant turns alone, were examples: no conversation a model answers."""
+    reason = "a chat with no user message that has text (system or assistant turns only)"
+    path = write_jsonl(
+        tmp_path / "chats.jsonl",
+        [
+            {"messages": CHAT[:1]},
+            {"messages": CHAT[2:]},
+            {"messages": [CHAT[0], CHAT[2]]},
+            {"messages": [{"role": "user", "content": " "}, CHAT[2]]},
+            {"messages": CHAT},
+            {"messages": CHAT[1:2]},
+        ],
+    )
+    dataset = load_dataset(path)
+    assert [example.messages for example in dataset.examples] == [CHAT, CHAT[1:2]]
+    assert dataset.skipped.where == {reason: ["line 1", "line 2", "line 3", "line 4"]}
+    assert dataset.n_rows == 6
+
+
 def test_all_rows_bad_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": ""}, {"text": 3}, {"text": "  "}])
     with pytest.raises(UserError, match="no usable rows") as error:
@@ -347,6 +405,31 @@ def test_max_examples_counts_usable_examples(tmp_path):
     assert dataset.skipped.counts == Counter({"empty text": 1})
     assert len(load_dataset(path, max_examples=0).examples) == 4
     assert len(load_dataset(path, max_examples=100).examples) == 4
+
+
+def test_max_examples_reports_only_the_rows_it_read(tmp_path):
+    """The malformed and non-UTF-8 lines after the stop were counted as skipped, and n_rows was the whole file's."""
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps(ROWS[0]), "{oops", json.dumps({"text": ""}), json.dumps(ROWS[1]), "{oops", '{"text": "\xe9"}', json.dumps(ROWS[2])]
+    path.write_bytes(b"\n".join(line.encode("latin-1") for line in lines) + b"\n")
+    dataset = load_dataset(path, max_examples=2)
+    assert [(example.row, example.text) for example in dataset.examples] == [(0, ROWS[0]["text"]), (3, ROWS[1]["text"])]
+    assert dataset.skipped.where == {
+        "malformed JSON": ["line 2: Expecting property name enclosed in double quotes"],
+        "empty text": ["line 3"],
+    }
+    assert dataset.n_rows == 4 == len(dataset.examples) + dataset.skipped.total
+    everything = load_dataset(path)
+    assert everything.skipped.counts == Counter({"malformed JSON": 2, "empty text": 1, "not UTF-8": 1})
+    assert everything.n_rows == 7 == len(everything.examples) + everything.skipped.total
+
+
+def test_max_examples_stops_before_a_csv_row_it_does_not_read(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_text("text,label\nfirst,a\nsecond,b,extra\nthird,c\n", encoding="utf-8")
+    dataset = load_dataset(path, max_examples=1)
+    assert texts(dataset) == ["first"]
+    assert dataset.skipped.total == 0 and dataset.n_rows == 1
 
 
 # --- CSV, Parquet and saved HF datasets -------------------------------------------------------
@@ -446,6 +529,24 @@ def test_csv_with_semicolons_reads_its_columns(tmp_path):
     assert [(example.text, example.label) for example in dataset.examples] == [("Maybe I was wrong, again.", "reconsidering")]
 
 
+def test_csv_column_names_are_read_without_the_spaces_around_them(tmp_path):
+    """A hand-written "text, label" header named a column ' label': no label was found, silently."""
+    path = tmp_path / "spaced.csv"
+    path.write_text(" text , label\nMaybe I was wrong.,reconsidering\n", encoding="utf-8")
+    dataset = load_dataset(path)
+    assert (dataset.text_field, dataset.label_field) == ("text", "label")
+    assert [(example.text, example.label) for example in dataset.examples] == [("Maybe I was wrong.", "reconsidering")]
+
+
+def test_csv_that_names_a_column_twice_is_refused(tmp_path):
+    """Each row got the last non-empty cell of the two 'text' columns: "second" for the first row, "x" for the next."""
+    path = tmp_path / "twice.csv"
+    path.write_text("text,label,text,,\nfirst,a,second,,\nx,b,,,\n", encoding="utf-8")  # unnamed columns, as Excel leaves
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert str(error.value) == f"{path}: the header names column 'text' more than once (columns 1, 3). Rename them apart."
+
+
 def test_csv_row_with_more_cells_than_the_header_is_skipped_with_its_line(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("text,label\nfirst,a\nsecond,b,extra\nthird,c\n", encoding="utf-8")
@@ -455,11 +556,31 @@ def test_csv_row_with_more_cells_than_the_header_is_skipped_with_its_line(tmp_pa
     assert dataset.n_rows == 3
 
 
+def test_csv_cell_longer_than_the_csv_modules_limit_is_read_whole(tmp_path):
+    """A text over 128 KiB stopped the load with the csv module's "field larger than field limit (131072)"."""
+    long_text = "word " * 40_000
+    path = tmp_path / "long.csv"
+    path.write_text(f"text,label\n{long_text},a\nshort,b\n", encoding="utf-8")
+    assert [(example.text, example.label) for example in load_dataset(path).examples] == [(long_text, "a"), ("short", "b")]
+
+
 def test_csv_that_is_not_utf8_is_one_clear_error(tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes("text\ncafé\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin1.csv is not UTF-8 \(invalid continuation byte 0xe9 at byte 9\)\. Save it as UTF-8\."):
         load_dataset(path)
+
+
+@pytest.mark.parametrize("name", ["excel.csv", "notepad.jsonl", "array.json"])
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_a_utf16_file_is_named_as_such(tmp_path, name, encoding):
+    """A JSONL file was read as every line malformed or not UTF-8; a CSV as "not UTF-8 (invalid start byte 0xff ...)"."""
+    path = tmp_path / name
+    content = {"excel.csv": "text\nOk.\n", "notepad.jsonl": '{"text": "Ok."}\n', "array.json": '[{"text": "Ok."}]'}[name]
+    path.write_bytes(("\ufeff" + content).encode(encoding))
+    with pytest.raises(UserError) as error:
+        load_dataset(path)
+    assert str(error.value) == f"{path} is UTF-16 (its first bytes are a UTF-16 byte-order mark). Save it as UTF-8."
 
 
 def test_saved_hf_dataset_folder(tmp_path, rows_file):

@@ -116,7 +116,9 @@ class ExtractConfig:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     output_dir: str = setting("activations", "stores go to OUTPUT_DIR/<model>/<hook>/")
     shard_mb: float = setting(256.0, "size of one shard file of activations, in MiB")
-    max_examples: int = setting(0, "use only the first N usable examples (0: all)")
+    max_examples: int = setting(
+        0, "use only the first N usable examples (0: all); the rows after the N-th are not read, nor counted as skipped"
+    )
     overwrite: bool = setting(
         False,
         "start afresh, replacing any store in the folder (without it, a rerun with the same settings resumes, one with others is refused)",

@@ -28,7 +28,7 @@ MAX_REASON_EXAMPLES = 5
 MALFORMED_JSON = "malformed JSON"
 NOT_UTF8 = "not UTF-8"
 TOO_MANY_CELLS = "more cells than the CSV header"
-UNREAD_LINE_REASONS = (MALFORMED_JSON, NOT_UTF8, TOO_MANY_CELLS)  # lines that never became a row, yet are rows of the file
+NO_USER_MESSAGE = "a chat with no user message that has text (system or assistant turns only)"
 CSV_DELIMITERS = (",", ";", "\t", "|")  # the first wins a tie, so a one-column header reads as comma-separated
 
 
@@ -36,7 +36,8 @@ CSV_DELIMITERS = (",", ";", "\t", "|")  # the first wins a tie, so a one-column 
 class Example:
     """One usable row: either a plain `text` (with an optional `response`) or chat `messages`.
 
-    `row` counts the rows read; `source` says where the row is ("line 12") for messages.
+    `row` is its index among the file's rows (a line that could not be read is one, a blank line is not); `source`
+    says where the row is ("line 12") for messages.
     """
 
     row: int
@@ -45,6 +46,16 @@ class Example:
     response: str | None = None
     messages: list[dict[str, str]] | None = None
     label: str | None = None
+
+
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A line that never became a row (malformed JSON, not UTF-8, more cells than the CSV header), yet is a row of the
+    file: kept in its place among the rows, so it is reported where it falls and MAX_EXAMPLES stops the report where it
+    stops reading."""
+
+    reason: str
+    detail: str
 
 
 @dataclass
@@ -93,25 +104,33 @@ class Dataset:
         return digest.hexdigest()[:16]
 
 
-def _read_jsonl(path: Path, skipped: SkipReport) -> list[tuple[str, Any]]:
+def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     """Rows of a JSONL file. Lines are read as bytes and decoded one by one, so a line that is not UTF-8 is
     skipped and reported like malformed JSON; decoding the file as text would stop at it, or, with a lenient
     `errors=`, silently change its text."""
     rows: list[tuple[str, Any]] = []
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
+            location = f"line {line_number}"
             try:
                 line = raw.decode("utf-8-sig")  # -sig: files saved on Windows often start with a BOM
             except UnicodeDecodeError as error:
-                skipped.add(NOT_UTF8, f"line {line_number}: {error.reason} 0x{error.object[error.start]:02x} at byte {error.start + 1}")
+                rows.append((location, UnreadableRow(NOT_UTF8, _where_not_utf8(error))))
                 continue
             if not line.strip():
                 continue
             try:
-                rows.append((f"line {line_number}", json.loads(line)))
+                rows.append((location, json.loads(line)))
             except json.JSONDecodeError as error:
-                skipped.add(MALFORMED_JSON, f"line {line_number}: {error.msg}")
+                rows.append((location, UnreadableRow(MALFORMED_JSON, error.msg)))
     return rows
+
+
+def _refuse_utf16(path: Path) -> None:
+    """Excel's and Notepad's "Unicode" saves are UTF-16: read as UTF-8, every line of them was malformed or not UTF-8."""
+    with path.open("rb") as handle:
+        if handle.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise UserError(f"{path} is UTF-16 (its first bytes are a UTF-16 byte-order mark). Save it as UTF-8.")
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -154,25 +173,30 @@ def _decode_whole(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")  # -sig: files saved on Windows often start with a BOM
     except UnicodeDecodeError as error:
-        raise UserError(
-            f"{path} is not UTF-8 ({error.reason} 0x{raw[error.start]:02x} at byte {error.start + 1}). Save it as UTF-8."
-        ) from None
+        raise UserError(f"{path} is not UTF-8 ({_where_not_utf8(error)}). Save it as UTF-8.") from None
 
 
-def _read_csv(path: Path, skipped: SkipReport, delimiter: str | None = None) -> list[tuple[str, Any]]:
+def _where_not_utf8(error: UnicodeDecodeError) -> str:
+    return f"{error.reason} 0x{error.object[error.start]:02x} at byte {error.start + 1}"
+
+
+def _read_csv(path: Path, delimiter: str | None = None) -> list[tuple[str, Any]]:
     """Rows of a CSV file, each located by the line it starts on; an empty cell is a missing field.
 
     Read with the csv module, not pandas, because pandas reads the texts "NA", "null" or "None" as missing, turns a
     column of numbers into floats ("1" becomes 1.0 when another cell is empty) and numbers rows past a cell holding a
     newline wrongly. The delimiter is the one of `CSV_DELIMITERS` the header line holds most (Excel writes ';' in
     many locales), unless `delimiter` is given (a .tsv file's tab); a row with more cells than the header is skipped,
-    as no cell can be matched to its column.
+    as no cell can be matched to its column. Column names are read without the spaces around them, and must differ.
     """
     text = _decode_whole(path)
     header_line = text.split("\n", 1)[0]
     delimiter = delimiter or max(CSV_DELIMITERS, key=header_line.count)
+    # The csv module refuses a cell over 128 KiB (a long document) by default: allow one as long as the file.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(reader, [])
+    header = [name.strip() for name in next(reader, [])]  # "text, label": the column is 'label', not ' label'
+    _refuse_repeated_column(path, header)
     rows: list[tuple[str, Any]] = []
     start = reader.line_num + 1
     for cells in reader:
@@ -180,10 +204,18 @@ def _read_csv(path: Path, skipped: SkipReport, delimiter: str | None = None) -> 
         if not cells:  # a blank line
             continue
         if len(cells) > len(header):
-            skipped.add(TOO_MANY_CELLS, f"{location}: {len(cells)} cells, the header names {len(header)}")
+            rows.append((location, UnreadableRow(TOO_MANY_CELLS, f"{len(cells)} cells, the header names {len(header)}")))
             continue
         rows.append((location, {name: cell for name, cell in zip(header, cells) if cell != ""}))
     return rows
+
+
+def _refuse_repeated_column(path: Path, header: list[str]) -> None:
+    """Two columns of one name left a row the last non-empty cell of the two: texts mixed from both, silently."""
+    for name in dict.fromkeys(header):
+        columns = [str(index + 1) for index, other in enumerate(header) if other == name]
+        if name and len(columns) > 1:
+            raise UserError(f"{path}: the header names column {name!r} more than once (columns {', '.join(columns)}). Rename them apart.")
 
 
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:
@@ -213,9 +245,9 @@ def _read_hf_dataset(path: Path) -> list[tuple[str, Any]]:
     return [(f"row {index}", record) for index, record in enumerate(loaded)]
 
 
-def read_rows(path: Path, skipped: SkipReport, path_setting: str = "DATASET") -> list[tuple[str, Any]]:
-    """Raw rows of a dataset file or saved dataset folder, each with a location for messages; `path_setting` is the
-    constant that named the file, for the messages."""
+def read_rows(path: Path, path_setting: str = "DATASET") -> list[tuple[str, Any]]:
+    """Raw rows of a dataset file or saved dataset folder, each with a location for messages (an `UnreadableRow` where a
+    line could not be read); `path_setting` is the constant that named the file, for the messages."""
     if not path.exists():
         flag = "--" + path_setting.lower().replace("_", "-")
         raise UserError(f"dataset not found: {path}. Set {path_setting} (or {flag}) to a JSONL, CSV or Parquet file.")
@@ -228,16 +260,17 @@ def read_rows(path: Path, skipped: SkipReport, path_setting: str = "DATASET") ->
         return _read_hf_dataset(path)
     if path.stat().st_size == 0:
         raise UserError(f"dataset file is empty: {path}. Add examples (one JSON object per line for JSONL).")
+    _refuse_utf16(path)
     suffix = path.suffix.lower()
     if suffix == ".json" and _starts_with_array(path):
         return _read_json_array(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
-        rows = _read_jsonl(path, skipped)
-        if not rows:
+        rows = _read_jsonl(path)
+        if all(isinstance(record, UnreadableRow) for _, record in rows):
             _refuse_one_json_document(path)
         return rows
     if suffix in (".csv", ".tsv"):
-        return _read_csv(path, skipped, "\t" if suffix == ".tsv" else None)
+        return _read_csv(path, "\t" if suffix == ".tsv" else None)
     if suffix == ".parquet":
         return _read_parquet(path)
     raise UserError(
@@ -245,14 +278,15 @@ def read_rows(path: Path, skipped: SkipReport, path_setting: str = "DATASET") ->
     )
 
 
+def _fields_in_rows(rows: list[tuple[str, Any]]) -> list[str]:
+    return sorted({key for _, record in rows if isinstance(record, dict) for key in record})
+
+
 def _detect_field(rows: list[tuple[str, Any]], requested: str, candidates: tuple[str, ...], what: str) -> str | None:
-    keys: Counter = Counter()
-    for _, record in rows:
-        if isinstance(record, dict):
-            keys.update(record.keys())
+    keys = _fields_in_rows(rows)
     if requested not in ("auto", ""):
         if requested not in keys:
-            available = ", ".join(sorted(keys)) or "none"
+            available = ", ".join(keys) or "none"
             raise UserError(f"{what} field {requested!r} is in no row; the rows have: {available}. Set the field name to one of them.")
         return requested
     if requested == "":
@@ -292,32 +326,38 @@ def load_dataset(
     path_setting: str = "DATASET",
 ) -> Dataset:
     """Read and validate examples; `text_field="auto"` picks text, content, prompt or messages. `path_setting` names the
-    constant that gave `path` (TEXTS_FILE, PROMPTS_FILE), so that messages name what to change."""
+    constant that gave `path` (TEXTS_FILE, PROMPTS_FILE), so that messages name what to change.
+
+    With `max_examples`, reading stops at the row that completes them: `n_rows` and the skip report cover the rows
+    read, so that n_rows = examples + skipped."""
     path = Path(path)
-    skipped = SkipReport()
-    rows = read_rows(path, skipped, path_setting)
-    if not rows and not skipped.total:
+    rows = read_rows(path, path_setting)
+    if not rows:
         raise UserError(f"{path} holds no rows (a header or an empty array only). Add examples, or set {path_setting} to another file.")
     chosen_text = _detect_field(rows, text_field, TEXT_FIELD_CANDIDATES, "text")
-    if chosen_text is None:
+    if chosen_text is None and any(isinstance(record, dict) for _, record in rows):
         raise UserError(
-            f"no text field found in {path}: looked for {', '.join(TEXT_FIELD_CANDIDATES)}. "
-            "Set TEXT_FIELD (or --text-field) to the column holding the text."
-            + (f" Skipped rows: {skipped.describe()}" if skipped.total else "")
-        )
+            f"no text field found in {path}: looked for {', '.join(TEXT_FIELD_CANDIDATES)}; "
+            f"the rows have: {', '.join(_fields_in_rows(rows)) or 'none'}. Set TEXT_FIELD (or --text-field) to the one holding the text."
+        )  # with no object among the rows, every row is skipped below and the error says why
     chosen_label = _detect_field(rows, label_field, LABEL_FIELD_CANDIDATES, "label")
+    if chosen_label:
+        _refuse_labels_that_are_collections(path, rows, chosen_label)
     chosen_response = _detect_field(rows, response_field, (), "response") if response_field else None
 
+    skipped = SkipReport()
     examples: list[Example] = []
+    n_rows = len(rows)
     for row_index, (location, record) in enumerate(rows):
+        if max_examples and len(examples) >= max_examples:
+            n_rows = row_index
+            logger.info("Read the first %d of %d rows of %s: they hold the %d examples asked for", n_rows, len(rows), path, max_examples)
+            break
         example = _example_from_record(row_index, location, record, chosen_text, chosen_response, chosen_label, skipped)
         if example is not None:
             examples.append(example)
-        if max_examples and len(examples) >= max_examples:
-            break
     if not examples:
         raise UserError(f"no usable rows in {path}: {skipped.describe()}. Fix the rows or choose another TEXT_FIELD.")
-    n_rows = len(rows) + sum(skipped.counts[reason] for reason in UNREAD_LINE_REASONS)
     if skipped.total:
         logger.warning("Skipped %d of %d rows of %s: %s", skipped.total, n_rows, path, skipped.describe())
     return Dataset(
@@ -339,6 +379,9 @@ def _example_from_record(
     label_field: str | None,
     skipped: SkipReport,
 ) -> Example | None:
+    if isinstance(record, UnreadableRow):
+        skipped.add(record.reason, f"{location}: {record.detail}")
+        return None
     if not isinstance(record, dict):
         skipped.add("row is not an object", location)
         return None
@@ -354,6 +397,10 @@ def _example_from_record(
             return None
         if not any(message["content"].strip() for message in messages):
             skipped.add("empty text", location)  # as a plain text would be: only template tokens, nothing to train on
+            return None
+        if not any(message["role"] == "user" and message["content"].strip() for message in messages):
+            # Not a conversation the model answers, as in fine-tuning; some chat templates (Gemma's) refuse one.
+            skipped.add(NO_USER_MESSAGE, location)
             return None
         return Example(row=row_index, source=location, messages=messages, label=label)
     if not isinstance(value, str):
@@ -371,9 +418,25 @@ def _example_from_record(
     return Example(row=row_index, source=location, text=value, response=response, label=label)
 
 
+def _refuse_labels_that_are_collections(path: Path, rows: list[tuple[str, Any]], label_field: str) -> None:
+    """A list or object has no one text to group examples by: as text ("['a', 'b']") it became a label of its own."""
+    for location, record in rows:
+        value = record.get(label_field) if isinstance(record, dict) else None
+        if isinstance(value, (list, dict)):
+            shown = json.dumps(value, ensure_ascii=False, default=str)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            kind = "a list" if isinstance(value, list) else "an object"
+            raise UserError(
+                f"{path}, {location}: the label field {label_field!r} holds {kind}, {shown}, not one label. "
+                "Give each row one string or number as its label (multi-label data: one row per label), "
+                "or set LABEL_FIELD (or --label-field) to another field, or to '' for no labels."
+            )
+
+
 def _label_text(value: Any) -> str | None:
     """A label as the text later steps group examples by. 1, "1" and 1.0 are one label: a JSON file may mix them, and
-    pandas reads a Parquet integer column with a null as floats. Missing, NaN and blank labels are no label."""
+    pandas reads a Parquet integer column with a null as floats. true and false are "True" and "False", as pandas
+    writes a boolean column to a CSV. Missing, NaN and blank labels are no label."""
     if value is None or _is_missing(value):
         return None
     if isinstance(value, float) and value.is_integer():
