@@ -282,3 +282,18 @@ def test_generation_past_a_learned_position_table_is_refused_before_the_first_an
         check_generation_room(gpt2, prompts, max_new_tokens=13)
     with pytest.raises(UserError, match=r"prompt 0 has 40 tokens.*shorten it"):
         check_generation_room(gpt2, [[1] * 40], max_new_tokens=1)
+
+
+@pytest.mark.parametrize(
+    "constant, value", [("STRENGTHS", [0, "strong"]), ("FEATURES", [3.7]), ("FEATURES", [True]), ("PROMPTS", [{"role": "user"}])]
+)
+def test_a_list_constant_whose_items_are_not_of_its_type_is_refused_naming_it(constant, value):
+    """argparse converts flags but never sees a constant's list: a string strength crashed in the table's header with a
+    traceback, 3.7 steered feature 3, True indexed the decoder as a mask."""
+    from fastsae.common.config import parse_step_config
+
+    constants = runpy.run_path(str(SCRIPT))
+    with pytest.raises(UserError, match=rf"{constant} must be a list of \w+, e\.g\. {constant} = \["):
+        parse_step_config(SteerConfig, {**constants, constant: value}, "", [])
+    converted = parse_step_config(SteerConfig, {**constants, "STRENGTHS": [0, "25"], "FEATURES": [3.0]}, "", [])
+    assert converted.strengths == [0.0, 25.0] and converted.features == [3]  # as the command line converts them
