@@ -297,3 +297,10 @@ def test_a_list_constant_whose_items_are_not_of_its_type_is_refused_naming_it(co
         parse_step_config(SteerConfig, {**constants, constant: value}, "", [])
     converted = parse_step_config(SteerConfig, {**constants, "STRENGTHS": [0, "25"], "FEATURES": [3.0]}, "", [])
     assert converted.strengths == [0.0, 25.0] and converted.features == [3]  # as the command line converts them
+
+
+@pytest.mark.parametrize("setting", [{"strengths": [0.0, float("nan")]}, {"clamp_value": float("inf")}, {"temperature": float("nan")}])
+def test_a_strength_clamp_value_or_temperature_that_is_no_finite_number_is_refused(setting):
+    """NaN or inf steering made every logit NaN: each answer came back empty and the table was written as if it were a result."""
+    with pytest.raises(UserError, match="must be (finite numbers|0 \\(greedy\\) or positive)"):
+        SteerConfig(**setting)

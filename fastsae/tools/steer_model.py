@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,8 +104,13 @@ class SteerConfig:
             raise UserError("no prompts: set PROMPTS or PROMPTS_FILE.")
         if self.max_new_tokens <= 0:
             raise UserError(f"MAX_NEW_TOKENS must be positive; got {self.max_new_tokens}.")
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise UserError(f"TEMPERATURE must be 0 (greedy) or positive; got {self.temperature}.")
+        # NaN or inf in the hook turns every logit into NaN: each answer would come back empty, with no error.
+        if not all(map(math.isfinite, [*self.strengths, self.clamp_value])):
+            raise UserError(
+                f"STRENGTHS and CLAMP_VALUE must be finite numbers; got STRENGTHS = {self.strengths}, CLAMP_VALUE = {self.clamp_value}."
+            )
 
 
 @dataclass(frozen=True)
