@@ -267,6 +267,12 @@ def test_a_prompts_file_is_read_by_its_text_field_and_its_errors_name_steerings_
         prompt_examples(SteerConfig(prompts_file=str(tmp_path / "missing.jsonl")))
 
 
+def test_an_empty_prompt_is_refused_naming_it():
+    """The model answered the bare chat template, in a row whose prompt cell was blank."""
+    with pytest.raises(UserError, match=r"PROMPTS\[1\] is empty: write the text the model should answer, or remove it"):
+        SteerConfig(prompts=["Why?", "  "])
+
+
 def test_generation_past_a_learned_position_table_is_refused_before_the_first_answer(smollm2_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -102,6 +102,9 @@ class SteerConfig:
             raise UserError("STRENGTHS is empty: give at least one α, e.g. --strengths 0 25 50.")
         if not self.prompts and not self.prompts_file:
             raise UserError("no prompts: set PROMPTS or PROMPTS_FILE.")
+        blank = [index for index, prompt in enumerate(self.prompts) if not prompt.strip()]
+        if blank and not self.prompts_file:  # the model would answer the bare chat template (PROMPTS_FILE skips such rows)
+            raise UserError(f"PROMPTS[{blank[0]}] is empty: write the text the model should answer, or remove it.")
         if self.max_new_tokens <= 0:
             raise UserError(f"MAX_NEW_TOKENS must be positive; got {self.max_new_tokens}.")
         if not math.isfinite(self.temperature) or self.temperature < 0:
