@@ -4,6 +4,7 @@ the hook never outlives its block, and the script writes an escaped Markdown and
 from __future__ import annotations
 
 import dataclasses
+import io
 import runpy
 from html.parser import HTMLParser
 from pathlib import Path
@@ -280,6 +281,20 @@ def test_an_output_path_that_is_a_folder_or_shared_by_both_outputs_is_refused_be
         SteerConfig(markdown_path=str(tmp_path / "steering.md"), html_path=str(tmp_path))
     with pytest.raises(UserError, match="MARKDOWN_PATH and HTML_PATH are both .*out: the page would overwrite the table"):
         SteerConfig(markdown_path=str(tmp_path / "out"), html_path=str(tmp_path / "sub" / ".." / "out"))
+
+
+def test_the_progress_bar_counts_each_generated_token_while_the_answer_is_written(tiny_llama, smollm2_tokenizer):
+    """It advanced once per prompt: a long answer on a large model showed no progress until it was done."""
+    from tqdm import tqdm
+
+    from fastsae.tools.steer_model import TokenProgress
+
+    ids = prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=True)
+    with tqdm(total=14, file=io.StringIO()) as bar:
+        progress = TokenProgress(bar)
+        for expected in (7, 14):  # a second answer starts again at its prompt
+            new_tokens = generate(tiny_llama, ids, 2, 7, 0.0, 0, smollm2_tokenizer.pad_token_id, progress)
+            assert new_tokens.shape[1] == 7 and bar.n == expected
 
 
 def test_generation_past_a_learned_position_table_is_refused_before_the_first_answer(smollm2_tokenizer):
