@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import runpy
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -295,6 +296,21 @@ def test_the_progress_bar_counts_each_generated_token_while_the_answer_is_writte
         for expected in (7, 14):  # a second answer starts again at its prompt
             new_tokens = generate(tiny_llama, ids, 2, 7, 0.0, 0, smollm2_tokenizer.pad_token_id, progress)
             assert new_tokens.shape[1] == 7 and bar.n == expected
+
+
+def test_steering_another_model_than_the_checkpoints_warns_naming_both(tiny_llama, smollm2_tokenizer, tiny_model_folder, tmp_path, caplog):
+    """Only the width and depth were checked: a fine-tune or base model of the same shape was steered without a word."""
+    config = ExtractConfig(layers=[TINY_LAYER], max_examples=48, output_dir=str(tmp_path / "store"))
+    dataset = load_dataset(config.dataset, max_examples=config.max_examples)
+    (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, dataset, config, "tiny", {"model_name": str(tiny_model_folder)})
+    checkpoint = train_small_sae(store, tmp_path / "sae", epochs=1.0)
+    moved = shutil.copytree(tiny_model_folder, tmp_path / "moved-copy")
+    steering_config = SteerConfig(
+        checkpoint=str(checkpoint), model_name=str(moved), prompts=["Hi"], features=[3], strengths=[5.0], max_new_tokens=1, device="cpu"
+    )
+    with caplog.at_level("WARNING"):
+        steer_model(dataclasses.replace(steering_config, **outputs_in(tmp_path)))
+    assert f"Loading model {moved}; {checkpoint} was trained on {tiny_model_folder}. They must be the same weights." in caplog.text
 
 
 def test_generation_past_a_learned_position_table_is_refused_before_the_first_answer(smollm2_tokenizer):
