@@ -4,7 +4,9 @@ the hook never outlives its block, and the script writes an escaped Markdown and
 from __future__ import annotations
 
 import dataclasses
+import io
 import runpy
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -267,6 +269,50 @@ def test_a_prompts_file_is_read_by_its_text_field_and_its_errors_name_steerings_
         prompt_examples(SteerConfig(prompts_file=str(tmp_path / "missing.jsonl")))
 
 
+def test_an_empty_prompt_is_refused_naming_it():
+    """The model answered the bare chat template, in a row whose prompt cell was blank."""
+    with pytest.raises(UserError, match=r"PROMPTS\[1\] is empty: write the text the model should answer, or remove it"):
+        SteerConfig(prompts=["Why?", "  "])
+
+
+def test_an_output_path_that_is_a_folder_or_shared_by_both_outputs_is_refused_before_the_model_runs(tmp_path):
+    """A folder failed with a traceback only after every answer was generated, the table written and the page not; one
+    path for both let the page overwrite the table."""
+    with pytest.raises(UserError, match=rf"HTML_PATH = {tmp_path} is a folder: name a file in it, e\.g\. {tmp_path}/steering\.html"):
+        SteerConfig(markdown_path=str(tmp_path / "steering.md"), html_path=str(tmp_path))
+    with pytest.raises(UserError, match="MARKDOWN_PATH and HTML_PATH are both .*out: the page would overwrite the table"):
+        SteerConfig(markdown_path=str(tmp_path / "out"), html_path=str(tmp_path / "sub" / ".." / "out"))
+
+
+def test_the_progress_bar_counts_each_generated_token_while_the_answer_is_written(tiny_llama, smollm2_tokenizer):
+    """It advanced once per prompt: a long answer on a large model showed no progress until it was done."""
+    from tqdm import tqdm
+
+    from fastsae.tools.steer_model import TokenProgress
+
+    ids = prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=True)
+    with tqdm(total=14, file=io.StringIO()) as bar:
+        progress = TokenProgress(bar)
+        for expected in (7, 14):  # a second answer starts again at its prompt
+            new_tokens = generate(tiny_llama, ids, 2, 7, 0.0, 0, smollm2_tokenizer.pad_token_id, progress)
+            assert new_tokens.shape[1] == 7 and bar.n == expected
+
+
+def test_steering_another_model_than_the_checkpoints_warns_naming_both(tiny_llama, smollm2_tokenizer, tiny_model_folder, tmp_path, caplog):
+    """Only the width and depth were checked: a fine-tune or base model of the same shape was steered without a word."""
+    config = ExtractConfig(layers=[TINY_LAYER], max_examples=48, output_dir=str(tmp_path / "store"))
+    dataset = load_dataset(config.dataset, max_examples=config.max_examples)
+    (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, dataset, config, "tiny", {"model_name": str(tiny_model_folder)})
+    checkpoint = train_small_sae(store, tmp_path / "sae", epochs=1.0)
+    moved = shutil.copytree(tiny_model_folder, tmp_path / "moved-copy")
+    steering_config = SteerConfig(
+        checkpoint=str(checkpoint), model_name=str(moved), prompts=["Hi"], features=[3], strengths=[5.0], max_new_tokens=1, device="cpu"
+    )
+    with caplog.at_level("WARNING"):
+        steer_model(dataclasses.replace(steering_config, **outputs_in(tmp_path)))
+    assert f"Loading model {moved}; {checkpoint} was trained on {tiny_model_folder}. They must be the same weights." in caplog.text
+
+
 def test_generation_past_a_learned_position_table_is_refused_before_the_first_answer(smollm2_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -282,3 +328,25 @@ def test_generation_past_a_learned_position_table_is_refused_before_the_first_an
         check_generation_room(gpt2, prompts, max_new_tokens=13)
     with pytest.raises(UserError, match=r"prompt 0 has 40 tokens.*shorten it"):
         check_generation_room(gpt2, [[1] * 40], max_new_tokens=1)
+
+
+@pytest.mark.parametrize(
+    "constant, value", [("STRENGTHS", [0, "strong"]), ("FEATURES", [3.7]), ("FEATURES", [True]), ("PROMPTS", [{"role": "user"}])]
+)
+def test_a_list_constant_whose_items_are_not_of_its_type_is_refused_naming_it(constant, value):
+    """argparse converts flags but never sees a constant's list: a string strength crashed in the table's header with a
+    traceback, 3.7 steered feature 3, True indexed the decoder as a mask."""
+    from fastsae.common.config import parse_step_config
+
+    constants = runpy.run_path(str(SCRIPT))
+    with pytest.raises(UserError, match=rf"{constant} must be a list of \w+, e\.g\. {constant} = \["):
+        parse_step_config(SteerConfig, {**constants, constant: value}, "", [])
+    converted = parse_step_config(SteerConfig, {**constants, "STRENGTHS": [0, "25"], "FEATURES": [3.0]}, "", [])
+    assert converted.strengths == [0.0, 25.0] and converted.features == [3]  # as the command line converts them
+
+
+@pytest.mark.parametrize("setting", [{"strengths": [0.0, float("nan")]}, {"clamp_value": float("inf")}, {"temperature": float("nan")}])
+def test_a_strength_clamp_value_or_temperature_that_is_no_finite_number_is_refused(setting):
+    """NaN or inf steering made every logit NaN: each answer came back empty and the table was written as if it were a result."""
+    with pytest.raises(UserError, match="must be (finite numbers|0 \\(greedy\\) or positive)"):
+        SteerConfig(**setting)

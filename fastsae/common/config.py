@@ -77,14 +77,34 @@ def _comma_list(item_type: type) -> Callable[[str], list]:
 
 
 def _constant_value(constant: str, value: Any, annotation: Any, split_commas: bool = True) -> Any:
-    """A script constant for a list field may be written `12` or `"6,12"`; anything else must be a list."""
-    if typing.get_origin(annotation) is not list or isinstance(value, list):
+    """A script constant for a list field may be written `12` or `"6,12"`; anything else must be a list.
+
+    Its items are converted as the command line converts them (`"25"` is 25.0): argparse does not see a constant's
+    list, and an item it would refuse (`"strong"`, or `3.7` or `True` for an int) would otherwise fail far from the
+    script with a traceback, or be cut to another value (feature 3)."""
+    if typing.get_origin(annotation) is not list:
         return value
     (item_type,) = typing.get_args(annotation)
     try:
-        return _comma_list(item_type)(value) if isinstance(value, str) and split_commas else [item_type(value)]
+        if isinstance(value, list):
+            return [_list_item(item, item_type) for item in value]
+        return _comma_list(item_type)(value) if isinstance(value, str) and split_commas else [_list_item(value, item_type)]
     except (TypeError, ValueError):
-        raise UserError(f"{constant} must be a list of {item_type.__name__}, e.g. {constant} = [12]; got {value!r}.") from None
+        raise UserError(
+            f"{constant} must be a list of {item_type.__name__}, e.g. {constant} = [{item_type(1)!r}]; got {value!r}."
+        ) from None
+
+
+def _list_item(item: Any, item_type: type) -> Any:
+    """`item` as `item_type`; ValueError where that would change what it is (a bool or a fraction as a number, a dict as text)."""
+    if item_type is str:
+        fits = isinstance(item, (str, os.PathLike))
+    else:
+        number = isinstance(item, (int, float)) and not isinstance(item, bool)
+        fits = isinstance(item, str) or (number and (item_type is float or float(item).is_integer()))
+    if not fits:
+        raise ValueError(f"{item!r} is not a {item_type.__name__}")
+    return item_type(item)
 
 
 def _flatten(values: list) -> list:

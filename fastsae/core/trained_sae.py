@@ -101,7 +101,11 @@ class TrainedSAE:
         return name
 
     def load_model(self, given: str = "", *, dtype: torch.dtype, device: str) -> LanguageModel:
-        """The model (see `model_name`) on `device`, with its tokenizer."""
+        """The model (see `model_name`) on `device`, with its tokenizer; a warning when it is not the one recorded, which
+        only a moved copy of the same weights may replace (a fine-tune of the same shape loads, and steers, without error)."""
+        recorded = self.info.model_name
+        if given and recorded and given != recorded:
+            logger.warning("Loading model %s; %s was trained on %s. They must be the same weights.", given, self.checkpoint, recorded)
         source = resolve_model(self.model_name(given))
         model = load_model(source, dtype, device)
         if self.info.source_format == SPARSIFY_FORMAT and self.info.hook_point in HOOK_SUBMODULES:

@@ -192,8 +192,6 @@ def extraction_settings(trained: TrainedSAE, model_name: str, hook_point: str, l
     info, checkpoint = trained.info, trained.checkpoint
     recorded_model = info.model_name
     chosen_point, chosen_layer = trained.hook(hook_point, layer)
-    if model_name and recorded_model and model_name != recorded_model:
-        logger.warning("Reading with model %s; the checkpoint was made with %s. They must be the same weights.", model_name, recorded_model)
     model = model_name or recorded_model
     is_lora = chosen_point == LORA_HOOK_POINT
     if not model or chosen_point is None or (chosen_layer is None and not is_lora):

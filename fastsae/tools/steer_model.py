@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.generation import BaseStreamer
 
 from fastsae.common import markdown
 from fastsae.common.atomic_files import write_text_atomically
@@ -101,10 +103,26 @@ class SteerConfig:
             raise UserError("STRENGTHS is empty: give at least one α, e.g. --strengths 0 25 50.")
         if not self.prompts and not self.prompts_file:
             raise UserError("no prompts: set PROMPTS or PROMPTS_FILE.")
+        blank = [index for index, prompt in enumerate(self.prompts) if not prompt.strip()]
+        if blank and not self.prompts_file:  # the model would answer the bare chat template (PROMPTS_FILE skips such rows)
+            raise UserError(f"PROMPTS[{blank[0]}] is empty: write the text the model should answer, or remove it.")
         if self.max_new_tokens <= 0:
             raise UserError(f"MAX_NEW_TOKENS must be positive; got {self.max_new_tokens}.")
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise UserError(f"TEMPERATURE must be 0 (greedy) or positive; got {self.temperature}.")
+        # Checked before the model runs: a bad path used to fail only after every answer was generated, the table written and the page not.
+        for name, path, example in (("MARKDOWN_PATH", self.markdown_path, "steering.md"), ("HTML_PATH", self.html_path, "steering.html")):
+            if Path(path).is_dir():
+                raise UserError(f"{name} = {path} is a folder: name a file in it, e.g. {Path(path) / example}.")
+        if Path(self.markdown_path).resolve() == Path(self.html_path).resolve():
+            raise UserError(
+                f"MARKDOWN_PATH and HTML_PATH are both {self.html_path}: the page would overwrite the table. Give each its own file."
+            )
+        # NaN or inf in the hook turns every logit into NaN: each answer would come back empty, with no error.
+        if not all(map(math.isfinite, [*self.strengths, self.clamp_value])):
+            raise UserError(
+                f"STRENGTHS and CLAMP_VALUE must be finite numbers; got STRENGTHS = {self.strengths}, CLAMP_VALUE = {self.clamp_value}."
+            )
 
 
 @dataclass(frozen=True)
@@ -209,8 +227,31 @@ def check_generation_room(model: nn.Module, prompts: list[list[int]], max_new_to
     )
 
 
+class TokenProgress(BaseStreamer):
+    """Advances `bar` at each generated position: a long answer moves the bar while it is written, not once it is done.
+    (`generate` puts the prompt first, then each step's new tokens, one per row.)"""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar, self.prompt_seen = bar, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.prompt_seen = False  # the next `generate` starts with its prompt
+
+
 def generate(
-    model: nn.Module, prompt_ids: list[int], n_rows: int, max_new_tokens: int, temperature: float, seed: int, pad_token_id: int | None
+    model: nn.Module,
+    prompt_ids: list[int],
+    n_rows: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    pad_token_id: int | None,
+    progress: TokenProgress | None = None,
 ) -> torch.Tensor:
     """`n_rows` continuations of one prompt, (n_rows, new tokens); greedy unless `temperature` > 0."""
     device = next(model.parameters()).device
@@ -223,7 +264,12 @@ def generate(
     )
     torch.manual_seed(seed)
     output = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **options
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        streamer=progress,
+        **options,
     )
     return output[:, len(prompt_ids) :]
 
@@ -295,8 +341,10 @@ def steer_model(config: SteerConfig) -> SteeringTable:
     prompts = [prompt_token_ids(tokenizer, example, use_template) for example in examples]
     check_generation_room(model, prompts, config.max_new_tokens)
     answers = []
-    with steering(module, hook):
-        for prompt_ids in tqdm(prompts, desc="steering", unit="prompt"):
+    with steering(module, hook), tqdm(total=len(prompts) * config.max_new_tokens, desc="steering", unit="token") as bar:
+        progress = TokenProgress(bar)
+        for index, prompt_ids in enumerate(prompts):
+            bar.set_postfix_str(f"prompt {index + 1}/{len(prompts)}")
             new_tokens = generate(
                 model,
                 prompt_ids,
@@ -305,7 +353,9 @@ def steer_model(config: SteerConfig) -> SteeringTable:
                 config.temperature,
                 config.seed,
                 tokenizer.pad_token_id,
+                progress,
             )
+            bar.update((index + 1) * config.max_new_tokens - bar.n)  # an answer that ended early skips the rest of its share
             answers.append([tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens])
     features = ", ".join(map(str, config.features))
     title = f"{sae.spec.name} feature{'s' if len(config.features) > 1 else ''} {features} ({config.mode}) at {info.hook_name} of {info.model or model_name}"
