@@ -215,6 +215,7 @@ def test_the_script_writes_escaped_markdown_and_html_and_alpha_zero_is_the_plain
 
     written = markdown.read_text()
     assert "| prompt | α = 0 | α = 40 |" in written and "features 3, 5 (add)" in written
+    assert "; greedy, up to 6 new tokens" in written.splitlines()[0]  # how the answers were made, as a rerun overwrites them
     assert "&lt;script&gt;alert(1)&lt;/script&gt; a \\| b, and<br>new line?" in written and "<script>" not in written
     assert len([line for line in written.splitlines() if line.startswith("| ")]) == 3  # header + one row per prompt
     assert written.split("\n\n", 1)[1].strip() in capsys.readouterr().out
@@ -273,6 +274,12 @@ def test_an_empty_prompt_is_refused_naming_it():
     """The model answered the bare chat template, in a row whose prompt cell was blank."""
     with pytest.raises(UserError, match=r"PROMPTS\[1\] is empty: write the text the model should answer, or remove it"):
         SteerConfig(prompts=["Why?", "  "])
+
+
+def test_a_feature_named_twice_is_refused():
+    """Its direction would count twice in the sum."""
+    with pytest.raises(UserError, match=r"FEATURES names feature 3 more than once: list each feature once"):
+        SteerConfig(features=[3, 5, 3])
 
 
 def test_an_output_path_that_is_a_folder_or_shared_by_both_outputs_is_refused_before_the_model_runs(tmp_path):

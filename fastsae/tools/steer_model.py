@@ -99,6 +99,9 @@ class SteerConfig:
             raise UserError(f"MODE must be one of {', '.join(STEERING_MODES)}; got {self.mode!r}.")
         if not self.features:
             raise UserError("FEATURES is empty: name at least one feature, e.g. --features 201 (interpretations.csv lists them).")
+        repeated = sorted({feature for feature in self.features if self.features.count(feature) > 1})
+        if repeated:  # its direction would count twice in the sum
+            raise UserError(f"FEATURES names feature {repeated[0]} more than once: list each feature once.")
         if self.mode == "add" and not self.strengths:
             raise UserError("STRENGTHS is empty: give at least one α, e.g. --strengths 0 25 50.")
         if not self.prompts and not self.prompts_file:
@@ -358,7 +361,11 @@ def steer_model(config: SteerConfig) -> SteeringTable:
             bar.update((index + 1) * config.max_new_tokens - bar.n)  # an answer that ended early skips the rest of its share
             answers.append([tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens])
     features = ", ".join(map(str, config.features))
-    title = f"{sae.spec.name} feature{'s' if len(config.features) > 1 else ''} {features} ({config.mode}) at {info.hook_name} of {info.model or model_name}"
+    decoding = f"sampled at temperature {config.temperature:g}, seed {config.seed}" if config.temperature > 0 else "greedy"
+    title = (
+        f"{sae.spec.name} feature{'s' if len(config.features) > 1 else ''} {features} ({config.mode}) at {info.hook_name} "
+        f"of {info.model or model_name}; {decoding}, up to {config.max_new_tokens} new tokens"
+    )
     table = SteeringTable(title, columns.labels, [example_label(example) for example in examples], answers)
     table_text = markdown_table(table)
     print("\n" + table_text)
