@@ -292,6 +292,15 @@ def test_texts_file_settings_are_checked_and_named_as_analyze_texts_names_them(t
         load_texts(AnalyzeConfig(texts_file=str(tmp_path / "missing.jsonl")))
 
 
+def test_an_output_path_that_is_a_folder_or_named_twice_is_refused_before_the_model_runs(tmp_path):
+    """A folder failed only after every text was read, with the CSV written and the figure not; one path for two outputs
+    kept only the last written."""
+    with pytest.raises(UserError, match=rf"HEATMAP_PATH = {tmp_path} is a folder: set it to the path of a file"):
+        AnalyzeConfig(texts=["Hi."], heatmap_path=str(tmp_path))
+    with pytest.raises(UserError, match="CSV_PATH and HTML_PATH name the same file, .*out: one output would replace the other"):
+        AnalyzeConfig(texts=["Hi."], csv_path=str(tmp_path / "out"), html_path=str(tmp_path / "out"))
+
+
 def test_texts_are_cut_at_a_learned_position_table_even_when_max_length_is_longer(smollm2_tokenizer):
     """Extraction refuses sequences past GPT-2's table, so a store made with a longer MAX_LENGTH never held one; the
     reader cuts there too, where it used to index past the table."""

@@ -285,9 +285,9 @@ def test_a_feature_named_twice_is_refused():
 def test_an_output_path_that_is_a_folder_or_shared_by_both_outputs_is_refused_before_the_model_runs(tmp_path):
     """A folder failed with a traceback only after every answer was generated, the table written and the page not; one
     path for both let the page overwrite the table."""
-    with pytest.raises(UserError, match=rf"HTML_PATH = {tmp_path} is a folder: name a file in it, e\.g\. {tmp_path}/steering\.html"):
+    with pytest.raises(UserError, match=rf"HTML_PATH = {tmp_path} is a folder: set it to the path of a file"):
         SteerConfig(markdown_path=str(tmp_path / "steering.md"), html_path=str(tmp_path))
-    with pytest.raises(UserError, match="MARKDOWN_PATH and HTML_PATH are both .*out: the page would overwrite the table"):
+    with pytest.raises(UserError, match="MARKDOWN_PATH and HTML_PATH name the same file, .*out: one output would replace the other"):
         SteerConfig(markdown_path=str(tmp_path / "out"), html_path=str(tmp_path / "sub" / ".." / "out"))
 
 

@@ -22,6 +22,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fastsae.common.errors import UserError
+
+
+def check_output_files(settings: dict[str, str]) -> None:
+    """Refuse, before any work, an output setting that names a folder, or one file named by two settings: the write
+    would fail only after the work that fills it, or one output would silently replace the other."""
+    for name, path in settings.items():
+        if Path(path).is_dir():
+            raise UserError(f"{name} = {path} is a folder: set it to the path of a file (one inside that folder will do).")
+    by_file: dict[Path, list[str]] = {}
+    for name, path in settings.items():
+        by_file.setdefault(Path(path).resolve(), []).append(name)
+    for path, names in by_file.items():
+        if len(names) > 1:
+            raise UserError(
+                f"{' and '.join(names)} name the same file, {path}: one output would replace the other. Give each its own file."
+            )
+
 
 def partial_path(path: Path, private: bool = False) -> Path:
     """Where `path` is written before it is renamed into place; `private`: a name no other thread or process uses."""

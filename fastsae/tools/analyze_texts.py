@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fastsae.common.atomic_files import write_atomically, write_figure_atomically
+from fastsae.common.atomic_files import check_output_files, write_atomically, write_figure_atomically
 from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETATIONS
 from fastsae.common.errors import UserError
@@ -71,6 +71,7 @@ class AnalyzeConfig:
             raise UserError(f"MAX_TEXTS must be positive, or 0 for every text; got {self.max_texts}.")
         if not self.texts_file and not self.texts:
             raise UserError("no texts: set TEXTS_FILE to a JSONL/CSV file, or TEXTS to a list of strings.")
+        check_output_files({"CSV_PATH": self.csv_path, "HEATMAP_PATH": self.heatmap_path, "HTML_PATH": self.html_path})
 
 
 def load_texts(config: AnalyzeConfig) -> list[Example]:

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers.generation import BaseStreamer
 
 from fastsae.common import markdown
-from fastsae.common.atomic_files import write_text_atomically
+from fastsae.common.atomic_files import check_output_files, write_text_atomically
 from fastsae.common.config import setting
 from fastsae.common.default_paths import DEFAULT_CHECKPOINT
 from fastsae.common.devices import resolve_device
@@ -114,13 +114,7 @@ class SteerConfig:
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise UserError(f"TEMPERATURE must be 0 (greedy) or positive; got {self.temperature}.")
         # Checked before the model runs: a bad path used to fail only after every answer was generated, the table written and the page not.
-        for name, path, example in (("MARKDOWN_PATH", self.markdown_path, "steering.md"), ("HTML_PATH", self.html_path, "steering.html")):
-            if Path(path).is_dir():
-                raise UserError(f"{name} = {path} is a folder: name a file in it, e.g. {Path(path) / example}.")
-        if Path(self.markdown_path).resolve() == Path(self.html_path).resolve():
-            raise UserError(
-                f"MARKDOWN_PATH and HTML_PATH are both {self.html_path}: the page would overwrite the table. Give each its own file."
-            )
+        check_output_files({"MARKDOWN_PATH": self.markdown_path, "HTML_PATH": self.html_path})
         # NaN or inf in the hook turns every logit into NaN: each answer would come back empty, with no error.
         if not all(map(math.isfinite, [*self.strengths, self.clamp_value])):
             raise UserError(
