@@ -320,7 +320,7 @@ def test_steering_another_model_than_the_checkpoints_warns_naming_both(tiny_llam
     assert f"Loading model {moved}; {checkpoint} was trained on {tiny_model_folder}. They must be the same weights." in caplog.text
 
 
-def test_generation_past_a_learned_position_table_is_refused_before_the_first_answer(smollm2_tokenizer):
+def test_generation_past_a_learned_position_table_is_refused_and_past_a_rotary_context_warned(smollm2_tokenizer, tiny_llama, caplog):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from fastsae.tools.steer_model import check_generation_room
@@ -335,6 +335,16 @@ def test_generation_past_a_learned_position_table_is_refused_before_the_first_an
         check_generation_room(gpt2, prompts, max_new_tokens=13)
     with pytest.raises(UserError, match=r"prompt 0 has 40 tokens.*shorten it"):
         check_generation_room(gpt2, [[1] * 40], max_new_tokens=1)
+
+    tiny_llama.config.max_position_embeddings = 32  # rotary: a longer answer runs, at positions it was not trained on
+    try:
+        with caplog.at_level("WARNING", logger="fastsae.tools.steer_model"):
+            check_generation_room(tiny_llama, prompts, max_new_tokens=12)
+            assert not caplog.records
+            check_generation_room(tiny_llama, prompts, max_new_tokens=13)
+    finally:
+        tiny_llama.config.max_position_embeddings = 1024
+    assert "Prompt 1 has 20 tokens, so with MAX_NEW_TOKENS = 13 its answer runs past the 32 positions LlamaForCausalLM was" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -209,18 +209,28 @@ def steering_module(model: nn.Module, info: SAEInfo) -> nn.Module:
 @torch.no_grad()
 def check_generation_room(model: nn.Module, prompts: list[list[int]], max_new_tokens: int) -> None:
     """Refuse before the first answer a prompt plus MAX_NEW_TOKENS longer than a learned position table (GPT-2's):
-    past its end the model indexes out of range (on a GPU, an opaque device-side assert)."""
-    limit = learned_position_limit(model)
-    if limit is None:
-        return
+    past its end the model indexes out of range (on a GPU, an opaque device-side assert). Past a rotary model's
+    trained context generation runs, at positions the model never saw: a warning, as extraction gives."""
+    context = getattr(model.config, "max_position_embeddings", None)
     longest = max(range(len(prompts)), key=lambda index: len(prompts[index]), default=None)
-    if longest is None or len(prompts[longest]) + max_new_tokens <= limit:
+    if not context or longest is None or len(prompts[longest]) + max_new_tokens <= context:
         return
     length = len(prompts[longest])
-    fix = f"set MAX_NEW_TOKENS to {limit - length} or less" if length < limit else "shorten it"
+    if learned_position_limit(model) is None:
+        logger.warning(
+            "Prompt %d has %d tokens, so with MAX_NEW_TOKENS = %d its answer runs past the %d positions %s was trained on: "
+            "its later tokens come from positions the model never saw.",
+            longest,
+            length,
+            max_new_tokens,
+            context,
+            type(model).__name__,
+        )
+        return
+    fix = f"set MAX_NEW_TOKENS to {context - length} or less" if length < context else "shorten it"
     raise UserError(
         f"prompt {longest} has {length} tokens, so with MAX_NEW_TOKENS = {max_new_tokens} generation would run past the "
-        f"{limit} positions {type(model).__name__} has learned embeddings for: {fix}."
+        f"{context} positions {type(model).__name__} has learned embeddings for: {fix}."
     )
 
 
