@@ -310,6 +310,22 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(topk_run, tiny_st
         train_saes(config_for(tiny_store, output, learning_rate=2e-3))
 
 
+def test_a_setting_of_one_architecture_retrains_only_the_saes_it_shapes(tiny_store, tmp_path):
+    """The L0 coefficient, the JumpReLU window and AUX_K's spelling (8 is -1's 2K) used to be in every SAE's resume key,
+    so changing one refused the Top-K SAE beside the JumpReLU one too."""
+    settings = dict(sweep=["topk:64:4", "jumprelu:64:0"], epochs=1.0, export_saelens=False)
+    topk, _ = train_saes(config_for(tiny_store, tmp_path, **settings))
+    changed = dict(settings, l0_coefficient=1e-2, jumprelu_bandwidth=2e-3, aux_k=8)
+    with pytest.raises(
+        UserError, match=r"SAE_jumprelu_M=64_K=0 holds a run with other settings \(different: jumprelu_bandwidth, l0_coefficient\)"
+    ):
+        train_saes(config_for(tiny_store, tmp_path, **changed))
+    (resumed,) = train_saes(config_for(tiny_store, tmp_path, **dict(changed, sweep=["topk:64:4"])))
+    assert {key: resumed[key] for key in ("steps", "final", "history", "validation")} == {
+        key: topk[key] for key in ("steps", "final", "history", "validation")
+    }
+
+
 class DivergingRun(TrainingRun):
     """Weights turn to NaN after 5 logged stretches (25 steps), as they would if training diverged."""
 

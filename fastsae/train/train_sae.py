@@ -315,6 +315,23 @@ def validation_objective(config: TrainConfig, spec: SAESpec, metrics: dict[str, 
     return reconstruction + sparsity_coefficient(config, architecture) * penalty
 
 
+# Settings that shape only some SAEs of a sweep. They stay out of the others' resume keys: changing the L0 coefficient
+# retrains the JumpReLU SAEs and resumes the rest. AUX_K is in the spec, resolved (-1 becomes 2K), so never in the key.
+SETTING_APPLIES = {
+    "l1_coefficient": lambda spec: spec.architecture == "relu",
+    "l0_coefficient": lambda spec: spec.architecture == "jumprelu",
+    "jumprelu_initial_threshold": lambda spec: spec.architecture == "jumprelu",
+    "jumprelu_bandwidth": lambda spec: spec.architecture == "jumprelu",
+    "aux_coefficient": lambda spec: spec.aux_k > 0,
+    "aux_k": lambda spec: False,
+}
+
+
+def settings_it_ignores(spec: SAESpec) -> set[str]:
+    """The settings that cannot change this SAE, and so do not decide whether its saved state resumes."""
+    return {name for name, applies in SETTING_APPLIES.items() if not applies(spec)}
+
+
 class _TrainingStepModule(nn.Module):
     """The SAE's training step as a module's forward: DistributedDataParallel averages the gradients of what its forward ran."""
 
@@ -456,7 +473,7 @@ class TrainingRun:
         )
 
     def _settings(self, spec: SAESpec) -> dict[str, Any]:
-        """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
+        """What makes a resumed run the same run: the SAE, the data, and the optimisation settings that shape it."""
         varying = {
             "device",
             "overwrite",
@@ -473,7 +490,7 @@ class TrainingRun:
             "k",
             "matryoshka_prefixes",
         }
-        fixed = {key: value for key, value in asdict(self.config).items() if key not in varying}
+        fixed = {key: value for key, value in asdict(self.config).items() if key not in varying | settings_it_ignores(spec)}
         ranks = {"ranks": self.ranks.world_size} if self.ranks.is_distributed else {}  # each rank replays its own batches
         return {
             "spec": spec_to_dict(spec),
@@ -520,8 +537,10 @@ class TrainingRun:
         except Exception as error:
             raise UserError(f"{path} is damaged ({type(error).__name__}). Delete it, or pass --overwrite to start over.") from None
         expected = self.settings_by_name[trainer.spec.name]
-        if state.get("settings") != expected:
-            old, new = state.get("settings", {}), expected
+        ignored = settings_it_ignores(trainer.spec)  # states saved before they left its key still hold them
+        saved = {key: value for key, value in state.get("settings", {}).items() if key not in ignored}
+        if saved != expected:
+            old, new = saved, expected
             differences = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
             raise UserError(
                 f"{trainer.folder} holds a run with other settings (different: {', '.join(differences)}). "
