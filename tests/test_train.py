@@ -326,6 +326,16 @@ def test_a_setting_of_one_architecture_retrains_only_the_saes_it_shapes(tiny_sto
     }
 
 
+def test_log_every_changes_the_history_but_not_the_sae(tiny_store, tmp_path):
+    """LOG_EVERY is left out of the resume key, yet aux-K used to learn which features were dead only at log steps."""
+    settings = dict(m=256, epochs=2.0, dead_after_tokens=512, precision="float32", export_saelens=False)
+    results = [train_saes(config_for(tiny_store, tmp_path / str(every), **settings, log_every=every))[0] for every in (5, 7)]
+    assert any(row["dead_fraction"] > 0 for row in results[0]["history"])  # aux-K had dead features to work on
+    first, second = (load_sae(result["checkpoint"]).sae for result in results)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 class DivergingRun(TrainingRun):
     """Weights turn to NaN after 5 logged stretches (25 steps), as they would if training diverged."""
 

@@ -57,6 +57,9 @@ SCALE_SAMPLE_TOKENS = 65536
 VALIDATION_MAX_TOKENS = 131072
 DENSE_FEATURE_FREQUENCY = 0.1
 MAX_DEAD_AFTER_TOKENS = 10_000_000
+# aux-K learns which features are dead every this many steps (one host sync): a constant, not LOG_EVERY, which would make
+# a display setting, one left out of the resume key, change the SAE.
+DEAD_CHECK_EVERY = 20
 TRAINING_STATE = "training_state.pt"
 
 
@@ -359,7 +362,7 @@ class SAETrainer:
     stopped: str = ""  # why it stopped early, or "" while training
     stopped_at: int | None = None  # the step it stopped at: its steps, tokens and checkpoint end there, not at the run's end
     saved_step: int = 0  # the step its training state was resumed from; until the run reaches it, it neither trains nor saves
-    any_dead: bool = False  # refreshed at log steps, so the hot loop needs no host sync
+    any_dead: bool = False  # refreshed every DEAD_CHECK_EVERY steps, so the hot loop needs no host sync
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # device-side running sums between log steps
     training_step: Any = None  # sae.training_step, or its torch.compile'd version
     tracker: tracking.Tracker = field(default_factory=tracking.NoTracker)  # started by TrainingRun.run
@@ -606,6 +609,9 @@ class TrainingRun:
                             self._log(trainer, step + 1, factor * config.learning_rate)
                         if active:
                             progress.set_postfix(self._postfix(active[0], step + 1 - start_step, started))
+                    if (step + 1) % DEAD_CHECK_EVERY == 0:
+                        for trainer in active:
+                            trainer.any_dead = bool((trainer.tokens_since_fired > self.dead_after_tokens).any())
                     if (step + 1) % config.eval_every == 0:
                         for trainer in active:
                             self._validate(trainer, step + 1)
@@ -679,14 +685,13 @@ class TrainingRun:
         trainer.sums["steps"] = trainer.sums.get("steps", 0) + 1
 
     def _log(self, trainer: SAETrainer, step: int, learning_rate: float) -> None:
-        """The only host sync of the loop: averages since the last log step go to the history."""
+        """A host sync, at log steps only: averages since the last log step go to the history."""
         self._average_sums_over_ranks(trainer)
         steps = trainer.sums.pop("steps")
         row = {name: float(total) / steps for name, total in trainer.sums.items()}
         trainer.sums.clear()
         dead = trainer.tokens_since_fired > self.dead_after_tokens
         row.update(step=step, tokens=step * self.config.batch_size, dead_fraction=float(dead.float().mean()), learning_rate=learning_rate)
-        trainer.any_dead = bool(dead.any())
         if not math.isfinite(row["loss"]):
             self._diverged(trainer, f"the loss became {row['loss']}", step)
         trainer.history.append(row)
