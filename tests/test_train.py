@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import InterruptedRun, hypothesaes_module, run_until_killed
+from conftest import InterruptedRun, hypothesaes_module, run_until_killed, write_jsonl
 from fastsae.common.devices import cpu_has_bfloat16_instructions
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
@@ -454,7 +454,7 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
     "overrides, message",
     [
         (dict(k=200), "K must be between 1 and M"),
-        (dict(matryoshka_prefixes=[64, 32, M]), "must increase and end at M"),
+        (dict(matryoshka_prefixes=[64, 32, M]), "MATRYOSHKA_PREFIXES, or a SWEEP entry's last part. must increase and end at M"),
         (dict(batch_size=100_000, buffer_tokens=200_000), "fewer than two batches of 100000"),
         (dict(batch_size=4096), "fewer than two batches of 4096: the mixing buffer"),  # one batch fits: its buffer repeated tokens
         (dict(sweep=["topk:64"]), "should look like topk:256:8"),
@@ -463,6 +463,20 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
 def test_bad_settings_get_clear_messages(tiny_store, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         train_saes(config_for(tiny_store, tmp_path, **overrides))
+
+
+def test_a_store_of_one_example_names_both_fixes(tiny_llama, smollm2_tokenizer, tmp_path):
+    from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+    from fastsae.lm.data import load_dataset
+
+    texts = write_jsonl(tmp_path / "one.jsonl", [{"text": "Looking back, I should have checked the numbers twice. " * 20}])
+    config = ExtractConfig(layers=[2], dataset=str(texts), output_dir=str(tmp_path / "stores"))
+    (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
+    with pytest.raises(UserError, match=r"has 1 example\(s\).*Extract more examples, or set VALIDATION_FRACTION = 0"):
+        train_saes(config_for(store, tmp_path / "runs", batch_size=64, buffer_tokens=128))
+    assert not (tmp_path / "runs").exists()
+    (result,) = train_saes(config_for(store, tmp_path / "runs", batch_size=64, buffer_tokens=128, validation_fraction=0.0, epochs=1.0))
+    assert result["final"] == {} and result["steps"] > 0
 
 
 @pytest.mark.parametrize(
