@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import InterruptedRun, hypothesaes_module, run_until_killed
+from conftest import InterruptedRun, hypothesaes_module, run_until_killed, write_jsonl
 from fastsae.common.devices import cpu_has_bfloat16_instructions
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
@@ -310,6 +310,32 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(topk_run, tiny_st
         train_saes(config_for(tiny_store, output, learning_rate=2e-3))
 
 
+def test_a_setting_of_one_architecture_retrains_only_the_saes_it_shapes(tiny_store, tmp_path):
+    """The L0 coefficient, the JumpReLU window and AUX_K's spelling (8 is -1's 2K) used to be in every SAE's resume key,
+    so changing one refused the Top-K SAE beside the JumpReLU one too."""
+    settings = dict(sweep=["topk:64:4", "jumprelu:64:0"], epochs=1.0, export_saelens=False)
+    topk, _ = train_saes(config_for(tiny_store, tmp_path, **settings))
+    changed = dict(settings, l0_coefficient=1e-2, jumprelu_bandwidth=2e-3, aux_k=8)
+    with pytest.raises(
+        UserError, match=r"SAE_jumprelu_M=64_K=0 holds a run with other settings \(different: jumprelu_bandwidth, l0_coefficient\)"
+    ):
+        train_saes(config_for(tiny_store, tmp_path, **changed))
+    (resumed,) = train_saes(config_for(tiny_store, tmp_path, **dict(changed, sweep=["topk:64:4"])))
+    assert {key: resumed[key] for key in ("steps", "final", "history", "validation")} == {
+        key: topk[key] for key in ("steps", "final", "history", "validation")
+    }
+
+
+def test_log_every_changes_the_history_but_not_the_sae(tiny_store, tmp_path):
+    """LOG_EVERY is left out of the resume key, yet aux-K used to learn which features were dead only at log steps."""
+    settings = dict(m=256, epochs=2.0, dead_after_tokens=512, precision="float32", export_saelens=False)
+    results = [train_saes(config_for(tiny_store, tmp_path / str(every), **settings, log_every=every))[0] for every in (5, 7)]
+    assert any(row["dead_fraction"] > 0 for row in results[0]["history"])  # aux-K had dead features to work on
+    first, second = (load_sae(result["checkpoint"]).sae for result in results)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 class DivergingRun(TrainingRun):
     """Weights turn to NaN after 5 logged stretches (25 steps), as they would if training diverged."""
 
@@ -428,7 +454,7 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
     "overrides, message",
     [
         (dict(k=200), "K must be between 1 and M"),
-        (dict(matryoshka_prefixes=[64, 32, M]), "must increase and end at M"),
+        (dict(matryoshka_prefixes=[64, 32, M]), "MATRYOSHKA_PREFIXES, or a SWEEP entry's last part. must increase and end at M"),
         (dict(batch_size=100_000, buffer_tokens=200_000), "fewer than two batches of 100000"),
         (dict(batch_size=4096), "fewer than two batches of 4096: the mixing buffer"),  # one batch fits: its buffer repeated tokens
         (dict(sweep=["topk:64"]), "should look like topk:256:8"),
@@ -437,6 +463,20 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
 def test_bad_settings_get_clear_messages(tiny_store, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         train_saes(config_for(tiny_store, tmp_path, **overrides))
+
+
+def test_a_store_of_one_example_names_both_fixes(tiny_llama, smollm2_tokenizer, tmp_path):
+    from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+    from fastsae.lm.data import load_dataset
+
+    texts = write_jsonl(tmp_path / "one.jsonl", [{"text": "Looking back, I should have checked the numbers twice. " * 20}])
+    config = ExtractConfig(layers=[2], dataset=str(texts), output_dir=str(tmp_path / "stores"))
+    (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
+    with pytest.raises(UserError, match=r"has 1 example\(s\).*Extract more examples, or set VALIDATION_FRACTION = 0"):
+        train_saes(config_for(store, tmp_path / "runs", batch_size=64, buffer_tokens=128))
+    assert not (tmp_path / "runs").exists()
+    (result,) = train_saes(config_for(store, tmp_path / "runs", batch_size=64, buffer_tokens=128, validation_fraction=0.0, epochs=1.0))
+    assert result["final"] == {} and result["steps"] > 0
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,8 @@ class SAESpec:
             increasing = all(later > earlier for earlier, later in zip(self.prefixes, self.prefixes[1:]))
             if not increasing or self.prefixes[-1] != self.m or self.prefixes[0] <= 0:
                 raise UserError(
-                    f"Matryoshka prefixes must increase and end at M={self.m}; got {list(self.prefixes)}. Example: [64, 256] for M=256."
+                    f"Matryoshka prefixes (MATRYOSHKA_PREFIXES, or a SWEEP entry's last part) must increase and end at M={self.m}; "
+                    f"got {list(self.prefixes)}. Example: [64, 256] for M=256."
                 )
 
     @property

@@ -39,7 +39,10 @@ class ExampleSplit:
     @classmethod
     def by_example(cls, n_examples: int, validation_fraction: float, seed: int) -> ExampleSplit:
         if n_examples < 2 and validation_fraction > 0:
-            raise UserError("the store has fewer than 2 examples: it cannot be split into training and validation. Extract more examples.")
+            raise UserError(
+                f"the store has {n_examples} example(s): it cannot be split into training and validation. "
+                "Extract more examples, or set VALIDATION_FRACTION = 0 to train on all of them without validation."
+            )
         n_validation = int(round(n_examples * validation_fraction))
         n_validation = min(max(n_validation, 1 if validation_fraction > 0 else 0), n_examples - 1)
         chosen = np.random.default_rng(seed).permutation(n_examples)[:n_validation]

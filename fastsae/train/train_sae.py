@@ -57,6 +57,9 @@ SCALE_SAMPLE_TOKENS = 65536
 VALIDATION_MAX_TOKENS = 131072
 DENSE_FEATURE_FREQUENCY = 0.1
 MAX_DEAD_AFTER_TOKENS = 10_000_000
+# aux-K learns which features are dead every this many steps (one host sync): a constant, not LOG_EVERY, which would make
+# a display setting, one left out of the resume key, change the SAE.
+DEAD_CHECK_EVERY = 20
 TRAINING_STATE = "training_state.pt"
 
 
@@ -315,6 +318,23 @@ def validation_objective(config: TrainConfig, spec: SAESpec, metrics: dict[str, 
     return reconstruction + sparsity_coefficient(config, architecture) * penalty
 
 
+# Settings that shape only some SAEs of a sweep. They stay out of the others' resume keys: changing the L0 coefficient
+# retrains the JumpReLU SAEs and resumes the rest. AUX_K is in the spec, resolved (-1 becomes 2K), so never in the key.
+SETTING_APPLIES = {
+    "l1_coefficient": lambda spec: spec.architecture == "relu",
+    "l0_coefficient": lambda spec: spec.architecture == "jumprelu",
+    "jumprelu_initial_threshold": lambda spec: spec.architecture == "jumprelu",
+    "jumprelu_bandwidth": lambda spec: spec.architecture == "jumprelu",
+    "aux_coefficient": lambda spec: spec.aux_k > 0,
+    "aux_k": lambda spec: False,
+}
+
+
+def settings_it_ignores(spec: SAESpec) -> set[str]:
+    """The settings that cannot change this SAE, and so do not decide whether its saved state resumes."""
+    return {name for name, applies in SETTING_APPLIES.items() if not applies(spec)}
+
+
 class _TrainingStepModule(nn.Module):
     """The SAE's training step as a module's forward: DistributedDataParallel averages the gradients of what its forward ran."""
 
@@ -342,7 +362,7 @@ class SAETrainer:
     stopped: str = ""  # why it stopped early, or "" while training
     stopped_at: int | None = None  # the step it stopped at: its steps, tokens and checkpoint end there, not at the run's end
     saved_step: int = 0  # the step its training state was resumed from; until the run reaches it, it neither trains nor saves
-    any_dead: bool = False  # refreshed at log steps, so the hot loop needs no host sync
+    any_dead: bool = False  # refreshed every DEAD_CHECK_EVERY steps, so the hot loop needs no host sync
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # device-side running sums between log steps
     training_step: Any = None  # sae.training_step, or its torch.compile'd version
     tracker: tracking.Tracker = field(default_factory=tracking.NoTracker)  # started by TrainingRun.run
@@ -456,7 +476,7 @@ class TrainingRun:
         )
 
     def _settings(self, spec: SAESpec) -> dict[str, Any]:
-        """What makes a resumed run the same run: the SAE, the data, and the optimisation settings."""
+        """What makes a resumed run the same run: the SAE, the data, and the optimisation settings that shape it."""
         varying = {
             "device",
             "overwrite",
@@ -473,7 +493,7 @@ class TrainingRun:
             "k",
             "matryoshka_prefixes",
         }
-        fixed = {key: value for key, value in asdict(self.config).items() if key not in varying}
+        fixed = {key: value for key, value in asdict(self.config).items() if key not in varying | settings_it_ignores(spec)}
         ranks = {"ranks": self.ranks.world_size} if self.ranks.is_distributed else {}  # each rank replays its own batches
         return {
             "spec": spec_to_dict(spec),
@@ -520,8 +540,10 @@ class TrainingRun:
         except Exception as error:
             raise UserError(f"{path} is damaged ({type(error).__name__}). Delete it, or pass --overwrite to start over.") from None
         expected = self.settings_by_name[trainer.spec.name]
-        if state.get("settings") != expected:
-            old, new = state.get("settings", {}), expected
+        ignored = settings_it_ignores(trainer.spec)  # states saved before they left its key still hold them
+        saved = {key: value for key, value in state.get("settings", {}).items() if key not in ignored}
+        if saved != expected:
+            old, new = saved, expected
             differences = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
             raise UserError(
                 f"{trainer.folder} holds a run with other settings (different: {', '.join(differences)}). "
@@ -587,6 +609,9 @@ class TrainingRun:
                             self._log(trainer, step + 1, factor * config.learning_rate)
                         if active:
                             progress.set_postfix(self._postfix(active[0], step + 1 - start_step, started))
+                    if (step + 1) % DEAD_CHECK_EVERY == 0:
+                        for trainer in active:
+                            trainer.any_dead = bool((trainer.tokens_since_fired > self.dead_after_tokens).any())
                     if (step + 1) % config.eval_every == 0:
                         for trainer in active:
                             self._validate(trainer, step + 1)
@@ -660,14 +685,13 @@ class TrainingRun:
         trainer.sums["steps"] = trainer.sums.get("steps", 0) + 1
 
     def _log(self, trainer: SAETrainer, step: int, learning_rate: float) -> None:
-        """The only host sync of the loop: averages since the last log step go to the history."""
+        """A host sync, at log steps only: averages since the last log step go to the history."""
         self._average_sums_over_ranks(trainer)
         steps = trainer.sums.pop("steps")
         row = {name: float(total) / steps for name, total in trainer.sums.items()}
         trainer.sums.clear()
         dead = trainer.tokens_since_fired > self.dead_after_tokens
         row.update(step=step, tokens=step * self.config.batch_size, dead_fraction=float(dead.float().mean()), learning_rate=learning_rate)
-        trainer.any_dead = bool(dead.any())
         if not math.isfinite(row["loss"]):
             self._diverged(trainer, f"the loss became {row['loss']}", step)
         trainer.history.append(row)
