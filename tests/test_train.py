@@ -606,3 +606,18 @@ def test_the_scale_is_measured_across_a_store_sorted_by_norm(tmp_path):
     run = TrainingRun(TrainConfig(store=str(tmp_path / "store"), output_dir=str(tmp_path / "runs"), m=8, k=2, epochs=1.0))
     whole = math.sqrt(d / float((x.astype(np.float64) ** 2).sum(1).mean()))
     assert run.scale == pytest.approx(whole, rel=0.1)
+
+
+def test_a_capped_validation_set_samples_the_whole_store_not_its_start(tiny_store, tmp_path, monkeypatch):
+    """Past VALIDATION_MAX_TOKENS the held-out tokens were the store's first ones: on a store sorted by source or label,
+    the validation set described its first rows only."""
+    monkeypatch.setattr("fastsae.store.batches.READ_CHUNK_TOKENS", 512)
+    monkeypatch.setattr(train_module, "VALIDATION_MAX_TOKENS", 300)
+    run = TrainingRun(config_for(tiny_store, tmp_path))
+    store = ActivationStore(tiny_store)
+    held_out = TokenSource(store, ExampleSplit.by_example(store.n_examples, 0.1, 0), validation=True, include_special=False)
+    every = held_out.all_tokens(store.n_tokens) * run.scale
+    assert len(every) > 2 * 300 and len(run.validation_tokens) == 300
+    distances = torch.cdist(run.validation_tokens, every)
+    assert float(distances.min(dim=1).values.max()) < 0.05  # every one a held-out token (norms ~8; cdist rounds)
+    assert int(distances.argmin(dim=1).max()) >= 300  # some from past the first 300 (argmin: the first of equal tokens)

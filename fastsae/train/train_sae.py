@@ -447,7 +447,8 @@ class TrainingRun:
         # E‖x‖ = √d): one learning rate and one set of coefficients fit every model and layer.
         self.scale = math.sqrt(self.d / float(sample.double().pow(2).sum(1).mean()))
         self.bias_sample = sample * self.scale
-        validation_tokens = validation_source.all_tokens(VALIDATION_MAX_TOKENS)
+        # Capped, its chunks come in a seeded order: a store sorted by source or label is validated on all of it, not its start.
+        validation_tokens = validation_source.all_tokens(VALIDATION_MAX_TOKENS, seed=config.seed)
         self.n_validation_tokens = len(validation_tokens)
         share = slice(
             self.n_validation_tokens * self.ranks.rank // self.ranks.world_size,
