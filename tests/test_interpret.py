@@ -138,10 +138,13 @@ def test_counts_out_of_range_are_refused(name, value, least):
         (" , ", "lists no feature"),
         ("3,-1", "lists a negative feature"),
         ("frequency:", "is not understood"),
+        ("3,,5", "is not understood"),
+        ("3,5,", "is not understood"),
     ],
 )
 def test_features_that_pick_nothing_are_refused_before_the_run(features, problem):
-    """frequency:-250 wrote 6 features, frequency:0 and an empty list crashed after the whole statistics pass."""
+    """frequency:-250 wrote 6 features, frequency:0 and an empty list crashed after the whole statistics pass; "3,,5" (a
+    number lost) was read as 3,5."""
     with pytest.raises(UserError, match=f"^FEATURES {re.escape(repr(features))} {problem}: use all, frequency:N"):
         InterpretConfig(features=features)
 

@@ -88,7 +88,8 @@ class FeatureChoice:
             if rule in ("frequency", "label", "random"):
                 choice = cls(rule, int(count))
             else:
-                choice = cls("list", listed=tuple(int(part) for part in spec.split(",") if part.strip()))
+                parts = spec.split(",")  # each a feature, so "3,,5" (a number lost) is refused, not read as 3,5
+                choice = cls("list", listed=tuple(int(part) for part in parts) if any(part.strip() for part in parts) else ())
         except ValueError:
             raise UserError(f"FEATURES {spec!r} is not understood: {usage}.") from None
         if choice.rule != "list" and choice.count < 1:
