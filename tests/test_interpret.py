@@ -110,6 +110,14 @@ def test_feature_selection():
         select_features("most:3", statistics, labels)
 
 
+def test_a_listed_feature_the_sae_lacks_is_refused_before_the_store_is_read(checkpoint, tiny_model_folder, tmp_path):
+    """Feature 64 of an M=64 SAE was refused only after the model load and the whole pass over the store (here: a store
+    that does not exist, so the old order failed on it first)."""
+    with pytest.raises(UserError, match=r"^feature 64 does not exist: this SAE has features 0\.\.63\. Fix FEATURES\.$"):
+        interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "interpretations.csv", "3,64", store=str(tmp_path / "no-store"))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("name", "value", "least"),
     [

@@ -98,6 +98,12 @@ class FeatureChoice:
             raise UserError(f"FEATURES {spec!r} lists {'a negative feature' if choice.listed else 'no feature'}: {usage}.")
         return choice
 
+    def check_exists(self, m: int) -> None:
+        """Refuse a listed feature the SAE lacks: checked when the SAE is opened, not after the pass over the store."""
+        bad = [feature for feature in self.listed if feature >= m]
+        if bad:
+            raise UserError(f"feature {bad[0]} does not exist: this SAE has features 0..{m - 1}. Fix FEATURES.")
+
     def at_most(self, m: int | None) -> int:
         """How many features it picks at most from an SAE of `m` features (unknown m: the count asked for)."""
         if self.rule == "list":
@@ -305,9 +311,7 @@ def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFra
         return [int(f) for f in ranked[np.argsort(-scores, kind="stable")][: choice.count]]
     if choice.rule == "random":  # an unbiased sample, as the FAST paper rates: the most frequent features are not typical
         return sorted(int(f) for f in np.random.default_rng(seed).permutation(alive)[: choice.count])
-    bad = [feature for feature in choice.listed if not 0 <= feature < m]
-    if bad:
-        raise UserError(f"feature {bad[0]} does not exist: this SAE has features 0..{m - 1}.")
+    choice.check_exists(m)
     listed = list(dict.fromkeys(choice.listed))  # one row per feature, in the order first listed
     if len(listed) < len(choice.listed):
         logger.info("FEATURES lists %d features more than once: each gets one row.", len(choice.listed) - len(listed))
@@ -515,6 +519,7 @@ def _log_headline(scorer: str, scored: list[tuple[list[ScoringExample], Classifi
 def interpret_sae(config: InterpretConfig) -> Path:
     """Statistics over the whole store, windows of the chosen features, then one CSV row per chosen feature."""
     trained = open_trained_sae(config.checkpoint)
+    FeatureChoice.parse(config.features).check_exists(trained.sae.spec.m)
     store = trained.open_store(config.store)
     model_name = config.model_name or store.manifest.model_name
     if not model_name:
