@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import TEXTS, interpret_without_llm, write_jsonl
 from fastsae.common.errors import UserError
@@ -64,6 +65,24 @@ def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_mod
     assert all(len(tokens.split(" | ")) == 8 for tokens in table["logit_lens_promoted"])
 
 
+@pytest.fixture(scope="module")
+def dead_checkpoint(checkpoint, tmp_path_factory):
+    """The trained SAE with every encoder bias at -1e6: a real checkpoint none of whose features ever fires."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["state_dict"]["neuron_bias"][:] = -1e6
+    path = tmp_path_factory.mktemp("dead") / "SAE_M=64_K=4.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("features", ["frequency:5", "random:3", "label:2"])
+def test_an_sae_with_no_live_feature_is_refused_and_nothing_is_written(features, dead_checkpoint, tiny_model_folder, tmp_path):
+    """frequency:N and random:N crashed in the logit lens (torch.cat of nothing); label:N likewise."""
+    with pytest.raises(UserError, match=f"^FEATURES '{features}' picks no feature: none of this SAE's 64 features fires on the store"):
+        interpret_without_llm(dead_checkpoint, tiny_model_folder, tmp_path / "interpretations.csv", features)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_csvs_in_one_folder_keep_a_dashboard_each(checkpoint, tiny_model_folder, tmp_path):
     """A sweep interpreted into one folder: every CSV's dashboard used to be the one dashboard.html, the last run's."""
     for name in ("sae_a.csv", "sae_b.csv"):
@@ -104,6 +123,9 @@ def test_feature_selection():
     unranked = statistics_with([0.1, 0.0, 0.5, 0.3, 0.2])  # feature 4 fires, but on no labelled example: no AUROC
     with_unranked = pd.concat([labels, pd.DataFrame({"top_label": [None], "top_label_auroc": [np.nan]})], ignore_index=True)
     assert select_features("label:5", unranked, with_unranked) == [3, 0, 2]  # only the features a label ranks
+    unlabelled = pd.DataFrame({"top_label": [None] * 4, "top_label_auroc": [np.nan] * 4})  # live, but on no labelled example
+    with pytest.raises(UserError, match="^FEATURES 'label:2' picks no feature: no live feature fires on a labelled example"):
+        select_features("label:2", statistics, unlabelled)  # returned no feature: a CSV with no row
     with pytest.raises(UserError, match="feature 7 does not exist"):
         select_features("7", statistics, labels)
     with pytest.raises(UserError, match="not understood"):

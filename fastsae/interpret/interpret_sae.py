@@ -299,6 +299,11 @@ def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFra
     choice = FeatureChoice.parse(spec)
     m = len(statistics.frequency)
     alive = np.flatnonzero(statistics.frequency > 0)
+    if choice.rule in ("frequency", "label", "random") and not len(alive):  # else a CSV with no row, or a crash
+        raise UserError(
+            f"FEATURES {spec!r} picks no feature: none of this SAE's {m} features fires on the store. Check that CHECKPOINT and "
+            "STORE belong together, or set FEATURES to all or a list to write the dead features' rows."
+        )
     if choice.rule == "all":
         return list(range(m))
     if choice.rule == "frequency":
@@ -307,6 +312,10 @@ def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFra
         ranked = alive[np.isfinite(labels["top_label_auroc"].to_numpy(dtype=float)[alive])]
         if len(ranked) < choice.count:
             logger.info("FEATURES %s: only %d live features have a label AUROC (fire on a labelled example).", spec, len(ranked))
+        if not len(ranked):
+            raise UserError(
+                f"FEATURES {spec!r} picks no feature: no live feature fires on a labelled example. Use frequency:N or random:N."
+            )
         scores = labels["top_label_auroc"].to_numpy(dtype=float)[ranked]
         return [int(f) for f in ranked[np.argsort(-scores, kind="stable")][: choice.count]]
     if choice.rule == "random":  # an unbiased sample, as the FAST paper rates: the most frequent features are not typical
