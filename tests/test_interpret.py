@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TEXTS, interpret_without_llm, write_jsonl
+from conftest import TEXTS, interpret_without_llm, make_tiny_llama, write_jsonl
 from fastsae.common.errors import UserError
 from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.interpret.features import FeatureStatistics
@@ -201,6 +201,20 @@ def test_window_counts_the_quantiles_would_shrink_are_refused(settings, refused)
 def test_window_counts_the_quantiles_divide_are_accepted():
     InterpretConfig(explain_examples=30, score_examples=20, n_quantiles=5)
     InterpretConfig(explain_examples=45, explain_from="top")  # the strongest 45: no quantiles involved
+
+
+def test_a_store_of_another_model_is_refused(checkpoint, smollm2_tokenizer, tiny_model_folder, tmp_path):
+    """Another model of the same width at the same hook: its activations were read with this SAE's features, silently."""
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": text} for text in TEXTS])
+    config = ExtractConfig(dataset=str(texts), layers=[2], output_dir=str(tmp_path / "stores"))
+    (store,) = write_activation_stores(
+        make_tiny_llama(len(smollm2_tokenizer), seed=1), smollm2_tokenizer, load_dataset(config.dataset), config, "other"
+    )
+    with pytest.raises(
+        UserError, match=r"trained on tiny's activations, but the store at .* holds other's: .* Pass the --store extracted from tiny\.$"
+    ):
+        interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "out" / "interpretations.csv", "frequency:3", store=str(store))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("labels", [[None] * len(TEXTS), ["planning"] * len(TEXTS)])
