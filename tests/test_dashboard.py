@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
-from conftest import chat_server, classifier_prompt_content, write_jsonl
+from conftest import chat_server, classifier_prompt_content, interpret_without_llm, write_jsonl
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
 from fastsae.evaluate.sparse_probing import SPARSE_PROBING_FILE
 from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
@@ -82,8 +86,9 @@ def dashboard(tmp_path_factory, tiny_llama, smollm2_tokenizer, tiny_model_folder
     return csv.with_name("dashboard.html")
 
 
-@pytest.fixture
-def page(dashboard):
+@contextmanager
+def open_page(path: Path) -> Iterator:
+    """`path` in headless Chromium; `page.errors` collects console errors and uncaught exceptions."""
     if CHROMIUM is None:
         pytest.fail("Chromium is not installed: apt-get install chromium (.ci/run does).")
     from playwright.sync_api import sync_playwright
@@ -94,9 +99,15 @@ def page(dashboard):
         page.errors = []
         page.on("console", lambda message: page.errors.append(message.text) if message.type == "error" else None)
         page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.goto(dashboard.resolve().as_uri())
+        page.goto(path.resolve().as_uri())
         yield page
         browser.close()
+
+
+@pytest.fixture
+def page(dashboard):
+    with open_page(dashboard) as page:
+        yield page
 
 
 def test_clicking_a_feature_shows_its_contexts_with_activations(page, tmp_path):
@@ -184,3 +195,46 @@ def test_a_feature_shows_the_labels_whose_sparse_probes_chose_it(page, dashboard
     chosen = {f["feature"] for f in tasks["all labels (multiclass)"]["features"]}
     assert {int(text) for text in page.locator("tr.feature td:first-child").all_inner_texts()} == chosen
     assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def half_dead_dashboard(tmp_path_factory, tiny_llama, smollm2_tokenizer, tiny_model_folder):
+    """A dashboard of every feature of an SAE whose even features never fire (no windows at all), on texts with runs of
+    long tokens and HTML's special characters."""
+    folder = tmp_path_factory.mktemp("half-dead")
+    texts = [f"Entry {n}: a < b && c > \"d\" 'e' {'=' * 400 if n % 3 == 0 else 'then'} {'_' * 300}." for n in range(40)]
+    dataset_file = write_jsonl(
+        folder / "texts.jsonl", [{"text": text, "label": "<b>&" if n % 2 else "plain"} for n, text in enumerate(texts)]
+    )
+    config = ExtractConfig(dataset=str(dataset_file), layers=[1], output_dir=str(folder / "activations"))
+    (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
+    (result,) = train_saes(
+        TrainConfig(store=str(store), output_dir=str(folder / "checkpoints"), m=16, k=4, batch_size=128, epochs=2.0, buffer_tokens=1024)
+    )
+    payload = torch.load(result["checkpoint"], weights_only=True)
+    payload["state_dict"]["neuron_bias"][::2] = -1e6  # a real checkpoint whose even features are dead
+    checkpoint = folder / "SAE_M=16_K=4.pt"
+    torch.save(payload, checkpoint)
+    return interpret_without_llm(checkpoint, tiny_model_folder, folder / "interpretations.csv", "all").with_name("dashboard.html")
+
+
+def test_every_feature_renders_within_the_page_with_its_maximum_marked(half_dead_dashboard):
+    """A run of long tokens (a 400-character "====" line) had no break opportunity: the page grew 4x wider than the window,
+    the heatmap scrolling sideways. Every feature, dead ones too, renders without a script error, and each window marks
+    its strongest token."""
+    with open_page(half_dead_dashboard) as page:
+        rows = page.locator("tr.feature")
+        assert rows.count() == 16
+        for index in range(16):
+            rows.nth(index).click()
+            detail = page.locator("#detail")
+            assert detail.evaluate("node => node.scrollWidth <= node.clientWidth"), page.locator("#detail h1").inner_text()
+            for context in detail.locator(".context").all():
+                activations = [
+                    float(title.removeprefix("activation ")) for title in context.locator(".token").evaluate_all("s => s.map(t => t.title)")
+                ]
+                focus = float(context.locator(".focus").get_attribute("title").removeprefix("activation "))
+                assert focus == max(activations) > 0
+        dead = [int(text) for text in page.locator("tr.feature td:first-child").all_inner_texts()[-8:]]
+        assert sorted(dead) == list(range(0, 16, 2))  # dead features list last, by frequency, and still open
+        assert page.evaluate("window.hacked") is None and page.errors == []

@@ -7,8 +7,9 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from conftest import TEXTS, interpret_without_llm, write_jsonl
+from conftest import TEXTS, interpret_without_llm, make_tiny_llama, write_jsonl
 from fastsae.common.errors import UserError
 from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.interpret.features import FeatureStatistics
@@ -64,6 +65,24 @@ def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_mod
     assert all(len(tokens.split(" | ")) == 8 for tokens in table["logit_lens_promoted"])
 
 
+@pytest.fixture(scope="module")
+def dead_checkpoint(checkpoint, tmp_path_factory):
+    """The trained SAE with every encoder bias at -1e6: a real checkpoint none of whose features ever fires."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["state_dict"]["neuron_bias"][:] = -1e6
+    path = tmp_path_factory.mktemp("dead") / "SAE_M=64_K=4.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("features", ["frequency:5", "random:3", "label:2"])
+def test_an_sae_with_no_live_feature_is_refused_and_nothing_is_written(features, dead_checkpoint, tiny_model_folder, tmp_path):
+    """frequency:N and random:N crashed in the logit lens (torch.cat of nothing); label:N likewise."""
+    with pytest.raises(UserError, match=f"^FEATURES '{features}' picks no feature: none of this SAE's 64 features fires on the store"):
+        interpret_without_llm(dead_checkpoint, tiny_model_folder, tmp_path / "interpretations.csv", features)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_csvs_in_one_folder_keep_a_dashboard_each(checkpoint, tiny_model_folder, tmp_path):
     """A sweep interpreted into one folder: every CSV's dashboard used to be the one dashboard.html, the last run's."""
     for name in ("sae_a.csv", "sae_b.csv"):
@@ -104,10 +123,21 @@ def test_feature_selection():
     unranked = statistics_with([0.1, 0.0, 0.5, 0.3, 0.2])  # feature 4 fires, but on no labelled example: no AUROC
     with_unranked = pd.concat([labels, pd.DataFrame({"top_label": [None], "top_label_auroc": [np.nan]})], ignore_index=True)
     assert select_features("label:5", unranked, with_unranked) == [3, 0, 2]  # only the features a label ranks
+    unlabelled = pd.DataFrame({"top_label": [None] * 4, "top_label_auroc": [np.nan] * 4})  # live, but on no labelled example
+    with pytest.raises(UserError, match="^FEATURES 'label:2' picks no feature: no live feature fires on a labelled example"):
+        select_features("label:2", statistics, unlabelled)  # returned no feature: a CSV with no row
     with pytest.raises(UserError, match="feature 7 does not exist"):
         select_features("7", statistics, labels)
     with pytest.raises(UserError, match="not understood"):
         select_features("most:3", statistics, labels)
+
+
+def test_a_listed_feature_the_sae_lacks_is_refused_before_the_store_is_read(checkpoint, tiny_model_folder, tmp_path):
+    """Feature 64 of an M=64 SAE was refused only after the model load and the whole pass over the store (here: a store
+    that does not exist, so the old order failed on it first)."""
+    with pytest.raises(UserError, match=r"^feature 64 does not exist: this SAE has features 0\.\.63\. Fix FEATURES\.$"):
+        interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "interpretations.csv", "3,64", store=str(tmp_path / "no-store"))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -138,10 +168,13 @@ def test_counts_out_of_range_are_refused(name, value, least):
         (" , ", "lists no feature"),
         ("3,-1", "lists a negative feature"),
         ("frequency:", "is not understood"),
+        ("3,,5", "is not understood"),
+        ("3,5,", "is not understood"),
     ],
 )
 def test_features_that_pick_nothing_are_refused_before_the_run(features, problem):
-    """frequency:-250 wrote 6 features, frequency:0 and an empty list crashed after the whole statistics pass."""
+    """frequency:-250 wrote 6 features, frequency:0 and an empty list crashed after the whole statistics pass; "3,,5" (a
+    number lost) was read as 3,5."""
     with pytest.raises(UserError, match=f"^FEATURES {re.escape(repr(features))} {problem}: use all, frequency:N"):
         InterpretConfig(features=features)
 
@@ -168,6 +201,20 @@ def test_window_counts_the_quantiles_would_shrink_are_refused(settings, refused)
 def test_window_counts_the_quantiles_divide_are_accepted():
     InterpretConfig(explain_examples=30, score_examples=20, n_quantiles=5)
     InterpretConfig(explain_examples=45, explain_from="top")  # the strongest 45: no quantiles involved
+
+
+def test_a_store_of_another_model_is_refused(checkpoint, smollm2_tokenizer, tiny_model_folder, tmp_path):
+    """Another model of the same width at the same hook: its activations were read with this SAE's features, silently."""
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": text} for text in TEXTS])
+    config = ExtractConfig(dataset=str(texts), layers=[2], output_dir=str(tmp_path / "stores"))
+    (store,) = write_activation_stores(
+        make_tiny_llama(len(smollm2_tokenizer), seed=1), smollm2_tokenizer, load_dataset(config.dataset), config, "other"
+    )
+    with pytest.raises(
+        UserError, match=r"trained on tiny's activations, but the store at .* holds other's: .* Pass the --store extracted from tiny\.$"
+    ):
+        interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "out" / "interpretations.csv", "frequency:3", store=str(store))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("labels", [[None] * len(TEXTS), ["planning"] * len(TEXTS)])

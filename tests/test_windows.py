@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastsae.core.sae import SparseAutoencoder
+from conftest import write_jsonl
+from fastsae.core.sae import SAESpec, SparseAutoencoder
+from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.interpret.explanations import numbered_windows
 from fastsae.interpret.sampling import quantile_of_each, sample_windows
 from fastsae.interpret.windows import (
@@ -19,6 +21,7 @@ from fastsae.interpret.windows import (
     read_windows,
     token_list,
 )
+from fastsae.lm.data import load_dataset
 from fastsae.store.activation_store import ActivationStore
 
 M, W, TOP = 96, 32, 7  # M: the features of conftest's store_and_sae
@@ -102,6 +105,25 @@ def test_windows_read_back_with_their_activations(store_and_sae, smollm2_tokeniz
     silent = non_activating_windows(store, sae, feature, smollm2_tokenizer, grid, 20, np.random.default_rng(0))
     assert len(silent) == 20 and all(window.activation == 0 for window in silent)
     assert len({(window.example, window.start) for window in silent}) == 20
+
+
+def test_each_token_shows_the_text_it_adds_whole_characters_and_leading_spaces(tiny_llama, smollm2_tokenizer, tmp_path):
+    """SmolLM2's byte-level tokens split 日, é's neighbours and emoji over several tokens; each decoded alone is "\ufffd",
+    so a window of Japanese read as "���本���"."""
+    texts = ["I would fly to 日本語 🙂 tomorrow, naïve as that is.", "東京 or ✓ café: « quotes » & <tags>"]
+    dataset = write_jsonl(tmp_path / "texts.jsonl", [{"text": text} for text in texts])
+    config = ExtractConfig(dataset=str(dataset), layers=[1], output_dir=str(tmp_path / "stores"))
+    (folder,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
+    store = ActivationStore(folder)
+    sae = SparseAutoencoder(SAESpec("topk", store.d, 8, 2)).eval()
+    grid = WindowGrid(store.doc_offsets, 4096)  # one window a whole example: no character cut at a window's edge
+    windows = read_windows(store, sae, 0, smollm2_tokenizer, grid, range(len(grid)), include_special=True)
+    for window, text in zip(windows, texts):
+        ids = store.token_ids(*grid.span(window.example)[1:]).tolist()
+        assert len(window.tokens) == len(ids)  # still one text per token, so activations line up
+        assert window.text() == smollm2_tokenizer.decode(ids) and text in window.text() and "\ufffd" not in window.text()
+    tokens = windows[0].tokens
+    assert " would" in tokens and " 日" in tokens and "語" in tokens and " 🙂" in tokens  # each completes its character
 
 
 def split_at_marks(marked: str) -> list[str]:

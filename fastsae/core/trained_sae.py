@@ -66,6 +66,11 @@ class TrainedSAE:
                 f"the SAE in {self.checkpoint} takes d={self.sae.spec.d} but the store at {opened.folder} has d={opened.d}: "
                 "they come from different models or hooks. Pass the matching --store."
             )
+        if self.info.model and opened.manifest.model and opened.manifest.model != self.info.model:
+            raise UserError(
+                f"the SAE in {self.checkpoint} was trained on {self.info.model}'s activations, but the store at {opened.folder} holds "
+                f"{opened.manifest.model}'s: its features mean nothing there. Pass the --store extracted from {self.info.model}."
+            )
         if self.info.hook_name and opened.hook_name and opened.hook_name != self.info.hook_name:
             logger.warning(
                 "%s was trained on %s, but the store at %s holds %s: its features are read where they were not learned.",

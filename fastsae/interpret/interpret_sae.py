@@ -88,7 +88,8 @@ class FeatureChoice:
             if rule in ("frequency", "label", "random"):
                 choice = cls(rule, int(count))
             else:
-                choice = cls("list", listed=tuple(int(part) for part in spec.split(",") if part.strip()))
+                parts = spec.split(",")  # each a feature, so "3,,5" (a number lost) is refused, not read as 3,5
+                choice = cls("list", listed=tuple(int(part) for part in parts) if any(part.strip() for part in parts) else ())
         except ValueError:
             raise UserError(f"FEATURES {spec!r} is not understood: {usage}.") from None
         if choice.rule != "list" and choice.count < 1:
@@ -96,6 +97,12 @@ class FeatureChoice:
         if choice.rule == "list" and (not choice.listed or min(choice.listed) < 0):
             raise UserError(f"FEATURES {spec!r} lists {'a negative feature' if choice.listed else 'no feature'}: {usage}.")
         return choice
+
+    def check_exists(self, m: int) -> None:
+        """Refuse a listed feature the SAE lacks: checked when the SAE is opened, not after the pass over the store."""
+        bad = [feature for feature in self.listed if feature >= m]
+        if bad:
+            raise UserError(f"feature {bad[0]} does not exist: this SAE has features 0..{m - 1}. Fix FEATURES.")
 
     def at_most(self, m: int | None) -> int:
         """How many features it picks at most from an SAE of `m` features (unknown m: the count asked for)."""
@@ -292,6 +299,11 @@ def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFra
     choice = FeatureChoice.parse(spec)
     m = len(statistics.frequency)
     alive = np.flatnonzero(statistics.frequency > 0)
+    if choice.rule in ("frequency", "label", "random") and not len(alive):  # else a CSV with no row, or a crash
+        raise UserError(
+            f"FEATURES {spec!r} picks no feature: none of this SAE's {m} features fires on the store. Check that CHECKPOINT and "
+            "STORE belong together, or set FEATURES to all or a list to write the dead features' rows."
+        )
     if choice.rule == "all":
         return list(range(m))
     if choice.rule == "frequency":
@@ -300,13 +312,15 @@ def select_features(spec: str, statistics: FeatureStatistics, labels: pd.DataFra
         ranked = alive[np.isfinite(labels["top_label_auroc"].to_numpy(dtype=float)[alive])]
         if len(ranked) < choice.count:
             logger.info("FEATURES %s: only %d live features have a label AUROC (fire on a labelled example).", spec, len(ranked))
+        if not len(ranked):
+            raise UserError(
+                f"FEATURES {spec!r} picks no feature: no live feature fires on a labelled example. Use frequency:N or random:N."
+            )
         scores = labels["top_label_auroc"].to_numpy(dtype=float)[ranked]
         return [int(f) for f in ranked[np.argsort(-scores, kind="stable")][: choice.count]]
     if choice.rule == "random":  # an unbiased sample, as the FAST paper rates: the most frequent features are not typical
         return sorted(int(f) for f in np.random.default_rng(seed).permutation(alive)[: choice.count])
-    bad = [feature for feature in choice.listed if not 0 <= feature < m]
-    if bad:
-        raise UserError(f"feature {bad[0]} does not exist: this SAE has features 0..{m - 1}.")
+    choice.check_exists(m)
     listed = list(dict.fromkeys(choice.listed))  # one row per feature, in the order first listed
     if len(listed) < len(choice.listed):
         logger.info("FEATURES lists %d features more than once: each gets one row.", len(choice.listed) - len(listed))
@@ -514,6 +528,7 @@ def _log_headline(scorer: str, scored: list[tuple[list[ScoringExample], Classifi
 def interpret_sae(config: InterpretConfig) -> Path:
     """Statistics over the whole store, windows of the chosen features, then one CSV row per chosen feature."""
     trained = open_trained_sae(config.checkpoint)
+    FeatureChoice.parse(config.features).check_exists(trained.sae.spec.m)
     store = trained.open_store(config.store)
     model_name = config.model_name or store.manifest.model_name
     if not model_name:
