@@ -203,18 +203,21 @@ def test_window_counts_the_quantiles_divide_are_accepted():
     InterpretConfig(explain_examples=45, explain_from="top")  # the strongest 45: no quantiles involved
 
 
-def test_a_store_of_another_model_is_refused(checkpoint, smollm2_tokenizer, tiny_model_folder, tmp_path):
-    """Another model of the same width at the same hook: its activations were read with this SAE's features, silently."""
+def test_a_store_of_another_model_is_read_with_a_warning_naming_both(checkpoint, smollm2_tokenizer, tiny_model_folder, tmp_path, caplog):
+    """Another model of the same width at the same hook: its activations were read with this SAE's features, silently.
+    Not refused: a base model's SAE read on its chat model's activations is a study of its own."""
     texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": text} for text in TEXTS])
     config = ExtractConfig(dataset=str(texts), layers=[2], output_dir=str(tmp_path / "stores"))
     (store,) = write_activation_stores(
         make_tiny_llama(len(smollm2_tokenizer), seed=1), smollm2_tokenizer, load_dataset(config.dataset), config, "other"
     )
-    with pytest.raises(
-        UserError, match=r"trained on tiny's activations, but the store at .* holds other's: .* Pass the --store extracted from tiny\.$"
-    ):
+    with caplog.at_level("WARNING", logger="fastsae.core.trained_sae"):
         interpret_without_llm(checkpoint, tiny_model_folder, tmp_path / "out" / "interpretations.csv", "frequency:3", store=str(store))
-    assert not (tmp_path / "out").exists()
+    assert (
+        "trained on tiny's activations, but the store at" in caplog.text
+        and "holds other's: its features are read on another" in caplog.text
+    )
+    assert (tmp_path / "out" / "interpretations.csv").is_file()
 
 
 @pytest.mark.parametrize("labels", [[None] * len(TEXTS), ["planning"] * len(TEXTS)])

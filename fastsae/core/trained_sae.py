@@ -66,10 +66,16 @@ class TrainedSAE:
                 f"the SAE in {self.checkpoint} takes d={self.sae.spec.d} but the store at {opened.folder} has d={opened.d}: "
                 "they come from different models or hooks. Pass the matching --store."
             )
+        # A warning, not an error: reading a base model's SAE on its chat model's activations is a study of its own.
         if self.info.model and opened.manifest.model and opened.manifest.model != self.info.model:
-            raise UserError(
-                f"the SAE in {self.checkpoint} was trained on {self.info.model}'s activations, but the store at {opened.folder} holds "
-                f"{opened.manifest.model}'s: its features mean nothing there. Pass the --store extracted from {self.info.model}."
+            logger.warning(
+                "%s was trained on %s's activations, but the store at %s holds %s's: its features are read on another model. "
+                "Pass the --store extracted from %s unless that is what you mean.",
+                self.checkpoint,
+                self.info.model,
+                opened.folder,
+                opened.manifest.model,
+                self.info.model,
             )
         if self.info.hook_name and opened.hook_name and opened.hook_name != self.info.hook_name:
             logger.warning(
