@@ -149,3 +149,22 @@ def tokenize_examples(tokenizer, examples: list[Example], chat_template: str, ma
             unlocated.describe(),
         )
     return tokenized
+
+
+def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
+    """Each token's text, such that they join into the decoded sequence, leading spaces and all.
+
+    A token decoded alone loses what only its neighbours give: a byte-level tokenizer (SmolLM2's, Llama 3's) splits
+    a character such as 日 or an emoji over several tokens, each a lone "\ufffd". So each token gets what it adds to
+    the decoded text so far, and a token that ends mid-character adds "": the token that completes the character
+    carries it, at the position where the model has read it whole.
+    """
+    prefixes = tokenizer.batch_decode([token_ids[: end + 1] for end in range(len(token_ids))], clean_up_tokenization_spaces=False)
+    texts, done = [], ""
+    for index, text in enumerate(prefixes):
+        if text.endswith("\ufffd") and index + 1 < len(prefixes):  # mid-character: a later token completes it
+            texts.append("")
+            continue
+        texts.append(text[len(done) :] if text.startswith(done) else tokenizer.decode(token_ids[index : index + 1]))
+        done = text
+    return texts

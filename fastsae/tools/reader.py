@@ -37,7 +37,7 @@ from fastsae.lm.data import Example
 from fastsae.lm.hook_points import HOOK_POINTS
 from fastsae.lm.lora import LORA_HOOK_POINT
 from fastsae.lm.models import learned_position_limit
-from fastsae.lm.tokenization import TokenizedExample, tokenize_examples
+from fastsae.lm.tokenization import TokenizedExample, token_texts, tokenize_examples
 from fastsae.store.activation_store import STORAGE_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class TextFeatures:
     """One text read through the SAE."""
 
     token_ids: np.ndarray  # (T,) what the model saw: template included, truncated to MAX_LENGTH
-    tokens: list[str]  # each token decoded on its own
+    tokens: list[str]  # the text each token adds (`token_texts`)
     special_mask: np.ndarray  # (T,) bool: BOS and chat-template tokens
     pooled_mask: np.ndarray  # (T,) bool: the tokens pooling counts (the kinds the SAE was trained on)
     token_features: torch.Tensor  # (T, M) sparse COO, float32, CPU: each token's feature activations (.to_dense() for a dense view)
@@ -173,7 +173,7 @@ class SAEReader:
                     )
                 result[index] = TextFeatures(
                     token_ids=item.token_ids,
-                    tokens=[self.tokenizer.decode([int(token_id)]) for token_id in item.token_ids],
+                    tokens=token_texts(self.tokenizer, item.token_ids.tolist()),
                     special_mask=item.special_mask,
                     pooled_mask=pooled_mask,
                     token_features=token_features.cpu().to_sparse(),
