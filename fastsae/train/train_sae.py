@@ -359,6 +359,14 @@ class SAETrainer:
         """Whether it takes `step`: not once stopped early, nor before the step its resumed state was saved at."""
         return not self.stopped and step >= self.saved_step
 
+    def logged_rows(self) -> list[tuple[int, dict[str, float]]]:
+        """(step, values) of everything its history and validations sent to the tracker, in step order."""
+        rows: dict[int, dict[str, float]] = {}
+        for name, table in (("train", self.history), ("validation", self.validation)):
+            for row in table:
+                rows.setdefault(int(row["step"]), {}).update(tracking.section(name, row))
+        return sorted(rows.items())
+
     def state(self, step: int, settings: dict[str, Any]) -> dict[str, Any]:
         return {
             "step": step,
@@ -549,6 +557,7 @@ class TrainingRun:
                 config, trainer.folder, trainer.spec.name, "train", settings, max(start_step, trainer.saved_step)
             )
             trainer.tracker = trackers.enter_context(tracker)
+            trainer.tracker.log_resumed(trainer.logged_rows())
         logger.info(
             "Training %d SAE(s) on %s: %d training tokens, %d steps of %d (%s%s), validation %d tokens%s",
             len(trainers),
