@@ -208,6 +208,21 @@ def test_a_run_resumed_after_a_crash_is_a_new_wandb_run_holding_the_whole_metric
     assert_wandb_history_is_metrics_json(resumed, metrics_json(result))
 
 
+@pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
+def test_rerunning_a_finished_training_logs_nothing_more(tiny_store, tmp_path, monkeypatch, tracker):
+    """No second W&B run holding only a copy of the summary; no second TensorBoard point at the last step."""
+    pytest.importorskip(tracker, reason=OPTIONAL)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = config_for(tiny_store, tmp_path, tracker=tracker, **SHORT)
+    train_saes(config)
+    (result,) = train_saes(config)
+    folder = Path(result["checkpoint"]).parent
+    if tracker == "wandb":
+        assert_wandb_history_is_metrics_json(wandb_run_of(folder, "train"), metrics_json(result))
+    else:
+        assert_same_points(tensorboard_events(folder / "tensorboard" / "train", "final/fvu"), [(30, metrics_json(result)["final"]["fvu"])])
+
+
 @pytest.mark.parametrize("config_class", [TrainConfig, EvalConfig])
 @pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
 def test_a_missing_package_is_one_error_naming_its_install(monkeypatch, config_class, tracker, tmp_path):

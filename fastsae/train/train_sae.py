@@ -552,6 +552,8 @@ class TrainingRun:
         # crash between two SAEs' saves leaves some a save ahead, and those wait for the replayed batches to reach them.
         start_step = min((step for trainer, step in zip(trainers, saved_steps) if trainer.stopped_at is None), default=max(saved_steps))
         for trainer in trainers:
+            if self._finished_before(trainer):
+                continue  # its tracker run is complete: a new one would hold nothing but the summary again
             settings = {**asdict(config), "sae": spec_to_dict(trainer.spec)}
             tracker = tracking.start_tracker(
                 config, trainer.folder, trainer.spec.name, "train", settings, max(start_step, trainer.saved_step)
@@ -617,6 +619,12 @@ class TrainingRun:
                 signal.signal(number, handler)
         seconds = time.perf_counter() - started
         return [self._finish(trainer, completed, seconds, start_step) for trainer in trainers]
+
+    def _finished_before(self, trainer: SAETrainer) -> bool:
+        """Whether an earlier session finished this SAE: its state is at its end, and metrics.json (written after the
+        tracker's summary) is there."""
+        at_end = trainer.stopped_at is not None or trainer.saved_step >= self.total_steps
+        return at_end and (trainer.folder / METRICS_FILE).exists()
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.config.uses_bfloat16())
