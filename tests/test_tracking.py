@@ -141,6 +141,8 @@ def test_wandb_offline_run_per_sae_holds_the_metrics_json_history(wandb_sweep):
         run = tracked.run  # one run per SAE, grouped by the run folder
         assert (run.project, run.display_name, run.run_group, run.job_type) == ("fastsae", result["name"], "sweep", "train")
         assert tracked.config["sae"] == result["spec"] and tracked.config["tracker"] == "wandb"
+        own = ("architecture", "m", "k", "aux_k")  # the sweep entry's, not the ARCHITECTURE, M, K it replaces
+        assert {key: tracked.config[key] for key in own} == {key: result["spec"][key] for key in own}
         assert len(written["history"]) == 6 and len(written["validation"]) == 3
         assert_wandb_history_is_metrics_json(tracked, written)
         assert tracked.summary["steps"] == 30 and tracked.exit_code == 0

@@ -554,9 +554,8 @@ class TrainingRun:
         for trainer in trainers:
             if self._finished_before(trainer):
                 continue  # its tracker run is complete: a new one would hold nothing but the summary again
-            settings = {**asdict(config), "sae": spec_to_dict(trainer.spec)}
             tracker = tracking.start_tracker(
-                config, trainer.folder, trainer.spec.name, "train", settings, max(start_step, trainer.saved_step)
+                config, trainer.folder, trainer.spec.name, "train", self._tracker_config(trainer.spec), max(start_step, trainer.saved_step)
             )
             trainer.tracker = trackers.enter_context(tracker)
             trainer.tracker.log_resumed(trainer.logged_rows())
@@ -619,6 +618,12 @@ class TrainingRun:
                 signal.signal(number, handler)
         seconds = time.perf_counter() - started
         return [self._finish(trainer, completed, seconds, start_step) for trainer in trainers]
+
+    def _tracker_config(self, spec: SAESpec) -> dict[str, Any]:
+        """The settings, with the SAE's own architecture and sizes where a sweep's entry replaces them (or the tracker's
+        run table would give every SAE the unused defaults), and its spec as `sae`."""
+        own = {"architecture": spec.architecture, "m": spec.m, "k": spec.k, "matryoshka_prefixes": list(spec.prefixes), "aux_k": spec.aux_k}
+        return {**asdict(self.config), **own, "sae": spec_to_dict(spec)}
 
     def _finished_before(self, trainer: SAETrainer) -> bool:
         """Whether an earlier session finished this SAE: its state is at its end, and metrics.json (written after the
