@@ -123,6 +123,17 @@ def wandb_sweep(tiny_store, tmp_path_factory) -> list[dict]:
         return train_saes(config_for(tiny_store, tmp_path_factory.mktemp("wandb"), sweep=SWEEP, tracker="wandb", run_name="sweep", **SHORT))
 
 
+def assert_wandb_history_is_metrics_json(tracked: SimpleNamespace, written: dict) -> None:
+    """The run's history has a row at each step metrics.json has one, and no other, with the same values; its summary is `final`."""
+    assert sorted(tracked.history) == sorted({row["step"] for row in written["history"] + written["validation"]})
+    for row in written["history"]:
+        assert {key: tracked.history[row["step"]][f"train/{key}"] for key in TRAIN_KEYS} == {key: row[key] for key in TRAIN_KEYS}
+    for row in written["validation"]:
+        logged = tracked.history[row["step"]]
+        assert (logged["validation/fvu"], logged["validation/l0"]) == (row["fvu"], row["l0"])
+    assert {name: tracked.summary[f"final/{name}"] for name in written["final"]} == written["final"]
+
+
 def test_wandb_offline_run_per_sae_holds_the_metrics_json_history(wandb_sweep):
     for result in wandb_sweep:
         folder = Path(result["checkpoint"]).parent
@@ -130,13 +141,10 @@ def test_wandb_offline_run_per_sae_holds_the_metrics_json_history(wandb_sweep):
         run = tracked.run  # one run per SAE, grouped by the run folder
         assert (run.project, run.display_name, run.run_group, run.job_type) == ("fastsae", result["name"], "sweep", "train")
         assert tracked.config["sae"] == result["spec"] and tracked.config["tracker"] == "wandb"
+        own = ("architecture", "m", "k", "aux_k")  # the sweep entry's, not the ARCHITECTURE, M, K it replaces
+        assert {key: tracked.config[key] for key in own} == {key: result["spec"][key] for key in own}
         assert len(written["history"]) == 6 and len(written["validation"]) == 3
-        for row in written["history"]:
-            assert {key: tracked.history[row["step"]][f"train/{key}"] for key in TRAIN_KEYS} == {key: row[key] for key in TRAIN_KEYS}
-        for row in written["validation"]:
-            logged = tracked.history[row["step"]]
-            assert (logged["validation/fvu"], logged["validation/l0"]) == (row["fvu"], row["l0"])
-        assert {name: tracked.summary[f"final/{name}"] for name in written["final"]} == written["final"]
+        assert_wandb_history_is_metrics_json(tracked, written)
         assert tracked.summary["steps"] == 30 and tracked.exit_code == 0
 
 
@@ -186,6 +194,35 @@ def test_a_run_resumed_after_a_crash_continues_the_same_tensorboard_curves(tiny_
     (result,) = train_saes(config)
     logged = tensorboard_events(Path(result["checkpoint"]).parent / "tensorboard" / "train", "train/loss")
     assert_same_points(logged, [(row["step"], row["loss"]) for row in metrics_json(result)["history"]])
+
+
+def test_a_run_resumed_after_a_crash_is_a_new_wandb_run_holding_the_whole_metrics_json_history(tiny_store, tmp_path, monkeypatch):
+    """The crashed session's run is closed as failed; the resumed one logs steps 5 to 15 again from the saved state."""
+    pytest.importorskip("wandb", reason=OPTIONAL)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = config_for(tiny_store, tmp_path, tracker="wandb", checkpoint_every=15, **SHORT)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        CrashingRun(config).run()
+    (result,) = train_saes(config)
+    runs = [wandb_run(path) for path in Path(result["checkpoint"]).parent.glob("wandb/offline-run-*/run-*.wandb")]
+    (crashed,), (resumed,) = [run for run in runs if run.exit_code == 1], [run for run in runs if run.exit_code == 0]
+    assert sorted(crashed.history) == [5, 10, 15, 20] and resumed.run.display_name == crashed.run.display_name
+    assert_wandb_history_is_metrics_json(resumed, metrics_json(result))
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
+def test_rerunning_a_finished_training_logs_nothing_more(tiny_store, tmp_path, monkeypatch, tracker):
+    """No second W&B run holding only a copy of the summary; no second TensorBoard point at the last step."""
+    pytest.importorskip(tracker, reason=OPTIONAL)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = config_for(tiny_store, tmp_path, tracker=tracker, **SHORT)
+    train_saes(config)
+    (result,) = train_saes(config)
+    folder = Path(result["checkpoint"]).parent
+    if tracker == "wandb":
+        assert_wandb_history_is_metrics_json(wandb_run_of(folder, "train"), metrics_json(result))
+    else:
+        assert_same_points(tensorboard_events(folder / "tensorboard" / "train", "final/fvu"), [(30, metrics_json(result)["final"]["fvu"])])
 
 
 @pytest.mark.parametrize("config_class", [TrainConfig, EvalConfig])

@@ -18,7 +18,7 @@ import importlib.util
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -86,6 +86,11 @@ class Tracker(ABC):
     def finish(self, failed: bool = False) -> None:
         """Write everything out and close the run."""
 
+    def log_resumed(self, rows: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """The (step, values) a resumed training logged before the step it resumed from, which this run lacks."""
+        for step, values in rows:
+            self.log(values, step)
+
     def __enter__(self) -> Tracker:
         return self
 
@@ -107,7 +112,8 @@ class NoTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    """A W&B run; its offline files are `<folder>/wandb/offline-run-*/`."""
+    """A W&B run; its offline files are `<folder>/wandb/offline-run-*/`. Each session is a new run (an offline run
+    cannot be resumed), so a resumed training logs its earlier steps again: the run that finishes holds the whole curve."""
 
     def __init__(self, folder: Path, project: str, group: str | None, name: str, job_type: str, config: dict[str, Any]) -> None:
         wandb = _import("wandb")
@@ -157,6 +163,9 @@ class TensorBoardTracker(Tracker):
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
         self.last_step = step
+
+    def log_resumed(self, rows: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """Nothing: the earlier session's event files, in the same folder, hold those steps."""
 
     def log_summary(self, values: Mapping[str, float]) -> None:
         """TensorBoard has no summary: the values are scalars at the last step logged."""

@@ -379,6 +379,14 @@ class SAETrainer:
         """Whether it takes `step`: not once stopped early, nor before the step its resumed state was saved at."""
         return not self.stopped and step >= self.saved_step
 
+    def logged_rows(self) -> list[tuple[int, dict[str, float]]]:
+        """(step, values) of everything its history and validations sent to the tracker, in step order."""
+        rows: dict[int, dict[str, float]] = {}
+        for name, table in (("train", self.history), ("validation", self.validation)):
+            for row in table:
+                rows.setdefault(int(row["step"]), {}).update(tracking.section(name, row))
+        return sorted(rows.items())
+
     def state(self, step: int, settings: dict[str, Any]) -> dict[str, Any]:
         return {
             "step": step,
@@ -567,11 +575,13 @@ class TrainingRun:
         # crash between two SAEs' saves leaves some a save ahead, and those wait for the replayed batches to reach them.
         start_step = min((step for trainer, step in zip(trainers, saved_steps) if trainer.stopped_at is None), default=max(saved_steps))
         for trainer in trainers:
-            settings = {**asdict(config), "sae": spec_to_dict(trainer.spec)}
+            if self._finished_before(trainer):
+                continue  # its tracker run is complete: a new one would hold nothing but the summary again
             tracker = tracking.start_tracker(
-                config, trainer.folder, trainer.spec.name, "train", settings, max(start_step, trainer.saved_step)
+                config, trainer.folder, trainer.spec.name, "train", self._tracker_config(trainer.spec), max(start_step, trainer.saved_step)
             )
             trainer.tracker = trackers.enter_context(tracker)
+            trainer.tracker.log_resumed(trainer.logged_rows())
         logger.info(
             "Training %d SAE(s) on %s: %d training tokens, %d steps of %d (%s%s), validation %d tokens%s",
             len(trainers),
@@ -634,6 +644,18 @@ class TrainingRun:
                 signal.signal(number, handler)
         seconds = time.perf_counter() - started
         return [self._finish(trainer, completed, seconds, start_step) for trainer in trainers]
+
+    def _tracker_config(self, spec: SAESpec) -> dict[str, Any]:
+        """The settings, with the SAE's own architecture and sizes where a sweep's entry replaces them (or the tracker's
+        run table would give every SAE the unused defaults), and its spec as `sae`."""
+        own = {"architecture": spec.architecture, "m": spec.m, "k": spec.k, "matryoshka_prefixes": list(spec.prefixes), "aux_k": spec.aux_k}
+        return {**asdict(self.config), **own, "sae": spec_to_dict(spec)}
+
+    def _finished_before(self, trainer: SAETrainer) -> bool:
+        """Whether an earlier session finished this SAE: its state is at its end, and metrics.json (written after the
+        tracker's summary) is there."""
+        at_end = trainer.stopped_at is not None or trainer.saved_step >= self.total_steps
+        return at_end and (trainer.folder / METRICS_FILE).exists()
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.config.uses_bfloat16())
