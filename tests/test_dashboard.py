@@ -5,6 +5,7 @@ the LLM) stays text."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -237,4 +238,9 @@ def test_every_feature_renders_within_the_page_with_its_maximum_marked(half_dead
                 assert focus == max(activations) > 0
         dead = [int(text) for text in page.locator("tr.feature td:first-child").all_inner_texts()[-8:]]
         assert sorted(dead) == list(range(0, 16, 2))  # dead features list last, by frequency, and still open
+        rows.nth(15).click()  # a dead one: its empty windows section says why
+        assert "None: the feature fires on no counted token of the store." in page.locator("#detail").inner_text()
+        rows.nth(0).click()
+        tips = page.locator("#detail svg rect title").evaluate_all("titles => titles.map(t => t.textContent)")
+        assert re.fullmatch(r"\d+ activations in \(0\.0010, 0\.0013\]", tips[0])  # torch.bucketize's bins: an edge is in the lower one
         assert page.evaluate("window.hacked") is None and page.errors == []
