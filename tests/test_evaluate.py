@@ -64,6 +64,37 @@ def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
     assert mean.metrics()["fvu"] == pytest.approx(1.0)
 
 
+def test_fvu_is_not_measured_on_tokens_without_spread():
+    """One held-out special token, or only BOS (the same activation in every example): FVU would divide by zero or noise."""
+    x = torch.randn(1, 16) * 3 + 2
+    for tokens in (x, x.expand(40, 16)):
+        sums = ReconstructionSums(16)
+        sums.add(tokens, tokens * 0.5)
+        assert sums.metrics()["fvu"] is None and sums.metrics()["cosine"] == pytest.approx(1.0)
+
+
+def test_a_held_out_split_without_content_tokens_has_no_sparsity_numbers(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, capsys):
+    """Examples cut to their first 6 tokens hold only the chat template: an SAE trained on content tokens has nothing to
+    fire on there, which is not an L0 of 0 with every feature dead."""
+    from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+    from fastsae.lm.data import load_dataset
+
+    extract = ExtractConfig(layers=[LAYER], dataset=str(texts_file), max_length=6, output_dir=str(tmp_path / "stores"))
+    (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(extract.dataset), extract, "tiny")
+    sae = hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu")
+    checkpoint = sae.save(str(tmp_path / "SAE_M=32_K=4.pt"))
+    (results,) = evaluate_sae(
+        EvalConfig(checkpoint=[checkpoint], store=str(store), validation_fraction=0.3, seed=0, model_metrics=False, device="cpu")
+    )
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["reconstruction"]["content"] == {"tokens": 0} and saved["reconstruction"]["special"]["tokens"] > 0
+    assert saved["sparsity"]["tokens"] == 0 and saved["sparsity"]["l0_mean"] is None and saved["sparsity"]["dead_fraction"] is None
+    assert {row["metric"]: row["verdict"] for row in saved["health"]} == dict.fromkeys(
+        ("ce_loss_score", "l0_mean", "dead_fraction", "dense_fraction"), "not measured"
+    )
+    assert "| dead / dense features | n/a / n/a |" in capsys.readouterr().out
+
+
 def test_oracle_saes_score_one_and_zero(tiny_llama, tiny_store, smollm2_tokenizer):
     store = ActivationStore(tiny_store)
     passes = reference_passes(tiny_llama, store, smollm2_tokenizer)

@@ -219,6 +219,10 @@ class EvalConfig:
         tracking.check_tracker(self.tracker)
 
 
+# Below this share of the tokens' squared norm, their spread Σ‖x − x̄‖² is rounding noise, not a variance to explain.
+MIN_RELATIVE_SPREAD = 1e-6
+
+
 class ReconstructionSums:
     """Running sums for our reconstruction metrics over one kind of token."""
 
@@ -239,14 +243,16 @@ class ReconstructionSums:
         self.total += x.sum(0)
         self.squared_norm += float(x.pow(2).sum())
 
-    def metrics(self) -> dict[str, float | int]:
+    def metrics(self) -> dict[str, float | int | None]:
+        """FVU is None when the tokens have (almost) no spread around their mean: one token, or only BOS, whose activation
+        is the same in every example; a ratio to that spread would be a division by zero or rounding noise."""
         if not self.tokens:
             return {"tokens": 0}
         d = len(self.total)
         variance = self.squared_norm - float(self.total.pow(2).sum()) / self.tokens  # Σ‖x − x̄‖²
         return {
             "tokens": self.tokens,
-            "fvu": self.squared_error / variance,
+            "fvu": self.squared_error / variance if variance > MIN_RELATIVE_SPREAD * self.squared_norm else None,
             "mse_per_dimension": self.squared_error / (self.tokens * d),
             "cosine": self.cosine / self.tokens,
         }
@@ -301,17 +307,20 @@ def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoen
         sparsity_tokens += int(trained_on.sum())
     l0 = np.concatenate(l0_per_token) if l0_per_token else np.zeros(0)
     density = (fire_counts / max(sparsity_tokens, 1)).numpy()
+    # No held-out token of the kinds the SAE was trained on (a short split of template-only examples): its sparsity is
+    # not measured here, rather than an L0 of 0 and every feature dead.
+    measured = sparsity_tokens > 0
     return {
         "reconstruction": {kind: total.metrics() for kind, total in sums.items()},
         "fast_token_mse": _fast_mse(fast_all, store.d),
         "fast_token_mse_special": _fast_mse(fast_special, store.d),
         "sparsity": {
             "tokens": sparsity_tokens,
-            "l0_mean": float(l0.mean()) if len(l0) else 0.0,
-            "l0_percentiles": {str(p): float(np.percentile(l0, p)) for p in (10, 50, 90)} if len(l0) else {},
-            "l1_mean": l1_total / max(sparsity_tokens, 1),
-            "dead_fraction": float((fire_counts == 0).double().mean()),
-            "dense_fraction": float((density > DENSE_FREQUENCY).mean()),
+            "l0_mean": float(l0.mean()) if measured else None,
+            "l0_percentiles": {str(p): float(np.percentile(l0, p)) for p in (10, 50, 90)} if measured else {},
+            "l1_mean": l1_total / sparsity_tokens if measured else None,
+            "dead_fraction": float((fire_counts == 0).double().mean()) if measured else None,
+            "dense_fraction": float((density > DENSE_FREQUENCY).mean()) if measured else None,
         },
         "feature_density": density.tolist(),
     }
@@ -363,7 +372,8 @@ def health_table(values: dict[str, float | None]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_feature_density(path: Path, density: list[float], title: str) -> None:
+def plot_feature_density(path: Path, density: list[float], title: str, tokens: int | None = None) -> None:
+    """A histogram of log10 density; `tokens` 0 says that no token was counted (nothing is dead then, nor alive)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,7 +385,8 @@ def plot_feature_density(path: Path, density: list[float], title: str) -> None:
     axis.hist(np.log10(alive), bins=50, color="#4c72b0") if len(alive) else None
     axis.set_xlabel("log10 feature density (fraction of tokens it fires on)")
     axis.set_ylabel("features")
-    axis.set_title(f"{title}\n{int((values == 0).sum())} of {len(values)} features never fire (not shown)")
+    counted = f"{int((values == 0).sum())} of {len(values)} features never fire (not shown)" if tokens != 0 else "no token counted"
+    axis.set_title(f"{title}\n{counted}")
     figure.tight_layout()
     write_figure_atomically(path, figure, dpi=110)
     plt.close(figure)
@@ -383,6 +394,10 @@ def plot_feature_density(path: Path, density: list[float], title: str) -> None:
 
 def _number(value, digits=4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def saebench_table(results: dict[str, Any]) -> list[str]:
@@ -418,11 +433,11 @@ def report_table(results: dict[str, Any]) -> str:
         "|---|---|",
         f"| FAST token MSE, raw / log2 | {_number(fast['raw'])} / {_number(fast['log2'])} |",
         f"| FAST MSE_st (special tokens), raw / log2 | {_number(fast_special['raw'])} / {_number(fast_special['log2'])} |",
-        f"| L0 (mean; p10 / p50 / p90) | {sparsity['l0_mean']:.2f}; "
-        + " / ".join(f"{v:.0f}" for v in sparsity["l0_percentiles"].values())
+        f"| L0 (mean; p10 / p50 / p90) | {_number(sparsity['l0_mean'], 2)}; "
+        + (" / ".join(f"{v:.0f}" for v in sparsity["l0_percentiles"].values()) or "n/a")
         + " |",
-        f"| L1 (mean) | {sparsity['l1_mean']:.3f} |",
-        f"| dead / dense features | {sparsity['dead_fraction']:.1%} / {sparsity['dense_fraction']:.1%} |",
+        f"| L1 (mean) | {_number(sparsity['l1_mean'], 3)} |",
+        f"| dead / dense features | {_percent(sparsity['dead_fraction'])} / {_percent(sparsity['dense_fraction'])} |",
         f"| decoder rows' max cosine to another row (mean / p90 / max) | {results['decoder_max_cosine']['mean']:.3f} / {results['decoder_max_cosine']['p90']:.3f} / {results['decoder_max_cosine']['max']:.3f} |",
     ]
     if results.get("saebench_core"):
@@ -610,8 +625,8 @@ def sweep_table(all_results: list[dict[str, Any]]) -> str:
             core.get("model_behavior_preservation", {}).get("kl_div_score"),
         )
         lines.append(
-            f"| {Path(results['checkpoint']).stem} | {_number(results['reconstruction']['content'].get('fvu'))} | {results['sparsity']['l0_mean']:.1f} | "
-            f"{results['sparsity']['dead_fraction']:.1%} | {_number(ce)} | {_number(kl)} |"
+            f"| {Path(results['checkpoint']).stem} | {_number(results['reconstruction']['content'].get('fvu'))} | {_number(results['sparsity']['l0_mean'], 1)} | "
+            f"{_percent(results['sparsity']['dead_fraction'])} | {_number(ce)} | {_number(kl)} |"
         )
     return "\n".join(lines)
 
@@ -642,7 +657,7 @@ def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, m
     density = results.pop("feature_density")
     folder = evaluand.trained.results_folder  # beside a .pt checkpoint; inside an SAE folder; checkpoints/saelens/ for a pretrained one
     folder.mkdir(parents=True, exist_ok=True)
-    plot_feature_density(folder / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
+    plot_feature_density(folder / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}", results["sparsity"]["tokens"])
     write_json_atomically(folder / EVAL_FILE, {**results, "feature_density": density})
     settings = {**asdict(config), "checkpoint": str(evaluand.path)}
     with tracking.start_tracker(config, folder, evaluand.path.stem, "evaluate", settings) as tracker:
