@@ -204,6 +204,11 @@ def test_a_sweep_shares_the_passes_and_reruns_reuse_them_until_model_store_or_sp
     settings = dict(model_name=str(tiny_model_folder), model_tokens=600, device="cpu")
     first = evaluate_sae(EvalConfig(checkpoint=checkpoints, **settings))
     assert [r["model_tokens"]["reused_reference_passes"] for r in first] == [False, False]  # computed once, in memory for both
+    for checkpoint in checkpoints:  # each file names its own checkpoint, and the split the -1 settings resolved to
+        saved = json.loads((Path(checkpoint).parent / "eval.json").read_text())
+        assert saved["checkpoint"] == saved["settings"]["checkpoint"] == checkpoint
+        assert saved["split"] == {"validation_fraction": 0.1, "seed": config.seed, "examples": 330, "held_out_examples": 33}
+        assert saved["checkpoint_state"]["training_finished"] is True and saved["checkpoint_state"]["step"] > 0
     assert "| checkpoint | FVU (content) |" in capsys.readouterr().out  # the sweep table
     cache_files = list((tiny_store / "evaluation_cache").glob("*.pt"))
     rerun = evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], **settings))[0]

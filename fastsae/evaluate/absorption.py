@@ -524,7 +524,7 @@ class AbsorptionSweep:
         result = absorption_result(
             spelling, phase_two, vocabulary, trained.model_name(self.model_name), hook, trained.checkpoint.stem, saelens_config(info)
         )
-        result["seconds"] = time.perf_counter() - started
+        result = {"checkpoint": str(trained.checkpoint), **result, "seconds": time.perf_counter() - started}
         logger.info("Absorption of %s: %s", trained.checkpoint.name, result["statement"])
         return result
 

@@ -469,6 +469,10 @@ class _Evaluand:
         return self.trained.checkpoint
 
     @property
+    def split(self) -> ExampleSplit:
+        return ExampleSplit.by_example(self.store.n_examples, self.fraction, self.seed)
+
+    @property
     def sae(self) -> SparseAutoencoder:
         return self.trained.sae
 
@@ -633,15 +637,20 @@ def sweep_table(all_results: list[dict[str, Any]]) -> str:
 
 def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, model_metrics: _ModelMetrics | None) -> dict[str, Any]:
     """The core evaluation of one checkpoint (ours and SAEBench's core metrics); writes eval.json and feature_density.png."""
-    store, sae = evaluand.store, evaluand.sae
+    store, sae, info = evaluand.store, evaluand.sae, evaluand.trained.info
     store_examples = examples[: config.max_examples] if config.max_examples else examples
     logger.info("Evaluating %s on %d held-out examples of %s", evaluand.path.name, len(store_examples), store.folder)
+    settings = {**asdict(config), "checkpoint": str(evaluand.path)}  # this SAE's, not the sweep's list
     results: dict[str, Any] = {
         "checkpoint": str(evaluand.path),
+        # A checkpoint saved mid-run describes the SAE at its step; the finished run later replaces the file.
+        "checkpoint_state": {"step": info.step, "tokens_trained": info.tokens_trained, "training_finished": info.training_finished},
         "store": str(store.folder),
         "hook_name": store.hook_name,
+        # The held-out examples, resolved (VALIDATION_FRACTION and SEED of -1 mean the training run's).
+        "split": {"validation_fraction": evaluand.fraction, **evaluand.split.record(evaluand.seed)},
         "examples": len(store_examples),
-        "settings": asdict(config),
+        "settings": settings,
     }
     results.update(store_metrics(store, store_examples, sae, evaluand.trained.info.trained_with_special_tokens))
     results["decoder_max_cosine"] = decoder_max_cosine(sae)
@@ -659,7 +668,6 @@ def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, m
     folder.mkdir(parents=True, exist_ok=True)
     plot_feature_density(folder / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}", results["sparsity"]["tokens"])
     write_json_atomically(folder / EVAL_FILE, {**results, "feature_density": density})
-    settings = {**asdict(config), "checkpoint": str(evaluand.path)}
     with tracking.start_tracker(config, folder, evaluand.path.stem, "evaluate", settings) as tracker:
         tracker.log_summary(tracked_metrics(results))
     print(f"\n{evaluand.path}\n\n" + report_table(results))
@@ -685,11 +693,10 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
         examples = validation_examples(evaluand.store.n_examples, evaluand.fraction, evaluand.seed)
         results = core_metrics(evaluand, examples, config, model_metrics) if "core" in config.evals else {"checkpoint": str(evaluand.path)}
         if "sparse_probing" in config.evals:
-            split = ExampleSplit.by_example(evaluand.store.n_examples, evaluand.fraction, evaluand.seed)
             results["sparse_probing"] = run_sparse_probing(
                 evaluand.trained,
                 evaluand.store,
-                split,
+                evaluand.split,
                 evaluand.seed,
                 tokenizers.ignored_ids(evaluand.store),
                 config.probing_k,
