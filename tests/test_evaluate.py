@@ -258,6 +258,16 @@ def test_a_hypothesaes_checkpoint_is_evaluated_given_its_store(tiny_store, tiny_
     assert results["saebench_core"]["eval_config"]["exclude_special_tokens_from_reconstruction"] is True  # no training record: as ours
 
 
+def test_an_sae_absorption_cannot_measure_is_refused_before_any_evaluation(tiny_store, tmp_path):
+    """A HypotheSAEs checkpoint records no hook: absorption cannot probe it, and says so before the core metrics run,
+    not after they have written eval.json (in a sweep, after every SAE before it)."""
+    path = hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu").save(str(tmp_path / "SAE_M=32_K=4.pt"))
+    config = EvalConfig(checkpoint=[path], store=str(tiny_store), evals=["core", "absorption"], model_metrics=False, device="cpu")
+    with pytest.raises(UserError, match="absorption needs a residual-stream-like hook .* Leave absorption out of EVALS"):
+        evaluate_sae(config)
+    assert not (tmp_path / "eval.json").exists()
+
+
 def test_mismatches_and_missing_validation_get_clear_errors(tiny_store, trained_checkpoint, tmp_path, smollm2_tokenizer):
     small = hypothesaes_module().SparseAutoencoder(32, 16, 2, device="cpu")
     wrong_width = Path(small.save(str(tmp_path / "SAE_M=16_K=2.pt")))

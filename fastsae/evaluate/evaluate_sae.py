@@ -688,6 +688,9 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
         if "absorption" in config.evals
         else None
     )
+    if absorption is not None:
+        for evaluand in evaluands:
+            absorption.check(evaluand.trained)
     all_results = []
     for evaluand in evaluands:
         examples = validation_examples(evaluand.store.n_examples, evaluand.fraction, evaluand.seed)
