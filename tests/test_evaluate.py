@@ -268,6 +268,17 @@ def test_an_sae_absorption_cannot_measure_is_refused_before_any_evaluation(tiny_
     assert not (tmp_path / "eval.json").exists()
 
 
+def test_a_sweep_table_tells_checkpoints_of_the_same_name_apart(tiny_store, tmp_path, capsys):
+    """Two runs' SAE_M=32_K=4.pt (and folder SAEs named like sparsify's layers.2) were rows of one name."""
+    checkpoints = []
+    for run in ("run.a", "run.b"):
+        (tmp_path / run).mkdir()
+        checkpoints.append(hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu").save(str(tmp_path / run / "SAE_M=32_K=4.pt")))
+    evaluate_sae(EvalConfig(checkpoint=checkpoints, store=str(tiny_store), validation_fraction=0.1, seed=0, model_metrics=False))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| run.")]
+    assert [row.split(" | ")[0] for row in rows] == ["| run.a/SAE_M=32_K=4.pt", "| run.b/SAE_M=32_K=4.pt"]
+
+
 def test_mismatches_and_missing_validation_get_clear_errors(tiny_store, trained_checkpoint, tmp_path, smollm2_tokenizer):
     small = hypothesaes_module().SparseAutoencoder(32, 16, 2, device="cpu")
     wrong_width = Path(small.save(str(tmp_path / "SAE_M=16_K=2.pt")))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -620,16 +621,27 @@ def tracked_metrics(results: dict[str, Any]) -> dict[str, float]:
     return {name: value for name, value in metrics.items() if value is not None}
 
 
+def _sweep_row_names(checkpoints: list[str]) -> list[str]:
+    """Each checkpoint as its path below the folder they all share: a file's stem alone repeats across runs (every
+    run's SAE_M=256_K=8.pt), and cuts a folder SAE's name at its dot (sparsify's layers.6 and layers.7 are both layers)."""
+    try:
+        common = os.path.commonpath(checkpoints)
+    except ValueError:  # absolute and relative paths mixed
+        return checkpoints
+    return [path if path == common else os.path.relpath(path, common) for path in checkpoints]
+
+
 def sweep_table(all_results: list[dict[str, Any]]) -> str:
     lines = ["| checkpoint | FVU (content) | L0 | dead | ce_loss_score | kl_div_score |", "|---|---|---|---|---|---|"]
-    for results in all_results:
+    names = _sweep_row_names([results["checkpoint"] for results in all_results])
+    for name, results in zip(names, all_results):
         core = (results.get("saebench_core") or {}).get("eval_result_metrics", {})
         ce, kl = (
             core.get("model_performance_preservation", {}).get("ce_loss_score"),
             core.get("model_behavior_preservation", {}).get("kl_div_score"),
         )
         lines.append(
-            f"| {Path(results['checkpoint']).stem} | {_number(results['reconstruction']['content'].get('fvu'))} | {_number(results['sparsity']['l0_mean'], 1)} | "
+            f"| {name} | {_number(results['reconstruction']['content'].get('fvu'))} | {_number(results['sparsity']['l0_mean'], 1)} | "
             f"{_percent(results['sparsity']['dead_fraction'])} | {_number(ce)} | {_number(kl)} |"
         )
     return "\n".join(lines)
