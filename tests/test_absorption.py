@@ -239,6 +239,7 @@ def test_evaluate_sae_runs_absorption_when_evals_names_it(tiny_checkpoint, tiny_
     (results,) = evaluate_sae(config)
     written = json.loads((tiny_checkpoint.parent / ABSORPTION_FILE).read_text())
     assert results["absorption"] == written and written["status"] == "probe_too_weak"
+    assert written["checkpoint"] == str(tiny_checkpoint)  # which SAE it is about, read later on its own
     assert written["vocabulary"]["sampled"] == 300 and not (tiny_checkpoint.parent / "eval.json").exists()
     stage_outputs = [output.path.name for output in STAGE.outputs(config, None)]
     assert stage_outputs == [ABSORPTION_FILE]

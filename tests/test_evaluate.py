@@ -64,6 +64,37 @@ def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
     assert mean.metrics()["fvu"] == pytest.approx(1.0)
 
 
+def test_fvu_is_not_measured_on_tokens_without_spread():
+    """One held-out special token, or only BOS (the same activation in every example): FVU would divide by zero or noise."""
+    x = torch.randn(1, 16) * 3 + 2
+    for tokens in (x, x.expand(40, 16)):
+        sums = ReconstructionSums(16)
+        sums.add(tokens, tokens * 0.5)
+        assert sums.metrics()["fvu"] is None and sums.metrics()["cosine"] == pytest.approx(1.0)
+
+
+def test_a_held_out_split_without_content_tokens_has_no_sparsity_numbers(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, capsys):
+    """Examples cut to their first 6 tokens hold only the chat template: an SAE trained on content tokens has nothing to
+    fire on there, which is not an L0 of 0 with every feature dead."""
+    from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+    from fastsae.lm.data import load_dataset
+
+    extract = ExtractConfig(layers=[LAYER], dataset=str(texts_file), max_length=6, output_dir=str(tmp_path / "stores"))
+    (store,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(extract.dataset), extract, "tiny")
+    sae = hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu")
+    checkpoint = sae.save(str(tmp_path / "SAE_M=32_K=4.pt"))
+    (results,) = evaluate_sae(
+        EvalConfig(checkpoint=[checkpoint], store=str(store), validation_fraction=0.3, seed=0, model_metrics=False, device="cpu")
+    )
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["reconstruction"]["content"] == {"tokens": 0} and saved["reconstruction"]["special"]["tokens"] > 0
+    assert saved["sparsity"]["tokens"] == 0 and saved["sparsity"]["l0_mean"] is None and saved["sparsity"]["dead_fraction"] is None
+    assert {row["metric"]: row["verdict"] for row in saved["health"]} == dict.fromkeys(
+        ("ce_loss_score", "l0_mean", "dead_fraction", "dense_fraction"), "not measured"
+    )
+    assert "| dead / dense features | n/a / n/a |" in capsys.readouterr().out
+
+
 def test_oracle_saes_score_one_and_zero(tiny_llama, tiny_store, smollm2_tokenizer):
     store = ActivationStore(tiny_store)
     passes = reference_passes(tiny_llama, store, smollm2_tokenizer)
@@ -173,6 +204,11 @@ def test_a_sweep_shares_the_passes_and_reruns_reuse_them_until_model_store_or_sp
     settings = dict(model_name=str(tiny_model_folder), model_tokens=600, device="cpu")
     first = evaluate_sae(EvalConfig(checkpoint=checkpoints, **settings))
     assert [r["model_tokens"]["reused_reference_passes"] for r in first] == [False, False]  # computed once, in memory for both
+    for checkpoint in checkpoints:  # each file names its own checkpoint, and the split the -1 settings resolved to
+        saved = json.loads((Path(checkpoint).parent / "eval.json").read_text())
+        assert saved["checkpoint"] == saved["settings"]["checkpoint"] == checkpoint
+        assert saved["split"] == {"validation_fraction": 0.1, "seed": config.seed, "examples": 330, "held_out_examples": 33}
+        assert saved["checkpoint_state"]["training_finished"] is True and saved["checkpoint_state"]["step"] > 0
     assert "| checkpoint | FVU (content) |" in capsys.readouterr().out  # the sweep table
     cache_files = list((tiny_store / "evaluation_cache").glob("*.pt"))
     rerun = evaluate_sae(EvalConfig(checkpoint=checkpoints[:1], **settings))[0]
@@ -220,6 +256,27 @@ def test_a_hypothesaes_checkpoint_is_evaluated_given_its_store(tiny_store, tiny_
     core = results["saebench_core"]["eval_result_metrics"]
     assert results["sparsity"]["l0_mean"] <= 4 and core["sparsity"]["l0"] <= 4
     assert results["saebench_core"]["eval_config"]["exclude_special_tokens_from_reconstruction"] is True  # no training record: as ours
+
+
+def test_an_sae_absorption_cannot_measure_is_refused_before_any_evaluation(tiny_store, tmp_path):
+    """A HypotheSAEs checkpoint records no hook: absorption cannot probe it, and says so before the core metrics run,
+    not after they have written eval.json (in a sweep, after every SAE before it)."""
+    path = hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu").save(str(tmp_path / "SAE_M=32_K=4.pt"))
+    config = EvalConfig(checkpoint=[path], store=str(tiny_store), evals=["core", "absorption"], model_metrics=False, device="cpu")
+    with pytest.raises(UserError, match="absorption needs a residual-stream-like hook .* Leave absorption out of EVALS"):
+        evaluate_sae(config)
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_a_sweep_table_tells_checkpoints_of_the_same_name_apart(tiny_store, tmp_path, capsys):
+    """Two runs' SAE_M=32_K=4.pt (and folder SAEs named like sparsify's layers.2) were rows of one name."""
+    checkpoints = []
+    for run in ("run.a", "run.b"):
+        (tmp_path / run).mkdir()
+        checkpoints.append(hypothesaes_module().SparseAutoencoder(64, 32, 4, device="cpu").save(str(tmp_path / run / "SAE_M=32_K=4.pt")))
+    evaluate_sae(EvalConfig(checkpoint=checkpoints, store=str(tiny_store), validation_fraction=0.1, seed=0, model_metrics=False))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| run.")]
+    assert [row.split(" | ")[0] for row in rows] == ["| run.a/SAE_M=32_K=4.pt", "| run.b/SAE_M=32_K=4.pt"]
 
 
 def test_mismatches_and_missing_validation_get_clear_errors(tiny_store, trained_checkpoint, tmp_path, smollm2_tokenizer):

@@ -201,6 +201,7 @@ def test_data_without_labels_is_skipped_and_says_so(tmp_path, caplog):
     assert [record.message for record in caplog.records if "skipped" in record.message] == [f"Sparse probing skipped: {reason}."]
     assert result["status"] == "skipped" and result["reason"] == reason
     assert json.loads((tmp_path / SPARSE_PROBING_FILE).read_text()) == result  # so the pipeline sees the step done
+    assert result["split"] == ExampleSplit.by_example(store.n_examples, FRACTION, SEED).record(SEED)  # which examples it would have used
     assert not (tmp_path / SPARSE_PROBING_PLOT_FILE).exists()
     assert read_probe_choices(tmp_path) == {}
 
@@ -241,6 +242,10 @@ def test_evaluate_runs_only_the_evaluations_named(tmp_path, tiny_model_folder):
     config = EvalConfig(checkpoint=[str(checkpoint)], evals=["sparse_probing"], probing_k=[1, 2], device="cpu")
     (results,) = evaluate_sae(config)
     assert results["sparse_probing"]["tasks"]["alpha"]["sae_top_1_test_accuracy"] >= 0.95
+    saved = json.loads((checkpoint.parent / SPARSE_PROBING_FILE).read_text())
+    assert (saved["checkpoint"], saved["store"]) == (str(checkpoint), str(store.folder))
+    n_held_out = round(store.n_examples * FRACTION)  # the training run's split, recorded in the checkpoint
+    assert saved["split"] == {"seed": SEED, "examples": store.n_examples, "held_out_examples": n_held_out}
     assert sorted(path.name for path in checkpoint.parent.iterdir()) == sorted(
         [checkpoint.name, SPARSE_PROBING_FILE, SPARSE_PROBING_PLOT_FILE]
     )

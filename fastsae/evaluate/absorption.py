@@ -508,15 +508,23 @@ class AbsorptionSweep:
             self.spelling_probes[key] = (probe, vocabulary)
         return self.spelling_probes[key]
 
-    def evaluate(self, trained: TrainedSAE) -> dict[str, Any]:
-        """First-letter absorption of `trained` (see the module docstring). Its `seconds` include phase 1 for the first SAE
-        on a model and hook only."""
+    def check(self, trained: TrainedSAE) -> None:
+        """Refuse an SAE absorption cannot measure (its hook, or its model, unknown or not probeable): a sweep calls this
+        for every SAE before any evaluation, so the refusal comes before the work, not after the first SAEs'."""
         info = trained.info
         if info.hook_point not in HOOK_POINTS or info.layer is None:
             raise UserError(
                 f"{trained.checkpoint} reads {info.hook_point or 'an unrecorded hook'}: absorption needs a residual-stream-like hook "
-                f"({', '.join(HOOK_POINTS)}) at a recorded layer, where the model's activations can be probed for first letters."
+                f"({', '.join(HOOK_POINTS)}) at a recorded layer, where the model's activations can be probed for first letters. "
+                "Leave absorption out of EVALS for it."
             )
+        trained.model_name(self.model_name)
+
+    def evaluate(self, trained: TrainedSAE) -> dict[str, Any]:
+        """First-letter absorption of `trained` (see the module docstring). Its `seconds` include phase 1 for the first SAE
+        on a model and hook only."""
+        self.check(trained)
+        info = trained.info
         started = time.perf_counter()
         spelling, vocabulary = self.spelling_for(trained)
         phase_two = sae_absorption(spelling, trained.sae, self.device) if spelling.measurable else None
@@ -524,7 +532,7 @@ class AbsorptionSweep:
         result = absorption_result(
             spelling, phase_two, vocabulary, trained.model_name(self.model_name), hook, trained.checkpoint.stem, saelens_config(info)
         )
-        result["seconds"] = time.perf_counter() - started
+        result = {"checkpoint": str(trained.checkpoint), **result, "seconds": time.perf_counter() - started}
         logger.info("Absorption of %s: %s", trained.checkpoint.name, result["statement"])
         return result
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,10 @@ class EvalConfig:
         tracking.check_tracker(self.tracker)
 
 
+# Below this share of the tokens' squared norm, their spread Σ‖x − x̄‖² is rounding noise, not a variance to explain.
+MIN_RELATIVE_SPREAD = 1e-6
+
+
 class ReconstructionSums:
     """Running sums for our reconstruction metrics over one kind of token."""
 
@@ -239,14 +244,16 @@ class ReconstructionSums:
         self.total += x.sum(0)
         self.squared_norm += float(x.pow(2).sum())
 
-    def metrics(self) -> dict[str, float | int]:
+    def metrics(self) -> dict[str, float | int | None]:
+        """FVU is None when the tokens have (almost) no spread around their mean: one token, or only BOS, whose activation
+        is the same in every example; a ratio to that spread would be a division by zero or rounding noise."""
         if not self.tokens:
             return {"tokens": 0}
         d = len(self.total)
         variance = self.squared_norm - float(self.total.pow(2).sum()) / self.tokens  # Σ‖x − x̄‖²
         return {
             "tokens": self.tokens,
-            "fvu": self.squared_error / variance,
+            "fvu": self.squared_error / variance if variance > MIN_RELATIVE_SPREAD * self.squared_norm else None,
             "mse_per_dimension": self.squared_error / (self.tokens * d),
             "cosine": self.cosine / self.tokens,
         }
@@ -301,17 +308,20 @@ def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoen
         sparsity_tokens += int(trained_on.sum())
     l0 = np.concatenate(l0_per_token) if l0_per_token else np.zeros(0)
     density = (fire_counts / max(sparsity_tokens, 1)).numpy()
+    # No held-out token of the kinds the SAE was trained on (a short split of template-only examples): its sparsity is
+    # not measured here, rather than an L0 of 0 and every feature dead.
+    measured = sparsity_tokens > 0
     return {
         "reconstruction": {kind: total.metrics() for kind, total in sums.items()},
         "fast_token_mse": _fast_mse(fast_all, store.d),
         "fast_token_mse_special": _fast_mse(fast_special, store.d),
         "sparsity": {
             "tokens": sparsity_tokens,
-            "l0_mean": float(l0.mean()) if len(l0) else 0.0,
-            "l0_percentiles": {str(p): float(np.percentile(l0, p)) for p in (10, 50, 90)} if len(l0) else {},
-            "l1_mean": l1_total / max(sparsity_tokens, 1),
-            "dead_fraction": float((fire_counts == 0).double().mean()),
-            "dense_fraction": float((density > DENSE_FREQUENCY).mean()),
+            "l0_mean": float(l0.mean()) if measured else None,
+            "l0_percentiles": {str(p): float(np.percentile(l0, p)) for p in (10, 50, 90)} if measured else {},
+            "l1_mean": l1_total / sparsity_tokens if measured else None,
+            "dead_fraction": float((fire_counts == 0).double().mean()) if measured else None,
+            "dense_fraction": float((density > DENSE_FREQUENCY).mean()) if measured else None,
         },
         "feature_density": density.tolist(),
     }
@@ -363,7 +373,8 @@ def health_table(values: dict[str, float | None]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_feature_density(path: Path, density: list[float], title: str) -> None:
+def plot_feature_density(path: Path, density: list[float], title: str, tokens: int | None = None) -> None:
+    """A histogram of log10 density; `tokens` 0 says that no token was counted (nothing is dead then, nor alive)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,7 +386,8 @@ def plot_feature_density(path: Path, density: list[float], title: str) -> None:
     axis.hist(np.log10(alive), bins=50, color="#4c72b0") if len(alive) else None
     axis.set_xlabel("log10 feature density (fraction of tokens it fires on)")
     axis.set_ylabel("features")
-    axis.set_title(f"{title}\n{int((values == 0).sum())} of {len(values)} features never fire (not shown)")
+    counted = f"{int((values == 0).sum())} of {len(values)} features never fire (not shown)" if tokens != 0 else "no token counted"
+    axis.set_title(f"{title}\n{counted}")
     figure.tight_layout()
     write_figure_atomically(path, figure, dpi=110)
     plt.close(figure)
@@ -383,6 +395,10 @@ def plot_feature_density(path: Path, density: list[float], title: str) -> None:
 
 def _number(value, digits=4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def saebench_table(results: dict[str, Any]) -> list[str]:
@@ -418,11 +434,11 @@ def report_table(results: dict[str, Any]) -> str:
         "|---|---|",
         f"| FAST token MSE, raw / log2 | {_number(fast['raw'])} / {_number(fast['log2'])} |",
         f"| FAST MSE_st (special tokens), raw / log2 | {_number(fast_special['raw'])} / {_number(fast_special['log2'])} |",
-        f"| L0 (mean; p10 / p50 / p90) | {sparsity['l0_mean']:.2f}; "
-        + " / ".join(f"{v:.0f}" for v in sparsity["l0_percentiles"].values())
+        f"| L0 (mean; p10 / p50 / p90) | {_number(sparsity['l0_mean'], 2)}; "
+        + (" / ".join(f"{v:.0f}" for v in sparsity["l0_percentiles"].values()) or "n/a")
         + " |",
-        f"| L1 (mean) | {sparsity['l1_mean']:.3f} |",
-        f"| dead / dense features | {sparsity['dead_fraction']:.1%} / {sparsity['dense_fraction']:.1%} |",
+        f"| L1 (mean) | {_number(sparsity['l1_mean'], 3)} |",
+        f"| dead / dense features | {_percent(sparsity['dead_fraction'])} / {_percent(sparsity['dense_fraction'])} |",
         f"| decoder rows' max cosine to another row (mean / p90 / max) | {results['decoder_max_cosine']['mean']:.3f} / {results['decoder_max_cosine']['p90']:.3f} / {results['decoder_max_cosine']['max']:.3f} |",
     ]
     if results.get("saebench_core"):
@@ -452,6 +468,10 @@ class _Evaluand:
     @property
     def path(self) -> Path:
         return self.trained.checkpoint
+
+    @property
+    def split(self) -> ExampleSplit:
+        return ExampleSplit.by_example(self.store.n_examples, self.fraction, self.seed)
 
     @property
     def sae(self) -> SparseAutoencoder:
@@ -601,32 +621,48 @@ def tracked_metrics(results: dict[str, Any]) -> dict[str, float]:
     return {name: value for name, value in metrics.items() if value is not None}
 
 
+def _sweep_row_names(checkpoints: list[str]) -> list[str]:
+    """Each checkpoint as its path below the folder they all share: a file's stem alone repeats across runs (every
+    run's SAE_M=256_K=8.pt), and cuts a folder SAE's name at its dot (sparsify's layers.6 and layers.7 are both layers)."""
+    try:
+        common = os.path.commonpath(checkpoints)
+    except ValueError:  # absolute and relative paths mixed
+        return checkpoints
+    return [path if path == common else os.path.relpath(path, common) for path in checkpoints]
+
+
 def sweep_table(all_results: list[dict[str, Any]]) -> str:
     lines = ["| checkpoint | FVU (content) | L0 | dead | ce_loss_score | kl_div_score |", "|---|---|---|---|---|---|"]
-    for results in all_results:
+    names = _sweep_row_names([results["checkpoint"] for results in all_results])
+    for name, results in zip(names, all_results):
         core = (results.get("saebench_core") or {}).get("eval_result_metrics", {})
         ce, kl = (
             core.get("model_performance_preservation", {}).get("ce_loss_score"),
             core.get("model_behavior_preservation", {}).get("kl_div_score"),
         )
         lines.append(
-            f"| {Path(results['checkpoint']).stem} | {_number(results['reconstruction']['content'].get('fvu'))} | {results['sparsity']['l0_mean']:.1f} | "
-            f"{results['sparsity']['dead_fraction']:.1%} | {_number(ce)} | {_number(kl)} |"
+            f"| {name} | {_number(results['reconstruction']['content'].get('fvu'))} | {_number(results['sparsity']['l0_mean'], 1)} | "
+            f"{_percent(results['sparsity']['dead_fraction'])} | {_number(ce)} | {_number(kl)} |"
         )
     return "\n".join(lines)
 
 
 def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, model_metrics: _ModelMetrics | None) -> dict[str, Any]:
     """The core evaluation of one checkpoint (ours and SAEBench's core metrics); writes eval.json and feature_density.png."""
-    store, sae = evaluand.store, evaluand.sae
+    store, sae, info = evaluand.store, evaluand.sae, evaluand.trained.info
     store_examples = examples[: config.max_examples] if config.max_examples else examples
     logger.info("Evaluating %s on %d held-out examples of %s", evaluand.path.name, len(store_examples), store.folder)
+    settings = {**asdict(config), "checkpoint": str(evaluand.path)}  # this SAE's, not the sweep's list
     results: dict[str, Any] = {
         "checkpoint": str(evaluand.path),
+        # A checkpoint saved mid-run describes the SAE at its step; the finished run later replaces the file.
+        "checkpoint_state": {"step": info.step, "tokens_trained": info.tokens_trained, "training_finished": info.training_finished},
         "store": str(store.folder),
         "hook_name": store.hook_name,
+        # The held-out examples, resolved (VALIDATION_FRACTION and SEED of -1 mean the training run's).
+        "split": {"validation_fraction": evaluand.fraction, **evaluand.split.record(evaluand.seed)},
         "examples": len(store_examples),
-        "settings": asdict(config),
+        "settings": settings,
     }
     results.update(store_metrics(store, store_examples, sae, evaluand.trained.info.trained_with_special_tokens))
     results["decoder_max_cosine"] = decoder_max_cosine(sae)
@@ -642,9 +678,8 @@ def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, m
     density = results.pop("feature_density")
     folder = evaluand.trained.results_folder  # beside a .pt checkpoint; inside an SAE folder; checkpoints/saelens/ for a pretrained one
     folder.mkdir(parents=True, exist_ok=True)
-    plot_feature_density(folder / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}")
+    plot_feature_density(folder / DENSITY_PLOT_FILE, density, f"{sae.spec.name} — {store.hook_name}", results["sparsity"]["tokens"])
     write_json_atomically(folder / EVAL_FILE, {**results, "feature_density": density})
-    settings = {**asdict(config), "checkpoint": str(evaluand.path)}
     with tracking.start_tracker(config, folder, evaluand.path.stem, "evaluate", settings) as tracker:
         tracker.log_summary(tracked_metrics(results))
     print(f"\n{evaluand.path}\n\n" + report_table(results))
@@ -665,16 +700,18 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
         if "absorption" in config.evals
         else None
     )
+    if absorption is not None:
+        for evaluand in evaluands:
+            absorption.check(evaluand.trained)
     all_results = []
     for evaluand in evaluands:
         examples = validation_examples(evaluand.store.n_examples, evaluand.fraction, evaluand.seed)
         results = core_metrics(evaluand, examples, config, model_metrics) if "core" in config.evals else {"checkpoint": str(evaluand.path)}
         if "sparse_probing" in config.evals:
-            split = ExampleSplit.by_example(evaluand.store.n_examples, evaluand.fraction, evaluand.seed)
             results["sparse_probing"] = run_sparse_probing(
                 evaluand.trained,
                 evaluand.store,
-                split,
+                evaluand.split,
                 evaluand.seed,
                 tokenizers.ignored_ids(evaluand.store),
                 config.probing_k,

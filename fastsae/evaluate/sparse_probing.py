@@ -314,10 +314,11 @@ def run_sparse_probing(
     sparse_probing.json and sparse_probing.png beside the checkpoint and prints the table. When the data has fewer than
     two labels, or the store is block-packed (a block spans examples), sparse_probing.json says why it was skipped
     (status "skipped"), so a rerun knows it is done."""
+    source = {"checkpoint": str(trained.checkpoint), "store": str(store.folder), "split": split.record(seed)}
     if store.manifest.packing == "block":
         return skipped(
+            source,
             trained,
-            store,
             f'{store.folder} was extracted with PACKING = "block": its blocks mix examples, so no block has one label; '
             'extract the store again with PACKING = "sequential" (extract_activations.py)',
         )
@@ -326,7 +327,7 @@ def run_sparse_probing(
     if len(present) < 2:
         found = f"one label ({present[0]})" if present else "no labels"
         return skipped(
-            trained, store, f"the data in {store.folder} has {found}; it needs a label per example (LABEL_FIELD in extract_activations.py)"
+            source, trained, f"the data in {store.folder} has {found}; it needs a label per example (LABEL_FIELD in extract_activations.py)"
         )
     sae = trained.sae
     usable = sorted({min(k, sae.spec.m) for k in k_values})
@@ -340,7 +341,7 @@ def run_sparse_probing(
     labels = sorted(set(train_names) & set(test_names))
     dropped = dropped_labels(present, labels, train_names, test_names)
     if len(labels) < 2:
-        return skipped(trained, store, f"fewer than two labels have both training and held-out examples ({', '.join(labels)})")
+        return skipped(source, trained, f"fewer than two labels have both training and held-out examples ({', '.join(labels)})")
     tasks = probe_labels(train, train_names, test, test_names, labels, usable, seed)
     unconverged = {name: task["unconverged_probes"] for name, task in tasks.items() if task["unconverged_probes"]}
     if unconverged:
@@ -348,15 +349,13 @@ def run_sparse_probing(
             "Sparse probing: some probes stopped at max_iter=%d before converging (as SAEBench's would): %s", PROBE_MAX_ITER, unconverged
         )
     results = {
-        "checkpoint": str(trained.checkpoint),
-        "store": str(store.folder),
+        **source,
         "status": "measured",
         "hook_name": store.hook_name,
         "method": "SAEBench sparse probing (sae-bench 0.6.0 evals/sparse_probing): mean-pooled over the tokens but BOS, EOS and padding of "
         f"{f'the first {context_length} positions' if context_length else 'the whole example'}, features "
         "ranked by |difference of class means| on the balanced training set, L2 logistic regression (C=1, max_iter=1000)",
         "k_values": usable,
-        "seed": seed,
         "context_length": context_length,
         "examples": {"train": int(np.isin(train_names, labels).sum()), "test": int(np.isin(test_names, labels).sum())},
         "labels": [name for name in tasks if name != MULTICLASS],
@@ -390,10 +389,11 @@ def dropped_labels(present: list[str], kept: list[str], train_names: np.ndarray,
     return dropped
 
 
-def skipped(trained: TrainedSAE, store: ActivationStore, reason: str) -> dict[str, Any]:
-    """The record of a skipped probing, written as sparse_probing.json (a plot of an earlier run goes: it no longer holds)."""
+def skipped(source: dict[str, Any], trained: TrainedSAE, reason: str) -> dict[str, Any]:
+    """The record of a skipped probing (`source`: its checkpoint, store and split), written as sparse_probing.json (a
+    plot of an earlier run goes: it no longer holds)."""
     logger.info("Sparse probing skipped: %s.", reason)
-    result = {"checkpoint": str(trained.checkpoint), "store": str(store.folder), "status": "skipped", "reason": reason}
+    result = {**source, "status": "skipped", "reason": reason}
     folder = trained.results_folder
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPARSE_PROBING_PLOT_FILE).unlink(missing_ok=True)

@@ -50,6 +50,11 @@ class ExampleSplit:
         is_validation[chosen] = True
         return cls(is_validation)
 
+    def record(self, seed: int) -> dict[str, int]:
+        """What identifies a `by_example` split in an output file: its held-out examples are the first `held_out_examples`
+        of a permutation of `examples` seeded with `seed`."""
+        return {"seed": seed, "examples": len(self.is_validation), "held_out_examples": int(self.is_validation.sum())}
+
     def token_mask(self, store: ActivationStore, start: int, stop: int, validation: bool) -> np.ndarray:
         """For tokens [start, stop): whether each belongs to the requested side of the split."""
         examples = np.searchsorted(store.doc_offsets, np.arange(start, stop), side="right") - 1
