@@ -13,7 +13,7 @@ import torch
 from conftest import hypothesaes_module, make_tiny_llama, save_tiny_llama_with_blocks
 from fastsae.common.errors import UserError
 from fastsae.core.sae import SAESpec, SparseAutoencoder
-from fastsae.evaluate.evaluate_sae import EvalConfig, ReconstructionSums, evaluate_sae, validation_examples
+from fastsae.evaluate.evaluate_sae import EvalConfig, ReconstructionSums, evaluate_sae, fast_token_mse, validation_examples
 from fastsae.evaluate.model_metrics import KEPT_REFERENCE_PASSES, CountedPositions, ReferencePasses, length_grouped
 from fastsae.evaluate.saebench_core import ignored_token_ids
 from fastsae.lm.hook_points import hooked_module, output_tensor, with_output_tensor
@@ -313,3 +313,11 @@ def test_out_of_range_split_settings_are_refused(setting, message):
         EvalConfig(**setting)
     EvalConfig(validation_fraction=0.2, seed=0, max_examples=0)  # in range, and the sentinels: accepted
     EvalConfig(validation_fraction=-1, seed=-1)
+
+
+def test_a_checkpoint_listed_twice_is_evaluated_once_and_a_perfect_reconstruction_has_no_log2():
+    """Listed twice, it was evaluated twice and had two rows in the sweep's table; an MSE of 0 wrote -Infinity, which
+    strict JSON readers refuse."""
+    assert EvalConfig(checkpoint=["a.pt", "b.pt", "a.pt"]).checkpoint == ["a.pt", "b.pt"]
+    assert fast_token_mse([0.0, 0.0], d=4) == {"raw": 0.0, "log2": None}
+    assert fast_token_mse([8.0], d=4) == {"raw": 2.0, "log2": 1.0}

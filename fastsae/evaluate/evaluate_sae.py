@@ -183,6 +183,11 @@ class EvalConfig:
     tracker_dir: str = setting("", tracking.DIR_HELP, name="logger_dir")
 
     def __post_init__(self) -> None:
+        if len(set(self.checkpoint)) < len(self.checkpoint):  # each would be evaluated, and listed in the sweep's table, twice
+            logger.info(
+                "CHECKPOINT lists %d checkpoints more than once: each is evaluated once.", len(self.checkpoint) - len(set(self.checkpoint))
+            )
+            self.checkpoint = list(dict.fromkeys(self.checkpoint))
         unknown = [name for name in self.evals if name not in EVALS]
         if unknown or not self.evals:
             raise UserError(f"EVALS takes one or more of {', '.join(EVALS)}; got {self.evals!r}.")
@@ -259,12 +264,12 @@ class ReconstructionSums:
         }
 
 
-def _fast_mse(per_example: list[float], d: int) -> dict[str, float | None]:
+def fast_token_mse(per_example: list[float], d: int) -> dict[str, float | None]:
     """The FAST paper's Eq. 7 (and its log2, which is what the paper prints)."""
     if not per_example:
         return {"raw": None, "log2": None}
     raw = float(np.mean(per_example)) / d
-    return {"raw": raw, "log2": math.log2(raw) if raw > 0 else float("-inf")}
+    return {"raw": raw, "log2": math.log2(raw) if raw > 0 else None}  # a perfect reconstruction has no log2 (JSON has no -inf)
 
 
 def validation_examples(n_examples: int, fraction: float, seed: int) -> list[int]:
@@ -313,8 +318,8 @@ def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoen
     measured = sparsity_tokens > 0
     return {
         "reconstruction": {kind: total.metrics() for kind, total in sums.items()},
-        "fast_token_mse": _fast_mse(fast_all, store.d),
-        "fast_token_mse_special": _fast_mse(fast_special, store.d),
+        "fast_token_mse": fast_token_mse(fast_all, store.d),
+        "fast_token_mse_special": fast_token_mse(fast_special, store.d),
         "sparsity": {
             "tokens": sparsity_tokens,
             "l0_mean": float(l0.mean()) if measured else None,

@@ -365,8 +365,9 @@ def run_sparse_probing(
     }
     folder = trained.results_folder
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(folder / SPARSE_PROBING_FILE, results)
+    # The plot first: the JSON, which says the probing is done, never stands beside an earlier run's plot.
     plot_sparse_probing(folder / SPARSE_PROBING_PLOT_FILE, results, f"{sae.spec.name} — {store.hook_name}")
+    write_json_atomically(folder / SPARSE_PROBING_FILE, results)
     print(f"\n{trained.checkpoint}: sparse probing\n\n" + probing_table(results))
     return results
 
