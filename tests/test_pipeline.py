@@ -259,6 +259,26 @@ def test_a_step_run_by_hand_with_other_flags_reruns_the_steps_that_read_its_outp
     assert steps_run(monkeypatch, "--yes") == set()
 
 
+def test_a_step_that_reruns_with_unchanged_settings_reruns_the_steps_that_read_its_outputs(completed, monkeypatch):
+    """Extraction run by hand re-runs training, whose settings are unchanged, so its readers' fingerprints are too: they
+    were skipped as current beside a checkpoint trained on the new store, and the next run blamed "outside the pipeline"."""
+    from fastsae.extract.extract_activations import STAGE as EXTRACT_STAGE
+    from fastsae.extract.extract_activations import extract_activations
+    from fastsae.pipeline.run_pipeline import load_step_config
+
+    by_hand = load_step_config(EXTRACT_STAGE, completed)
+    extract_activations(dataclasses.replace(by_hand, max_examples=40, overwrite=True))
+    plans = planned()
+    assert {name: (plan.action, plan.reason) for name, plan in plans.items()} == {
+        "extract": ("skip", "current"),
+        "train": ("run", "input rewritten outside the pipeline"),
+        "evaluate": ("run", "train re-runs"),
+        "interpret": ("run", "train re-runs"),
+    }
+    assert steps_run(monkeypatch, "--yes") == {"train", "evaluate", "interpret"}
+    assert steps_run(monkeypatch, "--yes") == set()
+
+
 def test_an_api_key_set_after_an_offline_run_reruns_interpretation_and_so_does_another_endpoint(completed, monkeypatch):
     """Whether a key is set decides whether interpretations.csv gets explanations; which key it is does not."""
     assert {name: plan.action for name, plan in planned().items()} == dict.fromkeys(MARKERS, "skip")

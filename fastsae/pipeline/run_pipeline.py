@@ -301,6 +301,18 @@ class Pipeline:
             if any(same_path(path, output) for output in writer.output_paths)
         }
 
+    def _running_writers_of_inputs(self, plan: StepPlan) -> list[str]:
+        """The earlier stages that run and write what `plan` reads (its input or an optional input): a stage re-run with the
+        same settings (its outputs missing, an interrupted run, its own input rewritten) leaves the fingerprints of its readers
+        as they were, yet rewrites what they read."""
+        earlier = list(self.plans.values())[: list(self.plans).index(plan.stage.name)]
+        reads = [*plan.stage.input_paths(plan.config), *plan.stage.optional_inputs(plan.config)]
+        return [
+            writer.stage.name
+            for writer in earlier
+            if writer.runs and any(same_path(path, output) for path in reads for output in writer.output_paths)
+        ]
+
     def _written_by(self, writer: StepPlan) -> str | None:
         """What `writer`'s outputs will hold: its new fingerprint if it is selected, else the one on record, once it finished
         (an interrupted run's outputs may still be its old settings')."""
@@ -323,6 +335,8 @@ class Pipeline:
             return "run", "resume (interrupted)", False
         if not plan.stage.outputs_complete(plan.outputs):
             return "run", "outputs missing", False
+        if rewriters := self._running_writers_of_inputs(plan):
+            return "run", f"{rewriters[0]} re-runs", True
         if record.get("input") is not None and record["input"] != plan.stage.input_identity(plan.config):
             return "run", "input rewritten outside the pipeline", True
         return "skip", "current", False
