@@ -393,6 +393,15 @@ def test_inputs_must_chain_before_anything_runs(project, monkeypatch, capsys):
     assert not Path("activations").exists()
 
 
+def test_a_broken_step_script_stops_the_run_before_anything_runs(project, monkeypatch, capsys):
+    """Each of the four scripts is read before the first step runs: an error in the last names its file and line."""
+    set_constants(project / "interpret_sae.py", TOP_CONTEXTS=[5])
+    line = (project / "interpret_sae.py").read_text().splitlines().index("TOP_CONTEXTS = [5]") + 1
+    message = failing_run(monkeypatch, capsys, "--yes")
+    assert message.startswith(f"error: interpret_sae.py, line {line}: TOP_CONTEXTS must be a whole number")
+    assert not Path("activations").exists() and not Path("pipeline_state.json").exists()
+
+
 def test_a_step_whose_upstream_runs_must_read_what_it_writes(completed, monkeypatch, capsys):
     """A new LAYERS moves extraction's store: training, still reading the old one, would re-run on it and leave the new one unused."""
     set_constants(completed / "extract_activations.py", LAYERS=[1])

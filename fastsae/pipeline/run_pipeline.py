@@ -13,6 +13,7 @@ by the first check, with its fix, rather than as an ImportError.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import importlib.util
@@ -21,6 +22,7 @@ import logging
 import runpy
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,11 +146,26 @@ def load_stages() -> list[Stage]:
 
 
 def load_step_config(stage: Stage, scripts_dir: Path) -> Any:
-    """The stage's config from its script's constants; the script's `__main__` block does not run."""
+    """The stage's config from its script's constants; the script's `__main__` block does not run.
+
+    A script that does not parse, or is not this step's (one of another project's, under the same name), is refused
+    before any of it runs: its top level could do anything. One whose constants fail is named with the line."""
     path = scripts_dir / stage.script
+    where = "SCRIPTS_DIR must be the folder that holds the four step scripts (the repository root)"
     if not path.is_file():
-        raise UserError(f"{path} not found: SCRIPTS_DIR must be the folder that holds the four step scripts (the repository root).")
-    namespace = runpy.run_path(str(path), run_name="fastsae_pipeline")
+        raise UserError(f"{path} not found: {where}.")
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except SyntaxError as error:
+        raise UserError(f"{path}, line {error.lineno}: {error.msg}. Fix the script, then rerun.") from None
+    config_name = stage.config_class.__name__
+    if not any(isinstance(node, ast.Name) and node.id == config_name for node in ast.walk(tree)):
+        raise UserError(f"{path} is not fastsae's {stage.script}: it never names {config_name}, the settings that script builds. {where}.")
+    try:
+        namespace = runpy.run_path(str(path), run_name="fastsae_pipeline")
+    except Exception as error:
+        line = next((frame.lineno for frame in reversed(traceback.extract_tb(error.__traceback__)) if frame.filename == str(path)), None)
+        raise UserError(f"{path}, line {line}: {type(error).__name__}: {error}. Fix the script, then rerun.") from None
     return parse_step_config(stage.config_class, namespace, namespace.get("__doc__") or "", argv=[])
 
 
