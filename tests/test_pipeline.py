@@ -183,6 +183,10 @@ def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(
     # Nor is how extraction batches its examples, or on which device.
     set_constants(completed / "extract_activations.py", BATCH_TOKENS=700, BATCHING="padded", ATTENTION="eager", DEVICE="cpu")
     assert steps_run(monkeypatch, "--yes") == set()
+    # Nor is naming the device `auto` picks (here the CPU) in the other steps.
+    for script in ("train_sae.py", "evaluate_sae.py", "interpret_sae.py"):
+        set_constants(completed / script, DEVICE="cpu")
+    assert steps_run(monkeypatch, "--yes") == set()
 
 
 def test_a_retraining_killed_before_its_first_save_reruns_with_the_same_command(completed, monkeypatch):

@@ -284,9 +284,13 @@ class Pipeline:
 
     def _decide(self) -> None:
         """Fingerprint each stage (its settings + its upstream's) and decide: skip when current, else run (and how)."""
+        from fastsae.common.devices import resolve_device
+
         for plan in self.plans.values():
             fingerprinted = dataclasses.asdict(plan.config).items()
             settings = {key: value for key, value in fingerprinted if key not in plan.stage.unfingerprinted}
+            if "device" in settings:  # auto is the device it picks; only the kind decides outputs (precision, absorption's words)
+                settings["device"] = resolve_device(settings["device"]).split(":")[0]
             upstream = self._upstream_fingerprint(plan)
             reads_dataset = plan.stage.upstream is None and self.dataset is not None  # the first stage reads the texts
             extra = {"dataset": self.dataset.fingerprint()} if reads_dataset else {}
