@@ -353,8 +353,15 @@ def test_without_a_terminal_it_asks_for_yes_and_at_a_terminal_no_means_no(projec
 
 def test_a_failing_step_keeps_the_earlier_outputs_and_the_rerun_resumes(project, monkeypatch, capsys):
     set_constants(project / "train_sae.py", BATCH_SIZE=100_000)
-    message = failing_run(monkeypatch, capsys, "--yes")
-    assert message.startswith("error: train_sae.py: the store has") and "BATCH_SIZE" in message
+    with pytest.raises(SystemExit):
+        run_pipeline(monkeypatch, "--yes")
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1].startswith("error: train_sae.py: the store has") and "BATCH_SIZE" in printed.err
+    # The summary says what each step came to, with the time the failed one took, before the error.
+    summary = printed.out[printed.out.rindex("| step | status |") :]
+    assert re.search(r"\| extract \| ran \| ~[\d.]+ s \| [\d.]+ s \|", summary)
+    assert re.search(r"\| train \| failed \| ~[\d.]+ s \| [\d.]+ s \|", summary)
+    assert "| evaluate | not run |" in summary and "| interpret | not run |" in summary
     assert ActivationStore(STORE).n_examples == 60
     state = json.loads(Path("pipeline_state.json").read_text())["steps"]
     assert state["extract"]["status"] == "complete" and state["train"]["status"] == "running"

@@ -506,10 +506,14 @@ class Pipeline:
             started = time.perf_counter()
             try:
                 stage.run(step_config)
-            except UserError as error:
-                raise UserError(
-                    f"{stage.script}: {error} (Steps that finished are kept: fix this and rerun run_pipeline.py to resume.)"
-                ) from None
+            except (Exception, KeyboardInterrupt) as error:
+                seconds[stage.name] = time.perf_counter() - started
+                print("\n" + self.summary(seconds, (stage.name, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")))
+                if isinstance(error, UserError):
+                    raise UserError(
+                        f"{stage.script}: {error} (Steps that finished are kept: fix this and rerun run_pipeline.py to resume.)"
+                    ) from None
+                raise
             seconds[stage.name] = time.perf_counter() - started
             self.state.update(
                 stage.name,
@@ -525,17 +529,27 @@ class Pipeline:
 
     # --- summary -------------------------------------------------------------------------------------
 
-    def summary(self, seconds: dict[str, float]) -> str:
-        """What ran, against its estimate, and the key figures each stage reads off its own outputs."""
+    def summary(self, seconds: dict[str, float], stopped: tuple[str, str] | None = None) -> str:
+        """What ran, against its estimate, and the key figures each stage reads off its own outputs. `stopped`: the step
+        that failed or was interrupted, and which; the steps planned after it did not run, and no figures are read off
+        outputs that may be half-written or stale."""
         lines = ["| step | status | estimate | took | outputs |", "|---|---|---|---|---|"]
+        after_stop = False
         for plan in self.plans.values():
             name = plan.stage.name
-            status = "ran" if name in seconds else plan.reason
+            if stopped and name == stopped[0]:
+                status, after_stop = stopped[1], True
+            elif after_stop and plan.runs:
+                status = "not run"
+            else:
+                status = "ran" if name in seconds else plan.reason
             estimate = f"~{_duration(plan.estimate.seconds)}" if name in seconds and plan.estimate.seconds is not None else ""
             took = _duration(seconds[name]) if name in seconds else ""
             outputs = "<br>".join(str(path) for path in plan.output_paths if path.exists())
             lines.append(f"| {name} | {status} | {estimate} | {took} | {outputs} |")
-        figures = [figure for plan in self.plans.values() for figure in plan.stage.key_figures(plan.config, plan.outputs)]
+        figures = (
+            [] if stopped else [figure for plan in self.plans.values() for figure in plan.stage.key_figures(plan.config, plan.outputs)]
+        )
         if figures:
             lines += ["", "| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in figures)]
         return "\n".join(lines)
