@@ -423,6 +423,16 @@ def test_a_step_whose_upstream_runs_must_read_what_it_writes(completed, monkeypa
     assert steps_run(monkeypatch, "--yes", "--from", "train") == set()  # without extraction, the existing store is current
 
 
+def test_the_plan_shows_every_checkpoint_a_sweep_evaluation_reads(project, monkeypatch, capsys):
+    """Its "reads" showed the first checkpoint alone, though evaluation reads each of them."""
+    second = CHECKPOINT.replace("M=32_K=4", "M=16_K=2")
+    set_constants(project / "train_sae.py", SWEEP=["topk:32:4", "topk:16:2"])
+    set_constants(project / "evaluate_sae.py", CHECKPOINT=[CHECKPOINT, second])
+    run_pipeline(monkeypatch, "--plan-only")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| evaluate |"))
+    assert f"| {CHECKPOINT}<br>{second} |" in row
+
+
 def test_the_dataset_check_reports_a_line_that_is_not_utf8(project, monkeypatch, caplog):
     """The check reads the file with the loader extraction uses: the line is counted and named, not a traceback."""
     lines = (REPO / "data/cognitive_actions.jsonl").read_bytes().splitlines()[:20]

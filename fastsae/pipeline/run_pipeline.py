@@ -477,8 +477,9 @@ class Pipeline:
                     (f"~{_duration(estimate.seconds)}" if estimate.seconds is not None else "unknown")
                     + (f"; {estimate.note}" if estimate.note else ""),
                 ]
+            reads = "<br>".join(str(path) for path in plan.stage.input_paths(plan.config))  # every checkpoint of a sweep
             writes = "<br>".join(str(path) for path in plan.output_paths)
-            lines.append(f"| {plan.stage.name} | {action} | {plan.input} | {writes} | " + " | ".join(figures) + " |")
+            lines.append(f"| {plan.stage.name} | {action} | {reads} | {writes} | " + " | ".join(figures) + " |")
         running = [plan.estimate.seconds for plan in self.plans.values() if plan.runs]
         if running and all(seconds is not None for seconds in running):
             lines.append(f"\nEstimated time: ~{_duration(sum(running))} (calibration took {self.calibration.seconds:.1f} s).")
