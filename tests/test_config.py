@@ -230,9 +230,54 @@ def test_a_constant_the_pipeline_reads_from_a_script_is_checked_too(tmp_path):
     from fastsae.pipeline.run_pipeline import load_step_config
     from fastsae.train.train_sae import STAGE
 
-    (tmp_path / STAGE.script).write_text("M = 512\nLEARNNG_RATE = 1e-3\n")
+    (tmp_path / STAGE.script).write_text("M = 512\nLEARNNG_RATE = 1e-3\n" + TRAIN_SCRIPT_MAIN)
     with pytest.raises(UserError, match=r"train_sae.py sets LEARNNG_RATE \(did you mean LEARNING_RATE\?\)"):
         load_step_config(STAGE, tmp_path)
+
+
+TRAIN_SCRIPT_MAIN = """
+if __name__ == "__main__":
+    from fastsae.common.config import run_step
+    from fastsae.train.train_sae import TrainConfig, train_saes
+
+    run_step(TrainConfig, globals(), train_saes, description=__doc__)
+"""
+
+
+@pytest.mark.parametrize(
+    ("constants", "message"),
+    [
+        ("M = 512)\n", "train_sae.py, line 1: unmatched ')'"),
+        ("M = 512\nK = k\n", "train_sae.py, line 2: NameError: name 'k' is not defined"),
+        ("M = 512\nEPOCHS = [2]\n", "train_sae.py, line 2: EPOCHS must be a number, e.g. EPOCHS = 1.0; got [2]"),
+        ('M = "many"\n', "train_sae.py, line 1: M must be a whole number, e.g. M = 1; got 'many'"),
+        ("M = 3.7\n", "train_sae.py, line 1: M must be a whole number, e.g. M = 1; got 3.7"),
+        ('M = 512\nEXPORT_SAELENS = "maybe"\n', "train_sae.py, line 2: EXPORT_SAELENS must be True or False"),
+    ],
+)
+def test_a_script_the_pipeline_cannot_read_is_named_with_its_line(tmp_path, constants, message):
+    """A syntax error, a failing line and a constant of the wrong type used to end in a traceback (or argparse's usage of
+    another script), naming neither the script nor the line."""
+    from fastsae.pipeline.run_pipeline import load_step_config
+    from fastsae.train.train_sae import STAGE
+
+    (tmp_path / STAGE.script).write_text(constants + TRAIN_SCRIPT_MAIN)
+    with pytest.raises(UserError) as error:
+        load_step_config(STAGE, tmp_path)
+    assert message in str(error.value) and str(tmp_path) in str(error.value)
+
+
+def test_another_projects_script_under_a_step_scripts_name_is_refused_before_it_runs(tmp_path):
+    """Reading its constants ran the whole script: another project's train_sae.py trained whatever it trains, then its
+    constants were taken for ours (or, with none, every default silently)."""
+    from fastsae.pipeline.run_pipeline import load_step_config
+    from fastsae.train.train_sae import STAGE
+
+    ran = tmp_path / "ran"
+    (tmp_path / STAGE.script).write_text(f"from pathlib import Path\nPath({str(ran)!r}).touch()\n")
+    with pytest.raises(UserError, match="is not fastsae's train_sae.py: it never names TrainConfig"):
+        load_step_config(STAGE, tmp_path)
+    assert not ran.exists()
 
 
 def test_help_lists_every_option_with_its_default_from_the_constants(capsys, monkeypatch):

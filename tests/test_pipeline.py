@@ -183,6 +183,10 @@ def test_a_changed_constant_reruns_its_step_and_the_steps_that_read_its_outputs(
     # Nor is how extraction batches its examples, or on which device.
     set_constants(completed / "extract_activations.py", BATCH_TOKENS=700, BATCHING="padded", ATTENTION="eager", DEVICE="cpu")
     assert steps_run(monkeypatch, "--yes") == set()
+    # Nor is naming the device `auto` picks (here the CPU) in the other steps.
+    for script in ("train_sae.py", "evaluate_sae.py", "interpret_sae.py"):
+        set_constants(completed / script, DEVICE="cpu")
+    assert steps_run(monkeypatch, "--yes") == set()
 
 
 def test_a_retraining_killed_before_its_first_save_reruns_with_the_same_command(completed, monkeypatch):
@@ -259,6 +263,26 @@ def test_a_step_run_by_hand_with_other_flags_reruns_the_steps_that_read_its_outp
     assert steps_run(monkeypatch, "--yes") == set()
 
 
+def test_a_step_that_reruns_with_unchanged_settings_reruns_the_steps_that_read_its_outputs(completed, monkeypatch):
+    """Extraction run by hand re-runs training, whose settings are unchanged, so its readers' fingerprints are too: they
+    were skipped as current beside a checkpoint trained on the new store, and the next run blamed "outside the pipeline"."""
+    from fastsae.extract.extract_activations import STAGE as EXTRACT_STAGE
+    from fastsae.extract.extract_activations import extract_activations
+    from fastsae.pipeline.run_pipeline import load_step_config
+
+    by_hand = load_step_config(EXTRACT_STAGE, completed)
+    extract_activations(dataclasses.replace(by_hand, max_examples=40, overwrite=True))
+    plans = planned()
+    assert {name: (plan.action, plan.reason) for name, plan in plans.items()} == {
+        "extract": ("skip", "current"),
+        "train": ("run", "input rewritten outside the pipeline"),
+        "evaluate": ("run", "train re-runs"),
+        "interpret": ("run", "train re-runs"),
+    }
+    assert steps_run(monkeypatch, "--yes") == {"train", "evaluate", "interpret"}
+    assert steps_run(monkeypatch, "--yes") == set()
+
+
 def test_an_api_key_set_after_an_offline_run_reruns_interpretation_and_so_does_another_endpoint(completed, monkeypatch):
     """Whether a key is set decides whether interpretations.csv gets explanations; which key it is does not."""
     assert {name: plan.action for name, plan in planned().items()} == dict.fromkeys(MARKERS, "skip")
@@ -329,8 +353,15 @@ def test_without_a_terminal_it_asks_for_yes_and_at_a_terminal_no_means_no(projec
 
 def test_a_failing_step_keeps_the_earlier_outputs_and_the_rerun_resumes(project, monkeypatch, capsys):
     set_constants(project / "train_sae.py", BATCH_SIZE=100_000)
-    message = failing_run(monkeypatch, capsys, "--yes")
-    assert message.startswith("error: train_sae.py: the store has") and "BATCH_SIZE" in message
+    with pytest.raises(SystemExit):
+        run_pipeline(monkeypatch, "--yes")
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1].startswith("error: train_sae.py: the store has") and "BATCH_SIZE" in printed.err
+    # The summary says what each step came to, with the time the failed one took, before the error.
+    summary = printed.out[printed.out.rindex("| step | status |") :]
+    assert re.search(r"\| extract \| ran \| ~[\d.]+ s \| [\d.]+ s \|", summary)
+    assert re.search(r"\| train \| failed \| ~[\d.]+ s \| [\d.]+ s \|", summary)
+    assert "| evaluate | not run |" in summary and "| interpret | not run |" in summary
     assert ActivationStore(STORE).n_examples == 60
     state = json.loads(Path("pipeline_state.json").read_text())["steps"]
     assert state["extract"]["status"] == "complete" and state["train"]["status"] == "running"
@@ -373,6 +404,15 @@ def test_inputs_must_chain_before_anything_runs(project, monkeypatch, capsys):
     assert not Path("activations").exists()
 
 
+def test_a_broken_step_script_stops_the_run_before_anything_runs(project, monkeypatch, capsys):
+    """Each of the four scripts is read before the first step runs: an error in the last names its file and line."""
+    set_constants(project / "interpret_sae.py", TOP_CONTEXTS=[5])
+    line = (project / "interpret_sae.py").read_text().splitlines().index("TOP_CONTEXTS = [5]") + 1
+    message = failing_run(monkeypatch, capsys, "--yes")
+    assert message.startswith(f"error: interpret_sae.py, line {line}: TOP_CONTEXTS must be a whole number")
+    assert not Path("activations").exists() and not Path("pipeline_state.json").exists()
+
+
 def test_a_step_whose_upstream_runs_must_read_what_it_writes(completed, monkeypatch, capsys):
     """A new LAYERS moves extraction's store: training, still reading the old one, would re-run on it and leave the new one unused."""
     set_constants(completed / "extract_activations.py", LAYERS=[1])
@@ -381,6 +421,16 @@ def test_a_step_whose_upstream_runs_must_read_what_it_writes(completed, monkeypa
     assert "STORE = 'activations/tiny-llama/blocks.1.hook_resid_post' in train_sae.py" in message and "--from train" in message
     assert marker_times() == before and not Path("activations/tiny-llama/blocks.1.hook_resid_post").exists()
     assert steps_run(monkeypatch, "--yes", "--from", "train") == set()  # without extraction, the existing store is current
+
+
+def test_the_plan_shows_every_checkpoint_a_sweep_evaluation_reads(project, monkeypatch, capsys):
+    """Its "reads" showed the first checkpoint alone, though evaluation reads each of them."""
+    second = CHECKPOINT.replace("M=32_K=4", "M=16_K=2")
+    set_constants(project / "train_sae.py", SWEEP=["topk:32:4", "topk:16:2"])
+    set_constants(project / "evaluate_sae.py", CHECKPOINT=[CHECKPOINT, second])
+    run_pipeline(monkeypatch, "--plan-only")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| evaluate |"))
+    assert f"| {CHECKPOINT}<br>{second} |" in row
 
 
 def test_the_dataset_check_reports_a_line_that_is_not_utf8(project, monkeypatch, caplog):

@@ -11,6 +11,7 @@ either place gets the same message.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import hashlib
@@ -76,27 +77,37 @@ def _comma_list(item_type: type) -> Callable[[str], list]:
     return parse
 
 
+KINDS = {int: "a whole number", float: "a number", str: "text", bool: "True or False"}  # what a scalar constant must be
+
+
 def _constant_value(constant: str, value: Any, annotation: Any, split_commas: bool = True) -> Any:
-    """A script constant for a list field may be written `12` or `"6,12"`; anything else must be a list.
+    """A script constant converted as the command line converts it (`"25"` is 25.0); one for a list field may also be
+    written `12` or `"6,12"`.
 
-    Its items are converted as the command line converts them (`"25"` is 25.0): argparse does not see a constant's
-    list, and an item it would refuse (`"strong"`, or `3.7` or `True` for an int) would otherwise fail far from the
-    script with a traceback, or be cut to another value (feature 3)."""
-    if typing.get_origin(annotation) is not list:
-        return value
-    (item_type,) = typing.get_args(annotation)
+    argparse converts only a string default, so a value of the wrong type (`EPOCHS = [2]`, `M = 3.7`, `OVERWRITE = "no"`)
+    would otherwise reach the step as it is, and fail far from the script with a traceback, or be cut to another value."""
+    is_list = typing.get_origin(annotation) is list
+    item_type = typing.get_args(annotation)[0] if is_list else annotation
     try:
+        if not is_list:
+            return _typed(value, item_type)
         if isinstance(value, list):
-            return [_list_item(item, item_type) for item in value]
-        return _comma_list(item_type)(value) if isinstance(value, str) and split_commas else [_list_item(value, item_type)]
-    except (TypeError, ValueError):
-        raise UserError(
-            f"{constant} must be a list of {item_type.__name__}, e.g. {constant} = [{item_type(1)!r}]; got {value!r}."
-        ) from None
+            return [_typed(item, item_type) for item in value]
+        return _comma_list(item_type)(value) if isinstance(value, str) and split_commas else [_typed(value, item_type)]
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        example = f"[{item_type(1)!r}]" if is_list else repr(item_type(1))
+        kind = f"a list of {item_type.__name__}" if is_list else KINDS[item_type]
+        raise UserError(f"{constant} must be {kind}, e.g. {constant} = {example}; got {value!r}.") from None
 
 
-def _list_item(item: Any, item_type: type) -> Any:
+def _typed(item: Any, item_type: type) -> Any:
     """`item` as `item_type`; ValueError where that would change what it is (a bool or a fraction as a number, a dict as text)."""
+    if item_type is bool:
+        if isinstance(item, bool):
+            return item
+        if isinstance(item, str):
+            return _parse_bool(item)
+        raise ValueError(f"{item!r} is not a bool")
     if item_type is str:
         fits = isinstance(item, (str, os.PathLike))
     else:
@@ -105,6 +116,22 @@ def _list_item(item: Any, item_type: type) -> Any:
     if not fits:
         raise ValueError(f"{item!r} is not a {item_type.__name__}")
     return item_type(item)
+
+
+def _constant_line(script: Path, constant: str) -> int | None:
+    """The line of `script` that sets `constant` (the last such line, which wins); None when it cannot be read or found."""
+    try:
+        tree = ast.parse(script.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    lines = [
+        node.lineno
+        for node in tree.body
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name) and target.id == constant
+    ]
+    return lines[-1] if lines else None
 
 
 def _flatten(values: list) -> list:
@@ -142,9 +169,12 @@ def parse_step_config(
     for field in dataclasses.fields(config_class):
         constant = public_name(field).upper()
         if constant in script_constants:
-            defaults[field.name] = _constant_value(
-                constant, script_constants[constant], hints[field.name], field.metadata.get("split_commas", True)
-            )
+            try:
+                defaults[field.name] = _constant_value(
+                    constant, script_constants[constant], hints[field.name], field.metadata.get("split_commas", True)
+                )
+            except UserError as error:
+                raise UserError(f"{_where(script_constants, constant)}{error}") from None
         elif field.default is not dataclasses.MISSING:
             defaults[field.name] = field.default
         else:
@@ -170,6 +200,15 @@ def parse_step_config(
         if typing.get_origin(hints[field.name]) is list and value and isinstance(value[0], list):
             args[field.name] = _flatten(value)  # from the command line: one list per argument
     return config_class(**args)
+
+
+def _where(script_constants: dict[str, Any], constant: str) -> str:
+    """`train_sae.py, line 27: `, where the script sets `constant`, to start a message about its value; empty when unknown."""
+    if not script_constants.get("__file__"):
+        return ""
+    script = Path(script_constants["__file__"])
+    line = _constant_line(script, constant)
+    return f"{script}, line {line}: " if line else f"{script}: "
 
 
 def config_fingerprint(values: dict[str, Any]) -> str:

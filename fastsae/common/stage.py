@@ -117,17 +117,20 @@ class Stage(ABC):
     def outputs(self, config: Any, facts: PlanFacts) -> list[Output]:
         """What it will write with `config`."""
 
-    def input_path(self, config: Any) -> Path:
-        """What it reads; for a list (evaluation's sweep of checkpoints) the first, which decides the chain."""
+    def input_paths(self, config: Any) -> list[Path]:
+        """What its input constant names: one path, or a list (evaluation's sweep of checkpoints)."""
         value = getattr(config, self.input_constant.lower())
-        return Path(value[0] if isinstance(value, list) else value)
+        return [Path(path) for path in (value if isinstance(value, list) else [value])]
+
+    def input_path(self, config: Any) -> Path:
+        """What it reads; for a list the first, which decides the chain."""
+        return self.input_paths(config)[0]
 
     def input_identity(self, config: Any) -> list[list] | None:
         """What its input files are on disk now (`file_identities`), recorded when it finishes: a rerun that finds them
         changed knows they were rewritten outside the pipeline (a step run by hand with other flags), which its
         fingerprint of settings cannot see. A stage whose input is a folder names the file that changes with it."""
-        value = getattr(config, self.input_constant.lower())
-        return file_identities([Path(path) for path in (value if isinstance(value, list) else [value])])
+        return file_identities(self.input_paths(config))
 
     def optional_inputs(self, config: Any) -> list[Path]:
         """Files it also reads when they exist, besides its input (another stage's outputs): the stage that writes one is

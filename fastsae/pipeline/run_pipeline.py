@@ -13,6 +13,7 @@ by the first check, with its fix, rather than as an ImportError.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import importlib.util
@@ -21,6 +22,7 @@ import logging
 import runpy
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,11 +146,26 @@ def load_stages() -> list[Stage]:
 
 
 def load_step_config(stage: Stage, scripts_dir: Path) -> Any:
-    """The stage's config from its script's constants; the script's `__main__` block does not run."""
+    """The stage's config from its script's constants; the script's `__main__` block does not run.
+
+    A script that does not parse, or is not this step's (one of another project's, under the same name), is refused
+    before any of it runs: its top level could do anything. One whose constants fail is named with the line."""
     path = scripts_dir / stage.script
+    where = "SCRIPTS_DIR must be the folder that holds the four step scripts (the repository root)"
     if not path.is_file():
-        raise UserError(f"{path} not found: SCRIPTS_DIR must be the folder that holds the four step scripts (the repository root).")
-    namespace = runpy.run_path(str(path), run_name="fastsae_pipeline")
+        raise UserError(f"{path} not found: {where}.")
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except SyntaxError as error:
+        raise UserError(f"{path}, line {error.lineno}: {error.msg}. Fix the script, then rerun.") from None
+    config_name = stage.config_class.__name__
+    if not any(isinstance(node, ast.Name) and node.id == config_name for node in ast.walk(tree)):
+        raise UserError(f"{path} is not fastsae's {stage.script}: it never names {config_name}, the settings that script builds. {where}.")
+    try:
+        namespace = runpy.run_path(str(path), run_name="fastsae_pipeline")
+    except Exception as error:
+        line = next((frame.lineno for frame in reversed(traceback.extract_tb(error.__traceback__)) if frame.filename == str(path)), None)
+        raise UserError(f"{path}, line {line}: {type(error).__name__}: {error}. Fix the script, then rerun.") from None
     return parse_step_config(stage.config_class, namespace, namespace.get("__doc__") or "", argv=[])
 
 
@@ -267,9 +284,13 @@ class Pipeline:
 
     def _decide(self) -> None:
         """Fingerprint each stage (its settings + its upstream's) and decide: skip when current, else run (and how)."""
+        from fastsae.common.devices import resolve_device
+
         for plan in self.plans.values():
             fingerprinted = dataclasses.asdict(plan.config).items()
             settings = {key: value for key, value in fingerprinted if key not in plan.stage.unfingerprinted}
+            if "device" in settings:  # auto is the device it picks; only the kind decides outputs (precision, absorption's words)
+                settings["device"] = resolve_device(settings["device"]).split(":")[0]
             upstream = self._upstream_fingerprint(plan)
             reads_dataset = plan.stage.upstream is None and self.dataset is not None  # the first stage reads the texts
             extra = {"dataset": self.dataset.fingerprint()} if reads_dataset else {}
@@ -301,6 +322,18 @@ class Pipeline:
             if any(same_path(path, output) for output in writer.output_paths)
         }
 
+    def _running_writers_of_inputs(self, plan: StepPlan) -> list[str]:
+        """The earlier stages that run and write what `plan` reads (its input or an optional input): a stage re-run with the
+        same settings (its outputs missing, an interrupted run, its own input rewritten) leaves the fingerprints of its readers
+        as they were, yet rewrites what they read."""
+        earlier = list(self.plans.values())[: list(self.plans).index(plan.stage.name)]
+        reads = [*plan.stage.input_paths(plan.config), *plan.stage.optional_inputs(plan.config)]
+        return [
+            writer.stage.name
+            for writer in earlier
+            if writer.runs and any(same_path(path, output) for path in reads for output in writer.output_paths)
+        ]
+
     def _written_by(self, writer: StepPlan) -> str | None:
         """What `writer`'s outputs will hold: its new fingerprint if it is selected, else the one on record, once it finished
         (an interrupted run's outputs may still be its old settings')."""
@@ -323,6 +356,8 @@ class Pipeline:
             return "run", "resume (interrupted)", False
         if not plan.stage.outputs_complete(plan.outputs):
             return "run", "outputs missing", False
+        if rewriters := self._running_writers_of_inputs(plan):
+            return "run", f"{rewriters[0]} re-runs", True
         if record.get("input") is not None and record["input"] != plan.stage.input_identity(plan.config):
             return "run", "input rewritten outside the pipeline", True
         return "skip", "current", False
@@ -442,8 +477,9 @@ class Pipeline:
                     (f"~{_duration(estimate.seconds)}" if estimate.seconds is not None else "unknown")
                     + (f"; {estimate.note}" if estimate.note else ""),
                 ]
+            reads = "<br>".join(str(path) for path in plan.stage.input_paths(plan.config))  # every checkpoint of a sweep
             writes = "<br>".join(str(path) for path in plan.output_paths)
-            lines.append(f"| {plan.stage.name} | {action} | {plan.input} | {writes} | " + " | ".join(figures) + " |")
+            lines.append(f"| {plan.stage.name} | {action} | {reads} | {writes} | " + " | ".join(figures) + " |")
         running = [plan.estimate.seconds for plan in self.plans.values() if plan.runs]
         if running and all(seconds is not None for seconds in running):
             lines.append(f"\nEstimated time: ~{_duration(sum(running))} (calibration took {self.calibration.seconds:.1f} s).")
@@ -471,10 +507,14 @@ class Pipeline:
             started = time.perf_counter()
             try:
                 stage.run(step_config)
-            except UserError as error:
-                raise UserError(
-                    f"{stage.script}: {error} (Steps that finished are kept: fix this and rerun run_pipeline.py to resume.)"
-                ) from None
+            except (Exception, KeyboardInterrupt) as error:
+                seconds[stage.name] = time.perf_counter() - started
+                print("\n" + self.summary(seconds, (stage.name, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")))
+                if isinstance(error, UserError):
+                    raise UserError(
+                        f"{stage.script}: {error} (Steps that finished are kept: fix this and rerun run_pipeline.py to resume.)"
+                    ) from None
+                raise
             seconds[stage.name] = time.perf_counter() - started
             self.state.update(
                 stage.name,
@@ -490,17 +530,27 @@ class Pipeline:
 
     # --- summary -------------------------------------------------------------------------------------
 
-    def summary(self, seconds: dict[str, float]) -> str:
-        """What ran, against its estimate, and the key figures each stage reads off its own outputs."""
+    def summary(self, seconds: dict[str, float], stopped: tuple[str, str] | None = None) -> str:
+        """What ran, against its estimate, and the key figures each stage reads off its own outputs. `stopped`: the step
+        that failed or was interrupted, and which; the steps planned after it did not run, and no figures are read off
+        outputs that may be half-written or stale."""
         lines = ["| step | status | estimate | took | outputs |", "|---|---|---|---|---|"]
+        after_stop = False
         for plan in self.plans.values():
             name = plan.stage.name
-            status = "ran" if name in seconds else plan.reason
+            if stopped and name == stopped[0]:
+                status, after_stop = stopped[1], True
+            elif after_stop and plan.runs:
+                status = "not run"
+            else:
+                status = "ran" if name in seconds else plan.reason
             estimate = f"~{_duration(plan.estimate.seconds)}" if name in seconds and plan.estimate.seconds is not None else ""
             took = _duration(seconds[name]) if name in seconds else ""
             outputs = "<br>".join(str(path) for path in plan.output_paths if path.exists())
             lines.append(f"| {name} | {status} | {estimate} | {took} | {outputs} |")
-        figures = [figure for plan in self.plans.values() for figure in plan.stage.key_figures(plan.config, plan.outputs)]
+        figures = (
+            [] if stopped else [figure for plan in self.plans.values() for figure in plan.stage.key_figures(plan.config, plan.outputs)]
+        )
         if figures:
             lines += ["", "| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in figures)]
         return "\n".join(lines)
