@@ -145,10 +145,12 @@ class ActivationStoreWriter:
 
     def _resumes(self, settings: dict[str, Any], overwrite: bool) -> bool:
         """Whether the folder holds this store begun with the same settings (its leftovers are cleared); refuses any other
-        folder's contents unless `overwrite`."""
+        folder's contents unless `overwrite`, which replaces them unread (a damaged or newer manifest included)."""
+        if overwrite:
+            return False
         existing = StoreManifest.read(self.folder / MANIFEST)
         if existing is not None:
-            if existing.settings == settings and not overwrite:
+            if existing.settings == settings:
                 self.manifest = replace(self.manifest, status=existing.status)
                 for leftover in self.folder.glob("*.partial"):  # what a crash left half-written
                     if leftover.is_dir():
@@ -156,13 +158,12 @@ class ActivationStoreWriter:
                     else:
                         leftover.unlink()
                 return True
-            if not overwrite:
-                raise UserError(
-                    f"{self.folder} already holds a store made with different settings "
-                    f"({_settings_differences(existing.settings, settings)}). "
-                    "Pass --overwrite to replace it, or set OUTPUT_DIR to another folder."
-                )
-        elif self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
+            raise UserError(
+                f"{self.folder} already holds a store made with different settings "
+                f"({_settings_differences(existing.settings, settings)}). "
+                "Pass --overwrite to replace it, or set OUTPUT_DIR to another folder."
+            )
+        if self.folder.exists() and any(self.folder.iterdir()):
             raise UserError(
                 f"{self.folder} is not empty and holds no store manifest. Pass --overwrite to replace it, or choose another OUTPUT_DIR."
             )
