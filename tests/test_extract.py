@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -497,6 +498,57 @@ def test_damaged_store_gets_a_clear_error(tiny_llama, smollm2_tokenizer, texts_f
     (folder / "shard_00001").rmdir()
     with pytest.raises(StoreError, match="missing shard_00001"):
         ActivationStore(folder)
+
+
+def cut_short(path: Path, size: int | None = None) -> None:
+    """What a copy that stopped early (a full disk, a lost connection) leaves: the file's first `size` bytes, half by default."""
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size // 2 if size is None else size)
+
+
+def edit_manifest(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_store_damaged_after_it_was_written_names_the_file_and_the_fix(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    """Checked when the store opens, from file headers and sizes alone: these raised numpy's EOFError, ValueError or
+    FileNotFoundError, or (a shard left out of the manifest) opened and read past the shards' end."""
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "out", layers=[1])
+    original = store_arrays(folder)
+    damages = {
+        "empty shard file": (
+            lambda copy: cut_short(copy / "shard_00001" / "activations.npy", 0),
+            r"shard_00001/activations\.npy is damaged",
+        ),
+        "offsets deleted": (lambda copy: (copy / "doc_offsets.npy").unlink(), r"doc_offsets\.npy is damaged or missing.*--overwrite"),
+        "offsets cut short": (lambda copy: cut_short(copy / "doc_offsets.npy"), r"doc_offsets\.npy is damaged or missing.*--overwrite"),
+        # Its tokens still counted: reading them ran past the shard before.
+        "a shard left out": (
+            lambda copy: edit_manifest(copy, lambda manifest: manifest["shards"].pop()),
+            r"shards in .*manifest\.json hold \d+ tokens of 7 examples, not the \d+ of 8",
+        ),
+        "a dtype edited": (lambda copy: edit_manifest(copy, lambda manifest: manifest.update(dtype="float8")), "names the dtype 'float8'"),
+    }
+    for name, (damage, message) in damages.items():
+        copy = shutil.copytree(folder, tmp_path / name)
+        damage(copy)
+        with pytest.raises(StoreError, match=message):
+            ActivationStore(copy)
+
+    copy = shutil.copytree(folder, tmp_path / "examples cut short")
+    cut_short(copy / "examples.jsonl", (copy / "examples.jsonl").read_text().index("\n") + 1)  # one whole line is left
+    with pytest.raises(StoreError, match=r"examples\.jsonl holds 1 examples, the store 8: it is damaged"):
+        ActivationStore(copy).example_records()  # the labels interpretation reads: they would have been the first example's alone
+
+    cut_short(folder / "shard_00001" / "activations.npy")
+    with pytest.raises(StoreError, match=r"shard_00001/activations\.npy is damaged.*Delete .*shard_00001 and rerun"):
+        ActivationStore(folder)
+    shutil.rmtree(folder / "shard_00001")  # the fix the message names
+    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "out", layers=[1])
+    for name, values in store_arrays(folder).items():
+        assert np.array_equal(values, original[name]), name
 
 
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -39,10 +39,20 @@ EXAMPLES = "examples.jsonl"
 SHARD_ARRAYS = ("activations", "token_ids", "special_mask")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DISK_MARGIN_BYTES = 256 * 2**20
+REEXTRACT = "Re-extract the store with --overwrite, or restore the file from a copy."  # the fix for a damaged store-wide file
 
 
 class StoreError(UserError):
     """The store is missing, incomplete, or does not match its manifest."""
+
+
+def load_store_array(path: Path, fix: str, mmap_mode: str | None = None) -> np.ndarray:
+    """`np.load`, or a StoreError naming the file and `fix`: a file deleted or cut short (a copy that stopped early) must
+    not surface as numpy's traceback."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError, EOFError) as error:
+        raise StoreError(f"{path} is damaged or missing ({error or type(error).__name__}). {fix}") from None
 
 
 class StoreChunk(NamedTuple):
@@ -220,10 +230,14 @@ class ActivationStore:
             raise StoreError(
                 f"the store at {self.folder} is incomplete (an interrupted extraction). Rerun extract_activations.py with the same settings to resume it."
             )
+        if manifest.dtype not in STORAGE_DTYPES:
+            raise StoreError(
+                f"{self.folder / MANIFEST} names the dtype {manifest.dtype!r}, not one of {', '.join(STORAGE_DTYPES)}. {REEXTRACT}"
+            )
         self.shards = list(manifest.shards)
         self.dtype = STORAGE_DTYPES[manifest.dtype]
         self.d = int(manifest.d)
-        self.doc_offsets = np.load(self.folder / DOC_OFFSETS)
+        self.doc_offsets = load_store_array(self.folder / DOC_OFFSETS, REEXTRACT)
         self._shard_starts = np.array([shard.first_token for shard in self.shards] + [self.n_tokens], dtype=np.int64)
         self._arrays = [self._open_shard(shard) for shard in self.shards]
         self.verify()
@@ -232,16 +246,34 @@ class ActivationStore:
         folder = self.folder / shard.name
         if not folder.is_dir():
             raise StoreError(f"{self.folder} is missing {shard.name}. Rerun extract_activations.py with the same settings to rebuild it.")
-        try:
-            return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in SHARD_ARRAYS}
-        except (OSError, ValueError) as error:
-            raise StoreError(f"{folder} is damaged ({error}). Delete that folder and rerun extract_activations.py to rewrite it.") from None
+        fix = f"Delete {folder} and rerun extract_activations.py with the same settings to rewrite it, or restore it from a copy."
+        return {name: load_store_array(folder / f"{name}.npy", fix, mmap_mode="r") for name in SHARD_ARRAYS}
 
     def verify(self) -> None:
-        """Check every shard's arrays against the manifest: counts, shapes, and dtypes."""
+        """Check the shards and example offsets against the manifest: counts, shapes, dtypes, and that the shards tile the
+        store. All from headers and the small offsets array: no shard's data is read. (A file cut short fails its memory
+        map in `_open_shard`.)"""
         expected_numpy = to_storage_array(torch.zeros(1, dtype=self.dtype)).dtype
-        if len(self.doc_offsets) != self.n_examples + 1 or int(self.doc_offsets[-1]) != self.n_tokens:
-            raise StoreError(f"{self.folder}: doc_offsets.npy does not match the manifest's counts. Re-extract with --overwrite.")
+        offsets = self.doc_offsets
+        if (
+            offsets.ndim != 1
+            or len(offsets) != self.n_examples + 1
+            or offsets[0] != 0
+            or offsets[-1] != self.n_tokens
+            or (np.diff(offsets) < 0).any()
+        ):
+            raise StoreError(f"{self.folder / DOC_OFFSETS} does not match the manifest's counts. {REEXTRACT}")
+        first_example = first_token = 0
+        for shard in self.shards:  # each shard starts where the one before ended, at an example's first token
+            starts = (shard.first_example, shard.first_token)
+            if starts != (first_example, first_token) or first_example >= self.n_examples or offsets[first_example] != first_token:
+                raise StoreError(f"the shard list in {self.folder / MANIFEST} does not match the store at {shard.name}. {REEXTRACT}")
+            first_example, first_token = first_example + shard.n_examples, first_token + shard.n_tokens
+        if (first_example, first_token) != (self.n_examples, self.n_tokens):
+            raise StoreError(
+                f"the shards in {self.folder / MANIFEST} hold {first_token} tokens of {first_example} examples, not the "
+                f"{self.n_tokens} of {self.n_examples} it counts. {REEXTRACT}"
+            )
         for shard, arrays in zip(self.shards, self._arrays):
             problems = []
             if arrays["activations"].shape != (shard.n_tokens, self.d):
@@ -342,8 +374,15 @@ class ActivationStore:
 
     def example_records(self) -> list[dict[str, Any]]:
         """Per example: where it came from in the dataset, and its label if the dataset had one."""
-        with (self.folder / EXAMPLES).open() as handle:
-            return [json.loads(line) for line in handle]
+        path = self.folder / EXAMPLES
+        try:
+            with path.open() as handle:
+                records = [json.loads(line) for line in handle]
+        except (OSError, ValueError) as error:
+            raise StoreError(f"{path} is damaged or missing ({error}). {REEXTRACT}") from None
+        if len(records) != self.n_examples:  # cut short at a line's end: the labels of the last examples would be missing
+            raise StoreError(f"{path} holds {len(records)} examples, the store {self.n_examples}: it is damaged. {REEXTRACT}")
+        return records
 
     def __repr__(self) -> str:
         return (
