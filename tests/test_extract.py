@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -263,6 +265,67 @@ def test_disk_check_refuses_before_writing(tiny_llama, smollm2_tokenizer, texts_
     with pytest.raises(UserError, match="not enough disk space"):
         extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
     assert not any(tmp_path.rglob("*.npy"))
+
+
+# Run in a user and mount namespace of its own (no root needed), on a 4 MiB tmpfs that another file fills once the first
+# shard is on it. The tiny disk stands for a large one: its margin is set to 0 so the check before the run passes.
+FULL_DISK_RUN = """
+import os, shutil, subprocess, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import make_tiny_llama
+from test_extract import extract, store_arrays
+from fastsae.common.errors import UserError
+from fastsae.lm.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
+from fastsae.store import activation_store
+
+disk, texts, reference = {disk!r}, {texts!r}, {reference!r}
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", disk], check=True)
+activation_store.DISK_MARGIN_BYTES = 0
+tokenizer = load_tokenizer(resolve_model(EMBEDDED_MODEL))
+model = make_tiny_llama(len(tokenizer))
+store = os.path.join(disk, "tiny", "blocks.1.hook_resid_post")
+
+def fill_the_disk(module, inputs):
+    if os.path.isdir(os.path.join(store, "shard_00000")) and not os.path.exists(os.path.join(disk, "other")):
+        with open(os.path.join(disk, "other"), "wb") as other:
+            os.posix_fallocate(other.fileno(), 0, shutil.disk_usage(disk).free - 4096)
+
+hook = model.model.layers[0].register_forward_pre_hook(fill_the_disk)
+try:
+    extract(model, tokenizer, texts, disk, layers=[1])
+except UserError as error:
+    print(error)
+hook.remove()
+assert not [name for name in os.listdir(store) if name.endswith(".partial")], os.listdir(store)
+os.remove(os.path.join(disk, "other"))
+extract(model, tokenizer, texts, disk, layers=[1])
+(whole,) = extract(model, tokenizer, texts, reference, layers=[1])
+for name, values in store_arrays(store).items():
+    assert np.array_equal(values, store_arrays(whole)[name]), name
+"""
+
+
+def test_a_disk_that_fills_up_mid_extraction_stops_with_the_space_needed_and_the_rerun_resumes(texts_file, tmp_path):
+    """A real full disk (ENOSPC): numpy reported it as "N requested and M written", a traceback with no errno to tell a
+    full disk by."""
+    (tmp_path / "disk").mkdir()
+    code = FULL_DISK_RUN.format(
+        tests=str(REPO / "tests"), disk=str(tmp_path / "disk"), texts=str(texts_file), reference=str(tmp_path / "ref")
+    )
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
+        pytest.skip("no user and mount namespaces here to mount a small disk in")
+    done = subprocess.run(
+        [*namespace, sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(
+        r"the disk holding \S+/blocks\.1\.hook_resid_post is full \(No space left on device\): the store still needs about "
+        r"[\d.]+ KiB for its \d+ unwritten shards .* is free\. Free some space and rerun the same command: it keeps the [1-9]\d* "
+        r"shards written and resumes\. Or set OUTPUT_DIR to a disk with room\.\n",
+        done.stdout,
+    ), done.stdout
 
 
 def test_layer_out_of_range_names_the_valid_range(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):

@@ -17,10 +17,12 @@ into the same store as an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +41,7 @@ EXAMPLES = "examples.jsonl"
 SHARD_ARRAYS = ("activations", "token_ids", "special_mask")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DISK_MARGIN_BYTES = 256 * 2**20
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; over the user's quota
 REEXTRACT = "Re-extract the store with --overwrite, or restore the file from a copy."  # the fix for a damaged store-wide file
 
 
@@ -90,6 +93,15 @@ def from_storage_array(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
+def save_array(path: Path, values: np.ndarray) -> None:
+    """`np.save` through Python's file writes: numpy's own report a full disk as "N requested and M written", without the
+    errno that tells a full disk from any other failure."""
+    values = np.ascontiguousarray(values)
+    with path.open("wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(values))
+        handle.write(values.data)
+
+
 def _write_json_lines(path: Path, records: Iterable[dict[str, Any]]) -> None:
     with path.open("w") as handle:
         for record in records:
@@ -109,12 +121,20 @@ def free_disk_bytes(folder: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+def format_bytes(count: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    power = 0
+    while count >= 1024 and power < len(units) - 1:
+        count, power = count / 1024, power + 1
+    return f"{count:.0f} B" if power == 0 else f"{count:.1f} {units[power]}"
+
+
 def check_free_disk(folder: Path, needed_bytes: int) -> None:
     free = free_disk_bytes(folder)
     if needed_bytes + DISK_MARGIN_BYTES > free:
         raise UserError(
-            f"not enough disk space at {folder}: the store needs about {needed_bytes / 2**30:.2f} GiB "
-            f"(plus {DISK_MARGIN_BYTES / 2**20:.0f} MiB margin) and {free / 2**30:.2f} GiB is free. "
+            f"not enough disk space at {folder}: the store needs about {format_bytes(needed_bytes)} "
+            f"(plus {DISK_MARGIN_BYTES / 2**20:.0f} MiB margin) and {format_bytes(free)} is free. "
             "Free some space, set OUTPUT_DIR to another disk, or lower MAX_EXAMPLES / MAX_LENGTH."
         )
 
@@ -151,7 +171,8 @@ class ActivationStoreWriter:
             return
         # A new store appears whole, with its offsets, examples and manifest, or not at all: a crash while they are written
         # leaves no folder that a rerun would refuse as "not empty and holds no store manifest".
-        replace_folder_atomically(self.folder, lambda partial: self._write_header(partial, doc_offsets, example_records))
+        with self._full_disk_stops_with_its_fix():
+            replace_folder_atomically(self.folder, lambda partial: self._write_header(partial, doc_offsets, example_records))
 
     def _resumes(self, settings: dict[str, Any], overwrite: bool) -> bool:
         """Whether the folder holds this store begun with the same settings (its leftovers are cleared); refuses any other
@@ -180,7 +201,7 @@ class ActivationStoreWriter:
         return False
 
     def _write_header(self, folder: Path, doc_offsets: np.ndarray, example_records: list[dict[str, Any]]) -> None:
-        np.save(folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
+        save_array(folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
         _write_json_lines(folder / EXAMPLES, example_records)
         self.manifest.write(folder / MANIFEST)
 
@@ -198,11 +219,30 @@ class ActivationStoreWriter:
             raise ValueError(f"{shard.name} expects {shard.n_tokens} tokens, got {activations.shape[0]}")
 
         def fill(partial: Path) -> None:
-            np.save(partial / "activations.npy", to_storage_array(activations))
-            np.save(partial / "token_ids.npy", token_ids.astype(np.int32))
-            np.save(partial / "special_mask.npy", special_mask.astype(bool))
+            save_array(partial / "activations.npy", to_storage_array(activations))
+            save_array(partial / "token_ids.npy", token_ids.astype(np.int32))
+            save_array(partial / "special_mask.npy", special_mask.astype(bool))
 
-        replace_folder_atomically(self.folder / shard.name, fill)
+        with self._full_disk_stops_with_its_fix():
+            replace_folder_atomically(self.folder / shard.name, fill)
+
+    @contextmanager
+    def _full_disk_stops_with_its_fix(self) -> Iterator[None]:
+        """A disk that fills up mid-extraction (another job's files, a quota) stops it with what is still needed, not
+        an OSError traceback. The half-written shard is gone by then (its `.partial` removed), the whole ones stay."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in DISK_FULL_ERRNOS:
+                raise
+            pending = self.pending_shards()
+            needed = sum(self.shards[index].n_tokens for index in pending) * bytes_per_token(self.manifest.d, self.manifest.dtype)
+            raise UserError(
+                f"the disk holding {self.folder} is full ({error.strerror}): the store still needs about {format_bytes(needed)} "
+                f"for its {len(pending)} unwritten shards (a rerun checks for {DISK_MARGIN_BYTES / 2**20:.0f} MiB more), and "
+                f"{format_bytes(free_disk_bytes(self.folder))} is free. Free some space and rerun the same command: it keeps "
+                f"the {len(self.shards) - len(pending)} shards written and resumes. Or set OUTPUT_DIR to a disk with room."
+            ) from None
 
     def finish(self, completed_at: str, extracted_by_ranks: int) -> None:
         """Mark the store complete, recording when and by how many processes it was extracted."""
@@ -210,7 +250,8 @@ class ActivationStoreWriter:
         if missing:
             raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} shards are missing")
         self.manifest = replace(self.manifest, status="complete", completed_at=completed_at, extracted_by_ranks=extracted_by_ranks)
-        self.manifest.write(self.folder / MANIFEST)
+        with self._full_disk_stops_with_its_fix():
+            self.manifest.write(self.folder / MANIFEST)
 
 
 class ActivationStore:
