@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -326,6 +327,54 @@ def test_a_disk_that_fills_up_mid_extraction_stops_with_the_space_needed_and_the
         r"shards written and resumes\. Or set OUTPUT_DIR to a disk with room\.\n",
         done.stdout,
     ), done.stdout
+
+
+# An extraction that pauses once its first shard is on disk, until the test lets it go on.
+PAUSED_RUN = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from conftest import make_tiny_llama
+from test_extract import extract
+from fastsae.lm.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
+
+output, texts, paused, go = {output!r}, {texts!r}, {paused!r}, {go!r}
+tokenizer = load_tokenizer(resolve_model(EMBEDDED_MODEL))
+model = make_tiny_llama(len(tokenizer))
+
+def pause(module, inputs):
+    if os.path.isdir(os.path.join(output, "tiny", "blocks.1.hook_resid_post", "shard_00000")) and not os.path.exists(go):
+        open(paused, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.05)
+
+model.model.layers[0].register_forward_pre_hook(pause)
+extract(model, tokenizer, texts, output, layers=[1])
+"""
+
+
+def test_a_second_extraction_into_a_store_being_written_is_refused(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    """Two processes shared each shard's one `.partial` name, so one deleted the other's half-written shard (a
+    FileNotFoundError), and one with --overwrite deleted the running one's store, which went on writing its shards into
+    the new one: a mix of two extractions' shards, unnoticed where their shapes agree."""
+    output, paused, go = tmp_path / "out", tmp_path / "paused", tmp_path / "go"
+    code = PAUSED_RUN.format(tests=str(REPO / "tests"), output=str(output), texts=str(texts_file), paused=str(paused), go=str(go))
+    first = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() is not None else "no pause"
+            time.sleep(0.05)
+        for overwrite in (False, True):
+            with pytest.raises(UserError, match=r"another extraction is writing \S+/blocks\.1\.hook_resid_post .*Let it finish"):
+                extract(tiny_llama, smollm2_tokenizer, texts_file, output, layers=[1], overwrite=overwrite)
+    finally:
+        go.touch()
+        _, errors = first.communicate(timeout=300)
+    assert first.returncode == 0, errors
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, output, layers=[1])  # once it is done, the store is there
+    (reference,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "reference", layers=[1])
+    for name, values in store_arrays(reference).items():
+        assert np.array_equal(store_arrays(folder)[name], values), name
 
 
 def test_layer_out_of_range_names_the_valid_range(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
