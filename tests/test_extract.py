@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -264,6 +268,115 @@ def test_disk_check_refuses_before_writing(tiny_llama, smollm2_tokenizer, texts_
     assert not any(tmp_path.rglob("*.npy"))
 
 
+# Run in a user and mount namespace of its own (no root needed), on a 4 MiB tmpfs that another file fills once the first
+# shard is on it. The tiny disk stands for a large one: its margin is set to 0 so the check before the run passes.
+FULL_DISK_RUN = """
+import os, shutil, subprocess, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import make_tiny_llama
+from test_extract import extract, store_arrays
+from fastsae.common.errors import UserError
+from fastsae.lm.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
+from fastsae.store import activation_store
+
+disk, texts, reference = {disk!r}, {texts!r}, {reference!r}
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", disk], check=True)
+activation_store.DISK_MARGIN_BYTES = 0
+tokenizer = load_tokenizer(resolve_model(EMBEDDED_MODEL))
+model = make_tiny_llama(len(tokenizer))
+store = os.path.join(disk, "tiny", "blocks.1.hook_resid_post")
+
+def fill_the_disk(module, inputs):
+    if os.path.isdir(os.path.join(store, "shard_00000")) and not os.path.exists(os.path.join(disk, "other")):
+        with open(os.path.join(disk, "other"), "wb") as other:
+            os.posix_fallocate(other.fileno(), 0, shutil.disk_usage(disk).free - 4096)
+
+hook = model.model.layers[0].register_forward_pre_hook(fill_the_disk)
+try:
+    extract(model, tokenizer, texts, disk, layers=[1])
+except UserError as error:
+    print(error)
+hook.remove()
+assert not [name for name in os.listdir(store) if name.endswith(".partial")], os.listdir(store)
+os.remove(os.path.join(disk, "other"))
+extract(model, tokenizer, texts, disk, layers=[1])
+(whole,) = extract(model, tokenizer, texts, reference, layers=[1])
+for name, values in store_arrays(store).items():
+    assert np.array_equal(values, store_arrays(whole)[name]), name
+"""
+
+
+def test_a_disk_that_fills_up_mid_extraction_stops_with_the_space_needed_and_the_rerun_resumes(texts_file, tmp_path):
+    """A real full disk (ENOSPC): numpy reported it as "N requested and M written", a traceback with no errno to tell a
+    full disk by."""
+    (tmp_path / "disk").mkdir()
+    code = FULL_DISK_RUN.format(
+        tests=str(REPO / "tests"), disk=str(tmp_path / "disk"), texts=str(texts_file), reference=str(tmp_path / "ref")
+    )
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
+        pytest.skip("no user and mount namespaces here to mount a small disk in")
+    done = subprocess.run(
+        [*namespace, sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(
+        r"the disk holding \S+/blocks\.1\.hook_resid_post is full \(No space left on device\): the store still needs about "
+        r"[\d.]+ KiB for its \d+ unwritten shards .* is free\. Free some space and rerun the same command: it keeps the [1-9]\d* "
+        r"shards written and resumes\. Or set OUTPUT_DIR to a disk with room\.\n",
+        done.stdout,
+    ), done.stdout
+
+
+# An extraction that pauses once its first shard is on disk, until the test lets it go on.
+PAUSED_RUN = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from conftest import make_tiny_llama
+from test_extract import extract
+from fastsae.lm.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
+
+output, texts, paused, go = {output!r}, {texts!r}, {paused!r}, {go!r}
+tokenizer = load_tokenizer(resolve_model(EMBEDDED_MODEL))
+model = make_tiny_llama(len(tokenizer))
+
+def pause(module, inputs):
+    if os.path.isdir(os.path.join(output, "tiny", "blocks.1.hook_resid_post", "shard_00000")) and not os.path.exists(go):
+        open(paused, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.05)
+
+model.model.layers[0].register_forward_pre_hook(pause)
+extract(model, tokenizer, texts, output, layers=[1])
+"""
+
+
+def test_a_second_extraction_into_a_store_being_written_is_refused(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    """Two processes shared each shard's one `.partial` name, so one deleted the other's half-written shard (a
+    FileNotFoundError), and one with --overwrite deleted the running one's store, which went on writing its shards into
+    the new one: a mix of two extractions' shards, unnoticed where their shapes agree."""
+    output, paused, go = tmp_path / "out", tmp_path / "paused", tmp_path / "go"
+    code = PAUSED_RUN.format(tests=str(REPO / "tests"), output=str(output), texts=str(texts_file), paused=str(paused), go=str(go))
+    first = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() is not None else "no pause"
+            time.sleep(0.05)
+        for overwrite in (False, True):
+            with pytest.raises(UserError, match=r"another extraction is writing \S+/blocks\.1\.hook_resid_post .*Let it finish"):
+                extract(tiny_llama, smollm2_tokenizer, texts_file, output, layers=[1], overwrite=overwrite)
+    finally:
+        go.touch()
+        _, errors = first.communicate(timeout=300)
+    assert first.returncode == 0, errors
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, output, layers=[1])  # once it is done, the store is there
+    (reference,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "reference", layers=[1])
+    for name, values in store_arrays(reference).items():
+        assert np.array_equal(store_arrays(folder)[name], values), name
+
+
 def test_layer_out_of_range_names_the_valid_range(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
     with pytest.raises(UserError, match=rf"0\.\.{TINY_LAYERS - 1}"):
         extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[TINY_LAYERS])
@@ -497,6 +610,57 @@ def test_damaged_store_gets_a_clear_error(tiny_llama, smollm2_tokenizer, texts_f
     (folder / "shard_00001").rmdir()
     with pytest.raises(StoreError, match="missing shard_00001"):
         ActivationStore(folder)
+
+
+def cut_short(path: Path, size: int | None = None) -> None:
+    """What a copy that stopped early (a full disk, a lost connection) leaves: the file's first `size` bytes, half by default."""
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size // 2 if size is None else size)
+
+
+def edit_manifest(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_store_damaged_after_it_was_written_names_the_file_and_the_fix(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    """Checked when the store opens, from file headers and sizes alone: these raised numpy's EOFError, ValueError or
+    FileNotFoundError, or (a shard left out of the manifest) opened and read past the shards' end."""
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "out", layers=[1])
+    original = store_arrays(folder)
+    damages = {
+        "empty shard file": (
+            lambda copy: cut_short(copy / "shard_00001" / "activations.npy", 0),
+            r"shard_00001/activations\.npy is damaged",
+        ),
+        "offsets deleted": (lambda copy: (copy / "doc_offsets.npy").unlink(), r"doc_offsets\.npy is damaged or missing.*--overwrite"),
+        "offsets cut short": (lambda copy: cut_short(copy / "doc_offsets.npy"), r"doc_offsets\.npy is damaged or missing.*--overwrite"),
+        # Its tokens still counted: reading them ran past the shard before.
+        "a shard left out": (
+            lambda copy: edit_manifest(copy, lambda manifest: manifest["shards"].pop()),
+            r"shards in .*manifest\.json hold \d+ tokens of 7 examples, not the \d+ of 8",
+        ),
+        "a dtype edited": (lambda copy: edit_manifest(copy, lambda manifest: manifest.update(dtype="float8")), "names the dtype 'float8'"),
+    }
+    for name, (damage, message) in damages.items():
+        copy = shutil.copytree(folder, tmp_path / name)
+        damage(copy)
+        with pytest.raises(StoreError, match=message):
+            ActivationStore(copy)
+
+    copy = shutil.copytree(folder, tmp_path / "examples cut short")
+    cut_short(copy / "examples.jsonl", (copy / "examples.jsonl").read_text().index("\n") + 1)  # one whole line is left
+    with pytest.raises(StoreError, match=r"examples\.jsonl holds 1 examples, the store 8: it is damaged"):
+        ActivationStore(copy).example_records()  # the labels interpretation reads: they would have been the first example's alone
+
+    cut_short(folder / "shard_00001" / "activations.npy")
+    with pytest.raises(StoreError, match=r"shard_00001/activations\.npy is damaged.*Delete .*shard_00001 and rerun"):
+        ActivationStore(folder)
+    shutil.rmtree(folder / "shard_00001")  # the fix the message names
+    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "out", layers=[1])
+    for name, values in store_arrays(folder).items():
+        assert np.array_equal(values, original[name]), name
 
 
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
-from fastsae.store.activation_store import ActivationStore
-from fastsae.store.manifest import DatasetRecord, ShardPlan, StoreManifest
+import numpy as np
+import pytest
+
+from fastsae.common.errors import UserError
+from fastsae.store.activation_store import ActivationStore, ActivationStoreWriter
+from fastsae.store.manifest import STORE_FORMAT_VERSION, DatasetRecord, ShardPlan, StoreManifest
 
 
 def test_round_trip_through_json_is_exact(tiny_store):
@@ -52,3 +57,25 @@ def test_an_old_manifest_without_later_fields_loads_with_defaults(tiny_store):
     assert manifest.format_version == 1 and manifest.is_complete
     assert manifest.model_source is None and manifest.extracted_by_ranks is None and manifest.dataset.n_truncated is None
     assert manifest.shards == ActivationStore(tiny_store).manifest.shards
+
+
+def test_a_damaged_or_newer_manifest_is_refused_with_its_fix_and_replaced_by_overwrite(tiny_store, tmp_path):
+    """A manifest cut short, or one from a newer format whose shards carry a field this version lacks, raised a JSON or
+    TypeError traceback (and the newer one, had it loaded, would be read by this version's rules)."""
+    record = json.loads((tiny_store / "manifest.json").read_text())
+    newer = {**record, "format_version": STORE_FORMAT_VERSION + 1, "shards": [{**shard, "checksum": "f00d"} for shard in record["shards"]]}
+    cases = {
+        "cut short": ((tiny_store / "manifest.json").read_text()[:500], r"manifest\.json is damaged.*--overwrite, or restore"),
+        "not an object": ("[]", r"manifest\.json is not a store manifest \(it holds a JSON list\)"),
+        "newer": (json.dumps(newer), rf"written by a newer fastsae \(store format {STORE_FORMAT_VERSION + 1}; .*Update fastsae"),
+    }
+    for name, (text, message) in cases.items():
+        folder = shutil.copytree(tiny_store, tmp_path / name)
+        (folder / "manifest.json").write_text(text)
+        with pytest.raises(UserError, match=message):
+            ActivationStore(folder)
+        header = dict(shards=[ShardPlan("shard_00000", 0, 1, 0, 2)], doc_offsets=np.array([0, 2]), example_records=[{"row": 0}])
+        with pytest.raises(UserError, match=message):  # a rerun of the extraction into it
+            ActivationStoreWriter(folder, {"model": "tiny"}, {"d": 4, "dtype": "float32"}, **header)
+        ActivationStoreWriter(folder, {"model": "tiny"}, {"d": 4, "dtype": "float32"}, **header, overwrite=True)
+        assert StoreManifest.read(folder / "manifest.json").format_version == STORE_FORMAT_VERSION

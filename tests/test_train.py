@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -621,3 +622,12 @@ def test_a_capped_validation_set_samples_the_whole_store_not_its_start(tiny_stor
     distances = torch.cdist(run.validation_tokens, every)
     assert float(distances.min(dim=1).values.max()) < 0.05  # every one a held-out token (norms ~8; cdist rounds)
     assert int(distances.argmin(dim=1).max()) >= 300  # some from past the first 300 (argmin: the first of equal tokens)
+
+
+def test_a_store_damaged_after_extraction_stops_training_naming_the_file(tiny_store, tmp_path):
+    """A shard file that a copy left empty raised numpy's EOFError from deep inside the run's setup."""
+    store = shutil.copytree(tiny_store, tmp_path / "store")
+    (store / "shard_00000" / "activations.npy").write_bytes(b"")
+    with pytest.raises(UserError, match=r"shard_00000/activations\.npy is damaged or missing.*Delete .*shard_00000 and rerun"):
+        train_saes(config_for(store, tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
@@ -47,7 +47,14 @@ from fastsae.lm.models import (
     resolve_model,
 )
 from fastsae.lm.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
-from fastsae.store.activation_store import STORAGE_DTYPES, ActivationStoreWriter, bytes_per_token, check_free_disk, plan_shards
+from fastsae.store.activation_store import (
+    STORAGE_DTYPES,
+    ActivationStoreWriter,
+    bytes_per_token,
+    check_free_disk,
+    plan_shards,
+    writing_lock,
+)
 from fastsae.store.manifest import MANIFEST, DatasetRecord, StoreManifest
 
 logger = logging.getLogger(__name__)
@@ -534,14 +541,24 @@ def write_activation_stores(
     """
     own_attention = model.config._attn_implementation
     try:
-        with open_capture(model, config) as capture:
-            return _write_stores(capture, model, tokenizer, dataset, config, model_slug, model_fields)
+        with open_capture(model, config) as capture, ExitStack() as locks:
+            folders = {key: store_folder(config, model_slug, target.name) for key, target in capture.targets.items()}
+            # One job writes a store at a time: under torchrun its rank 0 holds the locks, and a refusal reaches every rank.
+            distributed.on_main_then_shared(lambda: [locks.enter_context(writing_lock(folder)) for folder in folders.values()])
+            return _write_stores(capture, folders, model, tokenizer, dataset, config, model_slug, model_fields)
     finally:
         switch_attention(model, own_attention)
 
 
 def _write_stores(
-    capture: Capture, model: torch.nn.Module, tokenizer, dataset: Dataset, config: ExtractConfig, model_slug: str, model_fields: dict | None
+    capture: Capture,
+    folders: dict[Hashable, Path],
+    model: torch.nn.Module,
+    tokenizer,
+    dataset: Dataset,
+    config: ExtractConfig,
+    model_slug: str,
+    model_fields: dict | None,
 ) -> list[Path]:
     tokenized = tokenize_examples(tokenizer, dataset.examples, config.chat_template, config.max_length)
     packed = pack_sequences(tokenized, dataset, config.packing, config.block_size)
@@ -576,7 +593,6 @@ def _write_stores(
     }
     n_truncated = sum(item.truncated for item in tokenized)
     n_unlocated_messages = sum(item.unlocated_messages for item in tokenized)
-    folders = {key: store_folder(config, model_slug, target.name) for key, target in capture.targets.items()}
 
     def open_writers(overwrite: bool, check_disk: bool) -> dict[Hashable, ActivationStoreWriter]:
         if check_disk:

@@ -26,7 +26,7 @@ from fastsae.lm.data import Dataset
 from fastsae.lm.hook_points import ResidualCapture
 from fastsae.lm.models import ModelSource, load_model, model_availability, model_folder, resolve_model
 from fastsae.lm.tokenization import tokenize_examples
-from fastsae.store.activation_store import DISK_MARGIN_BYTES, ActivationStore, check_free_disk, free_disk_bytes
+from fastsae.store.activation_store import DISK_MARGIN_BYTES, ActivationStore, check_free_disk, format_bytes, free_disk_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +113,6 @@ def check_disk(folder: Path, needed_bytes: int) -> str:
     """Refuses (UserError) when the store would not fit; otherwise says how much it takes of what is free."""
     check_free_disk(folder, needed_bytes)
     return f"the store needs about {format_bytes(needed_bytes)} (+{DISK_MARGIN_BYTES // 2**20} MiB margin); {format_bytes(free_disk_bytes(folder))} free at {folder}"
-
-
-def format_bytes(count: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB")
-    power = 0
-    while count >= 1024 and power < len(units) - 1:
-        count, power = count / 1024, power + 1
-    return f"{count:.0f} B" if power == 0 else f"{count:.1f} {units[power]}"
 
 
 def _synchronize(device: str) -> None:

@@ -462,7 +462,7 @@ class Pipeline:
     # --- plan, confirmation, running -----------------------------------------------------------------
 
     def plan_table(self) -> str:
-        from fastsae.pipeline.preflight import format_bytes
+        from fastsae.store.activation_store import format_bytes
 
         lines = ["| step | action | reads | writes | examples | tokens | store size | estimate |", "|---|---|---|---|---|---|---|---|"]
         for plan in self.plans.values():

@@ -17,10 +17,13 @@ into the same store as an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,10 +42,21 @@ EXAMPLES = "examples.jsonl"
 SHARD_ARRAYS = ("activations", "token_ids", "special_mask")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DISK_MARGIN_BYTES = 256 * 2**20
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; over the user's quota
+REEXTRACT = "Re-extract the store with --overwrite, or restore the file from a copy."  # the fix for a damaged store-wide file
 
 
 class StoreError(UserError):
     """The store is missing, incomplete, or does not match its manifest."""
+
+
+def load_store_array(path: Path, fix: str, mmap_mode: str | None = None) -> np.ndarray:
+    """`np.load`, or a StoreError naming the file and `fix`: a file deleted or cut short (a copy that stopped early) must
+    not surface as numpy's traceback."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError, EOFError) as error:
+        raise StoreError(f"{path} is damaged or missing ({error or type(error).__name__}). {fix}") from None
 
 
 class StoreChunk(NamedTuple):
@@ -80,6 +94,15 @@ def from_storage_array(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
+def save_array(path: Path, values: np.ndarray) -> None:
+    """`np.save` through Python's file writes: numpy's own report a full disk as "N requested and M written", without the
+    errno that tells a full disk from any other failure."""
+    values = np.ascontiguousarray(values)
+    with path.open("wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(values))
+        handle.write(values.data)
+
+
 def _write_json_lines(path: Path, records: Iterable[dict[str, Any]]) -> None:
     with path.open("w") as handle:
         for record in records:
@@ -99,14 +122,42 @@ def free_disk_bytes(folder: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+def format_bytes(count: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    power = 0
+    while count >= 1024 and power < len(units) - 1:
+        count, power = count / 1024, power + 1
+    return f"{count:.0f} B" if power == 0 else f"{count:.1f} {units[power]}"
+
+
 def check_free_disk(folder: Path, needed_bytes: int) -> None:
     free = free_disk_bytes(folder)
     if needed_bytes + DISK_MARGIN_BYTES > free:
         raise UserError(
-            f"not enough disk space at {folder}: the store needs about {needed_bytes / 2**30:.2f} GiB "
-            f"(plus {DISK_MARGIN_BYTES / 2**20:.0f} MiB margin) and {free / 2**30:.2f} GiB is free. "
+            f"not enough disk space at {folder}: the store needs about {format_bytes(needed_bytes)} "
+            f"(plus {DISK_MARGIN_BYTES / 2**20:.0f} MiB margin) and {format_bytes(free)} is free. "
             "Free some space, set OUTPUT_DIR to another disk, or lower MAX_EXAMPLES / MAX_LENGTH."
         )
+
+
+@contextmanager
+def writing_lock(folder: Path) -> Iterator[None]:
+    """Hold `<folder>.lock`, beside the store, while one extraction writes it: a second one into the same folder (the same
+    command started again while the first runs, or one with --overwrite) is refused, where it would delete the first's
+    `.partial` shards as they are written, or interleave shards of other settings with them. An flock: the kernel drops
+    it when its process ends, however it ends, so a crash leaves no stale lock. (Beside, not inside: --overwrite replaces
+    the folder.)"""
+    lock_path = folder.with_name(f"{folder.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another extraction is writing {folder} (it holds {lock_path}). Let it finish, or stop it first; "
+                "or set OUTPUT_DIR to another folder."
+            ) from None
+        yield
 
 
 def _settings_differences(old: dict, new: dict) -> str:
@@ -141,14 +192,17 @@ class ActivationStoreWriter:
             return
         # A new store appears whole, with its offsets, examples and manifest, or not at all: a crash while they are written
         # leaves no folder that a rerun would refuse as "not empty and holds no store manifest".
-        replace_folder_atomically(self.folder, lambda partial: self._write_header(partial, doc_offsets, example_records))
+        with self._full_disk_stops_with_its_fix():
+            replace_folder_atomically(self.folder, lambda partial: self._write_header(partial, doc_offsets, example_records))
 
     def _resumes(self, settings: dict[str, Any], overwrite: bool) -> bool:
         """Whether the folder holds this store begun with the same settings (its leftovers are cleared); refuses any other
-        folder's contents unless `overwrite`."""
+        folder's contents unless `overwrite`, which replaces them unread (a damaged or newer manifest included)."""
+        if overwrite:
+            return False
         existing = StoreManifest.read(self.folder / MANIFEST)
         if existing is not None:
-            if existing.settings == settings and not overwrite:
+            if existing.settings == settings:
                 self.manifest = replace(self.manifest, status=existing.status)
                 for leftover in self.folder.glob("*.partial"):  # what a crash left half-written
                     if leftover.is_dir():
@@ -156,20 +210,19 @@ class ActivationStoreWriter:
                     else:
                         leftover.unlink()
                 return True
-            if not overwrite:
-                raise UserError(
-                    f"{self.folder} already holds a store made with different settings "
-                    f"({_settings_differences(existing.settings, settings)}). "
-                    "Pass --overwrite to replace it, or set OUTPUT_DIR to another folder."
-                )
-        elif self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
+            raise UserError(
+                f"{self.folder} already holds a store made with different settings "
+                f"({_settings_differences(existing.settings, settings)}). "
+                "Pass --overwrite to replace it, or set OUTPUT_DIR to another folder."
+            )
+        if self.folder.exists() and any(self.folder.iterdir()):
             raise UserError(
                 f"{self.folder} is not empty and holds no store manifest. Pass --overwrite to replace it, or choose another OUTPUT_DIR."
             )
         return False
 
     def _write_header(self, folder: Path, doc_offsets: np.ndarray, example_records: list[dict[str, Any]]) -> None:
-        np.save(folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
+        save_array(folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
         _write_json_lines(folder / EXAMPLES, example_records)
         self.manifest.write(folder / MANIFEST)
 
@@ -187,11 +240,30 @@ class ActivationStoreWriter:
             raise ValueError(f"{shard.name} expects {shard.n_tokens} tokens, got {activations.shape[0]}")
 
         def fill(partial: Path) -> None:
-            np.save(partial / "activations.npy", to_storage_array(activations))
-            np.save(partial / "token_ids.npy", token_ids.astype(np.int32))
-            np.save(partial / "special_mask.npy", special_mask.astype(bool))
+            save_array(partial / "activations.npy", to_storage_array(activations))
+            save_array(partial / "token_ids.npy", token_ids.astype(np.int32))
+            save_array(partial / "special_mask.npy", special_mask.astype(bool))
 
-        replace_folder_atomically(self.folder / shard.name, fill)
+        with self._full_disk_stops_with_its_fix():
+            replace_folder_atomically(self.folder / shard.name, fill)
+
+    @contextmanager
+    def _full_disk_stops_with_its_fix(self) -> Iterator[None]:
+        """A disk that fills up mid-extraction (another job's files, a quota) stops it with what is still needed, not
+        an OSError traceback. The half-written shard is gone by then (its `.partial` removed), the whole ones stay."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in DISK_FULL_ERRNOS:
+                raise
+            pending = self.pending_shards()
+            needed = sum(self.shards[index].n_tokens for index in pending) * bytes_per_token(self.manifest.d, self.manifest.dtype)
+            raise UserError(
+                f"the disk holding {self.folder} is full ({error.strerror}): the store still needs about {format_bytes(needed)} "
+                f"for its {len(pending)} unwritten shards (a rerun checks for {DISK_MARGIN_BYTES / 2**20:.0f} MiB more), and "
+                f"{format_bytes(free_disk_bytes(self.folder))} is free. Free some space and rerun the same command: it keeps "
+                f"the {len(self.shards) - len(pending)} shards written and resumes. Or set OUTPUT_DIR to a disk with room."
+            ) from None
 
     def finish(self, completed_at: str, extracted_by_ranks: int) -> None:
         """Mark the store complete, recording when and by how many processes it was extracted."""
@@ -199,7 +271,8 @@ class ActivationStoreWriter:
         if missing:
             raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} shards are missing")
         self.manifest = replace(self.manifest, status="complete", completed_at=completed_at, extracted_by_ranks=extracted_by_ranks)
-        self.manifest.write(self.folder / MANIFEST)
+        with self._full_disk_stops_with_its_fix():
+            self.manifest.write(self.folder / MANIFEST)
 
 
 class ActivationStore:
@@ -219,10 +292,14 @@ class ActivationStore:
             raise StoreError(
                 f"the store at {self.folder} is incomplete (an interrupted extraction). Rerun extract_activations.py with the same settings to resume it."
             )
+        if manifest.dtype not in STORAGE_DTYPES:
+            raise StoreError(
+                f"{self.folder / MANIFEST} names the dtype {manifest.dtype!r}, not one of {', '.join(STORAGE_DTYPES)}. {REEXTRACT}"
+            )
         self.shards = list(manifest.shards)
         self.dtype = STORAGE_DTYPES[manifest.dtype]
         self.d = int(manifest.d)
-        self.doc_offsets = np.load(self.folder / DOC_OFFSETS)
+        self.doc_offsets = load_store_array(self.folder / DOC_OFFSETS, REEXTRACT)
         self._shard_starts = np.array([shard.first_token for shard in self.shards] + [self.n_tokens], dtype=np.int64)
         self._arrays = [self._open_shard(shard) for shard in self.shards]
         self.verify()
@@ -231,16 +308,34 @@ class ActivationStore:
         folder = self.folder / shard.name
         if not folder.is_dir():
             raise StoreError(f"{self.folder} is missing {shard.name}. Rerun extract_activations.py with the same settings to rebuild it.")
-        try:
-            return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in SHARD_ARRAYS}
-        except (OSError, ValueError) as error:
-            raise StoreError(f"{folder} is damaged ({error}). Delete that folder and rerun extract_activations.py to rewrite it.") from None
+        fix = f"Delete {folder} and rerun extract_activations.py with the same settings to rewrite it, or restore it from a copy."
+        return {name: load_store_array(folder / f"{name}.npy", fix, mmap_mode="r") for name in SHARD_ARRAYS}
 
     def verify(self) -> None:
-        """Check every shard's arrays against the manifest: counts, shapes, and dtypes."""
+        """Check the shards and example offsets against the manifest: counts, shapes, dtypes, and that the shards tile the
+        store. All from headers and the small offsets array: no shard's data is read. (A file cut short fails its memory
+        map in `_open_shard`.)"""
         expected_numpy = to_storage_array(torch.zeros(1, dtype=self.dtype)).dtype
-        if len(self.doc_offsets) != self.n_examples + 1 or int(self.doc_offsets[-1]) != self.n_tokens:
-            raise StoreError(f"{self.folder}: doc_offsets.npy does not match the manifest's counts. Re-extract with --overwrite.")
+        offsets = self.doc_offsets
+        if (
+            offsets.ndim != 1
+            or len(offsets) != self.n_examples + 1
+            or offsets[0] != 0
+            or offsets[-1] != self.n_tokens
+            or (np.diff(offsets) < 0).any()
+        ):
+            raise StoreError(f"{self.folder / DOC_OFFSETS} does not match the manifest's counts. {REEXTRACT}")
+        first_example = first_token = 0
+        for shard in self.shards:  # each shard starts where the one before ended, at an example's first token
+            starts = (shard.first_example, shard.first_token)
+            if starts != (first_example, first_token) or first_example >= self.n_examples or offsets[first_example] != first_token:
+                raise StoreError(f"the shard list in {self.folder / MANIFEST} does not match the store at {shard.name}. {REEXTRACT}")
+            first_example, first_token = first_example + shard.n_examples, first_token + shard.n_tokens
+        if (first_example, first_token) != (self.n_examples, self.n_tokens):
+            raise StoreError(
+                f"the shards in {self.folder / MANIFEST} hold {first_token} tokens of {first_example} examples, not the "
+                f"{self.n_tokens} of {self.n_examples} it counts. {REEXTRACT}"
+            )
         for shard, arrays in zip(self.shards, self._arrays):
             problems = []
             if arrays["activations"].shape != (shard.n_tokens, self.d):
@@ -341,8 +436,15 @@ class ActivationStore:
 
     def example_records(self) -> list[dict[str, Any]]:
         """Per example: where it came from in the dataset, and its label if the dataset had one."""
-        with (self.folder / EXAMPLES).open() as handle:
-            return [json.loads(line) for line in handle]
+        path = self.folder / EXAMPLES
+        try:
+            with path.open() as handle:
+                records = [json.loads(line) for line in handle]
+        except (OSError, ValueError) as error:
+            raise StoreError(f"{path} is damaged or missing ({error}). {REEXTRACT}") from None
+        if len(records) != self.n_examples:  # cut short at a line's end: the labels of the last examples would be missing
+            raise StoreError(f"{path} holds {len(records)} examples, the store {self.n_examples}: it is damaged. {REEXTRACT}")
+        return records
 
     def __repr__(self) -> str:
         return (

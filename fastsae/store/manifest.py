@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastsae.common.atomic_files import write_text_atomically
+from fastsae.common.errors import UserError
 
 STORE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"  # its file name in the store folder
@@ -105,8 +106,30 @@ class StoreManifest:
 
     @classmethod
     def read(cls, path: Path) -> StoreManifest | None:
-        """The manifest at `path`, or None where there is none yet."""
-        return cls.from_json(path.read_text()) if path.exists() else None
+        """The manifest at `path`, or None where there is none yet.
+
+        A file cut short or edited by hand, or one from a newer fastsae (whose fields this one would misread), is refused
+        with the fix, not a JSON or TypeError traceback.
+        """
+        if not path.exists():
+            return None
+        fix = "Re-extract the store with --overwrite, or restore the file from a copy."
+        try:
+            record = json.loads(path.read_text())
+        except (ValueError, OSError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise UserError(f"{path} is damaged ({error}). {fix}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} is not a store manifest (it holds a JSON {type(record).__name__}). {fix}")
+        version = record.get("format_version")
+        if isinstance(version, int) and version > STORE_FORMAT_VERSION:
+            raise UserError(
+                f"{path} was written by a newer fastsae (store format {version!r}; this one reads {STORE_FORMAT_VERSION}). "
+                "Update fastsae, or re-extract the store with --overwrite."
+            )
+        try:
+            return cls.from_dict(record)
+        except (TypeError, ValueError, AttributeError) as error:
+            raise UserError(f"{path} does not hold the fields of a store manifest ({error}). {fix}") from None
 
     def write(self, path: Path) -> None:
         """Atomically, so a crash never leaves half a manifest."""
