@@ -18,7 +18,6 @@ into the same store as an uninterrupted one.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import shutil
@@ -30,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from fastsae.common.atomic_files import replace_folder_atomically
 from fastsae.common.errors import UserError
@@ -144,20 +144,22 @@ def check_free_disk(folder: Path, needed_bytes: int) -> None:
 def writing_lock(folder: Path) -> Iterator[None]:
     """Hold `<folder>.lock`, beside the store, while one extraction writes it: a second one into the same folder (the same
     command started again while the first runs, or one with --overwrite) is refused, where it would delete the first's
-    `.partial` shards as they are written, or interleave shards of other settings with them. An flock: the kernel drops
-    it when its process ends, however it ends, so a crash leaves no stale lock. (Beside, not inside: --overwrite replaces
-    the folder.)"""
+    `.partial` shards as they are written, or interleave shards of other settings with them. An OS file lock (filelock's,
+    flock on Unix): the system drops it when its process ends, however it ends, so a crash leaves no stale lock.
+    (Beside, not inside: --overwrite replaces the folder.)"""
     lock_path = folder.with_name(f"{folder.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another extraction is writing {folder} (it holds {lock_path}). Let it finish, or stop it first; "
-                "or set OUTPUT_DIR to another folder."
-            ) from None
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"another extraction is writing {folder} (it holds {lock_path}). Let it finish, or stop it first; or set OUTPUT_DIR to another folder."
+        ) from None
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def _settings_differences(old: dict, new: dict) -> str:
