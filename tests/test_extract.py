@@ -701,3 +701,15 @@ def test_the_store_records_whether_its_sequences_open_with_bos(tiny_llama, smoll
     (plain,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "plain", layers=[1], chat_template="none")
     assert ActivationStore(chat).manifest.extraction["sequences_start_with_bos"] is True
     assert ActivationStore(plain).manifest.extraction["sequences_start_with_bos"] is False
+
+
+def test_the_pipeline_counts_a_store_whole_only_while_its_shards_are(tiny_store, tmp_path):
+    """A store whose manifest said complete counted as current after a shard was deleted: the pipeline skipped extraction
+    and training failed on the missing shard. Now extraction runs again, and the rerun rewrites the shard."""
+    from fastsae.common.stage import Output
+    from fastsae.extract.extract_activations import ExtractStage
+
+    copy = shutil.copytree(tiny_store, tmp_path / "store")
+    assert ExtractStage().outputs_complete([Output(copy)])
+    shutil.rmtree(copy / "shard_00000")
+    assert not ExtractStage().outputs_complete([Output(copy)])

@@ -49,7 +49,9 @@ from fastsae.lm.models import (
 from fastsae.lm.tokenization import CHAT_TEMPLATE_CHOICES, TokenizedExample, tokenize_examples
 from fastsae.store.activation_store import (
     STORAGE_DTYPES,
+    ActivationStore,
     ActivationStoreWriter,
+    StoreError,
     bytes_per_token,
     check_free_disk,
     plan_shards,
@@ -792,9 +794,18 @@ class ExtractStage(Stage):
         ]
 
     def outputs_complete(self, outputs: list[Output]) -> bool:
-        """A store counts only once its manifest says every shard is on disk."""
-        manifests = [StoreManifest.read(output.path / MANIFEST) for output in outputs]
-        return all(manifest is not None and manifest.is_complete for manifest in manifests)
+        """A store counts once its manifest says every shard is on disk and it opens: a shard deleted or cut short since
+        (seen from the files' headers and sizes, no data read) makes the step run again, which rewrites a missing shard."""
+        for output in outputs:
+            manifest = StoreManifest.read(output.path / MANIFEST)
+            if manifest is None or not manifest.is_complete:
+                return False
+            try:
+                ActivationStore(output.path)
+            except StoreError as error:
+                logger.info("The store is not whole: %s", error)
+                return False
+        return True
 
     def estimate(self, config: ExtractConfig, facts: PlanFacts) -> Estimate:
         corpus, calibration = facts.corpus, facts.calibration
