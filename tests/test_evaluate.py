@@ -319,5 +319,6 @@ def test_a_checkpoint_listed_twice_is_evaluated_once_and_a_perfect_reconstructio
     """Listed twice, it was evaluated twice and had two rows in the sweep's table; an MSE of 0 wrote -Infinity, which
     strict JSON readers refuse."""
     assert EvalConfig(checkpoint=["a.pt", "b.pt", "a.pt"]).checkpoint == ["a.pt", "b.pt"]
+    assert EvalConfig(checkpoint="a/a.pt").checkpoint == ["a/a.pt"]  # one checkpoint given from Python
     assert fast_token_mse([0.0, 0.0], d=4) == {"raw": 0.0, "log2": None}
     assert fast_token_mse([8.0], d=4) == {"raw": 2.0, "log2": 1.0}

@@ -183,11 +183,6 @@ class EvalConfig:
     tracker_dir: str = setting("", tracking.DIR_HELP, name="logger_dir")
 
     def __post_init__(self) -> None:
-        if len(set(self.checkpoint)) < len(self.checkpoint):  # each would be evaluated, and listed in the sweep's table, twice
-            logger.info(
-                "CHECKPOINT lists %d checkpoints more than once: each is evaluated once.", len(self.checkpoint) - len(set(self.checkpoint))
-            )
-            self.checkpoint = list(dict.fromkeys(self.checkpoint))
         unknown = [name for name in self.evals if name not in EVALS]
         if unknown or not self.evals:
             raise UserError(f"EVALS takes one or more of {', '.join(EVALS)}; got {self.evals!r}.")
@@ -204,6 +199,11 @@ class EvalConfig:
             )
         if isinstance(self.checkpoint, str | Path):  # one checkpoint given from Python
             self.checkpoint = [str(self.checkpoint)]
+        if len(set(self.checkpoint)) < len(self.checkpoint):  # each would be evaluated, and listed in the sweep's table, twice
+            logger.info(
+                "CHECKPOINT lists %d checkpoints more than once: each is evaluated once.", len(self.checkpoint) - len(set(self.checkpoint))
+            )
+            self.checkpoint = list(dict.fromkeys(self.checkpoint))
         if not self.checkpoint:
             raise UserError("CHECKPOINT is empty: name at least one SAE checkpoint, e.g. --checkpoint checkpoints/.../SAE_M=256_K=8.pt.")
         if self.exclude_special_tokens_from_reconstruction not in ("auto", "true", "false"):
