@@ -12,6 +12,7 @@ import transformers
 from transformers import LlamaForCausalLM
 
 from conftest import REPO, run_until_killed
+from fastsae.common.errors import UserError
 from fastsae.lm.models import CACHE_ENV_VAR, EMBEDDED_MODEL, model_folder, resolve_model
 
 
@@ -76,3 +77,9 @@ def test_an_interrupted_dequantisation_leaves_no_copy_of_the_weights(tiny_model_
     load_tiny_as_gguf(monkeypatch.setattr, tiny_model_folder, lambda: None)
     folder = Path(model_folder(resolve_model(str(gguf))))
     assert (folder / "config.json").is_file() and [path.name for path in (cache / "dequantized").iterdir()] == [folder.name]
+
+
+def test_an_unknown_embedded_name_names_the_embedded_model():
+    """`embedded:smollm2` was taken for a Hub id and failed on the Hub's repo-name rules, naming no valid choice."""
+    with pytest.raises(UserError, match=f"the one embedded model is '{EMBEDDED_MODEL}'"):
+        resolve_model("embedded:smollm2")

@@ -92,6 +92,8 @@ def resolve_model(name: str) -> ModelSource:
     """Decide what `name` refers to, checking local files before assuming a hub id."""
     if name == EMBEDDED_MODEL:
         return ModelSource(name, "embedded", str(embedded_gguf_path()))
+    if name.startswith("embedded:"):
+        raise UserError(f"no embedded model is called {name!r}; the one embedded model is {EMBEDDED_MODEL!r}. Check MODEL_NAME.")
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
