@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import REPO, run_until_killed
 from fastsae.common.errors import UserError
-from fastsae.lm.models import CACHE_ENV_VAR, EMBEDDED_MODEL, model_folder, resolve_model
+from fastsae.lm.models import CACHE_ENV_VAR, EMBEDDED_MODEL, load_tokenizer, model_folder, resolve_model
 
 
 def test_gguf_store_names_keep_the_version_and_quantisation(tmp_path):
@@ -83,3 +83,14 @@ def test_an_unknown_embedded_name_names_the_embedded_model():
     """`embedded:smollm2` was taken for a Hub id and failed on the Hub's repo-name rules, naming no valid choice."""
     with pytest.raises(UserError, match=f"the one embedded model is '{EMBEDDED_MODEL}'"):
         resolve_model("embedded:smollm2")
+
+
+def test_a_model_folder_without_a_tokenizer_stops_with_one_line(tiny_model_folder, tmp_path):
+    """transformers' own error is a ValueError about converting slow tokenizers, which the scripts showed as a traceback."""
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for path in tiny_model_folder.iterdir():
+        if not path.name.startswith(("tokenizer", "chat_template")):
+            (folder / path.name).symlink_to(path)
+    with pytest.raises(UserError, match="has no tokenizer files"):
+        load_tokenizer(resolve_model(str(folder)))

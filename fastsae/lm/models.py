@@ -44,6 +44,8 @@ MODEL_FILE_PATTERNS = (
     "*.model",
     "chat_template.*",
 )
+# A folder's tokenizer: a fast tokenizer's JSON or config, a BPE or WordPiece vocabulary, or a sentencepiece model.
+TOKENIZER_FILE_PATTERNS = ("tokenizer*", "vocab.*", "*.model")
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,12 @@ def model_availability(source: ModelSource) -> str:
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
+    # Without these files transformers fails with a many-line ValueError about converting slow tokenizers.
+    if source.kind == "folder" and not any(any(Path(source.location).glob(pattern)) for pattern in TOKENIZER_FILE_PATTERNS):
+        raise UserError(
+            f"{source.location} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.*): save the model's "
+            "tokenizer into it (tokenizer.save_pretrained(folder)), or check MODEL_NAME."
+        )
     try:
         return AutoTokenizer.from_pretrained(model_folder(source))
     except OSError as error:
