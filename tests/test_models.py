@@ -135,3 +135,13 @@ def test_a_hub_model_on_an_offline_machine_fails_fast_or_loads_from_the_hub_cach
     assert cached.returncode == 0 and time.perf_counter() - started < 60, cached.stderr
     store = ActivationStore(tmp_path / "out" / "org--tiny" / "blocks.1.hook_resid_post")
     assert store.n_examples == 8
+
+
+def test_a_cache_that_cannot_be_written_is_named_with_its_setting(tiny_model_folder, tmp_path, monkeypatch):
+    """The OSError came out as 'could not load the tokenizer' (or the model), naming neither the cache nor FASTSAE_CACHE."""
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(UserError, match=f"could not write the dequantised copy of tiny.gguf into the cache .* set {CACHE_ENV_VAR} to"):
+        load_tokenizer(resolve_model(str(gguf)))

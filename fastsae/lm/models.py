@@ -155,6 +155,10 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
     """Load the GGUF once (slow) and save it as safetensors; written to a temp folder, then renamed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:  # before the slow load: a cache that cannot be made fails at once
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cache_write_error(gguf_path, error) from None
     logger.info("Dequantising %s once; later loads use the cache at %s", gguf_path.name, target)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -174,10 +178,20 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
         partial.rename(target)
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)  # Ctrl-C or a full disk mid-save: no half copy of the weights stays
-        if not (isinstance(error, OSError) and (target / "config.json").exists()):
+        if not isinstance(error, OSError):
             raise
-        # another process finished first; its copy is the same
+        if not (target / "config.json").exists():  # else another process finished first; its copy is the same
+            raise _cache_write_error(gguf_path, error) from None
     logger.info("Dequantised in %.1f s", time.perf_counter() - started)
+
+
+def _cache_write_error(gguf_path: Path, error: OSError) -> UserError:
+    """A cache that cannot be written (read-only, full, a file in the way) is the user's to move; transformers' loaders
+    wrapped the OSError as a failure to load the tokenizer or model."""
+    return UserError(
+        f"could not write the dequantised copy of {gguf_path.name} into the cache at {cache_dir()} ({error}): "
+        f"set {CACHE_ENV_VAR} to a writable folder with room for it."
+    )
 
 
 def _remove_abandoned_partials(target: Path) -> None:
@@ -207,7 +221,6 @@ def model_folder(source: ModelSource) -> str:
         gguf_path = Path(source.location)
         target = _gguf_cache_folder(gguf_path)
         if not (target / "config.json").exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
             _dequantise_into_cache(gguf_path, target)
         return str(target)
     if source.kind == "hub" and not _hub_reachable():
