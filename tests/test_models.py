@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import transformers
+from gguf import GGUFWriter
 from transformers import LlamaForCausalLM
 
 from conftest import REPO, run_until_killed
 from fastsae.common.errors import UserError
-from fastsae.lm.models import CACHE_ENV_VAR, EMBEDDED_MODEL, load_tokenizer, model_folder, resolve_model
+from fastsae.lm.models import CACHE_ENV_VAR, EMBEDDED_MODEL, embedded_gguf_path, load_tokenizer, model_folder, resolve_model
 from fastsae.store.activation_store import ActivationStore
 
 
@@ -55,11 +56,20 @@ def load_tiny_as_gguf(set_attribute: Callable, tiny_folder: Path, after_weights_
     set_attribute(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: load_tokenizer(tiny_folder))
 
 
+def write_empty_gguf(path: Path) -> Path:
+    """A well-formed GGUF file without tensors: what the readable-GGUF check reads, before the loaders replaced below."""
+    writer = GGUFWriter(path, "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def test_an_interrupted_dequantisation_leaves_no_copy_of_the_weights(tiny_model_folder, tmp_path, monkeypatch):
     """Killed or Ctrl-C'd while the dequantised weights were saved, each attempt used to leave its temp folder in the cache
     for good: a float32 copy of the model (514 MB for SmolLM2, 32 GB for an 8B model)."""
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf = write_empty_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
     monkeypatch.setenv(CACHE_ENV_VAR, str(cache))
     run_until_killed(
@@ -145,3 +155,13 @@ def test_a_cache_that_cannot_be_written_is_named_with_its_setting(tiny_model_fol
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "a-file" / "cache"))
     with pytest.raises(UserError, match=f"could not write the dequantised copy of tiny.gguf into the cache .* set {CACHE_ENV_VAR} to"):
         load_tokenizer(resolve_model(str(gguf)))
+
+
+def test_a_gguf_cut_short_stops_with_one_line(tmp_path, monkeypatch):
+    """The embedded GGUF's first 5 MB (its header whole, its tensors cut): transformers' reader failed with a reshape error."""
+    cut = tmp_path / "cut.gguf"
+    with embedded_gguf_path().open("rb") as whole:
+        cut.write_bytes(whole.read(5_000_000))
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="cannot be read as a GGUF file .* cut short"):
+        load_tokenizer(resolve_model(str(cut)))

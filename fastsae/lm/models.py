@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,7 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _cache_write_error(gguf_path, error) from None
+    _check_gguf_readable(gguf_path)
     logger.info("Dequantising %s once; later loads use the cache at %s", gguf_path.name, target)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -183,6 +185,20 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
         if not (target / "config.json").exists():  # else another process finished first; its copy is the same
             raise _cache_write_error(gguf_path, error) from None
     logger.info("Dequantised in %.1f s", time.perf_counter() - started)
+
+
+def _check_gguf_readable(gguf_path: Path) -> None:
+    """Read the GGUF's header and tensor table (about 2 s): a file cut short by an interrupted download otherwise fails deep
+    in transformers' reader with a reshape or struct error."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf_path)
+    except (ValueError, struct.error) as error:
+        raise UserError(
+            f"{gguf_path} cannot be read as a GGUF file ({error}): it may be cut short (an interrupted download or copy); "
+            "download it again, or check MODEL_NAME."
+        ) from None
 
 
 def _cache_write_error(gguf_path: Path, error: OSError) -> UserError:
