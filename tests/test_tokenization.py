@@ -130,3 +130,13 @@ def test_a_conversation_is_called_by_its_last_user_turn_not_its_shared_system_pr
     assert example_label(Example(0, "line 1", messages=chat)) == "Why?"
     assert example_label(Example(1, "line 2", text="Plain.", response="Answer.")) == "Plain."
     assert example_label(Example(2, "line 3", messages=[system])) == "line 3"
+
+
+def test_a_text_that_quotes_a_template_marker_is_content(smollm2_tokenizer):
+    """The marker's text becomes the marker's token id (as in fine-tuning), and was marked special for that id alone."""
+    text = "Wrap each turn in <|im_start|> and <|im_end|>, then <|endoftext|>."
+    tokenized = tokenize_example(smollm2_tokenizer, Example(row=0, source="line 1", text=text), True, 512)
+    expected = content_positions(smollm2_tokenizer, SMOLLM2_DEFAULT_SYSTEM + "<|im_start|>user\n", text)
+    assert np.flatnonzero(~tokenized.special_mask).tolist() == expected
+    assert content_text(smollm2_tokenizer, tokenized) == text
+    assert smollm2_tokenizer.convert_tokens_to_ids("<|im_start|>") in tokenized.token_ids[~tokenized.special_mask]

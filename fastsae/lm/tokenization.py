@@ -86,11 +86,12 @@ def _template_tokenization(tokenizer, example: Example, add_generation_prompt: b
     encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     spans = [_content_span(tokenizer, rendered, messages, index, add_generation_prompt) for index in range(len(messages))]
     located = [span for span in spans if span is not None]
-    special_ids = set(tokenizer.all_special_ids)
-    special = np.ones(len(encoded["input_ids"]), dtype=bool)
-    for position, (token_id, (start, end)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
-        inside = any(start < span_end and end > span_start for span_start, span_end in located)
-        special[position] = token_id in special_ids or not inside
+    # A token is the template's unless it lies in a message's content, whatever its id: a text that quotes "<|im_start|>"
+    # is tokenized, as in fine-tuning, to the marker's id, and it is still the message's content.
+    special = np.array(
+        [not any(start < span_end and end > span_start for span_start, span_end in located) for start, end in encoded["offset_mapping"]],
+        dtype=bool,
+    )
     return encoded["input_ids"], special, len(spans) - len(located)
 
 
