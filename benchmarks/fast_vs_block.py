@@ -100,7 +100,7 @@ def extract(model, tokenizer, source, dataset: Dataset, packing: str, args: argp
         dataset=str(DATASET), layers=[args.layer], packing=packing, block_size=args.block_size, output_dir=str(work / "activations")
     )
     logger.info("Extracting %d examples (%s packing)", len(dataset.examples), packing)
-    model_fields = manifest_model_fields(EMBEDDED_MODEL, source, model)
+    model_fields = manifest_model_fields(EMBEDDED_MODEL, source)
     (folder,) = write_activation_stores(model, tokenizer, dataset, config, source.slug, model_fields)
     return ActivationStore(folder)
 

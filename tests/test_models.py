@@ -144,7 +144,7 @@ def test_a_hub_model_on_an_offline_machine_fails_fast_or_loads_from_the_hub_cach
     cached = extract("org/tiny")
     assert cached.returncode == 0 and time.perf_counter() - started < 60, cached.stderr
     store = ActivationStore(tmp_path / "out" / "org--tiny" / "blocks.1.hook_resid_post")
-    assert store.n_examples == 8
+    assert store.n_examples == 8 and store.manifest.revision == commit  # the weights' commit: new ones upstream are not resumed
 
 
 def test_a_cache_that_cannot_be_written_is_named_with_its_setting(tiny_model_folder, tmp_path, monkeypatch):

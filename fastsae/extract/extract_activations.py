@@ -40,6 +40,7 @@ from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, adapter_fingerpr
 from fastsae.lm.models import (
     EMBEDDED_MODEL,
     ModelSource,
+    hub_revision,
     learned_position_limit,
     load_model,
     load_tokenizer,
@@ -748,14 +749,15 @@ def extract_activations(config: ExtractConfig) -> list[Path]:
     tokenizer = load_tokenizer(source)
     device = config.resolved_device()
     model = load_model(source, config.resolved_compute_dtype(), device)
-    return write_activation_stores(model, tokenizer, dataset, config, source.slug, manifest_model_fields(config.model_name, source, model))
+    return write_activation_stores(model, tokenizer, dataset, config, source.slug, manifest_model_fields(config.model_name, source))
 
 
-def manifest_model_fields(model_name: str, source: ModelSource, model: torch.nn.Module) -> dict[str, Any]:
+def manifest_model_fields(model_name: str, source: ModelSource) -> dict[str, Any]:
     """What a store's manifest says of its model. A folder or GGUF file has no revision: its files' fingerprint ties the
     store (and its resume key) to the weights it was made from, so new weights saved under the same name are refused,
     not resumed. Hub stores' keys stay as they were."""
-    fields = {"model_name": model_name, "model_source": source.kind, "revision": getattr(model.config, "_commit_hash", None)}
+    revision = hub_revision(source.location) if source.kind == "hub" else None
+    fields = {"model_name": model_name, "model_source": source.kind, "revision": revision}
     fingerprint = model_files_fingerprint(source)
     if fingerprint is not None:
         fields["model_files_fingerprint"] = fingerprint

@@ -273,6 +273,13 @@ def _hub_cache_snapshot(repo_id: str) -> Path | None:
     return Path(config).parent if isinstance(config, str) and any(isinstance(path, str) for path in weights) else None
 
 
+def hub_revision(repo_id: str) -> str | None:
+    """The commit the Hugging Face cache holds as `repo_id`'s main revision, the one a load just read (transformers 5 no
+    longer records it on the config); None where the cache lacks it."""
+    snapshot = _hub_cache_snapshot(repo_id)
+    return snapshot.name if snapshot is not None and snapshot.parent.name == "snapshots" else None
+
+
 @functools.cache
 def _hub_reachable() -> bool:
     """Whether the Hub answers, asked once with a short timeout: where it does not, transformers retries every file it
