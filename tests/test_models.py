@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import REPO, run_until_killed
 from fastsae.common.errors import UserError
-from fastsae.lm.models import CACHE_ENV_VAR, EMBEDDED_MODEL, embedded_gguf_path, load_tokenizer, model_folder, resolve_model
+from fastsae.lm.models import CACHE_ENV_VAR, EMBEDDED_MODEL, ModelSource, embedded_gguf_path, load_tokenizer, model_folder, resolve_model
 from fastsae.store.activation_store import ActivationStore
 
 
@@ -165,3 +165,13 @@ def test_a_gguf_cut_short_stops_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
     with pytest.raises(UserError, match="cannot be read as a GGUF file .* cut short"):
         load_tokenizer(resolve_model(str(cut)))
+
+
+def test_every_install_of_the_embedded_model_shares_one_dequantised_copy(tmp_path):
+    """Its cache was keyed by the GGUF's path and time: each virtual environment (each CI run) dequantised its own
+    copy again, 20 s and hundreds of MB each, and none was ever removed."""
+    installed = resolve_model(EMBEDDED_MODEL)
+    elsewhere = tmp_path / "another-venv" / Path(installed.location).name  # the same package installed elsewhere
+    elsewhere.parent.mkdir()
+    shutil.copy(installed.location, elsewhere)  # another path, another modification time
+    assert model_folder(ModelSource(installed.name, "embedded", str(elsewhere))) == model_folder(installed)

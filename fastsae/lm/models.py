@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -132,8 +133,16 @@ def _file_stamp(path: Path) -> str:
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def _gguf_cache_folder(gguf_path: Path) -> Path:
-    key = hashlib.sha256(_file_stamp(gguf_path).encode()).hexdigest()[:12]
+def _gguf_cache_folder(source: ModelSource) -> Path:
+    """Where the GGUF's dequantised copy goes, keyed by what changes with its weights. The embedded model's key is its
+    package's version and the file's size, not its path: every virtual environment that installs the package shares one
+    copy, where each used to dequantise its own (hundreds of MB each)."""
+    gguf_path = Path(source.location)
+    if source.kind == "embedded":
+        stamp = f"{EMBEDDED_PACKAGE} {importlib.metadata.version(EMBEDDED_PACKAGE.replace('_', '-'))}|{gguf_path.stat().st_size}"
+    else:
+        stamp = _file_stamp(gguf_path)
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
     return cache_dir() / "dequantized" / f"{gguf_path.stem}-{key}"
 
 
@@ -234,10 +243,9 @@ def model_folder(source: ModelSource) -> str:
     """The path or hub id that `from_pretrained` should read, dequantising GGUF into the cache if needed; offline, a Hub
     model's folder in the Hugging Face cache."""
     if source.kind in ("embedded", "gguf"):
-        gguf_path = Path(source.location)
-        target = _gguf_cache_folder(gguf_path)
+        target = _gguf_cache_folder(source)
         if not (target / "config.json").exists():
-            _dequantise_into_cache(gguf_path, target)
+            _dequantise_into_cache(Path(source.location), target)
         return str(target)
     if source.kind == "hub" and not _hub_reachable():
         from huggingface_hub import constants
@@ -257,7 +265,7 @@ def model_folder(source: ModelSource) -> str:
 def model_availability(source: ModelSource) -> str:
     """How a load would get the model: `local`, `dequantise` (a GGUF not in the cache yet) or `download` (a hub id not cached)."""
     if source.kind in ("embedded", "gguf"):
-        return "local" if (_gguf_cache_folder(Path(source.location)) / "config.json").exists() else "dequantise"
+        return "local" if (_gguf_cache_folder(source) / "config.json").exists() else "dequantise"
     if source.kind == "folder":
         return "local"
     return "local" if _hub_cache_snapshot(source.location) else "download"
