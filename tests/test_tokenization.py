@@ -10,7 +10,7 @@ import pytest
 
 from fastsae.common.errors import UserError
 from fastsae.lm.data import Example
-from fastsae.lm.tokenization import example_label, tokenize_example, tokenize_examples
+from fastsae.lm.tokenization import example_label, prompt_token_ids, tokenize_example, tokenize_examples
 
 
 def content_text(tokenizer, tokenized) -> str:
@@ -140,3 +140,13 @@ def test_a_text_that_quotes_a_template_marker_is_content(smollm2_tokenizer):
     assert np.flatnonzero(~tokenized.special_mask).tolist() == expected
     assert content_text(smollm2_tokenizer, tokenized) == text
     assert smollm2_tokenizer.convert_tokens_to_ids("<|im_start|>") in tokenized.token_ids[~tokenized.special_mask]
+
+
+def test_a_prompt_whose_last_turn_is_the_assistants_is_continued(smollm2_tokenizer):
+    """Steering a prefilled answer: a new assistant opening after it made the model answer its own answer."""
+    chat = [{"role": "user", "content": "Plan my day."}, {"role": "assistant", "content": "First, coffee. Then"}]
+    ids = prompt_token_ids(smollm2_tokenizer, Example(row=0, source="test", messages=chat), use_chat_template=True)
+    text = smollm2_tokenizer.decode(ids)
+    assert text.endswith("<|im_start|>assistant\nFirst, coffee. Then") and text.count("<|im_start|>assistant") == 1
+    answered = prompt_token_ids(smollm2_tokenizer, Example(row=0, source="test", messages=chat[:1]), use_chat_template=True)
+    assert smollm2_tokenizer.decode(answered).endswith("<|im_start|>assistant\n")  # a user's last turn gets the opening

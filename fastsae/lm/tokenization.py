@@ -115,10 +115,16 @@ def tokenize_example(tokenizer, example: Example, use_chat_template: bool, max_l
 
 
 def prompt_token_ids(tokenizer, example: Example, use_chat_template: bool) -> list[int]:
-    """A prompt to generate from, tokenized as extraction tokenized its examples; a chat ends with the assistant's opening, so the model answers."""
-    if use_chat_template:
-        return list(_template_tokenization(tokenizer, example, add_generation_prompt=True)[0])
-    return list(_plain_tokenization(tokenizer, example)[0])
+    """A prompt to generate from, tokenized as extraction tokenized its examples; a chat ends with the assistant's opening,
+    so the model answers. A chat whose last turn is the assistant's is a prefilled answer: it stays open and the model
+    continues it (with a new assistant opening after it, the model would answer its own answer)."""
+    if not use_chat_template:
+        return list(_plain_tokenization(tokenizer, example)[0])
+    messages = example_messages(example)
+    if messages[-1]["role"] == "assistant":
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(_template_tokenization(tokenizer, example, add_generation_prompt=True)[0])
 
 
 def tokenize_examples(tokenizer, examples: list[Example], chat_template: str, max_length: int) -> list[TokenizedExample]:
