@@ -158,23 +158,50 @@ def test_saelens_saes_give_saelens_features_and_reconstructions(case, sample, tm
     assert (loaded.info.hook_point, loaded.info.layer, loaded.info.hook_name) == ("resid_post", LAYER, f"blocks.{LAYER}.hook_resid_post")
 
 
-def test_a_constant_input_scale_is_folded_and_a_per_token_one_refused(sample, tmp_path):
-    """SAELens' training checkpoint keeps the scale in activation_scaler.json; folded, the SAE takes raw activations."""
+SCALED_SAELENS = {  # SAELens' SAE and config classes, and their options
+    "standard": ("StandardSAE", "StandardSAEConfig", {}),
+    "topk, rescaled by decoder norms": ("TopKSAE", "TopKSAEConfig", {"k": K, "rescale_acts_by_decoder_norm": True}),
+    "batchtopk, rescaled by decoder norms (a training save)": (
+        "BatchTopKTrainingSAE",
+        "BatchTopKTrainingSAEConfig",
+        {"k": K, "rescale_acts_by_decoder_norm": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SCALED_SAELENS)
+def test_a_constant_input_scale_is_folded_as_saelens_folds_it(case, sample, tmp_path):
+    """SAELens' training checkpoint keeps the scale in activation_scaler.json; the reference is SAELens' own fold of it,
+    which its trainer and from_pretrained apply, after which a rescaled SAE reports features in the folded decoder's units."""
     import sae_lens
     from sae_lens.training.activation_scaler import ActivationScaler
 
+    sae_class, config_class, options = SCALED_SAELENS[case]
     scale = 0.37
-    sae = sae_lens.StandardSAE(
-        sae_lens.StandardSAEConfig(d_in=D, d_sae=M, normalize_activations="expected_average_only_in", metadata=saelens_metadata())
+    config = getattr(sae_lens, config_class)(
+        d_in=D, d_sae=M, normalize_activations="expected_average_only_in", metadata=saelens_metadata(), **options
     )
+    sae = getattr(sae_lens, sae_class)(config)
     randomize_(sae)
+    if hasattr(sae, "topk_threshold"):
+        with torch.no_grad():
+            pre = sae.encode_with_hidden_pre(sample * scale)[1].relu().flatten()
+            sae.topk_threshold.fill_(float(quantile_thresholds(pre, 0.9)))
     folder = tmp_path / "scaled"
     sae.save_model(folder)
     with pytest.raises(UserError, match="no factor is recorded"):
         load_any_sae(folder)
     ActivationScaler(scaling_factor=scale).save(str(folder / "activation_scaler.json"))
-    sae.fold_activation_norm_scaling_factor(scale)  # SAELens' own fold is the reference
-    same_forward(load_any_sae(folder), encode_decode(sae), sample[:300])
+    sae.fold_activation_norm_scaling_factor(scale)
+    if hasattr(sae, "save_inference_model"):  # SAELens runs a training save as the SAE it saves for inference
+        sae.save_inference_model(tmp_path / "inference")
+        sae = sae_lens.SAE.load_from_disk(tmp_path / "inference")
+    same_forward(load_any_sae(folder), encode_decode(sae), sample)
+
+
+def test_a_per_token_normalisation_is_refused(tmp_path):
+    import sae_lens
+
     per_token = sae_lens.StandardSAE(
         sae_lens.StandardSAEConfig(d_in=D, d_sae=M, normalize_activations="layer_norm", metadata=saelens_metadata())
     )

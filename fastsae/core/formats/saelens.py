@@ -119,8 +119,6 @@ def saelens_sae(
     weights = _weights(tensors, architecture, source)
     if not recorded.get("apply_b_dec_to_input", True):
         weights = weights.with_input_bias_folded()
-    if recorded.get("rescale_acts_by_decoder_norm"):
-        weights = weights.with_decoder_norms_folded()
     if recorded.get("normalize_activations") == "expected_average_only_in":
         if not activation_scale:
             raise UserError(
@@ -129,6 +127,10 @@ def saelens_sae(
                 "Fold it in SAELens, sae.fold_activation_norm_scaling_factor(factor), then sae.save_model(folder), and load that folder."
             )
         weights = weights.with_input_scale_folded(activation_scale)
+    # After the scale, as SAELens folds it into the raw weights and rescales by the scaled decoder's norms at run time:
+    # the other order would report a rescaled SAE's features, and compare BatchTopK's threshold, in units 1/scale apart.
+    if recorded.get("rescale_acts_by_decoder_norm"):
+        weights = weights.with_decoder_norms_folded()
     ours = SAELENS_ARCHITECTURES[architecture]
     k = _k(recorded, source, weights.m) if ours in ("topk", "batchtopk") else 0
     widths = tuple(recorded.get("matryoshka_widths") or ()) if architecture == "matryoshka_batchtopk" else ()
