@@ -854,6 +854,29 @@ def test_offline_without_the_files_says_what_to_fetch_in_one_line(hub_cache):
         "hf download jbloom/GPT2-Small-SAEs-Reformatted blocks.3.hook_resid_pre/cfg.json blocks.3.hook_resid_pre/sae_weights.safetensors"
         in message
     )
+    assert "or copy its cfg.json + sae_weights.safetensors into a folder and set CHECKPOINT to that folder" in message
+
+
+def test_without_a_connection_the_error_comes_at_once_and_names_a_local_folder(hub_cache, monkeypatch, caplog):
+    """One request, not huggingface_hub's retries (about 20 s when nothing answers); a release in a format fastsae reads
+    only through SAELens' converter gets the SAELens call that saves it as a folder."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    nowhere = "http://127.0.0.1:9"  # the discard port: nothing listens, so every connection is refused at once
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", nowhere)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", nowhere + "/{repo_id}/resolve/{revision}/{filename}")
+    for reference, local_folder in (
+        ("saelens:gpt2-small-res-jb/blocks.3.hook_resid_pre", "or copy its cfg.json + sae_weights.safetensors into a folder"),
+        (
+            "saelens:gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical",
+            "SAE.from_pretrained('gemma-scope-2b-pt-res-canonical', 'layer_12/width_16k/canonical').save_model('my_sae')",
+        ),
+    ):
+        caplog.clear()
+        with caplog.at_level("WARNING"), pytest.raises(UserError, match="and could not be downloaded") as caught:
+            load_any_sae(reference)
+        assert "Retrying" not in caplog.text
+        assert local_folder in str(caught.value) and "set CHECKPOINT to that folder" in str(caught.value)
 
 
 def test_names_the_registry_lacks_get_clear_errors(hub_cache, monkeypatch):

@@ -97,6 +97,18 @@ class PretrainedSAE:
         """The command that puts its files in the Hugging Face cache (with --force-download: again, whole)."""
         return f"hf download {self.repo_id} {' '.join(self.files)}"
 
+    @property
+    def local_folder(self) -> str:
+        """How to use it without this machine reaching the Hub: a folder of its files where fastsae reads their format,
+        else the SAELens folder its own loader saves where the Hub is reachable."""
+        if self.converter in ("sae_lens", "dictionary_learning_1"):
+            names = " + ".join(Path(name).name for name in self.files)
+            return f"or copy its {names} into a folder and set CHECKPOINT to that folder"
+        return (
+            f"or, where the Hub is reachable, save it with SAELens, {_save_model_recipe(self.release, self.sae_id)}, "
+            "and set CHECKPOINT to that folder"
+        )
+
     @classmethod
     def parse(cls, reference: str) -> PretrainedSAE:
         """The registry's entry for `saelens:RELEASE/SAE_ID`, with one clear error for a name it does not have."""
@@ -127,8 +139,8 @@ class PretrainedSAE:
         if converter not in CONVERTER_FILES:
             raise UserError(
                 f"{reference}: SAELens reads release {release!r} with its {converter!r} converter, which fastsae does not know "
-                f"(it reads {', '.join(CONVERTER_FILES)}). Convert it with SAELens, "
-                f"SAE.from_pretrained({release!r}, {sae_id!r}).save_model('my_sae'), and set CHECKPOINT to that folder."
+                f"(it reads {', '.join(CONVERTER_FILES)}). Convert it with SAELens, {_save_model_recipe(release, sae_id)}, "
+                "and set CHECKPOINT to that folder."
             )
         link = HUB_URL.fullmatch((entry.get("links") or {}).get("model") or "")
         return cls(
@@ -175,20 +187,43 @@ def _fetch(pretrained: PretrainedSAE, reference: str) -> list[Path]:
         return [Path(hf_hub_download(pretrained.repo_id, name, local_files_only=local_files_only)) for name in pretrained.files]
 
     try:
-        paths = download(local_files_only=True)
+        return download(local_files_only=True)
     except OSError:  # not (all) in the cache: huggingface_hub's LocalEntryNotFoundError
-        fetch = f"`{pretrained.download_command}`"
-        missing = f"{reference} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-        if constants.is_offline_mode():
-            raise UserError(
-                f"{missing} and HF_HUB_OFFLINE is set: fetch it with {fetch} where the Hub is reachable, into this cache."
-            ) from None
+        pass
+    missing = f"{reference} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    fetch = f"fetch it with `{pretrained.download_command}`"
+    if constants.is_offline_mode():
+        raise UserError(
+            f"{missing} and HF_HUB_OFFLINE is set: {fetch} where the Hub is reachable, into this cache, {pretrained.local_folder}."
+        )
+    problem = _hub_problem(pretrained)
+    if problem is None:
         try:
-            paths = download(local_files_only=False)
-        except OSError as error:  # no connection, no such repo or file, or a gated repo
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"{missing} and could not be downloaded ({reason}): fetch it with {fetch}, into this cache.") from None
-    return paths
+            return download(local_files_only=False)
+        except OSError as error:  # the connection dropped, or the Hub refused a file that the first one's answer did not
+            problem = _first_line(error)
+    raise UserError(f"{missing} and could not be downloaded ({problem}): {fetch}, into this cache, {pretrained.local_folder}.")
+
+
+def _hub_problem(pretrained: PretrainedSAE) -> str | None:
+    """Why the Hub does not serve the SAE's first file, or None. One request without retries: with no connection,
+    huggingface_hub's downloads retry for about 20 s before they fail."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        get_hf_file_metadata(hf_hub_url(pretrained.repo_id, pretrained.files[0]))
+    except Exception as error:  # httpx's connection errors, or the Hub's answer: no such repo or file, a gated repo
+        return _first_line(error)
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _save_model_recipe(release: str, sae_id: str) -> str:
+    """The SAELens call that saves a registry SAE as a folder fastsae opens."""
+    return f"SAE.from_pretrained({release!r}, {sae_id!r}).save_model('my_sae')"
 
 
 def _convert_with_saelens(pretrained: PretrainedSAE, reference: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
