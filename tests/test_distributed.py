@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastsae.common.distributed import shares_by_tokens
+from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.extract.extract_activations import ExtractConfig, extract_activations
 from fastsae.store.activation_store import ActivationStore
@@ -178,6 +179,9 @@ def test_torchrun_training_matches_one_process(one_process_store, tmp_path):
     assert two["final"]["fvu"] < 0.6 and two["final"]["l0"] == pytest.approx(4.0)
     sae = load_sae(two["checkpoint"]).sae
     assert sae.spec.m == 128 and sae.spec.k == 4
+    # Each rank replayed its own batches: one process cannot resume them (docs/multi_gpu.md), and says how to.
+    with pytest.raises(UserError, match=r"holds a run of 2 process\(es\), and this one has 1.*--nproc-per-node 2"):
+        train_saes(TrainConfig(store=str(one_process_store), output_dir=str(tmp_path / "two"), **TRAINING))
 
 
 def test_torchrun_validation_scores_the_saved_sae(one_process_store, tmp_path):
