@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch.distributed
 
 from fastsae.common.config import config_fingerprint, parse_step_config, run_step, setting
 from fastsae.common.errors import UserError
@@ -366,6 +367,9 @@ def test_under_torchrun_only_the_steps_that_split_their_work_run(capsys, monkeyp
     """Evaluation (and every step but extraction and training) would run whole in each process, writing the same files."""
     from fastsae.evaluate.evaluate_sae import EvalConfig
 
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True)  # the store torchrun keeps for its ranks
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     calls = []
@@ -375,7 +379,7 @@ def test_under_torchrun_only_the_steps_that_split_their_work_run(capsys, monkeyp
     assert capsys.readouterr().err.startswith("error: evaluate_sae.py runs in one process: start it with python, not torchrun")
     run_step(ExtractConfig, script_constants(), calls.append, "extract", [])
     assert len(calls) == 1
-    monkeypatch.setenv("RANK", "1")  # the other ranks stay silent: rank 0 has said it
+    monkeypatch.setenv("RANK", "1")  # the other ranks stay silent: one has said it
     with pytest.raises(SystemExit):
         run_step(EvalConfig, {"__file__": "/repo/evaluate_sae.py"}, calls.append, "evaluate", [])
     assert capsys.readouterr().err == ""

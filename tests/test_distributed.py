@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastsae.common.distributed import shares_by_tokens
+from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.extract.extract_activations import ExtractConfig, extract_activations
 from fastsae.store.activation_store import ActivationStore
@@ -29,13 +31,17 @@ SHARD_MB = 0.25  # the tiny store (15.7k tokens, d=64) in 8 shards, so two ranks
 TRAINING = dict(sweep=["topk:128:4"], batch_size=256, epochs=10.0, learning_rate=1e-3, eval_every=20, log_every=5, buffer_tokens=4096)
 
 
-def torchrun(script: str, *arguments: str, processes: int = 2, expect_failure: bool = False) -> subprocess.CompletedProcess:
+def torchrun(
+    script: str, *arguments: str, processes: int = 2, expect_failure: bool = False, launcher: Path | None = None
+) -> subprocess.CompletedProcess:
+    """`torchrun script arguments`; with a `launcher`, torchrun starts `launcher python script arguments` in each rank."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={processes}",
         "--standalone",
+        *(["--no-python", str(launcher), sys.executable] if launcher else []),
         str(REPO / script),
         *arguments,
     ]
@@ -173,6 +179,9 @@ def test_torchrun_training_matches_one_process(one_process_store, tmp_path):
     assert two["final"]["fvu"] < 0.6 and two["final"]["l0"] == pytest.approx(4.0)
     sae = load_sae(two["checkpoint"]).sae
     assert sae.spec.m == 128 and sae.spec.k == 4
+    # Each rank replayed its own batches: one process cannot resume them (docs/multi_gpu.md), and says how to.
+    with pytest.raises(UserError, match=r"holds a run of 2 process\(es\), and this one has 1.*--nproc-per-node 2"):
+        train_saes(TrainConfig(store=str(one_process_store), output_dir=str(tmp_path / "two"), **TRAINING))
 
 
 def test_torchrun_validation_scores_the_saved_sae(one_process_store, tmp_path):
@@ -195,6 +204,20 @@ def test_torchrun_prints_each_message_once(tiny_model_folder, one_process_store,
     assert done.stderr.count("Loading weights: 100%") == 1
     assert done.stderr.count("Truncated ") == 1
     assert done.stderr.count("already holds a store made with different settings") == 1
+
+
+def test_a_user_error_only_one_rank_meets_is_printed_once(tiny_model_folder, tmp_path):
+    """Rank 1 starts in a folder without the relative DATASET (a machine without the shared disk). Its one line is
+    printed, once; rank 0 alone printed, so it was lost and torchrun said only that rank 1 exited with code 2."""
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+    shutil.copy(REPO / "data" / "cognitive_actions.jsonl", tmp_path / "rank0" / "texts.jsonl")
+    launcher = tmp_path / "in_own_folder.sh"
+    launcher.write_text(f'#!/bin/sh\ncd "{tmp_path}/rank$RANK" && exec "$@"\n')
+    launcher.chmod(0o755)
+    arguments = [*extraction_arguments(tiny_model_folder, tmp_path / "stores"), "--dataset", "texts.jsonl"]
+    done = torchrun("extract_activations.py", *arguments, launcher=launcher, expect_failure=True)
+    assert done.stderr.count("error: dataset not found: texts.jsonl.") == 1, done.stderr[-3000:]
 
 
 class _StopsAtStep(TrainingRun):

@@ -226,8 +226,8 @@ def run_step(
 ) -> None:
     """Entry point shared by the step scripts: parse, run, and turn user errors into one clear line.
 
-    Under torchrun rank 0 alone prints it: every rank checks the same settings and files (or is told rank 0's
-    finding), and a Ctrl-C stops them all, so each printed the same line.
+    Under torchrun one rank prints it: every rank checks the same settings and files (or is told rank 0's finding),
+    and a Ctrl-C stops them all, so each would print the same line; a user error only one rank meets is its own.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -248,7 +248,11 @@ def run_step(
 
 
 def _report(line: str) -> None:
-    """Printed by rank 0 alone: torchrun sets RANK in every process it starts, before any joins the process group (read
-    from the environment, so that this module needs no torch: run_pipeline.py imports it to report missing packages)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(line, file=sys.stderr)
+    """Printed once under torchrun, by the first rank to end with it. A plain run reads no torch here: run_pipeline.py
+    imports this module to report missing packages."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from fastsae.common import distributed
+
+        if not distributed.first_to_report():
+            return
+    print(line, file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import NamedTuple, TypeVar
 
 import torch
@@ -95,6 +96,23 @@ def on_main_then_shared(action: Callable[[], Result]) -> Result | None:
     if message[0] is not None:
         raise UserError(message[0])
     return result
+
+
+def first_to_report() -> bool:
+    """Whether this process is the first of torchrun's to end with a message (always, in a plain run).
+
+    A user error one rank alone meets (a file only its machine lacks) must still be printed, and one every rank meets
+    printed once. The ranks claim the report in the store torchrun keeps for them (at MASTER_ADDR:MASTER_PORT, which
+    outlives any rank), so this works before the process group is joined and after a rank has died. A store out of
+    reach reports anyway: a line twice is better than none.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return True
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=10))
+        return store.add(f"fastsae/reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
+    except (KeyError, ValueError, RuntimeError):
+        return True
 
 
 def shares_by_tokens(token_counts: list[int], world_size: int) -> list[list[int]]:

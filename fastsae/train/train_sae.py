@@ -551,6 +551,13 @@ class TrainingRun:
         expected = self.settings_by_name[trainer.spec.name]
         ignored = settings_it_ignores(trainer.spec)  # states saved before they left its key still hold them
         saved = {key: value for key, value in state.get("settings", {}).items() if key not in ignored}
+        saved_ranks, ranks = saved.get("ranks", 1), expected.get("ranks", 1)
+        if saved_ranks != ranks:
+            raise UserError(
+                f"{trainer.folder} holds a run of {saved_ranks} process(es), and this one has {ranks}: each process replays its "
+                f"own batch order, so resume it with {saved_ranks} (torchrun --nproc-per-node {saved_ranks}; python for one), "
+                "pass --overwrite to start over, or set RUN_NAME to train beside it."
+            )
         if saved != expected:
             old, new = saved, expected
             differences = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
