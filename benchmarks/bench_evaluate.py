@@ -120,9 +120,11 @@ def held_out_tokens(checkpoint: str) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", type=int, default=3, help=f"SAEs in the sweep (at most {len(SWEEP)})")
+    parser.add_argument("--sweep", type=int, default=3, help=f"SAEs in the sweep, 2 to {len(SWEEP)} (the table times each further SAE)")
     parser.add_argument("--epochs", type=float, default=2.0, help="training epochs of each SAE")
     args = parser.parse_args()
+    if not 2 <= args.sweep <= len(SWEEP):  # checked first: with one SAE there is no further one, and the table's ratio divided by 0
+        parser.error(f"--sweep must be 2 to {len(SWEEP)}; got {args.sweep}")
     os.chdir(REPO)
     store = default_store()
     rows = []
