@@ -29,6 +29,7 @@ cosine similarity is not feature absorption.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -474,8 +475,9 @@ class _Evaluand:
     def path(self) -> Path:
         return self.trained.checkpoint
 
-    @property
+    @functools.cached_property
     def split(self) -> ExampleSplit:
+        """The training run's split, drawn once: the core metrics record it and sparse probing reads it."""
         return ExampleSplit.by_example(self.store.n_examples, self.fraction, self.seed)
 
     @property
