@@ -17,6 +17,7 @@ PUSH_TO_HUB = ""  # a Hub repo id, e.g. "your-name/smollm2-l12-topk-256"; empty:
 PRIVATE = True  # a new repo starts private; make it public on the Hub when you are ready
 NEURONPEDIA = False  # also write Neuronpedia's upload files (two passes over the training store, and the model for the logit lens)
 NEURONPEDIA_SET = ""  # Neuronpedia source set name, e.g. "yourname-res-16k"; empty: fastsae-<hook>-<M>
+NEURONPEDIA_MODEL = ""  # the model's id on Neuronpedia, e.g. "gemma-2-2b"; empty: its name, lower-case, without the organisation
 NEURONPEDIA_EXAMPLES = 20  # top activating windows per feature on Neuronpedia
 DEVICE = "auto"  # where the Neuronpedia files are computed: auto, cpu, cuda or cuda:N
 

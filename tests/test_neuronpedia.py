@@ -36,6 +36,7 @@ from fastsae.export.neuronpedia import (
     LOGIT_TOKENS,
     NEURONPEDIA_FOLDER,
     WINDOW_TOKENS,
+    default_model_id,
 )
 from fastsae.interpret.windows import WindowGrid
 from fastsae.lm.models import load_tokenizer, resolve_model
@@ -298,6 +299,8 @@ def test_the_card_lists_the_neuronpedia_folder_and_a_plain_export_has_none(expor
 def test_user_mistakes_get_one_message_and_leave_no_folder(trained, tmp_path):
     with pytest.raises(UserError, match="NEURONPEDIA_SET 'my set' is not a Neuronpedia source set name"):
         ExportConfig(checkpoint=str(trained), neuronpedia=True, neuronpedia_set="my set")
+    with pytest.raises(UserError, match="NEURONPEDIA_MODEL 'google/gemma-2-2b' is not a Neuronpedia model id.*e.g. gemma-2-2b"):
+        ExportConfig(checkpoint=str(trained), neuronpedia=True, neuronpedia_model="google/gemma-2-2b")
     with pytest.raises(UserError, match="NEURONPEDIA_EXAMPLES must be at least 1"):
         ExportConfig(checkpoint=str(trained), neuronpedia=True, neuronpedia_examples=0)
     # An SAE with no layer (as on a LoRA store): Neuronpedia files every SAE under a layer.
@@ -320,7 +323,17 @@ def test_a_store_that_has_moved_is_named_with_the_setting_that_finds_it(tiny_sto
     with pytest.raises(UserError, match=f"no activation store at {store}.* if it has moved, pass --store with its new place"):
         export_sae(moved)
     assert not list(checkpoint.parent.glob("export*"))
-    assert (export_sae(replace(moved, store=str(tmp_path / "moved"))) / NEURONPEDIA_FOLDER / "batch-0.json").is_file()
+    # NEURONPEDIA_MODEL names the model as Neuronpedia does, in every batch.
+    exported = export_sae(replace(moved, store=str(tmp_path / "moved"), neuronpedia_model="tiny-llama-42m"))
+    assert json.loads((exported / NEURONPEDIA_FOLDER / "batch-0.json").read_text())["model_id"] == "tiny-llama-42m"
+
+
+def test_the_default_model_id_is_one_part_of_neuronpedias_address():
+    """A Hub id's slash would split neuronpedia.org/<model>/<source>/<index>: the default drops the organisation."""
+    assert default_model_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2-135m-instruct"
+    assert default_model_id("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m-instruct.q4_1"
+    assert default_model_id("/models/my tuned llama/") == "my-tuned-llama"
+    assert default_model_id("gpt2") == "gpt2"
 
 
 def test_no_example_is_only_special_tokens(exported, tiny_store, offset_model_folder):

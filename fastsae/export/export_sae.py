@@ -42,7 +42,7 @@ from fastsae.core.saelens_export import write_saelens_folder
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE
 from fastsae.export.model_card import EXPORT_TAG, CardInputs, render_model_card
-from fastsae.export.neuronpedia import NeuronpediaSettings, check_set_name, write_neuronpedia
+from fastsae.export.neuronpedia import NeuronpediaSettings, check_model_id, check_set_name, write_neuronpedia
 from fastsae.interpret.interpret_sae import read_interpretations
 from fastsae.train.training_report import CURVES_FILE, METRICS_FILE
 
@@ -70,6 +70,9 @@ class ExportConfig:
     neuronpedia_set: str = setting(
         "", "Neuronpedia source set name (letters, digits, hyphens); the SAE becomes source <layer>-<set>; empty: fastsae-<hook>-<M>"
     )
+    neuronpedia_model: str = setting(
+        "", "the model's id on Neuronpedia (neuronpedia.org/<id>), e.g. gemma-2-2b; empty: its name without the organisation, lower-case"
+    )
     neuronpedia_examples: int = setting(20, "top activating windows per feature in the Neuronpedia files (SAEDashboard's default: 20)")
     store: str = setting("", "activation store the Neuronpedia files are read from; empty: the one the checkpoint was trained on")
     model_name: str = setting("", "model whose tokenizer and unembedding the Neuronpedia files use; empty: the one the checkpoint names")
@@ -77,6 +80,7 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         check_set_name(self.neuronpedia_set)
+        check_model_id(self.neuronpedia_model)
         if self.neuronpedia_examples < 1:
             raise UserError(f"NEURONPEDIA_EXAMPLES must be at least 1, not {self.neuronpedia_examples}.")
         if self.push_to_hub:
@@ -124,7 +128,12 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
     interpretations = read_interpretations(config.interpretations, trained.sae)
     if config.neuronpedia:  # first: the slow part, and the one that needs the store and the model
         settings = NeuronpediaSettings(
-            config.neuronpedia_set, config.neuronpedia_examples, config.store, config.model_name, resolve_device(config.device)
+            config.neuronpedia_set,
+            config.neuronpedia_model,
+            config.neuronpedia_examples,
+            config.store,
+            config.model_name,
+            resolve_device(config.device),
         )
         write_neuronpedia(folder, trained, interpretations, settings)
     eval_path = source / EVAL_FILE

@@ -83,6 +83,8 @@ CONTAINS_DECIMALS = 5  # SAEDashboard writes an interval's share as a percentage
 # Where each bar of interpretation's log-spaced histogram stands: the geometric centre of its bin.
 HISTOGRAM_CENTRES = (HISTOGRAM_EDGES[:-1].double() * HISTOGRAM_EDGES[1:].double()).sqrt().numpy()
 SET_NAME = re.compile(r"[A-Za-z0-9-]+")  # Neuronpedia's rule for a source set's name
+# A model's id is one part of its pages' address (neuronpedia.org/gemma-2-2b/12-gemmascope-res-16k/42): no slash.
+MODEL_ID = re.compile(r"[A-Za-z0-9._-]+")
 # SAEDashboard's feature keys for data we do not compute: written as empty lists, as SAEDashboard writes a table it skipped.
 NOT_COMPUTED = (
     "neuron_alignment_indices",
@@ -111,6 +113,21 @@ def check_set_name(name: str) -> None:
 
 def default_set_name(info: SAEInfo) -> str:
     return f"fastsae-{(info.hook_point or 'hook').replace('_', '-')}-{info.spec.m}"
+
+
+def check_model_id(model_id: str) -> None:
+    if model_id and not MODEL_ID.fullmatch(model_id):
+        raise UserError(
+            f"NEURONPEDIA_MODEL {model_id!r} is not a Neuronpedia model id, which is one part of its pages' address "
+            "(neuronpedia.org/<model id>): use only letters, digits, dots, hyphens and underscores, e.g. gemma-2-2b."
+        )
+
+
+def default_model_id(model_name: str) -> str:
+    """Neuronpedia names a model without its organisation, in lower case (gpt2-small, gemma-2-2b, llama3.1-8b), where the
+    Hub id's slash would split its pages' address: HuggingFaceTB/SmolLM2-135M-Instruct → smollm2-135m-instruct."""
+    name = re.sub(r"\.gguf$", "", model_name.rstrip("/").rsplit("/", 1)[-1], flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model"
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,7 @@ class NeuronpediaSettings:
     """ExportConfig's NEURONPEDIA_* settings, and where the store and model come from (empty: what the checkpoint records)."""
 
     set_name: str
+    model_id: str
     examples: int
     store: str
     model_name: str
@@ -256,7 +274,10 @@ def write_neuronpedia(folder: Path, trained: TrainedSAE, interpretations: pd.Dat
             f"{trained.checkpoint} was trained on {info.hook_name or 'a store'} with no layer (a LoRA bottleneck store?), "
             "and Neuronpedia files each SAE under a layer. Set NEURONPEDIA false (--neuronpedia false) for this SAE."
         )
-    source = NeuronpediaSource(saelens_config(info)["metadata"]["model_name"], info.layer, settings.set_name or default_set_name(info))
+    model_id = settings.model_id or default_model_id(saelens_config(info)["metadata"]["model_name"])
+    if not settings.model_id:
+        logger.info("Neuronpedia model id: %s (NEURONPEDIA_MODEL sets it: the id the model has on Neuronpedia, e.g. gpt2-small)", model_id)
+    source = NeuronpediaSource(model_id, info.layer, settings.set_name or default_set_name(info))
     store = trained.open_store(settings.store)
     language_model = trained.load_model(settings.model_name, dtype=torch.float32, device="cpu")
     output = folder / NEURONPEDIA_FOLDER
