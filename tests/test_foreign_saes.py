@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import subprocess
 import sys
 import types
 from collections.abc import Callable
@@ -27,8 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import hypothesaes_module, interpret_without_llm
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
-from fastsae.core.formats.saelens import saelens_hook
-from fastsae.core.formats.saelens_pretrained import CONVERTER_FILES, REFUSED
+from fastsae.core.formats.saelens import saelens_hook, saelens_model_hub_id
+from fastsae.core.formats.saelens_pretrained import CONVERTER_FILES, REFUSED, PretrainedSAE
 from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.core.formats.sparsify import sparsify_hook
 from fastsae.core.trained_sae import open_trained_sae
@@ -236,6 +237,48 @@ def test_saelens_hook_names_map_to_ours_and_others_are_refused(tmp_path):
     for unsupported in ("blocks.0.hook_resid_pre", "blocks.3.hook_resid_mid", "blocks.3.attn.hook_z", "hook_embed"):
         with pytest.raises(UserError, match="does not extract. It reads blocks.L.hook_resid_post"):
             saelens_hook(unsupported, "x")
+
+
+SAELENS_MODEL_NAMES = {  # cfg.json's model_name -> (the model_name fastsae records, its hub_model_id)
+    "gpt2-small": ("gpt2", "gpt2"),  # TransformerLens' name for a Hub model
+    "gemma-2-9b-it": ("google/gemma-2-9b-it", "google/gemma-2-9b-it"),
+    "gpt2": ("gpt2", "gpt2"),  # TransformerLens' name and the Hub id
+    "google/gemma-2-2b": ("google/gemma-2-2b", "google/gemma-2-2b"),  # a Hub id, as TransformerLens' official names are
+    "tiny-llama": ("tiny-llama", None),  # a name TransformerLens does not know: kept, and not taken for a Hub id
+}
+
+
+@pytest.mark.parametrize("cfg_model_name", SAELENS_MODEL_NAMES)
+def test_a_saelens_sae_records_its_model_by_the_hub_id_that_loads_it(cfg_model_name, tmp_path):
+    """SAELens names the model as TransformerLens does (gpt2-small), which is no Hub id: evaluate, steer and the model card
+    need the Hub id, which TransformerLens' own table gives."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    metadata = SAEMetadata(model_name=cfg_model_name, hook_name=f"blocks.{LAYER}.hook_resid_post")
+    sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D, d_sae=M, metadata=metadata)).save_model(tmp_path / "sae")
+    info = load_any_sae(tmp_path / "sae").info
+    assert (info.model_name, info.hub_model_id) == SAELENS_MODEL_NAMES[cfg_model_name]
+
+
+def test_model_names_that_cannot_be_transformer_lens_names_are_not_looked_up(tmp_path, monkeypatch, caplog):
+    assert saelens_model_hub_id(str(tmp_path)) is None  # a local folder: no Hub id
+    assert saelens_model_hub_id("embedded:smollm2-135m-instruct") is None
+    # An org/name is a Hub id already: TransformerLens, whose import takes seconds, is not asked about it.
+    lookup = "from fastsae.core.formats.saelens import saelens_model_hub_id as hub_id; print(hub_id('google/gemma-2-2b'))"
+    run = subprocess.run(
+        [sys.executable, "-c", f"import sys; {lookup}; print('transformer_lens' in sys.modules)"],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.stdout.split() == ["google/gemma-2-2b", "False"], run.stderr
+    for module in ("transformer_lens", "transformer_lens.loading_from_pretrained"):  # importing them fails as if not installed
+        monkeypatch.setitem(sys.modules, module, None)
+    with caplog.at_level("INFO"):
+        assert saelens_model_hub_id("gpt2-small") is None
+    assert "'gpt2-small', the model a SAELens SAE names, is kept as written: transformer_lens is not installed" in caplog.text
 
 
 def saelens_5_folder(folder: Path, **changes) -> Path:
@@ -652,6 +695,7 @@ def test_a_pretrained_saelens_sae_loads_from_the_cache_as_saelens_loads_it(
     loaded = load_any_sae(reference_name)
     same_forward(loaded, encode_decode(theirs), sample)
     assert (loaded.info.model_name, loaded.info.hook_point, loaded.info.layer) == ("gpt2", "resid_post", 2)  # the registry's Hub link
+    assert loaded.info.hub_model_id == "gpt2"  # the model card's base_model
     monkeypatch.chdir(tmp_path)
     evaluate_sae(
         EvalConfig(checkpoint=[reference_name], store=str(tiny_store), model_metrics=False, validation_fraction=0.1, max_examples=5)
@@ -843,6 +887,16 @@ def test_a_store_at_another_hook_is_used_with_a_warning(sample, tiny_store, tmp_
     with caplog.at_level("WARNING"):
         open_trained_sae(made.checkpoint).open_store(tiny_store)
     assert f"trained on blocks.{LAYER}.hook_mlp_out, but the store" in caplog.text
+
+
+def test_a_release_that_names_its_model_as_transformer_lens_does_gives_its_hub_id():
+    """Releases whose registry entry links no model page name it as TransformerLens does; the files need not be fetched."""
+    for reference, hub_id in (
+        ("saelens:gpt2-small-resid-post-v5-32k/blocks.0.hook_resid_post", "gpt2"),
+        ("saelens:mistral-7b-res-wg/blocks.8.hook_resid_pre", "mistralai/Mistral-7B-v0.1"),
+        ("saelens:gemma-scope-9b-it-res-canonical/layer_9/width_16k/canonical", "google/gemma-2-9b-it"),
+    ):
+        assert PretrainedSAE.parse(reference).model_name == hub_id
 
 
 def test_offline_without_the_files_says_what_to_fetch_in_one_line(hub_cache):

@@ -128,10 +128,27 @@ class SAEInfo:
         return cls(**values)
 
     @classmethod
-    def foreign(cls, spec: SAESpec, source_format: str, model_name: str | None, hook_point: str | None, layer: int | None) -> SAEInfo:
-        """An SAE another library saved: its shape and whatever of its origin its files record (None where they do not)."""
+    def foreign(
+        cls,
+        spec: SAESpec,
+        source_format: str,
+        model_name: str | None,
+        hook_point: str | None,
+        layer: int | None,
+        model_source: str | None = None,
+    ) -> SAEInfo:
+        """An SAE another library saved: its shape and whatever of its origin its files record (None where they do not);
+        `model_source` "hub" where `model_name` is known to be a Hub id."""
         name = hook_points.hook_name(layer, hook_point) if hook_point is not None and layer is not None else None
-        return cls(spec=spec, source_format=source_format, model_name=model_name, hook_name=name, hook_point=hook_point, layer=layer)
+        return cls(
+            spec=spec,
+            source_format=source_format,
+            model_name=model_name,
+            model_source=model_source,
+            hook_name=name,
+            hook_point=hook_point,
+            layer=layer,
+        )
 
     @classmethod
     def from_hypothesaes_config(cls, config: dict[str, Any]) -> SAEInfo:

@@ -94,6 +94,12 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `resolve_model` takes `name` for a Hub id: `name` or `org/name`, naming no local file, GGUF or embedded model."""
+    path = Path(name).expanduser()
+    return not (name.startswith("embedded:") or path.suffix.lower() == ".gguf" or path.exists() or _looks_like_path(name))
+
+
 def resolve_model(name: str) -> ModelSource:
     """Decide what `name` refers to, checking local files before assuming a hub id."""
     if name == EMBEDDED_MODEL:
@@ -112,7 +118,7 @@ def resolve_model(name: str) -> ModelSource:
         if not (path / "config.json").exists():
             raise UserError(f"{path} has no config.json: it is not a Hugging Face model folder. Check MODEL_NAME.")
         return ModelSource(name, "folder", str(path.resolve()))
-    if _looks_like_path(name) or path.exists():
+    if not is_hub_id(name):
         raise UserError(
             f"model not found: {name}. MODEL_NAME takes {EMBEDDED_MODEL!r}, a model folder, a .gguf file, or a hub id like 'org/model'."
         )

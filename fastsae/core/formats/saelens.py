@@ -25,7 +25,8 @@ its boolean normalize_activations becomes a name, and `activation_fn_str: "topk"
 Hook names are TransformerLens': `blocks.L.hook_resid_post` (our resid_post at layer L, the output
 of block L), `blocks.L.hook_mlp_out`, `blocks.L.hook_attn_out` (what block L's MLP and attention add to
 the residual stream, after Gemma 2's post-norms too: our mlp_out and attn_out), and `blocks.L.hook_resid_pre`,
-the input of block L, which is the output of block L − 1.
+the input of block L, which is the output of block L − 1. Model names are TransformerLens' too (gpt2-small): the SAE
+records the Hub id they stand for (`saelens_model_hub_id`), which is what the steps load.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from fastsae.core.checkpoint import LoadedSAE
 from fastsae.core.formats.weights import SAEWeights, read_json_config, read_safetensors
 from fastsae.core.sae import SAESpec
 from fastsae.core.sae_info import SAELENS_FORMAT, SAEInfo
+from fastsae.lm.models import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,27 @@ def saelens_hook(name: str | None, source: str) -> tuple[str | None, int | None]
     return ("resid_post", layer - 1) if point == "resid_pre" else (point, layer)
 
 
+def saelens_model_hub_id(name: str) -> str | None:
+    """The Hub id of the model a SAELens SAE names; None where that is unknown (a local path, a name TransformerLens does
+    not know). SAELens records TransformerLens' name for its model, not always the Hub id (gpt2-small is gpt2, gemma-2-2b
+    is google/gemma-2-2b), so TransformerLens' own table translates it. Only a name without a slash is looked up, as an
+    `org/name` is a Hub id already and importing TransformerLens takes seconds; a name that is both (gpt2) is its own."""
+    if not is_hub_id(name):
+        return None
+    if "/" in name:
+        return name
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    except ImportError:
+        logger.info("%r, the model a SAELens SAE names, is kept as written: transformer_lens is not installed to translate it.", name)
+        return None
+    try:
+        return get_official_model_name(name)
+    except ValueError:  # not one of TransformerLens' models or aliases
+        logger.info("%r, the model a SAELens SAE names, is kept as written: TransformerLens does not know it.", name)
+        return None
+
+
 def load_saelens_folder(folder: Path) -> LoadedSAE:
     """The SAE in `folder`, on raw activations, with the model and hook its cfg.json names."""
     cfg = read_json_config(folder / CONFIG_FILE, SAVE_AGAIN)
@@ -107,7 +130,8 @@ def saelens_sae(
     model_name: str | None = None,
 ) -> LoadedSAE:
     """Our SAE from SAELens' config and tensors. `activation_scale` is the constant that normalised the training
-    activations (when cfg.json says they were); `model_name` replaces the model cfg.json names."""
+    activations (when cfg.json says they were); `model_name` replaces the model cfg.json names. Either is recorded as its
+    Hub id where `saelens_model_hub_id` knows it, so the steps load the model, else as written."""
     recorded = _settings(cfg, source)
     architecture = recorded.get("architecture")
     if architecture not in SAELENS_ARCHITECTURES:
@@ -137,7 +161,9 @@ def saelens_sae(
     spec = SAESpec(ours, d=weights.d, m=weights.m, k=k, prefixes=widths if len(widths) > 1 else ())
     hook_point, layer = saelens_hook(recorded.get("hook_name"), source)
     _warn_about_processed_models(recorded, source)
-    info = SAEInfo.foreign(spec, SAELENS_FORMAT, model_name or recorded.get("model_name"), hook_point, layer)
+    named = model_name or recorded.get("model_name")
+    hub_id = saelens_model_hub_id(named) if named else None
+    info = SAEInfo.foreign(spec, SAELENS_FORMAT, hub_id or named, hook_point, layer, model_source="hub" if hub_id else None)
     return LoadedSAE(weights.to_sae(spec), info)
 
 

@@ -84,7 +84,7 @@ class PretrainedSAE:
     repo_id: str
     path: str  # the SAE's folder inside the repo, or its file
     converter: str
-    model_name: str | None  # the Hub id when the registry links the model there, else SAELens' (TransformerLens') name
+    model_name: str  # the Hub id: the registry's link, else its model (TransformerLens' name) translated; as written if unknown
     norm_scaling_factor: float | None
     config_overrides: dict[str, Any]
 
@@ -143,13 +143,14 @@ class PretrainedSAE:
                 "and set CHECKPOINT to that folder."
             )
         link = HUB_URL.fullmatch((entry.get("links") or {}).get("model") or "")
+        hub_id = link[1] if link else saelens.saelens_model_hub_id(entry["model"])  # SAELens requires every release's model
         return cls(
             release=release,
             sae_id=sae_id,
             repo_id=entry["repo_id"],
             path=path,
             converter=converter,
-            model_name=link[1] if link else entry.get("model"),
+            model_name=hub_id or entry["model"],
             norm_scaling_factor=saes[sae_id].get("norm_scaling_factor"),
             config_overrides=entry.get("config_overrides") or {},
         )
