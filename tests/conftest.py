@@ -15,8 +15,11 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGUFWriter, TokenType
+from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastsae.lm.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
@@ -70,6 +73,63 @@ def save_tiny_llama_with_blocks(folder: Path, tokenizer, n_blocks: int) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A real GGUF file of a tiny random Llama (4 blocks, d=64, float32 tensors) with a byte-level tokenizer of 261 tokens
+    and a chat template, as llama.cpp lays one out: transformers reads its config, tokenizer and weights in about a second,
+    where SmolLM2's GGUF takes ~20 s to dequantise."""
+    d, feed_forward, heads, kv_heads = 64, 128, 4, 2
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt", "he"]
+    writer = GGUFWriter(path, "llama")
+    writer.add_block_count(TINY_LAYERS)
+    writer.add_context_length(1024)
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(feed_forward)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(d // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL] * 3 + [TokenType.NORMAL] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_chat_template(CHATML_TEMPLATE)
+    generator = np.random.default_rng(seed)
+
+    def add(name: str, *shape: int) -> None:  # shapes in numpy's order (out, in); a norm's weight is ones
+        values = np.ones(shape) if name.endswith("norm.weight") else 0.02 * generator.standard_normal(shape)
+        writer.add_tensor(name, values.astype(np.float32))
+
+    add("token_embd.weight", len(tokens), d)  # no output.weight: the head is tied to the embedding, as in SmolLM2
+    add("output_norm.weight", d)
+    for block in range(TINY_LAYERS):
+        for name, shape in [
+            ("attn_norm", (d,)),
+            ("attn_q", (d, d)),
+            ("attn_k", (d * kv_heads // heads, d)),
+            ("attn_v", (d * kv_heads // heads, d)),
+            ("attn_output", (d, d)),
+            ("ffn_norm", (d,)),
+            ("ffn_gate", (feed_forward, d)),
+            ("ffn_up", (feed_forward, d)),
+            ("ffn_down", (d, feed_forward)),
+        ]:
+            add(f"blk.{block}.{name}.weight", *shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -17,9 +18,19 @@ import transformers
 from gguf import GGUFWriter
 from transformers import LlamaForCausalLM
 
-from conftest import REPO, run_until_killed
+from conftest import REPO, run_until_killed, write_tiny_gguf
 from fastsae.common.errors import UserError
-from fastsae.lm.models import CACHE_ENV_VAR, EMBEDDED_MODEL, ModelSource, embedded_gguf_path, load_tokenizer, model_folder, resolve_model
+from fastsae.lm import models
+from fastsae.lm.models import (
+    CACHE_ENV_VAR,
+    CACHE_RECORD_FILE,
+    EMBEDDED_MODEL,
+    ModelSource,
+    embedded_gguf_path,
+    load_tokenizer,
+    model_folder,
+    resolve_model,
+)
 from fastsae.store.activation_store import ActivationStore
 
 
@@ -175,3 +186,37 @@ def test_every_install_of_the_embedded_model_shares_one_dequantised_copy(tmp_pat
     elsewhere.parent.mkdir()
     shutil.copy(installed.location, elsewhere)  # another path, another modification time
     assert model_folder(ModelSource(installed.name, "embedded", str(elsewhere))) == model_folder(installed)
+
+
+def test_a_new_copy_of_a_gguf_removes_the_copies_of_its_earlier_versions_only(tmp_path, monkeypatch, caplog):
+    """A GGUF rewritten in place, or the embedded package upgraded, got a new copy in the cache while the old one stayed
+    for good: 23 stale copies of SmolLM2 (12 GB) on one machine. Another file's copies, and a copy an older fastsae left
+    without a record of what it was made from, stay."""
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
+    gguf, elsewhere = tmp_path / "model.gguf", tmp_path / "elsewhere" / "model.gguf"
+    elsewhere.parent.mkdir()
+    first = Path(model_folder(resolve_model(str(write_tiny_gguf(gguf)))))
+    other_file = Path(model_folder(resolve_model(str(write_tiny_gguf(elsewhere)))))
+    unrecorded = first.with_name("model-0123456789ab")  # as older fastsae versions wrote them
+    shutil.copytree(first, unrecorded, ignore=shutil.ignore_patterns(CACHE_RECORD_FILE))
+
+    write_tiny_gguf(gguf, seed=1)  # new weights under the same name
+    os.utime(gguf, ns=(time.time_ns(), first.stat().st_mtime_ns + 10**9))  # a later time even where the clock is coarse
+    monkeypatch.setattr(models, "UNATTRIBUTED_COPIES_REPORT_BYTES", 0)  # a tiny copy is far below the 1 GiB it takes to be named
+    with caplog.at_level(logging.INFO, logger="fastsae.lm.models"):
+        second = Path(model_folder(resolve_model(str(gguf))))
+    assert sorted(first.parent.iterdir()) == sorted([second, other_file, unrecorded])
+    assert f"Removed 1 dequantised copy of earlier versions of {gguf} from the cache" in caplog.text
+    assert "also holds 1 dequantised copy that older fastsae versions wrote" in caplog.text
+
+    # The embedded model's copies are its package's, wherever it is installed: another version replaces them.
+    def embedded_at(path: Path) -> Path:
+        return Path(model_folder(ModelSource(EMBEDDED_MODEL, "embedded", str(path))))
+
+    embedded = embedded_at(gguf)
+    shutil.copy(gguf, elsewhere)  # the same weights elsewhere (another virtual environment)
+    assert embedded_at(elsewhere) == embedded
+    with elsewhere.open("ab") as grown:
+        grown.write(bytes(32))  # another version of the package's file
+    upgraded = embedded_at(elsewhere)
+    assert sorted(first.parent.iterdir()) == sorted([second, other_file, unrecorded, upgraded])

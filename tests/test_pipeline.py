@@ -23,13 +23,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny_llama, run_until_killed
+from conftest import make_tiny_llama, run_until_killed, write_tiny_gguf
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.evaluate import evaluate_sae as evaluate_module
 from fastsae.interpret.interpret_sae import STAGE as INTERPRET_STAGE
 from fastsae.interpret.interpret_sae import InterpretConfig
 from fastsae.interpret.llm import API_KEY_VARIABLES
+from fastsae.lm.models import CACHE_ENV_VAR
 from fastsae.pipeline.run_pipeline import Pipeline, PipelineConfig, StepPlan
 from fastsae.store.activation_store import ActivationStore
 from fastsae.train.train_sae import TrainingRun
@@ -454,8 +455,29 @@ def test_steps_and_from_are_validated():
         PipelineConfig(steps="extract,trian")
 
 
-def test_the_plan_of_the_default_run_on_smollm2(tmp_path, monkeypatch, capsys):
-    """The repository's own scripts chain, and the plan counts the default data's tokens with SmolLM2's tokenizer."""
+def test_a_plan_alone_reads_a_gguf_without_dequantising_it(tmp_path, monkeypatch, capsys, caplog):
+    """--plan-only dequantised a GGUF not in the cache yet to read its config and tokenizer: tens of seconds and hundreds of
+    MB written (GBs for an 8B model) by a command that should only print."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV_VAR, str(cache))
+    gguf = write_tiny_gguf(tmp_path / "tiny-llama.gguf")  # the name the project's STORE and CHECKPOINT expect
+    project = tmp_path / "project"
+    project.mkdir()
+    write_project(project, gguf)
+    monkeypatch.chdir(project)
+    with caplog.at_level(logging.INFO, logger="fastsae.pipeline.run_pipeline"):
+        run_pipeline(monkeypatch, "--plan-only")
+    assert not cache.exists()
+    assert f"{gguf} (gguf; 4 blocks, d=64): GGUF, not in the cache yet: a run dequantises it once" in caplog.text
+    printed = capsys.readouterr().out
+    extract_row = next(line for line in printed.splitlines() if line.startswith("| extract |"))
+    assert extract_row.startswith(f"| extract | run (new) | {REPO / 'data/cognitive_actions.jsonl'} | {STORE} | 60 |")
+    assert extract_row.endswith("| unknown |")  # no model timed: that would have taken the dequantisation
+
+
+def test_the_plan_of_the_default_run_on_smollm2(smollm2_tokenizer, tmp_path, monkeypatch, capsys):
+    """The repository's own scripts chain, and the plan counts the default data's tokens with SmolLM2's tokenizer. Its
+    estimate needs the model's dequantised copy in the cache (a plan alone does not make it): the tokenizer fixture makes it."""
     for script in SCRIPTS:
         shutil.copy(REPO / script, tmp_path / script)
     shutil.copytree(REPO / "data", tmp_path / "data")

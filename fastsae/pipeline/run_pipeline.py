@@ -232,7 +232,8 @@ class Pipeline:
         uses_extraction_model = other_store is None or not other_store.model_name
         model_name = extract.config.model_name if uses_extraction_model else other_store.model_name
         layers_read = extract.config.layers if uses_extraction_model and extract.config.hook_point != LORA_HOOK_POINT else []
-        self.model = preflight.check_model(model_name, layers_read)
+        # A plan alone writes nothing: a GGUF not in the cache yet is read as it is, and dequantised only for a run.
+        self.model = preflight.check_model(model_name, layers_read, dequantise=not self.config.plan_only)
         self.check("model", self.model.describe())
         self.facts.d, self.facts.n_layers, self.facts.vocab_size = self.model.d, self.model.n_layers, self.model.vocab_size
         for plan in list(self.plans.values())[1:]:
@@ -401,7 +402,7 @@ class Pipeline:
         extract, train = self.plans["extract"], self.plans["train"]
         if any(plan.runs for plan in self.plans.values()):
             if extract.runs:
-                tokenizer = load_tokenizer(self.model.source)
+                tokenizer = load_tokenizer(self.model.source, self.model.dequantises)
                 corpus = preflight.corpus_from_dataset(tokenizer, self.dataset, extract.config)
                 pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
                 self.facts.corpus = corpus
@@ -422,7 +423,7 @@ class Pipeline:
         extract, train = self.plans["extract"], self.plans["train"]
         started = time.perf_counter()
         needs_model = extract.runs or any(self.plans[name].runs for name in ("evaluate", "interpret"))
-        if needs_model and self.model.availability != "download":
+        if needs_model and self.model.can_calibrate:
             config = extract.config
             residual = config.hook_point != LORA_HOOK_POINT  # a LoRA capture runs every block: time the whole stack
             layers = config.layers if residual and (train.linked or extract.selected) else [self.model.n_layers - 1]
