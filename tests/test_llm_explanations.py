@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import EXPLANATION, chat_server
+from conftest import EXPLANATION, chat_server, classifier_prompt_content
 from fastsae.common.errors import UserError
 from fastsae.interpret.explanations import parse_rubric, rubric_summary
 from fastsae.interpret.interpret_sae import InterpretConfig, estimate_llm_cost, interpret_sae
@@ -341,3 +341,27 @@ def test_rubric_parsing_and_summary():
     summary = rubric_summary([5, 4, None, 1, 4])
     assert summary.counts == {1: 1, 2: 0, 3: 0, 4: 2, 5: 1} and summary.rated == 4 and summary.missing == 1
     assert summary.high_share == 0.75 and rubric_summary([None]).high_share is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "explanation"),
+    [
+        ('The word "would"', 'The word "would"'),  # was 'The word "would'
+        ('"would" as a modal verb', '"would" as a modal verb'),  # was 'would" as a modal verb'
+        ('  "the modal verb would"\n', "the modal verb would"),  # a phrase quoted whole loses its quotes
+    ],
+)
+def test_an_explanation_keeps_the_quotes_of_a_quoted_word(server, checkpoint, tiny_model_folder, tmp_path, answer, explanation):
+    """The explainer's answer lost every leading and trailing '"': a quoted word at either end kept only one of its quotes,
+    in the CSV and in the explanation the scorers judged by."""
+
+    def answer_with(messages: list[dict]) -> str:
+        if "\n\nText examples:\n\n" in messages[-1]["content"]:
+            return json.dumps([1] * len(classifier_prompt_content(messages)[1]))
+        return answer
+
+    server.answerer = answer_with
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", scoring="detection"))
+    assert pd.read_csv(path)["explanation"].tolist() == [explanation]
+    scoring = [request["messages"] for request in server.requests if "\n\nText examples:\n\n" in request["messages"][-1]["content"]]
+    assert scoring and all(classifier_prompt_content(messages)[0] == explanation for messages in scoring)

@@ -64,6 +64,15 @@ def rubric_messages(windows: list[Window]) -> Messages:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
 
 
+def parse_explanation(answer: str) -> str:
+    """The explainer's phrase: its answer stripped, and without its enclosing quotes when it is quoted whole. A quote
+    that opens or closes a quoted word at either end (`The word "would"`) stays."""
+    text = answer.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
+        return text[1:-1].strip()
+    return text
+
+
 _RATING = re.compile(
     r"^[^A-Za-z\n]*rating\s*(?:\([^)\n]*\))?\W*?[:=\-]?\W*?(\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE
 )  # "(1-5)" skipped

@@ -33,7 +33,14 @@ from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.sparse_probing import SPARSE_PROBING_FILE, read_probe_choices
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
-from fastsae.interpret.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
+from fastsae.interpret.explanations import (
+    RubricSummary,
+    explanation_messages,
+    parse_explanation,
+    parse_rubric,
+    rubric_messages,
+    rubric_summary,
+)
 from fastsae.interpret.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens, unembedding_matrix
 from fastsae.interpret.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key, base_url
 from fastsae.interpret.sampling import sample_windows
@@ -471,7 +478,7 @@ def explain_features(
         cached,
     )
     answers = client.complete_all(first_round, ANSWER_TOKENS, whole=True)
-    explanations = dict(zip(explained, (answer.strip().strip('"') for answer in answers[: len(explain_requests)])))
+    explanations = dict(zip(explained, map(parse_explanation, answers[: len(explain_requests)])))
     for feature in [feature for feature, explanation in explanations.items() if not explanation]:
         logger.warning(
             "No readable explanation for feature %d (an empty or cut answer): it is not scored, its columns are left empty.", feature
