@@ -365,3 +365,23 @@ def test_an_explanation_keeps_the_quotes_of_a_quoted_word(server, checkpoint, ti
     assert pd.read_csv(path)["explanation"].tolist() == [explanation]
     scoring = [request["messages"] for request in server.requests if "\n\nText examples:\n\n" in request["messages"][-1]["content"]]
     assert scoring and all(classifier_prompt_content(messages)[0] == explanation for messages in scoring)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_reasoning_model_that_spent_the_limit_thinking_says_so(server, tmp_path, caplog, whole):
+    """A server that returns a thinking model's reasoning apart (vLLM's reasoning parser) sends no content when the
+    reasoning fills max_tokens: every answer was empty, and the run said only that no answer could be read."""
+    cut = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "gpt-4.1",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": None, "reasoning_content": "Let me think."}, "finish_reason": "length"}
+        ],
+    }
+    server.bodies = [("application/json", json.dumps(cut).encode())]
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache")
+    assert client.complete(HELLO, whole=whole) == ""
+    assert "stopped at its limit of 300 tokens" in caplog.text and "thinking model" in caplog.text
+    assert not list((tmp_path / "llm-cache").rglob("*.json"))  # a rerun asks again
