@@ -385,3 +385,23 @@ def test_a_reasoning_model_that_spent_the_limit_thinking_says_so(server, tmp_pat
     assert client.complete(HELLO, whole=whole) == ""
     assert "stopped at its limit of 300 tokens" in caplog.text and "thinking model" in caplog.text
     assert not list((tmp_path / "llm-cache").rglob("*.json"))  # a rerun asks again
+
+
+@pytest.mark.parametrize("opening", ["<think>\n", ""])  # DeepSeek-R1's template opens the block in the prompt
+def test_a_thinking_models_reasoning_is_not_taken_for_its_explanation_or_rating(server, checkpoint, tiny_model_folder, tmp_path, opening):
+    """A thinking model served without a reasoning parser sends its reasoning in the content, before </think>: the whole
+    of it became the explanation (in the CSV and the scorers' prompts), and a rating it weighed there became the rating."""
+
+    def answer_with(messages: list[dict]) -> str:
+        if "\n\nText examples:\n\n" in messages[-1]["content"]:
+            return json.dumps([1] * len(classifier_prompt_content(messages)[1]))
+        return f"{opening}Every marked token is 'would'. Name: modal.\n</think>\n\nThe modal verb would"
+
+    server.answerer = answer_with
+    server.rubric_answers = [f"{opening}Mostly consistent.\nRATING: 2?\nNAME: none\n</think>\n\nRATING: 5\nNAME: modal would"]
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", scoring="detection,fast-rubric"))
+    table = pd.read_csv(path)
+    assert table["explanation"].tolist() == ["The modal verb would"]
+    assert table["fast_rubric_rating"].tolist() == [5] and table["fast_rubric_name"].tolist() == ["modal would"]
+    scoring = [request["messages"] for request in server.requests if "\n\nText examples:\n\n" in request["messages"][-1]["content"]]
+    assert all(classifier_prompt_content(messages)[0] == "The modal verb would" for messages in scoring)
