@@ -10,6 +10,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import EXPLANATION, chat_server, classifier_prompt_content
 from fastsae.common.errors import UserError
@@ -405,3 +406,35 @@ def test_a_thinking_models_reasoning_is_not_taken_for_its_explanation_or_rating(
     assert table["fast_rubric_rating"].tolist() == [5] and table["fast_rubric_name"].tolist() == ["modal would"]
     scoring = [request["messages"] for request in server.requests if "\n\nText examples:\n\n" in request["messages"][-1]["content"]]
     assert all(classifier_prompt_content(messages)[0] == "The modal verb would" for messages in scoring)
+
+
+@pytest.fixture(scope="module")
+def dead_checkpoint(checkpoint, tmp_path_factory):
+    """The trained SAE with every encoder bias at -1e6: a real checkpoint none of whose features ever fires."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["state_dict"]["neuron_bias"][:] = -1e6
+    path = tmp_path_factory.mktemp("dead") / "SAE_M=64_K=4.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("dead", "settings"),
+    [
+        (False, {"n_quantiles": 1000, "explain_examples": 1000, "score_examples": 1000}),  # every feature: < 1,000 windows
+        (True, {"min_windows": 0, "features": "0"}),  # a listed feature that never fires
+    ],
+)
+def test_a_feature_whose_windows_fill_no_quantile_is_not_explained_from_nothing(
+    server, checkpoint, dead_checkpoint, tiny_model_folder, tmp_path, dead, settings
+):
+    """MIN_WINDOWS lowered below N_QUANTILES (or to 0) let a feature with fewer windows than quantiles through: each
+    quantile held none, so the explainer was asked about a feature from no window, and its guess was scored."""
+    settings = {"features": "frequency:1", "min_windows": 1, "scoring": "detection,fuzzing", **settings}
+    path = interpret_sae(config_for(dead_checkpoint if dead else checkpoint, tiny_model_folder, tmp_path, **settings))
+    (row,) = pd.read_csv(path, keep_default_na=False).to_dict("records")
+    assert server.requests == [] and row["explanation"] == "" and row["detection_score"] == ""
+    assert row["scoring_note"] == (
+        f"too rare to explain: its {row['activating_windows']} activating windows fill none of the "
+        f"N_QUANTILES={settings.get('n_quantiles', 5)} quantiles the explainer's windows are drawn from"
+    )

@@ -423,6 +423,25 @@ def _fill_scores(row: dict[str, Any], scorer: str, result: ClassifierResult) -> 
         logger.warning("%s: no readable answer for feature %d, its score is left empty.", scorer, row["feature"])
 
 
+def _drop_unexplainable(rows: list[dict[str, Any]], examples: dict[int, FeatureExamples], config: InterpretConfig) -> None:
+    """Leave unexplained, and say so, a feature whose sample shows the explainer no window: with MIN_WINDOWS below
+    N_QUANTILES (or 0) its windows fill no quantile, and the LLM would guess an explanation from nothing, then be scored."""
+    unexplainable = [row for row in rows if row["feature"] in examples and not examples[row["feature"]].explain]
+    for row in unexplainable:
+        del examples[row["feature"]]
+        row["scoring_note"] = (
+            f"too rare to explain: its {row['activating_windows']} activating windows fill none of the N_QUANTILES="
+            f"{config.n_quantiles} quantiles the explainer's windows are drawn from"
+            if config.explain_from == "quantiles"
+            else "too rare to explain: no activating window"
+        )
+    if unexplainable:
+        logger.warning(
+            "%d features have too few activating windows to show the explainer any (their scoring_note says why): not explained or scored.",
+            len(unexplainable),
+        )
+
+
 def _note_short_classes(rows: list[dict[str, Any]], examples: dict[int, FeatureExamples], wanted: int) -> None:
     """Say in the CSV where a scorer gets fewer windows of a class than SCORE_EXAMPLES: a feature that fires in nearly every
     window leaves few non-activating ones, and with none its score is at most 0.5 (a class with no verdicts counts 0)."""
@@ -616,6 +635,7 @@ def _interpret_with(
             f: feature_examples(store, sae, tokenizer, grid, windows[f], f, config, include_special)
             for f in tqdm(scored, desc="sampling windows", unit="feature")
         }
+        _drop_unexplainable(rows, examples, config)
         try:
             rubric, results = explain_features(rows, top_windows, examples, config)
         except UserError as error:  # the statistics and windows are worth keeping: written below, then the error
