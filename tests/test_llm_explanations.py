@@ -10,8 +10,9 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
-from conftest import EXPLANATION, chat_server
+from conftest import EXPLANATION, chat_server, classifier_prompt_content
 from fastsae.common.errors import UserError
 from fastsae.interpret.explanations import parse_rubric, rubric_summary
 from fastsae.interpret.interpret_sae import InterpretConfig, estimate_llm_cost, interpret_sae
@@ -341,3 +342,99 @@ def test_rubric_parsing_and_summary():
     summary = rubric_summary([5, 4, None, 1, 4])
     assert summary.counts == {1: 1, 2: 0, 3: 0, 4: 2, 5: 1} and summary.rated == 4 and summary.missing == 1
     assert summary.high_share == 0.75 and rubric_summary([None]).high_share is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "explanation"),
+    [
+        ('The word "would"', 'The word "would"'),  # was 'The word "would'
+        ('"would" as a modal verb', '"would" as a modal verb'),  # was 'would" as a modal verb'
+        ('  "the modal verb would"\n', "the modal verb would"),  # a phrase quoted whole loses its quotes
+    ],
+)
+def test_an_explanation_keeps_the_quotes_of_a_quoted_word(server, checkpoint, tiny_model_folder, tmp_path, answer, explanation):
+    """The explainer's answer lost every leading and trailing '"': a quoted word at either end kept only one of its quotes,
+    in the CSV and in the explanation the scorers judged by."""
+
+    def answer_with(messages: list[dict]) -> str:
+        if "\n\nText examples:\n\n" in messages[-1]["content"]:
+            return json.dumps([1] * len(classifier_prompt_content(messages)[1]))
+        return answer
+
+    server.answerer = answer_with
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", scoring="detection"))
+    assert pd.read_csv(path)["explanation"].tolist() == [explanation]
+    scoring = [request["messages"] for request in server.requests if "\n\nText examples:\n\n" in request["messages"][-1]["content"]]
+    assert scoring and all(classifier_prompt_content(messages)[0] == explanation for messages in scoring)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_reasoning_model_that_spent_the_limit_thinking_says_so(server, tmp_path, caplog, whole):
+    """A server that returns a thinking model's reasoning apart (vLLM's reasoning parser) sends no content when the
+    reasoning fills max_tokens: every answer was empty, and the run said only that no answer could be read."""
+    cut = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "gpt-4.1",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": None, "reasoning_content": "Let me think."}, "finish_reason": "length"}
+        ],
+    }
+    server.bodies = [("application/json", json.dumps(cut).encode())]
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache")
+    assert client.complete(HELLO, whole=whole) == ""
+    assert "stopped at its limit of 300 tokens" in caplog.text and "thinking model" in caplog.text
+    assert not list((tmp_path / "llm-cache").rglob("*.json"))  # a rerun asks again
+
+
+@pytest.mark.parametrize("opening", ["<think>\n", ""])  # DeepSeek-R1's template opens the block in the prompt
+def test_a_thinking_models_reasoning_is_not_taken_for_its_explanation_or_rating(server, checkpoint, tiny_model_folder, tmp_path, opening):
+    """A thinking model served without a reasoning parser sends its reasoning in the content, before </think>: the whole
+    of it became the explanation (in the CSV and the scorers' prompts), and a rating it weighed there became the rating."""
+
+    def answer_with(messages: list[dict]) -> str:
+        if "\n\nText examples:\n\n" in messages[-1]["content"]:
+            return json.dumps([1] * len(classifier_prompt_content(messages)[1]))
+        return f"{opening}Every marked token is 'would'. Name: modal.\n</think>\n\nThe modal verb would"
+
+    server.answerer = answer_with
+    server.rubric_answers = [f"{opening}Mostly consistent.\nRATING: 2?\nNAME: none\n</think>\n\nRATING: 5\nNAME: modal would"]
+    path = interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path, features="frequency:1", scoring="detection,fast-rubric"))
+    table = pd.read_csv(path)
+    assert table["explanation"].tolist() == ["The modal verb would"]
+    assert table["fast_rubric_rating"].tolist() == [5] and table["fast_rubric_name"].tolist() == ["modal would"]
+    scoring = [request["messages"] for request in server.requests if "\n\nText examples:\n\n" in request["messages"][-1]["content"]]
+    assert all(classifier_prompt_content(messages)[0] == "The modal verb would" for messages in scoring)
+
+
+@pytest.fixture(scope="module")
+def dead_checkpoint(checkpoint, tmp_path_factory):
+    """The trained SAE with every encoder bias at -1e6: a real checkpoint none of whose features ever fires."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["state_dict"]["neuron_bias"][:] = -1e6
+    path = tmp_path_factory.mktemp("dead") / "SAE_M=64_K=4.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("dead", "settings"),
+    [
+        (False, {"n_quantiles": 1000, "explain_examples": 1000, "score_examples": 1000}),  # every feature: < 1,000 windows
+        (True, {"min_windows": 0, "features": "0"}),  # a listed feature that never fires
+    ],
+)
+def test_a_feature_whose_windows_fill_no_quantile_is_not_explained_from_nothing(
+    server, checkpoint, dead_checkpoint, tiny_model_folder, tmp_path, dead, settings
+):
+    """MIN_WINDOWS lowered below N_QUANTILES (or to 0) let a feature with fewer windows than quantiles through: each
+    quantile held none, so the explainer was asked about a feature from no window, and its guess was scored."""
+    settings = {"features": "frequency:1", "min_windows": 1, "scoring": "detection,fuzzing", **settings}
+    path = interpret_sae(config_for(dead_checkpoint if dead else checkpoint, tiny_model_folder, tmp_path, **settings))
+    (row,) = pd.read_csv(path, keep_default_na=False).to_dict("records")
+    assert server.requests == [] and row["explanation"] == "" and row["detection_score"] == ""
+    assert row["scoring_note"] == (
+        f"too rare to explain: its {row['activating_windows']} activating windows fill none of the "
+        f"N_QUANTILES={settings.get('n_quantiles', 5)} quantiles the explainer's windows are drawn from"
+    )

@@ -166,7 +166,7 @@ def true_quantile(values: np.ndarray, peaks: np.ndarray, chosen: np.ndarray) -> 
 
 def test_samples_fall_evenly_across_the_quantiles_of_a_lognormal_feature():
     values, peaks = lognormal_windows(5_000)
-    reservoir = WindowReservoir(1, size=100_000, top_n=40)
+    reservoir = WindowReservoir([0], size=100_000, top_n=40)
     reservoir.add(np.zeros(len(values), dtype=np.int64), values, peaks)
     (windows,) = reservoir.result()
     rng = np.random.default_rng(0)
@@ -181,7 +181,7 @@ def test_samples_fall_evenly_across_the_quantiles_of_a_lognormal_feature():
     # Streamed through a reservoir of 1,000 out of 50,000 (in pieces, so it is compacted along the way), the scored
     # windows still fall close to evenly across the feature's true quantiles, and the top stays exact.
     values, peaks = lognormal_windows(50_000, seed=1)
-    reservoir = WindowReservoir(1, size=1_000, top_n=40, flush=3_000)
+    reservoir = WindowReservoir([0], size=1_000, top_n=40, flush=3_000)
     for piece in np.array_split(np.random.default_rng(2).permutation(len(values)), 25):
         reservoir.add(np.zeros(len(piece), dtype=np.int64), values[piece], peaks[piece])
     (windows,) = reservoir.result()
@@ -198,3 +198,19 @@ def test_a_token_list_cell_is_one_line_whatever_its_tokens():
     cell = token_list([" | ", "a|b", "c"])
     assert cell == " \\|  | a\\|b | c"
     assert cell.split(" | ") == [" \\| ", "a\\|b", "c"]  # every "|" of a token is escaped, so " | " only separates
+
+
+def test_a_features_sampled_windows_do_not_depend_on_the_other_features_chosen(store_and_sae):
+    """A feature with more activating windows than the reservoir keeps was sampled with random numbers drawn for every
+    chosen feature in turn: adding features (frequency:100, then 200) changed its sample, so its explainer and scorer
+    windows, and every cached LLM answer about it was asked and paid for again."""
+    store, sae = store_and_sae
+    grid = WindowGrid(store.doc_offsets, W)
+    maxima, _ = window_maxima(store, sae, grid)
+    busiest = [int(f) for f in torch.argsort((maxima > 0).sum(0), descending=True)[:12]]
+    alone = collect_windows(store, sae, busiest[:1], grid, TOP, chunk_tokens=1000, reservoir=11)[busiest[0]]
+    among = collect_windows(store, sae, busiest, grid, TOP, chunk_tokens=1000, reservoir=11)[busiest[0]]
+    assert alone.count > 11 and len(alone.peaks) == 11
+    np.testing.assert_array_equal(alone.peaks, among.peaks)
+    other_seed = collect_windows(store, sae, busiest[:1], grid, TOP, chunk_tokens=1000, seed=1, reservoir=11)[busiest[0]]
+    assert set(other_seed.peaks) != set(alone.peaks)  # still a random sample, which SEED draws

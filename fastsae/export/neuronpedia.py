@@ -238,7 +238,7 @@ def feature_records(
         "dataset": store.manifest.dataset.path or "",
     }
     statistics = collect_feature_statistics(store, sae, include_special=include_special, example_max_file=scratch / "example_max.npy")
-    strongest = WindowReservoir(sae.spec.m, 0, examples)
+    strongest = WindowReservoir(range(sae.spec.m), 0, examples)
     intervals = IntervalSample(statistics.max_activation, len(grid), INTERVAL_EXAMPLES, INTERVAL_SEED)
     for chunk in iter_window_activations(store, sae, range(sae.spec.m), grid, include_special):
         strongest.add(chunk.slots, chunk.values, chunk.peaks)

@@ -64,6 +64,21 @@ def rubric_messages(windows: list[Window]) -> Messages:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
 
 
+def without_reasoning(answer: str) -> str:
+    """The answer after a thinking model's reasoning, which a server without a reasoning parser sends first, ending in
+    </think> (DeepSeek-R1's chat template opens the block in the prompt, so the answer holds only its end)."""
+    return answer.rpartition("</think>")[2]
+
+
+def parse_explanation(answer: str) -> str:
+    """The explainer's phrase: its answer after any reasoning, stripped, and without its enclosing quotes when it is
+    quoted whole. A quote that opens or closes a quoted word at either end (`The word "would"`) stays."""
+    text = without_reasoning(answer).strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
+        return text[1:-1].strip()
+    return text
+
+
 _RATING = re.compile(
     r"^[^A-Za-z\n]*rating\s*(?:\([^)\n]*\))?\W*?[:=\-]?\W*?(\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE
 )  # "(1-5)" skipped
@@ -74,8 +89,9 @@ def parse_rubric(answer: str) -> tuple[int | None, str]:
     """(rating, name) from a RATING / NAME answer; the rating is None unless a whole number 1-5 is given.
 
     Tolerates what chat models add: Markdown bold, "4/5", "Rating = 4", lower case, text around
-    the two lines, quotes around the name. A missing name leaves "".
+    the two lines, quotes around the name, a thinking model's reasoning before them. A missing name leaves "".
     """
+    answer = without_reasoning(answer)
     rating_match = _RATING.search(answer)
     rating = None
     if rating_match and float(rating_match.group(1)) in RUBRIC:

@@ -33,7 +33,14 @@ from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.sparse_probing import SPARSE_PROBING_FILE, read_probe_choices
 from fastsae.interpret.dashboard import dashboard_data, write_dashboard
-from fastsae.interpret.explanations import RubricSummary, explanation_messages, parse_rubric, rubric_messages, rubric_summary
+from fastsae.interpret.explanations import (
+    RubricSummary,
+    explanation_messages,
+    parse_explanation,
+    parse_rubric,
+    rubric_messages,
+    rubric_summary,
+)
 from fastsae.interpret.features import FeatureStatistics, collect_feature_statistics, label_association, logit_lens, unembedding_matrix
 from fastsae.interpret.llm import API_KEY_VARIABLES, CachedChatClient, Messages, api_key, base_url
 from fastsae.interpret.sampling import sample_windows
@@ -416,6 +423,25 @@ def _fill_scores(row: dict[str, Any], scorer: str, result: ClassifierResult) -> 
         logger.warning("%s: no readable answer for feature %d, its score is left empty.", scorer, row["feature"])
 
 
+def _drop_unexplainable(rows: list[dict[str, Any]], examples: dict[int, FeatureExamples], config: InterpretConfig) -> None:
+    """Leave unexplained, and say so, a feature whose sample shows the explainer no window: with MIN_WINDOWS below
+    N_QUANTILES (or 0) its windows fill no quantile, and the LLM would guess an explanation from nothing, then be scored."""
+    unexplainable = [row for row in rows if row["feature"] in examples and not examples[row["feature"]].explain]
+    for row in unexplainable:
+        del examples[row["feature"]]
+        row["scoring_note"] = (
+            f"too rare to explain: its {row['activating_windows']} activating windows fill none of the N_QUANTILES="
+            f"{config.n_quantiles} quantiles the explainer's windows are drawn from"
+            if config.explain_from == "quantiles"
+            else "too rare to explain: no activating window"
+        )
+    if unexplainable:
+        logger.warning(
+            "%d features have too few activating windows to show the explainer any (their scoring_note says why): not explained or scored.",
+            len(unexplainable),
+        )
+
+
 def _note_short_classes(rows: list[dict[str, Any]], examples: dict[int, FeatureExamples], wanted: int) -> None:
     """Say in the CSV where a scorer gets fewer windows of a class than SCORE_EXAMPLES: a feature that fires in nearly every
     window leaves few non-activating ones, and with none its score is at most 0.5 (a class with no verdicts counts 0)."""
@@ -471,7 +497,7 @@ def explain_features(
         cached,
     )
     answers = client.complete_all(first_round, ANSWER_TOKENS, whole=True)
-    explanations = dict(zip(explained, (answer.strip().strip('"') for answer in answers[: len(explain_requests)])))
+    explanations = dict(zip(explained, map(parse_explanation, answers[: len(explain_requests)])))
     for feature in [feature for feature, explanation in explanations.items() if not explanation]:
         logger.warning(
             "No readable explanation for feature %d (an empty or cut answer): it is not scored, its columns are left empty.", feature
@@ -609,6 +635,7 @@ def _interpret_with(
             f: feature_examples(store, sae, tokenizer, grid, windows[f], f, config, include_special)
             for f in tqdm(scored, desc="sampling windows", unit="feature")
         }
+        _drop_unexplainable(rows, examples, config)
         try:
             rubric, results = explain_features(rows, top_windows, examples, config)
         except UserError as error:  # the statistics and windows are worth keeping: written below, then the error

@@ -148,7 +148,8 @@ class CachedChatClient:
         except json.JSONDecodeError as error:
             response = error.doc  # a body cut short, or not JSON: no chat completion
         answer = _answer(response, endpoint, kept)
-        if whole and answer and response.choices[0].finish_reason == "length":
+        stopped_at_limit = bool(response.choices) and getattr(response.choices[0], "finish_reason", None) == "length"
+        if stopped_at_limit and (whole or not answer):  # no answer at all: a server that returns the reasoning apart
             logger.warning(
                 "An answer stopped at its limit of %d tokens before it ended, and is not used: %r. A thinking model can fill "
                 "the limit with its reasoning; choose EXPLANATION_MODEL without it.",

@@ -105,24 +105,41 @@ def _rank_in_slot(slots: np.ndarray, *keys: np.ndarray) -> np.ndarray:
     return ranks
 
 
-class WindowReservoir:
-    """Per slot: the exact count, the `top_n` strongest windows and a uniform sample of `size`, from windows added in any order.
+def _mixed(keys: np.ndarray) -> np.ndarray:
+    """splitmix64's step: 64-bit keys to 64 well-mixed bits each (numpy's unsigned arithmetic wraps, as the hash wants)."""
+    z = keys.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
-    The sample keeps the `size` windows with the highest random priority: a window outranked by `size`
+
+def window_priority(seed: int, features: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+    """A random number in [0, 1) per (feature, window): a hash of the seed, the feature and the window's peak token, so a
+    feature's sample is the same whichever other features share the pass, and so are its LLM prompts (cached answers)."""
+    bits = _mixed(_mixed(_mixed(np.full(len(features), seed)) ^ features.astype(np.uint64)) ^ peaks.astype(np.uint64))
+    return (bits >> np.uint64(11)) * 2.0**-53  # the top 53 bits, as a float64 takes them
+
+
+class WindowReservoir:
+    """Per feature: the exact count, the `top_n` strongest windows and a uniform sample of `size`, from windows added in any order.
+
+    The sample keeps the `size` windows with the highest random priority (`window_priority`): a window outranked by `size`
     others can never come back, nor can one outranked by `top_n` stronger ones, so every `flush` entries
-    the rest are dropped and memory stays at most slots × (size + top_n) + flush.
+    the rest are dropped and memory stays at most features × (size + top_n) + flush. Windows are added by slot, a
+    feature's position in `features`.
     """
 
-    def __init__(self, n_slots: int, size: int, top_n: int, seed: int = 0, flush: int = 1 << 22) -> None:
-        self.size, self.top_n, self.flush = size, top_n, flush
-        self.counts = np.zeros(n_slots, dtype=np.int64)
-        self._rng = np.random.default_rng(seed)
+    def __init__(self, features: Sequence[int], size: int, top_n: int, seed: int = 0, flush: int = 1 << 22) -> None:
+        self.size, self.top_n, self.flush, self.seed = size, top_n, flush, seed
+        self.features = np.asarray(features, dtype=np.int64)
+        self.counts = np.zeros(len(self.features), dtype=np.int64)
         self._parts: list[tuple[np.ndarray, ...]] = []
         self._pending = 0
 
     def add(self, slots: np.ndarray, values: np.ndarray, peaks: np.ndarray) -> None:
         self.counts += np.bincount(slots, minlength=len(self.counts))
-        self._parts.append((slots.astype(np.int64), values.astype(np.float32), peaks.astype(np.int64), self._rng.random(len(slots))))
+        priority = window_priority(self.seed, self.features[slots], peaks)
+        self._parts.append((slots.astype(np.int64), values.astype(np.float32), peaks.astype(np.int64), priority))
         self._pending += len(slots)
         if self._pending > self.flush:
             self._compact()
@@ -217,7 +234,7 @@ def collect_windows(
     reservoir: int = RESERVOIR,
 ) -> dict[int, FeatureWindows]:
     """One pass over the store for `features` only: each one's activating windows (see the module docstring)."""
-    kept = WindowReservoir(len(features), reservoir, top_n, seed)
+    kept = WindowReservoir(features, reservoir, top_n, seed)
     for chunk in iter_window_activations(store, sae, features, grid, include_special, chunk_tokens):
         kept.add(chunk.slots, chunk.values, chunk.peaks)
     return dict(zip(features, kept.result()))
