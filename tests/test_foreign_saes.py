@@ -581,6 +581,18 @@ def test_hypothesaes_checkpoints_give_hypothesaes_features_and_reconstructions(s
     assert loaded.info.source_format == "hypothesaes" and loaded.info.hook_point is None
 
 
+def test_the_saes_of_one_folder_keep_their_own_results(tiny_store, tmp_path):
+    """HypotheSAEs saves a sweep's SAEs side by side in one folder: each gets its own eval.json, where the second's
+    overwrote the first's beside them. Our own layout (the .pt in a folder of its name) keeps its results beside it."""
+    first, second = (make_hypothesaes(tmp_path / "sweep" / f"SAE_M={M}_K={k}.pt").checkpoint for k in (K, K + 2))
+    config = EvalConfig(checkpoint=[first, second], store=str(tiny_store), model_metrics=False, max_examples=12, device="cpu")
+    evaluate_sae(config)
+    assert {results_folder(first), results_folder(second)} == {tmp_path / "sweep" / Path(path).stem for path in (first, second)}
+    recorded = [json.loads((results_folder(path) / "eval.json").read_text())["checkpoint"] for path in (first, second)]
+    assert recorded == [first, second]
+    assert results_folder(tmp_path / "SAE_M=4_K=2" / "SAE_M=4_K=2.pt") == tmp_path / "SAE_M=4_K=2"
+
+
 # --- evaluation and interpretation on each format ---------------------------------------------------------
 
 

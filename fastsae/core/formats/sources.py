@@ -77,10 +77,14 @@ def _load_folder(folder: Path) -> LoadedSAE:
 
 
 def results_folder(checkpoint: str | Path) -> Path:
-    """Where the steps write their files about this SAE (eval.json, ...): beside a .pt file, inside an SAE folder,
-    and under checkpoints/saelens/ for a pretrained SAE, whose files live in the Hugging Face cache."""
+    """Where the steps write their files about this SAE (eval.json, ...): inside an SAE folder; under checkpoints/saelens/
+    for a pretrained SAE, whose files live in the Hugging Face cache; beside a .pt file in its own folder, as train_sae.py
+    writes one (`SAE_M=…_K=…/SAE_M=…_K=….pt`), else in a folder named after it, since a folder of several .pt files (a
+    HypotheSAEs sweep) would give them all one eval.json, each SAE's overwriting the last's."""
     if saelens_pretrained.is_pretrained_reference(str(checkpoint)):
         return saelens_pretrained.results_folder(str(checkpoint))
     path = Path(checkpoint)
     folder = _sae_folder(path)
-    return folder if folder is not None else path.parent
+    if folder is not None:
+        return folder
+    return path.parent if path.parent.name == path.stem else path.parent / path.stem
