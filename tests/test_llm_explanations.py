@@ -164,6 +164,17 @@ def test_a_reply_that_is_no_chat_completion_stops_with_a_clear_message(server, t
     assert client.complete(HELLO) == f'"{EXPLANATION}"'
 
 
+def test_an_error_sent_in_a_200_reply_is_logged_with_the_servers_words(server, tmp_path, caplog):
+    """Proxies (LiteLLM, OpenRouter) can send an upstream failure as a 200 reply with `error` and no choices: the answer is
+    unreadable, and the log says what the server said, where it said only that no explanation was readable."""
+    error = {"error": {"message": "upstream model overloaded", "code": 502}}
+    server.bodies = [("application/json", json.dumps(error).encode())]
+    client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache")
+    assert client.complete(HELLO) == "" and not list((tmp_path / "llm-cache").rglob("*.json"))
+    assert "answered with no choices but an error: upstream model overloaded" in caplog.text
+    assert client.complete(HELLO) == f'"{EXPLANATION}"'
+
+
 @pytest.mark.parametrize("damage", [b"", b'{"model": "gpt-4.1", "answ', b"\xff\xfe", b'{"answer": null}', b"[]"])
 def test_a_damaged_cache_file_is_asked_again_and_rewritten(server, tmp_path, caplog, damage):
     client = CachedChatClient("gpt-4.1", tmp_path / "llm-cache")
@@ -227,7 +238,11 @@ def test_no_key_leaves_the_columns_empty(monkeypatch, checkpoint, tiny_model_fol
         (table[column] == "").all()
         for column in ("explanation", "detection_score", "fuzzing_score", "fast_rubric_rating", "fast_rubric_name")
     )
-    assert "No API key" in caplog.text
+    assert "No API key" in caplog.text and "needs no key" not in caplog.text
+    # With OPENAI_BASE_URL set (a local server, which may need no key), the warning says that any value will do.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")
+    interpret_sae(config_for(checkpoint, tiny_model_folder, tmp_path))
+    assert "(http://127.0.0.1:8000/v1) that needs no key takes any value, e.g. OPENAI_API_KEY=none" in caplog.text
 
 
 def test_verdict_reading_and_balanced_accuracy():

@@ -621,7 +621,14 @@ def _interpret_with(
     if not config.explain:
         logger.info("EXPLAIN is off: the explanation, score and FAST-rubric columns are left empty.")
     elif api_key() is None:
-        logger.warning("No API key (%s): the explanation, score and FAST-rubric columns are left empty.", " / ".join(API_KEY_VARIABLES))
+        local = (
+            f" A server at OPENAI_BASE_URL ({base_url()}) that needs no key takes any value, e.g. OPENAI_API_KEY=none."
+            if base_url()
+            else ""
+        )
+        logger.warning(
+            "No API key (%s): the explanation, score and FAST-rubric columns are left empty.%s", " / ".join(API_KEY_VARIABLES), local
+        )
     else:
         scored = [f for f in features if windows[f].count >= config.min_windows] if config.classifiers else []
         if config.classifiers and len(scored) < len(features):

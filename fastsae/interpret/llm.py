@@ -55,6 +55,9 @@ def _answer(response: object, endpoint: object, kept: str) -> str:
             f"the endpoint {endpoint} answered with something other than a chat completion ({str(response)[:80]!r}). "
             f"Check that OPENAI_BASE_URL is the API's address (an OpenAI-compatible server's usually ends in /v1); {kept}."
         )
+    if not response.choices and (error := getattr(response, "error", None)):  # a proxy's failure sent as a 200 reply
+        reason = error.get("message", error) if isinstance(error, dict) else error
+        logger.warning("The endpoint %s answered with no choices but an error: %s. The answer is unreadable.", endpoint, str(reason)[:300])
     message = getattr(response.choices[0], "message", None) if response.choices else None
     content = getattr(message, "content", None)
     return content if isinstance(content, str) else ""
