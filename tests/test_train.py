@@ -459,11 +459,18 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
         (dict(batch_size=100_000, buffer_tokens=200_000), "fewer than two batches of 100000"),
         (dict(batch_size=4096), "fewer than two batches of 4096: the mixing buffer"),  # one batch fits: its buffer repeated tokens
         (dict(sweep=["topk:64"]), "should look like topk:256:8"),
+        # A budget under one batch trained one batch anyway.
+        (dict(epochs=0.01), r"EPOCHS = 0.01 of [\d,]+ training tokens is a budget of \d+ tokens, less than one batch of 256.*Raise EPOCHS"),
+        (
+            dict(max_tokens=100),
+            "MAX_TOKENS = 100 is a budget of 100 tokens, less than one batch of 256.*Raise MAX_TOKENS or lower BATCH_SIZE",
+        ),
     ],
 )
 def test_bad_settings_get_clear_messages(tiny_store, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         train_saes(config_for(tiny_store, tmp_path, **overrides))
+    assert not any(tmp_path.iterdir())  # refused before anything is written
 
 
 def test_a_store_of_one_example_names_both_fixes(tiny_llama, smollm2_tokenizer, tmp_path):

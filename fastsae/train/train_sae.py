@@ -215,9 +215,20 @@ def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float, de
 
 
 def training_steps(config: TrainConfig, n_train_tokens: int) -> int:
-    """Steps of BATCH_SIZE tokens in the budget: MAX_TOKENS, or EPOCHS passes over the training tokens."""
+    """Steps of BATCH_SIZE tokens in the budget: MAX_TOKENS, or EPOCHS passes over the training tokens.
+
+    A budget under one batch is refused: rounded up to one step, it trained tokens the user did not ask for.
+    """
     budget = config.max_tokens or int(config.epochs * n_train_tokens)
-    return max(1, budget // config.batch_size)
+    if budget < config.batch_size:
+        asked = (
+            f"MAX_TOKENS = {config.max_tokens}" if config.max_tokens else f"EPOCHS = {config.epochs} of {n_train_tokens:,} training tokens"
+        )
+        raise UserError(
+            f"{asked} is a budget of {budget:,} tokens, less than one batch of {config.batch_size}: it trains no step. "
+            f"Raise {'MAX_TOKENS' if config.max_tokens else 'EPOCHS'} or lower BATCH_SIZE."
+        )
+    return budget // config.batch_size
 
 
 def run_folder(config: TrainConfig, model: str, hook_name: str) -> Path:
