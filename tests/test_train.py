@@ -226,6 +226,11 @@ def test_a_sweep_trains_every_sae_on_one_pass(tiny_store, tmp_path, capsys):
     for result in results:
         assert result["history"][-1]["loss"] < result["history"][0]["loss"]
         assert_saelens_export_matches(result, raw)
+        # The settings a checkpoint records (a model card's table) are its own, not the unused ARCHITECTURE, M and K.
+        training = load_sae(result["checkpoint"]).info.training
+        spec = result["spec"]
+        assert (training["architecture"], training["m"], training["k"]) == (spec["architecture"], spec["m"], spec["k"])
+        assert (training["matryoshka_prefixes"], training["aux_k"]) == (list(spec["prefixes"]), spec["aux_k"])
     assert_only_what_hypothesaes_runs_has_its_format(results, raw)
 
 

@@ -663,11 +663,15 @@ class TrainingRun:
         seconds = time.perf_counter() - started
         return [self._finish(trainer, completed, seconds, start_step) for trainer in trainers]
 
-    def _tracker_config(self, spec: SAESpec) -> dict[str, Any]:
-        """The settings, with the SAE's own architecture and sizes where a sweep's entry replaces them (or the tracker's
-        run table would give every SAE the unused defaults), and its spec as `sae`."""
+    def _settings_of(self, spec: SAESpec) -> dict[str, Any]:
+        """The settings, with the SAE's own architecture and sizes where a sweep's entry replaces them: else the tracker's
+        run table and the checkpoint's settings (a model card's table) would give every SAE the unused defaults."""
         own = {"architecture": spec.architecture, "m": spec.m, "k": spec.k, "matryoshka_prefixes": list(spec.prefixes), "aux_k": spec.aux_k}
-        return {**asdict(self.config), **own, "sae": spec_to_dict(spec)}
+        return {**asdict(self.config), **own}
+
+    def _tracker_config(self, spec: SAESpec) -> dict[str, Any]:
+        """The SAE's settings, and its spec as `sae`."""
+        return {**self._settings_of(spec), "sae": spec_to_dict(spec)}
 
     def _finished_before(self, trainer: SAETrainer) -> bool:
         """Whether an earlier session finished this SAE: its state is at its end, and metrics.json (written after the
@@ -795,7 +799,7 @@ class TrainingRun:
             layer=manifest.layer,
             store=str(self.store.folder),
             store_manifest=manifest,
-            training=asdict(self.config),
+            training=self._settings_of(trainer.spec),
             step=step,
             tokens_trained=step * self.config.batch_size,
             training_finished=trainer.stopped_at is not None or step >= self.total_steps,
