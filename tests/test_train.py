@@ -316,6 +316,19 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(topk_run, tiny_st
         train_saes(config_for(tiny_store, output, learning_rate=2e-3))
 
 
+def test_overwrite_removes_what_described_the_replaced_sae(tiny_store, tmp_path):
+    """Started over with --overwrite and stopped, the new SAE's checkpoint sat beside the old one's metrics.json (its
+    final FVU), curves and SAELens export, which export_sae.py would ship with it."""
+    settings = dict(epochs=1.0, eval_every=5)
+    (old,) = train_saes(config_for(tiny_store, tmp_path, **settings))
+    folder = Path(old["checkpoint"]).parent
+    assert {"metrics.json", "training_curves.png", "saelens"} <= {path.name for path in folder.iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        InterruptedRun(config_for(tiny_store, tmp_path, **settings, learning_rate=2e-3, overwrite=True), stop_after=3).run()
+    assert sorted(path.name for path in folder.iterdir()) == [Path(old["checkpoint"]).name, "training_state.pt"]
+    assert load_sae(old["checkpoint"]).info.step == 3
+
+
 def test_a_setting_of_one_architecture_retrains_only_the_saes_it_shapes(tiny_store, tmp_path):
     """The L0 coefficient, the JumpReLU window and AUX_K's spelling (8 is -1's 2K) used to be in every SAE's resume key,
     so changing one refused the Top-K SAE beside the JumpReLU one too."""

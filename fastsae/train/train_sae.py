@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -61,6 +62,7 @@ MAX_DEAD_AFTER_TOKENS = 10_000_000
 # a display setting, one left out of the resume key, change the SAE.
 DEAD_CHECK_EVERY = 20
 TRAINING_STATE = "training_state.pt"
+SAELENS_EXPORT_FOLDER = "saelens"  # beside each checkpoint, with EXPORT_SAELENS
 
 
 @dataclass
@@ -546,12 +548,15 @@ class TrainingRun:
 
         --overwrite deletes the state it replaces: a run that starts over and is killed before its first save must not
         leave the other settings' state behind, or the rerun of the same command (the pipeline resumes without
-        --overwrite) would be refused.
+        --overwrite) would be refused. It deletes the replaced SAE's other outputs too: until the new run finished, its
+        metrics.json, curves and SAELens export sat beside the new checkpoint and described the old SAE.
         """
         path = trainer.folder / TRAINING_STATE
         if self.config.overwrite:
             if self.ranks.is_main:
-                path.unlink(missing_ok=True)
+                for replaced in (path, trainer.checkpoint_path, trainer.folder / METRICS_FILE, trainer.folder / CURVES_FILE):
+                    replaced.unlink(missing_ok=True)
+                shutil.rmtree(trainer.folder / SAELENS_EXPORT_FOLDER, ignore_errors=True)
             return 0
         if not path.exists():
             return 0
@@ -837,7 +842,7 @@ class TrainingRun:
         if self.n_validation_tokens:
             final, frequency = validate(trainer.sae, self.validation_tokens, self.config.batch_size)
         if self.config.export_saelens and self.ranks.is_main:
-            export_saelens(trainer.checkpoint_path, trainer.folder / "saelens", frequency)
+            export_saelens(trainer.checkpoint_path, trainer.folder / SAELENS_EXPORT_FOLDER, frequency)
         result = {
             "name": trainer.spec.name,
             "spec": spec_to_dict(trainer.spec),
