@@ -226,6 +226,11 @@ def test_a_sweep_trains_every_sae_on_one_pass(tiny_store, tmp_path, capsys):
     for result in results:
         assert result["history"][-1]["loss"] < result["history"][0]["loss"]
         assert_saelens_export_matches(result, raw)
+        # The settings a checkpoint records (a model card's table) are its own, not the unused ARCHITECTURE, M and K.
+        training = load_sae(result["checkpoint"]).info.training
+        spec = result["spec"]
+        assert (training["architecture"], training["m"], training["k"]) == (spec["architecture"], spec["m"], spec["k"])
+        assert (training["matryoshka_prefixes"], training["aux_k"]) == (list(spec["prefixes"]), spec["aux_k"])
     assert_only_what_hypothesaes_runs_has_its_format(results, raw)
 
 
@@ -309,6 +314,19 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(topk_run, tiny_st
     output = Path(topk_run["checkpoint"]).parents[2]
     with pytest.raises(UserError, match=r"other settings \(different: learning_rate\).*--overwrite"):
         train_saes(config_for(tiny_store, output, learning_rate=2e-3))
+
+
+def test_overwrite_removes_what_described_the_replaced_sae(tiny_store, tmp_path):
+    """Started over with --overwrite and stopped, the new SAE's checkpoint sat beside the old one's metrics.json (its
+    final FVU), curves and SAELens export, which export_sae.py would ship with it."""
+    settings = dict(epochs=1.0, eval_every=5)
+    (old,) = train_saes(config_for(tiny_store, tmp_path, **settings))
+    folder = Path(old["checkpoint"]).parent
+    assert {"metrics.json", "training_curves.png", "saelens"} <= {path.name for path in folder.iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        InterruptedRun(config_for(tiny_store, tmp_path, **settings, learning_rate=2e-3, overwrite=True), stop_after=3).run()
+    assert sorted(path.name for path in folder.iterdir()) == [Path(old["checkpoint"]).name, "training_state.pt"]
+    assert load_sae(old["checkpoint"]).info.step == 3
 
 
 def test_a_setting_of_one_architecture_retrains_only_the_saes_it_shapes(tiny_store, tmp_path):
@@ -459,11 +477,18 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
         (dict(batch_size=100_000, buffer_tokens=200_000), "fewer than two batches of 100000"),
         (dict(batch_size=4096), "fewer than two batches of 4096: the mixing buffer"),  # one batch fits: its buffer repeated tokens
         (dict(sweep=["topk:64"]), "should look like topk:256:8"),
+        # A budget under one batch trained one batch anyway.
+        (dict(epochs=0.01), r"EPOCHS = 0.01 of [\d,]+ training tokens is a budget of \d+ tokens, less than one batch of 256.*Raise EPOCHS"),
+        (
+            dict(max_tokens=100),
+            "MAX_TOKENS = 100 is a budget of 100 tokens, less than one batch of 256.*Raise MAX_TOKENS or lower BATCH_SIZE",
+        ),
     ],
 )
 def test_bad_settings_get_clear_messages(tiny_store, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         train_saes(config_for(tiny_store, tmp_path, **overrides))
+    assert not any(tmp_path.iterdir())  # refused before anything is written
 
 
 def test_a_store_of_one_example_names_both_fixes(tiny_llama, smollm2_tokenizer, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -61,6 +62,7 @@ MAX_DEAD_AFTER_TOKENS = 10_000_000
 # a display setting, one left out of the resume key, change the SAE.
 DEAD_CHECK_EVERY = 20
 TRAINING_STATE = "training_state.pt"
+SAELENS_EXPORT_FOLDER = "saelens"  # beside each checkpoint, with EXPORT_SAELENS
 
 
 @dataclass
@@ -215,9 +217,20 @@ def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float, de
 
 
 def training_steps(config: TrainConfig, n_train_tokens: int) -> int:
-    """Steps of BATCH_SIZE tokens in the budget: MAX_TOKENS, or EPOCHS passes over the training tokens."""
+    """Steps of BATCH_SIZE tokens in the budget: MAX_TOKENS, or EPOCHS passes over the training tokens.
+
+    A budget under one batch is refused: rounded up to one step, it trained tokens the user did not ask for.
+    """
     budget = config.max_tokens or int(config.epochs * n_train_tokens)
-    return max(1, budget // config.batch_size)
+    if budget < config.batch_size:
+        asked = (
+            f"MAX_TOKENS = {config.max_tokens}" if config.max_tokens else f"EPOCHS = {config.epochs} of {n_train_tokens:,} training tokens"
+        )
+        raise UserError(
+            f"{asked} is a budget of {budget:,} tokens, less than one batch of {config.batch_size}: it trains no step. "
+            f"Raise {'MAX_TOKENS' if config.max_tokens else 'EPOCHS'} or lower BATCH_SIZE."
+        )
+    return budget // config.batch_size
 
 
 def run_folder(config: TrainConfig, model: str, hook_name: str) -> Path:
@@ -535,12 +548,15 @@ class TrainingRun:
 
         --overwrite deletes the state it replaces: a run that starts over and is killed before its first save must not
         leave the other settings' state behind, or the rerun of the same command (the pipeline resumes without
-        --overwrite) would be refused.
+        --overwrite) would be refused. It deletes the replaced SAE's other outputs too: until the new run finished, its
+        metrics.json, curves and SAELens export sat beside the new checkpoint and described the old SAE.
         """
         path = trainer.folder / TRAINING_STATE
         if self.config.overwrite:
             if self.ranks.is_main:
-                path.unlink(missing_ok=True)
+                for replaced in (path, trainer.checkpoint_path, trainer.folder / METRICS_FILE, trainer.folder / CURVES_FILE):
+                    replaced.unlink(missing_ok=True)
+                shutil.rmtree(trainer.folder / SAELENS_EXPORT_FOLDER, ignore_errors=True)
             return 0
         if not path.exists():
             return 0
@@ -652,11 +668,15 @@ class TrainingRun:
         seconds = time.perf_counter() - started
         return [self._finish(trainer, completed, seconds, start_step) for trainer in trainers]
 
-    def _tracker_config(self, spec: SAESpec) -> dict[str, Any]:
-        """The settings, with the SAE's own architecture and sizes where a sweep's entry replaces them (or the tracker's
-        run table would give every SAE the unused defaults), and its spec as `sae`."""
+    def _settings_of(self, spec: SAESpec) -> dict[str, Any]:
+        """The settings, with the SAE's own architecture and sizes where a sweep's entry replaces them: else the tracker's
+        run table and the checkpoint's settings (a model card's table) would give every SAE the unused defaults."""
         own = {"architecture": spec.architecture, "m": spec.m, "k": spec.k, "matryoshka_prefixes": list(spec.prefixes), "aux_k": spec.aux_k}
-        return {**asdict(self.config), **own, "sae": spec_to_dict(spec)}
+        return {**asdict(self.config), **own}
+
+    def _tracker_config(self, spec: SAESpec) -> dict[str, Any]:
+        """The SAE's settings, and its spec as `sae`."""
+        return {**self._settings_of(spec), "sae": spec_to_dict(spec)}
 
     def _finished_before(self, trainer: SAETrainer) -> bool:
         """Whether an earlier session finished this SAE: its state is at its end, and metrics.json (written after the
@@ -784,7 +804,7 @@ class TrainingRun:
             layer=manifest.layer,
             store=str(self.store.folder),
             store_manifest=manifest,
-            training=asdict(self.config),
+            training=self._settings_of(trainer.spec),
             step=step,
             tokens_trained=step * self.config.batch_size,
             training_finished=trainer.stopped_at is not None or step >= self.total_steps,
@@ -822,7 +842,7 @@ class TrainingRun:
         if self.n_validation_tokens:
             final, frequency = validate(trainer.sae, self.validation_tokens, self.config.batch_size)
         if self.config.export_saelens and self.ranks.is_main:
-            export_saelens(trainer.checkpoint_path, trainer.folder / "saelens", frequency)
+            export_saelens(trainer.checkpoint_path, trainer.folder / SAELENS_EXPORT_FOLDER, frequency)
         result = {
             "name": trainer.spec.name,
             "spec": spec_to_dict(trainer.spec),
