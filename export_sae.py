@@ -11,7 +11,7 @@ activating windows, logit lens, density and explanation (docs/export.md says how
 """
 
 CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"
-OUTPUT = ""  # empty: <checkpoint folder>/export
+OUTPUT = ""  # empty: export/ in the SAE's folder, beside its eval.json
 INTERPRETATIONS = "interpretations.csv"  # written by interpret_sae.py for this checkpoint; empty: none
 PUSH_TO_HUB = ""  # a Hub repo id, e.g. "your-name/smollm2-l12-topk-256"; empty: export only
 PRIVATE = True  # a new repo starts private; make it public on the Hub when you are ready

@@ -12,6 +12,7 @@ import torch
 
 from conftest import hypothesaes_module, make_tiny_llama, save_tiny_llama_with_blocks
 from fastsae.common.errors import UserError
+from fastsae.core.formats.sources import results_folder
 from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.evaluate.evaluate_sae import EvalConfig, ReconstructionSums, evaluate_sae, fast_token_mse, validation_examples
 from fastsae.evaluate.model_metrics import KEPT_REFERENCE_PASSES, CountedPositions, ReferencePasses, length_grouped
@@ -86,7 +87,7 @@ def test_a_held_out_split_without_content_tokens_has_no_sparsity_numbers(tiny_ll
     (results,) = evaluate_sae(
         EvalConfig(checkpoint=[checkpoint], store=str(store), validation_fraction=0.3, seed=0, model_metrics=False, device="cpu")
     )
-    saved = json.loads((tmp_path / "eval.json").read_text())
+    saved = json.loads((results_folder(checkpoint) / "eval.json").read_text())
     assert saved["reconstruction"]["content"] == {"tokens": 0} and saved["reconstruction"]["special"]["tokens"] > 0
     assert saved["sparsity"]["tokens"] == 0 and saved["sparsity"]["l0_mean"] is None and saved["sparsity"]["dead_fraction"] is None
     assert {row["metric"]: row["verdict"] for row in saved["health"]} == dict.fromkeys(
@@ -265,7 +266,7 @@ def test_an_sae_absorption_cannot_measure_is_refused_before_any_evaluation(tiny_
     config = EvalConfig(checkpoint=[path], store=str(tiny_store), evals=["core", "absorption"], model_metrics=False, device="cpu")
     with pytest.raises(UserError, match="absorption needs a residual-stream-like hook .* Leave absorption out of EVALS"):
         evaluate_sae(config)
-    assert not (tmp_path / "eval.json").exists()
+    assert not (results_folder(path) / "eval.json").exists() and not results_folder(path).exists()
 
 
 def test_a_sweep_table_tells_checkpoints_of_the_same_name_apart(tiny_store, tmp_path, capsys):

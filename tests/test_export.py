@@ -233,6 +233,18 @@ def test_interpretations_of_another_sae_of_the_same_size_are_refused(trained, un
     assert not (tmp_path / "export").exists()
 
 
+def test_an_evaluation_of_other_weights_is_not_published(trained, evaluated, tiny_store, tmp_path):
+    """Retrained (or trained further) after evaluate_sae.py ran, the SAE would go out with its old eval.json's numbers on
+    the card: the export is refused, naming the fix, and nothing is written."""
+    folder = shutil.copytree(evaluated.parent, tmp_path / trained.parent.parent.name / evaluated.parent.name)  # as the run lays it out
+    retrain = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path), m=M, k=K, batch_size=256, epochs=0.2, seed=1, overwrite=True)
+    (result,) = train_saes(retrain)
+    assert Path(result["checkpoint"]) == folder / evaluated.name and (folder / "eval.json").is_file()
+    with pytest.raises(UserError, match=r"eval.json describes other weights than those in .* Rerun evaluate_sae.py on it"):
+        export_sae(ExportConfig(checkpoint=result["checkpoint"], output=str(tmp_path / "export"), interpretations=""))
+    assert not (tmp_path / "export").exists()
+
+
 def test_base_model_is_named_only_when_the_model_is_on_the_hub(trained, tmp_path):
     info = load_sae(trained).info
     embedded = replace(info, model_source="embedded", model_name="embedded:smollm2-135m-instruct")
@@ -246,7 +258,7 @@ def test_base_model_is_named_only_when_the_model_is_on_the_hub(trained, tmp_path
     hub_info = replace(info, model_name="meta-llama/Llama-3.1-8B-Instruct", model_source="hub")
     torch.save({**payload, "fastsae": hub_info.to_dict()}, run / trained.name)
     folder = export_sae(ExportConfig(checkpoint=str(run / trained.name), interpretations=""))
-    assert folder == run / "export"
+    assert folder == run / trained.stem / "export"  # beside its eval.json: a folder of its own in a folder not named after it
     assert ModelCard.load(folder / "README.md").data.base_model == "meta-llama/Llama-3.1-8B-Instruct"
     assert json.loads((folder / HOOK / "cfg.json").read_text())["metadata"]["model_name"] == "meta-llama/Llama-3.1-8B-Instruct"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -156,9 +157,21 @@ def test_outputs_beside_the_checkpoint_and_the_dashboard_reader(planted, capsys)
     folder, results = planted
     assert json.loads((folder / SPARSE_PROBING_FILE).read_text())["tasks"] == json.loads(json.dumps(results["tasks"]))
     assert (folder / SPARSE_PROBING_PLOT_FILE).stat().st_size > 0
-    choices = read_probe_choices(folder)
+    sae = trained(folder, ActivationStore(folder / "store"))
+    choices = read_probe_choices(sae)
     assert [(choice["task"], choice["rank"]) for choice in choices[1] if choice["rank"] == 1] == [("beta", 1)]
-    assert read_probe_choices(folder / "elsewhere") == {}
+    assert read_probe_choices(replace(sae, results_folder=folder / "elsewhere")) == {}
+
+
+def test_results_about_other_weights_are_refused(planted):
+    """sparse_probing.json records the weights it probed: once the SAE is retrained (or trained further), the dashboard
+    would show another SAE's probe choices as this one's."""
+    folder, _ = planted
+    retrained = trained(folder, ActivationStore(folder / "store"))
+    with torch.no_grad():
+        retrained.sae.W_dec[0] += 1.0
+    with pytest.raises(UserError, match=r"sparse_probing.json describes other weights than those in .* Rerun evaluate_sae.py on it"):
+        read_probe_choices(retrained)
 
 
 def test_a_label_on_one_side_only_is_dropped_logged_and_recorded(tmp_path, caplog):
@@ -180,7 +193,7 @@ def test_features_with_no_difference_are_not_listed_as_chosen(tmp_path, capsys):
         listed = [f["feature"] for f in task["features"]]
         assert not set(listed) & {8, 9, 10, 11} and all(f["mean_difference"] != 0 for f in task["features"]), name
         assert task[f"sae_top_{M}_test_accuracy"] >= 0.95  # the probes still read all M
-    assert not set(read_probe_choices(tmp_path)) & {8, 9, 10, 11}
+    assert not set(read_probe_choices(dead)) & {8, 9, 10, 11}
     table_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| alpha |")]
     assert table_rows and not any(f"{feature}+" in table_rows[0] or f"{feature}−" in table_rows[0] for feature in (8, 9, 10, 11))
 
@@ -203,7 +216,7 @@ def test_data_without_labels_is_skipped_and_says_so(tmp_path, caplog):
     assert json.loads((tmp_path / SPARSE_PROBING_FILE).read_text()) == result  # so the pipeline sees the step done
     assert result["split"] == ExampleSplit.by_example(store.n_examples, FRACTION, SEED).record(SEED)  # which examples it would have used
     assert not (tmp_path / SPARSE_PROBING_PLOT_FILE).exists()
-    assert read_probe_choices(tmp_path) == {}
+    assert read_probe_choices(trained(tmp_path, store)) == {}
 
 
 def test_a_block_packed_store_is_skipped_with_the_packing_to_extract_it_with(tmp_path):
@@ -237,7 +250,7 @@ def test_a_label_outnumbering_the_rest_keeps_a_random_draw_of_its_positives():
 
 def test_evaluate_runs_only_the_evaluations_named(tmp_path, tiny_model_folder):
     store = write_planted_store(tmp_path / "store", model_name=str(tiny_model_folder))  # whose tokenizer names BOS_ID
-    checkpoint = tmp_path / "run" / "SAE_M=12_K=0.pt"
+    checkpoint = tmp_path / "SAE_M=12_K=0" / "SAE_M=12_K=0.pt"  # as train_sae.py lays it out
     save_checkpoint(checkpoint, planted_sae(), 0, trained(tmp_path, store).info)
     config = EvalConfig(checkpoint=[str(checkpoint)], evals=["sparse_probing"], probing_k=[1, 2], device="cpu")
     (results,) = evaluate_sae(config)
@@ -259,7 +272,7 @@ def test_evaluate_runs_only_the_evaluations_named(tmp_path, tiny_model_folder):
 
 def test_a_store_that_names_no_model_asks_for_the_model_whose_tokenizer_names_bos(tmp_path):
     store = write_planted_store(tmp_path / "store")
-    checkpoint = tmp_path / "run" / "SAE_M=12_K=0.pt"
+    checkpoint = tmp_path / "SAE_M=12_K=0" / "SAE_M=12_K=0.pt"  # as train_sae.py lays it out
     save_checkpoint(checkpoint, planted_sae(), 0, trained(tmp_path, store).info)
     with pytest.raises(UserError, match=r"does not name its model\. Pass --model-name: sparse probing pools over every token but"):
         evaluate_sae(EvalConfig(checkpoint=[str(checkpoint)], evals=["sparse_probing"], device="cpu"))

@@ -9,6 +9,7 @@ record a store; a HypotheSAEs checkpoint records no model either).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from fastsae.lm.models import ModelSource, load_model, load_tokenizer, resolve_m
 from fastsae.store.activation_store import ActivationStore, StoreError
 
 logger = logging.getLogger(__name__)
+
+# In each JSON the steps write about an SAE (eval.json, sparse_probing.json, absorption.json): the weights it describes.
+SAE_FINGERPRINT_KEY = "sae_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,22 @@ class TrainedSAE:
                 opened.hook_name,
             )
         return opened
+
+    def read_result(self, name: str) -> dict[str, Any] | None:
+        """The JSON `name` a step wrote about this SAE in its results folder; None when there is none. One written about
+        other weights (the SAE retrained, or trained further since) is refused: its numbers would be published, or shown,
+        as this SAE's. A file from before the fingerprint was recorded is taken as it is."""
+        path = self.results_folder / name
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        written_for, ours = record.get(SAE_FINGERPRINT_KEY), self.sae.fingerprint()
+        if written_for is not None and written_for != ours:
+            raise UserError(
+                f"{path} describes other weights than those in {self.checkpoint} (SAE fingerprint {written_for}, the checkpoint's "
+                f"{ours}): the SAE was retrained or trained further since. Rerun evaluate_sae.py on it, or delete {path.name}."
+            )
+        return record
 
     def hook(self, hook_point: str = "", layer: int | None = None) -> tuple[str | None, int | None]:
         """(hook point, layer) it reads: the recorded ones, else those given (empty / None or below 0: not given).

@@ -46,7 +46,7 @@ from fastsae.common.errors import UserError
 from fastsae.common.markdown import table
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.saelens_export import saelens_config
-from fastsae.core.trained_sae import TrainedSAE
+from fastsae.core.trained_sae import SAE_FINGERPRINT_KEY, TrainedSAE
 from fastsae.evaluate.absorption_metrics import (
     LETTER_PROBE_TRAINING,
     LetterAbsorption,
@@ -532,7 +532,12 @@ class AbsorptionSweep:
         result = absorption_result(
             spelling, phase_two, vocabulary, trained.model_name(self.model_name), hook, trained.checkpoint.stem, saelens_config(info)
         )
-        result = {"checkpoint": str(trained.checkpoint), **result, "seconds": time.perf_counter() - started}
+        result = {
+            "checkpoint": str(trained.checkpoint),
+            SAE_FINGERPRINT_KEY: trained.sae.fingerprint(),
+            **result,
+            "seconds": time.perf_counter() - started,
+        }
         logger.info("Absorption of %s: %s", trained.checkpoint.name, result["statement"])
         return result
 

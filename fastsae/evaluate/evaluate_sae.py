@@ -54,7 +54,7 @@ from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.core.formats.sources import results_folder
 from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.saelens_export import saelens_config
-from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
+from fastsae.core.trained_sae import SAE_FINGERPRINT_KEY, TrainedSAE, open_trained_sae
 from fastsae.evaluate.absorption import (
     ABSORPTION_FILE,
     CPU_MAX_WORDS,
@@ -662,6 +662,7 @@ def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, m
     settings = {**asdict(config), "checkpoint": str(evaluand.path)}  # this SAE's, not the sweep's list
     results: dict[str, Any] = {
         "checkpoint": str(evaluand.path),
+        SAE_FINGERPRINT_KEY: sae.fingerprint(),  # export and interpret refuse an eval.json of other weights
         # A checkpoint saved mid-run describes the SAE at its step; the finished run later replaces the file.
         "checkpoint_state": {"step": info.step, "tokens_trained": info.tokens_trained, "training_finished": info.training_finished},
         "store": str(store.folder),

@@ -47,7 +47,6 @@ vectors ((examples, d) and (examples, M)) are held.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -66,7 +65,7 @@ from tqdm.auto import tqdm
 from fastsae.common.atomic_files import write_figure_atomically, write_json_atomically
 from fastsae.common.markdown import table
 from fastsae.core.sae import SparseAutoencoder
-from fastsae.core.trained_sae import TrainedSAE
+from fastsae.core.trained_sae import SAE_FINGERPRINT_KEY, TrainedSAE
 from fastsae.store.activation_store import ActivationStore, StoreChunk
 from fastsae.store.batches import ExampleSplit
 
@@ -314,7 +313,12 @@ def run_sparse_probing(
     sparse_probing.json and sparse_probing.png beside the checkpoint and prints the table. When the data has fewer than
     two labels, or the store is block-packed (a block spans examples), sparse_probing.json says why it was skipped
     (status "skipped"), so a rerun knows it is done."""
-    source = {"checkpoint": str(trained.checkpoint), "store": str(store.folder), "split": split.record(seed)}
+    source = {
+        "checkpoint": str(trained.checkpoint),
+        SAE_FINGERPRINT_KEY: trained.sae.fingerprint(),
+        "store": str(store.folder),
+        "split": split.record(seed),
+    }
     if store.manifest.packing == "block":
         return skipped(
             source,
@@ -455,14 +459,12 @@ def plot_sparse_probing(path: Path, results: dict[str, Any], title: str) -> None
     plt.close(figure)
 
 
-def read_probe_choices(checkpoint_folder: Path) -> dict[int, list[dict[str, Any]]]:
-    """Per feature, the tasks whose probes chose it, from sparse_probing.json beside a checkpoint (empty without one):
+def read_probe_choices(trained: TrainedSAE) -> dict[int, list[dict[str, Any]]]:
+    """Per feature, the tasks whose probes chose it, from the SAE's sparse_probing.json (empty without one):
     [{"task", "rank" (1: the first chosen, so it is in every probe with k ≥ rank), "mean_difference"}]."""
-    path = Path(checkpoint_folder) / SPARSE_PROBING_FILE
-    if not path.is_file():
-        return {}
+    probing = trained.read_result(SPARSE_PROBING_FILE) or {}
     choices: dict[int, list[dict[str, Any]]] = {}
-    for task, result in json.loads(path.read_text()).get("tasks", {}).items():  # a skipped probing has none
+    for task, result in probing.get("tasks", {}).items():  # a skipped probing has none
         for rank, chosen in enumerate(result["features"], start=1):
             choices.setdefault(chosen["feature"], []).append({"task": task, "rank": rank, "mean_difference": chosen["mean_difference"]})
     return choices

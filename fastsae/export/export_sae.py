@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -56,7 +55,9 @@ TRAINING_SPARSITY = Path("saelens") / "sparsity.safetensors"  # the training ste
 @dataclass
 class ExportConfig:
     checkpoint: str = setting(DEFAULT_CHECKPOINT, "SAE checkpoint written by train_sae.py")
-    output: str = setting("", "the export folder (replaced if it holds an earlier export); empty: <checkpoint folder>/export")
+    output: str = setting(
+        "", "the export folder (replaced if it holds an earlier export); empty: export/ in the SAE's folder, beside its eval.json"
+    )
     interpretations: str = setting(
         DEFAULT_INTERPRETATIONS, "interpretations.csv written by interpret_sae.py for this SAE; empty or missing: none"
     )
@@ -136,8 +137,7 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
             resolve_device(config.device),
         )
         write_neuronpedia(folder, trained, interpretations, settings)
-    eval_path = source / EVAL_FILE
-    evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    evaluation = trained.read_result(EVAL_FILE)
     if evaluation is None:
         logger.info("No eval.json beside the checkpoint: the model card says it was not evaluated.")
     # SAELens' sparsity: the evaluation's feature density (the numbers on the card), else the training export's.

@@ -573,9 +573,10 @@ def interpret_sae(config: InterpretConfig) -> Path:
     sae = trained.sae.to(device)
     include_special = trained.info.trained_with_special_tokens
     labels = store_labels(store, config.features)
+    probe_choices = read_probe_choices(trained)  # before the passes: one of other weights is refused at once
     with scratch_folder(config.interpretations_path) as scratch:  # example-level maxima live on disk
         statistics = collect_feature_statistics(store, sae, include_special=include_special, example_max_file=scratch / "example_max.npy")
-        return _interpret_with(statistics, labels, store, sae, tokenizer, unembedding, include_special, config)
+        return _interpret_with(statistics, labels, probe_choices, store, sae, tokenizer, unembedding, include_special, config)
 
 
 def store_labels(store: ActivationStore, features: str) -> list[str | None]:
@@ -595,6 +596,7 @@ def store_labels(store: ActivationStore, features: str) -> list[str | None]:
 def _interpret_with(
     statistics: FeatureStatistics,
     example_labels: list[str | None],
+    probe_choices: dict[int, list[dict[str, Any]]],
     store: ActivationStore,
     sae,
     tokenizer,
@@ -655,7 +657,6 @@ def _interpret_with(
     write_atomically(path, lambda partial: table.to_csv(partial, index=False))
     title = f"{sae.spec.name} on {store.manifest.model} {store.hook_name}"
     scored = {f: (examples[f].scoring, results[f]) for f in results}
-    probe_choices = read_probe_choices(results_folder(config.checkpoint))
     page = dashboard_data(title, rows, top_windows, statistics, rubric, scored, config.n_quantiles, probe_choices)
     dashboard = write_dashboard(dashboard_path(path), page)
     logger.info("Wrote %d features to %s and %s", len(rows), path, dashboard)
