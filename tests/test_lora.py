@@ -298,3 +298,32 @@ def test_every_adapted_module_is_stored_as_x_times_a_in_other_families(model_typ
     assert sorted(order) == sorted(paths)  # every adapted module, once
     expected = torch.cat([(inputs[path] @ weights[path + ".lora_A.weight"].T).reshape(*tokens.shape, R) for path in order], dim=-1)
     assert max_relative_difference(stored, expected) < 1e-5
+
+
+def test_an_adapter_that_saves_whole_modules_leaves_the_base_model_as_it_was_or_is_refused_when_they_do_not_fit(tmp_path):
+    """peft's unload left the adapter's trained copy of a modules_to_save embedding in the base model, which kept the
+    fine-tune's embeddings after the capture; one resized for added tokens failed in peft with a size-mismatch traceback
+    and left the model half-adapted."""
+    vocab_size = 300
+    fine_tune = get_peft_model(
+        make_tiny_llama(vocab_size), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    )
+    with torch.no_grad():
+        fine_tune.base_model.model.model.embed_tokens.modules_to_save["default"].weight.mul_(3)  # the fine-tune's own embeddings
+    fine_tune.save_pretrained(tmp_path / "trained-embeddings")
+    base = make_tiny_llama(vocab_size)
+    embeddings, weights_before = base.model.embed_tokens, base.model.embed_tokens.weight.clone()
+    tokens = torch.randint(3, vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    with lora_capture(base, tmp_path / "trained-embeddings", ["q_proj"]) as capture:
+        capture(tokens, torch.ones_like(tokens))
+    assert base.model.embed_tokens is embeddings and torch.equal(base.model.embed_tokens.weight, weights_before)
+    assert not has_lora_layers(base)
+
+    resized = make_tiny_llama(vocab_size)
+    resized.resize_token_embeddings(vocab_size + 8, mean_resizing=False)
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    get_peft_model(resized, config).save_pretrained(tmp_path / "added-tokens")
+    with pytest.raises(UserError, match=r"saves its own \S+ of shape \[308, 64\], but this model's is \[300, 64\].*resized"):
+        with lora_capture(base, tmp_path / "added-tokens", ["q_proj"]):
+            pass
+    assert not has_lora_layers(base) and base.model.embed_tokens is embeddings

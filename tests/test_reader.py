@@ -317,3 +317,12 @@ def test_texts_are_cut_at_a_learned_position_table_even_when_max_length_is_longe
     long_read, short_read = reader.read([long_text, short_text])
     assert len(long_read.token_ids) == 32 and long_read.truncated
     assert not short_read.truncated and long_read.token_features.shape == (32, 96)
+
+
+def test_a_blank_text_in_texts_is_refused_naming_it():
+    """A blank text was read through the chat template: its row reported the features of a lone space token, as if they
+    were the text's, where a TEXTS_FILE skips such a row."""
+    with pytest.raises(UserError, match=r"TEXTS\[1\] is empty: write the text to read, or remove it"):
+        AnalyzeConfig(texts=["Maybe I was wrong.", "  "])
+    with pytest.raises(UserError, match=r"TEXTS\[0\] is empty"):
+        AnalyzeConfig(texts=[""])

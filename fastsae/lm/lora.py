@@ -71,23 +71,40 @@ def adapter_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _saved_lora_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of the saved lora_A / lora_B weights, keyed by their name in the file, without loading safetensors."""
+def _saved_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the saved tensors, keyed by their name in the file, without loading safetensors."""
     if weights_path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(weights_path), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    else:
-        shapes = {key: tuple(value.shape) for key, value in torch.load(weights_path, map_location="cpu", weights_only=True).items()}
-    return {key: shape for key, shape in shapes.items() if key.endswith((".lora_A.weight", ".lora_B.weight"))}
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    return {key: tuple(value.shape) for key, value in torch.load(weights_path, map_location="cpu", weights_only=True).items()}
+
+
+def _check_saved_module_fits(model: nn.Module, folder: str | Path, name: str, shape: tuple[int, ...]) -> None:
+    """A weight the adapter saves whole (peft's modules_to_save: an embedding or head the fine-tune trained, or resized
+    for added tokens) must have the model's shape; names that are no parameter of the model are peft's own (DoRA, ...)."""
+    try:
+        parameter = model.get_parameter(name)
+    except AttributeError:
+        return
+    if tuple(parameter.shape) != shape:
+        raise UserError(
+            f"the LoRA adapter at {folder} saves its own {name} of shape {list(shape)}, but this model's is {list(parameter.shape)}: "
+            "it was made for another base model, or for one whose vocabulary the fine-tune resized (added tokens). "
+            "Set MODEL_NAME to the model it was trained on (resized, with its tokenizer)."
+        )
 
 
 def check_adapter_fits(model: nn.Module, folder: str | Path) -> None:
     """Refuse an adapter made for another base model before peft changes `model` (a failed load would leave it half-adapted)."""
     _, weights_path = adapter_files(folder)
-    for key, shape in _saved_lora_shapes(weights_path).items():
-        module_path, kind, _ = key.removeprefix(SAVED_KEY_PREFIX).rsplit(".", 2)  # model.layers.0.self_attn.q_proj, lora_A, weight
+    for key, shape in _saved_shapes(weights_path).items():
+        name = key.removeprefix(SAVED_KEY_PREFIX)
+        if not name.endswith((".lora_A.weight", ".lora_B.weight")):
+            _check_saved_module_fits(model, folder, name, shape)
+            continue
+        module_path, kind, _ = name.rsplit(".", 2)  # model.layers.0.self_attn.q_proj, lora_A, weight
         try:
             module = model.get_submodule(module_path)
         except AttributeError:
@@ -197,12 +214,22 @@ class LoraBottleneckCapture:
         }
 
 
+def _restore_modules(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    """Put back each module that is no longer in its place: peft's `unload` leaves the adapter's trained copy of a
+    modules_to_save module (an embedding, a head) where the original was, so the base model would keep the fine-tune's."""
+    for name, module in originals.items():  # parents before their children, so a restored parent brings its own back
+        if name and model.get_submodule(name) is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
+
+
 @contextmanager
 def lora_capture(model: nn.Module, adapter_folder: str | Path, module_types: list[str]) -> Iterator[LoraBottleneckCapture]:
     """Attach the adapter to `model` with peft and yield its bottleneck capture; on exit `model` is as it was."""
     from peft import PeftModel
 
     check_adapter_fits(model, adapter_folder)
+    originals = dict(model.named_modules(remove_duplicate=False))
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; the notice is not the user's to act on
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = PeftModel.from_pretrained(model, str(Path(adapter_folder).expanduser()), adapter_name=ADAPTER_NAME, is_trainable=False)
@@ -215,3 +242,4 @@ def lora_capture(model: nn.Module, adapter_folder: str | Path, module_types: lis
         yield capture
     finally:
         peft_model.unload()  # remove the LoRA layers again, without merging them into the weights
+        _restore_modules(model, originals)

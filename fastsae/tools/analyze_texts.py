@@ -71,6 +71,9 @@ class AnalyzeConfig:
             raise UserError(f"MAX_TEXTS must be positive, or 0 for every text; got {self.max_texts}.")
         if not self.texts_file and not self.texts:
             raise UserError("no texts: set TEXTS_FILE to a JSONL/CSV file, or TEXTS to a list of strings.")
+        blank = [index for index, text in enumerate(self.texts) if not text.strip()]
+        if blank and not self.texts_file:  # read, it gives the template's (or a lone space's) features; TEXTS_FILE skips such rows
+            raise UserError(f"TEXTS[{blank[0]}] is empty: write the text to read, or remove it.")
         check_output_files({"CSV_PATH": self.csv_path, "HEATMAP_PATH": self.heatmap_path, "HTML_PATH": self.html_path})
 
 
