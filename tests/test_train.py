@@ -279,6 +279,22 @@ def test_a_stopped_run_resumes_to_the_same_sae(tiny_store, tmp_path, caplog):
     assert resumed["history"] == uninterrupted["history"]
 
 
+def test_a_stopped_run_resumes_on_its_store_moved_or_named_another_way(tiny_store, tmp_path, monkeypatch):
+    """The resume key held the store's path as typed: the same store named relative to the working folder, or moved,
+    was refused as "different: store", and the fix offered (--overwrite) threw the progress away. Its contents decide."""
+    shutil.copytree(tiny_store, tmp_path / "stores" / "first")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        InterruptedRun(config_for(Path("stores/first"), tmp_path / "runs"), stop_after=5).run()
+    (tmp_path / "stores" / "first").rename(tmp_path / "stores" / "moved")
+    (resumed,) = train_saes(config_for(tmp_path / "stores" / "moved", tmp_path / "runs"))
+    assert resumed["steps"] > 5 and load_sae(resumed["checkpoint"]).info.store == str(tmp_path / "stores" / "moved")
+    other = shutil.copytree(tiny_store, tmp_path / "stores" / "other")
+    (other / "manifest.json").write_text((other / "manifest.json").read_text().replace('"max_length": ', '"max_length": 1'))
+    with pytest.raises(UserError, match=r"other settings \(different: store, store_settings\)"):
+        train_saes(config_for(other, tmp_path / "runs"))
+
+
 def test_a_sweep_killed_between_two_saes_saves_resumes_to_the_same_saes(tiny_store, tmp_path):
     """Killed after the first SAE's step-20 state and before the second's, the rerun used to refuse the sweep as "saved at
     different steps". The SAE a save ahead waits for the replayed batches to reach it, and the sweep ends as a whole one does."""

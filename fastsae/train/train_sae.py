@@ -574,9 +574,15 @@ class TrainingRun:
                 f"own batch order, so resume it with {saved_ranks} (torchrun --nproc-per-node {saved_ranks}; python for one), "
                 "pass --overwrite to start over, or set RUN_NAME to train beside it."
             )
-        if saved != expected:
-            old, new = saved, expected
-            differences = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+        differences = [key for key in sorted(set(saved) | set(expected)) if saved.get(key) != expected.get(key)]
+        if differences == ["store"]:  # the same contents (store_settings) at another path: the store moved, or is named otherwise
+            logger.info(
+                "Resuming %s on the store at %s, which it began at %s: the same store's settings.",
+                trainer.spec.name,
+                expected["store"],
+                saved["store"],
+            )
+        elif differences:
             raise UserError(
                 f"{trainer.folder} holds a run with other settings (different: {', '.join(differences)}). "
                 "Pass --overwrite to start over, or set RUN_NAME to train beside it."
