@@ -83,7 +83,7 @@ def _model_and_data(inputs: CardInputs) -> str:
         ["base model on the Hub", info.hub_model_id],
         ["hook", info.hook_name],
         ["layer", info.layer],
-        ["activation width d", manifest.d],
+        ["activation width d", info.spec.d],
         ["dataset", dataset.path],
         ["dataset fingerprint", dataset.fingerprint],
         ["examples", dataset.n_examples],
@@ -208,7 +208,8 @@ def render_model_card(inputs: CardInputs) -> str:
     """The whole README.md."""
     info = inputs.info
     spec = info.spec
-    title = f"# {spec.name}: a {spec.architecture} SAE on {info.model_label}, `{info.hook_name}`"
+    on_model = f" on {info.model_label}" if info.model_label else ""  # another library's files may not name the model
+    title = f"# {spec.name}: a {spec.architecture} SAE{on_model}, `{info.hook_name}`"
     trained = (
         "trained with fastsae the FAST way (each example its own sequence, never packed)"
         if info.trained_by_fastsae
