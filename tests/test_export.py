@@ -233,6 +233,29 @@ def test_interpretations_of_another_sae_of_the_same_size_are_refused(trained, un
     assert not (tmp_path / "export").exists()
 
 
+def test_an_evaluation_of_the_sae_at_another_step_or_of_another_sae_is_refused(tiny_store, tmp_path):
+    """eval.json stays beside the checkpoint when training goes on (a mid-run checkpoint evaluated, then the run resumed)
+    or starts over (--overwrite): its numbers and densities would be exported as the new SAE's."""
+    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path / "runs"), m=M, k=K, batch_size=256, epochs=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        InterruptedRun(config, stop_after=3).run()
+    (checkpoint,) = (tmp_path / "runs").rglob("SAE_*.pt")
+    evaluate = EvalConfig(checkpoint=str(checkpoint), model_metrics=False, device="cpu", max_examples=4)
+    evaluate_sae(evaluate)
+    train_saes(config)  # resumed to its end
+    export = ExportConfig(checkpoint=str(checkpoint), output=str(tmp_path / "export"), interpretations="")
+    with pytest.raises(
+        UserError, match=r"eval.json describes another SAE than .* holds now \(eval.json: step 3, .*Rerun `python evaluate_sae.py"
+    ):
+        export_sae(export)
+    evaluate_sae(evaluate)
+    assert export_sae(export).is_dir()
+    train_saes(replace(config, overwrite=True, seed=1))  # the same steps, another SAE
+    with pytest.raises(UserError, match="eval.json describes another SAE"):
+        export_sae(export)
+    assert not (tmp_path / "export.partial").exists()
+
+
 def test_base_model_is_named_only_when_the_model_is_on_the_hub(trained, tmp_path):
     info = load_sae(trained).info
     embedded = replace(info, model_source="embedded", model_name="embedded:smollm2-135m-instruct")

@@ -664,6 +664,7 @@ def core_metrics(evaluand: _Evaluand, examples: list[int], config: EvalConfig, m
         "checkpoint": str(evaluand.path),
         # A checkpoint saved mid-run describes the SAE at its step; the finished run later replaces the file.
         "checkpoint_state": {"step": info.step, "tokens_trained": info.tokens_trained, "training_finished": info.training_finished},
+        "sae_fingerprint": sae.fingerprint(),  # so that export_sae never presents it as another SAE's (train_sae.py --overwrite)
         "store": str(store.folder),
         "hook_name": store.hook_name,
         # The held-out examples, resolved (VALIDATION_FRACTION and SEED of -1 mean the training run's).

@@ -25,6 +25,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import constants, create_repo, upload_folder
@@ -39,7 +40,7 @@ from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import HYPOTHESAES_DEAD_AFTER_STEPS, save_checkpoint
 from fastsae.core.formats.sources import results_folder
 from fastsae.core.saelens_export import write_saelens_folder
-from fastsae.core.trained_sae import open_trained_sae
+from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
 from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE
 from fastsae.export.model_card import EXPORT_TAG, CardInputs, render_model_card
 from fastsae.export.neuronpedia import NeuronpediaSettings, check_model_id, check_set_name, write_neuronpedia
@@ -106,6 +107,28 @@ def _may_replace(folder: Path) -> bool:
     return not any(folder.iterdir()) or ("library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text)
 
 
+def _evaluation_of(trained: TrainedSAE) -> dict[str, Any] | None:
+    """eval.json beside the checkpoint; None when there is none. One written for the SAE at another step (a checkpoint
+    evaluated mid-run, then trained on) or for another SAE (retrained with --overwrite) is refused: the card would show
+    its numbers, and SAELens' sparsity its densities, as this SAE's."""
+    path = trained.results_folder / EVAL_FILE
+    if not path.is_file():
+        logger.info("No eval.json beside the checkpoint: the model card says it was not evaluated.")
+        return None
+    evaluation = json.loads(path.read_text())
+    info = trained.info
+    state = {"step": info.step, "tokens_trained": info.tokens_trained, "training_finished": info.training_finished}
+    evaluated_state = evaluation.get("checkpoint_state", state)  # eval.json from before these were recorded: trusted
+    fingerprint = evaluation.get("sae_fingerprint", trained.sae.fingerprint())
+    if evaluated_state != state or fingerprint != trained.sae.fingerprint():
+        raise UserError(
+            f"{path} describes another SAE than {trained.checkpoint} holds now (eval.json: step {evaluated_state.get('step')}, "
+            f"sae_fingerprint {fingerprint}; the checkpoint: step {info.step}, {trained.sae.fingerprint()}), so its numbers are "
+            f"not this SAE's. Rerun `python evaluate_sae.py --checkpoint {trained.checkpoint}`, then export again."
+        )
+    return evaluation
+
+
 def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
     """Everything into `folder` (a fresh temp folder): Neuronpedia files, SAELens subfolder, checkpoint, companions, card last.
 
@@ -126,6 +149,7 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
             "model card after it. Export an SAE whose format records its hook (ours, SAELens', sparsify's)."
         )
     interpretations = read_interpretations(config.interpretations, trained.sae)
+    evaluation = _evaluation_of(trained)
     if config.neuronpedia:  # first: the slow part, and the one that needs the store and the model
         settings = NeuronpediaSettings(
             config.neuronpedia_set,
@@ -136,10 +160,6 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
             resolve_device(config.device),
         )
         write_neuronpedia(folder, trained, interpretations, settings)
-    eval_path = source / EVAL_FILE
-    evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else None
-    if evaluation is None:
-        logger.info("No eval.json beside the checkpoint: the model card says it was not evaluated.")
     # SAELens' sparsity: the evaluation's feature density (the numbers on the card), else the training export's.
     frequency = torch.tensor(evaluation["feature_density"]) if evaluation else None
     write_saelens_folder(trained.sae, info, folder / hook_name, frequency)
