@@ -140,6 +140,37 @@ def test_the_export_loads_in_saelens_hypothesaes_and_fastsae_with_the_same_encod
     assert not list(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.parametrize(
+    ("architecture", "prefixes", "saelens_architecture"),
+    [("batchtopk", [], "jumprelu"), ("relu", [], "standard"), ("jumprelu", [], "jumprelu"), ("batchtopk", [16, M], "jumprelu")],
+    ids=["batchtopk", "relu", "jumprelu", "matryoshka-batchtopk"],
+)
+def test_every_architecture_exports_to_the_same_encoder_in_each_library(architecture, prefixes, saelens_architecture, tiny_store, tmp_path):
+    """The Top-K export is checked above; the others take other paths (thresholds, no k, prefixes) through the same export."""
+    from sae_lens import SAE
+
+    config = TrainConfig(
+        store=str(tiny_store), output_dir=str(tmp_path / "runs"), m=M, k=K, architecture=architecture, matryoshka_prefixes=prefixes,
+        batch_size=256, epochs=0.5,
+    )  # fmt: skip
+    (result,) = train_saes(config)
+    checkpoint = Path(result["checkpoint"])
+    folder = export_sae(ExportConfig(checkpoint=str(checkpoint), output=str(tmp_path / "export"), interpretations=""))
+    cfg = json.loads((folder / HOOK / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["metadata"]["hook_name"]) == (saelens_architecture, 64, M, HOOK)
+    raw = ActivationStore(tiny_store).activations(0, 2000).float()
+    ours = load_sae(folder / checkpoint.name).sae
+    theirs = SAE.load_from_disk(folder / HOOK)
+    with torch.no_grad():
+        codes = ours.encode(raw)
+        assert (codes > 0).sum(1).float().mean() > 1
+        torch.testing.assert_close(theirs.encode(raw), codes, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(codes), ours.decode(codes), rtol=1e-4, atol=1e-4)
+        if ours.spec.runs_in_hypothesaes:
+            hypothesaes = hypothesaes_module().load_model(str(folder / checkpoint.name), device="cpu").eval()  # BatchTopK's threshold
+            torch.testing.assert_close(hypothesaes(raw)[1]["activations"], codes, rtol=1e-4, atol=1e-5)
+
+
 def test_the_training_folder_stands_for_its_checkpoint(trained):
     """The folder train_sae.py writes holds the checkpoint and the SAELens export of the same SAE: not two SAEs to choose from."""
     from_folder, from_file = load_any_sae(trained.parent), load_any_sae(trained)
