@@ -237,6 +237,14 @@ def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scor
     assert "![feature density](feature_density.png)" in card.text
 
 
+def test_an_evaluation_without_model_metrics_claims_no_saebench_table(trained, tmp_path):
+    folder = shutil.copytree(trained.parent, tmp_path / trained.parent.name)
+    evaluate_sae(EvalConfig(checkpoint=str(folder / trained.name), model_metrics=False, device="cpu", max_examples=4))
+    card, tables = card_body(export_sae(ExportConfig(checkpoint=str(folder / trained.name), interpretations="")))
+    assert "The SAEBench table" not in card.text and not [table for table in tables if table[0][:2] == ["group", "metric"]]
+    assert "Model metrics (SAEBench's core: ce_loss_score, KL) not measured: run `python evaluate_sae.py" in card.text
+
+
 def test_missing_evaluation_and_interpretations_are_said_on_the_card(trained, unscored_csv, tmp_path):
     bare = export_sae(ExportConfig(checkpoint=str(trained), output=str(tmp_path / "bare"), interpretations=str(tmp_path / "absent.csv")))
     card, tables = card_body(bare)

@@ -125,17 +125,26 @@ def _evaluation(inputs: CardInputs) -> str:
     if inputs.evaluation is None:
         return "## Evaluation\n\nNot evaluated: run `python evaluate_sae.py --checkpoint <the .pt>`, then export again."
     evaluation = inputs.evaluation
-    parts = [
-        "## Evaluation",
+    intro = (
         f"From `evaluate_sae.py` on {evaluation['examples']} held-out examples (split from the training data by example). "
-        "FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on raw activations. The SAEBench table is SAEBench's core evaluation as sae-bench "
-        "0.6.0 computes it (ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean), the hook's output zero-ablated at "
-        "every position), on a budget of held-out tokens; every number, with the per-feature density and SAEBench's own "
-        "JSON block, is in `eval.json`.",
-        report_table(evaluation),
-    ]
+        "FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on raw activations. "
+    )
+    if evaluation.get("saebench_core"):
+        intro += (
+            "The SAEBench table is SAEBench's core evaluation as sae-bench 0.6.0 computes it (ce_loss_score = (CE_zero − CE_sae) / "
+            "(CE_zero − CE_clean), the hook's output zero-ablated at every position), on a budget of held-out tokens; every number, "
+            "with the per-feature density and SAEBench's own JSON block, is in `eval.json`."
+        )
+    else:
+        intro += "Every number, with the per-feature density, is in `eval.json`."
+    parts = ["## Evaluation", intro, report_table(evaluation)]
     if evaluation.get("model_metrics_skipped"):
         parts.append(f"Model metrics not measured: {markdown.cell(evaluation['model_metrics_skipped'])}.")
+    elif not evaluation.get("saebench_core"):  # evaluated with MODEL_METRICS off
+        parts.append(
+            "Model metrics (SAEBench's core: ce_loss_score, KL) not measured: run `python evaluate_sae.py --checkpoint <the .pt>` "
+            "with MODEL_METRICS on, then export again."
+        )
     if DENSITY_PLOT_FILE in inputs.files:
         parts.append(f"![feature density]({DENSITY_PLOT_FILE})")
     return "\n\n".join(parts)
