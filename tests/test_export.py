@@ -237,6 +237,17 @@ def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scor
     assert "![feature density](feature_density.png)" in card.text
 
 
+def test_a_rare_features_frequency_shows_on_the_card_as_it_is(trained, scored_csv, tmp_path):
+    """A feature firing on 3 tokens in 100,000 is common in a large SAE: four decimals showed it as 0.0000, never firing."""
+    table = pd.read_csv(scored_csv)
+    best = table["detection_score"].idxmax()
+    table.loc[best, "frequency"] = 3.2e-5
+    table.to_csv(tmp_path / "rare.csv", index=False)
+    folder = export_sae(ExportConfig(checkpoint=str(trained), output=str(tmp_path / "export"), interpretations=str(tmp_path / "rare.csv")))
+    features = table_with_header(card_body(folder)[1], "rank", "feature", "detection", "fuzzing", "explanation")
+    assert (int(features[1][1]), float(features[1][5])) == (table.loc[best, "feature"], 3.2e-5)
+
+
 def test_an_evaluation_without_model_metrics_claims_no_saebench_table(trained, tmp_path):
     folder = shutil.copytree(trained.parent, tmp_path / trained.parent.name)
     evaluate_sae(EvalConfig(checkpoint=str(folder / trained.name), model_metrics=False, device="cpu", max_examples=4))

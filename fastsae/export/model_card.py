@@ -180,7 +180,7 @@ def _features(inputs: CardInputs) -> str:
             None if pd.isna(row.detection_score) else f"{row.detection_score:.3f}",
             None if pd.isna(row.fuzzing_score) else f"{row.fuzzing_score:.3f}",
             row.explanation,
-            f"{row.frequency:.4f}",
+            f"{row.frequency:.3g}",  # a rare feature's frequency, 3e-05, is not 0.0000
             row.top_tokens,
             None if pd.isna(row.top_label) or pd.isna(row.top_label_auroc) else f"{row.top_label} ({row.top_label_auroc:.2f})",
         ]
