@@ -397,6 +397,18 @@ def test_no_half_written_folder_on_failure_and_an_earlier_export_stays(trained, 
         ExportConfig(checkpoint=str(trained), push_to_hub="not a repo/with spaces")
 
 
+def test_an_earlier_export_holding_other_files_is_not_replaced(trained, tmp_path):
+    """A git clone of the pushed repo holds the export and its .git (and maybe other SAEs): a re-export into it deleted them."""
+    clone = export_sae(ExportConfig(checkpoint=str(trained), output=str(tmp_path / "clone"), interpretations=""))
+    (clone / ".git").mkdir()
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    with pytest.raises(UserError, match=r"clone exists and holds an earlier export, but also .git, which the export does not write: it"):
+        export_sae(ExportConfig(checkpoint=str(trained), output=str(clone), interpretations=""))
+    assert (clone / ".git" / "HEAD").is_file() and (clone / "README.md").is_file()
+    shutil.rmtree(clone / ".git")
+    assert export_sae(ExportConfig(checkpoint=str(trained), output=str(clone), interpretations="")) == clone  # an export alone is
+
+
 def test_an_output_that_names_a_file_is_refused_before_any_work(trained, tmp_path):
     """OUTPUT pointing at a file (a typo, a notes file) gets the same one-line refusal as a folder of the user's, not a crash."""
     notes = tmp_path / "notes.txt"

@@ -38,12 +38,13 @@ from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETAT
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import HYPOTHESAES_DEAD_AFTER_STEPS, save_checkpoint
+from fastsae.core.formats.saelens import CONFIG_FILE
 from fastsae.core.formats.sources import results_folder
 from fastsae.core.saelens_export import write_saelens_folder
 from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
 from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE
 from fastsae.export.model_card import EXPORT_TAG, CardInputs, render_model_card
-from fastsae.export.neuronpedia import NeuronpediaSettings, check_model_id, check_set_name, write_neuronpedia
+from fastsae.export.neuronpedia import NEURONPEDIA_FOLDER, NeuronpediaSettings, check_model_id, check_set_name, write_neuronpedia
 from fastsae.interpret.interpret_sae import read_interpretations
 from fastsae.train.training_report import CURVES_FILE, METRICS_FILE
 
@@ -96,15 +97,29 @@ class ExportConfig:
         return Path(self.output) if self.output else results_folder(self.checkpoint) / "export"
 
 
-def _may_replace(folder: Path) -> bool:
-    """Only a new or empty folder, or one this module wrote, is replaced: never a file or a folder of the user's that OUTPUT names."""
+def _why_not_replace(folder: Path) -> str | None:
+    """Why OUTPUT must not be replaced; None when it may: a new or empty folder, or an earlier export holding nothing else
+    (a git clone of the pushed repo keeps its .git there). Never a file or a folder of the user's."""
     if not folder.exists():
-        return True
+        return None
     if not folder.is_dir():
-        return False
+        return "is not an earlier export"
+    entries = list(folder.iterdir())
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else ""
-    return not any(folder.iterdir()) or ("library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text)
+    if entries and not ("library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text):
+        return "is not an earlier export"
+    others = sorted(entry.name for entry in entries if not _written_by_export(entry))
+    if others:
+        return f"holds an earlier export, but also {', '.join(others[:5])}, which the export does not write"
+    return None
+
+
+def _written_by_export(entry: Path) -> bool:
+    """Whether an export writes a file or folder of this name at its top level."""
+    if entry.is_dir():
+        return entry.name == NEURONPEDIA_FOLDER or (entry / CONFIG_FILE).is_file()  # Neuronpedia's files, a SAELens folder
+    return entry.suffix == ".pt" or entry.name in {"README.md", "interpretations.csv", *COMPANION_FILES}
 
 
 def _evaluation_of(trained: TrainedSAE) -> dict[str, Any] | None:
@@ -185,10 +200,9 @@ def write_export(config: ExportConfig) -> Path:
     """Build the export under `<folder>.partial`, then swap it in; on any failure the partial folder is removed."""
     checkpoint = config.checkpoint
     folder = config.output_folder()
-    if not _may_replace(folder):
-        raise UserError(
-            f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder."
-        )
+    reason = _why_not_replace(folder)
+    if reason:
+        raise UserError(f"{folder} exists and {reason}: it would be replaced. Set OUTPUT (--output) to a new or empty folder.")
     replace_folder_atomically(folder, lambda partial: _write_export(partial, checkpoint, config))
     logger.info("Exported %s to %s (%d files)", checkpoint, folder, sum(path.is_file() for path in folder.rglob("*")))
     return folder
