@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -366,6 +367,18 @@ def test_push_without_a_network_fails_fast_with_one_line_and_keeps_the_export(tr
     assert f"The export is complete in {output}: push it later with `hf upload me/tiny-sae {output} .`" in errors[0]
     assert (output / "README.md").is_file() and (output / HOOK / "sae_weights.safetensors").is_file()
     assert f'SAE.from_pretrained("me/tiny-sae", "{HOOK}")' in (output / "README.md").read_text()
+
+
+def test_the_command_to_push_later_runs_from_a_folder_with_a_space(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    folder = tmp_path / "My Drive" / "export"
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as refused:
+        share.push_to_hub(folder, "me/tiny-sae", private=True)
+    command = re.search(r"`(hf upload [^`]*)`", str(refused.value))[1]
+    assert shlex.split(command) == ["hf", "upload", "me/tiny-sae", str(folder), "."]
 
 
 def test_no_half_written_folder_on_failure_and_an_earlier_export_stays(trained, unscored_csv, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +219,10 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
     """create_repo + upload_folder; returns the repo's URL. Any failure is one UserError, and `folder` stays."""
-    keep = f"The export is complete in {folder}: push it later with `hf upload {repo_id} {folder} .`, or rerun with --push-to-hub {repo_id}"
+    keep = (
+        f"The export is complete in {folder}: push it later with `hf upload {repo_id} {shlex.quote(str(folder))} .`, "
+        f"or rerun with --push-to-hub {repo_id}"
+    )  # quoted: a folder with a space ("My Drive") would split the command
     login = "log in with `hf auth login` (or set HF_TOKEN) with a token that can write to it"
     try:
         url = create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
