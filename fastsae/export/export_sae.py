@@ -7,9 +7,9 @@
     neuronpedia/                with NEURONPEDIA: Neuronpedia's upload files (fastsae/export/neuronpedia.py)
 
 The SAELens files go in a subfolder named after the hook, not in the root: SAELens' Hub loader,
-`SAE.from_pretrained(repo_id, sae_id)`, downloads `{sae_id}/cfg.json`, and its own releases keep
-one folder per hook (`blocks.8.hook_resid_pre/`), so SAEs of several layers can share one repo.
-Locally, `SAE.load_from_disk` takes the same folder.
+`SAE.from_pretrained(repo_id, sae_id)`, downloads `{sae_id}/cfg.json`, as its own releases keep
+one folder per hook (`blocks.8.hook_resid_pre/`). The other files sit in the root, so one repo holds
+one export: another SAE's, pushed there, would replace its card and checkpoint. Locally, `SAE.load_from_disk` takes the same folder.
 
 The folder is built under a temp name and renamed when complete, so a failure leaves no half
 export (and an earlier export stays as it was). A push that cannot reach the Hub stops with one
