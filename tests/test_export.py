@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -140,6 +141,37 @@ def test_the_export_loads_in_saelens_hypothesaes_and_fastsae_with_the_same_encod
     assert not list(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.parametrize(
+    ("architecture", "prefixes", "saelens_architecture"),
+    [("batchtopk", [], "jumprelu"), ("relu", [], "standard"), ("jumprelu", [], "jumprelu"), ("batchtopk", [16, M], "jumprelu")],
+    ids=["batchtopk", "relu", "jumprelu", "matryoshka-batchtopk"],
+)
+def test_every_architecture_exports_to_the_same_encoder_in_each_library(architecture, prefixes, saelens_architecture, tiny_store, tmp_path):
+    """The Top-K export is checked above; the others take other paths (thresholds, no k, prefixes) through the same export."""
+    from sae_lens import SAE
+
+    config = TrainConfig(
+        store=str(tiny_store), output_dir=str(tmp_path / "runs"), m=M, k=K, architecture=architecture, matryoshka_prefixes=prefixes,
+        batch_size=256, epochs=0.5,
+    )  # fmt: skip
+    (result,) = train_saes(config)
+    checkpoint = Path(result["checkpoint"])
+    folder = export_sae(ExportConfig(checkpoint=str(checkpoint), output=str(tmp_path / "export"), interpretations=""))
+    cfg = json.loads((folder / HOOK / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["metadata"]["hook_name"]) == (saelens_architecture, 64, M, HOOK)
+    raw = ActivationStore(tiny_store).activations(0, 2000).float()
+    ours = load_sae(folder / checkpoint.name).sae
+    theirs = SAE.load_from_disk(folder / HOOK)
+    with torch.no_grad():
+        codes = ours.encode(raw)
+        assert (codes > 0).sum(1).float().mean() > 1
+        torch.testing.assert_close(theirs.encode(raw), codes, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(codes), ours.decode(codes), rtol=1e-4, atol=1e-4)
+        if ours.spec.runs_in_hypothesaes:
+            hypothesaes = hypothesaes_module().load_model(str(folder / checkpoint.name), device="cpu").eval()  # BatchTopK's threshold
+            torch.testing.assert_close(hypothesaes(raw)[1]["activations"], codes, rtol=1e-4, atol=1e-5)
+
+
 def test_the_training_folder_stands_for_its_checkpoint(trained):
     """The folder train_sae.py writes holds the checkpoint and the SAELens export of the same SAE: not two SAEs to choose from."""
     from_folder, from_file = load_any_sae(trained.parent), load_any_sae(trained)
@@ -206,6 +238,25 @@ def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scor
     assert "![feature density](feature_density.png)" in card.text
 
 
+def test_a_rare_features_frequency_shows_on_the_card_as_it_is(trained, scored_csv, tmp_path):
+    """A feature firing on 3 tokens in 100,000 is common in a large SAE: four decimals showed it as 0.0000, never firing."""
+    table = pd.read_csv(scored_csv)
+    best = table["detection_score"].idxmax()
+    table.loc[best, "frequency"] = 3.2e-5
+    table.to_csv(tmp_path / "rare.csv", index=False)
+    folder = export_sae(ExportConfig(checkpoint=str(trained), output=str(tmp_path / "export"), interpretations=str(tmp_path / "rare.csv")))
+    features = table_with_header(card_body(folder)[1], "rank", "feature", "detection", "fuzzing", "explanation")
+    assert (int(features[1][1]), float(features[1][5])) == (table.loc[best, "feature"], 3.2e-5)
+
+
+def test_an_evaluation_without_model_metrics_claims_no_saebench_table(trained, tmp_path):
+    folder = shutil.copytree(trained.parent, tmp_path / trained.parent.name)
+    evaluate_sae(EvalConfig(checkpoint=str(folder / trained.name), model_metrics=False, device="cpu", max_examples=4))
+    card, tables = card_body(export_sae(ExportConfig(checkpoint=str(folder / trained.name), interpretations="")))
+    assert "The SAEBench table" not in card.text and not [table for table in tables if table[0][:2] == ["group", "metric"]]
+    assert "Model metrics (SAEBench's core: ce_loss_score, KL) not measured: run `python evaluate_sae.py" in card.text
+
+
 def test_missing_evaluation_and_interpretations_are_said_on_the_card(trained, unscored_csv, tmp_path):
     bare = export_sae(ExportConfig(checkpoint=str(trained), output=str(tmp_path / "bare"), interpretations=str(tmp_path / "absent.csv")))
     card, tables = card_body(bare)
@@ -233,16 +284,36 @@ def test_interpretations_of_another_sae_of_the_same_size_are_refused(trained, un
     assert not (tmp_path / "export").exists()
 
 
-def test_an_evaluation_of_other_weights_is_not_published(trained, evaluated, tiny_store, tmp_path):
-    """Retrained (or trained further) after evaluate_sae.py ran, the SAE would go out with its old eval.json's numbers on
-    the card: the export is refused, naming the fix, and nothing is written."""
-    folder = shutil.copytree(evaluated.parent, tmp_path / trained.parent.parent.name / evaluated.parent.name)  # as the run lays it out
-    retrain = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path), m=M, k=K, batch_size=256, epochs=0.2, seed=1, overwrite=True)
-    (result,) = train_saes(retrain)
-    assert Path(result["checkpoint"]) == folder / evaluated.name and (folder / "eval.json").is_file()
-    with pytest.raises(UserError, match=r"eval.json describes other weights than those in .* Rerun evaluate_sae.py on it"):
-        export_sae(ExportConfig(checkpoint=result["checkpoint"], output=str(tmp_path / "export"), interpretations=""))
-    assert not (tmp_path / "export").exists()
+def test_an_evaluation_of_the_sae_at_another_step_or_of_another_sae_is_refused(tiny_store, tmp_path):
+    """eval.json stays beside the checkpoint when training goes on (a mid-run checkpoint evaluated, then the run resumed)
+    or starts over (--overwrite): its numbers and densities would be exported as the new SAE's."""
+    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path / "runs"), m=M, k=K, batch_size=256, epochs=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        InterruptedRun(config, stop_after=3).run()
+    (checkpoint,) = (tmp_path / "runs").rglob("SAE_*.pt")
+    evaluate = EvalConfig(checkpoint=str(checkpoint), model_metrics=False, device="cpu", max_examples=4)
+    evaluate_sae(evaluate)
+    train_saes(config)  # resumed to its end
+    export = ExportConfig(checkpoint=str(checkpoint), output=str(tmp_path / "export"), interpretations="")
+    with pytest.raises(
+        UserError, match=r"eval.json describes other weights than those in .*trained further since. Rerun evaluate_sae.py on it"
+    ):
+        export_sae(export)
+    evaluate_sae(evaluate)
+    assert export_sae(export).is_dir()
+    train_saes(replace(config, overwrite=True, seed=1))  # the same steps, another SAE
+    with pytest.raises(UserError, match="eval.json describes other weights than those in"):
+        export_sae(export)
+    # An eval.json from before the fingerprint was recorded: its checkpoint state tells.
+    evaluate_sae(evaluate)
+    eval_path = checkpoint.parent / "eval.json"
+    older = {key: value for key, value in json.loads(eval_path.read_text()).items() if key != "sae_fingerprint"}
+    eval_path.write_text(json.dumps({**older, "checkpoint_state": {**older["checkpoint_state"], "step": 3}}))
+    with pytest.raises(
+        UserError, match=r"eval.json describes the SAE at step 3, and .* holds it at step \d+.*Rerun `python evaluate_sae.py"
+    ):
+        export_sae(export)
+    assert not (tmp_path / "export.partial").exists()
 
 
 def test_base_model_is_named_only_when_the_model_is_on_the_hub(trained, tmp_path):
@@ -307,6 +378,18 @@ def test_push_without_a_network_fails_fast_with_one_line_and_keeps_the_export(tr
     assert f'SAE.from_pretrained("me/tiny-sae", "{HOOK}")' in (output / "README.md").read_text()
 
 
+def test_the_command_to_push_later_runs_from_a_folder_with_a_space(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    folder = tmp_path / "My Drive" / "export"
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as refused:
+        share.push_to_hub(folder, "me/tiny-sae", private=True)
+    command = re.search(r"`(hf upload [^`]*)`", str(refused.value))[1]
+    assert shlex.split(command) == ["hf", "upload", "me/tiny-sae", str(folder), "."]
+
+
 def test_no_half_written_folder_on_failure_and_an_earlier_export_stays(trained, unscored_csv, tmp_path, monkeypatch):
     output = tmp_path / "export"
     export_sae(ExportConfig(checkpoint=str(trained), output=str(output), interpretations=""))
@@ -334,6 +417,18 @@ def test_no_half_written_folder_on_failure_and_an_earlier_export_stays(trained, 
     assert (mine / "notes.txt").read_text() == "keep me"
     with pytest.raises(UserError, match="not a Hub repo id"):
         ExportConfig(checkpoint=str(trained), push_to_hub="not a repo/with spaces")
+
+
+def test_an_earlier_export_holding_other_files_is_not_replaced(trained, tmp_path):
+    """A git clone of the pushed repo holds the export and its .git (and maybe other SAEs): a re-export into it deleted them."""
+    clone = export_sae(ExportConfig(checkpoint=str(trained), output=str(tmp_path / "clone"), interpretations=""))
+    (clone / ".git").mkdir()
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    with pytest.raises(UserError, match=r"clone exists and holds an earlier export, but also .git, which the export does not write: it"):
+        export_sae(ExportConfig(checkpoint=str(trained), output=str(clone), interpretations=""))
+    assert (clone / ".git" / "HEAD").is_file() and (clone / "README.md").is_file()
+    shutil.rmtree(clone / ".git")
+    assert export_sae(ExportConfig(checkpoint=str(trained), output=str(clone), interpretations="")) == clone  # an export alone is
 
 
 def test_an_output_that_names_a_file_is_refused_before_any_work(trained, tmp_path):

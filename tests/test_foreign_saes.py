@@ -667,6 +667,17 @@ def assert_exports_as_it_runs(made: ForeignSAE, interpretations: Path, x: torch.
     assert (metadata["exclude_special_tokens"], metadata["prepend_bos"]) == (None, None)
 
 
+def test_the_card_of_an_sae_whose_files_name_no_model_prints_no_none(sample, tmp_path):
+    """A sparsify hookpoint folder copied without its run's config.json records its hook but no model, and no store."""
+    made = make_sparsify(tmp_path / "run", sample, "m")
+    (tmp_path / "run" / "config.json").unlink()
+    assert load_any_sae(made.checkpoint).info.model_label is None
+    folder = export_sae(ExportConfig(checkpoint=made.checkpoint, output=str(tmp_path / "export"), interpretations=""))
+    card = (folder / "README.md").read_text()
+    assert "None" not in card and f"# SAE_M={M}_K={K}: a topk SAE, `blocks.{LAYER}.hook_resid_post`" in card
+    assert f"| activation width d | {D} |" in card  # the SAE's own width, which no store manifest records here
+
+
 # --- pretrained SAELens SAEs from the Hugging Face cache ----------------------------------------------------
 
 

@@ -7,9 +7,9 @@
     neuronpedia/                with NEURONPEDIA: Neuronpedia's upload files (fastsae/export/neuronpedia.py)
 
 The SAELens files go in a subfolder named after the hook, not in the root: SAELens' Hub loader,
-`SAE.from_pretrained(repo_id, sae_id)`, downloads `{sae_id}/cfg.json`, and its own releases keep
-one folder per hook (`blocks.8.hook_resid_pre/`), so SAEs of several layers can share one repo.
-Locally, `SAE.load_from_disk` takes the same folder.
+`SAE.from_pretrained(repo_id, sae_id)`, downloads `{sae_id}/cfg.json`, as its own releases keep
+one folder per hook (`blocks.8.hook_resid_pre/`). The other files sit in the root, so one repo holds
+one export: another SAE's, pushed there, would replace its card and checkpoint. Locally, `SAE.load_from_disk` takes the same folder.
 
 The folder is built under a temp name and renamed when complete, so a failure leaves no half
 export (and an earlier export stays as it was). A push that cannot reach the Hub stops with one
@@ -21,9 +21,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import constants, create_repo, upload_folder
@@ -36,12 +38,13 @@ from fastsae.common.default_paths import DEFAULT_CHECKPOINT, DEFAULT_INTERPRETAT
 from fastsae.common.devices import resolve_device
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import HYPOTHESAES_DEAD_AFTER_STEPS, save_checkpoint
+from fastsae.core.formats.saelens import CONFIG_FILE
 from fastsae.core.formats.sources import results_folder
 from fastsae.core.saelens_export import write_saelens_folder
-from fastsae.core.trained_sae import open_trained_sae
+from fastsae.core.trained_sae import TrainedSAE, open_trained_sae
 from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE
 from fastsae.export.model_card import EXPORT_TAG, CardInputs, render_model_card
-from fastsae.export.neuronpedia import NeuronpediaSettings, check_model_id, check_set_name, write_neuronpedia
+from fastsae.export.neuronpedia import NEURONPEDIA_FOLDER, NeuronpediaSettings, check_model_id, check_set_name, write_neuronpedia
 from fastsae.interpret.interpret_sae import read_interpretations
 from fastsae.train.training_report import CURVES_FILE, METRICS_FILE
 
@@ -96,15 +99,49 @@ class ExportConfig:
         return Path(self.output) if self.output else results_folder(self.checkpoint) / "export"
 
 
-def _may_replace(folder: Path) -> bool:
-    """Only a new or empty folder, or one this module wrote, is replaced: never a file or a folder of the user's that OUTPUT names."""
+def _why_not_replace(folder: Path) -> str | None:
+    """Why OUTPUT must not be replaced; None when it may: a new or empty folder, or an earlier export holding nothing else
+    (a git clone of the pushed repo keeps its .git there). Never a file or a folder of the user's."""
     if not folder.exists():
-        return True
+        return None
     if not folder.is_dir():
-        return False
+        return "is not an earlier export"
+    entries = list(folder.iterdir())
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else ""
-    return not any(folder.iterdir()) or ("library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text)
+    if entries and not ("library_name: saelens" in text and f"- {EXPORT_TAG}\n" in text):
+        return "is not an earlier export"
+    others = sorted(entry.name for entry in entries if not _written_by_export(entry))
+    if others:
+        return f"holds an earlier export, but also {', '.join(others[:5])}, which the export does not write"
+    return None
+
+
+def _written_by_export(entry: Path) -> bool:
+    """Whether an export writes a file or folder of this name at its top level."""
+    if entry.is_dir():
+        return entry.name == NEURONPEDIA_FOLDER or (entry / CONFIG_FILE).is_file()  # Neuronpedia's files, a SAELens folder
+    return entry.suffix == ".pt" or entry.name in {"README.md", "interpretations.csv", *COMPANION_FILES}
+
+
+def _evaluation_of(trained: TrainedSAE) -> dict[str, Any] | None:
+    """eval.json beside the checkpoint; None when there is none. One written about other weights is refused (see
+    `TrainedSAE.read_result`), and so is one from before the fingerprint was recorded whose checkpoint state (step, ...)
+    is not the checkpoint's: the card would show its numbers, and SAELens' sparsity its densities, as this SAE's."""
+    evaluation = trained.read_result(EVAL_FILE)
+    if evaluation is None:
+        logger.info("No eval.json beside the checkpoint: the model card says it was not evaluated.")
+        return None
+    info = trained.info
+    state = {"step": info.step, "tokens_trained": info.tokens_trained, "training_finished": info.training_finished}
+    evaluated_state = evaluation.get("checkpoint_state", state)  # eval.json from before these were recorded: trusted
+    if evaluated_state != state:
+        raise UserError(
+            f"{trained.results_folder / EVAL_FILE} describes the SAE at step {evaluated_state.get('step')}, and {trained.checkpoint} "
+            f"holds it at step {info.step}, so its numbers are not this SAE's. Rerun `python evaluate_sae.py --checkpoint "
+            f"{trained.checkpoint}`, then export again."
+        )
+    return evaluation
 
 
 def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
@@ -127,6 +164,7 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
             "model card after it. Export an SAE whose format records its hook (ours, SAELens', sparsify's)."
         )
     interpretations = read_interpretations(config.interpretations, trained.sae)
+    evaluation = _evaluation_of(trained)
     if config.neuronpedia:  # first: the slow part, and the one that needs the store and the model
         settings = NeuronpediaSettings(
             config.neuronpedia_set,
@@ -137,9 +175,6 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
             resolve_device(config.device),
         )
         write_neuronpedia(folder, trained, interpretations, settings)
-    evaluation = trained.read_result(EVAL_FILE)
-    if evaluation is None:
-        logger.info("No eval.json beside the checkpoint: the model card says it was not evaluated.")
     # SAELens' sparsity: the evaluation's feature density (the numbers on the card), else the training export's.
     frequency = torch.tensor(evaluation["feature_density"]) if evaluation else None
     write_saelens_folder(trained.sae, info, folder / hook_name, frequency)
@@ -165,10 +200,9 @@ def write_export(config: ExportConfig) -> Path:
     """Build the export under `<folder>.partial`, then swap it in; on any failure the partial folder is removed."""
     checkpoint = config.checkpoint
     folder = config.output_folder()
-    if not _may_replace(folder):
-        raise UserError(
-            f"{folder} exists and is not an earlier export: it would be replaced. Set OUTPUT (--output) to a new or empty folder."
-        )
+    reason = _why_not_replace(folder)
+    if reason:
+        raise UserError(f"{folder} exists and {reason}: it would be replaced. Set OUTPUT (--output) to a new or empty folder.")
     replace_folder_atomically(folder, lambda partial: _write_export(partial, checkpoint, config))
     logger.info("Exported %s to %s (%d files)", checkpoint, folder, sum(path.is_file() for path in folder.rglob("*")))
     return folder
@@ -184,7 +218,10 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
     """create_repo + upload_folder; returns the repo's URL. Any failure is one UserError, and `folder` stays."""
-    keep = f"The export is complete in {folder}: push it later with `hf upload {repo_id} {folder} .`, or rerun with --push-to-hub {repo_id}"
+    keep = (
+        f"The export is complete in {folder}: push it later with `hf upload {repo_id} {shlex.quote(str(folder))} .`, "
+        f"or rerun with --push-to-hub {repo_id}"
+    )  # quoted: a folder with a space ("My Drive") would split the command
     login = "log in with `hf auth login` (or set HF_TOKEN) with a token that can write to it"
     try:
         url = create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

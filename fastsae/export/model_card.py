@@ -83,7 +83,7 @@ def _model_and_data(inputs: CardInputs) -> str:
         ["base model on the Hub", info.hub_model_id],
         ["hook", info.hook_name],
         ["layer", info.layer],
-        ["activation width d", manifest.d],
+        ["activation width d", info.spec.d],
         ["dataset", dataset.path],
         ["dataset fingerprint", dataset.fingerprint],
         ["examples", dataset.n_examples],
@@ -125,17 +125,26 @@ def _evaluation(inputs: CardInputs) -> str:
     if inputs.evaluation is None:
         return "## Evaluation\n\nNot evaluated: run `python evaluate_sae.py --checkpoint <the .pt>`, then export again."
     evaluation = inputs.evaluation
-    parts = [
-        "## Evaluation",
+    intro = (
         f"From `evaluate_sae.py` on {evaluation['examples']} held-out examples (split from the training data by example). "
-        "FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on raw activations. The SAEBench table is SAEBench's core evaluation as sae-bench "
-        "0.6.0 computes it (ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean), the hook's output zero-ablated at "
-        "every position), on a budget of held-out tokens; every number, with the per-feature density and SAEBench's own "
-        "JSON block, is in `eval.json`.",
-        report_table(evaluation),
-    ]
+        "FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on raw activations. "
+    )
+    if evaluation.get("saebench_core"):
+        intro += (
+            "The SAEBench table is SAEBench's core evaluation as sae-bench 0.6.0 computes it (ce_loss_score = (CE_zero − CE_sae) / "
+            "(CE_zero − CE_clean), the hook's output zero-ablated at every position), on a budget of held-out tokens; every number, "
+            "with the per-feature density and SAEBench's own JSON block, is in `eval.json`."
+        )
+    else:
+        intro += "Every number, with the per-feature density, is in `eval.json`."
+    parts = ["## Evaluation", intro, report_table(evaluation)]
     if evaluation.get("model_metrics_skipped"):
         parts.append(f"Model metrics not measured: {markdown.cell(evaluation['model_metrics_skipped'])}.")
+    elif not evaluation.get("saebench_core"):  # evaluated with MODEL_METRICS off
+        parts.append(
+            "Model metrics (SAEBench's core: ce_loss_score, KL) not measured: run `python evaluate_sae.py --checkpoint <the .pt>` "
+            "with MODEL_METRICS on, then export again."
+        )
     if DENSITY_PLOT_FILE in inputs.files:
         parts.append(f"![feature density]({DENSITY_PLOT_FILE})")
     return "\n\n".join(parts)
@@ -171,7 +180,7 @@ def _features(inputs: CardInputs) -> str:
             None if pd.isna(row.detection_score) else f"{row.detection_score:.3f}",
             None if pd.isna(row.fuzzing_score) else f"{row.fuzzing_score:.3f}",
             row.explanation,
-            f"{row.frequency:.4f}",
+            f"{row.frequency:.3g}",  # a rare feature's frequency, 3e-05, is not 0.0000
             row.top_tokens,
             None if pd.isna(row.top_label) or pd.isna(row.top_label_auroc) else f"{row.top_label} ({row.top_label_auroc:.2f})",
         ]
@@ -208,7 +217,8 @@ def render_model_card(inputs: CardInputs) -> str:
     """The whole README.md."""
     info = inputs.info
     spec = info.spec
-    title = f"# {spec.name}: a {spec.architecture} SAE on {info.model_label}, `{info.hook_name}`"
+    on_model = f" on {info.model_label}" if info.model_label else ""  # another library's files may not name the model
+    title = f"# {spec.name}: a {spec.architecture} SAE{on_model}, `{info.hook_name}`"
     trained = (
         "trained with fastsae the FAST way (each example its own sequence, never packed)"
         if info.trained_by_fastsae
