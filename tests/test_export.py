@@ -28,6 +28,7 @@ from fastsae.core.formats.sources import load_any_sae, results_folder
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae
 from fastsae.export import export_sae as share
 from fastsae.export.export_sae import ExportConfig, export_sae
+from fastsae.export.model_card import REPO_PLACEHOLDER
 from fastsae.store.activation_store import ActivationStore
 from fastsae.train.train_sae import TrainConfig, train_saes
 
@@ -217,6 +218,10 @@ def test_the_model_card_renders_its_tables_with_the_right_values(evaluated, scor
     assert (metadata["exclude_special_tokens"], metadata["prepend_bos"]) == (True, True)  # the chat template opens with BOS
     settings = dict(table_with_header(tables, "setting", "value")[1:])
     assert settings["m"] == str(M) and settings["k"] == str(K) and settings["learning_rate"] == str(info.training["learning_rate"])
+    # Published: the folders of the machine that trained are named, not their paths (a home folder, a project's name).
+    assert settings["store"] == Path(info.training["store"]).name and settings["output_dir"] == Path(info.training["output_dir"]).name
+    assert str(Path(info.training["store"]).parent) not in card.text
+    assert f'load_model(hf_hub_download("{REPO_PLACEHOLDER}", "{evaluated.name}")).eval()' in card.text  # BatchTopK: its threshold
 
     evaluation = json.loads((evaluated.parent / "eval.json").read_text())
     reconstruction = {row[0]: row[1:] for row in table_with_header(tables, "metric (ours)", "all tokens", "content", "special")}

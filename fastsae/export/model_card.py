@@ -9,6 +9,7 @@ escaped so a `|` or a newline cannot break a row, and `<` cannot start HTML.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -24,6 +25,8 @@ EXPORT_TAG = "fastsae"  # also how an export folder is recognised as ours when i
 CARD_TAGS = ["sparse-autoencoder", "sae", "saelens", EXPORT_TAG, "interpretability"]
 TOP_FEATURES = 10
 REPO_PLACEHOLDER = "YOUR_NAME/YOUR_REPO"
+# Training settings that name folders on the machine that trained: the card, made to be published, gives their names only.
+LOCAL_PATH_SETTINGS = {"store", "output_dir", "tracker_dir"}
 
 
 class CardInputs(NamedTuple):
@@ -47,7 +50,8 @@ def front_matter(inputs: CardInputs) -> str:
 def _usage(inputs: CardInputs) -> str:
     repo = inputs.repo_id or REPO_PLACEHOLDER
     download = f'hf_hub_download("{repo}", "{inputs.checkpoint_name}")'
-    hypothesaes = ["# HypotheSAEs", "from hypothesaes.sae import load_model", f"sae = load_model({download})", ""]
+    # load_model leaves the SAE in training mode, where a BatchTopK SAE keeps the batch's top K·B instead of its threshold.
+    hypothesaes = ["# HypotheSAEs", "from hypothesaes.sae import load_model", f"sae = load_model({download}).eval()", ""]
     return "\n".join(
         [
             "## Use it",
@@ -109,13 +113,13 @@ def _sae_and_training(inputs: CardInputs) -> str:
         ["training steps", info.step],
         ["tokens trained", info.tokens_trained],
     ]
-    settings = [[name, value] for name, value in info.training.items()]
+    settings = [[name, Path(value).name if name in LOCAL_PATH_SETTINGS and value else value] for name, value in info.training.items()]
     return "\n\n".join(
         [
             "## The SAE",
             markdown.table(["", "value"], rows),
             "### Training settings",
-            "As in `train_sae.py`; each is that script's constant in lower case.",
+            "As in `train_sae.py`; each is that script's constant in lower case (folders by their name only).",
             markdown.table(["setting", "value"], settings),
         ]
     )
