@@ -305,7 +305,7 @@ def test_user_mistakes_get_one_message_and_leave_no_folder(trained, tmp_path):
         ExportConfig(checkpoint=str(trained), neuronpedia=True, neuronpedia_examples=0)
     # An SAE with no layer (as on a LoRA store): Neuronpedia files every SAE under a layer.
     payload = torch.load(trained, weights_only=True)
-    no_layer = tmp_path / "run" / trained.name
+    no_layer = tmp_path / trained.parent.name / trained.name  # in a folder of its name, as train_sae.py writes it
     no_layer.parent.mkdir()
     torch.save({**payload, "fastsae": replace(load_sae(trained).info, layer=None).to_dict()}, no_layer)
     with pytest.raises(UserError, match="Neuronpedia files each SAE under a layer. Set NEURONPEDIA false"):
