@@ -143,6 +143,19 @@ def test_lora_manifest_names_every_dimension(lora_store, adapter, base_model):
     assert not has_lora_layers(base_model)  # the adapter is taken off the model again after extraction
 
 
+def test_an_adapter_named_relative_to_the_working_folder_is_recorded_where_it_is(
+    base_model, smollm2_tokenizer, adapter, tmp_path, monkeypatch
+):
+    """The store recorded LORA_ADAPTER as typed: reading texts through its SAE from another folder (analyze_texts.py,
+    which has no LORA_ADAPTER setting) failed with "LoRA adapter folder not found"."""
+    dataset = str(Path(ExtractConfig().dataset).resolve())
+    monkeypatch.chdir(adapter.parent)
+    folder = extract_lora(
+        base_model, smollm2_tokenizer, tmp_path / "out", dataset=dataset, lora_adapter=adapter.name, lora_modules=CHOSEN, max_examples=4
+    )
+    assert ActivationStore(folder).manifest.extraction["lora_adapter"] == str(adapter.resolve())
+
+
 def test_bad_adapters_and_module_types_get_clear_errors(base_model, smollm2_tokenizer, adapter, tmp_path, vocab_size):
     with pytest.raises(UserError, match="needs LORA_ADAPTER"):
         ExtractConfig(hook_point="lora")

@@ -627,6 +627,8 @@ def _write_stores(
                     ),
                     "extraction": {  # the path taken
                         **asdict(config),
+                        # resolved: reading texts through the SAE later (tools/reader.py) attaches it from another folder
+                        "lora_adapter": str(Path(config.lora_adapter).expanduser().resolve()) if config.lora_adapter else "",
                         "batching": "padded" if batching.row_tokens is None else "packed",
                         "attention": batching.attention,
                         # what `auto` came to: texts read through the SAE later run in it on any device (tools/reader.py)
