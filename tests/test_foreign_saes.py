@@ -581,6 +581,17 @@ def test_hypothesaes_checkpoints_give_hypothesaes_features_and_reconstructions(s
     assert loaded.info.source_format == "hypothesaes" and loaded.info.hook_point is None
 
 
+def test_an_unevaluated_saelens_folder_exports_with_its_own_sparsity(sample, tmp_path):
+    """Without an eval.json, the export took SAELens' sparsity.safetensors from fastsae's training export only: a SAELens
+    folder's own, beside its weights, was dropped."""
+    made = make_saelens(tmp_path / "sae", "topk", sample)
+    sparsity = {"sparsity": torch.linspace(-6.0, -1.0, M)}
+    save_file(sparsity, Path(made.checkpoint) / "sparsity.safetensors")
+    folder = export_sae(ExportConfig(checkpoint=made.checkpoint, output=str(tmp_path / "export"), interpretations=""))
+    hook_name = load_any_sae(made.checkpoint).info.hook_name
+    torch.testing.assert_close(load_file(folder / hook_name / "sparsity.safetensors")["sparsity"], sparsity["sparsity"])
+
+
 def test_the_saes_of_one_folder_keep_their_own_results(tiny_store, tmp_path):
     """HypotheSAEs saves a sweep's SAEs side by side in one folder: each gets its own eval.json, where the second's
     overwrote the first's beside them. Our own layout (the .pt in a folder of its name) keeps its results beside it."""

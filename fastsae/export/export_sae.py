@@ -178,8 +178,10 @@ def _write_export(folder: Path, checkpoint: str, config: ExportConfig) -> None:
     # SAELens' sparsity: the evaluation's feature density (the numbers on the card), else the training export's.
     frequency = torch.tensor(evaluation["feature_density"]) if evaluation else None
     write_saelens_folder(trained.sae, info, folder / hook_name, frequency)
-    if frequency is None and (source / TRAINING_SPARSITY).is_file():
-        shutil.copy2(source / TRAINING_SPARSITY, folder / hook_name / TRAINING_SPARSITY.name)
+    # Else the sparsity training exported (ours), or the one a SAELens folder holds beside its weights.
+    sparsity = next((path for path in (source / TRAINING_SPARSITY, source / TRAINING_SPARSITY.name) if path.is_file()), None)
+    if frequency is None and sparsity is not None:
+        shutil.copy2(sparsity, folder / hook_name / TRAINING_SPARSITY.name)
     ours = info.trained_by_fastsae
     checkpoint_name = Path(checkpoint).name if ours else f"{info.spec.name}.pt"
     if ours:
