@@ -920,6 +920,9 @@ class TrainStage(Stage):
             return Estimate()
         in_training = ~ExampleSplit.by_example(len(corpus.lengths), config.validation_fraction, config.seed).is_validation
         n_train_tokens = int((corpus.lengths if config.include_special_tokens else corpus.content)[in_training].sum())
+        if n_train_tokens < 2 * config.batch_size:  # training refuses it, naming the store's size (a budget is beside the point)
+            note = f"{n_train_tokens:,} training tokens, fewer than two batches of {config.batch_size}: training will refuse them"
+            return Estimate(examples=int(in_training.sum()), tokens=0, seconds=0.0, note=note)
         steps = training_steps(config, n_train_tokens)
         return Estimate(
             examples=int(in_training.sum()),
