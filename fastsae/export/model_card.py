@@ -127,7 +127,7 @@ def _evaluation(inputs: CardInputs) -> str:
     evaluation = inputs.evaluation
     parts = [
         "## Evaluation",
-        f"From `evaluate_sae.py` on {evaluation['examples']} held-out examples (split from the training data by example). "
+        f"From `evaluate_sae.py` on {evaluation['examples']} held-out examples (split from the training data with no text on both sides). "
         "FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on raw activations. The SAEBench table is SAEBench's core evaluation as sae-bench "
         "0.6.0 computes it (ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean), the hook's output zero-ablated at "
         "every position), on a budget of held-out tokens; every number, with the per-feature density and SAEBench's own "
