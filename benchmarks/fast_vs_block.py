@@ -55,6 +55,7 @@ from fastsae.lm.data import Dataset, load_dataset
 from fastsae.lm.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
 from fastsae.lm.split_forward import SplitModel
 from fastsae.store.activation_store import ActivationStore
+from fastsae.store.batches import ExampleSplit
 from fastsae.train.train_sae import TrainConfig, TrainingRun
 
 logger = logging.getLogger("fast_vs_block")
@@ -234,6 +235,7 @@ def first_token_share(store: ActivationStore) -> float:
 
 def notes(args, stores: dict[str, ActivationStore], held_out: list[int], train_tokens: dict[str, int], rated: bool, seconds: float) -> str:
     sequential, block = stores["sequential"], stores["block"]
+    block_split = ExampleSplit.of_store(block, VALIDATION_FRACTION, SEED).record(SEED)
     held_out_tokens = sum(int(sequential.doc_offsets[i + 1] - sequential.doc_offsets[i]) for i in held_out)
     held_out_special = sum(int(sequential.example(i).special_mask.sum()) for i in held_out)
     lines = [
@@ -246,9 +248,11 @@ def notes(args, stores: dict[str, ActivationStore], held_out: list[int], train_t
         f"{block.n_examples} blocks of {args.block_size} tokens ({block.n_tokens} tokens); no block contains held-out text.",
         f"- Training: Top-K (M={args.m}, K={args.k}) and JumpReLU (M={args.m}, L0 coefficient {args.l0_coefficient:g}, "
         f"thresholds starting at {args.jumprelu_threshold:g}) per store, trained together on the same batches, {args.tokens} tokens each "
-        f"(batch 1024), on all tokens including special ones, seed {SEED}. Each run holds out {VALIDATION_FRACTION:.0%} of its "
-        f"store's examples (FAST: examples; block: blocks) for its own validation, so the FAST SAEs draw from "
-        f"{train_tokens['sequential']} distinct tokens and the block SAEs from {train_tokens['block']}.",
+        f"(batch 1024), on all tokens including special ones, seed {SEED}. Each run holds out texts for its own validation "
+        f"(FAST: {VALIDATION_FRACTION:.0%} of its examples; block: the {block_split['held_out_texts']} texts of "
+        f"{VALIDATION_FRACTION:.0%} of its blocks, validating on the {block_split['held_out_examples']} blocks that hold only "
+        f"them and leaving out the {block_split['left_out_examples']} that also hold training text), so the FAST SAEs draw "
+        f"from {train_tokens['sequential']} distinct tokens and the block SAEs from {train_tokens['block']}.",
         "- Evaluation: all four SAEs on the same held-out sequential examples, each example alone, as a FAST model sees it. "
         "MSE is the paper's Eq. 7 on raw activations (mean over examples of the mean per-token squared error, / d); "
         "MSE_st the same over special/template tokens only. ce_loss_score is SAEBench's (CE at positions whose input "
@@ -280,7 +284,7 @@ def main() -> None:
         dataset = load_dataset(DATASET)
 
         sequential = extract(model, tokenizer, source, dataset, "sequential", args, work)
-        held_out = validation_examples(sequential.n_examples, VALIDATION_FRACTION, SEED)
+        held_out = validation_examples(ExampleSplit.of_store(sequential, VALIDATION_FRACTION, SEED))
         block = extract(model, tokenizer, source, training_part(dataset, sequential, held_out), "block", args, work)
         stores = {"sequential": sequential, "block": block}
 

@@ -214,6 +214,17 @@ def tiny_store(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_block_store(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> Path:
+    """`tiny_store`'s texts in PACKING = "block" blocks of 32 tokens: the texts (~48 tokens) straddle blocks."""
+    from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+    from fastsae.lm.data import load_dataset
+
+    config = ExtractConfig(layers=[2], packing="block", block_size=32, output_dir=str(tmp_path_factory.mktemp("block-stores")))
+    (folder,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2_model():
     """The real SmolLM2-135M-Instruct in float32 on the CPU, loaded once (tests must leave no hook on it)."""
     from fastsae.lm.models import load_model

@@ -20,7 +20,8 @@ from fastsae.evaluate.saebench_core import ignored_token_ids
 from fastsae.lm.hook_points import hooked_module, output_tensor, with_output_tensor
 from fastsae.lm.split_forward import ModelBatch, SplitModel
 from fastsae.store.activation_store import ActivationStore
-from fastsae.train.train_sae import TrainConfig, train_saes
+from fastsae.store.batches import ExampleSplit
+from fastsae.train.train_sae import TrainConfig, TrainingRun, train_saes
 
 LAYER = 2
 
@@ -286,13 +287,28 @@ def test_mismatches_and_missing_validation_get_clear_errors(tiny_store, trained_
     with pytest.raises(UserError, match="d=32 but the store .* has d=64"):
         evaluate_sae(EvalConfig(checkpoint=[str(wrong_width)], store=str(tiny_store), model_metrics=False))
     with pytest.raises(UserError, match="no validation examples"):  # a training run without a validation split
-        validation_examples(60, 0.0, 0)
+        validation_examples(ExampleSplit.by_example(60, 0.0, 0))
     with pytest.raises(UserError, match="auto, true or false"):
         EvalConfig(exclude_special_tokens_from_reconstruction="yes")
     two_blocks = tmp_path / "two-block-llama"
     save_tiny_llama_with_blocks(two_blocks, smollm2_tokenizer, 2)
     with pytest.raises(UserError, match="layer 2 is out of range"):  # the store's hook is in block 2
         evaluate_sae(EvalConfig(checkpoint=[str(trained_checkpoint)], model_name=str(two_blocks), device="cpu"))
+
+
+def test_a_block_sae_is_evaluated_on_the_blocks_its_training_held_out(tiny_block_store, tmp_path):
+    """Training, evaluation and their records share one split: in a block store, by text (blocks sharing a text with
+    both sides in neither)."""
+    config = TrainConfig(store=str(tiny_block_store), output_dir=str(tmp_path), m=32, k=4, batch_size=256, max_tokens=2048)
+    run = TrainingRun(config)
+    (result,) = run.run()
+    (results,) = evaluate_sae(EvalConfig(checkpoint=[result["checkpoint"]], model_metrics=False, device="cpu"))
+    split = run.train_source.split
+    assert results["split"] == {"validation_fraction": 0.1, **split.record(0)} and results["split"]["left_out_examples"] > 0
+    assert results["examples"] == int(split.is_validation.sum())
+    assert results["reconstruction"]["content"]["tokens"] == int(
+        split.token_mask(run.store, 0, run.store.n_tokens, validation=True)[~run.store.special_mask(0, run.store.n_tokens)].sum()
+    )
 
 
 @pytest.mark.parametrize(

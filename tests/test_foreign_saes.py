@@ -36,6 +36,7 @@ from fastsae.core.trained_sae import open_trained_sae
 from fastsae.evaluate.evaluate_sae import EvalConfig, evaluate_sae, store_metrics, validation_examples
 from fastsae.export.export_sae import ExportConfig, export_sae
 from fastsae.store.activation_store import ActivationStore
+from fastsae.store.batches import ExampleSplit
 from fastsae.train.train_sae import validate
 
 D, M, K, LAYER = 64, 96, 8, 2  # the tiny store: d=64 at the output of block 2
@@ -637,7 +638,7 @@ def test_evaluate_and_interpret_run_on_each_format(name, sample, tiny_store, tin
     written = json.loads((results_folder(made.checkpoint) / "eval.json").read_text())
     # FVU on the held-out content tokens, by hand, with the library's own forward.
     store = ActivationStore(tiny_store)
-    parts = [store.example(index) for index in validation_examples(store.n_examples, 0.1, 0)[:12]]
+    parts = [store.example(index) for index in validation_examples(ExampleSplit.of_store(store, 0.1, 0))[:12]]
     x = torch.cat([part.activations for part in parts]).float()
     content = x[~torch.from_numpy(np.concatenate([part.special_mask for part in parts]))]
     _, reconstruction = made.reference(content)

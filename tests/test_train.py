@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,7 +21,7 @@ from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
 from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.core.trained_sae import open_trained_sae
-from fastsae.store.activation_store import ActivationStore
+from fastsae.store.activation_store import ActivationStore, StoreError
 from fastsae.store.batches import ExampleSplit, TokenSource, mixed_batches, read_ahead
 from fastsae.train import train_sae as train_module
 from fastsae.train.train_sae import TrainConfig, TrainingRun, sparsity_coefficient, train_saes, validate, validation_objective
@@ -483,6 +484,60 @@ def test_split_is_by_example_and_the_buffer_streams_each_token_once(tiny_store):
     available = Counter(row.numpy().tobytes() for row in all_train)
     assert not emitted - available  # within one pass no token comes out twice, and only training tokens come out
     assert emitted.total() == n_batches * batch_size
+
+
+def test_a_fast_stores_split_is_its_examples_seeded_choice_as_before(tiny_store):
+    store = ActivationStore(tiny_store)
+    split = ExampleSplit.of_store(store, 0.1, seed=3)
+    assert np.flatnonzero(split.is_validation).tolist() == [
+        12, 39, 42, 58, 65, 80, 83, 87, 94, 96, 108, 111, 121, 126, 130, 134, 150, 153, 155, 167, 171, 173, 194, 209, 227, 241,
+        243, 247, 268, 275, 295, 311, 325,
+    ]  # fmt: skip
+    assert (split.is_training == ~split.is_validation).all()
+    assert split.record(3) == {"seed": 3, "examples": 330, "held_out_examples": 33}
+
+
+def texts_of_tokens(store: ActivationStore, fast: ActivationStore, mask: np.ndarray) -> set[int]:
+    """The texts (FAST examples) whose tokens `mask` picks out of the block store, which holds the FAST store's tokens in order."""
+    return set((np.searchsorted(fast.doc_offsets, np.flatnonzero(mask), side="right") - 1).tolist())
+
+
+def test_a_block_stores_training_and_validation_hold_disjoint_texts(tiny_block_store, tiny_store, tmp_path):
+    """Blocks cut texts in two: a split by block put one text's tokens on both sides, so validation measured seen text."""
+    store, fast = ActivationStore(tiny_block_store), ActivationStore(tiny_store)
+    assert np.array_equal(store.token_ids(0, store.n_tokens), fast.token_ids(0, fast.n_tokens))
+    run = TrainingRun(config_for(tiny_block_store, tmp_path, validation_fraction=0.1, seed=0))
+    split = run.train_source.split
+    training = split.token_mask(store, 0, store.n_tokens, validation=False)
+    validation = split.token_mask(store, 0, store.n_tokens, validation=True)
+    training_texts, validation_texts = texts_of_tokens(store, fast, training), texts_of_tokens(store, fast, validation)
+    assert training_texts and validation_texts and not training_texts & validation_texts
+    block_rows = store.block_rows()  # the same from the dataset rows extraction recorded per block
+    training_rows, validation_rows = (
+        {row for index in np.flatnonzero(side) for row in block_rows[index]} for side in (split.is_training, split.is_validation)
+    )
+    assert not training_rows & validation_rows
+    # The blocks a split by block held out still validate, and few others are lost to training.
+    chosen = ExampleSplit.by_example(store.n_examples, 0.1, 0).is_validation
+    assert split.is_validation[chosen].all()
+    left_out = ~split.is_validation & ~split.is_training
+    assert 0 < left_out.sum() <= 2 * chosen.sum()
+    assert split.record(0) == {
+        "seed": 0,
+        "examples": store.n_examples,
+        "held_out_examples": int(split.is_validation.sum()),
+        "held_out_texts": len(validation_texts),
+        "left_out_examples": int(left_out.sum()),
+    }
+    assert run.n_train_tokens == int((training & ~store.special_mask(0, store.n_tokens)).sum())
+
+
+def test_a_block_store_that_does_not_name_its_blocks_rows_is_refused_as_damaged(tiny_block_store, tmp_path):
+    copy = Path(shutil.copytree(tiny_block_store, tmp_path / "store"))
+    records = [json.loads(line) for line in (copy / "examples.jsonl").read_text().splitlines()]
+    (copy / "examples.jsonl").write_text("".join(json.dumps({"block": record["block"]}) + "\n" for record in records))
+    with pytest.raises(StoreError, match=r"examples\.jsonl does not name the dataset rows of every block\. Re-extract"):
+        TrainingRun(config_for(copy, tmp_path / "runs"))
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ class Corpus:
     lengths: np.ndarray  # (n,) tokens per example (per block with PACKING = block)
     content: np.ndarray  # (n,) of those, the ones that are not special/template tokens
     sample: list[np.ndarray]  # token ids of a few sequences of about the median length
+    block_rows: list[list[int]] | None = None  # per block, the dataset rows it holds (PACKING = block): the split keeps texts whole
 
     @property
     def n_tokens(self) -> int:

@@ -273,13 +273,13 @@ def fast_token_mse(per_example: list[float], d: int) -> dict[str, float | None]:
     return {"raw": raw, "log2": math.log2(raw) if raw > 0 else None}  # a perfect reconstruction has no log2 (JSON has no -inf)
 
 
-def validation_examples(n_examples: int, fraction: float, seed: int) -> list[int]:
-    """The held-out examples of a training run's split (by example, as training made it)."""
-    if fraction <= 0:
+def validation_examples(split: ExampleSplit) -> list[int]:
+    """The held-out examples of a training run's split (`ExampleSplit.of_store`, as training made it)."""
+    if not split.is_validation.any():
         raise UserError(
             "no validation examples: the split has VALIDATION_FRACTION = 0. Pass --validation-fraction 0.1 (examples the SAE may have seen count then)."
         )
-    return np.flatnonzero(ExampleSplit.by_example(n_examples, fraction, seed).is_validation).tolist()
+    return np.flatnonzero(split.is_validation).tolist()
 
 
 STORE_CHUNK_TOKENS = 4096  # held-out tokens encoded together in the store pass
@@ -478,7 +478,7 @@ class _Evaluand:
     @functools.cached_property
     def split(self) -> ExampleSplit:
         """The training run's split, drawn once: the core metrics record it and sparse probing reads it."""
-        return ExampleSplit.by_example(self.store.n_examples, self.fraction, self.seed)
+        return ExampleSplit.of_store(self.store, self.fraction, self.seed)
 
     @property
     def sae(self) -> SparseAutoencoder:
@@ -713,7 +713,7 @@ def evaluate_sae(config: EvalConfig) -> list[dict[str, Any]]:
             absorption.check(evaluand.trained)
     all_results = []
     for evaluand in evaluands:
-        examples = validation_examples(evaluand.store.n_examples, evaluand.fraction, evaluand.seed)
+        examples = validation_examples(evaluand.split)
         results = core_metrics(evaluand, examples, config, model_metrics) if "core" in config.evals else {"checkpoint": str(evaluand.path)}
         if "sparse_probing" in config.evals:
             results["sparse_probing"] = run_sparse_probing(
@@ -767,7 +767,7 @@ class EvaluateStage(Stage):
         training = facts.configs["train"]
         fraction = config.validation_fraction if config.validation_fraction >= 0 else training.validation_fraction
         seed = config.seed if config.seed >= 0 else training.seed
-        examples = validation_examples(len(corpus.lengths), fraction, seed) if fraction > 0 else []
+        examples = validation_examples(ExampleSplit.by_text(len(corpus.lengths), fraction, seed, corpus.block_rows)) if fraction > 0 else []
         parts = []
         if "core" in config.evals:
             parts.append(self._core_estimate(config, facts, examples, seed))

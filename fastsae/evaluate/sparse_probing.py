@@ -144,7 +144,7 @@ def probing_examples(
     names = np.array(labels, dtype=object)
     sides = []
     for examples, task_size in (
-        (np.flatnonzero(~split.is_validation), train_task_size),
+        (np.flatnonzero(split.is_training), train_task_size),
         (np.flatnonzero(split.is_validation), test_task_size),
     ):
         kept = []

@@ -130,7 +130,7 @@ def _evaluation(inputs: CardInputs) -> str:
         return "## Evaluation\n\nNot evaluated: run `python evaluate_sae.py --checkpoint <the .pt>`, then export again."
     evaluation = inputs.evaluation
     intro = (
-        f"From `evaluate_sae.py` on {evaluation['examples']} held-out examples (split from the training data by example). "
+        f"From `evaluate_sae.py` on {evaluation['examples']} held-out examples (split from the training data with no text on both sides). "
         "FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on raw activations. "
     )
     if evaluation.get("saebench_core"):

@@ -47,7 +47,8 @@ def corpus_from_dataset(tokenizer, dataset: Dataset, config: ExtractConfig) -> C
     packed = pack_sequences(tokenized, dataset, config.packing, config.block_size)
     lengths = np.array([len(sequence) for sequence in packed.sequences])
     content = np.array([int((~mask).sum()) for mask in packed.special_masks])
-    return Corpus(lengths, content, [packed.sequences[index] for index in _median_picks(lengths)])
+    block_rows = [record["rows"] for record in packed.records] if config.packing == "block" else None
+    return Corpus(lengths, content, [packed.sequences[index] for index in _median_picks(lengths)], block_rows)
 
 
 def corpus_from_store(store: ActivationStore) -> Corpus:
@@ -56,7 +57,7 @@ def corpus_from_store(store: ActivationStore) -> Corpus:
     lengths = np.diff(offsets)
     content = np.add.reduceat((~store.special_mask(0, store.n_tokens)).astype(np.int64), offsets[:-1])  # no example is empty
     sample = [store.token_ids(int(offsets[index]), int(offsets[index + 1])) for index in _median_picks(lengths)]
-    return Corpus(lengths, content, sample)
+    return Corpus(lengths, content, sample, store.block_rows())
 
 
 @dataclass

@@ -4,7 +4,7 @@ Layout of one store folder (`activations/<model>/<hook>/`):
 
     manifest.json          what, how and how much (a StoreManifest); `status` is "complete" when done
     doc_offsets.npy        (n_examples + 1,) int64: example i is tokens [off[i], off[i+1])
-    examples.jsonl         per example: source row of the dataset and its label, if any
+    examples.jsonl         per example: source row of the dataset and its label, if any (a block: the rows it holds)
     shard_00000/           one folder per shard, renamed from `.partial` when complete
         activations.npy    (n, d) float16 / float32, or bfloat16 bits stored as uint16
         token_ids.npy      (n,) int32
@@ -447,6 +447,16 @@ class ActivationStore:
         if len(records) != self.n_examples:  # cut short at a line's end: the labels of the last examples would be missing
             raise StoreError(f"{path} holds {len(records)} examples, the store {self.n_examples}: it is damaged. {REEXTRACT}")
         return records
+
+    def block_rows(self) -> list[list[int]] | None:
+        """Per block of a block store, the dataset rows (texts) it holds tokens of, as extraction recorded them; None for a
+        FAST store, whose every example is one text. The train/validation split keeps each text on one side with them."""
+        if self.manifest.packing != "block":
+            return None
+        records = self.example_records()
+        if not all(record.get("rows") for record in records):
+            raise StoreError(f"{self.folder / EXAMPLES} does not name the dataset rows of every block. {REEXTRACT}")
+        return [record["rows"] for record in records]
 
     def __repr__(self) -> str:
         return (

@@ -1,4 +1,4 @@
-"""Training batches from the activation store: split by example, special tokens out, shuffled through a mixing buffer.
+"""Training batches from the activation store: split by text (no text on both sides), special tokens out, shuffled through a mixing buffer.
 
 The store is read in large sequential chunks (in a shuffled chunk order each
 epoch), tokens of validation examples and — by default — special/template
@@ -32,9 +32,16 @@ GPU_STORE_READERS = 4  # threads copying store chunks into pinned memory while a
 
 @dataclass(frozen=True)
 class ExampleSplit:
-    """Which examples train and which validate; never the same text in both."""
+    """Which examples train and which validate; never the same text in both.
+
+    In a FAST store an example is one text, so splitting examples splits texts. A block store's blocks are cut from the
+    texts laid end to end, so a text can span two blocks: `by_text` holds out whole texts there, and leaves out (from
+    both sides) the few blocks that hold tokens of a held-out and a training text.
+    """
 
     is_validation: np.ndarray  # (n_examples,) bool
+    is_training: np.ndarray  # (n_examples,) bool: the rest, but for a block store's blocks that hold held-out and training text
+    held_out_texts: int | None = None  # for a split of a block store's blocks, how many texts it holds out
 
     @classmethod
     def by_example(cls, n_examples: int, validation_fraction: float, seed: int) -> ExampleSplit:
@@ -48,17 +55,52 @@ class ExampleSplit:
         chosen = np.random.default_rng(seed).permutation(n_examples)[:n_validation]
         is_validation = np.zeros(n_examples, dtype=bool)
         is_validation[chosen] = True
-        return cls(is_validation)
+        return cls(is_validation, ~is_validation)
+
+    @classmethod
+    def by_text(cls, n_examples: int, validation_fraction: float, seed: int, block_rows: list[list[int]] | None = None) -> ExampleSplit:
+        """The split training, evaluation and sparse probing use: no text has tokens on both sides.
+
+        A FAST store (`block_rows` None) is split `by_example`. A block store's `block_rows` name, per block, the dataset
+        rows (texts) it holds tokens of. The blocks `by_example` would hold out choose the held-out texts: every text
+        with a token in one of them. Validation is then every block that holds only held-out texts (those chosen, and any
+        other that lies inside a held-out text), training every block that holds none, and the blocks between, which
+        hold a held-out text's first or last tokens beside a training text's, are left out of both. Held-out texts come
+        in runs (a block's worth), so few blocks are left out: at most two per chosen block.
+        """
+        chosen = cls.by_example(n_examples, validation_fraction, seed)
+        if block_rows is None:
+            return chosen
+        rows = np.concatenate([np.asarray(block, dtype=np.int64) for block in block_rows])
+        first_row_of_block = np.cumsum([0] + [len(block) for block in block_rows[:-1]])
+        block_of_row = np.repeat(np.arange(n_examples), [len(block) for block in block_rows])
+        held_out_texts = np.unique(rows[chosen.is_validation[block_of_row]])
+        row_held_out = np.isin(rows, held_out_texts)
+        return cls(
+            np.logical_and.reduceat(row_held_out, first_row_of_block),
+            ~np.logical_or.reduceat(row_held_out, first_row_of_block),
+            len(held_out_texts),
+        )
+
+    @classmethod
+    def of_store(cls, store: ActivationStore, validation_fraction: float, seed: int) -> ExampleSplit:
+        """`by_text` of the store's examples."""
+        return cls.by_text(store.n_examples, validation_fraction, seed, store.block_rows())
 
     def record(self, seed: int) -> dict[str, int]:
-        """What identifies a `by_example` split in an output file: its held-out examples are the first `held_out_examples`
-        of a permutation of `examples` seeded with `seed`."""
-        return {"seed": seed, "examples": len(self.is_validation), "held_out_examples": int(self.is_validation.sum())}
+        """What identifies the split in an output file: `by_text` draws it again from the store, `seed` and the fraction.
+        A FAST store's held-out examples are the first `held_out_examples` of a permutation of `examples` seeded with
+        `seed`; a block store's split adds the texts it holds out, and how many blocks it leaves out of both sides."""
+        record = {"seed": seed, "examples": len(self.is_validation), "held_out_examples": int(self.is_validation.sum())}
+        if self.held_out_texts is None:
+            return record
+        left_out = int((~self.is_validation & ~self.is_training).sum())
+        return record | {"held_out_texts": self.held_out_texts, "left_out_examples": left_out}
 
     def token_mask(self, store: ActivationStore, start: int, stop: int, validation: bool) -> np.ndarray:
         """For tokens [start, stop): whether each belongs to the requested side of the split."""
         examples = np.searchsorted(store.doc_offsets, np.arange(start, stop), side="right") - 1
-        return self.is_validation[examples] == validation
+        return (self.is_validation if validation else self.is_training)[examples]
 
 
 class TokenSource:

@@ -105,7 +105,9 @@ class TrainConfig:
     gradient_clip: float = setting(1.0, "maximum gradient norm; 0: no clipping")
     epochs: float = setting(50.0, "passes over the training tokens (ignored when MAX_TOKENS is set)")
     max_tokens: int = setting(0, "training budget in tokens; 0: use EPOCHS")
-    validation_fraction: float = setting(DEFAULT_VALIDATION_FRACTION, "fraction of examples held out for validation (split by example)")
+    validation_fraction: float = setting(
+        DEFAULT_VALIDATION_FRACTION, "fraction of examples held out for validation (split by example; by text in a block store)"
+    )
     include_special_tokens: bool = setting(False, "also train on special/template tokens (BOS, chat markers)")
     input_bias_init: str = setting("median", "start the decoder bias at the data's median or mean, or at zero (as SAELens does)")
     eval_every: int = setting(50, "validate every N steps")
@@ -446,7 +448,7 @@ class TrainingRun:
                 f"BATCH_SIZE ({config.batch_size}) is the batch of all {self.ranks.world_size} ranks together and must divide evenly among them."
             )
         self.rank_batch_size = config.batch_size // self.ranks.world_size
-        split = ExampleSplit.by_example(self.store.n_examples, config.validation_fraction, config.seed)
+        split = ExampleSplit.of_store(self.store, config.validation_fraction, config.seed)
         self.train_source = TokenSource(
             self.store,
             split,
@@ -455,6 +457,13 @@ class TrainingRun:
             part=(self.ranks.rank, self.ranks.world_size),
         )
         validation_source = TokenSource(self.store, split, validation=True, include_special=config.include_special_tokens)
+        if split.held_out_texts is not None:
+            logger.info(
+                "Block store: %d blocks hold out %d texts for validation; %d blocks that hold a held-out and a training text are left out of both sides.",
+                int(split.is_validation.sum()),
+                split.held_out_texts,
+                int((~split.is_validation & ~split.is_training).sum()),
+            )
         self.n_train_tokens = self.train_source.count_tokens()
         rank_tokens = self._tokens_of_each_rank()
         self._check_two_batches(int(rank_tokens.min()), int(rank_tokens.argmin()))
@@ -918,7 +927,7 @@ class TrainStage(Stage):
         corpus, calibration = facts.corpus, facts.calibration
         if corpus is None or calibration is None:
             return Estimate()
-        in_training = ~ExampleSplit.by_example(len(corpus.lengths), config.validation_fraction, config.seed).is_validation
+        in_training = ExampleSplit.by_text(len(corpus.lengths), config.validation_fraction, config.seed, corpus.block_rows).is_training
         n_train_tokens = int((corpus.lengths if config.include_special_tokens else corpus.content)[in_training].sum())
         if n_train_tokens < 2 * config.batch_size:  # training refuses it, naming the store's size (a budget is beside the point)
             note = f"{n_train_tokens:,} training tokens, fewer than two batches of {config.batch_size}: training will refuse them"
