@@ -225,6 +225,27 @@ def tiny_block_store(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def checkpoint(tiny_store, tmp_path_factory) -> str:
+    """A Top-K SAE (M=64, K=4) trained on the tiny store: the SAE the interpret tests read."""
+    from fastsae.train.train_sae import TrainConfig, train_saes
+
+    config = TrainConfig(
+        store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("interpret-runs")), m=64, k=4, batch_size=256, epochs=10.0
+    )
+    return train_saes(config)[0]["checkpoint"]
+
+
+@pytest.fixture(scope="session")
+def dead_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    """That SAE with every encoder bias at -1e6: a real checkpoint none of whose features ever fires."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["state_dict"]["neuron_bias"][:] = -1e6
+    path = tmp_path_factory.mktemp("dead") / "SAE_M=64_K=4.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_model():
     """The real SmolLM2-135M-Instruct in float32 on the CPU, loaded once (tests must leave no hook on it)."""
     from fastsae.lm.models import load_model

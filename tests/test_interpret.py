@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import TEXTS, interpret_without_llm, make_tiny_llama, write_jsonl
 from fastsae.common.errors import UserError
@@ -15,16 +14,6 @@ from fastsae.extract.extract_activations import ExtractConfig, write_activation_
 from fastsae.interpret.features import FeatureStatistics
 from fastsae.interpret.interpret_sae import InterpretConfig, select_features
 from fastsae.lm.data import load_dataset
-from fastsae.train.train_sae import TrainConfig, train_saes
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_store, tmp_path_factory):
-    config = TrainConfig(
-        store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("interpret-runs")), m=64, k=4, batch_size=256, epochs=10.0
-    )
-    (result,) = train_saes(config)
-    return result["checkpoint"]
 
 
 def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_model_folder, tmp_path):
@@ -63,16 +52,6 @@ def test_interpretations_csv_has_one_row_per_chosen_feature(checkpoint, tiny_mod
     ]
     assert all((table[column] == "").all() for column in llm_columns)  # EXPLAIN off
     assert all(len(tokens.split(" | ")) == 8 for tokens in table["logit_lens_promoted"])
-
-
-@pytest.fixture(scope="module")
-def dead_checkpoint(checkpoint, tmp_path_factory):
-    """The trained SAE with every encoder bias at -1e6: a real checkpoint none of whose features ever fires."""
-    payload = torch.load(checkpoint, weights_only=True)
-    payload["state_dict"]["neuron_bias"][:] = -1e6
-    path = tmp_path_factory.mktemp("dead") / "SAE_M=64_K=4.pt"
-    torch.save(payload, path)
-    return path
 
 
 @pytest.mark.parametrize("features", ["frequency:5", "random:3", "label:2"])

@@ -10,7 +10,6 @@ import time
 
 import pandas as pd
 import pytest
-import torch
 
 from conftest import EXPLANATION, chat_server, classifier_prompt_content
 from fastsae.common.errors import UserError
@@ -18,7 +17,6 @@ from fastsae.interpret.explanations import parse_rubric, rubric_summary
 from fastsae.interpret.interpret_sae import InterpretConfig, estimate_llm_cost, interpret_sae
 from fastsae.interpret.llm import CachedChatClient
 from fastsae.interpret.scorers import balanced_accuracy, read_verdicts
-from fastsae.train.train_sae import TrainConfig, train_saes
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -27,12 +25,6 @@ HELLO = [{"role": "user", "content": "hello"}]
 def server(monkeypatch):
     with chat_server(monkeypatch) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_store, tmp_path_factory):
-    config = TrainConfig(store=str(tiny_store), output_dir=str(tmp_path_factory.mktemp("llm-runs")), m=64, k=4, batch_size=256, epochs=10.0)
-    return train_saes(config)[0]["checkpoint"]
 
 
 def config_for(checkpoint, model_folder, tmp_path, **overrides) -> InterpretConfig:
@@ -421,16 +413,6 @@ def test_a_thinking_models_reasoning_is_not_taken_for_its_explanation_or_rating(
     assert table["fast_rubric_rating"].tolist() == [5] and table["fast_rubric_name"].tolist() == ["modal would"]
     scoring = [request["messages"] for request in server.requests if "\n\nText examples:\n\n" in request["messages"][-1]["content"]]
     assert all(classifier_prompt_content(messages)[0] == "The modal verb would" for messages in scoring)
-
-
-@pytest.fixture(scope="module")
-def dead_checkpoint(checkpoint, tmp_path_factory):
-    """The trained SAE with every encoder bias at -1e6: a real checkpoint none of whose features ever fires."""
-    payload = torch.load(checkpoint, weights_only=True)
-    payload["state_dict"]["neuron_bias"][:] = -1e6
-    path = tmp_path_factory.mktemp("dead") / "SAE_M=64_K=4.pt"
-    torch.save(payload, path)
-    return path
 
 
 @pytest.mark.parametrize(
