@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +193,14 @@ def test_bad_adapters_and_module_types_get_clear_errors(base_model, smollm2_toke
         with pytest.raises(UserError, match=message):
             extract_lora(other, smollm2_tokenizer, tmp_path / "out", lora_adapter=str(adapter))
         assert not has_lora_layers(other)
+    # A config that does not match its weights (another rank): peft fails after putting its layers in, which come out again.
+    mismatched = shutil.copytree(only_attention, tmp_path / "mismatched")
+    config = json.loads((mismatched / "adapter_config.json").read_text())
+    (mismatched / "adapter_config.json").write_text(json.dumps({**config, "r": 2 * R}))
+    with pytest.raises(
+        UserError, match=r"peft could not attach the LoRA adapter at .*size mismatch.* adapter_config\.json is the one saved"
+    ):
+        extract_lora(base_model, smollm2_tokenizer, tmp_path / "out", lora_adapter=str(mismatched), lora_modules=["q_proj"])
     assert not has_lora_layers(base_model)
     assert not list((tmp_path / "out").rglob("manifest.json"))
 

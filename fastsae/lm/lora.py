@@ -230,9 +230,18 @@ def lora_capture(model: nn.Module, adapter_folder: str | Path, module_types: lis
 
     check_adapter_fits(model, adapter_folder)
     originals = dict(model.named_modules(remove_duplicate=False))
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; the notice is not the user's to act on
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(model, str(Path(adapter_folder).expanduser()), adapter_name=ADAPTER_NAME, is_trainable=False)
+    try:
+        with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; the notice is not the user's to act on
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(
+                model, str(Path(adapter_folder).expanduser()), adapter_name=ADAPTER_NAME, is_trainable=False
+            )
+    except (RuntimeError, ValueError) as error:  # peft puts its layers in before it loads their weights: take them out again
+        _restore_modules(model, originals)
+        raise UserError(
+            f"peft could not attach the LoRA adapter at {adapter_folder}: {str(error).strip().splitlines()[-1].strip()} "
+            "Check that its adapter_config.json is the one saved with its weights, and MODEL_NAME the model it was trained on."
+        ) from None
     try:
         peft_model.eval()  # LoRA dropout off: the hooked outputs are exactly x @ A.T
         capture = LoraBottleneckCapture(model, module_types, adapter_folder)
