@@ -172,6 +172,11 @@ def test_results_about_other_weights_are_refused(planted):
         retrained.sae.W_dec[0] += 1.0
     with pytest.raises(UserError, match=r"sparse_probing.json describes other weights than those in .* Rerun evaluate_sae.py on it"):
         read_probe_choices(retrained)
+    damaged = replace(retrained, results_folder=folder / "damaged")
+    damaged.results_folder.mkdir()
+    (damaged.results_folder / SPARSE_PROBING_FILE).write_text('{"tasks": {"alpha"')
+    with pytest.raises(UserError, match=r"sparse_probing.json is not readable JSON: rerun evaluate_sae.py"):
+        read_probe_choices(damaged)
 
 
 def test_a_label_on_one_side_only_is_dropped_logged_and_recorded(tmp_path, caplog):

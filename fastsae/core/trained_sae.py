@@ -98,7 +98,10 @@ class TrainedSAE:
         path = self.results_folder / name
         if not path.is_file():
             return None
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:  # the steps write it whole, so edited by hand or copied in part
+            raise UserError(f"{path} is not readable JSON: rerun evaluate_sae.py on {self.checkpoint}, or delete {path.name}.") from None
         written_for, ours = record.get(SAE_FINGERPRINT_KEY), self.sae.fingerprint()
         if written_for is not None and written_for != ours:
             raise UserError(
