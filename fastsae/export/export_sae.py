@@ -46,13 +46,13 @@ from fastsae.evaluate.evaluate_sae import DENSITY_PLOT_FILE, EVAL_FILE
 from fastsae.export.model_card import EXPORT_TAG, CardInputs, render_model_card
 from fastsae.export.neuronpedia import NEURONPEDIA_FOLDER, NeuronpediaSettings, check_model_id, check_set_name, write_neuronpedia
 from fastsae.interpret.interpret_sae import read_interpretations
-from fastsae.train.training_report import CURVES_FILE, METRICS_FILE
+from fastsae.train.training_report import CURVES_FILE, METRICS_FILE, SAELENS_EXPORT_FOLDER
 
 logger = logging.getLogger(__name__)
 
 # Written by the training step and evaluate_sae.py beside the checkpoint; copied when there.
 COMPANION_FILES = (EVAL_FILE, DENSITY_PLOT_FILE, METRICS_FILE, CURVES_FILE)
-TRAINING_SPARSITY = Path("saelens") / "sparsity.safetensors"  # the training step's export, from its validation tokens
+TRAINING_SPARSITY = Path(SAELENS_EXPORT_FOLDER) / "sparsity.safetensors"  # the training step's export, from its validation tokens
 
 
 @dataclass

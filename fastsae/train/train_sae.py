@@ -46,6 +46,7 @@ from fastsae.store.manifest import MANIFEST, StoreManifest
 from fastsae.train.training_report import (
     CURVES_FILE,
     METRICS_FILE,
+    SAELENS_EXPORT_FOLDER,
     comparison_table,
     plot_training_curves,
     read_final_metrics,
@@ -62,7 +63,6 @@ MAX_DEAD_AFTER_TOKENS = 10_000_000
 # a display setting, one left out of the resume key, change the SAE.
 DEAD_CHECK_EVERY = 20
 TRAINING_STATE = "training_state.pt"
-SAELENS_EXPORT_FOLDER = "saelens"  # beside each checkpoint, with EXPORT_SAELENS
 
 
 @dataclass

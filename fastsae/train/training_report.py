@@ -16,6 +16,7 @@ from fastsae.common.atomic_files import write_figure_atomically, write_json_atom
 
 METRICS_FILE = "metrics.json"  # beside each checkpoint: the training history and the final validation metrics
 CURVES_FILE = "training_curves.png"
+SAELENS_EXPORT_FOLDER = "saelens"  # beside each checkpoint, with EXPORT_SAELENS: the SAE in SAELens' layout
 CURVES = (("loss", "training loss"), ("fvu", "FVU"), ("l0", "L0 (active features per token)"), ("dead_fraction", "dead fraction"))
 
 
