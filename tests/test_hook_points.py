@@ -2,8 +2,9 @@
 
 Each family is a tiny random model built from its transformers config class, read through fastsae's own capture
 (`ResidualCapture`). fastsae extracts no resid_mid, so the defining identities are checked as: on a plain forward pass,
-resid_post(L) - resid_post(L - 1) = attn_out(L) + mlp_out(L); and with one of the two hooks' outputs zeroed (as evaluation
-zero-ablates a hook), the block adds exactly the other's, so each hook alone is its sublayer's whole share.
+resid_post(L) - resid_post(L - 1) = attn_out(L) + mlp_out(L); with one of the two hooks' outputs zeroed (as evaluation
+zero-ablates a hook), the block adds exactly the other's, so each hook alone is its sublayer's whole share; and what a
+replacement adds to a hook's activation (an SAE's error, a steering vector) the residual stream receives unchanged.
 
 Against TransformerLens: Llama, Gemma 2 and Gemma 3 (text), whose hook_attn_out and hook_mlp_out read after Gemma's
 post-norms. `saebench_reference.hooked_transformer_from_hf` builds them offline with TransformerLens' own settings and
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -26,10 +29,9 @@ from fastsae.lm.hook_points import (
     HOOK_POINTS,
     ResidualCapture,
     hook_name,
+    hook_site,
     hooked_module,
-    output_tensor,
     sublayer_reader,
-    with_output_tensor,
 )
 from saebench_reference import hooked_transformer_from_hf, max_logit_difference
 
@@ -43,13 +45,17 @@ ARCHITECTURES = {
     "gemma3_text": dict(FAMILY_SHAPES, query_pre_attn_scalar=16),
     "olmo2": FAMILY_SHAPES,
     "glm4": FAMILY_SHAPES,
-    "hyperclovax": FAMILY_SHAPES,
+    "hyperclovax": dict(FAMILY_SHAPES, residual_multiplier=0.5),  # its post-norms' outputs are scaled too
     "afmoe": dict(FAMILY_SHAPES, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
     "lfm3": dict(FAMILY_SHAPES, layer_types=["conv", "full_attention", "sliding_attention"]),
     # Sublayers that add the residual themselves.
     "bloom": dict(vocab_size=VOCAB, hidden_size=64, n_layer=3, n_head=4),
     # Parallel attention, whose output the block adds into the MLP's output in place.
     "falcon": dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4),
+    # Sublayer outputs scaled before the add (hook_points.RESIDUAL_MULTIPLIERS): Granite-3's residual_multiplier, and
+    # MiniCPM3's scale_depth / sqrt(num_hidden_layers) = 1.4 / sqrt(3), with its multi-head latent attention's shapes.
+    "granite": dict(FAMILY_SHAPES, residual_multiplier=0.22),
+    "minicpm3": dict(FAMILY_SHAPES, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8),
 }
 LAYERS = [1, 2]  # layer 1 is not the deepest read, so the forward pass goes on past it
 TOKENS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -63,6 +69,15 @@ def tiny_model(model_type: str) -> torch.nn.Module:
 
 def capture(model: torch.nn.Module, layers: list[int], hook_point: str) -> dict[int, torch.Tensor]:
     return ResidualCapture(model, layers, hook_point)(TOKENS, torch.ones_like(TOKENS))
+
+
+@contextmanager
+def replaced(model: torch.nn.Module, layer: int, hook_point: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    handle = hook_site(model, layer, hook_point).replace(change)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -82,17 +97,25 @@ def test_attn_out_and_mlp_out_sum_to_what_the_block_adds(model_type):
 @pytest.mark.parametrize(("zeroed", "kept"), [("attn_out", "mlp_out"), ("mlp_out", "attn_out")])
 def test_with_one_hook_zeroed_the_block_adds_exactly_the_other(model_type, zeroed, kept):
     model, layer = tiny_model(model_type), LAYERS[0]
-
-    def zero(module, inputs, output):
-        return with_output_tensor(output, torch.zeros_like(output_tensor(output)))
-
-    handle = hooked_module(model, layer, zeroed).register_forward_hook(zero)
-    try:
+    with replaced(model, layer, zeroed, torch.zeros_like):
         resid = capture(model, [layer - 1, layer], "resid_post")
         kept_output = capture(model, [layer], kept)[layer]
-    finally:
-        handle.remove()
     assert relative_error(kept_output, resid[layer] - resid[layer - 1]) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize(("changed", "zeroed"), [("attn_out", "mlp_out"), ("mlp_out", "attn_out")])
+def test_what_a_replacement_adds_to_a_hook_the_residual_stream_receives(model_type, changed, zeroed):
+    """Evaluation's spliced reconstruction and steering change the model as they mean to: a block that scales its
+    sublayer's output (Granite) must not scale what they add, since the activation they change is already scaled.
+    The other sublayer is zeroed, so that it adds nothing that depends on the change (an MLP reading the attention's)."""
+    model, layer = tiny_model(model_type), LAYERS[0]
+    delta = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with replaced(model, layer, zeroed, torch.zeros_like):
+        clean = capture(model, [layer], "resid_post")[layer]
+        with replaced(model, layer, changed, lambda hidden: hidden + delta):
+            moved = capture(model, [layer], "resid_post")[layer]
+    assert relative_error(moved - clean, delta.expand_as(clean)) < 1e-5
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "gemma3_text"])
@@ -119,6 +142,7 @@ def test_where_a_hook_reads_after_its_sublayer_it_names_the_module():
     assert sublayer_reader(tiny_model("llama"), 1, "mlp_out") is None and sublayer_reader(tiny_model("gpt2"), 1, "attn_out") is None
     assert sublayer_reader(tiny_model("gemma2"), 1, "mlp_out") == "post_feedforward_layernorm"
     assert sublayer_reader(tiny_model("bloom"), 1, "attn_out") == "self_attention.dense"
+    assert sublayer_reader(tiny_model("granite"), 1, "mlp_out") == "mlp (times its residual multiplier 0.22)"
 
 
 def test_a_block_without_attention_has_no_attn_out():
