@@ -28,6 +28,7 @@ from fastsae.common.errors import UserError
 from fastsae.lm.hook_points import (
     HOOK_POINTS,
     ResidualCapture,
+    decoder_layers,
     hook_name,
     hook_site,
     hooked_module,
@@ -52,6 +53,8 @@ ARCHITECTURES = {
     "bloom": dict(vocab_size=VOCAB, hidden_size=64, n_layer=3, n_head=4),
     # Parallel attention, whose output the block adds into the MLP's output in place.
     "falcon": dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4),
+    # An MLP that adds the residual itself, and an attention that does not.
+    "mpt": dict(vocab_size=VOCAB, d_model=64, n_layers=3, n_heads=4),
     # Sublayer outputs scaled before the add (hook_points.RESIDUAL_MULTIPLIERS): Granite-3's residual_multiplier, and
     # MiniCPM3's scale_depth / sqrt(num_hidden_layers) = 1.4 / sqrt(3), with its multi-head latent attention's shapes.
     "granite": dict(FAMILY_SHAPES, residual_multiplier=0.22),
@@ -142,6 +145,7 @@ def test_where_a_hook_reads_after_its_sublayer_it_names_the_module():
     assert sublayer_reader(tiny_model("llama"), 1, "mlp_out") is None and sublayer_reader(tiny_model("gpt2"), 1, "attn_out") is None
     assert sublayer_reader(tiny_model("gemma2"), 1, "mlp_out") == "post_feedforward_layernorm"
     assert sublayer_reader(tiny_model("bloom"), 1, "attn_out") == "self_attention.dense"
+    assert sublayer_reader(tiny_model("mpt"), 1, "mlp_out") == "ffn.down_proj" and sublayer_reader(tiny_model("mpt"), 1, "attn_out") is None
     assert sublayer_reader(tiny_model("granite"), 1, "mlp_out") == "mlp (times its residual multiplier 0.22)"
 
 
@@ -155,20 +159,49 @@ def test_a_block_without_attention_has_no_attn_out():
         hooked_module(llama, 1, "attn_out")
 
 
-@pytest.mark.parametrize("hook_point", ["attn_out", "mlp_out"])
-def test_post_ln_blocks_are_refused_sublayer_hooks(hook_point):
-    """OPT-350m normalises the residual stream after each add, so its attention's output is not what the block adds."""
+OPT_SHAPES = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4)
+
+
+def test_pre_ln_opt_has_attn_out_and_refuses_mlp_out():
+    """OPT's MLP is its bare fc1/fc2: fc2 outputs the MLP's share, but on (B·T, d) rows, so no module outputs a
+    (B, T, d) mlp_out and it is refused with resid_post named; its attention is a sublayer like Llama's."""
     torch.manual_seed(0)
-    shapes = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4)
-    pre_ln = AutoModelForCausalLM.from_config(AutoConfig.for_model("opt", **shapes)).eval()
-    fc2 = {}  # OPT's MLP is its bare fc1/fc2, on (B·T, d) rows
-    handle = pre_ln.model.decoder.layers[1].fc2.register_forward_hook(lambda module, inputs, output: fc2.setdefault(1, output))
+    pre_ln = AutoModelForCausalLM.from_config(AutoConfig.for_model("opt", **OPT_SHAPES)).eval()
+    fc2 = {}
+    handle = pre_ln.model.decoder.layers[1].fc2.register_forward_hook(lambda module, inputs, output: fc2.update({1: output}))
     try:
         added = capture(pre_ln, [0, 1], "resid_post")
     finally:
         handle.remove()
-    attn_out = capture(pre_ln, [1], "attn_out")[1]  # pre-LN OPT keeps attn_out: with fc2's output it is what the block adds
+    attn_out = capture(pre_ln, [1], "attn_out")[1]
     assert relative_error(attn_out + fc2[1].reshape(attn_out.shape), added[1] - added[0]) < 1e-5
-    post_ln = AutoModelForCausalLM.from_config(AutoConfig.for_model("opt", **shapes, do_layer_norm_before=False)).eval()
+    with pytest.raises(UserError, match="^block 1 of OPTForCausalLM has no mlp_out submodule; use HOOK_POINT = 'resid_post'.$"):
+        capture(pre_ln, [1], "mlp_out")
+
+
+@pytest.mark.parametrize("hook_point", ["attn_out", "mlp_out"])
+def test_post_ln_blocks_are_refused_sublayer_hooks(hook_point):
+    """OPT-350m normalises the residual stream after each add, so its attention's output is not what the block adds."""
+    torch.manual_seed(0)
+    post_ln = AutoModelForCausalLM.from_config(AutoConfig.for_model("opt", **OPT_SHAPES, do_layer_norm_before=False)).eval()
     with pytest.raises(UserError, match=f"OPTForCausalLM normalises its residual stream .* no module outputs what its {hook_point} adds"):
         hooked_module(post_ln, 1, hook_point)
+
+
+def test_dbrx_mlp_out_is_what_its_ffn_adds():
+    """DBRX's MLP is `ffn`, added to the residual stream that its attention sublayer (norm_attn_norm) returns."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "dbrx", vocab_size=VOCAB, d_model=64, n_layers=3, n_heads=4,
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0), ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2),
+    )  # fmt: skip
+    dbrx = AutoModelForCausalLM.from_config(config).eval()
+    after_attention = {}
+    handle = decoder_layers(dbrx)[1].norm_attn_norm.register_forward_hook(
+        lambda module, inputs, output: after_attention.update({1: output[0]})  # (residual stream, its normed copy)
+    )
+    try:
+        added = capture(dbrx, [1], "resid_post")[1]
+    finally:
+        handle.remove()
+    assert relative_error(capture(dbrx, [1], "mlp_out")[1], added - after_attention[1]) < 1e-5

@@ -26,7 +26,7 @@ from fastsae.common.errors import UserError
 
 HOOK_POINTS = ("resid_post", "mlp_out", "attn_out")
 # The block's sublayer behind each hook point other than resid_post (the block itself), by the names models use.
-HOOK_SUBMODULES = {"mlp_out": ("mlp", "feed_forward"), "attn_out": ("self_attn", "attention", "attn", "self_attention")}
+HOOK_SUBMODULES = {"mlp_out": ("mlp", "feed_forward", "ffn"), "attn_out": ("self_attn", "attention", "attn", "self_attention")}
 # mlp_out and attn_out read what the block adds to its residual stream, as TransformerLens' hook_mlp_out and
 # hook_attn_out do: the sublayer's own output, except in the blocks below, where other modules output it. Each entry
 # names those modules by their paths under the block; a block that has both modules of an entry uses it, first entry first.
@@ -41,6 +41,7 @@ RESIDUAL_WRITERS = (
     # BLOOM's sublayers return the residual stream with their share added, which their output projections write.
     # (Falcon's sublayers have the same paths and return what these projections write.)
     {"attn_out": "self_attention.dense", "mlp_out": "mlp.dense_4h_to_h"},
+    {"attn_out": "attn", "mlp_out": "ffn.down_proj"},  # MPT's MLP, likewise; its attention returns its share
 )
 # Block attributes holding the constant by which some blocks multiply each sublayer's output before adding it to the
 # residual stream: residual_multiplier (Granite, GraniteMoe and its variants, HyperCLOVA X), residual_scale (MiniCPM3's
