@@ -134,6 +134,17 @@ def test_every_hook_equals_transformer_lens(model_type):
             assert relative_error(ours[layer], cache[hook_name(layer, hook_point)]) < 1e-5, (hook_point, layer)
 
 
+def test_a_store_read_after_a_residual_multiplier_records_it():
+    """A Granite mlp_out store extracted before the multiplier was applied holds other activations: it must not resume."""
+    assert ResidualCapture(tiny_model("granite"), [1], "mlp_out").targets[1].identity == {
+        "hook_point": "mlp_out",
+        "layer": 1,
+        "residual_multiplier": 0.22,
+    }
+    assert ResidualCapture(tiny_model("granite"), [1], "resid_post").targets[1].identity == {"hook_point": "resid_post", "layer": 1}
+    assert "residual_multiplier" not in ResidualCapture(tiny_model("llama"), [1], "mlp_out").targets[1].identity
+
+
 def test_llama_hooks_read_its_sublayers_themselves():
     model = tiny_model("llama")
     assert hooked_module(model, 1, "attn_out") is model.model.layers[1].self_attn

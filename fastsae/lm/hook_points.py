@@ -223,12 +223,12 @@ class ResidualCapture:
         self.model, self.layers = model, layers
         self.sites = {layer: hook_site(model, layer, hook_point) for layer in layers}
         self.d = model.config.hidden_size
-        self.targets = {
-            layer: HookTarget(
-                hook_name(layer, hook_point), {"hook_point": hook_point, "layer": layer}, {"hook_point": hook_point, "layer": layer}
-            )
-            for layer in layers
-        }
+        self.targets = {}
+        for layer, site in self.sites.items():
+            point = {"hook_point": hook_point, "layer": layer}
+            # A multiplier joins the identity, so a store read before it was applied is not resumed or reused as this one.
+            scaled = {"residual_multiplier": site.multiplier} if site.multiplier != 1 else {}
+            self.targets[layer] = HookTarget(hook_name(layer, hook_point), point, {**point, **scaled})
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
