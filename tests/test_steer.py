@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import hypothesaes_module, save_tiny_llama_with_blocks, write_jsonl
+from conftest import FAMILY_SHAPES, hypothesaes_module, save_tiny_llama_with_blocks, write_jsonl
 from fastsae.common.config import run_step
 from fastsae.common.errors import UserError
 from fastsae.core.checkpoint import load_sae
+from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
 from fastsae.lm.data import Example, load_dataset
-from fastsae.lm.hook_points import ResidualCapture, hooked_module
+from fastsae.lm.hook_points import ResidualCapture, hook_site
 from fastsae.lm.models import EMBEDDED_MODEL
 from fastsae.lm.tokenization import prompt_token_ids
 from fastsae.tools.steer_model import FeatureSteering, SteerConfig, generate, prompt_examples, steer_model, steering
@@ -68,24 +70,24 @@ def smollm2_checkpoint(smollm2, smollm2_tokenizer, tmp_path_factory) -> Path:
 
 def test_alpha_zero_is_the_unhooked_model_a_large_alpha_changes_it_and_the_hook_goes_away(smollm2, smollm2_tokenizer, smollm2_checkpoint):
     sae = load_sae(smollm2_checkpoint).sae
-    module = hooked_module(smollm2, SMOLLM2_LAYER, "resid_post")
-    hooks_before = dict(module._forward_hooks)  # transformers may keep its own output-capturing hooks there
+    site = hook_site(smollm2, SMOLLM2_LAYER, "resid_post")
+    hooks_before = dict(site.module._forward_hooks)  # transformers may keep its own output-capturing hooks there
     ids = prompt_token_ids(smollm2_tokenizer, PROMPT, use_chat_template=True)
     input_ids = torch.tensor([ids])
     with torch.no_grad():
         clean_logits = smollm2(input_ids).logits
     clean = generate(smollm2, ids, 1, 6, 0.0, 0, smollm2_tokenizer.pad_token_id)
     hook = FeatureSteering(sae, [most_frequent_feature(smollm2_checkpoint)], "add", [0.0, 100.0])
-    with steering(module, hook):
+    with steering(site, hook):
         steered = generate(smollm2, ids, 2, 6, 0.0, 0, smollm2_tokenizer.pad_token_id)
     assert torch.equal(steered[0], clean[0])  # token for token
     assert not torch.equal(steered[1], clean[0])
     with torch.no_grad():
         assert torch.equal(smollm2(input_ids).logits, clean_logits)
     with pytest.raises(RuntimeError, match="in the middle"):
-        with steering(module, FeatureSteering(sae, [0], "add", [100.0])):
+        with steering(site, FeatureSteering(sae, [0], "add", [100.0])):
             raise RuntimeError("in the middle")
-    assert dict(module._forward_hooks) == hooks_before
+    assert dict(site.module._forward_hooks) == hooks_before
     with torch.no_grad():
         assert torch.equal(smollm2(input_ids).logits, clean_logits)
 
@@ -98,8 +100,8 @@ def captured_at_hook(model, ids: list[int]) -> torch.Tensor:
 
 def test_add_clamp_and_ablate_move_the_activation_as_they_say(tiny_llama, smollm2_tokenizer, tiny_checkpoint):
     sae = load_sae(tiny_checkpoint).sae
-    module = hooked_module(tiny_llama, TINY_LAYER, "resid_post")
-    hooks_before = dict(module._forward_hooks)  # transformers may keep its own output-capturing hooks there
+    site = hook_site(tiny_llama, TINY_LAYER, "resid_post")
+    hooks_before = dict(site.module._forward_hooks)  # transformers may keep its own output-capturing hooks there
     ids = prompt_token_ids(
         smollm2_tokenizer,
         Example(row=0, source="test", text="Looking back, I should have checked the numbers twice."),
@@ -113,12 +115,12 @@ def test_add_clamp_and_ablate_move_the_activation_as_they_say(tiny_llama, smollm
     direction = sae.W_dec.detach()[feature]
     assert (before > 0).sum() >= 3  # the feature fires on this prompt, so ablating it means something
 
-    with steering(module, FeatureSteering(sae, [feature], "add", [7.0])):
+    with steering(site, FeatureSteering(sae, [feature], "add", [7.0])):
         added = captured_at_hook(tiny_llama, ids)
     torch.testing.assert_close((added - clean).norm(dim=1), torch.full((len(ids),), 7.0), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(added - clean, 7.0 * direction / direction.norm() * torch.ones(len(ids), 1), rtol=1e-4, atol=1e-4)
 
-    with steering(module, FeatureSteering(sae, [feature], "ablate", [1.0])):
+    with steering(site, FeatureSteering(sae, [feature], "ablate", [1.0])):
         ablated = captured_at_hook(tiny_llama, ids)
     torch.testing.assert_close(ablated - clean, -before[:, None] * direction, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
@@ -126,7 +128,7 @@ def test_add_clamp_and_ablate_move_the_activation_as_they_say(tiny_llama, smollm
     assert float(after.abs().max()) < 0.1 * float(before.max())  # the SAE no longer sees the feature
 
     clamp_value = 3.0 * float(before.max())
-    with steering(module, FeatureSteering(sae, [feature], "clamp", [1.0], clamp_value)):
+    with steering(site, FeatureSteering(sae, [feature], "clamp", [1.0], clamp_value)):
         clamped = captured_at_hook(tiny_llama, ids)
     torch.testing.assert_close(clamped - clean, (clamp_value - before)[:, None] * direction, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
@@ -135,7 +137,25 @@ def test_add_clamp_and_ablate_move_the_activation_as_they_say(tiny_llama, smollm
     # inverse, it lands near the clamp value.
     relative_error = (reads - clamp_value).abs() / clamp_value
     assert float(relative_error.median()) < 0.1 and float(relative_error.max()) < 0.35
-    assert dict(module._forward_hooks) == hooks_before
+    assert dict(site.module._forward_hooks) == hooks_before
+
+
+def test_steering_a_sublayer_the_block_scales_moves_the_residual_stream_by_alpha():
+    """Granite adds 0.22 × its MLP's output: its mlp_out (what the SAE reads) is that product, so α is a distance in
+    the residual stream there too, not 0.22·α."""
+    torch.manual_seed(0)
+    granite = AutoModelForCausalLM.from_config(AutoConfig.for_model("granite", **FAMILY_SHAPES, residual_multiplier=0.22)).eval()
+    sae = SparseAutoencoder(SAESpec("topk", FAMILY_SHAPES["hidden_size"], 128, 8)).eval()
+    direction = sae.W_dec.detach()[3]
+    input_ids = torch.randint(3, FAMILY_SHAPES["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(0))
+
+    def block_output() -> torch.Tensor:
+        return ResidualCapture(granite, [1], "resid_post")(input_ids, torch.ones_like(input_ids))[1][0]
+
+    clean = block_output()
+    with steering(hook_site(granite, 1, "mlp_out"), FeatureSteering(sae, [3], "add", [5.0])):
+        steered = block_output()
+    torch.testing.assert_close(steered - clean, 5.0 * direction / direction.norm() * torch.ones(10, 1), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_features_and_hooks_the_model_lacks_are_clear_errors(tiny_checkpoint, tiny_model_folder, smollm2_tokenizer, tmp_path):

@@ -1,16 +1,20 @@
-"""Chat-template rendering as in fine-tuning, with template tokens marked, on SmolLM2's real tokenizer."""
+"""Chat-template rendering as in fine-tuning, with template tokens marked, on SmolLM2's real tokenizer; each token's
+text on a SentencePiece tokenizer."""
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaTokenizer
 
 from fastsae.common.errors import UserError
 from fastsae.lm.data import Example
-from fastsae.lm.tokenization import example_label, prompt_token_ids, tokenize_example, tokenize_examples
+from fastsae.lm.tokenization import example_label, prompt_token_ids, token_texts, tokenize_example, tokenize_examples
 
 
 def content_text(tokenizer, tokenized) -> str:
@@ -150,3 +154,28 @@ def test_a_prompt_whose_last_turn_is_the_assistants_is_continued(smollm2_tokeniz
     assert text.endswith("<|im_start|>assistant\nFirst, coffee. Then") and text.count("<|im_start|>assistant") == 1
     answered = prompt_token_ids(smollm2_tokenizer, Example(row=0, source="test", messages=chat[:1]), use_chat_template=True)
     assert smollm2_tokenizer.decode(answered).endswith("<|im_start|>assistant\n")  # a user's last turn gets the opening
+
+
+def sentencepiece_tokenizer() -> LlamaTokenizer:
+    """A Llama 2-style tokenizer ("▁"-marked words, BPE, byte fallback, a decoder that strips the first space),
+    trained here on a few sentences."""
+    trained = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256))]
+    sentences = ["Hello world, hello there.", "The world says hello to the sea.", "Hello again, world!"]
+    trained.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    model = json.loads(trained.to_str())["model"]
+    return LlamaTokenizer(vocab=model["vocab"], merges=[tuple(merge) for merge in model["merges"]])
+
+
+def test_a_sentencepiece_token_shows_its_leading_space_wherever_it_stands():
+    """Llama 2's decoder strips the space of a sequence's first "▁" token, so "▁Hello" read "Hello" at the start of an
+    example or a window, and " Hello" anywhere else."""
+    tokenizer = sentencepiece_tokenizer()
+    ids = tokenizer("Hello world 日本 Hello", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[0] == "▁Hello" and tokenizer.decode(ids).startswith("Hello")
+    texts = token_texts(tokenizer, ids)
+    assert texts[0] == texts[-1] == " Hello"
+    assert token_texts(tokenizer, ids[1:])[0] == texts[1] == " world"  # a window that starts mid-example
+    assert "".join(texts) == " " + tokenizer.decode(ids) and len(texts) == len(ids)
+    assert "日" in texts and "本" in texts  # each character whole, on the last of its byte-fallback tokens

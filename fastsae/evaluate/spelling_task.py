@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastsae.lm.tokenization import with_sentencepiece_space
+
 LETTERS = string.ascii_lowercase
 EXAMPLE_SEPARATOR = "\n"  # between in-context lines, and before the first (SAEBench's prepend_separator_to_first_example)
 
@@ -56,11 +58,8 @@ class SpellingPrompt:
 
 
 def token_text(tokenizer, token: str) -> str:
-    """A vocabulary entry as text; a SentencePiece "▁" keeps its space (SAEBench's fix for Mistral's tokenizer)."""
-    text = tokenizer.convert_tokens_to_string([token])
-    if token.startswith("▁") and not text.startswith(" "):
-        text = " " + text
-    return text
+    """A vocabulary entry as text; a SentencePiece "▁" keeps its space."""
+    return with_sentencepiece_space(token, tokenizer.convert_tokens_to_string([token]))
 
 
 def is_alpha_word(text: str) -> bool:

@@ -6,24 +6,27 @@ block L is `hidden_states[L + 1]` (entry 0 is the embeddings). `mlp_out` and
 `attn_out` at layer L are what block L's MLP and attention add to that residual
 stream, as in TransformerLens (after the post-norms of Gemma 2 and 3, OLMo 2, ...),
 so in a plain residual block resid_post(L) = resid_post(L - 1) + attn_out(L) + mlp_out(L).
-`ResidualCapture` reads several layers in one forward pass, which
+Blocks that scale a sublayer's output before the add (Granite's `residual_multiplier`) are read after the
+scaling, so the identity holds for them too: a `HookSite` is a module's output times that constant, and every
+reader and replacer goes through it. `ResidualCapture` reads several layers in one forward pass, which
 `forward_until` cuts short after the last module needed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from fastsae.common.errors import UserError
 
 HOOK_POINTS = ("resid_post", "mlp_out", "attn_out")
 # The block's sublayer behind each hook point other than resid_post (the block itself), by the names models use.
-HOOK_SUBMODULES = {"mlp_out": ("mlp", "feed_forward"), "attn_out": ("self_attn", "attention", "attn", "self_attention")}
+HOOK_SUBMODULES = {"mlp_out": ("mlp", "feed_forward", "ffn"), "attn_out": ("self_attn", "attention", "attn", "self_attention")}
 # mlp_out and attn_out read what the block adds to its residual stream, as TransformerLens' hook_mlp_out and
 # hook_attn_out do: the sublayer's own output, except in the blocks below, where other modules output it. Each entry
 # names those modules by their paths under the block; a block that has both modules of an entry uses it, first entry first.
@@ -38,7 +41,12 @@ RESIDUAL_WRITERS = (
     # BLOOM's sublayers return the residual stream with their share added, which their output projections write.
     # (Falcon's sublayers have the same paths and return what these projections write.)
     {"attn_out": "self_attention.dense", "mlp_out": "mlp.dense_4h_to_h"},
+    {"attn_out": "attn", "mlp_out": "ffn.down_proj"},  # MPT's MLP, likewise; its attention returns its share
 )
+# Block attributes holding the constant by which some blocks multiply each sublayer's output before adding it to the
+# residual stream: residual_multiplier (Granite, GraniteMoe and its variants, HyperCLOVA X), residual_scale (MiniCPM3's
+# scale_depth / sqrt(num_hidden_layers)). mlp_out and attn_out read the product, the add's operand.
+RESIDUAL_MULTIPLIERS = ("residual_multiplier", "residual_scale")
 
 
 def hook_name(layer: int, hook_point: str) -> str:
@@ -89,12 +97,25 @@ def hooked_module(model: nn.Module, layer: int, hook_point: str) -> nn.Module:
 
 def sublayer_reader(model: nn.Module, layer: int, hook_point: str) -> str | None:
     """None where `hook_point` at `layer` reads its sublayer's own output (as sparsify's `layers.L.mlp` and SAELens'
-    hooks on plain blocks do); else the path, under the block, of the module it reads after it (a post-norm, ...)."""
+    hooks on plain blocks do); else what it reads instead: the path, under the block, of the module it reads after it
+    (a post-norm, ...), and the block's residual multiplier where it scales that module's output."""
     block = decoder_layers(model)[layer]
-    module = hooked_module(model, layer, hook_point)
-    if any(_submodule(block, name) is module for name in HOOK_SUBMODULES[hook_point]):
+    site = hook_site(model, layer, hook_point)
+    path = next(path for path, candidate in block.named_modules() if candidate is site.module)
+    if site.multiplier != 1:
+        return f"{path} (times its residual multiplier {site.multiplier:g})"
+    if any(_submodule(block, name) is site.module for name in HOOK_SUBMODULES[hook_point]):
         return None
-    return next(path for path, candidate in block.named_modules() if candidate is module)
+    return path
+
+
+def residual_multiplier(block: nn.Module) -> float:
+    """The constant `block` multiplies each sublayer's output by before adding it (see RESIDUAL_MULTIPLIERS); 1 if none."""
+    for name in RESIDUAL_MULTIPLIERS:
+        value = getattr(block, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 1.0
 
 
 def _submodule(block: nn.Module, path: str) -> nn.Module | None:
@@ -147,6 +168,41 @@ def with_output_tensor(output, hidden: torch.Tensor):
 
 
 @dataclass(frozen=True)
+class HookSite:
+    """Where the activation at one (layer, hook point) is: `module`'s output times `multiplier`, the constant the block
+    scales that output by before adding it to its residual stream (1 but in blocks with a residual multiplier).
+
+    Reading and replacing both go through here, so what a replacement puts in place of an activation is what the
+    residual stream then receives, as the activation itself was.
+    """
+
+    module: nn.Module
+    multiplier: float = 1.0
+
+    def read(self, output) -> torch.Tensor:
+        """The activation in `module`'s forward `output`, as a new tensor: some blocks add into a sublayer's output in
+        place once it is returned (Falcon's parallel MLP)."""
+        hidden = output_tensor(output)
+        return hidden * self.multiplier if self.multiplier != 1 else hidden.clone()
+
+    def replace(self, change: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:
+        """Hook `module` so that each forward's activation h becomes `change(h)`; remove the handle to stop."""
+
+        def hook(module, inputs, output):
+            return with_output_tensor(output, change(self.read(output)) / self.multiplier)
+
+        return self.module.register_forward_hook(hook)
+
+
+def hook_site(model: nn.Module, layer: int, hook_point: str) -> HookSite:
+    """The `HookSite` of (`layer`, `hook_point`): `hooked_module`'s output, scaled as the block scales it."""
+    module = hooked_module(model, layer, hook_point)
+    if hook_point == "resid_post":
+        return HookSite(module)
+    return HookSite(module, residual_multiplier(decoder_layers(model)[layer]))
+
+
+@dataclass(frozen=True)
 class HookTarget:
     """One place a capture reads, which becomes one store.
 
@@ -160,19 +216,19 @@ class HookTarget:
 
 
 class ResidualCapture:
-    """The hooked module's output at each requested layer, from one forward pass cut short after the deepest."""
+    """The activation (see `HookSite`) at each requested layer, from one forward pass cut short after the deepest."""
 
     def __init__(self, model: nn.Module, layers: list[int], hook_point: str) -> None:
         check_layers(model, layers)
         self.model, self.layers = model, layers
-        self.modules = {layer: hooked_module(model, layer, hook_point) for layer in layers}
+        self.sites = {layer: hook_site(model, layer, hook_point) for layer in layers}
         self.d = model.config.hidden_size
-        self.targets = {
-            layer: HookTarget(
-                hook_name(layer, hook_point), {"hook_point": hook_point, "layer": layer}, {"hook_point": hook_point, "layer": layer}
-            )
-            for layer in layers
-        }
+        self.targets = {}
+        for layer, site in self.sites.items():
+            point = {"hook_point": hook_point, "layer": layer}
+            # A multiplier joins the identity, so a store read before it was applied is not resumed or reused as this one.
+            scaled = {"residual_multiplier": site.multiplier} if site.multiplier != 1 else {}
+            self.targets[layer] = HookTarget(hook_name(layer, hook_point), point, {**point, **scaled})
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
@@ -180,16 +236,15 @@ class ResidualCapture:
         """(B, T, d) activations per layer."""
         captured: dict[Hashable, torch.Tensor] = {}
 
-        def make_hook(layer: int):
+        def make_hook(site: HookSite, layer: int):
             def hook(module, inputs, output) -> None:
-                # A copy: some blocks add into a sublayer's output in place once it is returned (Falcon's parallel MLP).
-                captured[layer] = output_tensor(output).clone()
+                captured[layer] = site.read(output)
 
             return hook
 
-        handles = [module.register_forward_hook(make_hook(layer)) for layer, module in self.modules.items()]
+        handles = [site.module.register_forward_hook(make_hook(site, layer)) for layer, site in self.sites.items()]
         try:
-            forward_until(self.model, input_ids, attention_mask, self.modules[max(self.layers)], position_ids)
+            forward_until(self.model, input_ids, attention_mask, self.sites[max(self.layers)].module, position_ids)
         finally:
             for handle in handles:
                 handle.remove()

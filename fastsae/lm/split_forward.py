@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fastsae.common.errors import UserError
-from fastsae.lm.hook_points import decoder_layers, hooked_module, output_tensor, with_output_tensor
+from fastsae.lm.hook_points import decoder_layers, hook_site
 
 # Replaces the hook's output (B, T, d) given it and the (B, T) positions to change.
 Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,7 +68,7 @@ class SplitModel:
     def __init__(self, model: nn.Module, layer: int, hook_point: str) -> None:
         self.model, self.layer = model, layer
         self.blocks = decoder_layers(model)
-        self.module = hooked_module(model, layer, hook_point)
+        self.site = hook_site(model, layer, hook_point)
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -134,10 +134,7 @@ class SplitModel:
     def variant(self, batch: ModelBatch, block_input: torch.Tensor, replace: Replacement, positions: torch.Tensor) -> torch.Tensor:
         """The LM head's input when `replace` changes the hook's output at `positions`; the earlier blocks are not run."""
 
-        def hook(module, args, output):
-            return with_output_tensor(output, replace(output_tensor(output), positions))
-
-        handle = self.module.register_forward_hook(hook)
+        handle = self.site.replace(lambda hidden: replace(hidden, positions))
         try:
             with self._entering_at_hooked_block(block_input):
                 return self._last_hidden(batch)

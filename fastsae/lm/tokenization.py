@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 CHAT_TEMPLATE_CHOICES = ("auto", "none")
 CONTENT_PLACEHOLDER = "<<fastsae message content>>"  # stands in for one message's content to find where it goes
+SENTENCEPIECE_SPACE = "▁"  # "▁", which SentencePiece vocabularies (Llama 2's, Mistral's) write for a space
 
 
 @dataclass
@@ -158,20 +159,31 @@ def tokenize_examples(tokenizer, examples: list[Example], chat_template: str, ma
     return tokenized
 
 
+def with_sentencepiece_space(piece: str, text: str) -> str:
+    """`text`, the decoded vocabulary entry `piece`, with the leading space its "▁" stands for: a SentencePiece decoder
+    strips it at the start of a sequence, so Llama 2's "▁Hello" decodes to "Hello" there and to " Hello" elsewhere
+    (SAEBench's fix for Mistral's tokenizer)."""
+    return " " + text if piece.startswith(SENTENCEPIECE_SPACE) and not text.startswith(" ") else text
+
+
 def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
     """Each token's text, such that they join into the decoded sequence, leading spaces and all.
 
     A token decoded alone loses what only its neighbours give: a byte-level tokenizer (SmolLM2's, Llama 3's) splits
     a character such as 日 or an emoji over several tokens, each a lone "\ufffd". So each token gets what it adds to
     the decoded text so far, and a token that ends mid-character adds "": the token that completes the character
-    carries it, at the position where the model has read it whole.
+    carries it, at the position where the model has read it whole. A SentencePiece token keeps its leading space
+    wherever it stands (`with_sentencepiece_space`), so the texts of a sequence that starts with one join into its
+    decoded text with that space in front.
     """
     prefixes = tokenizer.batch_decode([token_ids[: end + 1] for end in range(len(token_ids))], clean_up_tokenization_spaces=False)
+    pieces = tokenizer.convert_ids_to_tokens(token_ids)
     texts, done = [], ""
     for index, text in enumerate(prefixes):
         if text.endswith("\ufffd") and index + 1 < len(prefixes):  # mid-character: a later token completes it
             texts.append("")
             continue
-        texts.append(text[len(done) :] if text.startswith(done) else tokenizer.decode(token_ids[index : index + 1]))
+        added = text[len(done) :] if text.startswith(done) else tokenizer.decode(token_ids[index : index + 1])
+        texts.append(with_sentencepiece_space(pieces[index], added))
         done = text
     return texts

@@ -1,9 +1,9 @@
 """Steer a model with SAE features (the FAST paper, section 6): generate while a forward hook moves
-the hook's output along the features' decoder directions, and lay the answers out prompt × strength.
+the hook's activation along the features' decoder directions, and lay the answers out prompt × strength.
 
 For chosen features k with decoder rows d_k in raw activation space (checkpoints have the
-activation scale s folded in, so ‖d_k‖ = 1/s, not 1), the hook changes the output h of the
-checkpoint's hook module (layer L = the output of decoder block L, as in extraction) to:
+activation scale s folded in, so ‖d_k‖ = 1/s, not 1), the hook changes the activation h at the
+checkpoint's hook (layer L = the output of decoder block L, read as in extraction: a `HookSite`) to:
 
 - add:    h + α·Σ_k d_k/‖d_k‖ — one column per α in STRENGTHS;
 - clamp:  h + Σ_k (v − f_k(h))·d_k — feature k set to v (CLAMP_VALUE) in the SAE's decomposition;
@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +52,7 @@ from fastsae.core.sae import SparseAutoencoder
 from fastsae.core.sae_info import SAEInfo
 from fastsae.core.trained_sae import open_trained_sae
 from fastsae.lm.data import Example, load_dataset
-from fastsae.lm.hook_points import HOOK_POINTS, decoder_layers, hook_name, hooked_module, output_tensor, with_output_tensor
+from fastsae.lm.hook_points import HOOK_POINTS, HookSite, decoder_layers, hook_name, hook_site
 from fastsae.lm.lora import LORA_HOOK_POINT
 from fastsae.lm.models import learned_position_limit
 from fastsae.lm.tokenization import example_label, prompt_token_ids, wants_chat_template
@@ -145,7 +144,7 @@ def check_features(sae: SparseAutoencoder, features: list[int]) -> None:
 
 
 class FeatureSteering:
-    """A forward hook that moves the hooked module's output along SAE features (see the module docstring)."""
+    """Moves the hook's activation along SAE features (see the module docstring); `steering` puts it in place."""
 
     def __init__(self, sae: SparseAutoencoder, features: list[int], mode: str, coefficients: list[float], clamp_value: float = 0.0) -> None:
         check_features(sae, features)
@@ -162,8 +161,8 @@ class FeatureSteering:
         return self.sae.encode(flat)[:, self.features].reshape(*hidden_BTd.shape[:-1], len(self.features))
 
     @torch.no_grad()
-    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
-        hidden = output_tensor(output)
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The steered activation for (B, T, d) `hidden`."""
         if len(self.coefficients) not in (1, len(hidden)):
             raise ValueError(f"{len(self.coefficients)} coefficients for a batch of {len(hidden)} rows: give one per row, or one for all")
         h_BTd = hidden.float()
@@ -173,21 +172,21 @@ class FeatureSteering:
         else:
             target = self.clamp_value if self.mode == "clamp" else 0.0
             delta_BTd = coefficient * ((target - self.feature_activations(h_BTd)) @ self.decoder_rows)
-        return with_output_tensor(output, (h_BTd + delta_BTd).to(hidden.dtype))
+        return (h_BTd + delta_BTd).to(hidden.dtype)
 
 
 @contextmanager
-def steering(module: nn.Module, hook: FeatureSteering) -> Iterator[FeatureSteering]:
-    """`hook` on `module` for the `with` block; removed on the way out, errors included."""
-    handle = module.register_forward_hook(hook)
+def steering(site: HookSite, steer: FeatureSteering) -> Iterator[FeatureSteering]:
+    """`steer` changing the activation at `site` for the `with` block; removed on the way out, errors included."""
+    handle = site.replace(steer)
     try:
-        yield hook
+        yield steer
     finally:
         handle.remove()
 
 
-def steering_module(model: nn.Module, info: SAEInfo) -> nn.Module:
-    """The module whose output the checkpoint's SAE reads, with a clear error when `model` does not have it."""
+def steering_site(model: nn.Module, info: SAEInfo) -> HookSite:
+    """Where the checkpoint's SAE reads its activations in `model`, with a clear error when `model` does not have it."""
     hook_name, hook_point, d = info.hook_name, info.hook_point, info.spec.d
     if hook_point == LORA_HOOK_POINT:
         raise UserError(
@@ -203,7 +202,7 @@ def steering_module(model: nn.Module, info: SAEInfo) -> nn.Module:
         raise UserError(
             f"the SAE takes d={d} but this model's hidden size is {model.config.hidden_size}. Set MODEL to the model the SAE was trained on ({info.model_label})."
         )
-    return hooked_module(model, layer, hook_point)
+    return hook_site(model, layer, hook_point)
 
 
 @torch.no_grad()
@@ -332,10 +331,10 @@ def steer_model(config: SteerConfig) -> SteeringTable:
     language_model = trained.load_model(model_name, dtype=torch.float32 if device == "cpu" else torch.bfloat16, device=device)
     model, tokenizer = language_model.model, language_model.tokenizer
     sae = trained.sae.to(device)
-    module = steering_module(model, info)
+    site = steering_site(model, info)
     use_template = wants_chat_template(tokenizer, info.extraction.get("chat_template", "auto"))
     columns = steering_columns(config.mode, config.strengths, config.clamp_value)
-    hook = FeatureSteering(sae, config.features, config.mode, columns.coefficients, config.clamp_value)
+    steer = FeatureSteering(sae, config.features, config.mode, columns.coefficients, config.clamp_value)
     examples = prompt_examples(config)
     logger.info(
         "Steering %s with features %s at %s (%s; %s)",
@@ -348,7 +347,7 @@ def steer_model(config: SteerConfig) -> SteeringTable:
     prompts = [prompt_token_ids(tokenizer, example, use_template) for example in examples]
     check_generation_room(model, prompts, config.max_new_tokens)
     answers = []
-    with steering(module, hook), tqdm(total=len(prompts) * config.max_new_tokens, desc="steering", unit="token") as bar:
+    with steering(site, steer), tqdm(total=len(prompts) * config.max_new_tokens, desc="steering", unit="token") as bar:
         progress = TokenProgress(bar)
         for index, prompt_ids in enumerate(prompts):
             bar.set_postfix_str(f"prompt {index + 1}/{len(prompts)}")
