@@ -313,6 +313,13 @@ def test_a_store_of_another_hook_is_refused_before_anything_is_written(tiny_llam
     assert sorted(path.name for path in copy.parent.iterdir()) == [copy.name]
 
 
+def test_a_misspelt_evaluation_is_refused_with_the_name_it_resembles():
+    with pytest.raises(UserError, match=r"got \['core', 'sparse_probng'\]\. Did you mean sparse_probing \(not 'sparse_probng'\)\?$"):
+        EvalConfig(evals=["core", "sparse_probng"])
+    with pytest.raises(UserError, match=r"Did you mean absorption \(not 'Absorption'\)\?$"):
+        EvalConfig(evals=["Absorption"])
+
+
 def test_a_block_sae_is_evaluated_on_the_blocks_its_training_held_out(tiny_block_store, tmp_path):
     """Training, evaluation and their records share one split: in a block store, by text (blocks sharing a text with
     both sides in neither)."""

@@ -29,6 +29,7 @@ cosine similarity is not feature absorption.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -186,7 +187,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         unknown = [name for name in self.evals if name not in EVALS]
         if unknown or not self.evals:
-            raise UserError(f"EVALS takes one or more of {', '.join(EVALS)}; got {self.evals!r}.")
+            hints = [
+                f" Did you mean {close[0]} (not {name!r})?"
+                for name in unknown
+                if (close := difflib.get_close_matches(name.lower(), EVALS, 1))
+            ]
+            raise UserError(f"EVALS takes one or more of {', '.join(EVALS)}; got {self.evals!r}.{''.join(hints)}")
         if self.absorption_words < -1:
             raise UserError(f"ABSORPTION_WORDS must be -1 (by device), 0 (all) or positive; got {self.absorption_words}.")
         sizes = (self.probing_train_examples, self.probing_test_examples)
