@@ -9,9 +9,10 @@ density, the decoder's geometry. Writes eval.json and feature_density.png beside
 each checkpoint. Several checkpoints (a sweep) share one pass of the model, and
 the clean and zero-ablated passes are saved in the store folder for reruns.
 With EVALS = "core,sparse_probing", also SAEBench's k-sparse probing on the dataset's labels (each label against
-the rest, and all together) on the same split: sparse_probing.json and sparse_probing.png.
+the rest, under SAEBench's names; all together, under names of its own) on the same split: sparse_probing.json and
+sparse_probing.png. With absorption in EVALS, SAEBench's first-letter feature absorption: absorption.json.
 The formulas are in fastsae/evaluate/evaluate_sae.py, fastsae/evaluate/saebench_core.py,
-fastsae/evaluate/sparse_probing.py and docs/evaluate.md.
+fastsae/evaluate/sparse_probing.py, fastsae/evaluate/absorption.py and docs/evaluate.md.
 """
 
 CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct_blocks.12.hook_resid_post/SAE_M=256_K=8/SAE_M=256_K=8.pt"  # or a list: a sweep

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_tiny_gguf
 from fastsae.common.errors import UserError
 from fastsae.common.stage import Calibration, Corpus, PlanFacts
 from fastsae.core.sae import SAESpec, SparseAutoencoder
@@ -147,8 +148,24 @@ def test_every_smollm2_word_stays_one_token_before_the_template(smollm2_tokenize
     words, counts = task_vocabulary(smollm2_tokenizer, AbsorptionSettings(max_words=300), "cpu")
     assert counts == {"alpha_tokens": 47078, "split_or_merged_by_template": 0, "sampled": 300}
     assert words == sorted(words, key=lambda word: word.token_id)
-    _, wrong_position = task_vocabulary(smollm2_tokenizer, AbsorptionSettings(max_words=300, prompt_token_pos=-5), "cpu")
-    assert wrong_position["split_or_merged_by_template"] == 47078 - 1  # -5 is " has": only the word " has" is there
+    with pytest.raises(UserError, match=r"only 1 alphabetic tokens that stay one token in the prompt \(47078"):
+        task_vocabulary(smollm2_tokenizer, AbsorptionSettings(max_words=300, prompt_token_pos=-5), "cpu")  # -5 is " has"
+
+
+def test_too_few_words_are_refused_with_the_fix_that_applies(smollm2_tokenizer, checkpoint, tmp_path):
+    """A sample too small is raised; a tokenizer with few alphabetic tokens (the tiny GGUF's byte-level one: 54, one of
+    them one token in the prompt) cannot be helped. Said before the core metrics run and write eval.json, not after,
+    and not as 'Raise ABSORPTION_WORDS' for a vocabulary that has no more words."""
+    with pytest.raises(UserError, match=r"^20 words for the spelling task.* Raise ABSORPTION_WORDS .*0: all 47078"):
+        task_vocabulary(smollm2_tokenizer, AbsorptionSettings(max_words=20), "cpu")
+    few_words = write_tiny_gguf(tmp_path / "byte-level.gguf")
+    copy = tmp_path / "run" / Path(checkpoint).name
+    copy.parent.mkdir()
+    copy.write_bytes(Path(checkpoint).read_bytes())
+    config = EvalConfig(checkpoint=[str(copy)], evals=["core", "absorption"], model_name=str(few_words), model_metrics=False)
+    with pytest.raises(UserError, match=r"only 1 alphabetic tokens .* \(54 alphabetic in all, .* leave absorption out of EVALS"):
+        evaluate_sae(config)
+    assert sorted(path.name for path in copy.parent.iterdir()) == [copy.name]
 
 
 def balanced_words(tokenizer, per_letter: int) -> list[Word]:

@@ -296,6 +296,30 @@ def test_mismatches_and_missing_validation_get_clear_errors(tiny_store, trained_
         evaluate_sae(EvalConfig(checkpoint=[str(trained_checkpoint)], model_name=str(two_blocks), device="cpu"))
 
 
+def test_a_store_of_another_hook_is_refused_before_anything_is_written(tiny_llama, smollm2_tokenizer, trained_checkpoint, tmp_path):
+    """A store at block 3 for an SAE trained at block 2: it was evaluated there, with a warning, and its eval.json
+    replaced by numbers of the SAE read where it learned nothing."""
+    from fastsae.extract.extract_activations import ExtractConfig, write_activation_stores
+    from fastsae.lm.data import load_dataset
+
+    config = ExtractConfig(layers=[LAYER + 1], max_examples=20, output_dir=str(tmp_path / "stores"))
+    (other_hook,) = write_activation_stores(tiny_llama, smollm2_tokenizer, load_dataset(config.dataset), config, "tiny")
+    copy = tmp_path / "run" / trained_checkpoint.name
+    copy.parent.mkdir()
+    copy.write_bytes(trained_checkpoint.read_bytes())
+    message = rf"trained at blocks.{LAYER}.hook_resid_post, but the store at .* holds blocks.{LAYER + 1}.hook_resid_post.* Pass a --store"
+    with pytest.raises(UserError, match=message):
+        evaluate_sae(EvalConfig(checkpoint=[str(copy)], store=str(other_hook), model_metrics=False))
+    assert sorted(path.name for path in copy.parent.iterdir()) == [copy.name]
+
+
+def test_a_misspelt_evaluation_is_refused_with_the_name_it_resembles():
+    with pytest.raises(UserError, match=r"got \['core', 'sparse_probng'\]\. Did you mean sparse_probing \(not 'sparse_probng'\)\?$"):
+        EvalConfig(evals=["core", "sparse_probng"])
+    with pytest.raises(UserError, match=r"Did you mean absorption \(not 'Absorption'\)\?$"):
+        EvalConfig(evals=["Absorption"])
+
+
 def test_a_block_sae_is_evaluated_on_the_blocks_its_training_held_out(tiny_block_store, tmp_path):
     """Training, evaluation and their records share one split: in a block store, by text (blocks sharing a text with
     both sides in neither)."""

@@ -29,6 +29,7 @@ from fastsae.evaluate.sparse_probing import (
     pool_examples,
     read_probe_choices,
     run_sparse_probing,
+    score_key,
 )
 from fastsae.store.activation_store import ActivationStore, ActivationStoreWriter, plan_shards
 from fastsae.store.batches import ExampleSplit
@@ -140,8 +141,8 @@ def test_each_label_uses_its_planted_feature_and_separates_at_k_1(planted):
         assert task["test_examples"] % 2 == 0 and task["train_examples"] % 2 == 0  # balanced: as many others as positives
     multiclass = results["tasks"][MULTICLASS]
     assert {f["feature"] for f in multiclass["features"][: len(LABELS)]} == set(range(len(LABELS)))
-    assert multiclass["sae_top_1_test_accuracy"] < 0.6  # one feature tells one label from the rest, not four apart
-    assert multiclass["sae_top_5_test_accuracy"] >= 0.95
+    assert multiclass["multiclass_top_1_test_accuracy"] < 0.6  # one feature tells one label from the rest, not four apart
+    assert multiclass["multiclass_top_5_test_accuracy"] >= 0.95
     assert results["mean_over_labels"]["sae_top_1_test_accuracy"] >= 0.95
 
 
@@ -150,7 +151,20 @@ def test_labels_independent_of_the_activations_stay_at_chance(tmp_path):
     means = results["mean_over_labels"]
     for key in ("sae_top_1_test_accuracy", "sae_top_5_test_accuracy", "ceiling_test_accuracy"):
         assert 0.3 <= means[key] <= 0.7, (key, means[key])
-    assert 0.1 <= results["tasks"][MULTICLASS]["sae_top_5_test_accuracy"] <= 0.45  # four labels: chance 0.25
+    assert 0.1 <= results["tasks"][MULTICLASS]["multiclass_top_5_test_accuracy"] <= 0.45  # four labels: chance 0.25
+
+
+def test_only_the_numbers_saebench_defines_carry_its_names(planted):
+    """SAEBench probes each class of a multiclass label set against the rest and names those accuracies (and their mean)
+    sae_top_{k}_test_accuracy; our multiclass probe is another number, so it must not carry that name."""
+    _, results = planted
+    multiclass = results["tasks"][MULTICLASS]
+    assert not [key for key in multiclass if key.startswith(("sae_", "ceiling_"))]
+    assert set(multiclass) >= {f"multiclass_top_{k}_test_{m}" for k in results["k_values"] for m in ("accuracy", "auroc")}
+    assert {"multiclass_ceiling_test_accuracy", "multiclass_ceiling_test_auroc"} <= set(multiclass)
+    for label in results["labels"]:
+        assert {f"sae_top_{k}_test_accuracy" for k in results["k_values"]} | {"ceiling_test_accuracy"} <= set(results["tasks"][label])
+        assert not [key for key in results["tasks"][label] if key.startswith("multiclass_")]
 
 
 def test_outputs_beside_the_checkpoint_and_the_dashboard_reader(planted, capsys):
@@ -197,7 +211,7 @@ def test_features_with_no_difference_are_not_listed_as_chosen(tmp_path, capsys):
     for name, task in results["tasks"].items():
         listed = [f["feature"] for f in task["features"]]
         assert not set(listed) & {8, 9, 10, 11} and all(f["mean_difference"] != 0 for f in task["features"]), name
-        assert task[f"sae_top_{M}_test_accuracy"] >= 0.95  # the probes still read all M
+        assert task[score_key(name == MULTICLASS, M, "accuracy")] >= 0.95  # the probes still read all M
     assert not set(read_probe_choices(dead)) & {8, 9, 10, 11}
     table_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| alpha |")]
     assert table_rows and not any(f"{feature}+" in table_rows[0] or f"{feature}−" in table_rows[0] for feature in (8, 9, 10, 11))

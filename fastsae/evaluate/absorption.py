@@ -76,6 +76,7 @@ from fastsae.evaluate.spelling_task import (
 )
 from fastsae.extract.extract_activations import iter_example_activations, pad_token_id
 from fastsae.lm.hook_points import HOOK_POINTS, ResidualCapture, hook_name
+from fastsae.lm.models import load_tokenizer, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,8 @@ class AbsorptionWork:
 
 
 def task_vocabulary(tokenizer, settings: AbsorptionSettings, device: str) -> tuple[list[Word], dict[str, int]]:
-    """The words the task asks about: alphabetic tokens that stay one token in the prompt, `max_words` of them at random."""
+    """The words the task asks about: alphabetic tokens that stay one token in the prompt, `max_words` of them at random.
+    Too few for the task's prompts are refused here, from the tokenizer alone, before any model runs."""
     words = alpha_words(tokenizer)
     in_place = [
         word for word, ok in zip(words, tokenizes_in_place(tokenizer, words, settings.prompt_template, settings.prompt_token_pos)) if ok
@@ -201,6 +203,18 @@ def task_vocabulary(tokenizer, settings: AbsorptionSettings, device: str) -> tup
     sampled, max_words = in_place, settings.words_for(device)
     if max_words and max_words < len(in_place):
         sampled = sorted(random.Random(settings.random_seed).sample(in_place, max_words), key=lambda word: word.token_id)
+    if len(sampled) - int(len(sampled) * TRAIN_FRACTION) <= MAX_ICL_EXAMPLES:
+        fix = (
+            f"Raise ABSORPTION_WORDS in evaluate_sae.py (or use 0: all {len(in_place)})."
+            if len(sampled) < len(in_place)
+            else f"The tokenizer has only {len(in_place)} alphabetic tokens that stay one token in the prompt ({len(words)} alphabetic "
+            "in all, the rest split or merged by PROMPT_TEMPLATE at PROMPT_TOKEN_POS): absorption cannot be measured on this "
+            "model with this template; leave absorption out of EVALS."
+        )
+        raise UserError(
+            f"{len(sampled)} words for the spelling task: its held-out fifth must exceed {MAX_ICL_EXAMPLES} words for its prompts' "
+            f"in-context examples. {fix}"
+        )
     counts = {"alpha_tokens": len(words), "split_or_merged_by_template": len(words) - len(in_place), "sampled": len(sampled)}
     return sampled, counts
 
@@ -291,13 +305,7 @@ def _probe_scores(
 def spelling_probe(
     model: torch.nn.Module, tokenizer, layer: int, hook_point: str, words: Sequence[Word], settings: AbsorptionSettings, device: str
 ) -> SpellingProbe:
-    """Phase 1 (see the module docstring) for `words`, at `hook_point` of block `layer`."""
-    test_size = len(words) - int(len(words) * TRAIN_FRACTION)
-    if test_size <= MAX_ICL_EXAMPLES:
-        raise UserError(
-            f"only {len(words)} words for the spelling task: the held-out fifth must exceed {MAX_ICL_EXAMPLES} words for its prompts' "
-            "in-context examples. Raise ABSORPTION_WORDS in evaluate_sae.py (or use 0: all)."
-        )
+    """Phase 1 (see the module docstring) for `words` (`task_vocabulary`'s), at `hook_point` of block `layer`."""
     rng = random.Random(settings.random_seed)
     train_prompts, test_prompts = train_test_prompts(words, rng, settings.prompt_template, MAX_ICL_EXAMPLES, TRAIN_FRACTION)
     capture = ResidualCapture(model, [layer], hook_point)
@@ -488,14 +496,21 @@ class AbsorptionSweep:
         self.settings = settings
         self.model_name = model_name  # a moved copy of the checkpoints' model; empty: the one each records
         self.spelling_probes: dict[tuple[str, int, str], tuple[SpellingProbe, dict[str, int]]] = {}
+        self.vocabularies: dict[str, tuple[list[Word], dict[str, int]]] = {}
+
+    def vocabulary_for(self, model_name: str) -> tuple[list[Word], dict[str, int]]:
+        """`task_vocabulary` of the model's tokenizer, once per model: `check` needs it before the model loads."""
+        if model_name not in self.vocabularies:
+            self.vocabularies[model_name] = task_vocabulary(load_tokenizer(resolve_model(model_name)), self.settings, self.device)
+        return self.vocabularies[model_name]
 
     def spelling_for(self, trained: TrainedSAE) -> tuple[SpellingProbe, dict[str, int]]:
         """Phase 1 at `trained`'s model and hook, with the task's vocabulary counts: computed on first use, then reused."""
         info = trained.info
         key = (trained.model_name(self.model_name), info.layer, info.hook_point)
         if key not in self.spelling_probes:
+            words, vocabulary = self.vocabulary_for(key[0])
             language_model = trained.load_model(self.model_name, dtype=torch.float32, device=self.device)
-            words, vocabulary = task_vocabulary(language_model.tokenizer, self.settings, self.device)
             logger.info(
                 "Spelling task at %s: %d words (%d alphabetic tokens)",
                 hook_name(info.layer, info.hook_point),
@@ -509,7 +524,8 @@ class AbsorptionSweep:
         return self.spelling_probes[key]
 
     def check(self, trained: TrainedSAE) -> None:
-        """Refuse an SAE absorption cannot measure (its hook, or its model, unknown or not probeable): a sweep calls this
+        """Refuse an SAE absorption cannot measure (its hook, or its model, unknown or not probeable, or its tokenizer's
+        words too few for the task): a sweep calls this
         for every SAE before any evaluation, so the refusal comes before the work, not after the first SAEs'."""
         info = trained.info
         if info.hook_point not in HOOK_POINTS or info.layer is None:
@@ -518,7 +534,7 @@ class AbsorptionSweep:
                 f"({', '.join(HOOK_POINTS)}) at a recorded layer, where the model's activations can be probed for first letters. "
                 "Leave absorption out of EVALS for it."
             )
-        trained.model_name(self.model_name)
+        self.vocabulary_for(trained.model_name(self.model_name))
 
     def evaluate(self, trained: TrainedSAE) -> dict[str, Any]:
         """First-letter absorption of `trained` (see the module docstring). Its `seconds` include phase 1 for the first SAE

@@ -29,6 +29,7 @@ cosine similarity is not feature absorption.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -186,7 +187,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         unknown = [name for name in self.evals if name not in EVALS]
         if unknown or not self.evals:
-            raise UserError(f"EVALS takes one or more of {', '.join(EVALS)}; got {self.evals!r}.")
+            hints = [
+                f" Did you mean {close[0]} (not {name!r})?"
+                for name in unknown
+                if (close := difflib.get_close_matches(name.lower(), EVALS, 1))
+            ]
+            raise UserError(f"EVALS takes one or more of {', '.join(EVALS)}; got {self.evals!r}.{''.join(hints)}")
         if self.absorption_words < -1:
             raise UserError(f"ABSORPTION_WORDS must be -1 (by device), 0 (all) or positive; got {self.absorption_words}.")
         sizes = (self.probing_train_examples, self.probing_test_examples)
@@ -488,9 +494,24 @@ class _Evaluand:
 def _evaluand(path: Path, config: EvalConfig) -> _Evaluand:
     trained = open_trained_sae(path)
     info = trained.info
+    if config.store:
+        _refuse_another_hook(trained, ActivationStore(config.store))
     fraction = config.validation_fraction if config.validation_fraction >= 0 else info.validation_fraction
     seed = config.seed if config.seed >= 0 else info.seed
     return _Evaluand(trained, trained.open_store(config.store), fraction, seed)
+
+
+def _refuse_another_hook(trained: TrainedSAE, store: ActivationStore) -> None:
+    """An SAE is evaluated where it was trained: its files land beside it as its own metrics (export publishes them), and
+    a store of another hook would make them numbers of an SAE read where it learned nothing. (Another model's store of the
+    same hook stays allowed, with open_store's warning: a base model's SAE read on its chat model is a study of its own.)"""
+    recorded = trained.info.hook_name
+    if recorded and store.hook_name and store.hook_name != recorded:
+        raise UserError(
+            f"{trained.checkpoint} was trained at {recorded}, but the store at {store.folder} holds {store.hook_name}: its "
+            f"metrics there would be written beside it as its own. Pass a --store extracted at {recorded}, or leave STORE empty "
+            "for the one it was trained on."
+        )
 
 
 class Tokenizers:

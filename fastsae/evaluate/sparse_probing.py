@@ -36,6 +36,14 @@ What follows sae-bench 0.6.0 (`evals/sparse_probing/`: `main.py`, `probe_trainin
   most common held-out label), features ranked by their largest one-vs-rest difference, a multinomial logistic
   regression; AUROC is the mean one-vs-rest AUROC over the held-out labels.
 
+**Key names**, against SAEBench's output (`SparseProbingEvalOutput`): SAEBench has no multiclass probe. On a label set
+of more than two classes (its bias_in_bios, ag_news, github-code, europarl sets) it probes each class against the rest,
+keeps each class's accuracy as `eval_result_unstructured["<dataset>_results"]["sae_top_{k}_test_accuracy"][class]`,
+and their mean as the dataset's `sae_top_{k}_test_accuracy` (`eval_result_details`). Ours are those numbers under
+those names: `tasks[label]["sae_top_{k}_test_accuracy"]` and `mean_over_labels["sae_top_{k}_test_accuracy"]`. The
+multiclass task's numbers are defined differently, so they carry names of their own: `multiclass_top_{k}_test_accuracy`
+(and `_auroc`) and `multiclass_ceiling_test_*`, under `tasks["all labels (multiclass)"]`; `score_key` names them all.
+
 **Examples** (`dataset_utils.gather_dataset_from_df`): SAEBench's probe_train_set_size and probe_test_set_size (4,000
 and 1,000) are each one-vs-rest task's size, so its dataset builders draw half of it per label; we draw at most
 `train_examples // 2` training and `test_examples // 2` held-out examples per label with its draw (pandas' `sample`
@@ -190,6 +198,15 @@ def multiclass_differences(acts_BF: torch.Tensor, names_B: np.ndarray) -> torch.
     return differences.gather(0, differences.abs().argmax(0, keepdim=True))[0]
 
 
+def score_key(multiclass: bool, k: int | None, measure: str) -> str:
+    """The JSON key of a task's held-out `measure` (accuracy or auroc) with its top k features (None: the all-d ceiling).
+    A one-vs-rest top-k accuracy is SAEBench's number under SAEBench's name; the multiclass task's are not, so they are
+    named multiclass_ (see the module docstring)."""
+    if multiclass:
+        return f"multiclass_{'ceiling' if k is None else f'top_{k}'}_test_{measure}"
+    return f"{'ceiling' if k is None else f'sae_top_{k}'}_test_{measure}"
+
+
 @dataclass(frozen=True)
 class ProbeScore:
     accuracy: float
@@ -224,6 +241,7 @@ def probe_task(
     test: tuple[torch.Tensor, torch.Tensor, np.ndarray],
     differences_F: torch.Tensor,
     k_values: list[int],
+    multiclass: bool = False,
 ) -> dict[str, Any]:
     """The ceiling and the top-k probes of one task; `train` and `test` are (raw_BD, features_BF, targets)."""
     (train_raw, train_features, train_y), (test_raw, test_features, test_y) = train, test
@@ -232,15 +250,15 @@ def probe_task(
     result: dict[str, Any] = {
         "train_examples": len(train_y),
         "test_examples": len(test_y),
-        "ceiling_test_accuracy": ceiling.accuracy,
-        "ceiling_test_auroc": ceiling.auroc,
+        score_key(multiclass, None, "accuracy"): ceiling.accuracy,
+        score_key(multiclass, None, "auroc"): ceiling.auroc,
     }
     unconverged = [] if ceiling.converged else ["ceiling"]
     for k in k_values:
         # In ascending feature order, as SAEBench's `apply_topk_mask_reduce_dim` hands them to its probe.
         chosen = ranked[:k].sort().values
         score = fit_probe(train_features[:, chosen], train_y, test_features[:, chosen], test_y)
-        result[f"sae_top_{k}_test_accuracy"], result[f"sae_top_{k}_test_auroc"] = score.accuracy, score.auroc
+        result[score_key(multiclass, k, "accuracy")], result[score_key(multiclass, k, "auroc")] = score.accuracy, score.auroc
         unconverged += [] if score.converged else [f"k={k}"]
     # A feature with no difference (one that never fires on the set) tells the label nothing: the probes read it when k
     # reaches it, as SAEBench's do, but it is not listed as one the label uses.
@@ -280,7 +298,7 @@ def probe_labels(
         tasks[label] = probe_task(train_side, test_side, mean_differences(train_side[1], train_side[2]), k_values)
     train_all, test_all = np.concatenate(list(train_rows.values())), np.concatenate(list(test_rows.values()))
     train_side, test_side = _side(train, train_all, train_names[train_all]), _side(test, test_all, test_names[test_all])
-    tasks[MULTICLASS] = probe_task(train_side, test_side, multiclass_differences(train_side[1], train_side[2]), k_values)
+    tasks[MULTICLASS] = probe_task(train_side, test_side, multiclass_differences(train_side[1], train_side[2]), k_values, multiclass=True)
     _, counts = np.unique(test_side[2], return_counts=True)
     tasks[MULTICLASS]["chance"] = float(counts.max() / counts.sum())
     return tasks
@@ -289,7 +307,7 @@ def probe_labels(
 def summary(tasks: dict[str, dict], k_values: list[int]) -> dict[str, float | None]:
     """Means over the one-vs-rest tasks: SAEBench's dataset-level `sae_top_{k}_test_accuracy`, and ours beside it."""
     labels = [task for name, task in tasks.items() if name != MULTICLASS]
-    keys = ["ceiling_test_accuracy", "ceiling_test_auroc", *(f"sae_top_{k}_test_{m}" for k in k_values for m in ("accuracy", "auroc"))]
+    keys = [score_key(False, k, measure) for k in (None, *k_values) for measure in ("accuracy", "auroc")]
     means = {}
     for key in keys:
         values = [task[key] for task in labels if task[key] is not None]
@@ -417,12 +435,12 @@ def probing_table(results: dict[str, Any]) -> str:
     header = ["task", "train / test", "ceiling (all d)", *(f"k={k}" for k in k_values), "top features"]
     rows = []
     for name, task in [*results["tasks"].items(), ("mean over labels", {**results["mean_over_labels"], "features": []})]:
+        multiclass = name == MULTICLASS
         rows.append(
             [
                 name + (f" (chance {task['chance']:.3f})" if "chance" in task else ""),
                 f"{task['train_examples']} / {task['test_examples']}" if "train_examples" in task else "",
-                _pair(task["ceiling_test_accuracy"], task["ceiling_test_auroc"]),
-                *(_pair(task[f"sae_top_{k}_test_accuracy"], task[f"sae_top_{k}_test_auroc"]) for k in k_values),
+                *(_pair(task[score_key(multiclass, k, "accuracy")], task[score_key(multiclass, k, "auroc")]) for k in (None, *k_values)),
                 ", ".join(f"{f['feature']}{'+' if f['mean_difference'] >= 0 else '−'}" for f in task["features"][:5]),
             ]
         )
@@ -440,12 +458,14 @@ def plot_sparse_probing(path: Path, results: dict[str, Any], title: str) -> None
     positions = list(range(len(k_values)))
     figure, axis = plt.subplots(figsize=(8.5, 4.6))
     for name, task in results["tasks"].items():
-        accuracies = [task[f"sae_top_{k}_test_accuracy"] for k in k_values]
-        style = {"color": "black", "linewidth": 2.4} if name == MULTICLASS else {"linewidth": 1.2}
-        label = f"{name}, chance {task['chance']:.2f}" if name == MULTICLASS else name
+        multiclass = name == MULTICLASS
+        accuracies = [task[score_key(multiclass, k, "accuracy")] for k in k_values]
+        style = {"color": "black", "linewidth": 2.4} if multiclass else {"linewidth": 1.2}
+        label = f"{name}, chance {task['chance']:.2f}" if multiclass else name
         (line,) = axis.plot(positions, accuracies, "o-", label=label, markersize=3, **style)
-        axis.plot([positions[-1], len(k_values)], [accuracies[-1], task["ceiling_test_accuracy"]], ":", color=line.get_color(), linewidth=1)
-        axis.plot([len(k_values)], [task["ceiling_test_accuracy"]], "s", color=line.get_color(), markersize=4)
+        ceiling = task[score_key(multiclass, None, "accuracy")]
+        axis.plot([positions[-1], len(k_values)], [accuracies[-1], ceiling], ":", color=line.get_color(), linewidth=1)
+        axis.plot([len(k_values)], [ceiling], "s", color=line.get_color(), markersize=4)
     axis.axhline(0.5, color="gray", linestyle="--", linewidth=0.8)
     axis.set_xticks([*positions, len(k_values)], [*(str(k) for k in k_values), "all d\n(ceiling)"])
     axis.set_xlabel("k (SAE features the probe reads)")
