@@ -494,11 +494,11 @@ class _Evaluand:
 def _evaluand(path: Path, config: EvalConfig) -> _Evaluand:
     trained = open_trained_sae(path)
     info = trained.info
-    if config.store:
-        _refuse_another_hook(trained, ActivationStore(config.store))
+    store = trained.open_store(config.store)
+    _refuse_another_hook(trained, store)
     fraction = config.validation_fraction if config.validation_fraction >= 0 else info.validation_fraction
     seed = config.seed if config.seed >= 0 else info.seed
-    return _Evaluand(trained, trained.open_store(config.store), fraction, seed)
+    return _Evaluand(trained, store, fraction, seed)
 
 
 def _refuse_another_hook(trained: TrainedSAE, store: ActivationStore) -> None:
