@@ -190,6 +190,19 @@ def test_pre_ln_opt_has_attn_out_and_refuses_mlp_out():
         capture(pre_ln, [1], "mlp_out")
 
 
+def test_a_sublayer_that_outputs_flattened_rows_is_refused_with_resid_post_named():
+    """Llama 4's MoE MLP returns (B·T, d) rows, which its block reshapes before the add: read as they are, they would
+    reach the store as B·T "examples" of one token; its attention's output is (B, T, d) and read as usual."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama4_text", **FAMILY_SHAPES, intermediate_size_mlp=128, num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert capture(model, [1], "attn_out")[1].shape == (*TOKENS.shape, config.hidden_size)
+    with pytest.raises(UserError, match=r"^Llama4TextMoe outputs its share .* rows of shape \[24, 64\].* use HOOK_POINT = 'resid_post'\.$"):
+        capture(model, [1], "mlp_out")
+
+
 @pytest.mark.parametrize("hook_point", ["attn_out", "mlp_out"])
 def test_post_ln_blocks_are_refused_sublayer_hooks(hook_point):
     """OPT-350m normalises the residual stream after each add, so its attention's output is not what the block adds."""

@@ -183,6 +183,11 @@ class HookSite:
         """The activation in `module`'s forward `output`, as a new tensor: some blocks add into a sublayer's output in
         place once it is returned (Falcon's parallel MLP)."""
         hidden = output_tensor(output)
+        if hidden.dim() != 3:  # Llama 4's MoE MLP: the block reshapes it before the add, and nothing here knows (B, T)
+            raise UserError(
+                f"{type(self.module).__name__} outputs its share of the residual stream as rows of shape {list(hidden.shape)}, "
+                "not (batch, tokens, d), so it cannot be read or replaced per token; use HOOK_POINT = 'resid_post'."
+            )
         return hidden * self.multiplier if self.multiplier != 1 else hidden.clone()
 
     def replace(self, change: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:
