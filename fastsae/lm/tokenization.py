@@ -98,7 +98,12 @@ def _template_tokenization(tokenizer, example: Example, add_generation_prompt: b
 
 def _plain_tokenization(tokenizer, example: Example) -> tuple[list[int], np.ndarray, int]:
     if example.messages is not None:
-        raise UserError("chat examples (a 'messages' field) need a chat template: set CHAT_TEMPLATE = 'auto' with an instruct model.")
+        # Steering and analyze_texts have no CHAT_TEMPLATE of their own: they tokenize as the SAE's store was extracted.
+        raise UserError(
+            f"{example.source} is a chat (a 'messages' field), but these examples are tokenized as plain text: CHAT_TEMPLATE is "
+            "'none' (for steering and analyze_texts, in the extraction of the SAE's store) or the model has no chat template. "
+            "Give plain texts, or extract with CHAT_TEMPLATE = 'auto' from an instruct model."
+        )
     text = example.text if example.response is None else f"{example.text}\n{example.response}"
     encoded = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
     return encoded["input_ids"], np.asarray(encoded["special_tokens_mask"], dtype=bool), 0
