@@ -90,11 +90,11 @@ def test_a_held_out_split_without_content_tokens_has_no_sparsity_numbers(tiny_ll
     )
     saved = json.loads((results_folder(checkpoint) / "eval.json").read_text())
     assert saved["reconstruction"]["content"] == {"tokens": 0} and saved["reconstruction"]["special"]["tokens"] > 0
-    assert saved["sparsity"]["tokens"] == 0 and saved["sparsity"]["l0_mean"] is None and saved["sparsity"]["dead_fraction"] is None
+    assert saved["sparsity"]["tokens"] == 0 and saved["sparsity"]["l0_mean"] is None and saved["sparsity"]["never_fired_fraction"] is None
     assert {row["metric"]: row["verdict"] for row in saved["health"]} == dict.fromkeys(
-        ("ce_loss_score", "l0_mean", "dead_fraction", "dense_fraction"), "not measured"
+        ("ce_loss_score", "l0_mean", "never_fired_fraction", "dense_fraction"), "not measured"
     )
-    assert "| dead / dense features | n/a / n/a |" in capsys.readouterr().out
+    assert "| never-fired / dense features | n/a / n/a |" in capsys.readouterr().out
 
 
 def test_oracle_saes_score_one_and_zero(tiny_llama, tiny_store, smollm2_tokenizer):
@@ -188,7 +188,7 @@ def test_evaluate_writes_eval_json_with_the_saebench_block(trained_checkpoint, t
     low, high = saved["saebench_core_intervals_95"]["ce_loss_score"]
     assert low <= score <= high  # (the tiny random Llama predicts almost uniformly: its score is noise, see test_saebench_core)
     assert metrics["sparsity"]["l0"] == pytest.approx(8, abs=0.5)
-    assert {row["metric"] for row in saved["health"]} == {"ce_loss_score", "l0_mean", "dead_fraction", "dense_fraction"}
+    assert {row["metric"] for row in saved["health"]} == {"ce_loss_score", "l0_mean", "never_fired_fraction", "dense_fraction"}
     assert all(row["source"] for row in saved["health"])
     assert (trained_checkpoint.parent / "feature_density.png").read_bytes().startswith(b"\x89PNG")
     printed = capsys.readouterr().out

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import InterruptedRun, hypothesaes_module, run_until_killed, write_jsonl
 from fastsae.common.devices import cpu_has_bfloat16_instructions
 from fastsae.common.errors import UserError
+from fastsae.common.stage import Output
 from fastsae.core.checkpoint import load_sae
 from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.core.trained_sae import open_trained_sae
@@ -81,6 +82,28 @@ def test_topk_training_learns_with_exactly_k_active(topk_run):
     folder = Path(topk_run["checkpoint"]).parent
     assert json.loads((folder / "metrics.json").read_text())["final"] == topk_run["final"]
     assert (folder / "training_curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_pipeline_summary_reads_the_never_fired_fraction_of_this_and_of_an_older_metrics_file(topk_run, tmp_path):
+    """Validation's never-fired fraction was once called dead_fraction, the name the history keeps for aux-K's count;
+    a metrics.json written then still gives the summary its figures, which a skipped train step reads without retraining."""
+    metrics = json.loads((Path(topk_run["checkpoint"]).parent / "metrics.json").read_text())
+    older = {
+        **metrics,
+        "final": {("dead_fraction" if key == "never_fired_fraction" else key): value for key, value in metrics["final"].items()},
+    }
+    figures = []
+    for name, written in (("now", metrics), ("older", older)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(written))
+        figures += train_module.STAGE.key_figures(None, [Output(tmp_path / name / "SAE_M=64_K=4.pt")])
+    final = topk_run["final"]
+    expected = (
+        "SAE_M=64_K=4: validation FVU / L0 / never fired",
+        f"{final['fvu']:.4f} / {final['l0']:.1f} / {final['never_fired_fraction']:.1%}",
+    )
+    assert figures == [expected, expected]
+    assert "dead_fraction" in metrics["history"][-1] and "dead_fraction" not in metrics["final"]
 
 
 def test_hypothesaes_load_model_gives_our_feature_activations(topk_run, tiny_store):
@@ -165,7 +188,7 @@ def test_jumprelu_l0_follows_its_coefficient(jumprelu_runs, tiny_store):
     """Ten times the L0 coefficient, a much sparser SAE (before the window was on the data's scale: 79 against 60)."""
     l0 = {name: run["final"]["l0"] for name, run in jumprelu_runs.items()}
     assert l0["1e-2"] < 0.5 * l0["1e-3"], l0
-    assert jumprelu_runs["1e-2"]["final"]["dead_fraction"] < 0.1
+    assert jumprelu_runs["1e-2"]["final"]["never_fired_fraction"] < 0.1
     assert_saelens_export_matches(jumprelu_runs["1e-2"], raw_validation_activations(tiny_store))  # thresholds apply to raw activations
 
 

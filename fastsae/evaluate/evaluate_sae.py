@@ -19,7 +19,7 @@ metrics are two families, under different names because they are defined differe
     of ‖x − x̂‖²], divided by d; raw activations. MSE_st is the same over special/template tokens only.
     The paper prints log2 of both, so both are reported raw and log2.
   - L0 = active features per token; L1 = Σ activations per token; density of a feature = the
-    fraction of tokens it fires on; dead = never fires here; dense = fires on more than 10%; all on
+    fraction of tokens it fires on; never fired = fires on none of them; dense = fires on more than 10%; all on
     the token kinds the SAE was trained on.
   - Decoder geometry: for each decoder row, its maximum cosine similarity to any other row.
 
@@ -113,7 +113,7 @@ HEALTH_CHECKS = (
         RULE_OF_THUMB,
     ),
     ("l0_mean", "between", (5.0, 200.0), "sparse, but not trivially so", RULE_OF_THUMB),
-    ("dead_fraction", "<=", 0.1, "at most 10% of features never fire", RULE_OF_THUMB),
+    ("never_fired_fraction", "<=", 0.1, "at most 10% of features never fire", RULE_OF_THUMB),
     ("dense_fraction", "<=", 0.01, "at most 1% of features fire on more than 10% of tokens", RULE_OF_THUMB),
 )
 # The SAEBench numbers derived from the cross-entropy and KL, which get a 95% interval.
@@ -332,7 +332,7 @@ def store_metrics(store: ActivationStore, examples: list[int], sae: SparseAutoen
             "l0_mean": float(l0.mean()) if measured else None,
             "l0_percentiles": {str(p): float(np.percentile(l0, p)) for p in (10, 50, 90)} if measured else {},
             "l1_mean": l1_total / sparsity_tokens if measured else None,
-            "dead_fraction": float((fire_counts == 0).double().mean()) if measured else None,
+            "never_fired_fraction": float((fire_counts == 0).double().mean()) if measured else None,
             "dense_fraction": float((density > DENSE_FREQUENCY).mean()) if measured else None,
         },
         "feature_density": density.tolist(),
@@ -450,7 +450,7 @@ def report_table(results: dict[str, Any]) -> str:
         + (" / ".join(f"{v:.0f}" for v in sparsity["l0_percentiles"].values()) or "n/a")
         + " |",
         f"| L1 (mean) | {_number(sparsity['l1_mean'], 3)} |",
-        f"| dead / dense features | {_percent(sparsity['dead_fraction'])} / {_percent(sparsity['dense_fraction'])} |",
+        f"| never-fired / dense features | {_percent(sparsity['never_fired_fraction'])} / {_percent(sparsity['dense_fraction'])} |",
         f"| decoder rows' max cosine to another row (mean / p90 / max) | {results['decoder_max_cosine']['mean']:.3f} / {results['decoder_max_cosine']['p90']:.3f} / {results['decoder_max_cosine']['max']:.3f} |",
     ]
     if results.get("saebench_core"):
@@ -636,7 +636,7 @@ def tracked_metrics(results: dict[str, Any]) -> dict[str, float]:
     """The headline numbers a tracker run gets, named by where eval.json holds them (SAEBench's and ours are defined differently)."""
     metrics = {
         "reconstruction/content/fvu": results["reconstruction"]["content"].get("fvu"),
-        **{f"sparsity/{name}": results["sparsity"][name] for name in ("l0_mean", "dead_fraction", "dense_fraction")},
+        **{f"sparsity/{name}": results["sparsity"][name] for name in ("l0_mean", "never_fired_fraction", "dense_fraction")},
     }
     if results.get("saebench_core"):
         groups = results["saebench_core"]["eval_result_metrics"]
@@ -660,7 +660,7 @@ def _sweep_row_names(checkpoints: list[str]) -> list[str]:
 
 
 def sweep_table(all_results: list[dict[str, Any]]) -> str:
-    lines = ["| checkpoint | FVU (content) | L0 | dead | ce_loss_score | kl_div_score |", "|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | FVU (content) | L0 | never fired | ce_loss_score | kl_div_score |", "|---|---|---|---|---|---|"]
     names = _sweep_row_names([results["checkpoint"] for results in all_results])
     for name, results in zip(names, all_results):
         core = (results.get("saebench_core") or {}).get("eval_result_metrics", {})
@@ -670,7 +670,7 @@ def sweep_table(all_results: list[dict[str, Any]]) -> str:
         )
         lines.append(
             f"| {name} | {_number(results['reconstruction']['content'].get('fvu'))} | {_number(results['sparsity']['l0_mean'], 1)} | "
-            f"{_percent(results['sparsity']['dead_fraction'])} | {_number(ce)} | {_number(kl)} |"
+            f"{_percent(results['sparsity']['never_fired_fraction'])} | {_number(ce)} | {_number(kl)} |"
         )
     return "\n".join(lines)
 

@@ -246,13 +246,13 @@ def checkpoint_path(folder: Path, spec: SAESpec) -> Path:
 
 
 class Validation(NamedTuple):
-    metrics: dict[str, float]  # fvu, explained_variance, l0, l1, dead_fraction, dense_fraction, n_tokens (+ matryoshka_fvu)
+    metrics: dict[str, float]  # fvu, explained_variance, l0, l1, never_fired_fraction, dense_fraction, n_tokens (+ matryoshka_fvu)
     feature_frequency: torch.Tensor  # (M,) fraction of tokens each feature fires on
 
 
 @torch.no_grad()
 def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> Validation:
-    """FVU, explained variance, L0, L1 and dead/dense fractions of `sae` on (already scaled) tokens; for a
+    """FVU, explained variance, L0, L1 and the never-fired and dense fractions of `sae` on (already scaled) tokens; for a
     Matryoshka SAE also `matryoshka_fvu`, the mean of its prefixes' FVUs (the full one last), which training minimises.
 
     Under torchrun each rank passes its share of the validation tokens and the sums are added
@@ -301,7 +301,8 @@ def validate(sae: SparseAutoencoder, tokens: torch.Tensor, batch_size: int) -> V
         "explained_variance": 1 - fvu,
         "l0": active_total / n_tokens,
         "l1": activation_total / n_tokens,  # per token, the sum of the feature activations (relu's penalty)
-        "dead_fraction": float((fire_counts == 0).double().mean()),
+        # Not "dead": the history's dead_fraction counts features silent for DEAD_AFTER_TOKENS training tokens (aux-K's).
+        "never_fired_fraction": float((fire_counts == 0).double().mean()),
         "dense_fraction": float((frequency > DENSE_FEATURE_FREQUENCY).double().mean()),
         "n_tokens": int(n_tokens),
     }
@@ -945,8 +946,8 @@ class TrainStage(Stage):
         for output in outputs:
             final = read_final_metrics(output.path.parent / METRICS_FILE)
             if final:
-                values = f"{final['fvu']:.4f} / {final['l0']:.1f} / {final['dead_fraction']:.1%}"
-                figures.append((f"{output.path.stem}: validation FVU / L0 / dead", values))
+                values = f"{final['fvu']:.4f} / {final['l0']:.1f} / {final['never_fired_fraction']:.1%}"
+                figures.append((f"{output.path.stem}: validation FVU / L0 / never fired", values))
         return figures
 
 

@@ -26,7 +26,10 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
 
 def read_final_metrics(path: Path) -> dict[str, Any]:
     """The final validation metrics a `write_metrics` file holds; empty when there is no file or no validation."""
-    return json.loads(path.read_text())["final"] if path.is_file() else {}
+    final = json.loads(path.read_text())["final"] if path.is_file() else {}
+    if "dead_fraction" in final:  # written before never_fired_fraction had its own name: the same number
+        final["never_fired_fraction"] = final.pop("dead_fraction")
+    return final
 
 
 def plot_training_curves(path: Path, title: str, history: list[dict[str, float]], validation: list[dict[str, float]]) -> None:
@@ -52,7 +55,7 @@ def plot_training_curves(path: Path, title: str, history: list[dict[str, float]]
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of every SAE's final validation metrics, one row each."""
-    header = "| SAE | val FVU | explained var. | L0 | dead | dense | tokens | stopped |"
+    header = "| SAE | val FVU | explained var. | L0 | never fired | dense | tokens | stopped |"
     lines = [header, "|" + "|".join("---" for _ in header.split("|")[1:-1]) + "|"]
     for row in rows:
         final = row["final"]
@@ -61,6 +64,6 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
             continue
         lines.append(
             f"| {row['name']} | {final['fvu']:.4f} | {final['explained_variance']:.4f} | {final['l0']:.1f} "
-            f"| {final['dead_fraction']:.1%} | {final['dense_fraction']:.1%} | {row['tokens_trained']:,} | {row['stopped']} |"
+            f"| {final['never_fired_fraction']:.1%} | {final['dense_fraction']:.1%} | {row['tokens_trained']:,} | {row['stopped']} |"
         )
     return "\n".join(lines)
