@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -307,6 +308,15 @@ for name, values in store_arrays(store).items():
 """
 
 
+def own_mount_namespace() -> list[str]:
+    """The command prefix that runs a command in a user and mount namespace of its own, where it may mount a disk without
+    root; the test is skipped where there are none."""
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
+        pytest.skip("no user and mount namespaces here to mount a small disk in")
+    return namespace
+
+
 def test_a_disk_that_fills_up_mid_extraction_stops_with_the_space_needed_and_the_rerun_resumes(texts_file, tmp_path):
     """A real full disk (ENOSPC): numpy reported it as "N requested and M written", a traceback with no errno to tell a
     full disk by."""
@@ -314,11 +324,12 @@ def test_a_disk_that_fills_up_mid_extraction_stops_with_the_space_needed_and_the
     code = FULL_DISK_RUN.format(
         tests=str(REPO / "tests"), disk=str(tmp_path / "disk"), texts=str(texts_file), reference=str(tmp_path / "ref")
     )
-    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
-    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
-        pytest.skip("no user and mount namespaces here to mount a small disk in")
     done = subprocess.run(
-        [*namespace, sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300
+        [*own_mount_namespace(), sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(
@@ -603,12 +614,12 @@ def test_batch_budget_defaults_by_device_and_always_fits_the_longest_example(mon
 def test_damaged_store_gets_a_clear_error(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
     (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
     np.save(folder / "shard_00001" / "token_ids.npy", np.zeros(3, dtype=np.int32))
-    with pytest.raises(StoreError, match="shard_00001.*token_ids shape"):
+    with pytest.raises(StoreError, match=r"shard_00001/token_ids\.npy holds int32 \(3,\), not the int32 \(\d+,\) its manifest plans"):
         ActivationStore(folder)
     for path in (folder / "shard_00001").iterdir():
         path.unlink()
     (folder / "shard_00001").rmdir()
-    with pytest.raises(StoreError, match="missing shard_00001"):
+    with pytest.raises(StoreError, match=r"missing shard_00001\. Rerun extract_activations\.py with the same settings"):
         ActivationStore(folder)
 
 
@@ -628,7 +639,6 @@ def test_a_store_damaged_after_it_was_written_names_the_file_and_the_fix(tiny_ll
     """Checked when the store opens, from file headers and sizes alone: these raised numpy's EOFError, ValueError or
     FileNotFoundError, or (a shard left out of the manifest) opened and read past the shards' end."""
     (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "out", layers=[1])
-    original = store_arrays(folder)
     damages = {
         "empty shard file": (
             lambda copy: cut_short(copy / "shard_00001" / "activations.npy", 0),
@@ -654,13 +664,37 @@ def test_a_store_damaged_after_it_was_written_names_the_file_and_the_fix(tiny_ll
     with pytest.raises(StoreError, match=r"examples\.jsonl holds 1 examples, the store 8: it is damaged"):
         ActivationStore(copy).example_records()  # the labels interpretation reads: they would have been the first example's alone
 
-    cut_short(folder / "shard_00001" / "activations.npy")
-    with pytest.raises(StoreError, match=r"shard_00001/activations\.npy is damaged.*Delete .*shard_00001 and rerun"):
-        ActivationStore(folder)
-    shutil.rmtree(folder / "shard_00001")  # the fix the message names
-    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "out", layers=[1])
-    for name, values in store_arrays(folder).items():
-        assert np.array_equal(values, original[name]), name
+
+def grow(path: Path) -> None:
+    """Stray bytes after a file's data: what a copy onto the wrong file, or a disk's fault, can leave."""
+    with path.open("ab") as handle:
+        handle.write(b"\0" * 8)
+
+
+def test_a_shard_damaged_on_disk_is_named_and_the_rerun_rewrites_it(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, caplog):
+    """A shard grown by stray bytes opened as whole; one cut short was refused, but the rerun its message named found
+    the shard's folder, reported every shard extracted, and left the store as it was. Each file's size and header are
+    checked against the manifest's plan (no data read, no checksum), and the rerun rewrites the shard that fails."""
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    original = store_arrays(folder)
+    damages = {
+        "grown": (grow, r"activations\.npy is damaged: \d+ bytes, where its header makes \d+"),
+        "cut short": (cut_short, r"activations\.npy is damaged or missing \(mmap length"),
+        "another dtype": (
+            lambda path: np.save(path, np.load(path).astype(np.float64)),
+            r"activations\.npy holds float64 .* not the float32",
+        ),
+    }
+    for name, (damage, message) in damages.items():
+        damage(folder / "shard_00001" / "activations.npy")
+        with pytest.raises(StoreError, match=message + r".*\. Rerun extract_activations\.py with the same settings: it rewrites the shard"):
+            ActivationStore(folder)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+        assert "Rewriting shard_00001: " in caplog.text, name
+        for key, values in store_arrays(folder).items():
+            assert np.array_equal(values, original[key]), (name, key)
 
 
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -39,24 +39,62 @@ logger = logging.getLogger(__name__)
 
 DOC_OFFSETS = "doc_offsets.npy"
 EXAMPLES = "examples.jsonl"
-SHARD_ARRAYS = ("activations", "token_ids", "special_mask")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DISK_MARGIN_BYTES = 256 * 2**20
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; over the user's quota
 REEXTRACT = "Re-extract the store with --overwrite, or restore the file from a copy."  # the fix for a damaged store-wide file
+NPY_LOAD_ERRORS = (OSError, ValueError, EOFError)  # what np.load raises for a file deleted, cut short or not .npy
 
 
 class StoreError(UserError):
     """The store is missing, incomplete, or does not match its manifest."""
 
 
-def load_store_array(path: Path, fix: str, mmap_mode: str | None = None) -> np.ndarray:
+class DamagedShardError(StoreError):
+    """A shard whose files do not hold what the manifest planned. `problem` says what is wrong without the fix, for the
+    rerun that rewrites the shard to log."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(
+            f"{problem}. Rerun extract_activations.py with the same settings: it rewrites the shard. Or restore it from a copy."
+        )
+        self.problem = problem
+
+
+def load_store_array(path: Path, fix: str) -> np.ndarray:
     """`np.load`, or a StoreError naming the file and `fix`: a file deleted or cut short (a copy that stopped early) must
     not surface as numpy's traceback."""
     try:
-        return np.load(path, mmap_mode=mmap_mode)
-    except (OSError, ValueError, EOFError) as error:
+        return np.load(path)
+    except NPY_LOAD_ERRORS as error:
         raise StoreError(f"{path} is damaged or missing ({error or type(error).__name__}). {fix}") from None
+
+
+def open_shard(store: Path, shard: ShardPlan, d: int, dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """The shard's arrays, memory-mapped; a DamagedShardError where its files do not hold what the manifest planned: a
+    file missing, cut short or grown (a copy that stopped early, a crash before the data reached the disk), or of another
+    shape or dtype. From headers and file sizes alone: no data is read."""
+    folder = store / shard.name
+    if not folder.is_dir():
+        raise DamagedShardError(f"{store} is missing {shard.name}")
+    expected = {
+        "activations": ((shard.n_tokens, d), to_storage_array(torch.zeros(1, dtype=dtype)).dtype),
+        "token_ids": ((shard.n_tokens,), np.dtype(np.int32)),
+        "special_mask": ((shard.n_tokens,), np.dtype(bool)),
+    }
+    arrays = {}
+    for name, (shape, array_dtype) in expected.items():
+        path = folder / f"{name}.npy"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except NPY_LOAD_ERRORS as error:
+            raise DamagedShardError(f"{path} is damaged or missing ({error or type(error).__name__})") from None
+        if (array.shape, array.dtype) != (shape, array_dtype):
+            raise DamagedShardError(f"{path} holds {array.dtype} {array.shape}, not the {array_dtype} {shape} its manifest plans")
+        if (size := path.stat().st_size) != array.offset + array.nbytes:
+            raise DamagedShardError(f"{path} is damaged: {size} bytes, where its header makes {array.offset + array.nbytes}")
+        arrays[name] = array
+    return arrays
 
 
 class StoreChunk(NamedTuple):
@@ -211,6 +249,7 @@ class ActivationStoreWriter:
                         shutil.rmtree(leftover)
                     else:
                         leftover.unlink()
+                self._remove_damaged_shards()
                 return True
             raise UserError(
                 f"{self.folder} already holds a store made with different settings "
@@ -222,6 +261,18 @@ class ActivationStoreWriter:
                 f"{self.folder} is not empty and holds no store manifest. Pass --overwrite to replace it, or choose another OUTPUT_DIR."
             )
         return False
+
+    def _remove_damaged_shards(self) -> None:
+        """Shards whose files no longer match their plan (cut short since, or by a crash before their data reached the
+        disk) are removed, so that the rerun rewrites them rather than reporting the store whole."""
+        for shard in self.shards:
+            if not (self.folder / shard.name).is_dir():
+                continue
+            try:
+                open_shard(self.folder, shard, self.manifest.d, STORAGE_DTYPES[self.manifest.dtype])
+            except DamagedShardError as error:
+                logger.warning("Rewriting %s: %s.", shard.name, error.problem)
+                shutil.rmtree(self.folder / shard.name)
 
     def _write_header(self, folder: Path, doc_offsets: np.ndarray, example_records: list[dict[str, Any]]) -> None:
         save_array(folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
@@ -303,21 +354,12 @@ class ActivationStore:
         self.d = int(manifest.d)
         self.doc_offsets = load_store_array(self.folder / DOC_OFFSETS, REEXTRACT)
         self._shard_starts = np.array([shard.first_token for shard in self.shards] + [self.n_tokens], dtype=np.int64)
-        self._arrays = [self._open_shard(shard) for shard in self.shards]
-        self.verify()
+        self._verify_tiling()
+        self._arrays = [open_shard(self.folder, shard, self.d, self.dtype) for shard in self.shards]
 
-    def _open_shard(self, shard: ShardPlan) -> dict[str, np.ndarray]:
-        folder = self.folder / shard.name
-        if not folder.is_dir():
-            raise StoreError(f"{self.folder} is missing {shard.name}. Rerun extract_activations.py with the same settings to rebuild it.")
-        fix = f"Delete {folder} and rerun extract_activations.py with the same settings to rewrite it, or restore it from a copy."
-        return {name: load_store_array(folder / f"{name}.npy", fix, mmap_mode="r") for name in SHARD_ARRAYS}
-
-    def verify(self) -> None:
-        """Check the shards and example offsets against the manifest: counts, shapes, dtypes, and that the shards tile the
-        store. All from headers and the small offsets array: no shard's data is read. (A file cut short fails its memory
-        map in `_open_shard`.)"""
-        expected_numpy = to_storage_array(torch.zeros(1, dtype=self.dtype)).dtype
+    def _verify_tiling(self) -> None:
+        """Check the example offsets and the manifest's shard list against its counts: the shards tile the store, each
+        starting at an example's first token. (Each shard's files are checked against its plan by `open_shard`.)"""
         offsets = self.doc_offsets
         if (
             offsets.ndim != 1
@@ -338,19 +380,6 @@ class ActivationStore:
                 f"the shards in {self.folder / MANIFEST} hold {first_token} tokens of {first_example} examples, not the "
                 f"{self.n_tokens} of {self.n_examples} it counts. {REEXTRACT}"
             )
-        for shard, arrays in zip(self.shards, self._arrays):
-            problems = []
-            if arrays["activations"].shape != (shard.n_tokens, self.d):
-                problems.append(f"activations shape {arrays['activations'].shape} != {(shard.n_tokens, self.d)}")
-            if arrays["activations"].dtype != expected_numpy:
-                problems.append(f"activations dtype {arrays['activations'].dtype} != {expected_numpy}")
-            for name in ("token_ids", "special_mask"):
-                if arrays[name].shape != (shard.n_tokens,):
-                    problems.append(f"{name} shape {arrays[name].shape} != {(shard.n_tokens,)}")
-            if problems:
-                raise StoreError(
-                    f"{self.folder / shard.name} does not match the manifest: {'; '.join(problems)}. Delete it and rerun extraction."
-                )
 
     @property
     def n_tokens(self) -> int:
