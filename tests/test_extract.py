@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -315,6 +316,28 @@ def own_mount_namespace() -> list[str]:
     if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
         pytest.skip("no user and mount namespaces here to mount a small disk in")
     return namespace
+
+
+def test_a_store_on_a_read_only_disk_is_refused_in_one_line(tiny_model_folder, texts_file, tmp_path):
+    """It stopped with an OSError traceback from the first mkdir. (On a read-only mount, as root cannot be kept out of a
+    folder by its permissions; EACCES, a folder of another user's, takes the same path.)"""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    args = ["--model-name", str(tiny_model_folder), "--dataset", str(texts_file), "--output-dir", str(disk), "--layers", "1"]
+    script = f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(disk))} && {shlex.join([sys.executable, str(REPO / 'extract_activations.py'), *args])}"
+    done = subprocess.run(
+        [*own_mount_namespace(), "sh", "-c", script],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(
+        rf"error: cannot write the store at {disk}/tiny-llama/blocks\.1\.hook_resid_post: Read-only file system \(\S+\)\. "
+        r"Set OUTPUT_DIR to a folder you can write to, or make this one writable\.",
+        done.stderr,
+    ), done.stderr
 
 
 def test_a_disk_that_fills_up_mid_extraction_stops_with_the_space_needed_and_the_rerun_resumes(texts_file, tmp_path):

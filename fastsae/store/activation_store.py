@@ -42,6 +42,7 @@ EXAMPLES = "examples.jsonl"
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DISK_MARGIN_BYTES = 256 * 2**20
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; over the user's quota
+UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only disk; a folder this user may not write
 REEXTRACT = "Re-extract the store with --overwrite, or restore the file from a copy."  # the fix for a damaged store-wide file
 NPY_LOAD_ERRORS = (OSError, ValueError, EOFError)  # what np.load raises for a file deleted, cut short or not .npy
 
@@ -179,6 +180,21 @@ def check_free_disk(folder: Path, needed_bytes: int) -> None:
 
 
 @contextmanager
+def unwritable_folder_stops_with_its_fix(folder: Path) -> Iterator[None]:
+    """A store folder on a read-only disk, or one this user may not write, stops extraction with one line naming it, not
+    an OSError traceback from wherever the first write happened to be."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in UNWRITABLE_ERRNOS:
+            raise
+        raise UserError(
+            f"cannot write the store at {folder}: {error.strerror} ({error.filename}). "
+            "Set OUTPUT_DIR to a folder you can write to, or make this one writable."
+        ) from None
+
+
+@contextmanager
 def writing_lock(folder: Path) -> Iterator[None]:
     """Hold `<folder>.lock`, beside the store, while one extraction writes it: a second one into the same folder (the same
     command started again while the first runs, or one with --overwrite) is refused, where it would delete the first's
@@ -186,10 +202,11 @@ def writing_lock(folder: Path) -> Iterator[None]:
     flock on Unix): the system drops it when its process ends, however it ends, so a crash leaves no stale lock.
     (Beside, not inside: --overwrite replaces the folder.)"""
     lock_path = folder.with_name(f"{folder.name}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path, timeout=0)
     try:
-        lock.acquire()
+        with unwritable_folder_stops_with_its_fix(folder):
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
     except Timeout:
         raise UserError(
             f"another extraction is writing {folder} (it holds {lock_path}). Let it finish, or stop it first; or set OUTPUT_DIR to another folder."
@@ -232,7 +249,7 @@ class ActivationStoreWriter:
             return
         # A new store appears whole, with its offsets, examples and manifest, or not at all: a crash while they are written
         # leaves no folder that a rerun would refuse as "not empty and holds no store manifest".
-        with self._full_disk_stops_with_its_fix():
+        with self._write_errors_stop_with_their_fix():
             replace_folder_atomically(self.folder, lambda partial: self._write_header(partial, doc_offsets, example_records))
 
     def _resumes(self, settings: dict[str, Any], overwrite: bool) -> bool:
@@ -297,15 +314,17 @@ class ActivationStoreWriter:
             save_array(partial / "token_ids.npy", token_ids.astype(np.int32))
             save_array(partial / "special_mask.npy", special_mask.astype(bool))
 
-        with self._full_disk_stops_with_its_fix():
+        with self._write_errors_stop_with_their_fix():
             replace_folder_atomically(self.folder / shard.name, fill)
 
     @contextmanager
-    def _full_disk_stops_with_its_fix(self) -> Iterator[None]:
-        """A disk that fills up mid-extraction (another job's files, a quota) stops it with what is still needed, not
-        an OSError traceback. The half-written shard is gone by then (its `.partial` removed), the whole ones stay."""
+    def _write_errors_stop_with_their_fix(self) -> Iterator[None]:
+        """A disk that fills up mid-extraction (another job's files, a quota) stops it with what is still needed, and a
+        folder that cannot be written with where to write instead, not an OSError traceback. The half-written shard is
+        gone by then (its `.partial` removed), the whole ones stay."""
         try:
-            yield
+            with unwritable_folder_stops_with_its_fix(self.folder):
+                yield
         except OSError as error:
             if error.errno not in DISK_FULL_ERRNOS:
                 raise
@@ -324,7 +343,7 @@ class ActivationStoreWriter:
         if missing:
             raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} shards are missing")
         self.manifest = replace(self.manifest, status="complete", completed_at=completed_at, extracted_by_ranks=extracted_by_ranks)
-        with self._full_disk_stops_with_its_fix():
+        with self._write_errors_stop_with_their_fix():
             self.manifest.write(self.folder / MANIFEST)
 
 
