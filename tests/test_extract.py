@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from fastsae.lm.data import load_dataset
 from fastsae.lm.hook_points import hooked_module, output_tensor
 from fastsae.lm.tokenization import tokenize_examples
 from fastsae.store.activation_store import ActivationStore, StoreError
+from fastsae.train.train_sae import TrainConfig, TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -386,29 +389,67 @@ extract(model, tokenizer, texts, output, layers=[1])
 """
 
 
+@contextmanager
+def extraction_paused_after_its_first_shard(output: Path, texts_file: Path, tmp_path: Path) -> Iterator[None]:
+    """An extraction in another process into `output` (layer 1 of the tiny Llama, as `extract` writes it), held after
+    its first shard until the block ends; then it finishes, and must succeed."""
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    code = PAUSED_RUN.format(tests=str(REPO / "tests"), output=str(output), texts=str(texts_file), paused=str(paused), go=str(go))
+    running = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert running.poll() is None and time.monotonic() < deadline, (
+                running.stderr.read() if running.poll() is not None else "no pause"
+            )
+            time.sleep(0.05)
+        yield
+    finally:
+        go.touch()
+        _, errors = running.communicate(timeout=300)
+    assert running.returncode == 0, errors
+
+
 def test_a_second_extraction_into_a_store_being_written_is_refused(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
     """Two processes shared each shard's one `.partial` name, so one deleted the other's half-written shard (a
     FileNotFoundError), and one with --overwrite deleted the running one's store, which went on writing its shards into
     the new one: a mix of two extractions' shards, unnoticed where their shapes agree."""
-    output, paused, go = tmp_path / "out", tmp_path / "paused", tmp_path / "go"
-    code = PAUSED_RUN.format(tests=str(REPO / "tests"), output=str(output), texts=str(texts_file), paused=str(paused), go=str(go))
-    first = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not paused.exists():
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() is not None else "no pause"
-            time.sleep(0.05)
+    output = tmp_path / "out"
+    with extraction_paused_after_its_first_shard(output, texts_file, tmp_path):
         for overwrite in (False, True):
             with pytest.raises(UserError, match=r"another extraction is writing \S+/blocks\.1\.hook_resid_post .*Let it finish"):
                 extract(tiny_llama, smollm2_tokenizer, texts_file, output, layers=[1], overwrite=overwrite)
-    finally:
-        go.touch()
-        _, errors = first.communicate(timeout=300)
-    assert first.returncode == 0, errors
     (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, output, layers=[1])  # once it is done, the store is there
     (reference,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "reference", layers=[1])
     for name, values in store_arrays(reference).items():
         assert np.array_equal(store_arrays(folder)[name], values), name
+
+
+def test_training_on_a_store_an_extraction_is_writing_is_refused_with_wait_not_rerun(texts_file, tmp_path):
+    """Training opened the half-written store as an interrupted one, and its message said to rerun the extraction,
+    which the running one's lock refuses. Only a consistent store opens: the whole one, once the extraction is done."""
+    output = tmp_path / "out"
+    folder = output / "tiny" / "blocks.1.hook_resid_post"
+    config = TrainConfig(store=str(folder), output_dir=str(tmp_path / "checkpoints"), m=32, k=4, batch_size=16, epochs=1.0)
+    with extraction_paused_after_its_first_shard(output, texts_file, tmp_path):
+        with pytest.raises(StoreError, match=r"an extraction is writing the store at \S+ now .*Wait for it to finish, then rerun\.$"):
+            TrainingRun(config)
+    assert TrainingRun(config).store.n_examples == 8
+
+
+def test_a_store_whose_extraction_was_killed_names_the_rerun(tiny_model_folder, texts_file, tmp_path):
+    """Once the process that held the lock is gone, the half store is an interrupted one: resume it."""
+    args = ["--model-name", str(tiny_model_folder), "--dataset", str(texts_file), "--output-dir", str(tmp_path / "out"), "--layers", "1"]
+    run_until_killed(
+        "import runpy, sys\n"
+        "from fastsae.store.activation_store import ActivationStoreWriter\n"
+        "ActivationStoreWriter.write_shard = lambda *args: kill_here()\n"
+        f"sys.argv = ['extract_activations.py', *{args!r}, '--shard-mb', '0.02']\n"
+        f"runpy.run_path({str(REPO / 'extract_activations.py')!r}, run_name='__main__')\n",
+        cwd=tmp_path,
+    )
+    with pytest.raises(StoreError, match=r"incomplete \(an interrupted extraction\)\. Rerun extract_activations\.py"):
+        ActivationStore(tmp_path / "out" / "tiny-llama" / "blocks.1.hook_resid_post")
 
 
 def test_layer_out_of_range_names_the_valid_range(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):

@@ -41,6 +41,7 @@ DOC_OFFSETS = "doc_offsets.npy"
 EXAMPLES = "examples.jsonl"
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DISK_MARGIN_BYTES = 256 * 2**20
+LOCK_PROBE_SECONDS = 1.0  # how long a probe of a store's writing lock, and an extraction taking it, wait for the other
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; over the user's quota
 UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only disk; a folder this user may not write
 REEXTRACT = "Re-extract the store with --overwrite, or restore the file from a copy."  # the fix for a damaged store-wide file
@@ -201,8 +202,8 @@ def writing_lock(folder: Path) -> Iterator[None]:
     `.partial` shards as they are written, or interleave shards of other settings with them. An OS file lock (filelock's,
     flock on Unix): the system drops it when its process ends, however it ends, so a crash leaves no stale lock.
     (Beside, not inside: --overwrite replaces the folder.)"""
-    lock_path = folder.with_name(f"{folder.name}.lock")
-    lock = FileLock(lock_path, timeout=0)
+    lock_path = writing_lock_path(folder)
+    lock = FileLock(lock_path, timeout=LOCK_PROBE_SECONDS)  # a reader's probe (`is_being_written`) holds it for an instant
     try:
         with unwritable_folder_stops_with_its_fix(folder):
             lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +216,25 @@ def writing_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def writing_lock_path(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.lock")
+
+
+def is_being_written(folder: Path) -> bool:
+    """Whether an extraction holds `folder`'s writing lock now. Probed by taking the lock for an instant, waiting a
+    moment first, so that two readers' probes, or a probe and a starting extraction, never take each other for one."""
+    lock_path = writing_lock_path(folder)
+    if not lock_path.exists():
+        return False
+    try:
+        with FileLock(lock_path, timeout=LOCK_PROBE_SECONDS):
+            return False
+    except Timeout:
+        return True
+    except OSError:  # a lock file this user cannot open: no extraction of theirs is writing
+        return False
 
 
 def _settings_differences(old: dict, new: dict) -> str:
@@ -348,10 +368,29 @@ class ActivationStoreWriter:
 
 
 class ActivationStore:
-    """Read-only, memory-mapped view of a complete store. Nothing loads the whole store into RAM."""
+    """Read-only, memory-mapped view of a complete store. Nothing loads the whole store into RAM.
+
+    It opens only when its manifest says complete and every file matches the manifest; else it names the fix (wait for
+    the extraction writing it, resume, rewrite a shard). Readers take no lock: a writer never changes a file in place
+    (it writes a new one and renames it over), so a store's arrays, once open, read as they were when opened, even while
+    a rerun with --overwrite replaces it.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        try:
+            self._open()
+        except StoreError:
+            # Half a store, or none, while an extraction writes it is no damage: say to wait, not to rerun it.
+            if is_being_written(self.folder):
+                raise StoreError(
+                    f"an extraction is writing the store at {self.folder} now (it holds {writing_lock_path(self.folder)}). "
+                    "Wait for it to finish, then rerun."
+                ) from None
+            raise
+
+    def _open(self) -> None:
+        """Read the manifest and check it, the offsets and every shard against each other: a store that opens is whole."""
         manifest = StoreManifest.read(self.folder / MANIFEST)
         if manifest is None:
             raise StoreError(f"no activation store at {self.folder} (no {MANIFEST}). Run extract_activations.py first.")
