@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import FAMILY_SHAPES, TINY_LAYERS, make_tiny_llama, run_until_killed, write_jsonl
+from conftest import FAMILY_SHAPES, TEXTS, TINY_LAYERS, make_tiny_llama, run_until_killed, write_jsonl
 from fastsae.common.errors import UserError
 from fastsae.extract import extract_activations as extract_module
 from fastsae.extract.extract_activations import (
@@ -450,6 +450,20 @@ def test_a_store_whose_extraction_was_killed_names_the_rerun(tiny_model_folder, 
     )
     with pytest.raises(StoreError, match=r"incomplete \(an interrupted extraction\)\. Rerun extract_activations\.py"):
         ActivationStore(tmp_path / "out" / "tiny-llama" / "blocks.1.hook_resid_post")
+
+
+def test_a_store_once_open_reads_as_it_was_while_a_rerun_with_overwrite_replaces_it(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    """Readers take no lock, so nothing they read may change under them. The shards did not, but the labels were read
+    from the folder when asked for: a reader got the new store's labels beside the old store's activations."""
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    opened, before = ActivationStore(folder), store_arrays(folder)
+    labels = [record["label"] for record in opened.example_records()]
+    relabelled = write_jsonl(tmp_path / "relabelled.jsonl", [{"text": text, "label": "other"} for text in TEXTS])
+    extract(tiny_llama, smollm2_tokenizer, relabelled, tmp_path, layers=[1], max_length=16, overwrite=True)
+    assert [record["label"] for record in ActivationStore(folder).example_records()] == ["other"] * len(TEXTS)
+    assert [record["label"] for record in opened.example_records()] == labels
+    chunk = opened.chunk(0, opened.n_tokens)
+    assert np.array_equal(chunk.activations.numpy(), before["activations"]) and np.array_equal(chunk.token_ids, before["token_ids"])
 
 
 def test_layer_out_of_range_names_the_valid_range(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):

@@ -372,8 +372,8 @@ class ActivationStore:
 
     It opens only when its manifest says complete and every file matches the manifest; else it names the fix (wait for
     the extraction writing it, resume, rewrite a shard). Readers take no lock: a writer never changes a file in place
-    (it writes a new one and renames it over), so a store's arrays, once open, read as they were when opened, even while
-    a rerun with --overwrite replaces it.
+    (it writes a new one and renames it over), so a store once open reads as it was when opened, even while a rerun
+    with --overwrite replaces it.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -411,6 +411,10 @@ class ActivationStore:
         self.dtype = STORAGE_DTYPES[manifest.dtype]
         self.d = int(manifest.d)
         self.doc_offsets = load_store_array(self.folder / DOC_OFFSETS, REEXTRACT)
+        try:  # mapped now, read when asked: the records of the store that opened, even after --overwrite replaced it
+            self._examples = np.memmap(self.folder / EXAMPLES, dtype=np.uint8, mode="r")
+        except NPY_LOAD_ERRORS as error:  # ValueError: an empty file, which cannot be mapped
+            raise StoreError(f"{self.folder / EXAMPLES} is damaged or missing ({error}). {REEXTRACT}") from None
         self._shard_starts = np.array([shard.first_token for shard in self.shards] + [self.n_tokens], dtype=np.int64)
         self._verify_tiling()
         self._arrays = [open_shard(self.folder, shard, self.d, self.dtype) for shard in self.shards]
@@ -527,10 +531,9 @@ class ActivationStore:
         """Per example: where it came from in the dataset, and its label if the dataset had one."""
         path = self.folder / EXAMPLES
         try:
-            with path.open() as handle:
-                records = [json.loads(line) for line in handle]
-        except (OSError, ValueError) as error:
-            raise StoreError(f"{path} is damaged or missing ({error}). {REEXTRACT}") from None
+            records = [json.loads(line) for line in self._examples.tobytes().splitlines()]
+        except ValueError as error:
+            raise StoreError(f"{path} is damaged ({error}). {REEXTRACT}") from None
         if len(records) != self.n_examples:  # cut short at a line's end: the labels of the last examples would be missing
             raise StoreError(f"{path} holds {len(records)} examples, the store {self.n_examples}: it is damaged. {REEXTRACT}")
         return records
