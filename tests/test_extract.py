@@ -141,7 +141,7 @@ def test_store_reads_across_shards_and_in_chunks(tiny_llama, smollm2_tokenizer, 
 
 
 @pytest.mark.parametrize("resumed_with", ["padded", "packed"])
-def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, resumed_with):
+def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, resumed_with, caplog):
     """Interrupted with padded batches, resumed either way: the batching path is not a setting that refuses a resume."""
     (reference,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "uninterrupted", layers=[1], batching="padded")
 
@@ -165,7 +165,13 @@ def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(folder)
 
-    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1], **BATCHINGS[resumed_with])
+    with caplog.at_level(logging.INFO):
+        extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1], **BATCHINGS[resumed_with])
+    n_shards = len(ActivationStore(reference).shards)
+    assert (
+        f"Resuming: {len(written)} of {n_shards} shards are on disk from an earlier run; extracting the other {n_shards - len(written)}."
+        in caplog.text
+    )
     assert ActivationStore(folder).manifest.extraction["batching"] == resumed_with
     resumed, uninterrupted = store_arrays(folder), store_arrays(reference)
     for name in ("token_ids", "special_mask", "offsets"):
