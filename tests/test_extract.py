@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import FAMILY_SHAPES, TINY_LAYERS, make_tiny_llama, run_until_killed, write_jsonl
+from conftest import FAMILY_SHAPES, TEXTS, TINY_LAYERS, make_tiny_llama, run_until_killed, write_jsonl
 from fastsae.common.errors import UserError
 from fastsae.extract import extract_activations as extract_module
 from fastsae.extract.extract_activations import (
@@ -35,6 +39,7 @@ from fastsae.lm.data import load_dataset
 from fastsae.lm.hook_points import hooked_module, output_tensor
 from fastsae.lm.tokenization import tokenize_examples
 from fastsae.store.activation_store import ActivationStore, StoreError
+from fastsae.train.train_sae import TrainConfig, TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +141,7 @@ def test_store_reads_across_shards_and_in_chunks(tiny_llama, smollm2_tokenizer, 
 
 
 @pytest.mark.parametrize("resumed_with", ["padded", "packed"])
-def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, resumed_with):
+def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, resumed_with, caplog):
     """Interrupted with padded batches, resumed either way: the batching path is not a setting that refuses a resume."""
     (reference,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "uninterrupted", layers=[1], batching="padded")
 
@@ -160,7 +165,13 @@ def test_interrupted_run_resumes_to_the_same_store(tiny_llama, smollm2_tokenizer
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(folder)
 
-    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1], **BATCHINGS[resumed_with])
+    with caplog.at_level(logging.INFO):
+        extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "interrupted", layers=[1], **BATCHINGS[resumed_with])
+    n_shards = len(ActivationStore(reference).shards)
+    assert (
+        f"Resuming: {len(written)} of {n_shards} shards are on disk from an earlier run; extracting the other {n_shards - len(written)}."
+        in caplog.text
+    )
     assert ActivationStore(folder).manifest.extraction["batching"] == resumed_with
     resumed, uninterrupted = store_arrays(folder), store_arrays(reference)
     for name in ("token_ids", "special_mask", "offsets"):
@@ -307,6 +318,37 @@ for name, values in store_arrays(store).items():
 """
 
 
+def own_mount_namespace() -> list[str]:
+    """The command prefix that runs a command in a user and mount namespace of its own, where it may mount a disk without
+    root; the test is skipped where there are none."""
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
+        pytest.skip("no user and mount namespaces here to mount a small disk in")
+    return namespace
+
+
+def test_a_store_on_a_read_only_disk_is_refused_in_one_line(tiny_model_folder, texts_file, tmp_path):
+    """It stopped with an OSError traceback from the first mkdir. (On a read-only mount, as root cannot be kept out of a
+    folder by its permissions; EACCES, a folder of another user's, takes the same path.)"""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    args = ["--model-name", str(tiny_model_folder), "--dataset", str(texts_file), "--output-dir", str(disk), "--layers", "1"]
+    script = f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(disk))} && {shlex.join([sys.executable, str(REPO / 'extract_activations.py'), *args])}"
+    done = subprocess.run(
+        [*own_mount_namespace(), "sh", "-c", script],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(
+        rf"error: cannot write the store at {disk}/tiny-llama/blocks\.1\.hook_resid_post: Read-only file system \(\S+\)\. "
+        r"Set OUTPUT_DIR to a folder you can write to, or make this one writable\.",
+        done.stderr,
+    ), done.stderr
+
+
 def test_a_disk_that_fills_up_mid_extraction_stops_with_the_space_needed_and_the_rerun_resumes(texts_file, tmp_path):
     """A real full disk (ENOSPC): numpy reported it as "N requested and M written", a traceback with no errno to tell a
     full disk by."""
@@ -314,11 +356,12 @@ def test_a_disk_that_fills_up_mid_extraction_stops_with_the_space_needed_and_the
     code = FULL_DISK_RUN.format(
         tests=str(REPO / "tests"), disk=str(tmp_path / "disk"), texts=str(texts_file), reference=str(tmp_path / "ref")
     )
-    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
-    if shutil.which("unshare") is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
-        pytest.skip("no user and mount namespaces here to mount a small disk in")
     done = subprocess.run(
-        [*namespace, sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300
+        [*own_mount_namespace(), sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(
@@ -352,29 +395,81 @@ extract(model, tokenizer, texts, output, layers=[1])
 """
 
 
+@contextmanager
+def extraction_paused_after_its_first_shard(output: Path, texts_file: Path, tmp_path: Path) -> Iterator[None]:
+    """An extraction in another process into `output` (layer 1 of the tiny Llama, as `extract` writes it), held after
+    its first shard until the block ends; then it finishes, and must succeed."""
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    code = PAUSED_RUN.format(tests=str(REPO / "tests"), output=str(output), texts=str(texts_file), paused=str(paused), go=str(go))
+    running = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert running.poll() is None and time.monotonic() < deadline, (
+                running.stderr.read() if running.poll() is not None else "no pause"
+            )
+            time.sleep(0.05)
+        yield
+    finally:
+        go.touch()
+        _, errors = running.communicate(timeout=300)
+    assert running.returncode == 0, errors
+
+
 def test_a_second_extraction_into_a_store_being_written_is_refused(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
     """Two processes shared each shard's one `.partial` name, so one deleted the other's half-written shard (a
     FileNotFoundError), and one with --overwrite deleted the running one's store, which went on writing its shards into
     the new one: a mix of two extractions' shards, unnoticed where their shapes agree."""
-    output, paused, go = tmp_path / "out", tmp_path / "paused", tmp_path / "go"
-    code = PAUSED_RUN.format(tests=str(REPO / "tests"), output=str(output), texts=str(texts_file), paused=str(paused), go=str(go))
-    first = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not paused.exists():
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() is not None else "no pause"
-            time.sleep(0.05)
+    output = tmp_path / "out"
+    with extraction_paused_after_its_first_shard(output, texts_file, tmp_path):
         for overwrite in (False, True):
             with pytest.raises(UserError, match=r"another extraction is writing \S+/blocks\.1\.hook_resid_post .*Let it finish"):
                 extract(tiny_llama, smollm2_tokenizer, texts_file, output, layers=[1], overwrite=overwrite)
-    finally:
-        go.touch()
-        _, errors = first.communicate(timeout=300)
-    assert first.returncode == 0, errors
     (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, output, layers=[1])  # once it is done, the store is there
     (reference,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "reference", layers=[1])
     for name, values in store_arrays(reference).items():
         assert np.array_equal(store_arrays(folder)[name], values), name
+
+
+def test_training_on_a_store_an_extraction_is_writing_is_refused_with_wait_not_rerun(texts_file, tmp_path):
+    """Training opened the half-written store as an interrupted one, and its message said to rerun the extraction,
+    which the running one's lock refuses. Only a consistent store opens: the whole one, once the extraction is done."""
+    output = tmp_path / "out"
+    folder = output / "tiny" / "blocks.1.hook_resid_post"
+    config = TrainConfig(store=str(folder), output_dir=str(tmp_path / "checkpoints"), m=32, k=4, batch_size=16, epochs=1.0)
+    with extraction_paused_after_its_first_shard(output, texts_file, tmp_path):
+        with pytest.raises(StoreError, match=r"an extraction is writing the store at \S+ now .*Wait for it to finish, then rerun\.$"):
+            TrainingRun(config)
+    assert TrainingRun(config).store.n_examples == 8
+
+
+def test_a_store_whose_extraction_was_killed_names_the_rerun(tiny_model_folder, texts_file, tmp_path):
+    """Once the process that held the lock is gone, the half store is an interrupted one: resume it."""
+    args = ["--model-name", str(tiny_model_folder), "--dataset", str(texts_file), "--output-dir", str(tmp_path / "out"), "--layers", "1"]
+    run_until_killed(
+        "import runpy, sys\n"
+        "from fastsae.store.activation_store import ActivationStoreWriter\n"
+        "ActivationStoreWriter.write_shard = lambda *args: kill_here()\n"
+        f"sys.argv = ['extract_activations.py', *{args!r}, '--shard-mb', '0.02']\n"
+        f"runpy.run_path({str(REPO / 'extract_activations.py')!r}, run_name='__main__')\n",
+        cwd=tmp_path,
+    )
+    with pytest.raises(StoreError, match=r"incomplete \(an interrupted extraction\)\. Rerun extract_activations\.py"):
+        ActivationStore(tmp_path / "out" / "tiny-llama" / "blocks.1.hook_resid_post")
+
+
+def test_a_store_once_open_reads_as_it_was_while_a_rerun_with_overwrite_replaces_it(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
+    """Readers take no lock, so nothing they read may change under them. The shards did not, but the labels were read
+    from the folder when asked for: a reader got the new store's labels beside the old store's activations."""
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    opened, before = ActivationStore(folder), store_arrays(folder)
+    labels = [record["label"] for record in opened.example_records()]
+    relabelled = write_jsonl(tmp_path / "relabelled.jsonl", [{"text": text, "label": "other"} for text in TEXTS])
+    extract(tiny_llama, smollm2_tokenizer, relabelled, tmp_path, layers=[1], max_length=16, overwrite=True)
+    assert [record["label"] for record in ActivationStore(folder).example_records()] == ["other"] * len(TEXTS)
+    assert [record["label"] for record in opened.example_records()] == labels
+    chunk = opened.chunk(0, opened.n_tokens)
+    assert np.array_equal(chunk.activations.numpy(), before["activations"]) and np.array_equal(chunk.token_ids, before["token_ids"])
 
 
 def test_layer_out_of_range_names_the_valid_range(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
@@ -603,12 +698,12 @@ def test_batch_budget_defaults_by_device_and_always_fits_the_longest_example(mon
 def test_damaged_store_gets_a_clear_error(tiny_llama, smollm2_tokenizer, texts_file, tmp_path):
     (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
     np.save(folder / "shard_00001" / "token_ids.npy", np.zeros(3, dtype=np.int32))
-    with pytest.raises(StoreError, match="shard_00001.*token_ids shape"):
+    with pytest.raises(StoreError, match=r"shard_00001/token_ids\.npy holds int32 \(3,\), not the int32 \(\d+,\) its manifest plans"):
         ActivationStore(folder)
     for path in (folder / "shard_00001").iterdir():
         path.unlink()
     (folder / "shard_00001").rmdir()
-    with pytest.raises(StoreError, match="missing shard_00001"):
+    with pytest.raises(StoreError, match=r"missing shard_00001\. Rerun extract_activations\.py with the same settings"):
         ActivationStore(folder)
 
 
@@ -628,7 +723,6 @@ def test_a_store_damaged_after_it_was_written_names_the_file_and_the_fix(tiny_ll
     """Checked when the store opens, from file headers and sizes alone: these raised numpy's EOFError, ValueError or
     FileNotFoundError, or (a shard left out of the manifest) opened and read past the shards' end."""
     (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "out", layers=[1])
-    original = store_arrays(folder)
     damages = {
         "empty shard file": (
             lambda copy: cut_short(copy / "shard_00001" / "activations.npy", 0),
@@ -654,13 +748,37 @@ def test_a_store_damaged_after_it_was_written_names_the_file_and_the_fix(tiny_ll
     with pytest.raises(StoreError, match=r"examples\.jsonl holds 1 examples, the store 8: it is damaged"):
         ActivationStore(copy).example_records()  # the labels interpretation reads: they would have been the first example's alone
 
-    cut_short(folder / "shard_00001" / "activations.npy")
-    with pytest.raises(StoreError, match=r"shard_00001/activations\.npy is damaged.*Delete .*shard_00001 and rerun"):
-        ActivationStore(folder)
-    shutil.rmtree(folder / "shard_00001")  # the fix the message names
-    extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path / "out", layers=[1])
-    for name, values in store_arrays(folder).items():
-        assert np.array_equal(values, original[name]), name
+
+def grow(path: Path) -> None:
+    """Stray bytes after a file's data: what a copy onto the wrong file, or a disk's fault, can leave."""
+    with path.open("ab") as handle:
+        handle.write(b"\0" * 8)
+
+
+def test_a_shard_damaged_on_disk_is_named_and_the_rerun_rewrites_it(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, caplog):
+    """A shard grown by stray bytes opened as whole; one cut short was refused, but the rerun its message named found
+    the shard's folder, reported every shard extracted, and left the store as it was. Each file's size and header are
+    checked against the manifest's plan (no data read, no checksum), and the rerun rewrites the shard that fails."""
+    (folder,) = extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+    original = store_arrays(folder)
+    damages = {
+        "grown": (grow, r"activations\.npy is damaged: \d+ bytes, where its header makes \d+"),
+        "cut short": (cut_short, r"activations\.npy is damaged or missing \(mmap length"),
+        "another dtype": (
+            lambda path: np.save(path, np.load(path).astype(np.float64)),
+            r"activations\.npy holds float64 .* not the float32",
+        ),
+    }
+    for name, (damage, message) in damages.items():
+        damage(folder / "shard_00001" / "activations.npy")
+        with pytest.raises(StoreError, match=message + r".*\. Rerun extract_activations\.py with the same settings: it rewrites the shard"):
+            ActivationStore(folder)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            extract(tiny_llama, smollm2_tokenizer, texts_file, tmp_path, layers=[1])
+        assert "Rewriting shard_00001: " in caplog.text, name
+        for key, values in store_arrays(folder).items():
+            assert np.array_equal(values, original[key]), (name, key)
 
 
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -661,7 +661,14 @@ def _write_stores(
     ]
     if not pending:
         logger.info("All %d shards already extracted; nothing to do.", len(shards))
-    elif mine:
+    elif len(pending) < len(shards):
+        logger.info(
+            "Resuming: %d of %d shards are on disk from an earlier run; extracting the other %d.",
+            len(shards) - len(pending),
+            len(shards),
+            len(pending),
+        )
+    if mine:
         _extract_shards(
             capture, next(model.parameters()).device, tokenizer, packed, shards, mine, writers, config, storage_dtype, batching.row_tokens
         )
@@ -798,8 +805,8 @@ class ExtractStage(Stage):
         ]
 
     def outputs_complete(self, outputs: list[Output]) -> bool:
-        """A store counts once its manifest says every shard is on disk and it opens: a shard deleted or cut short since
-        (seen from the files' headers and sizes, no data read) makes the step run again, which rewrites a missing shard."""
+        """A store counts once its manifest says every shard is on disk and it opens: a shard deleted or damaged since
+        (seen from the files' headers and sizes, no data read) makes the step run again, which rewrites that shard."""
         for output in outputs:
             manifest = StoreManifest.read(output.path / MANIFEST)
             if manifest is None or not manifest.is_complete:

@@ -356,7 +356,7 @@ class Pipeline:
         if record["status"] != "complete":
             return "run", "resume (interrupted)", False
         if not plan.stage.outputs_complete(plan.outputs):
-            return "run", "outputs missing", False
+            return "run", "outputs missing or damaged", False
         if rewriters := self._running_writers_of_inputs(plan):
             return "run", f"{rewriters[0]} re-runs", True
         if record.get("input") is not None and record["input"] != plan.stage.input_identity(plan.config):

@@ -39,24 +39,64 @@ logger = logging.getLogger(__name__)
 
 DOC_OFFSETS = "doc_offsets.npy"
 EXAMPLES = "examples.jsonl"
-SHARD_ARRAYS = ("activations", "token_ids", "special_mask")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DISK_MARGIN_BYTES = 256 * 2**20
+LOCK_PROBE_SECONDS = 1.0  # how long a probe of a store's writing lock, and an extraction taking it, wait for the other
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; over the user's quota
+UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only disk; a folder this user may not write
 REEXTRACT = "Re-extract the store with --overwrite, or restore the file from a copy."  # the fix for a damaged store-wide file
+NPY_LOAD_ERRORS = (OSError, ValueError, EOFError)  # what np.load raises for a file deleted, cut short or not .npy
 
 
 class StoreError(UserError):
     """The store is missing, incomplete, or does not match its manifest."""
 
 
-def load_store_array(path: Path, fix: str, mmap_mode: str | None = None) -> np.ndarray:
+class DamagedShardError(StoreError):
+    """A shard whose files do not hold what the manifest planned. `problem` says what is wrong without the fix, for the
+    rerun that rewrites the shard to log."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(
+            f"{problem}. Rerun extract_activations.py with the same settings: it rewrites the shard. Or restore it from a copy."
+        )
+        self.problem = problem
+
+
+def load_store_array(path: Path, fix: str) -> np.ndarray:
     """`np.load`, or a StoreError naming the file and `fix`: a file deleted or cut short (a copy that stopped early) must
     not surface as numpy's traceback."""
     try:
-        return np.load(path, mmap_mode=mmap_mode)
-    except (OSError, ValueError, EOFError) as error:
+        return np.load(path)
+    except NPY_LOAD_ERRORS as error:
         raise StoreError(f"{path} is damaged or missing ({error or type(error).__name__}). {fix}") from None
+
+
+def open_shard(store: Path, shard: ShardPlan, d: int, dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """The shard's arrays, memory-mapped; a DamagedShardError where its files do not hold what the manifest planned: a
+    file missing, cut short or grown (a copy that stopped early, a crash before the data reached the disk), or of another
+    shape or dtype. From headers and file sizes alone: no data is read."""
+    folder = store / shard.name
+    if not folder.is_dir():
+        raise DamagedShardError(f"{store} is missing {shard.name}")
+    expected = {
+        "activations": ((shard.n_tokens, d), to_storage_array(torch.zeros(1, dtype=dtype)).dtype),
+        "token_ids": ((shard.n_tokens,), np.dtype(np.int32)),
+        "special_mask": ((shard.n_tokens,), np.dtype(bool)),
+    }
+    arrays = {}
+    for name, (shape, array_dtype) in expected.items():
+        path = folder / f"{name}.npy"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except NPY_LOAD_ERRORS as error:
+            raise DamagedShardError(f"{path} is damaged or missing ({error or type(error).__name__})") from None
+        if (array.shape, array.dtype) != (shape, array_dtype):
+            raise DamagedShardError(f"{path} holds {array.dtype} {array.shape}, not the {array_dtype} {shape} its manifest plans")
+        if (size := path.stat().st_size) != array.offset + array.nbytes:
+            raise DamagedShardError(f"{path} is damaged: {size} bytes, where its header makes {array.offset + array.nbytes}")
+        arrays[name] = array
+    return arrays
 
 
 class StoreChunk(NamedTuple):
@@ -141,17 +181,33 @@ def check_free_disk(folder: Path, needed_bytes: int) -> None:
 
 
 @contextmanager
+def unwritable_folder_stops_with_its_fix(folder: Path) -> Iterator[None]:
+    """A store folder on a read-only disk, or one this user may not write, stops extraction with one line naming it, not
+    an OSError traceback from wherever the first write happened to be."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in UNWRITABLE_ERRNOS:
+            raise
+        raise UserError(
+            f"cannot write the store at {folder}: {error.strerror} ({error.filename}). "
+            "Set OUTPUT_DIR to a folder you can write to, or make this one writable."
+        ) from None
+
+
+@contextmanager
 def writing_lock(folder: Path) -> Iterator[None]:
     """Hold `<folder>.lock`, beside the store, while one extraction writes it: a second one into the same folder (the same
     command started again while the first runs, or one with --overwrite) is refused, where it would delete the first's
     `.partial` shards as they are written, or interleave shards of other settings with them. An OS file lock (filelock's,
     flock on Unix): the system drops it when its process ends, however it ends, so a crash leaves no stale lock.
     (Beside, not inside: --overwrite replaces the folder.)"""
-    lock_path = folder.with_name(f"{folder.name}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path, timeout=0)
+    lock_path = writing_lock_path(folder)
+    lock = FileLock(lock_path, timeout=LOCK_PROBE_SECONDS)  # a reader's probe (`is_being_written`) holds it for an instant
     try:
-        lock.acquire()
+        with unwritable_folder_stops_with_its_fix(folder):
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
     except Timeout:
         raise UserError(
             f"another extraction is writing {folder} (it holds {lock_path}). Let it finish, or stop it first; or set OUTPUT_DIR to another folder."
@@ -160,6 +216,25 @@ def writing_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def writing_lock_path(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.lock")
+
+
+def is_being_written(folder: Path) -> bool:
+    """Whether an extraction holds `folder`'s writing lock now. Probed by taking the lock for an instant, waiting a
+    moment first, so that two readers' probes, or a probe and a starting extraction, never take each other for one."""
+    lock_path = writing_lock_path(folder)
+    if not lock_path.exists():
+        return False
+    try:
+        with FileLock(lock_path, timeout=LOCK_PROBE_SECONDS):
+            return False
+    except Timeout:
+        return True
+    except OSError:  # a lock file this user cannot open: no extraction of theirs is writing
+        return False
 
 
 def _settings_differences(old: dict, new: dict) -> str:
@@ -194,7 +269,7 @@ class ActivationStoreWriter:
             return
         # A new store appears whole, with its offsets, examples and manifest, or not at all: a crash while they are written
         # leaves no folder that a rerun would refuse as "not empty and holds no store manifest".
-        with self._full_disk_stops_with_its_fix():
+        with self._write_errors_stop_with_their_fix():
             replace_folder_atomically(self.folder, lambda partial: self._write_header(partial, doc_offsets, example_records))
 
     def _resumes(self, settings: dict[str, Any], overwrite: bool) -> bool:
@@ -211,6 +286,7 @@ class ActivationStoreWriter:
                         shutil.rmtree(leftover)
                     else:
                         leftover.unlink()
+                self._remove_damaged_shards()
                 return True
             raise UserError(
                 f"{self.folder} already holds a store made with different settings "
@@ -222,6 +298,18 @@ class ActivationStoreWriter:
                 f"{self.folder} is not empty and holds no store manifest. Pass --overwrite to replace it, or choose another OUTPUT_DIR."
             )
         return False
+
+    def _remove_damaged_shards(self) -> None:
+        """Shards whose files no longer match their plan (cut short since, or by a crash before their data reached the
+        disk) are removed, so that the rerun rewrites them rather than reporting the store whole."""
+        for shard in self.shards:
+            if not (self.folder / shard.name).is_dir():
+                continue
+            try:
+                open_shard(self.folder, shard, self.manifest.d, STORAGE_DTYPES[self.manifest.dtype])
+            except DamagedShardError as error:
+                logger.warning("Rewriting %s: %s.", shard.name, error.problem)
+                shutil.rmtree(self.folder / shard.name)
 
     def _write_header(self, folder: Path, doc_offsets: np.ndarray, example_records: list[dict[str, Any]]) -> None:
         save_array(folder / DOC_OFFSETS, doc_offsets.astype(np.int64))
@@ -246,15 +334,17 @@ class ActivationStoreWriter:
             save_array(partial / "token_ids.npy", token_ids.astype(np.int32))
             save_array(partial / "special_mask.npy", special_mask.astype(bool))
 
-        with self._full_disk_stops_with_its_fix():
+        with self._write_errors_stop_with_their_fix():
             replace_folder_atomically(self.folder / shard.name, fill)
 
     @contextmanager
-    def _full_disk_stops_with_its_fix(self) -> Iterator[None]:
-        """A disk that fills up mid-extraction (another job's files, a quota) stops it with what is still needed, not
-        an OSError traceback. The half-written shard is gone by then (its `.partial` removed), the whole ones stay."""
+    def _write_errors_stop_with_their_fix(self) -> Iterator[None]:
+        """A disk that fills up mid-extraction (another job's files, a quota) stops it with what is still needed, and a
+        folder that cannot be written with where to write instead, not an OSError traceback. The half-written shard is
+        gone by then (its `.partial` removed), the whole ones stay."""
         try:
-            yield
+            with unwritable_folder_stops_with_its_fix(self.folder):
+                yield
         except OSError as error:
             if error.errno not in DISK_FULL_ERRNOS:
                 raise
@@ -273,15 +363,34 @@ class ActivationStoreWriter:
         if missing:
             raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} shards are missing")
         self.manifest = replace(self.manifest, status="complete", completed_at=completed_at, extracted_by_ranks=extracted_by_ranks)
-        with self._full_disk_stops_with_its_fix():
+        with self._write_errors_stop_with_their_fix():
             self.manifest.write(self.folder / MANIFEST)
 
 
 class ActivationStore:
-    """Read-only, memory-mapped view of a complete store. Nothing loads the whole store into RAM."""
+    """Read-only, memory-mapped view of a complete store. Nothing loads the whole store into RAM.
+
+    It opens only when its manifest says complete and every file matches the manifest; else it names the fix (wait for
+    the extraction writing it, resume, rewrite a shard). Readers take no lock: a writer never changes a file in place
+    (it writes a new one and renames it over), so a store once open reads as it was when opened, even while a rerun
+    with --overwrite replaces it.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        try:
+            self._open()
+        except StoreError:
+            # Half a store, or none, while an extraction writes it is no damage: say to wait, not to rerun it.
+            if is_being_written(self.folder):
+                raise StoreError(
+                    f"an extraction is writing the store at {self.folder} now (it holds {writing_lock_path(self.folder)}). "
+                    "Wait for it to finish, then rerun."
+                ) from None
+            raise
+
+    def _open(self) -> None:
+        """Read the manifest and check it, the offsets and every shard against each other: a store that opens is whole."""
         manifest = StoreManifest.read(self.folder / MANIFEST)
         if manifest is None:
             raise StoreError(f"no activation store at {self.folder} (no {MANIFEST}). Run extract_activations.py first.")
@@ -302,22 +411,17 @@ class ActivationStore:
         self.dtype = STORAGE_DTYPES[manifest.dtype]
         self.d = int(manifest.d)
         self.doc_offsets = load_store_array(self.folder / DOC_OFFSETS, REEXTRACT)
+        try:  # mapped now, read when asked: the records of the store that opened, even after --overwrite replaced it
+            self._examples = np.memmap(self.folder / EXAMPLES, dtype=np.uint8, mode="r")
+        except NPY_LOAD_ERRORS as error:  # ValueError: an empty file, which cannot be mapped
+            raise StoreError(f"{self.folder / EXAMPLES} is damaged or missing ({error}). {REEXTRACT}") from None
         self._shard_starts = np.array([shard.first_token for shard in self.shards] + [self.n_tokens], dtype=np.int64)
-        self._arrays = [self._open_shard(shard) for shard in self.shards]
-        self.verify()
+        self._verify_tiling()
+        self._arrays = [open_shard(self.folder, shard, self.d, self.dtype) for shard in self.shards]
 
-    def _open_shard(self, shard: ShardPlan) -> dict[str, np.ndarray]:
-        folder = self.folder / shard.name
-        if not folder.is_dir():
-            raise StoreError(f"{self.folder} is missing {shard.name}. Rerun extract_activations.py with the same settings to rebuild it.")
-        fix = f"Delete {folder} and rerun extract_activations.py with the same settings to rewrite it, or restore it from a copy."
-        return {name: load_store_array(folder / f"{name}.npy", fix, mmap_mode="r") for name in SHARD_ARRAYS}
-
-    def verify(self) -> None:
-        """Check the shards and example offsets against the manifest: counts, shapes, dtypes, and that the shards tile the
-        store. All from headers and the small offsets array: no shard's data is read. (A file cut short fails its memory
-        map in `_open_shard`.)"""
-        expected_numpy = to_storage_array(torch.zeros(1, dtype=self.dtype)).dtype
+    def _verify_tiling(self) -> None:
+        """Check the example offsets and the manifest's shard list against its counts: the shards tile the store, each
+        starting at an example's first token. (Each shard's files are checked against its plan by `open_shard`.)"""
         offsets = self.doc_offsets
         if (
             offsets.ndim != 1
@@ -338,19 +442,6 @@ class ActivationStore:
                 f"the shards in {self.folder / MANIFEST} hold {first_token} tokens of {first_example} examples, not the "
                 f"{self.n_tokens} of {self.n_examples} it counts. {REEXTRACT}"
             )
-        for shard, arrays in zip(self.shards, self._arrays):
-            problems = []
-            if arrays["activations"].shape != (shard.n_tokens, self.d):
-                problems.append(f"activations shape {arrays['activations'].shape} != {(shard.n_tokens, self.d)}")
-            if arrays["activations"].dtype != expected_numpy:
-                problems.append(f"activations dtype {arrays['activations'].dtype} != {expected_numpy}")
-            for name in ("token_ids", "special_mask"):
-                if arrays[name].shape != (shard.n_tokens,):
-                    problems.append(f"{name} shape {arrays[name].shape} != {(shard.n_tokens,)}")
-            if problems:
-                raise StoreError(
-                    f"{self.folder / shard.name} does not match the manifest: {'; '.join(problems)}. Delete it and rerun extraction."
-                )
 
     @property
     def n_tokens(self) -> int:
@@ -440,10 +531,9 @@ class ActivationStore:
         """Per example: where it came from in the dataset, and its label if the dataset had one."""
         path = self.folder / EXAMPLES
         try:
-            with path.open() as handle:
-                records = [json.loads(line) for line in handle]
-        except (OSError, ValueError) as error:
-            raise StoreError(f"{path} is damaged or missing ({error}). {REEXTRACT}") from None
+            records = [json.loads(line) for line in self._examples.tobytes().splitlines()]
+        except ValueError as error:
+            raise StoreError(f"{path} is damaged ({error}). {REEXTRACT}") from None
         if len(records) != self.n_examples:  # cut short at a line's end: the labels of the last examples would be missing
             raise StoreError(f"{path} holds {len(records)} examples, the store {self.n_examples}: it is damaged. {REEXTRACT}")
         return records
