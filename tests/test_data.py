@@ -489,6 +489,15 @@ def test_a_broken_json_array_is_one_clear_error(tmp_path, content, message):
         load_dataset(path)
 
 
+def test_rows_with_another_text_field_are_skipped_naming_it(tmp_path):
+    """A file mixing plain texts and chats: auto reads `text` from every row, and the chats' skip reason says what they hold."""
+    chat = {"messages": [{"role": "user", "content": "Plan my day."}]}
+    dataset = load_dataset(write_jsonl(tmp_path / "mixed.jsonl", [{"text": "A plain text."}, chat, chat, {"body": "neither"}]))
+    assert texts(dataset) == ["A plain text."]
+    hint = "missing field 'text' (it has 'messages': TEXT_FIELD reads one field from every row; split the file to read both)"
+    assert dataset.skipped.where == {hint: ["line 2", "line 3"], "missing field 'text'": ["line 4"]}
+
+
 def test_csv_empty_cell_is_a_missing_field(tmp_path):
     path = tmp_path / "gaps.csv"
     pd.DataFrame([{"text": "first", "label": "a"}, {"text": None, "label": "b"}, {"text": "third", "label": None}]).to_csv(

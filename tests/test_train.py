@@ -747,6 +747,9 @@ def test_a_store_damaged_after_extraction_stops_training_naming_the_file(tiny_st
     """A shard file that a copy left empty raised numpy's EOFError from deep inside the run's setup."""
     store = shutil.copytree(tiny_store, tmp_path / "store")
     (store / "shard_00000" / "activations.npy").write_bytes(b"")
-    with pytest.raises(UserError, match=r"shard_00000/activations\.npy is damaged or missing.*Rerun extract_activations\.py with the same settings: it rewrites"):
+    with pytest.raises(
+        UserError,
+        match=r"shard_00000/activations\.npy is damaged or missing.*Rerun extract_activations\.py with the same settings: it rewrites",
+    ):
         train_saes(config_for(store, tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()

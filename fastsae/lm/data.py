@@ -386,7 +386,10 @@ def _example_from_record(
         skipped.add("row is not an object", location)
         return None
     if text_field not in record:
-        skipped.add(f"missing field {text_field!r}", location)
+        # A file mixing plain texts and chats: TEXT_FIELD reads one field from every row, so name the other one.
+        other = next((field for field in TEXT_FIELD_CANDIDATES if field in record), None)
+        hint = f" (it has {other!r}: TEXT_FIELD reads one field from every row; split the file to read both)" if other else ""
+        skipped.add(f"missing field {text_field!r}{hint}", location)
         return None
     value = record[text_field]
     label = _label_text(record.get(label_field)) if label_field else None
