@@ -802,10 +802,15 @@ def test_script_runs_on_a_model_folder_and_reports_bad_input(tiny_model_folder, 
         (["--model-name", str(tiny_model_folder), "--layers", "4", *common], "layer 4 is out of range"),
         (["--model-name", str(tmp_path / "no" / "such" / "model"), *common], "model not found"),
         (["--model-name", str(not_gguf), *common], "is not a GGUF file"),
-        (["--model-name", str(tiny_model_folder), "--dataset", str(missing_dataset)], "dataset not found"),
-        (["--model-name", str(tiny_model_folder), "--dataset", str(all_bad)], "no usable rows"),
+        (["--model-name", str(tiny_model_folder), "--layers", "1", "--dataset", str(missing_dataset)], "dataset not found"),
+        (["--model-name", str(tiny_model_folder), "--layers", "1", "--dataset", str(all_bad)], "no usable rows"),
         (["--model-name", str(tiny_model_folder), "--packing", "packed", *common], "PACKING must be one of"),
     ]
+    # A layer out of range is refused from the model's config, before its weights load (minutes for a large model).
+    no_weights = shutil.copytree(tiny_model_folder, tmp_path / "no-weights")
+    for weights in no_weights.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    cases.append((["--model-name", str(no_weights), "--layers", "4", *common], "layer 4 is out of range"))
     for args, message in cases:
         failed = run_script(*args)
         assert failed.returncode == 2, (args, failed.stderr)

@@ -35,7 +35,7 @@ from fastsae.common.errors import UserError
 from fastsae.common.stage import Estimate, Output, PlanFacts, Stage, seconds_for
 from fastsae.extract.packed_batches import packed_batch, packed_row_batches, packed_row_tokens
 from fastsae.lm.data import Dataset, load_dataset
-from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, hook_name
+from fastsae.lm.hook_points import HOOK_POINTS, HookTarget, ResidualCapture, check_layer_range, hook_name
 from fastsae.lm.lora import LORA_HOOK_POINT, LORA_MODULE_TYPES, adapter_fingerprint, lora_capture, lora_hook_name
 from fastsae.lm.models import (
     EMBEDDED_MODEL,
@@ -43,6 +43,7 @@ from fastsae.lm.models import (
     hub_revision,
     learned_position_limit,
     load_model,
+    load_model_config,
     load_tokenizer,
     model_files_fingerprint,
     resolve_model,
@@ -753,6 +754,8 @@ def extract_activations(config: ExtractConfig) -> list[Path]:
     """Load the model, tokenizer and dataset named by `config` and write the stores (under torchrun, each rank a share)."""
     distributed.init_from_environment()
     source = resolve_model(config.model_name)
+    if config.hook_point != LORA_HOOK_POINT:  # before the weights load (minutes for a large model)
+        check_layer_range(config.layers, int(load_model_config(source).num_hidden_layers))
     dataset = load_dataset(config.dataset, config.text_field, config.response_field, config.label_field, config.max_examples)
     logger.info("Loaded %d examples from %s (text field %r)", len(dataset.examples), dataset.path, dataset.text_field)
     tokenizer = load_tokenizer(source)

@@ -64,7 +64,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def check_layers(model: nn.Module, layers: list[int]) -> None:
-    n_layers = len(decoder_layers(model))
+    check_layer_range(layers, len(decoder_layers(model)))
+
+
+def check_layer_range(layers: list[int], n_layers: int) -> None:
+    """Refuse a layer the model does not have; from its config alone, so before its weights load."""
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise UserError(f"layer {bad[0]} is out of range: this model has {n_layers} blocks, so LAYERS must be in 0..{n_layers - 1}.")

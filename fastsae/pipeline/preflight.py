@@ -23,7 +23,7 @@ from fastsae.common.stage import Calibration, Corpus
 from fastsae.core.sae import SAESpec, SparseAutoencoder
 from fastsae.extract.extract_activations import ExtractConfig, check_positions, pack_sequences, padded_batch
 from fastsae.lm.data import Dataset
-from fastsae.lm.hook_points import ResidualCapture
+from fastsae.lm.hook_points import ResidualCapture, check_layer_range
 from fastsae.lm.models import ModelSource, load_model, load_model_config, model_availability, resolve_model
 from fastsae.lm.tokenization import tokenize_examples
 from fastsae.store.activation_store import DISK_MARGIN_BYTES, ActivationStore, check_free_disk, format_bytes, free_disk_bytes
@@ -101,11 +101,7 @@ def check_model(name: str, layers: list[int], dequantise: bool) -> ModelCheck:
             f"Connect, or set MODEL_NAME to a local folder or .gguf file. Details: {error}"
         ) from None
     n_layers = int(model_config.num_hidden_layers)
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise UserError(
-            f"LAYERS has {bad[0]}, but {name} has {n_layers} blocks: set LAYERS in extract_activations.py to values in 0..{n_layers - 1}."
-        )
+    check_layer_range(layers, n_layers)
     return ModelCheck(source, availability, int(model_config.hidden_size), n_layers, int(model_config.vocab_size), dequantise)
 
 
