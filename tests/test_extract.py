@@ -811,6 +811,7 @@ def test_script_runs_on_a_model_folder_and_reports_bad_input(tiny_model_folder, 
     for weights in no_weights.glob("*.safetensors"):
         weights.write_bytes(b"not safetensors")
     cases.append((["--model-name", str(no_weights), "--layers", "4", *common], "layer 4 is out of range"))
+    cases.append((["--model-name", str(no_weights), "--layers", "1", *common], "the weights of model"))
     for args, message in cases:
         failed = run_script(*args)
         assert failed.returncode == 2, (args, failed.stderr)

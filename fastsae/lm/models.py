@@ -443,6 +443,7 @@ def load_tokenizer(source: ModelSource, dequantise: bool = True):
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: str):
     """The causal LM in evaluation mode on `device`, weights in `dtype`."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
@@ -450,6 +451,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: str):
     except OSError as error:
         hint = " It is not a local folder or file, and the hub could not provide it (no internet?)." if source.kind == "hub" else ""
         raise UserError(f"could not load model {source.name}.{hint} Details: {error}") from None
+    except SafetensorError as error:  # a file cut short by a copy or download that stopped early
+        raise UserError(f"the weights of model {source.name} are damaged ({error}): copy or download them again.") from None
     return model.to(device).eval()
 
 
